@@ -1,0 +1,233 @@
+"""The three steps as plain functions: ``calibrate_model``, ``convert_model``, ``compare_models``.
+
+The command line is a thin layer over these; tests and scripts call them directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from quantcli.artifact import read_calibration
+from quantcli.audit import FusionAudit, audit_fusion
+from quantcli.calibration import CalibrationResult, Progress, _no_progress, calibrate, make_session
+from quantcli.data import model_input_specs, open_dataset
+from quantcli.errors import QuantCliError, UnsupportedModelError
+from quantcli.evaluate import LatencyComparison, OutputMetrics, compare_outputs, measure_latency
+from quantcli.graph import file_sha256, load_model, model_opset, save_model
+from quantcli.options import CalibrationMethod, QuantConfig
+from quantcli.planning import QuantPlan, make_plan
+from quantcli.preprocess import PreprocessReport, preprocess
+from quantcli.rewrite import apply_plan
+
+__all__ = [
+    "CompareResult",
+    "ConvertResult",
+    "calibrate_model",
+    "compare_models",
+    "convert_model",
+]
+
+_QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
+    "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "MatMulNBits",
+}  # fmt: skip
+MIN_OPSET = 13
+
+
+def _check_quantizable(model: onnx.ModelProto, path: Path) -> None:
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
+    if found:
+        raise UnsupportedModelError(
+            f"{path}: model is already quantized (contains {', '.join(found)}); give quantcli the FP32 model"
+        )
+    opset = model_opset(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{path}: opset {opset} is too old for per-channel QuantizeLinear/DequantizeLinear (needs >= {MIN_OPSET}); "
+            f"upgrade it with onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+
+
+def calibrate_model(
+    model_path: Path,
+    data_path: Path,
+    *,
+    method: CalibrationMethod = CalibrationMethod.MINMAX,
+    percentile: float = 99.99,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    threads: int = 0,
+    progress: Progress = _no_progress,
+) -> CalibrationResult:
+    """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``."""
+    model = load_model(model_path)
+    _check_quantizable(model, model_path)
+    dataset = open_dataset(data_path, model_input_specs(model), max_samples=max_samples)
+    prepared, _ = preprocess(model)
+    return calibrate(
+        prepared,
+        dataset,
+        model_sha256=file_sha256(model_path),
+        method=method,
+        percentile=percentile,
+        batch_size=batch_size,
+        threads=threads,
+        progress=progress,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    """What ``convert_model`` did: the plan, the fusion audit of the written model, and sizes."""
+
+    output_path: Path
+    plan: QuantPlan
+    preprocess: PreprocessReport
+    audit: FusionAudit
+    input_bytes: int
+    output_bytes: int
+    calibration: CalibrationResult
+
+
+def convert_model(
+    model_path: Path,
+    output_path: Path,
+    *,
+    calibration: CalibrationResult | Path | None = None,
+    data_path: Path | None = None,
+    config: QuantConfig | None = None,
+    method: CalibrationMethod = CalibrationMethod.MINMAX,
+    force: bool = False,
+    require_fused: bool = False,
+    progress: Progress = _no_progress,
+) -> ConvertResult:
+    """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
+
+    Give either a calibration (result or file) or ``data_path`` to calibrate on the fly.
+
+    Raises:
+        QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
+    """
+    config = config or QuantConfig()
+    model_path, output_path = Path(model_path), Path(output_path)
+    if output_path.exists() and output_path.resolve() == model_path.resolve():
+        raise QuantCliError(f"{output_path}: output would overwrite the input model; choose another path")
+    model = load_model(model_path)
+    _check_quantizable(model, model_path)
+    sha = file_sha256(model_path)
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = read_calibration(Path(calibration), expected_sha256=sha)
+    elif calibration is None:
+        if data_path is None:
+            raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
+        calibration = calibrate_model(model_path, data_path, method=method, progress=progress)
+    elif calibration.model_sha256 != sha:
+        raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
+    prepared, pre_report = preprocess(model)
+    plan = make_plan(prepared, calibration.ranges, config)
+    quantized = apply_plan(prepared, plan)
+    try:
+        onnx.checker.check_model(quantized)
+    except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
+        raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
+    make_session(quantized)  # loads in onnxruntime before anything is written
+    audit = audit_fusion(quantized)
+    if require_fused:
+        planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
+        left = [name for name, _ in audit.float_compute_nodes if name in planned]
+        if left:
+            raise QuantCliError(
+                f"{model_path}: {len(left)} quantized Conv/MatMul/Gemm did not fuse into integer kernels "
+                f"({', '.join(left[:5])}); see 'quantcli inspect' for why"
+            )
+    save_model(quantized, output_path, force=force)
+    return ConvertResult(
+        output_path=output_path,
+        plan=plan,
+        preprocess=pre_report,
+        audit=audit,
+        input_bytes=model_path.stat().st_size,
+        output_bytes=output_path.stat().st_size,
+        calibration=calibration,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CompareResult:
+    """Accuracy and speed of a quantized model against its FP32 original."""
+
+    reference_path: Path
+    candidate_path: Path
+    data_path: Path
+    num_samples: int
+    outputs: list[OutputMetrics]
+    latency: list[LatencyComparison]
+    reference_bytes: int
+    candidate_bytes: int
+    integer_kernels: dict[str, int]
+
+    @property
+    def size_ratio(self) -> float:
+        """Quantized file size over FP32 file size."""
+        return self.candidate_bytes / self.reference_bytes if self.reference_bytes else float("nan")
+
+
+def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Path, cand_path: Path) -> None:
+    ref_in = [(s.name, str(s.dtype)) for s in model_input_specs(ref)]
+    cand_in = [(s.name, str(s.dtype)) for s in model_input_specs(cand)]
+    if ref_in != cand_in:
+        raise QuantCliError(
+            f"{cand_path}: inputs {cand_in} differ from {ref_path}'s {ref_in}; these models cannot be compared"
+        )
+    ref_out = [o.name for o in ref.graph.output]
+    cand_out = [o.name for o in cand.graph.output]
+    if ref_out != cand_out:
+        raise QuantCliError(
+            f"{cand_path}: outputs {cand_out} differ from {ref_path}'s {ref_out}; these models cannot be compared"
+        )
+
+
+def compare_models(
+    reference_path: Path,
+    candidate_path: Path,
+    data_path: Path,
+    *,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    threads: int = 1,
+    latency_batch_sizes: tuple[int, ...] = (1, 32),
+    warmup: int = 10,
+    runs: int = 50,
+    progress: Progress = _no_progress,
+) -> CompareResult:
+    """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
+    ref_model = load_model(reference_path)
+    cand_model = load_model(candidate_path)
+    _check_signatures(ref_model, cand_model, reference_path, candidate_path)
+    dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples)
+    ref = make_session(ref_model, threads=threads)
+    cand = make_session(cand_model, threads=threads)
+    outputs = compare_outputs(ref, cand, dataset, batch_size=batch_size, progress=progress)
+    latency = []
+    for bs in latency_batch_sizes:
+        size = dataset.effective_batch_size(bs)
+        if size > dataset.num_samples:
+            continue
+        feed = next(dataset.batches(size))
+        latency.append(measure_latency(ref, cand, feed, threads=threads, warmup=warmup, runs=runs))
+    audit = audit_fusion(cand_model)
+    return CompareResult(
+        reference_path=Path(reference_path),
+        candidate_path=Path(candidate_path),
+        data_path=Path(data_path),
+        num_samples=dataset.num_samples,
+        outputs=outputs,
+        latency=latency,
+        reference_bytes=Path(reference_path).stat().st_size,
+        candidate_bytes=Path(candidate_path).stat().st_size,
+        integer_kernels=audit.integer_op_counts(),
+    )

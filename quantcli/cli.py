@@ -1,0 +1,253 @@
+"""The ``quantcli`` command line: parse options, call ``quantcli.api``, render with ``quantcli.report``.
+
+Exit codes: 0 success; 1 a ``compare`` gate failed; 2 usage error; 3 bad input (a file, data or
+option quantcli cannot use; one line on stderr, no traceback); 4 internal error (a bug: traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from tqdm import tqdm
+
+from quantcli import __version__, api, report
+from quantcli.artifact import write_calibration
+from quantcli.audit import audit_fusion
+from quantcli.errors import QuantCliError
+from quantcli.gates import GateThresholds, evaluate_gates
+from quantcli.graph import load_model
+from quantcli.host import detect_host
+from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
+
+EXIT_GATE_FAILED = 1
+EXIT_BAD_INPUT = 3
+EXIT_INTERNAL = 4
+
+HELP = """Quantize an FP32 ONNX model to a fast INT8 model for this CPU, and prove it is still right.
+
+Workflow (each step is one command, each writes one file):
+
+\b
+  quantcli calibrate model.onnx --data calib.npz -o model.calib.json
+  quantcli convert   model.onnx --calibration model.calib.json -o model.int8.onnx
+  quantcli compare   model.onnx model.int8.onnx --data eval.npz --max-accuracy-drop 1
+
+Exit codes: 0 ok, 1 a compare gate failed, 2 usage error, 3 bad input, 4 internal error.
+"""
+
+app = typer.Typer(
+    help=HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
+out = Console(highlight=False, soft_wrap=False)
+if not out.is_terminal:  # CI logs: wide enough that tables do not wrap
+    out = Console(highlight=False, soft_wrap=False, width=140)
+err = Console(stderr=True, highlight=False)
+
+
+class ActivationType(StrEnum):
+    """Choices for --activation-type."""
+
+    AUTO = "auto"
+    UINT8 = "uint8"
+    INT8 = "int8"
+    UINT16 = "uint16"
+    INT16 = "int16"
+
+
+class WeightType(StrEnum):
+    """Choices for --weight-type."""
+
+    INT8 = "int8"
+    UINT8 = "uint8"
+
+
+def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
+    """Turn QuantCliError into one red line and exit code 3, Ctrl-C into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        try:
+            func(*args, **kwargs)
+        except QuantCliError as exc:
+            err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/]; no output was written")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"quantcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Quantize an FP32 ONNX model to a fast INT8 model for this CPU, and prove it is still right."""
+
+
+def _progress(quiet: bool):  # noqa: ANN202 - returns a Progress callable
+    def wrap(it: Iterable[dict[str, np.ndarray]], total: int, desc: str) -> Iterable[dict[str, np.ndarray]]:
+        disable = quiet or not sys.stderr.isatty()
+        return tqdm(it, total=total, desc=desc, unit="batch", disable=disable, leave=False, dynamic_ncols=True)
+
+    return wrap
+
+
+def _split(values: list[str] | None) -> list[str]:
+    items: list[str] = []
+    for v in values or []:
+        items.extend(x.strip() for x in v.split(",") if x.strip())
+    return items
+
+
+@app.command()
+@_user_errors
+def calibrate(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help=".npz/.npy file or directory; keys = input names.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Calibration file to write (JSON).")],
+    method: Annotated[CalibrationMethod, typer.Option(help="How clip ranges are chosen.")] = CalibrationMethod.MINMAX,
+    percentile: Annotated[float, typer.Option(help="For --method percentile: upper percentile kept.")] = 99.99,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.")] = 32,
+    max_samples: Annotated[int | None, typer.Option(min=1, help="Use at most this many samples.")] = None,
+    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0: its default).")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run calibration data through the model and record activation ranges."""
+    if not 50.0 < percentile <= 100.0:
+        raise QuantCliError(f"--percentile {percentile}: must be in (50, 100]")
+    result = api.calibrate_model(
+        model, data, method=method, percentile=percentile, batch_size=batch_size,
+        max_samples=max_samples, threads=threads, progress=_progress(quiet),
+    )  # fmt: skip
+    write_calibration(result, output, model_path=model.name, force=force)
+    report.render_calibration(out, result, output)
+
+
+@app.command()
+@_user_errors
+def convert(
+    model: Annotated[Path, typer.Argument(help="FP32 ONNX model (never modified).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.")],
+    calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
+    data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibrate on the fly from this data.")] = None,
+    method: Annotated[CalibrationMethod, typer.Option(help="With --data: calibration method.")] = CalibrationMethod.MINMAX,
+    activation_type: Annotated[ActivationType, typer.Option(help="auto: uint8 on x86, int8 on ARM.")] = ActivationType.AUTO,
+    weight_type: Annotated[WeightType, typer.Option(help="Integer type of weights.")] = WeightType.INT8,
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One weight scale per tensor.")] = False,
+    symmetric_activations: Annotated[bool, typer.Option("--symmetric-activations")] = False,
+    reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (x86 without VNNI).")] = False,
+    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Only quantize these op types.")] = None,
+    exclude_op_types: Annotated[list[str] | None, typer.Option("--exclude-op-types")] = None,
+    exclude_nodes: Annotated[
+        list[str] | None, typer.Option("--exclude-nodes", help="Node names to keep float: glob, or re:REGEX.")
+    ] = None,
+    require_fused: Annotated[
+        bool, typer.Option("--require-fused", help="Fail if a quantized Conv/MatMul/Gemm did not fuse.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Write a QDQ model that onnxruntime runs with integer kernels."""
+    if calibration is not None and data is not None:
+        raise QuantCliError("give either --calibration or --data, not both")
+    act = detect_host().activation_type if activation_type == ActivationType.AUTO else QuantDType(str(activation_type))
+    config = QuantConfig(
+        activation_type=act,
+        weight_type=QuantDType(str(weight_type)),
+        per_channel=not per_tensor,
+        symmetric_activations=symmetric_activations,
+        reduce_range=reduce_range,
+        op_types=frozenset(_split(op_types)),
+        exclude_op_types=frozenset(_split(exclude_op_types)),
+        exclude_nodes=tuple(_split(exclude_nodes)),
+    )
+    result = api.convert_model(
+        model, output, calibration=calibration, data_path=data, config=config, method=method,
+        force=force, require_fused=require_fused, progress=_progress(quiet),
+    )  # fmt: skip
+    report.render_convert(out, result)
+
+
+@app.command()
+@_user_errors
+def compare(
+    reference: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
+    candidate: Annotated[Path, typer.Argument(help="Quantized ONNX model.")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels').")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the accuracy pass.")] = 32,
+    max_samples: Annotated[int | None, typer.Option(min=1)] = None,
+    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads for both models.")] = 1,
+    latency_batch: Annotated[
+        list[int] | None, typer.Option("--latency-batch", help="Batch sizes to time (repeatable).")
+    ] = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timed runs per model and batch size.")] = 50,
+    warmup: Annotated[int, typer.Option(min=0)] = 10,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: percentage points.")] = None,
+    min_agreement: Annotated[float | None, typer.Option(help="Gate: top-1 agreement, percent.")] = None,
+    min_sqnr: Annotated[float | None, typer.Option(help="Gate: output SQNR, dB.")] = None,
+    min_speedup: Annotated[float | None, typer.Option(help="Gate: speed-up at the largest timed batch.")] = None,
+    max_size_ratio: Annotated[float | None, typer.Option(help="Gate: quantized / FP32 file size.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Measure accuracy, error and latency of the quantized model against the FP32 one."""
+    result = api.compare_models(
+        reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
+        latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs, progress=_progress(quiet),
+    )  # fmt: skip
+    report.render_compare(out, result)
+    thresholds = GateThresholds(max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio)
+    gates = evaluate_gates(result, thresholds)
+    report.render_gates(out, gates)
+    if json_path is not None:
+        report.write_json(report.compare_to_json(result, gates), json_path)
+        out.print(f"wrote [bold]{json_path}[/]")
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        for g in failed:
+            err.print(f"[red]gate failed:[/] {g.name}: {g.describe()}")
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+@app.command()
+@_user_errors
+def inspect(model: Annotated[Path, typer.Argument(help="Any ONNX model.")]) -> None:
+    """Show what onnxruntime runs for a model: integer kernels, float compute, op histogram."""
+    m = load_model(model)
+    audit = audit_fusion(model)
+    report.render_inspect(out, model, m, audit)
+
+
+def main() -> None:
+    """Entry point: run the app; unexpected exceptions are bugs and exit 4 with their traceback."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except Exception as exc:
+        traceback.print_exc()
+        err.print(f"[red]internal error[/] ({type(exc).__name__}); please report it with the traceback above")
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,193 @@
+"""Streaming statistics with small fixed state, fed one batch at a time and never keeping raw data.
+
+* ``MinMaxObserver``: running min and max, O(1).
+* ``MovingAverageMinMaxObserver``: exponential moving average of per-batch min and max, O(1)
+  (depends on batching by design; the other observers do not).
+* ``HistogramObserver``: counts over a *fixed* range (the exact min/max from a first pass), O(bins).
+  Because the bin edges never move, counts from any batching add up to the same histogram, so the
+  clip ranges chosen from it do not depend on the batch size.
+
+Clip-range choice from a histogram (``choose_range``):
+
+* percentile: the values at ``100 - p`` and ``p`` percent of the cumulative counts.
+* entropy: TensorRT's search. On the histogram of |x|, for each candidate threshold t, fold the
+  counts above t into the last bin, merge the kept bins into 128 (or ``levels // 2``) quantized
+  levels, expand back, and keep the t with the smallest KL(P || Q).
+* mse: for clip ranges [min*a, max*a], a in (0, 1], the expected squared error of quantizing with
+  ``levels`` levels: clipping error of the values outside plus scale^2 / 12 for those inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "HistogramObserver",
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "choose_range",
+]
+
+
+@dataclass(slots=True)
+class MinMaxObserver:
+    """Exact running minimum and maximum."""
+
+    min: float = float("inf")
+    max: float = float("-inf")
+    count: int = 0
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one batch in."""
+        if array.size == 0:
+            return
+        self.min = min(self.min, float(np.min(array)))
+        self.max = max(self.max, float(np.max(array)))
+        self.count += int(array.size)
+
+    def result(self) -> tuple[float, float]:
+        """(min, max); (0, 0) if nothing was seen."""
+        return (self.min, self.max) if self.count else (0.0, 0.0)
+
+
+@dataclass(slots=True)
+class MovingAverageMinMaxObserver:
+    """Exponential moving average of each batch's min and max."""
+
+    momentum: float = 0.9
+    min: float | None = None
+    max: float | None = None
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one batch in."""
+        if array.size == 0:
+            return
+        bmin, bmax = float(np.min(array)), float(np.max(array))
+        if self.min is None or self.max is None:
+            self.min, self.max = bmin, bmax
+        else:
+            self.min = self.momentum * self.min + (1 - self.momentum) * bmin
+            self.max = self.momentum * self.max + (1 - self.momentum) * bmax
+
+    def result(self) -> tuple[float, float]:
+        """(min, max); (0, 0) if nothing was seen."""
+        return (self.min or 0.0, self.max or 0.0)
+
+
+@dataclass(slots=True)
+class HistogramObserver:
+    """Counts of values in ``bins`` equal bins over the fixed range [lo, hi]."""
+
+    lo: float
+    hi: float
+    bins: int = 2048
+    counts: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """Bin edges (float64, ``bins + 1`` values)."""
+        hi = self.hi if self.hi > self.lo else self.lo + 1.0
+        return np.linspace(self.lo, hi, self.bins + 1)
+
+    def update(self, array: np.ndarray) -> None:
+        """Fold one batch in; values outside [lo, hi] land in the end bins."""
+        if array.size == 0:
+            return
+        hi = self.hi if self.hi > self.lo else self.lo + 1.0
+        width = (hi - self.lo) / self.bins
+        idx = np.floor((array.astype(np.float64).ravel() - self.lo) / width)
+        idx = np.clip(idx, 0, self.bins - 1).astype(np.int64)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+
+def choose_range(
+    hist: HistogramObserver, method: str, *, percentile: float = 99.99, levels: int = 256
+) -> tuple[float, float]:
+    """Clip range [lo, hi] chosen from a histogram by ``method`` (percentile, entropy or mse)."""
+    total = int(hist.counts.sum())
+    if total == 0 or hist.hi <= hist.lo:
+        return hist.lo, hist.hi
+    if method == "percentile":
+        return _percentile_range(hist, percentile)
+    if method == "entropy":
+        return _entropy_range(hist, levels)
+    if method == "mse":
+        return _mse_range(hist, levels)
+    raise ValueError(f"unknown histogram method {method!r}")
+
+
+def _percentile_range(hist: HistogramObserver, percentile: float) -> tuple[float, float]:
+    edges = hist.edges
+    cdf = np.cumsum(hist.counts) / hist.counts.sum()
+    upper_q = percentile / 100.0
+    lower_q = 1.0 - upper_q
+    hi_idx = int(np.searchsorted(cdf, upper_q, side="left"))
+    lo_idx = int(np.searchsorted(cdf, lower_q, side="left"))
+    lo = float(edges[lo_idx]) if hist.lo < 0 else hist.lo
+    hi = float(edges[min(hi_idx + 1, hist.bins)])
+    return max(lo, hist.lo), min(hi, hist.hi)
+
+
+def _abs_histogram(hist: HistogramObserver, bins: int) -> tuple[np.ndarray, float]:
+    """Re-bin counts by |x| into ``bins`` bins over [0, max|x|] (bin centres decide)."""
+    edges = hist.edges
+    centres = np.abs((edges[:-1] + edges[1:]) / 2)
+    amax = max(abs(hist.lo), abs(hist.hi))
+    idx = np.clip((centres / amax * bins).astype(np.int64), 0, bins - 1)
+    return np.bincount(idx, weights=hist.counts, minlength=bins), amax
+
+
+def _entropy_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
+    nbins = hist.bins
+    counts, amax = _abs_histogram(hist, nbins)
+    target = max(levels // 2, 2)
+    best_kl, best_i = np.inf, nbins
+    for i in range(target, nbins + 1, max(1, nbins // 512)):
+        ref = counts[:i].copy()
+        ref[i - 1] += counts[i:].sum()
+        if ref.sum() == 0:
+            continue
+        # quantize the first i bins into `target` levels and expand back over the non-empty bins
+        src = counts[:i]
+        starts = np.linspace(0, i, target + 1).astype(np.int64)[:-1]
+        sums = np.add.reduceat(src, starts)
+        nonzero = np.add.reduceat((src > 0).astype(np.float64), starts)
+        per_bin = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
+        group = np.repeat(np.arange(target), np.diff(np.append(starts, i)))
+        q = np.where(src > 0, per_bin[group], 0.0)
+        p = ref / ref.sum()
+        if q.sum() == 0:
+            continue
+        q = q / q.sum()
+        mask = p > 0
+        with np.errstate(divide="ignore"):
+            kl = float(np.sum(p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    threshold = best_i / nbins * amax
+    return float(max(hist.lo, -threshold)), float(min(hist.hi, threshold))
+
+
+def _mse_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
+    edges = hist.edges
+    centres = (edges[:-1] + edges[1:]) / 2
+    weights = hist.counts.astype(np.float64)
+    lo0, hi0 = min(hist.lo, 0.0), max(hist.hi, 0.0)
+    best_err, best = np.inf, (hist.lo, hist.hi)
+    for alpha in np.linspace(0.05, 1.0, 96):
+        lo, hi = lo0 * alpha, hi0 * alpha
+        scale = (hi - lo) / (levels - 1)
+        if scale <= 0:
+            continue
+        clipped = np.clip(centres, lo, hi)
+        clip_err = (centres - clipped) ** 2
+        inside = clip_err == 0
+        err = float(np.sum(weights * np.where(inside, scale**2 / 12.0, clip_err)))
+        if err < best_err:
+            best_err, best = err, (float(max(lo, hist.lo)), float(min(hi, hist.hi)))
+    return best

@@ -1,0 +1,69 @@
+"""Typed options shared by the Python API and the command line."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = [
+    "CalibrationMethod",
+    "QuantConfig",
+    "QuantDType",
+    "StrEnum",
+]
+
+
+class StrEnum(str, enum.Enum):
+    """A string enum that prints as its value (``enum.StrEnum`` needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class QuantDType(StrEnum):
+    """Integer types a tensor can be quantized to."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+    UINT16 = "uint16"
+    INT16 = "int16"
+    INT4 = "int4"
+    UINT4 = "uint4"
+    INT32 = "int32"
+
+
+class CalibrationMethod(StrEnum):
+    """How an activation's clip range is chosen from the calibration data."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"
+    MOVING_AVERAGE = "moving-average"
+
+
+@dataclass(frozen=True, slots=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Attributes:
+        activation_type: integer type of activations (uint8 is what x86 integer kernels want).
+        weight_type: integer type of weights.
+        per_channel: per-output-channel weight scales (otherwise one scale per tensor).
+        symmetric_activations: zero point fixed at the middle of the type's range.
+        reduce_range: 7-bit weights, avoiding the int16 overflow of AVX2 u8*s8 kernels.
+        op_types: only these op types are quantized (empty: every supported type).
+        exclude_op_types: op types left in float.
+        exclude_nodes: node-name patterns (glob, or ``re:`` + regex) left in float.
+        fold_relu: merge Relu/Clip into the producer's output quantization range.
+    """
+
+    activation_type: QuantDType = QuantDType.UINT8
+    weight_type: QuantDType = QuantDType.INT8
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    reduce_range: bool = False
+    op_types: frozenset[str] = field(default_factory=frozenset)
+    exclude_op_types: frozenset[str] = field(default_factory=frozenset)
+    exclude_nodes: tuple[str, ...] = ()
+    fold_relu: bool = True

@@ -1,0 +1,434 @@
+"""Decide what to quantize: a ``QuantPlan`` says which tensors get a QuantizeLinear/DequantizeLinear
+pair, which weights become integer initializers, and which Relu/Clip fold into a producer, plus
+every node left in float and why. Nothing here edits the graph (``rewrite.apply_plan`` does).
+
+The plan follows onnxruntime's QDQ node units, so that its CPU provider turns each unit into an
+integer kernel:
+
+* compute units (Conv, MatMul, Gemm): DQ on every input (int8 per-channel weights, int32 bias with
+  scale s_x * s_w), Q on the output; MatMul/Gemm may keep a float output (MatMulIntegerToFloat,
+  QGemm), which is chosen when nothing downstream reads integers.
+* element-wise and pooling units (Add, Mul, Concat, AveragePool, GlobalAveragePool, Sigmoid,
+  LeakyRelu, Softmax): quantized when one of their inputs already arrives quantized; output Q with
+  the tensor's own range.
+* data-movement units (MaxPool, Reshape, Transpose, Flatten, Squeeze, Unsqueeze, Slice, Gather,
+  Expand, Tile, Resize, Split): output shares the input's scale and zero point, so onnxruntime drops
+  the Q/DQ and moves int8 data directly.
+* Relu/Clip that are the only reader of a quantized output are removed; the output range starts at
+  the clip minimum (0 for Relu), so QuantizeLinear's saturation does the clipping.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from quantcli.calibration import TensorRange
+from quantcli.graph import GraphIndex
+from quantcli.options import QuantConfig, QuantDType
+from quantcli.qmath import QuantizedTensor, QuantParams, params_from_range, quantize, quantize_bias, quantize_weight
+
+__all__ = [
+    "ActivationQuant",
+    "FoldedActivation",
+    "QuantPlan",
+    "Skip",
+    "WeightQuant",
+    "make_plan",
+]
+
+COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+ELEMENTWISE_OPS = ("Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax")
+MOVEMENT_OPS = (
+    "MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Slice", "Gather",
+    "Expand", "Tile", "Resize", "Split",
+)  # fmt: skip
+FOLDABLE_OPS = ("Relu", "Clip")
+#: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
+DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS) - {"Softmax"}
+SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS)
+
+#: ops known to have no integer kernel in onnxruntime's CPU provider
+_FLOAT_ONLY = {
+    "LayerNormalization": "no integer LayerNormalization kernel in onnxruntime",
+    "Erf": "no integer Erf kernel in onnxruntime",
+    "Gelu": "no integer Gelu kernel in onnxruntime",
+    "ReduceMean": "no integer ReduceMean kernel in onnxruntime",
+    "Div": "no integer Div kernel in onnxruntime",
+    "Sub": "no integer Sub kernel in onnxruntime",
+    "Sqrt": "no integer Sqrt kernel in onnxruntime",
+    "Pow": "no integer Pow kernel in onnxruntime",
+    "Tanh": "no integer Tanh kernel in onnxruntime",
+    "BatchNormalization": "BatchNormalization not after a Conv could not be folded",
+}
+#: input positions that carry data (others are shapes, axes, indices...)
+_DATA_INPUTS: dict[str, tuple[int, ...]] = {
+    "Gather": (0,), "Reshape": (0,), "Slice": (0,), "Squeeze": (0,), "Unsqueeze": (0,), "Expand": (0,),
+    "Tile": (0,), "Resize": (0,), "Split": (0,), "MaxPool": (0,), "Transpose": (0,), "Flatten": (0,),
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ActivationQuant:
+    """A QuantizeLinear -> DequantizeLinear pair on ``tensor``; every reader gets the DQ output."""
+
+    tensor: str
+    params: QuantParams
+
+
+@dataclass(frozen=True, slots=True)
+class WeightQuant:
+    """Input ``input_index`` of ``node`` reads a DequantizeLinear of an integer initializer."""
+
+    node: str
+    input_index: int
+    tensor: str
+    quantized: QuantizedTensor
+
+
+@dataclass(frozen=True, slots=True)
+class FoldedActivation:
+    """``node`` (Relu/Clip) is removed; its producer writes ``output`` directly."""
+
+    node: str
+    producer: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A node left in float, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class QuantPlan:
+    """Everything ``rewrite.apply_plan`` needs, and nothing it has to decide."""
+
+    activations: tuple[ActivationQuant, ...]
+    weights: tuple[WeightQuant, ...]
+    folded: tuple[FoldedActivation, ...]
+    quantized_nodes: tuple[tuple[str, str], ...]
+    skipped: tuple[Skip, ...]
+    config: QuantConfig = field(default_factory=QuantConfig)
+
+    def summary(self) -> dict[str, int]:
+        """Counts per op type of quantized nodes."""
+        counts: dict[str, int] = {}
+        for _, op in self.quantized_nodes:
+            counts[op] = counts.get(op, 0) + 1
+        return dict(sorted(counts.items()))
+
+
+def _node_selected(node: onnx.NodeProto, config: QuantConfig) -> str | None:
+    """None if the node may be quantized, else the reason it may not."""
+    op_types = config.op_types or DEFAULT_OP_TYPES
+    if node.op_type in config.exclude_op_types:
+        return "op type excluded (--exclude-op-types)"
+    if node.op_type not in op_types:
+        if node.op_type in SUPPORTED_OP_TYPES:
+            return "op type not selected (--op-types)"
+        return _FLOAT_ONLY.get(node.op_type, "no integer kernel for this op type")
+    for pattern in config.exclude_nodes:
+        if pattern.startswith("re:"):
+            if re.search(pattern[3:], node.name):
+                return f"node excluded by pattern '{pattern}'"
+        elif fnmatch.fnmatchcase(node.name, pattern):
+            return f"node excluded by pattern '{pattern}'"
+    if node.domain not in ("", "ai.onnx"):
+        return f"custom domain '{node.domain}'"
+    return None
+
+
+@dataclass(slots=True)
+class _Planner:
+    index: GraphIndex
+    ranges: Mapping[str, TensorRange]
+    config: QuantConfig
+    act: dict[str, QuantParams] = field(default_factory=dict)
+    weights: list[WeightQuant] = field(default_factory=list)
+    folded: list[FoldedActivation] = field(default_factory=list)
+    quantized: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    float_out: set[str] = field(default_factory=set)  # MatMul/Gemm outputs that may stay float
+    _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
+
+    # ---- parameters -------------------------------------------------------------------------
+    def act_params(self, tensor: str, *, clip_min: float | None = None, clip_max: float | None = None) -> QuantParams | None:
+        r = self.ranges.get(tensor)
+        if r is None:
+            return None
+        lo, hi = r.min, r.max
+        if clip_min is not None:
+            lo = max(lo, clip_min)
+        if clip_max is not None:
+            hi = min(hi, clip_max)
+        return params_from_range(
+            lo, hi, self.config.activation_type, symmetric=self.config.symmetric_activations
+        )
+
+    def weight(self, tensor: str, axis: int | None) -> QuantizedTensor:
+        key = (tensor, axis)
+        if key not in self._weight_cache:
+            self._weight_cache[key] = quantize_weight(
+                self.index.constant(tensor),
+                self.config.weight_type,
+                axis=axis if self.config.per_channel else None,
+                reduce_range=self.config.reduce_range,
+            )
+        return self._weight_cache[key]
+
+    def constant_as_activation(self, tensor: str) -> QuantizedTensor:
+        value = self.index.constant(tensor).astype(np.float32)
+        params = params_from_range(
+            float(value.min()) if value.size else 0.0,
+            float(value.max()) if value.size else 0.0,
+            self.config.activation_type,
+            symmetric=self.config.symmetric_activations,
+        )
+        return QuantizedTensor(quantize(value, params), params)
+
+    def is_quantized(self, tensor: str) -> bool:
+        return tensor in self.act
+
+    def is_float_activation(self, tensor: str) -> bool:
+        return tensor in self.ranges and not self.index.is_constant(tensor)
+
+    def skip(self, node: onnx.NodeProto, reason: str) -> None:
+        self.skipped.append(Skip(node.name, node.op_type, reason))
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def quantize_output(self, node: onnx.NodeProto, *, shared: QuantParams | None = None) -> None:
+        out = node.output[0]
+        fold = self._foldable(node) if shared is None else None
+        if fold is not None:
+            relu, lo, hi = fold
+            params = self.act_params(relu.output[0], clip_min=lo, clip_max=hi)
+            if params is not None:
+                self.folded.append(FoldedActivation(relu.name, node.name, out, relu.output[0]))
+                self.act[relu.output[0]] = params
+                return
+        params = shared if shared is not None else self.act_params(out)
+        if params is not None:
+            self.act.setdefault(out, params)
+
+    def _foldable(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, float, float | None] | None:
+        if not self.config.fold_relu:
+            return None
+        out = node.output[0]
+        readers = self.index.consumers_of(out)
+        if len(readers) != 1 or out in self.index.graph_outputs:
+            return None
+        relu = readers[0]
+        if relu.op_type not in FOLDABLE_OPS or relu.output[0] in self.index.graph_outputs:
+            return None
+        if _node_selected(relu, QuantConfig(op_types=frozenset(FOLDABLE_OPS))) is not None:
+            return None
+        if any(fnmatch.fnmatchcase(relu.name, p) for p in self.config.exclude_nodes if not p.startswith("re:")):
+            return None
+        if relu.op_type == "Relu":
+            return relu, 0.0, None
+        lo_hi = self._clip_bounds(relu)
+        if lo_hi is None:
+            return None
+        lo, hi = lo_hi
+        if lo is None or lo > 0:
+            return None  # the grid must contain 0 and start at the clip minimum
+        return relu, lo, hi
+
+    def _clip_bounds(self, clip: onnx.NodeProto) -> tuple[float | None, float | None] | None:
+        lo: float | None = None
+        hi: float | None = None
+        for attr in clip.attribute:  # opset < 11
+            if attr.name == "min":
+                lo = attr.f
+            if attr.name == "max":
+                hi = attr.f
+        for pos, name in enumerate(clip.input[1:3], start=1):
+            if not name:
+                continue
+            if not self.index.is_constant(name):
+                return None
+            value = float(self.index.constant(name).reshape(-1)[0])
+            if pos == 1:
+                lo = value
+            else:
+                hi = value
+        return lo, hi
+
+    # ---- node kinds -------------------------------------------------------------------------
+    def plan_compute(self, node: onnx.NodeProto) -> None:
+        op = node.op_type
+        x = node.input[0]
+        if not self.is_float_activation(x):
+            self.skip(node, f"input '{x}' is not a calibrated float activation")
+            return
+        w = node.input[1] if len(node.input) > 1 else ""
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        w_axis: int | None
+        if op == "Conv":
+            if not self.index.is_constant(w):
+                self.skip(node, "weight is not a constant initializer")
+                return
+            w_axis = 0
+        elif op == "Gemm":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if not self.index.is_constant(w):
+                self.skip(node, "B is not a constant initializer")
+                return
+            if attrs.get("transA", 0):
+                self.skip(node, "transA=1 is not supported by QGemm fusion")
+                return
+            w_axis = 0 if attrs.get("transB", 0) else 1
+            if bias:
+                n_out = self.index.constant(w).shape[w_axis]
+                if not self.index.is_constant(bias) or self.index.constant(bias).size not in (n_out,) or float(
+                    attrs.get("beta", 1.0)
+                ) != 1.0:
+                    self.skip(node, "bias C is not a constant [N] vector with beta=1")
+                    return
+        else:  # MatMul
+            if self.index.is_constant(w):
+                shape = self.index.constant(w).shape
+                w_axis = len(shape) - 1 if len(shape) == 2 else None
+            elif self.is_float_activation(w):
+                w_axis = None
+            else:
+                self.skip(node, f"input '{w}' is neither a constant nor a calibrated float activation")
+                return
+        x_params = self.act.get(x) or self.act_params(x)
+        if x_params is None:
+            self.skip(node, f"no calibration range for input '{x}'")
+            return
+        self.act.setdefault(x, x_params)
+        if self.index.is_constant(w):
+            qw = self.weight(w, w_axis)
+            self.weights.append(WeightQuant(node.name, 1, w, qw))
+            if bias:
+                qb = quantize_bias(self.index.constant(bias), float(x_params.scale), qw.params.scale)
+                self.weights.append(WeightQuant(node.name, 2, bias, qb))
+        else:
+            w_params = self.act.get(w) or self.act_params(w)
+            if w_params is None:
+                self.skip(node, f"no calibration range for input '{w}'")
+                return
+            self.act.setdefault(w, w_params)
+        self.quantized.append((node.name, op))
+        if op in ("MatMul", "Gemm"):
+            self.float_out.add(node.output[0])
+        self.quantize_output(node)
+
+    def plan_elementwise(self, node: onnx.NodeProto) -> None:
+        inputs = [i for i in node.input if i]
+        if node.op_type in ("Add", "Mul") and len(inputs) != 2:
+            self.skip(node, "expects two inputs")
+            return
+        if not any(self.is_quantized(i) for i in inputs):
+            self.skip(node, "no input arrives quantized (nothing to gain)")
+            return
+        pending_act: dict[str, QuantParams] = {}
+        pending_const: list[tuple[int, str]] = []
+        for pos, name in enumerate(node.input):
+            if not name or self.is_quantized(name):
+                continue
+            if self.index.is_constant(name) and self.index.elem_types.get(name) == onnx.TensorProto.FLOAT:
+                pending_const.append((pos, name))
+            elif self.is_float_activation(name):
+                params = self.act_params(name)
+                if params is None:
+                    self.skip(node, f"no calibration range for input '{name}'")
+                    return
+                pending_act[name] = params
+            else:
+                self.skip(node, f"input '{name}' is not a float tensor")
+                return
+        if node.op_type == "Softmax":
+            out_params: QuantParams | None = params_from_range(0.0, 1.0, self.config.activation_type)
+        else:
+            out_params = self.act_params(node.output[0])
+        if out_params is None:
+            self.skip(node, "no calibration range for the output")
+            return
+        self.act.update(pending_act)
+        for pos, name in pending_const:
+            self.weights.append(WeightQuant(node.name, pos, name, self.constant_as_activation(name)))
+        self.quantized.append((node.name, node.op_type))
+        if node.op_type == "Softmax":
+            self.act.setdefault(node.output[0], out_params)
+        else:
+            self.quantize_output(node)
+
+    def plan_movement(self, node: onnx.NodeProto) -> None:
+        data = node.input[0]
+        if not self.is_quantized(data):
+            self.skip(node, "input does not arrive quantized (nothing to gain)")
+            return
+        extra = [i for pos, i in enumerate(node.input) if pos not in _DATA_INPUTS.get(node.op_type, (0,)) and i]
+        if any(self.index.elem_types.get(i) == onnx.TensorProto.FLOAT and not self.index.is_constant(i) for i in extra):
+            self.skip(node, "a non-data input is a float activation")
+            return
+        params = self.act[data]
+        if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
+            self.skip(node, "MaxPool with indices output")
+            return
+        self.quantized.append((node.name, node.op_type))
+        for out in node.output:
+            if out and out in self.ranges:
+                self.act.setdefault(out, params)
+
+    # ---- clean-up ---------------------------------------------------------------------------
+    def drop_unread_float_outputs(self) -> None:
+        """MatMul/Gemm outputs nobody reads as integers stay float (no Q/DQ overhead)."""
+        quantized_nodes = {name for name, _ in self.quantized}
+        folded_inputs = {f.input for f in self.folded}
+        for tensor in sorted(self.float_out):
+            if tensor not in self.act or tensor in folded_inputs:
+                continue
+            readers = self.index.consumers_of(tensor)
+            if not any(r.name in quantized_nodes for r in readers):
+                del self.act[tensor]
+
+
+def make_plan(
+    model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig
+) -> QuantPlan:
+    """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``."""
+    index = GraphIndex.build(model.graph)
+    planner = _Planner(index, ranges, config)
+    folded_nodes: set[str] = set()
+    for node in model.graph.node:
+        if node.name in folded_nodes:
+            continue
+        if node.op_type in FOLDABLE_OPS and any(f.node == node.name for f in planner.folded):
+            continue
+        reason = _node_selected(node, config)
+        if reason is not None:
+            if node.op_type not in ("Constant", "Shape", "Cast", "Relu", "Clip", "Identity"):
+                planner.skip(node, reason)
+            continue
+        if node.op_type in COMPUTE_OPS:
+            planner.plan_compute(node)
+        elif node.op_type in ELEMENTWISE_OPS:
+            planner.plan_elementwise(node)
+        elif node.op_type in MOVEMENT_OPS:
+            planner.plan_movement(node)
+        folded_nodes |= {f.node for f in planner.folded}
+    planner.drop_unread_float_outputs()
+    activations = tuple(ActivationQuant(t, p) for t, p in planner.act.items())
+    return QuantPlan(
+        activations=activations,
+        weights=tuple(planner.weights),
+        folded=tuple(planner.folded),
+        quantized_nodes=tuple(planner.quantized),
+        skipped=tuple(planner.skipped),
+        config=config,
+    )

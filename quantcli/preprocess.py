@@ -1,0 +1,212 @@
+"""Graph clean-ups run before planning, each optional and reported.
+
+BatchNormalization folded into the Conv before it, with s = gamma / sqrt(var + eps) per channel:
+
+    W'[c] = W[c] * s[c]          b'[c] = (b[c] - mean[c]) * s[c] + beta[c]
+
+Everything here works without shape inference: it only looks at node wiring and constants.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from quantcli.graph import GraphIndex
+
+__all__ = ["PreprocessReport", "preprocess"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessReport:
+    """What the clean-up passes changed."""
+
+    named_nodes: int
+    constants_to_initializers: int
+    removed_identities: int
+    folded_batchnorms: int
+
+    def lines(self) -> list[str]:
+        """Human-readable summary, one line per pass that did something."""
+        out = []
+        if self.folded_batchnorms:
+            out.append(f"folded {self.folded_batchnorms} BatchNormalization into Conv")
+        if self.removed_identities:
+            out.append(f"removed {self.removed_identities} Identity/Dropout")
+        if self.constants_to_initializers:
+            out.append(f"turned {self.constants_to_initializers} Constant nodes into initializers")
+        if self.named_nodes:
+            out.append(f"named {self.named_nodes} unnamed nodes")
+        return out
+
+
+def preprocess(
+    model: onnx.ModelProto, *, fold_batchnorm: bool = True, remove_identity: bool = True
+) -> tuple[onnx.ModelProto, PreprocessReport]:
+    """Return a cleaned copy of ``model`` (the input is never modified) and what was done."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    named = _name_nodes(graph)
+    consts = _constants_to_initializers(graph)
+    removed = _remove_identities(graph) if remove_identity else 0
+    folded = _fold_batchnorms(graph) if fold_batchnorm else 0
+    return out, PreprocessReport(named, consts, removed, folded)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> int:
+    taken = {n.name for n in graph.node if n.name}
+    count = 0
+    for i, node in enumerate(graph.node):
+        if node.name:
+            continue
+        base = f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> int:
+    keep: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
+            attr = node.attribute[0]
+            tensor: onnx.TensorProto | None = None
+            if attr.name == "value":
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(attr.t)
+            elif attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                value = helper.get_attribute_value(attr)
+                dtype = np.float32 if "float" in attr.name else np.int64
+                tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype))
+            if tensor is not None and tensor.data_location != onnx.TensorProto.EXTERNAL:
+                tensor.name = node.output[0]
+                graph.initializer.append(tensor)
+                count += 1
+                continue
+        keep.append(node)
+    if count:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return count
+
+
+def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _remove_identities(graph: onnx.GraphProto) -> int:
+    outputs = {o.name for o in graph.output}
+    removed = 0
+    keep: list[onnx.NodeProto] = []
+    renames: dict[str, str] = {}
+    for node in graph.node:
+        droppable = node.op_type == "Identity" or (
+            node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1])
+        )
+        if droppable and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
+            src = node.input[0]
+            renames[node.output[0]] = renames.get(src, src)
+            removed += 1
+            continue
+        keep.append(node)
+    if removed:
+        for node in keep:
+            for i, name in enumerate(node.input):
+                if name in renames:
+                    node.input[i] = renames[name]
+        del graph.node[:]
+        graph.node.extend(keep)
+    return removed
+
+
+def _fold_batchnorms(graph: onnx.GraphProto) -> int:
+    index = GraphIndex.build(graph)
+    outputs = set(index.graph_outputs)
+    folded = 0
+    replaced: set[str] = set()
+    new_inits: list[onnx.TensorProto] = []
+    taken = set(index.initializers)
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 and any(bn.output[1:]):
+            continue
+        if any(a.name == "training_mode" and a.i for a in bn.attribute):
+            continue
+        conv = index.producers.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv":
+            continue
+        if len(index.consumers_of(conv.output[0])) != 1 or conv.output[0] in outputs:
+            continue
+        params = bn.input[1:5]
+        if not all(index.is_constant(p) for p in params) or not index.is_constant(conv.input[1]):
+            continue
+        if len(conv.input) > 2 and conv.input[2] and not index.is_constant(conv.input[2]):
+            continue
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (index.constant(p).astype(np.float64) for p in params)
+        weight = index.constant(conv.input[1]).astype(np.float64)
+        bias = (
+            index.constant(conv.input[2]).astype(np.float64)
+            if len(conv.input) > 2 and conv.input[2]
+            else np.zeros(weight.shape[0])
+        )
+        s = gamma / np.sqrt(var + eps)
+        w_new = (weight * s.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
+        b_new = ((bias - mean) * s + beta).astype(np.float32)
+        w_name = _fresh(f"{conv.input[1]}_bnfolded", taken)
+        b_name = _fresh(f"{conv.name}_bias_bnfolded", taken)
+        new_inits += [numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)]
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = bn.output[0]
+        replaced.add(bn.name)
+        folded += 1
+    if folded:
+        keep = [n for n in graph.node if not (n.op_type == "BatchNormalization" and n.name in replaced)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(new_inits)
+        _drop_unused_initializers(graph)
+    return folded
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    used |= _subgraph_inputs(graph)
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                names |= {i for n in sub.node for i in n.input}
+                names |= _subgraph_inputs(sub)
+    return names

@@ -1,0 +1,222 @@
+"""Everything the user reads: Rich tables for the terminal and JSON documents for machines."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from quantcli import __version__
+from quantcli.api import CompareResult, ConvertResult
+from quantcli.calibration import CalibrationResult
+from quantcli.evaluate import Interval
+from quantcli.gates import GateResult
+from quantcli.graph import atomic_output
+
+__all__ = [
+    "COMPARE_SCHEMA",
+    "compare_to_json",
+    "render_calibration",
+    "render_compare",
+    "render_convert",
+    "render_gates",
+    "write_json",
+]
+
+COMPARE_SCHEMA = "quantcli.compare/1"
+
+
+def _size(num_bytes: int) -> str:
+    if num_bytes >= 1 << 20:
+        return f"{num_bytes / (1 << 20):.2f} MiB"
+    return f"{num_bytes / 1024:.1f} KiB"
+
+
+def _pct(iv: Interval | None) -> str:
+    if iv is None:
+        return "-"
+    return f"{100 * iv.value:.2f}% [{100 * iv.low:.1f}, {100 * iv.high:.1f}]"
+
+
+def render_calibration(console: Console, result: CalibrationResult, path: Path) -> None:
+    """Summary of a calibration run."""
+    params = ", ".join(f"{k}={v}" for k, v in sorted(result.params.items()))
+    console.print(
+        f"calibrated [bold]{len(result.ranges)}[/] activations on {result.num_samples} samples "
+        f"with [bold]{result.method}[/] ({params})"
+    )
+    clipped = [
+        (name, r)
+        for name, r in result.ranges.items()
+        if (r.observed_max - r.observed_min) > 0 and (r.max - r.min) < 0.999 * (r.observed_max - r.observed_min)
+    ]
+    if clipped:
+        console.print(f"{len(clipped)} ranges clipped below the observed min/max by the {result.method} method")
+    console.print(f"wrote [bold]{path}[/]")
+
+
+def render_convert(console: Console, result: ConvertResult) -> None:
+    """What convert quantized, what onnxruntime fused, and what stayed float."""
+    for line in result.preprocess.lines():
+        console.print(f"pre-processing: {line}")
+    quantized = ", ".join(f"{op} {n}" for op, n in result.plan.summary().items()) or "nothing"
+    console.print(f"quantized nodes: {quantized}")
+    if result.plan.folded:
+        console.print(f"folded {len(result.plan.folded)} Relu/Clip into their producers' quantization ranges")
+    audit = result.audit
+    table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")
+    table.add_column("integer kernel")
+    table.add_column("count", justify="right")
+    for op, n in audit.integer_op_counts().items():
+        table.add_row(op, str(n))
+    console.print(table)
+    console.print(
+        f"[bold]{audit.integer_kernel_count}[/] integer kernels; "
+        f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm left in float; "
+        f"{audit.quantize_nodes} QuantizeLinear and {audit.dequantize_nodes} DequantizeLinear remain"
+    )
+    if audit.float_compute_nodes:
+        names = ", ".join(name for name, _ in audit.float_compute_nodes[:8])
+        console.print(f"[yellow]float compute nodes:[/] {names}")
+    reasons = Counter((s.op_type, s.reason) for s in result.plan.skipped)
+    if reasons:
+        table = Table(title="left in float", title_justify="left")
+        table.add_column("op type")
+        table.add_column("nodes", justify="right")
+        table.add_column("why")
+        for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            table.add_row(op, str(n), reason)
+        console.print(table)
+    ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
+    console.print(
+        f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
+        f"wrote [bold]{result.output_path}[/]"
+    )
+
+
+def render_compare(console: Console, result: CompareResult) -> None:
+    """Accuracy, agreement, error and latency of quantized vs FP32."""
+    table = Table(title=f"accuracy on {result.num_samples} samples of {result.data_path}", title_justify="left")
+    for col in ("output", "FP32 acc", "quant acc", "top-1 agreement", "SQNR dB", "cosine", "max abs err"):
+        table.add_column(col, justify="right" if col != "output" else "left")
+    for m in result.outputs:
+        table.add_row(
+            m.name,
+            _pct(m.accuracy_fp32),
+            _pct(m.accuracy_quant),
+            _pct(m.top1_agreement),
+            f"{m.sqnr_db:.1f}",
+            f"{m.cosine.value:.5f}",
+            f"{m.max_abs_error:.4g}",
+        )
+    console.print(table)
+    if result.latency:
+        threads = result.latency[0].threads
+        table = Table(title=f"latency (ms, {threads} thread{'s' if threads != 1 else ''}, runs alternate)", title_justify="left")
+        for col in ("batch", "FP32 median", "FP32 p90", "quant median", "quant p90", "speed-up [IQR]"):
+            table.add_column(col, justify="right")
+        for lat in result.latency:
+            table.add_row(
+                str(lat.batch_size),
+                f"{lat.reference.median_ms:.3f}",
+                f"{lat.reference.p90_ms:.3f}",
+                f"{lat.candidate.median_ms:.3f}",
+                f"{lat.candidate.p90_ms:.3f}",
+                f"{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}]",
+            )
+        console.print(table)
+    kernels = ", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none"
+    console.print(
+        f"size: {_size(result.reference_bytes)} -> {_size(result.candidate_bytes)} "
+        f"({100 * result.size_ratio:.1f}%); integer kernels: {kernels}"
+    )
+
+
+def render_gates(console: Console, gates: list[GateResult]) -> None:
+    """One line per gate; failed gates in red with value and bound."""
+    for g in gates:
+        mark = "[green]pass[/]" if g.passed else "[red]FAIL[/]"
+        console.print(f"gate {g.name}: {mark} ({g.describe()})")
+
+
+def _interval(iv: Interval | None) -> dict[str, float] | None:
+    if iv is None:
+        return None
+    return {"value": iv.value, "ci95_low": iv.low, "ci95_high": iv.high}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def compare_to_json(result: CompareResult, gates: list[GateResult] | None = None) -> dict[str, Any]:
+    """The ``quantcli.compare/1`` JSON document (documented in README.md)."""
+    return {
+        "schema": COMPARE_SCHEMA,
+        "quantcli_version": __version__,
+        "reference": {"path": str(result.reference_path), "bytes": result.reference_bytes},
+        "candidate": {"path": str(result.candidate_path), "bytes": result.candidate_bytes},
+        "size_ratio": result.size_ratio,
+        "data": {"path": str(result.data_path), "num_samples": result.num_samples},
+        "outputs": [
+            {
+                "name": m.name,
+                "num_samples": m.num_samples,
+                "sqnr_db": _finite(m.sqnr_db),
+                "cosine": _interval(m.cosine),
+                "mse": m.mse,
+                "max_abs_error": m.max_abs_error,
+                "top1_agreement": _interval(m.top1_agreement),
+                "accuracy_fp32": _interval(m.accuracy_fp32),
+                "accuracy_quant": _interval(m.accuracy_quant),
+            }
+            for m in result.outputs
+        ],
+        "latency": [
+            {
+                "batch_size": lat.batch_size,
+                "threads": lat.threads,
+                "reference_ms": {
+                    "median": lat.reference.median_ms, "p90": lat.reference.p90_ms, "p99": lat.reference.p99_ms,
+                    "mean": lat.reference.mean_ms, "runs": lat.reference.runs, "throughput": lat.reference.throughput,
+                },
+                "candidate_ms": {
+                    "median": lat.candidate.median_ms, "p90": lat.candidate.p90_ms, "p99": lat.candidate.p99_ms,
+                    "mean": lat.candidate.mean_ms, "runs": lat.candidate.runs, "throughput": lat.candidate.throughput,
+                },
+                "speedup": {"median": lat.speedup, "p25": lat.speedup_p25, "p75": lat.speedup_p75},
+            }  # fmt: skip
+            for lat in result.latency
+        ],
+        "integer_kernels": result.integer_kernels,
+        "gates": [
+            {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound} for g in (gates or [])
+        ],
+    }
+
+
+def write_json(doc: dict[str, Any], path: Path, *, force: bool = True) -> None:
+    """Write a JSON document atomically."""
+    with atomic_output(Path(path), force=force) as tmp:
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None:
+    """Op histogram, parameters and size of a model, and what onnxruntime runs for it."""
+    import numpy as np
+
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    ops = Counter(n.op_type for n in model.graph.node)
+    console.print(f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {len(model.graph.node)} nodes")
+    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
+    kernels = ", ".join(f"{op} {n}" for op, n in audit.integer_op_counts().items()) or "none"
+    console.print(f"after onnxruntime optimization: integer kernels: {kernels}")
+    console.print(
+        f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm in float; "
+        f"{audit.quantize_nodes} QuantizeLinear, {audit.dequantize_nodes} DequantizeLinear"
+    )

@@ -1,0 +1,175 @@
+"""Apply a ``QuantPlan`` to a model: the only module that creates Q/DQ nodes and integer initializers.
+
+The input model is never modified; a new ``ModelProto`` is returned. Nodes are emitted in the
+original order with each weight's DequantizeLinear just before its reader and each activation's
+QuantizeLinear/DequantizeLinear just after its producer, and names come from one allocator, so the
+same plan always gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from quantcli.errors import UnsupportedModelError
+from quantcli.graph import model_opset
+from quantcli.options import QuantDType
+from quantcli.planning import QuantPlan
+from quantcli.qmath import QuantizedTensor, QuantParams
+
+__all__ = ["NameAllocator", "apply_plan", "required_opset"]
+
+_ONNX_TYPES = {
+    QuantDType.UINT8: onnx.TensorProto.UINT8,
+    QuantDType.INT8: onnx.TensorProto.INT8,
+    QuantDType.UINT16: onnx.TensorProto.UINT16,
+    QuantDType.INT16: onnx.TensorProto.INT16,
+    QuantDType.INT4: onnx.TensorProto.INT4,
+    QuantDType.UINT4: onnx.TensorProto.UINT4,
+    QuantDType.INT32: onnx.TensorProto.INT32,
+}
+
+
+@dataclass(slots=True)
+class NameAllocator:
+    """Hands out names that collide with nothing in the graph nor with each other."""
+
+    taken: set[str] = field(default_factory=set)
+
+    @classmethod
+    def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
+        """Reserve every node, tensor and initializer name of ``graph``."""
+        taken = {n.name for n in graph.node} | {t.name for t in graph.initializer}
+        taken |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
+        for node in graph.node:
+            taken |= set(node.input) | set(node.output)
+        return cls(taken)
+
+    def new(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``... whichever is free."""
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+def required_opset(plan: QuantPlan) -> int:
+    """Lowest default-domain opset whose Q/DQ accept every type in ``plan``."""
+    types = {a.params.dtype for a in plan.activations} | {w.quantized.params.dtype for w in plan.weights}
+    if types & {QuantDType.INT4, QuantDType.UINT4, QuantDType.INT16, QuantDType.UINT16}:
+        return 21
+    return 13
+
+
+def _tensor(values: np.ndarray, name: str, dtype: QuantDType) -> onnx.TensorProto:
+    if dtype in (QuantDType.INT4, QuantDType.UINT4):
+        flat = values.astype(np.int64).ravel().tolist()
+        return helper.make_tensor(name, _ONNX_TYPES[dtype], list(values.shape), flat)
+    return numpy_helper.from_array(np.array(values, order="C"), name)
+
+
+@dataclass(slots=True)
+class _Builder:
+    names: NameAllocator
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+    _param_cache: dict[tuple[bytes, bytes, str, str], tuple[str, str]] = field(default_factory=dict)
+    _weight_cache: dict[int, str] = field(default_factory=dict)
+
+    def params(self, base: str, params: QuantParams) -> tuple[str, str]:
+        key = (params.scale.tobytes() + str(params.scale.shape).encode(), params.zero_point.tobytes(),
+               str(params.dtype), base if params.scale.ndim else "")  # fmt: skip
+        if key not in self._param_cache:
+            scale_name = self.names.new(f"{base}_scale")
+            zp_name = self.names.new(f"{base}_zero_point")
+            self.initializers.append(numpy_helper.from_array(params.scale.astype(np.float32), scale_name))
+            self.initializers.append(_tensor(params.zero_point, zp_name, params.dtype))
+            self._param_cache[key] = (scale_name, zp_name)
+        return self._param_cache[key]
+
+    def quantized_initializer(self, base: str, q: QuantizedTensor) -> str:
+        key = id(q)
+        if key not in self._weight_cache:
+            name = self.names.new(f"{base}_quantized")
+            self.initializers.append(_tensor(q.values, name, q.params.dtype))
+            self._weight_cache[key] = name
+        return self._weight_cache[key]
+
+
+def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """Return a new model with ``plan`` applied (``model`` is left untouched)."""
+    opset = model_opset(model)
+    need = required_opset(plan)
+    if opset < need:
+        raise UnsupportedModelError(
+            f"model uses opset {opset}, but per-channel QuantizeLinear/DequantizeLinear need opset >= {need}; "
+            "upgrade it first (onnx.version_converter.convert_version)"
+        )
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    builder = _Builder(NameAllocator.for_graph(graph))
+
+    folded = {f.node: f for f in plan.folded}
+    nodes_by_name = {n.name: n for n in graph.node}
+    for f in plan.folded:
+        nodes_by_name[f.producer].output[0] = f.output
+
+    # activation Q/DQ pairs, keyed by the tensor they quantize
+    act_nodes: dict[str, tuple[onnx.NodeProto, onnx.NodeProto, str]] = {}
+    for a in plan.activations:
+        base = a.tensor
+        scale, zp = builder.params(base, a.params)
+        q_out = builder.names.new(f"{base}_quantized")
+        dq_out = builder.names.new(f"{base}_dequantized")
+        q = helper.make_node("QuantizeLinear", [a.tensor, scale, zp], [q_out], name=builder.names.new(f"{base}_QuantizeLinear"))
+        dq = helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out], name=builder.names.new(f"{base}_DequantizeLinear"))
+        act_nodes[a.tensor] = (q, dq, dq_out)
+
+    # weight DQs, keyed by (node, input index)
+    weight_nodes: dict[str, list[tuple[int, onnx.NodeProto]]] = {}
+    for w in plan.weights:
+        q_name = builder.quantized_initializer(w.tensor, w.quantized)
+        scale, zp = builder.params(w.tensor, w.quantized.params)
+        dq_out = builder.names.new(f"{w.tensor}_dequantized")
+        attrs = {"axis": w.quantized.params.axis} if w.quantized.params.scale.ndim == 1 else {}
+        dq = helper.make_node(
+            "DequantizeLinear", [q_name, scale, zp], [dq_out], name=builder.names.new(f"{w.tensor}_DequantizeLinear"), **attrs
+        )
+        weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
+
+    new_nodes: list[onnx.NodeProto] = []
+    for name in (i.name for i in graph.input):
+        if name in act_nodes:
+            new_nodes.extend(act_nodes[name][:2])
+    for node in graph.node:
+        if node.name in folded:
+            continue
+        for pos, dq in weight_nodes.get(node.name, []):
+            node.input[pos] = dq.output[0]
+            new_nodes.append(dq)
+        for pos, name in enumerate(node.input):
+            if name in act_nodes:
+                node.input[pos] = act_nodes[name][2]
+        new_nodes.append(node)
+        for out_name in node.output:
+            if out_name in act_nodes:
+                new_nodes.extend(act_nodes[out_name][:2])
+
+    # graph outputs keep their float tensors; consumers inside the graph read the DQ outputs
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    graph.initializer.extend(builder.initializers)
+    folded_inputs = {f.input for f in plan.folded}
+    if folded_inputs:
+        vis = [v for v in graph.value_info if v.name not in folded_inputs]
+        del graph.value_info[:]
+        graph.value_info.extend(vis)
+    return out

@@ -177,11 +177,17 @@ class CompareResult:
 
 
 def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Path, cand_path: Path) -> None:
-    ref_in = [(s.name, str(s.dtype)) for s in model_input_specs(ref)]
-    cand_in = [(s.name, str(s.dtype)) for s in model_input_specs(cand)]
+    def signature(model: onnx.ModelProto) -> list[str]:
+        return [
+            f"{s.name}:{s.dtype}[{','.join(str(d) if isinstance(d, int) else '?' for d in s.shape)}]"
+            for s in model_input_specs(model)
+        ]
+
+    ref_in, cand_in = signature(ref), signature(cand)
     if ref_in != cand_in:
         raise QuantCliError(
-            f"{cand_path}: inputs {cand_in} differ from {ref_path}'s {ref_in}; these models cannot be compared"
+            f"{cand_path}: inputs {', '.join(cand_in)} differ from {ref_path}'s {', '.join(ref_in)}; "
+            "these models cannot be compared"
         )
     ref_out = [o.name for o in ref.graph.output]
     cand_out = [o.name for o in cand.graph.output]

@@ -104,9 +104,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
         method = CalibrationMethod(doc["method"]["kind"])
         params = {k: v for k, v in doc["method"].items() if k != "kind"}
         ranges = {
-            str(name): TensorRange(
-                float(t["min"]), float(t["max"]), float(t["observed_min"]), float(t["observed_max"])
-            )
+            str(name): TensorRange(float(t["min"]), float(t["max"]), float(t["observed_min"]), float(t["observed_max"]))
             for name, t in doc["tensors"].items()
         }
         num_samples = int(doc["num_samples"])

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from quantcli.errors import UnsupportedModelError
 
-__all__ = ["FusionAudit", "INTEGER_KERNELS", "audit_fusion"]
+__all__ = ["INTEGER_KERNELS", "FusionAudit", "audit_fusion"]
 
 #: op types that compute on integers in onnxruntime's CPU provider
 INTEGER_KERNELS = frozenset(
@@ -31,7 +31,9 @@ INTEGER_KERNELS = frozenset(
     }
 )  # fmt: skip
 #: float ops whose cost dominates a network; each one left float is worth a line in the report
-FLOAT_COMPUTE = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv"})
+FLOAT_COMPUTE = frozenset(
+    {"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv"}
+)
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 
 

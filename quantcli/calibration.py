@@ -122,7 +122,7 @@ def _run(
         except Exception as exc:
             first = str(exc).strip().splitlines()[0]
             raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
-        yield dict(zip(outputs, values))
+        yield dict(zip(outputs, values, strict=True))
 
 
 def calibrate(

@@ -106,7 +106,7 @@ def _root(
     """Quantize an FP32 ONNX model to a fast INT8 model for this CPU, and prove it is still right."""
 
 
-def _progress(quiet: bool):  # noqa: ANN202 - returns a Progress callable
+def _progress(quiet: bool):
     def wrap(it: Iterable[dict[str, np.ndarray]], total: int, desc: str) -> Iterable[dict[str, np.ndarray]]:
         disable = quiet or not sys.stderr.isatty()
         return tqdm(it, total=total, desc=desc, unit="batch", disable=disable, leave=False, dynamic_ncols=True)
@@ -153,8 +153,12 @@ def convert(
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.")],
     calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibrate on the fly from this data.")] = None,
-    method: Annotated[CalibrationMethod, typer.Option(help="With --data: calibration method.")] = CalibrationMethod.MINMAX,
-    activation_type: Annotated[ActivationType, typer.Option(help="auto: uint8 on x86, int8 on ARM.")] = ActivationType.AUTO,
+    method: Annotated[
+        CalibrationMethod, typer.Option(help="With --data: calibration method.")
+    ] = CalibrationMethod.MINMAX,
+    activation_type: Annotated[
+        ActivationType, typer.Option(help="auto: uint8 on x86, int8 on ARM.")
+    ] = ActivationType.AUTO,
     weight_type: Annotated[WeightType, typer.Option(help="Integer type of weights.")] = WeightType.INT8,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One weight scale per tensor.")] = False,
     symmetric_activations: Annotated[bool, typer.Option("--symmetric-activations")] = False,

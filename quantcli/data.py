@@ -67,9 +67,7 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
-        shape = tuple(
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim
-        )
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
         specs.append(InputSpec(vi.name, dtype, shape))
     return specs
 
@@ -146,9 +144,7 @@ class Dataset:
         )
 
 
-def open_dataset(
-    path: Path, specs: Sequence[InputSpec], *, max_samples: int | None = None
-) -> Dataset:
+def open_dataset(path: Path, specs: Sequence[InputSpec], *, max_samples: int | None = None) -> Dataset:
     """Open and check data for a model with inputs ``specs``.
 
     Raises:
@@ -185,9 +181,7 @@ def open_dataset(
         if labels is not None:
             labels = np.atleast_1d(labels)
             if labels.shape[0] != counts.copy().pop():
-                raise CalibrationDataError(
-                    f"{file}: {labels.shape[0]} labels for {counts.pop()} samples"
-                )
+                raise CalibrationDataError(f"{file}: {labels.shape[0]} labels for {counts.pop()} samples")
             label_parts.append(labels)
     arrays = {n: (p[0] if len(p) == 1 else np.concatenate(p)) for n, p in parts.items()}
     labels_all = None
@@ -205,16 +199,14 @@ def open_dataset(
 
 def _check_array(file: Path, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind in "OUSV":
-        raise CalibrationDataError(
-            f"{file}: input '{spec.name}' is a {arr.dtype} array; expected {spec.describe()}"
-        )
+        raise CalibrationDataError(f"{file}: input '{spec.name}' is a {arr.dtype} array; expected {spec.describe()}")
     if spec.shape and arr.ndim == len(spec.shape) - 1:
         arr = arr[np.newaxis]
     if spec.shape and arr.ndim != len(spec.shape):
         raise CalibrationDataError(
             f"{file}: input '{spec.name}' is {_describe_array(arr)} but the model expects {spec.describe()}"
         )
-    for axis, (want, have) in enumerate(zip(spec.shape, arr.shape)):
+    for axis, (want, have) in enumerate(zip(spec.shape, arr.shape, strict=True)):
         if axis > 0 and isinstance(want, int) and want > 0 and want != have:
             raise CalibrationDataError(
                 f"{file}: input '{spec.name}' is {_describe_array(arr)} but the model expects "

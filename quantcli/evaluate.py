@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 
 from quantcli.data import Dataset
+from quantcli.errors import CalibrationDataError
 
 __all__ = [
     "Interval",
@@ -156,12 +157,16 @@ def compare_outputs(
     total = -(-dataset.num_samples // size)
     offset = 0
     for feed in progress(dataset.batches(size), total, "comparing"):
-        ref_out = reference.run(names, feed)
-        q_out = candidate.run(names, feed)
+        try:
+            ref_out = reference.run(names, feed)
+            q_out = candidate.run(names, feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
         n = next(iter(feed.values())).shape[0]
         labels = None if dataset.labels is None else dataset.labels[offset : offset + n]
         offset += n
-        for name, r, q in zip(names, ref_out, q_out):
+        for name, r, q in zip(names, ref_out, q_out, strict=True):
             if r.dtype.kind == "f":
                 accs[name].update(r, q, labels)
     return [accs[n].result() for n in names if accs[n].count]

@@ -60,7 +60,9 @@ def load_model(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError, ...
-        raise ModelLoadError(f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated?") from exc
+        raise ModelLoadError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated?"
+        ) from exc
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is this the right file?")
     if _uses_external_data(model):
@@ -74,9 +76,7 @@ def load_model(path: Path) -> onnx.ModelProto:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer
-    )
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -195,10 +195,7 @@ class GraphIndex:
                 if tt.HasField("shape"):
                     index.shapes.setdefault(
                         vi.name,
-                        tuple(
-                            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                            for d in tt.shape.dim
-                        ),
+                        tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim),
                     )
         for node in graph.node:
             for out in node.output:

@@ -142,7 +142,7 @@ def _fold_batchnorms(graph: onnx.GraphProto) -> int:
     new_inits: list[onnx.TensorProto] = []
     taken = set(index.initializers)
     for bn in graph.node:
-        if bn.op_type != "BatchNormalization" or len(bn.output) != 1 and any(bn.output[1:]):
+        if bn.op_type != "BatchNormalization" or (len(bn.output) != 1 and any(bn.output[1:])):
             continue
         if any(a.name == "training_mode" and a.i for a in bn.attribute):
             continue

@@ -117,7 +117,10 @@ def render_compare(console: Console, result: CompareResult) -> None:
     console.print(table)
     if result.latency:
         threads = result.latency[0].threads
-        table = Table(title=f"latency (ms, {threads} thread{'s' if threads != 1 else ''}, runs alternate)", title_justify="left")
+        table = Table(
+            title=f"latency (ms, {threads} thread{'s' if threads != 1 else ''}, runs alternate)",
+            title_justify="left",
+        )
         for col in ("batch", "FP32 median", "FP32 p90", "quant median", "quant p90", "speed-up [IQR]"):
             table.add_column(col, justify="right")
         for lat in result.latency:
@@ -182,15 +185,23 @@ def compare_to_json(result: CompareResult, gates: list[GateResult] | None = None
                 "batch_size": lat.batch_size,
                 "threads": lat.threads,
                 "reference_ms": {
-                    "median": lat.reference.median_ms, "p90": lat.reference.p90_ms, "p99": lat.reference.p99_ms,
-                    "mean": lat.reference.mean_ms, "runs": lat.reference.runs, "throughput": lat.reference.throughput,
+                    "median": lat.reference.median_ms,
+                    "p90": lat.reference.p90_ms,
+                    "p99": lat.reference.p99_ms,
+                    "mean": lat.reference.mean_ms,
+                    "runs": lat.reference.runs,
+                    "throughput": lat.reference.throughput,
                 },
                 "candidate_ms": {
-                    "median": lat.candidate.median_ms, "p90": lat.candidate.p90_ms, "p99": lat.candidate.p99_ms,
-                    "mean": lat.candidate.mean_ms, "runs": lat.candidate.runs, "throughput": lat.candidate.throughput,
+                    "median": lat.candidate.median_ms,
+                    "p90": lat.candidate.p90_ms,
+                    "p99": lat.candidate.p99_ms,
+                    "mean": lat.candidate.mean_ms,
+                    "runs": lat.candidate.runs,
+                    "throughput": lat.candidate.throughput,
                 },
                 "speedup": {"median": lat.speedup, "p25": lat.speedup_p25, "p75": lat.speedup_p75},
-            }  # fmt: skip
+            }
             for lat in result.latency
         ],
         "integer_kernels": result.integer_kernels,
@@ -212,7 +223,9 @@ def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None
 
     params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
     ops = Counter(n.op_type for n in model.graph.node)
-    console.print(f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {len(model.graph.node)} nodes")
+    console.print(
+        f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {len(model.graph.node)} nodes"
+    )
     console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
     kernels = ", ".join(f"{op} {n}" for op, n in audit.integer_op_counts().items()) or "none"
     console.print(f"after onnxruntime optimization: integer kernels: {kernels}")

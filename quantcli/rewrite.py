@@ -125,8 +125,15 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         scale, zp = builder.params(base, a.params)
         q_out = builder.names.new(f"{base}_quantized")
         dq_out = builder.names.new(f"{base}_dequantized")
-        q = helper.make_node("QuantizeLinear", [a.tensor, scale, zp], [q_out], name=builder.names.new(f"{base}_QuantizeLinear"))
-        dq = helper.make_node("DequantizeLinear", [q_out, scale, zp], [dq_out], name=builder.names.new(f"{base}_DequantizeLinear"))
+        q = helper.make_node(
+            "QuantizeLinear", [a.tensor, scale, zp], [q_out], name=builder.names.new(f"{base}_QuantizeLinear")
+        )
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [q_out, scale, zp],
+            [dq_out],
+            name=builder.names.new(f"{base}_DequantizeLinear"),
+        )
         act_nodes[a.tensor] = (q, dq, dq_out)
 
     # weight DQs, keyed by (node, input index)
@@ -137,7 +144,11 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         dq_out = builder.names.new(f"{w.tensor}_dequantized")
         attrs = {"axis": w.quantized.params.axis} if w.quantized.params.scale.ndim == 1 else {}
         dq = helper.make_node(
-            "DequantizeLinear", [q_name, scale, zp], [dq_out], name=builder.names.new(f"{w.tensor}_DequantizeLinear"), **attrs
+            "DequantizeLinear",
+            [q_name, scale, zp],
+            [dq_out],
+            name=builder.names.new(f"{w.tensor}_DequantizeLinear"),
+            **attrs,
         )
         weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: seeded rng, tiny models written to tmp_path, a CliRunner with a wide terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests import models
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_MODELS = REPO / "sample_models"
+CALIBRATION_DATA = REPO / "calibration_data"
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture
+def cnn_path(tmp_path: Path) -> Path:
+    """A small conv net (Conv+BN+Relu, residual Add, MaxPool, GAP, Flatten, Gemm) saved to disk."""
+    path = tmp_path / "cnn.onnx"
+    path.write_bytes(models.small_cnn().SerializeToString())
+    return path
+
+
+@pytest.fixture
+def cnn_data(tmp_path: Path) -> Path:
+    """Structured (not white-noise) inputs for ``small_cnn``: smooth images with a few bright strokes."""
+    path = tmp_path / "cnn_data.npz"
+    np.savez(path, x=models.structured_images(96, seed=7))
+    return path

@@ -1,0 +1,36 @@
+"""Run the library pipeline in memory on a model and data (no files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from quantcli.calibration import CalibrationResult, calibrate, make_session
+from quantcli.data import Dataset, model_input_specs
+from quantcli.options import QuantConfig
+from quantcli.planning import QuantPlan, make_plan
+from quantcli.preprocess import preprocess
+from quantcli.rewrite import apply_plan
+
+
+def dataset(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Dataset:
+    return Dataset(Path("memory"), tuple(model_input_specs(model)), arrays, None)
+
+
+def quantize(
+    model: onnx.ModelProto, arrays: dict[str, np.ndarray], config: QuantConfig | None = None, **calib: object
+) -> tuple[onnx.ModelProto, QuantPlan, CalibrationResult]:
+    prepared, _ = preprocess(model)
+    result = calibrate(prepared, dataset(model, arrays), model_sha256="test", **calib)  # type: ignore[arg-type]
+    plan = make_plan(prepared, result.ranges, config or QuantConfig())
+    return apply_plan(prepared, plan), plan, result
+
+
+def run(model: onnx.ModelProto, arrays: dict[str, np.ndarray], *, optimize: bool = True) -> list[np.ndarray]:
+    return make_session(model, optimize=optimize).run(None, arrays)
+
+
+def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - out).astype(np.float64) ** 2)))

@@ -1,0 +1,143 @@
+"""The command line end to end (typer's CliRunner), exit codes, and error lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from quantcli import __version__
+from quantcli.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_explains_the_workflow():
+    result = invoke("--help")
+    assert result.exit_code == 0, result.output
+    assert "quantcli calibrate model.onnx --data calib.npz -o model.calib.json" in result.output
+    assert "Exit codes" in result.output
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_calibrate_convert_compare(tmp_path, cnn_path, cnn_data):
+    calib = tmp_path / "cnn.calib.json"
+    out = tmp_path / "cnn.int8.onnx"
+    before = cnn_path.read_bytes()
+
+    result = invoke("calibrate", cnn_path, "--data", cnn_data, "-o", calib)
+    assert result.exit_code == 0, result.output
+    assert "calibrated" in result.output and calib.is_file()
+
+    result = invoke("convert", cnn_path, "--calibration", calib, "-o", out, "--require-fused")
+    assert result.exit_code == 0, result.output
+    assert "QLinearConv" in result.output and "0 Conv/MatMul/Gemm left in float" in result.output
+
+    report = tmp_path / "report.json"
+    result = invoke(
+        "compare", cnn_path, out, "--data", cnn_data, "--json", report, "--runs", "5", "--warmup", "1",
+        "--min-sqnr", "20", "--max-size-ratio", "0.6",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(report.read_text())
+    assert doc["schema"] == "quantcli.compare/1"
+    assert doc["outputs"][0]["name"] == "y" and doc["outputs"][0]["sqnr_db"] > 20
+    assert [g["name"] for g in doc["gates"]] == ["min-sqnr", "max-size-ratio"]
+    assert all(g["passed"] for g in doc["gates"])
+    assert [lat["batch_size"] for lat in doc["latency"]] == [1, 32]
+    assert doc["integer_kernels"]["QLinearConv"] == 2
+    assert cnn_path.read_bytes() == before  # the input model is never modified
+
+
+def test_convert_calibrates_on_the_fly(tmp_path, cnn_path, cnn_data):
+    out = tmp_path / "q.onnx"
+    result = invoke("convert", cnn_path, "--data", cnn_data, "-o", out, "--method", "percentile")
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+def test_failed_gate_exits_1_and_names_the_gate(tmp_path, cnn_path, cnn_data):
+    out = tmp_path / "q.onnx"
+    assert invoke("convert", cnn_path, "--data", cnn_data, "-o", out).exit_code == 0
+    result = invoke("compare", cnn_path, out, "--data", cnn_data, "--runs", "2", "--min-sqnr", "200")
+    assert result.exit_code == EXIT_GATE_FAILED, result.output
+    assert "gate failed: min-sqnr" in result.output
+
+
+def test_bad_input_is_one_line_exit_3_no_traceback(tmp_path, cnn_data):
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"\x00\x01garbage" * 10)
+    for args in (
+        ("calibrate", tmp_path / "missing.onnx", "--data", cnn_data, "-o", tmp_path / "c.json"),
+        ("calibrate", not_onnx, "--data", cnn_data, "-o", tmp_path / "c.json"),
+        ("calibrate", tmp_path, "--data", cnn_data, "-o", tmp_path / "c.json"),
+    ):
+        result = invoke(*args)
+        assert result.exit_code == EXIT_BAD_INPUT, result.output
+        assert "Traceback" not in result.output
+        assert result.output.startswith("error: ") and str(args[1]) in result.output
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_existing_output_is_not_overwritten(tmp_path, cnn_path, cnn_data):
+    out = tmp_path / "q.onnx"
+    out.write_bytes(b"precious")
+    result = invoke("convert", cnn_path, "--data", cnn_data, "-o", out)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "already exists; pass --force" in result.output
+    assert out.read_bytes() == b"precious"
+    assert invoke("convert", cnn_path, "--data", cnn_data, "-o", out, "--force").exit_code == 0
+    assert out.read_bytes() != b"precious"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary files left
+
+
+def test_calibration_for_another_model_is_refused(tmp_path, cnn_path, cnn_data):
+    calib = tmp_path / "c.json"
+    assert invoke("calibrate", cnn_path, "--data", cnn_data, "-o", calib).exit_code == 0
+    other = tmp_path / "other.onnx"
+    from tests import models
+
+    other.write_bytes(models.small_cnn(seed=5).SerializeToString())
+    result = invoke("convert", other, "--calibration", calib, "-o", tmp_path / "q.onnx")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "made for a model with sha256" in result.output
+
+
+def test_usage_error_exits_2(cnn_path):
+    result = invoke("convert", cnn_path)
+    assert result.exit_code == 2
+
+
+def test_compare_refuses_different_signatures(tmp_path, cnn_path, cnn_data):
+    from tests import models
+
+    other = tmp_path / "mm.onnx"
+    other.write_bytes(models.matmul_chain().SerializeToString())
+    result = invoke("compare", cnn_path, other, "--data", cnn_data)
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "cannot be compared" in result.output
+
+
+@pytest.mark.parametrize("module_args", [["-m", "quantcli", "--version"]])
+def test_python_dash_m(module_args):
+    proc = subprocess.run([sys.executable, *module_args], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and __version__ in proc.stdout
+
+
+def test_inspect_reports_integer_kernels(tmp_path, cnn_path, cnn_data):
+    out = tmp_path / "q.onnx"
+    assert invoke("convert", cnn_path, "--data", cnn_data, "-o", out).exit_code == 0
+    result = invoke("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "QLinearConv 2" in result.output

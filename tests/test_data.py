@@ -1,0 +1,88 @@
+"""Data loading: formats, checks against the model's inputs, and the errors users see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantcli.data import InputSpec, open_dataset
+from quantcli.errors import CalibrationDataError
+
+SPECS = (InputSpec("x", np.dtype("float32"), ("N", 3, 4, 4)),)
+
+
+def test_npz_npy_and_directory_give_the_same_samples(tmp_path, rng):
+    x = rng.normal(size=(10, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", x=x)
+    np.save(tmp_path / "b.npy", x)
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    np.savez(folder / "0.npz", x=x[:4])
+    np.save(folder / "1.npy", x[4:])
+    for path in (tmp_path / "a.npz", tmp_path / "b.npy", folder):
+        ds = open_dataset(path, SPECS)
+        assert ds.num_samples == 10
+        np.testing.assert_array_equal(np.concatenate([b["x"] for b in ds.batches(3)]), x)
+
+
+def test_single_sample_file_gets_a_batch_axis(tmp_path, rng):
+    np.save(tmp_path / "one.npy", rng.normal(size=(3, 4, 4)).astype(np.float32))
+    assert open_dataset(tmp_path / "one.npy", SPECS).num_samples == 1
+
+
+def test_labels_are_kept_apart(tmp_path, rng):
+    np.savez(tmp_path / "e.npz", x=rng.normal(size=(5, 3, 4, 4)).astype(np.float32), labels=np.arange(5))
+    ds = open_dataset(tmp_path / "e.npz", SPECS)
+    assert set(ds.arrays) == {"x"} and ds.labels.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_max_samples(tmp_path, rng):
+    np.savez(tmp_path / "a.npz", x=rng.normal(size=(10, 3, 4, 4)).astype(np.float32))
+    assert open_dataset(tmp_path / "a.npz", SPECS, max_samples=4).num_samples == 4
+
+
+def test_float64_is_cast_but_int_is_refused(tmp_path, rng):
+    np.savez(tmp_path / "f64.npz", x=rng.normal(size=(2, 3, 4, 4)))
+    assert open_dataset(tmp_path / "f64.npz", SPECS).arrays["x"].dtype == np.float32
+    np.savez(tmp_path / "i.npz", x=np.zeros((2, 3, 4, 4), dtype=np.int16))
+    with pytest.raises(CalibrationDataError, match=r"input 'x' is int16\[2,3,4,4\] but the model expects float32"):
+        open_dataset(tmp_path / "i.npz", SPECS)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        (
+            {"y": np.zeros((2, 3, 4, 4), np.float32)},
+            r"keys do not match the model inputs \['x'\]: missing \['x'\]",
+        ),
+        ({"x": np.zeros((2, 3, 5, 4), np.float32)}, r"axis 2 should be 4"),
+        (
+            {"x": np.zeros((2, 4, 4), np.float32)[:, :, :, None, None]},
+            r"but the model expects float32\[N,3,4,4\]",
+        ),
+        ({"x": np.zeros((0, 3, 4, 4), np.float32)}, r"holds no samples"),
+        ({"x": np.full((2, 3, 4, 4), np.nan, np.float32)}, r"contains 96 NaN/Inf values"),
+    ],
+)
+def test_bad_data_names_file_input_and_problem(tmp_path, arrays, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(CalibrationDataError, match=message) as info:
+        open_dataset(path, SPECS)
+    assert str(path) in str(info.value)
+
+
+def test_pickles_are_refused(tmp_path):
+    path = tmp_path / "obj.npy"
+    np.save(path, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(CalibrationDataError, match="never unpickles"):
+        open_dataset(path, SPECS)
+
+
+def test_missing_path_and_wrong_suffix(tmp_path):
+    with pytest.raises(CalibrationDataError, match="data not found"):
+        open_dataset(tmp_path / "nope.npz", SPECS)
+    (tmp_path / "data.csv").write_text("1,2,3")
+    with pytest.raises(CalibrationDataError, match=r"unsupported data format '\.csv'"):
+        open_dataset(tmp_path / "data.csv", SPECS)

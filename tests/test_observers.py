@@ -1,0 +1,59 @@
+"""Streaming observers: batching does not change results; each method clips where it should."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantcli.observers import HistogramObserver, MinMaxObserver, choose_range
+
+
+def test_minmax_k_batches_equal_one_batch(rng):
+    data = rng.normal(size=(100, 7)).astype(np.float32)
+    whole = MinMaxObserver()
+    whole.update(data)
+    parts = MinMaxObserver()
+    for chunk in np.array_split(data, 9):
+        parts.update(chunk)
+    assert parts.result() == whole.result()
+
+
+def test_histogram_counts_do_not_depend_on_batching(rng):
+    data = rng.normal(size=5000).astype(np.float32)
+    lo, hi = float(data.min()), float(data.max())
+    whole = HistogramObserver(lo, hi, bins=256)
+    whole.update(data)
+    parts = HistogramObserver(lo, hi, bins=256)
+    for chunk in np.array_split(data, 13):
+        parts.update(chunk)
+    np.testing.assert_array_equal(whole.counts, parts.counts)
+    assert whole.counts.sum() == data.size
+
+
+@pytest.fixture
+def gaussian_with_outliers(rng):
+    x = rng.normal(size=200_000).astype(np.float32)
+    x[:6] = [40.0, -35.0, 55.0, 60.0, -45.0, 30.0]
+    return x
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_clip_outliers(gaussian_with_outliers, method):
+    x = gaussian_with_outliers
+    mm = MinMaxObserver()
+    mm.update(x)
+    lo, hi = mm.result()
+    assert (lo, hi) == (-45.0, 60.0)  # min-max keeps the outliers
+    hist = HistogramObserver(lo, hi, bins=2048)
+    hist.update(x)
+    clip_lo, clip_hi = choose_range(hist, method, percentile=99.99, levels=256)
+    assert lo <= clip_lo < 0 < clip_hi <= hi
+    assert clip_hi < hi and clip_lo > lo, f"{method} did not clip: {clip_lo}, {clip_hi}"
+
+
+def test_percentile_covers_bulk_of_gaussian(gaussian_with_outliers):
+    hist = HistogramObserver(-45.0, 60.0, bins=4096)
+    hist.update(gaussian_with_outliers)
+    lo, hi = choose_range(hist, "percentile", percentile=99.9)
+    # the 99.9th percentile of N(0,1) is 3.09; allow one bin of width 105/4096
+    assert 3.0 < hi < 3.25 and -3.25 < lo < -3.0

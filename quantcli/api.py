@@ -18,6 +18,7 @@ from quantcli.data import model_input_specs, open_dataset
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import LatencyComparison, OutputMetrics, compare_outputs, measure_latency
 from quantcli.graph import file_sha256, load_model, model_opset, save_model
+from quantcli.host import default_config
 from quantcli.options import CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
@@ -112,7 +113,7 @@ def convert_model(
     Raises:
         QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
     """
-    config = config or QuantConfig()
+    config = config or default_config()
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == model_path.resolve():
         raise QuantCliError(f"{output_path}: output would overwrite the input model; choose another path")

@@ -67,6 +67,14 @@ class ActivationType(StrEnum):
     INT16 = "int16"
 
 
+class Toggle(StrEnum):
+    """auto/on/off choices."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class WeightType(StrEnum):
     """Choices for --weight-type."""
 
@@ -162,7 +170,9 @@ def convert(
     weight_type: Annotated[WeightType, typer.Option(help="Integer type of weights.")] = WeightType.INT8,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One weight scale per tensor.")] = False,
     symmetric_activations: Annotated[bool, typer.Option("--symmetric-activations")] = False,
-    reduce_range: Annotated[bool, typer.Option("--reduce-range", help="7-bit weights (x86 without VNNI).")] = False,
+    reduce_range: Annotated[
+        Toggle, typer.Option("--reduce-range", help="7-bit weights; auto: on for x86 without VNNI.")
+    ] = Toggle.AUTO,
     op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Only quantize these op types.")] = None,
     exclude_op_types: Annotated[list[str] | None, typer.Option("--exclude-op-types")] = None,
     exclude_nodes: Annotated[
@@ -177,13 +187,14 @@ def convert(
     """Write a QDQ model that onnxruntime runs with integer kernels."""
     if calibration is not None and data is not None:
         raise QuantCliError("give either --calibration or --data, not both")
-    act = detect_host().activation_type if activation_type == ActivationType.AUTO else QuantDType(str(activation_type))
+    host = detect_host()
+    act = host.activation_type if activation_type == ActivationType.AUTO else QuantDType(str(activation_type))
     config = QuantConfig(
         activation_type=act,
         weight_type=QuantDType(str(weight_type)),
         per_channel=not per_tensor,
         symmetric_activations=symmetric_activations,
-        reduce_range=reduce_range,
+        reduce_range=host.reduce_range if reduce_range == Toggle.AUTO else reduce_range == Toggle.ON,
         op_types=frozenset(_split(op_types)),
         exclude_op_types=frozenset(_split(exclude_op_types)),
         exclude_nodes=tuple(_split(exclude_nodes)),

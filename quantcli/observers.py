@@ -145,6 +145,9 @@ def _abs_histogram(hist: HistogramObserver, bins: int) -> tuple[np.ndarray, floa
 def _entropy_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
     nbins = hist.bins
     counts, amax = _abs_histogram(hist, nbins)
+    # the spike of exact zeros (half of every post-ReLU tensor) is represented exactly by any grid;
+    # left in, it dominates the distribution and drives the search to absurdly small thresholds
+    counts[0] = 0
     target = max(levels // 2, 2)
     best_kl, best_i = np.inf, nbins
     for i in range(target, nbins + 1, max(1, nbins // 512)):

@@ -64,6 +64,12 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     """What convert quantized, what onnxruntime fused, and what stayed float."""
     for line in result.preprocess.lines():
         console.print(f"pre-processing: {line}")
+    cfg = result.plan.config
+    console.print(
+        f"types: {cfg.activation_type} activations, {cfg.weight_type} weights"
+        f"{' (7-bit: --reduce-range)' if cfg.reduce_range else ''}, "
+        f"{'per-channel' if cfg.per_channel else 'per-tensor'} Conv/Gemm weights"
+    )
     quantized = ", ".join(f"{op} {n}" for op, n in result.plan.summary().items()) or "nothing"
     console.print(f"quantized nodes: {quantized}")
     if result.plan.folded:

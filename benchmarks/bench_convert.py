@@ -1,0 +1,222 @@
+"""Benchmark: FP32 vs quantcli INT8 vs onnxruntime.quantization.quantize_static, in one run.
+
+For each model: size, accuracy (labels) or top-1 agreement with FP32, output SQNR, integer kernels
+in the optimized graph, and latency at several batch sizes and thread counts, with every session
+timed in alternation on the same feed. Prints ratios against FP32 and against onnxruntime's
+quantizer; ``--json`` saves the figures.
+
+onnxruntime's quantizer is run as its documentation advises: ``quant_pre_process`` first (when it
+fails, as it does on many exported models, the original model is used and that is reported), then
+``quantize_static`` with QDQ format, per-channel weights, MinMax calibration on the same data, and
+its default int8 activations; a second run with uint8 activations ("ort-u8") is its best case on x86.
+
+Usage:
+    python benchmarks/bench_convert.py                         # the bundled sample models
+    python benchmarks/bench_convert.py --model m.onnx --calib c.npz --eval e.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from quantcli.api import convert_model  # noqa: E402
+from quantcli.audit import audit_fusion  # noqa: E402
+from quantcli.data import model_input_specs, open_dataset  # noqa: E402
+
+BUNDLED = [
+    ("digits_cnn", "sample_models/digits_cnn.onnx", "calibration_data/digits_cnn_calib.npz",
+     "calibration_data/digits_cnn_eval.npz"),
+    ("digits_transformer", "sample_models/digits_transformer.onnx",
+     "calibration_data/digits_transformer_calib.npz", "calibration_data/digits_transformer_eval.npz"),
+]  # fmt: skip
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a quantcli Dataset."""
+
+    def __init__(self, dataset, batch_size: int) -> None:
+        self._it = iter(dataset.batches(batch_size))
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def ort_quantize(model: Path, calib, out: Path, activation: str) -> tuple[bool, str]:
+    """quantize_static as onnxruntime's docs advise; returns (pre-processing ok, note)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = out.with_suffix(".pre.onnx")
+    note = ""
+    try:
+        quant_pre_process(str(model), str(pre))
+        source, pre_ok = pre, True
+    except Exception as exc:  # it fails on many exported models
+        source, pre_ok = model, False
+        note = f"quant_pre_process failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    quantize_static(
+        str(source), str(out), _Reader(calib, 32), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+    )  # fmt: skip
+    return pre_ok, note
+
+
+@dataclass
+class Row:
+    name: str
+    path: Path
+    size: int
+    accuracy: float | None = None
+    agreement: float | None = None
+    sqnr: float | None = None
+    kernels: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, float] = field(default_factory=dict)  # "b1/t1" -> median ms
+    note: str = ""
+
+
+def accuracy_and_error(paths: dict[str, Path], dataset) -> dict[str, tuple[float | None, float | None, float]]:
+    sess = {k: session(p, 2) for k, p in paths.items()}
+    outs: dict[str, list[np.ndarray]] = {k: [] for k in paths}
+    for feed in dataset.batches(64):
+        for k, s in sess.items():
+            outs[k].append(s.run(None, feed)[0])
+    cat = {k: np.concatenate(v) for k, v in outs.items()}
+    ref = cat["fp32"].astype(np.float64)
+    res = {}
+    for k, out in cat.items():
+        err = ref - out
+        sqnr = 10 * np.log10((ref**2).sum() / max((err**2).sum(), 1e-30))
+        acc = agree = None
+        if out.ndim == 2 and out.shape[1] > 1:
+            agree = float((out.argmax(1) == ref.argmax(1)).mean())
+            if dataset.labels is not None:
+                acc = float((out.argmax(1) == dataset.labels).mean())
+        res[k] = (acc, agree, float(sqnr))
+    return res
+
+
+def time_interleaved(paths: dict[str, Path], feed: dict[str, np.ndarray], threads: int, runs: int) -> dict[str, float]:
+    sess = {k: session(p, threads) for k, p in paths.items()}
+    keys = list(sess)
+    for _ in range(5):
+        for k in keys:
+            sess[k].run(None, feed)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    for i in range(runs):
+        order = keys[i % len(keys) :] + keys[: i % len(keys)]
+        for k in order:
+            t0 = time.perf_counter()
+            sess[k].run(None, feed)
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v) * 1000) for k, v in times.items()}
+
+
+def bench_model(name: str, model: Path, calib_path: Path, eval_path: Path, args) -> list[Row]:
+    specs = model_input_specs(onnx.load(str(model), load_external_data=False))
+    calib = open_dataset(calib_path, specs)
+    evaluation = open_dataset(eval_path, specs, max_samples=args.max_eval)
+    work = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+    paths = {"fp32": model}
+    notes = {"fp32": ""}
+    t0 = time.perf_counter()
+    convert_model(model, work / "quantcli.onnx", data_path=calib_path)
+    notes["quantcli"] = f"convert {time.perf_counter() - t0:.1f}s"
+    paths["quantcli"] = work / "quantcli.onnx"
+    for act in ("int8", "uint8"):
+        key = "ort" if act == "int8" else "ort-u8"
+        out = work / f"{key}.onnx"
+        try:
+            t0 = time.perf_counter()
+            pre_ok, note = ort_quantize(model, calib, out, act)
+            paths[key] = out
+            notes[key] = (note or "pre-processed") + f"; {time.perf_counter() - t0:.1f}s"
+        except Exception as exc:
+            notes[key] = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+    quality = accuracy_and_error(paths, evaluation)
+    rows = {k: Row(k, p, p.stat().st_size, *quality[k], note=notes[k]) for k, p in paths.items()}
+    for k, p in paths.items():
+        rows[k].kernels = audit_fusion(p).integer_op_counts()
+    for bs in args.batch_sizes:
+        size = min(bs, evaluation.num_samples)
+        feed = next(evaluation.batches(size))
+        for threads in args.threads:
+            med = time_interleaved(paths, feed, threads, args.runs)
+            for k, v in med.items():
+                rows[k].latency[f"b{size}/t{threads}"] = v
+    return list(rows.values())
+
+
+def print_table(name: str, rows: list[Row]) -> None:
+    base = {r.name: r for r in rows}
+    fp32, ort_row = base["fp32"], base.get("ort")
+    print(f"\n== {name}")
+    for r in rows:
+        acc = f"acc {100 * r.accuracy:.2f}%" if r.accuracy is not None else ""
+        agree = f"agree {100 * r.agreement:.2f}%" if r.agreement is not None else ""
+        kern = sum(r.kernels.values())
+        print(
+            f"  {r.name:9s} size {r.size / 1024:8.1f} KiB ({r.size / fp32.size:5.2f}x)  {acc:12s} {agree:14s} "
+            f"SQNR {r.sqnr:6.1f} dB  integer kernels {kern:3d}  {r.note}"
+        )
+    for key in fp32.latency:
+        cells = []
+        for r in rows:
+            ms = r.latency[key]
+            vs_fp32 = fp32.latency[key] / ms
+            vs_ort = f" {ort_row.latency[key] / ms:4.2f}x-vs-ort" if ort_row is not None and r.name == "quantcli" else ""
+            cells.append(f"{r.name} {ms:7.3f} ms ({vs_fp32:4.2f}x{vs_ort})")
+        print(f"  latency {key:8s} " + " | ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--calib", type=Path)
+    parser.add_argument("--eval", type=Path)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--max-eval", type=int, default=None)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    models = (
+        [(args.model.stem, args.model, args.calib, args.eval or args.calib)]
+        if args.model
+        else [(n, REPO / m, REPO / c, REPO / e) for n, m, c, e in BUNDLED]
+    )
+    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}")
+    results = {}
+    for name, model, calib, evaluation in models:
+        rows = bench_model(name, Path(model), Path(calib), Path(evaluation), args)
+        print_table(name, rows)
+        results[name] = [
+            {k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items()} for r in rows
+        ]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

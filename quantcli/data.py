@@ -4,18 +4,22 @@ against the model's inputs before the first batch, and stream batches.
 Conventions: keys of an ``.npz`` are the model's input names (plus ``labels`` for evaluation data);
 samples are stacked on axis 0. A ``.npy`` feeds a single-input model. A file whose arrays have one
 dimension less than the model input holds a single sample. Pickles are never loaded.
+
+Rows are read from disk batch by batch (``quantcli.arrays``), so memory holds one batch whatever
+the number of samples. Names, ranks, fixed dimensions and dtypes are checked when the data is
+opened; NaN/Inf are checked in each batch as it is read.
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from quantcli.arrays import ArraySource, open_npy, open_npz
 from quantcli.errors import CalibrationDataError
 
 __all__ = [
@@ -76,23 +80,6 @@ def _describe_array(arr: np.ndarray) -> str:
     return f"{arr.dtype}[{','.join(str(d) for d in arr.shape)}]"
 
 
-def _read_file(path: Path) -> dict[str, np.ndarray]:
-    try:
-        if path.suffix == ".npy":
-            return {"": np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except ValueError as exc:
-        if "pickle" in str(exc).lower():
-            raise CalibrationDataError(
-                f"{path}: holds a pickled/object array; quantcli never unpickles data. "
-                "Save plain numeric arrays with np.savez"
-            ) from exc
-        raise CalibrationDataError(f"{path}: not a readable numpy file ({exc})") from exc
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise CalibrationDataError(f"{path}: not a readable .npz/.npy file ({exc})") from exc
-
-
 def _data_files(path: Path) -> list[Path]:
     if not path.exists():
         raise CalibrationDataError(f"{path}: data not found; give a .npz, a .npy or a directory of them")
@@ -106,46 +93,129 @@ def _data_files(path: Path) -> list[Path]:
     return [path]
 
 
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+    return f"{dtype}[{','.join(str(d) for d in shape)}]"
+
+
+@dataclass(frozen=True, slots=True)
+class _Chunk:
+    """One file's arrays: ``count`` samples, read on demand."""
+
+    file: Path
+    sources: dict[str, ArraySource]
+    count: int
+    single: bool  # arrays lack the batch axis (one sample per file)
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        if self.single:
+            return _single(self.sources[name])
+        return self.sources[name].read(start, stop)
+
+
+def _single(source: ArraySource) -> np.ndarray:
+    arr = source.read(0, source.shape[0]) if source.shape else source.read(0, 1)
+    return arr[np.newaxis]
+
+
 @dataclass(slots=True)
 class Dataset:
-    """Validated arrays for every model input, plus labels when present; re-iterable."""
+    """Validated data for every model input, plus labels when present; re-iterable, read lazily."""
 
     path: Path
     specs: tuple[InputSpec, ...]
-    arrays: dict[str, np.ndarray]
+    chunks: tuple[_Chunk, ...]
     labels: np.ndarray | None
+    limit: int | None = None
+    _offsets: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._offsets = [0]
+        for chunk in self.chunks:
+            self._offsets.append(self._offsets[-1] + chunk.count)
+
+    @classmethod
+    def from_arrays(
+        cls, specs: Sequence[InputSpec], arrays: dict[str, np.ndarray], labels: np.ndarray | None = None
+    ) -> Dataset:
+        """In-memory data (for the Python API and tests); arrays are stacked on axis 0."""
+        from quantcli.arrays import _InMemory
+
+        path = Path("<memory>")
+        count = next(iter(arrays.values())).shape[0]
+        chunk = _Chunk(path, {k: _InMemory(path, np.asarray(v)) for k, v in arrays.items()}, count, False)
+        return cls(path, tuple(specs), (chunk,), labels)
 
     @property
     def num_samples(self) -> int:
-        """Number of samples (length of axis 0)."""
-        return int(next(iter(self.arrays.values())).shape[0])
+        """Number of samples."""
+        total = self._offsets[-1]
+        return min(total, self.limit) if self.limit is not None else total
 
     def effective_batch_size(self, requested: int) -> int:
         """``requested``, unless the model fixes its batch axis."""
         fixed = {s.fixed_batch for s in self.specs} - {None}
         return fixed.pop() if len(fixed) == 1 else max(1, requested)
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of ``batch_size`` samples (the last one may be smaller unless the batch is fixed)."""
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        parts = []
+        for i, chunk in enumerate(self.chunks):
+            lo, hi = self._offsets[i], self._offsets[i + 1]
+            if hi <= start or lo >= stop:
+                continue
+            parts.append(chunk.read(name, max(start, lo) - lo, min(stop, hi) - lo))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _gather(self, name: str, indices: np.ndarray) -> np.ndarray:
+        return np.concatenate([self._read(name, int(i), int(i) + 1) for i in indices])
+
+    def batches(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of ``batch_size`` samples (the last may be smaller unless the model fixes its batch).
+
+        Raises:
+            CalibrationDataError: a batch holds NaN/Inf values (naming the file's sample range).
+        """
         size = self.effective_batch_size(batch_size)
         fixed = any(s.fixed_batch for s in self.specs)
         n = self.num_samples
         stop = n - (n % size) if fixed else n
+        order = np.random.default_rng(seed).permutation(n) if shuffle else None
         for start in range(0, stop, size):
-            yield {name: arr[start : start + size] for name, arr in self.arrays.items()}
+            end = min(start + size, stop)
+            feed = {}
+            for spec in self.specs:
+                rows = self._read(spec.name, start, end) if order is None else None
+                arr = rows if rows is not None else self._gather(spec.name, order[start:end])
+                if arr.dtype != spec.dtype:
+                    arr = arr.astype(spec.dtype)
+                if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                    bad = int(np.count_nonzero(~np.isfinite(arr)))
+                    raise CalibrationDataError(
+                        f"{self._file_of(start)}: input '{spec.name}' contains {bad} NaN/Inf values "
+                        f"(samples {start}..{end - 1}); clean the data before calibrating"
+                    )
+                feed[spec.name] = np.ascontiguousarray(arr)
+            yield feed
+
+    def _file_of(self, index: int) -> Path:
+        for i, chunk in enumerate(self.chunks):
+            if self._offsets[i] <= index < self._offsets[i + 1]:
+                return chunk.file
+        return self.path
 
     def subset(self, count: int) -> Dataset:
         """The first ``count`` samples."""
-        return Dataset(
-            self.path,
-            self.specs,
-            {k: v[:count] for k, v in self.arrays.items()},
-            None if self.labels is None else self.labels[:count],
-        )
+        labels = None if self.labels is None else self.labels[:count]
+        return Dataset(self.path, self.specs, self.chunks, labels, limit=count)
+
+
+def _open_file(file: Path) -> dict[str, ArraySource]:
+    return {"": open_npy(file)} if file.suffix == ".npy" else open_npz(file)
 
 
 def open_dataset(path: Path, specs: Sequence[InputSpec], *, max_samples: int | None = None) -> Dataset:
-    """Open and check data for a model with inputs ``specs``.
+    """Open and check data for a model with inputs ``specs`` (no sample is read yet but labels).
 
     Raises:
         CalibrationDataError: naming the file, the input and what was expected.
@@ -153,17 +223,17 @@ def open_dataset(path: Path, specs: Sequence[InputSpec], *, max_samples: int | N
     path = Path(path)
     files = _data_files(path)
     names = [s.name for s in specs]
-    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    chunks: list[_Chunk] = []
     label_parts: list[np.ndarray] = []
     for file in files:
-        content = _read_file(file)
+        content = _open_file(file)
         if "" in content:
             if len(specs) != 1:
                 raise CalibrationDataError(
                     f"{file}: a .npy feeds a single-input model, but this model has inputs {names}; use .npz"
                 )
             content = {names[0]: content.pop("")}
-        labels = next((content.pop(k) for k in LABEL_KEYS if k in content), None)
+        label_src = next((content.pop(k) for k in LABEL_KEYS if k in content), None)
         unknown = sorted(set(content) - set(names))
         missing = [n for n in names if n not in content]
         if missing or unknown:
@@ -171,58 +241,55 @@ def open_dataset(path: Path, specs: Sequence[InputSpec], *, max_samples: int | N
             if unknown:
                 detail += ("; " if detail else "") + f"unexpected keys {unknown}"
             raise CalibrationDataError(f"{file}: keys do not match the model inputs {names}: {detail}")
-        counts = set()
+        counts: set[int] = set()
+        singles: set[bool] = set()
         for spec in specs:
-            arr = _check_array(file, spec, content[spec.name])
-            parts[spec.name].append(arr)
-            counts.add(arr.shape[0])
-        if len(counts) != 1:
+            single = _check_source(file, spec, content[spec.name])
+            singles.add(single)
+            counts.add(1 if single else content[spec.name].shape[0])
+        if len(counts) != 1 or len(singles) != 1:
             raise CalibrationDataError(f"{file}: inputs hold different numbers of samples: {sorted(counts)}")
-        if labels is not None:
-            labels = np.atleast_1d(labels)
-            if labels.shape[0] != counts.copy().pop():
-                raise CalibrationDataError(f"{file}: {labels.shape[0]} labels for {counts.pop()} samples")
+        count = counts.pop()
+        if count == 0:
+            raise CalibrationDataError(f"{file}: holds no samples")
+        chunks.append(_Chunk(file, content, count, singles.pop()))
+        if label_src is not None:
+            labels = np.atleast_1d(label_src.read(0, label_src.shape[0] if label_src.shape else 1))
+            if labels.shape[0] != count:
+                raise CalibrationDataError(f"{file}: {labels.shape[0]} labels for {count} samples")
             label_parts.append(labels)
-    arrays = {n: (p[0] if len(p) == 1 else np.concatenate(p)) for n, p in parts.items()}
     labels_all = None
     if label_parts:
         if len(label_parts) != len(files):
             raise CalibrationDataError(f"{path}: some files carry labels and others do not")
-        labels_all = label_parts[0] if len(label_parts) == 1 else np.concatenate(label_parts)
-    dataset = Dataset(path, tuple(specs), arrays, labels_all)
-    if dataset.num_samples == 0:
-        raise CalibrationDataError(f"{path}: holds no samples")
+        labels_all = np.concatenate(label_parts)
+    dataset = Dataset(path, tuple(specs), tuple(chunks), labels_all)
     if max_samples is not None and max_samples < dataset.num_samples:
         dataset = dataset.subset(max_samples)
     return dataset
 
 
-def _check_array(file: Path, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
-    if arr.dtype.kind in "OUSV":
-        raise CalibrationDataError(f"{file}: input '{spec.name}' is a {arr.dtype} array; expected {spec.describe()}")
-    if spec.shape and arr.ndim == len(spec.shape) - 1:
-        arr = arr[np.newaxis]
-    if spec.shape and arr.ndim != len(spec.shape):
+def _check_source(file: Path, spec: InputSpec, src: ArraySource) -> bool:
+    """Check one array against its input; True when it holds a single sample without batch axis."""
+    dtype, shape = np.dtype(src.dtype), tuple(src.shape)
+    if dtype.kind in "OUSV":
+        raise CalibrationDataError(f"{file}: input '{spec.name}' is a {dtype} array; expected {spec.describe()}")
+    single = bool(spec.shape) and len(shape) == len(spec.shape) - 1
+    full = (1, *shape) if single else shape
+    if spec.shape and len(full) != len(spec.shape):
         raise CalibrationDataError(
-            f"{file}: input '{spec.name}' is {_describe_array(arr)} but the model expects {spec.describe()}"
+            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()}"
         )
-    for axis, (want, have) in enumerate(zip(spec.shape, arr.shape, strict=True)):
+    for axis, (want, have) in enumerate(zip(spec.shape, full, strict=True)):
         if axis > 0 and isinstance(want, int) and want > 0 and want != have:
             raise CalibrationDataError(
-                f"{file}: input '{spec.name}' is {_describe_array(arr)} but the model expects "
+                f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects "
                 f"{spec.describe()} (axis {axis} should be {want})"
             )
-    if arr.dtype != spec.dtype:
-        if (arr.dtype, spec.dtype) not in _SAFE_CASTS:
-            raise CalibrationDataError(
-                f"{file}: input '{spec.name}' is {_describe_array(arr)} but the model expects {spec.describe()}"
-            )
-        arr = arr.astype(spec.dtype)
-    if arr.shape[0] == 0:
-        raise CalibrationDataError(f"{file}: input '{spec.name}' holds no samples")
-    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-        bad = int(np.count_nonzero(~np.isfinite(arr)))
+    if dtype != spec.dtype and (dtype, spec.dtype) not in _SAFE_CASTS:
         raise CalibrationDataError(
-            f"{file}: input '{spec.name}' contains {bad} NaN/Inf values; clean the data before calibrating"
+            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()}"
         )
-    return np.ascontiguousarray(arr)
+    if not single and full[0] == 0:
+        raise CalibrationDataError(f"{file}: input '{spec.name}' holds no samples")
+    return single

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 
@@ -16,7 +14,7 @@ from quantcli.rewrite import apply_plan
 
 
 def dataset(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Dataset:
-    return Dataset(Path("memory"), tuple(model_input_specs(model)), arrays, None)
+    return Dataset.from_arrays(model_input_specs(model), arrays)
 
 
 def quantize(

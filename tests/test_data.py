@@ -33,7 +33,7 @@ def test_single_sample_file_gets_a_batch_axis(tmp_path, rng):
 def test_labels_are_kept_apart(tmp_path, rng):
     np.savez(tmp_path / "e.npz", x=rng.normal(size=(5, 3, 4, 4)).astype(np.float32), labels=np.arange(5))
     ds = open_dataset(tmp_path / "e.npz", SPECS)
-    assert set(ds.arrays) == {"x"} and ds.labels.tolist() == [0, 1, 2, 3, 4]
+    assert set(next(ds.batches(5))) == {"x"} and ds.labels.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_max_samples(tmp_path, rng):
@@ -43,7 +43,7 @@ def test_max_samples(tmp_path, rng):
 
 def test_float64_is_cast_but_int_is_refused(tmp_path, rng):
     np.savez(tmp_path / "f64.npz", x=rng.normal(size=(2, 3, 4, 4)))
-    assert open_dataset(tmp_path / "f64.npz", SPECS).arrays["x"].dtype == np.float32
+    assert next(open_dataset(tmp_path / "f64.npz", SPECS).batches(2))["x"].dtype == np.float32
     np.savez(tmp_path / "i.npz", x=np.zeros((2, 3, 4, 4), dtype=np.int16))
     with pytest.raises(CalibrationDataError, match=r"input 'x' is int16\[2,3,4,4\] but the model expects float32"):
         open_dataset(tmp_path / "i.npz", SPECS)
@@ -62,7 +62,6 @@ def test_float64_is_cast_but_int_is_refused(tmp_path, rng):
             r"but the model expects float32\[N,3,4,4\]",
         ),
         ({"x": np.zeros((0, 3, 4, 4), np.float32)}, r"holds no samples"),
-        ({"x": np.full((2, 3, 4, 4), np.nan, np.float32)}, r"contains 96 NaN/Inf values"),
     ],
 )
 def test_bad_data_names_file_input_and_problem(tmp_path, arrays, message):
@@ -86,3 +85,35 @@ def test_missing_path_and_wrong_suffix(tmp_path):
     (tmp_path / "data.csv").write_text("1,2,3")
     with pytest.raises(CalibrationDataError, match=r"unsupported data format '\.csv'"):
         open_dataset(tmp_path / "data.csv", SPECS)
+
+
+def test_nan_is_reported_with_file_and_samples(tmp_path):
+    x = np.zeros((6, 3, 4, 4), np.float32)
+    x[4, 0, 0, 0] = np.inf
+    x[5, 1, 2, 3] = np.nan
+    path = tmp_path / "nan.npz"
+    np.savez(path, x=x)
+    ds = open_dataset(path, SPECS)
+    assert next(iter(ds.batches(4)))["x"].shape == (4, 3, 4, 4)  # the first batch is clean
+    with pytest.raises(CalibrationDataError, match=r"nan.npz: input 'x' contains 2 NaN/Inf values \(samples 4..5\)"):
+        list(ds.batches(4))
+
+
+def test_rows_are_read_on_demand_from_uncompressed_and_compressed_npz(tmp_path, rng):
+    x = rng.normal(size=(9, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "plain.npz", x=x)
+    np.savez_compressed(tmp_path / "packed.npz", x=x)
+    for name in ("plain.npz", "packed.npz"):
+        ds = open_dataset(tmp_path / name, SPECS)
+        got = np.concatenate([b["x"] for b in ds.batches(4)])
+        np.testing.assert_array_equal(got, x)
+        shuffled = np.concatenate([b["x"] for b in ds.batches(4, shuffle=True, seed=3)])
+        np.testing.assert_array_equal(shuffled, x[np.random.default_rng(3).permutation(9)])
+
+
+def test_truncated_npy_is_refused(tmp_path, rng):
+    path = tmp_path / "cut.npy"
+    np.save(path, rng.normal(size=(10, 3, 4, 4)).astype(np.float32))
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CalibrationDataError, match="truncated"):
+        open_dataset(path, SPECS)

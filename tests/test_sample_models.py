@@ -34,7 +34,8 @@ def test_sample_model_is_as_documented(name):
 
 
 def test_calibration_and_evaluation_splits_are_disjoint():
-    with np.load(CALIBRATION_DATA / "digits_cnn_calib.npz") as c, np.load(CALIBRATION_DATA / "digits_cnn_eval.npz") as e:
+    calib_file, eval_file = CALIBRATION_DATA / "digits_cnn_calib.npz", CALIBRATION_DATA / "digits_cnn_eval.npz"
+    with np.load(calib_file) as c, np.load(eval_file) as e:
         calib = {x.tobytes() for x in c["input"]}
         evaluation = {x.tobytes() for x in e["input"]}
         assert "labels" in e.files and "labels" not in c.files

@@ -13,7 +13,7 @@ import onnx
 
 from quantcli.artifact import read_calibration
 from quantcli.audit import FusionAudit, audit_fusion
-from quantcli.calibration import CalibrationResult, Progress, _no_progress, calibrate, make_session
+from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
 from quantcli.data import model_input_specs, open_dataset
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import LatencyComparison, OutputMetrics, compare_outputs, measure_latency
@@ -22,6 +22,7 @@ from quantcli.host import default_config
 from quantcli.options import CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
+from quantcli.progress import Progress, no_progress
 from quantcli.rewrite import apply_plan
 
 __all__ = [
@@ -62,7 +63,10 @@ def calibrate_model(
     batch_size: int = 32,
     max_samples: int | None = None,
     threads: int = 0,
-    progress: Progress = _no_progress,
+    max_memory: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    progress: Progress = no_progress,
 ) -> CalibrationResult:
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``."""
     model = load_model(model_path)
@@ -77,6 +81,9 @@ def calibrate_model(
         percentile=percentile,
         batch_size=batch_size,
         threads=threads,
+        max_memory=max_memory,
+        shuffle=shuffle,
+        seed=seed,
         progress=progress,
     )
 
@@ -101,14 +108,16 @@ def convert_model(
     calibration: CalibrationResult | Path | None = None,
     data_path: Path | None = None,
     config: QuantConfig | None = None,
-    method: CalibrationMethod = CalibrationMethod.MINMAX,
+    method: CalibrationMethod | None = None,
+    percentile: float = 99.99,
     force: bool = False,
     require_fused: bool = False,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
-    Give either a calibration (result or file) or ``data_path`` to calibrate on the fly.
+    Give either a calibration (result or file) or ``data_path`` to calibrate on the fly. With a
+    calibration and a ``method`` other than its own, ranges are re-chosen from its stored histograms.
 
     Raises:
         QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
@@ -125,9 +134,13 @@ def convert_model(
     elif calibration is None:
         if data_path is None:
             raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
-        calibration = calibrate_model(model_path, data_path, method=method, progress=progress)
+        calibration = calibrate_model(
+            model_path, data_path, method=method or CalibrationMethod.MINMAX, percentile=percentile, progress=progress
+        )
     elif calibration.model_sha256 != sha:
         raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
+    if method is not None and method != calibration.method:
+        calibration = rechoose(calibration, method, percentile=percentile)
     prepared, pre_report = preprocess(model)
     plan = make_plan(prepared, calibration.ranges, config)
     quantized = apply_plan(prepared, plan)
@@ -209,7 +222,7 @@ def compare_models(
     latency_batch_sizes: tuple[int, ...] = (1, 32),
     warmup: int = 10,
     runs: int = 50,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> CompareResult:
     """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
     ref_model = load_model(reference_path)

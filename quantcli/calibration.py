@@ -2,7 +2,9 @@
 
 The model is copied and every float activation is exposed as an extra graph output (the input
 model is not touched). Each batch's outputs go straight into small observers and are dropped, so
-memory holds one batch of activations, whatever the number of samples. Histogram methods take a
+memory holds one batch of activations, whatever the number of samples. When one batch of all
+activations would exceed the memory budget, the tensors are split into groups and the data is run
+once per group. Histogram methods take a
 second pass over the data with bins fixed at the exact min/max of the first, which makes their
 result independent of the batch size.
 """
@@ -10,7 +12,7 @@ result independent of the batch size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.data import Dataset
-from quantcli.errors import CalibrationDataError, UnsupportedModelError
+from quantcli.errors import ArtifactMismatchError, CalibrationDataError, UnsupportedModelError
 from quantcli.observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -26,23 +28,17 @@ from quantcli.observers import (
     choose_range,
 )
 from quantcli.options import CalibrationMethod
+from quantcli.progress import Progress, no_progress
 
 __all__ = [
     "CalibrationResult",
-    "Progress",
     "TensorRange",
     "calibrate",
     "make_session",
+    "rechoose",
 ]
 
 log = logging.getLogger(__name__)
-
-#: wraps an iterable of batches to show progress; identity by default
-Progress = Callable[[Iterable[dict[str, np.ndarray]], int, str], Iterable[dict[str, np.ndarray]]]
-
-
-def _no_progress(it: Iterable[dict[str, np.ndarray]], total: int, desc: str) -> Iterable[dict[str, np.ndarray]]:
-    return it
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,16 +109,44 @@ def _run(
     batch_size: int,
     progress: Progress,
     desc: str,
+    shuffle: bool,
+    seed: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)
-    for feed in progress(dataset.batches(size), total, desc):
+    for feed in progress(dataset.batches(size, shuffle=shuffle, seed=seed), total, desc, size):
         try:
             values = session.run(outputs, feed)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0]
             raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
         yield dict(zip(outputs, values, strict=True))
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (Linux), else 4 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[list[str]]:
+    """Split tensors (bytes per sample each) into groups whose batch fits ``budget``; order kept."""
+    per_group = max(1, budget // max(1, batch_size))
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes.items():
+        if groups[-1] and used + nbytes > per_group:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    return groups
 
 
 def calibrate(
@@ -136,7 +160,10 @@ def calibrate(
     levels: int = 256,
     batch_size: int = 32,
     threads: int = 0,
-    progress: Progress = _no_progress,
+    max_memory: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+    progress: Progress = no_progress,
 ) -> CalibrationResult:
     """Collect a clip range for every float activation of ``model`` over ``dataset``.
 
@@ -150,31 +177,56 @@ def calibrate(
         levels: number of integer levels the tensors will be quantized to (for entropy/mse).
         batch_size: samples per onnxruntime run.
         threads: onnxruntime intra-op threads (0: its default).
+        max_memory: bytes one batch of exposed activations may take; above it the tensors are
+            calibrated in groups over several passes (default: a quarter of available memory).
+        shuffle: visit samples in a random order (``seed``); only moving-average depends on order.
+        seed: seed of the shuffle.
         progress: wraps the batch iterator (e.g. with tqdm).
     """
     names = candidate_tensors(model)
-    session = make_session(_augmented(model, names), threads=threads)
-    float_set = {o.name for o in session.get_outputs() if o.type == "tensor(float)"}
+    probe = make_session(_augmented(model, names), threads=threads)
+    float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
         raise UnsupportedModelError("model has no float activations to calibrate")
+    # bytes per sample of every tracked tensor, from one sample
+    first = next(iter(dataset.batches(1)))
+    try:
+        sample = probe.run(tracked, first)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on the first sample: {first_line}") from exc
+    sizes = {n: int(a.nbytes) for n, a in zip(tracked, sample, strict=True)}
+    del sample
+    groups = plan_groups(sizes, dataset.effective_batch_size(batch_size), max_memory or default_memory_budget())
+
+    def sessions() -> Iterator[tuple[ort.InferenceSession, list[str]]]:
+        if len(groups) == 1:
+            yield probe, groups[0]
+            return
+        for group in groups:  # one session alive at a time
+            yield make_session(_augmented(model, group), threads=threads), group
 
     minmax = {n: MinMaxObserver() for n in tracked}
     moving = {n: MovingAverageMinMaxObserver() for n in tracked} if method == CalibrationMethod.MOVING_AVERAGE else {}
-    for values in _run(session, dataset, tracked, batch_size, progress, "calibrating"):
-        for name in tracked:
-            minmax[name].update(values[name])
-            if moving:
-                moving[name].update(values[name])
-        del values
+    for k, (session, group) in enumerate(sessions()):
+        desc = "calibrating" if len(groups) == 1 else f"calibrating {k + 1}/{len(groups)}"
+        for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed):
+            for name in group:
+                minmax[name].update(values[name])
+                if moving:
+                    moving[name].update(values[name])
+            del values
 
     histograms: dict[str, HistogramObserver] = {}
     if method in (CalibrationMethod.PERCENTILE, CalibrationMethod.ENTROPY, CalibrationMethod.MSE):
         histograms = {n: HistogramObserver(*minmax[n].result(), bins=bins) for n in tracked}
-        for values in _run(session, dataset, tracked, batch_size, progress, "histograms"):
-            for name in tracked:
-                histograms[name].update(values[name])
-            del values
+        for k, (session, group) in enumerate(sessions()):
+            desc = "histograms" if len(groups) == 1 else f"histograms {k + 1}/{len(groups)}"
+            for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed):
+                for name in group:
+                    histograms[name].update(values[name])
+                del values
 
     ranges: dict[str, TensorRange] = {}
     for name in tracked:
@@ -190,7 +242,9 @@ def calibrate(
             clip_lo, clip_hi = choose_range(histograms[name], str(method), percentile=percentile, levels=levels)
         ranges[name] = TensorRange(float(clip_lo), float(clip_hi), float(lo), float(hi))
 
-    params: dict[str, float | int] = {"batch_size": batch_size}
+    params: dict[str, float | int] = {"batch_size": batch_size, "passes": len(groups)}
+    if shuffle:
+        params["seed"] = seed
     if method == CalibrationMethod.PERCENTILE:
         params["percentile"] = percentile
     if histograms:
@@ -205,3 +259,42 @@ def calibrate(
         ranges=ranges,
         histograms=histograms,
     )
+
+
+def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99) -> CalibrationResult:
+    """Ranges for another histogram method from stored histograms, without re-running the data.
+
+    Raises:
+        ArtifactMismatchError: the calibration has no histograms, or ``method`` needs data (moving average).
+    """
+    if method == result.method:
+        return result
+    if method == CalibrationMethod.MINMAX:
+        ranges = {
+            n: TensorRange(r.observed_min, r.observed_max, r.observed_min, r.observed_max)
+            for n, r in result.ranges.items()
+        }
+        return CalibrationResult(result.model_sha256, method, {}, result.num_samples, ranges, result.histograms)
+    if method == CalibrationMethod.MOVING_AVERAGE:
+        raise ArtifactMismatchError(
+            "moving-average ranges need the data: run 'quantcli calibrate --method moving-average'"
+        )
+    if not result.histograms:
+        raise ArtifactMismatchError(
+            f"cannot switch this calibration from {result.method} to {method} without its histograms; "
+            "calibrate with --method percentile, entropy or mse (which write CALIB.json.hist.npz), or with this method"
+        )
+    levels = int(result.params.get("levels", 256))
+    ranges = {}
+    for name, r in result.ranges.items():
+        hist = result.histograms.get(name)
+        lo, hi = (
+            (r.observed_min, r.observed_max)
+            if hist is None
+            else choose_range(hist, str(method), percentile=percentile, levels=levels)
+        )
+        ranges[name] = TensorRange(float(lo), float(hi), r.observed_min, r.observed_max)
+    params: dict[str, float | int] = {"bins": next(iter(result.histograms.values())).bins}
+    if method == CalibrationMethod.PERCENTILE:
+        params["percentile"] = percentile
+    return CalibrationResult(result.model_sha256, method, params, result.num_samples, ranges, result.histograms)

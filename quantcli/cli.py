@@ -115,11 +115,29 @@ def _root(
 
 
 def _progress(quiet: bool):
-    def wrap(it: Iterable[dict[str, np.ndarray]], total: int, desc: str) -> Iterable[dict[str, np.ndarray]]:
+    def wrap(it: Iterable[dict[str, np.ndarray]], total: int, desc: str, size: int) -> Iterable[dict[str, np.ndarray]]:
         disable = quiet or not sys.stderr.isatty()
-        return tqdm(it, total=total, desc=desc, unit="batch", disable=disable, leave=False, dynamic_ncols=True)
+        return tqdm(
+            it, total=total, desc=desc, unit="sample", unit_scale=size, disable=disable, leave=False,
+            dynamic_ncols=True,
+        )  # fmt: skip
 
     return wrap
+
+
+def _parse_bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = raw[-1] if raw and raw[-1] in units else ""
+    try:
+        value = float(raw[:-1] if unit else raw)
+    except ValueError:
+        raise QuantCliError(f"--max-memory {text!r}: expected a size such as 512M or 2G") from None
+    if value <= 0:
+        raise QuantCliError(f"--max-memory {text!r}: must be positive")
+    return int(value * units[unit])
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -140,6 +158,11 @@ def calibrate(
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.")] = 32,
     max_samples: Annotated[int | None, typer.Option(min=1, help="Use at most this many samples.")] = None,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0: its default).")] = 0,
+    max_memory: Annotated[
+        str | None, typer.Option(help="Budget for one batch of activations, e.g. 512M or 2G (default: 1/4 of free).")
+    ] = None,
+    shuffle: Annotated[bool, typer.Option("--shuffle", help="Visit samples in random order (see --seed).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --shuffle.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -147,8 +170,8 @@ def calibrate(
     if not 50.0 < percentile <= 100.0:
         raise QuantCliError(f"--percentile {percentile}: must be in (50, 100]")
     result = api.calibrate_model(
-        model, data, method=method, percentile=percentile, batch_size=batch_size,
-        max_samples=max_samples, threads=threads, progress=_progress(quiet),
+        model, data, method=method, percentile=percentile, batch_size=batch_size, max_samples=max_samples,
+        threads=threads, max_memory=_parse_bytes(max_memory), shuffle=shuffle, seed=seed, progress=_progress(quiet),
     )  # fmt: skip
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
@@ -162,8 +185,12 @@ def convert(
     calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibrate on the fly from this data.")] = None,
     method: Annotated[
-        CalibrationMethod, typer.Option(help="With --data: calibration method.")
-    ] = CalibrationMethod.MINMAX,
+        CalibrationMethod | None,
+        typer.Option(
+            help="With --data: calibration method (minmax). With --calibration: re-choose from its histograms."
+        ),
+    ] = None,
+    percentile: Annotated[float, typer.Option(help="For --method percentile.")] = 99.99,
     activation_type: Annotated[
         ActivationType, typer.Option(help="auto: uint8 on x86, int8 on ARM.")
     ] = ActivationType.AUTO,
@@ -200,7 +227,7 @@ def convert(
         exclude_nodes=tuple(_split(exclude_nodes)),
     )
     result = api.convert_model(
-        model, output, calibration=calibration, data_path=data, config=config, method=method,
+        model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
         force=force, require_fused=require_fused, progress=_progress(quiet),
     )  # fmt: skip
     report.render_convert(out, result)

@@ -168,9 +168,7 @@ class Dataset:
     def _gather(self, name: str, indices: np.ndarray) -> np.ndarray:
         return np.concatenate([self._read(name, int(i), int(i) + 1) for i in indices])
 
-    def batches(
-        self, batch_size: int, *, shuffle: bool = False, seed: int = 0
-    ) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of ``batch_size`` samples (the last may be smaller unless the model fixes its batch).
 
         Raises:
@@ -181,8 +179,7 @@ class Dataset:
         n = self.num_samples
         stop = n - (n % size) if fixed else n
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
-        for start in range(0, stop, size):
-            end = min(start + size, stop)
+        for start, end in self._spans(size, stop, order is not None):
             feed = {}
             for spec in self.specs:
                 rows = self._read(spec.name, start, end) if order is None else None
@@ -197,6 +194,20 @@ class Dataset:
                     )
                 feed[spec.name] = np.ascontiguousarray(arr)
             yield feed
+
+    def _spans(self, size: int, stop: int, shuffled: bool) -> Iterator[tuple[int, int]]:
+        """Batch boundaries; batches never straddle files whose samples differ in shape."""
+        shapes = {tuple(c.sources[s.name].shape[0 if c.single else 1 :]) for c in self.chunks for s in self.specs[:1]}
+        if len(shapes) <= 1 or shuffled:
+            if len(shapes) > 1:
+                raise CalibrationDataError(
+                    f"{self.path}: files hold samples of different shapes; --shuffle needs samples of one shape"
+                )
+            yield from ((start, min(start + size, stop)) for start in range(0, stop, size))
+            return
+        for i in range(len(self.chunks)):
+            lo, hi = self._offsets[i], min(self._offsets[i + 1], stop)
+            yield from ((start, min(start + size, hi)) for start in range(lo, hi, size))
 
     def _file_of(self, index: int) -> Path:
         for i, chunk in enumerate(self.chunks):

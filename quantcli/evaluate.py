@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ import onnxruntime as ort
 
 from quantcli.data import Dataset
 from quantcli.errors import CalibrationDataError
+from quantcli.progress import Progress, no_progress
 
 __all__ = [
     "Interval",
@@ -36,12 +36,6 @@ __all__ = [
     "compare_outputs",
     "measure_latency",
 ]
-
-Progress = Callable[[Iterable[dict[str, np.ndarray]], int, str], Iterable[dict[str, np.ndarray]]]
-
-
-def _identity(it: Iterable[dict[str, np.ndarray]], total: int, desc: str) -> Iterable[dict[str, np.ndarray]]:
-    return it
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +142,7 @@ def compare_outputs(
     dataset: Dataset,
     *,
     batch_size: int = 32,
-    progress: Progress = _identity,
+    progress: Progress = no_progress,
 ) -> list[OutputMetrics]:
     """Metrics for every output of ``reference`` against the same output of ``candidate``."""
     names = [o.name for o in reference.get_outputs()]
@@ -156,7 +150,7 @@ def compare_outputs(
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)
     offset = 0
-    for feed in progress(dataset.batches(size), total, "comparing"):
+    for feed in progress(dataset.batches(size), total, "comparing", size):
         try:
             ref_out = reference.run(names, feed)
             q_out = candidate.run(names, feed)

@@ -40,7 +40,7 @@ def structured_images(n: int, *, seed: int, channels: int = 3, size: int = 16) -
     return out
 
 
-def small_cnn(seed: int = 0, channels: int = 16) -> onnx.ModelProto:
+def small_cnn(seed: int = 0, channels: int = 16, *, dynamic_spatial: bool = False) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     c = channels
     inits = [
@@ -64,7 +64,11 @@ def small_cnn(seed: int = 0, channels: int = 16) -> onnx.ModelProto:
     ]
     return make_model(
         nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+        [
+            helper.make_tensor_value_info(
+                "x", TensorProto.FLOAT, ["N", 3, "H", "W"] if dynamic_spatial else ["N", 3, 16, 16]
+            )
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
         inits,
     )

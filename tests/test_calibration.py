@@ -1,0 +1,105 @@
+"""Calibration: results independent of batching and grouping, deterministic, dynamic shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantcli.artifact import write_calibration
+from quantcli.calibration import calibrate, plan_groups
+from quantcli.data import model_input_specs, open_dataset
+from quantcli.options import CalibrationMethod
+from quantcli.preprocess import preprocess
+from tests import models
+from tests.helpers import dataset
+
+METHODS = [m for m in CalibrationMethod if m != CalibrationMethod.MOVING_AVERAGE]
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    return preprocess(models.small_cnn())[0]
+
+
+@pytest.fixture(scope="module")
+def images():
+    return {"x": models.structured_images(64, seed=11)}
+
+
+def _ranges(result):
+    return {k: (r.min, r.max, r.observed_min, r.observed_max) for k, r in result.ranges.items()}
+
+
+def _assert_close(a, b, rel=1e-5):
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rel, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_size_does_not_change_ranges(prepared, images, method):
+    ds = dataset(prepared, images)
+    results = [_ranges(calibrate(prepared, ds, model_sha256="-", method=method, batch_size=b)) for b in (1, 8, 32)]
+    # onnxruntime may pick other float kernels per batch size: equal up to float rounding
+    _assert_close(results[0], results[1])
+    _assert_close(results[0], results[2])
+
+
+@pytest.mark.parametrize("method", [CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE])
+def test_memory_budget_splits_passes_without_changing_ranges(prepared, images, method):
+    ds = dataset(prepared, images)
+    whole = calibrate(prepared, ds, model_sha256="-", method=method)
+    grouped = calibrate(prepared, ds, model_sha256="-", method=method, max_memory=64 * 1024)
+    assert whole.params["passes"] == 1 and grouped.params["passes"] > 3
+    _assert_close(_ranges(whole), _ranges(grouped))
+
+
+def test_plan_groups_respects_budget():
+    sizes = {"a": 400, "b": 300, "c": 500, "d": 100}
+    groups = plan_groups(sizes, batch_size=2, budget=1600)  # 800 bytes per sample
+    assert groups == [["a", "b"], ["c", "d"]]
+    assert plan_groups(sizes, batch_size=1, budget=10) == [["a"], ["b"], ["c"], ["d"]]  # one tensor over budget
+
+
+def test_same_data_same_bytes(tmp_path, prepared, images):
+    ds = dataset(prepared, images)
+    for i in range(2):
+        result = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.ENTROPY)
+        write_calibration(result, tmp_path / f"{i}.json", model_path="m.onnx")
+    assert (tmp_path / "0.json").read_bytes() == (tmp_path / "1.json").read_bytes()
+    assert (tmp_path / "0.json.hist.npz").is_file()
+
+
+def test_streaming_minmax_equals_numpy_on_the_input(prepared, images):
+    result = calibrate(prepared, dataset(prepared, images), model_sha256="-", batch_size=7)
+    x = images["x"]
+    assert result.ranges["x"].observed_min == float(x.min()) and result.ranges["x"].observed_max == float(x.max())
+
+
+@pytest.mark.parametrize("method", list(CalibrationMethod))
+def test_dynamic_spatial_shapes_calibrate(tmp_path, method):
+    model = models.small_cnn(dynamic_spatial=True)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=models.structured_images(10, seed=1, size=16))
+    np.savez(folder / "b.npz", x=models.structured_images(6, seed=2, size=24))
+    ds = open_dataset(folder, model_input_specs(model))
+    result = calibrate(preprocess(model)[0], ds, model_sha256="-", method=method, batch_size=4)
+    assert result.num_samples == 16
+    assert all(np.isfinite([r.min, r.max]).all() and r.min <= r.max for r in result.ranges.values())
+
+
+def test_convert_can_switch_method_from_stored_histograms(tmp_path, prepared, images):
+    from quantcli.artifact import read_calibration
+    from quantcli.calibration import rechoose
+
+    ds = dataset(prepared, images)
+    entropy = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.ENTROPY)
+    write_calibration(entropy, tmp_path / "c.json", model_path="m.onnx")
+    stored = read_calibration(tmp_path / "c.json")
+    direct = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.PERCENTILE, percentile=99.9)
+    switched = rechoose(stored, CalibrationMethod.PERCENTILE, percentile=99.9)
+    _assert_close(_ranges(direct), _ranges(switched))
+    minmax = calibrate(prepared, ds, model_sha256="-")
+    with pytest.raises(Exception, match="without its histograms"):
+        rechoose(minmax, CalibrationMethod.MSE)

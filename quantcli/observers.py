@@ -10,9 +10,10 @@
 Clip-range choice from a histogram (``choose_range``):
 
 * percentile: the values at ``100 - p`` and ``p`` percent of the cumulative counts.
-* entropy: TensorRT's search. On the histogram of |x|, for each candidate threshold t, fold the
-  counts above t into the last bin, merge the kept bins into 128 (or ``levels // 2``) quantized
-  levels, expand back, and keep the t with the smallest KL(P || Q).
+* entropy: TensorRT's search. On the histogram of |x| (re-binned to at most 1,024 bins, exact
+  zeros left out), for each of about 128 candidate thresholds t, fold the counts above t into the
+  last bin, merge the kept bins into ``levels // 2`` quantized levels, expand back, and keep the t
+  with the smallest KL(P || Q).
 * mse: for clip ranges [min*a, max*a], a in (0, 1], the expected squared error of quantizing with
   ``levels`` levels: clipping error of the values outside plus scale^2 / 12 for those inside.
 """
@@ -143,33 +144,35 @@ def _abs_histogram(hist: HistogramObserver, bins: int) -> tuple[np.ndarray, floa
 
 
 def _entropy_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
-    nbins = hist.bins
+    nbins = min(hist.bins, 1024)
     counts, amax = _abs_histogram(hist, nbins)
     # the spike of exact zeros (half of every post-ReLU tensor) is represented exactly by any grid;
     # left in, it dominates the distribution and drives the search to absurdly small thresholds
     counts[0] = 0
     target = max(levels // 2, 2)
+    tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # tail[i] = sum(counts[i:])
     best_kl, best_i = np.inf, nbins
-    for i in range(target, nbins + 1, max(1, nbins // 512)):
-        ref = counts[:i].copy()
-        ref[i - 1] += counts[i:].sum()
-        if ref.sum() == 0:
+    for i in range(target, nbins + 1, max(1, nbins // 128)):
+        src = counts[:i]
+        ref = src.copy()
+        ref[i - 1] += tail[i]
+        total = ref.sum()
+        if total == 0:
             continue
         # quantize the first i bins into `target` levels and expand back over the non-empty bins
-        src = counts[:i]
         starts = np.linspace(0, i, target + 1).astype(np.int64)[:-1]
         sums = np.add.reduceat(src, starts)
         nonzero = np.add.reduceat((src > 0).astype(np.float64), starts)
         per_bin = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
         group = np.repeat(np.arange(target), np.diff(np.append(starts, i)))
         q = np.where(src > 0, per_bin[group], 0.0)
-        p = ref / ref.sum()
-        if q.sum() == 0:
+        qsum = q.sum()
+        if qsum == 0:
             continue
-        q = q / q.sum()
-        mask = p > 0
-        with np.errstate(divide="ignore"):
-            kl = float(np.sum(p[mask] * np.log(p[mask] / np.where(q[mask] > 0, q[mask], 1e-12))))
+        mask = ref > 0
+        p = ref[mask] / total
+        qm = q[mask] / qsum
+        kl = float(np.sum(p * np.log(p / np.where(qm > 0, qm, 1e-12))))
         if kl < best_kl:
             best_kl, best_i = kl, i
     threshold = best_i / nbins * amax

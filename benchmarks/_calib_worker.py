@@ -1,0 +1,81 @@
+"""One calibration run in its own process, so its peak RSS is its own: prints one JSON line.
+
+    python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLES BATCH
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def tiled(data: Path, num: int) -> dict[str, np.ndarray]:
+    """The first ``num`` samples of ``data``, repeating it when it holds fewer."""
+    with np.load(data) as npz:
+        arrays = {k: npz[k] for k in npz.files if k not in ("labels", "label")}
+    n = next(iter(arrays.values())).shape[0]
+    idx = np.arange(num) % n
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def main() -> None:
+    tool, method, model, data, num, batch = sys.argv[1:7]
+    num_samples, batch_size = int(num), int(batch)
+    work = Path(tempfile.mkdtemp(prefix="calib-bench-"))
+    arrays = tiled(Path(data), num_samples)
+    npz = work / "data.npz"
+    np.savez(npz, **arrays)
+    del arrays
+    import onnxruntime  # noqa: F401  (imported before the baseline so both tools pay it)
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if tool == "quantcli":
+        from quantcli.api import calibrate_model
+        from quantcli.options import CalibrationMethod
+
+        result = calibrate_model(Path(model), npz, method=CalibrationMethod(method), batch_size=batch_size)
+        count = len(result.ranges)
+    else:
+        from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+        from quantcli.data import model_input_specs, open_dataset
+
+        ds = open_dataset(npz, model_input_specs(onnx.load(model, load_external_data=False)))
+
+        class Reader:
+            def __init__(self) -> None:
+                self.it = iter(ds.batches(batch_size))
+
+            def get_next(self):
+                return next(self.it, None)
+
+            def rewind(self) -> None:
+                self.it = iter(ds.batches(batch_size))
+
+        kind = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile}[method]  # fmt: skip
+        extra = {"percentile": 99.99} if method == "percentile" else {}
+        calibrator = create_calibrator(
+            model, augmented_model_path=str(work / "augmented.onnx"), calibrate_method=kind, extra_options=extra
+        )
+        calibrator.collect_data(Reader())
+        count = len(calibrator.compute_data().data)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"tool": tool, "method": method, "samples": num_samples, "wall_s": wall,
+                      "peak_rss_mb": peak / 1024, "baseline_rss_mb": baseline / 1024, "tensors": count}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

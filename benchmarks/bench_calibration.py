@@ -1,0 +1,85 @@
+"""Benchmark calibration: quantcli against onnxruntime.quantization's calibrators, in one run.
+
+Each (tool, method, sample count) runs in a fresh child process; its wall time and peak RSS (the
+child's own high-water mark, ``ru_maxrss``) are printed with the ratios quantcli / onnxruntime.
+"+calib" is the peak above the RSS the process had after importing onnxruntime and loading the data
+(about 120 MB of interpreter and libraries that both tools pay).
+Sample counts above what the data file holds repeat it (the cost, not the ranges, is measured).
+
+    python benchmarks/bench_calibration.py                       # bundled models
+    python benchmarks/bench_calibration.py --model m.onnx --data d.npz --samples 32 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "_calib_worker.py"
+BUNDLED = [
+    ("digits_cnn", REPO / "sample_models/digits_cnn.onnx", REPO / "calibration_data/digits_cnn_calib.npz"),
+    ("digits_transformer", REPO / "sample_models/digits_transformer.onnx",
+     REPO / "calibration_data/digits_transformer_calib.npz"),
+]  # fmt: skip
+
+
+def run(tool: str, method: str, model: Path, data: Path, samples: int, batch: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(WORKER), tool, method, str(model), str(data), str(samples), str(batch)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:120]}"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--samples", type=int, nargs="+", default=[64, 256, 1024])
+    parser.add_argument("--methods", nargs="+", default=["minmax", "percentile", "entropy"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    models = [(args.model.stem, args.model, args.data)] if args.model else BUNDLED
+    results = []
+    for name, model, data in models:
+        print(f"\n== {name}  (batch {args.batch_size})")
+        print(f"  {'method':10s} {'samples':>7s} | {'quantcli s':>10s} {'RSS MB (+calib)':>16s} | "
+              f"{'ort s':>8s} {'RSS MB (+calib)':>16s} | {'time q/o':>8s} {'RSS q/o':>8s} {'+calib q/o':>10s}")  # fmt: skip
+        for method in args.methods:
+            for n in args.samples:
+                q = run("quantcli", method, model, data, n, args.batch_size, args.timeout)
+                o = run("ort", method, model, data, n, args.batch_size, args.timeout)
+                results.append({"model": name, "method": method, "samples": n, "quantcli": q, "ort": o})
+
+                def cell(r: dict, w: int) -> str:
+                    if "wall_s" not in r:
+                        return f"{r['error']:>{w + 17}s}"
+                    own = r["peak_rss_mb"] - r["baseline_rss_mb"]
+                    return f"{r['wall_s']:{w}.2f} {r['peak_rss_mb']:8.0f} (+{own:5.0f})"
+
+                ratio = ""
+                if "wall_s" in q and "wall_s" in o:
+                    q_own = max(q["peak_rss_mb"] - q["baseline_rss_mb"], 1.0)
+                    o_own = max(o["peak_rss_mb"] - o["baseline_rss_mb"], 1.0)
+                    ratio = (
+                        f"{q['wall_s'] / o['wall_s']:8.2f} {q['peak_rss_mb'] / o['peak_rss_mb']:8.2f} "
+                        f"{q_own / o_own:10.2f}"
+                    )
+                print(f"  {method:10s} {n:7d} | {cell(q, 10)} | {cell(o, 8)} | {ratio}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,6 @@
 """One calibration run in its own process, so its peak RSS is its own: prints one JSON line.
 
-    python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLES BATCH
+python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLES BATCH
 """
 
 from __future__ import annotations

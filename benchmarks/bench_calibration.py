@@ -54,8 +54,9 @@ def main() -> None:
     results = []
     for name, model, data in models:
         print(f"\n== {name}  (batch {args.batch_size})")
-        print(f"  {'method':10s} {'samples':>7s} | {'quantcli s':>10s} {'RSS MB (+calib)':>16s} | "
-              f"{'ort s':>8s} {'RSS MB (+calib)':>16s} | {'time q/o':>8s} {'RSS q/o':>8s} {'+calib q/o':>10s}")  # fmt: skip
+        head = f"  {'method':10s} {'samples':>7s} | {'quantcli s':>10s} {'RSS MB (+calib)':>16s} | "
+        head += f"{'ort s':>8s} {'RSS MB (+calib)':>16s} | {'time q/o':>8s} {'RSS q/o':>8s} {'+calib q/o':>10s}"
+        print(head)
         for method in args.methods:
             for n in args.samples:
                 q = run("quantcli", method, model, data, n, args.batch_size, args.timeout)

@@ -149,7 +149,7 @@ def bench_model(name: str, model: Path, calib_path: Path, eval_path: Path, args)
         out = work / f"{key}.onnx"
         try:
             t0 = time.perf_counter()
-            pre_ok, note = ort_quantize(model, calib, out, act)
+            _, note = ort_quantize(model, calib, out, act)
             paths[key] = out
             notes[key] = (note or "pre-processed") + f"; {time.perf_counter() - t0:.1f}s"
         except Exception as exc:
@@ -185,7 +185,9 @@ def print_table(name: str, rows: list[Row]) -> None:
         for r in rows:
             ms = r.latency[key]
             vs_fp32 = fp32.latency[key] / ms
-            vs_ort = f" {ort_row.latency[key] / ms:4.2f}x-vs-ort" if ort_row is not None and r.name == "quantcli" else ""
+            vs_ort = (
+                f" {ort_row.latency[key] / ms:4.2f}x-vs-ort" if ort_row is not None and r.name == "quantcli" else ""
+            )
             cells.append(f"{r.name} {ms:7.3f} ms ({vs_fp32:4.2f}x{vs_ort})")
         print(f"  latency {key:8s} " + " | ".join(cells))
 
@@ -211,9 +213,7 @@ def main() -> None:
     for name, model, calib, evaluation in models:
         rows = bench_model(name, Path(model), Path(calib), Path(evaluation), args)
         print_table(name, rows)
-        results[name] = [
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items()} for r in rows
-        ]
+        results[name] = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items()} for r in rows]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

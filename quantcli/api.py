@@ -9,7 +9,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
+import onnx.version_converter
 
 from quantcli.artifact import read_calibration
 from quantcli.audit import FusionAudit, audit_fusion
@@ -40,18 +43,39 @@ _QUANTIZED_OPS = {
 MIN_OPSET = 13
 
 
-def _check_quantizable(model: onnx.ModelProto, path: Path) -> None:
+def _prepare_input(model: onnx.ModelProto, path: Path, *, upgrade_opset: bool) -> onnx.ModelProto:
+    """Refuse models quantcli must not quantize; upgrade an old opset when asked."""
     found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
     if found:
         raise UnsupportedModelError(
             f"{path}: model is already quantized (contains {', '.join(found)}); give quantcli the FP32 model"
         )
+    for init in model.graph.initializer:
+        try:
+            values = onnx.numpy_helper.to_array(init)
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"{path}: initializer '{init.name}' is malformed (its data does not fit its shape {list(init.dims)})"
+            ) from exc
+        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise UnsupportedModelError(
+                f"{path}: initializer '{init.name}' holds NaN or infinite values; the model is damaged"
+            )
     opset = model_opset(model)
     if opset < MIN_OPSET:
-        raise UnsupportedModelError(
-            f"{path}: opset {opset} is too old for per-channel QuantizeLinear/DequantizeLinear (needs >= {MIN_OPSET}); "
-            f"upgrade it with onnx.version_converter.convert_version(model, {MIN_OPSET})"
-        )
+        if not upgrade_opset:
+            raise UnsupportedModelError(
+                f"{path}: opset {opset} is too old for per-channel QuantizeLinear/DequantizeLinear "
+                f"(needs >= {MIN_OPSET}); pass --upgrade-opset to convert it with onnx's version converter"
+            )
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise UnsupportedModelError(
+                f"{path}: onnx's version converter cannot upgrade opset {opset}: {first}"
+            ) from exc
+    return model
 
 
 def calibrate_model(
@@ -66,11 +90,12 @@ def calibrate_model(
     max_memory: int | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    timeout: float | None = None,
+    upgrade_opset: bool = False,
     progress: Progress = no_progress,
 ) -> CalibrationResult:
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``."""
-    model = load_model(model_path)
-    _check_quantizable(model, model_path)
+    model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     dataset = open_dataset(data_path, model_input_specs(model), max_samples=max_samples)
     prepared, _ = preprocess(model)
     return calibrate(
@@ -84,6 +109,8 @@ def calibrate_model(
         max_memory=max_memory,
         shuffle=shuffle,
         seed=seed,
+        timeout=timeout,
+        source=str(model_path),
         progress=progress,
     )
 
@@ -112,6 +139,8 @@ def convert_model(
     percentile: float = 99.99,
     force: bool = False,
     require_fused: bool = False,
+    upgrade_opset: bool = False,
+    timeout: float | None = None,
     progress: Progress = no_progress,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
@@ -126,8 +155,7 @@ def convert_model(
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == model_path.resolve():
         raise QuantCliError(f"{output_path}: output would overwrite the input model; choose another path")
-    model = load_model(model_path)
-    _check_quantizable(model, model_path)
+    model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     sha = file_sha256(model_path)
     if isinstance(calibration, (str, os.PathLike)):
         calibration = read_calibration(Path(calibration), expected_sha256=sha)
@@ -135,7 +163,13 @@ def convert_model(
         if data_path is None:
             raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
         calibration = calibrate_model(
-            model_path, data_path, method=method or CalibrationMethod.MINMAX, percentile=percentile, progress=progress
+            model_path,
+            data_path,
+            method=method or CalibrationMethod.MINMAX,
+            percentile=percentile,
+            timeout=timeout,
+            upgrade_opset=upgrade_opset,
+            progress=progress,
         )
     elif calibration.model_sha256 != sha:
         raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
@@ -148,7 +182,7 @@ def convert_model(
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
         raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
-    make_session(quantized)  # loads in onnxruntime before anything is written
+    make_session(quantized, source=str(model_path))  # loads in onnxruntime before anything is written
     audit = audit_fusion(quantized)
     if require_fused:
         planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
@@ -229,8 +263,8 @@ def compare_models(
     cand_model = load_model(candidate_path)
     _check_signatures(ref_model, cand_model, reference_path, candidate_path)
     dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples)
-    ref = make_session(ref_model, threads=threads)
-    cand = make_session(cand_model, threads=threads)
+    ref = make_session(ref_model, threads=threads, source=str(reference_path))
+    cand = make_session(cand_model, threads=threads, source=str(candidate_path))
     outputs = compare_outputs(ref, cand, dataset, batch_size=batch_size, progress=progress)
     latency = []
     for bs in latency_batch_sizes:

@@ -12,6 +12,8 @@ result independent of the batch size.
 from __future__ import annotations
 
 import logging
+import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +22,8 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.data import Dataset
-from quantcli.errors import ArtifactMismatchError, CalibrationDataError, UnsupportedModelError
+from quantcli.errors import ArtifactMismatchError, CalibrationDataError, CalibrationTimeoutError, UnsupportedModelError
+from quantcli.graph import available_memory
 from quantcli.observers import (
     HistogramObserver,
     MinMaxObserver,
@@ -63,7 +66,30 @@ class CalibrationResult:
     histograms: dict[str, HistogramObserver] = field(default_factory=dict)
 
 
-def make_session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True) -> ort.InferenceSession:
+def explain_load_failure(exc: BaseException, source: str) -> str:
+    """One line saying why onnxruntime refused a model, and what to do."""
+    text = " ".join(str(exc).split())
+    newer = re.search(r"Opset (\d+) is under development.*?till opset (\d+)", text)
+    if newer:
+        return (
+            f"{source}: opset {newer.group(1)} is newer than onnxruntime {ort.__version__} supports "
+            f"(up to {newer.group(2)}); export with an older opset or upgrade onnxruntime"
+        )
+    custom = re.search(r"([\w.]+:\w+)\(-?\d+\) is not a registered function/op", text) or re.search(
+        r"Could not find an implementation for (\w+\(\d+\)) node with name '([^']*)'", text
+    )
+    if custom:
+        return (
+            f"{source}: onnxruntime has no kernel for op {custom.group(1)}; register its custom-op library "
+            "or replace the op before quantizing"
+        )
+    first = text[:300] if text else type(exc).__name__
+    return f"{source}: onnxruntime cannot load the model: {first}"
+
+
+def make_session(
+    model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, source: str = "model"
+) -> ort.InferenceSession:
     """An onnxruntime CPU session built from memory (no temporary file)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -74,8 +100,7 @@ def make_session(model: onnx.ModelProto, *, threads: int = 0, optimize: bool = T
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from exc
+        raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
 
 
 def candidate_tensors(model: onnx.ModelProto) -> list[str]:
@@ -111,10 +136,16 @@ def _run(
     desc: str,
     shuffle: bool,
     seed: int,
+    deadline: float | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)
     for feed in progress(dataset.batches(size, shuffle=shuffle, seed=seed), total, desc, size):
+        if deadline is not None and time.monotonic() > deadline:
+            raise CalibrationTimeoutError(
+                f"{dataset.path}: calibration did not finish within --timeout; use fewer samples "
+                "(--max-samples), a larger --batch-size, or a longer timeout"
+            )
         try:
             values = session.run(outputs, feed)
         except Exception as exc:
@@ -125,14 +156,8 @@ def _run(
 
 def default_memory_budget() -> int:
     """A quarter of the memory available now (Linux), else 4 GiB."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 4
-    except OSError:
-        pass
-    return 4 << 30
+    available = available_memory()
+    return available // 4 if available else 4 << 30
 
 
 def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[list[str]]:
@@ -163,6 +188,8 @@ def calibrate(
     max_memory: int | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    timeout: float | None = None,
+    source: str = "model",
     progress: Progress = no_progress,
 ) -> CalibrationResult:
     """Collect a clip range for every float activation of ``model`` over ``dataset``.
@@ -181,10 +208,13 @@ def calibrate(
             calibrated in groups over several passes (default: a quarter of available memory).
         shuffle: visit samples in a random order (``seed``); only moving-average depends on order.
         seed: seed of the shuffle.
+        timeout: seconds after which calibration stops with an error (None: no limit).
+        source: how error messages name the model (its path).
         progress: wraps the batch iterator (e.g. with tqdm).
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     names = candidate_tensors(model)
-    probe = make_session(_augmented(model, names), threads=threads)
+    probe = make_session(_augmented(model, names), threads=threads, source=source)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -205,13 +235,13 @@ def calibrate(
             yield probe, groups[0]
             return
         for group in groups:  # one session alive at a time
-            yield make_session(_augmented(model, group), threads=threads), group
+            yield make_session(_augmented(model, group), threads=threads, source=source), group
 
     minmax = {n: MinMaxObserver() for n in tracked}
     moving = {n: MovingAverageMinMaxObserver() for n in tracked} if method == CalibrationMethod.MOVING_AVERAGE else {}
     for k, (session, group) in enumerate(sessions()):
         desc = "calibrating" if len(groups) == 1 else f"calibrating {k + 1}/{len(groups)}"
-        for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed):
+        for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed, deadline):
             for name in group:
                 minmax[name].update(values[name])
                 if moving:
@@ -223,7 +253,7 @@ def calibrate(
         histograms = {n: HistogramObserver(*minmax[n].result(), bins=bins) for n in tracked}
         for k, (session, group) in enumerate(sessions()):
             desc = "histograms" if len(groups) == 1 else f"histograms {k + 1}/{len(groups)}"
-            for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed):
+            for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed, deadline):
                 for name in group:
                     histograms[name].update(values[name])
                 del values

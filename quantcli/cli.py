@@ -7,6 +7,7 @@ option quantcli cannot use; one line on stderr, no traceback); 4 internal error 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterable
@@ -163,6 +164,10 @@ def calibrate(
     ] = None,
     shuffle: Annotated[bool, typer.Option("--shuffle", help="Visit samples in random order (see --seed).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for --shuffle.")] = 0,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Give up after this many seconds.")] = None,
+    upgrade_opset: Annotated[
+        bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -171,7 +176,8 @@ def calibrate(
         raise QuantCliError(f"--percentile {percentile}: must be in (50, 100]")
     result = api.calibrate_model(
         model, data, method=method, percentile=percentile, batch_size=batch_size, max_samples=max_samples,
-        threads=threads, max_memory=_parse_bytes(max_memory), shuffle=shuffle, seed=seed, progress=_progress(quiet),
+        threads=threads, max_memory=_parse_bytes(max_memory), shuffle=shuffle, seed=seed, timeout=timeout,
+        upgrade_opset=upgrade_opset, progress=_progress(quiet),
     )  # fmt: skip
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
@@ -208,6 +214,10 @@ def convert(
     require_fused: Annotated[
         bool, typer.Option("--require-fused", help="Fail if a quantized Conv/MatMul/Gemm did not fuse.")
     ] = False,
+    timeout: Annotated[float | None, typer.Option(min=0, help="With --data: give up calibrating after N s.")] = None,
+    upgrade_opset: Annotated[
+        bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
@@ -228,7 +238,8 @@ def convert(
     )
     result = api.convert_model(
         model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
-        force=force, require_fused=require_fused, progress=_progress(quiet),
+        force=force, require_fused=require_fused, timeout=timeout,
+        upgrade_opset=upgrade_opset, progress=_progress(quiet),
     )  # fmt: skip
     report.render_convert(out, result)
 
@@ -283,8 +294,13 @@ def inspect(model: Annotated[Path, typer.Argument(help="Any ONNX model.")]) -> N
     report.render_inspect(out, model, m, audit)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary outputs are removed
+
+
 def main() -> None:
     """Entry point: run the app; unexpected exceptions are bugs and exit 4 with their traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except SystemExit:

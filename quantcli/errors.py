@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactMismatchError",
     "CalibrationDataError",
+    "CalibrationTimeoutError",
     "ModelLoadError",
     "OutputPathError",
     "QuantCliError",
@@ -39,3 +40,7 @@ class ArtifactMismatchError(QuantCliError):
 
 class OutputPathError(QuantCliError):
     """An output path exists (without --force), lies in a missing directory, or is not writable."""
+
+
+class CalibrationTimeoutError(QuantCliError):
+    """Calibration ran longer than ``--timeout``."""

@@ -20,6 +20,7 @@ from quantcli.errors import ModelLoadError, OutputPathError
 __all__ = [
     "GraphIndex",
     "atomic_output",
+    "available_memory",
     "file_sha256",
     "infer_shapes",
     "load_model",
@@ -57,6 +58,12 @@ def load_model(path: Path) -> onnx.ModelProto:
     """
     path = Path(path)
     _check_readable_file(path, "ONNX model")
+    available = available_memory()
+    if available is not None and path.stat().st_size > available:
+        raise ModelLoadError(
+            f"{path}: the model ({path.stat().st_size / 2**30:.1f} GiB) is larger than the free memory "
+            f"({available / 2**30:.1f} GiB); free memory or use a larger machine"
+        )
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError, ...
@@ -72,7 +79,21 @@ def load_model(path: Path) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{path}: fails ONNX validation: {first}") from exc
+    except (UnicodeDecodeError, ValueError, RuntimeError) as exc:  # corrupted strings inside the protobuf
+        raise ModelLoadError(f"{path}: fails ONNX validation ({type(exc).__name__}); is the file corrupted?") from exc
     return model
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (Linux ``MemAvailable``), or None when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:

@@ -1,0 +1,315 @@
+"""The catalogue of bad inputs: each gives one clear line, a documented exit code, and writes nothing.
+
+Run ``python -m tests.test_errors`` to print the catalogue as a table (input, exit code, message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from quantcli.cli import app
+from tests import models
+
+runner = CliRunner()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: ``make(tmp) -> argv`` builds the files and returns the command line."""
+
+    name: str
+    make: Callable[[Path], list[str]]
+    code: int
+    message: str
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+
+
+def _model(tmp: Path, model: onnx.ModelProto | None = None, name: str = "model.onnx") -> Path:
+    path = tmp / name
+    path.write_bytes((model or models.small_cnn()).SerializeToString())
+    return path
+
+
+def _data(tmp: Path, name: str = "data.npz", **arrays: np.ndarray) -> Path:
+    path = tmp / name
+    np.savez(path, **(arrays or {"x": models.structured_images(8, seed=0)}))
+    return path
+
+
+def _calibrate(tmp: Path, model: Path | None = None, data: Path | None = None, *extra: str) -> list[str]:
+    return [
+        "calibrate",
+        str(model or _model(tmp)),
+        "--data",
+        str(data or _data(tmp)),
+        "-o",
+        str(tmp / "out.json"),
+        *extra,
+    ]
+
+
+def _convert(tmp: Path, model: Path | None = None, *extra: str) -> list[str]:
+    return ["convert", str(model or _model(tmp)), "--data", str(_data(tmp)), "-o", str(tmp / "out.onnx"), *extra]
+
+
+def _opset(version: int) -> onnx.ModelProto:
+    m = models.small_cnn()
+    m.opset_import[0].version = version
+    return m
+
+
+def _old_opset() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 14, 14])
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], "g", [x], [y], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 11)])
+    m.ir_version = 6
+    return m
+
+
+def _custom_op() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 16, 16])
+    g = helper.make_graph([helper.make_node("Frobnicate", ["x"], ["y"], domain="acme.ops", name="f")], "g", [x], [y])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("acme.ops", 1)])
+
+
+def _qdq_model() -> onnx.ModelProto:
+    m = models.small_cnn()
+    n = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="q")
+    d = helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="dq")
+    m.graph.initializer.extend(
+        [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(0), "z")]
+    )
+    for node in m.graph.node:
+        node.input[:] = ["xd" if i == "x" else i for i in node.input]
+    m.graph.node.insert(0, d)
+    m.graph.node.insert(0, n)
+    return m
+
+
+def _qoperator_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, ["N", 3, 16, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.UINT8, ["N", 4, 14, 14])
+    inits = [
+        numpy_helper.from_array(v, n)
+        for n, v in [
+            ("xs", np.float32(0.1)),
+            ("xz", np.uint8(0)),
+            ("w", np.ones((4, 3, 3, 3), np.int8)),
+            ("ws", np.float32(0.1)),
+            ("wz", np.int8(0)),
+            ("ys", np.float32(0.1)),
+            ("yz", np.uint8(0)),
+        ]
+    ]
+    node = helper.make_node("QLinearConv", ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["y"], name="qc")
+    g = helper.make_graph([node], "g", [x], [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _external(tmp: Path, location: str) -> Path:
+    m = models.small_cnn()
+    for t in m.graph.initializer:
+        if t.name == "w2":
+            raw = numpy_helper.to_array(t).tobytes()
+            t.ClearField("float_data")
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.add(key="location", value=location)
+            t.external_data.add(key="length", value=str(len(raw)))
+    return _model(tmp, m)
+
+
+def _not_writable(mp: pytest.MonkeyPatch) -> None:
+    real = os.access
+    mp.setattr(os, "access", lambda p, mode, *a, **k: False if mode == os.W_OK else real(p, mode, *a, **k))
+
+
+def _no_memory(mp: pytest.MonkeyPatch) -> None:
+    import quantcli.graph
+
+    mp.setattr(quantcli.graph, "available_memory", lambda: 1000)
+
+
+def _calib_file(tmp: Path, text: str) -> list[str]:
+    path = tmp / "calib.json"
+    path.write_text(text)
+    return ["convert", str(_model(tmp)), "--calibration", str(path), "-o", str(tmp / "out.onnx")]
+
+
+def _calib_other_model(tmp: Path) -> list[str]:
+    assert runner.invoke(app, _calibrate(tmp)).exit_code == 0
+    other = _model(tmp, models.small_cnn(seed=9), "other.onnx")
+    return ["convert", str(other), "--calibration", str(tmp / "out.json"), "-o", str(tmp / "out.onnx")]
+
+
+def _existing_output(tmp: Path) -> list[str]:
+    (tmp / "out.onnx").write_bytes(b"keep")
+    return _convert(tmp)
+
+
+def _pickled_npz(tmp: Path) -> list[str]:
+    path = tmp / "data.npz"
+    np.savez(path, x=np.array([object()], dtype=object))
+    return _calibrate(tmp, data=path)
+
+
+def _object_npy(tmp: Path) -> list[str]:
+    path = tmp / "data.npy"
+    np.save(path, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    return _calibrate(tmp, data=path)
+
+
+CASES = [
+    Case("model path does not exist", lambda t: _calibrate(t, t / "missing.onnx"), 3, "ONNX model not found"),
+    Case("model path is a directory", lambda t: _calibrate(t, t), 3, "is a directory"),
+    Case("file is not ONNX", lambda t: _calibrate(t, _write(t, "m.onnx", b"hello, I am text\n" * 20)), 3, "not"),
+    Case(
+        "truncated model",
+        lambda t: _calibrate(t, _write(t, "m.onnx", models.small_cnn().SerializeToString()[:700])),
+        3,
+        "ONNX",
+    ),
+    Case("opset too old (11)", lambda t: _calibrate(t, _model(t, _old_opset())), 3, "pass --upgrade-opset"),
+    Case("opset newer than onnxruntime", lambda t: _calibrate(t, _model(t, _opset(40))), 3, "opset 40"),
+    Case(
+        "custom-domain op", lambda t: _calibrate(t, _model(t, _custom_op())), 3, "no kernel for op acme.ops:Frobnicate"
+    ),
+    Case("already quantized (QDQ)", lambda t: _convert(t, _model(t, _qdq_model())), 3, "already quantized"),
+    Case("already quantized (QOperator)", lambda t: _convert(t, _model(t, _qoperator_model())), 3, "already quantized"),
+    Case("external data file missing", lambda t: _calibrate(t, _external(t, "weights.bin")), 3, "'weights.bin'"),
+    Case(
+        "external data outside the model's directory",
+        lambda t: _calibrate(t, _external(t, "../../etc/passwd")),
+        3,
+        "outside the model's directory",
+    ),
+    Case(
+        "data: wrong input name",
+        lambda t: _calibrate(t, data=_data(t, image=np.zeros((2, 3, 16, 16), np.float32))),
+        3,
+        "keys do not match the model inputs ['x']",
+    ),
+    Case(
+        "data: wrong dtype",
+        lambda t: _calibrate(t, data=_data(t, x=np.zeros((2, 3, 16, 16), np.int32))),
+        3,
+        "expects float32[N,3,16,16]",
+    ),
+    Case(
+        "data: wrong rank",
+        lambda t: _calibrate(t, data=_data(t, x=np.zeros((2, 2, 3, 16, 16), np.float32))),
+        3,
+        "is float32[2,2,3,16,16]",
+    ),
+    Case(
+        "data: wrong shape",
+        lambda t: _calibrate(t, data=_data(t, x=np.zeros((2, 3, 8, 16), np.float32))),
+        3,
+        "axis 2 should be 16",
+    ),
+    Case(
+        "data: empty", lambda t: _calibrate(t, data=_data(t, x=np.zeros((0, 3, 16, 16), np.float32))), 3, "no samples"
+    ),
+    Case(
+        "data: NaN values",
+        lambda t: _calibrate(t, data=_data(t, x=np.full((2, 3, 16, 16), np.nan, np.float32))),
+        3,
+        "NaN/Inf",
+    ),
+    Case("data: object array in .npy (pickle)", _object_npy, 3, "never unpickles"),
+    Case("data: object array in .npz (pickle)", _pickled_npz, 3, "never unpickles"),
+    Case(
+        "data: unsupported format",
+        lambda t: _calibrate(t, data=_write(t, "d.csv", b"1,2")),
+        3,
+        "unsupported data format",
+    ),
+    Case("calibration file is not JSON", lambda t: _calib_file(t, "{not json"), 3, "not JSON"),
+    Case(
+        "calibration file of another schema",
+        lambda t: _calib_file(t, json.dumps({"schema": "quantcli.calibration/9"})),
+        3,
+        "schema 'quantcli.calibration/9' is not supported",
+    ),
+    Case("calibration file for another model", _calib_other_model, 3, "made for a model with sha256"),
+    Case("output exists", _existing_output, 3, "already exists; pass --force"),
+    Case(
+        "output directory missing",
+        lambda t: ["convert", str(_model(t)), "--data", str(_data(t)), "-o", str(t / "nope" / "out.onnx")],
+        3,
+        "does not exist",
+    ),
+    Case("output directory not writable", lambda t: _convert(t), 3, "is not writable", _not_writable),
+    Case("conflicting options", lambda t: _convert(t, None, "--calibration", "c.json"), 3, "not both"),
+    Case("bad --max-memory", lambda t: _calibrate(t, None, None, "--max-memory", "lots"), 3, "--max-memory"),
+    Case("calibration exceeds --timeout", lambda t: _calibrate(t, None, None, "--timeout", "0"), 3, "--timeout"),
+    Case("model larger than free memory", lambda t: _calibrate(t), 3, "larger than the free memory", _no_memory),
+    Case("unknown option", lambda t: _calibrate(t, None, None, "--frobnicate"), 2, "No such option"),
+]
+
+
+def _write(tmp: Path, name: str, data: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input(tmp_path, monkeypatch, case):
+    argv = case.make(tmp_path)
+    inputs = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    if case.patch:
+        case.patch(monkeypatch)
+    result = runner.invoke(app, argv)
+    assert result.exit_code == case.code, result.output
+    assert case.message in result.output, result.output
+    assert "Traceback" not in result.output
+    if case.code == 3:
+        lines = [ln for ln in result.output.splitlines() if ln.strip()]
+        assert lines[-1].startswith("error: ") or lines[0].startswith("error: "), result.output
+        assert sum(ln.startswith("error: ") for ln in lines) == 1
+    for path, data in inputs.items():  # inputs untouched
+        assert path.read_bytes() == data, path
+    leftovers = {p for p in tmp_path.rglob("*") if p.is_file()} - set(inputs)
+    assert not leftovers, f"wrote {leftovers}"
+
+
+def test_old_opset_is_upgraded_when_asked(tmp_path):
+    model = _model(tmp_path, _old_opset())
+    result = runner.invoke(app, _convert(tmp_path, model, "--upgrade-opset"))
+    assert result.exit_code == 0, result.output
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert next(i.version for i in out.opset_import if i.domain == "") >= 13
+
+
+def print_catalogue() -> None:  # pragma: no cover - documentation helper
+    import tempfile
+
+    print("| input | exit code | message |\n|---|---|---|")
+    for case in CASES:
+        with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+            argv = case.make(Path(tmp))
+            if case.patch:
+                case.patch(mp)
+            result = runner.invoke(app, argv)
+            line = next((ln for ln in result.output.splitlines() if ln.startswith("error")), result.output.strip())
+            line = line.replace(tmp, "<tmp>").replace("|", "\\|")
+            print(f"| {case.name} | {result.exit_code} | `{line[:200]}` |")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(print_catalogue())

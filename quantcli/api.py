@@ -6,7 +6,7 @@ The command line is a thin layer over these; tests and scripts call them directl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import LatencyComparison, OutputMetrics, compare_outputs, measure_latency
 from quantcli.graph import file_sha256, load_model, model_opset, save_model
 from quantcli.host import default_config
+from quantcli.layers import LayerError, per_layer_errors
 from quantcli.options import CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
@@ -217,6 +218,8 @@ class CompareResult:
     reference_bytes: int
     candidate_bytes: int
     integer_kernels: dict[str, int]
+    layers: list[LayerError] = field(default_factory=list)
+    latency_samples: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def size_ratio(self) -> float:
@@ -256,6 +259,7 @@ def compare_models(
     latency_batch_sizes: tuple[int, ...] = (1, 32),
     warmup: int = 10,
     runs: int = 50,
+    per_layer: bool = False,
     progress: Progress = no_progress,
 ) -> CompareResult:
     """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
@@ -274,6 +278,9 @@ def compare_models(
         feed = next(dataset.batches(size))
         latency.append(measure_latency(ref, cand, feed, threads=threads, warmup=warmup, runs=runs))
     audit = audit_fusion(cand_model)
+    layers = (
+        per_layer_errors(ref_model, cand_model, dataset, batch_size=batch_size, progress=progress) if per_layer else []
+    )
     return CompareResult(
         reference_path=Path(reference_path),
         candidate_path=Path(candidate_path),
@@ -284,4 +291,5 @@ def compare_models(
         reference_bytes=Path(reference_path).stat().st_size,
         candidate_bytes=Path(candidate_path).stat().st_size,
         integer_kernels=audit.integer_op_counts(),
+        layers=layers,
     )

@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from tqdm import tqdm
 
-from quantcli import __version__, api, report
+from quantcli import __version__, api, html_report, report
 from quantcli.artifact import write_calibration
 from quantcli.audit import audit_fusion
 from quantcli.errors import QuantCliError
@@ -258,7 +258,11 @@ def compare(
     ] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per model and batch size.")] = 50,
     warmup: Annotated[int, typer.Option(min=0)] = 10,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Rank layers by error, with hints.")] = False,
+    top: Annotated[int, typer.Option(min=1, help="With --per-layer: how many layers to show.")] = 10,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON.")] = None,
+    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a pull-request comment.")] = None,
+    html_path: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: percentage points.")] = None,
     min_agreement: Annotated[float | None, typer.Option(help="Gate: top-1 agreement, percent.")] = None,
     min_sqnr: Annotated[float | None, typer.Option(help="Gate: output SQNR, dB.")] = None,
@@ -269,15 +273,23 @@ def compare(
     """Measure accuracy, error and latency of the quantized model against the FP32 one."""
     result = api.compare_models(
         reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
-        latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs, progress=_progress(quiet),
+        latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
+        per_layer=per_layer or html_path is not None, progress=_progress(quiet),
     )  # fmt: skip
     report.render_compare(out, result)
+    report.render_layers(out, result, top)
     thresholds = GateThresholds(max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio)
     gates = evaluate_gates(result, thresholds)
     report.render_gates(out, gates)
     if json_path is not None:
         report.write_json(report.compare_to_json(result, gates), json_path)
         out.print(f"wrote [bold]{json_path}[/]")
+    if markdown_path is not None:
+        report.write_text(report.compare_to_markdown(result, gates, top=top), markdown_path)
+        out.print(f"wrote [bold]{markdown_path}[/]")
+    if html_path is not None:
+        report.write_text(html_report.render_html(result, gates), html_path)
+        out.print(f"wrote [bold]{html_path}[/]")
     failed = [g for g in gates if not g.passed]
     if failed:
         for g in failed:

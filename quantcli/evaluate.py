@@ -203,6 +203,8 @@ class LatencyComparison:
     speedup: float
     speedup_p25: float
     speedup_p75: float
+    reference_times_ms: tuple[float, ...] = ()
+    candidate_times_ms: tuple[float, ...] = ()
 
 
 def measure_latency(
@@ -248,4 +250,6 @@ def measure_latency(
         speedup=float(np.median(ratios)),
         speedup_p25=float(np.percentile(ratios, 25)),
         speedup_p75=float(np.percentile(ratios, 75)),
+        reference_times_ms=tuple(float(t) * 1000 for t in ref_a),
+        candidate_times_ms=tuple(float(t) * 1000 for t in cand_a),
     )

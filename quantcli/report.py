@@ -146,6 +146,36 @@ def render_compare(console: Console, result: CompareResult) -> None:
     )
 
 
+def _db(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) and x > 0 else f"{x:.1f}"
+
+
+def render_layers(console: Console, result: CompareResult, top: int) -> None:
+    """The ``top`` layers with the worst accumulated SQNR, with local SQNR and a hint."""
+    if not result.layers:
+        return
+    table = Table(
+        title=f"per-layer error, worst {min(top, len(result.layers))} of {len(result.layers)} quantized tensors "
+        "(accumulated = all upstream quantized; local = this layer alone on FP32 inputs)",
+        title_justify="left",
+    )
+    for col in ("node", "op", "SQNR dB", "local dB", "clip range", "observed", "hint"):
+        table.add_column(col, justify="right" if "dB" in col else "left", overflow="fold")
+    for e in result.layers[:top]:
+        table.add_row(
+            e.node,
+            e.op_type,
+            _db(e.sqnr_db),
+            _db(e.local_sqnr_db),
+            f"[{e.clip_low:.3g}, {e.clip_high:.3g}]",
+            f"[{e.observed_min:.3g}, {e.observed_max:.3g}]",
+            e.hint,
+        )
+    console.print(table)
+
+
 def render_gates(console: Console, gates: list[GateResult]) -> None:
     """One line per gate; failed gates in red with value and bound."""
     for g in gates:
@@ -211,6 +241,20 @@ def compare_to_json(result: CompareResult, gates: list[GateResult] | None = None
             for lat in result.latency
         ],
         "integer_kernels": result.integer_kernels,
+        "layers": [
+            {
+                "tensor": e.tensor,
+                "node": e.node,
+                "op_type": e.op_type,
+                "sqnr_db": _finite(e.sqnr_db),
+                "local_sqnr_db": None if e.local_sqnr_db is None else _finite(e.local_sqnr_db),
+                "clip_range": [e.clip_low, e.clip_high],
+                "observed_range": [e.observed_min, e.observed_max],
+                "p999_abs": e.p999_abs,
+                "hint": e.hint,
+            }
+            for e in result.layers
+        ],
         "gates": [
             {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound} for g in (gates or [])
         ],
@@ -239,3 +283,45 @@ def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None
         f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm in float; "
         f"{audit.quantize_nodes} QuantizeLinear, {audit.dequantize_nodes} DequantizeLinear"
     )
+
+
+def compare_to_markdown(result: CompareResult, gates: list[GateResult], *, top: int = 10) -> str:
+    """A pull-request comment: verdict first, then accuracy, latency, size and the worst layers."""
+    failed = [g for g in gates if not g.passed]
+    verdict = "❌ **quantized model fails its gates**" if failed else "✅ **quantized model passes its gates**"
+    if not gates:
+        verdict = "ℹ️ no gates were set"
+    lines = [f"### quantcli compare: `{result.candidate_path.name}` vs `{result.reference_path.name}`", "", verdict, ""]
+    for g in gates:
+        lines.append(f"- {'✅' if g.passed else '❌'} `{g.name}`: {g.describe()}")
+    lines += ["", f"Accuracy on {result.num_samples} samples of `{result.data_path.name}` (95% CI):", ""]
+    lines += ["| output | FP32 acc | quant acc | top-1 agreement | SQNR dB | cosine | max abs err |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m in result.outputs:
+        lines.append(
+            f"| {m.name} | {_pct(m.accuracy_fp32)} | {_pct(m.accuracy_quant)} | {_pct(m.top1_agreement)} | "
+            f"{_db(m.sqnr_db)} | {m.cosine.value:.5f} | {m.max_abs_error:.4g} |"
+        )
+    if result.latency:
+        lines += ["", f"Latency (ms, {result.latency[0].threads} thread(s), runs alternate):", ""]
+        lines += ["| batch | FP32 median | quant median | speed-up [IQR] |", "|---|---|---|---|"]
+        for lat in result.latency:
+            lines.append(
+                f"| {lat.batch_size} | {lat.reference.median_ms:.3f} | {lat.candidate.median_ms:.3f} | "
+                f"{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}] |"
+            )
+    lines += ["", f"Size: {_size(result.reference_bytes)} → {_size(result.candidate_bytes)} "
+              f"({100 * result.size_ratio:.1f}%). Integer kernels: "
+              + (", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none")]  # fmt: skip
+    if result.layers:
+        lines += ["", f"Worst layers (of {len(result.layers)}):", ""]
+        lines += ["| node | op | SQNR dB | local dB | hint |", "|---|---|---|---|---|"]
+        for e in result.layers[:top]:
+            lines.append(f"| `{e.node}` | {e.op_type} | {_db(e.sqnr_db)} | {_db(e.local_sqnr_db)} | {e.hint} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write a text report atomically."""
+    with atomic_output(Path(path), force=True) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -19,10 +19,17 @@ from quantcli.audit import FusionAudit, audit_fusion
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
 from quantcli.data import model_input_specs, open_dataset
 from quantcli.errors import QuantCliError, UnsupportedModelError
-from quantcli.evaluate import LatencyComparison, OutputMetrics, compare_outputs, measure_latency
+from quantcli.evaluate import (
+    LatencyComparison,
+    OutputMetrics,
+    compare_outputs,
+    measure_latency,
+    session_peak_memory,
+)
 from quantcli.graph import file_sha256, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.layers import LayerError, per_layer_errors
+from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.options import CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
@@ -219,7 +226,9 @@ class CompareResult:
     candidate_bytes: int
     integer_kernels: dict[str, int]
     layers: list[LayerError] = field(default_factory=list)
-    latency_samples: dict[str, list[float]] = field(default_factory=dict)
+    task_metric: TaskMetric | None = None
+    reference_peak_mb: float | None = None
+    candidate_peak_mb: float | None = None
 
     @property
     def size_ratio(self) -> float:
@@ -260,6 +269,9 @@ def compare_models(
     warmup: int = 10,
     runs: int = 50,
     per_layer: bool = False,
+    metric: MetricSpec | None = None,
+    time_budget_s: float | None = None,
+    measure_memory: bool = False,
     progress: Progress = no_progress,
 ) -> CompareResult:
     """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
@@ -269,14 +281,34 @@ def compare_models(
     dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples)
     ref = make_session(ref_model, threads=threads, source=str(reference_path))
     cand = make_session(cand_model, threads=threads, source=str(candidate_path))
-    outputs = compare_outputs(ref, cand, dataset, batch_size=batch_size, progress=progress)
+    metric = metric or MetricSpec("top1")
+    collected: dict[str, list[list[np.ndarray]]] | None = {} if metric.function is not None else None
+    outputs = compare_outputs(
+        ref, cand, dataset, batch_size=batch_size, topk=metric.topk, collect=collected, progress=progress
+    )
+    task_metric = None
+    if collected is not None:
+        names = [o.name for o in ref.get_outputs()]
+        task_metric = TaskMetric(
+            metric.name,
+            evaluate_custom(metric, collected["reference"], names, dataset.labels),
+            evaluate_custom(metric, collected["candidate"], names, dataset.labels),
+        )
+        del collected
     latency = []
     for bs in latency_batch_sizes:
         size = dataset.effective_batch_size(bs)
         if size > dataset.num_samples:
             continue
         feed = next(dataset.batches(size))
-        latency.append(measure_latency(ref, cand, feed, threads=threads, warmup=warmup, runs=runs))
+        latency.append(
+            measure_latency(ref, cand, feed, threads=threads, warmup=warmup, runs=runs, time_budget_s=time_budget_s)
+        )
+    ref_peak = cand_peak = None
+    if measure_memory:
+        feed = next(dataset.batches(dataset.effective_batch_size(max(latency_batch_sizes or (1,)))))
+        ref_peak = session_peak_memory(str(reference_path), feed, threads=threads)
+        cand_peak = session_peak_memory(str(candidate_path), feed, threads=threads)
     audit = audit_fusion(cand_model)
     layers = (
         per_layer_errors(ref_model, cand_model, dataset, batch_size=batch_size, progress=progress) if per_layer else []
@@ -292,4 +324,7 @@ def compare_models(
         candidate_bytes=Path(candidate_path).stat().st_size,
         integer_kernels=audit.integer_op_counts(),
         layers=layers,
+        task_metric=task_metric,
+        reference_peak_mb=ref_peak,
+        candidate_peak_mb=cand_peak,
     )

@@ -26,6 +26,7 @@ from quantcli.errors import QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
 from quantcli.graph import load_model
 from quantcli.host import detect_host
+from quantcli.metrics import parse_metric
 from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
 
 EXIT_GATE_FAILED = 1
@@ -257,6 +258,13 @@ def compare(
         list[int] | None, typer.Option("--latency-batch", help="Batch sizes to time (repeatable).")
     ] = None,
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per model and batch size.")] = 50,
+    time_budget: Annotated[
+        float | None, typer.Option(min=0, help="Stop timing a batch size after this many seconds.")
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="Task metric: top1, top5, none, module:function or file.py:function.")
+    ] = "top1",
+    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure each session's peak memory.")] = True,
     warmup: Annotated[int, typer.Option(min=0)] = 10,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Rank layers by error, with hints.")] = False,
     top: Annotated[int, typer.Option(min=1, help="With --per-layer: how many layers to show.")] = 10,
@@ -274,7 +282,8 @@ def compare(
     result = api.compare_models(
         reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
         latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
-        per_layer=per_layer or html_path is not None, progress=_progress(quiet),
+        per_layer=per_layer or html_path is not None, metric=parse_metric(metric), time_budget_s=time_budget,
+        measure_memory=memory, progress=_progress(quiet),
     )  # fmt: skip
     report.render_compare(out, result)
     report.render_layers(out, result, top)

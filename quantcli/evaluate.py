@@ -94,6 +94,7 @@ class _Accumulator:
     correct_ref: int = 0
     correct_q: int = 0
     labelled: int = 0
+    topk: int = 1
 
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
         ref64, q64 = ref.astype(np.float64), q.astype(np.float64)
@@ -115,9 +116,12 @@ class _Accumulator:
         if self.classifier:
             top_r, top_q = ref.argmax(-1), q.argmax(-1)
             self.agree += int(np.sum(top_r == top_q))
-            if labels is not None and labels.ndim == 1 and labels.shape[0] == n:
-                self.correct_ref += int(np.sum(top_r == labels))
-                self.correct_q += int(np.sum(top_q == labels))
+            if self.topk > 0 and labels is not None and labels.ndim == 1 and labels.shape[0] == n:
+                k = min(self.topk, ref.shape[-1])
+                best_r = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
+                best_q = np.argpartition(-q, k - 1, axis=-1)[:, :k]
+                self.correct_ref += int(np.sum(np.any(best_r == labels[:, None], axis=1)))
+                self.correct_q += int(np.sum(np.any(best_q == labels[:, None], axis=1)))
                 self.labelled += n
 
     def result(self) -> OutputMetrics:
@@ -142,11 +146,18 @@ def compare_outputs(
     dataset: Dataset,
     *,
     batch_size: int = 32,
+    topk: int = 1,
+    collect: dict[str, list[list[np.ndarray]]] | None = None,
     progress: Progress = no_progress,
 ) -> list[OutputMetrics]:
-    """Metrics for every output of ``reference`` against the same output of ``candidate``."""
+    """Metrics for every output of ``reference`` against the same output of ``candidate``.
+
+    ``topk`` sets the accuracy metric against labels (0: none). When ``collect`` is given, every
+    batch's outputs are appended to ``collect["reference"]`` and ``collect["candidate"]`` (for a
+    custom metric that needs all outputs at once).
+    """
     names = [o.name for o in reference.get_outputs()]
-    accs = {n: _Accumulator(n) for n in names}
+    accs = {n: _Accumulator(n, topk=topk) for n in names}
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)
     offset = 0
@@ -163,6 +174,9 @@ def compare_outputs(
         for name, r, q in zip(names, ref_out, q_out, strict=True):
             if r.dtype.kind == "f":
                 accs[name].update(r, q, labels)
+        if collect is not None:
+            collect.setdefault("reference", []).append(ref_out)
+            collect.setdefault("candidate", []).append(q_out)
     return [accs[n].result() for n in names if accs[n].count]
 
 
@@ -253,3 +267,48 @@ def measure_latency(
         reference_times_ms=tuple(float(t) * 1000 for t in ref_a),
         candidate_times_ms=tuple(float(t) * 1000 for t in cand_a),
     )
+
+
+_MEMORY_PROBE = """
+import json, sys
+import numpy as np, onnxruntime as ort
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(key))
+
+opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[3]); opts.log_severity_level = 3
+with np.load(sys.argv[2]) as npz:
+    feed = {k: npz[k] for k in npz.files}
+base = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current RSS
+    fh.write("5")
+sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+for _ in range(3):
+    sess.run(None, feed)
+print(json.dumps({"peak_mb": (status("VmHWM:") - base) / 1024}))
+"""
+
+
+def session_peak_memory(model_path: str, feed: dict[str, np.ndarray], *, threads: int) -> float | None:
+    """Peak memory (MiB) a session adds while loading ``model_path`` and running ``feed``, measured in a
+    child process so that nothing else in this process is counted (Linux /proc). None if it cannot."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="quantcli-mem-") as tmp:
+        feed_path = Path(tmp) / "feed.npz"
+        np.savez(feed_path, **feed)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _MEMORY_PROBE, model_path, str(feed_path), str(threads)],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])

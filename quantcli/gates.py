@@ -44,7 +44,10 @@ def evaluate_gates(result: CompareResult, thresholds: GateThresholds) -> list[Ga
     """Check every gate that has a bound; worst output decides for per-output metrics."""
     gates: list[GateResult] = []
     t = thresholds
-    if t.max_accuracy_drop is not None:
+    if t.max_accuracy_drop is not None and result.task_metric is not None:
+        tm = result.task_metric
+        gates.append(_check("max-accuracy-drop", 100 * (tm.reference - tm.candidate), t.max_accuracy_drop, upper=True))
+    elif t.max_accuracy_drop is not None:
         drops = [
             100 * (m.accuracy_fp32.value - m.accuracy_quant.value)
             for m in result.outputs

@@ -139,6 +139,14 @@ def render_compare(console: Console, result: CompareResult) -> None:
                 f"{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}]",
             )
         console.print(table)
+    if result.task_metric is not None:
+        tm = result.task_metric
+        console.print(f"task metric {tm.name}: FP32 {tm.reference:.5g}, quantized {tm.candidate:.5g}")
+    if result.reference_peak_mb is not None and result.candidate_peak_mb is not None:
+        console.print(
+            f"peak memory of a session (load + run, child process): FP32 {result.reference_peak_mb:.1f} MiB, "
+            f"quantized {result.candidate_peak_mb:.1f} MiB"
+        )
     kernels = ", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none"
     console.print(
         f"size: {_size(result.reference_bytes)} -> {_size(result.candidate_bytes)} "
@@ -241,6 +249,14 @@ def compare_to_json(result: CompareResult, gates: list[GateResult] | None = None
             for lat in result.latency
         ],
         "integer_kernels": result.integer_kernels,
+        "task_metric": None
+        if result.task_metric is None
+        else {
+            "name": result.task_metric.name,
+            "reference": result.task_metric.reference,
+            "candidate": result.task_metric.candidate,
+        },
+        "memory": {"reference_peak_mb": result.reference_peak_mb, "candidate_peak_mb": result.candidate_peak_mb},
         "layers": [
             {
                 "tensor": e.tensor,

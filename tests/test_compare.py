@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from quantcli.api import compare_models, convert_model
 from quantcli.cli import EXIT_GATE_FAILED, app
 from quantcli.host import default_config
+from quantcli.metrics import parse_metric
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
 runner = CliRunner()
@@ -103,3 +104,40 @@ def test_schema_rejects_a_broken_document(quantized, tmp_path):
     del doc["outputs"][0]["sqnr_db"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, SCHEMA)
+
+
+def test_custom_metric_drives_the_accuracy_gate(quantized, damaged, tmp_path):
+    metric = tmp_path / "mymetric.py"
+    metric.write_text(
+        "import numpy as np\n"
+        "def top2(outputs, labels):\n"
+        "    best = np.argsort(-outputs['logits'], axis=1)[:, :2]\n"
+        "    return float(np.mean(np.any(best == labels[:, None], axis=1)))\n"
+    )
+    args = ["--data", str(EVAL), "--runs", "2", "--no-memory", "--metric", f"{metric}:top2", "--max-accuracy-drop", "1"]
+    good = runner.invoke(app, ["compare", str(MODEL), str(quantized), *args])
+    assert good.exit_code == 0, good.output
+    assert f"task metric {metric}:top2: FP32 " in good.output
+    bad = runner.invoke(app, ["compare", str(MODEL), str(damaged), *args])
+    assert bad.exit_code == EXIT_GATE_FAILED and "gate failed: max-accuracy-drop" in bad.output
+
+
+def test_top5_accuracy_is_at_least_top1(quantized):
+    top1 = compare_models(MODEL, quantized, EVAL, latency_batch_sizes=())
+    top5 = compare_models(MODEL, quantized, EVAL, latency_batch_sizes=(), metric=parse_metric("top5"))
+    assert top5.outputs[0].accuracy_fp32.value >= top1.outputs[0].accuracy_fp32.value
+    assert top5.outputs[0].accuracy_fp32.value == 1.0
+
+
+def test_bad_metric_is_a_clean_error(quantized):
+    result = runner.invoke(app, ["compare", str(MODEL), str(quantized), "--data", str(EVAL), "--metric", "nope:f"])
+    assert result.exit_code == 3 and "importing nope failed" in result.output
+
+
+def test_time_budget_and_session_memory(quantized):
+    result = compare_models(
+        MODEL, quantized, EVAL, latency_batch_sizes=(1,), runs=100_000, time_budget_s=0.5, measure_memory=True
+    )
+    assert 5 <= result.latency[0].reference.runs < 100_000
+    assert result.reference_peak_mb is not None and result.reference_peak_mb > 0
+    assert result.candidate_peak_mb is not None and result.candidate_peak_mb > 0

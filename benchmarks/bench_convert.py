@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -69,12 +70,16 @@ def ort_quantize(model: Path, calib, out: Path, activation: str) -> tuple[bool, 
 
     pre = out.with_suffix(".pre.onnx")
     note = ""
+    cwd = os.getcwd()
+    os.chdir(out.parent)  # quant_pre_process writes sym_shape_infer_temp.onnx into the current directory
     try:
         quant_pre_process(str(model), str(pre))
         source, pre_ok = pre, True
     except Exception as exc:  # it fails on many exported models
         source, pre_ok = model, False
         note = f"quant_pre_process failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    finally:
+        os.chdir(cwd)
     quantize_static(
         str(source), str(out), _Reader(calib, 32), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
@@ -133,7 +138,7 @@ def time_interleaved(paths: dict[str, Path], feed: dict[str, np.ndarray], thread
     return {k: float(np.median(v) * 1000) for k, v in times.items()}
 
 
-def bench_model(name: str, model: Path, calib_path: Path, eval_path: Path, args) -> list[Row]:
+def bench_model(name: str, model: Path, calib_path: Path, eval_path: Path, args) -> tuple[list[Row], dict[str, str]]:
     specs = model_input_specs(onnx.load(str(model), load_external_data=False))
     calib = open_dataset(calib_path, specs)
     evaluation = open_dataset(eval_path, specs, max_samples=args.max_eval)
@@ -141,7 +146,7 @@ def bench_model(name: str, model: Path, calib_path: Path, eval_path: Path, args)
     paths = {"fp32": model}
     notes = {"fp32": ""}
     t0 = time.perf_counter()
-    convert_model(model, work / "quantcli.onnx", data_path=calib_path)
+    convert_model(model, work / "quantcli.onnx", data_path=calib_path, upgrade_opset=True)
     notes["quantcli"] = f"convert {time.perf_counter() - t0:.1f}s"
     paths["quantcli"] = work / "quantcli.onnx"
     for act in ("int8", "uint8"):
@@ -165,13 +170,16 @@ def bench_model(name: str, model: Path, calib_path: Path, eval_path: Path, args)
             med = time_interleaved(paths, feed, threads, args.runs)
             for k, v in med.items():
                 rows[k].latency[f"b{size}/t{threads}"] = v
-    return list(rows.values())
+    failures = {k: v for k, v in notes.items() if v.startswith("FAILED")}
+    return list(rows.values()), failures
 
 
-def print_table(name: str, rows: list[Row]) -> None:
+def print_table(name: str, rows: list[Row], failures: dict[str, str]) -> None:
     base = {r.name: r for r in rows}
     fp32, ort_row = base["fp32"], base.get("ort")
     print(f"\n== {name}")
+    for key, note in failures.items():
+        print(f"  {key:9s} {note}")
     for r in rows:
         acc = f"acc {100 * r.accuracy:.2f}%" if r.accuracy is not None else ""
         agree = f"agree {100 * r.agreement:.2f}%" if r.agreement is not None else ""
@@ -211,8 +219,8 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}")
     results = {}
     for name, model, calib, evaluation in models:
-        rows = bench_model(name, Path(model), Path(calib), Path(evaluation), args)
-        print_table(name, rows)
+        rows, failures = bench_model(name, Path(model), Path(calib), Path(evaluation), args)
+        print_table(name, rows, failures)
         results[name] = [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.__dict__.items()} for r in rows]
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

@@ -17,7 +17,7 @@ import onnx.version_converter
 from quantcli.artifact import read_calibration
 from quantcli.audit import FusionAudit, audit_fusion
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
-from quantcli.data import model_input_specs, open_dataset
+from quantcli.data import model_input_specs, open_dataset, random_dataset
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import (
     LatencyComparison,
@@ -28,6 +28,7 @@ from quantcli.evaluate import (
 )
 from quantcli.graph import file_sha256, load_model, model_opset, save_model
 from quantcli.host import default_config
+from quantcli.images import ImagePreprocess
 from quantcli.layers import LayerError, per_layer_errors
 from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.options import CalibrationMethod, QuantConfig
@@ -88,7 +89,7 @@ def _prepare_input(model: onnx.ModelProto, path: Path, *, upgrade_opset: bool) -
 
 def calibrate_model(
     model_path: Path,
-    data_path: Path,
+    data_path: Path | None,
     *,
     method: CalibrationMethod = CalibrationMethod.MINMAX,
     percentile: float = 99.99,
@@ -100,11 +101,21 @@ def calibrate_model(
     seed: int = 0,
     timeout: float | None = None,
     upgrade_opset: bool = False,
+    images: ImagePreprocess | None = None,
+    random_samples: int | None = None,
     progress: Progress = no_progress,
 ) -> CalibrationResult:
-    """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``."""
+    """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``.
+
+    ``random_samples`` (with ``data_path`` None) calibrates on random inputs: for smoke tests only.
+    """
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
-    dataset = open_dataset(data_path, model_input_specs(model), max_samples=max_samples)
+    if data_path is None:
+        if not random_samples:
+            raise QuantCliError("calibration needs --data PATH (or --random N for a smoke test)")
+        dataset = random_dataset(model_input_specs(model), random_samples, seed=seed)
+    else:
+        dataset = open_dataset(data_path, model_input_specs(model), max_samples=max_samples, images=images)
     prepared, _ = preprocess(model)
     return calibrate(
         prepared,

@@ -26,6 +26,7 @@ from quantcli.errors import QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
 from quantcli.graph import load_model
 from quantcli.host import detect_host
+from quantcli.images import ImagePreprocess
 from quantcli.metrics import parse_metric
 from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
 
@@ -142,6 +143,34 @@ def _parse_bytes(text: str | None) -> int | None:
     return int(value * units[unit])
 
 
+def _triple(text: str, name: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise QuantCliError(f"--{name} {text!r}: expected three numbers, e.g. 0.485,0.456,0.406") from None
+    if len(values) != 3:
+        raise QuantCliError(f"--{name} {text!r}: expected three numbers, e.g. 0.485,0.456,0.406")
+    return values  # type: ignore[return-value]
+
+
+def _image_options(
+    size: str | None, resize: int | None, scale: float, mean: str, std: str, order: str, layout: str
+) -> ImagePreprocess:
+    hw = None
+    if size is not None:
+        parts = size.lower().split("x")
+        try:
+            hw = (int(parts[0]), int(parts[-1]))
+        except ValueError:
+            raise QuantCliError(f"--image-size {size!r}: expected HxW, e.g. 224x224") from None
+    if order not in ("rgb", "bgr") or layout not in ("auto", "nchw", "nhwc"):
+        raise QuantCliError("--channel-order must be rgb or bgr; --layout auto, nchw or nhwc")
+    stds = _triple(std, "std")
+    if any(v == 0 for v in stds) or scale == 0:
+        raise QuantCliError("--std and --scale must not be zero")
+    return ImagePreprocess(resize, hw, scale, _triple(mean, "mean"), stds, order, layout)
+
+
 def _split(values: list[str] | None) -> list[str]:
     items: list[str] = []
     for v in values or []:
@@ -153,8 +182,20 @@ def _split(values: list[str] | None) -> list[str]:
 @_user_errors
 def calibrate(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help=".npz/.npy file or directory; keys = input names.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Calibration file to write (JSON).")],
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help=".npz/.npy file, a directory of them, or of images.")
+    ] = None,
+    random: Annotated[
+        int | None, typer.Option("--random", min=1, help="SMOKE TEST ONLY: N random samples instead of --data.")
+    ] = None,
+    image_size: Annotated[str | None, typer.Option(help="Images: HxW when the model's are dynamic.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Images: shorter side before the centre crop.")] = None,
+    scale: Annotated[float, typer.Option(help="Images: divide pixel values by this.")] = 255.0,
+    mean: Annotated[str, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")] = "0,0,0",
+    std: Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")] = "1,1,1",
+    channel_order: Annotated[str, typer.Option(help="Images: rgb or bgr.")] = "rgb",
+    layout: Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")] = "auto",
     method: Annotated[CalibrationMethod, typer.Option(help="How clip ranges are chosen.")] = CalibrationMethod.MINMAX,
     percentile: Annotated[float, typer.Option(help="For --method percentile: upper percentile kept.")] = 99.99,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.")] = 32,
@@ -175,10 +216,17 @@ def calibrate(
     """Run calibration data through the model and record activation ranges."""
     if not 50.0 < percentile <= 100.0:
         raise QuantCliError(f"--percentile {percentile}: must be in (50, 100]")
+    if (data is None) == (random is None):
+        raise QuantCliError("give either --data PATH or --random N (smoke tests only)")
+    if random is not None:
+        err.print(
+            "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
+        )
+    images = _image_options(image_size, resize, scale, mean, std, channel_order, layout)
     result = api.calibrate_model(
-        model, data, method=method, percentile=percentile, batch_size=batch_size, max_samples=max_samples,
-        threads=threads, max_memory=_parse_bytes(max_memory), shuffle=shuffle, seed=seed, timeout=timeout,
-        upgrade_opset=upgrade_opset, progress=_progress(quiet),
+        model, data, images=images, random_samples=random, method=method, percentile=percentile,
+        batch_size=batch_size, max_samples=max_samples, threads=threads, max_memory=_parse_bytes(max_memory),
+        shuffle=shuffle, seed=seed, timeout=timeout, upgrade_opset=upgrade_opset, progress=_progress(quiet),
     )  # fmt: skip
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)

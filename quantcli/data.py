@@ -21,6 +21,7 @@ import onnx
 
 from quantcli.arrays import ArraySource, open_npy, open_npz
 from quantcli.errors import CalibrationDataError
+from quantcli.images import ImageFolder, ImagePreprocess, image_files
 
 __all__ = [
     "LABEL_KEYS",
@@ -28,6 +29,7 @@ __all__ = [
     "InputSpec",
     "model_input_specs",
     "open_dataset",
+    "random_dataset",
 ]
 
 #: keys that carry labels rather than model inputs
@@ -86,7 +88,7 @@ def _data_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
         if not files:
-            raise CalibrationDataError(f"{path}: directory holds no .npz or .npy files")
+            raise CalibrationDataError(f"{path}: directory holds no .npz, .npy or image files")
         return files
     if path.suffix not in (".npz", ".npy"):
         raise CalibrationDataError(f"{path}: unsupported data format '{path.suffix}'; use .npz or .npy")
@@ -225,13 +227,31 @@ def _open_file(file: Path) -> dict[str, ArraySource]:
     return {"": open_npy(file)} if file.suffix == ".npy" else open_npz(file)
 
 
-def open_dataset(path: Path, specs: Sequence[InputSpec], *, max_samples: int | None = None) -> Dataset:
+def open_dataset(
+    path: Path,
+    specs: Sequence[InputSpec],
+    *,
+    max_samples: int | None = None,
+    images: ImagePreprocess | None = None,
+) -> Dataset:
     """Open and check data for a model with inputs ``specs`` (no sample is read yet but labels).
+
+    A directory of image files (and no ``.npz``/``.npy``) feeds a single-input image model, decoded
+    and preprocessed per batch as ``images`` says (defaults: resize to the input size, scale 1/255).
 
     Raises:
         CalibrationDataError: naming the file, the input and what was expected.
     """
     path = Path(path)
+    if path.is_dir() and not any(p.suffix in (".npz", ".npy") for p in path.iterdir()) and image_files(path):
+        if len(specs) != 1:
+            raise CalibrationDataError(f"{path}: an image folder feeds a single-input model; this one has {len(specs)}")
+        source = ImageFolder.open(path, specs[0].shape, images or ImagePreprocess())
+        if source.dtype != specs[0].dtype:
+            raise CalibrationDataError(f"{path}: images give float32 but input '{specs[0].name}' is {specs[0].dtype}")
+        chunk = _Chunk(path, {specs[0].name: source}, source.shape[0], False)
+        dataset = Dataset(path, tuple(specs), (chunk,), None)
+        return dataset.subset(max_samples) if max_samples is not None and max_samples < dataset.num_samples else dataset
     files = _data_files(path)
     names = [s.name for s in specs]
     chunks: list[_Chunk] = []
@@ -304,3 +324,36 @@ def _check_source(file: Path, spec: InputSpec, src: ArraySource) -> bool:
     if not single and full[0] == 0:
         raise CalibrationDataError(f"{file}: input '{spec.name}' holds no samples")
     return single
+
+
+def random_dataset(
+    specs: Sequence[InputSpec], count: int, *, seed: int = 0, shapes: dict[str, tuple[int, ...]] | None = None
+) -> Dataset:
+    """Random inputs for smoke tests only: ranges calibrated on them say nothing about real data.
+
+    Float inputs are standard normal, integer inputs uniform in [0, 10); dynamic axes other than the
+    batch axis need ``shapes`` (name -> full shape without the batch axis).
+    """
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for spec in specs:
+        dims = (shapes or {}).get(spec.name)
+        if dims is None:
+            rest = spec.shape[1:]
+            if not all(isinstance(d, int) and d > 0 for d in rest):
+                raise CalibrationDataError(
+                    f"input '{spec.name}' has dynamic axes {spec.describe()}; random data needs a fixed shape"
+                )
+            dims = tuple(int(d) for d in rest)  # type: ignore[arg-type]
+        shape = (count, *dims)
+        if spec.dtype.kind == "f":
+            arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind in "iu":
+            arrays[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b":
+            arrays[spec.name] = rng.integers(0, 2, size=shape).astype(bool)
+        else:
+            raise CalibrationDataError(f"input '{spec.name}': cannot make random {spec.dtype} data")
+    dataset = Dataset.from_arrays(specs, arrays)
+    dataset.path = Path(f"<random, seed {seed}>")
+    return dataset

@@ -141,3 +141,10 @@ def test_inspect_reports_integer_kernels(tmp_path, cnn_path, cnn_data):
     result = invoke("inspect", out)
     assert result.exit_code == 0, result.output
     assert "QLinearConv 2" in result.output
+
+
+def test_random_smoke_test_warns(tmp_path, cnn_path):
+    result = invoke("calibrate", cnn_path, "--random", "8", "-o", tmp_path / "c.json")
+    assert result.exit_code == 0, result.output
+    assert "say nothing about real inputs" in result.output
+    assert invoke("calibrate", cnn_path, "-o", tmp_path / "d.json").exit_code == 3  # neither --data nor --random

@@ -7,6 +7,7 @@ import pytest
 
 from quantcli.data import InputSpec, open_dataset
 from quantcli.errors import CalibrationDataError
+from tests.conftest import CALIBRATION_DATA
 
 SPECS = (InputSpec("x", np.dtype("float32"), ("N", 3, 4, 4)),)
 
@@ -117,3 +118,48 @@ def test_truncated_npy_is_refused(tmp_path, rng):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(CalibrationDataError, match="truncated"):
         open_dataset(path, SPECS)
+
+
+def test_image_folder_is_decoded_per_batch(tmp_path):
+    from PIL import Image
+
+    from quantcli.images import ImagePreprocess
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    # the bundled digits, written as PNG files: real pictures, 16x16 grey
+    with np.load(CALIBRATION_DATA / "digits_cnn_eval.npz") as npz:
+        digits = npz["input"][:5, 0]
+    for i, img in enumerate(digits):
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("ignored")
+    specs = (InputSpec("input", np.dtype("float32"), ("N", 3, 32, 32)),)
+    prep = ImagePreprocess(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    ds = open_dataset(folder, specs, images=prep)
+    assert ds.num_samples == 5
+    batch = next(ds.batches(2))["input"]
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == np.float32
+    assert batch.min() >= -1.0 and batch.max() <= 1.0
+    # grey in, grey out: the three channels agree, and the bright strokes survive the resize
+    np.testing.assert_allclose(batch[:, 0], batch[:, 2])
+    assert batch.max() > 0.5
+    nhwc = open_dataset(folder, (InputSpec("input", np.dtype("float32"), ("N", 24, 24, 3)),))
+    assert next(nhwc.batches(1))["input"].shape == (1, 24, 24, 3)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    ds = open_dataset(folder, (InputSpec("input", np.dtype("float32"), ("N", 3, 8, 8)),))
+    with pytest.raises(CalibrationDataError, match="broken.png: not a readable image"):
+        next(ds.batches(1))
+
+
+def test_random_source_needs_fixed_shapes():
+    from quantcli.data import random_dataset
+
+    ds = random_dataset(SPECS, 6, seed=1)
+    assert next(ds.batches(6))["x"].shape == (6, 3, 4, 4)
+    with pytest.raises(CalibrationDataError, match="dynamic axes"):
+        random_dataset((InputSpec("x", np.dtype("float32"), ("N", "T")),), 2)

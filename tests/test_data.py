@@ -152,7 +152,7 @@ def test_unreadable_image_names_the_file(tmp_path):
     folder.mkdir()
     (folder / "broken.png").write_bytes(b"not a png")
     ds = open_dataset(folder, (InputSpec("input", np.dtype("float32"), ("N", 3, 8, 8)),))
-    with pytest.raises(CalibrationDataError, match="broken.png: not a readable image"):
+    with pytest.raises(CalibrationDataError, match=r"broken\.png: not a readable image"):
         next(ds.batches(1))
 
 

@@ -31,6 +31,7 @@ class PreprocessReport:
     constants_to_initializers: int
     removed_identities: int
     folded_batchnorms: int
+    folded_constants: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per pass that did something."""
@@ -39,6 +40,8 @@ class PreprocessReport:
             out.append(f"folded {self.folded_batchnorms} BatchNormalization into Conv")
         if self.removed_identities:
             out.append(f"removed {self.removed_identities} Identity/Dropout")
+        if self.folded_constants:
+            out.append(f"folded {self.folded_constants} nodes with constant inputs into initializers")
         if self.constants_to_initializers:
             out.append(f"turned {self.constants_to_initializers} Constant nodes into initializers")
         if self.named_nodes:
@@ -47,7 +50,11 @@ class PreprocessReport:
 
 
 def preprocess(
-    model: onnx.ModelProto, *, fold_batchnorm: bool = True, remove_identity: bool = True
+    model: onnx.ModelProto,
+    *,
+    fold_batchnorm: bool = True,
+    remove_identity: bool = True,
+    fold_constants: bool = True,
 ) -> tuple[onnx.ModelProto, PreprocessReport]:
     """Return a cleaned copy of ``model`` (the input is never modified) and what was done."""
     out = onnx.ModelProto()
@@ -55,9 +62,68 @@ def preprocess(
     graph = out.graph
     named = _name_nodes(graph)
     consts = _constants_to_initializers(graph)
+    folded_consts = _fold_constants(out) if fold_constants else 0
     removed = _remove_identities(graph) if remove_identity else 0
     folded = _fold_batchnorms(graph) if fold_batchnorm else 0
-    return out, PreprocessReport(named, consts, removed, folded)
+    return out, PreprocessReport(named, consts, removed, folded, folded_consts)
+
+
+#: never evaluated ahead of time: random, stateful, or with sub-graphs
+_NOT_FOLDABLE = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "If", "Loop", "Scan", "QuantizeLinear", "DequantizeLinear", "Constant",
+}  # fmt: skip
+_FOLD_LIMIT_BYTES = 64 << 20
+
+
+def _fold_constants(model: onnx.ModelProto) -> int:
+    """Replace nodes whose inputs are all initializers (e.g. a Transpose of a weight) by their value."""
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    values = {t.name: t for t in graph.initializer if t.name not in inputs}
+    outputs = {o.name for o in graph.output}
+    opsets = list(model.opset_import)
+    keep: list[onnx.NodeProto] = []
+    new_inits: list[onnx.TensorProto] = []
+    folded = 0
+    for node in graph.node:
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NOT_FOLDABLE
+            and node.input
+            and all(i in values for i in node.input if i)
+            and not any(o in outputs for o in node.output)
+            and sum(values[i].ByteSize() for i in node.input if i) < _FOLD_LIMIT_BYTES
+        )
+        if foldable:
+            try:
+                single = helper.make_model(
+                    helper.make_graph(
+                        [node], "fold", [], [onnx.ValueInfoProto(name=o) for o in node.output if o],
+                        [values[i] for i in dict.fromkeys(i for i in node.input if i)],
+                    ),
+                    opset_imports=opsets,
+                )  # fmt: skip
+                results = ReferenceEvaluator(single).run(None, {})
+            except Exception as exc:  # the reference runtime lacks the op, or the node is invalid
+                log.info("not folding %s (%s): %s", node.name, node.op_type, exc)
+                results = None
+            if results is not None:
+                for name, value in zip([o for o in node.output if o], results, strict=True):
+                    tensor = numpy_helper.from_array(np.asarray(value), name)
+                    values[name] = tensor
+                    new_inits.append(tensor)
+                folded += 1
+                continue
+        keep.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(new_inits)
+        _drop_unused_initializers(graph)
+    return folded
 
 
 def _name_nodes(graph: onnx.GraphProto) -> int:

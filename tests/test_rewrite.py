@@ -115,3 +115,25 @@ def test_excluded_node_stays_float(cnn_inputs):
 def test_op_type_exclusion(cnn_inputs):
     _, plan, _ = quantize(models.small_cnn(), cnn_inputs, QuantConfig(exclude_op_types=frozenset({"Gemm"})))
     assert all(op != "Gemm" for _, op in plan.quantized_nodes)
+
+
+def test_transposed_weight_is_folded_and_quantized_as_a_weight(rng):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w_t")
+    nodes = [
+        helper.make_node("Transpose", ["w_t"], ["w"], name="t", perm=[1, 0]),
+        helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+    ]
+    model = models.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [w],
+    )
+    prepared, report = preprocess(model)
+    assert report.folded_constants == 1 and [n.op_type for n in prepared.graph.node] == ["MatMul"]
+    x = {"x": rng.normal(size=(32, 16)).astype(np.float32)}
+    qmodel, plan, _ = quantize(model, x)
+    assert [(wq.node, wq.input_index) for wq in plan.weights] == [("mm", 1)]
+    assert sqnr(run(model, x)[0], run(qmodel, x)[0]) > 25.0

@@ -44,6 +44,7 @@ __all__ = [
     "ActivationQuant",
     "FoldedActivation",
     "QuantPlan",
+    "RangeDecision",
     "Skip",
     "WeightQuant",
     "make_plan",
@@ -65,6 +66,8 @@ MOVEMENT_OPS = (
     "Expand", "Tile", "Resize", "Split",
 )  # fmt: skip
 FOLDABLE_OPS = ("Relu", "Clip")
+#: activations reaching this magnitude carry sentinels (masks, padding fills), not data
+SENTINEL_MAGNITUDE = 1e9
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
 DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS) - {"Softmax"}
 SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS)
@@ -127,6 +130,16 @@ class Skip:
 
 
 @dataclass(frozen=True, slots=True)
+class RangeDecision:
+    """A tensor whose calibrated range was judged unusable, and what was done about it."""
+
+    tensor: str
+    observed_min: float
+    observed_max: float
+    decision: str
+
+
+@dataclass(frozen=True, slots=True)
 class QuantPlan:
     """Everything ``rewrite.apply_plan`` needs, and nothing it has to decide."""
 
@@ -136,6 +149,7 @@ class QuantPlan:
     quantized_nodes: tuple[tuple[str, str], ...]
     skipped: tuple[Skip, ...]
     config: QuantConfig = field(default_factory=QuantConfig)
+    range_decisions: tuple[RangeDecision, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""
@@ -179,6 +193,7 @@ class _Planner:
     #: outputs of Conv/Gemm/MatMul kept in float; a Q right after them would make onnxruntime's
     #: WeightBiasQuantization quantize their weights anyway, so element-wise readers leave them alone
     float_locked: set[str] = field(default_factory=set)
+    range_decisions: list[RangeDecision] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -187,6 +202,18 @@ class _Planner:
     ) -> QuantParams | None:
         r = self.ranges.get(tensor)
         if r is None:
+            return None
+        if max(abs(r.observed_min), abs(r.observed_max)) >= SENTINEL_MAGNITUDE:
+            if tensor not in {d.tensor for d in self.range_decisions}:
+                self.range_decisions.append(
+                    RangeDecision(
+                        tensor,
+                        r.observed_min,
+                        r.observed_max,
+                        "kept in float: sentinel values (an attention mask or padding fill like -3.4e38) "
+                        "would stretch the range until every real value rounds to zero",
+                    )
+                )
             return None
         lo, hi = r.min, r.max
         if clip_min is not None:
@@ -460,4 +487,5 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
         quantized_nodes=tuple(planner.quantized),
         skipped=tuple(planner.skipped),
         config=config,
+        range_decisions=tuple(planner.range_decisions),
     )

@@ -89,6 +89,10 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     if audit.float_compute_nodes:
         names = ", ".join(name for name, _ in audit.float_compute_nodes[:8])
         console.print(f"[yellow]float compute nodes:[/] {names}")
+    for d in result.plan.range_decisions:
+        console.print(
+            f"[yellow]range:[/] '{d.tensor}' observed [{d.observed_min:.3g}, {d.observed_max:.3g}]: {d.decision}"
+        )
     reasons = Counter((s.op_type, s.reason) for s in result.plan.skipped)
     if reasons:
         table = Table(title="left in float", title_justify="left")

@@ -137,3 +137,51 @@ def test_transposed_weight_is_folded_and_quantized_as_a_weight(rng):
     qmodel, plan, _ = quantize(model, x)
     assert [(wq.node, wq.input_index) for wq in plan.weights] == [("mm", 1)]
     assert sqnr(run(model, x)[0], run(qmodel, x)[0]) > 25.0
+
+
+def test_attention_mask_sentinel_stays_float(rng, monkeypatch):
+    """scores + (1 - mask) * -3.4e38 -> Softmax -> @ v: the mask path must not set a quantization range."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = 16
+    inits = [
+        numpy_helper.from_array((rng.normal(size=(d, d)) / 4).astype(np.float32), n) for n in ("wq", "wk", "wv")
+    ] + [numpy_helper.from_array(np.float32(1.0), "one"), numpy_helper.from_array(np.float32(-3.4e38), "neg")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="q"),
+        helper.make_node("MatMul", ["x", "wk"], ["k"], name="k"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], name="scores"),
+        helper.make_node("Sub", ["one", "mask"], ["inv"], name="inv"),
+        helper.make_node("Mul", ["inv", "neg"], ["bias"], name="bias"),
+        helper.make_node("Add", ["scores", "bias"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["y"], name="pv"),
+    ]
+    model = models.make_model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6, d]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, 6]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, d])],
+        inits,
+    )
+    mask = np.ones((64, 1, 6), np.float32)
+    mask[::2, 0, 4:] = 0  # padded positions
+    feeds = {"x": rng.normal(size=(64, 6, d)).astype(np.float32), "mask": mask}
+    qmodel, plan, _ = quantize(model, feeds)
+    flagged = {r.tensor for r in plan.range_decisions}
+    assert "bias" in flagged  # the mask term; the Add reading it then stays float
+    assert ("add_mask", "Add") not in plan.quantized_nodes
+    assert ("scores", "MatMul") in plan.quantized_nodes  # the rest stays quantized
+    ref, out = run(model, feeds)[0], run(qmodel, feeds)[0]
+    handled = sqnr(ref, out)
+    # the same model with the sentinel check switched off: the mask sets the range, the output is lost
+    import quantcli.planning
+
+    monkeypatch.setattr(quantcli.planning, "SENTINEL_MAGNITUDE", float("inf"))
+    naive, _, _ = quantize(model, feeds)
+    lost = sqnr(ref, run(naive, feeds)[0])
+    assert handled > 15.0 and lost < 5.0, (handled, lost)

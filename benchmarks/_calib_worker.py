@@ -44,7 +44,9 @@ def main() -> None:
         from quantcli.api import calibrate_model
         from quantcli.options import CalibrationMethod
 
-        result = calibrate_model(Path(model), npz, method=CalibrationMethod(method), batch_size=batch_size)
+        result = calibrate_model(
+            Path(model), npz, method=CalibrationMethod(method), batch_size=batch_size, upgrade_opset=True
+        )
         count = len(result.ranges)
     else:
         from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator

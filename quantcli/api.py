@@ -59,6 +59,10 @@ def _prepare_input(model: onnx.ModelProto, path: Path, *, upgrade_opset: bool) -
         raise UnsupportedModelError(
             f"{path}: model is already quantized (contains {', '.join(found)}); give quantcli the FP32 model"
         )
+    weights = {
+        name for node in model.graph.node if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+        for name in node.input[1:3]
+    }  # fmt: skip
     for init in model.graph.initializer:
         try:
             values = onnx.numpy_helper.to_array(init)
@@ -66,9 +70,10 @@ def _prepare_input(model: onnx.ModelProto, path: Path, *, upgrade_opset: bool) -
             raise UnsupportedModelError(
                 f"{path}: initializer '{init.name}' is malformed (its data does not fit its shape {list(init.dims)})"
             ) from exc
-        if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+        # +-inf constants are legitimate elsewhere (masks, Clip bounds); in a weight they are damage
+        if init.name in weights and values.dtype.kind == "f" and not np.all(np.isfinite(values)):
             raise UnsupportedModelError(
-                f"{path}: initializer '{init.name}' holds NaN or infinite values; the model is damaged"
+                f"{path}: weight '{init.name}' holds NaN or infinite values; the model is damaged"
             )
     opset = model_opset(model)
     if opset < MIN_OPSET:

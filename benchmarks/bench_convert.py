@@ -68,6 +68,7 @@ def ort_quantize(model: Path, calib, out: Path, activation: str) -> tuple[bool, 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    model, out = Path(model).resolve(), Path(out).resolve()
     pre = out.with_suffix(".pre.onnx")
     note = ""
     cwd = os.getcwd()

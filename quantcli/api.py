@@ -6,7 +6,8 @@ The command line is a thin layer over these; tests and scripts call them directl
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,9 @@ from quantcli.options import CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
+from quantcli.recipe import Recipe, read_recipe, write_recipe
 from quantcli.rewrite import apply_plan
+from quantcli.search import Candidate, SearchOptions, SearchResult, build_candidate, search_quantization
 
 __all__ = [
     "CompareResult",
@@ -150,6 +153,8 @@ class ConvertResult:
     input_bytes: int
     output_bytes: int
     calibration: CalibrationResult
+    search: SearchResult | None = None
+    recipe_path: Path | None = None
 
 
 def convert_model(
@@ -165,12 +170,21 @@ def convert_model(
     require_fused: bool = False,
     upgrade_opset: bool = False,
     timeout: float | None = None,
+    search: SearchOptions | None = None,
+    eval_data: Path | None = None,
+    recipe: Recipe | Path | None = None,
+    save_recipe: Path | None = None,
     progress: Progress = no_progress,
+    log: Callable[[str], None] = lambda _: None,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
     Give either a calibration (result or file) or ``data_path`` to calibrate on the fly. With a
     calibration and a ``method`` other than its own, ranges are re-chosen from its stored histograms.
+
+    With ``search`` and ``eval_data``, an accuracy-driven search (``quantcli.search``) picks the
+    method, per-tensor methods and float nodes that meet ``search.budget``; ``save_recipe`` writes
+    its decisions. With ``recipe``, saved decisions are replayed (same calibration, same bytes).
 
     Raises:
         QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
@@ -179,17 +193,33 @@ def convert_model(
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == model_path.resolve():
         raise QuantCliError(f"{output_path}: output would overwrite the input model; choose another path")
+    if search is not None and recipe is not None:
+        raise QuantCliError("give either a budget to search for (--max-accuracy-drop/--min-sqnr) or --recipe, not both")
+    if search is not None and eval_data is None:
+        raise QuantCliError("the accuracy search needs --eval-data EVAL (held-out data, with labels for top-1)")
+    if save_recipe is not None and search is None:
+        raise QuantCliError("--save-recipe records a search's decisions: give --max-accuracy-drop or --min-sqnr")
+    if save_recipe is not None and save_recipe.exists() and not force:
+        raise QuantCliError(f"{save_recipe}: already exists; pass --force to overwrite it")
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     sha = file_sha256(model_path)
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = read_recipe(Path(recipe), expected_sha256=sha)
+    elif recipe is not None and recipe.model_sha256 != sha:
+        raise QuantCliError(f"{model_path}: the recipe was made for another model (sha256 differs)")
+    if recipe is not None:
+        config, method, percentile = recipe.config, recipe.method, recipe.percentile
     if isinstance(calibration, (str, os.PathLike)):
         calibration = read_calibration(Path(calibration), expected_sha256=sha)
     elif calibration is None:
         if data_path is None:
             raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
+        # the search and recipes re-choose methods per tensor: they need the histograms
+        wants_histograms = search is not None or recipe is not None
         calibration = calibrate_model(
             model_path,
             data_path,
-            method=method or CalibrationMethod.MINMAX,
+            method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
             percentile=percentile,
             timeout=timeout,
             upgrade_opset=upgrade_opset,
@@ -197,11 +227,23 @@ def convert_model(
         )
     elif calibration.model_sha256 != sha:
         raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
-    if method is not None and method != calibration.method:
+    searched: SearchResult | None = None
+    if search is None and recipe is None and method is not None and method != calibration.method:
         calibration = rechoose(calibration, method, percentile=percentile)
     prepared, pre_report = preprocess(model)
-    plan = make_plan(prepared, calibration.ranges, config)
-    quantized = apply_plan(prepared, plan)
+    if recipe is not None:
+        candidate = Candidate(recipe.method, recipe.tensor_methods, recipe.float_nodes)
+        quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)
+    elif search is not None:
+        assert eval_data is not None
+        dataset = open_dataset(eval_data, model_input_specs(model))
+        methods = (method, *search.methods) if method is not None else search.methods
+        search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
+        searched = search_quantization(prepared, calibration, config, dataset, search, progress=progress, log=log)
+        quantized, plan = searched.model, searched.plan
+    else:
+        plan = make_plan(prepared, calibration.ranges, config)
+        quantized = apply_plan(prepared, plan)
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
@@ -217,6 +259,8 @@ def convert_model(
                 f"({', '.join(left[:5])}); see 'quantcli inspect' for why"
             )
     save_model(quantized, output_path, force=force)
+    if searched is not None and save_recipe is not None:
+        write_recipe(searched.recipe(sha, config, percentile), save_recipe, force=force)
     return ConvertResult(
         output_path=output_path,
         plan=plan,
@@ -225,6 +269,8 @@ def convert_model(
         input_bytes=model_path.stat().st_size,
         output_bytes=output_path.stat().st_size,
         calibration=calibration,
+        search=searched,
+        recipe_path=save_recipe if searched is not None else None,
     )
 
 

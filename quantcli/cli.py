@@ -1,7 +1,8 @@
 """The ``quantcli`` command line: parse options, call ``quantcli.api``, render with ``quantcli.report``.
 
-Exit codes: 0 success; 1 a ``compare`` gate failed; 2 usage error; 3 bad input (a file, data or
-option quantcli cannot use; one line on stderr, no traceback); 4 internal error (a bug: traceback).
+Exit codes: 0 success; 1 a ``compare`` gate failed or the ``convert`` search missed its budget;
+2 usage error; 3 bad input (a file, data or option quantcli cannot use; one line on stderr, no
+traceback); 4 internal error (a bug: traceback).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from quantcli.host import detect_host
 from quantcli.images import ImagePreprocess
 from quantcli.metrics import parse_metric
 from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
+from quantcli.search import Budget, BudgetNotMetError, SearchOptions
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 3
@@ -43,7 +45,7 @@ Workflow (each step is one command, each writes one file):
   quantcli convert   model.onnx --calibration model.calib.json -o model.int8.onnx
   quantcli compare   model.onnx model.int8.onnx --data eval.npz --max-accuracy-drop 1
 
-Exit codes: 0 ok, 1 a compare gate failed, 2 usage error, 3 bad input, 4 internal error.
+Exit codes: 0 ok, 1 a compare gate failed or convert's budget was not met, 2 usage error, 3 bad input, 4 internal error.
 """
 
 app = typer.Typer(
@@ -92,6 +94,9 @@ def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: object, **kwargs: object) -> None:
         try:
             func(*args, **kwargs)
+        except BudgetNotMetError as exc:
+            err.print(f"[red]budget not met:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_GATE_FAILED) from None
         except QuantCliError as exc:
             err.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
@@ -126,6 +131,13 @@ def _progress(quiet: bool):
         )  # fmt: skip
 
     return wrap
+
+
+def _search_log(quiet: bool) -> Callable[[str], None]:
+    """Each search step as one stderr line (the table on stdout keeps only the steps kept)."""
+    if quiet:
+        return lambda _: None
+    return lambda line: err.print(f"search: {line}", highlight=False, soft_wrap=True)
 
 
 def _parse_bytes(text: str | None) -> int | None:
@@ -267,12 +279,37 @@ def convert(
     upgrade_opset: Annotated[
         bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
     ] = False,
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Held-out data (with labels) for the accuracy search.")
+    ] = None,
+    max_accuracy_drop: Annotated[
+        float | None,
+        typer.Option(min=0, help="Search: fall back the fewest nodes until top-1 drops at most this many points."),
+    ] = None,
+    min_sqnr: Annotated[
+        float | None, typer.Option(help="Search: until every output's SQNR is at least this (dB).")
+    ] = None,
+    search_max_fallback: Annotated[int, typer.Option(min=0, help="Search: most nodes returned to float.")] = 24,
+    save_recipe: Annotated[
+        Path | None, typer.Option("--save-recipe", help="Search: write its decisions here (JSON).")
+    ] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", help="Replay a saved recipe (types, methods, float nodes).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Write a QDQ model that onnxruntime runs with integer kernels."""
+    """Write a QDQ model that onnxruntime runs with integer kernels.
+
+    With --eval-data and a budget (--max-accuracy-drop, --min-sqnr), search for the model with
+    the fewest float nodes that meets it; --save-recipe keeps the decisions for --recipe.
+    """
     if calibration is not None and data is not None:
         raise QuantCliError("give either --calibration or --data, not both")
+    budget = Budget(max_accuracy_drop, min_sqnr)
+    searching = max_accuracy_drop is not None or min_sqnr is not None
+    if eval_data is not None and not searching:
+        raise QuantCliError("--eval-data is for the accuracy search: also give --max-accuracy-drop or --min-sqnr")
     host = detect_host()
     act = host.activation_type if activation_type == ActivationType.AUTO else QuantDType(str(activation_type))
     config = QuantConfig(
@@ -289,6 +326,9 @@ def convert(
         model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
         force=force, require_fused=require_fused, timeout=timeout,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
+        search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
+        eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
+        log=_search_log(quiet),
     )  # fmt: skip
     report.render_convert(out, result)
 

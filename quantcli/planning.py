@@ -41,6 +41,7 @@ from quantcli.qmath import (
 )
 
 __all__ = [
+    "FLOAT_READ_OPS",
     "ActivationQuant",
     "FoldedActivation",
     "QuantPlan",
@@ -51,6 +52,10 @@ __all__ = [
 ]
 
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
+#: ops that onnxruntime quantizes by itself when an input arrives from DequantizeLinear (its
+#: weight/bias quantization pass turns DQ -> float-weight MatMul into an integer kernel), so a
+#: node of these types that quantcli keeps in float must read the float tensor, not the DQ output
+FLOAT_READ_OPS = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose"})
 ELEMENTWISE_OPS = (
     "Add",
     "Mul",
@@ -193,6 +198,8 @@ class _Planner:
     #: outputs of Conv/Gemm/MatMul kept in float; a Q right after them would make onnxruntime's
     #: WeightBiasQuantization quantize their weights anyway, so element-wise readers leave them alone
     float_locked: set[str] = field(default_factory=set)
+    #: Conv/MatMul/Gemm kept in float by the options; they must read float tensors (see rewrite)
+    float_compute: set[str] = field(default_factory=set)
     range_decisions: list[RangeDecision] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
@@ -281,6 +288,8 @@ class _Planner:
             return None
         if any(fnmatch.fnmatchcase(relu.name, p) for p in self.config.exclude_nodes if not p.startswith("re:")):
             return None
+        if any(r.name in self.float_compute for r in self.index.consumers_of(relu.output[0])):
+            return None  # a float Conv/MatMul/Gemm reads the clipped float tensor: keep the Relu
         if relu.op_type == "Relu":
             return relu, 0.0, None
         lo_hi = self._clip_bounds(relu)
@@ -456,6 +465,9 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
     """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``."""
     index = GraphIndex.build(model.graph)
     planner = _Planner(index, ranges, config)
+    planner.float_compute = {
+        n.name for n in model.graph.node if n.op_type in FLOAT_READ_OPS and _node_selected(n, config) is not None
+    }
     folded_nodes: set[str] = set()
     for node in model.graph.node:
         if node.name in folded_nodes:

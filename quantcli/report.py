@@ -17,6 +17,7 @@ from quantcli.calibration import CalibrationResult
 from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
 from quantcli.graph import atomic_output
+from quantcli.search import SearchResult
 
 __all__ = [
     "COMPARE_SCHEMA",
@@ -25,6 +26,7 @@ __all__ = [
     "render_compare",
     "render_convert",
     "render_gates",
+    "render_search",
     "write_json",
 ]
 
@@ -60,8 +62,46 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
     console.print(f"wrote [bold]{path}[/]")
 
 
+def render_search(console: Console, result: SearchResult) -> None:
+    """The trials of an accuracy-driven search: what each step changed, and what it cost."""
+    shown = [t for t in result.trials if t.kept or t.step == result.chosen.step]
+    title = (
+        f"accuracy search ({result.budget.describe()}): {len(result.trials)} trials on "
+        f"{result.num_samples} samples, the {len(shown)} steps kept shown"
+    )
+    table = Table(title=title, title_justify="left")
+    for col in ("step", "stage", "change", "top-1", "drop", "SQNR dB", "vs FP32 b1", "float", "budget"):
+        table.add_column(col, justify="left" if col in ("stage", "change") else "right")
+    for t in shown:
+        mark = "[green]met[/]" if t.meets_budget else "[red]missed[/]"
+        style = "bold" if t.step == result.chosen.step else ""
+        table.add_row(
+            str(t.step),
+            t.stage,
+            t.action if len(t.action) <= 60 else t.action[:57] + "...",
+            "-" if t.accuracy is None else f"{t.accuracy:.2f}%",
+            "-" if t.accuracy_drop is None else f"{t.accuracy_drop:.2f}",
+            f"{t.sqnr_db:.1f}",
+            f"{t.speedup_b1:.2f}x",
+            str(len(t.candidate.float_nodes)),
+            mark,
+            style=style,
+        )
+    console.print(table)
+    c = result.chosen
+    fp32 = "" if result.fp32_accuracy is None else f" (FP32 {result.fp32_accuracy:.2f}%)"
+    console.print(
+        f"chosen: step {c.step}: method {c.candidate.method}, {len(c.candidate.tensor_methods)} per-tensor "
+        f"method(s), {len(c.candidate.float_nodes)} node(s) in float{fp32}; {c.speedup_b1:.2f}x FP32 at batch 1"
+    )
+    if c.speedup_b1 < 1.0:
+        console.print("[yellow]the chosen model is not faster than FP32 at batch 1 on this host[/]")
+
+
 def render_convert(console: Console, result: ConvertResult) -> None:
     """What convert quantized, what onnxruntime fused, and what stayed float."""
+    if result.search is not None:
+        render_search(console, result.search)
     for line in result.preprocess.lines():
         console.print(f"pre-processing: {line}")
     cfg = result.plan.config
@@ -107,6 +147,8 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
         f"wrote [bold]{result.output_path}[/]"
     )
+    if result.recipe_path is not None:
+        console.print(f"wrote recipe [bold]{result.recipe_path}[/] (replay with --recipe)")
 
 
 def render_compare(console: Console, result: CompareResult) -> None:

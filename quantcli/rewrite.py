@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from quantcli.errors import UnsupportedModelError
 from quantcli.graph import model_opset
 from quantcli.options import QuantDType
-from quantcli.planning import QuantPlan
+from quantcli.planning import FLOAT_READ_OPS, QuantPlan
 from quantcli.qmath import QuantizedTensor, QuantParams
 
 __all__ = ["NameAllocator", "apply_plan", "required_opset"]
@@ -152,6 +152,10 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         )
         weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
 
+    # a Conv/MatMul/Gemm left in float reads the float tensor: fed from a DQ, onnxruntime would
+    # quantize its weights itself (per tensor, with no say from the plan or the user)
+    quantized_nodes = {name for name, _ in plan.quantized_nodes}
+    folded_outputs = {f.output for f in plan.folded}
     new_nodes: list[onnx.NodeProto] = []
     for name in (i.name for i in graph.input):
         if name in act_nodes:
@@ -162,8 +166,9 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         for pos, dq in weight_nodes.get(node.name, []):
             node.input[pos] = dq.output[0]
             new_nodes.append(dq)
+        float_reader = node.op_type in FLOAT_READ_OPS and node.name not in quantized_nodes
         for pos, name in enumerate(node.input):
-            if name in act_nodes:
+            if name in act_nodes and not (float_reader and name not in folded_outputs):
                 node.input[pos] = act_nodes[name][2]
         new_nodes.append(node)
         for out_name in node.output:

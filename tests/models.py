@@ -128,3 +128,37 @@ def float_only(seed: int = 0) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, d])],
         inits,
     )
+
+
+def sensitive_mlp(seed: int = 0, d: int = 32) -> onnx.ModelProto:
+    """Three MatMuls where only the middle one cannot be quantized well.
+
+    Hidden unit ``k`` is dead (its pre-activation is always negative for non-negative inputs), and
+    the middle weight's row ``k`` is 500x larger than the rest: FP32 never sees it, but it sets the
+    int8 weight scale of ``mm2`` so that every other weight of that layer rounds to zero.
+    """
+    rng = np.random.default_rng(seed)
+    k = 3
+    w1 = rng.normal(size=(d, d)) * 0.3
+    w1[:, k] = -np.abs(w1[:, k])
+    b1 = rng.normal(size=d) * 0.1
+    b1[k] = -1.0
+    w2 = rng.normal(size=(d, d)) * 0.3
+    w2[k, :] *= 500.0
+    inits = [_init("w1", w1), _init("b1", b1), _init("w2", w2), _init("b2", rng.normal(size=d) * 0.1),
+             _init("w3", rng.normal(size=(d, 10)) * 0.3)]  # fmt: skip
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["h1"], name="add1"),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["h2"], name="add2"),
+        helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "w3"], ["y"], name="mm3"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )

@@ -1,0 +1,158 @@
+"""Accuracy-driven search and recipes: the budget holds, the fewest nodes fall back, replays are exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from quantcli import api
+from quantcli.cli import app
+from quantcli.errors import ArtifactMismatchError
+from quantcli.options import QuantConfig
+from quantcli.recipe import read_recipe
+from quantcli.search import Budget, BudgetNotMetError, SearchOptions
+from tests import models
+from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+from tests.helpers import run, sqnr
+
+CONFIG = QuantConfig()  # explicit types: the same choices on every host
+
+
+@pytest.fixture
+def mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The over-sensitive MLP with disjoint calibration and evaluation inputs (non-negative)."""
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(models.sensitive_mlp().SerializeToString())
+    rng = np.random.default_rng(5)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    np.savez(evald, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    return model, calib, evald
+
+
+def test_search_returns_only_the_oversensitive_layer_to_float(mlp, tmp_path):
+    model, calib, evald = mlp
+    out = tmp_path / "q.onnx"
+    result = api.convert_model(
+        model, out, data_path=calib, config=CONFIG,
+        search=SearchOptions(Budget(min_sqnr_db=25.0)), eval_data=evald,
+    )  # fmt: skip
+    search = result.search
+    assert search is not None
+    assert not search.trials[0].meets_budget  # plain quantization misses the budget
+    assert search.trials[0].sqnr_db < 10
+    assert search.chosen.meets_budget and search.chosen.sqnr_db >= 25.0
+    assert search.chosen.candidate.float_nodes == ("mm2",)
+    quantized = {name for name, _ in result.plan.quantized_nodes}
+    assert {"mm1", "mm3"} <= quantized and "mm2" not in quantized
+    # the written model really reaches the budget on the evaluation data
+    x = np.load(evald)["x"]
+    ref = run(models.sensitive_mlp(), {"x": x})[0]
+    assert sqnr(ref, run(onnx.load(str(out)), {"x": x})[0]) >= 25.0
+
+
+def test_recipe_replays_to_identical_bytes(mlp, tmp_path):
+    model, calib, evald = mlp
+    first, recipe = tmp_path / "a.onnx", tmp_path / "recipe.json"
+    api.convert_model(
+        model, first, data_path=calib, config=CONFIG, search=SearchOptions(Budget(min_sqnr_db=25.0)),
+        eval_data=evald, save_recipe=recipe,
+    )  # fmt: skip
+    doc = json.loads(recipe.read_text())
+    assert doc["schema"] == "quantcli.recipe/1" and doc["float_nodes"] == ["mm2"]
+    second = tmp_path / "b.onnx"
+    replay = api.convert_model(model, second, data_path=calib, recipe=recipe)
+    assert replay.search is None
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_search_is_deterministic(mlp, tmp_path):
+    model, calib, evald = mlp
+    outs = []
+    for name in ("a", "b"):
+        res = api.convert_model(
+            model, tmp_path / f"{name}.onnx", data_path=calib, config=CONFIG,
+            search=SearchOptions(Budget(min_sqnr_db=25.0)), eval_data=evald,
+        )  # fmt: skip
+        assert res.search is not None
+        outs.append([(t.action, t.meets_budget) for t in res.search.trials])
+    assert outs[0] == outs[1]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_unreachable_budget_writes_nothing_and_exits_1(mlp, tmp_path):
+    model, calib, evald = mlp
+    out = tmp_path / "q.onnx"
+    with pytest.raises(BudgetNotMetError, match="no quantization met the budget"):
+        api.convert_model(
+            model, out, data_path=calib, config=CONFIG,
+            search=SearchOptions(Budget(min_sqnr_db=200.0), max_fallback=1, probe=1), eval_data=evald,
+        )  # fmt: skip
+    assert not out.exists()
+    res = CliRunner().invoke(
+        app, ["convert", str(model), "-o", str(out), "--data", str(calib), "--eval-data", str(evald),
+              "--min-sqnr", "200", "--search-max-fallback", "1"],
+    )  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert not out.exists()
+
+
+def test_recipe_for_another_model_is_refused(mlp, tmp_path):
+    model, calib, evald = mlp
+    recipe = tmp_path / "recipe.json"
+    api.convert_model(
+        model, tmp_path / "a.onnx", data_path=calib, config=CONFIG,
+        search=SearchOptions(Budget(min_sqnr_db=25.0)), eval_data=evald, save_recipe=recipe,
+    )  # fmt: skip
+    with pytest.raises(ArtifactMismatchError, match="another model"):
+        read_recipe(recipe, expected_sha256="0" * 64)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "quantcli.recipe/9"}))
+    with pytest.raises(ArtifactMismatchError, match=r"not a quantcli\.recipe/1 recipe"):
+        read_recipe(bad)
+    bad.write_text("{not json")
+    with pytest.raises(ArtifactMismatchError, match="not JSON"):
+        read_recipe(bad)
+
+
+def test_accuracy_budget_on_the_bundled_transformer(tmp_path):
+    """Real model, real held-out labels: the chosen model keeps top-1 within the budget."""
+    model = SAMPLE_MODELS / "digits_transformer.onnx"
+    out = tmp_path / "t.onnx"
+    result = api.convert_model(
+        model, out, data_path=CALIBRATION_DATA / "digits_transformer_calib.npz", config=CONFIG,
+        search=SearchOptions(Budget(max_accuracy_drop=0.3), latency_runs=3),
+        eval_data=CALIBRATION_DATA / "digits_transformer_eval.npz",
+    )  # fmt: skip
+    search = result.search
+    assert search is not None and search.fp32_accuracy is not None
+    assert search.chosen.accuracy is not None
+    assert search.fp32_accuracy - search.chosen.accuracy <= 0.3 + 1e-9
+    # most of the model stays quantized
+    assert len(search.chosen.candidate.float_nodes) <= 4
+    assert sum(op == "MatMul" for _, op in result.plan.quantized_nodes) >= 10
+
+
+def test_cli_search_options_are_checked(mlp, tmp_path):
+    model, calib, evald = mlp
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--data", str(calib), "--eval-data", str(evald)]
+    )
+    assert res.exit_code == 3 and "--max-accuracy-drop or --min-sqnr" in res.output
+    res = runner.invoke(
+        app, ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--data", str(calib), "--min-sqnr", "20"]
+    )
+    assert res.exit_code == 3 and "--eval-data" in res.output
+    # an accuracy budget needs class scores: this MLP has them, an unlabelled set uses agreement
+    res = runner.invoke(
+        app, ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--data", str(calib), "--eval-data",
+              str(evald), "--max-accuracy-drop", "5", "--save-recipe", str(tmp_path / "r.json")],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "accuracy search" in res.output and (tmp_path / "r.json").exists()

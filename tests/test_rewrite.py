@@ -185,3 +185,15 @@ def test_attention_mask_sentinel_stays_float(rng, monkeypatch):
     naive, _, _ = quantize(model, feeds)
     lost = sqnr(ref, run(naive, feeds)[0])
     assert handled > 15.0 and lost < 5.0, (handled, lost)
+
+
+def test_excluded_matmul_stays_float_after_onnxruntime_optimization():
+    """Fed from a DequantizeLinear, onnxruntime would quantize a float MatMul's weight by itself."""
+    model = models.sensitive_mlp()
+    x = np.abs(np.random.default_rng(3).normal(size=(64, 32))).astype(np.float32)
+    q, _, _ = quantize(model, {"x": x}, QuantConfig(exclude_nodes=("mm2",)))
+    audit = audit_fusion(q)
+    assert any(name.startswith("mm2") for name, _ in audit.float_compute_nodes)  # e.g. mm2/MatMulAddFusion
+    assert audit.integer_kernel_count >= 2  # mm1 and mm3 still run as integer kernels
+    # mm2's huge dead row would wipe out its other weights if it were quantized: it is not
+    assert sqnr(run(model, {"x": x})[0], run(q, {"x": x})[0]) > 25

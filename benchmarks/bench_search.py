@@ -1,0 +1,168 @@
+"""Benchmark: accuracy-driven search vs plain quantization vs onnxruntime's quantizer, in one run.
+
+For each model with labelled evaluation data: FP32, quantcli with defaults (min-max), quantcli's
+accuracy search under a budget (``--max-accuracy-drop``), and onnxruntime's ``quantize_static``
+as its docs advise (``quant_pre_process``, QDQ, per-channel, MinMax, uint8 activations: its best
+case on x86). Prints top-1, the drop against FP32, output SQNR, batch-1 latency against FP32
+(all sessions timed in alternation on the same feed), nodes returned to float and search time.
+
+The search decides on ``--search-eval`` (the first half of the evaluation split by default), and
+the table reports accuracy on the other half, so the figures are not the ones it tuned on.
+
+Usage:
+    python benchmarks/bench_search.py                     # bundled models + real ones if fetched
+    python benchmarks/bench_search.py --budget 0.5 --json search.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_convert import accuracy_and_error, ort_quantize, time_interleaved  # noqa: E402
+
+from quantcli.api import convert_model  # noqa: E402
+from quantcli.data import model_input_specs, open_dataset  # noqa: E402
+from quantcli.search import Budget, SearchOptions  # noqa: E402
+
+MODELS = [
+    ("digits_cnn", "sample_models/digits_cnn.onnx", "calibration_data/digits_cnn_calib.npz",
+     "calibration_data/digits_cnn_eval.npz"),
+    ("digits_transformer", "sample_models/digits_transformer.onnx",
+     "calibration_data/digits_transformer_calib.npz", "calibration_data/digits_transformer_eval.npz"),
+    ("ppocr_mobile_v2_cls", "benchmarks/models/ppocr_mobile_v2_cls.onnx",
+     "benchmarks/models/ppocr_mobile_v2_cls_calib.npz", "benchmarks/models/ppocr_mobile_v2_cls_eval.npz"),
+    ("magika_standard_v3_3", "benchmarks/models/magika_standard_v3_3.onnx",
+     "benchmarks/models/magika_standard_v3_3_calib.npz", "benchmarks/models/magika_standard_v3_3_eval.npz"),
+]  # fmt: skip
+
+
+def split_eval(eval_path: Path, work: Path) -> tuple[Path, Path]:
+    """Even samples for the search to decide on, odd samples to report (disjoint halves)."""
+    with np.load(eval_path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    tune = {k: v[0::2] for k, v in arrays.items()}
+    test = {k: v[1::2] for k, v in arrays.items()}
+    np.savez(work / "tune.npz", **tune)
+    np.savez(work / "test.npz", **test)
+    return work / "tune.npz", work / "test.npz"
+
+
+def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix=f"bench-search-{name}-"))
+    tune, test = split_eval(evald, work)
+    specs = model_input_specs(onnx.load(str(model), load_external_data=False))
+    paths = {"fp32": model}
+    info: dict[str, dict] = {"fp32": {}}
+    t0 = time.perf_counter()
+    convert_model(model, work / "plain.onnx", data_path=calib, config=args.config)
+    paths["quantcli"] = work / "plain.onnx"
+    info["quantcli"] = {"seconds": round(time.perf_counter() - t0, 1), "float_nodes": 0}
+    t0 = time.perf_counter()
+    try:
+        res = convert_model(
+            model, work / "search.onnx", data_path=calib, config=args.config, eval_data=tune,
+            search=SearchOptions(Budget(max_accuracy_drop=args.budget), latency_runs=args.search_runs),
+        )  # fmt: skip
+        assert res.search is not None
+        paths["search"] = work / "search.onnx"
+        info["search"] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "float_nodes": len(res.search.chosen.candidate.float_nodes),
+            "method": str(res.search.chosen.candidate.method),
+            "tensor_methods": len(res.search.chosen.candidate.tensor_methods),
+            "trials": len(res.search.trials),
+            "tune_drop": res.search.chosen.accuracy_drop,
+        }
+    except Exception as exc:  # report, keep going
+        info["search"] = {"failed": f"{type(exc).__name__}: {exc}"}
+    t0 = time.perf_counter()
+    try:
+        _, note = ort_quantize(model, open_dataset(calib, specs), work / "ort.onnx", "uint8")
+        paths["ort-u8"] = work / "ort.onnx"
+        info["ort-u8"] = {"seconds": round(time.perf_counter() - t0, 1), "note": note}
+    except Exception as exc:
+        info["ort-u8"] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"}
+    quality = accuracy_and_error(paths, open_dataset(test, specs))
+    feed = next(open_dataset(test, specs).batches(1))
+    latency = time_interleaved(paths, feed, 1, args.runs)
+    rows = {}
+    for key in paths:
+        acc, agree, sqnr = quality[key]
+        rows[key] = {
+            **info[key],
+            "top1": None if acc is None else round(100 * acc, 2),
+            "agreement": None if agree is None else round(100 * agree, 2),
+            "sqnr_db": round(sqnr, 1) if np.isfinite(sqnr) else None,
+            "b1_ms": round(latency[key], 3),
+            "speedup_b1": round(latency["fp32"] / latency[key], 2),
+            "size_ratio": round(paths[key].stat().st_size / model.stat().st_size, 3),
+        }
+    for key, value in info.items():
+        if key not in rows:
+            rows[key] = value
+    return rows
+
+
+def print_rows(name: str, rows: dict, budget: float, samples: int) -> None:
+    print(f"\n## {name}  (budget: top-1 drop <= {budget} points; reported on {samples} held-out samples)")
+    print("| variant | top-1 % | drop | SQNR dB | b1 vs FP32 | size | float nodes | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    fp32 = rows["fp32"].get("top1")
+    for key, r in rows.items():
+        if "failed" in r:
+            print(f"| {key} | - | - | - | - | - | - | FAILED: {r['failed'][:90]} |")
+            continue
+        drop = "-" if fp32 is None or r.get("top1") is None else f"{fp32 - r['top1']:.2f}"
+        notes = []
+        if "trials" in r:
+            notes.append(
+                f"{r['trials']} trials, {r['seconds']}s, method {r['method']}, {r['tensor_methods']} per-tensor"
+            )
+        elif r.get("note"):
+            notes.append(r["note"][:80])
+        print(
+            f"| {key} | {r.get('top1')} | {drop} | {r.get('sqnr_db')} | {r['speedup_b1']:.2f}x | "
+            f"{r['size_ratio']:.2f}x | {r.get('float_nodes', '-')} | {'; '.join(notes)} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=float, default=1.0, help="top-1 drop budget in points")
+    parser.add_argument("--runs", type=int, default=200, help="interleaved batch-1 runs per model")
+    parser.add_argument("--search-runs", type=int, default=10, help="latency runs per search trial")
+    parser.add_argument("--only", nargs="*", help="model names to run")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    args.config = None  # the host's defaults
+    results = {}
+    for name, model, calib, evald in MODELS:
+        if args.only and name not in args.only:
+            continue
+        model_p, calib_p, eval_p = REPO / model, REPO / calib, REPO / evald
+        if not model_p.exists():
+            print(f"\n## {name}: not fetched (python benchmarks/fetch_models.py)")
+            continue
+        rows = bench(name, model_p, calib_p, eval_p, args)
+        with np.load(eval_p) as data:
+            samples = len(data[data.files[0]][1::2])
+        print_rows(name, rows, args.budget, samples)
+        results[name] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,9 @@ The model is copied and every float activation is exposed as an extra graph outp
 model is not touched). Each batch's outputs go straight into small observers and are dropped, so
 memory holds one batch of activations, whatever the number of samples. When one batch of all
 activations would exceed the memory budget, the tensors are split into groups and the data is run
-once per group. Histogram methods take a
-second pass over the data with bins fixed at the exact min/max of the first, which makes their
-result independent of the batch size.
+once per group. Histogram methods use the same single pass: their histograms grow by merging bins
+on a power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the batch
+size and no raw data is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from quantcli.data import Dataset
 from quantcli.errors import ArtifactMismatchError, CalibrationDataError, CalibrationTimeoutError, UnsupportedModelError
 from quantcli.graph import available_memory
 from quantcli.observers import (
+    HISTOGRAM_METHODS,
+    GrowingHistogram,
     HistogramObserver,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
@@ -181,7 +183,7 @@ def calibrate(
     model_sha256: str,
     method: CalibrationMethod = CalibrationMethod.MINMAX,
     percentile: float = 99.99,
-    bins: int = 2048,
+    bins: int = 4096,
     levels: int = 256,
     batch_size: int = 32,
     threads: int = 0,
@@ -239,24 +241,20 @@ def calibrate(
 
     minmax = {n: MinMaxObserver() for n in tracked}
     moving = {n: MovingAverageMinMaxObserver() for n in tracked} if method == CalibrationMethod.MOVING_AVERAGE else {}
+    growing = {n: GrowingHistogram(bins=bins) for n in tracked} if method in HISTOGRAM_METHODS else {}
     for k, (session, group) in enumerate(sessions()):
         desc = "calibrating" if len(groups) == 1 else f"calibrating {k + 1}/{len(groups)}"
         for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed, deadline):
             for name in group:
-                minmax[name].update(values[name])
+                value = values[name]
+                minmax[name].update(value)
                 if moving:
-                    moving[name].update(values[name])
+                    moving[name].update(value)
+                if growing and value.size:
+                    lo_hi = minmax[name].last
+                    growing[name].update(value, max(abs(lo_hi[0]), abs(lo_hi[1])))
             del values
-
-    histograms: dict[str, HistogramObserver] = {}
-    if method in (CalibrationMethod.PERCENTILE, CalibrationMethod.ENTROPY, CalibrationMethod.MSE):
-        histograms = {n: HistogramObserver(*minmax[n].result(), bins=bins) for n in tracked}
-        for k, (session, group) in enumerate(sessions()):
-            desc = "histograms" if len(groups) == 1 else f"histograms {k + 1}/{len(groups)}"
-            for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed, deadline):
-                for name in group:
-                    histograms[name].update(values[name])
-                del values
+    histograms: dict[str, HistogramObserver] = {n: h.result() for n, h in growing.items()}
 
     ranges: dict[str, TensorRange] = {}
     for name in tracked:
@@ -270,6 +268,7 @@ def calibrate(
             clip_lo, clip_hi = moving[name].result()
         elif histograms:
             clip_lo, clip_hi = choose_range(histograms[name], str(method), percentile=percentile, levels=levels)
+            clip_lo, clip_hi = max(clip_lo, lo), min(clip_hi, hi)  # grid edges lie up to a bin beyond
         ranges[name] = TensorRange(float(clip_lo), float(clip_hi), float(lo), float(hi))
 
     params: dict[str, float | int] = {"batch_size": batch_size, "passes": len(groups)}
@@ -323,6 +322,7 @@ def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile
             if hist is None
             else choose_range(hist, str(method), percentile=percentile, levels=levels)
         )
+        lo, hi = max(lo, r.observed_min), min(hi, r.observed_max)
         ranges[name] = TensorRange(float(lo), float(hi), r.observed_min, r.observed_max)
     params: dict[str, float | int] = {"bins": next(iter(result.histograms.values())).bins}
     if method == CalibrationMethod.PERCENTILE:

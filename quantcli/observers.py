@@ -3,9 +3,13 @@
 * ``MinMaxObserver``: running min and max, O(1).
 * ``MovingAverageMinMaxObserver``: exponential moving average of per-batch min and max, O(1)
   (depends on batching by design; the other observers do not).
-* ``HistogramObserver``: counts over a *fixed* range (the exact min/max from a first pass), O(bins).
-  Because the bin edges never move, counts from any batching add up to the same histogram, so the
-  clip ranges chosen from it do not depend on the batch size.
+* ``GrowingHistogram``: counts over [-R, R] where R is the smallest power of two that covers every
+  |x| seen so far, O(bins). When a batch exceeds R, R doubles (as often as needed) and each pair of
+  bins merges into one: the edges of the wider grid are edges of the narrower one, so merging loses
+  nothing and keeps no raw data. The final grid depends only on the largest |x| of the whole data,
+  not on the order or batching, so the chosen clip ranges do not depend on the batch size; and one
+  pass over the data suffices. ``result()`` gives a ``HistogramObserver``.
+* ``HistogramObserver``: counts over a fixed range [lo, hi], O(bins) (also what the sidecar stores).
 
 Clip-range choice from a histogram (``choose_range``):
 
@@ -20,11 +24,14 @@ Clip-range choice from a histogram (``choose_range``):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = [
+    "HISTOGRAM_METHODS",
+    "GrowingHistogram",
     "HistogramObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
@@ -39,13 +46,15 @@ class MinMaxObserver:
     min: float = float("inf")
     max: float = float("-inf")
     count: int = 0
+    last: tuple[float, float] = (0.0, 0.0)  # (min, max) of the latest batch
 
     def update(self, array: np.ndarray) -> None:
         """Fold one batch in."""
         if array.size == 0:
             return
-        self.min = min(self.min, float(np.min(array)))
-        self.max = max(self.max, float(np.max(array)))
+        self.last = (float(np.min(array)), float(np.max(array)))
+        self.min = min(self.min, self.last[0])
+        self.max = max(self.max, self.last[1])
         self.count += int(array.size)
 
     def result(self) -> tuple[float, float]:
@@ -77,6 +86,9 @@ class MovingAverageMinMaxObserver:
         return (self.min or 0.0, self.max or 0.0)
 
 
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
 @dataclass(slots=True)
 class HistogramObserver:
     """Counts of values in ``bins`` equal bins over the fixed range [lo, hi]."""
@@ -100,16 +112,101 @@ class HistogramObserver:
         if array.size == 0:
             return
         hi = self.hi if self.hi > self.lo else self.lo + 1.0
-        width = (hi - self.lo) / self.bins
-        idx = np.floor((array.astype(np.float64).ravel() - self.lo) / width)
-        idx = np.clip(idx, 0, self.bins - 1).astype(np.int64)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        # float32 arithmetic in place: one temporary the size of the batch, no float64 copy. Each
+        # value's bin depends on that value alone, so counts do not depend on the batching.
+        pos = np.subtract(array.ravel(), np.float32(self.lo), dtype=np.float32)
+        pos *= np.float32(self.bins / (hi - self.lo))
+        np.clip(pos, 0, self.bins - 1, out=pos)  # outside [lo, hi]: the end bins; truncation = floor
+        self.counts += np.bincount(pos.astype(np.intp), minlength=self.bins)
+
+
+@dataclass(slots=True)
+class GrowingHistogram:
+    """Counts over [-R, R], R a power of two that grows with the data (see the module docstring)."""
+
+    bins: int = 4096
+    counts: np.ndarray = field(init=False)
+    exponent: int | None = None  # R = 2 ** exponent once a non-zero value has been seen
+    zeros: int = 0  # exact zeros seen before any non-zero value
+    finite: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bins % 2:
+            raise ValueError("GrowingHistogram needs an even number of bins")
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+
+    def _grow(self, exponent: int) -> None:
+        assert self.exponent is not None
+        factor_log2 = exponent - self.exponent
+        half = self.bins // 2
+        if factor_log2 >= half.bit_length() + 1:  # everything lands next to zero
+            merged = np.zeros_like(self.counts)
+            merged[half - 1] = self.counts[:half].sum()
+            merged[half] = self.counts[half:].sum()
+        else:
+            f = 1 << factor_log2
+            idx = (np.arange(self.bins, dtype=np.int64) + half * (f - 1)) // f
+            merged = np.bincount(idx, weights=self.counts, minlength=self.bins).astype(np.int64)
+        self.counts = merged
+        self.exponent = exponent
+
+    def update(self, array: np.ndarray, amax: float | None = None) -> None:
+        """Fold one batch in. ``amax`` (max |x| of the batch) saves a pass when already known."""
+        if array.size == 0 or not self.finite:
+            return
+        if amax is None:
+            amax = float(max(abs(float(array.min())), abs(float(array.max()))))
+        if not np.isfinite(amax):
+            self.finite = False  # calibration reports the non-finite range; nothing to histogram
+            return
+        if amax == 0.0:
+            if self.exponent is None:
+                self.zeros += int(array.size)
+            else:
+                self.counts[self.bins // 2] += int(array.size)
+            return
+        needed = math.frexp(amax)[1]  # amax < 2 ** needed
+        if self.exponent is None:
+            self.exponent = needed
+            self.counts[self.bins // 2] += self.zeros
+            self.zeros = 0
+        elif needed > self.exponent:
+            self._grow(needed)
+        half = self.bins // 2
+        # x * (half / R) and its floor are exact (a power-of-two scale), so a value's bin on a
+        # coarser grid is exactly its bin here merged: counts do not depend on when R grew
+        pos = np.multiply(array.ravel(), np.float32(math.ldexp(half, -self.exponent)), dtype=np.float32)
+        np.floor(pos, out=pos)
+        np.clip(pos, -half, half - 1, out=pos)
+        self.counts += np.bincount(pos.astype(np.intp) + half, minlength=self.bins)
+
+    def result(self) -> HistogramObserver:
+        """The counts as a fixed-range histogram over [-R, R]."""
+        r = math.ldexp(1.0, self.exponent) if self.exponent is not None else 1.0
+        hist = HistogramObserver(-r, r, bins=self.bins)
+        hist.counts = self.counts.copy()
+        if self.exponent is None:
+            hist.counts[self.bins // 2] += self.zeros
+        return hist
+
+
+def _trimmed(hist: HistogramObserver) -> HistogramObserver:
+    """The same counts without the empty bins at either end (a no-op for a min/max-fitted grid)."""
+    nonzero = np.flatnonzero(hist.counts)
+    if nonzero.size == 0 or (nonzero[0] == 0 and nonzero[-1] == hist.bins - 1):
+        return hist
+    first, last = int(nonzero[0]), int(nonzero[-1])
+    edges = hist.edges
+    out = HistogramObserver(float(edges[first]), float(edges[last + 1]), bins=last - first + 1)
+    out.counts = hist.counts[first : last + 1].copy()
+    return out
 
 
 def choose_range(
     hist: HistogramObserver, method: str, *, percentile: float = 99.99, levels: int = 256
 ) -> tuple[float, float]:
     """Clip range [lo, hi] chosen from a histogram by ``method`` (percentile, entropy or mse)."""
+    hist = _trimmed(hist)
     total = int(hist.counts.sum())
     if total == 0 or hist.hi <= hist.lo:
         return hist.lo, hist.hi

@@ -57,3 +57,43 @@ def test_percentile_covers_bulk_of_gaussian(gaussian_with_outliers):
     lo, hi = choose_range(hist, "percentile", percentile=99.9)
     # the 99.9th percentile of N(0,1) is 3.09; allow one bin of width 105/4096
     assert 3.0 < hi < 3.25 and -3.25 < lo < -3.0
+
+
+def test_growing_histogram_does_not_depend_on_batching_or_order():
+    """Small values first, then ever larger ones: the grid grows several times while counting."""
+    from quantcli.observers import GrowingHistogram
+
+    rng = np.random.default_rng(11)
+    parts = [rng.normal(size=5000).astype(np.float32) * s for s in (0.01, 0.3, 7.0, 150.0)]
+    parts.append(np.zeros(100, dtype=np.float32))
+    whole = GrowingHistogram(bins=1024)
+    whole.update(np.concatenate(parts))
+    streamed = GrowingHistogram(bins=1024)
+    for part in parts:  # grows from R = 2^-4-ish to 2^10
+        streamed.update(part)
+    reverse = GrowingHistogram(bins=1024)
+    for part in reversed(parts):
+        for chunk in np.array_split(part, 7):
+            reverse.update(chunk)
+    a, b, c = whole.result(), streamed.result(), reverse.result()
+    assert a.lo == b.lo == c.lo and a.hi == b.hi == c.hi
+    assert np.array_equal(a.counts, b.counts) and np.array_equal(a.counts, c.counts)
+    assert a.counts.sum() == sum(p.size for p in parts)
+    # the grid is the smallest power of two covering max |x|
+    amax = max(float(np.abs(p).max()) for p in parts)
+    assert a.hi >= amax > a.hi / 2
+    # counts agree with numpy's histogram on the final grid
+    ref, _ = np.histogram(np.concatenate(parts), bins=1024, range=(a.lo, a.hi))
+    assert np.abs(ref - a.counts).sum() <= 2  # float32 rounding at bin edges only
+
+
+def test_growing_histogram_zeros_before_any_value_land_at_zero():
+    from quantcli.observers import GrowingHistogram
+
+    h = GrowingHistogram(bins=64)
+    h.update(np.zeros(10, dtype=np.float32))
+    h.update(np.array([0.5, -0.25], dtype=np.float32))
+    r = h.result()
+    assert (r.lo, r.hi) == (-1.0, 1.0)  # 0.5 < 2^0
+    assert r.counts.sum() == 12 and r.counts[32] == 10  # the bin starting at 0
+    assert r.counts[48] == 1 and r.counts[24] == 1  # 0.5 and -0.25 on a grid of width 1/32

@@ -343,7 +343,7 @@ MAGIKA_EXT = {
     ".cfg": "ini", ".npy": "npy", ".npz": "npz", ".pem": "pem", ".bmp": "bmp", ".pdf": "pdf",
     ".tar": "tar", ".bz2": "bzip", ".xz": "xz", ".ico": "ico", ".ps1": "powershell", ".bat": "batch",
 }  # fmt: skip
-MAGIKA_PER_TYPE = 12  # at most this many files per content type (half calib, half eval)
+MAGIKA_PER_TYPE = 48  # at most this many files per content type (half calib, half eval)
 
 
 def magika_features(path: Path, config: dict[str, Any]) -> list[int]:

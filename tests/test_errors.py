@@ -173,6 +173,32 @@ def _object_npy(tmp: Path) -> list[str]:
     return _calibrate(tmp, data=path)
 
 
+def _recipe_other_model(tmp: Path) -> list[str]:
+    recipe = {
+        "schema": "quantcli.recipe/1", "model_sha256": "0" * 64, "method": "minmax", "float_nodes": [],
+        "config": {"activation_type": "uint8", "weight_type": "int8", "per_channel": True,
+                   "symmetric_activations": False, "reduce_range": False},
+    }  # fmt: skip
+    return _convert(tmp, None, "--recipe", str(_write(tmp, "r.json", json.dumps(recipe).encode())))
+
+
+def _budget_on_regressor(tmp: Path) -> list[str]:
+    model = _model(tmp, models.matmul_chain())  # output [N, 4, 8]: not class scores
+    x = np.random.default_rng(0).normal(size=(16, 4, 32)).astype(np.float32)
+    calib, evald = _data(tmp, "c.npz", x=x), _data(tmp, "e.npz", x=x[::-1].copy())
+    out = str(tmp / "out.onnx")
+    return ["convert", str(model), "--data", str(calib), "--eval-data", str(evald), "--max-accuracy-drop", "1",
+            "-o", out]  # fmt: skip
+
+
+def _budget_unreachable(tmp: Path) -> list[str]:
+    model = _model(tmp, models.matmul_chain())
+    x = np.random.default_rng(0).normal(size=(16, 4, 32)).astype(np.float32)
+    calib, evald = _data(tmp, "c.npz", x=x), _data(tmp, "e.npz", x=x[::-1].copy())
+    return ["convert", str(model), "--data", str(calib), "--eval-data", str(evald), "--min-sqnr", "300",
+            "--search-max-fallback", "1", "-o", str(tmp / "out.onnx")]  # fmt: skip
+
+
 CASES = [
     Case("model path does not exist", lambda t: _calibrate(t, t / "missing.onnx"), 3, "ONNX model not found"),
     Case("model path is a directory", lambda t: _calibrate(t, t), 3, "is a directory"),
@@ -259,6 +285,29 @@ CASES = [
     Case("calibration exceeds --timeout", lambda t: _calibrate(t, None, None, "--timeout", "0"), 3, "--timeout"),
     Case("model larger than free memory", lambda t: _calibrate(t), 3, "larger than the free memory", _no_memory),
     Case("unknown option", lambda t: _calibrate(t, None, None, "--frobnicate"), 2, "No such option"),
+    Case(
+        "recipe is not JSON",
+        lambda t: _convert(t, None, "--recipe", str(_write(t, "r.json", b"{x"))),
+        3,
+        "not a quantcli recipe",
+    ),
+    Case(
+        "recipe of another schema",
+        lambda t: _convert(t, None, "--recipe", str(_write(t, "r.json", b'{"schema": "quantcli.recipe/7"}'))),
+        3,
+        "not a quantcli.recipe/1 recipe",
+    ),
+    Case("recipe for another model", _recipe_other_model, 3, "made for another model"),
+    Case("recipe file missing", lambda t: _convert(t, None, "--recipe", str(t / "none.json")), 3, "does not exist"),
+    Case(
+        "--eval-data without a budget",
+        lambda t: _convert(t, None, "--eval-data", str(_data(t, "e.npz"))),
+        3,
+        "also give --max-accuracy-drop or --min-sqnr",
+    ),
+    Case("budget without --eval-data", lambda t: _convert(t, None, "--min-sqnr", "30"), 3, "needs --eval-data"),
+    Case("accuracy budget on a non-classifier", _budget_on_regressor, 3, "needs a classifier output"),
+    Case("budget that no model meets", _budget_unreachable, 1, "no quantization met the budget"),
 ]
 
 

@@ -247,33 +247,53 @@ def _entropy_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
     # left in, it dominates the distribution and drives the search to absurdly small thresholds
     counts[0] = 0
     target = max(levels // 2, 2)
-    tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])  # tail[i] = sum(counts[i:])
-    best_kl, best_i = np.inf, nbins
-    for i in range(target, nbins + 1, max(1, nbins // 128)):
-        src = counts[:i]
-        ref = src.copy()
-        ref[i - 1] += tail[i]
-        total = ref.sum()
-        if total == 0:
-            continue
-        # quantize the first i bins into `target` levels and expand back over the non-empty bins
-        starts = np.linspace(0, i, target + 1).astype(np.int64)[:-1]
-        sums = np.add.reduceat(src, starts)
-        nonzero = np.add.reduceat((src > 0).astype(np.float64), starts)
-        per_bin = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
-        group = np.repeat(np.arange(target), np.diff(np.append(starts, i)))
-        q = np.where(src > 0, per_bin[group], 0.0)
-        qsum = q.sum()
-        if qsum == 0:
-            continue
-        mask = ref > 0
-        p = ref[mask] / total
-        qm = q[mask] / qsum
-        kl = float(np.sum(p * np.log(p / np.where(qm > 0, qm, 1e-12))))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
+    candidates = np.arange(target, nbins + 1, max(1, nbins // 128))
+    kl = kl_divergences(counts, candidates, target)
+    best_i = int(candidates[int(np.argmin(kl))]) if np.isfinite(kl).any() else nbins
     threshold = best_i / nbins * amax
     return float(max(hist.lo, -threshold)), float(min(hist.hi, threshold))
+
+
+def kl_divergences(counts: np.ndarray, candidates: np.ndarray, target: int) -> np.ndarray:
+    """KL(P || Q) for each candidate threshold (a number of kept bins), all at once.
+
+    For threshold i: P is the first i bins with everything above folded into bin i - 1; Q merges
+    the first i bins into ``target`` groups (edges ``floor(j * i / target)``) and spreads each
+    group's count evenly over its non-empty bins. Since Q is constant on a group's non-empty bins,
+    sum(p log q) is a sum over groups, and prefix sums make every candidate O(target):
+
+        KL = [L(i-1) - C(i-1) log T] / T - sum_g G_g log(q_g) / T + p_last log(p_last / q_last)
+
+    with T the total count, C and L prefix sums of c and c log c, G_g the count of group g without
+    the last bin, q_g its normalised per-bin mass. ``inf`` where the divergence is undefined.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    total = float(c.sum())
+    if total == 0:
+        return np.full(len(candidates), np.inf)
+    clogc = np.where(c > 0, c * np.log(np.where(c > 0, c, 1.0)), 0.0)
+    csum = np.concatenate([[0.0], np.cumsum(c)])
+    lsum = np.concatenate([[0.0], np.cumsum(clogc)])
+    nzsum = np.concatenate([[0.0], np.cumsum(c > 0)])
+    cand = np.asarray(candidates, dtype=np.int64)
+    edges = (np.arange(target + 1, dtype=np.int64)[None, :] * cand[:, None]) // target  # [K, target + 1]
+    sums = csum[edges[:, 1:]] - csum[edges[:, :-1]]
+    nonzero = nzsum[edges[:, 1:]] - nzsum[edges[:, :-1]]
+    qsum = csum[cand]
+    per_bin = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_q = np.where(per_bin > 0, np.log(np.where(per_bin > 0, per_bin, 1.0) / qsum[:, None]), 0.0)
+    last = c[cand - 1]
+    kept = sums.copy()
+    kept[:, -1] -= last  # the last bin is scored separately (its P carries the folded tail)
+    inner = (lsum[cand - 1] - csum[cand - 1] * np.log(total)) / total - np.sum(kept * log_q, axis=1) / total
+    p_last = (last + (total - csum[cand])) / total
+    q_last = np.where(last > 0, per_bin[:, -1] / np.where(qsum > 0, qsum, 1.0), 1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tail = np.where(p_last > 0, p_last * np.log(p_last / q_last), 0.0)
+    kl = inner + tail
+    kl[(qsum <= 0)] = np.inf
+    return kl
 
 
 def _mse_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:

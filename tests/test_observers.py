@@ -97,3 +97,46 @@ def test_growing_histogram_zeros_before_any_value_land_at_zero():
     assert (r.lo, r.hi) == (-1.0, 1.0)  # 0.5 < 2^0
     assert r.counts.sum() == 12 and r.counts[32] == 10  # the bin starting at 0
     assert r.counts[48] == 1 and r.counts[24] == 1  # 0.5 and -0.25 on a grid of width 1/32
+
+
+def _loop_kl(counts: np.ndarray, candidates: np.ndarray, target: int) -> np.ndarray:
+    """The TensorRT-style KL search written as the plain loop (the reference for the vectorised one)."""
+    counts = counts.astype(np.float64)
+    tail = np.concatenate([np.cumsum(counts[::-1])[::-1], [0.0]])
+    out = []
+    for i in candidates:
+        src = counts[:i]
+        ref = src.copy()
+        ref[i - 1] += tail[i]
+        starts = (np.arange(target) * i) // target
+        sums = np.add.reduceat(src, starts)
+        nonzero = np.add.reduceat((src > 0).astype(np.float64), starts)
+        per_bin = np.divide(sums, nonzero, out=np.zeros_like(sums), where=nonzero > 0)
+        group = np.repeat(np.arange(target), np.diff(np.append(starts, i)))
+        q = np.where(src > 0, per_bin[group], 0.0)
+        if ref.sum() == 0 or q.sum() == 0:
+            out.append(np.inf)
+            continue
+        mask = ref > 0
+        p = ref[mask] / ref.sum()
+        qm = q[mask] / q.sum()
+        out.append(float(np.sum(p * np.log(p / np.where(qm > 0, qm, 1e-12)))))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorised_kl_equals_the_loop(seed):
+    from quantcli.observers import kl_divergences
+
+    rng = np.random.default_rng(seed)
+    values = np.abs(np.concatenate([rng.normal(size=20000), rng.standard_t(2, size=500) * 3]))
+    counts, _ = np.histogram(values, bins=1024, range=(0, values.max()))
+    counts[rng.integers(0, 1024, size=100)] = 0  # empty bins inside the range
+    counts[0] = 0
+    candidates = np.arange(128, 1025, 8)
+    fast = kl_divergences(counts, candidates, 128)
+    slow = _loop_kl(counts, candidates, 128)
+    assert np.array_equal(np.isinf(fast), np.isinf(slow))
+    finite = np.isfinite(slow)
+    np.testing.assert_allclose(fast[finite], slow[finite], rtol=1e-9, atol=1e-12)
+    assert int(np.argmin(fast)) == int(np.argmin(slow))

@@ -22,7 +22,6 @@ or 7-bit int8 (``reduce_range``) keep the result exact; the caller picks per hos
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,7 +175,7 @@ class _Rewriter:
         """Why ``node`` cannot take the integer pattern, or None."""
         idx = self.index
         if len(node.input) < 2 or not idx.is_constant(node.input[1]):
-            return "weight is not a constant"
+            return "B is not a constant (activation x activation)"
         if not idx.is_float(node.input[0]) or idx.elem_types.get(node.input[1]) != TensorProto.FLOAT:
             return "not float32"
         w = idx.constant(node.input[1])
@@ -232,4 +231,3 @@ def quantize_dynamic(model: onnx.ModelProto, opts: DynamicOptions | None = None)
         "run time (DynamicQuantizeLinear)",
     )
     return out, ModeReport(ConvertMode.DYNAMIC, tuple(rw.converted), tuple(rw.skipped), notes)
-

@@ -12,6 +12,8 @@ Each returns a new model (the input is never modified) and a ``ModeReport``.
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +30,7 @@ __all__ = [
     "GraphEdit",
     "ModeReport",
     "WeightOnlyType",
+    "matching_nodes",
 ]
 
 
@@ -166,3 +169,15 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
                     names.update(n.input)
                 names |= _subgraph_reads(sub)
     return names
+
+
+def matching_nodes(model: onnx.ModelProto, patterns: Iterable[str]) -> frozenset[str]:
+    """Names of the nodes matched by ``--exclude-nodes`` patterns (glob, or ``re:`` + regex)."""
+    pats = list(patterns)
+    names = set()
+    for node in model.graph.node:
+        for p in pats:
+            if re.search(p[3:], node.name) if p.startswith("re:") else fnmatch.fnmatchcase(node.name, p):
+                names.add(node.name)
+                break
+    return frozenset(names)

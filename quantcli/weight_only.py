@@ -61,12 +61,14 @@ class WeightOnlyOptions:
         block_size: weights per block along K (a power of two, 16..256).
         accuracy_level: MatMulNBits' compute type: 0 unset (float), 1 fp32, 4 int8 (activations quantized per
             block at run time; measured no faster on AVX2 without VNNI, so not the default).
+        op_types: which op types are rewritten (MatMul, Gemm).
         exclude_nodes: node names left float.
     """
 
     weight_type: WeightOnlyType = WeightOnlyType.INT4
     block_size: int = 32
     accuracy_level: int = 0
+    op_types: frozenset[str] = frozenset({"MatMul", "Gemm"})
     exclude_nodes: frozenset[str] = frozenset()
 
 
@@ -83,9 +85,7 @@ class PackedWeight:
     block_size: int
 
 
-def _choose_blocks(
-    blocks: np.ndarray, bits: int, symmetric: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _choose_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes, scales and zero points of ``blocks`` [..., block_size] with the smallest squared error."""
     levels = 2**bits - 1
     half = 2 ** (bits - 1)
@@ -176,7 +176,7 @@ def dequantize_packed(packed: PackedWeight) -> npt.NDArray[np.float32]:
 
 def _check(index: GraphIndex, node: onnx.NodeProto) -> str | None:
     if len(node.input) < 2 or not index.is_constant(node.input[1]):
-        return "weight is not a constant"
+        return "B is not a constant (activation x activation)"
     if not index.is_float(node.input[0]) or index.elem_types.get(node.input[1]) != TensorProto.FLOAT:
         return "not float32"
     w = index.constant(node.input[1])
@@ -215,7 +215,7 @@ def quantize_weight_only(
     skipped: list[Skip] = []
     cache: dict[tuple[str, float, bool], tuple[str, str, str | None, int, int]] = {}
     for node in edit.nodes:
-        if node.op_type not in ("MatMul", "Gemm") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in opts.op_types or node.domain not in ("", "ai.onnx"):
             continue
         if node.name in opts.exclude_nodes:
             skipped.append(Skip(node.name, node.op_type, "excluded by --exclude-nodes"))

@@ -19,6 +19,7 @@ from quantcli.audit import FusionAudit, audit_fusion
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
 from quantcli.data import model_input_specs, open_dataset, random_dataset
 from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
+from quantcli.dynamic_quant import default_options as default_dynamic_options
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import (
     LatencyComparison,
@@ -280,7 +281,7 @@ def _convert_mode(
     prepared, pre_report = preprocess(model)
     excluded = matching_nodes(prepared, config.exclude_nodes)
     if mode == ConvertMode.DYNAMIC:
-        opts = options if isinstance(options, DynamicOptions) else DynamicOptions()
+        opts = options if isinstance(options, DynamicOptions) else default_dynamic_options()
         converted, report = quantize_dynamic(prepared, replace(opts, exclude_nodes=opts.exclude_nodes | excluded))
     elif mode == ConvertMode.WEIGHT_ONLY:
         wopts = options if isinstance(options, WeightOnlyOptions) else WeightOnlyOptions()

@@ -29,12 +29,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from quantcli.graph import GraphIndex, infer_shapes
+from quantcli.host import detect_host
 from quantcli.modes import ConvertMode, GraphEdit, ModeReport
 from quantcli.options import QuantDType
 from quantcli.planning import Skip
 from quantcli.qmath import params_from_range, quantize
 
-__all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "quantize_dynamic"]
+__all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "default_options", "quantize_dynamic"]
 
 #: Conv is opt-in: ConvInteger is not a fused kernel in onnxruntime (im2col + integer GEMM, then
 #: separate Cast/Mul/Add) and measured slower than float Conv on the models tried (see README)
@@ -59,6 +60,12 @@ class DynamicOptions:
     reduce_range: bool = False
     op_types: frozenset[str] = DEFAULT_OP_TYPES
     exclude_nodes: frozenset[str] = frozenset()
+
+
+def default_options() -> DynamicOptions:
+    """int8 weights, 7-bit on x86 without VNNI (measured on the bundled transformer, AVX2: 9.3 dB output
+    SQNR with 8-bit weights, 37.5 dB with 7-bit, 38.8 dB with uint8 weights, which run 1.2-1.4x slower)."""
+    return DynamicOptions(reduce_range=detect_host().reduce_range)
 
 
 def _weight(w: np.ndarray, axis: int | None, opts: DynamicOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -214,7 +221,7 @@ def quantize_dynamic(model: onnx.ModelProto, opts: DynamicOptions | None = None)
 
     Returns a new model (``model`` is not modified) and what was rewritten or skipped.
     """
-    opts = opts or DynamicOptions()
+    opts = opts or default_options()
     unknown = set(opts.op_types) - SUPPORTED_OP_TYPES
     if unknown:
         raise ValueError(f"dynamic mode cannot quantize {sorted(unknown)}")

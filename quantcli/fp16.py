@@ -13,9 +13,10 @@ Every node is put in one of three classes:
   cast back to float32 first.
 
 Range: float16 holds |x| <= 65504 and flushes |x| < 2^-24 to zero. A node reading a constant outside
-that range (e.g. a -3.4e38 attention mask, or an epsilon of 1e-12 that would become 0) stays float32,
-and so does everything downstream of it until an op that bounds its output (Softmax, Sigmoid, Tanh,
-Erf, LayerNormalization, comparisons): the "wide" path never touches float16.
+that range (e.g. a -3.4e38 attention mask, or an epsilon of 1e-12 that would become 0) stays float32;
+after a too-large constant so does everything downstream until an op that bounds its output (Softmax,
+Sigmoid, Tanh, Erf, LayerNormalization): the "wide" path never touches float16. ``Mul(x, x)`` is a
+square like ``Pow`` and stays float32 too (it overflows float16 for |x| > 256).
 
 Graph inputs stay float32 (a Cast to float16 is inserted before their first float16 reader) and graph
 outputs stay float32 (a float16 producer writes a renamed tensor and a Cast restores the output). Each
@@ -68,15 +69,16 @@ BOUNDING_OPS = frozenset({"Softmax", "LogSoftmax", "Sigmoid", "Tanh", "Erf", "La
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
 
 
-def _out_of_range(values: np.ndarray) -> bool:
-    """True when float16 cannot hold ``values``: overflow, inf/NaN, or a small constant flushed to zero."""
+def _out_of_range(values: np.ndarray) -> str | None:
+    """Why float16 cannot hold ``values``: "large" (overflow, inf/NaN), "small" (a small constant such as an
+    epsilon flushed to zero), or None."""
     if values.dtype.kind != "f" or values.size == 0:
-        return False
+        return None
     mag = np.abs(values.astype(np.float64))
     if not np.all(np.isfinite(mag)) or float(mag.max()) > FP16_MAX:
-        return True
+        return "large"
     flushed = (mag > 0) & (mag < FP16_TINY)
-    return values.size <= 16 and bool(flushed.any())
+    return "small" if values.size <= 16 and bool(flushed.any()) else None
 
 
 @dataclass(slots=True)
@@ -145,6 +147,8 @@ class _Converter:
         for i in float_inputs:
             if self.index.is_constant(i) and _out_of_range(self.index.constant(i)):
                 return False, f"constant '{i}' is outside float16's range"
+        if op == "Mul" and len(node.input) == 2 and node.input[0] == node.input[1]:
+            return False, "squares its input (float16 overflows above 256)"
         if op in FOLLOW_OPS:
             data = next((i for i in node.input if i and not self.index.is_constant(i)), None)
             return (data is not None and data in self.half), None
@@ -171,7 +175,7 @@ class _Converter:
             new.input[:] = [self.read_as(i, FLOAT, node) if i in self.half else i for i in node.input]
             self.edit.replace(node, [new])
         widened = any(i in self.wide for i in node.input) or any(
-            i and self.index.is_constant(i) and _out_of_range(self.index.constant(i)) for i in node.input
+            i and self.index.is_constant(i) and _out_of_range(self.index.constant(i)) == "large" for i in node.input
         )
         if widened and node.op_type not in BOUNDING_OPS:
             self.wide.update(o for o in node.output if o and self.is_float_tensor(o) is not False)

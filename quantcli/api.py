@@ -255,7 +255,7 @@ def convert_model(
 
 _MODE_MIN_OPSET = {ConvertMode.DYNAMIC: 11, ConvertMode.WEIGHT_ONLY: 7, ConvertMode.FP16: 7}
 #: what each rewritten op must become in the optimized graph for --require-fused
-_FUSED_KERNELS = {
+_FUSED_KERNELS: dict[ConvertMode, dict[str, tuple[str, ...]]] = {
     ConvertMode.DYNAMIC: {
         "MatMulInteger": ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"), "ConvInteger": ("ConvInteger",),
     },

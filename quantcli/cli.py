@@ -376,8 +376,10 @@ def _check_mode_options(
         raise UsageError(f"--weight-type {weight_type} needs --mode weight-only")
     if block_size is not None and block_size not in BLOCK_SIZES:
         raise UsageError(f"--block-size {block_size}: must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    supported = {ConvertMode.DYNAMIC: SUPPORTED_OP_TYPES, ConvertMode.WEIGHT_ONLY: {"MatMul", "Gemm"}}.get(mode)
-    unknown = sorted(set(_split(op_types)) - set(supported)) if supported is not None else []
+    supported = {ConvertMode.DYNAMIC: SUPPORTED_OP_TYPES, ConvertMode.WEIGHT_ONLY: frozenset({"MatMul", "Gemm"})}.get(
+        mode, frozenset()
+    )
+    unknown = sorted(set(_split(op_types)) - supported) if supported else []
     if unknown:
         raise UsageError(f"--op-types {','.join(unknown)}: --mode {mode} rewrites only {', '.join(sorted(supported))}")
 

@@ -23,6 +23,7 @@ or 7-bit int8 (``reduce_range``) keep the result exact; the caller picks per hos
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -105,7 +106,7 @@ class _Rewriter:
 
     def integer_tail(
         self, node: onnx.NodeProto, integer_op: str, inputs: list[str], scale: np.ndarray, a_scale: str,
-        bias: np.ndarray | None, attrs: dict[str, object], scale_shape: tuple[int, ...],
+        bias: np.ndarray | None, attrs: dict[str, Any], scale_shape: tuple[int, ...],
     ) -> list[onnx.NodeProto]:  # fmt: skip
         """integer_op -> Cast -> Mul(s_a * s_w) [-> Add bias], writing ``node``'s output."""
         names, base, output = self.edit.names, node.name or node.output[0], node.output[0]

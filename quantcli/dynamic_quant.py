@@ -91,6 +91,16 @@ class _Rewriter:
     converted: list[tuple[str, str, str]]
     skipped: list[Skip]
     _dynamic: dict[str, tuple[str, str, str]]
+    _weights: dict[tuple[str, str], tuple[str, str, np.ndarray]]
+
+    def weight(self, key: tuple[str, str], w: np.ndarray, axis: int) -> tuple[str, str, np.ndarray]:
+        """Quantized weight and zero point initializers and the scale; one copy per shared weight."""
+        if key not in self._weights:
+            q, scale, zp = _weight(w, axis, self.opts)
+            w_name = self.edit.add_initializer(f"{key[0]}_quantized", q)
+            zp_name = self.edit.add_initializer(f"{key[0]}_zero_point", zp)
+            self._weights[key] = (w_name, zp_name, scale)
+        return self._weights[key]
 
     def dynamic_quant(self, tensor: str, before: onnx.NodeProto) -> tuple[str, str, str]:
         """One DynamicQuantizeLinear per activation, emitted before its first quantized reader."""
@@ -125,24 +135,18 @@ class _Rewriter:
             nodes.append(helper.make_node("Add", [y_scaled, b], [output], name=names.new(f"{base}_bias_Add")))
         return nodes
 
-    def matmul(self, node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None) -> None:
+    def matmul(self, node: onnx.NodeProto, key: tuple[str, str], w: np.ndarray, bias: np.ndarray | None) -> None:
         """A @ W (W constant [K, N]) as the MatMulIntegerToFloat pattern."""
-        q, scale, zp = _weight(w, 1, self.opts)
-        base = node.name or node.output[0]
+        w_name, zp_name, scale = self.weight(key, w, 1)
         a_q, a_scale, a_zp = self.dynamic_quant(node.input[0], node)
-        w_name = self.edit.add_initializer(f"{base}_weight_quantized", q)
-        zp_name = self.edit.add_initializer(f"{base}_weight_zero_point", zp)
         shape = (-1,) if scale.ndim else ()
         nodes = self.integer_tail(node, "MatMulInteger", [a_q, w_name, a_zp, zp_name], scale, a_scale, bias, {}, shape)
         self.edit.replace(node, nodes)
 
     def conv(self, node: onnx.NodeProto, w: np.ndarray, bias: np.ndarray | None) -> None:
         """Conv as DynamicQuantizeLinear -> ConvInteger -> Cast -> Mul [-> Add]."""
-        q, scale, zp = _weight(w, 0, self.opts)
-        base = node.name or node.output[0]
+        w_name, zp_name, scale = self.weight((node.input[1], "conv"), w, 0)
         x_q, x_scale, x_zp = self.dynamic_quant(node.input[0], node)
-        w_name = self.edit.add_initializer(f"{base}_weight_quantized", q)
-        zp_name = self.edit.add_initializer(f"{base}_weight_zero_point", zp)
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         rank = w.ndim
         shape = (1, -1, *([1] * (rank - 2))) if scale.ndim else ()
@@ -161,7 +165,7 @@ class _Rewriter:
             return
         idx = self.index
         if node.op_type == "MatMul":
-            self.matmul(node, idx.constant(node.input[1]), None)
+            self.matmul(node, (node.input[1], "matmul"), idx.constant(node.input[1]), None)
             self.converted.append((node.name, node.op_type, "MatMulInteger"))
         elif node.op_type == "Gemm":
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -172,7 +176,8 @@ class _Rewriter:
                 n = w.shape[1]
                 bias = np.broadcast_to(idx.constant(node.input[2]).astype(np.float32).reshape(-1), (n,))
                 bias = bias * np.float32(attrs.get("beta", 1.0))
-            self.matmul(node, w, bias)
+            key = (node.input[1], f"gemm/{attrs.get('transB', 0)}/{attrs.get('alpha', 1.0)}")
+            self.matmul(node, key, w, bias)
             self.converted.append((node.name, node.op_type, "MatMulInteger"))
         else:
             bias = idx.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -229,7 +234,7 @@ def quantize_dynamic(model: onnx.ModelProto, opts: DynamicOptions | None = None)
     inferred, _ = infer_shapes(model)
     index = GraphIndex.build(inferred.graph)
     edit = GraphEdit(model)
-    rw = _Rewriter(index, edit, opts, [], [], {})
+    rw = _Rewriter(index, edit, opts, [], [], {}, {})
     for node in edit.nodes:
         rw.visit(node)
     out = edit.build()

@@ -119,6 +119,24 @@ def test_dynamic_conv_is_opt_in_and_exact(rng):
     assert rel < 0.05, rel  # two 8-bit layers: a few percent at most
 
 
+def test_dynamic_shared_weight_is_stored_once(rng):
+    w = models._init("w", rng.normal(size=(16, 16)))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="b"),
+    ]
+    model = models.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [w],
+    )
+    quantized, report = quantize_dynamic(model, default_options())
+    assert len(report.converted) == 2
+    int8 = [t for t in quantized.graph.initializer if t.data_type == TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8) == 1
+
+
 def test_dynamic_leaves_activation_matmuls_and_reports_them():
     _quantized, report = quantize_dynamic(models.attention_matmul(), default_options())
     assert [(s.node, s.reason) for s in report.skipped] == [("scores", "B is not a constant (activation x activation)")]

@@ -19,6 +19,8 @@ from quantcli.artifact import read_calibration
 from quantcli.audit import FusionAudit, audit_fusion
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
 from quantcli.data import model_input_specs, open_dataset, random_dataset
+from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
+from quantcli.dynamic_quant import default_options as default_dynamic_options
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import (
     LatencyComparison,
@@ -27,11 +29,13 @@ from quantcli.evaluate import (
     measure_latency,
     session_peak_memory,
 )
+from quantcli.fp16 import convert_fp16
 from quantcli.graph import file_sha256, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
 from quantcli.layers import LayerError, per_layer_errors
 from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
+from quantcli.modes import ConvertMode, ModeReport, matching_nodes
 from quantcli.options import CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
@@ -39,6 +43,7 @@ from quantcli.progress import Progress, no_progress
 from quantcli.recipe import Recipe, read_recipe, write_recipe
 from quantcli.rewrite import apply_plan
 from quantcli.search import Candidate, SearchOptions, SearchResult, build_candidate, search_quantization
+from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
 
 __all__ = [
     "CompareResult",
@@ -55,7 +60,9 @@ _QUANTIZED_OPS = {
 MIN_OPSET = 13
 
 
-def _prepare_input(model: onnx.ModelProto, path: Path, *, upgrade_opset: bool) -> onnx.ModelProto:
+def _prepare_input(
+    model: onnx.ModelProto, path: Path, *, upgrade_opset: bool, min_opset: int = MIN_OPSET
+) -> onnx.ModelProto:
     """Refuse models quantcli must not quantize; upgrade an old opset when asked."""
     found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
     if found:
@@ -79,11 +86,12 @@ def _prepare_input(model: onnx.ModelProto, path: Path, *, upgrade_opset: bool) -
                 f"{path}: weight '{init.name}' holds NaN or infinite values; the model is damaged"
             )
     opset = model_opset(model)
-    if opset < MIN_OPSET:
+    if opset < min_opset:
         if not upgrade_opset:
+            what = "per-channel QuantizeLinear/DequantizeLinear" if min_opset == MIN_OPSET else "this mode"
             raise UnsupportedModelError(
-                f"{path}: opset {opset} is too old for per-channel QuantizeLinear/DequantizeLinear "
-                f"(needs >= {MIN_OPSET}); pass --upgrade-opset to convert it with onnx's version converter"
+                f"{path}: opset {opset} is too old for {what} "
+                f"(needs >= {min_opset}); pass --upgrade-opset to convert it with onnx's version converter"
             )
         try:
             model = onnx.version_converter.convert_version(model, MIN_OPSET)
@@ -144,15 +152,21 @@ def calibrate_model(
 
 @dataclass(frozen=True, slots=True)
 class ConvertResult:
-    """What ``convert_model`` did: the plan, the fusion audit of the written model, and sizes."""
+    """What ``convert_model`` did: the plan, the fusion audit of the written model, and sizes.
+
+    ``plan`` and ``calibration`` are None for modes other than static; ``mode_report`` says what
+    those modes rewrote.
+    """
 
     output_path: Path
-    plan: QuantPlan
+    plan: QuantPlan | None
     preprocess: PreprocessReport
     audit: FusionAudit
     input_bytes: int
     output_bytes: int
-    calibration: CalibrationResult
+    calibration: CalibrationResult | None
+    mode: ConvertMode = ConvertMode.STATIC
+    mode_report: ModeReport | None = None
     search: SearchResult | None = None
     recipe_path: Path | None = None
 
@@ -176,11 +190,15 @@ def convert_model(
     save_recipe: Path | None = None,
     progress: Progress = no_progress,
     log: Callable[[str], None] = lambda _: None,
+    mode: ConvertMode = ConvertMode.STATIC,
+    mode_options: DynamicOptions | WeightOnlyOptions | None = None,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
     Give either a calibration (result or file) or ``data_path`` to calibrate on the fly. With a
     calibration and a ``method`` other than its own, ranges are re-chosen from its stored histograms.
+    Other ``mode``s (dynamic, weight-only, fp16) need no calibration; ``mode_options`` holds their
+    choices (``config.exclude_nodes`` applies to every mode).
 
     With ``search`` and ``eval_data``, an accuracy-driven search (``quantcli.search``) picks the
     method, per-tensor methods and float nodes that meet ``search.budget``; ``save_recipe`` writes
@@ -201,6 +219,15 @@ def convert_model(
         raise QuantCliError("--save-recipe records a search's decisions: give --max-accuracy-drop or --min-sqnr")
     if save_recipe is not None and save_recipe.exists() and not force:
         raise QuantCliError(f"{save_recipe}: already exists; pass --force to overwrite it")
+    if mode != ConvertMode.STATIC:
+        if calibration is not None or data_path is not None:
+            raise QuantCliError(f"--mode {mode} needs no calibration; drop --calibration/--data")
+        if search is not None or recipe is not None:
+            raise QuantCliError(f"--mode {mode} has no accuracy search or recipe; they are for the static mode")
+        return _convert_mode(
+            model_path, output_path, mode, mode_options, config,
+            force=force, require_fused=require_fused, upgrade_opset=upgrade_opset,
+        )  # fmt: skip
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     sha = file_sha256(model_path)
     if isinstance(recipe, (str, os.PathLike)):
@@ -271,6 +298,71 @@ def convert_model(
         calibration=calibration,
         search=searched,
         recipe_path=save_recipe if searched is not None else None,
+    )
+
+
+_MODE_MIN_OPSET = {ConvertMode.DYNAMIC: 11, ConvertMode.WEIGHT_ONLY: 7, ConvertMode.FP16: 7}
+#: what each rewritten op must become in the optimized graph for --require-fused
+_FUSED_KERNELS: dict[ConvertMode, dict[str, tuple[str, ...]]] = {
+    ConvertMode.DYNAMIC: {
+        "MatMulInteger": ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"), "ConvInteger": ("ConvInteger",),
+    },
+    ConvertMode.WEIGHT_ONLY: {"MatMulNBits": ("MatMulNBits",)},
+}  # fmt: skip
+
+
+def _convert_mode(
+    model_path: Path,
+    output_path: Path,
+    mode: ConvertMode,
+    options: DynamicOptions | WeightOnlyOptions | None,
+    config: QuantConfig,
+    *,
+    force: bool,
+    require_fused: bool,
+    upgrade_opset: bool,
+) -> ConvertResult:
+    """``convert_model`` for the modes that need no calibration (see ``quantcli.modes``)."""
+    model = _prepare_input(
+        load_model(model_path), model_path, upgrade_opset=upgrade_opset, min_opset=_MODE_MIN_OPSET[mode]
+    )
+    prepared, pre_report = preprocess(model)
+    excluded = matching_nodes(prepared, config.exclude_nodes)
+    if mode == ConvertMode.DYNAMIC:
+        opts = options if isinstance(options, DynamicOptions) else default_dynamic_options()
+        converted, report = quantize_dynamic(prepared, replace(opts, exclude_nodes=opts.exclude_nodes | excluded))
+    elif mode == ConvertMode.WEIGHT_ONLY:
+        wopts = options if isinstance(options, WeightOnlyOptions) else WeightOnlyOptions()
+        converted, report = quantize_weight_only(prepared, replace(wopts, exclude_nodes=wopts.exclude_nodes | excluded))
+    else:
+        converted, report = convert_fp16(prepared, exclude_nodes=excluded, exclude_op_types=config.exclude_op_types)
+    try:
+        onnx.checker.check_model(converted)
+    except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
+        raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
+    make_session(converted, source=str(model_path))
+    audit = audit_fusion(converted)
+    if require_fused and mode in _FUSED_KERNELS:
+        counts = audit.integer_op_counts()
+        for new_op, kernels in _FUSED_KERNELS[mode].items():
+            wanted = sum(1 for _, _, new in report.converted if new == new_op)
+            got = sum(counts.get(k, 0) for k in kernels)
+            if got < wanted:
+                raise QuantCliError(
+                    f"{model_path}: {wanted - got} of {wanted} {new_op} did not fuse into {'/'.join(kernels)}; "
+                    "see 'quantcli inspect' on the output"
+                )
+    save_model(converted, output_path, force=force)
+    return ConvertResult(
+        output_path=output_path,
+        plan=None,
+        preprocess=pre_report,
+        audit=audit,
+        input_bytes=model_path.stat().st_size,
+        output_bytes=output_path.stat().st_size,
+        calibration=None,
+        mode=mode,
+        mode_report=report,
     )
 
 

@@ -23,16 +23,20 @@ from tqdm import tqdm
 from quantcli import __version__, api, html_report, report
 from quantcli.artifact import write_calibration
 from quantcli.audit import audit_fusion
+from quantcli.dynamic_quant import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
 from quantcli.errors import QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
 from quantcli.graph import load_model
 from quantcli.host import detect_host
 from quantcli.images import ImagePreprocess
 from quantcli.metrics import parse_metric
+from quantcli.modes import ConvertMode, WeightOnlyType
 from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
 from quantcli.search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.weight_only import BLOCK_SIZES, WeightOnlyOptions
 
 EXIT_GATE_FAILED = 1
+EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_INTERNAL = 4
 
@@ -81,10 +85,16 @@ class Toggle(StrEnum):
 
 
 class WeightType(StrEnum):
-    """Choices for --weight-type."""
+    """Choices for --weight-type (4-bit types: --mode weight-only only)."""
 
     INT8 = "int8"
     UINT8 = "uint8"
+    INT4 = "int4"
+    UINT4 = "uint4"
+
+
+class UsageError(Exception):
+    """Options that contradict each other: one line and exit code 2."""
 
 
 def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
@@ -100,6 +110,9 @@ def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
         except QuantCliError as exc:
             err.print(f"[red]error:[/] {exc}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
+        except UsageError as exc:
+            err.print(f"[red]usage error:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/]; no output was written")
             raise typer.Exit(130) from None
@@ -261,7 +274,20 @@ def convert(
     activation_type: Annotated[
         ActivationType, typer.Option(help="auto: uint8 on x86, int8 on ARM.")
     ] = ActivationType.AUTO,
-    weight_type: Annotated[WeightType, typer.Option(help="Integer type of weights.")] = WeightType.INT8,
+    mode: Annotated[
+        ConvertMode,
+        typer.Option(
+            help="static: calibrated int8 QDQ; dynamic: int8 weights, activations at run time; "
+            "weight-only: 4/8-bit MatMul weights (MatMulNBits); fp16: float16 weights and compute."
+        ),
+    ] = ConvertMode.STATIC,
+    weight_type: Annotated[
+        WeightType | None,
+        typer.Option(help="Weight type: int8 (default) or uint8; weight-only: int4 (default), uint4, int8, uint8."),
+    ] = None,
+    block_size: Annotated[
+        int | None, typer.Option(help="--mode weight-only: weights per block along K (16..256, default 32).")
+    ] = None,
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One weight scale per tensor.")] = False,
     symmetric_activations: Annotated[bool, typer.Option("--symmetric-activations")] = False,
     reduce_range: Annotated[
@@ -299,7 +325,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Write a QDQ model that onnxruntime runs with integer kernels.
+    """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model).
 
     With --eval-data and a budget (--max-accuracy-drop, --min-sqnr), search for the model with
     the fewest float nodes that meets it; --save-recipe keeps the decisions for --recipe.
@@ -310,11 +336,29 @@ def convert(
     searching = max_accuracy_drop is not None or min_sqnr is not None
     if eval_data is not None and not searching:
         raise QuantCliError("--eval-data is for the accuracy search: also give --max-accuracy-drop or --min-sqnr")
+    _check_mode_options(
+        mode, calibration=calibration, data=data, method=method, weight_type=weight_type, block_size=block_size,
+        per_tensor=per_tensor, symmetric_activations=symmetric_activations, activation_type=activation_type,
+        reduce_range=reduce_range, op_types=op_types, require_fused=require_fused,
+    )  # fmt: skip
+    if mode != ConvertMode.STATIC:
+        if searching or recipe is not None:
+            raise UsageError(f"--mode {mode} has no accuracy search or recipe; they are for the static mode")
+        result = api.convert_model(
+            model, output, mode=mode, config=QuantConfig(
+                exclude_op_types=frozenset(_split(exclude_op_types)), exclude_nodes=tuple(_split(exclude_nodes))
+            ),
+            mode_options=_mode_options(mode, weight_type, block_size, per_tensor, reduce_range, op_types,
+                                       exclude_op_types),
+            force=force, require_fused=require_fused, upgrade_opset=upgrade_opset,
+        )  # fmt: skip
+        report.render_convert(out, result)
+        return
     host = detect_host()
     act = host.activation_type if activation_type == ActivationType.AUTO else QuantDType(str(activation_type))
     config = QuantConfig(
         activation_type=act,
-        weight_type=QuantDType(str(weight_type)),
+        weight_type=QuantDType(str(weight_type or WeightType.INT8)),
         per_channel=not per_tensor,
         symmetric_activations=symmetric_activations,
         reduce_range=host.reduce_range if reduce_range == Toggle.AUTO else reduce_range == Toggle.ON,
@@ -331,6 +375,83 @@ def convert(
         log=_search_log(quiet),
     )  # fmt: skip
     report.render_convert(out, result)
+
+
+def _check_mode_options(
+    mode: ConvertMode,
+    *,
+    calibration: Path | None,
+    data: Path | None,
+    method: CalibrationMethod | None,
+    weight_type: WeightType | None,
+    block_size: int | None,
+    per_tensor: bool,
+    symmetric_activations: bool,
+    activation_type: ActivationType,
+    reduce_range: Toggle,
+    op_types: list[str] | None,
+    require_fused: bool,
+) -> None:
+    """Refuse options that mean nothing in ``mode`` (UsageError: exit code 2)."""
+    given = {
+        "--calibration": calibration is not None, "--data": data is not None, "--method": method is not None,
+        "--symmetric-activations": symmetric_activations, "--activation-type": activation_type != ActivationType.AUTO,
+        "--block-size": block_size is not None, "--per-tensor": per_tensor, "--weight-type": weight_type is not None,
+        "--reduce-range": reduce_range != Toggle.AUTO, "--op-types": bool(op_types), "--require-fused": require_fused,
+    }  # fmt: skip
+    allowed = {
+        ConvertMode.STATIC: set(given) - {"--block-size"},
+        ConvertMode.DYNAMIC: {"--weight-type", "--per-tensor", "--reduce-range", "--op-types", "--require-fused"},
+        ConvertMode.WEIGHT_ONLY: {"--weight-type", "--block-size", "--op-types", "--require-fused"},
+        ConvertMode.FP16: set(),
+    }[mode]
+    refused = [name for name, present in given.items() if present and name not in allowed]
+    if refused:
+        hint = (
+            "; it needs no calibration"
+            if mode != ConvertMode.STATIC and {"--calibration", "--data"} & set(refused)
+            else ""
+        )
+        raise UsageError(f"{', '.join(refused)} cannot be used with --mode {mode}{hint}")
+    four_bit = weight_type in (WeightType.INT4, WeightType.UINT4)
+    if four_bit and mode != ConvertMode.WEIGHT_ONLY:
+        raise UsageError(f"--weight-type {weight_type} needs --mode weight-only")
+    if block_size is not None and block_size not in BLOCK_SIZES:
+        raise UsageError(f"--block-size {block_size}: must be one of {', '.join(map(str, BLOCK_SIZES))}")
+    supported = {ConvertMode.DYNAMIC: SUPPORTED_OP_TYPES, ConvertMode.WEIGHT_ONLY: frozenset({"MatMul", "Gemm"})}.get(
+        mode, frozenset()
+    )
+    unknown = sorted(set(_split(op_types)) - supported) if supported else []
+    if unknown:
+        raise UsageError(f"--op-types {','.join(unknown)}: --mode {mode} rewrites only {', '.join(sorted(supported))}")
+
+
+def _mode_options(
+    mode: ConvertMode,
+    weight_type: WeightType | None,
+    block_size: int | None,
+    per_tensor: bool,
+    reduce_range: Toggle,
+    op_types: list[str] | None,
+    exclude_op_types: list[str] | None,
+) -> DynamicOptions | WeightOnlyOptions | None:
+    excluded = set(_split(exclude_op_types))
+    if mode == ConvertMode.DYNAMIC:
+        wt = QuantDType(str(weight_type or WeightType.INT8))
+        # the int16 saturation of AVX2 u8*s8 kernels concerns int8 weights only (uint8 runs u8*u8)
+        rr = (
+            detect_host().reduce_range and wt == QuantDType.INT8
+            if reduce_range == Toggle.AUTO
+            else reduce_range == Toggle.ON
+        )
+        ops = frozenset(_split(op_types) or DEFAULT_OP_TYPES) - excluded
+        return DynamicOptions(weight_type=wt, per_channel=not per_tensor, reduce_range=rr, op_types=ops)
+    if mode == ConvertMode.WEIGHT_ONLY:
+        ops = frozenset(_split(op_types) or ("MatMul", "Gemm")) - excluded
+        return WeightOnlyOptions(
+            weight_type=WeightOnlyType(str(weight_type or WeightType.INT4)), block_size=block_size or 32, op_types=ops
+        )
+    return None
 
 
 @app.command()

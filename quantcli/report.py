@@ -98,8 +98,54 @@ def render_search(console: Console, result: SearchResult) -> None:
         console.print("[yellow]the chosen model is not faster than FP32 at batch 1 on this host[/]")
 
 
+def _render_mode(console: Console, result: ConvertResult) -> None:
+    """render_convert for --mode dynamic / weight-only / fp16."""
+    report = result.mode_report
+    assert report is not None
+    for line in result.preprocess.lines():
+        console.print(f"pre-processing: {line}")
+    console.print(f"mode: [bold]{report.mode}[/]")
+    for note in report.notes:
+        console.print(note)
+    table = Table(title="rewritten nodes", title_justify="left")
+    table.add_column("op type")
+    table.add_column("count", justify="right")
+    for what, n in report.summary().items():
+        table.add_row(what, str(n))
+    console.print(table if report.converted else "rewritten nodes: none")
+    audit = result.audit
+    if audit.integer_kernel_count:
+        table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")
+        table.add_column("integer kernel")
+        table.add_column("count", justify="right")
+        for op, n in audit.integer_op_counts().items():
+            table.add_row(op, str(n))
+        console.print(table)
+    console.print(
+        f"[bold]{audit.integer_kernel_count}[/] integer kernels; "
+        f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm run in float"
+    )
+    reasons = Counter((s.op_type, s.reason) for s in report.skipped)
+    if reasons:
+        table = Table(title="left unchanged", title_justify="left")
+        table.add_column("op type")
+        table.add_column("nodes", justify="right")
+        table.add_column("why")
+        for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            table.add_row(op, str(n), reason)
+        console.print(table)
+    ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
+    console.print(
+        f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
+        f"wrote [bold]{result.output_path}[/]"
+    )
+
+
 def render_convert(console: Console, result: ConvertResult) -> None:
     """What convert quantized, what onnxruntime fused, and what stayed float."""
+    if result.plan is None:
+        _render_mode(console, result)
+        return
     if result.search is not None:
         render_search(console, result.search)
     for line in result.preprocess.lines():

@@ -78,8 +78,6 @@ _FOLD_LIMIT_BYTES = 64 << 20
 
 def _fold_constants(model: onnx.ModelProto) -> int:
     """Replace nodes whose inputs are all initializers (e.g. a Transpose of a weight) by their value."""
-    from onnx.reference import ReferenceEvaluator
-
     graph = model.graph
     inputs = {i.name for i in graph.input}
     values = {t.name: t for t in graph.initializer if t.name not in inputs}
@@ -98,6 +96,8 @@ def _fold_constants(model: onnx.ModelProto) -> int:
             and sum(values[i].ByteSize() for i in node.input if i) < _FOLD_LIMIT_BYTES
         )
         if foldable:
+            from onnx.reference import ReferenceEvaluator  # ~11 MB: imported only when there is work
+
             try:
                 single = helper.make_model(
                     helper.make_graph(

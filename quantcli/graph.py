@@ -201,9 +201,19 @@ class GraphIndex:
     _arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, graph: onnx.GraphProto) -> GraphIndex:
-        """Index ``graph`` (its value_info should come from shape inference where possible)."""
+    def build(cls, graph: onnx.GraphProto, *, outer: dict[str, onnx.TensorProto] | None = None) -> GraphIndex:
+        """Index ``graph`` (its value_info should come from shape inference where possible).
+
+        ``outer`` holds constants of enclosing graphs that a subgraph may read. A node holding
+        subgraphs (If, Loop, Scan) counts as a consumer of every outer value its subgraphs read.
+        """
+        from quantcli.subgraphs import node_subgraphs, outer_references
+
         index = cls(graph=graph)
+        for name, init in (outer or {}).items():
+            index.initializers[name] = init
+            index.elem_types[name] = init.data_type
+            index.shapes[name] = tuple(init.dims)
         for init in graph.initializer:
             index.initializers[init.name] = init
             index.elem_types[init.name] = init.data_type
@@ -225,6 +235,11 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     index.consumers.setdefault(inp, []).append(node)
+            implicit: set[str] = set()
+            for _, sub in node_subgraphs(node):
+                implicit |= outer_references(sub)
+            for inp in sorted(implicit - set(node.input)):
+                index.consumers.setdefault(inp, []).append(node)
         init_names = set(index.initializers)
         index.graph_inputs = tuple(i.name for i in graph.input if i.name not in init_names)
         index.graph_outputs = tuple(o.name for o in graph.output)

@@ -39,6 +39,7 @@ from quantcli.qmath import (
     quantize_bias,
     quantize_weight,
 )
+from quantcli.subgraphs import CONTROL_FLOW_OPS, node_subgraphs
 
 __all__ = [
     "ActivationQuant",
@@ -46,6 +47,7 @@ __all__ = [
     "QuantPlan",
     "RangeDecision",
     "Skip",
+    "SubgraphPlan",
     "WeightQuant",
     "make_plan",
 ]
@@ -140,6 +142,15 @@ class RangeDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class SubgraphPlan:
+    """Nodes quantized and left float inside one subgraph (path ``<node>/<attribute>/...``)."""
+
+    path: str
+    quantized_nodes: tuple[tuple[str, str], ...]
+    skipped: tuple[Skip, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class QuantPlan:
     """Everything ``rewrite.apply_plan`` needs, and nothing it has to decide."""
 
@@ -150,6 +161,8 @@ class QuantPlan:
     skipped: tuple[Skip, ...]
     config: QuantConfig = field(default_factory=QuantConfig)
     range_decisions: tuple[RangeDecision, ...] = ()
+    #: what was planned inside each If/Loop/Scan subgraph (also counted in the fields above)
+    subgraphs: tuple[SubgraphPlan, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""
@@ -194,6 +207,7 @@ class _Planner:
     #: WeightBiasQuantization quantize their weights anyway, so element-wise readers leave them alone
     float_locked: set[str] = field(default_factory=set)
     range_decisions: list[RangeDecision] = field(default_factory=list)
+    in_subgraph: bool = False
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -316,7 +330,10 @@ class _Planner:
         op = node.op_type
         x = node.input[0]
         if not self.is_float_activation(x):
-            self.skip(node, f"input '{x}' is not a calibrated float activation")
+            if self.in_subgraph and not self.index.is_constant(x) and x not in self.ranges:
+                self.skip(node, f"input '{x}' never ran during calibration (branch or loop not taken)")
+            else:
+                self.skip(node, f"input '{x}' is not a calibrated float activation")
             return
         w = node.input[1] if len(node.input) > 1 else ""
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
@@ -452,12 +469,9 @@ class _Planner:
                 del self.act[tensor]
 
 
-def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig) -> QuantPlan:
-    """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``."""
-    index = GraphIndex.build(model.graph)
-    planner = _Planner(index, ranges, config)
+def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) -> None:
     folded_nodes: set[str] = set()
-    for node in model.graph.node:
+    for node in graph.node:
         if node.name in folded_nodes:
             continue
         if node.op_type in FOLDABLE_OPS and any(f.node == node.name for f in planner.folded):
@@ -466,7 +480,7 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
         if reason is not None and node.op_type in COMPUTE_OPS:
             planner.float_locked.update(o for o in node.output if o)
         if reason is not None:
-            if node.op_type not in ("Constant", "Shape", "Cast", "Relu", "Clip", "Identity"):
+            if node.op_type not in ("Constant", "Shape", "Cast", "Relu", "Clip", "Identity", *CONTROL_FLOW_OPS):
                 planner.skip(node, reason)
             continue
         if node.op_type in COMPUTE_OPS:
@@ -479,13 +493,48 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
             planner.plan_movement(node)
         folded_nodes |= {f.node for f in planner.folded}
     planner.drop_unread_float_outputs()
-    activations = tuple(ActivationQuant(t, p) for t, p in planner.act.items())
+
+
+def _plan_graph(
+    graph: onnx.GraphProto,
+    path: str,
+    outer: dict[str, onnx.TensorProto],
+    ranges: Mapping[str, TensorRange],
+    config: QuantConfig,
+    act: dict[str, QuantParams],
+    done: list[tuple[str, _Planner]],
+) -> None:
+    """Plan ``graph``, then each subgraph of its nodes; ``act`` is shared, so a tensor is quantized once."""
+    index = GraphIndex.build(graph, outer=outer)
+    planner = _Planner(index, ranges, config, act=act, in_subgraph=bool(path))
+    _plan_nodes(planner, graph, config)
+    done.append((path, planner))
+    inputs = {i.name for i in graph.input}
+    visible = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
+    for node in graph.node:
+        for attr, sub in node_subgraphs(node):
+            sub_path = f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}"
+            _plan_graph(sub, sub_path, visible, ranges, config, act, done)
+
+
+def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig) -> QuantPlan:
+    """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``.
+
+    Subgraphs of If/Loop/Scan nodes are planned like the main graph, each with the constants of
+    its enclosing graphs in view; tensors of a branch calibration never ran have no range and stay float.
+    """
+    act: dict[str, QuantParams] = {}
+    done: list[tuple[str, _Planner]] = []
+    _plan_graph(model.graph, "", {}, ranges, config, act, done)
+    planners = [p for _, p in done]
+    subgraphs = tuple(SubgraphPlan(path, tuple(p.quantized), tuple(p.skipped)) for path, p in done if path)
     return QuantPlan(
-        activations=activations,
-        weights=tuple(planner.weights),
-        folded=tuple(planner.folded),
-        quantized_nodes=tuple(planner.quantized),
-        skipped=tuple(planner.skipped),
+        activations=tuple(ActivationQuant(t, p) for t, p in act.items()),
+        weights=tuple(w for p in planners for w in p.weights),
+        folded=tuple(f for p in planners for f in p.folded),
+        quantized_nodes=tuple(q for p in planners for q in p.quantized),
+        skipped=tuple(s for p in planners for s in p.skipped),
         config=config,
-        range_decisions=tuple(planner.range_decisions),
+        range_decisions=tuple(d for p in planners for d in p.range_decisions),
+        subgraphs=subgraphs,
     )

@@ -17,8 +17,9 @@ from onnx import helper, numpy_helper
 from quantcli.errors import UnsupportedModelError
 from quantcli.graph import model_opset
 from quantcli.options import QuantDType
-from quantcli.planning import QuantPlan
+from quantcli.planning import ActivationQuant, FoldedActivation, QuantPlan, WeightQuant
 from quantcli.qmath import QuantizedTensor, QuantParams
+from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
 
 __all__ = ["NameAllocator", "apply_plan", "required_opset"]
 
@@ -41,11 +42,13 @@ class NameAllocator:
 
     @classmethod
     def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
-        """Reserve every node, tensor and initializer name of ``graph``."""
-        taken = {n.name for n in graph.node} | {t.name for t in graph.initializer}
-        taken |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
-        for node in graph.node:
-            taken |= set(node.input) | set(node.output)
+        """Reserve every node, tensor and initializer name of ``graph`` and of its subgraphs."""
+        taken: set[str] = set()
+        for _, g in walk_graphs(graph):
+            taken |= {n.name for n in g.node} | {t.name for t in g.initializer}
+            taken |= {v.name for v in [*g.input, *g.output, *g.value_info]}
+            for node in g.node:
+                taken |= set(node.input) | set(node.output)
         return cls(taken)
 
     def new(self, base: str) -> str:
@@ -110,17 +113,40 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         )
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    graph = out.graph
-    builder = _Builder(NameAllocator.for_graph(graph))
+    names = NameAllocator.for_graph(out.graph)
+    weights: dict[str, list[WeightQuant]] = {}
+    for w in plan.weights:
+        weights.setdefault(w.node, []).append(w)
+    acts = {a.tensor: a for a in plan.activations}
+    _rewrite_graph(out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {})
+    return out
 
-    folded = {f.node: f for f in plan.folded}
-    nodes_by_name = {n.name: n for n in graph.node}
-    for f in plan.folded:
-        nodes_by_name[f.producer].output[0] = f.output
+
+def _rewrite_graph(
+    graph: onnx.GraphProto,
+    acts: dict[str, ActivationQuant],
+    weights: dict[str, list[WeightQuant]],
+    folded: dict[str, FoldedActivation],
+    names: NameAllocator,
+    outer: dict[str, str],
+) -> None:
+    """Rewrite ``graph`` in place, then its subgraphs.
+
+    Each QuantizeLinear goes into the graph that produces its tensor. A reader in a nested subgraph
+    gets its own DequantizeLinear of the outer QuantizeLinear output (``outer``: tensor -> Q output),
+    inside the subgraph: onnxruntime fuses a Q/DQ node unit only when its DequantizeLinear nodes and
+    their scale/zero-point initializers are in the same graph as the compute node.
+    """
+    builder = _Builder(names)
+    for f in folded.values():
+        for node in graph.node:
+            if node.name == f.producer:
+                node.output[0] = f.output
+    produced = {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
 
     # activation Q/DQ pairs, keyed by the tensor they quantize
     act_nodes: dict[str, tuple[onnx.NodeProto, onnx.NodeProto, str]] = {}
-    for a in plan.activations:
+    for a in (acts[t] for t in acts if t in produced):
         base = a.tensor
         scale, zp = builder.params(base, a.params)
         q_out = builder.names.new(f"{base}_quantized")
@@ -138,21 +164,34 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
 
     # weight DQs, keyed by (node, input index)
     weight_nodes: dict[str, list[tuple[int, onnx.NodeProto]]] = {}
-    for w in plan.weights:
-        q_name = builder.quantized_initializer(w.tensor, w.quantized)
-        scale, zp = builder.params(w.tensor, w.quantized.params)
-        dq_out = builder.names.new(f"{w.tensor}_dequantized")
-        attrs = {"axis": w.quantized.params.axis} if w.quantized.params.scale.ndim == 1 else {}
-        dq = helper.make_node(
-            "DequantizeLinear",
-            [q_name, scale, zp],
-            [dq_out],
-            name=builder.names.new(f"{w.tensor}_DequantizeLinear"),
-            **attrs,
-        )
-        weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
+    for node in graph.node:
+        for w in weights.get(node.name, []):
+            q_name = builder.quantized_initializer(w.tensor, w.quantized)
+            scale, zp = builder.params(w.tensor, w.quantized.params)
+            dq_out = builder.names.new(f"{w.tensor}_dequantized")
+            attrs = {"axis": w.quantized.params.axis} if w.quantized.params.scale.ndim == 1 else {}
+            dq = helper.make_node(
+                "DequantizeLinear",
+                [q_name, scale, zp],
+                [dq_out],
+                name=builder.names.new(f"{w.tensor}_DequantizeLinear"),
+                **attrs,
+            )
+            weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
 
     new_nodes: list[onnx.NodeProto] = []
+    read = {i for n in graph.node for i in n.input}
+    for tensor in (t for t in outer if t in read and t not in produced):
+        scale, zp = builder.params(tensor, acts[tensor].params)
+        dq_out = builder.names.new(f"{tensor}_dequantized")
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [outer[tensor], scale, zp],
+            [dq_out],
+            name=builder.names.new(f"{tensor}_DequantizeLinear"),
+        )
+        new_nodes.append(dq)
+        act_nodes[tensor] = (dq, dq, dq_out)  # rewires local readers; emitted once, above
     for name in (i.name for i in graph.input):
         if name in act_nodes:
             new_nodes.extend(act_nodes[name][:2])
@@ -173,14 +212,20 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     # graph outputs keep their float tensors; consumers inside the graph read the DQ outputs
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+    inner_outer = {**outer, **{t: q.output[0] for t, (q, _, _) in act_nodes.items() if t in produced}}
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            _rewrite_graph(sub, acts, weights, folded, names, inner_outer)
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            used |= outer_references(sub)
+    keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     graph.initializer.extend(builder.initializers)
-    folded_inputs = {f.input for f in plan.folded}
+    folded_inputs = {f.input for f in folded.values()}
     if folded_inputs:
         vis = [v for v in graph.value_info if v.name not in folded_inputs]
         del graph.value_info[:]
         graph.value_info.extend(vis)
-    return out

@@ -26,7 +26,7 @@ from quantcli.evaluate import (
     measure_latency,
     session_peak_memory,
 )
-from quantcli.graph import file_sha256, load_model, model_opset, save_model
+from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
 from quantcli.layers import LayerError, per_layer_errors
@@ -36,6 +36,7 @@ from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
 from quantcli.rewrite import apply_plan
+from quantcli.speedcheck import SpeedCheck, check_speedup
 
 __all__ = [
     "CompareResult",
@@ -150,6 +151,12 @@ class ConvertResult:
     input_bytes: int
     output_bytes: int
     calibration: CalibrationResult
+    #: batch-1 speed check (``require_speedup``), else None
+    speed: SpeedCheck | None = None
+    #: quantized activations whose shape onnx shape inference could not tell (quantization does not need it)
+    unknown_shapes: tuple[str, ...] = ()
+    #: why onnx shape inference failed on the model, if it did
+    shape_inference_error: str | None = None
 
 
 def convert_model(
@@ -163,6 +170,7 @@ def convert_model(
     percentile: float = 99.99,
     force: bool = False,
     require_fused: bool = False,
+    require_speedup: bool = False,
     upgrade_opset: bool = False,
     timeout: float | None = None,
     progress: Progress = no_progress,
@@ -172,8 +180,13 @@ def convert_model(
     Give either a calibration (result or file) or ``data_path`` to calibrate on the fly. With a
     calibration and a ``method`` other than its own, ranges are re-chosen from its stored histograms.
 
+    With ``require_speedup``, both models are timed at batch 1 before anything is written (on the
+    first sample of ``data_path``, else on random inputs of the model's fixed shape) and nothing is
+    written unless the quantized model is faster.
+
     Raises:
-        QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
+        QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
+            ``require_speedup`` and the quantized model is not faster than FP32 at batch 1.
     """
     config = config or default_config()
     model_path, output_path = Path(model_path), Path(output_path)
@@ -216,6 +229,18 @@ def convert_model(
                 f"{model_path}: {len(left)} quantized Conv/MatMul/Gemm did not fuse into integer kernels "
                 f"({', '.join(left[:5])}); see 'quantcli inspect' for why"
             )
+    speed = None
+    if require_speedup:
+        speed = check_speedup(model, quantized, _batch1_feed(model, data_path))
+        if not speed.faster:
+            raise QuantCliError(
+                f"{model_path}: the quantized model is not faster than FP32 at batch 1 "
+                f"({speed.quantized_ms:.3f} ms vs {speed.fp32_ms:.3f} ms, x{speed.speedup:.2f}); nothing written. "
+                "Keep the FP32 model, or drop --require-speedup to write it anyway"
+            )
+    inferred, shape_error = infer_shapes(prepared)
+    known = known_shapes(inferred)
+    unknown = tuple(a.tensor for a in plan.activations if a.tensor not in known)
     save_model(quantized, output_path, force=force)
     return ConvertResult(
         output_path=output_path,
@@ -225,7 +250,21 @@ def convert_model(
         input_bytes=model_path.stat().st_size,
         output_bytes=output_path.stat().st_size,
         calibration=calibration,
+        speed=speed,
+        unknown_shapes=unknown,
+        shape_inference_error=shape_error,
     )
+
+
+def _batch1_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray]:
+    """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
+    specs = model_input_specs(model)
+    if data_path is not None:
+        return next(open_dataset(data_path, specs, max_samples=1).batches(1))
+    try:
+        return next(random_dataset(specs, 1).batches(1))
+    except QuantCliError as exc:
+        raise QuantCliError(f"--require-speedup needs --data to time this model: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ __all__ = [
     "available_memory",
     "file_sha256",
     "infer_shapes",
+    "known_shapes",
     "load_model",
     "model_opset",
     "save_model",
@@ -141,6 +142,19 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     except Exception as exc:
         log.info("shape inference failed: %s", exc)
         return model, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def known_shapes(model: onnx.ModelProto) -> set[str]:
+    """Tensors (in any graph, subgraphs included) whose rank the model records."""
+    from quantcli.subgraphs import walk_graphs
+
+    known: set[str] = set()
+    for _, g in walk_graphs(model.graph):
+        known |= {t.name for t in g.initializer}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                known.add(vi.name)
+    return known
 
 
 @contextlib.contextmanager

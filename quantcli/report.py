@@ -74,6 +74,7 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(f"quantized nodes: {quantized}")
     if result.plan.folded:
         console.print(f"folded {len(result.plan.folded)} Relu/Clip into their producers' quantization ranges")
+    _render_subgraphs(console, result)
     audit = result.audit
     table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")
     table.add_column("integer kernel")
@@ -102,11 +103,50 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
             table.add_row(op, str(n), reason)
         console.print(table)
+    if result.unknown_shapes:
+        why = f" ({result.shape_inference_error})" if result.shape_inference_error else ""
+        console.print(
+            f"shapes: onnx shape inference could not tell the shape of {len(result.unknown_shapes)} quantized "
+            f"tensors{why}; calibration ran them, so they are quantized anyway: "
+            + ", ".join(result.unknown_shapes[:5])
+            + (" ..." if len(result.unknown_shapes) > 5 else "")
+        )
+    if result.speed is not None:
+        console.print(result.speed.line())
     ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
     console.print(
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
         f"wrote [bold]{result.output_path}[/]"
     )
+
+
+def _short_path(path: str, width: int = 60) -> str:
+    return path if len(path) <= width else f"{path[: width // 3]}...{path[-(2 * width) // 3 :]}"
+
+
+def _render_subgraphs(console: Console, result: ConvertResult) -> None:
+    """Per If/Loop/Scan subgraph: what was quantized, and what calibration never saw."""
+    subgraphs = [s for s in result.plan.subgraphs if s.quantized_nodes or s.skipped]
+    if not subgraphs:
+        return
+    table = Table(title="inside If/Loop/Scan subgraphs", title_justify="left")
+    table.add_column("subgraph")
+    table.add_column("quantized")
+    table.add_column("left float", justify="right")
+    for sub in subgraphs:
+        ops = Counter(op for _, op in sub.quantized_nodes)
+        table.add_row(
+            _short_path(sub.path),
+            ", ".join(f"{op} {n}" for op, n in sorted(ops.items())) or "-",
+            str(len(sub.skipped)),
+        )
+    console.print(table)
+    unobserved = result.calibration.unobserved
+    if unobserved:
+        console.print(
+            f"[yellow]never ran during calibration:[/] {len(unobserved)} subgraph tensors (a branch or loop the "
+            "data never took) stay float: " + ", ".join(unobserved[:4]) + (" ..." if len(unobserved) > 4 else "")
+        )
 
 
 def render_compare(console: Console, result: CompareResult) -> None:

@@ -387,3 +387,87 @@ def test_recurrent_state_stays_float_over_a_long_stream(rng: np.random.Generator
     assert sqnr(y_ref[-100:], y_q[-100:]) > sqnr(y_ref[:100], y_q[:100]) - 3
     for a, b in zip(s_ref, s_q, strict=True):
         assert sqnr(a, b) > 10
+
+
+def data_dependent_if_model(d: int = 32, seed: int = 5) -> onnx.ModelProto:
+    """The branch depends on the data: mean(x) > 0 takes a MatMul branch, else another MatMul branch."""
+    model = if_model(d, seed)
+    graph = model.graph
+    graph.input.pop()  # no 'flag' input: computed from x
+    del graph.input[0].type.tensor_type.shape.dim[0]
+    graph.input[0].type.tensor_type.shape.dim.insert(0, onnx.TensorShapeProto.Dimension(dim_value=1))
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    graph.initializer.append(zero)
+    graph.node.insert(0, helper.make_node("ReduceMean", ["x0"], ["mean"], name="mean", keepdims=0))
+    graph.node.insert(1, helper.make_node("Greater", ["mean", "zero"], ["flag"], name="gt"))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def if_files(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path]:
+    path = tmp_path / "if.onnx"
+    onnx.save(data_dependent_if_model(), str(path))
+    x = rng.normal(size=(24, 1, 32)).astype(np.float32)
+    x[:12] += 0.5
+    x[12:] -= 0.5
+    data = tmp_path / "if.npz"
+    np.savez(data, x0=x.reshape(24, 32))
+    return path, data
+
+
+def test_cli_reports_what_was_quantized_per_subgraph(tmp_path: Path, if_files: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from quantcli.cli import app
+
+    model, data = if_files
+    out = tmp_path / "q.onnx"
+    result = CliRunner().invoke(app, ["convert", str(model), "--data", str(data), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "inside If/Loop/Scan subgraphs" in result.output
+    assert "branch/then_branch" in result.output and "branch/else_branch" in result.output
+    quantized = onnx.load(str(out))
+    branch_ops = {n.op_type for path, g in walk_graphs(quantized.graph) if path for n in g.node}
+    assert "DequantizeLinear" in branch_ops
+
+
+def test_require_speedup_writes_nothing_when_not_faster(
+    tmp_path: Path, if_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quantcli import api
+    from quantcli.errors import QuantCliError
+    from quantcli.speedcheck import SpeedCheck
+
+    model, data = if_files
+    timed: list[dict[str, np.ndarray]] = []
+
+    def slow(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
+        timed.append(feed)
+        return SpeedCheck(fp32_ms=1.0, quantized_ms=1.2, speedup=0.83, rounds=5, margin=0.0)
+
+    monkeypatch.setattr(api, "check_speedup", slow)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(QuantCliError, match="not faster than FP32 at batch 1"):
+        api.convert_model(model, out, data_path=data, require_speedup=True)
+    assert not out.exists()
+    assert timed and timed[0]["x0"].shape == (1, 32)  # timed on a real batch-1 sample
+
+    def fast(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
+        return SpeedCheck(fp32_ms=1.0, quantized_ms=0.5, speedup=2.0, rounds=5, margin=0.0)
+
+    monkeypatch.setattr(api, "check_speedup", fast)
+    result = api.convert_model(model, out, data_path=data, require_speedup=True)
+    assert out.exists() and result.speed is not None and result.speed.faster
+
+
+def test_check_speedup_measures_both_models(rng: np.random.Generator) -> None:
+    from quantcli.speedcheck import check_speedup
+
+    model = loop_model()
+    quantized, _, _ = _quantize(model, [{"x": rng.normal(size=(1, 16)).astype(np.float32)} for _ in range(3)])
+    check = check_speedup(model, quantized, {"x": rng.normal(size=(1, 16)).astype(np.float32)}, rounds=2, runs=5)
+    assert check.rounds == 2
+    assert check.fp32_ms > 0 and check.quantized_ms > 0
+    assert check.faster == (check.speedup > 1.0)
+    assert ("faster" in check.line()) and f"x{check.speedup:.2f}" in check.line()

@@ -30,7 +30,7 @@ import onnx
 
 from quantcli.calibration import TensorRange
 from quantcli.graph import GraphIndex
-from quantcli.options import QuantConfig
+from quantcli.options import QuantConfig, QuantDType
 from quantcli.qmath import (
     QuantizedTensor,
     QuantParams,
@@ -46,6 +46,7 @@ __all__ = [
     "FoldedActivation",
     "QuantPlan",
     "RangeDecision",
+    "RecurrentQuant",
     "Skip",
     "SubgraphPlan",
     "WeightQuant",
@@ -68,11 +69,17 @@ MOVEMENT_OPS = (
     "Expand", "Tile", "Resize", "Split",
 )  # fmt: skip
 FOLDABLE_OPS = ("Relu", "Clip")
+#: recurrent layers with an integer kernel: LSTM -> com.microsoft DynamicQuantizeLSTM (weights int8,
+#: input and state quantized on the fly by the kernel; no Q/DQ ever touches the state)
+RECURRENT_OPS = ("LSTM",)
+#: DynamicQuantizeLSTM pays from this hidden size (benchmarks/bench_lstm.py, AVX2, 1 thread, one step:
+#: x1.06 at 128, x1.45 at 256, x2.6 at 512; 64 steps at 128: x2.1)
+LSTM_MIN_HIDDEN = 256
 #: activations reaching this magnitude carry sentinels (masks, padding fills), not data
 SENTINEL_MAGNITUDE = 1e9
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
-DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS) - {"Softmax"}
-SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS)
+DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS) - {"Softmax"}
+SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS)
 
 #: ops known to have no integer kernel in onnxruntime's CPU provider
 _FLOAT_ONLY = {
@@ -142,6 +149,19 @@ class RangeDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class RecurrentQuant:
+    """LSTM ``node`` becomes com.microsoft DynamicQuantizeLSTM.
+
+    ``w`` and ``r`` hold int8 values already transposed to the kernel's layout [dirs, input, 4H]
+    and [dirs, hidden, 4H], with symmetric per-gate-row scales of shape [dirs, 4H].
+    """
+
+    node: str
+    w: QuantizedTensor
+    r: QuantizedTensor
+
+
+@dataclass(frozen=True, slots=True)
 class SubgraphPlan:
     """Nodes quantized and left float inside one subgraph (path ``<node>/<attribute>/...``)."""
 
@@ -163,6 +183,7 @@ class QuantPlan:
     range_decisions: tuple[RangeDecision, ...] = ()
     #: what was planned inside each If/Loop/Scan subgraph (also counted in the fields above)
     subgraphs: tuple[SubgraphPlan, ...] = ()
+    recurrent: tuple[RecurrentQuant, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""
@@ -208,6 +229,7 @@ class _Planner:
     float_locked: set[str] = field(default_factory=set)
     range_decisions: list[RangeDecision] = field(default_factory=list)
     in_subgraph: bool = False
+    recurrent: list[RecurrentQuant] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -456,6 +478,44 @@ class _Planner:
             if out and out in self.ranges:
                 self.act.setdefault(out, params)
 
+    def plan_lstm(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w, r = node.input[1], node.input[2]
+        if not (self.index.is_constant(w) and self.index.is_constant(r)):
+            self.skip(node, "W or R is not a constant initializer")
+            return
+        if attrs.get("layout", 0):
+            self.skip(node, "layout=1 is not supported by DynamicQuantizeLSTM")
+            return
+        if self.config.weight_type != QuantDType.INT8:
+            self.skip(node, "DynamicQuantizeLSTM takes int8 weights only")
+            return
+        hidden = int(attrs.get("hidden_size", 0))
+        if hidden < LSTM_MIN_HIDDEN:
+            self.skip(
+                node,
+                f"float: no faster integer kernel at hidden size {hidden} (DynamicQuantizeLSTM pays from "
+                f"{LSTM_MIN_HIDDEN}; measured x1.06 at 128)",
+            )
+            return
+        self.recurrent.append(RecurrentQuant(node.name, self._gate_rows(w), self._gate_rows(r)))
+        self.quantized.append((node.name, node.op_type))
+
+    def _gate_rows(self, name: str) -> QuantizedTensor:
+        """[dirs, 4H, n] float -> int8 [dirs, n, 4H] with one symmetric scale per gate row."""
+        value = self.index.constant(name).astype(np.float32)
+        dirs, rows, cols = value.shape
+        q = quantize_weight(
+            value.reshape(dirs * rows, cols), QuantDType.INT8, axis=0, reduce_range=self.config.reduce_range
+        )
+        params = QuantParams(
+            scale=q.params.scale.reshape(dirs, rows),
+            zero_point=q.params.zero_point.reshape(dirs, rows),
+            dtype=QuantDType.INT8,
+            axis=None,
+        )
+        return QuantizedTensor(q.values.reshape(dirs, rows, cols).transpose(0, 2, 1).copy(), params)
+
     # ---- clean-up ---------------------------------------------------------------------------
     def drop_unread_float_outputs(self) -> None:
         """MatMul/Gemm outputs nobody reads as integers stay float (no Q/DQ overhead)."""
@@ -483,7 +543,9 @@ def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) 
             if node.op_type not in ("Constant", "Shape", "Cast", "Relu", "Clip", "Identity", *CONTROL_FLOW_OPS):
                 planner.skip(node, reason)
             continue
-        if node.op_type in COMPUTE_OPS:
+        if node.op_type in RECURRENT_OPS:
+            planner.plan_lstm(node)
+        elif node.op_type in COMPUTE_OPS:
             planner.plan_compute(node)
             if node.name not in {name for name, _ in planner.quantized}:
                 planner.float_locked.update(o for o in node.output if o)
@@ -537,4 +599,5 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
         config=config,
         range_decisions=tuple(d for p in planners for d in p.range_decisions),
         subgraphs=subgraphs,
+        recurrent=tuple(r for p in planners for r in p.recurrent),
     )

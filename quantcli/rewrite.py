@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 from quantcli.errors import UnsupportedModelError
 from quantcli.graph import model_opset
 from quantcli.options import QuantDType
-from quantcli.planning import ActivationQuant, FoldedActivation, QuantPlan, WeightQuant
+from quantcli.planning import ActivationQuant, FoldedActivation, QuantPlan, RecurrentQuant, WeightQuant
 from quantcli.qmath import QuantizedTensor, QuantParams
 from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
 
@@ -118,8 +118,35 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     for w in plan.weights:
         weights.setdefault(w.node, []).append(w)
     acts = {a.tensor: a for a in plan.activations}
-    _rewrite_graph(out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {})
+    recurrent = {r.node: r for r in plan.recurrent}
+    _rewrite_graph(out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {}, recurrent)
+    if recurrent and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+def _dynamic_lstm(node: onnx.NodeProto, r: RecurrentQuant, builder: _Builder) -> None:
+    """Turn an ONNX LSTM into com.microsoft DynamicQuantizeLSTM in place (same outputs, state stays float)."""
+    extra: list[str] = []
+    for base, q in ((node.input[1], r.w), (node.input[2], r.r)):
+        q_name = builder.names.new(f"{base}_quantized")
+        scale = builder.names.new(f"{base}_scale")
+        zp = builder.names.new(f"{base}_zero_point")
+        builder.initializers += [
+            numpy_helper.from_array(q.values.astype(np.int8), q_name),
+            numpy_helper.from_array(q.params.scale.astype(np.float32), scale),
+            numpy_helper.from_array(q.params.zero_point.astype(np.int8), zp),
+        ]
+        extra += [q_name, scale, zp]
+    inputs = [*node.input, *[""] * (8 - len(node.input))][:8]
+    inputs[1], inputs[2] = extra[0], extra[3]
+    del node.input[:]
+    node.input.extend([*inputs, extra[1], extra[2], extra[4], extra[5]])
+    keep = [a for a in node.attribute if a.name != "layout"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    node.op_type = "DynamicQuantizeLSTM"
+    node.domain = "com.microsoft"
 
 
 def _rewrite_graph(
@@ -129,6 +156,7 @@ def _rewrite_graph(
     folded: dict[str, FoldedActivation],
     names: NameAllocator,
     outer: dict[str, str],
+    recurrent: dict[str, RecurrentQuant],
 ) -> None:
     """Rewrite ``graph`` in place, then its subgraphs.
 
@@ -198,6 +226,8 @@ def _rewrite_graph(
     for node in graph.node:
         if node.name in folded:
             continue
+        if node.name in recurrent:
+            _dynamic_lstm(node, recurrent[node.name], builder)
         for pos, dq in weight_nodes.get(node.name, []):
             node.input[pos] = dq.output[0]
             new_nodes.append(dq)
@@ -215,7 +245,7 @@ def _rewrite_graph(
     inner_outer = {**outer, **{t: q.output[0] for t, (q, _, _) in act_nodes.items() if t in produced}}
     for node in graph.node:
         for _, sub in node_subgraphs(node):
-            _rewrite_graph(sub, acts, weights, folded, names, inner_outer)
+            _rewrite_graph(sub, acts, weights, folded, names, inner_outer, recurrent)
     used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input} | {o.name for o in graph.output}
     for node in graph.node:
         for _, sub in node_subgraphs(node):

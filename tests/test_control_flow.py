@@ -324,10 +324,13 @@ def test_failed_shape_inference_does_not_block_conv_quantization(rng: np.random.
     assert sqnr(make_session(model).run(None, feed)[0], make_session(quantized).run(None, feed)[0]) > 20
 
 
-@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-def test_recurrent_state_stays_float_over_a_long_stream(rng: np.random.Generator, op: str) -> None:
-    """Conv -> recurrent layer -> MatMul with the state fed back for 300 steps: no Q/DQ touches the state."""
-    d, hidden = 8, 16
+@pytest.mark.parametrize(("op", "hidden"), [("LSTM", 16), ("GRU", 16), ("RNN", 16), ("LSTM", 256)])
+def test_recurrent_state_stays_float_over_a_long_stream(rng: np.random.Generator, op: str, hidden: int) -> None:
+    """MatMul -> recurrent layer -> MatMul with the state fed back for 400 steps: no Q/DQ touches the state.
+
+    A small LSTM stays float (no faster integer kernel); from hidden 256 it becomes DynamicQuantizeLSTM.
+    """
+    d = 8
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
     w_in = numpy_helper.from_array(_w(rng, d, d), "w_in")
     wx = numpy_helper.from_array(_w(rng, d, gates * hidden).T.reshape(1, gates * hidden, d).copy(), "wx")
@@ -373,11 +376,20 @@ def test_recurrent_state_stays_float_over_a_long_stream(rng: np.random.Generator
     calib: list[dict[str, np.ndarray]] = []
     run(ref, 400, calib)
     quantized, plan, _ = _quantize(model, calib)
-    assert ("rnn", op) not in plan.quantized_nodes
     q_inputs = {n.input[0] for n in quantized.graph.node if n.op_type == "QuantizeLinear"}
     assert not q_inputs & {*state_in, *state_out, "seq"}
-    rnn = next(n for n in quantized.graph.node if n.op_type == op)
-    assert [i for i in rnn.input if i][-len(state_in) :] == state_in  # state inputs read the float graph inputs
+    rnn = next(n for n in quantized.graph.node if n.name == "rnn")
+    if op == "LSTM" and hidden >= 256:
+        assert ("rnn", "LSTM") in plan.quantized_nodes
+        assert (rnn.domain, rnn.op_type) == ("com.microsoft", "DynamicQuantizeLSTM")
+        assert list(rnn.input[5:7]) == state_in  # initial_h, initial_c: the float graph inputs
+        assert "DynamicQuantizeLSTM" in audit_fusion(quantized).integer_op_counts()
+    else:
+        assert ("rnn", op) not in plan.quantized_nodes
+        assert rnn.op_type == op
+        assert [i for i in rnn.input if i][-len(state_in) :] == state_in  # state inputs read the float graph inputs
+        if op == "LSTM":
+            assert any(s.node == "rnn" and "no faster integer kernel" in s.reason for s in plan.skipped)
     y_ref, s_ref = run(ref, 400)
     y_q, s_q = run(make_session(quantized), 400)
     assert np.all(np.isfinite(y_q))

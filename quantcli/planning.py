@@ -43,6 +43,7 @@ from quantcli.subgraphs import CONTROL_FLOW_OPS, node_subgraphs
 
 __all__ = [
     "ActivationQuant",
+    "EmbeddingQuant",
     "FoldedActivation",
     "QuantPlan",
     "RangeDecision",
@@ -75,6 +76,10 @@ RECURRENT_OPS = ("LSTM",)
 #: DynamicQuantizeLSTM pays from this hidden size (benchmarks/bench_lstm.py, AVX2, 1 thread, one step:
 #: x1.06 at 128, x1.45 at 256, x2.6 at 512; 64 steps at 128: x2.1)
 LSTM_MIN_HIDDEN = 256
+#: a Gather on a constant float table at least this large gets an int8 table (weight-only): the rows
+#: are gathered as int8 and scaled after the Gather (a DequantizeLinear in front of the Gather would
+#: dequantize the whole table at every run: measured 350x slower on a 50k x 256 table)
+EMBEDDING_MIN_BYTES = 1 << 20
 #: activations reaching this magnitude carry sentinels (masks, padding fills), not data
 SENTINEL_MAGNITUDE = 1e9
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
@@ -162,6 +167,18 @@ class RecurrentQuant:
 
 
 @dataclass(frozen=True, slots=True)
+class EmbeddingQuant:
+    """Gather ``node`` reads int8 rows of ``table`` and multiplies them by their row scale.
+
+    ``quantized`` holds symmetric int8 values with one scale per row (axis 0).
+    """
+
+    node: str
+    table: str
+    quantized: QuantizedTensor
+
+
+@dataclass(frozen=True, slots=True)
 class SubgraphPlan:
     """Nodes quantized and left float inside one subgraph (path ``<node>/<attribute>/...``)."""
 
@@ -184,6 +201,7 @@ class QuantPlan:
     #: what was planned inside each If/Loop/Scan subgraph (also counted in the fields above)
     subgraphs: tuple[SubgraphPlan, ...] = ()
     recurrent: tuple[RecurrentQuant, ...] = ()
+    embeddings: tuple[EmbeddingQuant, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""
@@ -230,6 +248,7 @@ class _Planner:
     range_decisions: list[RangeDecision] = field(default_factory=list)
     in_subgraph: bool = False
     recurrent: list[RecurrentQuant] = field(default_factory=list)
+    embeddings: list[EmbeddingQuant] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -478,6 +497,28 @@ class _Planner:
             if out and out in self.ranges:
                 self.act.setdefault(out, params)
 
+    def plan_embedding(self, node: onnx.NodeProto) -> bool:
+        """Weight-only int8 for a Gather on a large constant float table; False if it does not apply."""
+        table, indices = node.input[0], node.input[1]
+        if not self.index.is_constant(table) or self.index.elem_types.get(table) != onnx.TensorProto.FLOAT:
+            return False
+        init = self.index.initializers[table]
+        size = int(np.prod(init.dims)) * 4 if init.dims else 4
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if len(init.dims) != 2 or axis != 0 or size < EMBEDDING_MIN_BYTES or self.is_float_activation(indices):
+            return False
+        if sum(1 for n in self.index.consumers_of(table) if n.op_type != "Gather") or self.index.graph_outputs.count(
+            table
+        ):
+            return False  # the float table is needed elsewhere: an int8 copy would add, not save
+        q = self._weight_cache.get((table, -1))
+        if q is None:
+            q = quantize_weight(self.index.constant(table), QuantDType.INT8, axis=0)
+            self._weight_cache[(table, -1)] = q
+        self.embeddings.append(EmbeddingQuant(node.name, table, q))
+        self.quantized.append((node.name, "Gather"))
+        return True
+
     def plan_lstm(self, node: onnx.NodeProto) -> None:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         w, r = node.input[1], node.input[2]
@@ -551,6 +592,8 @@ def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) 
                 planner.float_locked.update(o for o in node.output if o)
         elif node.op_type in ELEMENTWISE_OPS:
             planner.plan_elementwise(node)
+        elif node.op_type == "Gather" and planner.plan_embedding(node):
+            pass
         elif node.op_type in MOVEMENT_OPS:
             planner.plan_movement(node)
         folded_nodes |= {f.node for f in planner.folded}
@@ -600,4 +643,5 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
         range_decisions=tuple(d for p in planners for d in p.range_decisions),
         subgraphs=subgraphs,
         recurrent=tuple(r for p in planners for r in p.recurrent),
+        embeddings=tuple(e for p in planners for e in p.embeddings),
     )

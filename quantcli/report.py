@@ -74,6 +74,13 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(f"quantized nodes: {quantized}")
     if result.plan.folded:
         console.print(f"folded {len(result.plan.folded)} Relu/Clip into their producers' quantization ranges")
+    if result.plan.embeddings:
+        console.print(
+            f"{len(result.plan.embeddings)} embedding tables stored as int8 (weight-only): rows are gathered "
+            "as int8 and scaled after the Gather"
+        )
+    if result.plan.recurrent:
+        console.print(f"{len(result.plan.recurrent)} LSTM run as DynamicQuantizeLSTM (int8 weights, float state)")
     _render_subgraphs(console, result)
     audit = result.audit
     table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")

@@ -17,7 +17,14 @@ from onnx import helper, numpy_helper
 from quantcli.errors import UnsupportedModelError
 from quantcli.graph import model_opset
 from quantcli.options import QuantDType
-from quantcli.planning import ActivationQuant, FoldedActivation, QuantPlan, RecurrentQuant, WeightQuant
+from quantcli.planning import (
+    ActivationQuant,
+    EmbeddingQuant,
+    FoldedActivation,
+    QuantPlan,
+    RecurrentQuant,
+    WeightQuant,
+)
 from quantcli.qmath import QuantizedTensor, QuantParams
 from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
 
@@ -118,11 +125,39 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     for w in plan.weights:
         weights.setdefault(w.node, []).append(w)
     acts = {a.tensor: a for a in plan.activations}
-    recurrent = {r.node: r for r in plan.recurrent}
+    recurrent: dict[str, RecurrentQuant | EmbeddingQuant] = {r.node: r for r in plan.recurrent}
+    recurrent.update({e.node: e for e in plan.embeddings})
     _rewrite_graph(out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {}, recurrent)
-    if recurrent and not any(o.domain == "com.microsoft" for o in out.opset_import):
+    if plan.recurrent and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
+
+
+def _int8_gather(node: onnx.NodeProto, e: EmbeddingQuant, builder: _Builder) -> list[onnx.NodeProto]:
+    """Gather int8 rows and their scales, then rows * scale: the table is never dequantized whole.
+
+    Returns the nodes to emit in place of ``node``; the last one writes ``node``'s output.
+    """
+    q_name = builder.quantized_initializer(e.table, e.quantized)
+    scale = builder.names.new(f"{e.table}_row_scale")
+    axes = builder.names.new(f"{e.table}_scale_axes")
+    builder.initializers += [
+        numpy_helper.from_array(e.quantized.params.scale.astype(np.float32), scale),
+        numpy_helper.from_array(np.array([-1], np.int64), axes),
+    ]
+    out = node.output[0]
+    rows, row_scale = builder.names.new(f"{out}_int8"), builder.names.new(f"{out}_scale")
+    as_float, scale_b = builder.names.new(f"{out}_int8_float"), builder.names.new(f"{out}_scale_unsqueezed")
+    base = node.name
+    return [
+        helper.make_node("Gather", [q_name, node.input[1]], [rows], name=base, axis=0),
+        helper.make_node(
+            "Gather", [scale, node.input[1]], [row_scale], name=builder.names.new(f"{base}_scale"), axis=0
+        ),
+        helper.make_node("Cast", [rows], [as_float], name=builder.names.new(f"{base}_cast"), to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [row_scale, axes], [scale_b], name=builder.names.new(f"{base}_unsqueeze")),
+        helper.make_node("Mul", [as_float, scale_b], [out], name=builder.names.new(f"{base}_dequantize")),
+    ]
 
 
 def _dynamic_lstm(node: onnx.NodeProto, r: RecurrentQuant, builder: _Builder) -> None:
@@ -156,7 +191,7 @@ def _rewrite_graph(
     folded: dict[str, FoldedActivation],
     names: NameAllocator,
     outer: dict[str, str],
-    recurrent: dict[str, RecurrentQuant],
+    recurrent: dict[str, RecurrentQuant | EmbeddingQuant],
 ) -> None:
     """Rewrite ``graph`` in place, then its subgraphs.
 
@@ -226,8 +261,19 @@ def _rewrite_graph(
     for node in graph.node:
         if node.name in folded:
             continue
-        if node.name in recurrent:
-            _dynamic_lstm(node, recurrent[node.name], builder)
+        special = recurrent.get(node.name)
+        if isinstance(special, EmbeddingQuant):
+            replacement = _int8_gather(node, special, builder)
+            for pos, name in enumerate(replacement[0].input):
+                if name in act_nodes:
+                    replacement[0].input[pos] = act_nodes[name][2]
+            new_nodes.extend(replacement)
+            for out_name in node.output:
+                if out_name in act_nodes:
+                    new_nodes.extend(act_nodes[out_name][:2])
+            continue
+        if isinstance(special, RecurrentQuant):
+            _dynamic_lstm(node, special, builder)
         for pos, dq in weight_nodes.get(node.name, []):
             node.input[pos] = dq.output[0]
             new_nodes.append(dq)

@@ -483,3 +483,39 @@ def test_check_speedup_measures_both_models(rng: np.random.Generator) -> None:
     assert check.fp32_ms > 0 and check.quantized_ms > 0
     assert check.faster == (check.speedup > 1.0)
     assert ("faster" in check.line()) and f"x{check.speedup:.2f}" in check.line()
+
+
+def test_large_embedding_table_becomes_int8_gathered_before_scaling(rng: np.random.Generator) -> None:
+    vocab, d = 4096, 64  # 1 MiB of float32: above EMBEDDING_MIN_BYTES
+    rows = rng.normal(size=(vocab, d)) * rng.uniform(0.1, 3.0, size=(vocab, 1))  # rows of different norms
+    table = numpy_helper.from_array(rows.astype(np.float32), "embedding")
+    w = numpy_helper.from_array(_w(rng, d, d), "w")
+    nodes = [
+        helper.make_node("Gather", ["embedding", "ids"], ["emb"], name="lookup"),
+        helper.make_node("MatMul", ["emb", "w"], ["y"], name="mm"),
+    ]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 7])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 7, d])]
+    model = make_model(nodes, inputs, outputs, [table, w])
+    feeds = [{"ids": rng.integers(0, vocab, size=(4, 7)).astype(np.int64)} for _ in range(4)]
+    quantized, plan, _ = _quantize(model, feeds)
+    assert [e.node for e in plan.embeddings] == ["lookup"]
+    inits = {t.name: t for t in quantized.graph.initializer}
+    assert "embedding" not in inits  # the float table is gone
+    int8_tables = [t for t in inits.values() if t.data_type == TensorProto.INT8 and list(t.dims) == [vocab, d]]
+    assert len(int8_tables) == 1
+    assert quantized.ByteSize() < model.ByteSize() / 3
+    gathers = [n for n in quantized.graph.node if n.op_type == "Gather"]
+    assert int8_tables[0].name in {n.input[0] for n in gathers}  # rows are gathered as int8 ...
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] == int8_tables[0].name for n in quantized.graph.node)
+    feed = {"ids": rng.integers(0, vocab, size=(2, 7)).astype(np.int64)}
+    assert sqnr(make_session(model).run(None, feed)[0], make_session(quantized).run(None, feed)[0]) > 25
+
+
+def test_small_embedding_table_stays_float(rng: np.random.Generator) -> None:
+    table = numpy_helper.from_array(rng.normal(size=(50, 16)).astype(np.float32), "embedding")
+    nodes = [helper.make_node("Gather", ["embedding", "ids"], ["y"], name="lookup")]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 16])], [table])
+    _, plan, _ = _quantize(model, [{"ids": np.array([[1, 2, 3]], np.int64)}])
+    assert plan.embeddings == ()

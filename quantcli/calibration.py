@@ -218,17 +218,25 @@ def calibrate(
     deadline = None if timeout is None else time.monotonic() + timeout
     names = candidate_tensors(model)
     inner: dict[str, str] = {}  # exposed output name -> tensor name inside its subgraph
+    first = next(iter(dataset.batches(1)))
+    probe: ort.InferenceSession | None = None
     if has_subgraphs(model.graph):
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
-        model, inner = exposed.model, exposed.names
-        names += list(inner)
-    probe = make_session(_augmented(model, names), threads=threads, source=source)
+        try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
+            probe = make_session(_augmented(exposed.model, names + list(exposed.names)), threads=threads, source=source)
+            probe.run(list(exposed.names), first)
+            model, inner = exposed.model, exposed.names
+            names += list(inner)
+        except Exception as exc:  # never block: the subgraphs stay float, the main graph is calibrated
+            log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
+            probe = None
+    if probe is None:
+        probe = make_session(_augmented(model, names), threads=threads, source=source)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
         raise UnsupportedModelError("model has no float activations to calibrate")
     # bytes per sample of every tracked tensor, from one sample
-    first = next(iter(dataset.batches(1)))
     try:
         sample = probe.run(tracked, first)
     except Exception as exc:

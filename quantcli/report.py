@@ -57,6 +57,13 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
     ]
     if clipped:
         console.print(f"{len(clipped)} ranges clipped below the observed min/max by the {result.method} method")
+    if result.unobserved:
+        console.print(
+            f"[yellow]{len(result.unobserved)} tensors inside If/Loop/Scan subgraphs never ran on this data[/] "
+            "(a branch it never took); they stay float: "
+            + ", ".join(result.unobserved[:4])
+            + (" ..." if len(result.unobserved) > 4 else "")
+        )
     console.print(f"wrote [bold]{path}[/]")
 
 

@@ -519,3 +519,41 @@ def test_small_embedding_table_stays_float(rng: np.random.Generator) -> None:
     model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 16])], [table])
     _, plan, _ = _quantize(model, [{"ids": np.array([[1, 2, 3]], np.int64)}])
     assert plan.embeddings == ()
+
+
+def test_loop_whose_shapes_change_per_iteration_falls_back_to_main_graph(
+    rng: np.random.Generator, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Scan outputs must have one shape: a body tensor that grows cannot be exposed, the body stays float."""
+    d, steps = 4, 3
+    body = helper.make_graph(
+        [
+            helper.make_node("Concat", ["h_in", "x"], ["h_out"], name="grow", axis=1),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_cond"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_in", TensorProto.FLOAT, ["N", None]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("h_out", TensorProto.FLOAT, ["N", None]),
+        ],
+    )
+    trip = numpy_helper.from_array(np.array(steps, np.int64), "trip")
+    w = numpy_helper.from_array(_w(rng, d * (steps + 1), 8), "w")
+    nodes = [
+        helper.make_node("Loop", ["trip", "", "x"], ["h"], name="loop", body=body),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], [w, trip])
+    feeds = [{"x": rng.normal(size=(2, d)).astype(np.float32)} for _ in range(3)]
+    quantized, plan, result = _quantize(model, feeds)
+    assert "h_out" not in result.ranges and "h" in result.ranges
+    assert "they stay float" in caplog.text
+    assert ("mm", "MatMul") in plan.quantized_nodes
+    feed = feeds[0]
+    assert sqnr(make_session(model).run(None, feed)[0], make_session(quantized).run(None, feed)[0]) > 25

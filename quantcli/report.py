@@ -345,10 +345,17 @@ def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None
     """Op histogram, parameters and size of a model, and what onnxruntime runs for it."""
     import numpy as np
 
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    ops = Counter(n.op_type for n in model.graph.node)
+    from quantcli.subgraphs import walk_graphs
+
+    graphs = [g for _, g in walk_graphs(model.graph)]
+    params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)
+    params += sum(
+        int(np.prod(a.t.dims)) for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute
+    )
+    ops = Counter(n.op_type for g in graphs for n in g.node)
+    nested = f" ({len(graphs) - 1} If/Loop/Scan subgraphs included)" if len(graphs) > 1 else ""
     console.print(
-        f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {len(model.graph.node)} nodes"
+        f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {sum(ops.values())} nodes{nested}"
     )
     console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
     kernels = ", ".join(f"{op} {n}" for op, n in audit.integer_op_counts().items()) or "none"

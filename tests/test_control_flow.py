@@ -557,3 +557,16 @@ def test_loop_whose_shapes_change_per_iteration_falls_back_to_main_graph(
     assert ("mm", "MatMul") in plan.quantized_nodes
     feed = feeds[0]
     assert sqnr(make_session(model).run(None, feed)[0], make_session(quantized).run(None, feed)[0]) > 25
+
+
+def test_calibration_file_keeps_the_unobserved_subgraph_tensors(tmp_path: Path, rng: np.random.Generator) -> None:
+    from quantcli.artifact import read_calibration, write_calibration
+
+    prepared, _ = preprocess(if_model())
+    result = calibrate(prepared, Feeds(_if_feeds(rng, (True,), 2)), model_sha256="abc")  # type: ignore[arg-type]
+    assert result.unobserved
+    path = tmp_path / "m.calib.json"
+    write_calibration(result, path, model_path="m.onnx")
+    again = read_calibration(path, expected_sha256="abc")
+    assert sorted(again.unobserved) == sorted(result.unobserved)
+    assert again.ranges == result.ranges

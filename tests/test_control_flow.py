@@ -570,3 +570,55 @@ def test_calibration_file_keeps_the_unobserved_subgraph_tensors(tmp_path: Path, 
     again = read_calibration(path, expected_sha256="abc")
     assert sorted(again.unobserved) == sorted(result.unobserved)
     assert again.ranges == result.ranges
+
+
+def test_scan_body_matmul_is_quantized(rng: np.random.Generator) -> None:
+    """Scan over time: state <- tanh(state @ R + x_t @ W); the body MatMuls see every time step."""
+    d, steps = 16, 10
+    w = numpy_helper.from_array(_w(rng, d, d), "w_scan")
+    r = numpy_helper.from_array(0.5 * _w(rng, d, d), "r_scan")
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "w_scan"], ["xw"], name="scan_xw"),
+            helper.make_node("MatMul", ["s_in", "r_scan"], ["sr"], name="scan_sr"),
+            helper.make_node("Add", ["xw", "sr"], ["pre"], name="scan_add"),
+            helper.make_node("Tanh", ["pre"], ["s_out"], name="scan_tanh"),
+            helper.make_node("Identity", ["s_out"], ["y_t"], name="scan_y"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("s_in", TensorProto.FLOAT, [1, d]),
+            helper.make_tensor_value_info("x_t", TensorProto.FLOAT, [1, d]),
+        ],
+        [
+            helper.make_tensor_value_info("s_out", TensorProto.FLOAT, [1, d]),
+            helper.make_tensor_value_info("y_t", TensorProto.FLOAT, [1, d]),
+        ],
+    )
+    nodes = [
+        helper.make_node(
+            "Scan", ["s0", "xs"], ["s_final", "ys"], name="scan", body=body, num_scan_inputs=1, scan_output_axes=[0]
+        )
+    ]
+    inputs = [
+        helper.make_tensor_value_info("s0", TensorProto.FLOAT, [1, d]),
+        helper.make_tensor_value_info("xs", TensorProto.FLOAT, [steps, 1, d]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("s_final", TensorProto.FLOAT, [1, d]),
+        helper.make_tensor_value_info("ys", TensorProto.FLOAT, [steps, 1, d]),
+    ]
+    model = make_model(nodes, inputs, outputs, [w, r])
+    t = np.arange(steps)[:, None, None]
+
+    def feed(phase: float) -> dict[str, np.ndarray]:
+        xs = np.sin(0.3 * t + np.linspace(0, 3, d)[None, None, :] + phase).astype(np.float32)
+        return {"s0": np.zeros((1, d), np.float32), "xs": xs}
+
+    quantized, plan, result = _quantize(model, [feed(p) for p in (0.0, 0.7, 1.4, 2.1)])
+    assert {"x_t", "s_in", "xw", "sr", "pre"} <= set(result.ranges)
+    assert {("scan_xw", "MatMul"), ("scan_sr", "MatMul")} <= set(plan.quantized_nodes)
+    integer = dict(audit_fusion(quantized).integer_nodes)
+    assert {"scan_xw", "scan_sr"} <= set(integer)
+    ref, out = make_session(model).run(None, feed(0.35)), make_session(quantized).run(None, feed(0.35))
+    assert sqnr(ref[1], out[1]) > 20

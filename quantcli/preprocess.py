@@ -82,7 +82,7 @@ def _clean_graph(
     counts[0] += _constants_to_initializers(graph)
     counts[1] += _fold_constants(graph, opsets, outer) if fold_constants else 0
     counts[2] += _remove_identities(graph) if remove_identity else 0
-    counts[3] += _fold_batchnorms(graph) if fold_batchnorm else 0
+    counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
     if outer:  # a subgraph: Constant nodes no branch reads any more go away
         _drop_unused_initializers(graph)
     inputs = {i.name for i in graph.input}
@@ -249,8 +249,8 @@ def _remove_identities(graph: onnx.GraphProto) -> int:
     return removed
 
 
-def _fold_batchnorms(graph: onnx.GraphProto) -> int:
-    index = GraphIndex.build(graph)
+def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+    index = GraphIndex.build(graph, outer=outer)
     outputs = set(index.graph_outputs)
     folded = 0
     replaced: set[str] = set()

@@ -622,3 +622,55 @@ def test_scan_body_matmul_is_quantized(rng: np.random.Generator) -> None:
     assert {"scan_xw", "scan_sr"} <= set(integer)
     ref, out = make_session(model).run(None, feed(0.35)), make_session(quantized).run(None, feed(0.35))
     assert sqnr(ref[1], out[1]) > 20
+
+
+def test_preprocess_folds_inside_branches(rng: np.random.Generator) -> None:
+    """BatchNormalization after a Conv and a Transpose of an outer weight are folded inside a branch."""
+    c = 4
+    w = numpy_helper.from_array(_w(rng, c, 3, 3, 3), "conv_w")
+    wt = numpy_helper.from_array(_w(rng, 3, 3, c, 3), "conv_w_t")  # stored transposed: folded back
+    bn = [numpy_helper.from_array(rng.uniform(0.5, 1.5, c).astype(np.float32), n) for n in ("g", "b", "m", "v")]
+    then = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "conv_w"], ["c1"], name="b_conv", pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c1", "g", "b", "m", "v"], ["bn1"], name="b_bn"),
+            helper.make_node("Identity", ["bn1"], ["t_out"], name="b_id"),
+        ],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, None)],
+        bn,
+    )
+    els = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["conv_w_t"], ["w_back"], name="b_transpose", perm=[2, 3, 0, 1]),
+            helper.make_node("Conv", ["x", "w_back"], ["e_out"], name="e_conv", pads=[1, 1, 1, 1]),
+        ],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, None)],
+    )
+    nodes = [helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=then, else_branch=els)]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+        helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+    ]
+    model = make_model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])], [w, wt])
+    prepared, report = preprocess(model)
+    assert report.folded_batchnorms == 1 and report.folded_constants == 1
+    ops = {n.op_type for _, g in walk_graphs(prepared.graph) for n in g.node}
+    assert not ops & {"BatchNormalization", "Transpose"}
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    for flag in (True, False):
+        feed = {"x": x, "flag": np.array(flag)}
+        np.testing.assert_allclose(
+            make_session(prepared).run(None, feed)[0], make_session(model).run(None, feed)[0], rtol=1e-4, atol=1e-5
+        )
+
+
+def test_subgraph_rewrite_is_deterministic(rng: np.random.Generator) -> None:
+    model = if_model()
+    feeds = _if_feeds(rng, (True, False))
+    first, _, _ = _quantize(model, feeds)
+    second, _, _ = _quantize(model, feeds)
+    assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)

@@ -150,6 +150,9 @@ def main() -> None:
         "calibration_runs": len(feeds),
         "unobserved_subgraph_tensors": len(result.unobserved),
         "quantized_nodes": plan.summary(),
+        "quantized_inside_subgraphs": sum(len(s.quantized_nodes) for s in plan.subgraphs),
+        "left_float_inside_subgraphs": sum(len(s.skipped) for s in plan.subgraphs),
+        "size_bytes": {"fp32": MODEL.stat().st_size, "quantized": quantized.ByteSize()},
         "subgraphs": {
             s.path: {
                 "quantized": [op for _, op in s.quantized_nodes],

@@ -64,7 +64,7 @@ def preprocess(
     named = _name_nodes(graph)
     named += _name_subgraph_nodes(graph)
     counts = [0, 0, 0, 0]
-    _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants)
+    _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
     consts, folded_consts, removed, folded = counts
     return out, PreprocessReport(named, consts, removed, folded, folded_consts)
 
@@ -77,10 +77,19 @@ def _clean_graph(
     fold_batchnorm: bool,
     remove_identity: bool,
     fold_constants: bool,
+    root: onnx.GraphProto,
 ) -> None:
     """Run the passes on ``graph``, then on each subgraph (If/Loop/Scan bodies) with the constants it sees."""
     counts[0] += _constants_to_initializers(graph)
-    counts[1] += _fold_constants(graph, opsets, outer) if fold_constants else 0
+    shared: set[str] = set()
+    if outer:  # outer constants read in several places: folding would copy them into this subgraph
+        readers: dict[str, int] = {}
+        for _, g in walk_graphs(root):
+            for n in g.node:
+                for i in set(n.input):
+                    readers[i] = readers.get(i, 0) + 1
+        shared = {name for name, t in outer.items() if readers.get(name, 0) > 1 and t.ByteSize() >= _SHARED_COPY_BYTES}
+    counts[1] += _fold_constants(graph, opsets, outer, shared) if fold_constants else 0
     counts[2] += _remove_identities(graph) if remove_identity else 0
     counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
     if outer:  # a subgraph: Constant nodes no branch reads any more go away
@@ -89,7 +98,7 @@ def _clean_graph(
     visible = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
     for node in graph.node:
         for _, sub in node_subgraphs(node):
-            _clean_graph(sub, opsets, visible, counts, fold_batchnorm, remove_identity, fold_constants)
+            _clean_graph(sub, opsets, visible, counts, fold_batchnorm, remove_identity, fold_constants, root)
 
 
 def _name_subgraph_nodes(graph: onnx.GraphProto) -> int:
@@ -119,14 +128,21 @@ _NOT_FOLDABLE = {
     "If", "Loop", "Scan", "QuantizeLinear", "DequantizeLinear", "Constant",
 }  # fmt: skip
 _FOLD_LIMIT_BYTES = 64 << 20
+#: an outer constant at least this large, read in several places, is not folded into a subgraph
+#: (Silero VAD: folding the Unsqueeze of LSTM weights shared by two branches doubled the model)
+_SHARED_COPY_BYTES = 64 << 10
 
 
 def _fold_constants(
-    graph: onnx.GraphProto, opsets: list[onnx.OperatorSetIdProto], outer: dict[str, onnx.TensorProto]
+    graph: onnx.GraphProto,
+    opsets: list[onnx.OperatorSetIdProto],
+    outer: dict[str, onnx.TensorProto],
+    shared: set[str] | None = None,
 ) -> int:
     """Replace nodes whose inputs are all initializers (e.g. a Transpose of a weight) by their value.
 
-    ``outer`` holds the constants of enclosing graphs, which a subgraph's nodes may read.
+    ``outer`` holds the constants of enclosing graphs, which a subgraph's nodes may read; nodes
+    reading one of the ``shared`` outer constants are left alone (folding would duplicate it).
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -144,6 +160,7 @@ def _fold_constants(
             and all(i in values for i in node.input if i)
             and not any(o in outputs for o in node.output)
             and sum(values[i].ByteSize() for i in node.input if i) < _FOLD_LIMIT_BYTES
+            and not any(i in (shared or ()) for i in node.input)
         )
         if foldable:
             try:

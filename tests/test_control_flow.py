@@ -674,3 +674,30 @@ def test_subgraph_rewrite_is_deterministic(rng: np.random.Generator) -> None:
     first, _, _ = _quantize(model, feeds)
     second, _, _ = _quantize(model, feeds)
     assert first.SerializeToString(deterministic=True) == second.SerializeToString(deterministic=True)
+
+
+def test_shared_outer_constant_is_not_copied_into_each_branch(rng: np.random.Generator) -> None:
+    big = numpy_helper.from_array(rng.normal(size=(64, 512)).astype(np.float32), "shared")  # 128 KiB
+    axes = numpy_helper.from_array(np.array([0], np.int64), "axes")
+
+    def branch(tag: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [
+                helper.make_node("Unsqueeze", ["shared", "axes"], [f"{tag}_u"], name=f"{tag}_unsqueeze"),
+                helper.make_node("Mul", ["x", f"{tag}_u"], [f"{tag}_out"], name=f"{tag}_mul"),
+            ],
+            tag,
+            [],
+            [helper.make_tensor_value_info(f"{tag}_out", TensorProto.FLOAT, [1, 64, 512])],
+        )
+
+    nodes = [helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=branch("t"), else_branch=branch("e"))]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, 512]),
+        helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64, 512])]
+    model = make_model(nodes, inputs, outputs, [big, axes])
+    prepared, _ = preprocess(model)
+    assert prepared.ByteSize() < 1.5 * model.ByteSize()
+    assert {n.op_type for _, g in walk_graphs(prepared.graph) for n in g.node} >= {"Unsqueeze"}

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from quantcli.errors import ModelLoadError, OutputPathError
+from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
 
 __all__ = [
     "GraphIndex",
@@ -146,8 +147,6 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
 
 def known_shapes(model: onnx.ModelProto) -> set[str]:
     """Tensors (in any graph, subgraphs included) whose rank the model records."""
-    from quantcli.subgraphs import walk_graphs
-
     known: set[str] = set()
     for _, g in walk_graphs(model.graph):
         known |= {t.name for t in g.initializer}
@@ -221,8 +220,6 @@ class GraphIndex:
         ``outer`` holds constants of enclosing graphs that a subgraph may read. A node holding
         subgraphs (If, Loop, Scan) counts as a consumer of every outer value its subgraphs read.
         """
-        from quantcli.subgraphs import node_subgraphs, outer_references
-
         index = cls(graph=graph)
         for name, init in (outer or {}).items():
             index.initializers[name] = init

@@ -17,6 +17,7 @@ from quantcli.calibration import CalibrationResult
 from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
 from quantcli.graph import atomic_output
+from quantcli.subgraphs import walk_graphs
 
 __all__ = [
     "COMPARE_SCHEMA",
@@ -344,8 +345,6 @@ def write_json(doc: dict[str, Any], path: Path, *, force: bool = True) -> None:
 def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None:
     """Op histogram, parameters and size of a model, and what onnxruntime runs for it."""
     import numpy as np
-
-    from quantcli.subgraphs import walk_graphs
 
     graphs = [g for _, g in walk_graphs(model.graph)]
     params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)

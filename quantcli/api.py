@@ -30,7 +30,7 @@ from quantcli.evaluate import (
     session_peak_memory,
 )
 from quantcli.fp16 import convert_fp16
-from quantcli.graph import file_sha256, load_model, model_opset, save_model
+from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
 from quantcli.layers import LayerError, per_layer_errors
@@ -43,6 +43,7 @@ from quantcli.progress import Progress, no_progress
 from quantcli.recipe import Recipe, read_recipe, write_recipe
 from quantcli.rewrite import apply_plan
 from quantcli.search import Candidate, SearchOptions, SearchResult, build_candidate, search_quantization
+from quantcli.speedcheck import SpeedCheck, check_speedup
 from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
 
 __all__ = [
@@ -169,6 +170,12 @@ class ConvertResult:
     mode_report: ModeReport | None = None
     search: SearchResult | None = None
     recipe_path: Path | None = None
+    #: batch-1 speed check (``require_speedup``), else None
+    speed: SpeedCheck | None = None
+    #: quantized activations whose shape onnx shape inference could not tell (quantization does not need it)
+    unknown_shapes: tuple[str, ...] = ()
+    #: why onnx shape inference failed on the model, if it did
+    shape_inference_error: str | None = None
 
 
 def convert_model(
@@ -182,6 +189,7 @@ def convert_model(
     percentile: float = 99.99,
     force: bool = False,
     require_fused: bool = False,
+    require_speedup: bool = False,
     upgrade_opset: bool = False,
     timeout: float | None = None,
     search: SearchOptions | None = None,
@@ -204,8 +212,13 @@ def convert_model(
     method, per-tensor methods and float nodes that meet ``search.budget``; ``save_recipe`` writes
     its decisions. With ``recipe``, saved decisions are replayed (same calibration, same bytes).
 
+    With ``require_speedup``, both models are timed at batch 1 before anything is written (on the
+    first sample of ``data_path``, else on random inputs of the model's fixed shape) and nothing is
+    written unless the quantized model is faster.
+
     Raises:
-        QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
+        QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
+            ``require_speedup`` and the quantized model is not faster than FP32 at batch 1.
     """
     config = config or default_config()
     model_path, output_path = Path(model_path), Path(output_path)
@@ -285,6 +298,18 @@ def convert_model(
                 f"{model_path}: {len(left)} quantized Conv/MatMul/Gemm did not fuse into integer kernels "
                 f"({', '.join(left[:5])}); see 'quantcli inspect' for why"
             )
+    speed = None
+    if require_speedup:
+        speed = check_speedup(model, quantized, _batch1_feed(model, data_path))
+        if not speed.faster:
+            raise QuantCliError(
+                f"{model_path}: the quantized model is not faster than FP32 at batch 1 "
+                f"({speed.quantized_ms:.3f} ms vs {speed.fp32_ms:.3f} ms, x{speed.speedup:.2f}); nothing written. "
+                "Keep the FP32 model, or drop --require-speedup to write it anyway"
+            )
+    inferred, shape_error = infer_shapes(prepared)
+    known = known_shapes(inferred)
+    unknown = tuple(a.tensor for a in plan.activations if a.tensor not in known)
     save_model(quantized, output_path, force=force)
     if searched is not None and save_recipe is not None:
         write_recipe(searched.recipe(sha, config, percentile), save_recipe, force=force)
@@ -298,6 +323,9 @@ def convert_model(
         calibration=calibration,
         search=searched,
         recipe_path=save_recipe if searched is not None else None,
+        speed=speed,
+        unknown_shapes=unknown,
+        shape_inference_error=shape_error,
     )
 
 
@@ -364,6 +392,17 @@ def _convert_mode(
         mode=mode,
         mode_report=report,
     )
+
+
+def _batch1_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray]:
+    """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
+    specs = model_input_specs(model)
+    if data_path is not None:
+        return next(open_dataset(data_path, specs, max_samples=1).batches(1))
+    try:
+        return next(random_dataset(specs, 1).batches(1))
+    except QuantCliError as exc:
+        raise QuantCliError(f"--require-speedup needs --data to time this model: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

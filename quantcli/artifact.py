@@ -41,8 +41,8 @@ def _sidecar(path: Path) -> Path:
 
 
 def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any]:
-    """The JSON document for ``result``."""
-    return {
+    """The JSON document for ``result`` (``unobserved`` only when some subgraph tensor never ran)."""
+    doc: dict[str, Any] = {
         "schema": SCHEMA,
         "quantcli_version": __version__,
         "model": {"path": model_path, "sha256": result.model_sha256},
@@ -58,6 +58,9 @@ def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any
             for name, r in sorted(result.ranges.items())
         },
     }
+    if result.unobserved:
+        doc["unobserved"] = sorted(result.unobserved)
+    return doc
 
 
 def write_calibration(result: CalibrationResult, path: Path, *, model_path: str, force: bool = False) -> None:
@@ -108,6 +111,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
             for name, t in doc["tensors"].items()
         }
         num_samples = int(doc["num_samples"])
+        unobserved = tuple(str(n) for n in doc.get("unobserved", []))
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactMismatchError(f"{path}: malformed calibration file ({type(exc).__name__}: {exc})") from exc
     if expected_sha256 is not None and sha != expected_sha256:
@@ -122,7 +126,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
     side = _sidecar(path)
     if side.is_file():
         histograms = _read_histograms(side)
-    return CalibrationResult(sha, method, params, num_samples, ranges, histograms)
+    return CalibrationResult(sha, method, params, num_samples, ranges, histograms, unobserved)
 
 
 def _read_histograms(path: Path) -> dict[str, HistogramObserver]:

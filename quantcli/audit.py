@@ -1,7 +1,8 @@
 """Fusion audit: what onnxruntime actually runs after its graph optimizations.
 
 The model is loaded in an onnxruntime CPU session with every optimization on, the optimized
-graph is written to a temporary file and read back, and each node is classified: an integer
+graph is written to a temporary file and read back, and each node, in the main graph and in
+every If/Loop/Scan subgraph (onnxruntime optimizes those too), is classified: an integer
 kernel (QLinearConv, QLinearMatMul, MatMulIntegerToFloat, QGemm, QLinearAdd, ...), a float compute
 node that stayed float, or Q/DQ overhead left in the graph.
 """
@@ -17,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.errors import UnsupportedModelError
+from quantcli.subgraphs import walk_graphs
 
 __all__ = ["INTEGER_KERNELS", "FusionAudit", "audit_fusion"]
 
@@ -82,7 +84,7 @@ def audit_fusion(model: onnx.ModelProto | Path, *, level: str = "all") -> Fusion
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UnsupportedModelError(f"onnxruntime cannot load the model: {first}") from exc
         optimized = onnx.load(str(optimized_path), load_external_data=False)
-    nodes = list(optimized.graph.node)
+    nodes = [n for _, g in walk_graphs(optimized.graph) for n in g.node]  # subgraphs of If/Loop/Scan too
     ops = Counter(_op_name(n) for n in nodes)
     integer = tuple((n.name, n.op_type) for n in nodes if n.op_type in INTEGER_KERNELS)
     float_compute = tuple((n.name, _op_name(n)) for n in nodes if _op_name(n) in FLOAT_COMPUTE)

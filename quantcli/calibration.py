@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from quantcli.data import Dataset
 from quantcli.errors import ArtifactMismatchError, CalibrationDataError, CalibrationTimeoutError, UnsupportedModelError
-from quantcli.graph import available_memory
+from quantcli.graph import available_memory, infer_shapes
 from quantcli.observers import (
     HISTOGRAM_METHODS,
     GrowingHistogram,
@@ -34,6 +34,7 @@ from quantcli.observers import (
 )
 from quantcli.options import CalibrationMethod
 from quantcli.progress import Progress, no_progress
+from quantcli.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs
 
 __all__ = [
     "CalibrationResult",
@@ -66,6 +67,8 @@ class CalibrationResult:
     num_samples: int
     ranges: dict[str, TensorRange]
     histograms: dict[str, HistogramObserver] = field(default_factory=dict)
+    #: float tensors inside If/Loop/Scan subgraphs that never ran on the data (e.g. a branch never taken)
+    unobserved: tuple[str, ...] = ()
 
 
 def explain_load_failure(exc: BaseException, source: str) -> str:
@@ -216,13 +219,26 @@ def calibrate(
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     names = candidate_tensors(model)
-    probe = make_session(_augmented(model, names), threads=threads, source=source)
+    inner: dict[str, str] = {}  # exposed output name -> tensor name inside its subgraph
+    first = next(iter(dataset.batches(1)))
+    probe: ort.InferenceSession | None = None
+    if has_subgraphs(model.graph):
+        exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
+        try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
+            probe = make_session(_augmented(exposed.model, names + list(exposed.names)), threads=threads, source=source)
+            probe.run(list(exposed.names), first)
+            model, inner = exposed.model, exposed.names
+            names += list(inner)
+        except Exception as exc:  # never block: the subgraphs stay float, the main graph is calibrated
+            log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
+            probe = None
+    if probe is None:
+        probe = make_session(_augmented(model, names), threads=threads, source=source)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
         raise UnsupportedModelError("model has no float activations to calibrate")
     # bytes per sample of every tracked tensor, from one sample
-    first = next(iter(dataset.batches(1)))
     try:
         sample = probe.run(tracked, first)
     except Exception as exc:
@@ -257,7 +273,10 @@ def calibrate(
     histograms: dict[str, HistogramObserver] = {n: h.result() for n, h in growing.items()}
 
     ranges: dict[str, TensorRange] = {}
+    unobserved = tuple(inner[n] for n in tracked if n in inner and minmax[n].count == 0)
     for name in tracked:
+        if name in inner and minmax[name].count == 0:
+            continue
         lo, hi = minmax[name].result()
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise CalibrationDataError(
@@ -269,7 +288,7 @@ def calibrate(
         elif histograms:
             clip_lo, clip_hi = choose_range(histograms[name], str(method), percentile=percentile, levels=levels)
             clip_lo, clip_hi = max(clip_lo, lo), min(clip_hi, hi)  # grid edges lie up to a bin beyond
-        ranges[name] = TensorRange(float(clip_lo), float(clip_hi), float(lo), float(hi))
+        ranges[inner.get(name, name)] = TensorRange(float(clip_lo), float(clip_hi), float(lo), float(hi))
 
     params: dict[str, float | int] = {"batch_size": batch_size, "passes": len(groups)}
     if shuffle:
@@ -286,7 +305,8 @@ def calibrate(
         params=params,
         num_samples=dataset.num_samples,
         ranges=ranges,
-        histograms=histograms,
+        histograms={inner.get(n, n): h for n, h in histograms.items() if inner.get(n, n) in ranges},
+        unobserved=unobserved,
     )
 
 

@@ -301,6 +301,12 @@ def convert(
     require_fused: Annotated[
         bool, typer.Option("--require-fused", help="Fail if a quantized Conv/MatMul/Gemm did not fuse.")
     ] = False,
+    require_speedup: Annotated[
+        bool,
+        typer.Option(
+            "--require-speedup", help="Time both models at batch 1 first; write nothing unless quantized is faster."
+        ),
+    ] = False,
     timeout: Annotated[float | None, typer.Option(min=0, help="With --data: give up calibrating after N s.")] = None,
     upgrade_opset: Annotated[
         bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
@@ -368,7 +374,7 @@ def convert(
     )
     result = api.convert_model(
         model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
-        force=force, require_fused=require_fused, timeout=timeout,
+        force=force, require_fused=require_fused, require_speedup=require_speedup, timeout=timeout,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
         search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,

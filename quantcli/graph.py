@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from quantcli.errors import ModelLoadError, OutputPathError
+from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
 
 __all__ = [
     "GraphIndex",
@@ -23,6 +24,7 @@ __all__ = [
     "available_memory",
     "file_sha256",
     "infer_shapes",
+    "known_shapes",
     "load_model",
     "model_opset",
     "save_model",
@@ -143,6 +145,17 @@ def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
         return model, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def known_shapes(model: onnx.ModelProto) -> set[str]:
+    """Tensors (in any graph, subgraphs included) whose rank the model records."""
+    known: set[str] = set()
+    for _, g in walk_graphs(model.graph):
+        known |= {t.name for t in g.initializer}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                known.add(vi.name)
+    return known
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it is renamed into place only if the block succeeds.
@@ -201,9 +214,17 @@ class GraphIndex:
     _arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, graph: onnx.GraphProto) -> GraphIndex:
-        """Index ``graph`` (its value_info should come from shape inference where possible)."""
+    def build(cls, graph: onnx.GraphProto, *, outer: dict[str, onnx.TensorProto] | None = None) -> GraphIndex:
+        """Index ``graph`` (its value_info should come from shape inference where possible).
+
+        ``outer`` holds constants of enclosing graphs that a subgraph may read. A node holding
+        subgraphs (If, Loop, Scan) counts as a consumer of every outer value its subgraphs read.
+        """
         index = cls(graph=graph)
+        for name, init in (outer or {}).items():
+            index.initializers[name] = init
+            index.elem_types[name] = init.data_type
+            index.shapes[name] = tuple(init.dims)
         for init in graph.initializer:
             index.initializers[init.name] = init
             index.elem_types[init.name] = init.data_type
@@ -225,6 +246,11 @@ class GraphIndex:
             for inp in node.input:
                 if inp:
                     index.consumers.setdefault(inp, []).append(node)
+            implicit: set[str] = set()
+            for _, sub in node_subgraphs(node):
+                implicit |= outer_references(sub)
+            for inp in sorted(implicit - set(node.input)):
+                index.consumers.setdefault(inp, []).append(node)
         init_names = set(index.initializers)
         index.graph_inputs = tuple(i.name for i in graph.input if i.name not in init_names)
         index.graph_outputs = tuple(o.name for o in graph.output)

@@ -30,7 +30,7 @@ import onnx
 
 from quantcli.calibration import TensorRange
 from quantcli.graph import GraphIndex
-from quantcli.options import QuantConfig
+from quantcli.options import QuantConfig, QuantDType
 from quantcli.qmath import (
     QuantizedTensor,
     QuantParams,
@@ -39,14 +39,18 @@ from quantcli.qmath import (
     quantize_bias,
     quantize_weight,
 )
+from quantcli.subgraphs import CONTROL_FLOW_OPS, node_subgraphs
 
 __all__ = [
     "FLOAT_READ_OPS",
     "ActivationQuant",
+    "EmbeddingQuant",
     "FoldedActivation",
     "QuantPlan",
     "RangeDecision",
+    "RecurrentQuant",
     "Skip",
+    "SubgraphPlan",
     "WeightQuant",
     "make_plan",
 ]
@@ -71,11 +75,21 @@ MOVEMENT_OPS = (
     "Expand", "Tile", "Resize", "Split",
 )  # fmt: skip
 FOLDABLE_OPS = ("Relu", "Clip")
+#: recurrent layers with an integer kernel: LSTM -> com.microsoft DynamicQuantizeLSTM (weights int8,
+#: input and state quantized on the fly by the kernel; no Q/DQ ever touches the state)
+RECURRENT_OPS = ("LSTM",)
+#: DynamicQuantizeLSTM pays from this hidden size (benchmarks/bench_lstm.py, AVX2, 1 thread, one step:
+#: x1.06 at 128, x1.45 at 256, x2.6 at 512; 64 steps at 128: x2.1)
+LSTM_MIN_HIDDEN = 256
+#: a Gather on a constant float table at least this large gets an int8 table (weight-only): the rows
+#: are gathered as int8 and scaled after the Gather (a DequantizeLinear in front of the Gather would
+#: dequantize the whole table at every run: measured 350x slower on a 50k x 256 table)
+EMBEDDING_MIN_BYTES = 1 << 20
 #: activations reaching this magnitude carry sentinels (masks, padding fills), not data
 SENTINEL_MAGNITUDE = 1e9
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
-DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS) - {"Softmax"}
-SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS)
+DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS) - {"Softmax"}
+SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS)
 
 #: ops known to have no integer kernel in onnxruntime's CPU provider
 _FLOAT_ONLY = {
@@ -145,6 +159,40 @@ class RangeDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class RecurrentQuant:
+    """LSTM ``node`` becomes com.microsoft DynamicQuantizeLSTM.
+
+    ``w`` and ``r`` hold int8 values already transposed to the kernel's layout [dirs, input, 4H]
+    and [dirs, hidden, 4H], with symmetric per-gate-row scales of shape [dirs, 4H].
+    """
+
+    node: str
+    w: QuantizedTensor
+    r: QuantizedTensor
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingQuant:
+    """Gather ``node`` reads int8 rows of ``table`` and multiplies them by their row scale.
+
+    ``quantized`` holds symmetric int8 values with one scale per row (axis 0).
+    """
+
+    node: str
+    table: str
+    quantized: QuantizedTensor
+
+
+@dataclass(frozen=True, slots=True)
+class SubgraphPlan:
+    """Nodes quantized and left float inside one subgraph (path ``<node>/<attribute>/...``)."""
+
+    path: str
+    quantized_nodes: tuple[tuple[str, str], ...]
+    skipped: tuple[Skip, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class QuantPlan:
     """Everything ``rewrite.apply_plan`` needs, and nothing it has to decide."""
 
@@ -155,6 +203,10 @@ class QuantPlan:
     skipped: tuple[Skip, ...]
     config: QuantConfig = field(default_factory=QuantConfig)
     range_decisions: tuple[RangeDecision, ...] = ()
+    #: what was planned inside each If/Loop/Scan subgraph (also counted in the fields above)
+    subgraphs: tuple[SubgraphPlan, ...] = ()
+    recurrent: tuple[RecurrentQuant, ...] = ()
+    embeddings: tuple[EmbeddingQuant, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""
@@ -201,6 +253,9 @@ class _Planner:
     #: Conv/MatMul/Gemm kept in float by the options; they must read float tensors (see rewrite)
     float_compute: set[str] = field(default_factory=set)
     range_decisions: list[RangeDecision] = field(default_factory=list)
+    in_subgraph: bool = False
+    recurrent: list[RecurrentQuant] = field(default_factory=list)
+    embeddings: list[EmbeddingQuant] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -325,7 +380,10 @@ class _Planner:
         op = node.op_type
         x = node.input[0]
         if not self.is_float_activation(x):
-            self.skip(node, f"input '{x}' is not a calibrated float activation")
+            if self.in_subgraph and not self.index.is_constant(x) and x not in self.ranges:
+                self.skip(node, f"input '{x}' never ran during calibration (branch or loop not taken)")
+            else:
+                self.skip(node, f"input '{x}' is not a calibrated float activation")
             return
         w = node.input[1] if len(node.input) > 1 else ""
         bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
@@ -448,6 +506,66 @@ class _Planner:
             if out and out in self.ranges:
                 self.act.setdefault(out, params)
 
+    def plan_embedding(self, node: onnx.NodeProto) -> bool:
+        """Weight-only int8 for a Gather on a large constant float table; False if it does not apply."""
+        table, indices = node.input[0], node.input[1]
+        if not self.index.is_constant(table) or self.index.elem_types.get(table) != onnx.TensorProto.FLOAT:
+            return False
+        init = self.index.initializers[table]
+        size = int(np.prod(init.dims)) * 4 if init.dims else 4
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if len(init.dims) != 2 or axis != 0 or size < EMBEDDING_MIN_BYTES or self.is_float_activation(indices):
+            return False
+        if sum(1 for n in self.index.consumers_of(table) if n.op_type != "Gather") or self.index.graph_outputs.count(
+            table
+        ):
+            return False  # the float table is needed elsewhere: an int8 copy would add, not save
+        q = self._weight_cache.get((table, -1))
+        if q is None:
+            q = quantize_weight(self.index.constant(table), QuantDType.INT8, axis=0)
+            self._weight_cache[(table, -1)] = q
+        self.embeddings.append(EmbeddingQuant(node.name, table, q))
+        self.quantized.append((node.name, "Gather"))
+        return True
+
+    def plan_lstm(self, node: onnx.NodeProto) -> None:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        w, r = node.input[1], node.input[2]
+        if not (self.index.is_constant(w) and self.index.is_constant(r)):
+            self.skip(node, "W or R is not a constant initializer")
+            return
+        if attrs.get("layout", 0):
+            self.skip(node, "layout=1 is not supported by DynamicQuantizeLSTM")
+            return
+        if self.config.weight_type != QuantDType.INT8:
+            self.skip(node, "DynamicQuantizeLSTM takes int8 weights only")
+            return
+        hidden = int(attrs.get("hidden_size", 0))
+        if hidden < LSTM_MIN_HIDDEN:
+            self.skip(
+                node,
+                f"float: no faster integer kernel at hidden size {hidden} (DynamicQuantizeLSTM pays from "
+                f"{LSTM_MIN_HIDDEN}; measured x1.06 at 128)",
+            )
+            return
+        self.recurrent.append(RecurrentQuant(node.name, self._gate_rows(w), self._gate_rows(r)))
+        self.quantized.append((node.name, node.op_type))
+
+    def _gate_rows(self, name: str) -> QuantizedTensor:
+        """[dirs, 4H, n] float -> int8 [dirs, n, 4H] with one symmetric scale per gate row."""
+        value = self.index.constant(name).astype(np.float32)
+        dirs, rows, cols = value.shape
+        q = quantize_weight(
+            value.reshape(dirs * rows, cols), QuantDType.INT8, axis=0, reduce_range=self.config.reduce_range
+        )
+        params = QuantParams(
+            scale=q.params.scale.reshape(dirs, rows),
+            zero_point=q.params.zero_point.reshape(dirs, rows),
+            dtype=QuantDType.INT8,
+            axis=None,
+        )
+        return QuantizedTensor(q.values.reshape(dirs, rows, cols).transpose(0, 2, 1).copy(), params)
+
     # ---- clean-up ---------------------------------------------------------------------------
     def drop_unread_float_outputs(self) -> None:
         """MatMul/Gemm outputs nobody reads as integers stay float (no Q/DQ overhead)."""
@@ -461,15 +579,12 @@ class _Planner:
                 del self.act[tensor]
 
 
-def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig) -> QuantPlan:
-    """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``."""
-    index = GraphIndex.build(model.graph)
-    planner = _Planner(index, ranges, config)
+def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) -> None:
     planner.float_compute = {
-        n.name for n in model.graph.node if n.op_type in FLOAT_READ_OPS and _node_selected(n, config) is not None
+        n.name for n in graph.node if n.op_type in FLOAT_READ_OPS and _node_selected(n, config) is not None
     }
     folded_nodes: set[str] = set()
-    for node in model.graph.node:
+    for node in graph.node:
         if node.name in folded_nodes:
             continue
         if node.op_type in FOLDABLE_OPS and any(f.node == node.name for f in planner.folded):
@@ -478,26 +593,67 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
         if reason is not None and node.op_type in COMPUTE_OPS:
             planner.float_locked.update(o for o in node.output if o)
         if reason is not None:
-            if node.op_type not in ("Constant", "Shape", "Cast", "Relu", "Clip", "Identity"):
+            if node.op_type not in ("Constant", "Shape", "Cast", "Relu", "Clip", "Identity", *CONTROL_FLOW_OPS):
                 planner.skip(node, reason)
             continue
-        if node.op_type in COMPUTE_OPS:
+        if node.op_type in RECURRENT_OPS:
+            planner.plan_lstm(node)
+        elif node.op_type in COMPUTE_OPS:
             planner.plan_compute(node)
             if node.name not in {name for name, _ in planner.quantized}:
                 planner.float_locked.update(o for o in node.output if o)
         elif node.op_type in ELEMENTWISE_OPS:
             planner.plan_elementwise(node)
+        elif node.op_type == "Gather" and planner.plan_embedding(node):
+            pass
         elif node.op_type in MOVEMENT_OPS:
             planner.plan_movement(node)
         folded_nodes |= {f.node for f in planner.folded}
     planner.drop_unread_float_outputs()
-    activations = tuple(ActivationQuant(t, p) for t, p in planner.act.items())
+
+
+def _plan_graph(
+    graph: onnx.GraphProto,
+    path: str,
+    outer: dict[str, onnx.TensorProto],
+    ranges: Mapping[str, TensorRange],
+    config: QuantConfig,
+    act: dict[str, QuantParams],
+    done: list[tuple[str, _Planner]],
+) -> None:
+    """Plan ``graph``, then each subgraph of its nodes; ``act`` is shared, so a tensor is quantized once."""
+    index = GraphIndex.build(graph, outer=outer)
+    planner = _Planner(index, ranges, config, act=act, in_subgraph=bool(path))
+    _plan_nodes(planner, graph, config)
+    done.append((path, planner))
+    inputs = {i.name for i in graph.input}
+    visible = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
+    for node in graph.node:
+        for attr, sub in node_subgraphs(node):
+            sub_path = f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}"
+            _plan_graph(sub, sub_path, visible, ranges, config, act, done)
+
+
+def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig) -> QuantPlan:
+    """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``.
+
+    Subgraphs of If/Loop/Scan nodes are planned like the main graph, each with the constants of
+    its enclosing graphs in view; tensors of a branch calibration never ran have no range and stay float.
+    """
+    act: dict[str, QuantParams] = {}
+    done: list[tuple[str, _Planner]] = []
+    _plan_graph(model.graph, "", {}, ranges, config, act, done)
+    planners = [p for _, p in done]
+    subgraphs = tuple(SubgraphPlan(path, tuple(p.quantized), tuple(p.skipped)) for path, p in done if path)
     return QuantPlan(
-        activations=activations,
-        weights=tuple(planner.weights),
-        folded=tuple(planner.folded),
-        quantized_nodes=tuple(planner.quantized),
-        skipped=tuple(planner.skipped),
+        activations=tuple(ActivationQuant(t, p) for t, p in act.items()),
+        weights=tuple(w for p in planners for w in p.weights),
+        folded=tuple(f for p in planners for f in p.folded),
+        quantized_nodes=tuple(q for p in planners for q in p.quantized),
+        skipped=tuple(s for p in planners for s in p.skipped),
         config=config,
-        range_decisions=tuple(planner.range_decisions),
+        range_decisions=tuple(d for p in planners for d in p.range_decisions),
+        subgraphs=subgraphs,
+        recurrent=tuple(r for p in planners for r in p.recurrent),
+        embeddings=tuple(e for p in planners for e in p.embeddings),
     )

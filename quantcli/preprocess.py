@@ -17,6 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from quantcli.graph import GraphIndex
+from quantcli.subgraphs import node_subgraphs, rename_references, walk_graphs
 
 __all__ = ["PreprocessReport", "preprocess"]
 
@@ -61,11 +62,64 @@ def preprocess(
     out.CopyFrom(model)
     graph = out.graph
     named = _name_nodes(graph)
-    consts = _constants_to_initializers(graph)
-    folded_consts = _fold_constants(out) if fold_constants else 0
-    removed = _remove_identities(graph) if remove_identity else 0
-    folded = _fold_batchnorms(graph) if fold_batchnorm else 0
+    named += _name_subgraph_nodes(graph)
+    counts = [0, 0, 0, 0]
+    _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
+    consts, folded_consts, removed, folded = counts
     return out, PreprocessReport(named, consts, removed, folded, folded_consts)
+
+
+def _clean_graph(
+    graph: onnx.GraphProto,
+    opsets: list[onnx.OperatorSetIdProto],
+    outer: dict[str, onnx.TensorProto],
+    counts: list[int],
+    fold_batchnorm: bool,
+    remove_identity: bool,
+    fold_constants: bool,
+    root: onnx.GraphProto,
+) -> None:
+    """Run the passes on ``graph``, then on each subgraph (If/Loop/Scan bodies) with the constants it sees."""
+    counts[0] += _constants_to_initializers(graph)
+    shared: set[str] = set()
+    if outer:  # outer constants read in several places: folding would copy them into this subgraph
+        readers: dict[str, int] = {}
+        for _, g in walk_graphs(root):
+            for n in g.node:
+                for i in set(n.input):
+                    readers[i] = readers.get(i, 0) + 1
+        shared = {name for name, t in outer.items() if readers.get(name, 0) > 1 and t.ByteSize() >= _SHARED_COPY_BYTES}
+    counts[1] += _fold_constants(graph, opsets, outer, shared) if fold_constants else 0
+    counts[2] += _remove_identities(graph) if remove_identity else 0
+    counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
+    if outer:  # a subgraph: Constant nodes no branch reads any more go away
+        _drop_unused_initializers(graph)
+    inputs = {i.name for i in graph.input}
+    visible = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            _clean_graph(sub, opsets, visible, counts, fold_batchnorm, remove_identity, fold_constants, root)
+
+
+def _name_subgraph_nodes(graph: onnx.GraphProto) -> int:
+    """Give subgraph nodes unnamed or named like another node a model-wide unique name."""
+    taken = {n.name for n in graph.node if n.name}
+    count = 0
+    for path, g in walk_graphs(graph):
+        if not path:
+            continue
+        for i, node in enumerate(g.node):
+            if node.name and node.name not in taken:
+                taken.add(node.name)
+                continue
+            base = node.name or f"{path.replace('/', '_')}_{node.op_type}_{i}"
+            name, k = base, 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            taken.add(name)
+            count += 1
+    return count
 
 
 #: never evaluated ahead of time: random, stateful, or with sub-graphs
@@ -74,15 +128,25 @@ _NOT_FOLDABLE = {
     "If", "Loop", "Scan", "QuantizeLinear", "DequantizeLinear", "Constant",
 }  # fmt: skip
 _FOLD_LIMIT_BYTES = 64 << 20
+#: an outer constant at least this large, read in several places, is not folded into a subgraph
+#: (Silero VAD: folding the Unsqueeze of LSTM weights shared by two branches doubled the model)
+_SHARED_COPY_BYTES = 64 << 10
 
 
-def _fold_constants(model: onnx.ModelProto) -> int:
-    """Replace nodes whose inputs are all initializers (e.g. a Transpose of a weight) by their value."""
-    graph = model.graph
+def _fold_constants(
+    graph: onnx.GraphProto,
+    opsets: list[onnx.OperatorSetIdProto],
+    outer: dict[str, onnx.TensorProto],
+    shared: set[str] | None = None,
+) -> int:
+    """Replace nodes whose inputs are all initializers (e.g. a Transpose of a weight) by their value.
+
+    ``outer`` holds the constants of enclosing graphs, which a subgraph's nodes may read; nodes
+    reading one of the ``shared`` outer constants are left alone (folding would duplicate it).
+    """
     inputs = {i.name for i in graph.input}
-    values = {t.name: t for t in graph.initializer if t.name not in inputs}
+    values = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
     outputs = {o.name for o in graph.output}
-    opsets = list(model.opset_import)
     keep: list[onnx.NodeProto] = []
     new_inits: list[onnx.TensorProto] = []
     folded = 0
@@ -94,6 +158,7 @@ def _fold_constants(model: onnx.ModelProto) -> int:
             and all(i in values for i in node.input if i)
             and not any(o in outputs for o in node.output)
             and sum(values[i].ByteSize() for i in node.input if i) < _FOLD_LIMIT_BYTES
+            and not any(i in (shared or ()) for i in node.input)
         )
         if foldable:
             from onnx.reference import ReferenceEvaluator  # ~11 MB: imported only when there is work
@@ -197,11 +262,12 @@ def _remove_identities(graph: onnx.GraphProto) -> int:
                     node.input[i] = renames[name]
         del graph.node[:]
         graph.node.extend(keep)
+        rename_references(graph, renames, outputs=True)
     return removed
 
 
-def _fold_batchnorms(graph: onnx.GraphProto) -> int:
-    index = GraphIndex.build(graph)
+def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+    index = GraphIndex.build(graph, outer=outer)
     outputs = set(index.graph_outputs)
     folded = 0
     replaced: set[str] = set()

@@ -18,6 +18,7 @@ from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
 from quantcli.graph import atomic_output
 from quantcli.search import SearchResult
+from quantcli.subgraphs import walk_graphs
 
 __all__ = [
     "COMPARE_SCHEMA",
@@ -59,6 +60,13 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
     ]
     if clipped:
         console.print(f"{len(clipped)} ranges clipped below the observed min/max by the {result.method} method")
+    if result.unobserved:
+        console.print(
+            f"[yellow]{len(result.unobserved)} tensors inside If/Loop/Scan subgraphs never ran on this data[/] "
+            "(a branch it never took); they stay float: "
+            + ", ".join(result.unobserved[:4])
+            + (" ..." if len(result.unobserved) > 4 else "")
+        )
     console.print(f"wrote [bold]{path}[/]")
 
 
@@ -160,6 +168,14 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(f"quantized nodes: {quantized}")
     if result.plan.folded:
         console.print(f"folded {len(result.plan.folded)} Relu/Clip into their producers' quantization ranges")
+    if result.plan.embeddings:
+        console.print(
+            f"{len(result.plan.embeddings)} embedding tables stored as int8 (weight-only): rows are gathered "
+            "as int8 and scaled after the Gather"
+        )
+    if result.plan.recurrent:
+        console.print(f"{len(result.plan.recurrent)} LSTM run as DynamicQuantizeLSTM (int8 weights, float state)")
+    _render_subgraphs(console, result)
     audit = result.audit
     table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")
     table.add_column("integer kernel")
@@ -188,6 +204,16 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
             table.add_row(op, str(n), reason)
         console.print(table)
+    if result.unknown_shapes:
+        why = f" ({result.shape_inference_error})" if result.shape_inference_error else ""
+        console.print(
+            f"shapes: onnx shape inference could not tell the shape of {len(result.unknown_shapes)} quantized "
+            f"tensors{why}; calibration ran them, so they are quantized anyway: "
+            + ", ".join(result.unknown_shapes[:5])
+            + (" ..." if len(result.unknown_shapes) > 5 else "")
+        )
+    if result.speed is not None:
+        console.print(result.speed.line())
     ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
     console.print(
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
@@ -195,6 +221,35 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     )
     if result.recipe_path is not None:
         console.print(f"wrote recipe [bold]{result.recipe_path}[/] (replay with --recipe)")
+
+
+def _short_path(path: str, width: int = 60) -> str:
+    return path if len(path) <= width else f"{path[: width // 3]}...{path[-(2 * width) // 3 :]}"
+
+
+def _render_subgraphs(console: Console, result: ConvertResult) -> None:
+    """Per If/Loop/Scan subgraph: what was quantized, and what calibration never saw."""
+    subgraphs = [s for s in result.plan.subgraphs if s.quantized_nodes or s.skipped]
+    if not subgraphs:
+        return
+    table = Table(title="inside If/Loop/Scan subgraphs", title_justify="left")
+    table.add_column("subgraph")
+    table.add_column("quantized")
+    table.add_column("left float", justify="right")
+    for sub in subgraphs:
+        ops = Counter(op for _, op in sub.quantized_nodes)
+        table.add_row(
+            _short_path(sub.path),
+            ", ".join(f"{op} {n}" for op, n in sorted(ops.items())) or "-",
+            str(len(sub.skipped)),
+        )
+    console.print(table)
+    unobserved = result.calibration.unobserved
+    if unobserved:
+        console.print(
+            f"[yellow]never ran during calibration:[/] {len(unobserved)} subgraph tensors (a branch or loop the "
+            "data never took) stay float: " + ", ".join(unobserved[:4]) + (" ..." if len(unobserved) > 4 else "")
+        )
 
 
 def render_compare(console: Console, result: CompareResult) -> None:
@@ -379,10 +434,15 @@ def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None
     """Op histogram, parameters and size of a model, and what onnxruntime runs for it."""
     import numpy as np
 
-    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    ops = Counter(n.op_type for n in model.graph.node)
+    graphs = [g for _, g in walk_graphs(model.graph)]
+    params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)
+    params += sum(
+        int(np.prod(a.t.dims)) for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute
+    )
+    ops = Counter(n.op_type for g in graphs for n in g.node)
+    nested = f" ({len(graphs) - 1} If/Loop/Scan subgraphs included)" if len(graphs) > 1 else ""
     console.print(
-        f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {len(model.graph.node)} nodes"
+        f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {sum(ops.values())} nodes{nested}"
     )
     console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
     kernels = ", ".join(f"{op} {n}" for op, n in audit.integer_op_counts().items()) or "none"

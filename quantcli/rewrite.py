@@ -17,8 +17,17 @@ from onnx import helper, numpy_helper
 from quantcli.errors import UnsupportedModelError
 from quantcli.graph import model_opset
 from quantcli.options import QuantDType
-from quantcli.planning import FLOAT_READ_OPS, QuantPlan
+from quantcli.planning import (
+    FLOAT_READ_OPS,
+    ActivationQuant,
+    EmbeddingQuant,
+    FoldedActivation,
+    QuantPlan,
+    RecurrentQuant,
+    WeightQuant,
+)
 from quantcli.qmath import QuantizedTensor, QuantParams
+from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
 
 __all__ = ["NameAllocator", "apply_plan", "required_opset"]
 
@@ -41,11 +50,13 @@ class NameAllocator:
 
     @classmethod
     def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
-        """Reserve every node, tensor and initializer name of ``graph``."""
-        taken = {n.name for n in graph.node} | {t.name for t in graph.initializer}
-        taken |= {v.name for v in [*graph.input, *graph.output, *graph.value_info]}
-        for node in graph.node:
-            taken |= set(node.input) | set(node.output)
+        """Reserve every node, tensor and initializer name of ``graph`` and of its subgraphs."""
+        taken: set[str] = set()
+        for _, g in walk_graphs(graph):
+            taken |= {n.name for n in g.node} | {t.name for t in g.initializer}
+            taken |= {v.name for v in [*g.input, *g.output, *g.value_info]}
+            for node in g.node:
+                taken |= set(node.input) | set(node.output)
         return cls(taken)
 
     def new(self, base: str) -> str:
@@ -110,17 +121,98 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
         )
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    graph = out.graph
-    builder = _Builder(NameAllocator.for_graph(graph))
+    names = NameAllocator.for_graph(out.graph)
+    weights: dict[str, list[WeightQuant]] = {}
+    for w in plan.weights:
+        weights.setdefault(w.node, []).append(w)
+    acts = {a.tensor: a for a in plan.activations}
+    recurrent: dict[str, RecurrentQuant | EmbeddingQuant] = {r.node: r for r in plan.recurrent}
+    recurrent.update({e.node: e for e in plan.embeddings})
+    quantized_nodes = frozenset(name for name, _ in plan.quantized_nodes)
+    _rewrite_graph(out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {}, recurrent, quantized_nodes)
+    if plan.recurrent and not any(o.domain == "com.microsoft" for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return out
 
-    folded = {f.node: f for f in plan.folded}
-    nodes_by_name = {n.name: n for n in graph.node}
-    for f in plan.folded:
-        nodes_by_name[f.producer].output[0] = f.output
+
+def _int8_gather(node: onnx.NodeProto, e: EmbeddingQuant, builder: _Builder) -> list[onnx.NodeProto]:
+    """Gather int8 rows and their scales, then rows * scale: the table is never dequantized whole.
+
+    Returns the nodes to emit in place of ``node``; the last one writes ``node``'s output.
+    """
+    q_name = builder.quantized_initializer(e.table, e.quantized)
+    scale = builder.names.new(f"{e.table}_row_scale")
+    axes = builder.names.new(f"{e.table}_scale_axes")
+    builder.initializers += [
+        numpy_helper.from_array(e.quantized.params.scale.astype(np.float32), scale),
+        numpy_helper.from_array(np.array([-1], np.int64), axes),
+    ]
+    out = node.output[0]
+    rows, row_scale = builder.names.new(f"{out}_int8"), builder.names.new(f"{out}_scale")
+    as_float, scale_b = builder.names.new(f"{out}_int8_float"), builder.names.new(f"{out}_scale_unsqueezed")
+    base = node.name
+    return [
+        helper.make_node("Gather", [q_name, node.input[1]], [rows], name=base, axis=0),
+        helper.make_node(
+            "Gather", [scale, node.input[1]], [row_scale], name=builder.names.new(f"{base}_scale"), axis=0
+        ),
+        helper.make_node("Cast", [rows], [as_float], name=builder.names.new(f"{base}_cast"), to=onnx.TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", [row_scale, axes], [scale_b], name=builder.names.new(f"{base}_unsqueeze")),
+        helper.make_node("Mul", [as_float, scale_b], [out], name=builder.names.new(f"{base}_dequantize")),
+    ]
+
+
+def _dynamic_lstm(node: onnx.NodeProto, r: RecurrentQuant, builder: _Builder) -> None:
+    """Turn an ONNX LSTM into com.microsoft DynamicQuantizeLSTM in place (same outputs, state stays float)."""
+    extra: list[str] = []
+    for base, q in ((node.input[1], r.w), (node.input[2], r.r)):
+        q_name = builder.names.new(f"{base}_quantized")
+        scale = builder.names.new(f"{base}_scale")
+        zp = builder.names.new(f"{base}_zero_point")
+        builder.initializers += [
+            numpy_helper.from_array(q.values.astype(np.int8), q_name),
+            numpy_helper.from_array(q.params.scale.astype(np.float32), scale),
+            numpy_helper.from_array(q.params.zero_point.astype(np.int8), zp),
+        ]
+        extra += [q_name, scale, zp]
+    inputs = [*node.input, *[""] * (8 - len(node.input))][:8]
+    inputs[1], inputs[2] = extra[0], extra[3]
+    del node.input[:]
+    node.input.extend([*inputs, extra[1], extra[2], extra[4], extra[5]])
+    keep = [a for a in node.attribute if a.name != "layout"]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+    node.op_type = "DynamicQuantizeLSTM"
+    node.domain = "com.microsoft"
+
+
+def _rewrite_graph(
+    graph: onnx.GraphProto,
+    acts: dict[str, ActivationQuant],
+    weights: dict[str, list[WeightQuant]],
+    folded: dict[str, FoldedActivation],
+    names: NameAllocator,
+    outer: dict[str, str],
+    recurrent: dict[str, RecurrentQuant | EmbeddingQuant],
+    quantized_nodes: frozenset[str],
+) -> None:
+    """Rewrite ``graph`` in place, then its subgraphs.
+
+    Each QuantizeLinear goes into the graph that produces its tensor. A reader in a nested subgraph
+    gets its own DequantizeLinear of the outer QuantizeLinear output (``outer``: tensor -> Q output),
+    inside the subgraph: onnxruntime fuses a Q/DQ node unit only when its DequantizeLinear nodes and
+    their scale/zero-point initializers are in the same graph as the compute node.
+    """
+    builder = _Builder(names)
+    for f in folded.values():
+        for node in graph.node:
+            if node.name == f.producer:
+                node.output[0] = f.output
+    produced = {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
 
     # activation Q/DQ pairs, keyed by the tensor they quantize
     act_nodes: dict[str, tuple[onnx.NodeProto, onnx.NodeProto, str]] = {}
-    for a in plan.activations:
+    for a in (acts[t] for t in acts if t in produced):
         base = a.tensor
         scale, zp = builder.params(base, a.params)
         q_out = builder.names.new(f"{base}_quantized")
@@ -138,31 +230,56 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
 
     # weight DQs, keyed by (node, input index)
     weight_nodes: dict[str, list[tuple[int, onnx.NodeProto]]] = {}
-    for w in plan.weights:
-        q_name = builder.quantized_initializer(w.tensor, w.quantized)
-        scale, zp = builder.params(w.tensor, w.quantized.params)
-        dq_out = builder.names.new(f"{w.tensor}_dequantized")
-        attrs = {"axis": w.quantized.params.axis} if w.quantized.params.scale.ndim == 1 else {}
-        dq = helper.make_node(
-            "DequantizeLinear",
-            [q_name, scale, zp],
-            [dq_out],
-            name=builder.names.new(f"{w.tensor}_DequantizeLinear"),
-            **attrs,
-        )
-        weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
+    for node in graph.node:
+        for w in weights.get(node.name, []):
+            q_name = builder.quantized_initializer(w.tensor, w.quantized)
+            scale, zp = builder.params(w.tensor, w.quantized.params)
+            dq_out = builder.names.new(f"{w.tensor}_dequantized")
+            attrs = {"axis": w.quantized.params.axis} if w.quantized.params.scale.ndim == 1 else {}
+            dq = helper.make_node(
+                "DequantizeLinear",
+                [q_name, scale, zp],
+                [dq_out],
+                name=builder.names.new(f"{w.tensor}_DequantizeLinear"),
+                **attrs,
+            )
+            weight_nodes.setdefault(w.node, []).append((w.input_index, dq))
 
     # a Conv/MatMul/Gemm left in float reads the float tensor: fed from a DQ, onnxruntime would
     # quantize its weights itself (per tensor, with no say from the plan or the user)
-    quantized_nodes = {name for name, _ in plan.quantized_nodes}
-    folded_outputs = {f.output for f in plan.folded}
+    folded_outputs = {f.output for f in folded.values()}
     new_nodes: list[onnx.NodeProto] = []
+    read = {i for n in graph.node for i in n.input}
+    for tensor in (t for t in outer if t in read and t not in produced):
+        scale, zp = builder.params(tensor, acts[tensor].params)
+        dq_out = builder.names.new(f"{tensor}_dequantized")
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [outer[tensor], scale, zp],
+            [dq_out],
+            name=builder.names.new(f"{tensor}_DequantizeLinear"),
+        )
+        new_nodes.append(dq)
+        act_nodes[tensor] = (dq, dq, dq_out)  # rewires local readers; emitted once, above
     for name in (i.name for i in graph.input):
         if name in act_nodes:
             new_nodes.extend(act_nodes[name][:2])
     for node in graph.node:
         if node.name in folded:
             continue
+        special = recurrent.get(node.name)
+        if isinstance(special, EmbeddingQuant):
+            replacement = _int8_gather(node, special, builder)
+            for pos, name in enumerate(replacement[0].input):
+                if name in act_nodes:
+                    replacement[0].input[pos] = act_nodes[name][2]
+            new_nodes.extend(replacement)
+            for out_name in node.output:
+                if out_name in act_nodes:
+                    new_nodes.extend(act_nodes[out_name][:2])
+            continue
+        if isinstance(special, RecurrentQuant):
+            _dynamic_lstm(node, special, builder)
         for pos, dq in weight_nodes.get(node.name, []):
             node.input[pos] = dq.output[0]
             new_nodes.append(dq)
@@ -178,14 +295,20 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     # graph outputs keep their float tensors; consumers inside the graph read the DQ outputs
     del graph.node[:]
     graph.node.extend(new_nodes)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used or t.name in {i.name for i in graph.input}]
+    inner_outer = {**outer, **{t: q.output[0] for t, (q, _, _) in act_nodes.items() if t in produced}}
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            _rewrite_graph(sub, acts, weights, folded, names, inner_outer, recurrent, quantized_nodes)
+    used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            used |= outer_references(sub)
+    keep = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
     graph.initializer.extend(builder.initializers)
-    folded_inputs = {f.input for f in plan.folded}
+    folded_inputs = {f.input for f in folded.values()}
     if folded_inputs:
         vis = [v for v in graph.value_info if v.name not in folded_inputs]
         del graph.value_info[:]
         graph.value_info.extend(vis)
-    return out

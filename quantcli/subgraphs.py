@@ -1,0 +1,270 @@
+"""Control-flow subgraphs (If, Loop, Scan): walk them, and expose their tensors for calibration.
+
+ONNX names are unique across a model and its subgraphs, so a tensor inside a branch keeps its own
+name as the key of its calibration range. onnxruntime can only return main-graph outputs, so a
+tensor ``t`` inside a subgraph is carried out through every enclosing control-flow node:
+
+* ``If``: ``t`` becomes an extra output of its branch; the other branch gets an extra output of the
+  same element type holding an empty tensor (shape ``[0]``), so the If node gains one output that
+  carries ``t`` when its branch runs and nothing (zero elements, ignored by the observers) when not.
+* ``Loop`` / ``Scan``: ``t`` becomes an extra scan output of the body, so the node returns ``t`` of
+  every iteration stacked on a new first axis; observers reduce over all of them. (A tensor whose
+  shape changes between iterations cannot be stacked: such bodies are left unexposed.)
+
+Nested subgraphs repeat this at each level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+__all__ = [
+    "ExposedModel",
+    "elem_types",
+    "expose_subgraph_tensors",
+    "graph_of_nodes",
+    "has_subgraphs",
+    "node_subgraphs",
+    "outer_references",
+    "rename_references",
+    "walk_graphs",
+]
+
+CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
+
+
+def node_subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """The graph attributes of ``node`` as (attribute name, graph)."""
+    found: list[tuple[str, onnx.GraphProto]] = []
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            found.append((attr.name, attr.g))
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            found.extend((f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs))
+    return found
+
+
+def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[tuple[str, onnx.GraphProto]]:
+    """``graph`` (path ``""``) and every nested subgraph, depth first, as (path, graph).
+
+    A subgraph's path is ``<node name>/<attribute>``, joined with ``/`` for nesting, e.g.
+    ``If_0/then_branch/LSTM_if/else_branch``.
+    """
+    yield path, graph
+    for node in graph.node:
+        for attr, sub in node_subgraphs(node):
+            yield from walk_graphs(sub, f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}")
+
+
+def has_subgraphs(graph: onnx.GraphProto) -> bool:
+    """True if any node of ``graph`` holds a subgraph."""
+    return any(node_subgraphs(n) for n in graph.node)
+
+
+def _defined(graph: onnx.GraphProto) -> set[str]:
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names |= {o for n in graph.node for o in n.output if o}
+    return names
+
+
+def outer_references(graph: onnx.GraphProto) -> set[str]:
+    """Names read inside ``graph`` (or deeper) that ``graph`` does not define: its implicit inputs."""
+    defined = _defined(graph)
+    used = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            used |= outer_references(sub)
+    return used - defined
+
+
+def rename_references(graph: onnx.GraphProto, renames: Mapping[str, str], *, outputs: bool = False) -> None:
+    """Rename every read of a name in ``renames`` inside ``graph``'s nested subgraphs (outer-scope reads).
+
+    With ``outputs``, a subgraph output naming an outer value directly is renamed too.
+    """
+    if not renames:
+        return
+    for node in graph.node:
+        for _, sub in node_subgraphs(node):
+            local = _defined(sub)
+            active = {k: v for k, v in renames.items() if k not in local}
+            if not active:
+                continue
+            for inner in sub.node:
+                for i, name in enumerate(inner.input):
+                    if name in active:
+                        inner.input[i] = active[name]
+            if outputs:
+                for out in sub.output:
+                    if out.name in active:
+                        out.name = active[out.name]
+            rename_references(sub, active, outputs=outputs)
+
+
+def graph_of_nodes(graph: onnx.GraphProto) -> dict[str, str]:
+    """Node name -> path of the graph holding it (``""`` for the main graph)."""
+    return {n.name: path for path, g in walk_graphs(graph) for n in g.node}
+
+
+@dataclass(frozen=True, slots=True)
+class ExposedModel:
+    """A copy of a model whose subgraph tensors are main-graph outputs.
+
+    Attributes:
+        model: the augmented copy.
+        names: main-graph output name -> name of the tensor inside its subgraph.
+        skipped: subgraph paths whose tensors could not be exposed, with the reason.
+    """
+
+    model: onnx.ModelProto
+    names: dict[str, str]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
+class _Names:
+    def __init__(self, taken: set[str]) -> None:
+        self.taken = taken
+
+    def new(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.taken:
+            name, k = f"{base}_{k}", k + 1
+        self.taken.add(name)
+        return name
+
+
+def _all_names(graph: onnx.GraphProto) -> set[str]:
+    names: set[str] = set()
+    for _, g in walk_graphs(graph):
+        names |= _defined(g) | {n.name for n in g.node} | {o.name for o in g.output}
+        names |= {i for n in g.node for i in n.input}
+    return names
+
+
+def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
+    vi = onnx.ValueInfoProto()
+    vi.name = name
+    if elem_type:
+        vi.type.tensor_type.elem_type = elem_type
+    return vi
+
+
+@dataclass(slots=True)
+class _Exposer:
+    types: Mapping[str, int]
+    names: _Names
+    skipped: list[tuple[str, str]]
+
+    def local_tensors(self, graph: onnx.GraphProto, *, with_inputs: bool) -> list[tuple[str, int]]:
+        """Float tensors produced in ``graph`` (and, for loop bodies, its inputs), graph order."""
+        found: list[tuple[str, int]] = []
+        if with_inputs:
+            found += [(i.name, self.types.get(i.name, 0)) for i in graph.input]
+        for node in graph.node:
+            if node.op_type == "Constant":
+                continue
+            found += [(o, self.types.get(o, 0)) for o in node.output if o]
+        return [(n, t) for n, t in found if t == onnx.TensorProto.FLOAT]
+
+    def collect(self, graph: onnx.GraphProto, path: str, *, with_inputs: bool) -> list[tuple[str, str, int]]:
+        """(name visible in ``graph``, inner tensor name, elem type) for ``graph`` and its subgraphs."""
+        found = [(n, n, t) for n, t in self.local_tensors(graph, with_inputs=with_inputs)]
+        for node in list(graph.node):
+            found += self.expose_node(graph, node, f"{path}/{node.name}" if path else node.name)
+        return found
+
+    def expose_node(self, graph: onnx.GraphProto, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
+        if node.op_type == "If" and node.domain in ("", "ai.onnx"):
+            return self._expose_if(node, path)
+        if node.op_type in ("Loop", "Scan") and node.domain in ("", "ai.onnx"):
+            return self._expose_loop(node, path)
+        if node_subgraphs(node):
+            self.skipped.append((path, f"op {node.op_type} holds a subgraph quantcli does not look into"))
+        return []
+
+    def _expose_if(self, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
+        branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        then_g, else_g = branches["then_branch"], branches["else_branch"]
+        found: list[tuple[str, str, int]] = []
+        for side, other in ((then_g, else_g), (else_g, then_g)):
+            attr = "then_branch" if side is then_g else "else_branch"
+            for visible, inner, elem in self.collect(side, f"{path}/{attr}", with_inputs=False):
+                source = visible
+                if any(o.name == visible for o in side.output):
+                    source = self.names.new(f"{inner}_copy")
+                    side.node.append(
+                        helper.make_node("Identity", [visible], [source], name=self.names.new(f"{source}_Identity"))
+                    )
+                side.output.append(_value_info(source, elem))
+                dummy = self.names.new(f"{inner}_not_taken")
+                empty = numpy_helper.from_array(np.zeros((0,), dtype=helper.tensor_dtype_to_np_dtype(elem)), dummy)
+                const = helper.make_node("Constant", [], [dummy], name=self.names.new(f"{dummy}_Constant"), value=empty)
+                other.node.append(const)
+                other.output.append(_value_info(dummy, elem))
+                out = self.names.new(f"{inner}_exposed")
+                node.output.append(out)
+                found.append((out, inner, elem))
+        return found
+
+    def _expose_loop(self, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
+        body = next(a.g for a in node.attribute if a.name == "body")
+        # Loop body inputs: (iteration, cond, states...); Scan body inputs: (states..., scan slices...)
+        inputs = list(body.input[2:]) if node.op_type == "Loop" else list(body.input)
+        found: list[tuple[str, str, int]] = []
+        tensors = [(i.name, i.name, self.types.get(i.name, 0)) for i in inputs]
+        tensors = [t for t in tensors if t[2] == onnx.TensorProto.FLOAT]
+        tensors += self.collect(body, f"{path}/body", with_inputs=False)
+        for visible, inner, elem in tensors:
+            source = visible
+            if any(i.name == visible for i in body.input) or any(o.name == visible for o in body.output):
+                source = self.names.new(f"{inner}_copy")
+                body.node.append(
+                    helper.make_node("Identity", [visible], [source], name=self.names.new(f"{source}_Identity"))
+                )
+            body.output.append(_value_info(source, elem))
+            out = self.names.new(f"{inner}_exposed")
+            node.output.append(out)
+            found.append((out, inner, elem))
+        if node.op_type == "Scan" and found:
+            for attr in node.attribute:
+                if attr.name in ("scan_output_axes", "scan_output_directions"):
+                    attr.ints.extend([0] * len(found))
+        return found
+
+
+def elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor whose type ``model`` records, in any of its graphs."""
+    types: dict[str, int] = {}
+    for _, g in walk_graphs(model.graph):
+        for t in g.initializer:
+            types[t.name] = t.data_type
+        for vi in [*g.input, *g.value_info, *g.output]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+    return types
+
+
+def expose_subgraph_tensors(model: onnx.ModelProto, types: Mapping[str, int]) -> ExposedModel:
+    """Copy ``model`` and carry every float tensor of its subgraphs out as a main-graph output.
+
+    Args:
+        model: the model (not modified).
+        types: element type of each tensor (from shape inference); tensors of unknown type inside
+            an If branch cannot get a matching dummy and stay unexposed.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    exposer = _Exposer(types, _Names(_all_names(out.graph)), [])
+    exposed: list[tuple[str, str, int]] = []
+    for node in list(out.graph.node):
+        exposed += exposer.expose_node(out.graph, node, node.name)
+    names: dict[str, str] = {}
+    for visible, inner, elem in exposed:
+        out.graph.output.append(_value_info(visible, elem))
+        names[visible] = inner
+    return ExposedModel(out, names, tuple(exposer.skipped))

@@ -16,8 +16,11 @@ import onnx.version_converter
 
 from quantcli.artifact import read_calibration
 from quantcli.audit import FusionAudit, audit_fusion
+from quantcli.bias_correction import BiasCorrectionReport, bias_correction_targets, correct_biases
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
+from quantcli.channel_stats import collect_channel_stats
 from quantcli.data import model_input_specs, open_dataset, random_dataset
+from quantcli.equalization import EqualizationReport, equalize
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import (
     LatencyComparison,
@@ -31,11 +34,12 @@ from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
 from quantcli.layers import LayerError, per_layer_errors
 from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
-from quantcli.options import CalibrationMethod, QuantConfig
+from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
 from quantcli.rewrite import apply_plan
+from quantcli.smoothquant import SmoothQuantReport, smooth, smoothquant_targets
 
 __all__ = [
     "CompareResult",
@@ -150,6 +154,7 @@ class ConvertResult:
     input_bytes: int
     output_bytes: int
     calibration: CalibrationResult
+    algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
 
 
 def convert_model(
@@ -165,12 +170,15 @@ def convert_model(
     require_fused: bool = False,
     upgrade_opset: bool = False,
     timeout: float | None = None,
+    algorithms: AlgorithmOptions | None = None,
     progress: Progress = no_progress,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
     Give either a calibration (result or file) or ``data_path`` to calibrate on the fly. With a
     calibration and a ``method`` other than its own, ranges are re-chosen from its stored histograms.
+    ``algorithms`` (CLE, SmoothQuant, bias correction) need ``data_path``: they change the FP32 graph
+    or read per-channel statistics, so the transformed model is calibrated here.
 
     Raises:
         QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
@@ -181,6 +189,17 @@ def convert_model(
         raise QuantCliError(f"{output_path}: output would overwrite the input model; choose another path")
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     sha = file_sha256(model_path)
+    algorithms = algorithms or AlgorithmOptions()
+    applied: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
+    if algorithms.needs_data:
+        _check_algorithm_inputs(algorithms, calibration, data_path, model_path)
+        assert data_path is not None
+        prepared, pre_report = preprocess(model)
+        prepared, calibration, plan, applied = _convert_with_algorithms(
+            prepared, model_path, data_path, sha, config, algorithms,
+            method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
+        )  # fmt: skip
+        return _finish(prepared, plan, pre_report, calibration, model_path, output_path, applied, force, require_fused)
     if isinstance(calibration, (str, os.PathLike)):
         calibration = read_calibration(Path(calibration), expected_sha256=sha)
     elif calibration is None:
@@ -201,6 +220,87 @@ def convert_model(
         calibration = rechoose(calibration, method, percentile=percentile)
     prepared, pre_report = preprocess(model)
     plan = make_plan(prepared, calibration.ranges, config)
+    return _finish(prepared, plan, pre_report, calibration, model_path, output_path, applied, force, require_fused)
+
+
+def _check_algorithm_inputs(
+    algorithms: AlgorithmOptions, calibration: object, data_path: Path | None, model_path: Path
+) -> None:
+    """The data-driven algorithms calibrate the transformed model themselves: they need --data."""
+    if data_path is not None and calibration is None:
+        return
+    graph_changing = [
+        n for n, on in (("--cle", algorithms.cle), ("--smoothquant", algorithms.smoothquant is not None)) if on
+    ]
+    if graph_changing:
+        verb = "change" if len(graph_changing) > 1 else "changes"
+        raise QuantCliError(
+            f"{model_path}: {' and '.join(graph_changing)} {verb} the FP32 graph, so a calibration file's ranges "
+            "no longer fit it; give --data (the transformed model is calibrated on it) instead of --calibration"
+        )
+    raise QuantCliError(
+        f"{model_path}: --bias-correction needs per-channel input means, which a calibration file does not hold; "
+        "give --data instead of --calibration"
+    )
+
+
+def _convert_with_algorithms(
+    prepared: onnx.ModelProto,
+    model_path: Path,
+    data_path: Path,
+    sha: str,
+    config: QuantConfig,
+    algorithms: AlgorithmOptions,
+    *,
+    method: CalibrationMethod,
+    percentile: float,
+    timeout: float | None,
+    progress: Progress,
+) -> tuple[
+    onnx.ModelProto,
+    CalibrationResult,
+    QuantPlan,
+    tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
+]:
+    """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
+    source = str(model_path)
+    dataset = open_dataset(data_path, model_input_specs(prepared))
+    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = []
+    if algorithms.cle:
+        prepared, cle_report = equalize(prepared)
+        reports.append(cle_report)
+    if algorithms.smoothquant is not None:
+        stats = collect_channel_stats(
+            prepared, dataset, smoothquant_targets(prepared), source=source, progress=progress
+        )
+        prepared, sq_report = smooth(prepared, stats, alpha=algorithms.smoothquant)
+        reports.append(sq_report)
+    calibration = calibrate(
+        prepared, dataset, model_sha256=sha, method=method, percentile=percentile, timeout=timeout,
+        source=source, progress=progress,
+    )  # fmt: skip
+    plan = make_plan(prepared, calibration.ranges, config)
+    if algorithms.bias_correction:
+        targets = bias_correction_targets(prepared, plan)
+        stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
+        prepared, bc_report = correct_biases(prepared, plan, stats)
+        reports.append(bc_report)
+        plan = make_plan(prepared, calibration.ranges, config)
+    return prepared, calibration, plan, tuple(reports)
+
+
+def _finish(
+    prepared: onnx.ModelProto,
+    plan: QuantPlan,
+    pre_report: PreprocessReport,
+    calibration: CalibrationResult,
+    model_path: Path,
+    output_path: Path,
+    applied: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
+    force: bool,
+    require_fused: bool,
+) -> ConvertResult:
+    """Rewrite, check, audit and save; the part of convert shared with and without algorithms."""
     quantized = apply_plan(prepared, plan)
     try:
         onnx.checker.check_model(quantized)
@@ -225,6 +325,7 @@ def convert_model(
         input_bytes=model_path.stat().st_size,
         output_bytes=output_path.stat().st_size,
         calibration=calibration,
+        algorithms=applied,
     )
 
 

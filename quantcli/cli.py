@@ -28,7 +28,7 @@ from quantcli.graph import load_model
 from quantcli.host import detect_host
 from quantcli.images import ImagePreprocess
 from quantcli.metrics import parse_metric
-from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
+from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
 
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 3
@@ -264,6 +264,24 @@ def convert(
         bool, typer.Option("--require-fused", help="Fail if a quantized Conv/MatMul/Gemm did not fuse.")
     ] = False,
     timeout: Annotated[float | None, typer.Option(min=0, help="With --data: give up calibrating after N s.")] = None,
+    cle: Annotated[
+        bool, typer.Option("--cle", help="Cross-layer equalization of Conv->(Relu)->Conv pairs (needs --data).")
+    ] = False,
+    smoothquant: Annotated[
+        bool, typer.Option("--smoothquant", help="SmoothQuant MatMul/Gemm inputs (needs --data).")
+    ] = False,
+    smoothquant_alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="SmoothQuant migration strength alpha.")
+    ] = 0.5,
+    bias_correction: Annotated[
+        bool,
+        typer.Option(
+            "--bias-correction", help="Fold the mean shift of weight quantization into biases (needs --data)."
+        ),
+    ] = False,
+    weight_clipping: Annotated[
+        WeightClipping, typer.Option(help="Weight ranges: absmax, or mse (per-channel clip of least weight MSE).")
+    ] = WeightClipping.ABSMAX,
     upgrade_opset: Annotated[
         bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
     ] = False,
@@ -284,10 +302,14 @@ def convert(
         op_types=frozenset(_split(op_types)),
         exclude_op_types=frozenset(_split(exclude_op_types)),
         exclude_nodes=tuple(_split(exclude_nodes)),
+        weight_clipping=weight_clipping,
+    )
+    algorithms = AlgorithmOptions(
+        cle=cle, smoothquant=smoothquant_alpha if smoothquant else None, bias_correction=bias_correction
     )
     result = api.convert_model(
         model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
-        force=force, require_fused=require_fused, timeout=timeout,
+        force=force, require_fused=require_fused, timeout=timeout, algorithms=algorithms,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
     )  # fmt: skip
     report.render_convert(out, result)

@@ -17,6 +17,7 @@ from quantcli.calibration import CalibrationResult
 from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
 from quantcli.graph import atomic_output
+from quantcli.options import WeightClipping
 
 __all__ = [
     "COMPARE_SCHEMA",
@@ -64,7 +65,12 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     """What convert quantized, what onnxruntime fused, and what stayed float."""
     for line in result.preprocess.lines():
         console.print(f"pre-processing: {line}")
+    for algorithm in result.algorithms:
+        for line in algorithm.lines():
+            console.print(line)
     cfg = result.plan.config
+    if cfg.weight_clipping == WeightClipping.MSE:
+        console.print("weight clipping: each channel's clip ratio (0.5-1.0) chosen for least weight MSE")
     console.print(
         f"types: {cfg.activation_type} activations, {cfg.weight_type} weights"
         f"{' (7-bit: --reduce-range)' if cfg.reduce_range else ''}, "

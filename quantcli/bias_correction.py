@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -64,7 +65,7 @@ class BiasCorrectionReport:
         return out
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -93,7 +94,7 @@ def bias_correction_targets(model: onnx.ModelProto, plan: QuantPlan) -> dict[str
 
 def _shift(node: onnx.NodeProto, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
     if node.op_type == "Conv":
-        group = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
+        group = int(_attrs(node).get("group", 1))
         out_ch, per_group = error.shape[0], error.shape[1]
         if mean.shape != (per_group * group,) or out_ch % group:
             return None
@@ -107,7 +108,7 @@ def _shift(node: onnx.NodeProto, error: np.ndarray, mean: np.ndarray) -> np.ndar
         e = error.T if attrs.get("transB", 0) else error
         if mean.shape != (e.shape[0],):
             return None
-        return float(attrs.get("alpha", 1.0)) * (mean @ e)  # type: ignore[arg-type]
+        return float(attrs.get("alpha", 1.0)) * (mean @ e)
     if mean.shape != (error.shape[0],):
         return None
     return mean @ error
@@ -159,7 +160,7 @@ def correct_biases(
         else:
             beta = 1.0
             if node.op_type == "Gemm":
-                beta = float(_attrs(node).get("beta", 1.0))  # type: ignore[arg-type]
+                beta = float(_attrs(node).get("beta", 1.0))
                 if beta == 0.0:
                     skipped.append((node.name, "Gemm with beta=0"))
                     continue

@@ -2,7 +2,9 @@
 
 For every model and variant: ``quantcli.api.convert_model`` on the calibration data, then
 ``compare_models`` on the evaluation data: task accuracy (labels), output SQNR against FP32, and
-batch-1 single-thread latency of FP32 and quantized timed in alternation (speed-up = FP32 / quant).
+batch-1 single-thread latency of FP32 and quantized timed in alternation (speed-up = FP32 / quant),
+and each variant timed in alternation against the plain quantized model ("vs plain" = plain / variant,
+1.00 = same speed), which is what shows whether an algorithm costs speed.
 
 Usage:
     python benchmarks/bench_algorithms.py                       # bundled + benchmarks/models if fetched
@@ -22,6 +24,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quantcli.api import compare_models, convert_model  # noqa: E402
+from quantcli.calibration import make_session  # noqa: E402
+from quantcli.data import model_input_specs, open_dataset  # noqa: E402
+from quantcli.evaluate import measure_latency  # noqa: E402
+from quantcli.graph import load_model  # noqa: E402
 from quantcli.host import default_config  # noqa: E402
 from quantcli.options import AlgorithmOptions, CalibrationMethod, WeightClipping  # noqa: E402
 
@@ -88,6 +94,19 @@ def main() -> None:
                 )
                 o = result.outputs[0]
                 lat = result.latency[0]
+                vs_plain = 1.0
+                if variant == "plain":
+                    plain_path = Path(tmp) / f"{name}.plain-ref.onnx"
+                    plain_path.write_bytes(out.read_bytes())
+                elif "plain" in args.variants:
+                    feed = next(open_dataset(evaluation, model_input_specs(load_model(model))).batches(1))
+                    vs_plain = measure_latency(
+                        make_session(load_model(plain_path), threads=1),
+                        make_session(load_model(out), threads=1),
+                        feed,
+                        threads=1,
+                        runs=args.runs,
+                    ).speedup
                 row = {
                     "model": name,
                     "variant": variant,
@@ -99,6 +118,7 @@ def main() -> None:
                     "fp32_ms": lat.reference.median_ms,
                     "quant_ms": lat.candidate.median_ms,
                     "speedup": lat.speedup,
+                    "vs_plain": vs_plain,
                     "notes": [line for a in converted.algorithms for line in a.lines()],
                 }
                 rows.append(row)
@@ -106,7 +126,8 @@ def main() -> None:
                 fp32 = "-" if row["fp32_top1"] is None else f"{100 * row['fp32_top1']:.2f}%"
                 print(
                     f"{name:22s} {variant:16s} top1 {top1:>7s} (fp32 {fp32}) SQNR {o.sqnr_db:5.1f} dB  "
-                    f"b1 {lat.reference.median_ms:.3f} -> {lat.candidate.median_ms:.3f} ms ({lat.speedup:.2f}x)",
+                    f"b1 {lat.reference.median_ms:.3f} -> {lat.candidate.median_ms:.3f} ms ({lat.speedup:.2f}x)  "
+                    f"vs plain {vs_plain:.2f}x",
                     flush=True,
                 )
                 for line in row["notes"]:

@@ -16,6 +16,8 @@ back through single-reader Adds with a constant operand (whose constant is divid
 
 * LayerNormalization over the last axis: scale and bias divided by s;
 * Mul by a constant (e.g. the 0.5 closing an exported Gelu): the constant becomes c / s;
+* Mul of two activations: one factor, walked back the same way (a LayerNormalization decomposed
+  into primitive ops ends in ``(x - mean) * (rsqrt(var + eps) * gamma) + beta``: gamma and beta fold);
 * MatMul/Gemm with a constant weight: its output columns (and Gemm's C) divided by s.
 
 Otherwise (a graph input, Reshape, GlobalAveragePool...) a Mul by the constant 1/s is inserted in
@@ -125,8 +127,15 @@ def _use_counts(graph: onnx.GraphProto) -> dict[str, int]:
     return uses
 
 
-def _fold_plan(tensor: str, g: _Graph, k: int) -> tuple[list[tuple[onnx.NodeProto, str]], str] | None:
-    """How to divide ``tensor`` by s inside its producers: [(node, what)], and the terminal op type."""
+def _fold_plan(
+    tensor: str, g: _Graph, k: int, *, strict: bool = False
+) -> tuple[list[tuple[onnx.NodeProto, str]], str] | None:
+    """How to divide ``tensor`` by s inside its producers: [(node, what)], and the terminal op type.
+
+    A product of two activations is divided by dividing one factor (a LayerNormalization written as
+    primitive ops ends in ``(x - mean) * (rsqrt(var + eps) * gamma) + beta``); inside a factor,
+    ``strict`` requires constants of last dimension K, which proves the factor itself has K channels.
+    """
     steps: list[tuple[onnx.NodeProto, str]] = []
     t = tensor
     while True:
@@ -136,10 +145,16 @@ def _fold_plan(tensor: str, g: _Graph, k: int) -> tuple[list[tuple[onnx.NodeProt
         op = node.op_type
         if op in ("Add", "Mul") and len(node.input) == 2:
             consts = [i for i in node.input if g.own_float_constant(i)]
+            if op == "Mul" and not consts and not any(g.index.is_constant(i) for i in node.input):
+                for factor in reversed(node.input):
+                    sub = _fold_plan(factor, g, k, strict=True) if g.single_reader(factor) else None
+                    if sub is not None:
+                        return steps + sub[0], sub[1]
+                return None
             if len(consts) != 1:
                 return None
             c = g.index.constant(consts[0])
-            if c.ndim and c.shape[-1] not in (1, k):
+            if (c.ndim and c.shape[-1] not in (1, k)) or (strict and c.shape[-1:] != (k,)):
                 return None
             steps.append((node, consts[0]))
             if op == "Mul":

@@ -170,6 +170,29 @@ def test_smoothquant_inserts_a_reported_mul_without_a_fold_target():
     )
 
 
+def test_smoothquant_folds_into_a_layernorm_written_as_primitive_ops():
+    """(x * (sigmoid(mean(x)) * gamma)) + beta -> MatMul: 1/s folds into gamma and beta, nothing inserted."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones((1, 32))
+    gamma[0, 3] = 50.0
+    inits = [_init("gamma", gamma), _init("beta", rng.normal(size=(1, 32)) * 0.1)]
+    inits += [_init("w", rng.normal(size=(32, 16)) * 0.2)]
+    nodes = [
+        helper.make_node("ReduceMean", ["x"], ["m"], name="mean", axes=[-1], keepdims=1),
+        helper.make_node("Sigmoid", ["m"], ["r"], name="sig"),
+        helper.make_node("Mul", ["r", "gamma"], ["f"], name="scale"),
+        helper.make_node("Mul", ["x", "f"], ["xf"], name="apply"),
+        helper.make_node("Add", ["xf", "beta"], ["ln"], name="shift"),
+        helper.make_node("MatMul", ["ln", "w"], ["y"], name="mm"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 10, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10, 16])
+    model = models.make_model(nodes, [x], [y], inits)
+    smoothed, report = _smoothed(model, {"x": _tokens(32, 1)})
+    assert report.folded == {"Mul": 1} and report.inserted_muls == 0
+    _assert_fp32_unchanged(model, smoothed, {"x": _tokens(8, 2)})
+
+
 def test_smoothquant_keeps_the_bundled_transformer_fp32_output():
     model = onnx.load(SAMPLE_MODELS / "digits_transformer.onnx")
     data = np.load(CALIBRATION_DATA / "digits_transformer_calib.npz")["input"][:64]

@@ -89,7 +89,12 @@ def _find_pairs(index: GraphIndex, nodes: list[onnx.NodeProto]) -> tuple[list[_P
             weight_uses[name] = weight_uses.get(name, 0) + 1
 
     def own_constant(name: str) -> bool:
-        return bool(name) and index.is_constant(name) and weight_uses.get(name, 0) == 1
+        return (
+            bool(name)
+            and index.is_constant(name)
+            and weight_uses.get(name, 0) == 1
+            and index.constant(name).dtype == np.float32
+        )
 
     pairs: list[_Pair] = []
     bounded = 0

@@ -227,6 +227,8 @@ def _check_algorithm_inputs(
     algorithms: AlgorithmOptions, calibration: object, data_path: Path | None, model_path: Path
 ) -> None:
     """The data-driven algorithms calibrate the transformed model themselves: they need --data."""
+    if algorithms.smoothquant is not None and not 0.0 <= algorithms.smoothquant <= 1.0:
+        raise QuantCliError(f"SmoothQuant alpha {algorithms.smoothquant}: must be within [0, 1]")
     if data_path is not None and calibration is None:
         return
     graph_changing = [

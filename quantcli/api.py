@@ -17,10 +17,13 @@ import onnx.version_converter
 
 from quantcli.artifact import read_calibration
 from quantcli.audit import FusionAudit, audit_fusion
+from quantcli.bias_correction import BiasCorrectionReport, bias_correction_targets, correct_biases
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
+from quantcli.channel_stats import collect_channel_stats
 from quantcli.data import model_input_specs, open_dataset, random_dataset
 from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
 from quantcli.dynamic_quant import default_options as default_dynamic_options
+from quantcli.equalization import EqualizationReport, equalize
 from quantcli.errors import QuantCliError, UnsupportedModelError
 from quantcli.evaluate import (
     LatencyComparison,
@@ -36,13 +39,14 @@ from quantcli.images import ImagePreprocess
 from quantcli.layers import LayerError, per_layer_errors
 from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.modes import ConvertMode, ModeReport, matching_nodes
-from quantcli.options import CalibrationMethod, QuantConfig
+from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
 from quantcli.recipe import Recipe, read_recipe, write_recipe
 from quantcli.rewrite import apply_plan
 from quantcli.search import Candidate, SearchOptions, SearchResult, build_candidate, search_quantization
+from quantcli.smoothquant import SmoothQuantReport, smooth, smoothquant_targets
 from quantcli.speedcheck import SpeedCheck, check_speedup
 from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
 
@@ -176,6 +180,7 @@ class ConvertResult:
     unknown_shapes: tuple[str, ...] = ()
     #: why onnx shape inference failed on the model, if it did
     shape_inference_error: str | None = None
+    algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
 
 
 def convert_model(
@@ -196,6 +201,7 @@ def convert_model(
     eval_data: Path | None = None,
     recipe: Recipe | Path | None = None,
     save_recipe: Path | None = None,
+    algorithms: AlgorithmOptions | None = None,
     progress: Progress = no_progress,
     log: Callable[[str], None] = lambda _: None,
     mode: ConvertMode = ConvertMode.STATIC,
@@ -215,6 +221,9 @@ def convert_model(
     With ``require_speedup``, both models are timed at batch 1 before anything is written (on the
     first sample of ``data_path``, else on random inputs of the model's fixed shape) and nothing is
     written unless the quantized model is faster.
+
+    ``algorithms`` (CLE, SmoothQuant, bias correction) need ``data_path``: they change the FP32 graph
+    or read per-channel statistics, so the transformed model is calibrated here.
 
     Raises:
         QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
@@ -249,41 +258,58 @@ def convert_model(
         raise QuantCliError(f"{model_path}: the recipe was made for another model (sha256 differs)")
     if recipe is not None:
         config, method, percentile = recipe.config, recipe.method, recipe.percentile
-    if isinstance(calibration, (str, os.PathLike)):
-        calibration = read_calibration(Path(calibration), expected_sha256=sha)
-    elif calibration is None:
-        if data_path is None:
-            raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
-        # the search and recipes re-choose methods per tensor: they need the histograms
-        wants_histograms = search is not None or recipe is not None
-        calibration = calibrate_model(
-            model_path,
-            data_path,
-            method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
-            percentile=percentile,
-            timeout=timeout,
-            upgrade_opset=upgrade_opset,
-            progress=progress,
-        )
-    elif calibration.model_sha256 != sha:
-        raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
+    algorithms = algorithms or AlgorithmOptions()
+    applied: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
     searched: SearchResult | None = None
-    if search is None and recipe is None and method is not None and method != calibration.method:
-        calibration = rechoose(calibration, method, percentile=percentile)
-    prepared, pre_report = preprocess(model)
-    if recipe is not None:
-        candidate = Candidate(recipe.method, recipe.tensor_methods, recipe.float_nodes)
-        quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)
-    elif search is not None:
-        assert eval_data is not None
-        dataset = open_dataset(eval_data, model_input_specs(model))
-        methods = (method, *search.methods) if method is not None else search.methods
-        search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
-        searched = search_quantization(prepared, calibration, config, dataset, search, progress=progress, log=log)
-        quantized, plan = searched.model, searched.plan
-    else:
-        plan = make_plan(prepared, calibration.ranges, config)
+    if algorithms.needs_data:
+        if search is not None or recipe is not None:
+            raise QuantCliError(
+                "--cle, --smoothquant and --bias-correction cannot be combined with the accuracy search or "
+                "--recipe yet; run them without a budget"
+            )
+        _check_algorithm_inputs(algorithms, calibration, data_path, model_path)
+        assert data_path is not None
+        prepared, pre_report = preprocess(model)
+        prepared, calibration, plan, applied = _convert_with_algorithms(
+            prepared, model_path, data_path, sha, config, algorithms,
+            method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
+        )  # fmt: skip
         quantized = apply_plan(prepared, plan)
+    else:
+        if isinstance(calibration, (str, os.PathLike)):
+            calibration = read_calibration(Path(calibration), expected_sha256=sha)
+        elif calibration is None:
+            if data_path is None:
+                raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
+            # the search and recipes re-choose methods per tensor: they need the histograms
+            wants_histograms = search is not None or recipe is not None
+            calibration = calibrate_model(
+                model_path,
+                data_path,
+                method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
+                percentile=percentile,
+                timeout=timeout,
+                upgrade_opset=upgrade_opset,
+                progress=progress,
+            )
+        elif calibration.model_sha256 != sha:
+            raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
+        if search is None and recipe is None and method is not None and method != calibration.method:
+            calibration = rechoose(calibration, method, percentile=percentile)
+        prepared, pre_report = preprocess(model)
+        if recipe is not None:
+            candidate = Candidate(recipe.method, recipe.tensor_methods, recipe.float_nodes)
+            quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)
+        elif search is not None:
+            assert eval_data is not None
+            dataset = open_dataset(eval_data, model_input_specs(model))
+            methods = (method, *search.methods) if method is not None else search.methods
+            search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
+            searched = search_quantization(prepared, calibration, config, dataset, search, progress=progress, log=log)
+            quantized, plan = searched.model, searched.plan
+        else:
+            plan = make_plan(prepared, calibration.ranges, config)
+            quantized = apply_plan(prepared, plan)
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
@@ -326,7 +352,76 @@ def convert_model(
         speed=speed,
         unknown_shapes=unknown,
         shape_inference_error=shape_error,
+        algorithms=applied,
     )
+
+
+def _check_algorithm_inputs(
+    algorithms: AlgorithmOptions, calibration: object, data_path: Path | None, model_path: Path
+) -> None:
+    """The data-driven algorithms calibrate the transformed model themselves: they need --data."""
+    if algorithms.smoothquant is not None and not 0.0 <= algorithms.smoothquant <= 1.0:
+        raise QuantCliError(f"SmoothQuant alpha {algorithms.smoothquant}: must be within [0, 1]")
+    if data_path is not None and calibration is None:
+        return
+    graph_changing = [
+        n for n, on in (("--cle", algorithms.cle), ("--smoothquant", algorithms.smoothquant is not None)) if on
+    ]
+    if graph_changing:
+        verb = "change" if len(graph_changing) > 1 else "changes"
+        raise QuantCliError(
+            f"{model_path}: {' and '.join(graph_changing)} {verb} the FP32 graph, so a calibration file's ranges "
+            "no longer fit it; give --data (the transformed model is calibrated on it) instead of --calibration"
+        )
+    raise QuantCliError(
+        f"{model_path}: --bias-correction needs per-channel input means, which a calibration file does not hold; "
+        "give --data instead of --calibration"
+    )
+
+
+def _convert_with_algorithms(
+    prepared: onnx.ModelProto,
+    model_path: Path,
+    data_path: Path,
+    sha: str,
+    config: QuantConfig,
+    algorithms: AlgorithmOptions,
+    *,
+    method: CalibrationMethod,
+    percentile: float,
+    timeout: float | None,
+    progress: Progress,
+) -> tuple[
+    onnx.ModelProto,
+    CalibrationResult,
+    QuantPlan,
+    tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
+]:
+    """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
+    source = str(model_path)
+    dataset = open_dataset(data_path, model_input_specs(prepared))
+    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = []
+    if algorithms.cle:
+        prepared, cle_report = equalize(prepared)
+        reports.append(cle_report)
+    if algorithms.smoothquant is not None:
+        stats = collect_channel_stats(
+            prepared, dataset, smoothquant_targets(prepared), source=source, progress=progress
+        )
+        prepared, sq_report = smooth(prepared, stats, alpha=algorithms.smoothquant)
+        reports.append(sq_report)
+    calibration = calibrate(
+        prepared, dataset, model_sha256=sha, method=method, percentile=percentile, timeout=timeout,
+        source=source, progress=progress,
+    )  # fmt: skip
+    plan = make_plan(prepared, calibration.ranges, config)
+    if algorithms.bias_correction:
+        targets = bias_correction_targets(prepared, plan)
+        stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
+        prepared, bc_report = correct_biases(prepared, plan, stats)
+        reports.append(bc_report)
+        plan = make_plan(prepared, calibration.ranges, config)
+    return prepared, calibration, plan, tuple(reports)
 
 
 _MODE_MIN_OPSET = {ConvertMode.DYNAMIC: 11, ConvertMode.WEIGHT_ONLY: 7, ConvertMode.FP16: 7}

@@ -31,7 +31,7 @@ from quantcli.host import detect_host
 from quantcli.images import ImagePreprocess
 from quantcli.metrics import parse_metric
 from quantcli.modes import ConvertMode, WeightOnlyType
-from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum
+from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
 from quantcli.search import Budget, BudgetNotMetError, SearchOptions
 from quantcli.weight_only import BLOCK_SIZES, WeightOnlyOptions
 
@@ -308,6 +308,24 @@ def convert(
         ),
     ] = False,
     timeout: Annotated[float | None, typer.Option(min=0, help="With --data: give up calibrating after N s.")] = None,
+    cle: Annotated[
+        bool, typer.Option("--cle", help="Cross-layer equalization of Conv->(Relu)->Conv pairs (needs --data).")
+    ] = False,
+    smoothquant: Annotated[
+        bool, typer.Option("--smoothquant", help="SmoothQuant MatMul/Gemm inputs (needs --data).")
+    ] = False,
+    smoothquant_alpha: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="SmoothQuant migration strength alpha.")
+    ] = 0.5,
+    bias_correction: Annotated[
+        bool,
+        typer.Option(
+            "--bias-correction", help="Fold the mean shift of weight quantization into biases (needs --data)."
+        ),
+    ] = False,
+    weight_clipping: Annotated[
+        WeightClipping, typer.Option(help="Weight ranges: absmax, or mse (per-channel clip of least weight MSE).")
+    ] = WeightClipping.ABSMAX,
     upgrade_opset: Annotated[
         bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
     ] = False,
@@ -371,10 +389,15 @@ def convert(
         op_types=frozenset(_split(op_types)),
         exclude_op_types=frozenset(_split(exclude_op_types)),
         exclude_nodes=tuple(_split(exclude_nodes)),
+        weight_clipping=weight_clipping,
+    )
+    algorithms = AlgorithmOptions(
+        cle=cle, smoothquant=smoothquant_alpha if smoothquant else None, bias_correction=bias_correction
     )
     result = api.convert_model(
         model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
         force=force, require_fused=require_fused, require_speedup=require_speedup, timeout=timeout,
+        algorithms=algorithms,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
         search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,

@@ -6,10 +6,12 @@ import enum
 from dataclasses import dataclass, field
 
 __all__ = [
+    "AlgorithmOptions",
     "CalibrationMethod",
     "QuantConfig",
     "QuantDType",
     "StrEnum",
+    "WeightClipping",
 ]
 
 
@@ -42,6 +44,33 @@ class CalibrationMethod(StrEnum):
     MOVING_AVERAGE = "moving-average"
 
 
+class WeightClipping(StrEnum):
+    """How a weight channel's symmetric range is chosen."""
+
+    ABSMAX = "absmax"
+    MSE = "mse"
+
+
+@dataclass(frozen=True, slots=True)
+class AlgorithmOptions:
+    """Optional accuracy algorithms that change the FP32 graph or its biases (all off by default).
+
+    Attributes:
+        cle: cross-layer equalization of Conv -> (Relu | LeakyRelu | none) -> Conv chains.
+        smoothquant: SmoothQuant migration strength alpha for MatMul/Gemm inputs (None: off).
+        bias_correction: fold the mean output shift caused by weight quantization into the bias.
+    """
+
+    cle: bool = False
+    smoothquant: float | None = None
+    bias_correction: bool = False
+
+    @property
+    def needs_data(self) -> bool:
+        """True when an algorithm needs the calibration data itself, not only a calibration file."""
+        return self.cle or self.smoothquant is not None or self.bias_correction
+
+
 @dataclass(frozen=True, slots=True)
 class QuantConfig:
     """What to quantize and how.
@@ -56,6 +85,7 @@ class QuantConfig:
         exclude_op_types: op types left in float.
         exclude_nodes: node-name patterns (glob, or ``re:`` + regex) left in float.
         fold_relu: merge Relu/Clip into the producer's output quantization range.
+        weight_clipping: absmax, or the per-channel clip ratio with the least weight MSE.
     """
 
     activation_type: QuantDType = QuantDType.UINT8
@@ -67,3 +97,4 @@ class QuantConfig:
     exclude_op_types: frozenset[str] = field(default_factory=frozenset)
     exclude_nodes: tuple[str, ...] = ()
     fold_relu: bool = True
+    weight_clipping: WeightClipping = WeightClipping.ABSMAX

@@ -30,7 +30,7 @@ import onnx
 
 from quantcli.calibration import TensorRange
 from quantcli.graph import GraphIndex
-from quantcli.options import QuantConfig, QuantDType
+from quantcli.options import QuantConfig, QuantDType, WeightClipping
 from quantcli.qmath import (
     QuantizedTensor,
     QuantParams,
@@ -292,6 +292,7 @@ class _Planner:
                 self.config.weight_type,
                 axis=axis if self.config.per_channel else None,
                 reduce_range=self.config.reduce_range,
+                mse_clip=self.config.weight_clipping == WeightClipping.MSE,
             )
         return self._weight_cache[key]
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from quantcli.errors import ArtifactMismatchError
 from quantcli.graph import atomic_output
-from quantcli.options import CalibrationMethod, QuantConfig, QuantDType
+from quantcli.options import CalibrationMethod, QuantConfig, QuantDType, WeightClipping
 
 __all__ = ["RECIPE_SCHEMA", "Recipe", "read_recipe", "write_recipe"]
 
@@ -59,6 +59,7 @@ def _config_to_json(config: QuantConfig) -> dict[str, Any]:
         "exclude_op_types": sorted(config.exclude_op_types),
         "exclude_nodes": list(config.exclude_nodes),
         "fold_relu": config.fold_relu,
+        "weight_clipping": str(config.weight_clipping),
     }
 
 
@@ -73,6 +74,7 @@ def _config_from_json(data: dict[str, Any]) -> QuantConfig:
         exclude_op_types=frozenset(data.get("exclude_op_types", [])),
         exclude_nodes=tuple(data.get("exclude_nodes", [])),
         fold_relu=bool(data.get("fold_relu", True)),
+        weight_clipping=WeightClipping(data.get("weight_clipping", "absmax")),
     )
 
 

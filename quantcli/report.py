@@ -17,6 +17,7 @@ from quantcli.calibration import CalibrationResult
 from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
 from quantcli.graph import atomic_output
+from quantcli.options import WeightClipping
 from quantcli.search import SearchResult
 from quantcli.subgraphs import walk_graphs
 
@@ -158,7 +159,12 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         render_search(console, result.search)
     for line in result.preprocess.lines():
         console.print(f"pre-processing: {line}")
+    for algorithm in result.algorithms:
+        for line in algorithm.lines():
+            console.print(line)
     cfg = result.plan.config
+    if cfg.weight_clipping == WeightClipping.MSE:
+        console.print("weight clipping: each channel's clip ratio (0.5-1.0) chosen for least weight MSE")
     console.print(
         f"types: {cfg.activation_type} activations, {cfg.weight_type} weights"
         f"{' (7-bit: --reduce-range)' if cfg.reduce_range else ''}, "

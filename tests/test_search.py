@@ -156,3 +156,21 @@ def test_cli_search_options_are_checked(mlp, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "accuracy search" in res.output and (tmp_path / "r.json").exists()
+
+
+def test_recipe_keeps_weight_clipping(mlp, tmp_path):
+    from dataclasses import replace
+
+    from quantcli.options import WeightClipping
+
+    model, calib, evald = mlp
+    config = replace(CONFIG, weight_clipping=WeightClipping.MSE)
+    first, recipe = tmp_path / "a.onnx", tmp_path / "recipe.json"
+    api.convert_model(
+        model, first, data_path=calib, config=config, search=SearchOptions(Budget(min_sqnr_db=25.0)),
+        eval_data=evald, save_recipe=recipe,
+    )  # fmt: skip
+    assert read_recipe(recipe).config.weight_clipping == WeightClipping.MSE
+    second = tmp_path / "b.onnx"
+    api.convert_model(model, second, data_path=calib, recipe=recipe)
+    assert first.read_bytes() == second.read_bytes()

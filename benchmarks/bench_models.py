@@ -86,10 +86,12 @@ def batches(data: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray
 # the quantizers (run in a child process: ``--worker``)
 
 
-def run_quantcli(model: Path, calib: Path, out: Path, samples: int) -> dict[str, Any]:
+def run_quantcli(model: Path, calib: Path, out: Path, samples: int, budget: int) -> dict[str, Any]:
     from quantcli.api import calibrate_model, convert_model
 
-    calibration = calibrate_model(model, calib, max_samples=samples, upgrade_opset=True)
+    # quantcli's default budget is a quarter of MemAvailable, which does not see this process's
+    # address-space cap; a user on a machine of the cap's size gets a quarter of it, so pass that
+    calibration = calibrate_model(model, calib, max_samples=samples, upgrade_opset=True, max_memory=budget)
     result = convert_model(model, out, calibration=calibration, upgrade_opset=True, force=True)
     plan = result.plan
     skipped = Counter(f"{s.op_type}: {s.reason}" for s in plan.skipped)
@@ -119,7 +121,7 @@ def run_ort(model: Path, calib: Path, out: Path, samples: int, activation: str) 
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     data, _ = load_npz(calib, samples)
-    feeds = batches(data, fixed_batch(model) or 16)
+    feeds = batches(data, fixed_batch(model) or 1)  # one sample per run, as onnxruntime's examples do
     pre = out.with_suffix(".pre.onnx")
     info: dict[str, Any] = {}
     cwd = os.getcwd()
@@ -133,19 +135,31 @@ def run_ort(model: Path, calib: Path, out: Path, samples: int, activation: str) 
         info["pre_process"] = f"failed: {type(exc).__name__}: {' '.join(str(exc).split())[:160]}"
     finally:
         os.chdir(cwd)
-    quantize_static(
-        str(source), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-    )  # fmt: skip
+
+    def quantize(extra: dict[str, Any]) -> None:
+        quantize_static(
+            str(source), str(out), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QUInt8 if activation == "uint8" else QuantType.QInt8,
+            weight_type=QuantType.QInt8, extra_options=extra,
+        )  # fmt: skip
+
+    try:
+        quantize({})
+    except Exception as exc:
+        # its MinMax calibrator keeps every intermediate output of every sample until the end;
+        # CalibMaxIntermediateOutputs (a documented extra option) folds them every few samples
+        if "allocate memory" not in str(exc) and not isinstance(exc, MemoryError):
+            raise
+        info["retry"] = f"default run out of memory ({type(exc).__name__}); rerun with CalibMaxIntermediateOutputs=4"
+        quantize({"CalibMaxIntermediateOutputs": 4})
     return info
 
 
-def worker(variant: str, model: Path, calib: Path, out: Path, samples: int) -> int:
+def worker(variant: str, model: Path, calib: Path, out: Path, samples: int, budget: int) -> int:
     t0 = time.perf_counter()
     try:
         if variant == "quantcli":
-            info = run_quantcli(model, calib, out, samples)
+            info = run_quantcli(model, calib, out, samples, budget)
         else:
             info = run_ort(model, calib, out, samples, "uint8" if variant == "ort-u8" else "int8")
         info["ok"] = True
@@ -528,7 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.worker, args.model_path, args.calib_path, args.out, args.calib_samples)
+        return worker(
+            args.worker,
+            args.model_path,
+            args.calib_path,
+            args.out,
+            args.calib_samples,
+            int(args.mem_gb * (1 << 30)) // 4,
+        )
 
     manifest = json.loads((MODELS / "manifest.json").read_text())
     names = args.models or [n for n in manifest if (MODELS / f"{n}_calib.npz").exists()]

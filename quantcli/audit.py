@@ -29,6 +29,7 @@ graph; the reasons only explain it, and say so when none of the rules applies.
 from __future__ import annotations
 
 import platform
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Mapping
@@ -100,6 +101,11 @@ class NodeAudit:
     kernel: str
     reason: str
     macs: int | None
+
+    @property
+    def reason_kind(self) -> str:
+        """The reason with quoted tensor and node names elided, for grouping nodes."""
+        return re.sub(r"it has \d+$", "it has more", re.sub(r"'[^']*'", "'…'", self.reason))
 
     @property
     def status(self) -> str:
@@ -204,6 +210,31 @@ def _int_type(index: GraphIndex, node: onnx.NodeProto) -> int:
     return index.elem_types.get(zero_point, _T.UINT8) if zero_point else _T.UINT8
 
 
+def _int8_message(tensor: str, readers: int) -> str:
+    return (
+        f"int8 activation '{tensor}' stays int8, which x86 kernels lack: onnxruntime converts an int8 "
+        f"QuantizeLinear/DequantizeLinear pair to uint8 only if it has a single reader, and it has {readers}"
+    )
+
+
+def _int8_kept(index: GraphIndex, dq: onnx.NodeProto) -> str:
+    """Why an int8 activation DequantizeLinear stays int8 on x86 ("" if onnxruntime converts it to uint8).
+
+    QDQS8ToU8Transformer converts a Q->DQ pair only when the Q has a single output edge; a DQ with
+    several readers is first duplicated (EnsureUniqueDQForNodeUnit), so its Q then has several.
+    """
+    if _int_type(index, dq) != _T.INT8:
+        return ""
+    q = index.producers.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear":
+        return ""
+    dq_nodes = index.consumers_of(q.output[0])
+    readers = [r for d in dq_nodes for r in index.consumers_of(d.output[0])]
+    if len(dq_nodes) == 1 and len(readers) == 1:
+        return ""
+    return _int8_message(q.input[0], len(readers))
+
+
 def _type_name(elem_type: int | None) -> str:
     return onnx.TensorProto.DataType.Name(elem_type).lower() if elem_type else "unknown"
 
@@ -262,6 +293,12 @@ def explain_float(index: GraphIndex, node: onnx.NodeProto, *, int8_allowed: bool
         return f"{roles[2]} is dequantized from {_type_name(types[roles[2]])}; the fused kernel needs int32"
     if int8_ok and x_type == _T.INT8 and w_type is not None and w_type != _T.INT8:
         return f"type mismatch: int8 activations need int8 weights, got {_type_name(w_type)}"
+    if not int8_ok:
+        activations = [name for role, name in inputs if dqs[name] is not None and not index.is_constant(name)]
+        for name in activations[: 2 if op == "MatMul" else 1]:
+            stuck = _int8_kept(index, dqs[name])
+            if stuck:
+                return stuck
     out = node.output[0]
     readers = index.consumers_of(out)
     clip = None
@@ -278,6 +315,11 @@ def explain_float(index: GraphIndex, node: onnx.NodeProto, *, int8_allowed: bool
             f"{clip.op_type} '{clip.name}' after it is not absorbed: the QuantizeLinear range "
             "does not start at the clip minimum"
         )
+    if qs and not int8_ok and _int_type(index, qs[0]) == _T.INT8:
+        readers = [r for dq in index.consumers_of(qs[0].output[0]) for r in [dq, *index.consumers_of(dq.output[0])]]
+        dq_readers = [r for r in readers if r.op_type != "DequantizeLinear"]
+        if len(index.consumers_of(qs[0].output[0])) != 1 or len(dq_readers) != 1:
+            return _int8_message(tail, len(dq_readers))
     if qs and floats:
         names = ", ".join(f"'{r.name}' ({r.op_type})" for r in floats[:3])
         return f"output is read by a QuantizeLinear and by float node(s) {names}"

@@ -336,7 +336,7 @@ def render_node_audits(console: Console, audit: FusionAudit, *, verbose: bool) -
         return
     groups: dict[str, list[NodeAudit]] = {}
     for n in audit.float_nodes():
-        groups.setdefault(n.reason, []).append(n)
+        groups.setdefault(n.reason_kind, []).append(n)
     if not groups:
         return
     table = Table(title="Conv/MatMul/Gemm left in float, by reason", title_justify="left")

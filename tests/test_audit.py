@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import onnx
 import pytest
@@ -30,6 +32,7 @@ def qdq_unit(
     output_q: bool = True,
     float_reader: bool = False,
     relu_zero_point: int | None = None,
+    shared_input: bool = False,
     attrs: dict | None = None,
 ) -> onnx.ModelProto:
     """x -> Q -> DQ -> op(DQ(int8 W), DQ(int32 b)) [-> Relu] [-> Q -> DQ] [+ a float Sigmoid reader]."""
@@ -63,6 +66,9 @@ def qdq_unit(
             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["z"], name="dqy"),
         ]
         outputs.append("z")
+    if shared_input:  # a second reader of the input's DequantizeLinear
+        nodes.append(helper.make_node("Relu", ["xd"], ["xr"], name="other"))
+        outputs.append("xr")
     if float_reader or not output_q:
         nodes.append(helper.make_node("Sigmoid", [tail], ["s"], name="sig"))
         outputs.append("s")
@@ -115,6 +121,18 @@ def test_float_reasons(kwargs, reason):
     assert not node.integer
     assert node.reason.startswith(reason), node.reason
     assert node.status == f"float, because {node.reason}"
+
+
+def test_int8_activations_fuse_on_x86_only_with_a_single_reader():
+    assert verdict(qdq_unit(act=T.INT8)).kernel == "QLinearConv"  # converted to uint8 by onnxruntime
+    node = verdict(qdq_unit(act=T.INT8, shared_input=True))
+    assert not node.integer
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert node.reason == (
+            "int8 activation 'x' stays int8, which x86 kernels lack: onnxruntime converts an int8 "
+            "QuantizeLinear/DequantizeLinear pair to uint8 only if it has a single reader, and it has 2"
+        )
+        assert node.reason_kind.startswith("int8 activation '…' stays int8") and node.reason_kind.endswith("has more")
 
 
 def test_relu_whose_range_starts_at_zero_is_absorbed():

@@ -210,6 +210,12 @@ def _int_type(index: GraphIndex, node: onnx.NodeProto) -> int:
     return index.elem_types.get(zero_point, _T.UINT8) if zero_point else _T.UINT8
 
 
+def _is_constant(index: GraphIndex, name: str) -> bool:
+    """An initializer or a Constant node's output (onnxruntime turns those into initializers at load)."""
+    producer = index.producers.get(name)
+    return index.is_constant(name) or (producer is not None and producer.op_type == "Constant")
+
+
 def _int8_message(tensor: str, readers: int) -> str:
     return (
         f"int8 activation '{tensor}' stays int8, which x86 kernels lack: onnxruntime converts an int8 "
@@ -281,7 +287,7 @@ def explain_float(index: GraphIndex, node: onnx.NodeProto, *, int8_allowed: bool
         return "not quantized: no DequantizeLinear on its inputs"
     for role, name in inputs:
         # a float constant weight or bias is quantized by onnxruntime itself (WeightBiasQuantization)
-        if dqs[name] is None and not index.is_constant(name):
+        if dqs[name] is None and not _is_constant(index, name):
             return f"{role} '{name}' is float (not from a DequantizeLinear)"
     types = {role: _int_type(index, dqs[name]) for role, name in inputs if dqs[name] is not None}
     x_type, w_type = types.get(roles[0]), types.get(roles[1])
@@ -294,7 +300,7 @@ def explain_float(index: GraphIndex, node: onnx.NodeProto, *, int8_allowed: bool
     if int8_ok and x_type == _T.INT8 and w_type is not None and w_type != _T.INT8:
         return f"type mismatch: int8 activations need int8 weights, got {_type_name(w_type)}"
     if not int8_ok:
-        activations = [name for role, name in inputs if dqs[name] is not None and not index.is_constant(name)]
+        activations = [name for role, name in inputs if dqs[name] is not None and not _is_constant(index, name)]
         for name in activations[: 2 if op == "MatMul" else 1]:
             stuck = _int8_kept(index, dqs[name])
             if stuck:

@@ -317,7 +317,8 @@ def _mac_line(audit: FusionAudit) -> str:
     )
     integer = sum(1 for n in audit.nodes if n.integer)
     return (
-        f"integer kernels run [bold]{100 * share:.1f}%[/] of Conv/MatMul/Gemm MACs{extra}: "
+        f"integer kernels run [bold]{100 * share:.1f}%[/] of Conv/MatMul/Gemm MACs"
+        f"{' with known shapes' if unknown else ''}{extra}: "
         f"{_macs(audit.macs(integer=True))} of {_macs(audit.macs())} MACs per sample, "
         f"{integer} of {len(audit.nodes)} nodes{hint}"
     )
@@ -347,6 +348,8 @@ def render_node_audits(console: Console, audit: FusionAudit, *, verbose: bool) -
         macs = sum(n.macs or 0 for n in nodes)
         largest = max(nodes, key=lambda n: n.macs or 0)
         share = f"{100 * macs / total:.1f}%" if total else "?"
+        if total and any(n.macs is None for n in nodes):
+            share += " + ?"
         table.add_row(reason, str(len(nodes)), share, largest.name)
     console.print(table)
 

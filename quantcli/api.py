@@ -183,6 +183,16 @@ class ConvertResult:
     algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
 
 
+def _sample_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray] | None:
+    """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
+    if data_path is None:
+        return None
+    try:
+        return next(open_dataset(data_path, model_input_specs(model), max_samples=1).batches(1))
+    except (QuantCliError, StopIteration):
+        return None
+
+
 def convert_model(
     model_path: Path,
     output_path: Path,
@@ -315,14 +325,18 @@ def convert_model(
     except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
         raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
     make_session(quantized, source=str(model_path))  # loads in onnxruntime before anything is written
-    audit = audit_fusion(quantized)
+    audit = audit_fusion(
+        quantized, skipped={s.node: s.reason for s in plan.skipped}, feed=_sample_feed(model, data_path)
+    )
     if require_fused:
         planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
-        left = [name for name, _ in audit.float_compute_nodes if name in planned]
+        left = [n for n in audit.float_nodes() if n.name in planned]
         if left:
+            listed = "; ".join(f"{n.name} ({n.op_type}): {n.reason}" for n in left[:10])
+            more = f"; and {len(left) - 10} more" if len(left) > 10 else ""
             raise QuantCliError(
-                f"{model_path}: {len(left)} quantized Conv/MatMul/Gemm did not fuse into integer kernels "
-                f"({', '.join(left[:5])}); see 'quantcli inspect' for why"
+                f"{model_path}: --require-fused: {len(left)} quantized Conv/MatMul/Gemm did not fuse into "
+                f"integer kernels: {listed}{more}"
             )
     speed = None
     if require_speedup:

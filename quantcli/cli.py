@@ -23,6 +23,7 @@ from tqdm import tqdm
 from quantcli import __version__, api, html_report, report
 from quantcli.artifact import write_calibration
 from quantcli.audit import audit_fusion
+from quantcli.data import model_input_specs, open_dataset
 from quantcli.dynamic_quant import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
 from quantcli.errors import QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
@@ -546,11 +547,18 @@ def compare(
 
 @app.command()
 @_user_errors
-def inspect(model: Annotated[Path, typer.Argument(help="Any ONNX model.")]) -> None:
-    """Show what onnxruntime runs for a model: integer kernels, float compute, op histogram."""
+def inspect(
+    model: Annotated[Path, typer.Argument(help="Any ONNX model.")],
+    data: Annotated[
+        Path | None, typer.Option("--data", "-d", help="A sample (.npz/.npy) to resolve dynamic shapes for MACs.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every Conv/MatMul/Gemm node.")] = False,
+) -> None:
+    """Show what onnxruntime runs for a model: integer kernels, float compute and why, MACs, op histogram."""
     m = load_model(model)
-    audit = audit_fusion(model)
-    report.render_inspect(out, model, m, audit)
+    feed = next(open_dataset(data, model_input_specs(m), max_samples=1).batches(1)) if data is not None else None
+    audit = audit_fusion(model, feed=feed)
+    report.render_inspect(out, model, m, audit, verbose=verbose)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -228,9 +228,9 @@ def _node_selected(node: onnx.NodeProto, config: QuantConfig) -> str | None:
     for pattern in config.exclude_nodes:
         if pattern.startswith("re:"):
             if re.search(pattern[3:], node.name):
-                return f"node excluded by pattern '{pattern}'"
+                return f"excluded by --exclude-nodes pattern '{pattern}'"
         elif fnmatch.fnmatchcase(node.name, pattern):
-            return f"node excluded by pattern '{pattern}'"
+            return f"excluded by --exclude-nodes pattern '{pattern}'"
     if node.domain not in ("", "ai.onnx"):
         return f"custom domain '{node.domain}'"
     return None

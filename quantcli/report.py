@@ -13,6 +13,7 @@ from rich.table import Table
 
 from quantcli import __version__
 from quantcli.api import CompareResult, ConvertResult
+from quantcli.audit import FusionAudit, NodeAudit
 from quantcli.calibration import CalibrationResult
 from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
@@ -28,6 +29,8 @@ __all__ = [
     "render_compare",
     "render_convert",
     "render_gates",
+    "render_inspect",
+    "render_node_audits",
     "render_search",
     "write_json",
 ]
@@ -194,9 +197,8 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm left in float; "
         f"{audit.quantize_nodes} QuantizeLinear and {audit.dequantize_nodes} DequantizeLinear remain"
     )
-    if audit.float_compute_nodes:
-        names = ", ".join(name for name, _ in audit.float_compute_nodes[:8])
-        console.print(f"[yellow]float compute nodes:[/] {names}")
+    console.print(_mac_line(audit))
+    render_node_audits(console, audit, verbose=False)
     for d in result.plan.range_decisions:
         console.print(
             f"[yellow]range:[/] '{d.tensor}' observed [{d.observed_min:.3g}, {d.observed_max:.3g}]: {d.decision}"
@@ -436,27 +438,93 @@ def write_json(doc: dict[str, Any], path: Path, *, force: bool = True) -> None:
         tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def render_inspect(console: Console, path: Path, model: Any, audit: Any) -> None:
+def _macs(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return str(n)
+
+
+def _mac_line(audit: FusionAudit) -> str:
+    """Share of Conv/MatMul/Gemm MACs in integer kernels, one line."""
+    if not audit.nodes:
+        return "no Conv/ConvTranspose/MatMul/Gemm nodes"
+    share = audit.integer_mac_share()
+    unknown = audit.unknown_mac_nodes
+    hint = (
+        f"; MACs unknown for {unknown} of {len(audit.nodes)} nodes (dynamic shapes: give a sample with --data)"
+        if unknown
+        else ""
+    )
+    if share is None:
+        return f"integer share of MACs: unknown{hint}"
+    eligible = audit.integer_mac_share(eligible=True)
+    extra = (
+        f" ({100 * eligible:.1f}% of the MACs whose op has an integer kernel)"
+        if eligible is not None and abs(eligible - share) > 5e-4
+        else ""
+    )
+    integer = sum(1 for n in audit.nodes if n.integer)
+    return (
+        f"integer kernels run [bold]{100 * share:.1f}%[/] of Conv/MatMul/Gemm MACs"
+        f"{' with known shapes' if unknown else ''}{extra}: "
+        f"{_macs(audit.macs(integer=True))} of {_macs(audit.macs())} MACs per sample, "
+        f"{integer} of {len(audit.nodes)} nodes{hint}"
+    )
+
+
+def render_node_audits(console: Console, audit: FusionAudit, *, verbose: bool) -> None:
+    """Why compute nodes stayed float, grouped by reason; with ``verbose`` one row per compute node."""
+    total = audit.macs()
+    if verbose and audit.nodes:
+        table = Table(title="compute nodes (model order)", title_justify="left")
+        for col in ("node", "op", "runs as", "MACs", "status"):
+            table.add_column(col, justify="right" if col == "MACs" else "left", overflow="fold")
+        for n in audit.nodes:
+            table.add_row(n.name, n.op_type, n.kernel, "?" if n.macs is None else _macs(n.macs), n.status)
+        console.print(table)
+        return
+    groups: dict[str, list[NodeAudit]] = {}
+    for n in audit.float_nodes():
+        groups.setdefault(n.reason_kind, []).append(n)
+    if not groups:
+        return
+    table = Table(title="Conv/MatMul/Gemm left in float, by reason", title_justify="left")
+    for col in ("float, because", "nodes", "MACs", "largest node"):
+        table.add_column(col, justify="right" if col in ("nodes", "MACs") else "left", overflow="fold")
+    ordered = sorted(groups.items(), key=lambda kv: -sum(n.macs or 0 for n in kv[1]))
+    for reason, nodes in ordered:
+        macs = sum(n.macs or 0 for n in nodes)
+        largest = max(nodes, key=lambda n: n.macs or 0)
+        share = f"{100 * macs / total:.1f}%" if total else "?"
+        if total and any(n.macs is None for n in nodes):
+            share += " + ?"
+        table.add_row(reason, str(len(nodes)), share, largest.name)
+    console.print(table)
+
+
+def render_inspect(console: Console, path: Path, model: Any, audit: FusionAudit, *, verbose: bool = False) -> None:
     """Op histogram, parameters and size of a model, and what onnxruntime runs for it."""
     import numpy as np
 
     graphs = [g for _, g in walk_graphs(model.graph)]
     params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)
-    params += sum(
-        int(np.prod(a.t.dims)) for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute
-    )
+    constants = [a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    params += sum(int(np.prod(t.dims)) for t in constants)
     ops = Counter(n.op_type for g in graphs for n in g.node)
     nested = f" ({len(graphs) - 1} If/Loop/Scan subgraphs included)" if len(graphs) > 1 else ""
     console.print(
         f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {sum(ops.values())} nodes{nested}"
     )
-    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: -kv[1])))
+    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))))
     kernels = ", ".join(f"{op} {n}" for op, n in audit.integer_op_counts().items()) or "none"
     console.print(f"after onnxruntime optimization: integer kernels: {kernels}")
     console.print(
         f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm in float; "
         f"{audit.quantize_nodes} QuantizeLinear, {audit.dequantize_nodes} DequantizeLinear"
     )
+    console.print(_mac_line(audit))
+    render_node_audits(console, audit, verbose=verbose)
 
 
 def compare_to_markdown(result: CompareResult, gates: list[GateResult], *, top: int = 10) -> str:

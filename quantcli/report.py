@@ -509,7 +509,9 @@ def render_inspect(console: Console, path: Path, model: Any, audit: FusionAudit,
 
     graphs = [g for _, g in walk_graphs(model.graph)]
     params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)
-    constants = [a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    constants = [
+        a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
     params += sum(int(np.prod(t.dims)) for t in constants)
     ops = Counter(n.op_type for g in graphs for n in g.node)
     nested = f" ({len(graphs) - 1} If/Loop/Scan subgraphs included)" if len(graphs) > 1 else ""

@@ -122,6 +122,41 @@ def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise))
 
 
+def ort_quantized(feeds: list[dict[str, np.ndarray]]):
+    """onnxruntime's quantize_static as its docs advise (pre-processing, QDQ, per-channel, uint8)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    work = Path(tempfile.mkdtemp(prefix="silero-ort-"))
+    source, note = MODEL, "pre-processed"
+    try:
+        quant_pre_process(str(MODEL), str(work / "pre.onnx"))
+        source = work / "pre.onnx"
+    except Exception as exc:  # it fails on many exported models
+        note = f"quant_pre_process failed: {type(exc).__name__}: {str(exc)[:80]}"
+    it = iter(feeds)
+
+    class Reader:
+        def get_next(self):
+            return next(it, None)
+
+    quantize_static(
+        str(source), str(work / "ort.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+    )  # fmt: skip
+    model = onnx.load(str(work / "ort.onnx"))
+    audit = audit_fusion(model)
+    report = {
+        "note": note,
+        "integer_kernels": audit.integer_op_counts(),
+        "float_compute_left": [op for _, op in audit.float_compute_nodes],
+        "size_bytes": (work / "ort.onnx").stat().st_size,
+    }
+    return make_session(model, threads=1), report
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunks", type=int, default=240)
@@ -129,6 +164,7 @@ def main() -> None:
     ap.add_argument("--method", default="minmax", choices=[m.value for m in CalibrationMethod])
     ap.add_argument("--percentile", type=float, default=99.99)
     ap.add_argument("--exclude", action="append", default=[], help="node-name pattern left float (repeatable)")
+    ap.add_argument("--ort", action="store_true", help="also quantize with onnxruntime's quantize_static (same feeds)")
     args = ap.parse_args()
     model = onnx.load(str(MODEL))
     prepared, _ = preprocess(model)
@@ -164,6 +200,10 @@ def main() -> None:
         "integer_kernels": audit.integer_op_counts(),
         "float_compute_left": [op for _, op in audit.float_compute_nodes],
     }
+    ort_q = None
+    if args.ort:
+        ort_q, ort_report = ort_quantized(feeds)
+        report["onnxruntime"] = ort_report
     for sr in (16000, 8000):
         signal = np.concatenate([_resample(x, r, sr) for x, r in evals])
         chunks = chunked(signal, CHUNK[sr], args.chunks)
@@ -199,6 +239,18 @@ def main() -> None:
                 "speedup": round(lat.speedup, 3),
             },
         }
+        if ort_q is not None:
+            p_o, s_o = stream(ort_q, chunks, sr)
+            lat_o = measure_latency(fp32, ort_q, feed, threads=1, warmup=20, runs=400)
+            report[f"sr{sr}"]["onnxruntime"] = {  # type: ignore[index]
+                "prob_sqnr_db": round(sqnr(p_ref, p_o), 2),
+                "decisions_agree_at_0.5": round(float(np.mean((p_ref > 0.5) == (p_o > 0.5))), 4),
+                "state_sqnr_db_first_50_last_50": [
+                    round(sqnr(s_ref[:50], s_o[:50]), 2),
+                    round(sqnr(s_ref[-50:], s_o[-50:]), 2),
+                ],
+                "speedup_b1": round(lat_o.speedup, 3),
+            }
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

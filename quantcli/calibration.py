@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,6 +175,7 @@ def _run(
             raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
         yield batch
         del batch  # before the next run: one batch of activations alive at a time, not two
+        _release_freed_memory()
 
 
 _OOM_MARKERS = ("bad_alloc", "bfc_arena", "failed to allocate", "out of memory", "memoryerror", "cannot allocate")
@@ -187,6 +188,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 _M_MMAP_THRESHOLD = -3
 _malloc_tuned = False
+_malloc_trim: Callable[[int], int] | None = None
 
 
 def _stable_large_allocations() -> None:
@@ -207,9 +209,31 @@ def _stable_large_allocations() -> None:
 
         name = ctypes.util.find_library("c")
         if name and "libc" in name:
-            ctypes.CDLL(name).mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc = ctypes.CDLL(name)
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            global _malloc_trim
+            _malloc_trim = libc.malloc_trim
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+_TRIM_EVERY = 8
+_batches_since_trim = 0
+
+
+def _release_freed_memory() -> None:
+    """Every few batches, give freed heap pages back to the OS (glibc ``malloc_trim``).
+
+    Blocks below the mmap threshold come from the heap, whose freed pages glibc keeps and which
+    fragments: without this the peak RSS crept up with the number of batches (bundled CNN: 115 MB
+    at 64 samples, 136 MB at 1,024). Trimming after every batch made calibration about 2x slower
+    (the pages are faulted in again), so it runs every ``_TRIM_EVERY`` batches.
+    """
+    global _batches_since_trim
+    _batches_since_trim += 1
+    if _malloc_trim is not None and _batches_since_trim >= _TRIM_EVERY:
+        _batches_since_trim = 0
+        _malloc_trim(0)
 
 
 def default_memory_budget() -> int:
@@ -324,6 +348,7 @@ def calibrate(
                 if growing and value.size:
                     lo_hi = minmax[name].last
                     growing[name].update(value, max(abs(lo_hi[0]), abs(lo_hi[1])))
+                del value
             del values
     histograms: dict[str, HistogramObserver] = {n: h.result() for n, h in growing.items()}
 

@@ -99,18 +99,13 @@ def explain_load_failure(exc: BaseException, source: str) -> str:
 
 
 def make_session(
-    model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, source: str = "model", arena: bool = True
+    model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, source: str = "model"
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session built from memory (no temporary file).
-
-    ``arena=False`` returns each run's buffers to the allocator instead of keeping them in
-    onnxruntime's arena (calibration: one large run at a time, peak memory matters more).
-    """
+    """An onnxruntime CPU session built from memory (no temporary file)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = arena
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
@@ -304,7 +299,7 @@ def calibrate(
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             augmented = _augmented(exposed.model, names + list(exposed.names))
-            probe = make_session(augmented, threads=threads, source=source, arena=False)
+            probe = make_session(augmented, threads=threads, source=source)
             probe.run(list(exposed.names), first)
             model, inner = exposed.model, exposed.names
             names += list(inner)
@@ -312,7 +307,7 @@ def calibrate(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(_augmented(model, names), threads=threads, source=source, arena=False)
+        probe = make_session(_augmented(model, names), threads=threads, source=source)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -332,7 +327,7 @@ def calibrate(
             yield probe, groups[0]
             return
         for group in groups:  # one session alive at a time
-            yield make_session(_augmented(model, group), threads=threads, source=source, arena=False), group
+            yield make_session(_augmented(model, group), threads=threads, source=source), group
 
     minmax = {n: MinMaxObserver() for n in tracked}
     moving = {n: MovingAverageMinMaxObserver() for n in tracked} if method == CalibrationMethod.MOVING_AVERAGE else {}

@@ -127,7 +127,8 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
     console.print(table if report.converted else "rewritten nodes: none")
     audit = result.audit
     if audit.integer_kernel_count:
-        table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")
+        console.print("after onnxruntime optimization (what actually runs):")
+        table = Table()
         table.add_column("integer kernel")
         table.add_column("count", justify="right")
         for op, n in audit.integer_op_counts().items():
@@ -186,7 +187,8 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         console.print(f"{len(result.plan.recurrent)} LSTM run as DynamicQuantizeLSTM (int8 weights, float state)")
     _render_subgraphs(console, result)
     audit = result.audit
-    table = Table(title="after onnxruntime optimization (what actually runs)", title_justify="left")
+    console.print("after onnxruntime optimization (what actually runs):")
+    table = Table()
     table.add_column("integer kernel")
     table.add_column("count", justify="right")
     for op, n in audit.integer_op_counts().items():

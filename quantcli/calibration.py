@@ -45,6 +45,7 @@ from quantcli.subgraphs import elem_types, expose_subgraph_tensors, has_subgraph
 __all__ = [
     "CalibrationResult",
     "TensorRange",
+    "augmented",
     "calibrate",
     "make_session",
     "rechoose",
@@ -126,7 +127,8 @@ def candidate_tensors(model: onnx.ModelProto) -> list[str]:
     return [n for n in names if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
 
 
-def _augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``names`` added as graph outputs (so onnxruntime returns them)."""
     aug = onnx.ModelProto()
     aug.CopyFrom(model)
     existing = {o.name for o in aug.graph.output}
@@ -298,8 +300,8 @@ def calibrate(
     if has_subgraphs(model.graph):
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
-            augmented = _augmented(exposed.model, names + list(exposed.names))
-            probe = make_session(augmented, threads=threads, source=source)
+            with_inner = augmented(exposed.model, names + list(exposed.names))
+            probe = make_session(with_inner, threads=threads, source=source)
             probe.run(list(exposed.names), first)
             model, inner = exposed.model, exposed.names
             names += list(inner)
@@ -307,7 +309,7 @@ def calibrate(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(_augmented(model, names), threads=threads, source=source)
+        probe = make_session(augmented(model, names), threads=threads, source=source)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -327,7 +329,7 @@ def calibrate(
             yield probe, groups[0]
             return
         for group in groups:  # one session alive at a time
-            yield make_session(_augmented(model, group), threads=threads, source=source), group
+            yield make_session(augmented(model, group), threads=threads, source=source), group
 
     minmax = {n: MinMaxObserver() for n in tracked}
     moving = {n: MovingAverageMinMaxObserver() for n in tracked} if method == CalibrationMethod.MOVING_AVERAGE else {}

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx.utils
 
-from quantcli.calibration import make_session
+from quantcli.calibration import augmented, make_session
 from quantcli.data import Dataset
 from quantcli.graph import infer_shapes
 from quantcli.progress import Progress, no_progress
@@ -82,15 +82,8 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
 
 
 def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in existing:
-            vi = onnx.ValueInfoProto()
-            vi.name = name
-            out.graph.output.append(vi)
-    return out
+    """A copy of ``model`` with ``names`` as extra graph outputs (the calibration's augmentation)."""
+    return augmented(model, names)
 
 
 def _sqnr(signal: float, noise: float) -> float:

@@ -74,6 +74,17 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
     console.print(f"wrote [bold]{path}[/]")
 
 
+def _render_kernels(console: Console, audit: FusionAudit) -> None:
+    """The integer kernels in onnxruntime's optimized graph, per op type."""
+    console.print("after onnxruntime optimization (what actually runs):")
+    table = Table()
+    table.add_column("integer kernel")
+    table.add_column("count", justify="right")
+    for op, n in audit.integer_op_counts().items():
+        table.add_row(op, str(n))
+    console.print(table)
+
+
 def render_search(console: Console, result: SearchResult) -> None:
     """The trials of an accuracy-driven search: what each step changed, and what it cost."""
     shown = [t for t in result.trials if t.kept or t.step == result.chosen.step]
@@ -127,13 +138,7 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
     console.print(table if report.converted else "rewritten nodes: none")
     audit = result.audit
     if audit.integer_kernel_count:
-        console.print("after onnxruntime optimization (what actually runs):")
-        table = Table()
-        table.add_column("integer kernel")
-        table.add_column("count", justify="right")
-        for op, n in audit.integer_op_counts().items():
-            table.add_row(op, str(n))
-        console.print(table)
+        _render_kernels(console, audit)
     console.print(
         f"[bold]{audit.integer_kernel_count}[/] integer kernels; "
         f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm run in float"
@@ -187,13 +192,7 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         console.print(f"{len(result.plan.recurrent)} LSTM run as DynamicQuantizeLSTM (int8 weights, float state)")
     _render_subgraphs(console, result)
     audit = result.audit
-    console.print("after onnxruntime optimization (what actually runs):")
-    table = Table()
-    table.add_column("integer kernel")
-    table.add_column("count", justify="right")
-    for op, n in audit.integer_op_counts().items():
-        table.add_row(op, str(n))
-    console.print(table)
+    _render_kernels(console, audit)
     console.print(
         f"[bold]{audit.integer_kernel_count}[/] integer kernels; "
         f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm left in float; "

@@ -6,7 +6,7 @@ Schema ``quantcli.calibration/1``::
       "schema": "quantcli.calibration/1",
       "quantcli_version": "0.1.0",
       "model": {"path": "model.onnx", "sha256": "..."},
-      "method": {"kind": "percentile", "percentile": 99.99, "bins": 2048, "batch_size": 32},
+      "method": {"kind": "percentile", "percentile": 99.99, "bins": 4096, "batch_size": 32},
       "num_samples": 200,
       "tensors": {"conv1_out": {"min": -1.5, "max": 3.25, "observed_min": -1.5, "observed_max": 4.0}, ...}
     }

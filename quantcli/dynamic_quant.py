@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from quantcli.graph import GraphIndex, infer_shapes
 from quantcli.host import detect_host
-from quantcli.modes import ConvertMode, GraphEdit, ModeReport
+from quantcli.modes import ConvertMode, GraphEdit, ModeReport, constant_weight_problem, dense_weight_problem
 from quantcli.options import QuantDType
 from quantcli.planning import Skip
 from quantcli.qmath import params_from_range, quantize
@@ -187,38 +187,22 @@ class _Rewriter:
     def check(self, node: onnx.NodeProto) -> str | None:
         """Why ``node`` cannot take the integer pattern, or None."""
         idx = self.index
-        if len(node.input) < 2 or not idx.is_constant(node.input[1]):
-            return "B is not a constant (activation x activation)"
-        if not idx.is_float(node.input[0]) or idx.elem_types.get(node.input[1]) != TensorProto.FLOAT:
-            return "not float32"
-        w = idx.constant(node.input[1])
-        if not np.all(np.isfinite(w)):
-            return "weight holds NaN/inf"
-        if node.op_type == "MatMul":
-            if w.ndim != 2:
-                return f"weight has rank {w.ndim}, not 2"
-            rank = len(idx.shapes.get(node.input[0], ()))
-            if node.input[0] in idx.shapes and rank < 2:
-                return "input has rank < 2"
-        elif node.op_type == "Gemm":
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0):
-                return "transA=1"
-            if len(node.input) > 2 and node.input[2]:
-                if not idx.is_constant(node.input[2]):
-                    return "C is not a constant"
-                c = idx.constant(node.input[2])
-                n = w.shape[0] if attrs.get("transB", 0) else w.shape[1]
-                if c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
-                    return "C is not a per-column bias"
-                if n == 1:
+        if node.op_type in ("MatMul", "Gemm"):
+            reason = dense_weight_problem(idx, node)
+            if reason is None and node.op_type == "Gemm":
+                transb = any(a.name == "transB" and a.i for a in node.attribute)
+                w = idx.constant(node.input[1])
+                if len(node.input) > 2 and node.input[2] and (w.shape[0] if transb else w.shape[1]) == 1:
                     return "a single output column"
-        else:
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                return "auto_pad is not supported by ConvInteger's fusion-free path"
-            if len(node.input) > 2 and node.input[2] and not idx.is_constant(node.input[2]):
-                return "bias is not a constant"
+            return reason
+        problem = constant_weight_problem(idx, node)
+        if problem is not None:
+            return problem
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return "auto_pad is not supported by ConvInteger's fusion-free path"
+        if len(node.input) > 2 and node.input[2] and not idx.is_constant(node.input[2]):
+            return "bias is not a constant"
         return None
 
 

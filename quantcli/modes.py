@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+from quantcli.graph import GraphIndex
 from quantcli.options import StrEnum
 from quantcli.planning import Skip
 from quantcli.rewrite import NameAllocator
@@ -30,6 +31,8 @@ __all__ = [
     "GraphEdit",
     "ModeReport",
     "WeightOnlyType",
+    "constant_weight_problem",
+    "dense_weight_problem",
     "matching_nodes",
 ]
 
@@ -169,6 +172,45 @@ def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
                     names.update(n.input)
                 names |= _subgraph_reads(sub)
     return names
+
+
+def constant_weight_problem(index: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """Why ``node``'s second input is not a finite float32 constant read with a float input, or None."""
+    if len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return "B is not a constant (activation x activation)"
+    if not index.is_float(node.input[0]) or index.elem_types.get(node.input[1]) != TensorProto.FLOAT:
+        return "not float32"
+    if not np.all(np.isfinite(index.constant(node.input[1]))):
+        return "weight holds NaN/inf"
+    return None
+
+
+def dense_weight_problem(index: GraphIndex, node: onnx.NodeProto) -> str | None:
+    """Why a MatMul/Gemm cannot take a constant-weight rewrite (dynamic, weight-only), or None.
+
+    Besides ``constant_weight_problem``: the weight must be 2-D and the input of rank >= 2; a Gemm
+    must not transpose A, and its C must be a constant per-column bias.
+    """
+    problem = constant_weight_problem(index, node)
+    if problem is not None:
+        return problem
+    w = index.constant(node.input[1])
+    if w.ndim != 2:
+        return f"weight has rank {w.ndim}, not 2"
+    if node.input[0] in index.shapes and len(index.shapes[node.input[0]]) < 2:
+        return "input has rank < 2"
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0):
+            return "transA=1"
+        if len(node.input) > 2 and node.input[2]:
+            if not index.is_constant(node.input[2]):
+                return "C is not a constant"
+            c = index.constant(node.input[2])
+            cols = w.shape[0] if attrs.get("transB", 0) else w.shape[1]
+            if c.size not in (1, cols) or (c.ndim == 2 and c.shape[0] != 1):
+                return "C is not a per-column bias"
+    return None
 
 
 def matching_nodes(model: onnx.ModelProto, patterns: Iterable[str]) -> frozenset[str]:

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from quantcli.graph import GraphIndex, infer_shapes
-from quantcli.modes import ConvertMode, GraphEdit, ModeReport, WeightOnlyType
+from quantcli.modes import ConvertMode, GraphEdit, ModeReport, WeightOnlyType, dense_weight_problem
 from quantcli.planning import Skip
 
 __all__ = [
@@ -174,32 +174,6 @@ def dequantize_packed(packed: PackedWeight) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(w.reshape(n, n_blocks * bs)[:, : packed.k].T)
 
 
-def _check(index: GraphIndex, node: onnx.NodeProto) -> str | None:
-    if len(node.input) < 2 or not index.is_constant(node.input[1]):
-        return "B is not a constant (activation x activation)"
-    if not index.is_float(node.input[0]) or index.elem_types.get(node.input[1]) != TensorProto.FLOAT:
-        return "not float32"
-    w = index.constant(node.input[1])
-    if w.ndim != 2:
-        return f"weight has rank {w.ndim}, not 2"
-    if not np.all(np.isfinite(w)):
-        return "weight holds NaN/inf"
-    if node.input[0] in index.shapes and len(index.shapes[node.input[0]]) < 2:
-        return "input has rank < 2"
-    if node.op_type == "Gemm":
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0):
-            return "transA=1"
-        if len(node.input) > 2 and node.input[2]:
-            if not index.is_constant(node.input[2]):
-                return "C is not a constant"
-            c = index.constant(node.input[2])
-            cols = w.shape[0] if attrs.get("transB", 0) else w.shape[1]
-            if c.size not in (1, cols) or (c.ndim == 2 and c.shape[0] != 1):
-                return "C is not a per-column bias"
-    return None
-
-
 def quantize_weight_only(
     model: onnx.ModelProto, opts: WeightOnlyOptions | None = None
 ) -> tuple[onnx.ModelProto, ModeReport]:
@@ -220,7 +194,7 @@ def quantize_weight_only(
         if node.name in opts.exclude_nodes:
             skipped.append(Skip(node.name, node.op_type, "excluded by --exclude-nodes"))
             continue
-        reason = _check(index, node)
+        reason = dense_weight_problem(index, node)
         if reason:
             skipped.append(Skip(node.name, node.op_type, reason))
             continue

@@ -27,6 +27,7 @@ import onnx
 
 from quantcli.audit import audit_fusion
 from quantcli.calibration import calibrate, make_session
+from quantcli.data import FeedList
 from quantcli.evaluate import measure_latency
 from quantcli.host import default_config
 from quantcli.options import CalibrationMethod
@@ -38,24 +39,6 @@ MODEL = Path(__file__).resolve().parent / "models" / "silero_vad.onnx"
 if not MODEL.exists():  # worktrees share the fetched models of the main checkout
     MODEL = Path("/work/main/benchmarks/models/silero_vad.onnx")
 CHUNK = {16000: 512, 8000: 256}
-
-
-class Feeds:
-    """Ready-made feeds, one run each (Silero's state has its batch on axis 1 and ``sr`` is a scalar)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds = feeds
-        self.path = Path("<stream>")
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.feeds)
-
-    def effective_batch_size(self, requested: int) -> int:
-        return 1
-
-    def batches(self, size: int, *, shuffle: bool = False, seed: int = 0):
-        return iter(self.feeds)
 
 
 def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
@@ -173,9 +156,10 @@ def main() -> None:
     feeds: list[dict[str, np.ndarray]] = []
     for sr in (16000, 8000):
         stream(fp32, chunked(_resample(calib, rate, sr), CHUNK[sr]), sr, record=feeds)
-    result = calibrate(  # type: ignore[arg-type]
-        prepared, Feeds(feeds), model_sha256="silero", method=CalibrationMethod(args.method), percentile=args.percentile
-    )
+    result = calibrate(
+        prepared, FeedList(feeds, Path("<stream>")), model_sha256="silero",
+        method=CalibrationMethod(args.method), percentile=args.percentile,
+    )  # fmt: skip
     config = dataclasses.replace(default_config(), exclude_nodes=tuple(args.exclude))
     plan = make_plan(prepared, result.ranges, config)
     quantized = apply_plan(prepared, plan)

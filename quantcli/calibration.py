@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from quantcli.data import Dataset
+from quantcli.data import Dataset, FeedList
 from quantcli.errors import (
     ArtifactMismatchError,
     CalibrationDataError,
@@ -142,7 +142,7 @@ def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 
 def _run(
     session: ort.InferenceSession,
-    dataset: Dataset,
+    dataset: Dataset | FeedList,
     outputs: list[str],
     batch_size: int,
     progress: Progress,
@@ -255,7 +255,7 @@ def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[lis
 
 def calibrate(
     model: onnx.ModelProto,
-    dataset: Dataset,
+    dataset: Dataset | FeedList,
     *,
     model_sha256: str,
     method: CalibrationMethod = CalibrationMethod.MINMAX,

@@ -26,6 +26,7 @@ from quantcli.images import ImageFolder, ImagePreprocess, image_files
 __all__ = [
     "LABEL_KEYS",
     "Dataset",
+    "FeedList",
     "InputSpec",
     "model_input_specs",
     "open_dataset",
@@ -221,6 +222,31 @@ class Dataset:
         """The first ``count`` samples."""
         labels = None if self.labels is None else self.labels[:count]
         return Dataset(self.path, self.specs, self.chunks, labels, limit=count)
+
+
+class FeedList:
+    """Ready-made feeds, one onnxruntime run each, for ``calibration.calibrate`` from Python.
+
+    For models whose inputs do not stack on axis 0 (a scalar input, a recurrent state batched on
+    axis 1, as in Silero VAD), which the ``.npz`` convention cannot describe.
+    """
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], path: Path = Path("<feeds>")) -> None:
+        self.feeds = feeds
+        self.path = path
+
+    @property
+    def num_samples(self) -> int:
+        """Number of runs."""
+        return len(self.feeds)
+
+    def effective_batch_size(self, requested: int) -> int:
+        """Always 1: each feed is one run, whatever batch size is asked for."""
+        return 1
+
+    def batches(self, size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The feeds in order (their own batching is kept; ``shuffle`` does not apply)."""
+        return iter(self.feeds)
 
 
 def _open_file(file: Path) -> dict[str, ArraySource]:

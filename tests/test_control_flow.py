@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.audit import audit_fusion
 from quantcli.calibration import CalibrationResult, calibrate, make_session
+from quantcli.data import FeedList
 from quantcli.graph import infer_shapes
 from quantcli.options import QuantConfig
 from quantcli.planning import QuantPlan, make_plan
@@ -21,29 +22,11 @@ from tests.helpers import sqnr
 from tests.models import make_model
 
 
-class Feeds:
-    """Ready-made feeds, one run each (for scalar inputs the one-batch-axis convention does not fit)."""
-
-    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.feeds = feeds
-        self.path = Path("<feeds>")
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.feeds)
-
-    def effective_batch_size(self, requested: int) -> int:
-        return 1
-
-    def batches(self, size: int, *, shuffle: bool = False, seed: int = 0):
-        return iter(self.feeds)
-
-
 def _quantize(
     model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]
 ) -> tuple[onnx.ModelProto, QuantPlan, CalibrationResult]:
     prepared, _ = preprocess(model)
-    result = calibrate(prepared, Feeds(feeds), model_sha256="test")  # type: ignore[arg-type]
+    result = calibrate(prepared, FeedList(feeds), model_sha256="test")
     plan = make_plan(prepared, result.ranges, QuantConfig())
     quantized = apply_plan(prepared, plan)
     onnx.checker.check_model(quantized)
@@ -563,7 +546,7 @@ def test_calibration_file_keeps_the_unobserved_subgraph_tensors(tmp_path: Path, 
     from quantcli.artifact import read_calibration, write_calibration
 
     prepared, _ = preprocess(if_model())
-    result = calibrate(prepared, Feeds(_if_feeds(rng, (True,), 2)), model_sha256="abc")  # type: ignore[arg-type]
+    result = calibrate(prepared, FeedList(_if_feeds(rng, (True,), 2)), model_sha256="abc")
     assert result.unobserved
     path = tmp_path / "m.calib.json"
     write_calibration(result, path, model_path="m.onnx")

@@ -62,7 +62,6 @@ def preprocess(
     out.CopyFrom(model)
     graph = out.graph
     named = _name_nodes(graph)
-    named += _name_subgraph_nodes(graph)
     counts = [0, 0, 0, 0]
     _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
     consts, folded_consts, removed, folded = counts
@@ -99,27 +98,6 @@ def _clean_graph(
     for node in graph.node:
         for _, sub in node_subgraphs(node):
             _clean_graph(sub, opsets, visible, counts, fold_batchnorm, remove_identity, fold_constants, root)
-
-
-def _name_subgraph_nodes(graph: onnx.GraphProto) -> int:
-    """Give subgraph nodes unnamed or named like another node a model-wide unique name."""
-    taken = {n.name for n in graph.node if n.name}
-    count = 0
-    for path, g in walk_graphs(graph):
-        if not path:
-            continue
-        for i, node in enumerate(g.node):
-            if node.name and node.name not in taken:
-                taken.add(node.name)
-                continue
-            base = node.name or f"{path.replace('/', '_')}_{node.op_type}_{i}"
-            name, k = base, 1
-            while name in taken:
-                name, k = f"{base}_{k}", k + 1
-            node.name = name
-            taken.add(name)
-            count += 1
-    return count
 
 
 #: never evaluated ahead of time: random, stateful, or with sub-graphs
@@ -192,18 +170,25 @@ def _fold_constants(
 
 
 def _name_nodes(graph: onnx.GraphProto) -> int:
+    """Name every unnamed node; in subgraphs also rename nodes whose name is already taken.
+
+    Main-graph names become ``<op>_<i>``, subgraph names ``<path>_<op>_<i>`` (or the duplicated name
+    with a suffix), so every node of the model has a unique name that plans and reports can use.
+    """
     taken = {n.name for n in graph.node if n.name}
     count = 0
-    for i, node in enumerate(graph.node):
-        if node.name:
-            continue
-        base = f"{node.op_type}_{i}"
-        name, k = base, 1
-        while name in taken:
-            name, k = f"{base}_{k}", k + 1
-        node.name = name
-        taken.add(name)
-        count += 1
+    for path, g in walk_graphs(graph):  # the main graph first, then nested subgraphs
+        for i, node in enumerate(g.node):
+            if node.name and (not path or node.name not in taken):
+                taken.add(node.name)
+                continue
+            base = node.name or (f"{path.replace('/', '_')}_{node.op_type}_{i}" if path else f"{node.op_type}_{i}")
+            name, k = base, 1
+            while name in taken:
+                name, k = f"{base}_{k}", k + 1
+            node.name = name
+            taken.add(name)
+            count += 1
     return count
 
 

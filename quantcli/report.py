@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from quantcli.evaluate import Interval
 from quantcli.gates import GateResult
 from quantcli.graph import atomic_output
 from quantcli.options import WeightClipping
+from quantcli.planning import Skip
 from quantcli.search import SearchResult
 from quantcli.subgraphs import walk_graphs
 
@@ -72,6 +74,20 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
             + (" ..." if len(result.unobserved) > 4 else "")
         )
     console.print(f"wrote [bold]{path}[/]")
+
+
+def _render_skipped(console: Console, title: str, skipped: Iterable[Skip]) -> None:
+    """Nodes left alone, grouped by op type and reason, most frequent first."""
+    reasons = Counter((s.op_type, s.reason) for s in skipped)
+    if not reasons:
+        return
+    table = Table(title=title, title_justify="left")
+    table.add_column("op type")
+    table.add_column("nodes", justify="right")
+    table.add_column("why")
+    for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(op, str(n), reason)
+    console.print(table)
 
 
 def _render_kernels(console: Console, audit: FusionAudit) -> None:
@@ -143,15 +159,7 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
         f"[bold]{audit.integer_kernel_count}[/] integer kernels; "
         f"{len(audit.float_compute_nodes)} Conv/MatMul/Gemm run in float"
     )
-    reasons = Counter((s.op_type, s.reason) for s in report.skipped)
-    if reasons:
-        table = Table(title="left unchanged", title_justify="left")
-        table.add_column("op type")
-        table.add_column("nodes", justify="right")
-        table.add_column("why")
-        for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
-            table.add_row(op, str(n), reason)
-        console.print(table)
+    _render_skipped(console, "left unchanged", report.skipped)
     ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
     console.print(
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
@@ -204,15 +212,7 @@ def render_convert(console: Console, result: ConvertResult) -> None:
         console.print(
             f"[yellow]range:[/] '{d.tensor}' observed [{d.observed_min:.3g}, {d.observed_max:.3g}]: {d.decision}"
         )
-    reasons = Counter((s.op_type, s.reason) for s in result.plan.skipped)
-    if reasons:
-        table = Table(title="left in float", title_justify="left")
-        table.add_column("op type")
-        table.add_column("nodes", justify="right")
-        table.add_column("why")
-        for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
-            table.add_row(op, str(n), reason)
-        console.print(table)
+    _render_skipped(console, "left in float", result.plan.skipped)
     if result.unknown_shapes:
         why = f" ({result.shape_inference_error})" if result.shape_inference_error else ""
         console.print(

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from quantcli.calibration import make_session
+from quantcli.calibration import augmented, make_session
 from quantcli.data import Dataset
 from quantcli.errors import CalibrationDataError
 from quantcli.progress import Progress, no_progress
@@ -84,13 +84,7 @@ def collect_channel_stats(
     if not tensors:
         return {}
     names = list(tensors)
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    existing = {o.name for o in aug.graph.output}
-    for name in names:
-        if name not in existing:
-            aug.graph.output.append(onnx.ValueInfoProto(name=name))
-    session = make_session(aug, threads=threads, source=source)
+    session = make_session(augmented(model, names), threads=threads, source=source)
     acc = {name: _Accumulator(axis) for name, axis in tensors.items()}
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)

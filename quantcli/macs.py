@@ -24,8 +24,8 @@ from math import prod
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
+from quantcli.calibration import augmented, make_session
 from quantcli.graph import infer_shapes
 
 __all__ = ["CONV_LIKE", "GEMM_LIKE", "MATMUL_LIKE", "compute_macs", "node_operands"]
@@ -104,23 +104,13 @@ def _observed_shapes(
     model: onnx.ModelProto, names: list[str], feed: Mapping[str, np.ndarray]
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of ``names`` seen when the model runs once on the first sample of ``feed``."""
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    existing = {o.name for o in aug.graph.output}
-    for name in names:
-        if name not in existing:
-            aug.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
     fixed_batch = {
         vi.name for vi in model.graph.input
         if vi.type.tensor_type.shape.dim and vi.type.tensor_type.shape.dim[0].dim_value > 0
     }  # fmt: skip
     one = {k: np.asarray(v) if k in fixed_batch else np.asarray(v)[:1] for k, v in feed.items()}
     try:
-        sess = ort.InferenceSession(aug.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        values = sess.run(names, one)
+        values = make_session(augmented(model, names), optimize=False).run(names, one)
     except Exception as exc:  # the counts are a report, never a reason to fail
         log.info("could not run the model to observe shapes: %s", exc)
         return {}

@@ -50,6 +50,9 @@ import onnxruntime as ort
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "benchmarks" / "models"
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_convert import session  # noqa: E402
 
 from quantcli.audit import audit_fusion  # noqa: E402
 
@@ -410,14 +413,6 @@ METRICS: dict[str, Metric] = {
 
 # ---------------------------------------------------------------------------------------------
 # measurement
-
-
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def sqnr_db(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:

@@ -27,7 +27,7 @@ from quantcli.planning import (
     WeightQuant,
 )
 from quantcli.qmath import QuantizedTensor, QuantParams
-from quantcli.subgraphs import node_subgraphs, outer_references, walk_graphs
+from quantcli.subgraphs import NameAllocator, node_subgraphs, outer_references
 
 __all__ = ["NameAllocator", "apply_plan", "required_opset"]
 
@@ -40,32 +40,6 @@ _ONNX_TYPES = {
     QuantDType.UINT4: onnx.TensorProto.UINT4,
     QuantDType.INT32: onnx.TensorProto.INT32,
 }
-
-
-@dataclass(slots=True)
-class NameAllocator:
-    """Hands out names that collide with nothing in the graph nor with each other."""
-
-    taken: set[str] = field(default_factory=set)
-
-    @classmethod
-    def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
-        """Reserve every node, tensor and initializer name of ``graph`` and of its subgraphs."""
-        taken: set[str] = set()
-        for _, g in walk_graphs(graph):
-            taken |= {n.name for n in g.node} | {t.name for t in g.initializer}
-            taken |= {v.name for v in [*g.input, *g.output, *g.value_info]}
-            for node in g.node:
-                taken |= set(node.input) | set(node.output)
-        return cls(taken)
-
-    def new(self, base: str) -> str:
-        """``base``, or ``base_1``, ``base_2``... whichever is free."""
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
 
 
 def required_opset(plan: QuantPlan) -> int:

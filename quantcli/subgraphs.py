@@ -17,7 +17,7 @@ Nested subgraphs repeat this at each level.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -25,6 +25,7 @@ from onnx import helper, numpy_helper
 
 __all__ = [
     "ExposedModel",
+    "NameAllocator",
     "elem_types",
     "expose_subgraph_tensors",
     "graph_of_nodes",
@@ -126,24 +127,30 @@ class ExposedModel:
     skipped: tuple[tuple[str, str], ...] = ()
 
 
-class _Names:
-    def __init__(self, taken: set[str]) -> None:
-        self.taken = taken
+@dataclass(slots=True)
+class NameAllocator:
+    """Hands out names that collide with nothing in the graph nor with each other."""
+
+    taken: set[str] = field(default_factory=set)
+
+    @classmethod
+    def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
+        """Reserve every node, tensor and initializer name of ``graph`` and of its subgraphs."""
+        taken: set[str] = set()
+        for _, g in walk_graphs(graph):
+            taken |= {n.name for n in g.node} | {t.name for t in g.initializer}
+            taken |= {v.name for v in [*g.input, *g.output, *g.value_info]}
+            for node in g.node:
+                taken |= set(node.input) | set(node.output)
+        return cls(taken)
 
     def new(self, base: str) -> str:
+        """``base``, or ``base_1``, ``base_2``... whichever is free."""
         name, k = base, 1
         while name in self.taken:
             name, k = f"{base}_{k}", k + 1
         self.taken.add(name)
         return name
-
-
-def _all_names(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for _, g in walk_graphs(graph):
-        names |= _defined(g) | {n.name for n in g.node} | {o.name for o in g.output}
-        names |= {i for n in g.node for i in n.input}
-    return names
 
 
 def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
@@ -157,7 +164,7 @@ def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
 @dataclass(slots=True)
 class _Exposer:
     types: Mapping[str, int]
-    names: _Names
+    names: NameAllocator
     skipped: list[tuple[str, str]]
 
     def local_tensors(self, graph: onnx.GraphProto, *, with_inputs: bool) -> list[tuple[str, int]]:
@@ -259,7 +266,7 @@ def expose_subgraph_tensors(model: onnx.ModelProto, types: Mapping[str, int]) ->
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    exposer = _Exposer(types, _Names(_all_names(out.graph)), [])
+    exposer = _Exposer(types, NameAllocator.for_graph(out.graph), [])
     exposed: list[tuple[str, str, int]] = []
     for node in list(out.graph.node):
         exposed += exposer.expose_node(out.graph, node, node.name)

@@ -361,14 +361,22 @@ def search_quantization(
     def key(t: Trial) -> tuple[float, float]:
         return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db), budget)
 
+    sensitivity: dict[Candidate, list[LayerError]] = {}
+
+    def layer_errors(cand: Candidate) -> list[LayerError]:
+        """Per-layer error of a built candidate on a few samples (once per candidate)."""
+        if cand not in sensitivity:
+            probe = dataset.subset(min(dataset.num_samples, 64))
+            sensitivity[cand] = per_layer_errors(prepared, cache[cand][1], probe)
+        return sensitivity[cand]
+
     # 1. the method for the whole model
     methods = ranges.available(options.methods)
     best = keep(max((run("method", f"all tensors: {m}", Candidate(m)) for m in methods), key=key))
 
     # 2. per-tensor methods for the worst tensors
     if not best.meets_budget and len(methods) > 1:
-        base_model = cache[best.candidate][1]
-        errors = per_layer_errors(prepared, base_model, dataset.subset(min(dataset.num_samples, 64)))
+        errors = layer_errors(best.candidate)
         # data-movement outputs share their input's range: changing their method changes nothing
         own_range = [e for e in errors if e.op_type not in MOVEMENT_OPS]
         worst = sorted(own_range, key=lambda e: (_local(e), e.tensor))[: options.tensor_candidates]
@@ -385,9 +393,8 @@ def search_quantization(
 
     # 3. fall back nodes, most harmful first
     if not best.meets_budget:
-        base_model, base_plan = cache[best.candidate][1:]
-        errors = per_layer_errors(prepared, base_model, dataset.subset(min(dataset.num_samples, 64)))
-        local = {e.node: _local(e) for e in errors}
+        base_plan = cache[best.candidate][2]
+        local = {e.node: _local(e) for e in layer_errors(best.candidate)}
         order = {name: i for i, (name, _) in enumerate(base_plan.quantized_nodes)}
         nodes = [name for name, op in base_plan.quantized_nodes if op in FALLBACK_OPS]
         # unmeasured nodes (e.g. MatMul with a float output) come after the measured ones

@@ -286,6 +286,7 @@ def convert_model(
         )  # fmt: skip
         quantized = apply_plan(prepared, plan)
     else:
+        prepared, pre_report = preprocess(model)
         if isinstance(calibration, (str, os.PathLike)):
             calibration = read_calibration(Path(calibration), expected_sha256=sha)
         elif calibration is None:
@@ -293,20 +294,20 @@ def convert_model(
                 raise QuantCliError("convert needs --calibration CALIB.json or --data PATH to calibrate on the fly")
             # the search and recipes re-choose methods per tensor: they need the histograms
             wants_histograms = search is not None or recipe is not None
-            calibration = calibrate_model(
-                model_path,
-                data_path,
+            calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
+                prepared,
+                open_dataset(data_path, model_input_specs(model)),
+                model_sha256=sha,
                 method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
                 percentile=percentile,
                 timeout=timeout,
-                upgrade_opset=upgrade_opset,
+                source=str(model_path),
                 progress=progress,
             )
         elif calibration.model_sha256 != sha:
             raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
         if search is None and recipe is None and method is not None and method != calibration.method:
             calibration = rechoose(calibration, method, percentile=percentile)
-        prepared, pre_report = preprocess(model)
         if recipe is not None:
             candidate = Candidate(recipe.method, recipe.tensor_methods, recipe.float_nodes)
             quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)

@@ -15,9 +15,8 @@ model is byte-identical to the one the search wrote.
 
 from __future__ import annotations
 
-import glob
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +40,6 @@ class Recipe:
     tensor_methods: tuple[tuple[str, CalibrationMethod], ...] = ()
     float_nodes: tuple[str, ...] = ()
     search: dict[str, Any] = field(default_factory=dict)
-
-    def quant_config(self) -> QuantConfig:
-        """The config with the float nodes added as exact-name exclusions."""
-        exact = tuple(glob.escape(name) for name in self.float_nodes)
-        return replace(self.config, exclude_nodes=tuple(self.config.exclude_nodes) + exact)
 
 
 def _config_to_json(config: QuantConfig) -> dict[str, Any]:

@@ -22,6 +22,7 @@ search is deterministic: the same inputs give the same trials, the same choice a
 
 from __future__ import annotations
 
+import glob
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -209,8 +210,10 @@ def build_candidate(
 def _build(
     prepared: onnx.ModelProto, ranges: _Ranges, config: QuantConfig, cand: Candidate
 ) -> tuple[onnx.ModelProto, QuantPlan]:
-    recipe = Recipe("", config, cand.method, ranges.percentile, cand.tensor_methods, cand.float_nodes)
-    plan = make_plan(prepared, ranges.for_candidate(cand), recipe.quant_config())
+    # float nodes become exact-name exclusions (glob-escaped, so names with * ? [ match only themselves)
+    exact = tuple(glob.escape(name) for name in cand.float_nodes)
+    with_floats = replace(config, exclude_nodes=tuple(config.exclude_nodes) + exact)
+    plan = make_plan(prepared, ranges.for_candidate(cand), with_floats)
     return apply_plan(prepared, plan), plan
 
 

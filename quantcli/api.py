@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -16,39 +17,34 @@ import onnx.numpy_helper
 import onnx.version_converter
 
 from quantcli.artifact import read_calibration
-from quantcli.audit import FusionAudit, audit_fusion
-from quantcli.bias_correction import BiasCorrectionReport, bias_correction_targets, correct_biases
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
-from quantcli.channel_stats import collect_channel_stats
 from quantcli.data import model_input_specs, open_dataset, random_dataset
-from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
-from quantcli.dynamic_quant import default_options as default_dynamic_options
-from quantcli.equalization import EqualizationReport, equalize
 from quantcli.errors import QuantCliError, UnsupportedModelError
-from quantcli.evaluate import (
-    LatencyComparison,
-    OutputMetrics,
-    compare_outputs,
-    measure_latency,
-    session_peak_memory,
-)
-from quantcli.fp16 import convert_fp16
 from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
-from quantcli.layers import LayerError, per_layer_errors
-from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.modes import ConvertMode, ModeReport, matching_nodes
 from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig
-from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
-from quantcli.recipe import Recipe, read_recipe, write_recipe
-from quantcli.rewrite import apply_plan
-from quantcli.search import Candidate, SearchOptions, SearchResult, build_candidate, search_quantization
-from quantcli.smoothquant import SmoothQuantReport, smooth, smoothquant_targets
-from quantcli.speedcheck import SpeedCheck, check_speedup
-from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
+
+if TYPE_CHECKING:
+    from quantcli.audit import FusionAudit
+    from quantcli.bias_correction import BiasCorrectionReport
+    from quantcli.dynamic_quant import DynamicOptions
+    from quantcli.equalization import EqualizationReport
+    from quantcli.evaluate import (
+        LatencyComparison,
+        OutputMetrics,
+    )
+    from quantcli.layers import LayerError
+    from quantcli.metrics import MetricSpec, TaskMetric
+    from quantcli.planning import QuantPlan
+    from quantcli.recipe import Recipe
+    from quantcli.search import SearchOptions, SearchResult
+    from quantcli.smoothquant import SmoothQuantReport
+    from quantcli.speedcheck import SpeedCheck
+    from quantcli.weight_only import WeightOnlyOptions
 
 __all__ = [
     "CompareResult",
@@ -239,6 +235,13 @@ def convert_model(
         QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
             ``require_speedup`` and the quantized model is not faster than FP32 at batch 1.
     """
+    from quantcli.audit import audit_fusion
+    from quantcli.planning import make_plan
+    from quantcli.recipe import read_recipe, write_recipe
+    from quantcli.rewrite import apply_plan
+    from quantcli.search import Candidate, build_candidate, search_quantization
+    from quantcli.speedcheck import check_speedup
+
     config = config or default_config()
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == model_path.resolve():
@@ -413,6 +416,12 @@ def _convert_with_algorithms(
     tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
 ]:
     """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
+    from quantcli.bias_correction import bias_correction_targets, correct_biases
+    from quantcli.channel_stats import collect_channel_stats
+    from quantcli.equalization import equalize
+    from quantcli.planning import make_plan
+    from quantcli.smoothquant import smooth, smoothquant_targets
+
     source = str(model_path)
     dataset = open_dataset(data_path, model_input_specs(prepared))
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = []
@@ -461,6 +470,12 @@ def _convert_mode(
     upgrade_opset: bool,
 ) -> ConvertResult:
     """``convert_model`` for the modes that need no calibration (see ``quantcli.modes``)."""
+    from quantcli.audit import audit_fusion
+    from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
+    from quantcli.dynamic_quant import default_options as default_dynamic_options
+    from quantcli.fp16 import convert_fp16
+    from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
+
     model = _prepare_input(
         load_model(model_path), model_path, upgrade_opset=upgrade_opset, min_opset=_MODE_MIN_OPSET[mode]
     )
@@ -578,6 +593,11 @@ def compare_models(
     progress: Progress = no_progress,
 ) -> CompareResult:
     """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
+    from quantcli.audit import audit_fusion
+    from quantcli.evaluate import compare_outputs, measure_latency, session_peak_memory
+    from quantcli.layers import per_layer_errors
+    from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
+
     ref_model = load_model(reference_path)
     cand_model = load_model(candidate_path)
     _check_signatures(ref_model, cand_model, reference_path, candidate_path)

@@ -430,9 +430,8 @@ def test_cli_reports_what_was_quantized_per_subgraph(tmp_path: Path, if_files: t
 def test_require_speedup_writes_nothing_when_not_faster(
     tmp_path: Path, if_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from quantcli import api
+    from quantcli import api, speedcheck
     from quantcli.errors import QuantCliError
-    from quantcli import speedcheck
     from quantcli.speedcheck import SpeedCheck
 
     model, data = if_files

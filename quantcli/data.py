@@ -519,7 +519,8 @@ def _count_mismatch(
         if axis:  # wrapped: the batch axis was moved first
             shape.insert(axis, shape.pop(0))
         for j, have in enumerate(shape):
-            fixed = j < len(spec.shape) and isinstance(spec.shape[j], int) and spec.shape[j] > 0
+            dim = spec.shape[j] if j < len(spec.shape) else None
+            fixed = isinstance(dim, int) and dim > 0
             if j != axis and have in others and not fixed:
                 hints.append(f"--batch-axis {spec.name}={j}")
                 break

@@ -6,7 +6,7 @@ The command line is a thin layer over these; tests and scripts call them directl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -121,10 +121,12 @@ def calibrate_model(
     images: ImagePreprocess | None = None,
     random_samples: int | None = None,
     progress: Progress = no_progress,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> CalibrationResult:
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``.
 
     ``random_samples`` (with ``data_path`` None) calibrates on random inputs: for smoke tests only.
+    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.open_dataset``).
     """
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     if data_path is None:
@@ -132,7 +134,9 @@ def calibrate_model(
             raise QuantCliError("calibration needs --data PATH (or --random N for a smoke test)")
         dataset = random_dataset(model_input_specs(model), random_samples, seed=seed)
     else:
-        dataset = open_dataset(data_path, model_input_specs(model), max_samples=max_samples, images=images)
+        dataset = open_dataset(
+            data_path, model_input_specs(model), max_samples=max_samples, images=images, batch_axes=batch_axes
+        )
     prepared, _ = preprocess(model)
     return calibrate(
         prepared,
@@ -179,12 +183,14 @@ class ConvertResult:
     algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
 
 
-def _sample_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray] | None:
+def _sample_feed(
+    model: onnx.ModelProto, data_path: Path | None, batch_axes: Mapping[str, int | None] | None = None
+) -> dict[str, np.ndarray] | None:
     """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
     if data_path is None:
         return None
     try:
-        return next(open_dataset(data_path, model_input_specs(model), max_samples=1).batches(1))
+        return next(open_dataset(data_path, model_input_specs(model), max_samples=1, batch_axes=batch_axes).batches(1))
     except (QuantCliError, StopIteration):
         return None
 
@@ -212,6 +218,7 @@ def convert_model(
     log: Callable[[str], None] = lambda _: None,
     mode: ConvertMode = ConvertMode.STATIC,
     mode_options: DynamicOptions | WeightOnlyOptions | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
@@ -230,6 +237,8 @@ def convert_model(
 
     ``algorithms`` (CLE, SmoothQuant, bias correction) need ``data_path``: they change the FP32 graph
     or read per-channel statistics, so the transformed model is calibrated here.
+
+    ``batch_axes`` names inputs not batched on axis 0, for ``data_path`` and ``eval_data`` alike.
 
     Raises:
         QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
@@ -286,6 +295,7 @@ def convert_model(
         prepared, calibration, plan, applied = _convert_with_algorithms(
             prepared, model_path, data_path, sha, config, algorithms,
             method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
+            batch_axes=batch_axes,
         )  # fmt: skip
         quantized = apply_plan(prepared, plan)
     else:
@@ -299,7 +309,7 @@ def convert_model(
             wants_histograms = search is not None or recipe is not None
             calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
                 prepared,
-                open_dataset(data_path, model_input_specs(model)),
+                open_dataset(data_path, model_input_specs(model), batch_axes=batch_axes),
                 model_sha256=sha,
                 method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
                 percentile=percentile,
@@ -316,7 +326,7 @@ def convert_model(
             quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)
         elif search is not None:
             assert eval_data is not None
-            dataset = open_dataset(eval_data, model_input_specs(model))
+            dataset = open_dataset(eval_data, model_input_specs(model), batch_axes=batch_axes)
             methods = (method, *search.methods) if method is not None else search.methods
             search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
             searched = search_quantization(prepared, calibration, config, dataset, search, progress=progress, log=log)
@@ -330,7 +340,7 @@ def convert_model(
         raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
     make_session(quantized, source=str(model_path))  # loads in onnxruntime before anything is written
     audit = audit_fusion(
-        quantized, skipped={s.node: s.reason for s in plan.skipped}, feed=_sample_feed(model, data_path)
+        quantized, skipped={s.node: s.reason for s in plan.skipped}, feed=_sample_feed(model, data_path, batch_axes)
     )
     if require_fused:
         planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
@@ -344,7 +354,7 @@ def convert_model(
             )
     speed = None
     if require_speedup:
-        speed = check_speedup(model, quantized, _batch1_feed(model, data_path))
+        speed = check_speedup(model, quantized, _batch1_feed(model, data_path, batch_axes))
         if not speed.faster:
             raise QuantCliError(
                 f"{model_path}: the quantized model is not faster than FP32 at batch 1 "
@@ -409,6 +419,7 @@ def _convert_with_algorithms(
     percentile: float,
     timeout: float | None,
     progress: Progress,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> tuple[
     onnx.ModelProto,
     CalibrationResult,
@@ -423,7 +434,7 @@ def _convert_with_algorithms(
     from quantcli.smoothquant import smooth, smoothquant_targets
 
     source = str(model_path)
-    dataset = open_dataset(data_path, model_input_specs(prepared))
+    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes)
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = []
     if algorithms.cle:
         prepared, cle_report = equalize(prepared)
@@ -519,11 +530,13 @@ def _convert_mode(
     )
 
 
-def _batch1_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray]:
+def _batch1_feed(
+    model: onnx.ModelProto, data_path: Path | None, batch_axes: Mapping[str, int | None] | None = None
+) -> dict[str, np.ndarray]:
     """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
     specs = model_input_specs(model)
     if data_path is not None:
-        return next(open_dataset(data_path, specs, max_samples=1).batches(1))
+        return next(open_dataset(data_path, specs, max_samples=1, batch_axes=batch_axes).batches(1))
     try:
         return next(random_dataset(specs, 1).batches(1))
     except QuantCliError as exc:
@@ -591,8 +604,12 @@ def compare_models(
     time_budget_s: float | None = None,
     measure_memory: bool = False,
     progress: Progress = no_progress,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> CompareResult:
-    """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
+    """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data.
+
+    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.open_dataset``).
+    """
     from quantcli.audit import audit_fusion
     from quantcli.evaluate import compare_outputs, measure_latency, session_peak_memory
     from quantcli.layers import per_layer_errors
@@ -601,7 +618,7 @@ def compare_models(
     ref_model = load_model(reference_path)
     cand_model = load_model(candidate_path)
     _check_signatures(ref_model, cand_model, reference_path, candidate_path)
-    dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples)
+    dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples, batch_axes=batch_axes)
     ref = make_session(ref_model, threads=threads, source=str(reference_path))
     cand = make_session(cand_model, threads=threads, source=str(candidate_path))
     metric = metric or MetricSpec("top1")

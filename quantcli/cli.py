@@ -23,7 +23,7 @@ from tqdm import tqdm
 from quantcli import __version__, api, html_report, report
 from quantcli.artifact import write_calibration
 from quantcli.audit import audit_fusion
-from quantcli.data import model_input_specs, open_dataset
+from quantcli.data import model_input_specs, open_dataset, parse_batch_axes
 from quantcli.dynamic_quant import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
 from quantcli.errors import QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
@@ -197,6 +197,16 @@ def _image_options(
     return ImagePreprocess(resize, hw, scale, _triple(mean, "mean"), stds, order, layout)
 
 
+BatchAxes = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--batch-axis",
+        help="NAME=AXIS: input NAME's samples are stacked on AXIS, e.g. state=1; NAME=none: the array is one feed, "
+        "given unchanged with every batch (repeatable; scalar inputs are unbatched anyway).",
+    ),
+]
+
+
 def _split(values: list[str] | None) -> list[str]:
     items: list[str] = []
     for v in values or []:
@@ -222,6 +232,7 @@ def calibrate(
     std: Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")] = "1,1,1",
     channel_order: Annotated[str, typer.Option(help="Images: rgb or bgr.")] = "rgb",
     layout: Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")] = "auto",
+    batch_axis: BatchAxes = None,
     method: Annotated[CalibrationMethod, typer.Option(help="How clip ranges are chosen.")] = CalibrationMethod.MINMAX,
     percentile: Annotated[float, typer.Option(help="For --method percentile: upper percentile kept.")] = 99.99,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.")] = 32,
@@ -253,6 +264,7 @@ def calibrate(
         model, data, images=images, random_samples=random, method=method, percentile=percentile,
         batch_size=batch_size, max_samples=max_samples, threads=threads, max_memory=_parse_bytes(max_memory),
         shuffle=shuffle, seed=seed, timeout=timeout, upgrade_opset=upgrade_opset, progress=_progress(quiet),
+        batch_axes=parse_batch_axes(batch_axis),
     )  # fmt: skip
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
@@ -265,6 +277,7 @@ def convert(
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.")],
     calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
     data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibrate on the fly from this data.")] = None,
+    batch_axis: BatchAxes = None,
     method: Annotated[
         CalibrationMethod | None,
         typer.Option(
@@ -402,7 +415,7 @@ def convert(
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
         search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
-        log=_search_log(quiet),
+        log=_search_log(quiet), batch_axes=parse_batch_axes(batch_axis),
     )  # fmt: skip
     report.render_convert(out, result)
 
@@ -490,6 +503,7 @@ def compare(
     reference: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     candidate: Annotated[Path, typer.Argument(help="Quantized ONNX model.")],
     data: Annotated[Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels').")],
+    batch_axis: BatchAxes = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the accuracy pass.")] = 32,
     max_samples: Annotated[int | None, typer.Option(min=1)] = None,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads for both models.")] = 1,
@@ -522,7 +536,7 @@ def compare(
         reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
         latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
         per_layer=per_layer or html_path is not None, metric=parse_metric(metric), time_budget_s=time_budget,
-        measure_memory=memory, progress=_progress(quiet),
+        measure_memory=memory, progress=_progress(quiet), batch_axes=parse_batch_axes(batch_axis),
     )  # fmt: skip
     report.render_compare(out, result)
     report.render_layers(out, result, top)
@@ -553,10 +567,12 @@ def inspect(
         Path | None, typer.Option("--data", "-d", help="A sample (.npz/.npy) to resolve dynamic shapes for MACs.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every Conv/MatMul/Gemm node.")] = False,
+    batch_axis: BatchAxes = None,
 ) -> None:
     """Show what onnxruntime runs for a model: integer kernels, float compute and why, MACs, op histogram."""
     m = load_model(model)
-    feed = next(open_dataset(data, model_input_specs(m), max_samples=1).batches(1)) if data is not None else None
+    axes = parse_batch_axes(batch_axis)
+    feed = next(open_dataset(data, model_input_specs(m), max_samples=1, batch_axes=axes).batches(1)) if data else None
     audit = audit_fusion(model, feed=feed)
     report.render_inspect(out, model, m, audit, verbose=verbose)
 

@@ -39,6 +39,7 @@ from quantcli.qmath import (
     quantize_bias,
     quantize_weight,
 )
+from quantcli.recurrent import recurrent_input_producers
 from quantcli.subgraphs import CONTROL_FLOW_OPS, node_subgraphs
 
 __all__ = [
@@ -255,6 +256,8 @@ class _Planner:
     range_decisions: list[RangeDecision] = field(default_factory=list)
     in_subgraph: bool = False
     recurrent: list[RecurrentQuant] = field(default_factory=list)
+    #: node name -> why it stays float whatever the config says (``quantcli.recurrent``)
+    keep_float: Mapping[str, str] = field(default_factory=dict)
     embeddings: list[EmbeddingQuant] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
@@ -590,7 +593,7 @@ def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) 
             continue
         if node.op_type in FOLDABLE_OPS and any(f.node == node.name for f in planner.folded):
             continue
-        reason = _node_selected(node, config)
+        reason = _node_selected(node, config) or planner.keep_float.get(node.name)
         if reason is not None and node.op_type in COMPUTE_OPS:
             planner.float_locked.update(o for o in node.output if o)
         if reason is not None:
@@ -621,10 +624,11 @@ def _plan_graph(
     config: QuantConfig,
     act: dict[str, QuantParams],
     done: list[tuple[str, _Planner]],
+    keep_float: Mapping[str, str],
 ) -> None:
     """Plan ``graph``, then each subgraph of its nodes; ``act`` is shared, so a tensor is quantized once."""
     index = GraphIndex.build(graph, outer=outer)
-    planner = _Planner(index, ranges, config, act=act, in_subgraph=bool(path))
+    planner = _Planner(index, ranges, config, act=act, in_subgraph=bool(path), keep_float=keep_float)
     _plan_nodes(planner, graph, config)
     done.append((path, planner))
     inputs = {i.name for i in graph.input}
@@ -632,7 +636,7 @@ def _plan_graph(
     for node in graph.node:
         for attr, sub in node_subgraphs(node):
             sub_path = f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}"
-            _plan_graph(sub, sub_path, visible, ranges, config, act, done)
+            _plan_graph(sub, sub_path, visible, ranges, config, act, done, keep_float)
 
 
 def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig) -> QuantPlan:
@@ -640,10 +644,11 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
 
     Subgraphs of If/Loop/Scan nodes are planned like the main graph, each with the constants of
     its enclosing graphs in view; tensors of a branch calibration never ran have no range and stay float.
+    A Conv/MatMul/Gemm feeding a recurrent cell's input stays float (``quantcli.recurrent``).
     """
     act: dict[str, QuantParams] = {}
     done: list[tuple[str, _Planner]] = []
-    _plan_graph(model.graph, "", {}, ranges, config, act, done)
+    _plan_graph(model.graph, "", {}, ranges, config, act, done, recurrent_input_producers(model))
     planners = [p for _, p in done]
     subgraphs = tuple(SubgraphPlan(path, tuple(p.quantized), tuple(p.skipped)) for path, p in done if path)
     return QuantPlan(

@@ -135,7 +135,11 @@ def calibrate_model(
         dataset = random_dataset(model_input_specs(model), random_samples, seed=seed)
     else:
         dataset = open_dataset(
-            data_path, model_input_specs(model), max_samples=max_samples, images=images, batch_axes=batch_axes
+            data_path,
+            model_input_specs(model),
+            max_samples=max_samples,
+            images=images,
+            batch_axes=batch_axes,
         )
     prepared, _ = preprocess(model)
     return calibrate(
@@ -184,13 +188,20 @@ class ConvertResult:
 
 
 def _sample_feed(
-    model: onnx.ModelProto, data_path: Path | None, batch_axes: Mapping[str, int | None] | None = None
+    model: onnx.ModelProto,
+    data_path: Path | None,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> dict[str, np.ndarray] | None:
     """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
     if data_path is None:
         return None
     try:
-        return next(open_dataset(data_path, model_input_specs(model), max_samples=1, batch_axes=batch_axes).batches(1))
+        return next(
+            open_dataset(
+                data_path, model_input_specs(model), max_samples=1, batch_axes=batch_axes, images=images
+            ).batches(1)
+        )
     except (QuantCliError, StopIteration):
         return None
 
@@ -219,6 +230,7 @@ def convert_model(
     mode: ConvertMode = ConvertMode.STATIC,
     mode_options: DynamicOptions | WeightOnlyOptions | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
@@ -295,7 +307,7 @@ def convert_model(
         prepared, calibration, plan, applied = _convert_with_algorithms(
             prepared, model_path, data_path, sha, config, algorithms,
             method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
-            batch_axes=batch_axes,
+            batch_axes=batch_axes, images=images,
         )  # fmt: skip
         quantized = apply_plan(prepared, plan)
     else:
@@ -309,7 +321,7 @@ def convert_model(
             wants_histograms = search is not None or recipe is not None
             calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
                 prepared,
-                open_dataset(data_path, model_input_specs(model), batch_axes=batch_axes),
+                open_dataset(data_path, model_input_specs(model), batch_axes=batch_axes, images=images),
                 model_sha256=sha,
                 method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
                 percentile=percentile,
@@ -326,7 +338,7 @@ def convert_model(
             quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)
         elif search is not None:
             assert eval_data is not None
-            dataset = open_dataset(eval_data, model_input_specs(model), batch_axes=batch_axes)
+            dataset = open_dataset(eval_data, model_input_specs(model), batch_axes=batch_axes, images=images)
             methods = (method, *search.methods) if method is not None else search.methods
             search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
             searched = search_quantization(prepared, calibration, config, dataset, search, progress=progress, log=log)
@@ -340,7 +352,9 @@ def convert_model(
         raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
     make_session(quantized, source=str(model_path))  # loads in onnxruntime before anything is written
     audit = audit_fusion(
-        quantized, skipped={s.node: s.reason for s in plan.skipped}, feed=_sample_feed(model, data_path, batch_axes)
+        quantized,
+        skipped={s.node: s.reason for s in plan.skipped},
+        feed=_sample_feed(model, data_path, batch_axes, images),
     )
     if require_fused:
         planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
@@ -354,7 +368,7 @@ def convert_model(
             )
     speed = None
     if require_speedup:
-        speed = check_speedup(model, quantized, _batch1_feed(model, data_path, batch_axes))
+        speed = check_speedup(model, quantized, _batch1_feed(model, data_path, batch_axes, images))
         if not speed.faster:
             raise QuantCliError(
                 f"{model_path}: the quantized model is not faster than FP32 at batch 1 "
@@ -420,6 +434,7 @@ def _convert_with_algorithms(
     timeout: float | None,
     progress: Progress,
     batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> tuple[
     onnx.ModelProto,
     CalibrationResult,
@@ -434,7 +449,7 @@ def _convert_with_algorithms(
     from quantcli.smoothquant import smooth, smoothquant_targets
 
     source = str(model_path)
-    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes)
+    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = []
     if algorithms.cle:
         prepared, cle_report = equalize(prepared)
@@ -531,12 +546,15 @@ def _convert_mode(
 
 
 def _batch1_feed(
-    model: onnx.ModelProto, data_path: Path | None, batch_axes: Mapping[str, int | None] | None = None
+    model: onnx.ModelProto,
+    data_path: Path | None,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> dict[str, np.ndarray]:
     """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
     specs = model_input_specs(model)
     if data_path is not None:
-        return next(open_dataset(data_path, specs, max_samples=1, batch_axes=batch_axes).batches(1))
+        return next(open_dataset(data_path, specs, max_samples=1, batch_axes=batch_axes, images=images).batches(1))
     try:
         return next(random_dataset(specs, 1).batches(1))
     except QuantCliError as exc:
@@ -605,6 +623,7 @@ def compare_models(
     measure_memory: bool = False,
     progress: Progress = no_progress,
     batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> CompareResult:
     """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data.
 
@@ -618,7 +637,9 @@ def compare_models(
     ref_model = load_model(reference_path)
     cand_model = load_model(candidate_path)
     _check_signatures(ref_model, cand_model, reference_path, candidate_path)
-    dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples, batch_axes=batch_axes)
+    dataset = open_dataset(
+        data_path, model_input_specs(ref_model), max_samples=max_samples, batch_axes=batch_axes, images=images
+    )
     ref = make_session(ref_model, threads=threads, source=str(reference_path))
     cand = make_session(cand_model, threads=threads, source=str(candidate_path))
     metric = metric or MetricSpec("top1")

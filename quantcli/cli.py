@@ -179,6 +179,16 @@ def _triple(text: str, name: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+# image-folder preprocessing, shared by every command that reads --data
+ImageSize = Annotated[str | None, typer.Option(help="Images: HxW when the model's are dynamic.")]
+Resize = Annotated[int | None, typer.Option(help="Images: shorter side before the centre crop.")]
+Scale = Annotated[float, typer.Option(help="Images: divide pixel values by this.")]
+Mean = Annotated[str, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")]
+ChannelOrder = Annotated[str, typer.Option(help="Images: rgb or bgr.")]
+Layout = Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")]
+
+
 def _image_options(
     size: str | None, resize: int | None, scale: float, mean: str, std: str, order: str, layout: str
 ) -> ImagePreprocess:
@@ -225,13 +235,13 @@ def calibrate(
     random: Annotated[
         int | None, typer.Option("--random", min=1, help="SMOKE TEST ONLY: N random samples instead of --data.")
     ] = None,
-    image_size: Annotated[str | None, typer.Option(help="Images: HxW when the model's are dynamic.")] = None,
-    resize: Annotated[int | None, typer.Option(help="Images: shorter side before the centre crop.")] = None,
-    scale: Annotated[float, typer.Option(help="Images: divide pixel values by this.")] = 255.0,
-    mean: Annotated[str, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")] = "0,0,0",
-    std: Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")] = "1,1,1",
-    channel_order: Annotated[str, typer.Option(help="Images: rgb or bgr.")] = "rgb",
-    layout: Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")] = "auto",
+    image_size: ImageSize = None,
+    resize: Resize = None,
+    scale: Scale = 255.0,
+    mean: Mean = "0,0,0",
+    std: Std = "1,1,1",
+    channel_order: ChannelOrder = "rgb",
+    layout: Layout = "auto",
     batch_axis: BatchAxes = None,
     method: Annotated[CalibrationMethod, typer.Option(help="How clip ranges are chosen.")] = CalibrationMethod.MINMAX,
     percentile: Annotated[float, typer.Option(help="For --method percentile: upper percentile kept.")] = 99.99,
@@ -276,8 +286,18 @@ def convert(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model (never modified).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.")],
     calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibrate on the fly from this data.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Calibrate on the fly from this data (.npz/.npy, a directory, or images)."),
+    ] = None,
     batch_axis: BatchAxes = None,
+    image_size: ImageSize = None,
+    resize: Resize = None,
+    scale: Scale = 255.0,
+    mean: Mean = "0,0,0",
+    std: Std = "1,1,1",
+    channel_order: ChannelOrder = "rgb",
+    layout: Layout = "auto",
     method: Annotated[
         CalibrationMethod | None,
         typer.Option(
@@ -416,6 +436,7 @@ def convert(
         search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
         log=_search_log(quiet), batch_axes=parse_batch_axes(batch_axis),
+        images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),
     )  # fmt: skip
     report.render_convert(out, result)
 
@@ -502,8 +523,17 @@ def _mode_options(
 def compare(
     reference: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     candidate: Annotated[Path, typer.Argument(help="Quantized ONNX model.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels').")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels', or images).")
+    ],
     batch_axis: BatchAxes = None,
+    image_size: ImageSize = None,
+    resize: Resize = None,
+    scale: Scale = 255.0,
+    mean: Mean = "0,0,0",
+    std: Std = "1,1,1",
+    channel_order: ChannelOrder = "rgb",
+    layout: Layout = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the accuracy pass.")] = 32,
     max_samples: Annotated[int | None, typer.Option(min=1)] = None,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads for both models.")] = 1,
@@ -537,6 +567,7 @@ def compare(
         latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
         per_layer=per_layer or html_path is not None, metric=parse_metric(metric), time_budget_s=time_budget,
         measure_memory=memory, progress=_progress(quiet), batch_axes=parse_batch_axes(batch_axis),
+        images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),
     )  # fmt: skip
     report.render_compare(out, result)
     report.render_layers(out, result, top)

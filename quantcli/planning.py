@@ -89,8 +89,8 @@ FOLDABLE_OPS = ("Relu", "Clip")
 #: positive scalar constant (a new scale, no kernel) and HardSigmoid/HardSwish (see ``HardActivation``)
 RESCALE_OPS = ("Div",)
 HARD_OPS = ("HardSigmoid", "HardSwish")
-#: a Conv over at most this many input channels per group (an image stem: 1-3 channels) that reads a
-#: float tensor stays float: onnxruntime's QLinearConv runs it slower than its float NCHWc kernel
+#: a Conv over at most this many input channels per group that reads a graph input (an image stem:
+#: 1-3 channels) stays float: onnxruntime's QLinearConv runs it slower than its float NCHWc kernel
 #: (measured, AVX2, 1 thread: 3->16 channels 3x3 at 224x224 784 us int8 vs 382 us float; 3->8 at
 #: 48x192 144 us vs 56 us), and quantizing its input costs a QuantizeLinear on top
 STEM_MAX_CHANNELS = 4
@@ -505,7 +505,12 @@ class _Planner:
     def slow_stem(self, node: onnx.NodeProto) -> str | None:
         """Why this Conv stays float as a slow integer stem (see ``STEM_MAX_CHANNELS``), or None."""
         x, w = node.input[0], node.input[1] if len(node.input) > 1 else ""
-        if self.is_quantized(x) or not self.index.is_constant(w) or self.in_subgraph:
+        if (
+            x not in self.index.graph_inputs
+            or self.is_quantized(x)
+            or not self.index.is_constant(w)
+            or self.in_subgraph
+        ):
             return None
         shape = self.index.constant(w).shape
         if len(shape) != 4 or shape[1] > STEM_MAX_CHANNELS or shape[2] * shape[3] == 1:
@@ -514,8 +519,8 @@ class _Planner:
         if len(dims) == 2 and all(isinstance(d, int) and d > 0 for d in dims) and dims[0] * dims[1] < STEM_MIN_PIXELS:
             return None  # a small image: the float stem saves about what the extra QuantizeLinear costs
         return (
-            f"kept float: a {shape[2]}x{shape[3]} convolution over {shape[1]} input channel(s) reading a float "
-            "tensor runs slower as QLinearConv than as onnxruntime's float kernel (measured 0.4-0.5x on AVX2)"
+            f"kept float: a {shape[2]}x{shape[3]} convolution over {shape[1]} input channel(s) reading the model "
+            "input runs slower as QLinearConv than as onnxruntime's float kernel (measured 0.4-0.5x on AVX2)"
         )
 
     def plan_elementwise(self, node: onnx.NodeProto) -> None:

@@ -155,3 +155,31 @@ def test_image_stem_conv_stays_float_and_the_rest_integer() -> None:
     model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 16
     _, plan, _ = quantize(model, {"x": x}, QuantConfig(reduce_range=True))
     assert "stem" in dict(plan.quantized_nodes)
+
+
+@pytest.mark.parametrize(
+    ("shape", "folds"),
+    [((1, 4, 1, 1), True), ((4, 1, 1), True), ((1,), True), ((4,), False), ((1, 4, 4, 1), False)],
+)
+def test_per_channel_bias_add_folds_into_conv(shape: tuple[int, ...], folds: bool) -> None:
+    """Conv -> Add(constant) becomes the Conv's bias only when the constant is per channel."""
+    from quantcli.preprocess import preprocess
+
+    rng = np.random.default_rng(0)
+    add_value = rng.normal(size=shape).astype(np.float32)
+    inits = [_init("w", rng.normal(size=(4, 3, 3, 3))), _init("b", rng.normal(size=4)), _init("a", add_value)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "a"], ["y"], name="bias_add"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 4, 4])],
+        inits,
+    )
+    x = structured_images(4, seed=6, size=4)
+    prepared, report = preprocess(model)
+    assert report.folded_bias_adds == int(folds)
+    assert [n.op_type for n in prepared.graph.node] == (["Conv"] if folds else ["Conv", "Add"])
+    np.testing.assert_allclose(run(prepared, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)

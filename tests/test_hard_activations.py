@@ -183,3 +183,30 @@ def test_per_channel_bias_add_folds_into_conv(shape: tuple[int, ...], folds: boo
     assert report.folded_bias_adds == int(folds)
     assert [n.op_type for n in prepared.graph.node] == (["Conv"] if folds else ["Conv", "Add"])
     np.testing.assert_allclose(run(prepared, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_scalar_division_read_by_a_float_conv_stays_a_float_division() -> None:
+    """A float Conv must read the float quotient: the Div is then not folded into a scale."""
+    rng = np.random.default_rng(1)
+    inits = [
+        _init("w1", rng.normal(size=(8, 8, 1, 1)) * 0.3),
+        _init("w2", rng.normal(size=(8, 8, 1, 1)) * 0.3),
+        _init("six", np.array(6.0)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Div", ["c1", "six"], ["d"], name="div"),
+        helper.make_node("Mul", ["d", "six"], ["m"], name="mul"),
+        helper.make_node("Conv", ["m", "w2"], ["y"], name="conv2"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 8, 8])],
+        inits,
+    )
+    x = structured_images(8, seed=7, channels=8, size=8)
+    quantized, plan, _ = quantize(model, {"x": x}, QuantConfig(reduce_range=True, exclude_nodes=("conv2",)))
+    assert [r.node for r in plan.rescaled] == ["div"]  # conv2 reads the Mul's output, not the Div's
+    onnx.checker.check_model(quantized)
+    assert sqnr(run(model, {"x": x})[0], run(quantized, {"x": x})[0]) > 25

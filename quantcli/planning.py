@@ -650,6 +650,9 @@ class _Planner:
         elif out in self.index.graph_outputs:
             self.skip(node, "graph output (kept float)")
             return
+        elif any(r.name in self.float_compute for r in self.index.consumers_of(out)):
+            self.skip(node, "read by a Conv/MatMul/Gemm kept in float")
+            return
         else:
             self.act[out] = read
         self.hard.append(HardActivation(node.name, node.op_type, x, out, quantize_params, read))

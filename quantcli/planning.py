@@ -22,8 +22,10 @@ integer kernel:
   output QuantizeLinear has scale S = 1 / (N * alpha) and zero point Z = round(N * beta) (+ the type's
   minimum), N = 255: its integers are then q = sat(round(N * (alpha * x + beta))), i.e. the hard sigmoid on
   the grid of scale 1 / N over [0, 1], read back with that scale. HardSwish(x) = x * HardSigmoid(x)
-  adds a QLinearMul. Float, onnxruntime runs them around a DequantizeLinear/QuantizeLinear pair
-  (``HardActivation``).
+  adds a QLinearMul. Left float, onnxruntime would run them between a DequantizeLinear and a
+  QuantizeLinear, with layout Transposes around the float island (``HardActivation``).
+* a Conv over 1-4 input channels reading the model input (an image stem) stays float: onnxruntime's
+  QLinearConv is slower than its float kernel there (``STEM_MAX_CHANNELS``).
 """
 
 from __future__ import annotations

@@ -517,8 +517,8 @@ class _Planner:
         shape = self.index.constant(w).shape
         if len(shape) != 4 or shape[1] > STEM_MAX_CHANNELS or shape[2] * shape[3] == 1:
             return None
-        dims = self.index.shapes.get(x, ())[2:]
-        if len(dims) == 2 and all(isinstance(d, int) and d > 0 for d in dims) and dims[0] * dims[1] < STEM_MIN_PIXELS:
+        dims = [d for d in self.index.shapes.get(x, ())[2:] if isinstance(d, int) and d > 0]
+        if len(dims) == 2 and dims[0] * dims[1] < STEM_MIN_PIXELS:
             return None  # a small image: the float stem saves about what the extra QuantizeLinear costs
         return (
             f"a {shape[2]}x{shape[3]} Conv over {shape[1]} input channel(s) reading the model input: slower as "

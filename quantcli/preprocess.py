@@ -4,6 +4,15 @@ BatchNormalization folded into the Conv before it, with s = gamma / sqrt(var + e
 
     W'[c] = W[c] * s[c]          b'[c] = (b[c] - mean[c]) * s[c] + beta[c]
 
+A Mul or Add by a constant that is one value per output channel (or one value for all), reading a
+Conv's output, is folded the same way (exporters write a BatchNorm or a learnable affine block after
+a re-parameterized Conv so: PP-LCNetV3's ``Conv -> Mul(a) -> Add(b)``):
+
+    (W * x + b) * a  ->  W' = W * a[c],  b' = b * a[c]          (W * x + b) + d  ->  b' = b + d[c]
+
+Each fold removes a requantization point once quantized (the Conv's output range was measured
+before the scale, the Mul's after it, the Add's after that: three roundings for one tensor).
+
 Everything here works without shape inference: it only looks at node wiring and constants.
 """
 
@@ -33,12 +42,15 @@ class PreprocessReport:
     removed_identities: int
     folded_batchnorms: int
     folded_constants: int = 0
+    folded_affines: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per pass that did something."""
         out = []
         if self.folded_batchnorms:
             out.append(f"folded {self.folded_batchnorms} BatchNormalization into Conv")
+        if self.folded_affines:
+            out.append(f"folded {self.folded_affines} per-channel Mul/Add by a constant into the Conv before it")
         if self.removed_identities:
             out.append(f"removed {self.removed_identities} Identity/Dropout")
         if self.folded_constants:
@@ -62,10 +74,10 @@ def preprocess(
     out.CopyFrom(model)
     graph = out.graph
     named = _name_nodes(graph)
-    counts = [0, 0, 0, 0]
+    counts = [0, 0, 0, 0, 0]
     _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
-    consts, folded_consts, removed, folded = counts
-    return out, PreprocessReport(named, consts, removed, folded, folded_consts)
+    consts, folded_consts, removed, folded, affines = counts
+    return out, PreprocessReport(named, consts, removed, folded, folded_consts, affines)
 
 
 def _clean_graph(
@@ -91,6 +103,7 @@ def _clean_graph(
     counts[1] += _fold_constants(graph, opsets, outer, shared) if fold_constants else 0
     counts[2] += _remove_identities(graph) if remove_identity else 0
     counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
+    counts[4] += _fold_conv_affines(graph, outer) if fold_batchnorm else 0
     if outer:  # a subgraph: Constant nodes no branch reads any more go away
         _drop_unused_initializers(graph)
     inputs = {i.name for i in graph.input}
@@ -297,6 +310,71 @@ def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] 
         del graph.node[:]
         graph.node.extend(keep)
         graph.initializer.extend(new_inits)
+        _drop_unused_initializers(graph)
+    return folded
+
+
+def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``value`` as one number per channel of a [N, C, ...] tensor of ``rank``, if it broadcasts so."""
+    if value.ndim > rank or value.size == 0:
+        return None
+    for pos, dim in enumerate(value.shape):
+        axis = rank - value.ndim + pos
+        if dim != 1 and (axis != 1 or dim != channels):
+            return None
+    return np.broadcast_to(value.reshape(-1), (channels,)) if value.size == 1 else value.reshape(-1)
+
+
+def _fold_conv_affines(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+    """Fold Mul/Add by a per-channel constant into the Conv whose only reader they are (repeatedly)."""
+    folded = 0
+    while True:
+        index = GraphIndex.build(graph, outer=outer)
+        outputs = set(index.graph_outputs)
+        taken = set(index.initializers)
+        done: onnx.NodeProto | None = None
+        for node in graph.node:
+            if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+                continue
+            for pos in (0, 1):
+                conv = index.producers.get(node.input[pos])
+                const = node.input[1 - pos]
+                if conv is None or conv.op_type != "Conv" or not index.is_constant(const):
+                    continue
+                if len(index.consumers_of(conv.output[0])) != 1 or conv.output[0] in outputs:
+                    continue
+                has_bias = len(conv.input) > 2 and bool(conv.input[2])
+                if not index.is_constant(conv.input[1]) or (has_bias and not index.is_constant(conv.input[2])):
+                    continue
+                weight = index.constant(conv.input[1])
+                if weight.dtype != np.float32 or index.constant(const).dtype != np.float32:
+                    continue
+                vec = _channel_vector(index.constant(const).astype(np.float64), weight.ndim, weight.shape[0])
+                if vec is None:
+                    continue
+                bias = index.constant(conv.input[2]).astype(np.float64) if has_bias else np.zeros(weight.shape[0])
+                w_name, b_name = conv.input[1], conv.input[2] if has_bias else ""
+                if node.op_type == "Mul":
+                    w_new = (weight.astype(np.float64) * vec.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
+                    w_name = _fresh(f"{conv.input[1]}_scaled", taken)
+                    graph.initializer.append(numpy_helper.from_array(w_new, w_name))
+                    bias = bias * vec
+                else:
+                    bias = bias + vec
+                b_name = _fresh(f"{conv.name}_bias_folded", taken)
+                graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
+                del conv.input[1:]
+                conv.input.extend([w_name, b_name])
+                conv.output[0] = node.output[0]
+                done = node
+                break
+            if done is not None:
+                break
+        if done is None:
+            break
+        graph.node.remove(done)
+        folded += 1
+    if folded:
         _drop_unused_initializers(graph)
     return folded
 

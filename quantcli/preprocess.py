@@ -326,57 +326,67 @@ def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray |
 
 
 def _fold_conv_affines(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
-    """Fold Mul/Add by a per-channel constant into the Conv whose only reader they are (repeatedly)."""
-    folded = 0
-    while True:
-        index = GraphIndex.build(graph, outer=outer)
-        outputs = set(index.graph_outputs)
-        taken = set(index.initializers)
-        done: onnx.NodeProto | None = None
-        for node in graph.node:
-            if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+    """Fold Mul/Add by a per-channel constant into the Conv whose only reader they are (chains too).
+
+    One pass in graph order: a fold hands the Mul/Add output to the Conv, so the next Mul/Add in
+    the chain finds that Conv as its producer.
+    """
+    index = GraphIndex.build(graph, outer=outer)
+    outputs = set(index.graph_outputs)
+    taken = set(index.initializers)
+    producers = dict(index.producers)
+    fresh: dict[str, np.ndarray] = {}  # initializers written by this pass
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in fresh:
+            return fresh[name]
+        return index.constant(name) if name and index.is_constant(name) else None
+
+    def add_initializer(base: str, value: np.ndarray) -> str:
+        name = _fresh(base, taken)
+        fresh[name] = value
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    removed: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        for pos in (0, 1):
+            conv = producers.get(node.input[pos])
+            value = constant(node.input[1 - pos])
+            if conv is None or conv.op_type != "Conv" or value is None or value.dtype != np.float32:
                 continue
-            for pos in (0, 1):
-                conv = index.producers.get(node.input[pos])
-                const = node.input[1 - pos]
-                if conv is None or conv.op_type != "Conv" or not index.is_constant(const):
-                    continue
-                if len(index.consumers_of(conv.output[0])) != 1 or conv.output[0] in outputs:
-                    continue
-                has_bias = len(conv.input) > 2 and bool(conv.input[2])
-                if not index.is_constant(conv.input[1]) or (has_bias and not index.is_constant(conv.input[2])):
-                    continue
-                weight = index.constant(conv.input[1])
-                if weight.dtype != np.float32 or index.constant(const).dtype != np.float32:
-                    continue
-                vec = _channel_vector(index.constant(const).astype(np.float64), weight.ndim, weight.shape[0])
-                if vec is None:
-                    continue
-                bias = index.constant(conv.input[2]).astype(np.float64) if has_bias else np.zeros(weight.shape[0])
-                w_name, b_name = conv.input[1], conv.input[2] if has_bias else ""
-                if node.op_type == "Mul":
-                    w_new = (weight.astype(np.float64) * vec.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
-                    w_name = _fresh(f"{conv.input[1]}_scaled", taken)
-                    graph.initializer.append(numpy_helper.from_array(w_new, w_name))
-                    bias = bias * vec
-                else:
-                    bias = bias + vec
-                b_name = _fresh(f"{conv.name}_bias_folded", taken)
-                graph.initializer.append(numpy_helper.from_array(bias.astype(np.float32), b_name))
-                del conv.input[1:]
-                conv.input.extend([w_name, b_name])
-                conv.output[0] = node.output[0]
-                done = node
-                break
-            if done is not None:
-                break
-        if done is None:
+            if len(index.consumers_of(conv.output[0])) != 1 or conv.output[0] in outputs:
+                continue
+            weight = constant(conv.input[1])
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            bias = constant(conv.input[2]) if has_bias else None
+            if weight is None or weight.dtype != np.float32 or (has_bias and bias is None):
+                continue
+            vec = _channel_vector(value.astype(np.float64), weight.ndim, weight.shape[0])
+            if vec is None:
+                continue
+            b = bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])
+            w_name = conv.input[1]
+            if node.op_type == "Mul":
+                scaled = weight.astype(np.float64) * vec.reshape(-1, *([1] * (weight.ndim - 1)))
+                w_name = add_initializer(f"{conv.input[1]}_scaled", scaled.astype(np.float32))
+                b = b * vec
+            else:
+                b = b + vec
+            b_name = add_initializer(f"{conv.name}_bias_folded", b.astype(np.float32))
+            del conv.input[1:]
+            conv.input.extend([w_name, b_name])
+            conv.output[0] = node.output[0]
+            producers[node.output[0]] = conv
+            removed.append(node)
             break
-        graph.node.remove(done)
-        folded += 1
-    if folded:
+    for node in removed:
+        graph.node.remove(node)
+    if removed:
         _drop_unused_initializers(graph)
-    return folded
+    return len(removed)
 
 
 def _fresh(base: str, taken: set[str]) -> str:

@@ -451,7 +451,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     calib, evaluation = MODELS / f"{name}_calib.npz", MODELS / f"{name}_eval.npz"
     res: dict[str, Any] = {"model": name, "variants": {}}
     paths = {"fp32": model}
-    for variant in VARIANTS:
+    for variant in args.variants:
         out = work / f"{name}.{variant}.onnx"
         print(f"  [{name}] {variant} ...", flush=True)
         info = quantize_in_child(variant, model, calib, out, args)
@@ -518,6 +518,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"| {r['model']} | fp32 | - | - | {_fmt_metric(fp['metric'])} | 1.00 | {fp_ms:.2f} "
               f"| 0 | {_short(fp['float_compute'])} |")  # fmt: skip
         for key in VARIANTS:
+            if key not in r["variants"]:
+                continue
             v = r["variants"][key]
             if not v.get("ok"):
                 print(f"| | {key} | **no**: {v.get('error', '')[:140]} | | | | | | |")
@@ -531,7 +533,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
                   f"| {_short(v['float_compute'])} |")  # fmt: skip
     print("\nWhat quantcli left float, and why (plan.skipped, grouped; range decisions):")
     for r in results:
-        q = r["variants"]["quantcli"]
+        q = r["variants"].get("quantcli", {"ok": False, "error": "not run (--variants)"})
         if not q.get("ok"):
             print(f"- {r['model']}: quantcli failed: {q.get('error')}")
             continue
@@ -542,6 +544,8 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"- {r['model']}: skipped: {skipped}{more}. Range decisions: {dec}.")
     print("\nonnxruntime quant_pre_process:")
     for r in results:
+        if "ort" not in r["variants"]:
+            continue
         v = r["variants"]["ort"]
         extra = "; ".join(v[k] for k in ("retry", "retry_opset") if v.get(k))
         if v.get("pre_process") or extra:
@@ -561,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-budget", type=float, default=60.0, help="seconds of timing per model")
     parser.add_argument("--mem-gb", type=float, default=8.0, help="address-space cap of each quantizer process")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per quantizer process")
+    parser.add_argument(
+        "--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="quantizers to run (default: all)"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--calib-path", type=Path, help=argparse.SUPPRESS)

@@ -374,6 +374,15 @@ class _Planner:
     def is_float_activation(self, tensor: str) -> bool:
         return tensor in self.ranges and not self.index.is_constant(tensor)
 
+    def only_reaches_outputs(self, tensor: str) -> bool:
+        """True when ``tensor`` is a graph output or flows only through data-movement ops into graph outputs."""
+        readers = self.index.consumers_of(tensor)
+        if not readers:
+            return tensor in self.index.graph_outputs
+        return all(
+            r.op_type in MOVEMENT_OPS and all(self.only_reaches_outputs(o) for o in r.output if o) for r in readers
+        )
+
     def skip(self, node: onnx.NodeProto, reason: str) -> None:
         self.skipped.append(Skip(node.name, node.op_type, reason))
 
@@ -556,6 +565,21 @@ class _Planner:
             else:
                 self.skip(node, f"input '{name}' is not a float tensor")
                 return
+        if self.only_reaches_outputs(node.output[0]):
+            r = self.ranges.get(node.output[0])
+            if r is not None:
+                self.range_decisions.append(
+                    RangeDecision(
+                        node.output[0],
+                        r.observed_min,
+                        r.observed_max,
+                        f"kept in float with its {node.op_type}: it only reaches graph outputs, so no integer "
+                        "op reads it and a QuantizeLinear would only round the result (a sigmoid score of "
+                        "0.004 becomes 0 or 0.0039 on a [0, 1] grid)",
+                    )
+                )
+            self.skip(node, "its output only reaches graph outputs (no integer op reads it)")
+            return
         if node.op_type == "Softmax":
             out_params: QuantParams | None = params_from_range(0.0, 1.0, self.config.activation_type)
         else:

@@ -4,9 +4,14 @@ BatchNormalization folded into the Conv before it, with s = gamma / sqrt(var + e
 
     W'[c] = W[c] * s[c]          b'[c] = (b[c] - mean[c]) * s[c] + beta[c]
 
-An Add of a per-channel constant after a Conv (exporters write the bias that way, e.g. Paddle's
-squeeze-excite convs) goes into the Conv's bias: b'[c] = b[c] + a[c]. Quantized, that Add would be
-one more QLinearAdd per block.
+A Mul or Add by a constant that is one value per output channel (or one value for all), reading a
+Conv's output, is folded the same way (exporters write a BatchNorm or a learnable affine block after
+a re-parameterized Conv so: PP-LCNetV3's ``Conv -> Mul(a) -> Add(b)``):
+
+    (W * x + b) * a  ->  W' = W * a[c],  b' = b * a[c]          (W * x + b) + d  ->  b' = b + d[c]
+
+Each fold removes a requantization point once quantized (the Conv's output range was measured
+before the scale, the Mul's after it, the Add's after that: three roundings for one tensor).
 
 Everything here works without shape inference: it only looks at node wiring and constants.
 """
@@ -37,15 +42,15 @@ class PreprocessReport:
     removed_identities: int
     folded_batchnorms: int
     folded_constants: int = 0
-    folded_bias_adds: int = 0
+    folded_affines: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per pass that did something."""
         out = []
         if self.folded_batchnorms:
             out.append(f"folded {self.folded_batchnorms} BatchNormalization into Conv")
-        if self.folded_bias_adds:
-            out.append(f"folded {self.folded_bias_adds} Add of a per-channel constant into the Conv bias")
+        if self.folded_affines:
+            out.append(f"folded {self.folded_affines} per-channel Mul/Add by a constant into the Conv before it")
         if self.removed_identities:
             out.append(f"removed {self.removed_identities} Identity/Dropout")
         if self.folded_constants:
@@ -71,8 +76,8 @@ def preprocess(
     named = _name_nodes(graph)
     counts = [0, 0, 0, 0, 0]
     _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
-    consts, folded_consts, removed, folded, bias_adds = counts
-    return out, PreprocessReport(named, consts, removed, folded, folded_consts, bias_adds)
+    consts, folded_consts, removed, folded, affines = counts
+    return out, PreprocessReport(named, consts, removed, folded, folded_consts, affines)
 
 
 def _clean_graph(
@@ -98,7 +103,7 @@ def _clean_graph(
     counts[1] += _fold_constants(graph, opsets, outer, shared) if fold_constants else 0
     counts[2] += _remove_identities(graph) if remove_identity else 0
     counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
-    counts[4] += _fold_bias_adds(graph, outer) if fold_batchnorm else 0
+    counts[4] += _fold_conv_affines(graph, outer) if fold_batchnorm else 0
     if outer:  # a subgraph: Constant nodes no branch reads any more go away
         _drop_unused_initializers(graph)
     inputs = {i.name for i in graph.input}
@@ -309,54 +314,79 @@ def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] 
     return folded
 
 
-def _fold_bias_adds(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
-    """Conv -> Add(constant a) with a broadcasting over the channel axis only: b' = b + a."""
+def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray | None:
+    """``value`` as one number per channel of a [N, C, ...] tensor of ``rank``, if it broadcasts so."""
+    if value.ndim > rank or value.size == 0:
+        return None
+    for pos, dim in enumerate(value.shape):
+        axis = rank - value.ndim + pos
+        if dim != 1 and (axis != 1 or dim != channels):
+            return None
+    return np.broadcast_to(value.reshape(-1), (channels,)) if value.size == 1 else value.reshape(-1)
+
+
+def _fold_conv_affines(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+    """Fold Mul/Add by a per-channel constant into the Conv whose only reader they are (chains too).
+
+    One pass in graph order: a fold hands the Mul/Add output to the Conv, so the next Mul/Add in
+    the chain finds that Conv as its producer.
+    """
     index = GraphIndex.build(graph, outer=outer)
     outputs = set(index.graph_outputs)
     taken = set(index.initializers)
-    replaced: set[str] = set()
-    new_inits: list[onnx.TensorProto] = []
-    for add in graph.node:
-        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+    producers = dict(index.producers)
+    fresh: dict[str, np.ndarray] = {}  # initializers written by this pass
+
+    def constant(name: str) -> np.ndarray | None:
+        if name in fresh:
+            return fresh[name]
+        return index.constant(name) if name and index.is_constant(name) else None
+
+    def add_initializer(base: str, value: np.ndarray) -> str:
+        name = _fresh(base, taken)
+        fresh[name] = value
+        graph.initializer.append(numpy_helper.from_array(value, name))
+        return name
+
+    removed: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         for pos in (0, 1):
-            conv, const = index.producers.get(add.input[pos]), add.input[1 - pos]
-            if conv is None or conv.op_type != "Conv" or conv.name in replaced or not index.is_constant(const):
+            conv = producers.get(node.input[pos])
+            value = constant(node.input[1 - pos])
+            if conv is None or conv.op_type != "Conv" or value is None or value.dtype != np.float32:
                 continue
             if len(index.consumers_of(conv.output[0])) != 1 or conv.output[0] in outputs:
                 continue
-            if not index.is_constant(conv.input[1]) or (
-                len(conv.input) > 2 and conv.input[2] and not index.is_constant(conv.input[2])
-            ):
+            weight = constant(conv.input[1])
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            bias = constant(conv.input[2]) if has_bias else None
+            if weight is None or weight.dtype != np.float32 or (has_bias and bias is None):
                 continue
-            weight = index.constant(conv.input[1])
-            value = index.constant(const)
-            rank, channels = weight.ndim, weight.shape[0]
-            if value.dtype != np.float32 or weight.dtype != np.float32 or value.ndim > rank:
+            vec = _channel_vector(value.astype(np.float64), weight.ndim, weight.shape[0])
+            if vec is None:
                 continue
-            shape = (1,) * (rank - value.ndim) + value.shape
-            if shape[0] != 1 or shape[1] not in (1, channels) or any(d != 1 for d in shape[2:]):
-                continue  # not per channel: it would change the output's shape or vary over space
-            bias = (
-                index.constant(conv.input[2])
-                if len(conv.input) > 2 and conv.input[2]
-                else np.zeros(channels, np.float32)
-            )
-            b_name = _fresh(f"{conv.name}_bias_add_folded", taken)
-            new_inits.append(numpy_helper.from_array((bias + value.reshape(-1)).astype(np.float32), b_name))
-            del conv.input[2:]
-            conv.input.append(b_name)
-            conv.output[0] = add.output[0]
-            replaced.add(conv.name)
-            replaced.add(add.name)
+            b = bias.astype(np.float64) if bias is not None else np.zeros(weight.shape[0])
+            w_name = conv.input[1]
+            if node.op_type == "Mul":
+                scaled = weight.astype(np.float64) * vec.reshape(-1, *([1] * (weight.ndim - 1)))
+                w_name = add_initializer(f"{conv.input[1]}_scaled", scaled.astype(np.float32))
+                b = b * vec
+            else:
+                b = b + vec
+            b_name = add_initializer(f"{conv.name}_bias_folded", b.astype(np.float32))
+            del conv.input[1:]
+            conv.input.extend([w_name, b_name])
+            conv.output[0] = node.output[0]
+            producers[node.output[0]] = conv
+            removed.append(node)
             break
-    if replaced:
-        keep = [n for n in graph.node if not (n.op_type == "Add" and n.name in replaced)]
-        del graph.node[:]
-        graph.node.extend(keep)
-        graph.initializer.extend(new_inits)
+    for node in removed:
+        graph.node.remove(node)
+    if removed:
         _drop_unused_initializers(graph)
-    return len(replaced) // 2
+    return len(removed)
 
 
 def _fresh(base: str, taken: set[str]) -> str:

@@ -341,6 +341,13 @@ def convert(
         float | None, typer.Option(help="Search: until every output's SQNR is at least this (dB).")
     ] = None,
     search_max_fallback: Annotated[int, typer.Option(min=0, help="Search: most nodes returned to float.")] = 24,
+    search_algorithms: Annotated[
+        bool,
+        typer.Option(
+            "--search-algorithms",
+            help="Search: also try CLE + SmoothQuant + bias correction + MSE weight clipping (needs --data).",
+        ),
+    ] = False,
     save_recipe: Annotated[
         Path | None, typer.Option("--save-recipe", help="Search: write its decisions here (JSON).")
     ] = None,
@@ -361,6 +368,8 @@ def convert(
     searching = max_accuracy_drop is not None or min_sqnr is not None
     if eval_data is not None and not searching:
         raise QuantCliError("--eval-data is for the accuracy search: also give --max-accuracy-drop or --min-sqnr")
+    if search_algorithms and not searching:
+        raise QuantCliError("--search-algorithms is a search stage: also give --max-accuracy-drop or --min-sqnr")
     _check_mode_options(
         mode, calibration=calibration, data=data, method=method, weight_type=weight_type, block_size=block_size,
         per_tensor=per_tensor, symmetric_activations=symmetric_activations, activation_type=activation_type,
@@ -400,7 +409,9 @@ def convert(
         force=force, require_fused=require_fused, require_speedup=require_speedup, timeout=timeout,
         algorithms=algorithms,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
-        search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
+        search=SearchOptions(budget, max_fallback=search_max_fallback, try_algorithms=search_algorithms)
+        if searching
+        else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
         log=_search_log(quiet),
     )  # fmt: skip

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from quantcli import api
 from quantcli.cli import app
-from quantcli.errors import ArtifactMismatchError
+from quantcli.errors import ArtifactMismatchError, QuantCliError
 from quantcli.options import QuantConfig
 from quantcli.recipe import read_recipe
 from quantcli.search import Budget, BudgetNotMetError, SearchOptions
@@ -174,3 +174,83 @@ def test_recipe_keeps_weight_clipping(mlp, tmp_path):
     second = tmp_path / "b.onnx"
     api.convert_model(model, second, data_path=calib, recipe=recipe)
     assert first.read_bytes() == second.read_bytes()
+
+
+# ---- search + algorithms ------------------------------------------------------------------------
+
+
+def test_search_applies_the_algorithms_to_each_candidate_and_the_recipe_replays_them(mlp, tmp_path):
+    from quantcli.bias_correction import BiasCorrectionReport
+    from quantcli.options import AlgorithmOptions
+
+    model, calib, evald = mlp
+    first, recipe = tmp_path / "a.onnx", tmp_path / "recipe.json"
+    algorithms = AlgorithmOptions(smoothquant=0.5, bias_correction=True)
+    result = api.convert_model(
+        model, first, data_path=calib, config=CONFIG, algorithms=algorithms,
+        search=SearchOptions(Budget(min_sqnr_db=25.0)), eval_data=evald, save_recipe=recipe,
+    )  # fmt: skip
+    assert result.search is not None and result.search.chosen.meets_budget
+    floats = result.search.chosen.candidate.float_nodes
+    assert "mm2" in floats
+    # bias correction was redone for the chosen plan: mm1 (quantized, bias Add) is corrected, the
+    # float mm2 is not, and mm3 has no bias Add to correct
+    report = next(a for a in result.algorithms if isinstance(a, BiasCorrectionReport))
+    assert report.corrected == {"MatMul": 1}
+    written = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(first)).graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in models.sensitive_mlp().graph.initializer}
+    np.testing.assert_array_equal(written["b2"], original["b2"])  # float mm2's bias: untouched
+    doc = json.loads(recipe.read_text())
+    assert doc["schema"] == "quantcli.recipe/2"
+    assert doc["algorithms"] == {"cle": False, "smoothquant": 0.5, "bias_correction": True}
+    assert read_recipe(recipe).algorithms == algorithms
+    second = tmp_path / "b.onnx"
+    replay = api.convert_model(model, second, data_path=calib, recipe=recipe)
+    assert first.read_bytes() == second.read_bytes()
+    assert any(isinstance(a, BiasCorrectionReport) for a in replay.algorithms)
+    # the recipe fixes the algorithms: asking for others is refused, not silently ignored
+    with pytest.raises(QuantCliError, match="the recipe fixes the algorithms"):
+        api.convert_model(
+            model, tmp_path / "c.onnx", data_path=calib, recipe=recipe, algorithms=AlgorithmOptions(cle=True)
+        )
+
+
+def test_search_algorithm_stage_meets_a_budget_plain_quantization_misses(tmp_path):
+    from tests.test_algorithms import conv_relu_conv
+
+    model = tmp_path / "crc.onnx"
+    model.write_bytes(conv_relu_conv().SerializeToString())
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=models.structured_images(64, seed=1))
+    np.savez(evald, x=models.structured_images(64, seed=2))
+    outs, recipe = [tmp_path / "a.onnx", tmp_path / "b.onnx"], tmp_path / "recipe.json"
+    options = SearchOptions(Budget(min_sqnr_db=20.0), try_algorithms=True, max_fallback=0)
+    results = [
+        api.convert_model(
+            model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald, save_recipe=recipe, force=True
+        )
+        for out in outs
+    ]
+    search = results[0].search
+    assert search is not None
+    plain = [t for t in search.trials if t.stage == "method" and not t.candidate.base]
+    assert plain and not any(t.meets_budget for t in plain)  # no calibration method alone reaches 20 dB
+    assert search.chosen.meets_budget and search.chosen.candidate.base == "all algorithms"
+    assert search.chosen.candidate.float_nodes == ()
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # deterministic
+    doc = json.loads(recipe.read_text())
+    assert doc["algorithms"] == {"cle": True, "smoothquant": 0.5, "bias_correction": True}
+    assert doc["config"]["weight_clipping"] == "mse"
+    replayed = tmp_path / "c.onnx"
+    api.convert_model(model, replayed, data_path=calib, recipe=recipe)
+    assert replayed.read_bytes() == outs[0].read_bytes()
+    x = np.load(evald)["x"]
+    assert sqnr(run(conv_relu_conv(), {"x": x})[0], run(onnx.load(str(replayed)), {"x": x})[0]) >= 20.0
+
+
+def test_search_algorithms_flag_needs_a_budget(mlp, tmp_path):
+    model, calib, _ = mlp
+    res = CliRunner().invoke(
+        app, ["convert", str(model), "-d", str(calib), "-o", str(tmp_path / "q.onnx"), "--search-algorithms"]
+    )
+    assert res.exit_code != 0 and "--search-algorithms is a search stage" in res.output

@@ -77,7 +77,7 @@ class BudgetNotMetError(QuantCliError):
 class Budget:
     """The accuracy a quantized model must keep. ``None`` means the bound is not checked."""
 
-    max_accuracy_drop: float | None = None  # percentage points of top-1 (or of agreement without labels)
+    max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
     min_sqnr_db: float | None = None  # on every float output
 
     def describe(self) -> str:
@@ -272,7 +272,15 @@ class _Evaluator:
         self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
         self.labels = dataset.labels
         first = self.reference[0][0] if self.reference else np.zeros(0)
-        self.classifier = first.ndim == 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
+        scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
+        # batch x classes, or batch x positions... x classes with labels per position (token
+        # classification, masked language models: negative labels are positions nobody scores)
+        per_position = (
+            self.labels is not None
+            and np.asarray(self.labels).ndim == first.ndim - 1
+            and np.asarray(self.labels).shape[1:] == first.shape[1:-1]
+        )
+        self.classifier = scores and (first.ndim == 2 or per_position)
         self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
         self.latency_feed = next(dataset.batches(1))
 
@@ -281,9 +289,12 @@ class _Evaluator:
             return None
         pred = np.concatenate([s.argmax(-1) for s in scores])
         labels = np.asarray(self.labels)[: pred.shape[0]]
-        if labels.ndim != 1 or labels.shape[0] != pred.shape[0]:
+        if labels.shape != pred.shape:
             return None
-        return 100.0 * float(np.mean(pred == labels))
+        scored = labels >= 0
+        if not scored.any():
+            return None
+        return 100.0 * float(np.mean(pred[scored] == labels[scored]))
 
     def score(self, session: ort.InferenceSession) -> _Score:
         signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
@@ -367,7 +378,8 @@ def search_quantization(
     ev = _Evaluator(reference if reference is not None else prepared, dataset)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
-            f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes); "
+            f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
+            "positions x classes with labels per position); "
             "use --min-sqnr for this model"
         )
     given = SearchBase(prepared, calibration, config, algorithms or AlgorithmOptions(), bias_stats)

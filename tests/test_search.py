@@ -254,3 +254,33 @@ def test_search_algorithms_flag_needs_a_budget(mlp, tmp_path):
         app, ["convert", str(model), "-d", str(calib), "-o", str(tmp_path / "q.onnx"), "--search-algorithms"]
     )
     assert res.exit_code != 0 and "--search-algorithms is a search stage" in res.output
+
+
+def test_accuracy_budget_per_position_ignores_negative_labels(tmp_path):
+    # the over-sensitive MLP on sequences: scores per position (N x T x 10), labels per position,
+    # -1 where nothing is scored (as a masked language model's data marks unmasked tokens)
+    mlp = models.sensitive_mlp()
+    for vi, dims in ((mlp.graph.input[0], ["N", "T", 32]), (mlp.graph.output[0], ["N", "T", 10])):
+        vi.CopyFrom(onnx.helper.make_tensor_value_info(vi.name, onnx.TensorProto.FLOAT, dims))
+    model = tmp_path / "seq.onnx"
+    model.write_bytes(mlp.SerializeToString())
+    rng = np.random.default_rng(7)
+    x_cal, x_ev = (np.abs(rng.normal(size=(64, 6, 32))).astype(np.float32) for _ in range(2))
+    labels = run(mlp, {"x": x_ev})[0].argmax(-1)
+    labels[:, 1::2] = -1  # half the positions are not scored
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=x_cal)
+    np.savez(evald, x=x_ev, labels=labels)
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, eval_data=evald,
+        search=SearchOptions(Budget(max_accuracy_drop=1.0)),
+    )  # fmt: skip
+    search = result.search
+    assert search is not None
+    assert search.fp32_accuracy == 100.0  # the labels are FP32's own predictions where scored
+    assert search.trials[0].accuracy is not None and search.trials[0].accuracy < 99.0
+    assert search.chosen.meets_budget and "mm2" in search.chosen.candidate.float_nodes
+    # the accuracy is over scored positions only: recompute it from the written model
+    pred = run(onnx.load(str(tmp_path / "q.onnx")), {"x": x_ev})[0].argmax(-1)
+    scored = labels >= 0
+    assert search.chosen.accuracy == pytest.approx(100.0 * np.mean(pred[scored] == labels[scored]))

@@ -18,6 +18,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from tqdm import tqdm
 
 from quantcli import __version__, api, html_report, report
@@ -151,7 +152,7 @@ def _search_log(quiet: bool) -> Callable[[str], None]:
     """Each search step as one stderr line (the table on stdout keeps only the steps kept)."""
     if quiet:
         return lambda _: None
-    return lambda line: err.print(f"search: {line}", highlight=False, soft_wrap=True)
+    return lambda line: err.print(f"search: {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _parse_bytes(text: str | None) -> int | None:

@@ -394,7 +394,7 @@ def search_quantization(
         if cand in cache:
             return cache[cand][0]
         if cand.base:
-            action = f"{action} [{cand.base}]"
+            action = f"{action} (+ {cand.base})"
         model, plan, bc_report = _build(bases[cand.base], ranges[cand.base], cand)
         session = make_session(model)
         score = ev.score(session)

@@ -10,7 +10,9 @@ on. Variants:
   ``weight-clipping`` mse) and ``all`` four: ``quantcli.api.convert_model`` with ``--method``
   (minmax by default) on the calibration data;
 * ``search``: the accuracy search under ``--budget`` (top-1 drop in points, decided on the tuning
-  half), and ``search+alg`` with its algorithm stage (``--search-algorithms``);
+  half), ``search+alg`` with its algorithm stage (``--search-algorithms``), and ``search-agree``
+  deciding on agreement with FP32 (the tuning half without labels: the budget then bounds the share
+  of samples whose top-1 changed, an upper bound of the drop);
 * ``ort-u8``: onnxruntime's ``quantize_static`` as ``bench_models.py`` runs it (its
   ``quant_pre_process``, QDQ, per-channel int8 weights, its default MinMax calibration on the same
   calibration samples, uint8 activations: its best case on x86).
@@ -43,7 +45,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import time_interleaved  # noqa: E402
 from bench_models import float_compute, run_ort  # noqa: E402
-from bench_search import accuracy_of, split_eval, task_quality  # noqa: E402
+from bench_search import accuracy_of, split_eval, task_quality, without_labels  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
 from quantcli.data import model_input_specs, open_dataset  # noqa: E402
@@ -70,7 +72,8 @@ VARIANTS: dict[str, tuple[AlgorithmOptions, WeightClipping]] = {
     "weight-clipping": (AlgorithmOptions(), WeightClipping.MSE),
     "all": (AlgorithmOptions(cle=True, smoothquant=0.5, bias_correction=True), WeightClipping.MSE),
 }
-SEARCHES = {"search": False, "search+alg": True}  # variant -> the search's algorithm stage
+#: variant -> (the search's algorithm stage, decide on agreement with FP32 instead of labels)
+SEARCHES = {"search": (False, False), "search+alg": (True, False), "search-agree": (False, True)}
 ALL_VARIANTS = [*VARIANTS, *SEARCHES, "ort-u8"]
 
 
@@ -89,11 +92,13 @@ def quantize(variant: str, model: Path, calib: Path, tune: Path, out: Path, args
         info = run_ort(model, calib, out, None, "uint8")  # type: ignore[arg-type]
         return {"notes": [f"{k}: {v}" for k, v in info.items() if k != "pre_process" or v != "ok"]}
     if variant in SEARCHES:
+        try_algorithms, agreement = SEARCHES[variant]
         options = SearchOptions(
-            Budget(max_accuracy_drop=args.budget), latency_runs=args.search_runs, try_algorithms=SEARCHES[variant]
+            Budget(max_accuracy_drop=args.budget), latency_runs=args.search_runs, try_algorithms=try_algorithms
         )
         res = convert_model(
-            model, out, data_path=calib, config=default_config(), eval_data=tune, search=options,
+            model, out, data_path=calib, config=default_config(), search=options,
+            eval_data=without_labels(tune) if agreement else tune,
             force=True, upgrade_opset=True,
         )  # fmt: skip
         assert res.search is not None

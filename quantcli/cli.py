@@ -342,6 +342,13 @@ def convert(
         float | None, typer.Option(help="Search: until every output's SQNR is at least this (dB).")
     ] = None,
     search_max_fallback: Annotated[int, typer.Option(min=0, help="Search: most nodes returned to float.")] = 24,
+    search_metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Search: measure --max-accuracy-drop on module:function or file.py:function (all outputs, "
+            "labels -> 0..1, higher is better) instead of top-1."
+        ),
+    ] = None,
     search_algorithms: Annotated[
         bool,
         typer.Option(
@@ -369,6 +376,13 @@ def convert(
     searching = max_accuracy_drop is not None or min_sqnr is not None
     if eval_data is not None and not searching:
         raise QuantCliError("--eval-data is for the accuracy search: also give --max-accuracy-drop or --min-sqnr")
+    metric_spec = None
+    if search_metric is not None:
+        if max_accuracy_drop is None:
+            raise QuantCliError("--search-metric is what --max-accuracy-drop is measured on: give --max-accuracy-drop")
+        metric_spec = parse_metric(search_metric)
+        if metric_spec.function is None and metric_spec.name != "top1":
+            raise QuantCliError(f"--search-metric {search_metric!r}: use top1, module:function or file.py:function")
     if search_algorithms and not searching:
         raise QuantCliError("--search-algorithms is a search stage: also give --max-accuracy-drop or --min-sqnr")
     _check_mode_options(
@@ -410,7 +424,9 @@ def convert(
         force=force, require_fused=require_fused, require_speedup=require_speedup, timeout=timeout,
         algorithms=algorithms,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
-        search=SearchOptions(budget, max_fallback=search_max_fallback, try_algorithms=search_algorithms)
+        search=SearchOptions(
+            budget, max_fallback=search_max_fallback, try_algorithms=search_algorithms, metric=metric_spec
+        )
         if searching
         else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,

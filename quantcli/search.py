@@ -41,6 +41,7 @@ from quantcli.data import Dataset
 from quantcli.errors import QuantCliError
 from quantcli.evaluate import measure_latency
 from quantcli.layers import LayerError, per_layer_errors
+from quantcli.metrics import MetricSpec, evaluate_custom
 from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, QuantPlan, make_plan
 from quantcli.progress import Progress, no_progress
@@ -103,6 +104,9 @@ class SearchOptions:
     latency_runs: int = 20  # interleaved batch-1 runs per trial (reported, never decisive)
     max_samples: int | None = 512  # evaluation samples used (None: all)
     try_algorithms: bool = False  # stage 1 also tries CLE + SmoothQuant + bias correction + MSE clipping
+    #: a task metric (``quantcli.metrics``: function of all outputs and labels, 0..1, higher is better)
+    #: that ``max_accuracy_drop`` is measured on instead of top-1
+    metric: MetricSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +164,7 @@ class SearchResult:
     plan: QuantPlan = field(repr=False)
     num_samples: int = 0
     base: SearchBase | None = field(default=None, repr=False)  # the chosen candidate's base
+    metric: str = "top1"  # what accuracy and drop are measured on
     bias_correction: BiasCorrectionReport | None = None  # of the chosen candidate
 
     def recipe(self, model_sha256: str, config: QuantConfig, percentile: float) -> Recipe:
@@ -179,6 +184,7 @@ class SearchResult:
                     "min_sqnr_db": self.budget.min_sqnr_db,
                 },
                 "evaluation_samples": self.num_samples,
+                "metric": self.metric,
                 "fp32_accuracy": _finite(self.fp32_accuracy),
                 "accuracy": _finite(c.accuracy),
                 "accuracy_drop": _finite(c.accuracy_drop),
@@ -263,8 +269,11 @@ class _Score:
 class _Evaluator:
     """FP32 outputs computed once; each candidate is scored against them."""
 
-    def __init__(self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32) -> None:
+    def __init__(
+        self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32, metric: MetricSpec | None = None
+    ) -> None:
         self.dataset = dataset
+        self.metric = metric if metric is not None and metric.function is not None else None
         self.session = make_session(reference)
         self.names = [o.name for o in self.session.get_outputs()]
         self.size = dataset.effective_batch_size(batch_size)
@@ -282,6 +291,9 @@ class _Evaluator:
         )
         self.classifier = scores and (first.ndim == 2 or per_position)
         self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
+        if self.metric is not None:  # the user's metric decides, whatever the outputs look like
+            self.classifier = True
+            self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
         self.latency_feed = next(dataset.batches(1))
 
     def _accuracy(self, scores: list[np.ndarray]) -> float | None:
@@ -300,8 +312,11 @@ class _Evaluator:
         signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
         noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
         firsts: list[np.ndarray] = []
+        everything: list[list[np.ndarray]] = []  # for a custom metric only
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             out = session.run(self.names, feed)
+            if self.metric is not None:
+                everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
                 if r.dtype.kind != "f":
                     continue
@@ -316,7 +331,10 @@ class _Evaluator:
         ]
         sqnr = min(sqnrs) if sqnrs else math.inf
         accuracy = drop = None
-        if self.classifier:
+        if self.metric is not None:
+            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
+            drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
+        elif self.classifier:
             accuracy = self._accuracy(firsts)
             if accuracy is not None and self.fp32_accuracy is not None:
                 drop = self.fp32_accuracy - accuracy
@@ -375,7 +393,7 @@ def search_quantization(
         raise QuantCliError("the accuracy search needs a budget: --max-accuracy-drop and/or --min-sqnr")
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
-    ev = _Evaluator(reference if reference is not None else prepared, dataset)
+    ev = _Evaluator(reference if reference is not None else prepared, dataset, metric=options.metric)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
             f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
@@ -513,6 +531,7 @@ def search_quantization(
         num_samples=dataset.num_samples,
         base=bases[best.candidate.base],
         bias_correction=bc_report,
+        metric=ev.metric.name if ev.metric is not None else "top1",
     )
 
 

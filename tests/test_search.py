@@ -284,3 +284,41 @@ def test_accuracy_budget_per_position_ignores_negative_labels(tmp_path):
     pred = run(onnx.load(str(tmp_path / "q.onnx")), {"x": x_ev})[0].argmax(-1)
     scored = labels >= 0
     assert search.chosen.accuracy == pytest.approx(100.0 * np.mean(pred[scored] == labels[scored]))
+
+
+def test_search_budget_on_a_custom_metric(mlp, tmp_path):
+    model, calib, evald = mlp
+    x = np.load(evald)["x"]
+    labels = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, x=x, labels=labels)
+    # a task metric of the user's: hits among the samples labelled with an even class, 0..1
+    metric = tmp_path / "task.py"
+    metric.write_text(
+        "import numpy as np\n"
+        "def even_hits(outputs, labels):\n"
+        "    keep = labels % 2 == 0\n"
+        "    return float((outputs['y'].argmax(-1)[keep] == labels[keep]).mean())\n"
+    )
+    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(labelled),
+         "--max-accuracy-drop", "1", "--search-metric", f"{metric}:even_hits", "--save-recipe", str(recipe)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(recipe.read_text())
+    assert doc["search"]["metric"] == f"{metric}:even_hits"
+    assert doc["search"]["fp32_accuracy"] == 100.0 and "mm2" in doc["float_nodes"]
+    # the recorded accuracy is the metric of the written model
+    pred = run(onnx.load(str(out)), {"x": x})[0].argmax(-1)
+    keep = labels % 2 == 0
+    assert doc["search"]["accuracy"] == pytest.approx(100.0 * np.mean(pred[keep] == labels[keep]), abs=1e-4)
+    assert doc["search"]["accuracy_drop"] <= 1.0
+    # without --max-accuracy-drop the metric has nothing to measure
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(model), "-d", str(calib), "-o", str(tmp_path / "x.onnx"), "--eval-data", str(labelled),
+         "--min-sqnr", "20", "--search-metric", f"{metric}:even_hits"],
+    )  # fmt: skip
+    assert res.exit_code != 0 and "give --max-accuracy-drop" in res.output

@@ -164,7 +164,7 @@ class SearchResult:
     plan: QuantPlan = field(repr=False)
     num_samples: int = 0
     base: SearchBase | None = field(default=None, repr=False)  # the chosen candidate's base
-    metric: str = "top1"  # what accuracy and drop are measured on
+    metric: str = "top1"  # what accuracy and drop are measured on ("top1 agreement" without labels)
     bias_correction: BiasCorrectionReport | None = None  # of the chosen candidate
 
     def recipe(self, model_sha256: str, config: QuantConfig, percentile: float) -> Recipe:
@@ -531,7 +531,7 @@ def search_quantization(
         num_samples=dataset.num_samples,
         base=bases[best.candidate.base],
         bias_correction=bc_report,
-        metric=ev.metric.name if ev.metric is not None else "top1",
+        metric=ev.metric.name if ev.metric is not None else "top1" if ev.labels is not None else "top1 agreement",
     )
 
 

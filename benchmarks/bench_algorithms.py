@@ -107,10 +107,9 @@ def quantize(variant: str, model: Path, calib: Path, tune: Path, out: Path, args
             "notes": [
                 f"{len(res.search.trials)} trials; chosen: method {chosen.candidate.method}, "
                 f"{chosen.candidate.base or 'algorithms as given'}, {len(chosen.candidate.tensor_methods)} "
-                f"per-tensor methods, float: {', '.join(chosen.candidate.float_nodes) or '-'}; "
-                f"tuning-half drop {chosen.accuracy_drop:.2f}"
-                if chosen.accuracy_drop is not None
-                else "",
+                f"per-tensor methods, float: {', '.join(chosen.candidate.float_nodes) or '-'}; tuning half: "
+                + ("" if chosen.accuracy_drop is None else f"drop {chosen.accuracy_drop:.2f}, ")
+                + f"SQNR {chosen.sqnr_db:.1f} dB",
                 *(line for a in res.algorithms for line in a.lines()),
             ],
         }

@@ -13,7 +13,7 @@ on. Variants:
 * ``search``: the accuracy search under ``--budget`` (top-1 drop in points, decided on the tuning
   half), ``search+alg`` with its algorithm stage (``--search-algorithms``), and ``search-agree``
   deciding on agreement with FP32 (the tuning half without labels: the budget then bounds the share
-  of samples whose top-1 changed, an upper bound of the drop);
+  of samples whose top-1 changed, an upper bound of the drop: what ``--search-metric agreement`` does);
 * ``ort-u8``: onnxruntime's ``quantize_static`` as ``bench_models.py`` runs it (its
   ``quant_pre_process``, QDQ, per-channel int8 weights, its default MinMax calibration on the same
   calibration samples, uint8 activations: its best case on x86).

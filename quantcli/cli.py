@@ -31,10 +31,10 @@ from quantcli.gates import GateThresholds, evaluate_gates
 from quantcli.graph import load_model
 from quantcli.host import detect_host
 from quantcli.images import ImagePreprocess
-from quantcli.metrics import parse_metric
+from quantcli.metrics import MetricSpec, parse_metric
 from quantcli.modes import ConvertMode, WeightOnlyType
 from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
-from quantcli.search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.search import AGREEMENT, Budget, BudgetNotMetError, SearchOptions
 from quantcli.weight_only import BLOCK_SIZES, WeightOnlyOptions
 
 EXIT_GATE_FAILED = 1
@@ -345,8 +345,9 @@ def convert(
     search_metric: Annotated[
         str | None,
         typer.Option(
-            help="Search: measure --max-accuracy-drop on module:function or file.py:function (all outputs, "
-            "labels -> 0..1, higher is better) instead of top-1."
+            help="Search: measure --max-accuracy-drop on top1 (default), agreement (share of top-1 changed vs "
+            "FP32, labels ignored: stricter, less noisy) or module:function / file.py:function "
+            "(outputs, labels -> 0..1)."
         ),
     ] = None,
     search_algorithms: Annotated[
@@ -380,9 +381,11 @@ def convert(
     if search_metric is not None:
         if max_accuracy_drop is None:
             raise QuantCliError("--search-metric is what --max-accuracy-drop is measured on: give --max-accuracy-drop")
-        metric_spec = parse_metric(search_metric)
-        if metric_spec.function is None and metric_spec.name != "top1":
-            raise QuantCliError(f"--search-metric {search_metric!r}: use top1, module:function or file.py:function")
+        metric_spec = MetricSpec(AGREEMENT, topk=0) if search_metric == AGREEMENT else parse_metric(search_metric)
+        if metric_spec.function is None and metric_spec.name not in ("top1", AGREEMENT):
+            raise QuantCliError(
+                f"--search-metric {search_metric!r}: use top1, agreement, module:function or file.py:function"
+            )
     if search_algorithms and not searching:
         raise QuantCliError("--search-algorithms is a search stage: also give --max-accuracy-drop or --min-sqnr")
     _check_mode_options(

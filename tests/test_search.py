@@ -322,3 +322,24 @@ def test_search_budget_on_a_custom_metric(mlp, tmp_path):
          "--min-sqnr", "20", "--search-metric", f"{metric}:even_hits"],
     )  # fmt: skip
     assert res.exit_code != 0 and "give --max-accuracy-drop" in res.output
+
+
+def test_search_metric_agreement_ignores_labels(mlp, tmp_path):
+    model, calib, evald = mlp
+    x = np.load(evald)["x"]
+    # labels that quantization cannot hurt (every sample "wrong" for FP32 and for any model):
+    # top-1 accuracy sees no drop at all, agreement with FP32 still sees mm2's damage
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, x=x, labels=np.full(len(x), 99))
+    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    args = ["convert", str(model), "-d", str(calib), "--eval-data", str(labelled), "--max-accuracy-drop", "1"]
+    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "top1.onnx"), "--save-recipe", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t.json").read_text())["float_nodes"] == []  # labels: nothing to fix
+    res = CliRunner().invoke(app, [*args, "-o", str(out), "--search-metric", "agreement", "--save-recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(recipe.read_text())
+    assert doc["search"]["metric"] == "top1 agreement" and "mm2" in doc["float_nodes"]
+    ref = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
+    changed = 100.0 * np.mean(run(onnx.load(str(out)), {"x": x})[0].argmax(-1) != ref)
+    assert changed <= 1.0 and doc["search"]["accuracy_drop"] == pytest.approx(changed, abs=1e-4)

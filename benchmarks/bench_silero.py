@@ -1,6 +1,13 @@
 """Quantize Silero VAD (its whole network sits inside If branches) and measure it on a long real stream.
 
-    PYTHONPATH=. python benchmarks/bench_silero.py [--chunks 240] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_silero.py [--chunks 240] [--json out.json] [--save-data DIR]
+        [--no-recurrent-rule]
+
+``--save-data DIR`` writes the calibration and evaluation streams as the CLI reads them
+(``DIR/calib/sr16000.npz``: ``input`` [N, 512], ``state`` [2, N, 128] recorded from FP32, ``sr`` scalar; one
+file per sample rate), for ``quantcli calibrate silero_vad.onnx --data DIR/calib --batch-axis state=1``.
+``--no-recurrent-rule`` quantizes the Conv feeding the LSTM too (the rule of ``quantcli.recurrent`` off),
+for the before/after comparison.
 
 Data: there is no labelled speech offline. The only real recordings on this machine are CPython's
 test audio (``test/audiotest.au``, 3.5 s u-law at 8012 Hz; ``test/audiodata/pluck-*.wav``) and
@@ -100,6 +107,17 @@ def chunked(x: np.ndarray, size: int, count: int | None = None) -> list[np.ndarr
     return [x[i * size : (i + 1) * size].astype(np.float32) for i in range(n)]
 
 
+def _save_stream(path: Path, feeds: list[dict[str, np.ndarray]]) -> None:
+    """One stream as the CLI reads it: chunks on axis 0, states on axis 1 (``--batch-axis state=1``), sr scalar."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        input=np.concatenate([f["input"] for f in feeds]),
+        state=np.concatenate([f["state"] for f in feeds], axis=1),
+        sr=feeds[0]["sr"],
+    )
+
+
 def sqnr(ref: np.ndarray, out: np.ndarray) -> float:
     noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
     return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise))
@@ -148,7 +166,13 @@ def main() -> None:
     ap.add_argument("--percentile", type=float, default=99.99)
     ap.add_argument("--exclude", action="append", default=[], help="node-name pattern left float (repeatable)")
     ap.add_argument("--ort", action="store_true", help="also quantize with onnxruntime's quantize_static (same feeds)")
+    ap.add_argument("--save-data", type=Path, help="write the calibration/evaluation streams as .npz for the CLI")
+    ap.add_argument("--no-recurrent-rule", action="store_true", help="quantize the Conv feeding the LSTM too")
     args = ap.parse_args()
+    if args.no_recurrent_rule:
+        import quantcli.planning
+
+        quantcli.planning.recurrent_input_producers = lambda model: {}  # type: ignore[assignment]
     model = onnx.load(str(MODEL))
     prepared, _ = preprocess(model)
     fp32 = make_session(model, threads=1)
@@ -167,6 +191,8 @@ def main() -> None:
     q = make_session(quantized, threads=1)
     audit = audit_fusion(quantized)
     report: dict[str, object] = {
+        "recurrent_rule": not args.no_recurrent_rule,
+        "kept_float_for_recurrent_state": sorted(s.node for s in plan.skipped if "recurrent cell" in s.reason),
         "calibration_runs": len(feeds),
         "unobserved_subgraph_tensors": len(result.unobserved),
         "quantized_nodes": plan.summary(),
@@ -191,7 +217,12 @@ def main() -> None:
     for sr in (16000, 8000):
         signal = np.concatenate([_resample(x, r, sr) for x, r in evals])
         chunks = chunked(signal, CHUNK[sr], args.chunks)
-        p_ref, s_ref = stream(fp32, chunks, sr)
+        recorded: list[dict[str, np.ndarray]] = []
+        p_ref, s_ref = stream(fp32, chunks, sr, record=recorded)
+        if args.save_data:
+            calib_feeds = [f for f in feeds if int(f["sr"]) == sr]
+            for part, part_feeds in (("calib", calib_feeds), ("eval", recorded)):
+                _save_stream(args.save_data / part / f"sr{sr}.npz", part_feeds)
         p_q, s_q = stream(q, chunks, sr)
         # one step at a time from the FP32 state (teacher forcing): the error of a single step, no feedback
         forced = [

@@ -6,9 +6,10 @@ The command line is a thin layer over these; tests and scripts call them directl
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -16,46 +17,35 @@ import onnx.numpy_helper
 import onnx.version_converter
 
 from quantcli.artifact import read_calibration
-from quantcli.audit import FusionAudit, audit_fusion
-from quantcli.bias_correction import BiasCorrectionReport, bias_correction_targets, correct_biases
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
-from quantcli.channel_stats import collect_channel_stats
-from quantcli.data import Dataset, model_input_specs, open_dataset, random_dataset
-from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
-from quantcli.dynamic_quant import default_options as default_dynamic_options
-from quantcli.equalization import EqualizationReport, equalize
+from quantcli.data import model_input_specs, open_dataset, random_dataset
 from quantcli.errors import QuantCliError, UnsupportedModelError
-from quantcli.evaluate import (
-    LatencyComparison,
-    OutputMetrics,
-    compare_outputs,
-    measure_latency,
-    session_peak_memory,
-)
-from quantcli.fp16 import convert_fp16
 from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
-from quantcli.layers import LayerError, per_layer_errors
-from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.modes import ConvertMode, ModeReport, matching_nodes
 from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, WeightClipping
-from quantcli.planning import QuantPlan, make_plan
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
-from quantcli.recipe import Recipe, read_recipe, write_recipe
-from quantcli.rewrite import apply_plan
-from quantcli.search import (
-    Candidate,
-    SearchBase,
-    SearchOptions,
-    SearchResult,
-    build_candidate,
-    search_quantization,
-)
-from quantcli.smoothquant import SmoothQuantReport, smooth, smoothquant_targets
-from quantcli.speedcheck import SpeedCheck, check_speedup
-from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
+
+if TYPE_CHECKING:
+    from quantcli.audit import FusionAudit
+    from quantcli.bias_correction import BiasCorrectionReport
+    from quantcli.data import Dataset
+    from quantcli.dynamic_quant import DynamicOptions
+    from quantcli.equalization import EqualizationReport
+    from quantcli.evaluate import (
+        LatencyComparison,
+        OutputMetrics,
+    )
+    from quantcli.layers import LayerError
+    from quantcli.metrics import MetricSpec, TaskMetric
+    from quantcli.planning import QuantPlan
+    from quantcli.recipe import Recipe
+    from quantcli.search import SearchBase, SearchOptions, SearchResult
+    from quantcli.smoothquant import SmoothQuantReport
+    from quantcli.speedcheck import SpeedCheck
+    from quantcli.weight_only import WeightOnlyOptions
 
 __all__ = [
     "CompareResult",
@@ -134,10 +124,12 @@ def calibrate_model(
     images: ImagePreprocess | None = None,
     random_samples: int | None = None,
     progress: Progress = no_progress,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> CalibrationResult:
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``.
 
     ``random_samples`` (with ``data_path`` None) calibrates on random inputs: for smoke tests only.
+    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.open_dataset``).
     """
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     if data_path is None:
@@ -145,7 +137,13 @@ def calibrate_model(
             raise QuantCliError("calibration needs --data PATH (or --random N for a smoke test)")
         dataset = random_dataset(model_input_specs(model), random_samples, seed=seed)
     else:
-        dataset = open_dataset(data_path, model_input_specs(model), max_samples=max_samples, images=images)
+        dataset = open_dataset(
+            data_path,
+            model_input_specs(model),
+            max_samples=max_samples,
+            images=images,
+            batch_axes=batch_axes,
+        )
     prepared, _ = preprocess(model)
     return calibrate(
         prepared,
@@ -192,12 +190,21 @@ class ConvertResult:
     algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
 
 
-def _sample_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray] | None:
+def _sample_feed(
+    model: onnx.ModelProto,
+    data_path: Path | None,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
+) -> dict[str, np.ndarray] | None:
     """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
     if data_path is None:
         return None
     try:
-        return next(open_dataset(data_path, model_input_specs(model), max_samples=1).batches(1))
+        return next(
+            open_dataset(
+                data_path, model_input_specs(model), max_samples=1, batch_axes=batch_axes, images=images
+            ).batches(1)
+        )
     except (QuantCliError, StopIteration):
         return None
 
@@ -225,6 +232,8 @@ def convert_model(
     log: Callable[[str], None] = lambda _: None,
     mode: ConvertMode = ConvertMode.STATIC,
     mode_options: DynamicOptions | WeightOnlyOptions | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> ConvertResult:
     """Quantize the model at ``model_path`` and write a QDQ model to ``output_path``.
 
@@ -244,10 +253,19 @@ def convert_model(
     ``algorithms`` (CLE, SmoothQuant, bias correction) need ``data_path``: they change the FP32 graph
     or read per-channel statistics, so the transformed model is calibrated here.
 
+    ``batch_axes`` names inputs not batched on axis 0, for ``data_path`` and ``eval_data`` alike.
+
     Raises:
         QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
             ``require_speedup`` and the quantized model is not faster than FP32 at batch 1.
     """
+    from quantcli.audit import audit_fusion
+    from quantcli.planning import make_plan
+    from quantcli.recipe import read_recipe, write_recipe
+    from quantcli.rewrite import apply_plan
+    from quantcli.search import Candidate, SearchBase, build_candidate, search_quantization
+    from quantcli.speedcheck import check_speedup
+
     config = config or default_config()
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == model_path.resolve():
@@ -292,6 +310,7 @@ def convert_model(
         prepared, calibration, plan, applied = _convert_with_algorithms(
             prepared, model_path, data_path, sha, config, algorithms,
             method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
+            batch_axes=batch_axes, images=images,
         )  # fmt: skip
         quantized = apply_plan(prepared, plan)
     else:
@@ -302,7 +321,7 @@ def convert_model(
             assert data_path is not None
             base, applied = _algorithm_base(
                 prepared, model_path, data_path, sha, config, algorithms,
-                percentile=percentile, timeout=timeout, progress=progress,
+                percentile=percentile, timeout=timeout, progress=progress, batch_axes=batch_axes, images=images,
             )  # fmt: skip
             calibration = base.calibration
         elif isinstance(calibration, (str, os.PathLike)):
@@ -314,7 +333,7 @@ def convert_model(
             wants_histograms = search is not None or recipe is not None
             calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
                 prepared,
-                open_dataset(data_path, model_input_specs(model)),
+                open_dataset(data_path, model_input_specs(model), batch_axes=batch_axes, images=images),
                 model_sha256=sha,
                 method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
                 percentile=percentile,
@@ -334,7 +353,7 @@ def convert_model(
             quantized, plan, bias_report = build_candidate(base, candidate, percentile=percentile)
         elif search is not None:
             assert eval_data is not None
-            dataset = open_dataset(eval_data, model_input_specs(model))
+            dataset = open_dataset(eval_data, model_input_specs(model), batch_axes=batch_axes, images=images)
             methods = (method, *search.methods) if method is not None else search.methods
             search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
             alternatives: list[SearchBase] = []
@@ -347,6 +366,7 @@ def convert_model(
                 alt, alt_reports = _algorithm_base(
                     prepared, model_path, data_path, sha, replace(config, weight_clipping=WeightClipping.MSE),
                     ALL_ALGORITHMS, percentile=percentile, timeout=timeout, progress=progress,
+                    batch_axes=batch_axes, images=images,
                 )  # fmt: skip
                 alternatives.append(replace(alt, name="all algorithms"))
             searched = search_quantization(
@@ -368,7 +388,9 @@ def convert_model(
         raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
     make_session(quantized, source=str(model_path))  # loads in onnxruntime before anything is written
     audit = audit_fusion(
-        quantized, skipped={s.node: s.reason for s in plan.skipped}, feed=_sample_feed(model, data_path)
+        quantized,
+        skipped={s.node: s.reason for s in plan.skipped},
+        feed=_sample_feed(model, data_path, batch_axes, images),
     )
     if require_fused:
         planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
@@ -382,7 +404,7 @@ def convert_model(
             )
     speed = None
     if require_speedup:
-        speed = check_speedup(model, quantized, _batch1_feed(model, data_path))
+        speed = check_speedup(model, quantized, _batch1_feed(model, data_path, batch_axes, images))
         if not speed.faster:
             raise QuantCliError(
                 f"{model_path}: the quantized model is not faster than FP32 at batch 1 "
@@ -447,6 +469,8 @@ def _convert_with_algorithms(
     percentile: float,
     timeout: float | None,
     progress: Progress,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> tuple[
     onnx.ModelProto,
     CalibrationResult,
@@ -454,8 +478,12 @@ def _convert_with_algorithms(
     tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
 ]:
     """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
+    from quantcli.bias_correction import bias_correction_targets, correct_biases
+    from quantcli.channel_stats import collect_channel_stats
+    from quantcli.planning import make_plan
+
     source = str(model_path)
-    dataset = open_dataset(data_path, model_input_specs(prepared))
+    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
     prepared, graph_reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(graph_reports)
     calibration = calibrate(
@@ -476,6 +504,10 @@ def _transform_fp32(
     prepared: onnx.ModelProto, dataset: Dataset, algorithms: AlgorithmOptions, source: str, progress: Progress
 ) -> tuple[onnx.ModelProto, tuple[EqualizationReport | SmoothQuantReport, ...]]:
     """CLE, then SmoothQuant (on statistics of the equalized graph): the FP32 function is unchanged."""
+    from quantcli.channel_stats import collect_channel_stats
+    from quantcli.equalization import equalize
+    from quantcli.smoothquant import smooth, smoothquant_targets
+
     reports: list[EqualizationReport | SmoothQuantReport] = []
     if algorithms.cle:
         prepared, cle_report = equalize(prepared)
@@ -500,12 +532,19 @@ def _algorithm_base(
     percentile: float,
     timeout: float | None,
     progress: Progress,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> tuple[SearchBase, tuple[EqualizationReport | SmoothQuantReport, ...]]:
     """The search's (or a recipe's) starting point with ``algorithms``: transformed graph, its calibration
     (with histograms, for per-tensor methods) and, for bias correction, the input means of every layer
     the plan may quantize (each candidate corrects the biases of the weights it quantizes)."""
+    from quantcli.bias_correction import bias_correction_targets
+    from quantcli.channel_stats import collect_channel_stats
+    from quantcli.planning import make_plan
+    from quantcli.search import SearchBase
+
     source = str(model_path)
-    dataset = open_dataset(data_path, model_input_specs(prepared))
+    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
     prepared, reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
     calibration = calibrate(
         prepared, dataset, model_sha256=sha, method=CalibrationMethod.PERCENTILE, percentile=percentile,
@@ -540,6 +579,12 @@ def _convert_mode(
     upgrade_opset: bool,
 ) -> ConvertResult:
     """``convert_model`` for the modes that need no calibration (see ``quantcli.modes``)."""
+    from quantcli.audit import audit_fusion
+    from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
+    from quantcli.dynamic_quant import default_options as default_dynamic_options
+    from quantcli.fp16 import convert_fp16
+    from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
+
     model = _prepare_input(
         load_model(model_path), model_path, upgrade_opset=upgrade_opset, min_opset=_MODE_MIN_OPSET[mode]
     )
@@ -583,11 +628,16 @@ def _convert_mode(
     )
 
 
-def _batch1_feed(model: onnx.ModelProto, data_path: Path | None) -> dict[str, np.ndarray]:
+def _batch1_feed(
+    model: onnx.ModelProto,
+    data_path: Path | None,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
+) -> dict[str, np.ndarray]:
     """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
     specs = model_input_specs(model)
     if data_path is not None:
-        return next(open_dataset(data_path, specs, max_samples=1).batches(1))
+        return next(open_dataset(data_path, specs, max_samples=1, batch_axes=batch_axes, images=images).batches(1))
     try:
         return next(random_dataset(specs, 1).batches(1))
     except QuantCliError as exc:
@@ -655,12 +705,24 @@ def compare_models(
     time_budget_s: float | None = None,
     measure_memory: bool = False,
     progress: Progress = no_progress,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
 ) -> CompareResult:
-    """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data."""
+    """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data.
+
+    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.open_dataset``).
+    """
+    from quantcli.audit import audit_fusion
+    from quantcli.evaluate import compare_outputs, measure_latency, session_peak_memory
+    from quantcli.layers import per_layer_errors
+    from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
+
     ref_model = load_model(reference_path)
     cand_model = load_model(candidate_path)
     _check_signatures(ref_model, cand_model, reference_path, candidate_path)
-    dataset = open_dataset(data_path, model_input_specs(ref_model), max_samples=max_samples)
+    dataset = open_dataset(
+        data_path, model_input_specs(ref_model), max_samples=max_samples, batch_axes=batch_axes, images=images
+    )
     ref = make_session(ref_model, threads=threads, source=str(reference_path))
     cand = make_session(cand_model, threads=threads, source=str(candidate_path))
     metric = metric or MetricSpec("top1")

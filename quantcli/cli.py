@@ -24,7 +24,7 @@ from tqdm import tqdm
 from quantcli import __version__, api, html_report, report
 from quantcli.artifact import write_calibration
 from quantcli.audit import audit_fusion
-from quantcli.data import model_input_specs, open_dataset
+from quantcli.data import model_input_specs, open_dataset, parse_batch_axes
 from quantcli.dynamic_quant import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
 from quantcli.errors import QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
@@ -180,6 +180,16 @@ def _triple(text: str, name: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
+# image-folder preprocessing, shared by every command that reads --data
+ImageSize = Annotated[str | None, typer.Option(help="Images: HxW when the model's are dynamic.")]
+Resize = Annotated[int | None, typer.Option(help="Images: shorter side before the centre crop.")]
+Scale = Annotated[float, typer.Option(help="Images: divide pixel values by this.")]
+Mean = Annotated[str, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")]
+Std = Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")]
+ChannelOrder = Annotated[str, typer.Option(help="Images: rgb or bgr.")]
+Layout = Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")]
+
+
 def _image_options(
     size: str | None, resize: int | None, scale: float, mean: str, std: str, order: str, layout: str
 ) -> ImagePreprocess:
@@ -196,6 +206,16 @@ def _image_options(
     if any(v == 0 for v in stds) or scale == 0:
         raise QuantCliError("--std and --scale must not be zero")
     return ImagePreprocess(resize, hw, scale, _triple(mean, "mean"), stds, order, layout)
+
+
+BatchAxes = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--batch-axis",
+        help="NAME=AXIS: input NAME's samples are stacked on AXIS, e.g. state=1; NAME=none: the array is one feed, "
+        "given unchanged with every batch (repeatable; scalar inputs are unbatched anyway).",
+    ),
+]
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -216,13 +236,14 @@ def calibrate(
     random: Annotated[
         int | None, typer.Option("--random", min=1, help="SMOKE TEST ONLY: N random samples instead of --data.")
     ] = None,
-    image_size: Annotated[str | None, typer.Option(help="Images: HxW when the model's are dynamic.")] = None,
-    resize: Annotated[int | None, typer.Option(help="Images: shorter side before the centre crop.")] = None,
-    scale: Annotated[float, typer.Option(help="Images: divide pixel values by this.")] = 255.0,
-    mean: Annotated[str, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")] = "0,0,0",
-    std: Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")] = "1,1,1",
-    channel_order: Annotated[str, typer.Option(help="Images: rgb or bgr.")] = "rgb",
-    layout: Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")] = "auto",
+    image_size: ImageSize = None,
+    resize: Resize = None,
+    scale: Scale = 255.0,
+    mean: Mean = "0,0,0",
+    std: Std = "1,1,1",
+    channel_order: ChannelOrder = "rgb",
+    layout: Layout = "auto",
+    batch_axis: BatchAxes = None,
     method: Annotated[CalibrationMethod, typer.Option(help="How clip ranges are chosen.")] = CalibrationMethod.MINMAX,
     percentile: Annotated[float, typer.Option(help="For --method percentile: upper percentile kept.")] = 99.99,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.")] = 32,
@@ -254,6 +275,7 @@ def calibrate(
         model, data, images=images, random_samples=random, method=method, percentile=percentile,
         batch_size=batch_size, max_samples=max_samples, threads=threads, max_memory=_parse_bytes(max_memory),
         shuffle=shuffle, seed=seed, timeout=timeout, upgrade_opset=upgrade_opset, progress=_progress(quiet),
+        batch_axes=parse_batch_axes(batch_axis),
     )  # fmt: skip
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
@@ -265,7 +287,18 @@ def convert(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model (never modified).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.")],
     calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
-    data: Annotated[Path | None, typer.Option("--data", "-d", help="Calibrate on the fly from this data.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", "-d", help="Calibrate on the fly from this data (.npz/.npy, a directory, or images)."),
+    ] = None,
+    batch_axis: BatchAxes = None,
+    image_size: ImageSize = None,
+    resize: Resize = None,
+    scale: Scale = 255.0,
+    mean: Mean = "0,0,0",
+    std: Std = "1,1,1",
+    channel_order: ChannelOrder = "rgb",
+    layout: Layout = "auto",
     method: Annotated[
         CalibrationMethod | None,
         typer.Option(
@@ -433,7 +466,8 @@ def convert(
         if searching
         else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
-        log=_search_log(quiet),
+        log=_search_log(quiet), batch_axes=parse_batch_axes(batch_axis),
+        images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),
     )  # fmt: skip
     report.render_convert(out, result)
 
@@ -520,7 +554,17 @@ def _mode_options(
 def compare(
     reference: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     candidate: Annotated[Path, typer.Argument(help="Quantized ONNX model.")],
-    data: Annotated[Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels').")],
+    data: Annotated[
+        Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels', or images).")
+    ],
+    batch_axis: BatchAxes = None,
+    image_size: ImageSize = None,
+    resize: Resize = None,
+    scale: Scale = 255.0,
+    mean: Mean = "0,0,0",
+    std: Std = "1,1,1",
+    channel_order: ChannelOrder = "rgb",
+    layout: Layout = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the accuracy pass.")] = 32,
     max_samples: Annotated[int | None, typer.Option(min=1)] = None,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads for both models.")] = 1,
@@ -553,7 +597,8 @@ def compare(
         reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
         latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
         per_layer=per_layer or html_path is not None, metric=parse_metric(metric), time_budget_s=time_budget,
-        measure_memory=memory, progress=_progress(quiet),
+        measure_memory=memory, progress=_progress(quiet), batch_axes=parse_batch_axes(batch_axis),
+        images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),
     )  # fmt: skip
     report.render_compare(out, result)
     report.render_layers(out, result, top)
@@ -584,10 +629,12 @@ def inspect(
         Path | None, typer.Option("--data", "-d", help="A sample (.npz/.npy) to resolve dynamic shapes for MACs.")
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every Conv/MatMul/Gemm node.")] = False,
+    batch_axis: BatchAxes = None,
 ) -> None:
     """Show what onnxruntime runs for a model: integer kernels, float compute and why, MACs, op histogram."""
     m = load_model(model)
-    feed = next(open_dataset(data, model_input_specs(m), max_samples=1).batches(1)) if data is not None else None
+    axes = parse_batch_axes(batch_axis)
+    feed = next(open_dataset(data, model_input_specs(m), max_samples=1, batch_axes=axes).batches(1)) if data else None
     audit = audit_fusion(model, feed=feed)
     report.render_inspect(out, model, m, audit, verbose=verbose)
 

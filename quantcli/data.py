@@ -5,6 +5,13 @@ Conventions: keys of an ``.npz`` are the model's input names (plus ``labels`` fo
 samples are stacked on axis 0. A ``.npy`` feeds a single-input model. A file whose arrays have one
 dimension less than the model input holds a single sample. Pickles are never loaded.
 
+Inputs that are not batched on axis 0 are declared by ``batch_axes`` (the CLI's repeatable
+``--batch-axis NAME=AXIS``): an integer names the axis samples are stacked on (a recurrent state
+``[2, batch, 128]`` is ``state=1``), ``None`` (``NAME=none``) an *unbatched* input, whose array is one
+feed of the input and is fed unchanged with every batch. A scalar model input (rank 0) is unbatched
+without being declared. A batch never mixes files when an input is unbatched (each file may hold its
+own value, e.g. one file per sample rate).
+
 Rows are read from disk batch by batch (``quantcli.arrays``), so memory holds one batch whatever
 the number of samples. Names, ranks, fixed dimensions and dtypes are checked when the data is
 opened; NaN/Inf are checked in each batch as it is read.
@@ -12,7 +19,7 @@ opened; NaN/Inf are checked in each batch as it is read.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +27,7 @@ import numpy as np
 import onnx
 
 from quantcli.arrays import ArraySource, open_npy, open_npz
-from quantcli.errors import CalibrationDataError
+from quantcli.errors import CalibrationDataError, QuantCliError
 from quantcli.images import ImageFolder, ImagePreprocess, image_files
 
 __all__ = [
@@ -30,6 +37,7 @@ __all__ = [
     "InputSpec",
     "model_input_specs",
     "open_dataset",
+    "parse_batch_axes",
     "random_dataset",
 ]
 
@@ -51,6 +59,8 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
+    #: False when the model declares no shape at all (then ``shape`` is empty but the rank is unknown)
+    has_shape: bool = True
 
     def describe(self) -> str:
         """E.g. ``float32[batch,1,16,16]``."""
@@ -75,8 +85,52 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         tt = vi.type.tensor_type
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)) if tt.elem_type else np.dtype("float32")
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, dtype, shape))
+        specs.append(InputSpec(vi.name, dtype, shape, tt.HasField("shape")))
     return specs
+
+
+def parse_batch_axes(values: Sequence[str] | None) -> dict[str, int | None]:
+    """``["state=1", "sr=none"]`` -> ``{"state": 1, "sr": None}`` (the ``--batch-axis`` option).
+
+    Raises:
+        QuantCliError: a value is not ``NAME=AXIS`` with AXIS an integer or ``none``.
+    """
+    axes: dict[str, int | None] = {}
+    for text in values or []:
+        name, sep, axis = text.rpartition("=")
+        axis = axis.strip().lower()
+        if not sep or not name.strip() or not (axis == "none" or axis.lstrip("-").isdigit()):
+            raise QuantCliError(
+                f"--batch-axis {text!r}: expected NAME=AXIS, AXIS the axis samples are stacked on "
+                "(e.g. state=1) or 'none' for an input fed unchanged with every batch (e.g. sr=none)"
+            )
+        axes[name.strip()] = None if axis == "none" else int(axis)
+    return axes
+
+
+def _resolve_axes(specs: Sequence[InputSpec], batch_axes: Mapping[str, int | None] | None) -> dict[str, int | None]:
+    """The batch axis of every input: declared, else None for a scalar input, else 0."""
+    batch_axes = dict(batch_axes or {})
+    names = [s.name for s in specs]
+    unknown = sorted(set(batch_axes) - set(names))
+    if unknown:
+        raise CalibrationDataError(
+            f"--batch-axis names {unknown}, which the model does not take; its inputs are {names}"
+        )
+    axes: dict[str, int | None] = {}
+    for spec in specs:
+        rank = len(spec.shape)
+        default = None if spec.has_shape and rank == 0 else 0
+        axis = batch_axes.get(spec.name, default)
+        if axis is not None and spec.has_shape:
+            if not -rank <= axis < rank:
+                raise CalibrationDataError(
+                    f"--batch-axis {spec.name}={axis}: input '{spec.name}' is {spec.describe()}, "
+                    f"with {rank} axes" + ("; a scalar input is unbatched (fed unchanged)" if rank == 0 else "")
+                )
+            axis %= rank
+        axes[spec.name] = axis
+    return axes
 
 
 def _describe_array(arr: np.ndarray) -> str:
@@ -116,8 +170,29 @@ class _Chunk:
 
 
 def _single(source: ArraySource) -> np.ndarray:
-    arr = source.read(0, source.shape[0]) if source.shape else source.read(0, 1)
-    return arr[np.newaxis]
+    return _whole(source)[np.newaxis]
+
+
+def _whole(source: ArraySource) -> np.ndarray:
+    return source.read(0, source.shape[0]) if source.shape else source.read(0, 1)
+
+
+class _AxisRows:
+    """An array batched on axis ``axis`` > 0, seen with that axis first; loaded whole on first read."""
+
+    def __init__(self, source: ArraySource, axis: int) -> None:
+        self.path = source.path
+        self.dtype = np.dtype(source.dtype)
+        shape = list(source.shape)
+        self.shape = (shape.pop(axis), *shape)
+        self.axis = axis
+        self._source = source
+        self._array: np.ndarray | None = None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self._array is None:
+            self._array = np.moveaxis(_whole(self._source), self.axis, 0)
+        return np.array(self._array[start:stop])
 
 
 @dataclass(slots=True)
@@ -130,6 +205,8 @@ class Dataset:
     labels: np.ndarray | None
     limit: int | None = None
     _offsets: list[int] = field(default_factory=list)
+    #: input name -> axis its samples are stacked on, None for an unbatched input (absent: 0)
+    axes: dict[str, int | None] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._offsets = [0]
@@ -154,9 +231,23 @@ class Dataset:
         total = self._offsets[-1]
         return min(total, self.limit) if self.limit is not None else total
 
+    def axis(self, name: str) -> int | None:
+        """The axis input ``name`` is batched on (None: unbatched, fed unchanged)."""
+        return self.axes.get(name, 0)
+
+    def _fixed_batches(self) -> set[int]:
+        fixed: set[int] = set()
+        for spec in self.specs:
+            axis = self.axis(spec.name)
+            if axis is not None and axis < len(spec.shape):
+                dim = spec.shape[axis]
+                if isinstance(dim, int) and dim > 0:
+                    fixed.add(dim)
+        return fixed
+
     def effective_batch_size(self, requested: int) -> int:
         """``requested``, unless the model fixes its batch axis."""
-        fixed = {s.fixed_batch for s in self.specs} - {None}
+        fixed = self._fixed_batches()
         return fixed.pop() if len(fixed) == 1 else max(1, requested)
 
     def _read(self, name: str, start: int, stop: int) -> np.ndarray:
@@ -178,15 +269,21 @@ class Dataset:
             CalibrationDataError: a batch holds NaN/Inf values (naming the file's sample range).
         """
         size = self.effective_batch_size(batch_size)
-        fixed = any(s.fixed_batch for s in self.specs)
+        fixed = bool(self._fixed_batches())
         n = self.num_samples
         stop = n - (n % size) if fixed else n
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
         for start, end in self._spans(size, stop, order is not None):
             feed = {}
             for spec in self.specs:
-                rows = self._read(spec.name, start, end) if order is None else None
-                arr = rows if rows is not None else self._gather(spec.name, order[start:end])
+                axis = self.axis(spec.name)
+                if axis is None:
+                    arr = _whole(self.chunks[self._chunk_of(start)].sources[spec.name])
+                else:
+                    rows = self._read(spec.name, start, end) if order is None else None
+                    arr = rows if rows is not None else self._gather(spec.name, order[start:end])
+                    if axis:
+                        arr = np.moveaxis(arr, 0, axis)
                 if arr.dtype != spec.dtype:
                     arr = arr.astype(spec.dtype)
                 if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
@@ -195,16 +292,20 @@ class Dataset:
                         f"{self._file_of(start)}: input '{spec.name}' contains {bad} NaN/Inf values "
                         f"(samples {start}..{end - 1}); clean the data before calibrating"
                     )
-                feed[spec.name] = np.ascontiguousarray(arr)
+                feed[spec.name] = np.ascontiguousarray(arr) if arr.ndim else arr  # keeps a scalar 0-d
             yield feed
 
     def _spans(self, size: int, stop: int, shuffled: bool) -> Iterator[tuple[int, int]]:
-        """Batch boundaries; batches never straddle files whose samples differ in shape."""
-        shapes = {tuple(c.sources[s.name].shape[0 if c.single else 1 :]) for c in self.chunks for s in self.specs[:1]}
-        if len(shapes) <= 1 or shuffled:
-            if len(shapes) > 1:
+        """Batch boundaries; batches never straddle files whose samples differ in shape, nor files at all
+        when an input is unbatched."""
+        batched = [s for s in self.specs if self.axis(s.name) is not None][:1]
+        shapes = {tuple(c.sources[s.name].shape[0 if c.single else 1 :]) for c in self.chunks for s in batched}
+        per_file = len(shapes) > 1 or (len(batched) < len(self.specs) and len(self.chunks) > 1)
+        if not per_file or shuffled:
+            if per_file:
                 raise CalibrationDataError(
-                    f"{self.path}: files hold samples of different shapes; --shuffle needs samples of one shape"
+                    f"{self.path}: files hold samples of different shapes or their own unbatched inputs; "
+                    "--shuffle needs one file, or samples of one shape and no unbatched input"
                 )
             yield from ((start, min(start + size, stop)) for start in range(0, stop, size))
             return
@@ -212,16 +313,27 @@ class Dataset:
             lo, hi = self._offsets[i], min(self._offsets[i + 1], stop)
             yield from ((start, min(start + size, hi)) for start in range(lo, hi, size))
 
-    def _file_of(self, index: int) -> Path:
-        for i, chunk in enumerate(self.chunks):
+    def _chunk_of(self, index: int) -> int:
+        for i in range(len(self.chunks)):
             if self._offsets[i] <= index < self._offsets[i + 1]:
-                return chunk.file
-        return self.path
+                return i
+        return len(self.chunks) - 1
+
+    def _file_of(self, index: int) -> Path:
+        return self.chunks[self._chunk_of(index)].file if self.chunks else self.path
+
+    def batch_length(self, feed: Mapping[str, np.ndarray]) -> int:
+        """How many samples ``feed`` (one of :meth:`batches`) holds."""
+        for spec in self.specs:
+            axis = self.axis(spec.name)
+            if axis is not None and spec.name in feed:
+                return int(np.shape(feed[spec.name])[axis])
+        return 1
 
     def subset(self, count: int) -> Dataset:
         """The first ``count`` samples."""
         labels = None if self.labels is None else self.labels[:count]
-        return Dataset(self.path, self.specs, self.chunks, labels, limit=count)
+        return Dataset(self.path, self.specs, self.chunks, labels, limit=count, axes=self.axes)
 
 
 class FeedList:
@@ -259,16 +371,20 @@ def open_dataset(
     *,
     max_samples: int | None = None,
     images: ImagePreprocess | None = None,
+    batch_axes: Mapping[str, int | None] | None = None,
 ) -> Dataset:
     """Open and check data for a model with inputs ``specs`` (no sample is read yet but labels).
 
     A directory of image files (and no ``.npz``/``.npy``) feeds a single-input image model, decoded
     and preprocessed per batch as ``images`` says (defaults: resize to the input size, scale 1/255).
+    ``batch_axes`` maps an input name to the axis its samples are stacked on, or to None for an
+    unbatched input (see the module docstring); inputs not named are batched on axis 0, scalars unbatched.
 
     Raises:
         CalibrationDataError: naming the file, the input and what was expected.
     """
     path = Path(path)
+    axes = _resolve_axes(specs, batch_axes)
     if path.is_dir() and not any(p.suffix in (".npz", ".npy") for p in path.iterdir()) and image_files(path):
         if len(specs) != 1:
             raise CalibrationDataError(f"{path}: an image folder feeds a single-input model; this one has {len(specs)}")
@@ -298,18 +414,24 @@ def open_dataset(
             if unknown:
                 detail += ("; " if detail else "") + f"unexpected keys {unknown}"
             raise CalibrationDataError(f"{file}: keys do not match the model inputs {names}: {detail}")
-        counts: set[int] = set()
+        counts: dict[str, int] = {}
         singles: set[bool] = set()
         for spec in specs:
-            single = _check_source(file, spec, content[spec.name])
+            axis = axes[spec.name]
+            if axis is None:
+                _check_unbatched(file, spec, content[spec.name])
+                continue
+            single = _check_source(file, spec, content[spec.name], axis)
             singles.add(single)
-            counts.add(1 if single else content[spec.name].shape[0])
-        if len(counts) != 1 or len(singles) != 1:
-            raise CalibrationDataError(f"{file}: inputs hold different numbers of samples: {sorted(counts)}")
-        count = counts.pop()
+            counts[spec.name] = 1 if single else content[spec.name].shape[axis]
+            if axis and not single:
+                content[spec.name] = _AxisRows(content[spec.name], axis)
+        if len(set(counts.values())) > 1 or len(singles) > 1:
+            raise CalibrationDataError(_count_mismatch(file, specs, content, counts, axes))
+        count = next(iter(counts.values()), 1)
         if count == 0:
             raise CalibrationDataError(f"{file}: holds no samples")
-        chunks.append(_Chunk(file, content, count, singles.pop()))
+        chunks.append(_Chunk(file, content, count, bool(singles) and singles.pop()))
         if label_src is not None:
             labels = np.atleast_1d(label_src.read(0, label_src.shape[0] if label_src.shape else 1))
             if labels.shape[0] != count:
@@ -320,36 +442,94 @@ def open_dataset(
         if len(label_parts) != len(files):
             raise CalibrationDataError(f"{path}: some files carry labels and others do not")
         labels_all = np.concatenate(label_parts)
-    dataset = Dataset(path, tuple(specs), tuple(chunks), labels_all)
+    dataset = Dataset(path, tuple(specs), tuple(chunks), labels_all, axes=axes)
     if max_samples is not None and max_samples < dataset.num_samples:
         dataset = dataset.subset(max_samples)
     return dataset
 
 
-def _check_source(file: Path, spec: InputSpec, src: ArraySource) -> bool:
+def _check_dtype(file: Path, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    if dtype.kind in "OUSV":
+        raise CalibrationDataError(f"{file}: input '{spec.name}' is a {dtype} array; expected {spec.describe()}")
+    if dtype != spec.dtype and (dtype, spec.dtype) not in _SAFE_CASTS:
+        raise CalibrationDataError(
+            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()}"
+        )
+
+
+def _check_source(file: Path, spec: InputSpec, src: ArraySource, batch_axis: int = 0) -> bool:
     """Check one array against its input; True when it holds a single sample without batch axis."""
     dtype, shape = np.dtype(src.dtype), tuple(src.shape)
     if dtype.kind in "OUSV":
         raise CalibrationDataError(f"{file}: input '{spec.name}' is a {dtype} array; expected {spec.describe()}")
     single = bool(spec.shape) and len(shape) == len(spec.shape) - 1
-    full = (1, *shape) if single else shape
+    full = (*shape[:batch_axis], 1, *shape[batch_axis:]) if single else shape
+    where = f" with samples on axis {batch_axis}" if batch_axis else ""
     if spec.shape and len(full) != len(spec.shape):
         raise CalibrationDataError(
-            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()}"
+            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()}{where}"
         )
     for axis, (want, have) in enumerate(zip(spec.shape, full, strict=True)):
-        if axis > 0 and isinstance(want, int) and want > 0 and want != have:
+        if axis != batch_axis and isinstance(want, int) and want > 0 and want != have:
             raise CalibrationDataError(
                 f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects "
-                f"{spec.describe()} (axis {axis} should be {want})"
+                f"{spec.describe()}{where} (axis {axis} should be {want})"
             )
-    if dtype != spec.dtype and (dtype, spec.dtype) not in _SAFE_CASTS:
-        raise CalibrationDataError(
-            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()}"
-        )
-    if not single and full[0] == 0:
+    _check_dtype(file, spec, shape, dtype)
+    if not single and (not full or full[batch_axis] == 0):
         raise CalibrationDataError(f"{file}: input '{spec.name}' holds no samples")
     return single
+
+
+def _check_unbatched(file: Path, spec: InputSpec, src: ArraySource) -> None:
+    """An unbatched array is one feed: its shape must be the input's (fixed axes equal, same rank)."""
+    dtype, shape = np.dtype(src.dtype), tuple(src.shape)
+    fits = not spec.has_shape or (
+        len(shape) == len(spec.shape)
+        and all(not (isinstance(w, int) and w > 0) or w == h for w, h in zip(spec.shape, shape, strict=True))
+    )
+    if not fits:
+        what = "a scalar input is unbatched: store one value" if not spec.shape else "--batch-axis says unbatched"
+        raise CalibrationDataError(
+            f"{file}: input '{spec.name}' is {_describe(shape, dtype)} but the model expects {spec.describe()} "
+            f"({what}, fed unchanged with every batch)"
+        )
+    _check_dtype(file, spec, shape, dtype)
+
+
+def _count_mismatch(
+    file: Path,
+    specs: Sequence[InputSpec],
+    content: Mapping[str, ArraySource],
+    counts: Mapping[str, int],
+    axes: Mapping[str, int | None],
+) -> str:
+    """The error for inputs holding different numbers of samples, with a ``--batch-axis`` hint when
+    another (dynamic) axis of an input holds the number of samples of some other input."""
+    listed = ", ".join(f"'{n}' {c} (axis {axes[n]})" for n, c in counts.items())
+    hints = []
+    for spec in specs:
+        if spec.name not in counts:
+            continue
+        others = {c for n, c in counts.items() if n != spec.name}
+        if counts[spec.name] in others:
+            continue
+        shape = list(content[spec.name].shape)
+        axis = axes[spec.name] or 0
+        if axis:  # wrapped: the batch axis was moved first
+            shape.insert(axis, shape.pop(0))
+        for j, have in enumerate(shape):
+            dim = spec.shape[j] if j < len(spec.shape) else None
+            fixed = isinstance(dim, int) and dim > 0
+            if j != axis and have in others and not fixed:
+                hints.append(f"--batch-axis {spec.name}={j}")
+                break
+    hint = (
+        f"; if samples are stacked on another axis, say so: {' '.join(hints)}"
+        if hints
+        else "; if an input is stacked on another axis than 0, pass --batch-axis NAME=AXIS (NAME=none: fed unchanged)"
+    )
+    return f"{file}: inputs hold different numbers of samples: {listed}{hint}"
 
 
 def random_dataset(

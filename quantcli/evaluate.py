@@ -168,7 +168,7 @@ def compare_outputs(
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
-        n = next(iter(feed.values())).shape[0]
+        n = dataset.batch_length(feed)
         labels = None if dataset.labels is None else dataset.labels[offset : offset + n]
         offset += n
         for name, r, q in zip(names, ref_out, q_out, strict=True):

@@ -1,7 +1,8 @@
 """A folder of images as calibration data: decoded with Pillow (optional extra ``quantcli[images]``)
 and preprocessed the way most vision models expect, one batch at a time.
 
-Steps, in order: convert to RGB (or BGR with ``channel_order="bgr"``), resize so the shorter side is
+Steps, in order: convert to RGB (or BGR with ``channel_order="bgr"``; to grey for a model input with
+one channel, using the first value of ``mean`` and ``std``), resize so the shorter side is
 ``resize`` (bilinear; skipped when None), centre-crop to the model's H×W (or resize straight to it when
 ``resize`` is None), divide by ``scale``, subtract ``mean`` and divide by ``std`` per channel, lay out as
 NCHW or NHWC (``auto`` follows the model's input shape).
@@ -52,7 +53,7 @@ class ImageFolder:
 
     @classmethod
     def open(cls, folder: Path, model_shape: tuple[int | str | None, ...], prep: ImagePreprocess) -> ImageFolder:
-        """Check Pillow, the files and the model input (4-D, 3 channels) before anything is decoded."""
+        """Check Pillow, the files and the model input (4-D, 1 or 3 channels) before anything is decoded."""
         try:
             import PIL.Image  # noqa: F401
         except ImportError:
@@ -66,13 +67,19 @@ class ImageFolder:
             raise CalibrationDataError(f"{folder}: images need a 4-D model input, this one is {list(model_shape)}")
         layout = prep.layout
         if layout == "auto":
-            layout = "nhwc" if model_shape[3] == 3 and model_shape[1] != 3 else "nchw"
+            layout = "nhwc" if model_shape[3] in (1, 3) and model_shape[1] not in (1, 3) else "nchw"
         nchw = layout == "nchw"
+        channels = model_shape[1] if nchw else model_shape[3]
+        if channels not in (1, 3):
+            raise CalibrationDataError(
+                f"{folder}: images feed a model input with 1 or 3 channels; this one is {list(model_shape)} "
+                f"({layout.upper()}); give --layout if that is wrong"
+            )
         dims = model_shape[2:4] if nchw else model_shape[1:3]
         size = prep.size or ((int(dims[0]), int(dims[1])) if all(isinstance(d, int) and d > 0 for d in dims) else None)
         if size is None:
             raise CalibrationDataError(f"{folder}: the model's height/width are dynamic; give --image-size HxW")
-        shape = (len(files), 3, *size) if nchw else (len(files), *size, 3)
+        shape = (len(files), channels, *size) if nchw else (len(files), *size, channels)
         return cls(folder, files, shape, np.dtype(np.float32), prep, nchw)
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -87,9 +94,10 @@ class ImageFolder:
         from PIL import Image, UnidentifiedImageError
 
         h, w = (self.shape[2], self.shape[3]) if self.nchw else (self.shape[1], self.shape[2])
+        grey = (self.shape[1] if self.nchw else self.shape[3]) == 1
         try:
             with Image.open(file) as img:
-                img = img.convert("RGB")
+                img = img.convert("L" if grey else "RGB")
                 if self.prep.resize:
                     short = min(img.size)
                     factor = self.prep.resize / short
@@ -103,7 +111,12 @@ class ImageFolder:
                 arr = np.asarray(img, dtype=np.float32)
         except (UnidentifiedImageError, OSError) as exc:
             raise CalibrationDataError(f"{file}: not a readable image ({exc})") from exc
-        if self.prep.channel_order == "bgr":
+        if grey:
+            arr = arr[..., None]
+        elif self.prep.channel_order == "bgr":
             arr = arr[..., ::-1]
-        arr = (arr / self.prep.scale - np.asarray(self.prep.mean, np.float32)) / np.asarray(self.prep.std, np.float32)
+        channels = arr.shape[-1]
+        mean = np.asarray(self.prep.mean[:channels], np.float32)
+        std = np.asarray(self.prep.std[:channels], np.float32)
+        arr = (arr / self.prep.scale - mean) / std
         return np.ascontiguousarray(arr.transpose(2, 0, 1) if self.nchw else arr).astype(np.float32)

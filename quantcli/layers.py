@@ -9,6 +9,11 @@ error from upstream.
 
 Both models are run in batches over the data with the tensors exposed as outputs; only sums are
 kept (O(1) per tensor), plus the first batch's values for the range hints.
+
+Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
+main-graph outputs (``quantcli.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
+in which a branch did not run contributes nothing to its tensors. Their error in isolation is not
+measured (a layer inside a branch is not cut out alone), so ``local_sqnr_db`` is None for them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from quantcli.calibration import augmented, make_session
 from quantcli.data import Dataset
 from quantcli.graph import infer_shapes
 from quantcli.progress import Progress, no_progress
+from quantcli.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs, walk_graphs
 
 __all__ = ["LayerError", "per_layer_errors"]
 
@@ -59,14 +65,16 @@ class _Pair:
 
 
 def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
-    """FP32 tensor name -> its Q/DQ pair in the quantized model."""
-    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    """FP32 tensor name -> its Q/DQ pair in the quantized model (main graph and subgraphs)."""
+    graphs = [g for _, g in walk_graphs(model.graph)]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for g in graphs for t in g.initializer}
+    nodes = [n for g in graphs for n in g.node]
     by_input: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
+    for node in nodes:
         for name in node.input:
             by_input.setdefault(name, []).append(node)
     pairs: dict[str, _Pair] = {}
-    for node in model.graph.node:
+    for node in nodes:
         if node.op_type != "QuantizeLinear" or node.input[0] in inits:
             continue
         dqs = [n for n in by_input.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
@@ -81,9 +89,22 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
     return pairs
 
 
-def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``names`` as extra graph outputs (the calibration's augmentation)."""
-    return augmented(model, names)
+def _exposed(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` returning ``names`` (the calibration's augmentation), and the output name of
+    each: its own in the main graph, the carried-out name for one inside a subgraph (absent: not exposed)."""
+    main = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    outputs = {t: t for t in names if t in main}
+    inner = [t for t in names if t not in main]
+    if inner and has_subgraphs(model.graph):
+        try:
+            exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
+        except Exception:  # never block the report: subgraph tensors are then left out
+            exposed = None
+        if exposed is not None:
+            carried = {inside: out for out, inside in exposed.names.items()}
+            outputs.update({t: carried[t] for t in inner if t in carried})
+            model = exposed.model
+    return augmented(model, list(outputs.values())), outputs
 
 
 def _sqnr(signal: float, noise: float) -> float:
@@ -105,26 +126,36 @@ def per_layer_errors(
 ) -> list[LayerError]:
     """Errors of every quantized tensor found in both models, worst accumulated SQNR first."""
     pairs = _qdq_pairs(quantized)
-    ref_producers = {o: n for n in reference.graph.node for o in n.output}
-    q_producers = {o: n for n in quantized.graph.node for o in n.output}
+    ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
+    q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
     graph_inputs = {i.name for i in reference.graph.input}
     names = [t for t in pairs if t in ref_producers or t in graph_inputs]
     if not names:
         return []
-    ref_sess = make_session(_exposed(reference, names))
-    q_names = [pairs[t].dq for t in names]
-    q_sess = make_session(_exposed(quantized, q_names))
+    ref_model, ref_out = _exposed(reference, names)
+    q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
+    names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
+    ref_sess = make_session(ref_model)
+    q_sess = make_session(q_model)
+    ref_names = [ref_out[t] for t in names]
+    q_names = [q_out[pairs[t].dq] for t in names]
+    main = {o for n in reference.graph.node for o in n.output} | graph_inputs
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     lo = dict.fromkeys(names, math.inf)
     hi = dict.fromkeys(names, -math.inf)
     first_ref: dict[str, np.ndarray] = {}
+    first_inner: dict[str, np.ndarray] = {}  # subgraph tensors: the first batch in which their branch ran
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)
     for feed in progress(dataset.batches(size), total, "per-layer", size):
-        ref_vals = dict(zip(names, ref_sess.run(names, feed), strict=True))
+        ref_vals = dict(zip(names, ref_sess.run(ref_names, feed), strict=True))
         q_vals = dict(zip(names, q_sess.run(q_names, feed), strict=True))
         for t in names:
+            if ref_vals[t].size == 0 or ref_vals[t].shape != q_vals[t].shape:
+                continue  # a branch that did not run in this batch (in one model or both)
+            if t not in main and t not in first_inner:
+                first_inner[t] = ref_vals[t]
             r = ref_vals[t].astype(np.float64)
             e = r - q_vals[t].astype(np.float64)
             signal[t] += float(np.sum(r * r))
@@ -132,10 +163,13 @@ def per_layer_errors(
             lo[t] = min(lo[t], float(r.min()))
             hi[t] = max(hi[t], float(r.max()))
         if not first_ref:
-            first_ref = {t: v for t, v in ref_vals.items()}
+            first_ref = {t: v for t, v in ref_vals.items() if t in main}
     local_sqnr = _local_errors(quantized, pairs, names, first_ref, feed_names=graph_inputs) if local else {}
+    first_ref.update(first_inner)
     results = []
     for t in names:
+        if math.isinf(lo[t]):
+            continue  # never ran on this data
         pair = pairs[t]
         node = q_producers.get(t) or ref_producers.get(t)
         clip_low = (pair.qmin - pair.zero_point) * pair.scale

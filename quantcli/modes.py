@@ -16,6 +16,7 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,8 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.graph import GraphIndex
 from quantcli.options import StrEnum
-from quantcli.planning import Skip
-from quantcli.rewrite import NameAllocator
+from quantcli.subgraphs import NameAllocator
+
+if TYPE_CHECKING:
+    from quantcli.planning import Skip
 
 __all__ = [
     "ConvertMode",

@@ -16,6 +16,16 @@ integer kernel:
   the Q/DQ and moves int8 data directly.
 * Relu/Clip that are the only reader of a quantized output are removed; the output range starts at
   the clip minimum (0 for Relu), so QuantizeLinear's saturation does the clipping.
+* Mul/Div of a quantized tensor by a positive scalar constant c runs no kernel: y = c * s * (q - z),
+  so readers get a DequantizeLinear of the same integers with scale c * s (or s / c) (``Rescale``).
+* HardSigmoid(x) = clip(alpha * x + beta, 0, 1) of a quantized x costs one QLinearAdd (x + 0) whose
+  output QuantizeLinear has scale S = 1 / (N * alpha) and zero point Z = round(N * beta) (+ the type's
+  minimum), N = 255: its integers are then q = sat(round(N * (alpha * x + beta))), i.e. the hard sigmoid on
+  the grid of scale 1 / N over [0, 1], read back with that scale. HardSwish(x) = x * HardSigmoid(x)
+  adds a QLinearMul. Left float, onnxruntime would run them between a DequantizeLinear and a
+  QuantizeLinear, with layout Transposes around the float island (``HardActivation``).
+* a Conv over 1-4 input channels reading the model input (an image stem) stays float: onnxruntime's
+  QLinearConv is slower than its float kernel there (``STEM_MAX_CHANNELS``).
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from quantcli.qmath import (
     quantize_bias,
     quantize_weight,
 )
+from quantcli.recurrent import recurrent_input_producers
 from quantcli.subgraphs import CONTROL_FLOW_OPS, node_subgraphs
 
 __all__ = [
@@ -46,9 +57,11 @@ __all__ = [
     "ActivationQuant",
     "EmbeddingQuant",
     "FoldedActivation",
+    "HardActivation",
     "QuantPlan",
     "RangeDecision",
     "RecurrentQuant",
+    "Rescale",
     "Skip",
     "SubgraphPlan",
     "WeightQuant",
@@ -75,6 +88,17 @@ MOVEMENT_OPS = (
     "Expand", "Tile", "Resize", "Split",
 )  # fmt: skip
 FOLDABLE_OPS = ("Relu", "Clip")
+#: element-wise ops with no integer kernel that a quantized input still keeps integer: Mul/Div by a
+#: positive scalar constant (a new scale, no kernel) and HardSigmoid/HardSwish (see ``HardActivation``)
+RESCALE_OPS = ("Div",)
+HARD_OPS = ("HardSigmoid", "HardSwish")
+#: a Conv over at most this many input channels per group that reads a graph input (an image stem:
+#: 1-3 channels) stays float: onnxruntime's QLinearConv runs it slower than its float NCHWc kernel
+#: (measured, AVX2, 1 thread: 3->16 channels 3x3 at 224x224 784 us int8 vs 382 us float; 3->8 at
+#: 48x192 144 us vs 56 us), and quantizing its input costs a QuantizeLinear on top
+STEM_MAX_CHANNELS = 4
+#: ... on inputs of at least this many pixels, or of unknown size (bundled 16x16 CNN: no measurable gain)
+STEM_MIN_PIXELS = 64 * 64
 #: recurrent layers with an integer kernel: LSTM -> com.microsoft DynamicQuantizeLSTM (weights int8,
 #: input and state quantized on the fly by the kernel; no Q/DQ ever touches the state)
 RECURRENT_OPS = ("LSTM",)
@@ -88,8 +112,10 @@ EMBEDDING_MIN_BYTES = 1 << 20
 #: activations reaching this magnitude carry sentinels (masks, padding fills), not data
 SENTINEL_MAGNITUDE = 1e9
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
-DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS) - {"Softmax"}
-SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS)
+DEFAULT_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS + RESCALE_OPS + HARD_OPS) - {
+    "Softmax"
+}
+SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS + RESCALE_OPS + HARD_OPS)
 
 #: ops known to have no integer kernel in onnxruntime's CPU provider
 _FLOAT_ONLY = {
@@ -137,6 +163,36 @@ class FoldedActivation:
     producer: str
     input: str
     output: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rescale:
+    """``node`` (Mul/Div by a positive scalar) is removed; ``output`` is read as ``source``'s integers.
+
+    Its readers get a DequantizeLinear of ``source``'s QuantizeLinear output with the scale of
+    ``output`` (the plan's activation parameters of ``output``), which is ``source``'s times the factor.
+    """
+
+    node: str
+    source: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class HardActivation:
+    """HardSigmoid/HardSwish ``node`` on a quantized input, run as QLinearAdd (+ QLinearMul).
+
+    ``quantize`` are the parameters of the QuantizeLinear after ``x + 0`` (scale 1 / (N * alpha),
+    zero point N * beta + type minimum) and ``read`` those of the DequantizeLinear that reads the
+    same integers back as the hard sigmoid (scale 1 / N, zero point the type minimum).
+    """
+
+    node: str
+    op_type: str
+    input: str
+    output: str
+    quantize: QuantParams
+    read: QuantParams
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +263,8 @@ class QuantPlan:
     subgraphs: tuple[SubgraphPlan, ...] = ()
     recurrent: tuple[RecurrentQuant, ...] = ()
     embeddings: tuple[EmbeddingQuant, ...] = ()
+    rescaled: tuple[Rescale, ...] = ()
+    hard: tuple[HardActivation, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""
@@ -255,7 +313,11 @@ class _Planner:
     range_decisions: list[RangeDecision] = field(default_factory=list)
     in_subgraph: bool = False
     recurrent: list[RecurrentQuant] = field(default_factory=list)
+    #: node name -> why it stays float whatever the config says (``quantcli.recurrent``)
+    keep_float: Mapping[str, str] = field(default_factory=dict)
     embeddings: list[EmbeddingQuant] = field(default_factory=list)
+    rescaled: list[Rescale] = field(default_factory=list)
+    hard: list[HardActivation] = field(default_factory=list)
     _weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
 
     # ---- parameters -------------------------------------------------------------------------
@@ -445,6 +507,27 @@ class _Planner:
             self.float_out.add(node.output[0])
         self.quantize_output(node)
 
+    def slow_stem(self, node: onnx.NodeProto) -> str | None:
+        """Why this Conv stays float as a slow integer stem (see ``STEM_MAX_CHANNELS``), or None."""
+        x, w = node.input[0], node.input[1] if len(node.input) > 1 else ""
+        if (
+            x not in self.index.graph_inputs
+            or self.is_quantized(x)
+            or not self.index.is_constant(w)
+            or self.in_subgraph
+        ):
+            return None
+        shape = self.index.constant(w).shape
+        if len(shape) != 4 or shape[1] > STEM_MAX_CHANNELS or shape[2] * shape[3] == 1:
+            return None
+        dims = [d for d in self.index.shapes.get(x, ())[2:] if isinstance(d, int) and d > 0]
+        if len(dims) == 2 and dims[0] * dims[1] < STEM_MIN_PIXELS:
+            return None  # a small image: the float stem saves about what the extra QuantizeLinear costs
+        return (
+            f"a {shape[2]}x{shape[3]} Conv over {shape[1]} input channel(s) reading the model input: slower as "
+            "QLinearConv than float (measured 0.4-0.5x, AVX2)"
+        )
+
     def plan_elementwise(self, node: onnx.NodeProto) -> None:
         inputs = [i for i in node.input if i]
         if node.op_type in ("Add", "Mul") and len(inputs) != 2:
@@ -488,6 +571,97 @@ class _Planner:
             self.act.setdefault(node.output[0], out_params)
         else:
             self.quantize_output(node)
+
+    def plan_rescale(self, node: onnx.NodeProto) -> bool:
+        """Mul/Div of a quantized tensor by a positive scalar constant: a new scale, no kernel.
+
+        False (nothing planned) when the node is not such a product or quotient.
+        """
+        if node.op_type not in ("Mul", "Div") or len(node.input) != 2 or self.in_subgraph:
+            return False
+        x, c = node.input
+        if node.op_type == "Mul" and self.index.is_constant(x) and not self.index.is_constant(c):
+            x, c = c, x
+        out = node.output[0]
+        if not self.is_quantized(x) or not self.index.is_constant(c) or x in self.float_locked:
+            return False
+        if out in self.index.graph_outputs or (x not in self.index.producers and x not in self.index.graph_inputs):
+            return False
+        if self.index.elem_types.get(c) != onnx.TensorProto.FLOAT:
+            return False
+        if any(r.name in self.float_compute for r in self.index.consumers_of(out)):
+            return False  # a float Conv/MatMul/Gemm must read the float tensor itself
+        value = self.index.constant(c)
+        if value.size != 1 or not np.isfinite(value).all() or float(value.reshape(-1)[0]) <= 0:
+            return False
+        if value.ndim > len(self.index.shapes.get(x, ())) and self.index.shapes.get(x):
+            return False  # a [1,1,...] constant of higher rank would broadcast the output's shape
+        factor = float(value.reshape(-1)[0])
+        factor = factor if node.op_type == "Mul" else 1.0 / factor
+        src = self.act[x]
+        if src.scale.ndim:
+            return False
+        self.act[out] = QuantParams(
+            scale=np.asarray(float(src.scale) * factor, dtype=np.float32),
+            zero_point=src.zero_point,
+            dtype=src.dtype,
+            axis=None,
+        )
+        self.rescaled.append(Rescale(node.name, x, out))
+        self.quantized.append((node.name, node.op_type))
+        return True
+
+    def plan_hard(self, node: onnx.NodeProto) -> None:
+        """HardSigmoid/HardSwish of a quantized input: QLinearAdd with a re-read output (+ QLinearMul)."""
+        x, out = node.input[0], node.output[0]
+        if self.in_subgraph:
+            self.skip(node, "inside a subgraph (only main-graph hard activations run integer)")
+            return
+        if not self.is_quantized(x):
+            self.skip(node, "input does not arrive quantized (float: onnxruntime fuses it into a float Conv)")
+            return
+        if x in self.float_locked:
+            self.skip(node, f"input '{x}' comes from a Conv/MatMul/Gemm kept in float")
+            return
+        attrs = {a.name: a.f for a in node.attribute}
+        alpha = attrs.get("alpha", 1.0 / 6.0 if node.op_type == "HardSwish" else 0.2)
+        beta = attrs.get("beta", 0.5)
+        if alpha <= 0:
+            self.skip(node, "HardSigmoid with alpha <= 0")
+            return
+        qmin = -128 if self.config.activation_type == QuantDType.INT8 else 0
+        if self.config.activation_type not in (QuantDType.INT8, QuantDType.UINT8):
+            self.skip(node, "only 8-bit activations have a QLinearAdd kernel")
+            return
+        # 255 steps over [0, 1] so that saturation gives exactly 0 and 1; a non-integer 255 * beta
+        # (127.5 for beta = 0.5) is rounded: the result is off by at most one step (1/255)
+        levels = 255
+        zero = int(np.floor(levels * beta + 0.5)) + qmin
+        if not qmin <= zero <= qmin + 255:
+            self.skip(node, f"beta {beta} puts the zero point outside the 8-bit range")
+            return
+        dtype = self.config.activation_type
+        np_zp = np.int8 if dtype == QuantDType.INT8 else np.uint8
+        quantize_params = QuantParams(
+            np.asarray(1.0 / (levels * alpha), np.float32), np.asarray(zero, np_zp), dtype, None
+        )
+        read = QuantParams(np.asarray(1.0 / levels, np.float32), np.asarray(qmin, np_zp), dtype, None)
+        if node.op_type == "HardSwish":
+            params = self.act_params(out)
+            if params is None:
+                self.skip(node, "no calibration range for the output")
+                return
+            self.act.setdefault(out, params)
+        elif out in self.index.graph_outputs:
+            self.skip(node, "graph output (kept float)")
+            return
+        elif any(r.name in self.float_compute for r in self.index.consumers_of(out)):
+            self.skip(node, "read by a Conv/MatMul/Gemm kept in float")
+            return
+        else:
+            self.act[out] = read
+        self.hard.append(HardActivation(node.name, node.op_type, x, out, quantize_params, read))
+        self.quantized.append((node.name, node.op_type))
 
     def plan_movement(self, node: onnx.NodeProto) -> None:
         data = node.input[0]
@@ -590,7 +764,7 @@ def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) 
             continue
         if node.op_type in FOLDABLE_OPS and any(f.node == node.name for f in planner.folded):
             continue
-        reason = _node_selected(node, config)
+        reason = _node_selected(node, config) or planner.keep_float.get(node.name)
         if reason is not None and node.op_type in COMPUTE_OPS:
             planner.float_locked.update(o for o in node.output if o)
         if reason is not None:
@@ -599,10 +773,24 @@ def _plan_nodes(planner: _Planner, graph: onnx.GraphProto, config: QuantConfig) 
             continue
         if node.op_type in RECURRENT_OPS:
             planner.plan_lstm(node)
+        elif node.op_type == "Conv" and (stem := planner.slow_stem(node)) is not None:
+            planner.skip(node, stem)
+            planner.float_compute.add(node.name)
+            planner.float_locked.update(o for o in node.output if o)
         elif node.op_type in COMPUTE_OPS:
             planner.plan_compute(node)
             if node.name not in {name for name, _ in planner.quantized}:
                 planner.float_locked.update(o for o in node.output if o)
+        elif node.op_type in ("Mul", *RESCALE_OPS) and planner.plan_rescale(node):
+            pass
+        elif node.op_type in RESCALE_OPS:
+            planner.skip(
+                node,
+                f"no integer {node.op_type} kernel in onnxruntime (only a quantized tensor divided by a positive "
+                "scalar constant folds into its scale)",
+            )
+        elif node.op_type in HARD_OPS:
+            planner.plan_hard(node)
         elif node.op_type in ELEMENTWISE_OPS:
             planner.plan_elementwise(node)
         elif node.op_type == "Gather" and planner.plan_embedding(node):
@@ -621,10 +809,11 @@ def _plan_graph(
     config: QuantConfig,
     act: dict[str, QuantParams],
     done: list[tuple[str, _Planner]],
+    keep_float: Mapping[str, str],
 ) -> None:
     """Plan ``graph``, then each subgraph of its nodes; ``act`` is shared, so a tensor is quantized once."""
     index = GraphIndex.build(graph, outer=outer)
-    planner = _Planner(index, ranges, config, act=act, in_subgraph=bool(path))
+    planner = _Planner(index, ranges, config, act=act, in_subgraph=bool(path), keep_float=keep_float)
     _plan_nodes(planner, graph, config)
     done.append((path, planner))
     inputs = {i.name for i in graph.input}
@@ -632,7 +821,7 @@ def _plan_graph(
     for node in graph.node:
         for attr, sub in node_subgraphs(node):
             sub_path = f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}"
-            _plan_graph(sub, sub_path, visible, ranges, config, act, done)
+            _plan_graph(sub, sub_path, visible, ranges, config, act, done, keep_float)
 
 
 def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config: QuantConfig) -> QuantPlan:
@@ -640,10 +829,11 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
 
     Subgraphs of If/Loop/Scan nodes are planned like the main graph, each with the constants of
     its enclosing graphs in view; tensors of a branch calibration never ran have no range and stay float.
+    A Conv/MatMul/Gemm feeding a recurrent cell's input stays float (``quantcli.recurrent``).
     """
     act: dict[str, QuantParams] = {}
     done: list[tuple[str, _Planner]] = []
-    _plan_graph(model.graph, "", {}, ranges, config, act, done)
+    _plan_graph(model.graph, "", {}, ranges, config, act, done, recurrent_input_producers(model))
     planners = [p for _, p in done]
     subgraphs = tuple(SubgraphPlan(path, tuple(p.quantized), tuple(p.skipped)) for path, p in done if path)
     return QuantPlan(
@@ -657,4 +847,6 @@ def make_plan(model: onnx.ModelProto, ranges: Mapping[str, TensorRange], config:
         subgraphs=subgraphs,
         recurrent=tuple(r for p in planners for r in p.recurrent),
         embeddings=tuple(e for p in planners for e in p.embeddings),
+        rescaled=tuple(r for p in planners for r in p.rescaled),
+        hard=tuple(h for p in planners for h in p.hard),
     )

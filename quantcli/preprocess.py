@@ -4,6 +4,10 @@ BatchNormalization folded into the Conv before it, with s = gamma / sqrt(var + e
 
     W'[c] = W[c] * s[c]          b'[c] = (b[c] - mean[c]) * s[c] + beta[c]
 
+An Add of a per-channel constant after a Conv (exporters write the bias that way, e.g. Paddle's
+squeeze-excite convs) goes into the Conv's bias: b'[c] = b[c] + a[c]. Quantized, that Add would be
+one more QLinearAdd per block.
+
 Everything here works without shape inference: it only looks at node wiring and constants.
 """
 
@@ -33,12 +37,15 @@ class PreprocessReport:
     removed_identities: int
     folded_batchnorms: int
     folded_constants: int = 0
+    folded_bias_adds: int = 0
 
     def lines(self) -> list[str]:
         """Human-readable summary, one line per pass that did something."""
         out = []
         if self.folded_batchnorms:
             out.append(f"folded {self.folded_batchnorms} BatchNormalization into Conv")
+        if self.folded_bias_adds:
+            out.append(f"folded {self.folded_bias_adds} Add of a per-channel constant into the Conv bias")
         if self.removed_identities:
             out.append(f"removed {self.removed_identities} Identity/Dropout")
         if self.folded_constants:
@@ -62,10 +69,10 @@ def preprocess(
     out.CopyFrom(model)
     graph = out.graph
     named = _name_nodes(graph)
-    counts = [0, 0, 0, 0]
+    counts = [0, 0, 0, 0, 0]
     _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
-    consts, folded_consts, removed, folded = counts
-    return out, PreprocessReport(named, consts, removed, folded, folded_consts)
+    consts, folded_consts, removed, folded, bias_adds = counts
+    return out, PreprocessReport(named, consts, removed, folded, folded_consts, bias_adds)
 
 
 def _clean_graph(
@@ -91,6 +98,7 @@ def _clean_graph(
     counts[1] += _fold_constants(graph, opsets, outer, shared) if fold_constants else 0
     counts[2] += _remove_identities(graph) if remove_identity else 0
     counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
+    counts[4] += _fold_bias_adds(graph, outer) if fold_batchnorm else 0
     if outer:  # a subgraph: Constant nodes no branch reads any more go away
         _drop_unused_initializers(graph)
     inputs = {i.name for i in graph.input}
@@ -299,6 +307,56 @@ def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] 
         graph.initializer.extend(new_inits)
         _drop_unused_initializers(graph)
     return folded
+
+
+def _fold_bias_adds(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+    """Conv -> Add(constant a) with a broadcasting over the channel axis only: b' = b + a."""
+    index = GraphIndex.build(graph, outer=outer)
+    outputs = set(index.graph_outputs)
+    taken = set(index.initializers)
+    replaced: set[str] = set()
+    new_inits: list[onnx.TensorProto] = []
+    for add in graph.node:
+        if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+            continue
+        for pos in (0, 1):
+            conv, const = index.producers.get(add.input[pos]), add.input[1 - pos]
+            if conv is None or conv.op_type != "Conv" or conv.name in replaced or not index.is_constant(const):
+                continue
+            if len(index.consumers_of(conv.output[0])) != 1 or conv.output[0] in outputs:
+                continue
+            if not index.is_constant(conv.input[1]) or (
+                len(conv.input) > 2 and conv.input[2] and not index.is_constant(conv.input[2])
+            ):
+                continue
+            weight = index.constant(conv.input[1])
+            value = index.constant(const)
+            rank, channels = weight.ndim, weight.shape[0]
+            if value.dtype != np.float32 or weight.dtype != np.float32 or value.ndim > rank:
+                continue
+            shape = (1,) * (rank - value.ndim) + value.shape
+            if shape[0] != 1 or shape[1] not in (1, channels) or any(d != 1 for d in shape[2:]):
+                continue  # not per channel: it would change the output's shape or vary over space
+            bias = (
+                index.constant(conv.input[2])
+                if len(conv.input) > 2 and conv.input[2]
+                else np.zeros(channels, np.float32)
+            )
+            b_name = _fresh(f"{conv.name}_bias_add_folded", taken)
+            new_inits.append(numpy_helper.from_array((bias + value.reshape(-1)).astype(np.float32), b_name))
+            del conv.input[2:]
+            conv.input.append(b_name)
+            conv.output[0] = add.output[0]
+            replaced.add(conv.name)
+            replaced.add(add.name)
+            break
+    if replaced:
+        keep = [n for n in graph.node if not (n.op_type == "Add" and n.name in replaced)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        graph.initializer.extend(new_inits)
+        _drop_unused_initializers(graph)
+    return len(replaced) // 2
 
 
 def _fresh(base: str, taken: set[str]) -> str:

@@ -193,6 +193,15 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(f"quantized nodes: {quantized}")
     if result.plan.folded:
         console.print(f"folded {len(result.plan.folded)} Relu/Clip into their producers' quantization ranges")
+    if result.plan.rescaled:
+        console.print(
+            f"{len(result.plan.rescaled)} Mul/Div by a positive scalar folded into a DequantizeLinear scale (no kernel)"
+        )
+    if result.plan.hard:
+        console.print(
+            f"{len(result.plan.hard)} HardSigmoid/HardSwish run on integers (QLinearAdd re-quantized to the hard "
+            "sigmoid's grid, plus a QLinearMul for HardSwish)"
+        )
     if result.plan.embeddings:
         console.print(
             f"{len(result.plan.embeddings)} embedding tables stored as int8 (weight-only): rows are gathered "

@@ -22,8 +22,10 @@ from quantcli.planning import (
     ActivationQuant,
     EmbeddingQuant,
     FoldedActivation,
+    HardActivation,
     QuantPlan,
     RecurrentQuant,
+    Rescale,
     WeightQuant,
 )
 from quantcli.qmath import QuantizedTensor, QuantParams
@@ -103,7 +105,11 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     recurrent: dict[str, RecurrentQuant | EmbeddingQuant] = {r.node: r for r in plan.recurrent}
     recurrent.update({e.node: e for e in plan.embeddings})
     quantized_nodes = frozenset(name for name, _ in plan.quantized_nodes)
-    _rewrite_graph(out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {}, recurrent, quantized_nodes)
+    integer_ops: dict[str, Rescale | HardActivation] = {r.node: r for r in plan.rescaled}
+    integer_ops.update({h.node: h for h in plan.hard})
+    _rewrite_graph(
+        out.graph, acts, weights, {f.node: f for f in plan.folded}, names, {}, recurrent, quantized_nodes, integer_ops
+    )
     if plan.recurrent and not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     return out
@@ -160,6 +166,68 @@ def _dynamic_lstm(node: onnx.NodeProto, r: RecurrentQuant, builder: _Builder) ->
     node.domain = "com.microsoft"
 
 
+def _integer_op(
+    node: onnx.NodeProto,
+    op: Rescale | HardActivation,
+    acts: dict[str, ActivationQuant],
+    act_nodes: dict[str, tuple[onnx.NodeProto, onnx.NodeProto, str]],
+    integers: dict[str, str],
+    builder: _Builder,
+) -> list[onnx.NodeProto]:
+    """Nodes that replace a planned ``Rescale`` or ``HardActivation`` (see their docstrings).
+
+    Registers the new DequantizeLinear outputs in ``act_nodes`` and ``integers`` so that readers
+    are rewired to them; returns the nodes to emit in place of ``node``.
+    """
+    if isinstance(op, Rescale):
+        scale, zp = builder.params(op.output, acts[op.output].params)
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [integers[op.source], scale, zp],
+            [builder.names.new(f"{op.output}_dequantized")],
+            name=builder.names.new(f"{node.name}_rescaled"),
+        )
+        act_nodes[op.output] = (dq, dq, dq.output[0])
+        integers[op.output] = integers[op.source]
+        return [dq]
+    x = act_nodes[op.input][2]
+    zero_q = builder.names.new(f"{node.name}_zero")
+    dtype = op.quantize.dtype
+    builder.initializers.append(_tensor(np.zeros((), op.quantize.zero_point.dtype), zero_q, dtype))
+    one, zp0 = builder.params(
+        f"{node.name}_zero", QuantParams(np.asarray(1.0, np.float32), np.zeros((), op.quantize.zero_point.dtype), dtype)
+    )
+    zero_f = builder.names.new(f"{node.name}_zero_dequantized")
+    pre = builder.names.new(f"{node.name}_x_plus_zero")
+    h_q = builder.names.new(f"{node.name}_hard_sigmoid_quantized")
+    q_scale, q_zp = builder.params(f"{node.name}_hard_sigmoid_in", op.quantize)
+    r_scale, r_zp = builder.params(f"{node.name}_hard_sigmoid", op.read)
+    sigmoid_out = op.output if op.op_type == "HardSigmoid" else builder.names.new(f"{node.name}_hard_sigmoid")
+    nodes = [
+        helper.make_node("DequantizeLinear", [zero_q, one, zp0], [zero_f], name=builder.names.new(f"{zero_q}_dq")),
+        helper.make_node("Add", [x, zero_f], [pre], name=builder.names.new(f"{node.name}_requantize")),
+        helper.make_node("QuantizeLinear", [pre, q_scale, q_zp], [h_q], name=builder.names.new(f"{h_q}_q")),
+        helper.make_node("DequantizeLinear", [h_q, r_scale, r_zp], [sigmoid_out], name=builder.names.new(f"{h_q}_dq")),
+    ]
+    if op.op_type == "HardSigmoid":
+        act_nodes[op.output] = (nodes[-1], nodes[-1], op.output)
+        integers[op.output] = h_q
+        return nodes
+    nodes.append(helper.make_node("Mul", [x, sigmoid_out], [op.output], name=node.name))
+    if op.output in act_nodes:
+        nodes.extend(act_nodes[op.output][:2])
+    return nodes
+
+
+def _drop_unread_dequantize(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """``nodes`` without the activation DequantizeLinear nodes whose output nobody reads."""
+    read = {i for n in nodes for i in n.input} | {o.name for o in graph.output}
+    for node in nodes:
+        for _, sub in node_subgraphs(node):
+            read |= outer_references(sub)
+    return [n for n in nodes if not (n.op_type == "DequantizeLinear" and n.output[0] not in read)]
+
+
 def _rewrite_graph(
     graph: onnx.GraphProto,
     acts: dict[str, ActivationQuant],
@@ -169,6 +237,7 @@ def _rewrite_graph(
     outer: dict[str, str],
     recurrent: dict[str, RecurrentQuant | EmbeddingQuant],
     quantized_nodes: frozenset[str],
+    integer_ops: dict[str, Rescale | HardActivation] | None = None,
 ) -> None:
     """Rewrite ``graph`` in place, then its subgraphs.
 
@@ -183,10 +252,14 @@ def _rewrite_graph(
             if node.name == f.producer:
                 node.output[0] = f.output
     produced = {i.name for i in graph.input} | {o for n in graph.node for o in n.output if o}
+    integer_ops = integer_ops or {}
+    local_ops = {n.name: integer_ops[n.name] for n in graph.node if n.name in integer_ops}
+    #: tensors whose integers come from another tensor's QuantizeLinear or from a HardSigmoid's
+    no_pair = {op.output for op in local_ops.values() if isinstance(op, Rescale) or op.op_type == "HardSigmoid"}
 
     # activation Q/DQ pairs, keyed by the tensor they quantize
     act_nodes: dict[str, tuple[onnx.NodeProto, onnx.NodeProto, str]] = {}
-    for a in (acts[t] for t in acts if t in produced):
+    for a in (acts[t] for t in acts if t in produced and t not in no_pair):
         base = a.tensor
         scale, zp = builder.params(base, a.params)
         q_out = builder.names.new(f"{base}_quantized")
@@ -238,8 +311,12 @@ def _rewrite_graph(
     for name in (i.name for i in graph.input):
         if name in act_nodes:
             new_nodes.extend(act_nodes[name][:2])
+    integers = {t: q.output[0] for t, (q, _, _) in act_nodes.items()}  # tensor -> its integer tensor
     for node in graph.node:
         if node.name in folded:
+            continue
+        if node.name in local_ops:
+            new_nodes.extend(_integer_op(node, local_ops[node.name], acts, act_nodes, integers, builder))
             continue
         special = recurrent.get(node.name)
         if isinstance(special, EmbeddingQuant):
@@ -266,13 +343,15 @@ def _rewrite_graph(
             if out_name in act_nodes:
                 new_nodes.extend(act_nodes[out_name][:2])
 
+    if local_ops:  # a tensor read only by a removed Mul/Div or a hard activation needs no DequantizeLinear
+        new_nodes = _drop_unread_dequantize(graph, new_nodes)
     # graph outputs keep their float tensors; consumers inside the graph read the DQ outputs
     del graph.node[:]
     graph.node.extend(new_nodes)
-    inner_outer = {**outer, **{t: q.output[0] for t, (q, _, _) in act_nodes.items() if t in produced}}
+    inner_outer = {**outer, **{t: integers[t] for t in act_nodes if t in produced and t in integers}}
     for node in graph.node:
         for _, sub in node_subgraphs(node):
-            _rewrite_graph(sub, acts, weights, folded, names, inner_outer, recurrent, quantized_nodes)
+            _rewrite_graph(sub, acts, weights, folded, names, inner_outer, recurrent, quantized_nodes, integer_ops)
     used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input} | {o.name for o in graph.output}
     for node in graph.node:
         for _, sub in node_subgraphs(node):

@@ -141,3 +141,28 @@ def test_out_of_memory_on_a_batch_is_not_called_bad_data(monkeypatch):
         quantize(model, {"x": x})
     assert not isinstance(info.value, CalibrationDataError)
     assert "--max-memory" in str(info.value)
+
+
+@pytest.mark.parametrize("method", [CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE])
+def test_permutation_outputs_share_their_source_observation(monkeypatch, method):
+    """On the bundled transformer, observing each Reshape/Transpose source once gives exactly the
+    ranges and histograms that observing every tensor gives, with fewer tensors fetched."""
+    import onnx
+
+    from quantcli import calibration
+    from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+    model = preprocess(onnx.load(str(SAMPLE_MODELS / "digits_transformer.onnx")))[0]
+    ds = open_dataset(CALIBRATION_DATA / "digits_transformer_calib.npz", model_input_specs(model), max_samples=48)
+    shared = calibrate(model, ds, model_sha256="-", method=method, batch_size=16)
+    aliases = calibration.permutation_aliases(model.graph, set(shared.ranges))
+    assert len(aliases) >= 10  # the attention's Reshape/Transpose outputs
+    assert {model.graph.node[i].op_type for i, n in enumerate(model.graph.node) if n.output[0] in aliases} <= (
+        calibration.PERMUTATION_OPS
+    )
+    monkeypatch.setattr(calibration, "permutation_aliases", lambda graph, tracked: {})
+    every = calibrate(model, ds, model_sha256="-", method=method, batch_size=16)
+    assert shared.ranges == every.ranges
+    assert shared.histograms.keys() == every.histograms.keys()
+    for name, hist in every.histograms.items():
+        assert np.array_equal(hist.counts, shared.histograms[name].counts), name

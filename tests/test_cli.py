@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -65,6 +66,34 @@ def test_convert_calibrates_on_the_fly(tmp_path, cnn_path, cnn_data):
     result = invoke("convert", cnn_path, "--data", cnn_data, "-o", out, "--method", "percentile")
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+def test_image_folders_feed_convert_and_compare(tmp_path):
+    """The bundled digits written as grey PNG files: convert calibrates from the folder and compare
+    evaluates on another folder, with no .npz in between."""
+    from PIL import Image
+
+    from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+    folders = {}
+    for split, count in (("calib", 64), ("eval", 100)):
+        folder = folders[split] = tmp_path / split
+        folder.mkdir()
+        with np.load(CALIBRATION_DATA / f"digits_cnn_{split}.npz") as npz:
+            digits = npz["input"][:count, 0]
+        assert digits.min() >= 0.0 and digits.max() <= 1.0  # so 8-bit PNGs hold them to 1/255
+        for i, img in enumerate(digits):
+            Image.fromarray(np.round(img * 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    model, out, report = SAMPLE_MODELS / "digits_cnn.onnx", tmp_path / "q.onnx", tmp_path / "r.json"
+    result = invoke("convert", model, "--data", folders["calib"], "-o", out, "--scale", "255")
+    assert result.exit_code == 0, result.output
+    result = invoke(
+        "compare", model, out, "--data", folders["eval"], "--json", report, "--runs", "2", "--warmup", "1",
+        "--min-agreement", "95",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    doc = json.loads(report.read_text())
+    assert doc["data"]["num_samples"] == 100 and doc["outputs"][0]["sqnr_db"] > 20
 
 
 def test_failed_gate_exits_1_and_names_the_gate(tmp_path, cnn_path, cnn_data):

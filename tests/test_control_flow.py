@@ -430,7 +430,7 @@ def test_cli_reports_what_was_quantized_per_subgraph(tmp_path: Path, if_files: t
 def test_require_speedup_writes_nothing_when_not_faster(
     tmp_path: Path, if_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from quantcli import api
+    from quantcli import api, speedcheck
     from quantcli.errors import QuantCliError
     from quantcli.speedcheck import SpeedCheck
 
@@ -441,7 +441,7 @@ def test_require_speedup_writes_nothing_when_not_faster(
         timed.append(feed)
         return SpeedCheck(fp32_ms=1.0, quantized_ms=1.2, speedup=0.83, rounds=5, margin=0.0)
 
-    monkeypatch.setattr(api, "check_speedup", slow)
+    monkeypatch.setattr(speedcheck, "check_speedup", slow)
     out = tmp_path / "q.onnx"
     with pytest.raises(QuantCliError, match="not faster than FP32 at batch 1"):
         api.convert_model(model, out, data_path=data, require_speedup=True)
@@ -451,7 +451,7 @@ def test_require_speedup_writes_nothing_when_not_faster(
     def fast(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
         return SpeedCheck(fp32_ms=1.0, quantized_ms=0.5, speedup=2.0, rounds=5, margin=0.0)
 
-    monkeypatch.setattr(api, "check_speedup", fast)
+    monkeypatch.setattr(speedcheck, "check_speedup", fast)
     result = api.convert_model(model, out, data_path=data, require_speedup=True)
     assert out.exists() and result.speed is not None and result.speed.faster
 

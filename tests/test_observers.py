@@ -99,6 +99,27 @@ def test_growing_histogram_zeros_before_any_value_land_at_zero():
     assert r.counts[48] == 1 and r.counts[24] == 1  # 0.5 and -0.25 on a grid of width 1/32
 
 
+def test_growing_histogram_bins_equal_floor_reference_on_edge_values():
+    """Bin edges, -0.0, values just under R and tiny values: each lands in floor(x * half / R) + half."""
+    from quantcli.observers import GrowingHistogram
+
+    rng = np.random.default_rng(5)
+    bins, half = 256, 128
+    r = 4.0  # max |x| below is 3.999..., so R = 2**2
+    edges = np.arange(-half + 1, half, dtype=np.float64) * (r / half)  # every left edge above -R, exactly
+    under_r = np.nextafter(np.float32(r), np.float32(0))
+    x = np.concatenate([
+        edges, [-0.0, 0.0, under_r, -under_r, 1e-30, -1e-30, np.float32(r / half) / 3],
+        rng.uniform(-3.9, 3.9, size=5000),
+    ]).astype(np.float32)  # fmt: skip
+    h = GrowingHistogram(bins=bins)
+    h.update(x)
+    got = h.result()
+    assert (got.lo, got.hi) == (-r, r)
+    expected = np.bincount((np.floor(x.astype(np.float64) * (half / r)) + half).astype(np.int64), minlength=bins)
+    assert np.array_equal(got.counts, expected)
+
+
 def _loop_kl(counts: np.ndarray, candidates: np.ndarray, target: int) -> np.ndarray:
     """The TensorRT-style KL search written as the plain loop (the reference for the vectorised one)."""
     counts = counts.astype(np.float64)

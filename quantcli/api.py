@@ -19,7 +19,7 @@ import onnx.version_converter
 from quantcli.artifact import read_calibration
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
 from quantcli.data import model_input_specs, open_dataset, random_dataset
-from quantcli.errors import QuantCliError, UnsupportedModelError
+from quantcli.errors import NotFasterError, QuantCliError, UnsupportedModelError
 from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
 from quantcli.host import default_config
 from quantcli.images import ImagePreprocess
@@ -247,8 +247,9 @@ def convert_model(
     its decisions. With ``recipe``, saved decisions are replayed (same calibration, same bytes).
 
     With ``require_speedup``, both models are timed at batch 1 before anything is written (on the
-    first sample of ``data_path``, else on random inputs of the model's fixed shape) and nothing is
-    written unless the quantized model is faster.
+    first sample of ``data_path`` or ``eval_data``, else on random inputs of the model's fixed shape)
+    and nothing is written unless the quantized model is faster. A search (an accuracy budget) does
+    the same unless ``force``: the honest answer for a model that no quantization improves.
 
     ``algorithms`` (CLE, SmoothQuant, bias correction) need ``data_path``: they change the FP32 graph
     or read per-channel statistics, so the transformed model is calibrated here.
@@ -256,8 +257,9 @@ def convert_model(
     ``batch_axes`` names inputs not batched on axis 0, for ``data_path`` and ``eval_data`` alike.
 
     Raises:
-        QuantCliError: bad input, ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float, or
-            ``require_speedup`` and the quantized model is not faster than FP32 at batch 1.
+        QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
+        NotFasterError: ``require_speedup`` (or a search without ``force``) and the quantized model
+            is not faster than FP32 at batch 1.
     """
     from quantcli.audit import audit_fusion
     from quantcli.planning import make_plan
@@ -403,13 +405,18 @@ def convert_model(
                 f"integer kernels: {listed}{more}"
             )
     speed = None
-    if require_speedup:
-        speed = check_speedup(model, quantized, _batch1_feed(model, data_path, batch_axes, images))
+    # with an accuracy budget the answer must also be faster than FP32, unless --force says write it anyway
+    budgeted = searched is not None and not force
+    if require_speedup or budgeted:
+        feed_path = data_path if data_path is not None else eval_data
+        speed = check_speedup(model, quantized, _batch1_feed(model, feed_path, batch_axes, images))
         if not speed.faster:
-            raise QuantCliError(
-                f"{model_path}: the quantized model is not faster than FP32 at batch 1 "
+            met = "meets the accuracy budget but " if searched is not None else ""
+            how = "drop --require-speedup" if require_speedup else "pass --force"
+            raise NotFasterError(
+                f"{model_path}: the quantized model {met}is not faster than FP32 at batch 1 "
                 f"({speed.quantized_ms:.3f} ms vs {speed.fp32_ms:.3f} ms, x{speed.speedup:.2f}); nothing written. "
-                "Keep the FP32 model, or drop --require-speedup to write it anyway"
+                f"Keep the FP32 model, or {how} to write it anyway"
             )
     inferred, shape_error = infer_shapes(prepared)
     known = known_shapes(inferred)

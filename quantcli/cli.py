@@ -26,7 +26,7 @@ from quantcli.artifact import write_calibration
 from quantcli.audit import audit_fusion
 from quantcli.data import model_input_specs, open_dataset, parse_batch_axes
 from quantcli.dynamic_quant import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
-from quantcli.errors import QuantCliError
+from quantcli.errors import NotFasterError, QuantCliError
 from quantcli.gates import GateThresholds, evaluate_gates
 from quantcli.graph import load_model
 from quantcli.host import detect_host
@@ -100,7 +100,8 @@ class UsageError(Exception):
 
 
 def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
-    """Turn QuantCliError into one red line and exit code 3, Ctrl-C into exit 130."""
+    """Turn QuantCliError into one red line and exit code 3 (1 for an unmet budget or a model not
+    faster than FP32), Ctrl-C into exit 130."""
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> None:
@@ -108,6 +109,9 @@ def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
             func(*args, **kwargs)
         except BudgetNotMetError as exc:
             err.print(f"[red]budget not met:[/] {exc}", soft_wrap=True)
+            raise typer.Exit(EXIT_GATE_FAILED) from None
+        except NotFasterError as exc:
+            err.print(f"[red]not faster than FP32:[/] {exc}", soft_wrap=True)
             raise typer.Exit(EXIT_GATE_FAILED) from None
         except QuantCliError as exc:
             err.print(f"[red]error:[/] {exc}", soft_wrap=True)
@@ -396,7 +400,13 @@ def convert(
     recipe: Annotated[
         Path | None, typer.Option("--recipe", help="Replay a saved recipe (types, methods, float nodes).")
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Overwrite OUTPUT if it exists; with a budget, write the model even when it is not faster than FP32.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model).

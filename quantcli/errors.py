@@ -12,6 +12,7 @@ __all__ = [
     "CalibrationDataError",
     "CalibrationTimeoutError",
     "ModelLoadError",
+    "NotFasterError",
     "OutputPathError",
     "QuantCliError",
     "UnsupportedModelError",
@@ -40,6 +41,11 @@ class ArtifactMismatchError(QuantCliError):
 
 class OutputPathError(QuantCliError):
     """An output path exists (without --force), lies in a missing directory, or is not writable."""
+
+
+class NotFasterError(QuantCliError):
+    """The quantized model is not faster than FP32 at batch 1, and a faster one was required
+    (``--require-speedup``, or an accuracy budget without ``--force``); nothing was written."""
 
 
 class CalibrationTimeoutError(QuantCliError):

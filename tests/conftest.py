@@ -33,3 +33,26 @@ def cnn_data(tmp_path: Path) -> Path:
     path = tmp_path / "cnn_data.npz"
     np.savez(path, x=models.structured_images(96, seed=7))
     return path
+
+
+@pytest.fixture
+def fixed_speedup(monkeypatch: pytest.MonkeyPatch):
+    """Make ``convert``'s batch-1 speed check return a set verdict instead of timing (tests never time).
+
+    Returns a setter: ``fixed_speedup(0.8)`` makes the quantized model 0.8x FP32; the default is 1.5x.
+    """
+    from quantcli import speedcheck
+
+    state = {"speedup": 1.5}
+
+    def check(reference, candidate, feed, **_: object) -> speedcheck.SpeedCheck:
+        return speedcheck.SpeedCheck(
+            fp32_ms=1.0, quantized_ms=1.0 / state["speedup"], speedup=state["speedup"], rounds=5, margin=0.0
+        )
+
+    monkeypatch.setattr(speedcheck, "check_speedup", check)
+
+    def set_speedup(value: float) -> None:
+        state["speedup"] = value
+
+    return set_speedup

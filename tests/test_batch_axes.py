@@ -183,7 +183,7 @@ def _invoke(*args: object):
     return runner.invoke(app, [str(a) for a in args])
 
 
-def test_cli_calibrate_convert_search_and_compare(tmp_path, stream_path):
+def test_cli_calibrate_convert_search_and_compare(tmp_path, stream_path, fixed_speedup):
     folder = tmp_path / "calib"
     folder.mkdir()
     rng = np.random.default_rng(0)

@@ -22,6 +22,10 @@ from tests.helpers import run, sqnr
 
 CONFIG = QuantConfig()  # explicit types: the same choices on every host
 
+# a budgeted convert also requires a faster model; these tests are about accuracy, so the speed
+# verdict is set (1.5x) rather than timed (test_budget_result_slower_than_fp32_is_not_written varies it)
+pytestmark = pytest.mark.usefixtures("fixed_speedup")
+
 
 @pytest.fixture
 def mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -343,3 +347,28 @@ def test_search_metric_agreement_ignores_labels(mlp, tmp_path):
     ref = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
     changed = 100.0 * np.mean(run(onnx.load(str(out)), {"x": x})[0].argmax(-1) != ref)
     assert changed <= 1.0 and doc["search"]["accuracy_drop"] == pytest.approx(changed, abs=1e-4)
+
+
+def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_speedup):
+    """The honest answer: a model that meets the budget but is not faster than FP32 is not written,
+    unless --force; the CLI exits 1 and says so in one line."""
+    from quantcli.errors import NotFasterError
+
+    model, calib, evald = mlp
+    out = tmp_path / "q.onnx"
+    fixed_speedup(0.8)
+    options = SearchOptions(Budget(min_sqnr_db=25.0), latency_runs=3)
+    with pytest.raises(NotFasterError, match="meets the accuracy budget but is not faster than FP32"):
+        api.convert_model(model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald)
+    assert not out.exists()
+    res = CliRunner().invoke(
+        app, ["convert", str(model), "-d", str(calib), "--eval-data", str(evald), "--min-sqnr", "25", "-o", str(out)]
+    )
+    assert res.exit_code == 1 and "not faster than FP32" in res.output and "--force" in res.output
+    assert not out.exists()
+    result = api.convert_model(model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald, force=True)
+    assert out.exists() and result.search is not None
+    fixed_speedup(1.3)  # faster: written without --force
+    out2 = tmp_path / "q2.onnx"
+    api.convert_model(model, out2, data_path=calib, config=CONFIG, search=options, eval_data=evald)
+    assert out2.exists()

@@ -130,7 +130,7 @@ def bench(name: str, model: Path, calib: Path, evald: Path, args: argparse.Names
             res = convert_model(
                 model, work / f"{key}.onnx", data_path=calib, config=args.config, upgrade_opset=True,
                 eval_data=without_labels(tune) if key == "search-agree" else tune,
-                search=options,
+                search=options, force=True,  # written even when not faster: this table reports the speed itself
             )  # fmt: skip
             assert res.search is not None
             paths[key] = work / f"{key}.onnx"

@@ -18,7 +18,7 @@ import onnx.version_converter
 
 from quantcli.artifact import read_calibration
 from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
-from quantcli.data import model_input_specs, open_dataset, random_dataset
+from quantcli.data import DataFormat, model_input_specs, open_dataset, random_dataset
 from quantcli.errors import NotFasterError, QuantCliError, UnsupportedModelError
 from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
 from quantcli.host import default_config
@@ -190,21 +190,12 @@ class ConvertResult:
     algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
 
 
-def _sample_feed(
-    model: onnx.ModelProto,
-    data_path: Path | None,
-    batch_axes: Mapping[str, int | None] | None = None,
-    images: ImagePreprocess | None = None,
-) -> dict[str, np.ndarray] | None:
+def _sample_feed(model: onnx.ModelProto, data_path: Path | None, fmt: DataFormat) -> dict[str, np.ndarray] | None:
     """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
     if data_path is None:
         return None
     try:
-        return next(
-            open_dataset(
-                data_path, model_input_specs(model), max_samples=1, batch_axes=batch_axes, images=images
-            ).batches(1)
-        )
+        return next(fmt.open(data_path, model_input_specs(model), max_samples=1).batches(1))
     except (QuantCliError, StopIteration):
         return None
 
@@ -254,7 +245,8 @@ def convert_model(
     ``algorithms`` (CLE, SmoothQuant, bias correction) need ``data_path``: they change the FP32 graph
     or read per-channel statistics, so the transformed model is calibrated here.
 
-    ``batch_axes`` names inputs not batched on axis 0, for ``data_path`` and ``eval_data`` alike.
+    ``batch_axes`` names inputs not batched on axis 0 and ``images`` how image folders become input,
+    for ``data_path`` and ``eval_data`` alike.
 
     Raises:
         QuantCliError: bad input, or ``require_fused`` and a quantized Conv/MatMul/Gemm stayed float.
@@ -268,6 +260,7 @@ def convert_model(
     from quantcli.search import Candidate, SearchBase, build_candidate, search_quantization
     from quantcli.speedcheck import check_speedup
 
+    fmt = DataFormat(batch_axes, images)
     config = config or default_config()
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == model_path.resolve():
@@ -312,7 +305,7 @@ def convert_model(
         prepared, calibration, plan, applied = _convert_with_algorithms(
             prepared, model_path, data_path, sha, config, algorithms,
             method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
-            batch_axes=batch_axes, images=images,
+            fmt=fmt,
         )  # fmt: skip
         quantized = apply_plan(prepared, plan)
     else:
@@ -323,7 +316,7 @@ def convert_model(
             assert data_path is not None
             base, applied = _algorithm_base(
                 prepared, model_path, data_path, sha, config, algorithms,
-                percentile=percentile, timeout=timeout, progress=progress, batch_axes=batch_axes, images=images,
+                percentile=percentile, timeout=timeout, progress=progress, fmt=fmt,
             )  # fmt: skip
             calibration = base.calibration
         elif isinstance(calibration, (str, os.PathLike)):
@@ -335,7 +328,7 @@ def convert_model(
             wants_histograms = search is not None or recipe is not None
             calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
                 prepared,
-                open_dataset(data_path, model_input_specs(model), batch_axes=batch_axes, images=images),
+                fmt.open(data_path, model_input_specs(model)),
                 model_sha256=sha,
                 method=CalibrationMethod.PERCENTILE if wants_histograms else method or CalibrationMethod.MINMAX,
                 percentile=percentile,
@@ -355,7 +348,7 @@ def convert_model(
             quantized, plan, bias_report = build_candidate(base, candidate, percentile=percentile)
         elif search is not None:
             assert eval_data is not None
-            dataset = open_dataset(eval_data, model_input_specs(model), batch_axes=batch_axes, images=images)
+            dataset = fmt.open(eval_data, model_input_specs(model))
             methods = (method, *search.methods) if method is not None else search.methods
             search = replace(search, methods=tuple(dict.fromkeys(methods)), percentile=percentile)
             alternatives: list[SearchBase] = []
@@ -368,7 +361,7 @@ def convert_model(
                 alt, alt_reports = _algorithm_base(
                     prepared, model_path, data_path, sha, replace(config, weight_clipping=WeightClipping.MSE),
                     ALL_ALGORITHMS, percentile=percentile, timeout=timeout, progress=progress,
-                    batch_axes=batch_axes, images=images,
+                    fmt=fmt,
                 )  # fmt: skip
                 alternatives.append(replace(alt, name="all algorithms"))
             searched = search_quantization(
@@ -392,7 +385,7 @@ def convert_model(
     audit = audit_fusion(
         quantized,
         skipped={s.node: s.reason for s in plan.skipped},
-        feed=_sample_feed(model, data_path, batch_axes, images),
+        feed=_sample_feed(model, data_path, fmt),
     )
     if require_fused:
         planned = {name for name, op in plan.quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
@@ -409,7 +402,7 @@ def convert_model(
     budgeted = searched is not None and not force
     if require_speedup or budgeted:
         feed_path = data_path if data_path is not None else eval_data
-        speed = check_speedup(model, quantized, _batch1_feed(model, feed_path, batch_axes, images))
+        speed = check_speedup(model, quantized, _batch1_feed(model, feed_path, fmt))
         if not speed.faster:
             met = "meets the accuracy budget but " if searched is not None else ""
             how = "drop --require-speedup" if require_speedup else "pass --force"
@@ -476,8 +469,7 @@ def _convert_with_algorithms(
     percentile: float,
     timeout: float | None,
     progress: Progress,
-    batch_axes: Mapping[str, int | None] | None = None,
-    images: ImagePreprocess | None = None,
+    fmt: DataFormat,
 ) -> tuple[
     onnx.ModelProto,
     CalibrationResult,
@@ -490,7 +482,7 @@ def _convert_with_algorithms(
     from quantcli.planning import make_plan
 
     source = str(model_path)
-    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
+    dataset = fmt.open(data_path, model_input_specs(prepared))
     prepared, graph_reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(graph_reports)
     calibration = calibrate(
@@ -539,8 +531,7 @@ def _algorithm_base(
     percentile: float,
     timeout: float | None,
     progress: Progress,
-    batch_axes: Mapping[str, int | None] | None = None,
-    images: ImagePreprocess | None = None,
+    fmt: DataFormat,
 ) -> tuple[SearchBase, tuple[EqualizationReport | SmoothQuantReport, ...]]:
     """The search's (or a recipe's) starting point with ``algorithms``: transformed graph, its calibration
     (with histograms, for per-tensor methods) and, for bias correction, the input means of every layer
@@ -551,7 +542,7 @@ def _algorithm_base(
     from quantcli.search import SearchBase
 
     source = str(model_path)
-    dataset = open_dataset(data_path, model_input_specs(prepared), batch_axes=batch_axes, images=images)
+    dataset = fmt.open(data_path, model_input_specs(prepared))
     prepared, reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
     calibration = calibrate(
         prepared, dataset, model_sha256=sha, method=CalibrationMethod.PERCENTILE, percentile=percentile,
@@ -635,16 +626,11 @@ def _convert_mode(
     )
 
 
-def _batch1_feed(
-    model: onnx.ModelProto,
-    data_path: Path | None,
-    batch_axes: Mapping[str, int | None] | None = None,
-    images: ImagePreprocess | None = None,
-) -> dict[str, np.ndarray]:
+def _batch1_feed(model: onnx.ModelProto, data_path: Path | None, fmt: DataFormat) -> dict[str, np.ndarray]:
     """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
     specs = model_input_specs(model)
     if data_path is not None:
-        return next(open_dataset(data_path, specs, max_samples=1, batch_axes=batch_axes, images=images).batches(1))
+        return next(fmt.open(data_path, specs, max_samples=1).batches(1))
     try:
         return next(random_dataset(specs, 1).batches(1))
     except QuantCliError as exc:

@@ -32,6 +32,7 @@ from quantcli.images import ImageFolder, ImagePreprocess, image_files
 
 __all__ = [
     "LABEL_KEYS",
+    "DataFormat",
     "Dataset",
     "FeedList",
     "InputSpec",
@@ -446,6 +447,21 @@ def open_dataset(
     if max_samples is not None and max_samples < dataset.num_samples:
         dataset = dataset.subset(max_samples)
     return dataset
+
+
+@dataclass(frozen=True, slots=True)
+class DataFormat:
+    """How a data path is read, whatever path it is: ``open_dataset``'s ``batch_axes`` and ``images``.
+
+    ``convert`` reads its calibration data, its evaluation data and single samples the same way.
+    """
+
+    batch_axes: Mapping[str, int | None] | None = None
+    images: ImagePreprocess | None = None
+
+    def open(self, path: Path, specs: Sequence[InputSpec], *, max_samples: int | None = None) -> Dataset:
+        """``open_dataset`` with this format."""
+        return open_dataset(path, specs, max_samples=max_samples, images=self.images, batch_axes=self.batch_axes)
 
 
 def _check_dtype(file: Path, spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype) -> None:

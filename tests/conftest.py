@@ -35,24 +35,31 @@ def cnn_data(tmp_path: Path) -> Path:
     return path
 
 
+class SpeedVerdict:
+    """Stands in for ``speedcheck.check_speedup``: a set speed-up, and the feeds it was asked to time."""
+
+    def __init__(self, speedup: float = 1.5) -> None:
+        self.speedup = speedup
+        self.feeds: list[dict[str, np.ndarray]] = []
+
+    def __call__(self, speedup: float) -> None:
+        self.speedup = speedup
+
+    def check(self, reference: object, candidate: object, feed: dict[str, np.ndarray], **_: object):
+        from quantcli.speedcheck import SpeedCheck
+
+        self.feeds.append(feed)
+        return SpeedCheck(fp32_ms=1.0, quantized_ms=1.0 / self.speedup, speedup=self.speedup, rounds=5, margin=0.0)
+
+
 @pytest.fixture
-def fixed_speedup(monkeypatch: pytest.MonkeyPatch):
+def fixed_speedup(monkeypatch: pytest.MonkeyPatch) -> SpeedVerdict:
     """Make ``convert``'s batch-1 speed check return a set verdict instead of timing (tests never time).
 
-    Returns a setter: ``fixed_speedup(0.8)`` makes the quantized model 0.8x FP32; the default is 1.5x.
+    ``fixed_speedup(0.8)`` makes the quantized model 0.8x FP32 (default 1.5x); ``.feeds`` holds what was timed.
     """
     from quantcli import speedcheck
 
-    state = {"speedup": 1.5}
-
-    def check(reference, candidate, feed, **_: object) -> speedcheck.SpeedCheck:
-        return speedcheck.SpeedCheck(
-            fp32_ms=1.0, quantized_ms=1.0 / state["speedup"], speedup=state["speedup"], rounds=5, margin=0.0
-        )
-
-    monkeypatch.setattr(speedcheck, "check_speedup", check)
-
-    def set_speedup(value: float) -> None:
-        state["speedup"] = value
-
-    return set_speedup
+    verdict = SpeedVerdict()
+    monkeypatch.setattr(speedcheck, "check_speedup", verdict.check)
+    return verdict

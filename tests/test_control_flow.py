@@ -428,30 +428,21 @@ def test_cli_reports_what_was_quantized_per_subgraph(tmp_path: Path, if_files: t
 
 
 def test_require_speedup_writes_nothing_when_not_faster(
-    tmp_path: Path, if_files: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, if_files: tuple[Path, Path], fixed_speedup
 ) -> None:
-    from quantcli import api, speedcheck
+    from quantcli import api
     from quantcli.errors import QuantCliError
-    from quantcli.speedcheck import SpeedCheck
 
     model, data = if_files
-    timed: list[dict[str, np.ndarray]] = []
-
-    def slow(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
-        timed.append(feed)
-        return SpeedCheck(fp32_ms=1.0, quantized_ms=1.2, speedup=0.83, rounds=5, margin=0.0)
-
-    monkeypatch.setattr(speedcheck, "check_speedup", slow)
+    fixed_speedup(0.83)
     out = tmp_path / "q.onnx"
     with pytest.raises(QuantCliError, match="not faster than FP32 at batch 1"):
         api.convert_model(model, out, data_path=data, require_speedup=True)
     assert not out.exists()
+    timed = fixed_speedup.feeds
     assert timed and timed[0]["x0"].shape == (1, 32)  # timed on a real batch-1 sample
 
-    def fast(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
-        return SpeedCheck(fp32_ms=1.0, quantized_ms=0.5, speedup=2.0, rounds=5, margin=0.0)
-
-    monkeypatch.setattr(speedcheck, "check_speedup", fast)
+    fixed_speedup(2.0)
     result = api.convert_model(model, out, data_path=data, require_speedup=True)
     assert out.exists() and result.speed is not None and result.speed.faster
 

@@ -63,3 +63,9 @@ def fixed_speedup(monkeypatch: pytest.MonkeyPatch) -> SpeedVerdict:
     verdict = SpeedVerdict()
     monkeypatch.setattr(speedcheck, "check_speedup", verdict.check)
     return verdict
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-golden", action="store_true", default=False, help="record golden files instead of checking them"
+    )

@@ -1,0 +1,245 @@
+"""Behaviour pinned by bytes: the sha256 of every model ``convert`` writes, for many option sets.
+
+Recorded before the package redesign (issue 13) and kept after it: a refactor that changes one byte
+of any written model fails here. Cases run through the command line, the interface users keep.
+
+The hashes depend on onnxruntime's float results (calibration runs the model), so they are recorded
+per host class (CPU architecture and widest SIMD level) in ``tests/golden/convert_hashes.json``.
+Cases that never run onnxruntime before writing (dynamic, weight-only, fp16 modes) must match on every
+host. On a host class with no record, each ORT-dependent case is converted twice and must be
+byte-identical (determinism); record the class with ``pytest --update-golden tests/test_golden_hashes.py``.
+
+A deliberate change of output (a bug fix) updates the file in the same commit and says why in the
+commit message; ``CHANGES`` below lists the cases whose bytes changed on purpose since the recording.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from quantcli.cli import app
+from tests import models
+from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+GOLDEN = Path(__file__).parent / "golden" / "convert_hashes.json"
+runner = CliRunner()
+
+#: cases whose output changed on purpose after the recording, and why (the test still pins the new bytes)
+CHANGES: dict[str, str] = {}
+
+# explicit types so the bytes do not follow the host's defaults (x86 without VNNI picks reduce-range)
+FIXED = ["--activation-type", "uint8", "--reduce-range", "off"]
+
+
+def host_class() -> str:
+    """CPU architecture and SIMD level: what decides which onnxruntime kernels compute the ranges."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    words = set(flags.split())
+    level = "avx512" if "avx512f" in words else "avx2" if "avx2" in words else "base"
+    return f"{platform.machine()}-{level}"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str  # key of MODELS
+    args: tuple[str, ...]
+    uses_ort: bool = True  # False: the mode never runs onnxruntime before writing
+
+
+def _tiny(build: Callable[[], object]) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        path = folder / "model.onnx"
+        path.write_bytes(build().SerializeToString())  # type: ignore[attr-defined]
+        return path
+
+    return write
+
+
+def _opset21(build: Callable[[], object]) -> Callable[[], object]:
+    """16-bit QuantizeLinear needs opset 21: the same tiny model, declared at opset 21."""
+
+    def build21() -> object:
+        model = build()
+        model.opset_import[0].version = 21  # type: ignore[attr-defined]
+        return model
+
+    return build21
+
+
+def _sample(name: str) -> Callable[[Path], Path]:
+    def locate(_: Path) -> Path:
+        return SAMPLE_MODELS / f"{name}.onnx"
+
+    return locate
+
+
+def _data_for(name: str, folder: Path) -> Path:
+    if name in ("digits_cnn", "digits_transformer"):
+        return CALIBRATION_DATA / f"{name}_calib.npz"
+    rng = np.random.default_rng(11)
+    path = folder / "data.npz"
+    name = name.removesuffix("21")
+    if name == "small_cnn":
+        np.savez(path, x=models.structured_images(48, seed=7))
+    elif name == "matmul_chain":
+        np.savez(path, x=rng.normal(size=(48, 4, 32)).astype(np.float32))
+    elif name == "attention_matmul":
+        np.savez(path, x=rng.normal(size=(48, 6, 16)).astype(np.float32))
+    elif name == "sensitive_mlp":
+        np.savez(path, x=np.abs(rng.normal(size=(48, 32))).astype(np.float32))
+    else:  # pragma: no cover - a case names a model below
+        raise KeyError(name)
+    return path
+
+
+MODELS: dict[str, Callable[[Path], Path]] = {
+    "digits_cnn": _sample("digits_cnn"),
+    "digits_transformer": _sample("digits_transformer"),
+    "small_cnn": _tiny(models.small_cnn),
+    "matmul_chain": _tiny(models.matmul_chain),
+    "attention_matmul": _tiny(models.attention_matmul),
+    "sensitive_mlp": _tiny(models.sensitive_mlp),
+    "small_cnn21": _tiny(_opset21(models.small_cnn)),
+    "matmul_chain21": _tiny(_opset21(models.matmul_chain)),
+}
+
+# {data} is the model's data file, {calib} a min-max calibration file, {pcalib} a percentile one
+STATIC_SETS: dict[str, tuple[str, ...]] = {
+    "plain": ("--data", "{data}", *FIXED),
+    "from-calib": ("--calibration", "{calib}", *FIXED),
+    "rechoose-entropy": ("--calibration", "{pcalib}", "--method", "entropy", *FIXED),
+    "per-tensor": ("--data", "{data}", "--per-tensor", "--symmetric-activations", "--activation-type", "int8",
+                   "--reduce-range", "off"),  # fmt: skip
+    "reduce-range": ("--data", "{data}", "--activation-type", "uint8", "--reduce-range", "on"),
+    "algorithms": ("--data", "{data}", "--cle", "--smoothquant", "--bias-correction", "--weight-clipping", "mse",
+                   *FIXED),  # fmt: skip
+}
+MODE_SETS: dict[str, tuple[str, ...]] = {
+    "dynamic": ("--mode", "dynamic"),
+    "dynamic-per-tensor": ("--mode", "dynamic", "--per-tensor"),
+    "weight-only": ("--mode", "weight-only"),
+    "weight-only-int8": ("--mode", "weight-only", "--weight-type", "int8", "--block-size", "16"),
+    "fp16": ("--mode", "fp16"),
+}
+
+SIXTEEN_BIT_SETS: dict[str, tuple[str, ...]] = {
+    "uint16-percentile": ("--calibration", "{pcalib}", "--method", "percentile", "--activation-type", "uint16",
+                          "--reduce-range", "off"),  # fmt: skip
+    "int16-entropy": ("--calibration", "{pcalib}", "--method", "entropy", "--activation-type", "int16",
+                      "--reduce-range", "off"),  # fmt: skip
+    "uint16-minmax": ("--data", "{data}", "--activation-type", "uint16", "--reduce-range", "off"),
+}
+
+CASES: list[Case] = []
+for _model in ("small_cnn21", "matmul_chain21"):
+    for _name, _args in SIXTEEN_BIT_SETS.items():
+        CASES.append(Case(f"{_model}/{_name}", _model, _args))
+for _model in list(MODELS)[:6]:
+    for _name, _args in STATIC_SETS.items():
+        CASES.append(Case(f"{_model}/{_name}", _model, _args))
+    for _name, _args in MODE_SETS.items():
+        CASES.append(Case(f"{_model}/{_name}", _model, _args, uses_ort=False))
+# exclusion by glob and by regex (issue 13: a regex did not reach every place that matches node names)
+CASES += [
+    Case("small_cnn/exclude-glob", "small_cnn", ("--data", "{data}", "--exclude-nodes", "relu*", *FIXED)),
+    Case("small_cnn/exclude-regex", "small_cnn", ("--data", "{data}", "--exclude-nodes", "re:relu.*", *FIXED)),
+    Case("matmul_chain/exclude-op", "matmul_chain", ("--data", "{data}", "--exclude-op-types", "Relu", *FIXED)),
+    Case("digits_cnn/defaults", "digits_cnn", ("--data", "{data}")),
+    Case("digits_transformer/defaults", "digits_transformer", ("--data", "{data}")),
+]
+
+
+def _invoke(args: list[str]) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, f"quantcli {' '.join(args)}\n{result.output}"
+
+
+def _calibration(model: Path, data: Path, folder: Path, method: str) -> Path:
+    out = folder / f"calib-{method}.json"
+    if not out.exists():
+        _invoke(["calibrate", str(model), "--data", str(data), "--method", method, "-o", str(out), "-q"])
+    return out
+
+
+def convert_case(case: Case, folder: Path) -> str:
+    """Run the case's convert in ``folder``; the sha256 of the written model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = MODELS[case.model](folder)
+    fields: dict[str, str] = {}
+    if any("{data}" in a or "{calib}" in a or "{pcalib}" in a for a in case.args):
+        data = _data_for(case.model, folder)
+        fields["data"] = str(data)
+        if any("{calib}" in a for a in case.args):
+            fields["calib"] = str(_calibration(model, data, folder, "minmax"))
+        if any("{pcalib}" in a for a in case.args):
+            fields["pcalib"] = str(_calibration(model, data, folder, "percentile"))
+    out = folder / "out.onnx"
+    if out.exists():
+        out.unlink()
+    _invoke(["convert", str(model), "-o", str(out), "-q", *(a.format(**fields) for a in case.args)])
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def recipe_hashes(folder: Path) -> tuple[str, str]:
+    """A search on sensitive_mlp writes a model and a recipe; replaying the recipe writes the same bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = MODELS["sensitive_mlp"](folder)
+    data = _data_for("sensitive_mlp", folder)
+    searched, replayed, recipe = folder / "searched.onnx", folder / "replayed.onnx", folder / "recipe.json"
+    _invoke(["convert", str(model), "-o", str(searched), "--data", str(data), "--eval-data", str(data),
+             "--min-sqnr", "30", "--save-recipe", str(recipe), "--force", "-q", *FIXED])  # fmt: skip
+    _invoke(["convert", str(model), "-o", str(replayed), "--data", str(data), "--recipe", str(recipe), "-q"])
+    return hashlib.sha256(searched.read_bytes()).hexdigest(), hashlib.sha256(replayed.read_bytes()).hexdigest()
+
+
+def _load() -> dict[str, dict[str, str]]:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_convert_bytes_are_pinned(case: Case, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    digest = convert_case(case, tmp_path)
+    golden = _load()
+    key = host_class() if case.uses_ort else "any"
+    if request.config.getoption("--update-golden"):
+        golden.setdefault(key, {})[case.name] = digest
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    recorded = golden.get(key, {})
+    if case.name in recorded:
+        assert digest == recorded[case.name], f"{case.name}: convert wrote other bytes than recorded on {key}"
+    else:  # a host class never recorded: at least the same bytes twice
+        assert key != "any", f"{case.name}: no recorded hash; run pytest --update-golden"
+        assert convert_case(case, tmp_path / "again") == digest, f"{case.name}: convert is not deterministic"
+
+
+def test_recipe_replay_is_pinned(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    searched, replayed = recipe_hashes(tmp_path)
+    assert searched == replayed, "replaying a search's recipe must write the search's bytes"
+    golden = _load()
+    key = host_class()
+    if request.config.getoption("--update-golden"):
+        golden.setdefault(key, {})["sensitive_mlp/recipe"] = searched
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    if "sensitive_mlp/recipe" in golden.get(key, {}):
+        assert searched == golden[key]["sensitive_mlp/recipe"]

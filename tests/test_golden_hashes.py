@@ -125,11 +125,27 @@ STATIC_SETS: dict[str, tuple[str, ...]] = {
     "plain": ("--data", "{data}", *FIXED),
     "from-calib": ("--calibration", "{calib}", *FIXED),
     "rechoose-entropy": ("--calibration", "{pcalib}", "--method", "entropy", *FIXED),
-    "per-tensor": ("--data", "{data}", "--per-tensor", "--symmetric-activations", "--activation-type", "int8",
-                   "--reduce-range", "off"),  # fmt: skip
+    "per-tensor": (
+        "--data",
+        "{data}",
+        "--per-tensor",
+        "--symmetric-activations",
+        "--activation-type",
+        "int8",
+        "--reduce-range",
+        "off",
+    ),
     "reduce-range": ("--data", "{data}", "--activation-type", "uint8", "--reduce-range", "on"),
-    "algorithms": ("--data", "{data}", "--cle", "--smoothquant", "--bias-correction", "--weight-clipping", "mse",
-                   *FIXED),  # fmt: skip
+    "algorithms": (
+        "--data",
+        "{data}",
+        "--cle",
+        "--smoothquant",
+        "--bias-correction",
+        "--weight-clipping",
+        "mse",
+        *FIXED,
+    ),
 }
 MODE_SETS: dict[str, tuple[str, ...]] = {
     "dynamic": ("--mode", "dynamic"),
@@ -140,10 +156,26 @@ MODE_SETS: dict[str, tuple[str, ...]] = {
 }
 
 SIXTEEN_BIT_SETS: dict[str, tuple[str, ...]] = {
-    "uint16-percentile": ("--calibration", "{pcalib}", "--method", "percentile", "--activation-type", "uint16",
-                          "--reduce-range", "off"),  # fmt: skip
-    "int16-entropy": ("--calibration", "{pcalib}", "--method", "entropy", "--activation-type", "int16",
-                      "--reduce-range", "off"),  # fmt: skip
+    "uint16-percentile": (
+        "--calibration",
+        "{pcalib}",
+        "--method",
+        "percentile",
+        "--activation-type",
+        "uint16",
+        "--reduce-range",
+        "off",
+    ),
+    "int16-entropy": (
+        "--calibration",
+        "{pcalib}",
+        "--method",
+        "entropy",
+        "--activation-type",
+        "int16",
+        "--reduce-range",
+        "off",
+    ),
     "uint16-minmax": ("--data", "{data}", "--activation-type", "uint16", "--reduce-range", "off"),
 }
 

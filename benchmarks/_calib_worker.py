@@ -42,7 +42,7 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     if tool == "quantcli":
         from quantcli.api import calibrate_model
-        from quantcli.options import CalibrationMethod
+        from quantcli.core.options import CalibrationMethod
 
         result = calibrate_model(
             Path(model), npz, method=CalibrationMethod(method), batch_size=batch_size, upgrade_opset=True
@@ -51,7 +51,7 @@ def main() -> None:
     else:
         from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-        from quantcli.data import model_input_specs, open_dataset
+        from quantcli.data.datasets import model_input_specs, open_dataset
 
         ds = open_dataset(npz, model_input_specs(onnx.load(model, load_external_data=False)))
 

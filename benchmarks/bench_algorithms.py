@@ -49,11 +49,11 @@ from bench_models import float_compute, run_ort  # noqa: E402
 from bench_search import accuracy_of, search_budget, split_eval, task_quality, without_labels  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
-from quantcli.data import model_input_specs, open_dataset  # noqa: E402
-from quantcli.graph import load_model  # noqa: E402
-from quantcli.host import default_config  # noqa: E402
-from quantcli.options import AlgorithmOptions, CalibrationMethod, WeightClipping  # noqa: E402
-from quantcli.search import SearchOptions  # noqa: E402
+from quantcli.core.host import default_config  # noqa: E402
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping  # noqa: E402
+from quantcli.data.datasets import model_input_specs, open_dataset  # noqa: E402
+from quantcli.graph.model import load_model  # noqa: E402
+from quantcli.search.accuracy_search import SearchOptions  # noqa: E402
 
 MODELS_DIR = REPO / "benchmarks" / "models"
 BUNDLED = {

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_convert import time_interleaved
 from quantcli.api import convert_model
-from quantcli.audit import audit_fusion
-from quantcli.host import detect_host
+from quantcli.core.host import detect_host
+from quantcli.verify.audit import audit_fusion
 
 #: (label, channels, spatial size, kernel, depthwise)
 STACKS = [

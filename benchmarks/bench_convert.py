@@ -2,7 +2,7 @@
 
 For each model: size, accuracy (labels) or top-1 agreement with FP32, output SQNR, the share of
 Conv/MatMul/Gemm multiply-accumulates (MACs) that run in integer kernels after onnxruntime's graph
-optimizations (``quantcli.audit``), and latency at batch 1 and 8 with 1 and 2 threads, every session
+optimizations (``quantcli.verify.audit``), and latency at batch 1 and 8 with 1 and 2 threads, every session
 timed in alternation on the same feed. Prints ratios against FP32 and against onnxruntime's
 quantizer measured in the same run, and the per-node reasons for Conv/MatMul/Gemm left in float;
 ``--json`` saves the figures.
@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quantcli.api import calibrate_model, convert_model  # noqa: E402
-from quantcli.audit import FusionAudit, audit_fusion  # noqa: E402
-from quantcli.data import model_input_specs, open_dataset  # noqa: E402
+from quantcli.data.datasets import model_input_specs, open_dataset  # noqa: E402
+from quantcli.verify.audit import FusionAudit, audit_fusion  # noqa: E402
 
 BUNDLED = [
     ("digits_cnn", "sample_models/digits_cnn.onnx", "calibration_data/digits_cnn_calib.npz",

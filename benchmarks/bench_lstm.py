@@ -4,7 +4,7 @@
 
 DynamicQuantizeLSTM takes int8 W [dirs, input, 4H] and R [dirs, hidden, 4H] (transposed from ONNX
 LSTM's [dirs, 4H, input]) with per-gate-row scales [dirs, 4H]; the input and hidden state are
-quantized on the fly at every step. Both models run in alternation (quantcli.evaluate.measure_latency),
+quantized on the fly at every step. Both models run in alternation (quantcli.compare.evaluate.measure_latency),
 one thread. Accuracy is the SQNR of the output sequence and final states against FP32, with the
 state fed back over a 300-step stream of a smooth signal.
 """
@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.calibration import make_session
-from quantcli.evaluate import measure_latency
+from quantcli.compare.evaluate import measure_latency
+from quantcli.stats.calibration import make_session
 
 
 def lstm_models(seq: int, inp: int, hidden: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:

@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import session  # noqa: E402
 
-from quantcli.audit import audit_fusion  # noqa: E402
+from quantcli.verify.audit import audit_fusion  # noqa: E402
 
 VARIANTS = ("quantcli", "ort", "ort-u8")
 Outputs = list[list[np.ndarray]]  # per batch, per model output

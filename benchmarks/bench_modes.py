@@ -4,7 +4,7 @@ For each model and mode: file size ratio, accuracy against labels (when the data
 agreement with FP32 (for sequence outputs such as PP-OCR's recognizer: the share of text lines whose
 greedy CTC decoding is identical to FP32's), output SQNR, integer kernels in the optimized graph, and
 the latency ratio FP32 / mode at batch 1 and 8, each mode timed in alternation with FP32 on the same
-feed (``quantcli.evaluate.measure_latency``), one thread.
+feed (``quantcli.compare.evaluate.measure_latency``), one thread.
 
 Usage:
     python benchmarks/bench_modes.py                              # bundled transformer + fetched models
@@ -25,11 +25,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from quantcli.api import convert_model  # noqa: E402
-from quantcli.calibration import make_session  # noqa: E402
-from quantcli.data import model_input_specs, open_dataset  # noqa: E402
-from quantcli.evaluate import measure_latency  # noqa: E402
-from quantcli.graph import load_model  # noqa: E402
-from quantcli.modes import ConvertMode  # noqa: E402
+from quantcli.compare.evaluate import measure_latency  # noqa: E402
+from quantcli.data.datasets import model_input_specs, open_dataset  # noqa: E402
+from quantcli.graph.model import load_model  # noqa: E402
+from quantcli.modes.common import ConvertMode  # noqa: E402
+from quantcli.stats.calibration import make_session  # noqa: E402
 
 
 def _default(models: Path) -> list[tuple[str, Path, Path | None, Path]]:

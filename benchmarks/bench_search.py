@@ -39,8 +39,8 @@ from bench_convert import session, time_interleaved  # noqa: E402
 from bench_models import METRICS, run_ort, sqnr_db, top1  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
-from quantcli.data import Dataset, model_input_specs, open_dataset  # noqa: E402
-from quantcli.search import Budget, SearchOptions  # noqa: E402
+from quantcli.data.datasets import Dataset, model_input_specs, open_dataset  # noqa: E402
+from quantcli.search.accuracy_search import Budget, SearchOptions  # noqa: E402
 
 MODELS = [
     ("digits_cnn", "sample_models/digits_cnn.onnx", "calibration_data/digits_cnn_calib.npz",

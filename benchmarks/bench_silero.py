@@ -6,7 +6,7 @@
 ``--save-data DIR`` writes the calibration and evaluation streams as the CLI reads them
 (``DIR/calib/sr16000.npz``: ``input`` [N, 512], ``state`` [2, N, 128] recorded from FP32, ``sr`` scalar; one
 file per sample rate), for ``quantcli calibrate silero_vad.onnx --data DIR/calib --batch-axis state=1``.
-``--no-recurrent-rule`` quantizes the Conv feeding the LSTM too (the rule of ``quantcli.recurrent`` off),
+``--no-recurrent-rule`` quantizes the Conv feeding the LSTM too (the rule of ``quantcli.static.recurrent`` off),
 for the before/after comparison.
 
 Data: there is no labelled speech offline. The only real recordings on this machine are CPython's
@@ -32,15 +32,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from quantcli.audit import audit_fusion
-from quantcli.calibration import calibrate, make_session
-from quantcli.data import FeedList
-from quantcli.evaluate import measure_latency
-from quantcli.host import default_config
-from quantcli.options import CalibrationMethod
-from quantcli.planning import make_plan
-from quantcli.preprocess import preprocess
-from quantcli.rewrite import apply_plan
+from quantcli.compare.evaluate import measure_latency
+from quantcli.core.host import default_config
+from quantcli.core.options import CalibrationMethod
+from quantcli.data.datasets import FeedList
+from quantcli.passes.preprocess import preprocess
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import make_plan
+from quantcli.stats.calibration import calibrate, make_session
+from quantcli.verify.audit import audit_fusion
 
 MODEL = Path(__file__).resolve().parent / "models" / "silero_vad.onnx"
 if not MODEL.exists():  # worktrees share the fetched models of the main checkout
@@ -170,9 +170,9 @@ def main() -> None:
     ap.add_argument("--no-recurrent-rule", action="store_true", help="quantize the Conv feeding the LSTM too")
     args = ap.parse_args()
     if args.no_recurrent_rule:
-        import quantcli.planning
+        import quantcli.static.planning
 
-        quantcli.planning.recurrent_input_producers = lambda model: {}  # type: ignore[assignment]
+        quantcli.static.planning.recurrent_input_producers = lambda model: {}  # type: ignore[assignment]
     model = onnx.load(str(MODEL))
     prepared, _ = preprocess(model)
     fp32 = make_session(model, threads=1)

@@ -1,5 +1,5 @@
 """``python -m quantcli``."""
 
-from quantcli.cli import main
+from quantcli.cli.app import main
 
 main()

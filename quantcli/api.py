@@ -16,36 +16,36 @@ import onnx
 import onnx.numpy_helper
 import onnx.version_converter
 
-from quantcli.artifact import read_calibration
-from quantcli.calibration import CalibrationResult, calibrate, make_session, rechoose
-from quantcli.data import DataFormat, model_input_specs, open_dataset, random_dataset
-from quantcli.errors import NotFasterError, QuantCliError, UnsupportedModelError
-from quantcli.graph import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
-from quantcli.host import default_config
-from quantcli.images import ImagePreprocess
-from quantcli.modes import ConvertMode, ModeReport, matching_nodes
-from quantcli.options import AlgorithmOptions, CalibrationMethod, QuantConfig, WeightClipping
-from quantcli.preprocess import PreprocessReport, preprocess
-from quantcli.progress import Progress, no_progress
+from quantcli.core.errors import NotFasterError, QuantCliError, UnsupportedModelError
+from quantcli.core.host import default_config
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, WeightClipping
+from quantcli.core.progress import Progress, no_progress
+from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
+from quantcli.data.images import ImagePreprocess
+from quantcli.graph.model import file_sha256, infer_shapes, known_shapes, load_model, model_opset, save_model
+from quantcli.modes.common import ConvertMode, ModeReport, matching_nodes
+from quantcli.passes.preprocess import PreprocessReport, preprocess
+from quantcli.stats.artifact import read_calibration
+from quantcli.stats.calibration import CalibrationResult, calibrate, make_session, rechoose
 
 if TYPE_CHECKING:
-    from quantcli.audit import FusionAudit
-    from quantcli.bias_correction import BiasCorrectionReport
-    from quantcli.data import Dataset
-    from quantcli.dynamic_quant import DynamicOptions
-    from quantcli.equalization import EqualizationReport
-    from quantcli.evaluate import (
+    from quantcli.compare.evaluate import (
         LatencyComparison,
         OutputMetrics,
     )
-    from quantcli.layers import LayerError
-    from quantcli.metrics import MetricSpec, TaskMetric
-    from quantcli.planning import QuantPlan
-    from quantcli.recipe import Recipe
-    from quantcli.search import SearchBase, SearchOptions, SearchResult
-    from quantcli.smoothquant import SmoothQuantReport
-    from quantcli.speedcheck import SpeedCheck
-    from quantcli.weight_only import WeightOnlyOptions
+    from quantcli.compare.layers import LayerError
+    from quantcli.compare.metrics import MetricSpec, TaskMetric
+    from quantcli.data.datasets import Dataset
+    from quantcli.modes.dynamic import DynamicOptions
+    from quantcli.modes.weight_only import WeightOnlyOptions
+    from quantcli.passes.equalization import EqualizationReport
+    from quantcli.passes.smoothquant import SmoothQuantReport
+    from quantcli.search.accuracy_search import SearchBase, SearchOptions, SearchResult
+    from quantcli.search.recipe import Recipe
+    from quantcli.static.bias_correction import BiasCorrectionReport
+    from quantcli.static.planning import QuantPlan
+    from quantcli.verify.audit import FusionAudit
+    from quantcli.verify.speedcheck import SpeedCheck
 
 __all__ = [
     "CompareResult",
@@ -129,7 +129,7 @@ def calibrate_model(
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``.
 
     ``random_samples`` (with ``data_path`` None) calibrates on random inputs: for smoke tests only.
-    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.open_dataset``).
+    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
     """
     model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
     if data_path is None:
@@ -233,7 +233,7 @@ def convert_model(
     Other ``mode``s (dynamic, weight-only, fp16) need no calibration; ``mode_options`` holds their
     choices (``config.exclude_nodes`` applies to every mode).
 
-    With ``search`` and ``eval_data``, an accuracy-driven search (``quantcli.search``) picks the
+    With ``search`` and ``eval_data``, an accuracy-driven search (``quantcli.search.accuracy_search``) picks the
     method, per-tensor methods and float nodes that meet ``search.budget``; ``save_recipe`` writes
     its decisions. With ``recipe``, saved decisions are replayed (same calibration, same bytes).
 
@@ -253,12 +253,12 @@ def convert_model(
         NotFasterError: ``require_speedup`` (or a search without ``force``) and the quantized model
             is not faster than FP32 at batch 1.
     """
-    from quantcli.audit import audit_fusion
-    from quantcli.planning import make_plan
-    from quantcli.recipe import read_recipe, write_recipe
-    from quantcli.rewrite import apply_plan
-    from quantcli.search import Candidate, SearchBase, build_candidate, search_quantization
-    from quantcli.speedcheck import check_speedup
+    from quantcli.search.accuracy_search import Candidate, SearchBase, build_candidate, search_quantization
+    from quantcli.search.recipe import read_recipe, write_recipe
+    from quantcli.static.lowering import apply_plan
+    from quantcli.static.planning import make_plan
+    from quantcli.verify.audit import audit_fusion
+    from quantcli.verify.speedcheck import check_speedup
 
     fmt = DataFormat(batch_axes, images)
     config = config or default_config()
@@ -477,9 +477,9 @@ def _convert_with_algorithms(
     tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
 ]:
     """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
-    from quantcli.bias_correction import bias_correction_targets, correct_biases
-    from quantcli.channel_stats import collect_channel_stats
-    from quantcli.planning import make_plan
+    from quantcli.static.bias_correction import bias_correction_targets, correct_biases
+    from quantcli.static.planning import make_plan
+    from quantcli.stats.channel_stats import collect_channel_stats
 
     source = str(model_path)
     dataset = fmt.open(data_path, model_input_specs(prepared))
@@ -503,9 +503,9 @@ def _transform_fp32(
     prepared: onnx.ModelProto, dataset: Dataset, algorithms: AlgorithmOptions, source: str, progress: Progress
 ) -> tuple[onnx.ModelProto, tuple[EqualizationReport | SmoothQuantReport, ...]]:
     """CLE, then SmoothQuant (on statistics of the equalized graph): the FP32 function is unchanged."""
-    from quantcli.channel_stats import collect_channel_stats
-    from quantcli.equalization import equalize
-    from quantcli.smoothquant import smooth, smoothquant_targets
+    from quantcli.passes.equalization import equalize
+    from quantcli.passes.smoothquant import smooth, smoothquant_targets
+    from quantcli.stats.channel_stats import collect_channel_stats
 
     reports: list[EqualizationReport | SmoothQuantReport] = []
     if algorithms.cle:
@@ -536,10 +536,10 @@ def _algorithm_base(
     """The search's (or a recipe's) starting point with ``algorithms``: transformed graph, its calibration
     (with histograms, for per-tensor methods) and, for bias correction, the input means of every layer
     the plan may quantize (each candidate corrects the biases of the weights it quantizes)."""
-    from quantcli.bias_correction import bias_correction_targets
-    from quantcli.channel_stats import collect_channel_stats
-    from quantcli.planning import make_plan
-    from quantcli.search import SearchBase
+    from quantcli.search.accuracy_search import SearchBase
+    from quantcli.static.bias_correction import bias_correction_targets
+    from quantcli.static.planning import make_plan
+    from quantcli.stats.channel_stats import collect_channel_stats
 
     source = str(model_path)
     dataset = fmt.open(data_path, model_input_specs(prepared))
@@ -576,12 +576,12 @@ def _convert_mode(
     require_fused: bool,
     upgrade_opset: bool,
 ) -> ConvertResult:
-    """``convert_model`` for the modes that need no calibration (see ``quantcli.modes``)."""
-    from quantcli.audit import audit_fusion
-    from quantcli.dynamic_quant import DynamicOptions, quantize_dynamic
-    from quantcli.dynamic_quant import default_options as default_dynamic_options
-    from quantcli.fp16 import convert_fp16
-    from quantcli.weight_only import WeightOnlyOptions, quantize_weight_only
+    """``convert_model`` for the modes that need no calibration (see ``quantcli.modes.common``)."""
+    from quantcli.modes.dynamic import DynamicOptions, quantize_dynamic
+    from quantcli.modes.dynamic import default_options as default_dynamic_options
+    from quantcli.modes.fp16 import convert_fp16
+    from quantcli.modes.weight_only import WeightOnlyOptions, quantize_weight_only
+    from quantcli.verify.audit import audit_fusion
 
     model = _prepare_input(
         load_model(model_path), model_path, upgrade_opset=upgrade_opset, min_opset=_MODE_MIN_OPSET[mode]
@@ -703,12 +703,12 @@ def compare_models(
 ) -> CompareResult:
     """Compare ``candidate_path`` (quantized) against ``reference_path`` (FP32) on the same data.
 
-    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.open_dataset``).
+    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
     """
-    from quantcli.audit import audit_fusion
-    from quantcli.evaluate import compare_outputs, measure_latency, session_peak_memory
-    from quantcli.layers import per_layer_errors
-    from quantcli.metrics import MetricSpec, TaskMetric, evaluate_custom
+    from quantcli.compare.evaluate import compare_outputs, measure_latency, session_peak_memory
+    from quantcli.compare.layers import per_layer_errors
+    from quantcli.compare.metrics import MetricSpec, TaskMetric, evaluate_custom
+    from quantcli.verify.audit import audit_fusion
 
     ref_model = load_model(reference_path)
     cand_model = load_model(candidate_path)

@@ -209,9 +209,7 @@ def main() -> None:
             "bytes": path.stat().st_size,
             "sha256": sha256(path),
             "op_histogram": dict(sorted(Counter(n.op_type for n in onnx_model.graph.node).items())),
-            "data_sha256": {
-                f.name: sha256(f) for f in (data_dir / f"{name}_calib.npz", data_dir / f"{name}_eval.npz")
-            },
+            "data_sha256": {f.name: sha256(f) for f in (data_dir / f"{name}_calib.npz", data_dir / f"{name}_eval.npz")},
         }
         print(f"{name}: eval top-1 {100 * acc:.2f}% ({len(eval_y)} samples), {path.stat().st_size} bytes")
     (models_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -46,7 +46,7 @@ class SpeedVerdict:
         self.speedup = speedup
 
     def check(self, reference: object, candidate: object, feed: dict[str, np.ndarray], **_: object):
-        from quantcli.speedcheck import SpeedCheck
+        from quantcli.verify.speedcheck import SpeedCheck
 
         self.feeds.append(feed)
         return SpeedCheck(fp32_ms=1.0, quantized_ms=1.0 / self.speedup, speedup=self.speedup, rounds=5, margin=0.0)
@@ -58,7 +58,7 @@ def fixed_speedup(monkeypatch: pytest.MonkeyPatch) -> SpeedVerdict:
 
     ``fixed_speedup(0.8)`` makes the quantized model 0.8x FP32 (default 1.5x); ``.feeds`` holds what was timed.
     """
-    from quantcli import speedcheck
+    from quantcli.verify import speedcheck
 
     verdict = SpeedVerdict()
     monkeypatch.setattr(speedcheck, "check_speedup", verdict.check)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from quantcli.api import convert_model
-from quantcli.errors import QuantCliError
+from quantcli.core.errors import QuantCliError
 from tests import models
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from quantcli.calibration import CalibrationResult, calibrate, make_session
-from quantcli.data import Dataset, model_input_specs
-from quantcli.options import QuantConfig
-from quantcli.planning import QuantPlan, make_plan
-from quantcli.preprocess import preprocess
-from quantcli.rewrite import apply_plan
+from quantcli.core.options import QuantConfig
+from quantcli.data.datasets import Dataset, model_input_specs
+from quantcli.passes.preprocess import preprocess
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import QuantPlan, make_plan
+from quantcli.stats.calibration import CalibrationResult, calibrate, make_session
 
 
 def dataset(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Dataset:

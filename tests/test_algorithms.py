@@ -11,17 +11,17 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from quantcli import api
-from quantcli.bias_correction import bias_correction_targets, correct_biases
-from quantcli.calibration import calibrate
-from quantcli.channel_stats import collect_channel_stats
-from quantcli.cli import EXIT_BAD_INPUT, app
-from quantcli.equalization import equalize
-from quantcli.options import AlgorithmOptions, QuantConfig, QuantDType, WeightClipping
-from quantcli.planning import make_plan
-from quantcli.preprocess import preprocess
-from quantcli.qmath import dequantize, quantize_weight
-from quantcli.rewrite import apply_plan
-from quantcli.smoothquant import smooth, smoothquant_targets
+from quantcli.cli.app import EXIT_BAD_INPUT, app
+from quantcli.core.options import AlgorithmOptions, QuantConfig, QuantDType, WeightClipping
+from quantcli.core.qmath import dequantize, quantize_weight
+from quantcli.passes.equalization import equalize
+from quantcli.passes.preprocess import preprocess
+from quantcli.passes.smoothquant import smooth, smoothquant_targets
+from quantcli.static.bias_correction import bias_correction_targets, correct_biases
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import make_plan
+from quantcli.stats.calibration import calibrate
+from quantcli.stats.channel_stats import collect_channel_stats
 from tests import helpers, models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 

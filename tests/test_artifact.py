@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from quantcli.artifact import SCHEMA, read_calibration, write_calibration
-from quantcli.calibration import CalibrationResult, TensorRange
-from quantcli.errors import ArtifactMismatchError, OutputPathError
-from quantcli.options import CalibrationMethod
+from quantcli.core.errors import ArtifactMismatchError, OutputPathError
+from quantcli.core.options import CalibrationMethod
+from quantcli.stats.artifact import SCHEMA, read_calibration, write_calibration
+from quantcli.stats.calibration import CalibrationResult, TensorRange
 
 
 def _result() -> CalibrationResult:

@@ -11,10 +11,10 @@ from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 from typer.testing import CliRunner
 
-from quantcli.audit import audit_fusion
-from quantcli.cli import EXIT_BAD_INPUT, app
-from quantcli.macs import compute_macs
-from quantcli.options import QuantConfig
+from quantcli.cli.app import EXIT_BAD_INPUT, app
+from quantcli.core.options import QuantConfig
+from quantcli.verify.audit import audit_fusion
+from quantcli.verify.macs import compute_macs
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 from tests.helpers import quantize

@@ -15,10 +15,10 @@ import onnx.parser
 import pytest
 from typer.testing import CliRunner
 
-from quantcli.calibration import make_session
-from quantcli.cli import EXIT_BAD_INPUT, app
-from quantcli.data import model_input_specs, open_dataset, parse_batch_axes
-from quantcli.errors import CalibrationDataError, QuantCliError
+from quantcli.cli.app import EXIT_BAD_INPUT, app
+from quantcli.core.errors import CalibrationDataError, QuantCliError
+from quantcli.data.datasets import model_input_specs, open_dataset, parse_batch_axes
+from quantcli.stats.calibration import make_session
 
 runner = CliRunner()
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcli.artifact import write_calibration
-from quantcli.calibration import calibrate, plan_groups
-from quantcli.data import model_input_specs, open_dataset
-from quantcli.options import CalibrationMethod
-from quantcli.preprocess import preprocess
+from quantcli.core.options import CalibrationMethod
+from quantcli.data.datasets import model_input_specs, open_dataset
+from quantcli.passes.preprocess import preprocess
+from quantcli.stats.artifact import write_calibration
+from quantcli.stats.calibration import calibrate, plan_groups
 from tests import models
 from tests.helpers import dataset, quantize
 
@@ -90,8 +90,8 @@ def test_dynamic_spatial_shapes_calibrate(tmp_path, method):
 
 
 def test_convert_can_switch_method_from_stored_histograms(tmp_path, prepared, images):
-    from quantcli.artifact import read_calibration
-    from quantcli.calibration import rechoose
+    from quantcli.stats.artifact import read_calibration
+    from quantcli.stats.calibration import rechoose
 
     ds = dataset(prepared, images)
     entropy = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.ENTROPY)
@@ -111,7 +111,7 @@ def test_available_memory_respects_the_address_space_limit():
     import sys
 
     code = (
-        "import resource; from quantcli.graph import available_memory; "
+        "import resource; from quantcli.graph.model import available_memory; "
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)); "
         "print(available_memory())"
     )
@@ -123,7 +123,7 @@ def test_out_of_memory_on_a_batch_is_not_called_bad_data(monkeypatch):
     """An allocation failure says so and names the options that help (not 'bad data')."""
     import onnxruntime as ort
 
-    from quantcli.errors import CalibrationDataError, QuantCliError
+    from quantcli.core.errors import CalibrationDataError, QuantCliError
 
     model = models.small_cnn()
     x = models.structured_images(8, seed=1)
@@ -149,7 +149,7 @@ def test_permutation_outputs_share_their_source_observation(monkeypatch, method)
     ranges and histograms that observing every tensor gives, with fewer tensors fetched."""
     import onnx
 
-    from quantcli import calibration
+    from quantcli.stats import calibration
     from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
     model = preprocess(onnx.load(str(SAMPLE_MODELS / "digits_transformer.onnx")))[0]

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantcli import __version__
-from quantcli.cli import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
+from quantcli.cli.app import EXIT_BAD_INPUT, EXIT_GATE_FAILED, app
 
 runner = CliRunner()
 

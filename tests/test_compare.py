@@ -13,9 +13,9 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from quantcli.api import compare_models, convert_model
-from quantcli.cli import EXIT_GATE_FAILED, app
-from quantcli.host import default_config
-from quantcli.metrics import parse_metric
+from quantcli.cli.app import EXIT_GATE_FAILED, app
+from quantcli.compare.metrics import parse_metric
+from quantcli.core.host import default_config
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
 runner = CliRunner()

@@ -9,15 +9,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.audit import audit_fusion
-from quantcli.calibration import CalibrationResult, calibrate, make_session
-from quantcli.data import FeedList
-from quantcli.graph import infer_shapes
-from quantcli.options import QuantConfig
-from quantcli.planning import QuantPlan, make_plan
-from quantcli.preprocess import preprocess
-from quantcli.rewrite import apply_plan
-from quantcli.subgraphs import walk_graphs
+from quantcli.core.options import QuantConfig
+from quantcli.data.datasets import FeedList
+from quantcli.graph.model import infer_shapes
+from quantcli.graph.subgraphs import walk_graphs
+from quantcli.passes.preprocess import preprocess
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import QuantPlan, make_plan
+from quantcli.stats.calibration import CalibrationResult, calibrate, make_session
+from quantcli.verify.audit import audit_fusion
 from tests.helpers import sqnr
 from tests.models import make_model
 
@@ -414,7 +414,7 @@ def if_files(tmp_path: Path, rng: np.random.Generator) -> tuple[Path, Path]:
 def test_cli_reports_what_was_quantized_per_subgraph(tmp_path: Path, if_files: tuple[Path, Path]) -> None:
     from typer.testing import CliRunner
 
-    from quantcli.cli import app
+    from quantcli.cli.app import app
 
     model, data = if_files
     out = tmp_path / "q.onnx"
@@ -431,7 +431,7 @@ def test_require_speedup_writes_nothing_when_not_faster(
     tmp_path: Path, if_files: tuple[Path, Path], fixed_speedup
 ) -> None:
     from quantcli import api
-    from quantcli.errors import QuantCliError
+    from quantcli.core.errors import QuantCliError
 
     model, data = if_files
     fixed_speedup(0.83)
@@ -448,7 +448,7 @@ def test_require_speedup_writes_nothing_when_not_faster(
 
 
 def test_check_speedup_measures_both_models(rng: np.random.Generator) -> None:
-    from quantcli.speedcheck import check_speedup
+    from quantcli.verify.speedcheck import check_speedup
 
     model = loop_model()
     quantized, _, _ = _quantize(model, [{"x": rng.normal(size=(1, 16)).astype(np.float32)} for _ in range(3)])
@@ -534,7 +534,7 @@ def test_loop_whose_shapes_change_per_iteration_falls_back_to_main_graph(
 
 
 def test_calibration_file_keeps_the_unobserved_subgraph_tensors(tmp_path: Path, rng: np.random.Generator) -> None:
-    from quantcli.artifact import read_calibration, write_calibration
+    from quantcli.stats.artifact import read_calibration, write_calibration
 
     prepared, _ = preprocess(if_model())
     result = calibrate(prepared, FeedList(_if_feeds(rng, (True,), 2)), model_sha256="abc")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcli.data import InputSpec, open_dataset
-from quantcli.errors import CalibrationDataError
+from quantcli.core.errors import CalibrationDataError
+from quantcli.data.datasets import InputSpec, open_dataset
 from tests.conftest import CALIBRATION_DATA
 
 SPECS = (InputSpec("x", np.dtype("float32"), ("N", 3, 4, 4)),)
@@ -123,7 +123,7 @@ def test_truncated_npy_is_refused(tmp_path, rng):
 def test_image_folder_is_decoded_per_batch(tmp_path):
     from PIL import Image
 
-    from quantcli.images import ImagePreprocess
+    from quantcli.data.images import ImagePreprocess
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -157,7 +157,7 @@ def test_unreadable_image_names_the_file(tmp_path):
 
 
 def test_random_source_needs_fixed_shapes():
-    from quantcli.data import random_dataset
+    from quantcli.data.datasets import random_dataset
 
     ds = random_dataset(SPECS, 6, seed=1)
     assert next(ds.batches(6))["x"].shape == (6, 3, 4, 4)

@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.calibration import calibrate
-from quantcli.options import QuantConfig
-from quantcli.planning import make_plan
-from quantcli.preprocess import preprocess
-from quantcli.rewrite import apply_plan
+from quantcli.core.options import QuantConfig
+from quantcli.passes.preprocess import preprocess
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import make_plan
+from quantcli.stats.calibration import calibrate
 from tests import models
 from tests.helpers import dataset, quantize, run, sqnr
 
@@ -118,7 +118,7 @@ def test_sigmoid_scores_that_only_reach_outputs_stay_float(rng: np.random.Genera
         assert np.max(np.abs(out - ref) / ref) < 0.1
         assert sqnr(ref, out) > 30.0
     # the same score map rounded on its own 8-bit grid: the small scores lose their precision
-    monkeypatch.setattr("quantcli.planning._Planner.only_reaches_outputs", lambda self, tensor: False)
+    monkeypatch.setattr("quantcli.static.planning._Planner.only_reaches_outputs", lambda self, tensor: False)
     qmodel, plan, _ = quantize(model, x)
     assert ("sigmoid", "Sigmoid") in plan.quantized_nodes
     out = run(qmodel, x)[0]

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from quantcli.cli import app
+from quantcli.cli.app import app
 from tests import models
 
 runner = CliRunner()
@@ -139,9 +139,9 @@ def _not_writable(mp: pytest.MonkeyPatch) -> None:
 
 
 def _no_memory(mp: pytest.MonkeyPatch) -> None:
-    import quantcli.graph
+    import quantcli.graph.model
 
-    mp.setattr(quantcli.graph, "available_memory", lambda: 1000)
+    mp.setattr(quantcli.graph.model, "available_memory", lambda: 1000)
 
 
 def _calib_file(tmp: Path, text: str) -> list[str]:

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from quantcli.cli import app
+from quantcli.cli.app import app
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 

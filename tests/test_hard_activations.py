@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.audit import audit_fusion
-from quantcli.options import QuantConfig, QuantDType
+from quantcli.core.options import QuantConfig, QuantDType
+from quantcli.verify.audit import audit_fusion
 from tests.helpers import quantize, run, sqnr
 from tests.models import make_model, structured_images
 
@@ -163,7 +163,7 @@ def test_image_stem_conv_stays_float_and_the_rest_integer() -> None:
 )
 def test_per_channel_bias_add_folds_into_conv(shape: tuple[int, ...], folds: bool) -> None:
     """Conv -> Add(constant) becomes the Conv's bias only when the constant is per channel."""
-    from quantcli.preprocess import preprocess
+    from quantcli.passes.preprocess import preprocess
 
     rng = np.random.default_rng(0)
     add_value = rng.normal(size=shape).astype(np.float32)

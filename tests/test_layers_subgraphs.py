@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from quantcli.data import model_input_specs, open_dataset
-from quantcli.layers import per_layer_errors
-from quantcli.subgraphs import walk_graphs
+from quantcli.compare.layers import per_layer_errors
+from quantcli.data.datasets import model_input_specs, open_dataset
+from quantcli.graph.subgraphs import walk_graphs
 from tests.test_control_flow import _if_feeds, _quantize, if_model
 
 

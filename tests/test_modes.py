@@ -9,14 +9,14 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from quantcli.api import convert_model
-from quantcli.audit import audit_fusion
-from quantcli.cli import EXIT_USAGE, app
-from quantcli.dynamic_quant import DynamicOptions, default_options, quantize_dynamic
-from quantcli.fp16 import convert_fp16
-from quantcli.modes import ConvertMode, WeightOnlyType
-from quantcli.options import QuantDType
-from quantcli.preprocess import preprocess
-from quantcli.weight_only import WeightOnlyOptions, dequantize_packed, pack_weight, quantize_weight_only
+from quantcli.cli.app import EXIT_USAGE, app
+from quantcli.core.options import QuantDType
+from quantcli.modes.common import ConvertMode, WeightOnlyType
+from quantcli.modes.dynamic import DynamicOptions, default_options, quantize_dynamic
+from quantcli.modes.fp16 import convert_fp16
+from quantcli.modes.weight_only import WeightOnlyOptions, dequantize_packed, pack_weight, quantize_weight_only
+from quantcli.passes.preprocess import preprocess
+from quantcli.verify.audit import audit_fusion
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 from tests.helpers import run
@@ -48,7 +48,7 @@ def _dynamic_quantize(x: np.ndarray) -> np.ndarray:
 
 
 def _dequantized_weight(w: np.ndarray, axis: int, opts: DynamicOptions) -> np.ndarray:
-    from quantcli.dynamic_quant import _weight
+    from quantcli.modes.dynamic import _weight
 
     q, scale, zp = _weight(w, axis, opts)
     shape = [1] * w.ndim

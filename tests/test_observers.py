@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantcli.observers import HistogramObserver, MinMaxObserver, choose_range
+from quantcli.stats.observers import HistogramObserver, MinMaxObserver, choose_range
 
 
 def test_minmax_k_batches_equal_one_batch(rng):
@@ -61,7 +61,7 @@ def test_percentile_covers_bulk_of_gaussian(gaussian_with_outliers):
 
 def test_growing_histogram_does_not_depend_on_batching_or_order():
     """Small values first, then ever larger ones: the grid grows several times while counting."""
-    from quantcli.observers import GrowingHistogram
+    from quantcli.stats.observers import GrowingHistogram
 
     rng = np.random.default_rng(11)
     parts = [rng.normal(size=5000).astype(np.float32) * s for s in (0.01, 0.3, 7.0, 150.0)]
@@ -88,7 +88,7 @@ def test_growing_histogram_does_not_depend_on_batching_or_order():
 
 
 def test_growing_histogram_zeros_before_any_value_land_at_zero():
-    from quantcli.observers import GrowingHistogram
+    from quantcli.stats.observers import GrowingHistogram
 
     h = GrowingHistogram(bins=64)
     h.update(np.zeros(10, dtype=np.float32))
@@ -101,7 +101,7 @@ def test_growing_histogram_zeros_before_any_value_land_at_zero():
 
 def test_growing_histogram_bins_equal_floor_reference_on_edge_values():
     """Bin edges, -0.0, values just under R and tiny values: each lands in floor(x * half / R) + half."""
-    from quantcli.observers import GrowingHistogram
+    from quantcli.stats.observers import GrowingHistogram
 
     rng = np.random.default_rng(5)
     bins, half = 256, 128
@@ -147,7 +147,7 @@ def _loop_kl(counts: np.ndarray, candidates: np.ndarray, target: int) -> np.ndar
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_kl_equals_the_loop(seed):
-    from quantcli.observers import kl_divergences
+    from quantcli.stats.observers import kl_divergences
 
     rng = np.random.default_rng(seed)
     values = np.abs(np.concatenate([rng.normal(size=20000), rng.standard_t(2, size=500) * 3]))

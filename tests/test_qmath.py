@@ -7,8 +7,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from quantcli.options import QuantDType
-from quantcli.qmath import (
+from quantcli.core.options import QuantDType
+from quantcli.core.qmath import (
     dequantize,
     dtype_bounds,
     params_from_range,

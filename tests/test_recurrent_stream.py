@@ -1,4 +1,4 @@
-"""The streaming rule (``quantcli.recurrent``): a Conv/MatMul/Gemm feeding an LSTM's input stays float,
+"""The streaming rule (``quantcli.static.recurrent``): a Conv/MatMul/Gemm feeding an LSTM's input stays float,
 checked on a long stream where each model feeds its own state back (>= 200 steps)."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import quantcli.planning
-from quantcli.calibration import calibrate, make_session
-from quantcli.data import FeedList
-from quantcli.options import QuantConfig
-from quantcli.planning import make_plan
-from quantcli.preprocess import preprocess
-from quantcli.recurrent import REASON, recurrent_input_producers
-from quantcli.rewrite import apply_plan
+import quantcli.static.planning
+from quantcli.core.options import QuantConfig
+from quantcli.data.datasets import FeedList
+from quantcli.passes.preprocess import preprocess
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import make_plan
+from quantcli.static.recurrent import REASON, recurrent_input_producers
+from quantcli.stats.calibration import calibrate, make_session
 from tests.helpers import sqnr
 
 F, D, H = 16, 32, 8
@@ -127,7 +127,7 @@ def test_feed_stays_float_and_the_state_holds_over_a_long_stream(monkeypatch):
     first, last = sqnr(ref[:50], with_rule[:50]), sqnr(ref[-50:], with_rule[-50:])
     assert last > 27.0 and last > first - 4.5, (first, last)  # measured 33.8 -> 30.5 dB
 
-    monkeypatch.setattr(quantcli.planning, "recurrent_input_producers", lambda model: {})
+    monkeypatch.setattr(quantcli.static.planning, "recurrent_input_producers", lambda model: {})
     _, without, plan_off = _quantized_stream(stream_model(), steps)
     assert ("feed_mm", "MatMul") in plan_off.quantized_nodes
     # the quantized feed's error is carried in the state: the stream drifts further from FP32

@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 
-from quantcli.audit import audit_fusion
-from quantcli.options import QuantConfig
-from quantcli.preprocess import preprocess
+from quantcli.core.options import QuantConfig
+from quantcli.passes.preprocess import preprocess
+from quantcli.verify.audit import audit_fusion
 from tests import models
 from tests.helpers import quantize, run, sqnr
 
@@ -179,9 +179,9 @@ def test_attention_mask_sentinel_stays_float(rng, monkeypatch):
     ref, out = run(model, feeds)[0], run(qmodel, feeds)[0]
     handled = sqnr(ref, out)
     # the same model with the sentinel check switched off: the mask sets the range, the output is lost
-    import quantcli.planning
+    import quantcli.static.planning
 
-    monkeypatch.setattr(quantcli.planning, "SENTINEL_MAGNITUDE", float("inf"))
+    monkeypatch.setattr(quantcli.static.planning, "SENTINEL_MAGNITUDE", float("inf"))
     naive, _, _ = quantize(model, feeds)
     lost = sqnr(ref, run(naive, feeds)[0])
     assert handled > 15.0 and lost < 5.0, (handled, lost)

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from quantcli.audit import audit_fusion
-from quantcli.graph import atomic_output
-from quantcli.host import default_config
+from quantcli.core.host import default_config
+from quantcli.graph.model import atomic_output
+from quantcli.verify.audit import audit_fusion
 from tests import models
 from tests.helpers import quantize, run, sqnr
 

@@ -9,9 +9,9 @@ import onnx
 import pytest
 
 from quantcli.api import compare_models, convert_model
-from quantcli.audit import audit_fusion
-from quantcli.graph import file_sha256
-from quantcli.host import default_config
+from quantcli.core.host import default_config
+from quantcli.graph.model import file_sha256
+from quantcli.verify.audit import audit_fusion
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
 pytestmark = pytest.mark.slow

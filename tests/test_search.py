@@ -11,11 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from quantcli import api
-from quantcli.cli import app
-from quantcli.errors import ArtifactMismatchError, QuantCliError
-from quantcli.options import QuantConfig
-from quantcli.recipe import read_recipe
-from quantcli.search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.cli.app import app
+from quantcli.core.errors import ArtifactMismatchError, QuantCliError
+from quantcli.core.options import QuantConfig
+from quantcli.search.accuracy_search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.search.recipe import read_recipe
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 from tests.helpers import run, sqnr
@@ -165,7 +165,7 @@ def test_cli_search_options_are_checked(mlp, tmp_path):
 def test_recipe_keeps_weight_clipping(mlp, tmp_path):
     from dataclasses import replace
 
-    from quantcli.options import WeightClipping
+    from quantcli.core.options import WeightClipping
 
     model, calib, evald = mlp
     config = replace(CONFIG, weight_clipping=WeightClipping.MSE)
@@ -184,8 +184,8 @@ def test_recipe_keeps_weight_clipping(mlp, tmp_path):
 
 
 def test_search_applies_the_algorithms_to_each_candidate_and_the_recipe_replays_them(mlp, tmp_path):
-    from quantcli.bias_correction import BiasCorrectionReport
-    from quantcli.options import AlgorithmOptions
+    from quantcli.core.options import AlgorithmOptions
+    from quantcli.static.bias_correction import BiasCorrectionReport
 
     model, calib, evald = mlp
     first, recipe = tmp_path / "a.onnx", tmp_path / "recipe.json"
@@ -352,7 +352,7 @@ def test_search_metric_agreement_ignores_labels(mlp, tmp_path):
 def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_speedup):
     """The honest answer: a model that meets the budget but is not faster than FP32 is not written,
     unless --force; the CLI exits 1 and says so in one line."""
-    from quantcli.errors import NotFasterError
+    from quantcli.core.errors import NotFasterError
 
     model, calib, evald = mlp
     out = tmp_path / "q.onnx"

@@ -1,0 +1,314 @@
+"""Run the FP32 and the quantized model on the same data and measure how far apart they are and
+how fast each runs.
+
+Metrics per output (over all samples):
+
+* SQNR (dB) = 10 log10( sum(ref^2) / sum((ref - q)^2) )
+* cosine similarity per sample, averaged; MSE; max |ref - q|
+* top-1 agreement: share of samples whose argmax over the last axis is the same
+* accuracy against labels, when the data has them and the output looks like class scores
+
+Means over samples carry a 95% confidence interval (normal approximation; Wilson interval for
+proportions), so a drop can be told from noise.
+
+Latency: both sessions are timed in alternation on the same feed (warm-up first), so that machine
+noise hits both; the speed-up is the median of the paired ratios, with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from quantcli.core.errors import CalibrationDataError
+from quantcli.core.progress import Progress, no_progress
+from quantcli.data.datasets import Dataset
+
+__all__ = [
+    "Interval",
+    "LatencyComparison",
+    "LatencyStats",
+    "OutputMetrics",
+    "compare_outputs",
+    "measure_latency",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Interval:
+    """A point estimate with a 95% confidence interval."""
+
+    value: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutputMetrics:
+    """How the quantized model's output ``name`` differs from the FP32 one."""
+
+    name: str
+    num_samples: int
+    sqnr_db: float
+    cosine: Interval
+    mse: float
+    max_abs_error: float
+    top1_agreement: Interval | None
+    accuracy_fp32: Interval | None
+    accuracy_quant: Interval | None
+
+
+def _mean_interval(values: np.ndarray) -> Interval:
+    n = values.size
+    mean = float(values.mean()) if n else float("nan")
+    half = 1.96 * float(values.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return Interval(mean, mean - half, mean + half)
+
+
+def _wilson(successes: int, n: int) -> Interval:
+    if n == 0:
+        return Interval(float("nan"), float("nan"), float("nan"))
+    z = 1.96
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(slots=True)
+class _Accumulator:
+    name: str
+    signal: float = 0.0
+    noise: float = 0.0
+    count: int = 0
+    elements: int = 0
+    max_abs: float = 0.0
+    cosines: list[np.ndarray] | None = None
+    agree: int = 0
+    classifier: bool = True
+    correct_ref: int = 0
+    correct_q: int = 0
+    labelled: int = 0
+    topk: int = 1
+
+    def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        ref64, q64 = ref.astype(np.float64), q.astype(np.float64)
+        err = ref64 - q64
+        self.signal += float(np.sum(ref64 * ref64))
+        self.noise += float(np.sum(err * err))
+        self.elements += int(err.size)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(err))) if err.size else 0.0)
+        n = ref.shape[0] if ref.ndim else 1
+        self.count += n
+        flat_r = ref64.reshape(n, -1)
+        flat_q = q64.reshape(n, -1)
+        norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_q, axis=1)
+        cos = np.where(norms > 0, np.sum(flat_r * flat_q, axis=1) / np.where(norms > 0, norms, 1), 1.0)
+        if self.cosines is None:
+            self.cosines = []
+        self.cosines.append(cos)
+        self.classifier = self.classifier and ref.ndim == 2 and ref.shape[-1] > 1
+        if self.classifier:
+            top_r, top_q = ref.argmax(-1), q.argmax(-1)
+            self.agree += int(np.sum(top_r == top_q))
+            if self.topk > 0 and labels is not None and labels.ndim == 1 and labels.shape[0] == n:
+                k = min(self.topk, ref.shape[-1])
+                best_r = np.argpartition(-ref, k - 1, axis=-1)[:, :k]
+                best_q = np.argpartition(-q, k - 1, axis=-1)[:, :k]
+                self.correct_ref += int(np.sum(np.any(best_r == labels[:, None], axis=1)))
+                self.correct_q += int(np.sum(np.any(best_q == labels[:, None], axis=1)))
+                self.labelled += n
+
+    def result(self) -> OutputMetrics:
+        sqnr = 10 * math.log10(self.signal / self.noise) if self.noise > 0 else float("inf")
+        cos = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        return OutputMetrics(
+            name=self.name,
+            num_samples=self.count,
+            sqnr_db=sqnr,
+            cosine=_mean_interval(cos),
+            mse=self.noise / self.elements if self.elements else 0.0,
+            max_abs_error=self.max_abs,
+            top1_agreement=_wilson(self.agree, self.count) if self.classifier else None,
+            accuracy_fp32=_wilson(self.correct_ref, self.labelled) if self.labelled else None,
+            accuracy_quant=_wilson(self.correct_q, self.labelled) if self.labelled else None,
+        )
+
+
+def compare_outputs(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    dataset: Dataset,
+    *,
+    batch_size: int = 32,
+    topk: int = 1,
+    collect: dict[str, list[list[np.ndarray]]] | None = None,
+    progress: Progress = no_progress,
+) -> list[OutputMetrics]:
+    """Metrics for every output of ``reference`` against the same output of ``candidate``.
+
+    ``topk`` sets the accuracy metric against labels (0: none). When ``collect`` is given, every
+    batch's outputs are appended to ``collect["reference"]`` and ``collect["candidate"]`` (for a
+    custom metric that needs all outputs at once).
+    """
+    names = [o.name for o in reference.get_outputs()]
+    accs = {n: _Accumulator(n, topk=topk) for n in names}
+    size = dataset.effective_batch_size(batch_size)
+    total = -(-dataset.num_samples // size)
+    offset = 0
+    for feed in progress(dataset.batches(size), total, "comparing", size):
+        try:
+            ref_out = reference.run(names, feed)
+            q_out = candidate.run(names, feed)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
+        n = dataset.batch_length(feed)
+        labels = None if dataset.labels is None else dataset.labels[offset : offset + n]
+        offset += n
+        for name, r, q in zip(names, ref_out, q_out, strict=True):
+            if r.dtype.kind == "f":
+                accs[name].update(r, q, labels)
+        if collect is not None:
+            collect.setdefault("reference", []).append(ref_out)
+            collect.setdefault("candidate", []).append(q_out)
+    return [accs[n].result() for n in names if accs[n].count]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyStats:
+    """Timing of one session at one batch size, in milliseconds."""
+
+    runs: int
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    throughput: float  # samples per second at the median
+
+    @classmethod
+    def from_times(cls, times_s: np.ndarray, batch_size: int) -> LatencyStats:
+        """Summarize per-run wall times in seconds."""
+        ms = times_s * 1000.0
+        median = float(np.median(ms))
+        return cls(
+            runs=int(ms.size),
+            median_ms=median,
+            p90_ms=float(np.percentile(ms, 90)),
+            p99_ms=float(np.percentile(ms, 99)),
+            mean_ms=float(ms.mean()),
+            throughput=batch_size / (median / 1000.0) if median > 0 else float("inf"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyComparison:
+    """FP32 and quantized latency measured in alternation, and the speed-up with its spread."""
+
+    batch_size: int
+    threads: int
+    reference: LatencyStats
+    candidate: LatencyStats
+    speedup: float
+    speedup_p25: float
+    speedup_p75: float
+    reference_times_ms: tuple[float, ...] = ()
+    candidate_times_ms: tuple[float, ...] = ()
+
+
+def measure_latency(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    feed: dict[str, np.ndarray],
+    *,
+    threads: int,
+    warmup: int = 10,
+    runs: int = 50,
+    time_budget_s: float | None = None,
+) -> LatencyComparison:
+    """Time both sessions in alternation on ``feed``; stop after ``runs`` pairs or the time budget."""
+    for _ in range(warmup):
+        reference.run(None, feed)
+        candidate.run(None, feed)
+    ref_t: list[float] = []
+    cand_t: list[float] = []
+    start = time.perf_counter()
+    for i in range(max(runs, 1)):
+        first, second = (reference, candidate) if i % 2 == 0 else (candidate, reference)
+        t0 = time.perf_counter()
+        first.run(None, feed)
+        t1 = time.perf_counter()
+        second.run(None, feed)
+        t2 = time.perf_counter()
+        if first is reference:
+            ref_t.append(t1 - t0)
+            cand_t.append(t2 - t1)
+        else:
+            cand_t.append(t1 - t0)
+            ref_t.append(t2 - t1)
+        if time_budget_s is not None and time.perf_counter() - start > time_budget_s and i >= 4:
+            break
+    ref_a, cand_a = np.array(ref_t), np.array(cand_t)
+    ratios = ref_a / np.maximum(cand_a, 1e-12)
+    batch = next(iter(feed.values())).shape[0]
+    return LatencyComparison(
+        batch_size=batch,
+        threads=threads,
+        reference=LatencyStats.from_times(ref_a, batch),
+        candidate=LatencyStats.from_times(cand_a, batch),
+        speedup=float(np.median(ratios)),
+        speedup_p25=float(np.percentile(ratios, 25)),
+        speedup_p75=float(np.percentile(ratios, 75)),
+        reference_times_ms=tuple(float(t) * 1000 for t in ref_a),
+        candidate_times_ms=tuple(float(t) * 1000 for t in cand_a),
+    )
+
+
+_MEMORY_PROBE = """
+import json, sys
+import numpy as np, onnxruntime as ort
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(l.split()[1]) for l in fh if l.startswith(key))
+
+opts = ort.SessionOptions(); opts.intra_op_num_threads = int(sys.argv[3]); opts.log_severity_level = 3
+with np.load(sys.argv[2]) as npz:
+    feed = {k: npz[k] for k in npz.files}
+base = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as fh:  # resets the peak (VmHWM) to the current RSS
+    fh.write("5")
+sess = ort.InferenceSession(sys.argv[1], opts, providers=["CPUExecutionProvider"])
+for _ in range(3):
+    sess.run(None, feed)
+print(json.dumps({"peak_mb": (status("VmHWM:") - base) / 1024}))
+"""
+
+
+def session_peak_memory(model_path: str, feed: dict[str, np.ndarray], *, threads: int) -> float | None:
+    """Peak memory (MiB) a session adds while loading ``model_path`` and running ``feed``, measured in a
+    child process so that nothing else in this process is counted (Linux /proc). None if it cannot."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="quantcli-mem-") as tmp:
+        feed_path = Path(tmp) / "feed.npz"
+        np.savez(feed_path, **feed)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _MEMORY_PROBE, model_path, str(feed_path), str(threads)],
+                capture_output=True, text=True, timeout=600, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return None
+    return float(json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"])

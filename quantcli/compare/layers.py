@@ -1,0 +1,277 @@
+"""Per-layer error: where in the network the quantized model drifts from FP32, and why.
+
+For every activation the quantized model quantizes, the FP32 value of that tensor is compared with
+the quantized model's DequantizeLinear output of the same tensor (accumulated error: everything
+upstream is quantized too). For the layer that produces it, the error *in isolation* is measured
+as well: the layer's quantized sub-graph (its weights and input Q/DQ, and its output Q/DQ) is cut out
+and fed the FP32 inputs, so a layer that loses precision itself is told from one that inherits
+error from upstream.
+
+Both models are run in batches over the data with the tensors exposed as outputs; only sums are
+kept (O(1) per tensor), plus the first batch's values for the range hints.
+
+Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
+main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
+in which a branch did not run contributes nothing to its tensors. Their error in isolation is not
+measured (a layer inside a branch is not cut out alone), so ``local_sqnr_db`` is None for them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx.utils
+
+from quantcli.core.progress import Progress, no_progress
+from quantcli.data.datasets import Dataset
+from quantcli.graph.model import infer_shapes
+from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs, walk_graphs
+from quantcli.stats.calibration import augmented, make_session
+
+__all__ = ["LayerError", "per_layer_errors"]
+
+
+@dataclass(frozen=True, slots=True)
+class LayerError:
+    """Error of one quantized tensor, accumulated and in isolation, with a hint for the user."""
+
+    tensor: str
+    node: str
+    op_type: str
+    sqnr_db: float
+    local_sqnr_db: float | None
+    clip_low: float
+    clip_high: float
+    observed_min: float
+    observed_max: float
+    p999_abs: float
+    hint: str
+    #: histogram of the FP32 values on the first batch: bin edges and counts (for the HTML report)
+    hist_edges: tuple[float, ...] = ()
+    hist_counts: tuple[int, ...] = ()
+
+
+@dataclass(slots=True)
+class _Pair:
+    q: str  # quantized tensor name in the QDQ model (QuantizeLinear output)
+    dq: str  # DequantizeLinear output
+    scale: float
+    zero_point: int
+    qmin: int
+    qmax: int
+
+
+def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
+    """FP32 tensor name -> its Q/DQ pair in the quantized model (main graph and subgraphs)."""
+    graphs = [g for _, g in walk_graphs(model.graph)]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for g in graphs for t in g.initializer}
+    nodes = [n for g in graphs for n in g.node]
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            by_input.setdefault(name, []).append(node)
+    pairs: dict[str, _Pair] = {}
+    for node in nodes:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits:
+            continue
+        dqs = [n for n in by_input.get(node.output[0], []) if n.op_type == "DequantizeLinear"]
+        if not dqs or node.input[1] not in inits:
+            continue
+        scale = inits[node.input[1]]
+        if scale.size != 1:
+            continue
+        zp = inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else np.uint8(0)
+        info = np.iinfo(zp.dtype)
+        pairs[node.input[0]] = _Pair(node.output[0], dqs[0].output[0], float(scale), int(zp), info.min, info.max)
+    return pairs
+
+
+def _exposed(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``model`` returning ``names`` (the calibration's augmentation), and the output name of
+    each: its own in the main graph, the carried-out name for one inside a subgraph (absent: not exposed)."""
+    main = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    outputs = {t: t for t in names if t in main}
+    inner = [t for t in names if t not in main]
+    if inner and has_subgraphs(model.graph):
+        try:
+            exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
+        except Exception:  # never block the report: subgraph tensors are then left out
+            exposed = None
+        if exposed is not None:
+            carried = {inside: out for out, inside in exposed.names.items()}
+            outputs.update({t: carried[t] for t in inner if t in carried})
+            model = exposed.model
+    return augmented(model, list(outputs.values())), outputs
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    if noise <= 0:
+        return math.inf
+    if signal <= 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def per_layer_errors(
+    reference: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    dataset: Dataset,
+    *,
+    batch_size: int = 32,
+    local: bool = True,
+    progress: Progress = no_progress,
+) -> list[LayerError]:
+    """Errors of every quantized tensor found in both models, worst accumulated SQNR first."""
+    pairs = _qdq_pairs(quantized)
+    ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
+    q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
+    graph_inputs = {i.name for i in reference.graph.input}
+    names = [t for t in pairs if t in ref_producers or t in graph_inputs]
+    if not names:
+        return []
+    ref_model, ref_out = _exposed(reference, names)
+    q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
+    names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
+    ref_sess = make_session(ref_model)
+    q_sess = make_session(q_model)
+    ref_names = [ref_out[t] for t in names]
+    q_names = [q_out[pairs[t].dq] for t in names]
+    main = {o for n in reference.graph.node for o in n.output} | graph_inputs
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    lo = dict.fromkeys(names, math.inf)
+    hi = dict.fromkeys(names, -math.inf)
+    first_ref: dict[str, np.ndarray] = {}
+    first_inner: dict[str, np.ndarray] = {}  # subgraph tensors: the first batch in which their branch ran
+    size = dataset.effective_batch_size(batch_size)
+    total = -(-dataset.num_samples // size)
+    for feed in progress(dataset.batches(size), total, "per-layer", size):
+        ref_vals = dict(zip(names, ref_sess.run(ref_names, feed), strict=True))
+        q_vals = dict(zip(names, q_sess.run(q_names, feed), strict=True))
+        for t in names:
+            if ref_vals[t].size == 0 or ref_vals[t].shape != q_vals[t].shape:
+                continue  # a branch that did not run in this batch (in one model or both)
+            if t not in main and t not in first_inner:
+                first_inner[t] = ref_vals[t]
+            r = ref_vals[t].astype(np.float64)
+            e = r - q_vals[t].astype(np.float64)
+            signal[t] += float(np.sum(r * r))
+            noise[t] += float(np.sum(e * e))
+            lo[t] = min(lo[t], float(r.min()))
+            hi[t] = max(hi[t], float(r.max()))
+        if not first_ref:
+            first_ref = {t: v for t, v in ref_vals.items() if t in main}
+    local_sqnr = _local_errors(quantized, pairs, names, first_ref, feed_names=graph_inputs) if local else {}
+    first_ref.update(first_inner)
+    results = []
+    for t in names:
+        if math.isinf(lo[t]):
+            continue  # never ran on this data
+        pair = pairs[t]
+        node = q_producers.get(t) or ref_producers.get(t)
+        clip_low = (pair.qmin - pair.zero_point) * pair.scale
+        clip_high = (pair.qmax - pair.zero_point) * pair.scale
+        p999 = float(np.percentile(np.abs(first_ref[t]), 99.9)) if t in first_ref and first_ref[t].size else 0.0
+        sqnr = _sqnr(signal[t], noise[t])
+        edges: tuple[float, ...] = ()
+        counts: tuple[int, ...] = ()
+        if t in first_ref and first_ref[t].size:
+            values = first_ref[t].ravel()
+            span_lo, span_hi = min(float(values.min()), clip_low), max(float(values.max()), clip_high)
+            c, e = np.histogram(values, bins=48, range=(span_lo, span_hi if span_hi > span_lo else span_lo + 1))
+            edges, counts = tuple(float(x) for x in e), tuple(int(x) for x in c)
+        err = LayerError(
+            tensor=t,
+            node=node.name if node is not None else "(graph input)",
+            op_type=node.op_type if node is not None else "Input",
+            sqnr_db=sqnr,
+            local_sqnr_db=local_sqnr.get(t),
+            clip_low=clip_low,
+            clip_high=clip_high,
+            observed_min=lo[t],
+            observed_max=hi[t],
+            p999_abs=p999,
+            hint="",
+            hist_edges=edges,
+            hist_counts=counts,
+        )
+        results.append(_with_hint(err))
+    results.sort(key=lambda e: (e.sqnr_db, e.tensor))
+    return results
+
+
+def _local_errors(
+    quantized: onnx.ModelProto,
+    pairs: dict[str, _Pair],
+    names: list[str],
+    ref_values: dict[str, np.ndarray],
+    *,
+    feed_names: set[str],
+) -> dict[str, float]:
+    """SQNR of each tensor when only its producing layer is quantized (FP32 inputs fed in)."""
+    producers = {o: n for n in quantized.graph.node for o in n.output}
+    inits = {t.name for t in quantized.graph.initializer}
+    out: dict[str, float] = {}
+    extractor = onnx.utils.Extractor(infer_shapes(quantized)[0])
+    for t in names:
+        node = producers.get(t)
+        if node is None or t not in ref_values:
+            continue
+        # the layer's float inputs: walk back through its DequantizeLinear/QuantizeLinear to the FP32 tensors
+        sources: list[str] = []
+        for name in node.input:
+            if not name or name in inits:
+                continue
+            feeder = producers.get(name)
+            if feeder is not None and feeder.op_type == "DequantizeLinear" and feeder.input[0] in inits:
+                continue  # a quantized weight or bias
+            src = _float_source(name, producers, inits)
+            if src is None or src not in ref_values:
+                sources = []
+                break
+            sources.append(src)
+        if not sources:
+            continue
+        try:
+            sub = extractor.extract_model(sorted(set(sources)), [pairs[t].dq])
+            sess = make_session(sub)
+            feed = {s: ref_values[s] for s in sorted(set(sources))}
+            got = sess.run([pairs[t].dq], feed)[0].astype(np.float64)
+        except Exception:  # a layer that cannot be cut out alone (e.g. it needs shape inputs) is skipped
+            continue
+        ref = ref_values[t].astype(np.float64)
+        out[t] = _sqnr(float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2)))
+    del feed_names
+    return out
+
+
+def _float_source(name: str, producers: dict[str, onnx.NodeProto], inits: set[str]) -> str | None:
+    node = producers.get(name)
+    if node is None:
+        return name
+    if node.op_type == "DequantizeLinear":
+        q = producers.get(node.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            return q.input[0]
+        return None
+    return name
+
+
+def _with_hint(err: LayerError) -> LayerError:
+    hint = ""
+    spread = max(abs(err.observed_min), abs(err.observed_max))
+    if err.p999_abs > 0 and spread > 10 * err.p999_abs:
+        hint = (
+            f"outliers: range {spread / err.p999_abs:.0f}x the 99.9th percentile; "
+            f"try --method percentile or --exclude-nodes {err.node}"
+        )
+    elif err.local_sqnr_db is not None and err.local_sqnr_db - err.sqnr_db > 6:
+        hint = "error comes from upstream layers (this layer alone is fine)"
+    elif err.local_sqnr_db is not None and err.local_sqnr_db < 20:
+        hint = f"this layer loses precision itself; try --exclude-nodes {err.node}"
+    elif err.clip_high < err.observed_max or err.clip_low > err.observed_min:
+        hint = "clipped: evaluation data exceeds the calibrated range; calibrate on more representative data"
+    return LayerError(**{**{f: getattr(err, f) for f in err.__slots__}, "hint": hint})  # type: ignore[arg-type]

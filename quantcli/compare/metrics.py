@@ -1,0 +1,91 @@
+"""Task metrics for ``compare --metric``: top-k accuracy, or a user's Python function.
+
+A custom metric is named ``module:function`` (an importable module) or ``path/to/file.py:function``.
+The function receives all outputs of one model, ``{output name: array stacked over samples}``, and
+the labels (or None), and returns one number where higher is better, on a 0..1 scale (so that
+``--max-accuracy-drop`` reads it in percentage points). This runs your code: it is only loaded when
+you name it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from quantcli.core.errors import QuantCliError
+
+__all__ = ["MetricSpec", "TaskMetric", "parse_metric"]
+
+CustomMetric = Callable[[dict[str, np.ndarray], "np.ndarray | None"], float]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMetric:
+    """A custom metric's value for the FP32 and the quantized model."""
+
+    name: str
+    reference: float
+    candidate: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """``topk`` for label accuracy (0: none), or a custom function."""
+
+    name: str
+    topk: int = 1
+    function: CustomMetric | None = None
+
+
+def parse_metric(spec: str) -> MetricSpec:
+    """``top1``, ``top5``, ``none``, ``module:function`` or ``file.py:function``."""
+    match = re.fullmatch(r"top(\d+)", spec)
+    if match:
+        return MetricSpec(spec, topk=int(match.group(1)))
+    if spec == "none":
+        return MetricSpec(spec, topk=0)
+    if ":" not in spec:
+        raise QuantCliError(f"--metric {spec!r}: use top1, top5, none, module:function or file.py:function")
+    target, _, func_name = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise QuantCliError(f"--metric: {path}: file not found")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            if module_spec is None or module_spec.loader is None:
+                raise QuantCliError(f"--metric: {path}: cannot be imported")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")
+            module = importlib.import_module(target)
+    except QuantCliError:
+        raise
+    except Exception as exc:
+        raise QuantCliError(f"--metric {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+    function = getattr(module, func_name, None)
+    if not callable(function):
+        raise QuantCliError(f"--metric {spec!r}: {target} has no function '{func_name}'")
+    return MetricSpec(spec, topk=1, function=function)
+
+
+def evaluate_custom(
+    spec: MetricSpec, batches: list[list[np.ndarray]], names: list[str], labels: np.ndarray | None
+) -> float:
+    """Stack the batches and call the custom function."""
+    assert spec.function is not None
+    outputs = {name: np.concatenate([b[i] for b in batches]) for i, name in enumerate(names)}
+    try:
+        value = float(spec.function(outputs, labels))
+    except Exception as exc:
+        raise QuantCliError(f"--metric {spec.name!r} raised {type(exc).__name__}: {exc}") from exc
+    return value

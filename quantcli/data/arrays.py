@@ -1,0 +1,145 @@
+"""Read rows of ``.npy`` files and of ``.npz`` members without loading whole arrays.
+
+An uncompressed ``.npy`` (or a member of an uncompressed ``.npz``, which is what ``np.savez`` writes)
+is read with ``seek`` + ``read`` for just the rows asked for, so memory stays at one batch whatever the
+file size. Compressed members and Fortran-ordered arrays are loaded whole (and said so in the docs).
+Object dtypes are refused before any data is read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from quantcli.core.errors import CalibrationDataError
+
+__all__ = ["ArraySource", "open_npy", "open_npz"]
+
+
+class ArraySource(Protocol):
+    """A read-only array whose rows (axis 0) can be read on demand."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop`` as a new in-memory array."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _FileRows:
+    path: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not self.shape:
+            return self._all()
+        row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        start, stop = max(0, start), min(stop, self.shape[0])
+        count = max(0, stop - start)
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset + start * row)
+            buf = fh.read(count * row)
+        if len(buf) != count * row:
+            raise CalibrationDataError(f"{self.path}: file is truncated (rows {start}..{stop} missing)")
+        return np.frombuffer(buf, dtype=self.dtype).reshape((count, *self.shape[1:])).copy()
+
+    def _all(self) -> np.ndarray:
+        with open(self.path, "rb") as fh:
+            fh.seek(self.offset)
+            buf = fh.read(self.dtype.itemsize)
+        return np.frombuffer(buf, dtype=self.dtype).reshape(()).copy()
+
+
+@dataclass(frozen=True, slots=True)
+class _InMemory:
+    path: Path
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return np.array(self.array[start:stop]) if self.array.ndim else self.array.copy()
+
+
+def _header(fh, path: Path, what: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh, max_header_size=100_000)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh, max_header_size=100_000)
+    except ValueError as exc:
+        raise CalibrationDataError(f"{path}: {what} is not a valid .npy array ({exc})") from exc
+    if dtype.hasobject:
+        raise CalibrationDataError(
+            f"{path}: {what} holds a pickled/object array; quantcli never unpickles data. "
+            "Save plain numeric arrays with np.savez"
+        )
+    return tuple(int(d) for d in shape), bool(fortran), np.dtype(dtype)
+
+
+def open_npy(path: Path) -> ArraySource:
+    """Rows of a ``.npy`` file, read on demand."""
+    try:
+        with open(path, "rb") as fh:
+            shape, fortran, dtype = _header(fh, path, "file")
+            offset = fh.tell()
+    except OSError as exc:
+        raise CalibrationDataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if fortran:
+        return _InMemory(path, np.load(path, allow_pickle=False))
+    need = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if path.stat().st_size < need:
+        raise CalibrationDataError(f"{path}: file is truncated ({path.stat().st_size} of {need} bytes)")
+    return _FileRows(path, shape, dtype, offset)
+
+
+def open_npz(path: Path) -> dict[str, ArraySource]:
+    """Each member of an ``.npz`` as rows read on demand (compressed members are loaded whole)."""
+    out: dict[str, ArraySource] = {}
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                key = info.filename[: -len(".npy")]
+                if info.compress_type != zipfile.ZIP_STORED:
+                    with zf.open(info) as member:
+                        shape, fortran, dtype = _header(member, path, f"member '{key}'")
+                    with np.load(path, allow_pickle=False) as npz:
+                        out[key] = _InMemory(path, npz[key])
+                    continue
+                raw.seek(info.header_offset)
+                local = raw.read(30)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    raise CalibrationDataError(f"{path}: corrupted .npz (bad header for '{key}')")
+                name_len = int.from_bytes(local[26:28], "little")
+                extra_len = int.from_bytes(local[28:30], "little")
+                raw.seek(info.header_offset + 30 + name_len + extra_len)
+                shape, fortran, dtype = _header(raw, path, f"member '{key}'")
+                offset = raw.tell()
+                if fortran:
+                    with np.load(path, allow_pickle=False) as npz:
+                        out[key] = _InMemory(path, npz[key])
+                else:
+                    out[key] = _FileRows(path, shape, dtype, offset)
+    except (zipfile.BadZipFile, EOFError) as exc:
+        raise CalibrationDataError(f"{path}: not a readable .npz file ({exc})") from exc
+    except OSError as exc:
+        raise CalibrationDataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    return out

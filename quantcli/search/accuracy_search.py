@@ -1,0 +1,570 @@
+"""Accuracy-driven quantization: the fastest model that meets an accuracy budget.
+
+The user gives a budget (``max_accuracy_drop`` in points of top-1, and/or ``min_sqnr_db`` on the
+outputs) and evaluation data. The search measures every step on that data and on this host:
+
+1. **Calibration method, whole model.** Each method the calibration can provide (min-max, and from
+   its histograms percentile, entropy and MSE) is tried; the best one is the base. With
+   ``alternatives`` (e.g. the same model after CLE, SmoothQuant, bias correction and MSE weight
+   clipping: ``SearchOptions.try_algorithms``), every method is tried on each alternative too, so
+   the algorithms are chosen on the evaluation data like the methods are.
+2. **Calibration method, per tensor.** For the tensors with the worst local error (from the same
+   per-layer analysis ``compare --per-layer`` shows), each other method's range is tried for that
+   tensor alone; a change is kept when the score improves.
+3. **Fallback to float.** Quantized nodes are ordered by local SQNR (cheap: one pass); the
+   ``probe`` most suspicious ones are measured one by one (only that node in float), and nodes are
+   then returned to float in order of measured gain until the budget holds.
+4. **Pruning.** Each node in float is tried quantized again, latest first; it stays quantized if
+   the budget still holds. So the result keeps the fewest nodes in float the greedy order found.
+
+Each trial records the metric, the output SQNR and the batch-1 speed-up over FP32 measured
+interleaved on the host, so the report shows the accuracy/latency trade-off of every step. The
+search is deterministic: the same inputs give the same trials, the same choice and the same bytes
+(latency is measured and reported but never used to decide, since it is noisy).
+
+The budgeted metric (``max_accuracy_drop``) is top-1 against labels (per position for
+batch x positions x classes outputs, negative labels unscored); without labels, or with
+``SearchOptions.metric`` = ``AGREEMENT``, the share of samples whose top-1 changed against FP32,
+an upper bound of the drop; or a user's task metric (``quantcli.compare.metrics``).
+
+Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
+FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias
+correction is redone for each candidate's plan (b' = b - E[x] E_W for the weights that candidate
+quantizes), from per-channel input means collected once (``SearchBase.bias_stats``).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from quantcli.compare.evaluate import measure_latency
+from quantcli.compare.layers import LayerError, per_layer_errors
+from quantcli.compare.metrics import MetricSpec, evaluate_custom
+from quantcli.core.errors import QuantCliError
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
+from quantcli.core.progress import Progress, no_progress
+from quantcli.data.datasets import Dataset
+from quantcli.search.recipe import Recipe
+from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
+from quantcli.static.lowering import apply_plan
+from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, QuantPlan, make_plan
+from quantcli.stats.calibration import CalibrationResult, TensorRange, make_session, rechoose
+from quantcli.stats.channel_stats import ChannelStats
+
+__all__ = [
+    "AGREEMENT",
+    "Budget",
+    "BudgetNotMetError",
+    "Candidate",
+    "SearchBase",
+    "SearchOptions",
+    "SearchResult",
+    "Trial",
+    "build_candidate",
+    "search_quantization",
+]
+
+HISTOGRAM_METHODS = (
+    CalibrationMethod.MINMAX,
+    CalibrationMethod.PERCENTILE,
+    CalibrationMethod.ENTROPY,
+    CalibrationMethod.MSE,
+)
+#: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
+AGREEMENT = "agreement"
+#: node types the search may return to float (others follow their neighbours)
+FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
+
+
+class BudgetNotMetError(QuantCliError):
+    """No configuration the search tried met the accuracy budget."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The accuracy a quantized model must keep. ``None`` means the bound is not checked."""
+
+    max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
+    min_sqnr_db: float | None = None  # on every float output
+
+    def describe(self) -> str:
+        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB``."""
+        parts = []
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
+        if self.min_sqnr_db is not None:
+            parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SearchOptions:
+    """How hard the search tries."""
+
+    budget: Budget
+    methods: tuple[CalibrationMethod, ...] = HISTOGRAM_METHODS
+    percentile: float = 99.99
+    tensor_candidates: int = 4  # worst tensors whose method is tried alone
+    probe: int = 8  # suspicious nodes measured one by one
+    max_fallback: int = 24  # nodes the search may return to float
+    latency_runs: int = 20  # interleaved batch-1 runs per trial (reported, never decisive)
+    max_samples: int | None = 512  # evaluation samples used (None: all)
+    try_algorithms: bool = False  # stage 1 also tries CLE + SmoothQuant + bias correction + MSE clipping
+    #: a task metric (``quantcli.compare.metrics``: function of all outputs and labels, 0..1, higher is better)
+    #: that ``max_accuracy_drop`` is measured on instead of top-1, or ``MetricSpec(AGREEMENT)``
+    metric: MetricSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchBase:
+    """Where candidates start from: the FP32 graph after CLE/SmoothQuant, its calibration and choices.
+
+    ``bias_stats`` (input means of the Conv/Gemm/MatMul the plan may quantize) is required when
+    ``algorithms.bias_correction`` is on. ``name`` tells trials of alternative bases apart ("" for
+    the base the user asked for).
+    """
+
+    prepared: onnx.ModelProto = field(repr=False)
+    calibration: CalibrationResult = field(repr=False)
+    config: QuantConfig
+    algorithms: AlgorithmOptions = field(default_factory=AlgorithmOptions)
+    bias_stats: Mapping[str, ChannelStats] | None = field(default=None, repr=False)
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One point of the search space."""
+
+    method: CalibrationMethod
+    tensor_methods: tuple[tuple[str, CalibrationMethod], ...] = ()
+    float_nodes: tuple[str, ...] = ()
+    base: str = ""  # SearchBase.name
+
+
+@dataclass(frozen=True, slots=True)
+class Trial:
+    """One measured candidate."""
+
+    step: int
+    stage: str  # "method", "tensor method", "probe", "fallback", "prune"
+    action: str
+    candidate: Candidate
+    accuracy: float | None  # percent, when the data has labels
+    accuracy_drop: float | None  # points (FP32 minus quantized; agreement-based without labels)
+    sqnr_db: float  # lowest over float outputs
+    speedup_b1: float  # FP32 latency / quantized latency at batch 1 (median of interleaved runs)
+    meets_budget: bool
+    kept: bool = False  # the step's change was kept
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """The trials, the chosen candidate and its model."""
+
+    trials: tuple[Trial, ...]
+    chosen: Trial
+    fp32_accuracy: float | None
+    budget: Budget
+    model: onnx.ModelProto = field(repr=False)
+    plan: QuantPlan = field(repr=False)
+    num_samples: int = 0
+    base: SearchBase | None = field(default=None, repr=False)  # the chosen candidate's base
+    metric: str = "top1"  # what accuracy and drop are measured on ("top1 agreement" without labels)
+    bias_correction: BiasCorrectionReport | None = None  # of the chosen candidate
+
+    def recipe(self, model_sha256: str, config: QuantConfig, percentile: float) -> Recipe:
+        """The decisions as a replayable recipe (``config`` is the chosen base's when there is one)."""
+        c = self.chosen
+        return Recipe(
+            model_sha256=model_sha256,
+            config=self.base.config if self.base is not None else config,
+            algorithms=self.base.algorithms if self.base is not None else AlgorithmOptions(),
+            method=c.candidate.method,
+            percentile=percentile,
+            tensor_methods=c.candidate.tensor_methods,
+            float_nodes=c.candidate.float_nodes,
+            search={
+                "budget": {
+                    "max_accuracy_drop": self.budget.max_accuracy_drop,
+                    "min_sqnr_db": self.budget.min_sqnr_db,
+                },
+                "evaluation_samples": self.num_samples,
+                "metric": self.metric,
+                "fp32_accuracy": _finite(self.fp32_accuracy),
+                "accuracy": _finite(c.accuracy),
+                "accuracy_drop": _finite(c.accuracy_drop),
+                "sqnr_db": _finite(c.sqnr_db),
+                "speedup_b1": _finite(c.speedup_b1),
+                "trials": len(self.trials),
+            },
+        )
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), 4)
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+
+class _Ranges:
+    """Ranges per method, derived once from the calibration's histograms."""
+
+    def __init__(self, calibration: CalibrationResult, percentile: float) -> None:
+        self.calibration = calibration
+        self.percentile = percentile
+        self._cache: dict[CalibrationMethod, Mapping[str, TensorRange]] = {}
+
+    def available(self, wanted: tuple[CalibrationMethod, ...]) -> tuple[CalibrationMethod, ...]:
+        own = self.calibration.method
+        if not self.calibration.histograms:
+            return (own,)
+        return tuple(dict.fromkeys([own, *(m for m in wanted if m != CalibrationMethod.MOVING_AVERAGE)]))
+
+    def of(self, method: CalibrationMethod) -> Mapping[str, TensorRange]:
+        if method not in self._cache:
+            self._cache[method] = rechoose(self.calibration, method, percentile=self.percentile).ranges
+        return self._cache[method]
+
+    def for_candidate(self, cand: Candidate) -> dict[str, TensorRange]:
+        ranges = dict(self.of(cand.method))
+        for tensor, method in cand.tensor_methods:
+            if tensor in ranges:
+                ranges[tensor] = self.of(method)[tensor]
+        return ranges
+
+
+_Built = tuple[onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
+
+
+def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float = 99.99) -> _Built:
+    """The quantized model of ``candidate`` on ``base`` (what ``convert --recipe`` replays).
+
+    Returns the model, its plan and the bias-correction report (None when it is off).
+    """
+    return _build(base, _Ranges(base.calibration, percentile), candidate)
+
+
+def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
+    # float nodes become exact-name exclusions (glob-escaped, so names with * ? [ match only themselves)
+    exact = tuple(glob.escape(name) for name in cand.float_nodes)
+    config = replace(base.config, exclude_nodes=tuple(base.config.exclude_nodes) + exact)
+    chosen = ranges.for_candidate(cand)
+    plan = make_plan(base.prepared, chosen, config)
+    if not base.algorithms.bias_correction:
+        return apply_plan(base.prepared, plan), plan, None
+    if base.bias_stats is None:
+        raise ValueError("bias correction needs the base's bias_stats")
+    # the ranges are the calibration's (taken before correction), as convert without a search does
+    corrected, report = correct_biases(base.prepared, plan, base.bias_stats)
+    plan = make_plan(corrected, chosen, config)
+    return apply_plan(corrected, plan), plan, report
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Score:
+    accuracy: float | None
+    accuracy_drop: float | None
+    sqnr_db: float
+
+
+class _Evaluator:
+    """FP32 outputs computed once; each candidate is scored against them."""
+
+    def __init__(
+        self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32, metric: MetricSpec | None = None
+    ) -> None:
+        self.dataset = dataset
+        self.metric = metric if metric is not None and metric.function is not None else None
+        #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
+        #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
+        agreement = metric is not None and metric.name == AGREEMENT
+        self.session = make_session(reference)
+        self.names = [o.name for o in self.session.get_outputs()]
+        self.size = dataset.effective_batch_size(batch_size)
+        self.feeds = list(dataset.batches(self.size))
+        self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
+        self.labels = None if agreement else dataset.labels
+        first = self.reference[0][0] if self.reference else np.zeros(0)
+        scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
+        # batch x classes, or batch x positions... x classes with labels per position (token
+        # classification, masked language models: negative labels are positions nobody scores)
+        per_position = (
+            self.labels is not None
+            and np.asarray(self.labels).ndim == first.ndim - 1
+            and np.asarray(self.labels).shape[1:] == first.shape[1:-1]
+        )
+        self.classifier = scores and (first.ndim == 2 or per_position)
+        self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
+        if self.metric is not None:  # the user's metric decides, whatever the outputs look like
+            self.classifier = True
+            self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
+        self.latency_feed = next(dataset.batches(1))
+
+    def _accuracy(self, scores: list[np.ndarray]) -> float | None:
+        if self.labels is None:
+            return None
+        pred = np.concatenate([s.argmax(-1) for s in scores])
+        labels = np.asarray(self.labels)[: pred.shape[0]]
+        if labels.shape != pred.shape:
+            return None
+        scored = labels >= 0
+        if not scored.any():
+            return None
+        return 100.0 * float(np.mean(pred[scored] == labels[scored]))
+
+    def score(self, session: ort.InferenceSession) -> _Score:
+        signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
+        noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
+        firsts: list[np.ndarray] = []
+        everything: list[list[np.ndarray]] = []  # for a custom metric only
+        for feed, ref in zip(self.feeds, self.reference, strict=True):
+            out = session.run(self.names, feed)
+            if self.metric is not None:
+                everything.append(out)
+            for name, r, q in zip(self.names, ref, out, strict=True):
+                if r.dtype.kind != "f":
+                    continue
+                r64 = r.astype(np.float64)
+                signal[name] += float(np.sum(r64 * r64))
+                noise[name] += float(np.sum((r64 - q) ** 2))
+            firsts.append(out[0])
+        sqnrs = [
+            (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf)
+            for n in self.names
+            if signal[n] > 0 or noise[n] > 0
+        ]
+        sqnr = min(sqnrs) if sqnrs else math.inf
+        accuracy = drop = None
+        if self.metric is not None:
+            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
+            drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
+        elif self.classifier:
+            accuracy = self._accuracy(firsts)
+            if accuracy is not None and self.fp32_accuracy is not None:
+                drop = self.fp32_accuracy - accuracy
+            else:  # no labels: the share of samples whose top-1 changed bounds the accuracy drop
+                ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
+                q_top = np.concatenate([f.argmax(-1) for f in firsts])
+                drop = 100.0 * float(np.mean(ref_top != q_top))
+        return _Score(accuracy, drop, sqnr)
+
+
+def _meets(score: _Score, budget: Budget) -> bool:
+    if budget.max_accuracy_drop is not None and (
+        score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
+    ):
+        return False
+    return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
+
+
+def _key(score: _Score, budget: Budget) -> tuple[float, float]:
+    """Larger is better: the budgeted metric first, then SQNR."""
+    primary = -(score.accuracy_drop or 0.0) if budget.max_accuracy_drop is not None else score.sqnr_db
+    return (round(primary, 9), round(score.sqnr_db, 6))
+
+
+# ---- the search --------------------------------------------------------------------------------
+
+
+def search_quantization(
+    prepared: onnx.ModelProto,
+    calibration: CalibrationResult,
+    config: QuantConfig,
+    dataset: Dataset,
+    options: SearchOptions,
+    *,
+    algorithms: AlgorithmOptions | None = None,
+    bias_stats: Mapping[str, ChannelStats] | None = None,
+    alternatives: Sequence[SearchBase] = (),
+    reference: onnx.ModelProto | None = None,
+    progress: Progress = no_progress,
+    log: Callable[[str], None] = lambda _: None,
+) -> SearchResult:
+    """Find the candidate with the fewest float nodes that meets ``options.budget``.
+
+    ``prepared`` is the graph to quantize (after CLE/SmoothQuant when ``algorithms`` has them),
+    ``calibration`` its calibration; ``bias_stats`` is needed for ``algorithms.bias_correction``.
+    ``alternatives`` are other bases tried in stage 1 (named, each with its own graph and
+    calibration). ``reference`` is the FP32 model scored against (default: ``prepared``).
+
+    Raises:
+        QuantCliError: the budget cannot be checked on this data (no labels or class scores for an
+            accuracy budget).
+        BudgetNotMetError: nothing tried met the budget (the message names the best attempt).
+    """
+    budget = options.budget
+    if budget.max_accuracy_drop is None and budget.min_sqnr_db is None:
+        raise QuantCliError("the accuracy search needs a budget: --max-accuracy-drop and/or --min-sqnr")
+    if options.max_samples is not None and dataset.num_samples > options.max_samples:
+        dataset = dataset.subset(options.max_samples)
+    ev = _Evaluator(reference if reference is not None else prepared, dataset, metric=options.metric)
+    if budget.max_accuracy_drop is not None and not ev.classifier:
+        raise QuantCliError(
+            f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
+            "positions x classes with labels per position); "
+            "use --min-sqnr for this model"
+        )
+    given = SearchBase(prepared, calibration, config, algorithms or AlgorithmOptions(), bias_stats)
+    bases = {b.name: b for b in (given, *alternatives)}
+    if len(bases) != 1 + len(alternatives):
+        raise ValueError("search bases need distinct names (the given one is '')")
+    ranges = {name: _Ranges(b.calibration, options.percentile) for name, b in bases.items()}
+    trials: list[Trial] = []
+    cache: dict[Candidate, tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]] = {}
+
+    def run(stage: str, action: str, cand: Candidate) -> Trial:
+        if cand in cache:
+            return cache[cand][0]
+        if cand.base:
+            action = f"{action} (+ {cand.base})"
+        model, plan, bc_report = _build(bases[cand.base], ranges[cand.base], cand)
+        session = make_session(model)
+        score = ev.score(session)
+        lat = measure_latency(ev.session, session, ev.latency_feed, threads=1, warmup=3, runs=options.latency_runs)
+        trial = Trial(
+            step=len(trials) + 1,
+            stage=stage,
+            action=action,
+            candidate=cand,
+            accuracy=score.accuracy,
+            accuracy_drop=score.accuracy_drop,
+            sqnr_db=score.sqnr_db,
+            speedup_b1=lat.speedup,
+            meets_budget=_meets(score, budget),
+        )
+        trials.append(trial)
+        cache[cand] = (trial, model, plan, bc_report)
+        log(_describe(trial))
+        return trial
+
+    def keep(trial: Trial) -> Trial:
+        kept = replace(trial, kept=True)
+        trials[trial.step - 1] = kept
+        cache[trial.candidate] = (kept, *cache[trial.candidate][1:])
+        return kept
+
+    def key(t: Trial) -> tuple[float, float]:
+        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db), budget)
+
+    sensitivity: dict[Candidate, list[LayerError]] = {}
+
+    def layer_errors(cand: Candidate) -> list[LayerError]:
+        """Per-layer error of a built candidate on a few samples (once per candidate)."""
+        if cand not in sensitivity:
+            probe = dataset.subset(min(dataset.num_samples, 64))
+            sensitivity[cand] = per_layer_errors(bases[cand.base].prepared, cache[cand][1], probe)
+        return sensitivity[cand]
+
+    # 1. the method for the whole model (on each base)
+    firsts = [
+        run("method", f"all tensors: {m}", Candidate(m, base=name))
+        for name, r in ranges.items()
+        for m in r.available(options.methods)
+    ]
+    best = keep(max(firsts, key=lambda t: (key(t), -t.step)))
+    methods = ranges[best.candidate.base].available(options.methods)
+
+    # 2. per-tensor methods for the worst tensors
+    if not best.meets_budget and len(methods) > 1:
+        errors = layer_errors(best.candidate)
+        # data-movement outputs share their input's range: changing their method changes nothing
+        own_range = [e for e in errors if e.op_type not in MOVEMENT_OPS]
+        worst = sorted(own_range, key=lambda e: (_local(e), e.tensor))[: options.tensor_candidates]
+        for err in worst:
+            for m in methods:
+                if m == best.candidate.method or best.meets_budget:
+                    continue
+                overrides = dict(best.candidate.tensor_methods)
+                overrides[err.tensor] = m
+                cand = replace(best.candidate, tensor_methods=tuple(sorted(overrides.items())))
+                trial = run("tensor method", f"'{err.tensor}': {m}", cand)
+                if key(trial) > key(best):
+                    best = keep(trial)
+
+    # 3. fall back nodes, most harmful first
+    if not best.meets_budget:
+        base_plan = cache[best.candidate][2]
+        local = {e.node: _local(e) for e in layer_errors(best.candidate)}
+        order = {name: i for i, (name, _) in enumerate(base_plan.quantized_nodes)}
+        nodes = [name for name, op in base_plan.quantized_nodes if op in FALLBACK_OPS]
+        # unmeasured nodes (e.g. MatMul with a float output) come after the measured ones
+        nodes.sort(key=lambda n: (local.get(n, math.inf), order[n]))
+        gains: dict[str, tuple[float, float]] = {}
+        for name in nodes[: options.probe]:
+            alone = run("probe", f"float: {name}", replace(best.candidate, float_nodes=(name,)))
+            gains[name] = key(alone)
+            if alone.meets_budget:
+                break
+        ranked = sorted(gains, key=lambda n: (tuple(-x for x in gains[n]), order[n])) + [
+            n for n in nodes if n not in gains
+        ]
+        floats: list[str] = []
+        for name in ranked[: options.max_fallback]:
+            floats.append(name)
+            cand = replace(best.candidate, float_nodes=tuple(sorted(floats)))
+            trial = run("fallback", f"+ float: {name}", cand)
+            if trial.meets_budget:
+                best = keep(trial)
+                break
+        # 4. prune: re-quantize what the budget does not need
+        if best.meets_budget:
+            for name in reversed(floats[:-1]):
+                rest = tuple(n for n in best.candidate.float_nodes if n != name)
+                trial = run("prune", f"- float: {name} (quantized again)", replace(best.candidate, float_nodes=rest))
+                if trial.meets_budget:
+                    best = keep(trial)
+
+    if not best.meets_budget:
+        met = [t for t in trials if t.meets_budget]
+        if met:
+            best = keep(min(met, key=lambda t: (len(t.candidate.float_nodes), -key(t)[0], t.step)))
+        else:
+            closest = max(trials, key=key)
+            raise BudgetNotMetError(
+                f"no quantization met the budget ({budget.describe()}) after {len(trials)} trials; "
+                f"best: {_describe(closest)}; loosen the budget or raise --search-max-fallback"
+            )
+    _, model, plan, bc_report = cache[best.candidate]
+    return SearchResult(
+        trials=tuple(trials),
+        chosen=best,
+        fp32_accuracy=ev.fp32_accuracy,
+        budget=budget,
+        model=model,
+        plan=plan,
+        num_samples=dataset.num_samples,
+        base=bases[best.candidate.base],
+        bias_correction=bc_report,
+        metric=ev.metric.name if ev.metric is not None else "top1" if ev.labels is not None else "top1 agreement",
+    )
+
+
+def _local(err: LayerError) -> float:
+    """The error a tensor adds by itself (its accumulated error when the local one is unknown)."""
+    value = err.local_sqnr_db if err.local_sqnr_db is not None else err.sqnr_db
+    return math.inf if math.isnan(value) else float(value)
+
+
+def _describe(t: Trial) -> str:
+    parts = [f"step {t.step} {t.stage}: {t.action}"]
+    if t.accuracy is not None:
+        parts.append(f"top-1 {t.accuracy:.2f}%")
+    if t.accuracy_drop is not None:
+        parts.append(f"drop {t.accuracy_drop:.2f}")
+    parts.append(f"SQNR {t.sqnr_db:.1f} dB")
+    parts.append(f"{t.speedup_b1:.2f}x FP32 at b1")
+    parts.append(f"{len(t.candidate.float_nodes)} float")
+    parts.append("meets budget" if t.meets_budget else "misses budget")
+    return ", ".join(parts)

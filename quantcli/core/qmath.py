@@ -83,15 +83,6 @@ class QuantParams:
     dtype: QuantDType
     axis: int | None = None
 
-    def same_as(self, other: QuantParams) -> bool:
-        """True when both describe exactly the same quantization grid."""
-        return (
-            self.dtype == other.dtype
-            and self.axis == other.axis
-            and np.array_equal(self.scale, other.scale)
-            and np.array_equal(self.zero_point, other.zero_point)
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class QuantizedTensor:

@@ -23,9 +23,20 @@ __all__ = ["ArraySource", "open_npy", "open_npz"]
 class ArraySource(Protocol):
     """A read-only array whose rows (axis 0) can be read on demand."""
 
-    path: Path
-    shape: tuple[int, ...]
-    dtype: np.dtype
+    @property
+    def path(self) -> Path:
+        """The file the rows come from."""
+        ...
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the whole array."""
+        ...
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Element type."""
+        ...
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``start`` to ``stop`` as a new in-memory array."""

@@ -134,10 +134,6 @@ def _resolve_axes(specs: Sequence[InputSpec], batch_axes: Mapping[str, int | Non
     return axes
 
 
-def _describe_array(arr: np.ndarray) -> str:
-    return f"{arr.dtype}[{','.join(str(d) for d in arr.shape)}]"
-
-
 def _data_files(path: Path) -> list[Path]:
     if not path.exists():
         raise CalibrationDataError(f"{path}: data not found; give a .npz, a .npy or a directory of them")
@@ -281,8 +277,11 @@ class Dataset:
                 if axis is None:
                     arr = _whole(self.chunks[self._chunk_of(start)].sources[spec.name])
                 else:
-                    rows = self._read(spec.name, start, end) if order is None else None
-                    arr = rows if rows is not None else self._gather(spec.name, order[start:end])
+                    arr = (
+                        self._read(spec.name, start, end)
+                        if order is None
+                        else self._gather(spec.name, order[start:end])
+                    )
                     if axis:
                         arr = np.moveaxis(arr, 0, axis)
                 if arr.dtype != spec.dtype:

@@ -76,7 +76,11 @@ class ImageFolder:
                 f"({layout.upper()}); give --layout if that is wrong"
             )
         dims = model_shape[2:4] if nchw else model_shape[1:3]
-        size = prep.size or ((int(dims[0]), int(dims[1])) if all(isinstance(d, int) and d > 0 for d in dims) else None)
+        size = prep.size or (
+            (dims[0], dims[1])
+            if isinstance(dims[0], int) and isinstance(dims[1], int) and dims[0] > 0 and dims[1] > 0
+            else None
+        )
         if size is None:
             raise CalibrationDataError(f"{folder}: the model's height/width are dynamic; give --image-size HxW")
         shape = (len(files), channels, *size) if nchw else (len(files), *size, channels)
@@ -96,18 +100,19 @@ class ImageFolder:
         h, w = (self.shape[2], self.shape[3]) if self.nchw else (self.shape[1], self.shape[2])
         grey = (self.shape[1] if self.nchw else self.shape[3]) == 1
         try:
-            with Image.open(file) as img:
-                img = img.convert("L" if grey else "RGB")
+            with Image.open(file) as opened:
+                img = opened.convert("L" if grey else "RGB")
                 if self.prep.resize:
                     short = min(img.size)
                     factor = self.prep.resize / short
                     img = img.resize(
-                        (max(w, round(img.size[0] * factor)), max(h, round(img.size[1] * factor))), Image.BILINEAR
+                        (max(w, round(img.size[0] * factor)), max(h, round(img.size[1] * factor))),
+                        Image.Resampling.BILINEAR,
                     )
                     left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
                     img = img.crop((left, top, left + w, top + h))
                 else:
-                    img = img.resize((w, h), Image.BILINEAR)
+                    img = img.resize((w, h), Image.Resampling.BILINEAR)
                 arr = np.asarray(img, dtype=np.float32)
         except (UnidentifiedImageError, OSError) as exc:
             raise CalibrationDataError(f"{file}: not a readable image ({exc})") from exc

@@ -386,66 +386,76 @@ def open_dataset(
     path = Path(path)
     axes = _resolve_axes(specs, batch_axes)
     if path.is_dir() and not any(p.suffix in (".npz", ".npy") for p in path.iterdir()) and image_files(path):
-        if len(specs) != 1:
-            raise CalibrationDataError(f"{path}: an image folder feeds a single-input model; this one has {len(specs)}")
-        source = ImageFolder.open(path, specs[0].shape, images or ImagePreprocess())
-        if source.dtype != specs[0].dtype:
-            raise CalibrationDataError(f"{path}: images give float32 but input '{specs[0].name}' is {specs[0].dtype}")
-        chunk = _Chunk(path, {specs[0].name: source}, source.shape[0], False)
-        dataset = Dataset(path, tuple(specs), (chunk,), None)
-        return dataset.subset(max_samples) if max_samples is not None and max_samples < dataset.num_samples else dataset
-    files = _data_files(path)
-    names = [s.name for s in specs]
-    chunks: list[_Chunk] = []
-    label_parts: list[np.ndarray] = []
-    for file in files:
-        content = _open_file(file)
-        if "" in content:
-            if len(specs) != 1:
-                raise CalibrationDataError(
-                    f"{file}: a .npy feeds a single-input model, but this model has inputs {names}; use .npz"
-                )
-            content = {names[0]: content.pop("")}
-        label_src = next((content.pop(k) for k in LABEL_KEYS if k in content), None)
-        unknown = sorted(set(content) - set(names))
-        missing = [n for n in names if n not in content]
-        if missing or unknown:
-            detail = f"missing {missing}" if missing else ""
-            if unknown:
-                detail += ("; " if detail else "") + f"unexpected keys {unknown}"
-            raise CalibrationDataError(f"{file}: keys do not match the model inputs {names}: {detail}")
-        counts: dict[str, int] = {}
-        singles: set[bool] = set()
-        for spec in specs:
-            axis = axes[spec.name]
-            if axis is None:
-                _check_unbatched(file, spec, content[spec.name])
-                continue
-            single = _check_source(file, spec, content[spec.name], axis)
-            singles.add(single)
-            counts[spec.name] = 1 if single else content[spec.name].shape[axis]
-            if axis and not single:
-                content[spec.name] = _AxisRows(content[spec.name], axis)
-        if len(set(counts.values())) > 1 or len(singles) > 1:
-            raise CalibrationDataError(_count_mismatch(file, specs, content, counts, axes))
-        count = next(iter(counts.values()), 1)
-        if count == 0:
-            raise CalibrationDataError(f"{file}: holds no samples")
-        chunks.append(_Chunk(file, content, count, bool(singles) and singles.pop()))
-        if label_src is not None:
-            labels = np.atleast_1d(label_src.read(0, label_src.shape[0] if label_src.shape else 1))
-            if labels.shape[0] != count:
-                raise CalibrationDataError(f"{file}: {labels.shape[0]} labels for {count} samples")
-            label_parts.append(labels)
-    labels_all = None
-    if label_parts:
-        if len(label_parts) != len(files):
-            raise CalibrationDataError(f"{path}: some files carry labels and others do not")
-        labels_all = np.concatenate(label_parts)
-    dataset = Dataset(path, tuple(specs), tuple(chunks), labels_all, axes=axes)
+        dataset = _image_dataset(path, specs, images)
+    else:
+        files = _data_files(path)
+        opened = [_open_chunk(file, specs, axes) for file in files]
+        label_parts = [labels for _, labels in opened if labels is not None]
+        labels_all = None
+        if label_parts:
+            if len(label_parts) != len(files):
+                raise CalibrationDataError(f"{path}: some files carry labels and others do not")
+            labels_all = np.concatenate(label_parts)
+        dataset = Dataset(path, tuple(specs), tuple(chunk for chunk, _ in opened), labels_all, axes=axes)
     if max_samples is not None and max_samples < dataset.num_samples:
         dataset = dataset.subset(max_samples)
     return dataset
+
+
+def _image_dataset(path: Path, specs: Sequence[InputSpec], images: ImagePreprocess | None) -> Dataset:
+    """A folder of images feeding a single-input model."""
+    if len(specs) != 1:
+        raise CalibrationDataError(f"{path}: an image folder feeds a single-input model; this one has {len(specs)}")
+    source = ImageFolder.open(path, specs[0].shape, images or ImagePreprocess())
+    if source.dtype != specs[0].dtype:
+        raise CalibrationDataError(f"{path}: images give float32 but input '{specs[0].name}' is {specs[0].dtype}")
+    chunk = _Chunk(path, {specs[0].name: source}, source.shape[0], False)
+    return Dataset(path, tuple(specs), (chunk,), None)
+
+
+def _open_chunk(
+    file: Path, specs: Sequence[InputSpec], axes: Mapping[str, int | None]
+) -> tuple[_Chunk, np.ndarray | None]:
+    """One data file checked against the model inputs: its chunk, and its labels if it has any."""
+    names = [s.name for s in specs]
+    content = _open_file(file)
+    if "" in content:
+        if len(specs) != 1:
+            raise CalibrationDataError(
+                f"{file}: a .npy feeds a single-input model, but this model has inputs {names}; use .npz"
+            )
+        content = {names[0]: content.pop("")}
+    label_src = next((content.pop(k) for k in LABEL_KEYS if k in content), None)
+    unknown = sorted(set(content) - set(names))
+    missing = [n for n in names if n not in content]
+    if missing or unknown:
+        detail = f"missing {missing}" if missing else ""
+        if unknown:
+            detail += ("; " if detail else "") + f"unexpected keys {unknown}"
+        raise CalibrationDataError(f"{file}: keys do not match the model inputs {names}: {detail}")
+    counts: dict[str, int] = {}
+    singles: set[bool] = set()
+    for spec in specs:
+        axis = axes[spec.name]
+        if axis is None:
+            _check_unbatched(file, spec, content[spec.name])
+            continue
+        single = _check_source(file, spec, content[spec.name], axis)
+        singles.add(single)
+        counts[spec.name] = 1 if single else content[spec.name].shape[axis]
+        if axis and not single:
+            content[spec.name] = _AxisRows(content[spec.name], axis)
+    if len(set(counts.values())) > 1 or len(singles) > 1:
+        raise CalibrationDataError(_count_mismatch(file, specs, content, counts, axes))
+    count = next(iter(counts.values()), 1)
+    if count == 0:
+        raise CalibrationDataError(f"{file}: holds no samples")
+    labels = None
+    if label_src is not None:
+        labels = np.atleast_1d(label_src.read(0, label_src.shape[0] if label_src.shape else 1))
+        if labels.shape[0] != count:
+            raise CalibrationDataError(f"{file}: {labels.shape[0]} labels for {count} samples")
+    return _Chunk(file, content, count, bool(singles) and singles.pop()), labels
 
 
 @dataclass(frozen=True, slots=True)

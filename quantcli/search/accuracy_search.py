@@ -35,7 +35,6 @@ quantizes), from per-channel input means collected once (``SearchBase.bias_stats
 
 from __future__ import annotations
 
-import glob
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -254,18 +253,17 @@ def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float
 
 
 def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
-    # float nodes become exact-name exclusions (glob-escaped, so names with * ? [ match only themselves)
-    exact = tuple(glob.escape(name) for name in cand.float_nodes)
-    config = replace(base.config, exclude_nodes=tuple(base.config.exclude_nodes) + exact)
+    # per-tensor methods are applied to the ranges; float nodes are handed to the plan by name
     chosen = ranges.for_candidate(cand)
-    plan = make_plan(base.prepared, chosen, config)
+    float_nodes = frozenset(cand.float_nodes)
+    plan = make_plan(base.prepared, chosen, base.config, float_nodes=float_nodes)
     if not base.algorithms.bias_correction:
         return apply_plan(base.prepared, plan), plan, None
     if base.bias_stats is None:
         raise ValueError("bias correction needs the base's bias_stats")
     # the ranges are the calibration's (taken before correction), as convert without a search does
     corrected, report = correct_biases(base.prepared, plan, base.bias_stats)
-    plan = make_plan(corrected, chosen, config)
+    plan = make_plan(corrected, chosen, base.config, float_nodes=float_nodes)
     return apply_plan(corrected, plan), plan, report
 
 

@@ -111,3 +111,43 @@ def test_float_nodes_are_handed_over_by_name_and_match_the_old_escaped_patterns(
     assert ("mm2", "MatMul") not in by_name.quantized_nodes
     assert {s.node: s.code for s in by_name.skipped}["mm2"] == SkipCode.FLOAT_NODE
     assert by_name.float_nodes == {"mm2"}
+
+
+def test_the_report_groups_skips_by_code_and_elides_what_differs() -> None:
+    from rich.console import Console
+
+    from quantcli.cli.report import _render_skipped
+    from quantcli.static.planning import Skip
+
+    skipped = [
+        Skip("a", "Conv", SkipCode.INPUT_NOT_CALIBRATED, tensor="x1"),
+        Skip("b", "Conv", SkipCode.INPUT_NOT_CALIBRATED, tensor="x2"),
+        Skip("c", "Add", SkipCode.OUTPUTS_ONLY, tensor="y"),
+    ]
+    console = Console(record=True, width=200)
+    _render_skipped(console, "left in float", skipped)
+    text = console.export_text()
+    assert "input '…' is not a calibrated float activation" in text
+    rows = [line for line in text.splitlines() if "Conv" in line or "Add" in line]
+    assert len(rows) == 2 and "2" in rows[0] and "its output only reaches graph outputs" in rows[1]
+
+
+def test_a_rescale_that_does_not_fire_says_why_and_passes_the_mul_on() -> None:
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Mul", ["h", "h"], ["sq"], name="square"),
+        helper.make_node("MatMul", ["sq", "w"], ["y"], name="mm2"),
+    ]
+    w = np.eye(4, dtype=np.float32)
+    model = models.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
+        [models._init("w", w)],
+    )
+    plan = make_plan(model, {name: _range() for name in ("x", "h", "sq", "y")}, QuantConfig())
+    declined = [d for d in plan.declined if d.node == "square"]
+    assert [(d.rule, d.rejection.code, d.rejection.tensor) for d in declined] == [
+        ("rescale", SkipCode.UNSUPPORTED_PARAMETER, "h")
+    ]
+    assert ("square", "Mul") in plan.quantized_nodes  # the element-wise rule took it

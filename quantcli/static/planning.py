@@ -118,7 +118,8 @@ def _run_rules(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | None:
             return None
         if not (by_check and rule.passes_on):
             return rejection
-        ctx.decline(node, rule.name, rejection)
+        if rejection.code != SkipCode.NOT_APPLICABLE:  # "not my kind of node" is no news
+            ctx.decline(node, rule.name, rejection)
         last = rejection
     return last if last is not None and last.code != SkipCode.NOT_APPLICABLE else None
 

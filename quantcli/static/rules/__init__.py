@@ -66,10 +66,9 @@ RULE_NAMES = frozenset(r.name for r in RULES) | {SENTINEL_CHECK, OUTPUTS_ONLY_CH
 SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS + RESCALE_OPS + HARD_OPS)
 DEFAULT_OP_TYPES = SUPPORTED_OP_TYPES - {"Softmax"}
 
-_BY_OP: dict[str, tuple[Rule[Any], ...]] = {}
-for _rule in RULES:
-    for _op in _rule.op_types:
-        _BY_OP[_op] = (*_BY_OP.get(_op, ()), _rule)
+_BY_OP: dict[str, tuple[Rule[Any], ...]] = {
+    op: tuple(r for r in RULES if op in r.op_types) for op in frozenset().union(*(r.op_types for r in RULES))
+}
 
 
 def rules_for(op_type: str) -> tuple[Rule[Any], ...]:

@@ -169,10 +169,6 @@ def main() -> None:
     ap.add_argument("--save-data", type=Path, help="write the calibration/evaluation streams as .npz for the CLI")
     ap.add_argument("--no-recurrent-rule", action="store_true", help="quantize the Conv feeding the LSTM too")
     args = ap.parse_args()
-    if args.no_recurrent_rule:
-        import quantcli.static.planning
-
-        quantcli.static.planning.recurrent_input_producers = lambda model: {}  # type: ignore[assignment]
     model = onnx.load(str(MODEL))
     prepared, _ = preprocess(model)
     fp32 = make_session(model, threads=1)
@@ -184,7 +180,8 @@ def main() -> None:
         prepared, FeedList(feeds, Path("<stream>")), model_sha256="silero",
         method=CalibrationMethod(args.method), percentile=args.percentile,
     )  # fmt: skip
-    config = dataclasses.replace(default_config(), exclude_nodes=tuple(args.exclude))
+    disabled = frozenset({"recurrent-feed"} if args.no_recurrent_rule else ())
+    config = dataclasses.replace(default_config(), exclude_nodes=tuple(args.exclude), disabled_rules=disabled)
     plan = make_plan(prepared, result.ranges, config)
     quantized = apply_plan(prepared, plan)
     onnx.checker.check_model(quantized)

@@ -365,10 +365,8 @@ def convert_model(
                 )  # fmt: skip
                 alternatives.append(replace(alt, name="all algorithms"))
             searched = search_quantization(
-                base.prepared, base.calibration, base.config, dataset, search,
-                algorithms=base.algorithms, bias_stats=base.bias_stats, alternatives=alternatives,
-                reference=prepared, progress=progress, log=log,
-            )  # fmt: skip
+                base, dataset, search, alternatives=alternatives, reference=prepared, progress=progress, log=log
+            )
             quantized, plan, bias_report = searched.model, searched.plan, searched.bias_correction
             if searched.base is not None and searched.base.name:  # the algorithm stage's base won
                 applied, calibration = alt_reports, searched.base.calibration

@@ -21,7 +21,7 @@ from quantcli.core.options import WeightClipping
 from quantcli.graph.model import atomic_output
 from quantcli.graph.subgraphs import walk_graphs
 from quantcli.search.accuracy_search import SearchResult
-from quantcli.static.planning import Skip
+from quantcli.static.plan import Skip, SkipCode, render_reason
 from quantcli.stats.calibration import CalibrationResult
 from quantcli.verify.audit import FusionAudit, NodeAudit
 
@@ -78,17 +78,38 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
 
 
 def _render_skipped(console: Console, title: str, skipped: Iterable[Skip]) -> None:
-    """Nodes left alone, grouped by op type and reason, most frequent first."""
-    reasons = Counter((s.op_type, s.reason) for s in skipped)
-    if not reasons:
+    """Nodes left alone, grouped by op type and reason code, most frequent first.
+
+    A group shows its reason when its nodes share it, else the code's sentence with the tensor or
+    detail that differs elided ("input '…' is not a calibrated float activation").
+    """
+    groups: dict[tuple[str, SkipCode], list[Skip]] = {}
+    for s in skipped:
+        groups.setdefault((s.op_type, s.code), []).append(s)
+    if not groups:
         return
     table = Table(title=title, title_justify="left")
     table.add_column("op type")
     table.add_column("nodes", justify="right")
     table.add_column("why")
-    for (op, reason), n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+    rows = [(op, len(group), _group_reason(code, group)) for (op, code), group in groups.items()]
+    for op, n, reason in sorted(rows, key=lambda row: (-row[1], row[0], row[2])):
         table.add_row(op, str(n), reason)
     console.print(table)
+
+
+def _group_reason(code: SkipCode, group: list[Skip]) -> str:
+    """The reason shared by ``group``, or the code's sentence with what differs elided."""
+    reasons = {s.reason for s in group}
+    if len(reasons) == 1:
+        return reasons.pop()
+    details = {s.detail for s in group}
+    tensors = {s.tensor for s in group}
+    return render_reason(
+        code,
+        details.pop() if len(details) == 1 else "…",
+        tensors.pop() if len(tensors) == 1 else "…",
+    )
 
 
 def _render_kernels(console: Console, audit: FusionAudit) -> None:

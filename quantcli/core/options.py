@@ -86,6 +86,7 @@ class QuantConfig:
         exclude_nodes: node-name patterns (glob, or ``re:`` + regex) left in float.
         fold_relu: merge Relu/Clip into the producer's output quantization range.
         weight_clipping: absmax, or the per-channel clip ratio with the least weight MSE.
+        disabled_rules: planning rules and checks switched off by name (``quantcli.static.rules.RULE_NAMES``).
     """
 
     activation_type: QuantDType = QuantDType.UINT8
@@ -98,3 +99,4 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = ()
     fold_relu: bool = True
     weight_clipping: WeightClipping = WeightClipping.ABSMAX
+    disabled_rules: frozenset[str] = field(default_factory=frozenset)

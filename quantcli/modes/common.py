@@ -12,8 +12,6 @@ Each returns a new model (the input is never modified) and a ``ModeReport``.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -23,6 +21,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.options import StrEnum
+from quantcli.core.selection import NodeSelector
 from quantcli.graph.model import GraphIndex
 from quantcli.graph.subgraphs import NameAllocator
 
@@ -218,11 +217,4 @@ def dense_weight_problem(index: GraphIndex, node: onnx.NodeProto) -> str | None:
 
 def matching_nodes(model: onnx.ModelProto, patterns: Iterable[str]) -> frozenset[str]:
     """Names of the nodes matched by ``--exclude-nodes`` patterns (glob, or ``re:`` + regex)."""
-    pats = list(patterns)
-    names = set()
-    for node in model.graph.node:
-        for p in pats:
-            if re.search(p[3:], node.name) if p.startswith("re:") else fnmatch.fnmatchcase(node.name, p):
-                names.add(node.name)
-                break
-    return frozenset(names)
+    return NodeSelector(patterns=tuple(patterns)).excluded_names(model.graph.node)

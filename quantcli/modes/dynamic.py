@@ -34,7 +34,7 @@ from quantcli.core.options import QuantDType
 from quantcli.core.qmath import params_from_range, quantize
 from quantcli.graph.model import GraphIndex, infer_shapes
 from quantcli.modes.common import ConvertMode, GraphEdit, ModeReport, constant_weight_problem, dense_weight_problem
-from quantcli.static.planning import Skip
+from quantcli.static.planning import Skip, SkipCode
 
 __all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "default_options", "quantize_dynamic"]
 
@@ -157,11 +157,11 @@ class _Rewriter:
         if node.op_type not in self.opts.op_types or node.domain not in ("", "ai.onnx"):
             return
         if node.name in self.opts.exclude_nodes:
-            self.skipped.append(Skip(node.name, node.op_type, "excluded by --exclude-nodes"))
+            self.skipped.append(Skip(node.name, node.op_type, SkipCode.NODE_EXCLUDED))
             return
         reason = self.check(node)
         if reason:
-            self.skipped.append(Skip(node.name, node.op_type, reason))
+            self.skipped.append(Skip(node.name, node.op_type, SkipCode.MODE_UNSUPPORTED, reason))
             return
         idx = self.index
         if node.op_type == "MatMul":

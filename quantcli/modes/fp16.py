@@ -34,7 +34,7 @@ from onnx import TensorProto, helper
 
 from quantcli.graph.model import GraphIndex, infer_shapes
 from quantcli.modes.common import ConvertMode, GraphEdit, ModeReport
-from quantcli.static.planning import Skip
+from quantcli.static.planning import Skip, SkipCode
 
 __all__ = ["FOLLOW_OPS", "FP16_OPS", "KEEP_FLOAT32_OPS", "convert_fp16"]
 
@@ -157,7 +157,7 @@ class _Converter:
     def visit(self, node: onnx.NodeProto) -> None:
         to_half, reason = self.decide(node)
         if reason is not None and node.op_type in FP16_OPS:
-            self.skipped.append(Skip(node.name, node.op_type, reason))
+            self.skipped.append(Skip(node.name, node.op_type, SkipCode.MODE_UNSUPPORTED, reason))
         if to_half:
             self.to_half(node)
             return

@@ -34,7 +34,7 @@ from onnx import helper
 
 from quantcli.graph.model import GraphIndex, infer_shapes
 from quantcli.modes.common import ConvertMode, GraphEdit, ModeReport, WeightOnlyType, dense_weight_problem
-from quantcli.static.planning import Skip
+from quantcli.static.planning import Skip, SkipCode
 
 __all__ = [
     "BLOCK_SIZES",
@@ -192,11 +192,11 @@ def quantize_weight_only(
         if node.op_type not in opts.op_types or node.domain not in ("", "ai.onnx"):
             continue
         if node.name in opts.exclude_nodes:
-            skipped.append(Skip(node.name, node.op_type, "excluded by --exclude-nodes"))
+            skipped.append(Skip(node.name, node.op_type, SkipCode.NODE_EXCLUDED))
             continue
         reason = dense_weight_problem(index, node)
         if reason:
-            skipped.append(Skip(node.name, node.op_type, reason))
+            skipped.append(Skip(node.name, node.op_type, SkipCode.MODE_UNSUPPORTED, reason))
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         trans_b, alpha = bool(attrs.get("transB", 0)), float(attrs.get("alpha", 1.0))

@@ -35,7 +35,6 @@ quantizes), from per-channel input means collected once (``SearchBase.bias_stats
 
 from __future__ import annotations
 
-import glob
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -254,18 +253,17 @@ def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float
 
 
 def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
-    # float nodes become exact-name exclusions (glob-escaped, so names with * ? [ match only themselves)
-    exact = tuple(glob.escape(name) for name in cand.float_nodes)
-    config = replace(base.config, exclude_nodes=tuple(base.config.exclude_nodes) + exact)
+    # per-tensor methods are applied to the ranges; float nodes are handed to the plan by name
     chosen = ranges.for_candidate(cand)
-    plan = make_plan(base.prepared, chosen, config)
+    float_nodes = frozenset(cand.float_nodes)
+    plan = make_plan(base.prepared, chosen, base.config, float_nodes=float_nodes)
     if not base.algorithms.bias_correction:
         return apply_plan(base.prepared, plan), plan, None
     if base.bias_stats is None:
         raise ValueError("bias correction needs the base's bias_stats")
     # the ranges are the calibration's (taken before correction), as convert without a search does
     corrected, report = correct_biases(base.prepared, plan, base.bias_stats)
-    plan = make_plan(corrected, chosen, config)
+    plan = make_plan(corrected, chosen, base.config, float_nodes=float_nodes)
     return apply_plan(corrected, plan), plan, report
 
 
@@ -379,14 +377,10 @@ def _key(score: _Score, budget: Budget) -> tuple[float, float]:
 
 
 def search_quantization(
-    prepared: onnx.ModelProto,
-    calibration: CalibrationResult,
-    config: QuantConfig,
+    base: SearchBase,
     dataset: Dataset,
     options: SearchOptions,
     *,
-    algorithms: AlgorithmOptions | None = None,
-    bias_stats: Mapping[str, ChannelStats] | None = None,
     alternatives: Sequence[SearchBase] = (),
     reference: onnx.ModelProto | None = None,
     progress: Progress = no_progress,
@@ -394,10 +388,11 @@ def search_quantization(
 ) -> SearchResult:
     """Find the candidate with the fewest float nodes that meets ``options.budget``.
 
-    ``prepared`` is the graph to quantize (after CLE/SmoothQuant when ``algorithms`` has them),
-    ``calibration`` its calibration; ``bias_stats`` is needed for ``algorithms.bias_correction``.
-    ``alternatives`` are other bases tried in stage 1 (named, each with its own graph and
-    calibration). ``reference`` is the FP32 model scored against (default: ``prepared``).
+    ``base`` holds the graph to quantize (after CLE/SmoothQuant when ``base.algorithms`` has them),
+    its calibration and config; ``base.bias_stats`` is needed for ``algorithms.bias_correction``. Its
+    name is ignored (the given base is ""). ``alternatives`` are other bases tried in stage 1 (named,
+    each with its own graph and calibration). ``reference`` is the FP32 model scored against
+    (default: ``base.prepared``).
 
     Raises:
         QuantCliError: the budget cannot be checked on this data (no labels or class scores for an
@@ -409,32 +404,59 @@ def search_quantization(
         raise QuantCliError("the accuracy search needs a budget: --max-accuracy-drop and/or --min-sqnr")
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
-    ev = _Evaluator(reference if reference is not None else prepared, dataset, metric=options.metric)
+    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
             f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
             "positions x classes with labels per position); "
             "use --min-sqnr for this model"
         )
-    given = SearchBase(prepared, calibration, config, algorithms or AlgorithmOptions(), bias_stats)
-    bases = {b.name: b for b in (given, *alternatives)}
+    bases = {b.name: b for b in (replace(base, name=""), *alternatives)}
     if len(bases) != 1 + len(alternatives):
         raise ValueError("search bases need distinct names (the given one is '')")
     ranges = {name: _Ranges(b.calibration, options.percentile) for name, b in bases.items()}
-    trials: list[Trial] = []
-    cache: dict[Candidate, tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]] = {}
+    search = _Search(bases, ranges, ev, dataset, options, log)
+    best = _stage_methods(search)
+    if not best.meets_budget:
+        best = _stage_tensor_methods(search, best)
+    if not best.meets_budget:
+        best = _stage_fallback(search, best)
+    if not best.meets_budget:
+        best = _settle(search)
+    return search.result(best)
 
-    def run(stage: str, action: str, cand: Candidate) -> Trial:
-        if cand in cache:
-            return cache[cand][0]
+
+_Cached = tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
+
+
+@dataclass(slots=True)
+class _Search:
+    """One search: its bases, their ranges, the evaluator, and every trial made (cached by candidate)."""
+
+    bases: dict[str, SearchBase]
+    ranges: dict[str, _Ranges]
+    ev: _Evaluator
+    dataset: Dataset
+    options: SearchOptions
+    log: Callable[[str], None]
+    trials: list[Trial] = field(default_factory=list)
+    cache: dict[Candidate, _Cached] = field(default_factory=dict)
+    sensitivity: dict[Candidate, list[LayerError]] = field(default_factory=dict)
+
+    def run(self, stage: str, action: str, cand: Candidate) -> Trial:
+        """Build, score and time ``cand`` (once; a candidate seen before returns its trial)."""
+        if cand in self.cache:
+            return self.cache[cand][0]
         if cand.base:
             action = f"{action} (+ {cand.base})"
-        model, plan, bc_report = _build(bases[cand.base], ranges[cand.base], cand)
+        model, plan, bc_report = _build(self.bases[cand.base], self.ranges[cand.base], cand)
         session = make_session(model)
-        score = ev.score(session)
-        lat = measure_latency(ev.session, session, ev.latency_feed, threads=1, warmup=3, runs=options.latency_runs)
+        score = self.ev.score(session)
+        lat = measure_latency(
+            self.ev.session, session, self.ev.latency_feed, threads=1, warmup=3, runs=self.options.latency_runs
+        )
         trial = Trial(
-            step=len(trials) + 1,
+            step=len(self.trials) + 1,
             stage=stage,
             action=action,
             candidate=cand,
@@ -442,112 +464,126 @@ def search_quantization(
             accuracy_drop=score.accuracy_drop,
             sqnr_db=score.sqnr_db,
             speedup_b1=lat.speedup,
-            meets_budget=_meets(score, budget),
+            meets_budget=_meets(score, self.options.budget),
         )
-        trials.append(trial)
-        cache[cand] = (trial, model, plan, bc_report)
-        log(_describe(trial))
+        self.trials.append(trial)
+        self.cache[cand] = (trial, model, plan, bc_report)
+        self.log(_describe(trial))
         return trial
 
-    def keep(trial: Trial) -> Trial:
+    def keep(self, trial: Trial) -> Trial:
+        """Mark ``trial``'s change as kept."""
         kept = replace(trial, kept=True)
-        trials[trial.step - 1] = kept
-        cache[trial.candidate] = (kept, *cache[trial.candidate][1:])
+        self.trials[trial.step - 1] = kept
+        self.cache[trial.candidate] = (kept, *self.cache[trial.candidate][1:])
         return kept
 
-    def key(t: Trial) -> tuple[float, float]:
-        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db), budget)
+    def key(self, t: Trial) -> tuple[float, float]:
+        """Larger is better (``_key``)."""
+        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db), self.options.budget)
 
-    sensitivity: dict[Candidate, list[LayerError]] = {}
-
-    def layer_errors(cand: Candidate) -> list[LayerError]:
+    def layer_errors(self, cand: Candidate) -> list[LayerError]:
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
-        if cand not in sensitivity:
-            probe = dataset.subset(min(dataset.num_samples, 64))
-            sensitivity[cand] = per_layer_errors(bases[cand.base].prepared, cache[cand][1], probe)
-        return sensitivity[cand]
+        if cand not in self.sensitivity:
+            probe = self.dataset.subset(min(self.dataset.num_samples, 64))
+            self.sensitivity[cand] = per_layer_errors(self.bases[cand.base].prepared, self.cache[cand][1], probe)
+        return self.sensitivity[cand]
 
-    # 1. the method for the whole model (on each base)
+    def result(self, best: Trial) -> SearchResult:
+        """The search's result with ``best`` chosen."""
+        _, model, plan, bc_report = self.cache[best.candidate]
+        ev = self.ev
+        return SearchResult(
+            trials=tuple(self.trials),
+            chosen=best,
+            fp32_accuracy=ev.fp32_accuracy,
+            budget=self.options.budget,
+            model=model,
+            plan=plan,
+            num_samples=self.dataset.num_samples,
+            base=self.bases[best.candidate.base],
+            bias_correction=bc_report,
+            metric=ev.metric.name if ev.metric is not None else "top1" if ev.labels is not None else "top1 agreement",
+        )
+
+
+def _stage_methods(search: _Search) -> Trial:
+    """1. The method for the whole model, on each base; the best is kept."""
     firsts = [
-        run("method", f"all tensors: {m}", Candidate(m, base=name))
-        for name, r in ranges.items()
-        for m in r.available(options.methods)
+        search.run("method", f"all tensors: {m}", Candidate(m, base=name))
+        for name, r in search.ranges.items()
+        for m in r.available(search.options.methods)
     ]
-    best = keep(max(firsts, key=lambda t: (key(t), -t.step)))
-    methods = ranges[best.candidate.base].available(options.methods)
+    return search.keep(max(firsts, key=lambda t: (search.key(t), -t.step)))
 
-    # 2. per-tensor methods for the worst tensors
-    if not best.meets_budget and len(methods) > 1:
-        errors = layer_errors(best.candidate)
-        # data-movement outputs share their input's range: changing their method changes nothing
-        own_range = [e for e in errors if e.op_type not in MOVEMENT_OPS]
-        worst = sorted(own_range, key=lambda e: (_local(e), e.tensor))[: options.tensor_candidates]
-        for err in worst:
-            for m in methods:
-                if m == best.candidate.method or best.meets_budget:
-                    continue
-                overrides = dict(best.candidate.tensor_methods)
-                overrides[err.tensor] = m
-                cand = replace(best.candidate, tensor_methods=tuple(sorted(overrides.items())))
-                trial = run("tensor method", f"'{err.tensor}': {m}", cand)
-                if key(trial) > key(best):
-                    best = keep(trial)
 
-    # 3. fall back nodes, most harmful first
-    if not best.meets_budget:
-        base_plan = cache[best.candidate][2]
-        local = {e.node: _local(e) for e in layer_errors(best.candidate)}
-        order = {name: i for i, (name, _) in enumerate(base_plan.quantized_nodes)}
-        nodes = [name for name, op in base_plan.quantized_nodes if op in FALLBACK_OPS]
-        # unmeasured nodes (e.g. MatMul with a float output) come after the measured ones
-        nodes.sort(key=lambda n: (local.get(n, math.inf), order[n]))
-        gains: dict[str, tuple[float, float]] = {}
-        for name in nodes[: options.probe]:
-            alone = run("probe", f"float: {name}", replace(best.candidate, float_nodes=(name,)))
-            gains[name] = key(alone)
-            if alone.meets_budget:
-                break
-        ranked = sorted(gains, key=lambda n: (tuple(-x for x in gains[n]), order[n])) + [
-            n for n in nodes if n not in gains
-        ]
-        floats: list[str] = []
-        for name in ranked[: options.max_fallback]:
-            floats.append(name)
-            cand = replace(best.candidate, float_nodes=tuple(sorted(floats)))
-            trial = run("fallback", f"+ float: {name}", cand)
+def _stage_tensor_methods(search: _Search, best: Trial) -> Trial:
+    """2. Per-tensor methods for the worst tensors; a change is kept when the score improves."""
+    methods = search.ranges[best.candidate.base].available(search.options.methods)
+    if len(methods) <= 1:
+        return best
+    errors = search.layer_errors(best.candidate)
+    # data-movement outputs share their input's range: changing their method changes nothing
+    own_range = [e for e in errors if e.op_type not in MOVEMENT_OPS]
+    worst = sorted(own_range, key=lambda e: (_local(e), e.tensor))[: search.options.tensor_candidates]
+    for err in worst:
+        for m in methods:
+            if m == best.candidate.method or best.meets_budget:
+                continue
+            overrides = dict(best.candidate.tensor_methods)
+            overrides[err.tensor] = m
+            cand = replace(best.candidate, tensor_methods=tuple(sorted(overrides.items())))
+            trial = search.run("tensor method", f"'{err.tensor}': {m}", cand)
+            if search.key(trial) > search.key(best):
+                best = search.keep(trial)
+    return best
+
+
+def _fallback_order(search: _Search, best: Trial) -> list[str]:
+    """Nodes that may return to float, most harmful first: the probed ones by measured gain, then the rest."""
+    base_plan = search.cache[best.candidate][2]
+    local = {e.node: _local(e) for e in search.layer_errors(best.candidate)}
+    order = {name: i for i, (name, _) in enumerate(base_plan.quantized_nodes)}
+    nodes = [name for name, op in base_plan.quantized_nodes if op in FALLBACK_OPS]
+    # unmeasured nodes (e.g. MatMul with a float output) come after the measured ones
+    nodes.sort(key=lambda n: (local.get(n, math.inf), order[n]))
+    gains: dict[str, tuple[float, float]] = {}
+    for name in nodes[: search.options.probe]:
+        alone = search.run("probe", f"float: {name}", replace(best.candidate, float_nodes=(name,)))
+        gains[name] = search.key(alone)
+        if alone.meets_budget:
+            break
+    return sorted(gains, key=lambda n: (tuple(-x for x in gains[n]), order[n])) + [n for n in nodes if n not in gains]
+
+
+def _stage_fallback(search: _Search, best: Trial) -> Trial:
+    """3. Return nodes to float until the budget holds; 4. re-quantize those it does not need."""
+    floats: list[str] = []
+    for name in _fallback_order(search, best)[: search.options.max_fallback]:
+        floats.append(name)
+        cand = replace(best.candidate, float_nodes=tuple(sorted(floats)))
+        trial = search.run("fallback", f"+ float: {name}", cand)
+        if trial.meets_budget:
+            best = search.keep(trial)
+            break
+    if best.meets_budget:  # prune: re-quantize what the budget does not need, latest first
+        for name in reversed(floats[:-1]):
+            rest = tuple(n for n in best.candidate.float_nodes if n != name)
+            trial = search.run("prune", f"- float: {name} (quantized again)", replace(best.candidate, float_nodes=rest))
             if trial.meets_budget:
-                best = keep(trial)
-                break
-        # 4. prune: re-quantize what the budget does not need
-        if best.meets_budget:
-            for name in reversed(floats[:-1]):
-                rest = tuple(n for n in best.candidate.float_nodes if n != name)
-                trial = run("prune", f"- float: {name} (quantized again)", replace(best.candidate, float_nodes=rest))
-                if trial.meets_budget:
-                    best = keep(trial)
+                best = search.keep(trial)
+    return best
 
-    if not best.meets_budget:
-        met = [t for t in trials if t.meets_budget]
-        if met:
-            best = keep(min(met, key=lambda t: (len(t.candidate.float_nodes), -key(t)[0], t.step)))
-        else:
-            closest = max(trials, key=key)
-            raise BudgetNotMetError(
-                f"no quantization met the budget ({budget.describe()}) after {len(trials)} trials; "
-                f"best: {_describe(closest)}; loosen the budget or raise --search-max-fallback"
-            )
-    _, model, plan, bc_report = cache[best.candidate]
-    return SearchResult(
-        trials=tuple(trials),
-        chosen=best,
-        fp32_accuracy=ev.fp32_accuracy,
-        budget=budget,
-        model=model,
-        plan=plan,
-        num_samples=dataset.num_samples,
-        base=bases[best.candidate.base],
-        bias_correction=bc_report,
-        metric=ev.metric.name if ev.metric is not None else "top1" if ev.labels is not None else "top1 agreement",
+
+def _settle(search: _Search) -> Trial:
+    """No kept step met the budget: the trial that did with the fewest float nodes, or an error."""
+    met = [t for t in search.trials if t.meets_budget]
+    if met:
+        return search.keep(min(met, key=lambda t: (len(t.candidate.float_nodes), -search.key(t)[0], t.step)))
+    closest = max(search.trials, key=search.key)
+    raise BudgetNotMetError(
+        f"no quantization met the budget ({search.options.budget.describe()}) after {len(search.trials)} trials; "
+        f"best: {_describe(closest)}; loosen the budget or raise --search-max-fallback"
     )
 
 

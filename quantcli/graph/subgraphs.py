@@ -1,4 +1,4 @@
-"""Control-flow subgraphs (If, Loop, Scan): walk them, and expose their tensors for calibration.
+"""Control-flow subgraphs (If, Loop, Scan): expose their tensors as main-graph outputs for calibration.
 
 ONNX names are unique across a model and its subgraphs, so a tensor inside a branch keeps its own
 name as the key of its calibration range. onnxruntime can only return main-graph outputs, so a
@@ -16,16 +16,30 @@ Nested subgraphs repeat this at each level.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantcli.graph.names import NameAllocator
+from quantcli.graph.scopes import (
+    CONTROL_FLOW_OPS,
+    elem_types,
+    graph_of_nodes,
+    has_subgraphs,
+    node_subgraphs,
+    outer_references,
+    rename_references,
+    subgraph_reads,
+    walk_graphs,
+)
+
 __all__ = [
+    # re-exported from quantcli.graph.scopes, where the graph walks live
+    "CONTROL_FLOW_OPS",
     "ExposedModel",
-    "NameAllocator",
     "elem_types",
     "expose_subgraph_tensors",
     "graph_of_nodes",
@@ -33,83 +47,9 @@ __all__ = [
     "node_subgraphs",
     "outer_references",
     "rename_references",
+    "subgraph_reads",
     "walk_graphs",
 ]
-
-CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
-
-
-def node_subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    """The graph attributes of ``node`` as (attribute name, graph)."""
-    found: list[tuple[str, onnx.GraphProto]] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            found.append((attr.name, attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            found.extend((f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs))
-    return found
-
-
-def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[tuple[str, onnx.GraphProto]]:
-    """``graph`` (path ``""``) and every nested subgraph, depth first, as (path, graph).
-
-    A subgraph's path is ``<node name>/<attribute>``, joined with ``/`` for nesting, e.g.
-    ``If_0/then_branch/LSTM_if/else_branch``.
-    """
-    yield path, graph
-    for node in graph.node:
-        for attr, sub in node_subgraphs(node):
-            yield from walk_graphs(sub, f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}")
-
-
-def has_subgraphs(graph: onnx.GraphProto) -> bool:
-    """True if any node of ``graph`` holds a subgraph."""
-    return any(node_subgraphs(n) for n in graph.node)
-
-
-def _defined(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names |= {o for n in graph.node for o in n.output if o}
-    return names
-
-
-def outer_references(graph: onnx.GraphProto) -> set[str]:
-    """Names read inside ``graph`` (or deeper) that ``graph`` does not define: its implicit inputs."""
-    defined = _defined(graph)
-    used = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
-    for node in graph.node:
-        for _, sub in node_subgraphs(node):
-            used |= outer_references(sub)
-    return used - defined
-
-
-def rename_references(graph: onnx.GraphProto, renames: Mapping[str, str], *, outputs: bool = False) -> None:
-    """Rename every read of a name in ``renames`` inside ``graph``'s nested subgraphs (outer-scope reads).
-
-    With ``outputs``, a subgraph output naming an outer value directly is renamed too.
-    """
-    if not renames:
-        return
-    for node in graph.node:
-        for _, sub in node_subgraphs(node):
-            local = _defined(sub)
-            active = {k: v for k, v in renames.items() if k not in local}
-            if not active:
-                continue
-            for inner in sub.node:
-                for i, name in enumerate(inner.input):
-                    if name in active:
-                        inner.input[i] = active[name]
-            if outputs:
-                for out in sub.output:
-                    if out.name in active:
-                        out.name = active[out.name]
-            rename_references(sub, active, outputs=outputs)
-
-
-def graph_of_nodes(graph: onnx.GraphProto) -> dict[str, str]:
-    """Node name -> path of the graph holding it (``""`` for the main graph)."""
-    return {n.name: path for path, g in walk_graphs(graph) for n in g.node}
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,32 +65,6 @@ class ExposedModel:
     model: onnx.ModelProto
     names: dict[str, str]
     skipped: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(slots=True)
-class NameAllocator:
-    """Hands out names that collide with nothing in the graph nor with each other."""
-
-    taken: set[str] = field(default_factory=set)
-
-    @classmethod
-    def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
-        """Reserve every node, tensor and initializer name of ``graph`` and of its subgraphs."""
-        taken: set[str] = set()
-        for _, g in walk_graphs(graph):
-            taken |= {n.name for n in g.node} | {t.name for t in g.initializer}
-            taken |= {v.name for v in [*g.input, *g.output, *g.value_info]}
-            for node in g.node:
-                taken |= set(node.input) | set(node.output)
-        return cls(taken)
-
-    def new(self, base: str) -> str:
-        """``base``, or ``base_1``, ``base_2``... whichever is free."""
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
 
 
 def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
@@ -242,18 +156,6 @@ class _Exposer:
                 if attr.name in ("scan_output_axes", "scan_output_directions"):
                     attr.ints.extend([0] * len(found))
         return found
-
-
-def elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type ``model`` records, in any of its graphs."""
-    types: dict[str, int] = {}
-    for _, g in walk_graphs(model.graph):
-        for t in g.initializer:
-            types[t.name] = t.data_type
-        for vi in [*g.input, *g.value_info, *g.output]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                types.setdefault(vi.name, vi.type.tensor_type.elem_type)
-    return types
 
 
 def expose_subgraph_tensors(model: onnx.ModelProto, types: Mapping[str, int]) -> ExposedModel:

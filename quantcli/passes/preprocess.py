@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from quantcli.graph.model import GraphIndex
+from quantcli.graph.index import GraphIndex
 from quantcli.graph.subgraphs import node_subgraphs, rename_references, walk_graphs
 
 __all__ = ["PreprocessReport", "preprocess"]

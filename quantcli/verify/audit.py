@@ -42,8 +42,8 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.core.errors import UnsupportedModelError
-from quantcli.graph.model import GraphIndex
-from quantcli.graph.subgraphs import walk_graphs
+from quantcli.graph.index import GraphIndex
+from quantcli.graph.scopes import walk_graphs
 from quantcli.verify.macs import compute_macs, node_operands
 
 __all__ = [

@@ -25,7 +25,7 @@ from math import prod
 import numpy as np
 import onnx
 
-from quantcli.graph.model import infer_shapes
+from quantcli.graph.model_io import infer_shapes
 from quantcli.stats.calibration import augmented, make_session
 
 __all__ = ["CONV_LIKE", "GEMM_LIKE", "MATMUL_LIKE", "compute_macs", "node_operands"]

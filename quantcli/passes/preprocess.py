@@ -231,13 +231,6 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> int:
     return count
 
 
-def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-
-
 def _remove_identities(graph: onnx.GraphProto) -> int:
     outputs = {o.name for o in graph.output}
     removed = 0

@@ -69,7 +69,6 @@ INTEGER_KERNELS = frozenset(
 FLOAT_COMPUTE = frozenset(
     {"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv"}
 )
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 #: op types of the model as given that get a per-node verdict (float ones and already-integer ones)
 AUDITED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}) | (
     INTEGER_KERNELS & {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",

@@ -187,3 +187,58 @@ def test_name_allocator() -> None:
     assert names.new("w") == "w_2"
     assert names.new("fresh") == "fresh"
     assert NameAllocator.reserving(["a"]).new("a") == "a_1"
+
+
+def _cnn_with_constants() -> onnx.ModelProto:
+    """small_cnn plus the shapes of edits preprocess makes: a Constant node, an Identity, a foldable Transpose."""
+    from tests import models
+
+    model = models.small_cnn()
+    graph = model.graph
+    first = graph.node[0]
+    x = first.input[0]
+    graph.node.insert(0, helper.make_node("Identity", [x], ["x_id"], name="id"))
+    graph.node.insert(0, helper.make_node("Constant", [], ["one"], value_float=1.0))
+    graph.node.insert(2, helper.make_node("Mul", ["x_id", "one"], ["x_one"], name="mul_one"))
+    first.input[0] = "x_one"
+    return model
+
+
+@pytest.mark.parametrize("convert", ["preprocess", "apply_plan", "dynamic", "weight_only", "fp16", "macs"])
+def test_every_ported_rewrite_leaves_its_input_untouched(convert: str) -> None:
+    from quantcli.core.options import QuantConfig
+    from quantcli.modes.dynamic import DynamicOptions, quantize_dynamic
+    from quantcli.modes.fp16 import convert_fp16
+    from quantcli.modes.weight_only import quantize_weight_only
+    from quantcli.passes.preprocess import preprocess
+    from quantcli.static.lowering import apply_plan
+    from quantcli.static.planning import make_plan
+    from quantcli.stats.calibration import TensorRange
+    from quantcli.verify.macs import compute_macs
+    from tests import models
+
+    model = _cnn_with_constants() if convert in ("preprocess", "macs") else models.matmul_chain()
+    before = model.SerializeToString()
+    if convert == "preprocess":
+        out, report = preprocess(model)
+        assert report.constants_to_initializers == 1 and report.removed_identities == 1
+    elif convert == "apply_plan":
+        prepared, _ = preprocess(model)
+        index_names = {o for n in prepared.graph.node for o in n.output} | {i.name for i in prepared.graph.input}
+        ranges = {name: TensorRange(-1.0, 1.0, -1.0, 1.0) for name in index_names}
+        plan = make_plan(prepared, ranges, QuantConfig())
+        before = prepared.SerializeToString()
+        model = prepared
+        out = apply_plan(prepared, plan)
+        assert any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    elif convert == "dynamic":
+        out, _ = quantize_dynamic(model, DynamicOptions())
+    elif convert == "weight_only":
+        out, _ = quantize_weight_only(model)
+    elif convert == "fp16":
+        out, _ = convert_fp16(model)
+    else:
+        compute_macs(model)
+        out = model
+    assert model.SerializeToString() == before
+    onnx.checker.check_model(out)

@@ -318,6 +318,16 @@ class GraphEditor:
                 self._children.append(child)
                 yield node, attr, child
 
+    def walk(self, path: str = "") -> Iterator[tuple[str, GraphEditor]]:
+        """This graph (path ``""``) and every nested subgraph, depth first, as (path, editor).
+
+        Paths as ``scopes.walk_graphs``: ``<node name>/<attribute>``, joined with ``/``; a node's name
+        is read when its subgraphs are reached, so renaming the nodes of a graph as it is yielded works.
+        """
+        yield path, self
+        for node, attr, sub in self.subgraphs():
+            yield from sub.walk(f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}")
+
     def _commit_all(self) -> None:
         for child in self._children:
             child._commit_all()

@@ -242,3 +242,14 @@ def test_every_ported_rewrite_leaves_its_input_untouched(convert: str) -> None:
         out = model
     assert model.SerializeToString() == before
     onnx.checker.check_model(out)
+
+
+def test_upgrade_opset_returns_a_converted_copy() -> None:
+    from quantcli.graph.model_io import model_opset, upgrade_opset
+
+    model = _chain()
+    model.opset_import[0].version = 11
+    before = model.SerializeToString()
+    out = upgrade_opset(model, 13)
+    assert model_opset(out) == 13
+    assert model.SerializeToString() == before

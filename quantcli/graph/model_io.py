@@ -24,6 +24,7 @@ __all__ = [
     "load_model",
     "model_opset",
     "save_model",
+    "upgrade_opset",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,16 @@ def model_opset(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return int(imp.version)
     return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """A copy of ``model`` converted to default-domain opset ``version`` by onnx's version converter.
+
+    Raises whatever the converter raises (callers turn it into their own error).
+    """
+    import onnx.version_converter  # loaded only when a model needs it
+
+    return onnx.version_converter.convert_version(model, version)
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:

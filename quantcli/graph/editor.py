@@ -318,6 +318,19 @@ class GraphEditor:
                 self._children.append(child)
                 yield node, attr, child
 
+    def subgraphs_of(self, node: onnx.NodeProto) -> dict[str, GraphEditor]:
+        """Editors of ``node``'s subgraphs (``node`` one of ``nodes``), by attribute name.
+
+        Allowed with edits pending: ``build()`` commits nested editors before their parents. Ask once
+        per node: two editors of one graph would overwrite each other's node edits.
+        """
+        self._slot(node)
+        found: dict[str, GraphEditor] = {}
+        for attr, sub in node_subgraphs(node):
+            found[attr] = GraphEditor(sub, self.names)
+            self._children.append(found[attr])
+        return found
+
     def walk(self, path: str = "") -> Iterator[tuple[str, GraphEditor]]:
         """This graph (path ``""``) and every nested subgraph, depth first, as (path, editor).
 

@@ -126,7 +126,8 @@ def compute_macs(model: onnx.ModelProto, *, feed: Mapping[str, np.ndarray] | Non
         return {}
     shapes = _inferred_shapes(model)
     result = {i: _macs(n, shapes) for i, n in compute}
-    missing = sorted({name for i, n in compute if result[i] is None for name in [*node_operands(n), n.output[0]]})
+    unknown = [n for i, n in compute if result[i] is None]
+    missing = sorted({name for n in unknown for name in [*(node_operands(n) or ()), n.output[0]]})
     if missing and feed:
         needed = [name for name in missing if name not in shapes]
         shapes.update(_observed_shapes(model, needed, feed))

@@ -253,3 +253,27 @@ def test_upgrade_opset_returns_a_converted_copy() -> None:
     out = upgrade_opset(model, 13)
     assert model_opset(out) == 13
     assert model.SerializeToString() == before
+
+
+def test_set_initializer_keeps_position_and_matches_from_array_bytes() -> None:
+    model = _chain()
+    editor = ModelEditor(model)
+    editor.graph.set_initializer("w", np.full((3,), 5.0, np.float32))
+    with pytest.raises(KeyError):
+        editor.graph.set_initializer("missing", np.zeros(1, np.float32))
+    out = editor.build()
+    assert [t.name for t in out.graph.initializer] == ["w", "dead"]
+    expected = numpy_helper.from_array(np.full((3,), 5.0, np.float32), "w")
+    assert out.graph.initializer[0].SerializeToString() == expected.SerializeToString()
+    assert numpy_helper.to_array(model.graph.initializer[0]).tolist() == [2.0]
+
+
+def test_submodel_extractor_cuts_between_tensors() -> None:
+    from quantcli.graph.editor import submodel_extractor
+    from quantcli.graph.model_io import infer_shapes
+
+    model, _ = infer_shapes(_chain())
+    cut = submodel_extractor(model)(["a"], ["b"])
+    assert [n.name for n in cut.graph.node] == ["m"]
+    assert [i.name for i in cut.graph.input] == ["a"]
+    assert [t.name for t in cut.graph.initializer] == ["w"]

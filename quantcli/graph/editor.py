@@ -10,14 +10,16 @@ Inside, each graph of the copy (the main graph and every nested If/Loop/Scan bod
   by the edits) and applied in one go by ``commit()``, so the new node order is: the prepended
   nodes, then for each original node the nodes inserted before it, its replacement (itself by
   default) and the nodes inserted after it, then the appended nodes;
-* in-place changes of a node of ``nodes``: ``set_input(s)``, ``set_output``, ``set_op``,
-  ``drop_attributes``, ``rename_node``, and ``rename_reads`` (every read of a tensor, subgraphs
-  included);
+* in-place changes of a node of ``nodes``: ``set_input(s)``, ``set_output``, ``add_node_output``,
+  ``set_op``, ``drop_attributes``, ``extend_ints_attribute``, ``rename_node``, and ``rename_reads``
+  (every read of a tensor, subgraphs included);
 * initializers: ``add_initializer`` (a fresh name from the model's ``NameAllocator``),
-  ``put_initializer`` (an exact name), ``prune_initializers`` (drop the ones nothing reads);
+  ``put_initializer`` (an exact name), ``set_initializer`` (new values in place),
+  ``prune_initializers`` (drop the ones nothing reads);
 * value_info and graph outputs: ``add_output``, ``drop_value_info``, ``prune_value_info``,
   ``clear_value_info``, ``set_input_dim``;
-* ``subgraphs()``: editors of the nested graphs of the committed nodes (recursion).
+* recursion: ``subgraphs()`` (editors of the nested graphs of the committed nodes),
+  ``subgraphs_of(node)`` and ``walk()`` (every graph, depth first, with its path).
 
 At model level: ``use_domain`` (import an opset domain, e.g. com.microsoft), ``names`` (one
 allocator for the whole model, subgraphs included) and ``build()``.
@@ -29,7 +31,7 @@ the same edits always give the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,7 @@ __all__ = [
     "make_node",
     "make_tensor",
     "single_node_model",
+    "submodel_extractor",
     "used_names",
 ]
 
@@ -80,6 +83,18 @@ def single_node_model(
     """A model of ``node`` alone, reading ``constants``, returning its non-empty outputs (to evaluate it)."""
     outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
     return helper.make_model(helper.make_graph([node], "fold", [], outputs, list(constants)), opset_imports=opsets)
+
+
+def submodel_extractor(model: onnx.ModelProto) -> Callable[[Sequence[str], Sequence[str]], onnx.ModelProto]:
+    """A function that cuts the part of ``model`` between tensors ``inputs`` and ``outputs`` out as a new model.
+
+    ``model`` should carry shape inference's value_info (the cut model's inputs need types). The
+    index of the model is built once, so cutting many pieces of one model stays cheap.
+    """
+    import onnx.utils  # loaded only when needed
+
+    extractor = onnx.utils.Extractor(model)
+    return lambda inputs, outputs: extractor.extract_model(list(inputs), list(outputs))
 
 
 def used_names(graph: onnx.GraphProto) -> set[str]:
@@ -257,6 +272,18 @@ class GraphEditor:
             tensor = make_tensor(name, values, elem_type=elem_type)
         self._graph.initializer.append(tensor)
         self._added.add(name)
+
+    def set_initializer(self, name: str, values: np.ndarray) -> None:
+        """Give the existing initializer ``name`` new ``values`` (dtype and shape from the array), in place.
+
+        Raises:
+            KeyError: ``graph`` has no initializer ``name``.
+        """
+        for tensor in self._graph.initializer:
+            if tensor.name == name:
+                tensor.CopyFrom(make_tensor(name, values))
+                return
+        raise KeyError(f"no initializer '{name}' in graph '{self._graph.name}'")
 
     def prune_initializers(self, *, keep_added: bool = False) -> None:
         """Drop initializers nothing reads (``used_names``); with ``keep_added``, only the original ones.

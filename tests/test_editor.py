@@ -277,3 +277,11 @@ def test_submodel_extractor_cuts_between_tensors() -> None:
     assert [n.name for n in cut.graph.node] == ["m"]
     assert [i.name for i in cut.graph.input] == ["a"]
     assert [t.name for t in cut.graph.initializer] == ["w"]
+
+
+def test_prune_keeps_an_initializer_that_is_a_graph_input() -> None:
+    model = _chain()
+    model.graph.input.append(helper.make_tensor_value_info("dead", TensorProto.FLOAT, [2]))
+    editor = ModelEditor(model)
+    editor.graph.prune_initializers()
+    assert [t.name for t in editor.build().graph.initializer] == ["w", "dead"]  # an overridable input keeps its default

@@ -52,7 +52,7 @@ from quantcli.api import convert_model  # noqa: E402
 from quantcli.core.host import default_config  # noqa: E402
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping  # noqa: E402
 from quantcli.data.datasets import model_input_specs, open_dataset  # noqa: E402
-from quantcli.graph.model import load_model  # noqa: E402
+from quantcli.graph.model_io import load_model  # noqa: E402
 from quantcli.search.accuracy_search import SearchOptions  # noqa: E402
 
 MODELS_DIR = REPO / "benchmarks" / "models"

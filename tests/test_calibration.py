@@ -111,7 +111,7 @@ def test_available_memory_respects_the_address_space_limit():
     import sys
 
     code = (
-        "import resource; from quantcli.graph.model import available_memory; "
+        "import resource; from quantcli.graph.model_io import available_memory; "
         "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)); "
         "print(available_memory())"
     )

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.options import QuantConfig
 from quantcli.data.datasets import FeedList
-from quantcli.graph.model import infer_shapes
+from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.subgraphs import walk_graphs
 from quantcli.passes.preprocess import preprocess
 from quantcli.static.lowering import apply_plan

@@ -139,9 +139,9 @@ def _not_writable(mp: pytest.MonkeyPatch) -> None:
 
 
 def _no_memory(mp: pytest.MonkeyPatch) -> None:
-    import quantcli.graph.model
+    import quantcli.graph.model_io
 
-    mp.setattr(quantcli.graph.model, "available_memory", lambda: 1000)
+    mp.setattr(quantcli.graph.model_io, "available_memory", lambda: 1000)
 
 
 def _calib_file(tmp: Path, text: str) -> list[str]:

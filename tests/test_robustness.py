@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.host import default_config
-from quantcli.graph.model import atomic_output
+from quantcli.graph.model_io import atomic_output
 from quantcli.verify.audit import audit_fusion
 from tests import models
 from tests.helpers import quantize, run, sqnr

@@ -10,7 +10,7 @@ import pytest
 
 from quantcli.api import compare_models, convert_model
 from quantcli.core.host import default_config
-from quantcli.graph.model import file_sha256
+from quantcli.graph.model_io import file_sha256
 from quantcli.verify.audit import audit_fusion
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 

@@ -1,4 +1,4 @@
-"""Control-flow subgraphs (If, Loop, Scan): walk them, and expose their tensors for calibration.
+"""Control-flow subgraphs (If, Loop, Scan): expose their tensors as main-graph outputs for calibration.
 
 ONNX names are unique across a model and its subgraphs, so a tensor inside a branch keeps its own
 name as the key of its calibration range. onnxruntime can only return main-graph outputs, so a
@@ -16,16 +16,31 @@ Nested subgraphs repeat this at each level.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
+
+from quantcli.graph.editor import GraphEditor, ModelEditor, make_node, make_tensor
+from quantcli.graph.names import NameAllocator
+from quantcli.graph.scopes import (
+    CONTROL_FLOW_OPS,
+    elem_types,
+    graph_of_nodes,
+    has_subgraphs,
+    node_subgraphs,
+    outer_references,
+    rename_references,
+    subgraph_reads,
+    walk_graphs,
+)
 
 __all__ = [
+    # re-exported from quantcli.graph.scopes, where the graph walks live
+    "CONTROL_FLOW_OPS",
     "ExposedModel",
-    "NameAllocator",
     "elem_types",
     "expose_subgraph_tensors",
     "graph_of_nodes",
@@ -33,83 +48,9 @@ __all__ = [
     "node_subgraphs",
     "outer_references",
     "rename_references",
+    "subgraph_reads",
     "walk_graphs",
 ]
-
-CONTROL_FLOW_OPS = ("If", "Loop", "Scan")
-
-
-def node_subgraphs(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
-    """The graph attributes of ``node`` as (attribute name, graph)."""
-    found: list[tuple[str, onnx.GraphProto]] = []
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            found.append((attr.name, attr.g))
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            found.extend((f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs))
-    return found
-
-
-def walk_graphs(graph: onnx.GraphProto, path: str = "") -> Iterator[tuple[str, onnx.GraphProto]]:
-    """``graph`` (path ``""``) and every nested subgraph, depth first, as (path, graph).
-
-    A subgraph's path is ``<node name>/<attribute>``, joined with ``/`` for nesting, e.g.
-    ``If_0/then_branch/LSTM_if/else_branch``.
-    """
-    yield path, graph
-    for node in graph.node:
-        for attr, sub in node_subgraphs(node):
-            yield from walk_graphs(sub, f"{path}/{node.name}/{attr}" if path else f"{node.name}/{attr}")
-
-
-def has_subgraphs(graph: onnx.GraphProto) -> bool:
-    """True if any node of ``graph`` holds a subgraph."""
-    return any(node_subgraphs(n) for n in graph.node)
-
-
-def _defined(graph: onnx.GraphProto) -> set[str]:
-    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    names |= {o for n in graph.node for o in n.output if o}
-    return names
-
-
-def outer_references(graph: onnx.GraphProto) -> set[str]:
-    """Names read inside ``graph`` (or deeper) that ``graph`` does not define: its implicit inputs."""
-    defined = _defined(graph)
-    used = {i for n in graph.node for i in n.input if i} | {o.name for o in graph.output}
-    for node in graph.node:
-        for _, sub in node_subgraphs(node):
-            used |= outer_references(sub)
-    return used - defined
-
-
-def rename_references(graph: onnx.GraphProto, renames: Mapping[str, str], *, outputs: bool = False) -> None:
-    """Rename every read of a name in ``renames`` inside ``graph``'s nested subgraphs (outer-scope reads).
-
-    With ``outputs``, a subgraph output naming an outer value directly is renamed too.
-    """
-    if not renames:
-        return
-    for node in graph.node:
-        for _, sub in node_subgraphs(node):
-            local = _defined(sub)
-            active = {k: v for k, v in renames.items() if k not in local}
-            if not active:
-                continue
-            for inner in sub.node:
-                for i, name in enumerate(inner.input):
-                    if name in active:
-                        inner.input[i] = active[name]
-            if outputs:
-                for out in sub.output:
-                    if out.name in active:
-                        out.name = active[out.name]
-            rename_references(sub, active, outputs=outputs)
-
-
-def graph_of_nodes(graph: onnx.GraphProto) -> dict[str, str]:
-    """Node name -> path of the graph holding it (``""`` for the main graph)."""
-    return {n.name: path for path, g in walk_graphs(graph) for n in g.node}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,132 +69,82 @@ class ExposedModel:
 
 
 @dataclass(slots=True)
-class NameAllocator:
-    """Hands out names that collide with nothing in the graph nor with each other."""
-
-    taken: set[str] = field(default_factory=set)
-
-    @classmethod
-    def for_graph(cls, graph: onnx.GraphProto) -> NameAllocator:
-        """Reserve every node, tensor and initializer name of ``graph`` and of its subgraphs."""
-        taken: set[str] = set()
-        for _, g in walk_graphs(graph):
-            taken |= {n.name for n in g.node} | {t.name for t in g.initializer}
-            taken |= {v.name for v in [*g.input, *g.output, *g.value_info]}
-            for node in g.node:
-                taken |= set(node.input) | set(node.output)
-        return cls(taken)
-
-    def new(self, base: str) -> str:
-        """``base``, or ``base_1``, ``base_2``... whichever is free."""
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
-
-
-def _value_info(name: str, elem_type: int) -> onnx.ValueInfoProto:
-    vi = onnx.ValueInfoProto()
-    vi.name = name
-    if elem_type:
-        vi.type.tensor_type.elem_type = elem_type
-    return vi
-
-
-@dataclass(slots=True)
 class _Exposer:
     types: Mapping[str, int]
     names: NameAllocator
     skipped: list[tuple[str, str]]
 
-    def local_tensors(self, graph: onnx.GraphProto, *, with_inputs: bool) -> list[tuple[str, int]]:
+    def local_tensors(self, graph: GraphEditor, *, with_inputs: bool) -> list[tuple[str, int]]:
         """Float tensors produced in ``graph`` (and, for loop bodies, its inputs), graph order."""
         found: list[tuple[str, int]] = []
         if with_inputs:
-            found += [(i.name, self.types.get(i.name, 0)) for i in graph.input]
-        for node in graph.node:
+            found += [(name, self.types.get(name, 0)) for name in graph.input_names]
+        for node in graph.nodes:
             if node.op_type == "Constant":
                 continue
             found += [(o, self.types.get(o, 0)) for o in node.output if o]
         return [(n, t) for n, t in found if t == onnx.TensorProto.FLOAT]
 
-    def collect(self, graph: onnx.GraphProto, path: str, *, with_inputs: bool) -> list[tuple[str, str, int]]:
+    def collect(self, graph: GraphEditor, path: str, *, with_inputs: bool) -> list[tuple[str, str, int]]:
         """(name visible in ``graph``, inner tensor name, elem type) for ``graph`` and its subgraphs."""
         found = [(n, n, t) for n, t in self.local_tensors(graph, with_inputs=with_inputs)]
-        for node in list(graph.node):
+        for node in graph.nodes:
             found += self.expose_node(graph, node, f"{path}/{node.name}" if path else node.name)
         return found
 
-    def expose_node(self, graph: onnx.GraphProto, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
+    def expose_node(self, graph: GraphEditor, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
         if node.op_type == "If" and node.domain in ("", "ai.onnx"):
-            return self._expose_if(node, path)
+            return self._expose_if(graph, node, path)
         if node.op_type in ("Loop", "Scan") and node.domain in ("", "ai.onnx"):
-            return self._expose_loop(node, path)
+            return self._expose_loop(graph, node, path)
         if node_subgraphs(node):
             self.skipped.append((path, f"op {node.op_type} holds a subgraph quantcli does not look into"))
         return []
 
-    def _expose_if(self, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
-        branches = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+    def _copy_if_interface(self, graph: GraphEditor, visible: str, inner: str, *, inputs: bool) -> str:
+        """``visible``, or an Identity copy of it when it already is an output (or, with ``inputs``, an input)."""
+        if visible in graph.output_names or (inputs and visible in graph.input_names):
+            source = self.names.new(f"{inner}_copy")
+            graph.append([make_node("Identity", [visible], [source], name=self.names.new(f"{source}_Identity"))])
+            return source
+        return visible
+
+    def _expose_if(self, graph: GraphEditor, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
+        branches = graph.subgraphs_of(node)
         then_g, else_g = branches["then_branch"], branches["else_branch"]
         found: list[tuple[str, str, int]] = []
-        for side, other in ((then_g, else_g), (else_g, then_g)):
-            attr = "then_branch" if side is then_g else "else_branch"
+        for attr, side, other in (("then_branch", then_g, else_g), ("else_branch", else_g, then_g)):
             for visible, inner, elem in self.collect(side, f"{path}/{attr}", with_inputs=False):
-                source = visible
-                if any(o.name == visible for o in side.output):
-                    source = self.names.new(f"{inner}_copy")
-                    side.node.append(
-                        helper.make_node("Identity", [visible], [source], name=self.names.new(f"{source}_Identity"))
-                    )
-                side.output.append(_value_info(source, elem))
+                side.add_output(self._copy_if_interface(side, visible, inner, inputs=False), elem)
                 dummy = self.names.new(f"{inner}_not_taken")
-                empty = numpy_helper.from_array(np.zeros((0,), dtype=helper.tensor_dtype_to_np_dtype(elem)), dummy)
-                const = helper.make_node("Constant", [], [dummy], name=self.names.new(f"{dummy}_Constant"), value=empty)
-                other.node.append(const)
-                other.output.append(_value_info(dummy, elem))
+                empty = make_tensor(dummy, np.zeros((0,), dtype=helper.tensor_dtype_to_np_dtype(elem)))
+                const = make_node(
+                    "Constant", [], [dummy], name=self.names.new(f"{dummy}_Constant"), attrs={"value": empty}
+                )
+                other.append([const])
+                other.add_output(dummy, elem)
                 out = self.names.new(f"{inner}_exposed")
-                node.output.append(out)
+                graph.add_node_output(node, out)
                 found.append((out, inner, elem))
         return found
 
-    def _expose_loop(self, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
-        body = next(a.g for a in node.attribute if a.name == "body")
+    def _expose_loop(self, graph: GraphEditor, node: onnx.NodeProto, path: str) -> list[tuple[str, str, int]]:
+        body = graph.subgraphs_of(node)["body"]
         # Loop body inputs: (iteration, cond, states...); Scan body inputs: (states..., scan slices...)
-        inputs = list(body.input[2:]) if node.op_type == "Loop" else list(body.input)
+        inputs = body.input_names[2:] if node.op_type == "Loop" else body.input_names
         found: list[tuple[str, str, int]] = []
-        tensors = [(i.name, i.name, self.types.get(i.name, 0)) for i in inputs]
+        tensors = [(name, name, self.types.get(name, 0)) for name in inputs]
         tensors = [t for t in tensors if t[2] == onnx.TensorProto.FLOAT]
         tensors += self.collect(body, f"{path}/body", with_inputs=False)
         for visible, inner, elem in tensors:
-            source = visible
-            if any(i.name == visible for i in body.input) or any(o.name == visible for o in body.output):
-                source = self.names.new(f"{inner}_copy")
-                body.node.append(
-                    helper.make_node("Identity", [visible], [source], name=self.names.new(f"{source}_Identity"))
-                )
-            body.output.append(_value_info(source, elem))
+            body.add_output(self._copy_if_interface(body, visible, inner, inputs=True), elem)
             out = self.names.new(f"{inner}_exposed")
-            node.output.append(out)
+            graph.add_node_output(node, out)
             found.append((out, inner, elem))
         if node.op_type == "Scan" and found:
-            for attr in node.attribute:
-                if attr.name in ("scan_output_axes", "scan_output_directions"):
-                    attr.ints.extend([0] * len(found))
+            for attr in ("scan_output_axes", "scan_output_directions"):
+                graph.extend_ints_attribute(node, attr, [0] * len(found))
         return found
-
-
-def elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor whose type ``model`` records, in any of its graphs."""
-    types: dict[str, int] = {}
-    for _, g in walk_graphs(model.graph):
-        for t in g.initializer:
-            types[t.name] = t.data_type
-        for vi in [*g.input, *g.value_info, *g.output]:
-            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-                types.setdefault(vi.name, vi.type.tensor_type.elem_type)
-    return types
 
 
 def expose_subgraph_tensors(model: onnx.ModelProto, types: Mapping[str, int]) -> ExposedModel:
@@ -264,14 +155,13 @@ def expose_subgraph_tensors(model: onnx.ModelProto, types: Mapping[str, int]) ->
         types: element type of each tensor (from shape inference); tensors of unknown type inside
             an If branch cannot get a matching dummy and stay unexposed.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    exposer = _Exposer(types, NameAllocator.for_graph(out.graph), [])
+    editor = ModelEditor(model)
+    exposer = _Exposer(types, editor.names, [])
     exposed: list[tuple[str, str, int]] = []
-    for node in list(out.graph.node):
-        exposed += exposer.expose_node(out.graph, node, node.name)
+    for node in editor.graph.nodes:
+        exposed += exposer.expose_node(editor.graph, node, node.name)
     names: dict[str, str] = {}
     for visible, inner, elem in exposed:
-        out.graph.output.append(_value_info(visible, elem))
+        editor.graph.add_output(visible, elem)
         names[visible] = inner
-    return ExposedModel(out, names, tuple(exposer.skipped))
+    return ExposedModel(editor.build(), names, tuple(exposer.skipped))

@@ -1,4 +1,4 @@
-"""Conversion modes other than static QDQ: what they share (the mode enum, the report, graph editing).
+"""Conversion modes other than static QDQ: what they share (the mode enum, the report, weight checks).
 
 ``static`` is the calibrated QDQ pipeline of ``planning``/``rewrite``. The other modes need no
 calibration data and each lives in its own module:
@@ -13,28 +13,29 @@ Each returns a new model (the input is never modified) and a ``ModeReport``.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from quantcli.core.options import StrEnum
 from quantcli.core.selection import NodeSelector
-from quantcli.graph.model import GraphIndex
-from quantcli.graph.subgraphs import NameAllocator
+from quantcli.graph.editor import GraphEditor, ModelEditor
+from quantcli.graph.index import GraphIndex
 
 if TYPE_CHECKING:
     from quantcli.static.planning import Skip
 
 __all__ = [
     "ConvertMode",
-    "GraphEdit",
     "ModeReport",
     "WeightOnlyType",
+    "add_constant",
     "constant_weight_problem",
     "dense_weight_problem",
+    "finish",
     "matching_nodes",
 ]
 
@@ -92,88 +93,22 @@ class ModeReport:
         return dict(sorted(counts.items()))
 
 
-@dataclass(slots=True)
-class GraphEdit:
-    """A functional rewrite of one graph: nodes replaced in place, initializers added, unused ones dropped.
+def add_constant(graph: GraphEditor, base: str, values: np.ndarray) -> str:
+    """Add a constant under a fresh name derived from ``base``; returns the name.
 
-    ``replace(node, new_nodes)`` puts ``new_nodes`` where ``node`` was, so a topologically sorted
-    graph stays sorted as long as the new nodes only read tensors available at that point. Nodes are
-    named by their position in ``nodes`` (protobuf hands out a new wrapper object on every access, so
-    only the objects in ``nodes`` are valid arguments).
+    Stored through ``np.ascontiguousarray``, which turns a scalar into a 1-element vector: the
+    modes have always written their scalar zero points so (golden hashes pin it).
     """
-
-    model: onnx.ModelProto
-    names: NameAllocator = field(init=False)
-    nodes: list[onnx.NodeProto] = field(init=False)
-    _position: dict[int, int] = field(init=False)
-    _replacements: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
-    _before: dict[int, list[onnx.NodeProto]] = field(default_factory=dict)
-    _initializers: list[onnx.TensorProto] = field(default_factory=list)
-    _domains: dict[str, int] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.names = NameAllocator.for_graph(self.model.graph)
-        self.nodes = list(self.model.graph.node)
-        self._position = {id(n): i for i, n in enumerate(self.nodes)}
-
-    def add_initializer(self, base: str, values: np.ndarray) -> str:
-        """Add a constant under a fresh name derived from ``base``; returns the name."""
-        name = self.names.new(base)
-        self._initializers.append(numpy_helper.from_array(np.ascontiguousarray(values), name))
-        return name
-
-    def replace(self, node: onnx.NodeProto, new_nodes: Iterable[onnx.NodeProto]) -> None:
-        """Put ``new_nodes`` in place of ``node`` (one of ``self.nodes``)."""
-        self._replacements[self._position[id(node)]] = list(new_nodes)
-
-    def insert_before(self, node: onnx.NodeProto, new_nodes: Iterable[onnx.NodeProto]) -> None:
-        """Emit ``new_nodes`` just before ``node`` (which stays unless also replaced)."""
-        self._before.setdefault(self._position[id(node)], []).extend(new_nodes)
-
-    def use_domain(self, domain: str, version: int) -> None:
-        """Make sure the model imports ``domain`` (e.g. com.microsoft)."""
-        self._domains[domain] = max(version, self._domains.get(domain, 0))
-
-    def build(self) -> onnx.ModelProto:
-        """The edited copy; initializers no node reads any more are dropped."""
-        out = onnx.ModelProto()
-        out.CopyFrom(self.model)
-        nodes: list[onnx.NodeProto] = []
-        for i, node in enumerate(self.nodes):
-            nodes.extend(self._before.get(i, []))
-            nodes.extend(self._replacements.get(i, [node]))
-        del out.graph.node[:]
-        out.graph.node.extend(nodes)
-        out.graph.initializer.extend(self._initializers)
-        used = {name for n in out.graph.node for name in n.input} | {o.name for o in out.graph.output}
-        used |= _subgraph_reads(out.graph)
-        kept = [t for t in out.graph.initializer if t.name in used]
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(kept)
-        kept_names = {t.name for t in kept} | {n for node in nodes for n in node.output}
-        # value_info of tensors that no longer exist, or whose type changed, would mislead shape inference
-        vis = [v for v in out.graph.value_info if v.name in kept_names]
-        del out.graph.value_info[:]
-        out.graph.value_info.extend(vis)
-        imported = {imp.domain: imp for imp in out.opset_import}
-        for domain, version in sorted(self._domains.items()):
-            if domain in imported:
-                imported[domain].version = max(imported[domain].version, version)
-            else:
-                out.opset_import.append(onnx.helper.make_opsetid(domain, version))
-        return out
+    return graph.add_initializer(base, np.ascontiguousarray(values))
 
 
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-            for sub in subs:
-                for n in sub.node:
-                    names.update(n.input)
-                names |= _subgraph_reads(sub)
-    return names
+def finish(editor: ModelEditor) -> onnx.ModelProto:
+    """The edited model: node edits committed, then initializers and value_info of tensors gone dropped."""
+    editor.graph.commit()
+    editor.graph.prune_initializers()
+    # value_info of tensors that no longer exist, or whose type changed, would mislead shape inference
+    editor.graph.prune_value_info()
+    return editor.build()
 
 
 def constant_weight_problem(index: GraphIndex, node: onnx.NodeProto) -> str | None:

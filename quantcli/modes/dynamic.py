@@ -32,8 +32,17 @@ from onnx import TensorProto, helper
 from quantcli.core.host import detect_host
 from quantcli.core.options import QuantDType
 from quantcli.core.qmath import params_from_range, quantize
-from quantcli.graph.model import GraphIndex, infer_shapes
-from quantcli.modes.common import ConvertMode, GraphEdit, ModeReport, constant_weight_problem, dense_weight_problem
+from quantcli.graph.editor import GraphEditor, ModelEditor, make_node
+from quantcli.graph.index import GraphIndex
+from quantcli.graph.model_io import infer_shapes
+from quantcli.modes.common import (
+    ConvertMode,
+    ModeReport,
+    add_constant,
+    constant_weight_problem,
+    dense_weight_problem,
+    finish,
+)
 from quantcli.static.planning import Skip, SkipCode
 
 __all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "default_options", "quantize_dynamic"]
@@ -86,7 +95,7 @@ def _weight(w: np.ndarray, axis: int | None, opts: DynamicOptions) -> tuple[np.n
 @dataclass(slots=True)
 class _Rewriter:
     index: GraphIndex
-    edit: GraphEdit
+    edit: GraphEditor
     opts: DynamicOptions
     converted: list[tuple[str, str, str]]
     skipped: list[Skip]
@@ -97,8 +106,8 @@ class _Rewriter:
         """Quantized weight and zero point initializers and the scale; one copy per shared weight."""
         if key not in self._weights:
             q, scale, zp = _weight(w, axis, self.opts)
-            w_name = self.edit.add_initializer(f"{key[0]}_quantized", q)
-            zp_name = self.edit.add_initializer(f"{key[0]}_zero_point", zp)
+            w_name = add_constant(self.edit, f"{key[0]}_quantized", q)
+            zp_name = add_constant(self.edit, f"{key[0]}_zero_point", zp)
             self._weights[key] = (w_name, zp_name, scale)
         return self._weights[key]
 
@@ -107,7 +116,7 @@ class _Rewriter:
         if tensor not in self._dynamic:
             names = self.edit.names
             out = (names.new(f"{tensor}_quantized"), names.new(f"{tensor}_scale"), names.new(f"{tensor}_zero_point"))
-            node = helper.make_node(
+            node = make_node(
                 "DynamicQuantizeLinear", [tensor], list(out), name=names.new(f"{tensor}_DynamicQuantizeLinear")
             )
             self.edit.insert_before(before, [node])
@@ -120,19 +129,19 @@ class _Rewriter:
     ) -> list[onnx.NodeProto]:  # fmt: skip
         """integer_op -> Cast -> Mul(s_a * s_w) [-> Add bias], writing ``node``'s output."""
         names, base, output = self.edit.names, node.name or node.output[0], node.output[0]
-        s_w = self.edit.add_initializer(f"{base}_weight_scale", scale.astype(np.float32).reshape(scale_shape))
+        s_w = add_constant(self.edit, f"{base}_weight_scale", scale.astype(np.float32).reshape(scale_shape))
         y_int, y_f, s = names.new(f"{output}_int32"), names.new(f"{output}_float"), names.new(f"{output}_scale")
         y_scaled = names.new(f"{output}_scaled") if bias is not None else output
         nodes = [
-            helper.make_node(integer_op, inputs, [y_int], name=names.new(f"{base}_{integer_op}"), **attrs),
-            helper.make_node("Cast", [y_int], [y_f], name=names.new(f"{base}_Cast"), to=TensorProto.FLOAT),
-            helper.make_node("Mul", [a_scale, s_w], [s], name=names.new(f"{base}_scale_Mul")),
-            helper.make_node("Mul", [y_f, s], [y_scaled], name=names.new(f"{base}_Mul")),
+            make_node(integer_op, inputs, [y_int], name=names.new(f"{base}_{integer_op}"), attrs=attrs),
+            make_node("Cast", [y_int], [y_f], name=names.new(f"{base}_Cast"), attrs={"to": TensorProto.FLOAT}),
+            make_node("Mul", [a_scale, s_w], [s], name=names.new(f"{base}_scale_Mul")),
+            make_node("Mul", [y_f, s], [y_scaled], name=names.new(f"{base}_Mul")),
         ]
         if bias is not None:
             b_shape = (1, -1, *([1] * (len(scale_shape) - 2))) if integer_op == "ConvInteger" else (-1,)
-            b = self.edit.add_initializer(f"{base}_bias", bias.astype(np.float32).reshape(b_shape))
-            nodes.append(helper.make_node("Add", [y_scaled, b], [output], name=names.new(f"{base}_bias_Add")))
+            b = add_constant(self.edit, f"{base}_bias", bias.astype(np.float32).reshape(b_shape))
+            nodes.append(make_node("Add", [y_scaled, b], [output], name=names.new(f"{base}_bias_Add")))
         return nodes
 
     def matmul(self, node: onnx.NodeProto, key: tuple[str, str], w: np.ndarray, bias: np.ndarray | None) -> None:
@@ -217,11 +226,11 @@ def quantize_dynamic(model: onnx.ModelProto, opts: DynamicOptions | None = None)
         raise ValueError(f"dynamic mode cannot quantize {sorted(unknown)}")
     inferred, _ = infer_shapes(model)
     index = GraphIndex.build(inferred.graph)
-    edit = GraphEdit(model)
-    rw = _Rewriter(index, edit, opts, [], [], {}, {})
-    for node in edit.nodes:
+    editor = ModelEditor(model)
+    rw = _Rewriter(index, editor.graph, opts, [], [], {}, {})
+    for node in editor.graph.nodes:
         rw.visit(node)
-    out = edit.build()
+    out = finish(editor)
     wt = f"{opts.weight_type}{' (7-bit: --reduce-range)' if opts.reduce_range else ''}"
     notes = (
         f"weights {wt}, {'per-channel' if opts.per_channel else 'per-tensor'}; activations uint8 quantized at "

@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
-from quantcli.graph.model import GraphIndex, infer_shapes
-from quantcli.modes.common import ConvertMode, GraphEdit, ModeReport
+from quantcli.graph.editor import GraphEditor, ModelEditor, make_node
+from quantcli.graph.index import GraphIndex
+from quantcli.graph.model_io import infer_shapes
+from quantcli.graph.scopes import subgraph_reads
+from quantcli.modes.common import ConvertMode, ModeReport, add_constant, finish
 from quantcli.static.planning import Skip, SkipCode
 
 __all__ = ["FOLLOW_OPS", "FP16_OPS", "KEEP_FLOAT32_OPS", "convert_fp16"]
@@ -84,7 +87,7 @@ def _out_of_range(values: np.ndarray) -> str | None:
 @dataclass(slots=True)
 class _Converter:
     index: GraphIndex
-    edit: GraphEdit
+    edit: GraphEditor
     exclude: frozenset[str]
     exclude_op_types: frozenset[str] = frozenset()
     half: set[str] = field(default_factory=set)  # tensors (by original name) now float16
@@ -113,7 +116,7 @@ class _Converter:
         if dtype == HALF and self.index.is_constant(name):
             if name not in self.half_constants:
                 values = self.index.constant(name).astype(np.float16)
-                self.half_constants[name] = self.edit.add_initializer(f"{name}_fp16", values)
+                self.half_constants[name] = add_constant(self.edit, f"{name}_fp16", values)
             return self.half_constants[name]
         key = (name, dtype)
         if key not in self.casts:
@@ -121,7 +124,7 @@ class _Converter:
             suffix = "fp16" if dtype == HALF else "fp32"
             out = self.edit.names.new(f"{name}_{suffix}")
             cast_name = self.edit.names.new(f"{name}_Cast_{suffix}")
-            cast = helper.make_node("Cast", [source], [out], name=cast_name, to=dtype)
+            cast = make_node("Cast", [source], [out], name=cast_name, attrs={"to": dtype})
             self.edit.insert_before(node, [cast])
             self.casts[key] = out
         return self.casts[key]
@@ -163,17 +166,11 @@ class _Converter:
             return
         if node.op_type in ANY_TYPE_OPS and node.domain in ("", "ai.onnx"):
             if any(i in self.renamed for i in node.input):
-                new = onnx.NodeProto()
-                new.CopyFrom(node)
-                new.input[:] = [self.renamed.get(i, i) for i in node.input]
-                self.edit.replace(node, [new])
+                self.edit.set_inputs(node, [self.renamed.get(i, i) for i in node.input])
             return
         # float32 node: float16 inputs are cast back; a wide input makes its outputs wide
         if any(i in self.half for i in node.input):
-            new = onnx.NodeProto()
-            new.CopyFrom(node)
-            new.input[:] = [self.read_as(i, FLOAT, node) if i in self.half else i for i in node.input]
-            self.edit.replace(node, [new])
+            self.edit.set_inputs(node, [self.read_as(i, FLOAT, node) if i in self.half else i for i in node.input])
         widened = any(i in self.wide for i in node.input) or any(
             i and self.index.is_constant(i) and _out_of_range(self.index.constant(i)) == "large" for i in node.input
         )
@@ -181,11 +178,10 @@ class _Converter:
             self.wide.update(o for o in node.output if o and self.is_float_tensor(o) is not False)
 
     def to_half(self, node: onnx.NodeProto) -> None:
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        new.input[:] = [self.read_as(i, HALF, node) if i and self.is_float_tensor(i) else i for i in node.input]
+        inputs = [self.read_as(i, HALF, node) if i and self.is_float_tensor(i) else i for i in node.input]
+        self.edit.set_inputs(node, inputs)
         tail = []
-        for k, out in enumerate(node.output):
+        for k, out in enumerate(list(node.output)):
             if not out:
                 continue
             known = self.index.elem_types.get(out)
@@ -195,23 +191,13 @@ class _Converter:
             self.half.add(out)
             if out in self.index.graph_outputs:
                 inner = self.edit.names.new(f"{out}_fp16")
-                new.output[k] = inner
+                self.edit.set_output(node, k, inner)
                 self.renamed[out] = inner
                 self.casts[(out, FLOAT)] = out
-                tail.append(helper.make_node("Cast", [inner], [out], name=self.edit.names.new(f"{out}_Cast"), to=FLOAT))
-        self.edit.replace(node, [new, *tail])
+                cast = make_node("Cast", [inner], [out], name=self.edit.names.new(f"{out}_Cast"), attrs={"to": FLOAT})
+                tail.append(cast)
+        self.edit.insert_after(node, tail)
         self.converted.append((node.name, node.op_type, "float16"))
-
-
-def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                for n in sub.node:
-                    names.update(n.input)
-                names |= _subgraph_reads(sub)
-    return names
 
 
 def convert_fp16(
@@ -226,12 +212,12 @@ def convert_fp16(
     """
     inferred, failure = infer_shapes(model)
     index = GraphIndex.build(inferred.graph)
-    edit = GraphEdit(model)
-    conv = _Converter(index, edit, exclude_nodes, exclude_op_types, subgraph_reads=_subgraph_reads(model.graph))
-    for node in edit.nodes:
+    editor = ModelEditor(model)
+    conv = _Converter(index, editor.graph, exclude_nodes, exclude_op_types, subgraph_reads=subgraph_reads(model.graph))
+    for node in editor.graph.nodes:
         conv.visit(node)
-    out = edit.build()
-    del out.graph.value_info[:]  # types changed; onnxruntime re-infers them
+    editor.graph.clear_value_info()  # types changed; onnxruntime re-infers them
+    out = finish(editor)
     compute = [op for _, op, _ in conv.converted if op in FP16_OPS]
     notes = [
         f"{len(compute)} compute and {len(conv.converted) - len(compute)} data-movement nodes in float16; "

@@ -25,15 +25,17 @@ Gemm with a constant B (transA = 0) becomes the same op plus an Add of beta * C.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 from onnx import helper
 
-from quantcli.graph.model import GraphIndex, infer_shapes
-from quantcli.modes.common import ConvertMode, GraphEdit, ModeReport, WeightOnlyType, dense_weight_problem
+from quantcli.graph.editor import GraphEditor, ModelEditor, make_node
+from quantcli.graph.index import GraphIndex
+from quantcli.graph.model_io import infer_shapes
+from quantcli.modes.common import ConvertMode, ModeReport, WeightOnlyType, add_constant, dense_weight_problem, finish
 from quantcli.static.planning import Skip, SkipCode
 
 __all__ = [
@@ -174,6 +176,70 @@ def dequantize_packed(packed: PackedWeight) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(w.reshape(n, n_blocks * bs)[:, : packed.k].T)
 
 
+@dataclass(slots=True)
+class _Rewriter:
+    """MatMul/Gemm -> MatMulNBits [-> Add bias], one packed copy per (weight, alpha, transB)."""
+
+    index: GraphIndex
+    edit: GraphEditor
+    opts: WeightOnlyOptions
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    _cache: dict[tuple[str, float, bool], tuple[str, str, str | None, int, int]] = field(default_factory=dict)
+
+    def packed(self, weight: str, alpha: float, trans_b: bool) -> tuple[str, str, str | None, int, int]:
+        """Names of B, scales and zero points (or None), and K, N of the packed ``weight``."""
+        key = (weight, alpha, trans_b)
+        if key not in self._cache:
+            opts, edit = self.opts, self.edit
+            w = self.index.constant(weight).astype(np.float32)
+            w = (w.T if trans_b else w) * np.float32(alpha)
+            packed = pack_weight(
+                w, bits=opts.weight_type.bits, block_size=opts.block_size, symmetric=opts.weight_type.symmetric
+            )
+            b_name = add_constant(edit, f"{weight}_nbits", packed.b)
+            s_name = add_constant(edit, f"{weight}_nbits_scales", packed.scales)
+            zp_name = (
+                add_constant(edit, f"{weight}_nbits_zero_points", packed.zero_points)
+                if packed.zero_points is not None
+                else None
+            )
+            self._cache[key] = (b_name, s_name, zp_name, packed.k, packed.n)
+        return self._cache[key]
+
+    def visit(self, node: onnx.NodeProto) -> None:
+        opts, edit, index = self.opts, self.edit, self.index
+        if node.op_type not in opts.op_types or node.domain not in ("", "ai.onnx"):
+            return
+        if node.name in opts.exclude_nodes:
+            self.skipped.append(Skip(node.name, node.op_type, SkipCode.NODE_EXCLUDED))
+            return
+        reason = dense_weight_problem(index, node)
+        if reason:
+            self.skipped.append(Skip(node.name, node.op_type, SkipCode.MODE_UNSUPPORTED, reason))
+            return
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        b_name, s_name, zp_name, k, n = self.packed(
+            node.input[1], float(attrs.get("alpha", 1.0)), bool(attrs.get("transB", 0))
+        )
+        base = node.name or node.output[0]
+        inputs = [node.input[0], b_name, s_name] + ([zp_name] if zp_name else [])
+        bias = None
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+            c = index.constant(node.input[2]).astype(np.float32).reshape(-1)
+            bias = np.broadcast_to(c, (n,)) * np.float32(attrs.get("beta", 1.0))
+        out = node.output[0] if bias is None else edit.names.new(f"{node.output[0]}_nobias")
+        nbits = {"K": k, "N": n, "bits": opts.weight_type.bits, "block_size": opts.block_size,
+                 "accuracy_level": opts.accuracy_level}  # fmt: skip
+        new = [make_node("MatMulNBits", inputs, [out], name=edit.names.new(f"{base}_MatMulNBits"), domain=MS_DOMAIN,
+                         attrs=nbits)]  # fmt: skip
+        if bias is not None:
+            b = add_constant(edit, f"{base}_bias", np.ascontiguousarray(bias, dtype=np.float32))
+            new.append(make_node("Add", [out, b], [node.output[0]], name=edit.names.new(f"{base}_bias_Add")))
+        edit.replace(node, new)
+        self.converted.append((node.name, node.op_type, "MatMulNBits"))
+
+
 def quantize_weight_only(
     model: onnx.ModelProto, opts: WeightOnlyOptions | None = None
 ) -> tuple[onnx.ModelProto, ModeReport]:
@@ -181,63 +247,18 @@ def quantize_weight_only(
     opts = opts or WeightOnlyOptions()
     if opts.block_size not in BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {BLOCK_SIZES}")
-    bits, symmetric = opts.weight_type.bits, opts.weight_type.symmetric
+    symmetric = opts.weight_type.symmetric
     inferred, _ = infer_shapes(model)
-    index = GraphIndex.build(inferred.graph)
-    edit = GraphEdit(model)
-    converted: list[tuple[str, str, str]] = []
-    skipped: list[Skip] = []
-    cache: dict[tuple[str, float, bool], tuple[str, str, str | None, int, int]] = {}
-    for node in edit.nodes:
-        if node.op_type not in opts.op_types or node.domain not in ("", "ai.onnx"):
-            continue
-        if node.name in opts.exclude_nodes:
-            skipped.append(Skip(node.name, node.op_type, SkipCode.NODE_EXCLUDED))
-            continue
-        reason = dense_weight_problem(index, node)
-        if reason:
-            skipped.append(Skip(node.name, node.op_type, SkipCode.MODE_UNSUPPORTED, reason))
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        trans_b, alpha = bool(attrs.get("transB", 0)), float(attrs.get("alpha", 1.0))
-        key = (node.input[1], alpha, trans_b)
-        base = node.name or node.output[0]
-        if key not in cache:
-            w = index.constant(node.input[1]).astype(np.float32)
-            w = (w.T if trans_b else w) * np.float32(alpha)
-            packed = pack_weight(w, bits=bits, block_size=opts.block_size, symmetric=symmetric)
-            b_name = edit.add_initializer(f"{node.input[1]}_nbits", packed.b)
-            s_name = edit.add_initializer(f"{node.input[1]}_nbits_scales", packed.scales)
-            zp_name = (
-                edit.add_initializer(f"{node.input[1]}_nbits_zero_points", packed.zero_points)
-                if packed.zero_points is not None
-                else None
-            )
-            cache[key] = (b_name, s_name, zp_name, packed.k, packed.n)
-        b_name, s_name, zp_name, k, n = cache[key]
-        inputs = [node.input[0], b_name, s_name] + ([zp_name] if zp_name else [])
-        bias = None
-        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-            c = index.constant(node.input[2]).astype(np.float32).reshape(-1)
-            bias = np.broadcast_to(c, (n,)) * np.float32(attrs.get("beta", 1.0))
-        out = node.output[0] if bias is None else edit.names.new(f"{node.output[0]}_nobias")
-        new = [
-            helper.make_node(
-                "MatMulNBits", inputs, [out], name=edit.names.new(f"{base}_MatMulNBits"), domain=MS_DOMAIN,
-                K=k, N=n, bits=bits, block_size=opts.block_size, accuracy_level=opts.accuracy_level,
-            )
-        ]  # fmt: skip
-        if bias is not None:
-            b = edit.add_initializer(f"{base}_bias", np.ascontiguousarray(bias, dtype=np.float32))
-            new.append(helper.make_node("Add", [out, b], [node.output[0]], name=edit.names.new(f"{base}_bias_Add")))
-        edit.replace(node, new)
-        converted.append((node.name, node.op_type, "MatMulNBits"))
-    if converted:
-        edit.use_domain(MS_DOMAIN, 1)
-    out_model = edit.build()
+    editor = ModelEditor(model)
+    rw = _Rewriter(GraphIndex.build(inferred.graph), editor.graph, opts)
+    for node in editor.graph.nodes:
+        rw.visit(node)
+    if rw.converted:
+        editor.use_domain(MS_DOMAIN, 1)
+    out_model = finish(editor)
     fmt = f"{opts.weight_type} ({'symmetric' if symmetric else 'per-block zero points'})"
     notes = (
         f"weights {fmt}, block size {opts.block_size} along K, scale per block by least squared error over "
         f"{len(CLIP_RATIOS)} clip ratios; MatMulNBits accuracy_level={opts.accuracy_level}",
     )
-    return out_model, ModeReport(ConvertMode.WEIGHT_ONLY, tuple(converted), tuple(skipped), notes)
+    return out_model, ModeReport(ConvertMode.WEIGHT_ONLY, tuple(rw.converted), tuple(rw.skipped), notes)

@@ -19,14 +19,16 @@ Everything here works without shape inference: it only looks at node wiring and 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from quantcli.graph.model import GraphIndex
-from quantcli.graph.subgraphs import node_subgraphs, rename_references, walk_graphs
+from quantcli.graph.editor import GraphEditor, ModelEditor, make_tensor, single_node_model
+from quantcli.graph.index import GraphIndex
+from quantcli.graph.names import NameAllocator
+from quantcli.graph.scopes import walk_graphs
 
 __all__ = ["PreprocessReport", "preprocess"]
 
@@ -70,47 +72,52 @@ def preprocess(
     fold_constants: bool = True,
 ) -> tuple[onnx.ModelProto, PreprocessReport]:
     """Return a cleaned copy of ``model`` (the input is never modified) and what was done."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    named = _name_nodes(graph)
-    counts = [0, 0, 0, 0, 0]
-    _clean_graph(graph, list(out.opset_import), {}, counts, fold_batchnorm, remove_identity, fold_constants, graph)
-    consts, folded_consts, removed, folded, affines = counts
-    return out, PreprocessReport(named, consts, removed, folded, folded_consts, affines)
+    editor = ModelEditor(model)
+    named = _name_nodes(editor.graph)
+    cleaner = _Cleaner(editor.opset_imports, editor.graph.proto, fold_batchnorm, remove_identity, fold_constants)
+    cleaner.clean(editor.graph, {})
+    consts, folded_consts, removed, folded, affines = cleaner.counts
+    return editor.build(), PreprocessReport(named, consts, removed, folded, folded_consts, affines)
 
 
-def _clean_graph(
-    graph: onnx.GraphProto,
-    opsets: list[onnx.OperatorSetIdProto],
-    outer: dict[str, onnx.TensorProto],
-    counts: list[int],
-    fold_batchnorm: bool,
-    remove_identity: bool,
-    fold_constants: bool,
-    root: onnx.GraphProto,
-) -> None:
-    """Run the passes on ``graph``, then on each subgraph (If/Loop/Scan bodies) with the constants it sees."""
-    counts[0] += _constants_to_initializers(graph)
-    shared: set[str] = set()
-    if outer:  # outer constants read in several places: folding would copy them into this subgraph
+@dataclass(slots=True)
+class _Cleaner:
+    """The passes asked for, run on each graph of one model, with their counts."""
+
+    opsets: list[onnx.OperatorSetIdProto]
+    root: onnx.GraphProto
+    fold_batchnorm: bool
+    remove_identity: bool
+    fold_constants: bool
+    #: Constant nodes turned into initializers, folded constants, removed identities, folded BNs, folded affines
+    counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0, 0])
+
+    def clean(self, graph: GraphEditor, outer: dict[str, onnx.TensorProto]) -> None:
+        """Run the passes on ``graph``, then on each subgraph (If/Loop/Scan bodies) with the constants it sees."""
+        counts = self.counts
+        counts[0] += _constants_to_initializers(graph)
+        shared = self._shared(outer)
+        counts[1] += _fold_constants(graph, self.opsets, outer, shared) if self.fold_constants else 0
+        counts[2] += _remove_identities(graph) if self.remove_identity else 0
+        counts[3] += _fold_batchnorms(graph, outer) if self.fold_batchnorm else 0
+        counts[4] += _fold_conv_affines(graph, outer) if self.fold_batchnorm else 0
+        if outer:  # a subgraph: Constant nodes no branch reads any more go away
+            graph.prune_initializers()
+        inputs = set(graph.input_names)
+        visible = {**outer, **{t.name: t for t in graph.proto.initializer if t.name not in inputs}}
+        for _, _, sub in list(graph.subgraphs()):
+            self.clean(sub, visible)
+
+    def _shared(self, outer: dict[str, onnx.TensorProto]) -> set[str]:
+        """Outer constants read in several places: folding would copy them into this subgraph."""
+        if not outer:
+            return set()
         readers: dict[str, int] = {}
-        for _, g in walk_graphs(root):
+        for _, g in walk_graphs(self.root):
             for n in g.node:
                 for i in set(n.input):
                     readers[i] = readers.get(i, 0) + 1
-        shared = {name for name, t in outer.items() if readers.get(name, 0) > 1 and t.ByteSize() >= _SHARED_COPY_BYTES}
-    counts[1] += _fold_constants(graph, opsets, outer, shared) if fold_constants else 0
-    counts[2] += _remove_identities(graph) if remove_identity else 0
-    counts[3] += _fold_batchnorms(graph, outer) if fold_batchnorm else 0
-    counts[4] += _fold_conv_affines(graph, outer) if fold_batchnorm else 0
-    if outer:  # a subgraph: Constant nodes no branch reads any more go away
-        _drop_unused_initializers(graph)
-    inputs = {i.name for i in graph.input}
-    visible = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
-    for node in graph.node:
-        for _, sub in node_subgraphs(node):
-            _clean_graph(sub, opsets, visible, counts, fold_batchnorm, remove_identity, fold_constants, root)
+        return {name for name, t in outer.items() if readers.get(name, 0) > 1 and t.ByteSize() >= _SHARED_COPY_BYTES}
 
 
 #: never evaluated ahead of time: random, stateful, or with sub-graphs
@@ -125,7 +132,7 @@ _SHARED_COPY_BYTES = 64 << 10
 
 
 def _fold_constants(
-    graph: onnx.GraphProto,
+    graph: GraphEditor,
     opsets: list[onnx.OperatorSetIdProto],
     outer: dict[str, onnx.TensorProto],
     shared: set[str] | None = None,
@@ -135,13 +142,11 @@ def _fold_constants(
     ``outer`` holds the constants of enclosing graphs, which a subgraph's nodes may read; nodes
     reading one of the ``shared`` outer constants are left alone (folding would duplicate it).
     """
-    inputs = {i.name for i in graph.input}
-    values = {**outer, **{t.name: t for t in graph.initializer if t.name not in inputs}}
-    outputs = {o.name for o in graph.output}
-    keep: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
+    inputs = set(graph.input_names)
+    values = {**outer, **{t.name: t for t in graph.proto.initializer if t.name not in inputs}}
+    outputs = set(graph.output_names)
     folded = 0
-    for node in graph.node:
+    for node in graph.nodes:
         foldable = (
             node.domain in ("", "ai.onnx")
             and node.op_type not in _NOT_FOLDABLE
@@ -151,47 +156,37 @@ def _fold_constants(
             and sum(values[i].ByteSize() for i in node.input if i) < _FOLD_LIMIT_BYTES
             and not any(i in (shared or ()) for i in node.input)
         )
-        if foldable:
-            from onnx.reference import ReferenceEvaluator  # ~11 MB: imported only when there is work
+        if not foldable:
+            continue
+        from onnx.reference import ReferenceEvaluator  # ~11 MB: imported only when there is work
 
-            try:
-                single = helper.make_model(
-                    helper.make_graph(
-                        [node], "fold", [], [onnx.ValueInfoProto(name=o) for o in node.output if o],
-                        [values[i] for i in dict.fromkeys(i for i in node.input if i)],
-                    ),
-                    opset_imports=opsets,
-                )  # fmt: skip
-                results = ReferenceEvaluator(single).run(None, {})
-            except Exception as exc:  # the reference runtime lacks the op, or the node is invalid
-                log.info("not folding %s (%s): %s", node.name, node.op_type, exc)
-                results = None
-            if results is not None:
-                for name, value in zip([o for o in node.output if o], results, strict=True):
-                    tensor = numpy_helper.from_array(np.asarray(value), name)
-                    values[name] = tensor
-                    new_inits.append(tensor)
-                folded += 1
-                continue
-        keep.append(node)
+        try:
+            single = single_node_model(node, [values[i] for i in dict.fromkeys(i for i in node.input if i)], opsets)
+            results = ReferenceEvaluator(single).run(None, {})
+        except Exception as exc:  # the reference runtime lacks the op, or the node is invalid
+            log.info("not folding %s (%s): %s", node.name, node.op_type, exc)
+            continue
+        for name, value in zip([o for o in node.output if o], results, strict=True):
+            values[name] = make_tensor(name, np.asarray(value))
+            graph.put_initializer(name, values[name])
+        graph.remove(node)
+        folded += 1
     if folded:
-        del graph.node[:]
-        graph.node.extend(keep)
-        graph.initializer.extend(new_inits)
-        _drop_unused_initializers(graph)
+        graph.commit()
+        graph.prune_initializers()
     return folded
 
 
-def _name_nodes(graph: onnx.GraphProto) -> int:
+def _name_nodes(graph: GraphEditor) -> int:
     """Name every unnamed node; in subgraphs also rename nodes whose name is already taken.
 
     Main-graph names become ``<op>_<i>``, subgraph names ``<path>_<op>_<i>`` (or the duplicated name
     with a suffix), so every node of the model has a unique name that plans and reports can use.
     """
-    taken = {n.name for n in graph.node if n.name}
+    taken = {n.name for n in graph.nodes if n.name}
     count = 0
-    for path, g in walk_graphs(graph):  # the main graph first, then nested subgraphs
-        for i, node in enumerate(g.node):
+    for path, g in graph.walk():  # the main graph first, then nested subgraphs
+        for i, node in enumerate(g.nodes):
             if node.name and (not path or node.name not in taken):
                 taken.add(node.name)
                 continue
@@ -199,79 +194,55 @@ def _name_nodes(graph: onnx.GraphProto) -> int:
             name, k = base, 1
             while name in taken:
                 name, k = f"{base}_{k}", k + 1
-            node.name = name
+            g.rename_node(node, name)
             taken.add(name)
             count += 1
     return count
 
 
-def _constants_to_initializers(graph: onnx.GraphProto) -> int:
-    keep: list[onnx.NodeProto] = []
+def _constants_to_initializers(graph: GraphEditor) -> int:
     count = 0
-    for node in graph.node:
+    for node in graph.nodes:
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.attribute) == 1:
             attr = node.attribute[0]
-            tensor: onnx.TensorProto | None = None
-            if attr.name == "value":
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(attr.t)
+            tensor: onnx.TensorProto | np.ndarray | None = None
+            if attr.name == "value" and attr.t.data_location != onnx.TensorProto.EXTERNAL:
+                tensor = attr.t
             elif attr.name in ("value_float", "value_int", "value_floats", "value_ints"):
                 value = helper.get_attribute_value(attr)
-                dtype = np.float32 if "float" in attr.name else np.int64
-                tensor = numpy_helper.from_array(np.asarray(value, dtype=dtype))
-            if tensor is not None and tensor.data_location != onnx.TensorProto.EXTERNAL:
-                tensor.name = node.output[0]
-                graph.initializer.append(tensor)
+                tensor = np.asarray(value, dtype=np.float32 if "float" in attr.name else np.int64)
+            if tensor is not None:
+                graph.put_initializer(node.output[0], tensor)
+                graph.remove(node)
                 count += 1
-                continue
-        keep.append(node)
-    if count:
-        del graph.node[:]
-        graph.node.extend(keep)
+    graph.commit()
     return count
 
 
-def _rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-
-
-def _remove_identities(graph: onnx.GraphProto) -> int:
-    outputs = {o.name for o in graph.output}
+def _remove_identities(graph: GraphEditor) -> int:
+    outputs = set(graph.output_names)
     removed = 0
-    keep: list[onnx.NodeProto] = []
     renames: dict[str, str] = {}
-    for node in graph.node:
+    for node in graph.nodes:
         droppable = node.op_type == "Identity" or (
             node.op_type == "Dropout" and (len(node.output) < 2 or not node.output[1])
         )
         if droppable and node.domain in ("", "ai.onnx") and node.output[0] not in outputs:
             src = node.input[0]
             renames[node.output[0]] = renames.get(src, src)
+            graph.remove(node)
             removed += 1
-            continue
-        keep.append(node)
     if removed:
-        for node in keep:
-            for i, name in enumerate(node.input):
-                if name in renames:
-                    node.input[i] = renames[name]
-        del graph.node[:]
-        graph.node.extend(keep)
-        rename_references(graph, renames, outputs=True)
+        graph.rename_reads(renames, subgraph_outputs=True)
     return removed
 
 
-def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
-    index = GraphIndex.build(graph, outer=outer)
+def _fold_batchnorms(graph: GraphEditor, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+    index = GraphIndex.build(graph.proto, outer=outer)
     outputs = set(index.graph_outputs)
     folded = 0
-    replaced: set[str] = set()
-    new_inits: list[onnx.TensorProto] = []
-    taken = set(index.initializers)
-    for bn in graph.node:
+    names = NameAllocator.reserving(index.initializers)
+    for bn in graph.nodes:
         if bn.op_type != "BatchNormalization" or (len(bn.output) != 1 and any(bn.output[1:])):
             continue
         if any(a.name == "training_mode" and a.i for a in bn.attribute):
@@ -295,22 +266,17 @@ def _fold_batchnorms(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] 
             else np.zeros(weight.shape[0])
         )
         s = gamma / np.sqrt(var + eps)
-        w_new = (weight * s.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32)
-        b_new = ((bias - mean) * s + beta).astype(np.float32)
-        w_name = _fresh(f"{conv.input[1]}_bnfolded", taken)
-        b_name = _fresh(f"{conv.name}_bias_bnfolded", taken)
-        new_inits += [numpy_helper.from_array(w_new, w_name), numpy_helper.from_array(b_new, b_name)]
-        del conv.input[1:]
-        conv.input.extend([w_name, b_name])
-        conv.output[0] = bn.output[0]
-        replaced.add(bn.name)
+        w_name = names.new(f"{conv.input[1]}_bnfolded")
+        b_name = names.new(f"{conv.name}_bias_bnfolded")
+        graph.put_initializer(w_name, (weight * s.reshape(-1, *([1] * (weight.ndim - 1)))).astype(np.float32))
+        graph.put_initializer(b_name, ((bias - mean) * s + beta).astype(np.float32))
+        graph.set_inputs(conv, [conv.input[0], w_name, b_name])
+        graph.set_output(conv, 0, bn.output[0])
+        graph.remove(bn)
         folded += 1
     if folded:
-        keep = [n for n in graph.node if not (n.op_type == "BatchNormalization" and n.name in replaced)]
-        del graph.node[:]
-        graph.node.extend(keep)
-        graph.initializer.extend(new_inits)
-        _drop_unused_initializers(graph)
+        graph.commit()
+        graph.prune_initializers()
     return folded
 
 
@@ -325,15 +291,15 @@ def _channel_vector(value: np.ndarray, rank: int, channels: int) -> np.ndarray |
     return np.broadcast_to(value.reshape(-1), (channels,)) if value.size == 1 else value.reshape(-1)
 
 
-def _fold_conv_affines(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None) -> int:
+def _fold_conv_affines(graph: GraphEditor, outer: dict[str, onnx.TensorProto] | None = None) -> int:
     """Fold Mul/Add by a per-channel constant into the Conv whose only reader they are (chains too).
 
     One pass in graph order: a fold hands the Mul/Add output to the Conv, so the next Mul/Add in
     the chain finds that Conv as its producer.
     """
-    index = GraphIndex.build(graph, outer=outer)
+    index = GraphIndex.build(graph.proto, outer=outer)
     outputs = set(index.graph_outputs)
-    taken = set(index.initializers)
+    names = NameAllocator.reserving(index.initializers)
     producers = dict(index.producers)
     fresh: dict[str, np.ndarray] = {}  # initializers written by this pass
 
@@ -343,13 +309,13 @@ def _fold_conv_affines(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto
         return index.constant(name) if name and index.is_constant(name) else None
 
     def add_initializer(base: str, value: np.ndarray) -> str:
-        name = _fresh(base, taken)
+        name = names.new(base)
         fresh[name] = value
-        graph.initializer.append(numpy_helper.from_array(value, name))
+        graph.put_initializer(name, value)
         return name
 
-    removed: list[onnx.NodeProto] = []
-    for node in graph.node:
+    removed = 0
+    for node in graph.nodes:
         if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         for pos in (0, 1):
@@ -376,42 +342,13 @@ def _fold_conv_affines(graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto
             else:
                 b = b + vec
             b_name = add_initializer(f"{conv.name}_bias_folded", b.astype(np.float32))
-            del conv.input[1:]
-            conv.input.extend([w_name, b_name])
-            conv.output[0] = node.output[0]
+            graph.set_inputs(conv, [conv.input[0], w_name, b_name])
+            graph.set_output(conv, 0, node.output[0])
             producers[node.output[0]] = conv
-            removed.append(node)
+            graph.remove(node)
+            removed += 1
             break
-    for node in removed:
-        graph.node.remove(node)
     if removed:
-        _drop_unused_initializers(graph)
-    return len(removed)
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, k = base, 1
-    while name in taken:
-        name, k = f"{base}_{k}", k + 1
-    taken.add(name)
-    return name
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    used |= _subgraph_inputs(graph)
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-
-
-def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                names |= {i for n in sub.node for i in n.input}
-                names |= _subgraph_inputs(sub)
-    return names
+        graph.commit()
+        graph.prune_initializers()
+    return removed

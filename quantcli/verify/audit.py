@@ -42,8 +42,8 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.core.errors import UnsupportedModelError
-from quantcli.graph.model import GraphIndex
-from quantcli.graph.subgraphs import walk_graphs
+from quantcli.graph.index import GraphIndex
+from quantcli.graph.scopes import walk_graphs
 from quantcli.verify.macs import compute_macs, node_operands
 
 __all__ = [
@@ -69,7 +69,6 @@ INTEGER_KERNELS = frozenset(
 FLOAT_COMPUTE = frozenset(
     {"Conv", "MatMul", "Gemm", "ConvTranspose", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv"}
 )
-QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 #: op types of the model as given that get a per-node verdict (float ones and already-integer ones)
 AUDITED_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"}) | (
     INTEGER_KERNELS & {"QLinearConv", "ConvInteger", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
@@ -81,7 +80,9 @@ _INPUT_ROLES = {"Conv": ("input", "weight", "bias"), "MatMul": ("A", "B"), "Gemm
 _T = onnx.TensorProto
 _SIXTEEN_BIT = {_T.INT16, _T.UINT16}
 _FOUR_BIT = {_T.INT4, _T.UINT4}
-_QRANGE = {_T.UINT8: (0, 255), _T.INT8: (-128, 127), _T.UINT16: (0, 65535), _T.INT16: (-32768, 32767)}
+_QRANGE: dict[int, tuple[int, int]] = {
+    _T.UINT8: (0, 255), _T.INT8: (-128, 127), _T.UINT16: (0, 65535), _T.INT16: (-32768, 32767)
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,7 +292,7 @@ def explain_float(index: GraphIndex, node: onnx.NodeProto, *, int8_allowed: bool
         # a float constant weight or bias is quantized by onnxruntime itself (WeightBiasQuantization)
         if dqs[name] is None and not _is_constant(index, name):
             return f"{role} '{name}' is float (not from a DequantizeLinear)"
-    types = {role: _int_type(index, dqs[name]) for role, name in inputs if dqs[name] is not None}
+    types = {role: _int_type(index, dq) for role, name in inputs if (dq := dqs[name]) is not None}
     x_type, w_type = types.get(roles[0]), types.get(roles[1])
     for role in roles[:2]:
         t = types.get(role)
@@ -302,9 +303,11 @@ def explain_float(index: GraphIndex, node: onnx.NodeProto, *, int8_allowed: bool
     if int8_ok and x_type == _T.INT8 and w_type is not None and w_type != _T.INT8:
         return f"type mismatch: int8 activations need int8 weights, got {_type_name(w_type)}"
     if not int8_ok:
-        activations = [name for role, name in inputs if dqs[name] is not None and not _is_constant(index, name)]
-        for name in activations[: 2 if op == "MatMul" else 1]:
-            stuck = _int8_kept(index, dqs[name])
+        activations = [
+            (name, dq) for _, name in inputs if (dq := dqs[name]) is not None and not _is_constant(index, name)
+        ]
+        for _, dq in activations[: 2 if op == "MatMul" else 1]:
+            stuck = _int8_kept(index, dq)
             if stuck:
                 return stuck
     out = node.output[0]

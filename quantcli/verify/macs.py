@@ -25,7 +25,8 @@ from math import prod
 import numpy as np
 import onnx
 
-from quantcli.graph.model import infer_shapes
+from quantcli.graph.editor import ModelEditor
+from quantcli.graph.model_io import infer_shapes
 from quantcli.stats.calibration import augmented, make_session
 
 __all__ = ["CONV_LIKE", "GEMM_LIKE", "MATMUL_LIKE", "compute_macs", "node_operands"]
@@ -80,18 +81,16 @@ def _concrete(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
 
 def _inferred_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Shapes from ONNX inference with each symbolic batch axis (axis 0 of an input) set to 1."""
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    inits = {t.name for t in fixed.graph.initializer}
-    for vi in fixed.graph.input:
+    editor = ModelEditor(model)
+    inits = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
         if vi.name in inits or not vi.type.tensor_type.HasField("shape"):
             continue
         dims = vi.type.tensor_type.shape.dim
         if dims and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    del fixed.graph.value_info[:]
-    inferred, _ = infer_shapes(fixed)
+            editor.graph.set_input_dim(vi.name, 0, 1)
+    editor.graph.clear_value_info()
+    inferred, _ = infer_shapes(editor.build())
     shapes = {t.name: tuple(t.dims) for t in inferred.graph.initializer}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         shape = _concrete(vi)
@@ -127,7 +126,8 @@ def compute_macs(model: onnx.ModelProto, *, feed: Mapping[str, np.ndarray] | Non
         return {}
     shapes = _inferred_shapes(model)
     result = {i: _macs(n, shapes) for i, n in compute}
-    missing = sorted({name for i, n in compute if result[i] is None for name in [*node_operands(n), n.output[0]]})
+    unknown = [n for i, n in compute if result[i] is None]
+    missing = sorted({name for n in unknown for name in [*(node_operands(n) or ()), n.output[0]]})
     if missing and feed:
         needed = [name for name in missing if name not in shapes]
         shapes.update(_observed_shapes(model, needed, feed))

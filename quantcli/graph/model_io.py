@@ -1,0 +1,234 @@
+"""Load, check and save ONNX models; their sha256, opset and shape inference."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from quantcli.core.errors import ModelLoadError, OutputPathError
+from quantcli.graph.scopes import walk_graphs
+
+__all__ = [
+    "atomic_output",
+    "available_memory",
+    "file_sha256",
+    "infer_shapes",
+    "known_shapes",
+    "load_model",
+    "model_opset",
+    "save_model",
+    "upgrade_opset",
+]
+
+log = logging.getLogger(__name__)
+
+#: protobuf cannot serialize a single message above 2 GiB; bigger models keep weights outside.
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_readable_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: {what} not found; check the path")
+    if path.is_dir():
+        raise ModelLoadError(f"{path}: is a directory, expected an {what} file")
+
+
+def load_model(path: Path) -> onnx.ModelProto:
+    """Read and validate an ONNX model, with its external data if it has any.
+
+    Raises:
+        ModelLoadError: the file is missing, a directory, not ONNX, truncated, or invalid.
+    """
+    path = Path(path)
+    _check_readable_file(path, "ONNX model")
+    available = available_memory()
+    if available is not None and path.stat().st_size > available:
+        raise ModelLoadError(
+            f"{path}: the model ({path.stat().st_size / 2**30:.1f} GiB) is larger than the free memory "
+            f"({available / 2**30:.1f} GiB); free memory or use a larger machine"
+        )
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError, ...
+        raise ModelLoadError(
+            f"{path}: not a readable ONNX model ({type(exc).__name__}); is the file truncated?"
+        ) from exc
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is this the right file?")
+    if _uses_external_data(model):
+        _load_external_data(model, path)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise ModelLoadError(f"{path}: fails ONNX validation: {first}") from exc
+    except (UnicodeDecodeError, ValueError, RuntimeError) as exc:  # corrupted strings inside the protobuf
+        raise ModelLoadError(f"{path}: fails ONNX validation ({type(exc).__name__}); is the file corrupted?") from exc
+    return model
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still use, or None when unknown.
+
+    The smallest of: the machine's ``MemAvailable`` (Linux), the cgroup's limit minus its usage
+    (containers, CI runners), and the address-space limit (``ulimit -v``) minus what the process
+    has mapped already.
+    """
+    limits: list[int] = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    ):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            limits.append(max(0, int(limit) - usage))
+        break
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm", encoding="ascii") as fh:
+                mapped = int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            limits.append(max(0, soft - mapped))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.resolve().parent
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = (base / location).resolve()
+        if Path(location).is_absolute() or base not in target.parents:
+            raise ModelLoadError(
+                f"{path}: initializer '{tensor.name}' points to external data '{location}' outside the "
+                "model's directory; refusing to read it"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"{path}: external data file '{location}' for initializer '{tensor.name}' is missing; "
+                "keep it beside the model"
+            )
+    try:
+        onnx.load_external_data_for_model(model, str(base))
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: cannot read external data ({exc})") from exc
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    """The default-domain opset the model imports (0 if none)."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
+    """A copy of ``model`` converted to default-domain opset ``version`` by onnx's version converter.
+
+    Raises whatever the converter raises (callers turn it into their own error).
+    """
+    import onnx.version_converter  # loaded only when a model needs it
+
+    return onnx.version_converter.convert_version(model, version)
+
+
+def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """ONNX shape inference that never blocks: returns the model and why inference failed, if it did."""
+    try:
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True), None
+        return model, "model above 2 GB: shape inference skipped"
+    except Exception as exc:
+        log.info("shape inference failed: %s", exc)
+        return model, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def known_shapes(model: onnx.ModelProto) -> set[str]:
+    """Tensors (in any graph, subgraphs included) whose rank the model records."""
+    known: set[str] = set()
+    for _, g in walk_graphs(model.graph):
+        known |= {t.name for t in g.initializer}
+        for vi in [*g.input, *g.value_info, *g.output]:
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+                known.add(vi.name)
+    return known
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it is renamed into place only if the block succeeds.
+
+    Refuses an existing path unless ``force``, a missing directory, or a directory that cannot be
+    written. On any failure (including KeyboardInterrupt) the temporary file is removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputPathError(f"{path}: is a directory; give a file name for the output")
+    if path.exists() and not force:
+        raise OutputPathError(f"{path}: already exists; pass --force to overwrite it")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"{path}: directory '{parent}' does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"{path}: directory '{parent}' is not writable")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False) -> None:
+    """Write a model atomically; models above 2 GB keep their weights in ``<name>.data`` beside it."""
+    path = Path(path)
+    big = model.ByteSize() >= _PROTOBUF_LIMIT
+    with atomic_output(path, force=force) as tmp:
+        if big:
+            data_name = path.name + ".data"
+            onnx.save_model(
+                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
+            )
+            # onnx wrote the data file next to tmp under its final name; the model is renamed last.
+        else:
+            tmp.write_bytes(model.SerializeToString(deterministic=True))

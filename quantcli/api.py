@@ -374,7 +374,10 @@ def convert_model(
             if searched.base is not None and searched.base.name:  # the algorithm stage's base won
                 applied, calibration = alt_reports, searched.base.calibration
         else:
-            plan = make_plan(prepared, calibration.ranges, config)
+            # entropy/MSE clips re-chosen from the histograms for the activation type's levels (16-bit)
+            plan = make_plan(
+                prepared, ranges_for_levels(calibration, activation_levels(config.activation_type)), config
+            )
             quantized = apply_plan(prepared, plan)
         if bias_report is not None:
             applied = (*applied, bias_report)

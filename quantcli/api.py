@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     from quantcli.verify.speedcheck import SpeedCheck
 
 __all__ = [
+    "AlgorithmInputs",
+    "CalibrateRequest",
     "CompareResult",
     "ConvertResult",
     "calibrate_model",
@@ -115,59 +117,63 @@ def _prepare_input(
     return model
 
 
+@dataclass(frozen=True, slots=True)
+class CalibrateRequest:
+    """What ``calibrate_model`` does besides reading the model and data paths.
+
+    ``calibration``: how ranges are collected and chosen; ``max_samples``: read at most this many
+    samples; ``upgrade_opset``: convert an old opset instead of refusing it; ``random_samples`` (with
+    no data path): calibrate on random inputs, for smoke tests only; ``fmt``: inputs not batched on
+    axis 0 and how image folders become input (``quantcli.data.datasets.DataFormat``).
+    """
+
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    max_samples: int | None = None
+    upgrade_opset: bool = False
+    random_samples: int | None = None
+    fmt: DataFormat = field(default_factory=DataFormat)
+
+    @classmethod
+    def of(cls, **fields: Any) -> CalibrateRequest:
+        """A request from flat keyword fields: those of ``CalibrationOptions``, of this class, and
+        ``batch_axes``/``images`` (``DataFormat``'s), as ``calibrate_model`` took them before.
+
+        Raises:
+            TypeError: a field no one knows.
+        """
+        own = {k: fields.pop(k) for k in ("max_samples", "upgrade_opset", "random_samples") if k in fields}
+        fmt = DataFormat(fields.pop("batch_axes", None), fields.pop("images", None))
+        return cls(CalibrationOptions(**fields), fmt=fmt, **own)
+
+
 def calibrate_model(
     model_path: Path,
     data_path: Path | None,
+    request: CalibrateRequest | None = None,
     *,
-    method: CalibrationMethod = CalibrationMethod.MINMAX,
-    percentile: float = 99.99,
-    batch_size: int = 32,
-    max_samples: int | None = None,
-    threads: int = 0,
-    max_memory: int | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
-    timeout: float | None = None,
-    upgrade_opset: bool = False,
-    images: ImagePreprocess | None = None,
-    random_samples: int | None = None,
     progress: Progress = no_progress,
-    batch_axes: Mapping[str, int | None] | None = None,
+    **fields: Any,
 ) -> CalibrationResult:
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``.
 
-    ``random_samples`` (with ``data_path`` None) calibrates on random inputs: for smoke tests only.
-    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
+    ``request`` says how (default: min-max on every sample); flat keyword ``fields`` build one
+    instead (``CalibrateRequest.of``: ``method=...``, ``max_samples=...``, ``batch_axes=...``).
+    With ``data_path`` None, ``random_samples`` random inputs are used: for smoke tests only.
     """
-    model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
+    if request is None:
+        request = CalibrateRequest.of(**fields)
+    elif fields:
+        raise TypeError("give calibrate_model either a CalibrateRequest or keyword fields, not both")
+    model = _prepare_input(load_model(model_path), model_path, upgrade_opset=request.upgrade_opset)
+    options = replace(request.calibration, source=str(model_path))
     if data_path is None:
-        if not random_samples:
+        if not request.random_samples:
             raise QuantCliError("calibration needs --data PATH (or --random N for a smoke test)")
-        dataset = random_dataset(model_input_specs(model), random_samples, seed=seed)
+        dataset = random_dataset(model_input_specs(model), request.random_samples, seed=options.seed)
     else:
-        dataset = open_dataset(
-            data_path,
-            model_input_specs(model),
-            max_samples=max_samples,
-            images=images,
-            batch_axes=batch_axes,
-        )
+        dataset = request.fmt.open(data_path, model_input_specs(model), max_samples=request.max_samples)
     prepared, _ = preprocess(model)
-    return calibrate(
-        prepared,
-        dataset,
-        model_sha256=file_sha256(model_path),
-        method=method,
-        percentile=percentile,
-        batch_size=batch_size,
-        threads=threads,
-        max_memory=max_memory,
-        shuffle=shuffle,
-        seed=seed,
-        timeout=timeout,
-        source=str(model_path),
-        progress=progress,
-    )
+    return calibrate(prepared, dataset, options, model_sha256=file_sha256(model_path), progress=progress)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,13 +8,27 @@ copies a model with chosen tensors added as graph outputs, so a session returns 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import onnx
 import onnxruntime as ort
 
 from quantcli.core.errors import UnsupportedModelError
 
-__all__ = ["augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
+__all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
+
+
+class Session(Protocol):
+    """What quantcli uses of an onnxruntime session (so modules that only run one need not import it)."""
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any], /) -> list[Any]:
+        """Run the model; the named outputs, in order."""
+        ...
+
+    def get_outputs(self) -> list[Any]:
+        """The graph outputs (``.name``, ``.type``)."""
+        ...
 
 
 def explain_load_failure(exc: BaseException, source: str) -> str:

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from quantcli.core.errors import ArtifactMismatchError, CalibrationDataError, UnsupportedModelError
 from quantcli.core.options import CalibrationMethod, QuantDType
@@ -28,7 +27,7 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.core.qmath import dtype_bounds
 from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model import infer_shapes
-from quantcli.graph.session import augmented, explain_load_failure, is_out_of_memory, make_session
+from quantcli.graph.session import Session, augmented, explain_load_failure, is_out_of_memory, make_session
 from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs
 from quantcli.stats.collector import (
     CollectOptions,
@@ -39,6 +38,7 @@ from quantcli.stats.collector import (
     plan_groups,
 )
 from quantcli.stats.observers import HISTOGRAM_METHODS, HistogramObserver, choose_range
+from quantcli.stats.ranges import CalibrationResult, TensorRange
 
 __all__ = [
     "PERMUTATION_OPS",
@@ -63,30 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorRange:
-    """Clip range chosen for one tensor, with the exact observed min and max."""
-
-    min: float
-    max: float
-    observed_min: float
-    observed_max: float
-
-
-@dataclass(frozen=True, slots=True)
-class CalibrationResult:
-    """Ranges for every float activation of a model, and how they were obtained."""
-
-    model_sha256: str
-    method: CalibrationMethod
-    params: dict[str, float | int]
-    num_samples: int
-    ranges: dict[str, TensorRange]
-    histograms: dict[str, HistogramObserver] = field(default_factory=dict)
-    #: float tensors inside If/Loop/Scan subgraphs that never ran on the data (e.g. a branch never taken)
-    unobserved: tuple[str, ...] = ()
 
 
 def candidate_tensors(model: onnx.ModelProto) -> list[str]:
@@ -176,7 +152,7 @@ class Exposure:
     aliases: dict[str, str]
     #: exposed output name -> tensor name inside its subgraph
     inner: dict[str, str]
-    probe: ort.InferenceSession
+    probe: Session
 
     @property
     def fetched(self) -> list[str]:
@@ -192,7 +168,7 @@ def expose(model: onnx.ModelProto, dataset: Dataset | FeedList, options: Calibra
     """
     names = candidate_tensors(model)
     inner: dict[str, str] = {}
-    probe: ort.InferenceSession | None = None
+    probe: Session | None = None
     if has_subgraphs(model.graph):
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked

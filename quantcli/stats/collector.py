@@ -26,14 +26,13 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 import onnx
-import onnxruntime as ort
 
 from quantcli.core.errors import CalibrationDataError, CalibrationTimeoutError, QuantCliError
 from quantcli.core.process import release_freed_memory
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model import available_memory
-from quantcli.graph.session import augmented, is_out_of_memory, make_session
+from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
 from quantcli.stats.observers import GrowingHistogram, MinMaxObserver, MovingAverageMinMaxObserver
 
 __all__ = [
@@ -281,7 +280,7 @@ def _outputs(requests: Sequence[_Request], model: int) -> list[str]:
 
 
 def _sizes(
-    sessions: Sequence[ort.InferenceSession | None],
+    sessions: Sequence[Session | None],
     names: Sequence[list[str]],
     first: dict[str, np.ndarray],
     dataset: Dataset | FeedList,
@@ -307,7 +306,7 @@ def collect(
     requests: Sequence[_Request],
     options: CollectOptions | None = None,
     *,
-    sessions: Sequence[ort.InferenceSession | None] = (),
+    sessions: Sequence[Session | None] = (),
     progress: Progress = no_progress,
 ) -> Collected:
     """Stream ``dataset`` through ``models`` (the reference, then a candidate if requests need one)
@@ -346,7 +345,7 @@ def collect(
     return Collected(observers, len(groups))
 
 
-def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> ort.InferenceSession | None:
+def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> Session | None:
     """A session returning ``names`` (None when the model has nothing to return)."""
     if not names:
         return None
@@ -354,7 +353,7 @@ def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) 
 
 
 def _batches(
-    sessions: Sequence[ort.InferenceSession | None],
+    sessions: Sequence[Session | None],
     outputs: Sequence[list[str]],
     dataset: Dataset | FeedList,
     options: CollectOptions,

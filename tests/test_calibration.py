@@ -192,3 +192,22 @@ def test_histogram_ranges_are_chosen_for_the_activation_type(prepared, images):
     assert widened > 0
     percentile = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.PERCENTILE)
     assert ranges_for_levels(percentile, 65536) is percentile.ranges
+
+
+def test_library_code_leaves_malloc_alone_until_the_cli_tunes_it():
+    """Calibrating through the library does not tune glibc malloc; ``tune_malloc`` (the CLI's start-up
+    call) does, once, and enables the periodic trim the collector asks for."""
+    import subprocess
+    import sys
+
+    code = (
+        "from quantcli.core import process; from quantcli.passes.preprocess import preprocess; "
+        "from quantcli.stats.calibration import calibrate; from tests import models; "
+        "from tests.helpers import dataset; "
+        "m = preprocess(models.small_cnn())[0]; "
+        "calibrate(m, dataset(m, {'x': models.structured_images(4, seed=1)}), model_sha256='-'); "
+        "before = process._State.tuned; tuned = process.tune_malloc(); "
+        "print(before, tuned == (process._State.trim is not None), process.tune_malloc() == tuned)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]

@@ -40,7 +40,7 @@ from quantcli.stats.calibration import (
     expose,
     range_request,
 )
-from quantcli.stats.collector import ChannelRequest, ChannelStats, RangeStats, collect
+from quantcli.stats.collector import ChannelRequest, ChannelStats, CollectOptions, RangeStats, StatisticRequest, collect
 from quantcli.stats.observers import MinMaxObserver
 
 __all__ = ["TransformedModel", "transform_and_observe"]
@@ -78,39 +78,58 @@ def transform_and_observe(
         model, cle_report = equalize(model)
         reports.append(cle_report)
     chains = smoothing_chains(model) if algorithms.smoothquant is not None else {}
-    exposure = expose(model, dataset, options)
-    tracked = set(exposure.tracked)
     wanted = {(t, -1) for chain in chains.values() for t in chain} | {(t, -1) for t in chains}
     bias_axes = bias_correction_candidates(model) if algorithms.bias_correction else {}
-    wanted |= set(bias_axes.items())
+    run = options.collect_options(options.deadline())  # one deadline for every pass
+    exposure = expose(model, dataset, options)
+    first = _observe(exposure, dataset, wanted | set(bias_axes.items()), options, run, progress)
+    divided: Divided = {}
+    if algorithms.smoothquant is not None:
+        absmax = {t: first.channels[(t, -1)] for t in chains if (t, -1) in first.channels}
+        done = smooth_tracked(model, absmax, alpha=algorithms.smoothquant)
+        model, divided = done.model, done.divided
+        reports.append(done.report)
+    exposure, observed, again = _derive_divided(exposure, first, divided, options.method)
+    passes = first.passes
+    if again:  # histogram or moving-average methods: the divided tensors are observed on the smoothed model
+        requests = {n: range_request(n, options) for n in again}
+        collected = collect([model], dataset, list(requests.values()), run, progress=progress)
+        observed.update((n, cast(RangeStats, collected[r])) for n, r in requests.items())
+        passes += collected.passes
+    calibration = calibration_result(exposure, observed, options, model_sha256, dataset.num_samples, passes)
+    input_stats = _input_stats(bias_correction_candidates(model), first.channels, divided) if bias_axes else {}
+    return TransformedModel(model, calibration, input_stats, tuple(reports), passes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Observed:
+    """What the pass over the equalized model gave: range observers and per-channel statistics."""
+
+    ranges: dict[str, RangeStats]
+    channels: dict[tuple[str, int], ChannelStats]
+    passes: int
+
+
+def _observe(
+    exposure: Exposure,
+    dataset: Dataset | FeedList,
+    wanted: set[tuple[str, int]],
+    options: CalibrationOptions,
+    run: CollectOptions,
+    progress: Progress,
+) -> _Observed:
+    """One pass: the calibration's range of every tracked tensor and the ``wanted`` (tensor, axis) statistics."""
+    tracked = set(exposure.tracked)
     channels = {key: ChannelRequest(*key) for key in sorted(wanted) if key[0] in tracked}
     ranges = {n: range_request(n, options) for n in exposure.fetched}
-    collected = collect(
-        [exposure.model],
-        dataset,
-        [*ranges.values(), *channels.values()],
-        options.collect_options(options.deadline()),
-        sessions=[exposure.probe],
-        progress=progress,
-    )
+    requests: list[StatisticRequest] = [*ranges.values(), *channels.values()]
+    collected = collect([exposure.model], dataset, requests, run, sessions=[exposure.probe], progress=progress)
     stats: dict[tuple[str, int], ChannelStats] = {}
     for key, request in channels.items():
         result = collected[request].result()  # type: ignore[attr-defined]
         if result is not None:
             stats[key] = result
-    observed = {n: cast(RangeStats, collected[r]) for n, r in ranges.items()}
-    divided: Divided = {}
-    if algorithms.smoothquant is not None:
-        absmax = {t: stats[(t, -1)] for t in chains if (t, -1) in stats}
-        done = smooth_tracked(model, absmax, alpha=algorithms.smoothquant)
-        model, divided = done.model, done.divided
-        reports.append(done.report)
-    exposure, observed, extra = _observe_divided(model, dataset, exposure, observed, divided, stats, options, progress)
-    calibration = calibration_result(
-        exposure, observed, options, model_sha256, dataset.num_samples, collected.passes + extra
-    )
-    input_stats = _input_stats(bias_correction_candidates(model), stats, divided) if bias_axes else {}
-    return TransformedModel(model, calibration, input_stats, tuple(reports), collected.passes + extra)
+    return _Observed({n: cast(RangeStats, collected[r]) for n, r in ranges.items()}, stats, collected.passes)
 
 
 def _divide(st: ChannelStats, s: np.ndarray) -> ChannelStats | None:
@@ -120,47 +139,32 @@ def _divide(st: ChannelStats, s: np.ndarray) -> ChannelStats | None:
     return ChannelStats(st.axis, st.mean / s, st.absmax / s, st.count, st.min / s, st.max / s)
 
 
-def _observe_divided(
-    model: onnx.ModelProto,
-    dataset: Dataset | FeedList,
-    exposure: Exposure,
-    observed: dict[str, RangeStats],
-    divided: Divided,
-    stats: dict[tuple[str, int], ChannelStats],
-    options: CalibrationOptions,
-    progress: Progress,
-) -> tuple[Exposure, dict[str, RangeStats], int]:
-    """The exposure and observers of the smoothed model, and the number of extra passes it took.
+def _derive_divided(
+    exposure: Exposure, first: _Observed, divided: Divided, method: CalibrationMethod
+) -> tuple[Exposure, dict[str, RangeStats], list[str]]:
+    """The exposure and range observers of the smoothed model, and the divided tensors to observe again.
 
     Min-max ranges of divided tensors are derived from per-channel statistics; other methods (or
-    statistics that do not fit) observe those tensors again, on the smoothed model.
+    statistics that do not fit) need those tensors observed again, on the smoothed model.
     """
+    observed = dict(first.ranges)
     if not divided:
-        return exposure, observed, 0
+        return exposure, observed, []
     tracked = list(exposure.tracked)
     for new, (src, _) in divided.items():
         if new not in tracked and src in tracked:
             tracked.insert(tracked.index(src) + 1, new)
-    observed = dict(observed)
     again: list[str] = []
     for new, (src, s) in divided.items():
-        derived = _divide(stats[(src, -1)], s) if (src, -1) in stats else None
-        if options.method != CalibrationMethod.MINMAX or derived is None or derived.min is None or derived.max is None:
+        derived = _divide(first.channels[(src, -1)], s) if (src, -1) in first.channels else None
+        if method != CalibrationMethod.MINMAX or derived is None or derived.min is None or derived.max is None:
             again.append(new)
             continue
-        lo = float(np.float32(derived.min.min()))
+        lo = float(np.float32(derived.min.min()))  # the value of x / s as the float32 tensor holds it
         hi = float(np.float32(derived.max.max()))
         count = observed[src].minmax.count if src in observed else derived.count
         observed[new] = RangeStats(MinMaxObserver(min=lo, max=hi, count=count, last=(lo, hi)))
-    exposure = replace(exposure, tracked=tracked)
-    if not again:
-        return exposure, observed, 0
-    requests = {n: range_request(n, options) for n in again}
-    collected = collect(
-        [model], dataset, list(requests.values()), options.collect_options(options.deadline()), progress=progress
-    )
-    observed.update((n, cast(RangeStats, collected[r])) for n, r in requests.items())
-    return exposure, observed, collected.passes
+    return replace(exposure, tracked=tracked), observed, again
 
 
 def _input_stats(

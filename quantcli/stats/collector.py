@@ -44,6 +44,8 @@ __all__ = [
     "ErrorStats",
     "RangeRequest",
     "RangeStats",
+    "StatisticObserver",
+    "StatisticRequest",
     "collect",
     "default_memory_budget",
     "plan_groups",
@@ -53,14 +55,18 @@ __all__ = [
 REFERENCE, CANDIDATE = 0, 1
 
 
-class _Observer(Protocol):
+class StatisticObserver(Protocol):
+    """Folds one batch of the values its request named in, in the request's ``outputs`` order."""
+
     def update(self, values: Sequence[np.ndarray]) -> None: ...
 
 
-class _Request(Protocol):
+class StatisticRequest(Protocol):
+    """A statistic to collect: which (model, output) values it reads, and a fresh observer of them."""
+
     def outputs(self) -> tuple[tuple[int, str], ...]: ...
 
-    def observer(self) -> _Observer: ...
+    def observer(self) -> StatisticObserver: ...
 
 
 # ---- ranges ----------------------------------------------------------------------------------------
@@ -275,7 +281,7 @@ def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[lis
     return groups
 
 
-def _outputs(requests: Sequence[_Request], model: int) -> list[str]:
+def _outputs(requests: Sequence[StatisticRequest], model: int) -> list[str]:
     return list(dict.fromkeys(name for r in requests for m, name in r.outputs() if m == model))
 
 
@@ -303,7 +309,7 @@ def _sizes(
 def collect(
     models: Sequence[onnx.ModelProto],
     dataset: Dataset | FeedList,
-    requests: Sequence[_Request],
+    requests: Sequence[StatisticRequest],
     options: CollectOptions | None = None,
     *,
     sessions: Sequence[Session | None] = (),
@@ -325,7 +331,10 @@ def collect(
     names = [_outputs(requests, m) for m in range(len(models))]
     given = list(sessions) + [None] * (len(models) - len(sessions))
     probes = [given[m] or _session(model, names[m], options) for m, model in enumerate(models)]
-    sizes = _sizes(probes, names, next(iter(dataset.batches(1))), dataset)
+    first = next(iter(dataset.batches(1)), None)
+    if first is None:
+        raise CalibrationDataError(f"{dataset.path}: no samples to collect statistics from")
+    sizes = _sizes(probes, names, first, dataset)
     keyed = {str(i): sum(sizes[o] for o in r.outputs()) for i, r in enumerate(requests)}
     size = dataset.effective_batch_size(options.batch_size)
     split = plan_groups(keyed, size, options.max_memory or default_memory_budget())

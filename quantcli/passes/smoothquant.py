@@ -37,7 +37,7 @@ from onnx import helper, numpy_helper
 
 from quantcli.graph.model import GraphIndex
 from quantcli.static.lowering import NameAllocator
-from quantcli.stats.collector import ChannelStats
+from quantcli.stats.observers import ChannelStats
 
 __all__ = ["SmoothQuantReport", "Smoothed", "smooth", "smooth_tracked", "smoothing_chains", "smoothquant_targets"]
 

@@ -36,7 +36,7 @@ from quantcli.core.qmath import dequantize
 from quantcli.graph.model import GraphIndex
 from quantcli.static.lowering import NameAllocator
 from quantcli.static.planning import QuantPlan
-from quantcli.stats.collector import ChannelStats
+from quantcli.stats.observers import ChannelStats
 
 __all__ = ["BiasCorrectionReport", "bias_correction_candidates", "bias_correction_targets", "correct_biases"]
 

@@ -13,18 +13,18 @@ A request is a value naming what to measure and on which tensor:
 splits the requests into groups whose batch of exposed tensors fits ``max_memory`` (bytes measured
 on one sample), and streams the data once per group, feeding each batch to every observer of the
 group and dropping it before the next batch: memory holds one batch of the group's tensors.
-Adding a statistic is one request class with an ``outputs`` and an ``observer``.
+Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
+``quantcli.stats.observers``).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 import onnx
 
 from quantcli.core.errors import CalibrationDataError, CalibrationTimeoutError, QuantCliError
@@ -33,7 +33,15 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model import available_memory
 from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
-from quantcli.stats.observers import GrowingHistogram, MinMaxObserver, MovingAverageMinMaxObserver
+from quantcli.stats.observers import (
+    ChannelObserver,
+    ChannelStats,
+    ErrorStats,
+    GrowingHistogram,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    RangeStats,
+)
 
 __all__ = [
     "ChannelRequest",
@@ -72,25 +80,6 @@ class StatisticRequest(Protocol):
 # ---- ranges ----------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class RangeStats:
-    """Observers of one tensor's range: exact min/max, and optionally moving average and histogram."""
-
-    minmax: MinMaxObserver = field(default_factory=MinMaxObserver)
-    moving: MovingAverageMinMaxObserver | None = None
-    histogram: GrowingHistogram | None = None
-
-    def update(self, values: Sequence[np.ndarray]) -> None:
-        """Fold one batch in (the histogram reuses the batch min/max as its |x| bound)."""
-        value = values[0]
-        self.minmax.update(value)
-        if self.moving is not None:
-            self.moving.update(value)
-        if self.histogram is not None and value.size:
-            lo, hi = self.minmax.last
-            self.histogram.update(value, max(abs(lo), abs(hi)))
-
-
 @dataclass(frozen=True, slots=True)
 class RangeRequest:
     """Min/max of ``tensor`` (an output name of the reference model), with the extras asked for."""
@@ -114,53 +103,6 @@ class RangeRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelStats:
-    """Mean, abs-max, min and max of one tensor per channel along ``axis`` (negative: from the end)."""
-
-    axis: int
-    mean: npt.NDArray[np.float64]
-    absmax: npt.NDArray[np.float64]
-    count: int
-    min: npt.NDArray[np.float64] | None = None
-    max: npt.NDArray[np.float64] | None = None
-
-
-class _ChannelAccumulator:
-    """Running sum, min, max and element count per channel."""
-
-    def __init__(self, axis: int) -> None:
-        self.axis = axis
-        self.total: npt.NDArray[np.float64] | None = None
-        self.low: npt.NDArray[np.float64] | None = None
-        self.high: npt.NDArray[np.float64] | None = None
-        self.count = 0
-
-    def update(self, values: Sequence[np.ndarray]) -> None:
-        moved = np.moveaxis(np.asarray(values[0]), self.axis, 0)
-        flat = moved.reshape(moved.shape[0], -1)
-        if not flat.shape[1]:
-            return
-        total = flat.sum(axis=1, dtype=np.float64)
-        low, high = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
-        if self.total is None or self.low is None or self.high is None:
-            self.total, self.low, self.high = total, low, high
-        elif self.total.shape != total.shape:
-            raise CalibrationDataError(f"channel count changed between batches ({self.total.shape} vs {total.shape})")
-        else:
-            self.total += total
-            np.minimum(self.low, low, out=self.low)
-            np.maximum(self.high, high, out=self.high)
-        self.count += flat.shape[1]
-
-    def result(self) -> ChannelStats | None:
-        """The statistics; None if no element was seen."""
-        if self.total is None or self.low is None or self.high is None:
-            return None
-        absmax = np.maximum(np.abs(self.low), np.abs(self.high))
-        return ChannelStats(self.axis, self.total / max(self.count, 1), absmax, self.count, self.low, self.high)
-
-
-@dataclass(frozen=True, slots=True)
 class ChannelRequest:
     """Per-channel statistics of ``tensor`` along ``axis``."""
 
@@ -171,43 +113,12 @@ class ChannelRequest:
         """(model, output name) pairs the observer reads, in order."""
         return ((REFERENCE, self.tensor),)
 
-    def observer(self) -> _ChannelAccumulator:
+    def observer(self) -> ChannelObserver:
         """A fresh observer."""
-        return _ChannelAccumulator(self.axis)
+        return ChannelObserver(self.axis)
 
 
 # ---- error of a candidate tensor against the reference ---------------------------------------------
-
-
-@dataclass(slots=True)
-class ErrorStats:
-    """Energy of the reference values and of the candidate's error, the reference's min and max, and
-    the first batch of reference values (for hints and histograms)."""
-
-    keep_first_empty: bool = True
-    signal: float = 0.0
-    noise: float = 0.0
-    lo: float = float("inf")
-    hi: float = float("-inf")
-    first: np.ndarray | None = None
-    batches: int = 0
-
-    def update(self, values: Sequence[np.ndarray]) -> None:
-        """Fold one batch in; a batch whose shapes differ (a branch that did not run) adds nothing."""
-        ref, cand = values
-        self.batches += 1
-        if self.batches == 1 and self.keep_first_empty:
-            self.first = ref
-        if ref.size == 0 or ref.shape != cand.shape:
-            return
-        if self.first is None:
-            self.first = ref
-        r = ref.astype(np.float64)
-        e = r - cand.astype(np.float64)
-        self.signal += float(np.sum(r * r))
-        self.noise += float(np.sum(e * e))
-        self.lo = min(self.lo, float(r.min()))
-        self.hi = max(self.hi, float(r.max()))
 
 
 @dataclass(frozen=True, slots=True)

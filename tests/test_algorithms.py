@@ -401,3 +401,22 @@ def test_convert_with_every_algorithm_reads_the_data_once(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert counts["passes"] == 1
     assert len(counts["streaming_sessions"]) == 1
+
+
+def test_histogram_methods_observe_only_the_divided_tensors_again():
+    """Per-channel statistics give no histogram of x / s: with percentile, the tensors SmoothQuant
+    divided are observed in a second pass over the smoothed model (and only they)."""
+    from quantcli.core.options import CalibrationMethod
+    from quantcli.passes.algorithms import transform_and_observe
+    from quantcli.stats.calibration import CalibrationOptions
+
+    prepared = preprocess(_folding_chain())[0]
+    ds = helpers.dataset(prepared, {"x": np.random.default_rng(3).normal(size=(40, 3, 16)).astype(np.float32)})
+    options = CalibrationOptions(method=CalibrationMethod.PERCENTILE, batch_size=16)
+    done = transform_and_observe(prepared, ds, AlgorithmOptions(smoothquant=0.5), options, model_sha256="-")
+    assert done.passes == 2
+    direct = calibrate(done.model, ds, options, model_sha256="-")
+    assert done.calibration.ranges.keys() == direct.ranges.keys()
+    for name in ("m0", "h"):  # the divided tensors: observed on the smoothed model itself
+        assert done.calibration.ranges[name] == direct.ranges[name]
+        assert np.array_equal(done.calibration.histograms[name].counts, direct.histograms[name].counts)

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -26,7 +26,15 @@ from quantcli.graph.model import file_sha256, infer_shapes, known_shapes, load_m
 from quantcli.modes.common import ConvertMode, ModeReport, matching_nodes
 from quantcli.passes.preprocess import PreprocessReport, preprocess
 from quantcli.stats.artifact import read_calibration
-from quantcli.stats.calibration import CalibrationResult, calibrate, make_session, rechoose
+from quantcli.stats.calibration import (
+    CalibrationOptions,
+    CalibrationResult,
+    activation_levels,
+    calibrate,
+    make_session,
+    ranges_for_levels,
+    rechoose,
+)
 
 if TYPE_CHECKING:
     from quantcli.compare.evaluate import (
@@ -35,9 +43,9 @@ if TYPE_CHECKING:
     )
     from quantcli.compare.layers import LayerError
     from quantcli.compare.metrics import MetricSpec, TaskMetric
-    from quantcli.data.datasets import Dataset
     from quantcli.modes.dynamic import DynamicOptions
     from quantcli.modes.weight_only import WeightOnlyOptions
+    from quantcli.passes.algorithms import TransformedModel
     from quantcli.passes.equalization import EqualizationReport
     from quantcli.passes.smoothquant import SmoothQuantReport
     from quantcli.search.accuracy_search import SearchBase, SearchOptions, SearchResult
@@ -48,6 +56,8 @@ if TYPE_CHECKING:
     from quantcli.verify.speedcheck import SpeedCheck
 
 __all__ = [
+    "AlgorithmInputs",
+    "CalibrateRequest",
     "CompareResult",
     "ConvertResult",
     "calibrate_model",
@@ -107,59 +117,63 @@ def _prepare_input(
     return model
 
 
+@dataclass(frozen=True, slots=True)
+class CalibrateRequest:
+    """What ``calibrate_model`` does besides reading the model and data paths.
+
+    ``calibration``: how ranges are collected and chosen; ``max_samples``: read at most this many
+    samples; ``upgrade_opset``: convert an old opset instead of refusing it; ``random_samples`` (with
+    no data path): calibrate on random inputs, for smoke tests only; ``fmt``: inputs not batched on
+    axis 0 and how image folders become input (``quantcli.data.datasets.DataFormat``).
+    """
+
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    max_samples: int | None = None
+    upgrade_opset: bool = False
+    random_samples: int | None = None
+    fmt: DataFormat = field(default_factory=DataFormat)
+
+    @classmethod
+    def of(cls, **fields: Any) -> CalibrateRequest:
+        """A request from flat keyword fields: those of ``CalibrationOptions``, of this class, and
+        ``batch_axes``/``images`` (``DataFormat``'s), as ``calibrate_model`` took them before.
+
+        Raises:
+            TypeError: a field no one knows.
+        """
+        own = {k: fields.pop(k) for k in ("max_samples", "upgrade_opset", "random_samples") if k in fields}
+        fmt = DataFormat(fields.pop("batch_axes", None), fields.pop("images", None))
+        return cls(CalibrationOptions(**fields), fmt=fmt, **own)
+
+
 def calibrate_model(
     model_path: Path,
     data_path: Path | None,
+    request: CalibrateRequest | None = None,
     *,
-    method: CalibrationMethod = CalibrationMethod.MINMAX,
-    percentile: float = 99.99,
-    batch_size: int = 32,
-    max_samples: int | None = None,
-    threads: int = 0,
-    max_memory: int | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
-    timeout: float | None = None,
-    upgrade_opset: bool = False,
-    images: ImagePreprocess | None = None,
-    random_samples: int | None = None,
     progress: Progress = no_progress,
-    batch_axes: Mapping[str, int | None] | None = None,
+    **fields: Any,
 ) -> CalibrationResult:
     """Collect activation ranges of the model at ``model_path`` over the data at ``data_path``.
 
-    ``random_samples`` (with ``data_path`` None) calibrates on random inputs: for smoke tests only.
-    ``batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
+    ``request`` says how (default: min-max on every sample); flat keyword ``fields`` build one
+    instead (``CalibrateRequest.of``: ``method=...``, ``max_samples=...``, ``batch_axes=...``).
+    With ``data_path`` None, ``random_samples`` random inputs are used: for smoke tests only.
     """
-    model = _prepare_input(load_model(model_path), model_path, upgrade_opset=upgrade_opset)
+    if request is None:
+        request = CalibrateRequest.of(**fields)
+    elif fields:
+        raise TypeError("give calibrate_model either a CalibrateRequest or keyword fields, not both")
+    model = _prepare_input(load_model(model_path), model_path, upgrade_opset=request.upgrade_opset)
+    options = replace(request.calibration, source=str(model_path))
     if data_path is None:
-        if not random_samples:
+        if not request.random_samples:
             raise QuantCliError("calibration needs --data PATH (or --random N for a smoke test)")
-        dataset = random_dataset(model_input_specs(model), random_samples, seed=seed)
+        dataset = random_dataset(model_input_specs(model), request.random_samples, seed=options.seed)
     else:
-        dataset = open_dataset(
-            data_path,
-            model_input_specs(model),
-            max_samples=max_samples,
-            images=images,
-            batch_axes=batch_axes,
-        )
+        dataset = request.fmt.open(data_path, model_input_specs(model), max_samples=request.max_samples)
     prepared, _ = preprocess(model)
-    return calibrate(
-        prepared,
-        dataset,
-        model_sha256=file_sha256(model_path),
-        method=method,
-        percentile=percentile,
-        batch_size=batch_size,
-        threads=threads,
-        max_memory=max_memory,
-        shuffle=shuffle,
-        seed=seed,
-        timeout=timeout,
-        source=str(model_path),
-        progress=progress,
-    )
+    return calibrate(prepared, dataset, options, model_sha256=file_sha256(model_path), progress=progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,11 +316,8 @@ def convert_model(
         _check_algorithm_inputs(algorithms, calibration, data_path, model_path)
         assert data_path is not None
         prepared, pre_report = preprocess(model)
-        prepared, calibration, plan, applied = _convert_with_algorithms(
-            prepared, model_path, data_path, sha, config, algorithms,
-            method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, progress=progress,
-            fmt=fmt,
-        )  # fmt: skip
+        inputs = _algorithm_inputs(model_path, data_path, sha, fmt, method, percentile, timeout, progress)
+        prepared, calibration, plan, applied = _convert_with_algorithms(prepared, config, algorithms, inputs)
         quantized = apply_plan(prepared, plan)
     else:
         prepared, pre_report = preprocess(model)
@@ -314,10 +325,8 @@ def convert_model(
         if algorithms.needs_data:  # with the search or a recipe: every candidate gets the algorithms
             _check_algorithm_inputs(algorithms, calibration, data_path, model_path)
             assert data_path is not None
-            base, applied = _algorithm_base(
-                prepared, model_path, data_path, sha, config, algorithms,
-                percentile=percentile, timeout=timeout, progress=progress, fmt=fmt,
-            )  # fmt: skip
+            inputs = _algorithm_inputs(model_path, data_path, sha, fmt, method, percentile, timeout, progress)
+            base, applied = _algorithm_base(prepared, config, algorithms, inputs)
             calibration = base.calibration
         elif isinstance(calibration, (str, os.PathLike)):
             calibration = read_calibration(Path(calibration), expected_sha256=sha)
@@ -358,11 +367,9 @@ def convert_model(
                     raise QuantCliError(
                         f"{model_path}: the search's algorithm stage transforms and calibrates the model: give --data"
                     )
-                alt, alt_reports = _algorithm_base(
-                    prepared, model_path, data_path, sha, replace(config, weight_clipping=WeightClipping.MSE),
-                    ALL_ALGORITHMS, percentile=percentile, timeout=timeout, progress=progress,
-                    fmt=fmt,
-                )  # fmt: skip
+                inputs = _algorithm_inputs(model_path, data_path, sha, fmt, method, percentile, timeout, progress)
+                mse = replace(config, weight_clipping=WeightClipping.MSE)
+                alt, alt_reports = _algorithm_base(prepared, mse, ALL_ALGORITHMS, inputs)
                 alternatives.append(replace(alt, name="all algorithms"))
             searched = search_quantization(
                 base, dataset, search, alternatives=alternatives, reference=prepared, progress=progress, log=log
@@ -371,7 +378,10 @@ def convert_model(
             if searched.base is not None and searched.base.name:  # the algorithm stage's base won
                 applied, calibration = alt_reports, searched.base.calibration
         else:
-            plan = make_plan(prepared, calibration.ranges, config)
+            # entropy/MSE clips re-chosen from the histograms for the activation type's levels (16-bit)
+            plan = make_plan(
+                prepared, ranges_for_levels(calibration, activation_levels(config.activation_type)), config
+            )
             quantized = apply_plan(prepared, plan)
         if bias_report is not None:
             applied = (*applied, bias_report)
@@ -455,81 +465,77 @@ def _check_algorithm_inputs(
     )
 
 
-def _convert_with_algorithms(
-    prepared: onnx.ModelProto,
+@dataclass(frozen=True, slots=True)
+class AlgorithmInputs:
+    """What the data-driven algorithms read and how they calibrate (``calibration.source``: the model's path)."""
+
+    model_path: Path
+    data_path: Path
+    model_sha256: str
+    fmt: DataFormat
+    calibration: CalibrationOptions
+    progress: Progress = no_progress
+
+
+def _algorithm_inputs(
     model_path: Path,
     data_path: Path,
     sha: str,
-    config: QuantConfig,
-    algorithms: AlgorithmOptions,
-    *,
-    method: CalibrationMethod,
+    fmt: DataFormat,
+    method: CalibrationMethod | None,
     percentile: float,
     timeout: float | None,
     progress: Progress,
-    fmt: DataFormat,
+) -> AlgorithmInputs:
+    """``AlgorithmInputs`` from convert's arguments (min-max unless a method is given)."""
+    options = CalibrationOptions(
+        method=method or CalibrationMethod.MINMAX, percentile=percentile, timeout=timeout, source=str(model_path)
+    )
+    return AlgorithmInputs(model_path, data_path, sha, fmt, options, progress)
+
+
+def _convert_with_algorithms(
+    prepared: onnx.ModelProto, config: QuantConfig, algorithms: AlgorithmOptions, inputs: AlgorithmInputs
 ) -> tuple[
     onnx.ModelProto,
     CalibrationResult,
     QuantPlan,
     tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
 ]:
-    """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
+    """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction: the
+    statistics of all of them come from one pass over the data (``quantcli.passes.algorithms``)."""
     from quantcli.static.bias_correction import bias_correction_targets, correct_biases
     from quantcli.static.planning import make_plan
-    from quantcli.stats.channel_stats import collect_channel_stats
 
-    source = str(model_path)
-    dataset = fmt.open(data_path, model_input_specs(prepared))
-    prepared, graph_reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
-    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(graph_reports)
-    calibration = calibrate(
-        prepared, dataset, model_sha256=sha, method=method, percentile=percentile, timeout=timeout,
-        source=source, progress=progress,
-    )  # fmt: skip
-    plan = make_plan(prepared, calibration.ranges, config)
+    done = _transform_fp32(prepared, algorithms, inputs)
+    prepared, calibration = done.model, done.calibration
+    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(done.reports)
+    ranges = ranges_for_levels(calibration, activation_levels(config.activation_type))
+    plan = make_plan(prepared, ranges, config)
     if algorithms.bias_correction:
         targets = bias_correction_targets(prepared, plan)
-        stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
+        stats = {t: done.input_stats[t] for t in targets if t in done.input_stats}
         prepared, bc_report = correct_biases(prepared, plan, stats)
         reports.append(bc_report)
-        plan = make_plan(prepared, calibration.ranges, config)
+        plan = make_plan(prepared, ranges, config)
     return prepared, calibration, plan, tuple(reports)
 
 
 def _transform_fp32(
-    prepared: onnx.ModelProto, dataset: Dataset, algorithms: AlgorithmOptions, source: str, progress: Progress
-) -> tuple[onnx.ModelProto, tuple[EqualizationReport | SmoothQuantReport, ...]]:
-    """CLE, then SmoothQuant (on statistics of the equalized graph): the FP32 function is unchanged."""
-    from quantcli.passes.equalization import equalize
-    from quantcli.passes.smoothquant import smooth, smoothquant_targets
-    from quantcli.stats.channel_stats import collect_channel_stats
+    prepared: onnx.ModelProto, algorithms: AlgorithmOptions, inputs: AlgorithmInputs
+) -> TransformedModel:
+    """CLE, then SmoothQuant (on statistics of the equalized graph), with the calibration and layer input
+    statistics of the result, from one pass over ``inputs.data_path``: the FP32 function is unchanged."""
+    from quantcli.passes.algorithms import transform_and_observe
 
-    reports: list[EqualizationReport | SmoothQuantReport] = []
-    if algorithms.cle:
-        prepared, cle_report = equalize(prepared)
-        reports.append(cle_report)
-    if algorithms.smoothquant is not None:
-        stats = collect_channel_stats(
-            prepared, dataset, smoothquant_targets(prepared), source=source, progress=progress
-        )
-        prepared, sq_report = smooth(prepared, stats, alpha=algorithms.smoothquant)
-        reports.append(sq_report)
-    return prepared, tuple(reports)
+    dataset = inputs.fmt.open(inputs.data_path, model_input_specs(prepared))
+    return transform_and_observe(
+        prepared, dataset, algorithms, inputs.calibration, model_sha256=inputs.model_sha256, progress=inputs.progress
+    )
 
 
 def _algorithm_base(
-    prepared: onnx.ModelProto,
-    model_path: Path,
-    data_path: Path,
-    sha: str,
-    config: QuantConfig,
-    algorithms: AlgorithmOptions,
-    *,
-    percentile: float,
-    timeout: float | None,
-    progress: Progress,
-    fmt: DataFormat,
+    prepared: onnx.ModelProto, config: QuantConfig, algorithms: AlgorithmOptions, inputs: AlgorithmInputs
 ) -> tuple[SearchBase, tuple[EqualizationReport | SmoothQuantReport, ...]]:
     """The search's (or a recipe's) starting point with ``algorithms``: transformed graph, its calibration
     (with histograms, for per-tensor methods) and, for bias correction, the input means of every layer
@@ -537,20 +543,14 @@ def _algorithm_base(
     from quantcli.search.accuracy_search import SearchBase
     from quantcli.static.bias_correction import bias_correction_targets
     from quantcli.static.planning import make_plan
-    from quantcli.stats.channel_stats import collect_channel_stats
 
-    source = str(model_path)
-    dataset = fmt.open(data_path, model_input_specs(prepared))
-    prepared, reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
-    calibration = calibrate(
-        prepared, dataset, model_sha256=sha, method=CalibrationMethod.PERCENTILE, percentile=percentile,
-        timeout=timeout, source=source, progress=progress,
-    )  # fmt: skip
+    options = replace(inputs.calibration, method=CalibrationMethod.PERCENTILE)
+    done = _transform_fp32(prepared, algorithms, replace(inputs, calibration=options))
     bias_stats = None
     if algorithms.bias_correction:
-        targets = bias_correction_targets(prepared, make_plan(prepared, calibration.ranges, config))
-        bias_stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
-    return SearchBase(prepared, calibration, config, algorithms, bias_stats), reports
+        targets = bias_correction_targets(done.model, make_plan(done.model, done.calibration.ranges, config))
+        bias_stats = {t: done.input_stats[t] for t in targets if t in done.input_stats}
+    return SearchBase(done.model, done.calibration, config, algorithms, bias_stats), done.reports
 
 
 _MODE_MIN_OPSET = {ConvertMode.DYNAMIC: 11, ConvertMode.WEIGHT_ONLY: 7, ConvertMode.FP16: 7}

@@ -318,3 +318,105 @@ def test_algorithms_leave_the_input_model_untouched(tmp_path):
     np.savez(data, x=models.structured_images(16, seed=0))
     api.convert_model(path, tmp_path / "q.onnx", data_path=data, algorithms=ALL)
     assert Path(path).read_bytes() == before
+
+
+# ---- one data pass for every algorithm ------------------------------------------------------------
+
+
+def _folding_chain(seed: int = 0, d: int = 16) -> onnx.ModelProto:
+    """x @ W0 + b -> @ W1: SmoothQuant folds 1/s into b and W0's columns (two tensors divided)."""
+    rng = np.random.default_rng(seed)
+    scale = np.where(np.arange(d) % 4 == 0, 20.0, 1.0)  # outlier channels in the smoothed input
+    w0 = rng.normal(size=(d, d)) * scale[None, :]
+    inits = [_init("w0", w0), _init("b", rng.normal(size=d) * scale), _init("w1", rng.normal(size=(d, 4)))]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w0"], ["m0"], name="mm0"),
+        helper.make_node("Add", ["m0", "b"], ["h"], name="bias"),
+        helper.make_node("MatMul", ["h", "w1"], ["y"], name="mm1"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("build", [_folding_chain, models.matmul_chain])
+def test_statistics_from_one_pass_equal_those_of_the_smoothed_model(build):
+    """Ranges and layer input means derived from the equalized model's per-channel statistics equal
+    (up to float rounding) a calibration and a channel pass run on the smoothed model itself."""
+    from quantcli.passes.algorithms import transform_and_observe
+    from quantcli.static.bias_correction import bias_correction_candidates
+    from quantcli.stats.calibration import CalibrationOptions
+
+    prepared = preprocess(build())[0]
+    x = np.random.default_rng(3).normal(size=(40, 3, 16) if build is _folding_chain else (40, 4, 32))
+    ds = helpers.dataset(prepared, {"x": x.astype(np.float32)})
+    algorithms = AlgorithmOptions(smoothquant=0.5, bias_correction=True)
+    done = transform_and_observe(prepared, ds, algorithms, CalibrationOptions(batch_size=16), model_sha256="-")
+    assert done.passes == 1 and done.reports[0].smoothed_nodes == 2
+    direct = calibrate(done.model, ds, model_sha256="-", batch_size=16)
+    assert done.calibration.ranges.keys() == direct.ranges.keys()
+    for name, r in direct.ranges.items():
+        got = done.calibration.ranges[name]
+        np.testing.assert_allclose([got.min, got.max], [r.min, r.max], rtol=1e-5, atol=1e-6, err_msg=name)
+    means = collect_channel_stats(done.model, ds, bias_correction_candidates(done.model))
+    assert done.input_stats.keys() == means.keys()
+    for name, st in means.items():
+        np.testing.assert_allclose(done.input_stats[name].mean, st.mean, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_convert_with_every_algorithm_reads_the_data_once(tmp_path, monkeypatch):
+    """convert --cle --smoothquant --bias-correction --data D: one full pass over D (three before the
+    collector: SmoothQuant statistics, calibration, bias-correction means), one session streaming it."""
+    import onnxruntime as ort
+
+    from quantcli.data.datasets import Dataset
+
+    counts = {"passes": 0, "streaming_sessions": set()}
+    real_batches, real_run = Dataset.batches, ort.InferenceSession.run
+
+    def batches(self, size, **kwargs):
+        seen = 0
+        for feed in real_batches(self, size, **kwargs):
+            seen += self.batch_length(feed)
+            yield feed
+        counts["passes"] += seen == self.num_samples and size > 1
+
+    def run(self, outputs, feed, *args, **kwargs):
+        if next(iter(feed.values())).shape[0] > 1:
+            counts["streaming_sessions"].add(id(self))
+        return real_run(self, outputs, feed, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "batches", batches)
+    monkeypatch.setattr(ort.InferenceSession, "run", run)
+    model, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    model.write_bytes(models.small_cnn().SerializeToString())
+    np.savez(data, x=models.structured_images(48, seed=7))
+    args = ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--data", str(data), "-q"]
+    result = runner.invoke(app, [*args, "--cle", "--smoothquant", "--bias-correction"])
+    assert result.exit_code == 0, result.output
+    assert counts["passes"] == 1
+    assert len(counts["streaming_sessions"]) == 1
+
+
+def test_histogram_methods_observe_only_the_divided_tensors_again():
+    """Per-channel statistics give no histogram of x / s: with percentile, the tensors SmoothQuant
+    divided are observed in a second pass over the smoothed model (and only they)."""
+    from quantcli.core.options import CalibrationMethod
+    from quantcli.passes.algorithms import transform_and_observe
+    from quantcli.stats.calibration import CalibrationOptions
+
+    prepared = preprocess(_folding_chain())[0]
+    ds = helpers.dataset(prepared, {"x": np.random.default_rng(3).normal(size=(40, 3, 16)).astype(np.float32)})
+    options = CalibrationOptions(method=CalibrationMethod.PERCENTILE, batch_size=16)
+    done = transform_and_observe(prepared, ds, AlgorithmOptions(smoothquant=0.5), options, model_sha256="-")
+    assert done.passes == 2
+    direct = calibrate(done.model, ds, options, model_sha256="-")
+    assert done.calibration.ranges.keys() == direct.ranges.keys()
+    for name in ("m0", "h"):  # the divided tensors: observed on the smoothed model itself
+        assert done.calibration.ranges[name] == direct.ranges[name]
+        assert np.array_equal(done.calibration.histograms[name].counts, direct.histograms[name].counts)

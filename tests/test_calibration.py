@@ -166,3 +166,48 @@ def test_permutation_outputs_share_their_source_observation(monkeypatch, method)
     assert shared.histograms.keys() == every.histograms.keys()
     for name, hist in every.histograms.items():
         assert np.array_equal(hist.counts, shared.histograms[name].counts), name
+
+
+def test_histogram_ranges_are_chosen_for_the_activation_type(prepared, images):
+    """Entropy clips recorded for 256 levels are re-chosen for 16-bit types from the kept histograms;
+    8-bit types get the recorded ranges untouched, and methods that do not depend on levels too."""
+    from quantcli.core.options import QuantDType
+    from quantcli.stats.calibration import activation_levels, ranges_for_levels
+    from quantcli.stats.observers import choose_range
+
+    assert [activation_levels(t) for t in (QuantDType.UINT8, QuantDType.INT8, QuantDType.INT16)] == [256, 256, 65536]
+    ds = dataset(prepared, images)
+    entropy = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.ENTROPY)
+    assert ranges_for_levels(entropy, 256) is entropy.ranges
+    wide = ranges_for_levels(entropy, 65536)
+    assert wide.keys() == entropy.ranges.keys()
+    widened = 0
+    for name, r8 in entropy.ranges.items():
+        r16 = wide[name]
+        assert (r16.observed_min, r16.observed_max) == (r8.observed_min, r8.observed_max)
+        lo, hi = choose_range(entropy.histograms[name], "entropy", levels=65536)
+        assert (r16.min, r16.max) == (max(lo, r8.observed_min), min(hi, r8.observed_max))
+        assert r16.min <= r8.min and r16.max >= r8.max, name  # more levels: never a tighter clip here
+        widened += (r16.min, r16.max) != (r8.min, r8.max)
+    assert widened > 0
+    percentile = calibrate(prepared, ds, model_sha256="-", method=CalibrationMethod.PERCENTILE)
+    assert ranges_for_levels(percentile, 65536) is percentile.ranges
+
+
+def test_library_code_leaves_malloc_alone_until_the_cli_tunes_it():
+    """Calibrating through the library does not tune glibc malloc; ``tune_malloc`` (the CLI's start-up
+    call) does, once, and enables the periodic trim the collector asks for."""
+    import subprocess
+    import sys
+
+    code = (
+        "from quantcli.core import process; from quantcli.passes.preprocess import preprocess; "
+        "from quantcli.stats.calibration import calibrate; from tests import models; "
+        "from tests.helpers import dataset; "
+        "m = preprocess(models.small_cnn())[0]; "
+        "calibrate(m, dataset(m, {'x': models.structured_images(4, seed=1)}), model_sha256='-'); "
+        "before = process._State.tuned; tuned = process.tune_malloc(); "
+        "print(before, tuned == (process._State.trim is not None), process.tune_malloc() == tuned)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True", "True"]

@@ -7,8 +7,10 @@ as well: the layer's quantized sub-graph (its weights and input Q/DQ, and its ou
 and fed the FP32 inputs, so a layer that loses precision itself is told from one that inherits
 error from upstream.
 
-Both models are run in batches over the data with the tensors exposed as outputs; only sums are
-kept (O(1) per tensor), plus the first batch's values for the range hints.
+Both models are run in batches over the data with the tensors exposed as outputs, through the
+statistics collector (``quantcli.stats.collector.ErrorRequest``, in memory groups under
+``max_memory``); only sums are kept (O(1) per tensor), plus the first batch's values for the range
+hints.
 
 Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
 main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import onnx
@@ -28,8 +31,9 @@ import onnx.utils
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.model import infer_shapes
+from quantcli.graph.session import augmented, make_session
 from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs, walk_graphs
-from quantcli.stats.calibration import augmented, make_session
+from quantcli.stats.collector import CollectOptions, ErrorRequest, ErrorStats, collect
 
 __all__ = ["LayerError", "per_layer_errors"]
 
@@ -122,9 +126,14 @@ def per_layer_errors(
     *,
     batch_size: int = 32,
     local: bool = True,
+    max_memory: int | None = None,
     progress: Progress = no_progress,
 ) -> list[LayerError]:
-    """Errors of every quantized tensor found in both models, worst accumulated SQNR first."""
+    """Errors of every quantized tensor found in both models, worst accumulated SQNR first.
+
+    Both models stream the data through the statistics collector (one ``ErrorRequest`` per
+    tensor), in memory groups under ``max_memory`` (None: a quarter of the memory available).
+    """
     pairs = _qdq_pairs(quantized)
     ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
     q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
@@ -135,72 +144,54 @@ def per_layer_errors(
     ref_model, ref_out = _exposed(reference, names)
     q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
     names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
-    ref_sess = make_session(ref_model)
-    q_sess = make_session(q_model)
-    ref_names = [ref_out[t] for t in names]
-    q_names = [q_out[pairs[t].dq] for t in names]
     main = {o for n in reference.graph.node for o in n.output} | graph_inputs
-    signal = dict.fromkeys(names, 0.0)
-    noise = dict.fromkeys(names, 0.0)
-    lo = dict.fromkeys(names, math.inf)
-    hi = dict.fromkeys(names, -math.inf)
-    first_ref: dict[str, np.ndarray] = {}
-    first_inner: dict[str, np.ndarray] = {}  # subgraph tensors: the first batch in which their branch ran
-    size = dataset.effective_batch_size(batch_size)
-    total = -(-dataset.num_samples // size)
-    for feed in progress(dataset.batches(size), total, "per-layer", size):
-        ref_vals = dict(zip(names, ref_sess.run(ref_names, feed), strict=True))
-        q_vals = dict(zip(names, q_sess.run(q_names, feed), strict=True))
-        for t in names:
-            if ref_vals[t].size == 0 or ref_vals[t].shape != q_vals[t].shape:
-                continue  # a branch that did not run in this batch (in one model or both)
-            if t not in main and t not in first_inner:
-                first_inner[t] = ref_vals[t]
-            r = ref_vals[t].astype(np.float64)
-            e = r - q_vals[t].astype(np.float64)
-            signal[t] += float(np.sum(r * r))
-            noise[t] += float(np.sum(e * e))
-            lo[t] = min(lo[t], float(r.min()))
-            hi[t] = max(hi[t], float(r.max()))
-        if not first_ref:
-            first_ref = {t: v for t, v in ref_vals.items() if t in main}
-    local_sqnr = _local_errors(quantized, pairs, names, first_ref, feed_names=graph_inputs) if local else {}
-    first_ref.update(first_inner)
-    results = []
-    for t in names:
-        if math.isinf(lo[t]):
-            continue  # never ran on this data
-        pair = pairs[t]
-        node = q_producers.get(t) or ref_producers.get(t)
-        clip_low = (pair.qmin - pair.zero_point) * pair.scale
-        clip_high = (pair.qmax - pair.zero_point) * pair.scale
-        p999 = float(np.percentile(np.abs(first_ref[t]), 99.9)) if t in first_ref and first_ref[t].size else 0.0
-        sqnr = _sqnr(signal[t], noise[t])
-        edges: tuple[float, ...] = ()
-        counts: tuple[int, ...] = ()
-        if t in first_ref and first_ref[t].size:
-            values = first_ref[t].ravel()
-            span_lo, span_hi = min(float(values.min()), clip_low), max(float(values.max()), clip_high)
-            c, e = np.histogram(values, bins=48, range=(span_lo, span_hi if span_hi > span_lo else span_lo + 1))
-            edges, counts = tuple(float(x) for x in e), tuple(int(x) for x in c)
-        err = LayerError(
-            tensor=t,
-            node=node.name if node is not None else "(graph input)",
-            op_type=node.op_type if node is not None else "Input",
-            sqnr_db=sqnr,
-            local_sqnr_db=local_sqnr.get(t),
-            clip_low=clip_low,
-            clip_high=clip_high,
-            observed_min=lo[t],
-            observed_max=hi[t],
-            p999_abs=p999,
-            hint="",
-            hist_edges=edges,
-            hist_counts=counts,
-        )
-        results.append(_with_hint(err))
+    requests = {t: ErrorRequest(ref_out[t], q_out[pairs[t].dq], keep_first_empty=t in main) for t in names}
+    options = CollectOptions(batch_size=batch_size, max_memory=max_memory, desc="per-layer")
+    collected = collect([ref_model, q_model], dataset, list(requests.values()), options, progress=progress)
+    stats = {t: cast(ErrorStats, collected[r]) for t, r in requests.items()}
+    first_ref = {t: s.first for t, s in stats.items() if s.first is not None}
+    local_sqnr = (
+        _local_errors(quantized, pairs, names, {t: v for t, v in first_ref.items() if t in main}) if local else {}
+    )
+    results = [
+        _with_hint(_layer_error(t, stats[t], pairs[t], q_producers.get(t) or ref_producers.get(t), local_sqnr))
+        for t in names
+        if not math.isinf(stats[t].lo)  # never ran on this data
+    ]
     results.sort(key=lambda e: (e.sqnr_db, e.tensor))
     return results
+
+
+def _layer_error(
+    t: str, stats: ErrorStats, pair: _Pair, node: onnx.NodeProto | None, local_sqnr: dict[str, float]
+) -> LayerError:
+    """The error of tensor ``t`` from its collected statistics (hint left empty)."""
+    clip_low = (pair.qmin - pair.zero_point) * pair.scale
+    clip_high = (pair.qmax - pair.zero_point) * pair.scale
+    first = stats.first
+    p999 = float(np.percentile(np.abs(first), 99.9)) if first is not None and first.size else 0.0
+    edges: tuple[float, ...] = ()
+    counts: tuple[int, ...] = ()
+    if first is not None and first.size:
+        values = first.ravel()
+        span_lo, span_hi = min(float(values.min()), clip_low), max(float(values.max()), clip_high)
+        c, e = np.histogram(values, bins=48, range=(span_lo, span_hi if span_hi > span_lo else span_lo + 1))
+        edges, counts = tuple(float(x) for x in e), tuple(int(x) for x in c)
+    return LayerError(
+        tensor=t,
+        node=node.name if node is not None else "(graph input)",
+        op_type=node.op_type if node is not None else "Input",
+        sqnr_db=_sqnr(stats.signal, stats.noise),
+        local_sqnr_db=local_sqnr.get(t),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        observed_min=stats.lo,
+        observed_max=stats.hi,
+        p999_abs=p999,
+        hint="",
+        hist_edges=edges,
+        hist_counts=counts,
+    )
 
 
 def _local_errors(
@@ -208,8 +199,6 @@ def _local_errors(
     pairs: dict[str, _Pair],
     names: list[str],
     ref_values: dict[str, np.ndarray],
-    *,
-    feed_names: set[str],
 ) -> dict[str, float]:
     """SQNR of each tensor when only its producing layer is quantized (FP32 inputs fed in)."""
     producers = {o: n for n in quantized.graph.node for o in n.output}
@@ -244,7 +233,6 @@ def _local_errors(
             continue
         ref = ref_values[t].astype(np.float64)
         out[t] = _sqnr(float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2)))
-    del feed_names
     return out
 
 

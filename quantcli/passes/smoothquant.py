@@ -37,9 +37,9 @@ from onnx import helper, numpy_helper
 
 from quantcli.graph.model import GraphIndex
 from quantcli.static.lowering import NameAllocator
-from quantcli.stats.channel_stats import ChannelStats
+from quantcli.stats.observers import ChannelStats
 
-__all__ = ["SmoothQuantReport", "smooth", "smoothquant_targets"]
+__all__ = ["SmoothQuantReport", "Smoothed", "smooth", "smooth_tracked", "smoothing_chains", "smoothquant_targets"]
 
 _SHAPE_ONLY = ("Shape", "Size")
 _SCALE_LIMIT = 1e5
@@ -129,8 +129,9 @@ def _use_counts(graph: onnx.GraphProto) -> dict[str, int]:
 
 def _fold_plan(
     tensor: str, g: _Graph, k: int, *, strict: bool = False
-) -> tuple[list[tuple[onnx.NodeProto, str]], str] | None:
-    """How to divide ``tensor`` by s inside its producers: [(node, what)], and the terminal op type.
+) -> tuple[list[tuple[onnx.NodeProto, str]], str, list[str]] | None:
+    """How to divide ``tensor`` by s inside its producers: [(node, what)], the terminal op type, and
+    every tensor whose values the fold divides by s (``tensor`` first).
 
     A product of two activations is divided by dividing one factor (a LayerNormalization written as
     primitive ops ends in ``(x - mean) * (rsqrt(var + eps) * gamma) + beta``); inside a factor,
@@ -138,6 +139,7 @@ def _fold_plan(
     """
     steps: list[tuple[onnx.NodeProto, str]] = []
     t = tensor
+    visited = [tensor]
     while True:
         node = g.index.producers.get(t)
         if node is None or node.domain not in ("", "ai.onnx"):
@@ -149,7 +151,7 @@ def _fold_plan(
                 for factor in reversed(node.input):
                     sub = _fold_plan(factor, g, k, strict=True) if g.single_reader(factor) else None
                     if sub is not None:
-                        return steps + sub[0], sub[1]
+                        return steps + sub[0], sub[1], visited + sub[2]
                 return None
             if len(consts) != 1:
                 return None
@@ -158,10 +160,11 @@ def _fold_plan(
                 return None
             steps.append((node, consts[0]))
             if op == "Mul":
-                return steps, "Mul"
+                return steps, "Mul", visited
             t = node.input[0] if node.input[1] == consts[0] else node.input[1]
             if not g.single_reader(t):
                 return None
+            visited.append(t)
             continue
         if op == "LayerNormalization":
             if int(_attrs(node).get("axis", -1)) != -1 or not g.own_float_constant(node.input[1]):
@@ -171,7 +174,7 @@ def _fold_plan(
             if g.index.constant(node.input[1]).shape[-1:] != (k,):
                 return None
             steps.append((node, "ln"))
-            return steps, op
+            return steps, op, visited
         rows = _weight_rows(node, g)
         if rows is not None:
             w = g.index.constant(node.input[1])
@@ -185,7 +188,7 @@ def _fold_plan(
                 if c.ndim and c.shape[-1] not in (1, k):
                     return None
             steps.append((node, "weight"))
-            return steps, op
+            return steps, op, visited
         return None
 
 
@@ -197,10 +200,68 @@ def _divide_last(c: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (c64 / s.reshape((1,) * (c64.ndim - 1) + (-1,))).astype(np.float32)
 
 
+@dataclass(frozen=True, slots=True)
+class Smoothed:
+    """A smoothed model, its report, and which of its tensors are an input tensor divided by s.
+
+    ``divided`` maps a tensor of ``model`` to (the tensor of the input model it equals once divided
+    by s along its last axis, s): the folded tensors keep their names, an inserted Mul's output is
+    new. Every other tensor holds the input model's values (up to float rounding), so statistics of
+    the input model carry over: per-channel ones of a divided tensor are the input's divided by s.
+    """
+
+    model: onnx.ModelProto
+    report: SmoothQuantReport
+    divided: dict[str, tuple[str, np.ndarray]]
+
+
+def smoothing_chains(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Each SmoothQuant target, with the tensors smoothing it may divide by s (data-free).
+
+    The target itself and the tensors its fold walks back through; a target whose 1/s cannot fold
+    gets an inserted Mul instead, and no tensor of ``model`` changes (empty list).
+    """
+    index = GraphIndex.build(model.graph)
+    g = _Graph(index, _use_counts(model.graph))
+    chains: dict[str, list[str]] = {}
+    for tensor in smoothquant_targets(model):
+        readers = index.consumers_of(tensor)
+        smooth_readers = [r for r in readers if r.input[0] == tensor and _weight_rows(r, g) is not None]
+        if not smooth_readers:
+            continue
+        k = _weight_rows(smooth_readers[0], g)[0]  # type: ignore[index]
+        smooth_readers = [r for r in smooth_readers if _weight_rows(r, g)[0] == k]  # type: ignore[index]
+        others = [r for r in readers if r not in smooth_readers and r.op_type not in _SHAPE_ONLY]
+        plan = None if others or tensor in index.graph_outputs else _fold_plan(tensor, g, k)
+        chains[tensor] = plan[2] if plan is not None else []
+    return chains
+
+
 def smooth(
     model: onnx.ModelProto, stats: Mapping[str, ChannelStats], *, alpha: float = 0.5
 ) -> tuple[onnx.ModelProto, SmoothQuantReport]:
     """Return a smoothed copy of ``model``; ``stats`` holds abs-max per last-axis channel of its targets."""
+    done = smooth_tracked(model, stats, alpha=alpha)
+    return done.model, done.report
+
+
+@dataclass(slots=True)
+class _Edits:
+    """Constants replaced, initializers and Muls added, and tensors divided, while smoothing."""
+
+    index: GraphIndex
+    updates: dict[str, np.ndarray] = field(default_factory=dict)
+    new_inits: list[onnx.TensorProto] = field(default_factory=list)
+    inserted: dict[str, onnx.NodeProto] = field(default_factory=dict)  # first smoothed reader -> Mul before it
+    folded: dict[str, int] = field(default_factory=dict)
+    divided: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
+
+    def current(self, name: str) -> np.ndarray:
+        return self.updates[name] if name in self.updates else self.index.constant(name)
+
+
+def smooth_tracked(model: onnx.ModelProto, stats: Mapping[str, ChannelStats], *, alpha: float = 0.5) -> Smoothed:
+    """``smooth``, also telling which tensors were divided by s (``Smoothed.divided``)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError("SmoothQuant alpha must be within [0, 1]")
     out = onnx.ModelProto()
@@ -209,15 +270,8 @@ def smooth(
     index = GraphIndex.build(graph)
     g = _Graph(index, _use_counts(graph))
     names = NameAllocator.for_graph(graph)
-    updates: dict[str, np.ndarray] = {}
-    new_inits: list[onnx.TensorProto] = []
-    inserted: dict[str, onnx.NodeProto] = {}  # first smoothed reader -> Mul placed before it
-    folded: dict[str, int] = {}
+    edits = _Edits(index)
     smoothed = inputs = 0
-
-    def current(name: str) -> np.ndarray:
-        return updates[name] if name in updates else index.constant(name)
-
     for tensor in smoothquant_targets(model):
         if tensor not in stats:
             continue
@@ -228,58 +282,78 @@ def smooth(
         a = np.asarray(stats[tensor].absmax, dtype=np.float64)
         if not smooth_readers or a.shape != (k,):
             continue
-        w_max = np.zeros(k)
-        for r in smooth_readers:
-            _, axis = _weight_rows(r, g)  # type: ignore[misc]
-            w = np.abs(current(r.input[1]).astype(np.float64))
-            w_max = np.maximum(w_max, w.max(axis=1 - axis))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            s = np.where((a > 0) & (w_max > 0), a**alpha / w_max ** (1.0 - alpha), 1.0)
-        s = np.clip(s, 1.0 / _SCALE_LIMIT, _SCALE_LIMIT)
-        for r in smooth_readers:
-            _, axis = _weight_rows(r, g)  # type: ignore[misc]
-            w = current(r.input[1]).astype(np.float64)
-            updates[r.input[1]] = (w * (s[:, None] if axis == 0 else s[None, :])).astype(np.float32)
+        s = _scales(a, smooth_readers, g, edits, alpha)
         others = [r for r in readers if r not in smooth_readers and r.op_type not in _SHAPE_ONLY]
         plan = None if others or tensor in index.graph_outputs else _fold_plan(tensor, g, k)
         if plan is not None:
-            steps, terminal = plan
-            for node, what in steps:
-                if what == "ln":
-                    for name in node.input[1:3]:
-                        if name:
-                            updates[name] = _divide_last(current(name), s)
-                elif what == "weight":
-                    _, axis = _weight_rows(node, g)  # type: ignore[misc]
-                    w = current(node.input[1]).astype(np.float64)
-                    updates[node.input[1]] = (w / (s[None, :] if axis == 0 else s[:, None])).astype(np.float32)
-                    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
-                        updates[node.input[2]] = _divide_last(current(node.input[2]), s)
-                else:
-                    updates[what] = _divide_last(current(what), s)
-            folded[terminal] = folded.get(terminal, 0) + 1
+            _fold(plan, s, g, edits)
         else:
             inv = names.new(f"{tensor}_smooth_inv_scale")
-            new_inits.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+            edits.new_inits.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
             smoothed_out = names.new(f"{tensor}_smoothed")
             mul = helper.make_node("Mul", [tensor, inv], [smoothed_out], name=names.new(f"{tensor}_SmoothQuant_Mul"))
             for r in smooth_readers:
                 r.input[0] = smoothed_out
-            inserted[smooth_readers[0].name] = mul
+            edits.inserted[smooth_readers[0].name] = mul
+            edits.divided[smoothed_out] = (tensor, s)
         smoothed += len(smooth_readers)
         inputs += 1
-    replaced = {name: numpy_helper.from_array(a, name) for name, a in updates.items()}
+    _write(graph, edits)
+    report = SmoothQuantReport(alpha, smoothed, inputs, dict(sorted(edits.folded.items())), len(edits.inserted))
+    return Smoothed(out, report, edits.divided)
+
+
+def _scales(a: np.ndarray, readers: list[onnx.NodeProto], g: _Graph, edits: _Edits, alpha: float) -> np.ndarray:
+    """s_j = a_j^alpha / w_j^(1 - alpha) over every reader's weight rows; the rows are multiplied by s."""
+    w_max = np.zeros(a.shape[0])
+    for r in readers:
+        _, axis = _weight_rows(r, g)  # type: ignore[misc]
+        w = np.abs(edits.current(r.input[1]).astype(np.float64))
+        w_max = np.maximum(w_max, w.max(axis=1 - axis))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.where((a > 0) & (w_max > 0), a**alpha / w_max ** (1.0 - alpha), 1.0)
+    s = np.clip(s, 1.0 / _SCALE_LIMIT, _SCALE_LIMIT)
+    for r in readers:
+        _, axis = _weight_rows(r, g)  # type: ignore[misc]
+        w = edits.current(r.input[1]).astype(np.float64)
+        edits.updates[r.input[1]] = (w * (s[:, None] if axis == 0 else s[None, :])).astype(np.float32)
+    return s
+
+
+def _fold(
+    plan: tuple[list[tuple[onnx.NodeProto, str]], str, list[str]], s: np.ndarray, g: _Graph, edits: _Edits
+) -> None:
+    """Divide the plan's constants by s: every tensor it visited is then divided by s."""
+    steps, terminal, visited = plan
+    for node, what in steps:
+        if what == "ln":
+            for name in node.input[1:3]:
+                if name:
+                    edits.updates[name] = _divide_last(edits.current(name), s)
+        elif what == "weight":
+            _, axis = _weight_rows(node, g)  # type: ignore[misc]
+            w = edits.current(node.input[1]).astype(np.float64)
+            edits.updates[node.input[1]] = (w / (s[None, :] if axis == 0 else s[:, None])).astype(np.float32)
+            if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
+                edits.updates[node.input[2]] = _divide_last(edits.current(node.input[2]), s)
+        else:
+            edits.updates[what] = _divide_last(edits.current(what), s)
+    edits.folded[terminal] = edits.folded.get(terminal, 0) + 1
+    edits.divided.update((t, (t, s)) for t in visited)
+
+
+def _write(graph: onnx.GraphProto, edits: _Edits) -> None:
+    """Replace the updated initializers, add the new ones, and place each inserted Mul before its reader."""
+    replaced = {name: numpy_helper.from_array(a, name) for name, a in edits.updates.items()}
     for k_init, init in enumerate(graph.initializer):
         if init.name in replaced:
             graph.initializer[k_init].CopyFrom(replaced[init.name])
-    graph.initializer.extend(new_inits)
-    if inserted:
+    graph.initializer.extend(edits.new_inits)
+    if edits.inserted:
         nodes = []
         for node in graph.node:
-            if node.name in inserted:
-                nodes.append(inserted[node.name])
+            if node.name in edits.inserted:
+                nodes.append(edits.inserted[node.name])
             nodes.append(node)
         del graph.node[:]
         graph.node.extend(nodes)
-    report = SmoothQuantReport(alpha, smoothed, inputs, dict(sorted(folded.items())), len(inserted))
-    return out, report

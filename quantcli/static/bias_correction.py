@@ -17,8 +17,8 @@ when x has a non-zero mean (post-Relu activations always do). Subtracting it fro
   see the channel mean, but taps on zero padding see 0, so output positions at the borders are
   over-corrected by the padded taps' share; the interior is exact. A bias is created when absent.
 
-mean_c comes from ``channel_stats`` on the FP32 model (the input of the layer, before its own
-activation quantization). Weight errors are taken from the plan, so they are exactly those that
+mean_c comes from the statistics collector (``ChannelRequest``) on the FP32 model (the input of the
+layer, before its own activation quantization). Weight errors are taken from the plan, so they are exactly those that
 ``rewrite`` writes.
 """
 
@@ -36,9 +36,9 @@ from quantcli.core.qmath import dequantize
 from quantcli.graph.model import GraphIndex
 from quantcli.static.lowering import NameAllocator
 from quantcli.static.planning import QuantPlan
-from quantcli.stats.channel_stats import ChannelStats
+from quantcli.stats.observers import ChannelStats
 
-__all__ = ["BiasCorrectionReport", "bias_correction_targets", "correct_biases"]
+__all__ = ["BiasCorrectionReport", "bias_correction_candidates", "bias_correction_targets", "correct_biases"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +88,22 @@ def bias_correction_targets(model: onnx.ModelProto, plan: QuantPlan) -> dict[str
     """Inputs whose per-channel mean bias correction needs (name -> channel axis)."""
     targets: dict[str, int] = {}
     for node, _ in _weight_quants(model, plan):
+        targets.setdefault(node.input[0], 1 if node.op_type == "Conv" else -1)
+    return targets
+
+
+def bias_correction_candidates(model: onnx.ModelProto) -> dict[str, int]:
+    """Inputs of every Conv/Gemm/MatMul of the main graph with a constant float weight (name -> channel
+    axis): a superset of ``bias_correction_targets`` for any plan, known before calibration."""
+    index = GraphIndex.build(model.graph)
+    targets: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or not node.input[0]:
+            continue
+        if index.is_constant(node.input[0]) or not index.is_constant(node.input[1]):
+            continue
+        if index.constant(node.input[1]).dtype != np.float32:
+            continue
         targets.setdefault(node.input[0], 1 if node.op_type == "Conv" else -1)
     return targets
 

@@ -28,8 +28,8 @@ from quantcli import __version__
 from quantcli.core.errors import ArtifactMismatchError
 from quantcli.core.options import CalibrationMethod
 from quantcli.graph.model import atomic_output
-from quantcli.stats.calibration import CalibrationResult, TensorRange
 from quantcli.stats.observers import HistogramObserver
+from quantcli.stats.ranges import CalibrationResult, TensorRange
 
 __all__ = ["SCHEMA", "read_calibration", "write_calibration"]
 
@@ -71,14 +71,14 @@ def write_calibration(result: CalibrationResult, path: Path, *, model_path: str,
         tmp.write_text(text, encoding="utf-8")
     if result.histograms:
         names = sorted(result.histograms)
-        arrays = {
-            "names": np.array(names, dtype=np.str_),
-            "lo": np.array([result.histograms[n].lo for n in names]),
-            "hi": np.array([result.histograms[n].hi for n in names]),
-            "counts": np.stack([result.histograms[n].counts for n in names]),
-        }
         with atomic_output(_sidecar(path), force=True) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
+            np.savez(
+                fh,
+                names=np.array(names, dtype=np.str_),
+                lo=np.array([result.histograms[n].lo for n in names]),
+                hi=np.array([result.histograms[n].hi for n in names]),
+                counts=np.stack([result.histograms[n].counts for n in names]),
+            )
 
 
 def read_calibration(path: Path, *, expected_sha256: str | None = None) -> CalibrationResult:

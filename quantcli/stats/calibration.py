@@ -1,120 +1,68 @@
 """Run calibration data through onnxruntime and collect activation ranges, one batch at a time.
 
-The model is copied and every float activation is exposed as an extra graph output (the input
-model is not touched). Each batch's outputs go straight into small observers and are dropped, so
-memory holds one batch of activations, whatever the number of samples. When one batch of all
-activations would exceed the memory budget, the tensors are split into groups and the data is run
-once per group. Histogram methods use the same single pass: their histograms grow by merging bins
-on a power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the batch
-size and no raw data is kept.
+Every float activation is observed through the statistics collector (``quantcli.stats.collector``):
+the model is copied with the activations exposed as outputs (the input model is not touched), each
+batch's values go straight into small observers and are dropped, so memory holds one batch of
+activations, whatever the number of samples. When one batch of all activations would exceed the
+memory budget, the tensors are split into groups and the data is run once per group. Histogram
+methods use the same single pass: their histograms grow by merging bins on a power-of-two grid
+(``observers.GrowingHistogram``), so the result does not depend on the batch size and no raw data
+is kept. The histograms stay in the result, so ranges can be re-chosen for another method
+(``rechoose``) or another activation type (``ranges_for_levels``) without the data.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from quantcli.core.errors import (
-    ArtifactMismatchError,
-    CalibrationDataError,
-    CalibrationTimeoutError,
-    QuantCliError,
-    UnsupportedModelError,
-)
-from quantcli.core.options import CalibrationMethod
+from quantcli.core.errors import ArtifactMismatchError, CalibrationDataError, UnsupportedModelError
+from quantcli.core.options import CalibrationMethod, QuantDType
 from quantcli.core.progress import Progress, no_progress
+from quantcli.core.qmath import dtype_bounds
 from quantcli.data.datasets import Dataset, FeedList
-from quantcli.graph.model import available_memory, infer_shapes
+from quantcli.graph.model import infer_shapes
+from quantcli.graph.session import Session, augmented, explain_load_failure, is_out_of_memory, make_session
 from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs
-from quantcli.stats.observers import (
-    HISTOGRAM_METHODS,
-    GrowingHistogram,
-    HistogramObserver,
-    MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    choose_range,
+from quantcli.stats.collector import (
+    CollectOptions,
+    RangeRequest,
+    RangeStats,
+    collect,
+    default_memory_budget,
+    plan_groups,
 )
+from quantcli.stats.observers import HISTOGRAM_METHODS, HistogramObserver, choose_range
+from quantcli.stats.ranges import CalibrationResult, TensorRange
 
 __all__ = [
     "PERMUTATION_OPS",
+    "CalibrationOptions",
     "CalibrationResult",
+    "Exposure",
     "TensorRange",
+    "activation_levels",
     "augmented",
     "calibrate",
+    "calibration_result",
+    "default_memory_budget",
+    "explain_load_failure",
+    "expose",
+    "is_out_of_memory",
     "make_session",
     "permutation_aliases",
+    "plan_groups",
+    "range_request",
+    "ranges_for_levels",
     "rechoose",
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class TensorRange:
-    """Clip range chosen for one tensor, with the exact observed min and max."""
-
-    min: float
-    max: float
-    observed_min: float
-    observed_max: float
-
-
-@dataclass(frozen=True, slots=True)
-class CalibrationResult:
-    """Ranges for every float activation of a model, and how they were obtained."""
-
-    model_sha256: str
-    method: CalibrationMethod
-    params: dict[str, float | int]
-    num_samples: int
-    ranges: dict[str, TensorRange]
-    histograms: dict[str, HistogramObserver] = field(default_factory=dict)
-    #: float tensors inside If/Loop/Scan subgraphs that never ran on the data (e.g. a branch never taken)
-    unobserved: tuple[str, ...] = ()
-
-
-def explain_load_failure(exc: BaseException, source: str) -> str:
-    """One line saying why onnxruntime refused a model, and what to do."""
-    text = " ".join(str(exc).split())
-    newer = re.search(r"Opset (\d+) is under development.*?till opset (\d+)", text)
-    if newer:
-        return (
-            f"{source}: opset {newer.group(1)} is newer than onnxruntime {ort.__version__} supports "
-            f"(up to {newer.group(2)}); export with an older opset or upgrade onnxruntime"
-        )
-    custom = re.search(r"([\w.]+:\w+)\(-?\d+\) is not a registered function/op", text) or re.search(
-        r"Could not find an implementation for (\w+\(\d+\)) node with name '([^']*)'", text
-    )
-    if custom:
-        return (
-            f"{source}: onnxruntime has no kernel for op {custom.group(1)}; register its custom-op library "
-            "or replace the op before quantizing"
-        )
-    first = text[:300] if text else type(exc).__name__
-    return f"{source}: onnxruntime cannot load the model: {first}"
-
-
-def make_session(
-    model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, source: str = "model"
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session built from memory (no temporary file)."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    if not optimize:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
 
 
 def candidate_tensors(model: onnx.ModelProto) -> list[str]:
@@ -127,127 +75,6 @@ def candidate_tensors(model: onnx.ModelProto) -> list[str]:
         names.extend(o for o in node.output if o)
     seen: set[str] = set()
     return [n for n in names if not (n in seen or seen.add(n))]  # type: ignore[func-returns-value]
-
-
-def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``names`` added as graph outputs (so onnxruntime returns them)."""
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    existing = {o.name for o in aug.graph.output}
-    for name in names:
-        if name not in existing:
-            vi = onnx.ValueInfoProto()
-            vi.name = name
-            aug.graph.output.append(vi)
-    return aug
-
-
-def _run(
-    session: ort.InferenceSession,
-    dataset: Dataset | FeedList,
-    outputs: list[str],
-    batch_size: int,
-    progress: Progress,
-    desc: str,
-    shuffle: bool,
-    seed: int,
-    deadline: float | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
-    size = dataset.effective_batch_size(batch_size)
-    total = -(-dataset.num_samples // size)
-    for feed in progress(dataset.batches(size, shuffle=shuffle, seed=seed), total, desc, size):
-        if deadline is not None and time.monotonic() > deadline:
-            raise CalibrationTimeoutError(
-                f"{dataset.path}: calibration did not finish within --timeout; use fewer samples "
-                "(--max-samples), a larger --batch-size, or a longer timeout"
-            )
-        try:
-            batch = dict(zip(outputs, session.run(outputs, feed), strict=True))
-        except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if is_out_of_memory(exc):
-                raise QuantCliError(
-                    f"{dataset.path}: ran out of memory running a batch of {size} samples with "
-                    f"{len(outputs)} exposed activations ({first[:80]}); lower --max-memory (tensors are then "
-                    "calibrated in several passes) or --batch-size"
-                ) from exc
-            raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
-        yield batch
-        del batch  # before the next run: one batch of activations alive at a time, not two
-        _release_freed_memory()
-
-
-_OOM_MARKERS = ("bad_alloc", "bfc_arena", "failed to allocate", "out of memory", "memoryerror", "cannot allocate")
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether an exception from onnxruntime or numpy is an allocation failure."""
-    return isinstance(exc, MemoryError) or any(m in str(exc).lower() for m in _OOM_MARKERS)
-
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_malloc_tuned = False
-_malloc_trim: Callable[[int], int] | None = None
-
-
-def _stable_large_allocations() -> None:
-    """Fix glibc's mmap threshold at 32 MiB and its trim threshold at 64 MiB (once per process).
-
-    glibc raises its mmap threshold each time a large block is freed, so later batches' activations
-    come from the heap, fragment it, and the peak RSS creeps up with the number of batches
-    (magika: 1.86 GB at 64 samples, 2.26 GB at 256). With a fixed threshold, blocks above it are
-    mapped and unmapped whole: 1.80 and 1.84 GB, at the same speed.
-
-    Fixing the mmap threshold also freezes the trim threshold at its 128 KiB default, so every
-    freed batch-sized temporary at the top of the heap went back to the OS and was faulted in again
-    by the next observer update: calibration of the bundled CNN spent twice the CPU time (3.0 s
-    against 1.5 s at 1,024 samples, same peak RSS). A 64 MiB trim threshold keeps those pages;
-    ``_release_freed_memory`` still returns them every few batches, so the peak stays flat.
-    No-op where the C library is not glibc.
-    """
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    try:
-        import ctypes
-        import ctypes.util
-
-        name = ctypes.util.find_library("c")
-        if name and "libc" in name:
-            libc = ctypes.CDLL(name)
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-            global _malloc_trim
-            _malloc_trim = libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-_TRIM_EVERY = 8
-_batches_since_trim = 0
-
-
-def _release_freed_memory() -> None:
-    """Every few batches, give freed heap pages back to the OS (glibc ``malloc_trim``).
-
-    Blocks below the mmap threshold come from the heap, whose freed pages glibc keeps and which
-    fragments: without this the peak RSS crept up with the number of batches (bundled CNN: 115 MB
-    at 64 samples, 136 MB at 1,024). Trimming after every batch made calibration about 2x slower
-    (the pages are faulted in again), so it runs every ``_TRIM_EVERY`` batches.
-    """
-    global _batches_since_trim
-    _batches_since_trim += 1
-    if _malloc_trim is not None and _batches_since_trim >= _TRIM_EVERY:
-        _batches_since_trim = 0
-        _malloc_trim(0)
-
-
-def default_memory_budget() -> int:
-    """A quarter of the memory available now (Linux), else 4 GiB."""
-    available = available_memory()
-    return available // 4 if available else 4 << 30
 
 
 #: ops whose output holds exactly the input's values, rearranged (so the same min, max and histogram)
@@ -270,161 +97,192 @@ def permutation_aliases(graph: onnx.GraphProto, tracked: set[str]) -> dict[str, 
     return aliases
 
 
-def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[list[str]]:
-    """Split tensors (bytes per sample each) into groups whose batch fits ``budget``; order kept."""
-    per_group = max(1, budget // max(1, batch_size))
-    groups: list[list[str]] = [[]]
-    used = 0
-    for name, nbytes in sizes.items():
-        if groups[-1] and used + nbytes > per_group:
-            groups.append([])
-            used = 0
-        groups[-1].append(name)
-        used += nbytes
-    return groups
+@dataclass(frozen=True, slots=True)
+class CalibrationOptions:
+    """How calibration observes the data and chooses ranges (every field has the CLI's default).
 
-
-def calibrate(
-    model: onnx.ModelProto,
-    dataset: Dataset | FeedList,
-    *,
-    model_sha256: str,
-    method: CalibrationMethod = CalibrationMethod.MINMAX,
-    percentile: float = 99.99,
-    bins: int = 4096,
-    levels: int = 256,
-    batch_size: int = 32,
-    threads: int = 0,
-    max_memory: int | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
-    timeout: float | None = None,
-    source: str = "model",
-    progress: Progress = no_progress,
-) -> CalibrationResult:
-    """Collect a clip range for every float activation of ``model`` over ``dataset``.
-
-    Args:
-        model: the (pre-processed) model; it is not modified.
-        dataset: validated calibration data.
-        model_sha256: hash of the user's model file, recorded in the result.
-        method: how clip ranges are chosen.
-        percentile: for ``percentile``, the upper percentile kept (the lower is 100 - p).
-        bins: histogram bins for percentile/entropy/mse.
-        levels: number of integer levels the tensors will be quantized to (for entropy/mse).
-        batch_size: samples per onnxruntime run.
-        threads: onnxruntime intra-op threads (0: its default).
-        max_memory: bytes one batch of exposed activations may take; above it the tensors are
-            calibrated in groups over several passes (default: a quarter of available memory).
-        shuffle: visit samples in a random order (``seed``); only moving-average depends on order.
-        seed: seed of the shuffle.
-        timeout: seconds after which calibration stops with an error (None: no limit).
-        source: how error messages name the model (its path).
-        progress: wraps the batch iterator (e.g. with tqdm).
+    ``method``: how clip ranges are chosen; ``percentile``: for percentile, the upper percentile
+    kept (the lower is 100 - p); ``bins``: histogram bins for percentile/entropy/mse; ``levels``:
+    integer levels entropy/mse choose the recorded ranges for (``ranges_for_levels`` re-chooses
+    them for another activation type); ``batch_size``: samples per onnxruntime run; ``threads``:
+    onnxruntime intra-op threads (0: its default); ``max_memory``: bytes one batch of exposed
+    activations may take, above it the tensors are calibrated in groups over several passes (None:
+    a quarter of available memory); ``shuffle``/``seed``: visit samples in a random order (only
+    moving-average depends on order); ``timeout``: seconds after which calibration stops with an
+    error (None: no limit); ``source``: how error messages name the model (its path).
     """
-    deadline = None if timeout is None else time.monotonic() + timeout
-    _stable_large_allocations()
+
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.99
+    bins: int = 4096
+    levels: int = 256
+    batch_size: int = 32
+    threads: int = 0
+    max_memory: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    timeout: float | None = None
+    source: str = "model"
+
+    def collect_options(self, deadline: float | None) -> CollectOptions:
+        """The collector's options for these."""
+        return CollectOptions(
+            batch_size=self.batch_size,
+            threads=self.threads,
+            max_memory=self.max_memory,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            deadline=deadline,
+            source=self.source,
+            desc="calibrating",
+        )
+
+    def deadline(self) -> float | None:
+        """``time.monotonic()`` at which calibration must stop, from now."""
+        return None if self.timeout is None else time.monotonic() + self.timeout
+
+
+@dataclass(slots=True)
+class Exposure:
+    """What calibration observes: the model (with subgraph tensors carried out when possible), the
+    float tensors tracked, the permutation aliases among them, and a probe session exposing them."""
+
+    model: onnx.ModelProto
+    tracked: list[str]
+    aliases: dict[str, str]
+    #: exposed output name -> tensor name inside its subgraph
+    inner: dict[str, str]
+    probe: Session
+
+    @property
+    def fetched(self) -> list[str]:
+        """Tracked tensors observed directly (aliases copy their source's observers)."""
+        return [n for n in self.tracked if n not in self.aliases]
+
+
+def expose(model: onnx.ModelProto, dataset: Dataset | FeedList, options: CalibrationOptions) -> Exposure:
+    """Find the float activations of ``model`` to observe, carrying subgraph tensors out if they run.
+
+    Raises:
+        UnsupportedModelError: the model has no float activation.
+    """
     names = candidate_tensors(model)
-    inner: dict[str, str] = {}  # exposed output name -> tensor name inside its subgraph
-    first = next(iter(dataset.batches(1)))
-    probe: ort.InferenceSession | None = None
+    inner: dict[str, str] = {}
+    probe: Session | None = None
     if has_subgraphs(model.graph):
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             with_inner = augmented(exposed.model, names + list(exposed.names))
-            probe = make_session(with_inner, threads=threads, source=source)
-            probe.run(list(exposed.names), first)
+            probe = make_session(with_inner, threads=options.threads, source=options.source)
+            probe.run(list(exposed.names), next(iter(dataset.batches(1))))
             model, inner = exposed.model, exposed.names
             names += list(inner)
         except Exception as exc:  # never block: the subgraphs stay float, the main graph is calibrated
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(augmented(model, names), threads=threads, source=source)
+        probe = make_session(augmented(model, names), threads=options.threads, source=options.source)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
         raise UnsupportedModelError("model has no float activations to calibrate")
     # a Reshape/Transpose/... output holds its input's values rearranged: same range, same histogram
-    aliases = permutation_aliases(model.graph, set(tracked))
-    fetched = [n for n in tracked if n not in aliases]
-    # bytes per sample of every fetched tensor, from one sample
-    try:
-        sample = probe.run(fetched, first)
-    except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0]
-        raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on the first sample: {first_line}") from exc
-    sizes = {n: int(a.nbytes) for n, a in zip(fetched, sample, strict=True)}
-    del sample
-    groups = plan_groups(sizes, dataset.effective_batch_size(batch_size), max_memory or default_memory_budget())
+    return Exposure(model, tracked, permutation_aliases(model.graph, set(tracked)), inner, probe)
 
-    def sessions() -> Iterator[tuple[ort.InferenceSession, list[str]]]:
-        if len(groups) == 1:
-            yield probe, groups[0]
-            return
-        for group in groups:  # one session alive at a time
-            yield make_session(augmented(model, group), threads=threads, source=source), group
 
-    minmax = {n: MinMaxObserver() for n in fetched}
-    moving = {n: MovingAverageMinMaxObserver() for n in fetched} if method == CalibrationMethod.MOVING_AVERAGE else {}
-    growing = {n: GrowingHistogram(bins=bins) for n in fetched} if method in HISTOGRAM_METHODS else {}
-    for k, (session, group) in enumerate(sessions()):
-        desc = "calibrating" if len(groups) == 1 else f"calibrating {k + 1}/{len(groups)}"
-        for values in _run(session, dataset, group, batch_size, progress, desc, shuffle, seed, deadline):
-            for name in group:
-                value = values[name]
-                minmax[name].update(value)
-                if moving:
-                    moving[name].update(value)
-                if growing and value.size:
-                    lo_hi = minmax[name].last
-                    growing[name].update(value, max(abs(lo_hi[0]), abs(lo_hi[1])))
-                del value
-            del values
-    for alias, root in aliases.items():  # the same observers: identical ranges by construction
-        minmax[alias] = minmax[root]
-        if moving:
-            moving[alias] = moving[root]
-        if growing:
-            growing[alias] = growing[root]
-    histograms: dict[str, HistogramObserver] = {n: h.result() for n, h in growing.items()}
+def range_request(tensor: str, options: CalibrationOptions) -> RangeRequest:
+    """What calibration asks the collector about one tensor for ``options.method``."""
+    bins = options.bins if options.method in HISTOGRAM_METHODS else 0
+    return RangeRequest(tensor, options.method == CalibrationMethod.MOVING_AVERAGE, bins)
 
+
+def calibrate(
+    model: onnx.ModelProto,
+    dataset: Dataset | FeedList,
+    options: CalibrationOptions | None = None,
+    *,
+    model_sha256: str,
+    progress: Progress = no_progress,
+    **fields: Any,
+) -> CalibrationResult:
+    """Collect a clip range for every float activation of ``model`` (not modified) over ``dataset``.
+
+    ``fields`` override fields of ``options`` (``calibrate(m, d, model_sha256=h, method=...)``).
+    ``model_sha256`` (hash of the user's model file) is recorded in the result; ``progress`` wraps
+    the batch iterator (e.g. with tqdm).
+    """
+    options = replace(options or CalibrationOptions(), **fields)
+    exposure = expose(model, dataset, options)
+    requests = {n: range_request(n, options) for n in exposure.fetched}
+    collected = collect(
+        [exposure.model],
+        dataset,
+        list(requests.values()),
+        options.collect_options(options.deadline()),
+        sessions=[exposure.probe],
+        progress=progress,
+    )
+    observed = {n: cast(RangeStats, collected[r]) for n, r in requests.items()}
+    return calibration_result(exposure, observed, options, model_sha256, dataset.num_samples, collected.passes)
+
+
+def calibration_result(
+    exposure: Exposure,
+    observed: dict[str, RangeStats],
+    options: CalibrationOptions,
+    model_sha256: str,
+    num_samples: int,
+    passes: int,
+) -> CalibrationResult:
+    """Ranges of every tracked tensor from its observers (aliases share their source's)."""
+    inner = exposure.inner
+    observed = {**observed, **{alias: observed[root] for alias, root in exposure.aliases.items()}}
+    histograms: dict[str, HistogramObserver] = {
+        n: o.histogram.result() for n, o in observed.items() if o.histogram is not None
+    }
     ranges: dict[str, TensorRange] = {}
-    unobserved = tuple(inner[n] for n in tracked if n in inner and minmax[n].count == 0)
-    for name in tracked:
-        if name in inner and minmax[name].count == 0:
+    unobserved = tuple(inner[n] for n in exposure.tracked if n in inner and observed[n].minmax.count == 0)
+    for name in exposure.tracked:
+        stats = observed[name]
+        if name in inner and stats.minmax.count == 0:
             continue
-        lo, hi = minmax[name].result()
+        lo, hi = stats.minmax.result()
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise CalibrationDataError(
                 f"activation '{name}' took non-finite values (min {lo}, max {hi}) on the calibration data"
             )
         clip_lo, clip_hi = lo, hi
-        if moving:
-            clip_lo, clip_hi = moving[name].result()
-        elif histograms:
-            clip_lo, clip_hi = choose_range(histograms[name], str(method), percentile=percentile, levels=levels)
+        if stats.moving is not None:
+            clip_lo, clip_hi = stats.moving.result()
+        elif name in histograms:
+            method = str(options.method)
+            clip_lo, clip_hi = choose_range(
+                histograms[name], method, percentile=options.percentile, levels=options.levels
+            )
             clip_lo, clip_hi = max(clip_lo, lo), min(clip_hi, hi)  # grid edges lie up to a bin beyond
         ranges[inner.get(name, name)] = TensorRange(float(clip_lo), float(clip_hi), float(lo), float(hi))
-
-    params: dict[str, float | int] = {"batch_size": batch_size, "passes": len(groups)}
-    if shuffle:
-        params["seed"] = seed
-    if method == CalibrationMethod.PERCENTILE:
-        params["percentile"] = percentile
-    if histograms:
-        params["bins"] = bins
-    if method in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE):
-        params["levels"] = levels
     return CalibrationResult(
         model_sha256=model_sha256,
-        method=method,
-        params=params,
-        num_samples=dataset.num_samples,
+        method=options.method,
+        params=_params(options, passes, bool(histograms)),
+        num_samples=num_samples,
         ranges=ranges,
         histograms={inner.get(n, n): h for n, h in histograms.items() if inner.get(n, n) in ranges},
         unobserved=unobserved,
     )
+
+
+def _params(options: CalibrationOptions, passes: int, histograms: bool) -> dict[str, float | int]:
+    params: dict[str, float | int] = {"batch_size": options.batch_size, "passes": passes}
+    if options.shuffle:
+        params["seed"] = options.seed
+    if options.method == CalibrationMethod.PERCENTILE:
+        params["percentile"] = options.percentile
+    if histograms:
+        params["bins"] = options.bins
+    if options.method in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE):
+        params["levels"] = options.levels
+    return params
 
 
 def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99) -> CalibrationResult:
@@ -465,3 +323,35 @@ def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile
     if method == CalibrationMethod.PERCENTILE:
         params["percentile"] = percentile
     return CalibrationResult(result.model_sha256, method, params, result.num_samples, ranges, result.histograms)
+
+
+def activation_levels(dtype: QuantDType) -> int:
+    """Number of integer levels of an activation type (256 for 8-bit types, 65,536 for 16-bit)."""
+    qmin, qmax = dtype_bounds(dtype)
+    return qmax - qmin + 1
+
+
+def ranges_for_levels(result: CalibrationResult, levels: int) -> dict[str, TensorRange]:
+    """Ranges of ``result`` chosen for ``levels`` integer levels (the activation type actually used).
+
+    Entropy and MSE choose a clip range for a number of levels: a calibration records them for its
+    own ``levels`` (256 unless told), so a 16-bit activation type would get 8-bit-optimal clips. With
+    the histograms at hand they are re-chosen here for ``levels``; other methods (min-max, moving
+    average, percentile) do not depend on the levels, and the recorded ranges are returned as they
+    are, as they are for the recorded number of levels.
+    """
+    recorded = int(result.params.get("levels", 256))
+    if result.method not in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE) or levels == recorded:
+        return result.ranges
+    if not result.histograms:
+        return result.ranges
+    ranges = {}
+    for name, r in result.ranges.items():
+        hist = result.histograms.get(name)
+        if hist is None:
+            ranges[name] = r
+            continue
+        lo, hi = choose_range(hist, str(result.method), levels=levels)
+        lo, hi = max(lo, r.observed_min), min(hi, r.observed_max)
+        ranges[name] = TensorRange(float(lo), float(hi), r.observed_min, r.observed_max)
+    return ranges

@@ -11,6 +11,13 @@
   pass over the data suffices. ``result()`` gives a ``HistogramObserver``.
 * ``HistogramObserver``: counts over a fixed range [lo, hi], O(bins) (also what the sidecar stores).
 
+Composite observers fed by the statistics collector (``quantcli.stats.collector``), one per request,
+each ``update``-d with the list of values its request reads:
+
+* ``RangeStats``: min/max, and a moving average or a growing histogram when asked (calibration).
+* ``ChannelObserver``: per-channel sum, min and max, O(channels); ``result()`` is a ``ChannelStats``.
+* ``ErrorStats``: energy of a reference tensor and of a candidate's error, O(1), plus the first batch.
+
 Clip-range choice from a histogram (``choose_range``):
 
 * percentile: the values at ``100 - p`` and ``p`` percent of the cumulative counts.
@@ -25,16 +32,24 @@ Clip-range choice from a histogram (``choose_range``):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
+
+from quantcli.core.errors import CalibrationDataError
 
 __all__ = [
     "HISTOGRAM_METHODS",
+    "ChannelObserver",
+    "ChannelStats",
+    "ErrorStats",
     "GrowingHistogram",
     "HistogramObserver",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
+    "RangeStats",
     "choose_range",
 ]
 
@@ -323,3 +338,100 @@ def _mse_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
         if err < best_err:
             best_err, best = err, (float(max(lo, hist.lo)), float(min(hi, hist.hi)))
     return best
+
+
+@dataclass(slots=True)
+class RangeStats:
+    """Observers of one tensor's range: exact min/max, and optionally moving average and histogram."""
+
+    minmax: MinMaxObserver = field(default_factory=MinMaxObserver)
+    moving: MovingAverageMinMaxObserver | None = None
+    histogram: GrowingHistogram | None = None
+
+    def update(self, values: Sequence[np.ndarray]) -> None:
+        """Fold one batch in (the histogram reuses the batch min/max as its |x| bound)."""
+        value = values[0]
+        self.minmax.update(value)
+        if self.moving is not None:
+            self.moving.update(value)
+        if self.histogram is not None and value.size:
+            lo, hi = self.minmax.last
+            self.histogram.update(value, max(abs(lo), abs(hi)))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStats:
+    """Mean, abs-max, min and max of one tensor per channel along ``axis`` (negative: from the end)."""
+
+    axis: int
+    mean: npt.NDArray[np.float64]
+    absmax: npt.NDArray[np.float64]
+    count: int
+    min: npt.NDArray[np.float64] | None = None
+    max: npt.NDArray[np.float64] | None = None
+
+
+class ChannelObserver:
+    """Running sum, min, max and element count per channel."""
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.total: npt.NDArray[np.float64] | None = None
+        self.low: npt.NDArray[np.float64] | None = None
+        self.high: npt.NDArray[np.float64] | None = None
+        self.count = 0
+
+    def update(self, values: Sequence[np.ndarray]) -> None:
+        moved = np.moveaxis(np.asarray(values[0]), self.axis, 0)
+        flat = moved.reshape(moved.shape[0], -1)
+        if not flat.shape[1]:
+            return
+        total = flat.sum(axis=1, dtype=np.float64)
+        low, high = flat.min(axis=1).astype(np.float64), flat.max(axis=1).astype(np.float64)
+        if self.total is None or self.low is None or self.high is None:
+            self.total, self.low, self.high = total, low, high
+        elif self.total.shape != total.shape:
+            raise CalibrationDataError(f"channel count changed between batches ({self.total.shape} vs {total.shape})")
+        else:
+            self.total += total
+            np.minimum(self.low, low, out=self.low)
+            np.maximum(self.high, high, out=self.high)
+        self.count += flat.shape[1]
+
+    def result(self) -> ChannelStats | None:
+        """The statistics; None if no element was seen."""
+        if self.total is None or self.low is None or self.high is None:
+            return None
+        absmax = np.maximum(np.abs(self.low), np.abs(self.high))
+        return ChannelStats(self.axis, self.total / max(self.count, 1), absmax, self.count, self.low, self.high)
+
+
+@dataclass(slots=True)
+class ErrorStats:
+    """Energy of the reference values and of the candidate's error, the reference's min and max, and
+    the first batch of reference values (for hints and histograms)."""
+
+    keep_first_empty: bool = True
+    signal: float = 0.0
+    noise: float = 0.0
+    lo: float = float("inf")
+    hi: float = float("-inf")
+    first: np.ndarray | None = None
+    batches: int = 0
+
+    def update(self, values: Sequence[np.ndarray]) -> None:
+        """Fold one batch in; a batch whose shapes differ (a branch that did not run) adds nothing."""
+        ref, cand = values
+        self.batches += 1
+        if self.batches == 1 and self.keep_first_empty:
+            self.first = ref
+        if ref.size == 0 or ref.shape != cand.shape:
+            return
+        if self.first is None:
+            self.first = ref
+        r = ref.astype(np.float64)
+        e = r - cand.astype(np.float64)
+        self.signal += float(np.sum(r * r))
+        self.noise += float(np.sum(e * e))
+        self.lo = min(self.lo, float(r.min()))
+        self.hi = max(self.hi, float(r.max()))

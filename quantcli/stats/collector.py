@@ -1,0 +1,311 @@
+"""One statistics collector: statistic requests in, one streaming pass over the data per memory group.
+
+A request is a value naming what to measure and on which tensor:
+
+* ``RangeRequest(tensor, moving_average, histogram_bins)``: exact min/max, plus a moving average of
+  the per-batch min/max and a growing histogram when asked (calibration);
+* ``ChannelRequest(tensor, axis)``: per-channel mean, min, max (so abs-max) along ``axis``
+  (SmoothQuant, bias correction);
+* ``ErrorRequest(tensor, candidate)``: signal and noise energy of a candidate model's tensor against
+  the reference model's (per-layer error), with the first batch of reference values kept.
+
+``collect`` exposes every requested tensor as a graph output (the models are copied, not touched),
+splits the requests into groups whose batch of exposed tensors fits ``max_memory`` (bytes measured
+on one sample), and streams the data once per group, feeding each batch to every observer of the
+group and dropping it before the next batch: memory holds one batch of the group's tensors.
+Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
+``quantcli.stats.observers``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from quantcli.core.errors import CalibrationDataError, CalibrationTimeoutError, QuantCliError
+from quantcli.core.process import release_freed_memory
+from quantcli.core.progress import Progress, no_progress
+from quantcli.data.datasets import Dataset, FeedList
+from quantcli.graph.model import available_memory
+from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
+from quantcli.stats.observers import (
+    ChannelObserver,
+    ChannelStats,
+    ErrorStats,
+    GrowingHistogram,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    RangeStats,
+)
+
+__all__ = [
+    "ChannelRequest",
+    "ChannelStats",
+    "CollectOptions",
+    "Collected",
+    "ErrorRequest",
+    "ErrorStats",
+    "RangeRequest",
+    "RangeStats",
+    "StatisticObserver",
+    "StatisticRequest",
+    "collect",
+    "default_memory_budget",
+    "plan_groups",
+]
+
+#: which model a request's tensor belongs to
+REFERENCE, CANDIDATE = 0, 1
+
+
+class StatisticObserver(Protocol):
+    """Folds one batch of the values its request named in, in the request's ``outputs`` order."""
+
+    def update(self, values: Sequence[np.ndarray]) -> None: ...
+
+
+class StatisticRequest(Protocol):
+    """A statistic to collect: which (model, output) values it reads, and a fresh observer of them."""
+
+    def outputs(self) -> tuple[tuple[int, str], ...]: ...
+
+    def observer(self) -> StatisticObserver: ...
+
+
+# ---- ranges ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRequest:
+    """Min/max of ``tensor`` (an output name of the reference model), with the extras asked for."""
+
+    tensor: str
+    moving_average: bool = False
+    histogram_bins: int = 0  # 0: no histogram
+
+    def outputs(self) -> tuple[tuple[int, str], ...]:
+        """(model, output name) pairs the observer reads, in order."""
+        return ((REFERENCE, self.tensor),)
+
+    def observer(self) -> RangeStats:
+        """A fresh observer."""
+        moving = MovingAverageMinMaxObserver() if self.moving_average else None
+        hist = GrowingHistogram(bins=self.histogram_bins) if self.histogram_bins else None
+        return RangeStats(MinMaxObserver(), moving, hist)
+
+
+# ---- per-channel statistics -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRequest:
+    """Per-channel statistics of ``tensor`` along ``axis``."""
+
+    tensor: str
+    axis: int
+
+    def outputs(self) -> tuple[tuple[int, str], ...]:
+        """(model, output name) pairs the observer reads, in order."""
+        return ((REFERENCE, self.tensor),)
+
+    def observer(self) -> ChannelObserver:
+        """A fresh observer."""
+        return ChannelObserver(self.axis)
+
+
+# ---- error of a candidate tensor against the reference ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorRequest:
+    """Error of the candidate model's ``candidate`` output against the reference's ``tensor``.
+
+    ``keep_first_empty``: keep the first batch's reference values even when empty (main-graph
+    tensors); else the first batch in which the tensor was compared (tensors inside a branch).
+    """
+
+    tensor: str
+    candidate: str
+    keep_first_empty: bool = True
+
+    def outputs(self) -> tuple[tuple[int, str], ...]:
+        """(model, output name) pairs the observer reads, in order."""
+        return ((REFERENCE, self.tensor), (CANDIDATE, self.candidate))
+
+    def observer(self) -> ErrorStats:
+        """A fresh observer."""
+        return ErrorStats(self.keep_first_empty)
+
+
+# ---- the pass --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CollectOptions:
+    """How the data is streamed: batch size, threads, memory budget, order, time limit, naming."""
+
+    batch_size: int = 32
+    threads: int = 0
+    #: bytes one batch of exposed tensors may take (None: a quarter of the memory available)
+    max_memory: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    #: ``time.monotonic()`` after which the pass stops with ``CalibrationTimeoutError``
+    deadline: float | None = None
+    source: str = "model"
+    desc: str = "statistics"
+
+
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """Observers by request, and the number of passes over the data (one per memory group)."""
+
+    observers: dict[object, object]
+    passes: int
+
+    def __getitem__(self, request: object) -> object:
+        return self.observers[request]
+
+
+def default_memory_budget() -> int:
+    """A quarter of the memory available now (Linux), else 4 GiB."""
+    available = available_memory()
+    return available // 4 if available else 4 << 30
+
+
+def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[list[str]]:
+    """Split tensors (bytes per sample each) into groups whose batch fits ``budget``; order kept."""
+    per_group = max(1, budget // max(1, batch_size))
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, nbytes in sizes.items():
+        if groups[-1] and used + nbytes > per_group:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += nbytes
+    return groups
+
+
+def _outputs(requests: Sequence[StatisticRequest], model: int) -> list[str]:
+    return list(dict.fromkeys(name for r in requests for m, name in r.outputs() if m == model))
+
+
+def _sizes(
+    sessions: Sequence[Session | None],
+    names: Sequence[list[str]],
+    first: dict[str, np.ndarray],
+    dataset: Dataset | FeedList,
+) -> dict[tuple[int, str], int]:
+    """Bytes per sample of every exposed output, from one sample."""
+    sizes: dict[tuple[int, str], int] = {}
+    for model, (session, outs) in enumerate(zip(sessions, names, strict=True)):
+        if session is None or not outs:
+            continue
+        try:
+            sample = session.run(outs, first)
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on the first sample: {first_line}") from exc
+        sizes.update({(model, n): int(a.nbytes) for n, a in zip(outs, sample, strict=True)})
+        del sample
+    return sizes
+
+
+def collect(
+    models: Sequence[onnx.ModelProto],
+    dataset: Dataset | FeedList,
+    requests: Sequence[StatisticRequest],
+    options: CollectOptions | None = None,
+    *,
+    sessions: Sequence[Session | None] = (),
+    progress: Progress = no_progress,
+) -> Collected:
+    """Stream ``dataset`` through ``models`` (the reference, then a candidate if requests need one)
+    once per memory group and feed every request's observer; the models are not modified.
+
+    ``sessions`` may hold a session per model already exposing every requested output (the probe a
+    caller built): it serves the size measurement and, when one group suffices, the pass itself.
+
+    Raises:
+        CalibrationDataError: onnxruntime failed on the data.
+        CalibrationTimeoutError: ``options.deadline`` passed.
+        QuantCliError: a batch ran out of memory.
+    """
+    options = options or CollectOptions()
+    requests = list(dict.fromkeys(requests))
+    names = [_outputs(requests, m) for m in range(len(models))]
+    given = list(sessions) + [None] * (len(models) - len(sessions))
+    probes = [given[m] or _session(model, names[m], options) for m, model in enumerate(models)]
+    first = next(iter(dataset.batches(1)), None)
+    if first is None:
+        raise CalibrationDataError(f"{dataset.path}: no samples to collect statistics from")
+    sizes = _sizes(probes, names, first, dataset)
+    keyed = {str(i): sum(sizes[o] for o in r.outputs()) for i, r in enumerate(requests)}
+    size = dataset.effective_batch_size(options.batch_size)
+    split = plan_groups(keyed, size, options.max_memory or default_memory_budget())
+    groups = [[requests[int(k)] for k in g] for g in split if g]
+    observers: dict[object, object] = {}
+    for k, group in enumerate(groups):
+        desc = options.desc if len(groups) == 1 else f"{options.desc} {k + 1}/{len(groups)}"
+        outs = [_outputs(group, m) for m in range(len(models))]
+        runs = probes if len(groups) == 1 else [_session(model, outs[m], options) for m, model in enumerate(models)]
+        feeding = [(r.observer(), r.outputs()) for r in group]
+        for values in _batches(runs, outs, dataset, options, progress, desc):
+            for observer, wanted in feeding:
+                observer.update([values[o] for o in wanted])
+            del values
+        observers.update((r, obs) for r, (obs, _) in zip(group, feeding, strict=True))
+        del runs  # one group's sessions alive at a time
+    return Collected(observers, len(groups))
+
+
+def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> Session | None:
+    """A session returning ``names`` (None when the model has nothing to return)."""
+    if not names:
+        return None
+    return make_session(augmented(model, names), threads=options.threads, source=options.source)
+
+
+def _batches(
+    sessions: Sequence[Session | None],
+    outputs: Sequence[list[str]],
+    dataset: Dataset | FeedList,
+    options: CollectOptions,
+    progress: Progress,
+    desc: str,
+) -> Iterator[dict[tuple[int, str], np.ndarray]]:
+    """Each batch's exposed outputs of every model, keyed by (model, name); one batch alive at a time."""
+    size = dataset.effective_batch_size(options.batch_size)
+    total = -(-dataset.num_samples // size)
+    count = sum(len(o) for o in outputs)
+    batches = dataset.batches(size, shuffle=options.shuffle, seed=options.seed)
+    for feed in progress(batches, total, desc, size):
+        if options.deadline is not None and time.monotonic() > options.deadline:
+            raise CalibrationTimeoutError(
+                f"{dataset.path}: calibration did not finish within --timeout; use fewer samples "
+                "(--max-samples), a larger --batch-size, or a longer timeout"
+            )
+        values: dict[tuple[int, str], np.ndarray] = {}
+        for model, (session, outs) in enumerate(zip(sessions, outputs, strict=True)):
+            if session is None or not outs:
+                continue
+            try:
+                values.update(((model, n), v) for n, v in zip(outs, session.run(outs, feed), strict=True))
+            except Exception as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                if is_out_of_memory(exc):
+                    raise QuantCliError(
+                        f"{dataset.path}: ran out of memory running a batch of {size} samples with "
+                        f"{count} exposed activations ({first[:80]}); lower --max-memory (tensors are then "
+                        "calibrated in several passes) or --batch-size"
+                    ) from exc
+                raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
+        yield values
+        del values  # before the next run: one batch of activations alive at a time, not two
+        release_freed_memory()

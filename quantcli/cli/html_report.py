@@ -10,9 +10,9 @@ from __future__ import annotations
 import html
 import math
 
-from quantcli.api import CompareResult
 from quantcli.compare.gates import GateResult
 from quantcli.compare.layers import LayerError
+from quantcli.compare.result import CompareResult
 
 __all__ = ["render_html"]
 

@@ -14,12 +14,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcli import __version__
-from quantcli.api import CompareResult, ConvertResult
 from quantcli.compare.evaluate import Interval
 from quantcli.compare.gates import GateResult
+from quantcli.compare.result import CompareResult
 from quantcli.core.options import WeightClipping
 from quantcli.graph.model import atomic_output
 from quantcli.graph.subgraphs import walk_graphs
+from quantcli.pipeline.result import ConvertResult
 from quantcli.search.accuracy_search import SearchResult
 from quantcli.static.planning import Skip
 from quantcli.stats.calibration import CalibrationResult
@@ -249,6 +250,8 @@ def _short_path(path: str, width: int = 60) -> str:
 
 def _render_subgraphs(console: Console, result: ConvertResult) -> None:
     """Per If/Loop/Scan subgraph: what was quantized, and what calibration never saw."""
+    if result.plan is None:
+        return
     subgraphs = [s for s in result.plan.subgraphs if s.quantized_nodes or s.skipped]
     if not subgraphs:
         return
@@ -264,7 +267,7 @@ def _render_subgraphs(console: Console, result: ConvertResult) -> None:
             str(len(sub.skipped)),
         )
     console.print(table)
-    unobserved = result.calibration.unobserved
+    unobserved = result.calibration.unobserved if result.calibration is not None else []
     if unobserved:
         console.print(
             f"[yellow]never ran during calibration:[/] {len(unobserved)} subgraph tensors (a branch or loop the "
@@ -581,3 +584,34 @@ def write_text(text: str, path: Path) -> None:
     """Write a text report atomically."""
     with atomic_output(Path(path), force=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def render_comparison(console: Console, result: CompareResult, gates: list[GateResult], *, top: int) -> None:
+    """The comparison, its worst layers and the gates' verdicts, as ``compare`` prints them."""
+    render_compare(console, result)
+    render_layers(console, result, top)
+    render_gates(console, gates)
+
+
+def write_comparison(
+    console: Console,
+    result: CompareResult,
+    gates: list[GateResult],
+    *,
+    top: int,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    html_path: Path | None,
+) -> None:
+    """Write the comparison as JSON, a pull-request comment and an HTML page, where asked."""
+    from quantcli.cli import html_report
+
+    if json_path is not None:
+        write_json(compare_to_json(result, gates), json_path)
+        console.print(f"wrote [bold]{json_path}[/]")
+    if markdown_path is not None:
+        write_text(compare_to_markdown(result, gates, top=top), markdown_path)
+        console.print(f"wrote [bold]{markdown_path}[/]")
+    if html_path is not None:
+        write_text(html_report.render_html(result, gates), html_path)
+        console.print(f"wrote [bold]{html_path}[/]")

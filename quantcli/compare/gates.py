@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantcli.api import CompareResult
+from quantcli.compare.result import CompareResult
 
 __all__ = ["GateResult", "GateThresholds", "evaluate_gates"]
 

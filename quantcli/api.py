@@ -159,12 +159,28 @@ def convert_model(
     Every keyword but ``progress`` and ``log`` is the ``ConvertRequest`` field of the same name.
     """
     request = ConvertRequest(
-        model_path, output_path, calibration=calibration, data_path=data_path, config=config, method=method,
-        percentile=percentile, force=force, require_fused=require_fused, require_speedup=require_speedup,
-        upgrade_opset=upgrade_opset, timeout=timeout, search=search, eval_data=eval_data, recipe=recipe,
-        save_recipe=save_recipe, algorithms=algorithms or AlgorithmOptions(), mode=mode, mode_options=mode_options,
-        batch_axes=batch_axes, images=images,
-    )  # fmt: skip
+        model_path,
+        output_path,
+        calibration=calibration,
+        data_path=data_path,
+        config=config,
+        method=method,
+        percentile=percentile,
+        force=force,
+        require_fused=require_fused,
+        require_speedup=require_speedup,
+        upgrade_opset=upgrade_opset,
+        timeout=timeout,
+        search=search,
+        eval_data=eval_data,
+        recipe=recipe,
+        save_recipe=save_recipe,
+        algorithms=algorithms or AlgorithmOptions(),
+        mode=mode,
+        mode_options=mode_options,
+        batch_axes=batch_axes,
+        images=images,
+    )
     return convert(request, progress=progress, log=log)
 
 

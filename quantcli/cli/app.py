@@ -131,9 +131,15 @@ def _progress(quiet: bool):
     def wrap(it: Iterable[dict[str, np.ndarray]], total: int, desc: str, size: int) -> Iterable[dict[str, np.ndarray]]:
         disable = quiet or not sys.stderr.isatty()
         return tqdm(
-            it, total=total, desc=desc, unit="sample", unit_scale=size, disable=disable, leave=False,
+            it,
+            total=total,
+            desc=desc,
+            unit="sample",
+            unit_scale=size,
+            disable=disable,
+            leave=False,
             dynamic_ncols=True,
-        )  # fmt: skip
+        )
 
     return wrap
 
@@ -240,11 +246,22 @@ def calibrate(
 ) -> None:
     """Run calibration data through the model and record activation ranges."""
     request = CalibrateRequest(
-        model, data, method=method, percentile=percentile, batch_size=batch_size, max_samples=max_samples,
-        threads=threads, max_memory=parse_bytes(max_memory), shuffle=shuffle, seed=seed, timeout=timeout,
-        upgrade_opset=upgrade_opset, random_samples=random, batch_axes=parse_batch_axes(batch_axis),
+        model,
+        data,
+        method=method,
+        percentile=percentile,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        threads=threads,
+        max_memory=parse_bytes(max_memory),
+        shuffle=shuffle,
+        seed=seed,
+        timeout=timeout,
+        upgrade_opset=upgrade_opset,
+        random_samples=random,
+        batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
-    )  # fmt: skip
+    )
     if random is not None:
         err.print(
             "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
@@ -451,22 +468,43 @@ def convert(
 ) -> None:
     """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model)."""
     quant = QuantFlags(
-        _dtype(activation_type), _dtype(weight_type), per_tensor, symmetric_activations, reduce_range,
-        tuple(split_list(op_types)), tuple(split_list(exclude_op_types)), tuple(split_list(exclude_nodes)),
+        _dtype(activation_type),
+        _dtype(weight_type),
+        per_tensor,
+        symmetric_activations,
+        reduce_range,
+        tuple(split_list(op_types)),
+        tuple(split_list(exclude_op_types)),
+        tuple(split_list(exclude_nodes)),
         weight_clipping,
-    )  # fmt: skip
+    )
     search = SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms).options()
     modes = ModeFlags(mode, method, block_size)
     modes.check(quant, require_fused=require_fused)
     algorithms = AlgorithmOptions(cle, smoothquant_alpha if smoothquant else None, bias_correction)
     request = ConvertRequest(
-        model, output, calibration=calibration, data_path=data, method=method, percentile=percentile,
+        model,
+        output,
+        calibration=calibration,
+        data_path=data,
+        method=method,
+        percentile=percentile,
         config=quant.static_config() if mode == ConvertMode.STATIC else quant.exclusions(),
-        force=force, require_fused=require_fused, require_speedup=require_speedup, upgrade_opset=upgrade_opset,
-        timeout=timeout, search=search, eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
-        algorithms=algorithms, mode=mode, mode_options=modes.options(quant), batch_axes=parse_batch_axes(batch_axis),
+        force=force,
+        require_fused=require_fused,
+        require_speedup=require_speedup,
+        upgrade_opset=upgrade_opset,
+        timeout=timeout,
+        search=search,
+        eval_data=eval_data,
+        recipe=recipe,
+        save_recipe=save_recipe,
+        algorithms=algorithms,
+        mode=mode,
+        mode_options=modes.options(quant),
+        batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
-    )  # fmt: skip
+    )
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))
     report.render_convert(out, result)
 
@@ -548,18 +586,29 @@ def compare(
 ) -> None:
     """Measure accuracy, error and latency of the quantized model against the FP32 one."""
     request = CompareRequest(
-        reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
-        latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
-        per_layer=per_layer or html_path is not None, metric=parse_metric(metric), time_budget_s=time_budget,
-        measure_memory=memory, batch_axes=parse_batch_axes(batch_axis),
+        reference,
+        candidate,
+        data,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        threads=threads,
+        latency_batch_sizes=tuple(latency_batch or (1, 32)),
+        warmup=warmup,
+        runs=runs,
+        per_layer=per_layer or html_path is not None,
+        metric=parse_metric(metric),
+        time_budget_s=time_budget,
+        measure_memory=memory,
+        batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
-    )  # fmt: skip
+    )
     result = api.compare_models(request, progress=_progress(quiet))
     thresholds = GateThresholds(max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio)
     gates = evaluate_gates(result, thresholds)
     report.render_comparison(out, result, gates, top=top)
-    report.write_comparison(out, result, gates, top=top, json_path=json_path, markdown_path=markdown_path,
-                            html_path=html_path)  # fmt: skip
+    report.write_comparison(
+        out, result, gates, top=top, json_path=json_path, markdown_path=markdown_path, html_path=html_path
+    )
     failed = [g for g in gates if not g.passed]
     for g in failed:
         err.print(f"[red]gate failed:[/] {g.name}: {g.describe()}")

@@ -175,12 +175,16 @@ class ModeFlags:
         """Refuse flags that mean nothing in this mode (calibration and data: ``ConvertRequest``)."""
         mode, q = self.mode, quant
         given = {
-            "--method": self.method is not None, "--symmetric-activations": q.symmetric_activations,
-            "--activation-type": q.activation_type is not None, "--block-size": self.block_size is not None,
-            "--per-tensor": q.per_tensor, "--weight-type": q.weight_type is not None,
-            "--reduce-range": q.reduce_range != Toggle.AUTO, "--op-types": bool(q.op_types),
+            "--method": self.method is not None,
+            "--symmetric-activations": q.symmetric_activations,
+            "--activation-type": q.activation_type is not None,
+            "--block-size": self.block_size is not None,
+            "--per-tensor": q.per_tensor,
+            "--weight-type": q.weight_type is not None,
+            "--reduce-range": q.reduce_range != Toggle.AUTO,
+            "--op-types": bool(q.op_types),
             "--require-fused": require_fused,
-        }  # fmt: skip
+        }
         allowed = {
             ConvertMode.STATIC: set(given) - {"--block-size"},
             ConvertMode.DYNAMIC: {"--weight-type", "--per-tensor", "--reduce-range", "--op-types", "--require-fused"},

@@ -61,8 +61,10 @@ def _sqnr_bars(layers: list[LayerError], limit: int = 40) -> str:
         parts.append(
             f'<text x="{left - 6}" y="{y + 11}" font-size="11" text-anchor="end">{_e(label)} ({_e(e.op_type)})</text>'
         )
-        for value, color, dy, h in ((e.sqnr_db, "#cf222e" if e.sqnr_db < 20 else "#d29922" if e.sqnr_db < 30 else "#2da44e", 0, 9),
-                                    (e.local_sqnr_db, "#8c959f", 10, 4)):  # fmt: skip
+        for value, color, dy, h in (
+            (e.sqnr_db, "#cf222e" if e.sqnr_db < 20 else "#d29922" if e.sqnr_db < 30 else "#2da44e", 0, 9),
+            (e.local_sqnr_db, "#8c959f", 10, 4),
+        ):
             if value is None:
                 continue
             w = width * min(max(value, 0.0), top) / top if math.isfinite(value) else width
@@ -160,17 +162,23 @@ def render_html(result: CompareResult, gates: list[GateResult], *, top_histogram
                 f"<tr><td>{_e(g.name)}</td><td>{g.value:.4g}</td><td>{g.comparison} {g.bound:g}</td><td class={cls}>{word}</td></tr>"
             )
         out.append("</table>")
-    out.append("<h2>Accuracy</h2><table><tr><th>output</th><th>FP32 acc</th><th>quant acc</th><th>top-1 agreement</th>"
-               "<th>SQNR dB</th><th>cosine</th><th>max abs err</th></tr>")  # fmt: skip
+    out.append(
+        "<h2>Accuracy</h2><table><tr><th>output</th><th>FP32 acc</th><th>quant acc</th><th>top-1 agreement</th>"
+        "<th>SQNR dB</th><th>cosine</th><th>max abs err</th></tr>"
+    )
     for m in result.outputs:
-        out.append(f"<tr><td>{_e(m.name)}</td><td>{_pct(m.accuracy_fp32)}</td><td>{_pct(m.accuracy_quant)}</td>"
-                   f"<td>{_pct(m.top1_agreement)}</td><td>{_db(m.sqnr_db)}</td><td>{m.cosine.value:.5f}</td>"
-                   f"<td>{m.max_abs_error:.4g}</td></tr>")  # fmt: skip
+        out.append(
+            f"<tr><td>{_e(m.name)}</td><td>{_pct(m.accuracy_fp32)}</td><td>{_pct(m.accuracy_quant)}</td>"
+            f"<td>{_pct(m.top1_agreement)}</td><td>{_db(m.sqnr_db)}</td><td>{m.cosine.value:.5f}</td>"
+            f"<td>{m.max_abs_error:.4g}</td></tr>"
+        )
     out.append("</table>")
     ratio = 100 * result.size_ratio
     kernels = ", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none"
-    out.append(f"<p>Size {result.reference_bytes / 1024:.1f} KiB → {result.candidate_bytes / 1024:.1f} KiB "
-               f"({ratio:.1f}%). Integer kernels after onnxruntime's optimization: {_e(kernels)}.</p>")  # fmt: skip
+    out.append(
+        f"<p>Size {result.reference_bytes / 1024:.1f} KiB → {result.candidate_bytes / 1024:.1f} KiB "
+        f"({ratio:.1f}%). Integer kernels after onnxruntime's optimization: {_e(kernels)}.</p>"
+    )
     if result.latency:
         out.append(
             f"<h2>Latency</h2><p class=muted>{result.latency[0].threads} thread(s); FP32 and quantized runs alternate.</p>"
@@ -179,9 +187,11 @@ def render_html(result: CompareResult, gates: list[GateResult], *, top_histogram
             "<table><tr><th>batch</th><th>FP32 median ms</th><th>p90</th><th>quant median ms</th><th>p90</th><th>speed-up [IQR]</th></tr>"
         )
         for lat in result.latency:
-            out.append(f"<tr><td>{lat.batch_size}</td><td>{lat.reference.median_ms:.3f}</td><td>{lat.reference.p90_ms:.3f}</td>"
-                       f"<td>{lat.candidate.median_ms:.3f}</td><td>{lat.candidate.p90_ms:.3f}</td>"
-                       f"<td>{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}]</td></tr>")  # fmt: skip
+            out.append(
+                f"<tr><td>{lat.batch_size}</td><td>{lat.reference.median_ms:.3f}</td><td>{lat.reference.p90_ms:.3f}</td>"
+                f"<td>{lat.candidate.median_ms:.3f}</td><td>{lat.candidate.p90_ms:.3f}</td>"
+                f"<td>{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}]</td></tr>"
+            )
         out.append("</table><div class=grid>")
         for lat in result.latency:
             out.append(
@@ -189,15 +199,21 @@ def render_html(result: CompareResult, gates: list[GateResult], *, top_histogram
             )
         out.append("</div>")
     if result.layers:
-        out.append(f"<h2>Per-layer error</h2><p class=muted>Worst first, {len(result.layers)} quantized tensors. "
-                   "Thick bar: SQNR with everything upstream quantized; thin grey bar: this layer alone on FP32 inputs.</p>")  # fmt: skip
+        out.append(
+            f"<h2>Per-layer error</h2><p class=muted>Worst first, {len(result.layers)} quantized tensors. "
+            "Thick bar: SQNR with everything upstream quantized; thin grey bar: this layer alone on FP32 inputs.</p>"
+        )
         out.append(_sqnr_bars(result.layers))
         out.append("<table><tr><th>node</th><th>op</th><th>SQNR dB</th><th>local dB</th><th>hint</th></tr>")
         for e in result.layers[:15]:
-            out.append(f"<tr><td><code>{_e(e.node)}</code></td><td>{_e(e.op_type)}</td><td>{_db(e.sqnr_db)}</td>"
-                       f"<td>{_db(e.local_sqnr_db)}</td><td style='text-align:left'>{_e(e.hint)}</td></tr>")  # fmt: skip
-        out.append("</table><h2>Activations of the worst layers</h2>"
-                   "<p class=muted>FP32 values (square-root scale) with the quantization clip range in red.</p><div class=grid>")  # fmt: skip
+            out.append(
+                f"<tr><td><code>{_e(e.node)}</code></td><td>{_e(e.op_type)}</td><td>{_db(e.sqnr_db)}</td>"
+                f"<td>{_db(e.local_sqnr_db)}</td><td style='text-align:left'>{_e(e.hint)}</td></tr>"
+            )
+        out.append(
+            "</table><h2>Activations of the worst layers</h2>"
+            "<p class=muted>FP32 values (square-root scale) with the quantization clip range in red.</p><div class=grid>"
+        )
         for e in result.layers[:top_histograms]:
             out.append(
                 f"<div class=card><code>{_e(e.node)}</code> <span class=muted>{_db(e.sqnr_db)} dB</span><br>{_histogram(e)}</div>"

@@ -554,8 +554,10 @@ def compare_to_markdown(result: CompareResult, gates: list[GateResult], *, top: 
     for g in gates:
         lines.append(f"- {'✅' if g.passed else '❌'} `{g.name}`: {g.describe()}")
     lines += ["", f"Accuracy on {result.num_samples} samples of `{result.data_path.name}` (95% CI):", ""]
-    lines += ["| output | FP32 acc | quant acc | top-1 agreement | SQNR dB | cosine | max abs err |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "| output | FP32 acc | quant acc | top-1 agreement | SQNR dB | cosine | max abs err |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in result.outputs:
         lines.append(
             f"| {m.name} | {_pct(m.accuracy_fp32)} | {_pct(m.accuracy_quant)} | {_pct(m.top1_agreement)} | "
@@ -569,9 +571,12 @@ def compare_to_markdown(result: CompareResult, gates: list[GateResult], *, top: 
                 f"| {lat.batch_size} | {lat.reference.median_ms:.3f} | {lat.candidate.median_ms:.3f} | "
                 f"{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}] |"
             )
-    lines += ["", f"Size: {_size(result.reference_bytes)} → {_size(result.candidate_bytes)} "
-              f"({100 * result.size_ratio:.1f}%). Integer kernels: "
-              + (", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none")]  # fmt: skip
+    lines += [
+        "",
+        f"Size: {_size(result.reference_bytes)} → {_size(result.candidate_bytes)} "
+        f"({100 * result.size_ratio:.1f}%). Integer kernels: "
+        + (", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none"),
+    ]
     if result.layers:
         lines += ["", f"Worst layers (of {len(result.layers)}):", ""]
         lines += ["| node | op | SQNR dB | local dB | hint |", "|---|---|---|---|---|"]

@@ -39,27 +39,56 @@ _STATIC_TAIL: tuple[Step, ...] = (s.validate, s.audit, s.require_fused, s.check_
 
 #: calibrated QDQ: calibration given or measured, one plan
 STATIC_STEPS: tuple[Step, ...] = (
-    s.check_outputs, s.load_and_check, s.preprocess, s.calibrate_or_read, s.rechoose_method, s.plan, s.lower,
+    s.check_outputs,
+    s.load_and_check,
+    s.preprocess,
+    s.calibrate_or_read,
+    s.rechoose_method,
+    s.plan,
+    s.lower,
     *_STATIC_TAIL,
-)  # fmt: skip
+)
 #: CLE / SmoothQuant / bias correction: the transformed FP32 graph is calibrated and planned
 ALGORITHM_STEPS: tuple[Step, ...] = (
-    s.check_outputs, s.load_and_check, s.check_algorithms, s.preprocess, s.transform_calibrate_plan, s.lower,
+    s.check_outputs,
+    s.load_and_check,
+    s.check_algorithms,
+    s.preprocess,
+    s.transform_calibrate_plan,
+    s.lower,
     *_STATIC_TAIL,
-)  # fmt: skip
+)
 #: an accuracy budget: the search chooses methods and float nodes, then writes its recipe
 SEARCH_STEPS: tuple[Step, ...] = (
-    s.check_outputs, s.load_and_check, s.preprocess, s.search_base, s.search, *_STATIC_TAIL, s.save_recipe,
-)  # fmt: skip
+    s.check_outputs,
+    s.load_and_check,
+    s.preprocess,
+    s.search_base,
+    s.search,
+    *_STATIC_TAIL,
+    s.save_recipe,
+)
 #: a saved recipe replayed: same choices, same bytes
 RECIPE_STEPS: tuple[Step, ...] = (
-    s.check_outputs, s.load_and_check, s.read_recipe, s.preprocess, s.search_base, s.replay_recipe, *_STATIC_TAIL,
-)  # fmt: skip
+    s.check_outputs,
+    s.load_and_check,
+    s.read_recipe,
+    s.preprocess,
+    s.search_base,
+    s.replay_recipe,
+    *_STATIC_TAIL,
+)
 #: dynamic, weight-only, fp16: no calibration
 MODE_STEPS: tuple[Step, ...] = (
-    s.check_outputs, m.load_and_check_mode, s.preprocess, m.rewrite_mode, s.validate, m.mode_audit,
-    m.require_fused_kernels, s.save,
-)  # fmt: skip
+    s.check_outputs,
+    m.load_and_check_mode,
+    s.preprocess,
+    m.rewrite_mode,
+    s.validate,
+    m.mode_audit,
+    m.require_fused_kernels,
+    s.save,
+)
 
 
 def steps_for(request: ConvertRequest) -> tuple[Step, ...]:

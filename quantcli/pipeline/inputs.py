@@ -15,9 +15,17 @@ from quantcli.graph.model import model_opset
 __all__ = ["MIN_OPSET", "prepare_input"]
 
 _QUANTIZED_OPS = {
-    "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger",
-    "DynamicQuantizeLinear", "QGemm", "QLinearAdd", "MatMulNBits",
-}  # fmt: skip
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+    "QGemm",
+    "QLinearAdd",
+    "MatMulNBits",
+}
 _WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: per-channel QuantizeLinear/DequantizeLinear
 MIN_OPSET = 13

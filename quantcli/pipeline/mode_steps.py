@@ -17,10 +17,11 @@ _MODE_MIN_OPSET = {ConvertMode.DYNAMIC: 11, ConvertMode.WEIGHT_ONLY: 7, ConvertM
 #: what each rewritten op must become in the optimized graph for ``require_fused``
 _FUSED_KERNELS: dict[ConvertMode, dict[str, tuple[str, ...]]] = {
     ConvertMode.DYNAMIC: {
-        "MatMulInteger": ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"), "ConvInteger": ("ConvInteger",),
+        "MatMulInteger": ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"),
+        "ConvInteger": ("ConvInteger",),
     },
     ConvertMode.WEIGHT_ONLY: {"MatMulNBits": ("MatMulNBits",)},
-}  # fmt: skip
+}
 
 
 def load_and_check_mode(ctx: ConvertContext) -> None:

@@ -87,8 +87,11 @@ def read_recipe(ctx: ConvertContext) -> None:
         )
     ctx.recipe = recipe
     ctx.config, ctx.method, ctx.percentile, ctx.algorithms = (
-        recipe.config, recipe.method, recipe.percentile, recipe.algorithms
-    )  # fmt: skip
+        recipe.config,
+        recipe.method,
+        recipe.percentile,
+        recipe.algorithms,
+    )
 
 
 def check_algorithms(ctx: ConvertContext) -> None:
@@ -156,10 +159,18 @@ def transform_calibrate_plan(ctx: ConvertContext) -> None:
 
     r = ctx.request
     ctx.prepared, ctx.calibration, ctx.plan, ctx.applied = _convert_with_algorithms(
-        need(ctx.prepared, "the model"), r.model_path, need(r.data_path, "the data path"), ctx.sha256, ctx.config,
-        ctx.algorithms, method=ctx.method or CalibrationMethod.MINMAX, percentile=ctx.percentile, timeout=r.timeout,
-        progress=ctx.progress, fmt=ctx.fmt,
-    )  # fmt: skip
+        need(ctx.prepared, "the model"),
+        r.model_path,
+        need(r.data_path, "the data path"),
+        ctx.sha256,
+        ctx.config,
+        ctx.algorithms,
+        method=ctx.method or CalibrationMethod.MINMAX,
+        percentile=ctx.percentile,
+        timeout=r.timeout,
+        progress=ctx.progress,
+        fmt=ctx.fmt,
+    )
 
 
 def search_base(ctx: ConvertContext) -> None:
@@ -173,9 +184,17 @@ def search_base(ctx: ConvertContext) -> None:
     if ctx.algorithms.needs_data:  # every candidate gets the algorithms
         check_algorithms(ctx)
         ctx.base, ctx.applied = _algorithm_base(
-            prepared, r.model_path, need(r.data_path, "the data path"), ctx.sha256, ctx.config, ctx.algorithms,
-            percentile=ctx.percentile, timeout=r.timeout, progress=ctx.progress, fmt=ctx.fmt,
-        )  # fmt: skip
+            prepared,
+            r.model_path,
+            need(r.data_path, "the data path"),
+            ctx.sha256,
+            ctx.config,
+            ctx.algorithms,
+            percentile=ctx.percentile,
+            timeout=r.timeout,
+            progress=ctx.progress,
+            fmt=ctx.fmt,
+        )
         ctx.calibration = ctx.base.calibration
     else:
         calibrate_or_read(ctx)
@@ -206,10 +225,18 @@ def search(ctx: ConvertContext) -> None:
     options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile)
     alternatives, alt_reports = _algorithm_alternatives(ctx, options.try_algorithms)
     searched = search_quantization(
-        base.prepared, base.calibration, base.config, dataset, options,
-        algorithms=base.algorithms, bias_stats=base.bias_stats, alternatives=alternatives,
-        reference=prepared, progress=ctx.progress, log=ctx.log,
-    )  # fmt: skip
+        base.prepared,
+        base.calibration,
+        base.config,
+        dataset,
+        options,
+        algorithms=base.algorithms,
+        bias_stats=base.bias_stats,
+        alternatives=alternatives,
+        reference=prepared,
+        progress=ctx.progress,
+        log=ctx.log,
+    )
     ctx.searched, ctx.quantized, ctx.plan = searched, searched.model, searched.plan
     if searched.base is not None and searched.base.name:  # the algorithm stage's base won
         ctx.applied, ctx.calibration = alt_reports, searched.base.calibration
@@ -230,10 +257,17 @@ def _algorithm_alternatives(ctx: ConvertContext, try_algorithms: bool) -> tuple[
             option="data_path",
         )
     alt, alt_reports = _algorithm_base(
-        need(ctx.prepared, "the model"), r.model_path, r.data_path, ctx.sha256,
-        replace(ctx.config, weight_clipping=WeightClipping.MSE), ALL_ALGORITHMS,
-        percentile=ctx.percentile, timeout=r.timeout, progress=ctx.progress, fmt=ctx.fmt,
-    )  # fmt: skip
+        need(ctx.prepared, "the model"),
+        r.model_path,
+        r.data_path,
+        ctx.sha256,
+        replace(ctx.config, weight_clipping=WeightClipping.MSE),
+        ALL_ALGORITHMS,
+        percentile=ctx.percentile,
+        timeout=r.timeout,
+        progress=ctx.progress,
+        fmt=ctx.fmt,
+    )
     return [replace(alt, name="all algorithms")], alt_reports
 
 
@@ -315,8 +349,11 @@ def _batch1_feed(model: onnx.ModelProto, data_path: Path | None, ctx: ConvertCon
     try:
         return next(random_dataset(specs, 1).batches(1))
     except QuantCliError as exc:
-        raise MissingInput(f"$require_speedup needs $data_path to time this model: {exc}", option="data_path",
-                           options=("require_speedup",)) from exc  # fmt: skip
+        raise MissingInput(
+            f"$require_speedup needs $data_path to time this model: {exc}",
+            option="data_path",
+            options=("require_speedup",),
+        ) from exc
 
 
 def shape_facts(ctx: ConvertContext) -> None:

@@ -33,12 +33,12 @@ if TYPE_CHECKING:
 
     AlgorithmReport = EqualizationReport | SmoothQuantReport | BiasCorrectionReport
 
-__all__ = ["ConvertContext", "Step", "need"]
+__all__ = ["ConvertContext", "Step", "need", "no_log"]
 
 T = TypeVar("T")
 
 
-def _silent(_: str) -> None:
+def no_log(_: str) -> None:
     """The default ``log``: search steps are not shown."""
 
 
@@ -48,7 +48,7 @@ class ConvertContext:
 
     request: ConvertRequest
     progress: Progress = no_progress
-    log: Callable[[str], None] = _silent
+    log: Callable[[str], None] = no_log
     fmt: DataFormat = field(init=False)
     #: effective choices (a recipe replaces the request's)
     config: QuantConfig = field(init=False)

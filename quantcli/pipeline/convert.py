@@ -20,7 +20,7 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.modes.common import ConvertMode
 from quantcli.pipeline import mode_steps as m
 from quantcli.pipeline import steps as s
-from quantcli.pipeline.context import ConvertContext, Step, need
+from quantcli.pipeline.context import ConvertContext, Step, need, no_log
 from quantcli.pipeline.request import ConvertRequest
 from quantcli.pipeline.result import ConvertResult
 
@@ -108,7 +108,7 @@ def run_convert(
     request: ConvertRequest, *, progress: Progress = no_progress, log: Callable[[str], None] | None = None
 ) -> ConvertResult:
     """Carry out ``request``: run its step list over a fresh context and report what was done."""
-    ctx = ConvertContext(request, progress) if log is None else ConvertContext(request, progress, log)
+    ctx = ConvertContext(request, progress, log or no_log)
     run_steps(ctx, steps_for(request))
     return _result(ctx)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,6 +25,11 @@ from quantcli.pipeline.context import ConvertContext, need
 from quantcli.pipeline.inputs import prepare_input
 from quantcli.stats.artifact import read_calibration
 from quantcli.stats.calibration import calibrate, make_session, rechoose
+
+if TYPE_CHECKING:
+    from quantcli.passes.equalization import EqualizationReport
+    from quantcli.passes.smoothquant import SmoothQuantReport
+    from quantcli.search.accuracy_search import SearchBase
 
 __all__ = [
     "ALL_ALGORITHMS",
@@ -244,7 +250,9 @@ def search(ctx: ConvertContext) -> None:
         ctx.applied = (*ctx.applied, searched.bias_correction)
 
 
-def _algorithm_alternatives(ctx: ConvertContext, try_algorithms: bool) -> tuple[list, tuple]:
+def _algorithm_alternatives(
+    ctx: ConvertContext, try_algorithms: bool
+) -> tuple[list[SearchBase], tuple[EqualizationReport | SmoothQuantReport, ...]]:
     """The search's algorithm stage: a second base with every algorithm and MSE weight clipping."""
     from quantcli.api import _algorithm_base
 

@@ -25,11 +25,16 @@ from tqdm import tqdm
 from quantcli import __version__, api
 from quantcli.cli import report
 from quantcli.cli.flags import (
+    AlgorithmFlags,
+    CalibrationFlags,
     ImageFlags,
     ModeFlags,
     QuantFlags,
+    RunFlags,
     SearchFlags,
+    SourceFlags,
     Toggle,
+    convert_request,
     error_text,
     parse_bytes,
     split_list,
@@ -41,7 +46,6 @@ from quantcli.core.options import (
     ACTIVATION_TYPES,
     DEFAULT_PERCENTILE,
     WEIGHT_TYPES,
-    AlgorithmOptions,
     CalibrationMethod,
     QuantDType,
     WeightClipping,
@@ -49,7 +53,7 @@ from quantcli.core.options import (
 from quantcli.data.datasets import model_input_specs, open_dataset, parse_batch_axes
 from quantcli.graph.model import load_model
 from quantcli.modes.common import ConvertMode
-from quantcli.pipeline.request import CalibrateRequest, CompareRequest, ConvertRequest
+from quantcli.pipeline.request import CalibrateRequest, CompareRequest
 from quantcli.search.accuracy_search import BudgetNotMetError
 from quantcli.stats.artifact import write_calibration
 from quantcli.verify.audit import audit_fusion
@@ -478,32 +482,15 @@ def convert(
         tuple(split_list(exclude_nodes)),
         weight_clipping,
     )
-    search = SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms).options()
-    modes = ModeFlags(mode, method, block_size)
-    modes.check(quant, require_fused=require_fused)
-    algorithms = AlgorithmOptions(cle, smoothquant_alpha if smoothquant else None, bias_correction)
-    request = ConvertRequest(
-        model,
-        output,
-        calibration=calibration,
-        data_path=data,
-        method=method,
-        percentile=percentile,
-        config=quant.static_config() if mode == ConvertMode.STATIC else quant.exclusions(),
-        force=force,
-        require_fused=require_fused,
-        require_speedup=require_speedup,
-        upgrade_opset=upgrade_opset,
-        timeout=timeout,
-        search=search,
-        eval_data=eval_data,
-        recipe=recipe,
-        save_recipe=save_recipe,
-        algorithms=algorithms,
-        mode=mode,
-        mode_options=modes.options(quant),
-        batch_axes=parse_batch_axes(batch_axis),
-        images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
+    request = convert_request(
+        SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
+        quant,
+        ModeFlags(mode, block_size),
+        CalibrationFlags(method, percentile, timeout),
+        SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms),
+        AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
+        RunFlags(force, require_fused, require_speedup, upgrade_opset),
+        ImageFlags(image_size, resize, scale, mean, std, channel_order, layout),
     )
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))
     report.render_convert(out, result)

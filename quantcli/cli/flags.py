@@ -7,26 +7,34 @@ table that turns a field into the flag a user typed, so only the CLI spells flag
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantcli.core.errors import InvalidOption, OptionConflict, QuantCliError
 from quantcli.core.host import detect_host
-from quantcli.core.options import CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
+from quantcli.data.datasets import parse_batch_axes
 from quantcli.data.images import ImagePreprocess
 from quantcli.modes.common import ConvertMode, WeightOnlyType
 from quantcli.modes.dynamic import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
 from quantcli.modes.weight_only import BLOCK_SIZES, WeightOnlyOptions
+from quantcli.pipeline.request import ConvertRequest
 
 if TYPE_CHECKING:
     from quantcli.search.accuracy_search import SearchOptions
 
 __all__ = [
     "FLAGS",
+    "AlgorithmFlags",
+    "CalibrationFlags",
     "ImageFlags",
     "ModeFlags",
     "QuantFlags",
+    "RunFlags",
     "SearchFlags",
+    "SourceFlags",
     "Toggle",
+    "convert_request",
     "error_text",
     "flag",
     "parse_bytes",
@@ -165,17 +173,16 @@ class QuantFlags:
 
 @dataclass(frozen=True, slots=True)
 class ModeFlags:
-    """``--mode`` and the flags that mean something only in some modes."""
+    """``--mode`` and ``--block-size`` (weight-only)."""
 
     mode: ConvertMode
-    method: CalibrationMethod | None = None  # static only
     block_size: int | None = None
 
-    def check(self, quant: QuantFlags, *, require_fused: bool) -> None:
+    def check(self, quant: QuantFlags, *, method: CalibrationMethod | None, require_fused: bool) -> None:
         """Refuse flags that mean nothing in this mode (calibration and data: ``ConvertRequest``)."""
         mode, q = self.mode, quant
         given = {
-            "--method": self.method is not None,
+            "--method": method is not None,
             "--symmetric-activations": q.symmetric_activations,
             "--activation-type": q.activation_type is not None,
             "--block-size": self.block_size is not None,
@@ -259,3 +266,89 @@ class SearchFlags:
             return None
         budget = Budget(self.max_accuracy_drop, self.min_sqnr)
         return SearchOptions(budget, max_fallback=self.max_fallback, try_algorithms=self.algorithms, metric=metric_spec)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFlags:
+    """The files ``convert`` reads and writes (``--batch-axis`` says how its data is batched)."""
+
+    model: Path
+    output: Path
+    calibration: Path | None = None
+    data: Path | None = None
+    eval_data: Path | None = None
+    recipe: Path | None = None
+    save_recipe: Path | None = None
+    batch_axis: list[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationFlags:
+    """``--method``, ``--percentile``, ``--timeout``."""
+
+    method: CalibrationMethod | None
+    percentile: float
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlgorithmFlags:
+    """``--cle``, ``--smoothquant`` (with ``--smoothquant-alpha``), ``--bias-correction``."""
+
+    cle: bool = False
+    smoothquant: bool = False
+    smoothquant_alpha: float = 0.5
+    bias_correction: bool = False
+
+    def options(self) -> AlgorithmOptions:
+        """The algorithms asked for."""
+        return AlgorithmOptions(self.cle, self.smoothquant_alpha if self.smoothquant else None, self.bias_correction)
+
+
+@dataclass(frozen=True, slots=True)
+class RunFlags:
+    """``--force``, ``--require-fused``, ``--require-speedup``, ``--upgrade-opset``."""
+
+    force: bool = False
+    require_fused: bool = False
+    require_speedup: bool = False
+    upgrade_opset: bool = False
+
+
+def convert_request(
+    sources: SourceFlags,
+    quant: QuantFlags,
+    modes: ModeFlags,
+    calib: CalibrationFlags,
+    search: SearchFlags,
+    algorithms: AlgorithmFlags,
+    run: RunFlags,
+    images: ImageFlags,
+) -> ConvertRequest:
+    """The request ``convert``'s flags describe (the request checks how its options go together)."""
+    searching = search.options()
+    modes.check(quant, method=calib.method, require_fused=run.require_fused)
+    static = modes.mode == ConvertMode.STATIC
+    return ConvertRequest(
+        sources.model,
+        sources.output,
+        calibration=sources.calibration,
+        data_path=sources.data,
+        config=quant.static_config() if static else quant.exclusions(),
+        method=calib.method,
+        percentile=calib.percentile,
+        force=run.force,
+        require_fused=run.require_fused,
+        require_speedup=run.require_speedup,
+        upgrade_opset=run.upgrade_opset,
+        timeout=calib.timeout,
+        search=searching,
+        eval_data=sources.eval_data,
+        recipe=sources.recipe,
+        save_recipe=sources.save_recipe,
+        algorithms=algorithms.options(),
+        mode=modes.mode,
+        mode_options=modes.options(quant),
+        batch_axes=parse_batch_axes(sources.batch_axis),
+        images=images.parse(),
+    )

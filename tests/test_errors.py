@@ -357,6 +357,11 @@ def test_option_errors_name_fields_and_the_cli_names_flags():
     assert flag("random_samples") == "--random" and flag("upgrade_opset") == "--upgrade-opset"
     # a message without option fields is left alone, even with a dollar in a path
     assert error_text(OptionConflict("/tmp/$data_path/m.onnx")) == "/tmp/$data_path/m.onnx"
+    # the fields survive pickling (errors raised in a worker process)
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is MissingInput and copy.option == "eval_data" and error_text(copy) == error_text(exc)
 
 
 @pytest.mark.parametrize(

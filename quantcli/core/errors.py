@@ -48,11 +48,24 @@ class QuantCliError(Exception):
         self.options = options
         super().__init__(self.render())
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle by fields (subclasses take keyword-only fields the default reduction would drop)."""
+        return (_rebuild, (type(self), self.template, self.options, dict(self.__dict__)))
+
     def render(self, name: Callable[[str], str] = str) -> str:
         """The message with every named option written as ``name(field)`` (default: the field itself)."""
         if not self.options:
             return self.template
         return string.Template(self.template).safe_substitute({o: name(o) for o in self.options})
+
+
+def _rebuild(
+    cls: type[QuantCliError], template: str, options: tuple[str, ...], state: dict[str, object]
+) -> QuantCliError:
+    exc = cls.__new__(cls)
+    QuantCliError.__init__(exc, template, options=options)
+    exc.__dict__.update(state)
+    return exc
 
 
 class OptionConflict(QuantCliError):

@@ -121,7 +121,6 @@ def run_steps(ctx: ConvertContext, steps: Sequence[Step]) -> None:
 
 def _result(ctx: ConvertContext) -> ConvertResult:
     r = ctx.request
-    static = r.mode == ConvertMode.STATIC
     return ConvertResult(
         output_path=r.output_path,
         plan=ctx.plan,
@@ -137,5 +136,5 @@ def _result(ctx: ConvertContext) -> ConvertResult:
         speed=ctx.speed,
         unknown_shapes=ctx.unknown_shapes,
         shape_inference_error=ctx.shape_error,
-        algorithms=ctx.applied if static else (),
+        algorithms=ctx.applied,
     )

@@ -177,3 +177,85 @@ def test_random_smoke_test_warns(tmp_path, cnn_path):
     assert result.exit_code == 0, result.output
     assert "say nothing about real inputs" in result.output
     assert invoke("calibrate", cnn_path, "-o", tmp_path / "d.json").exit_code == 3  # neither --data nor --random
+
+
+def _panel(output: str, title: str) -> str:
+    """The text of one --help panel (Rich draws it as a box titled ``─ title ─``)."""
+    assert f"╭─ {title} ─" in output, output
+    return output.split(f"╭─ {title} ─", 1)[1].split("╰", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [
+        ("convert", {"Data": "--calibration", "Images": "--image-size", "Quantization": "--activation-type",
+                     "Modes": "--block-size", "Algorithms": "--smoothquant", "Search": "--eval-data",
+                     "Output": "--require-fused"}),
+        ("calibrate", {"Data": "--random", "Images": "--mean", "Quantization": "--method", "Output": "--force"}),
+        ("compare", {"Data": "--batch-axis", "Images": "--layout", "Measurement": "--latency-batch",
+                     "Gates": "--min-sqnr", "Output": "--markdown"}),
+    ],
+)  # fmt: skip
+def test_help_groups_options_into_panels(command, where):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    for title, option in where.items():
+        assert option in _panel(result.output, title), (title, option)
+
+
+def _captured_request(monkeypatch, *args):
+    """Run ``convert`` with ``args`` and return the request the CLI built (the API is not run)."""
+    from quantcli import api
+    from quantcli.core.errors import QuantCliError
+
+    seen = []
+
+    def fake_convert(request, **hooks):
+        seen.append(request)
+        raise QuantCliError("stopped by the test")
+
+    monkeypatch.setattr(api, "convert", fake_convert)
+    result = invoke("convert", *args)
+    assert result.exit_code == EXIT_BAD_INPUT and "stopped by the test" in result.output, result.output
+    return seen[0]
+
+
+def test_convert_flags_become_one_request(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from quantcli.core.options import CalibrationMethod, QuantDType
+    from quantcli.modes.common import ConvertMode
+
+    request = _captured_request(
+        monkeypatch, tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--data", tmp_path / "d.npz", "--method",
+        "percentile", "--percentile", "99.9", "--activation-type", "int8", "--reduce-range", "off",
+        "--exclude-nodes", "a,b", "--exclude-nodes", "re:c.*", "--cle", "--smoothquant", "--smoothquant-alpha", "0.7",
+        "--batch-axis", "state=1",
+    )  # fmt: skip
+    assert request.model_path == tmp_path / "m.onnx" and request.data_path == Path(tmp_path / "d.npz")
+    assert request.calibration is None and request.mode == ConvertMode.STATIC and request.mode_options is None
+    assert request.method == CalibrationMethod.PERCENTILE and request.percentile == 99.9
+    assert request.config.activation_type == QuantDType.INT8 and request.config.reduce_range is False
+    assert request.config.exclude_nodes == ("a", "b", "re:c.*")
+    assert request.algorithms.cle and request.algorithms.smoothquant == 0.7 and not request.algorithms.bias_correction
+    assert request.batch_axes == {"state": 1} and request.search is None
+
+
+def test_mode_flags_become_mode_options(monkeypatch, tmp_path):
+    from quantcli.modes.common import ConvertMode, WeightOnlyType
+
+    request = _captured_request(
+        monkeypatch, tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", "--mode", "weight-only", "--weight-type",
+        "uint4", "--block-size", "64", "--exclude-op-types", "Gemm",
+    )  # fmt: skip
+    assert request.mode == ConvertMode.WEIGHT_ONLY and request.data_path is None
+    assert request.mode_options.weight_type == WeightOnlyType.UINT4 and request.mode_options.block_size == 64
+    assert request.mode_options.op_types == frozenset({"MatMul"})
+    assert request.config.exclude_op_types == frozenset({"Gemm"})
+
+
+def test_a_type_outside_the_domain_is_a_usage_error(tmp_path):
+    for flag, value in (("--activation-type", "int4"), ("--weight-type", "int32")):
+        result = invoke("convert", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", flag, value)
+        assert result.exit_code == 2, result.output
+        assert "is not one of" in result.output

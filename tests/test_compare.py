@@ -12,7 +12,7 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from quantcli.api import compare_models, convert_model
+from quantcli.api import CompareRequest, compare_models, convert_model
 from quantcli.cli.app import EXIT_GATE_FAILED, app
 from quantcli.compare.metrics import parse_metric
 from quantcli.core.host import default_config
@@ -70,7 +70,9 @@ def test_speedup_gate(quantized):
 
 
 def test_per_layer_finds_the_damaged_layer(damaged):
-    result = compare_models(MODEL, damaged, EVAL, latency_batch_sizes=(), per_layer=True, max_samples=100)
+    result = compare_models(
+        CompareRequest(MODEL, damaged, EVAL, latency_batch_sizes=(), per_layer=True, max_samples=100)
+    )
     worst = result.layers[0]
     assert worst.node == DAMAGED_NODE, [(e.node, e.sqnr_db, e.local_sqnr_db) for e in result.layers[:4]]
     assert worst.local_sqnr_db is not None and worst.local_sqnr_db < 10
@@ -123,8 +125,8 @@ def test_custom_metric_drives_the_accuracy_gate(quantized, damaged, tmp_path):
 
 
 def test_top5_accuracy_is_at_least_top1(quantized):
-    top1 = compare_models(MODEL, quantized, EVAL, latency_batch_sizes=())
-    top5 = compare_models(MODEL, quantized, EVAL, latency_batch_sizes=(), metric=parse_metric("top5"))
+    top1 = compare_models(CompareRequest(MODEL, quantized, EVAL, latency_batch_sizes=()))
+    top5 = compare_models(CompareRequest(MODEL, quantized, EVAL, latency_batch_sizes=(), metric=parse_metric("top5")))
     assert top5.outputs[0].accuracy_fp32.value >= top1.outputs[0].accuracy_fp32.value
     assert top5.outputs[0].accuracy_fp32.value == 1.0
 
@@ -136,7 +138,9 @@ def test_bad_metric_is_a_clean_error(quantized):
 
 def test_time_budget_and_session_memory(quantized):
     result = compare_models(
-        MODEL, quantized, EVAL, latency_batch_sizes=(1,), runs=100_000, time_budget_s=0.5, measure_memory=True
+        CompareRequest(
+            MODEL, quantized, EVAL, latency_batch_sizes=(1,), runs=100_000, time_budget_s=0.5, measure_memory=True
+        )
     )
     assert 5 <= result.latency[0].reference.runs < 100_000
     assert result.reference_peak_mb is not None and result.reference_peak_mb > 0

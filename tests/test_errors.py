@@ -345,6 +345,50 @@ def test_old_opset_is_upgraded_when_asked(tmp_path):
     assert next(i.version for i in out.opset_import if i.domain == "") >= 13
 
 
+def test_option_errors_name_fields_and_the_cli_names_flags():
+    from quantcli.cli.flags import error_text, flag
+    from quantcli.core.errors import MissingInput, OptionConflict
+
+    exc = MissingInput("the accuracy search needs $eval_data", option="eval_data")
+    assert str(exc) == "the accuracy search needs eval_data" and exc.option == "eval_data"
+    assert error_text(exc) == "the accuracy search needs --eval-data"
+    conflict = OptionConflict("give either $calibration or $data_path, not both", options=("calibration", "data_path"))
+    assert error_text(conflict) == "give either --calibration or --data, not both"
+    assert flag("random_samples") == "--random" and flag("upgrade_opset") == "--upgrade-opset"
+    # a message without option fields is left alone, even with a dollar in a path
+    assert error_text(OptionConflict("/tmp/$data_path/m.onnx")) == "/tmp/$data_path/m.onnx"
+    # the fields survive pickling (errors raised in a worker process)
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(exc))
+    assert type(copy) is MissingInput and copy.option == "eval_data" and error_text(copy) == error_text(exc)
+
+
+@pytest.mark.parametrize(
+    ("keywords", "error", "fields"),
+    [
+        ({"calibration": Path("c.json"), "data_path": Path("d.npz")}, "OptionConflict", ("calibration", "data_path")),
+        ({}, "MissingInput", ("calibration", "data_path")),
+        ({"data_path": Path("d.npz"), "eval_data": Path("e.npz")}, "MissingInput", ("search", "eval_data")),
+        ({"data_path": Path("d.npz"), "save_recipe": Path("r.json")}, "MissingInput", ("search", "save_recipe")),
+        ({"mode": "dynamic", "data_path": Path("d.npz")}, "OptionConflict", ("data_path", "mode")),
+        ({"mode": "fp16", "recipe": Path("r.json")}, "OptionConflict", ("mode", "recipe")),
+    ],
+)
+def test_the_request_refuses_what_the_cli_refuses(tmp_path, keywords, error, fields):
+    """One check, in ConvertRequest: the API raises it with fields, the CLI prints it with flags, exit 3."""
+    from quantcli import api
+    from quantcli.core import errors
+    from quantcli.modes.common import ConvertMode
+
+    keywords = {**keywords, "mode": ConvertMode(keywords.get("mode", "static"))}
+    model, out = _model(tmp_path), tmp_path / "out.onnx"
+    with pytest.raises(getattr(errors, error)) as caught:
+        api.convert_model(model, out, **keywords)
+    assert caught.value.options == fields
+    assert not out.exists()
+
+
 def print_catalogue() -> None:  # pragma: no cover - documentation helper
     import tempfile
 

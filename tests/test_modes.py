@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 from typer.testing import CliRunner
 
 from quantcli.api import convert_model
-from quantcli.cli.app import EXIT_USAGE, app
+from quantcli.cli.app import EXIT_BAD_INPUT, app
 from quantcli.core.options import QuantDType
 from quantcli.modes.common import ConvertMode, WeightOnlyType
 from quantcli.modes.dynamic import DynamicOptions, default_options, quantize_dynamic
@@ -365,7 +365,7 @@ def test_cli_modes_convert_and_report(tmp_path):
 def test_cli_conflicting_options_are_usage_errors(tmp_path, args, message):
     out = tmp_path / "never.onnx"
     result = invoke("convert", TRANSFORMER, "-o", out, *args)
-    assert result.exit_code == EXIT_USAGE, result.output
+    assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert message in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -119,19 +118,43 @@ def test_failure_inside_atomic_output_leaves_nothing(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
 
+# the CLI in a child process whose progress hook, once the first calibration batch has run, says READY on
+# stdout and waits for a signal: the parent signals a calibration known to be under way, on any machine
+_SIGNAL_CHILD = """
+import importlib, signal, sys
+cli = importlib.import_module("quantcli.cli.app")  # the module (the package exports the Typer object as app)
+
+def _progress(quiet):
+    def wrap(batches, total, desc, size):
+        for i, batch in enumerate(batches):
+            yield batch
+            if i == 0:
+                print("READY", flush=True)
+                signal.pause()
+    return wrap
+
+cli._progress = _progress
+sys.argv = ["quantcli", *sys.argv[1:]]
+cli.main()
+"""
+
+
 def test_sigterm_stops_calibration_cleanly(tmp_path):
-    data = tmp_path / "big.npz"
-    np.savez(data, input=np.tile(np.load(REPO / "calibration_data/digits_cnn_calib.npz")["input"], (150, 1, 1, 1)))
     out = tmp_path / "c.json"
-    cmd = [sys.executable, "-m", "quantcli", "calibrate", str(REPO / "sample_models/digits_cnn.onnx"), "--data",
-           str(data), "-o", str(out), "--method", "percentile", "--batch-size", "8"]  # fmt: skip
+    cmd = [sys.executable, "-c", _SIGNAL_CHILD, "calibrate", str(REPO / "sample_models/digits_cnn.onnx"), "--data",
+           str(REPO / "calibration_data/digits_cnn_calib.npz"), "-o", str(out), "--method", "percentile",
+           "--batch-size", "8"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    time.sleep(4)
+    assert proc.stdout is not None
+    ready = proc.stdout.readline()  # blocks until calibration has run its first batch (or the child ended)
+    if ready.strip() != "READY":
+        proc.kill()
+        pytest.fail(f"the child never started calibrating: {ready!r} {proc.communicate(timeout=60)}")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.npz"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_same_inputs_same_bytes_across_processes(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from quantcli.api import compare_models, convert_model
+from quantcli.api import CompareRequest, compare_models, convert_model
 from quantcli.core.host import default_config
 from quantcli.graph.model_io import file_sha256
 from quantcli.verify.audit import audit_fusion
@@ -51,7 +51,7 @@ def test_quantized_sample_model_keeps_accuracy(tmp_path, name):
     result = convert_model(model, out, data_path=CALIBRATION_DATA / f"{name}_calib.npz", config=default_config())
     assert model.read_bytes() == before
     assert result.output_bytes <= 0.33 * result.input_bytes
-    cmp = compare_models(model, out, CALIBRATION_DATA / f"{name}_eval.npz", latency_batch_sizes=())
+    cmp = compare_models(CompareRequest(model, out, CALIBRATION_DATA / f"{name}_eval.npz", latency_batch_sizes=()))
     logits = cmp.outputs[0]
     assert logits.accuracy_fp32.value == pytest.approx(METRICS[name]["eval_top1_accuracy"])
     drop = logits.accuracy_fp32.value - logits.accuracy_quant.value

@@ -1,8 +1,9 @@
-"""The ``quantcli`` command line: parse options, call ``quantcli.api``, render with ``quantcli.cli.report``.
+"""The ``quantcli`` command line: parse flags into a request, call ``quantcli.api``, render (``cli.report``).
 
 Exit codes: 0 success; 1 a ``compare`` gate failed or the ``convert`` search missed its budget;
-2 usage error; 3 bad input (a file, data or option quantcli cannot use; one line on stderr, no
-traceback); 4 internal error (a bug: traceback).
+2 the command line does not parse (an unknown flag, a missing or malformed value: Typer's usage
+errors); 3 bad input (a file, data, or options quantcli cannot use, alone or together; one line
+on stderr, no traceback); 4 internal error (a bug: traceback).
 """
 
 from __future__ import annotations
@@ -22,19 +23,39 @@ from rich.markup import escape
 from tqdm import tqdm
 
 from quantcli import __version__, api
-from quantcli.cli import html_report, report
+from quantcli.cli import report
+from quantcli.cli.flags import (
+    AlgorithmFlags,
+    CalibrationFlags,
+    ImageFlags,
+    ModeFlags,
+    QuantFlags,
+    RunFlags,
+    SearchFlags,
+    SourceFlags,
+    Toggle,
+    convert_request,
+    error_text,
+    parse_bytes,
+    split_list,
+)
 from quantcli.compare.gates import GateThresholds, evaluate_gates
-from quantcli.compare.metrics import MetricSpec, parse_metric
+from quantcli.compare.metrics import parse_metric
 from quantcli.core.errors import NotFasterError, QuantCliError
-from quantcli.core.host import detect_host
-from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
+from quantcli.core.options import (
+    ACTIVATION_TYPES,
+    DEFAULT_PERCENTILE,
+    WEIGHT_TYPES,
+    CalibrationMethod,
+    QuantDType,
+    WeightClipping,
+)
+from quantcli.core.process import tune_malloc
 from quantcli.data.datasets import model_input_specs, open_dataset, parse_batch_axes
-from quantcli.data.images import ImagePreprocess
 from quantcli.graph.model import load_model
-from quantcli.modes.common import ConvertMode, WeightOnlyType
-from quantcli.modes.dynamic import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
-from quantcli.modes.weight_only import BLOCK_SIZES, WeightOnlyOptions
-from quantcli.search.accuracy_search import AGREEMENT, Budget, BudgetNotMetError, SearchOptions
+from quantcli.modes.common import ConvertMode
+from quantcli.pipeline.request import CalibrateRequest, CompareRequest
+from quantcli.search.accuracy_search import BudgetNotMetError
 from quantcli.stats.artifact import write_calibration
 from quantcli.verify.audit import audit_fusion
 
@@ -47,7 +68,6 @@ HELP = """Quantize an FP32 ONNX model to a fast INT8 model for this CPU, and pro
 
 Workflow (each step is one command, each writes one file):
 
-\b
   quantcli calibrate model.onnx --data calib.npz -o model.calib.json
   quantcli convert   model.onnx --calibration model.calib.json -o model.int8.onnx
   quantcli compare   model.onnx model.int8.onnx --data eval.npz --max-accuracy-drop 1
@@ -55,13 +75,17 @@ Workflow (each step is one command, each writes one file):
 Exit codes: 0 ok, 1 a compare gate failed or convert's budget was not met, 2 usage error, 3 bad input, 4 internal error.
 """
 
+# --help groups each command's options into these panels
+DATA, IMAGES, QUANT, MODES, ALGORITHMS = "Data", "Images", "Quantization", "Modes", "Algorithms"
+SEARCH, OUTPUT, MEASURE, GATES = "Search", "Output", "Measurement", "Gates"
+
 app = typer.Typer(
     help=HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
-    rich_markup_mode=None,
+    rich_markup_mode="rich",
 )
 out = Console(highlight=False, soft_wrap=False)
 if not out.is_terminal:  # CI logs: wide enough that tables do not wrap
@@ -69,57 +93,23 @@ if not out.is_terminal:  # CI logs: wide enough that tables do not wrap
 err = Console(stderr=True, highlight=False)
 
 
-class ActivationType(StrEnum):
-    """Choices for --activation-type."""
-
-    AUTO = "auto"
-    UINT8 = "uint8"
-    INT8 = "int8"
-    UINT16 = "uint16"
-    INT16 = "int16"
-
-
-class Toggle(StrEnum):
-    """auto/on/off choices."""
-
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
-
-
-class WeightType(StrEnum):
-    """Choices for --weight-type (4-bit types: --mode weight-only only)."""
-
-    INT8 = "int8"
-    UINT8 = "uint8"
-    INT4 = "int4"
-    UINT4 = "uint4"
-
-
-class UsageError(Exception):
-    """Options that contradict each other: one line and exit code 2."""
-
-
 def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
     """Turn QuantCliError into one red line and exit code 3 (1 for an unmet budget or a model not
-    faster than FP32), Ctrl-C into exit 130."""
+    faster than FP32), Ctrl-C into exit 130. Option fields in messages are written as flags."""
 
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> None:
         try:
             func(*args, **kwargs)
         except BudgetNotMetError as exc:
-            err.print(f"[red]budget not met:[/] {exc}", soft_wrap=True)
+            err.print(f"[red]budget not met:[/] {escape(error_text(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_GATE_FAILED) from None
         except NotFasterError as exc:
-            err.print(f"[red]not faster than FP32:[/] {exc}", soft_wrap=True)
+            err.print(f"[red]not faster than FP32:[/] {escape(error_text(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_GATE_FAILED) from None
         except QuantCliError as exc:
-            err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(error_text(exc))}", soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
-        except UsageError as exc:
-            err.print(f"[red]usage error:[/] {exc}", soft_wrap=True)
-            raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             err.print("[red]interrupted[/]; no output was written")
             raise typer.Exit(130) from None
@@ -140,15 +130,22 @@ def _root(
     ] = False,
 ) -> None:
     """Quantize an FP32 ONNX model to a fast INT8 model for this CPU, and prove it is still right."""
+    tune_malloc()  # a process-wide setting: the command line's to make, not the library's
 
 
 def _progress(quiet: bool):
     def wrap(it: Iterable[dict[str, np.ndarray]], total: int, desc: str, size: int) -> Iterable[dict[str, np.ndarray]]:
         disable = quiet or not sys.stderr.isatty()
         return tqdm(
-            it, total=total, desc=desc, unit="sample", unit_scale=size, disable=disable, leave=False,
+            it,
+            total=total,
+            desc=desc,
+            unit="sample",
+            unit_scale=size,
+            disable=disable,
+            leave=False,
             dynamic_ncols=True,
-        )  # fmt: skip
+        )
 
     return wrap
 
@@ -160,86 +157,65 @@ def _search_log(quiet: bool) -> Callable[[str], None]:
     return lambda line: err.print(f"search: {escape(line)}", highlight=False, soft_wrap=True)
 
 
-def _parse_bytes(text: str | None) -> int | None:
-    if text is None:
-        return None
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    raw = text.strip().upper().removesuffix("B").removesuffix("I")
-    unit = raw[-1] if raw and raw[-1] in units else ""
-    try:
-        value = float(raw[:-1] if unit else raw)
-    except ValueError:
-        raise QuantCliError(f"--max-memory {text!r}: expected a size such as 512M or 2G") from None
-    if value <= 0:
-        raise QuantCliError(f"--max-memory {text!r}: must be positive")
-    return int(value * units[unit])
+def _choice(choices: Iterable[str]) -> Callable[[str | None], str | None]:
+    """A Typer callback accepting only ``choices`` (the domain's types; a wrong one is a usage error)."""
+    allowed = tuple(str(c) for c in choices)
+
+    def check(value: str | None) -> str | None:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    return check
 
 
-def _triple(text: str, name: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise QuantCliError(f"--{name} {text!r}: expected three numbers, e.g. 0.485,0.456,0.406") from None
-    if len(values) != 3:
-        raise QuantCliError(f"--{name} {text!r}: expected three numbers, e.g. 0.485,0.456,0.406")
-    return values  # type: ignore[return-value]
+def _dtype(value: str | None) -> QuantDType | None:
+    return None if value in (None, "auto") else QuantDType(value)
 
 
-# image-folder preprocessing, shared by every command that reads --data
-ImageSize = Annotated[str | None, typer.Option(help="Images: HxW when the model's are dynamic.")]
-Resize = Annotated[int | None, typer.Option(help="Images: shorter side before the centre crop.")]
-Scale = Annotated[float, typer.Option(help="Images: divide pixel values by this.")]
-Mean = Annotated[str, typer.Option(help="Images: per-channel mean, e.g. 0.485,0.456,0.406.")]
-Std = Annotated[str, typer.Option(help="Images: per-channel std, e.g. 0.229,0.224,0.225.")]
-ChannelOrder = Annotated[str, typer.Option(help="Images: rgb or bgr.")]
-Layout = Annotated[str, typer.Option(help="Images: auto, nchw or nhwc.")]
-
-
-def _image_options(
-    size: str | None, resize: int | None, scale: float, mean: str, std: str, order: str, layout: str
-) -> ImagePreprocess:
-    hw = None
-    if size is not None:
-        parts = size.lower().split("x")
-        try:
-            hw = (int(parts[0]), int(parts[-1]))
-        except ValueError:
-            raise QuantCliError(f"--image-size {size!r}: expected HxW, e.g. 224x224") from None
-    if order not in ("rgb", "bgr") or layout not in ("auto", "nchw", "nhwc"):
-        raise QuantCliError("--channel-order must be rgb or bgr; --layout auto, nchw or nhwc")
-    stds = _triple(std, "std")
-    if any(v == 0 for v in stds) or scale == 0:
-        raise QuantCliError("--std and --scale must not be zero")
-    return ImagePreprocess(resize, hw, scale, _triple(mean, "mean"), stds, order, layout)
-
-
+# options shared by several commands, each in its --help panel
+DataOpt = Annotated[
+    Path | None,
+    typer.Option("--data", "-d", help=".npz/.npy file, a directory of them, or of images.", rich_help_panel=DATA),
+]
 BatchAxes = Annotated[
     list[str] | None,
     typer.Option(
         "--batch-axis",
         help="NAME=AXIS: input NAME's samples are stacked on AXIS, e.g. state=1; NAME=none: the array is one feed, "
         "given unchanged with every batch (repeatable; scalar inputs are unbatched anyway).",
+        rich_help_panel=DATA,
     ),
 ]
-
-
-def _split(values: list[str] | None) -> list[str]:
-    items: list[str] = []
-    for v in values or []:
-        items.extend(x.strip() for x in v.split(",") if x.strip())
-    return items
+ImageSize = Annotated[str | None, typer.Option(help="HxW when the model's are dynamic.", rich_help_panel=IMAGES)]
+Resize = Annotated[int | None, typer.Option(help="Shorter side before the centre crop.", rich_help_panel=IMAGES)]
+Scale = Annotated[float, typer.Option(help="Divide pixel values by this.", rich_help_panel=IMAGES)]
+Mean = Annotated[str, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.", rich_help_panel=IMAGES)]
+Std = Annotated[str, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.", rich_help_panel=IMAGES)]
+ChannelOrder = Annotated[str, typer.Option(help="rgb or bgr.", rich_help_panel=IMAGES)]
+Layout = Annotated[str, typer.Option(help="auto, nchw or nhwc.", rich_help_panel=IMAGES)]
+UpgradeOpset = Annotated[
+    bool,
+    typer.Option(
+        "--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.", rich_help_panel=DATA
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)]
 
 
 @app.command()
 @_user_errors
 def calibrate(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Calibration file to write (JSON).")],
-    data: Annotated[
-        Path | None, typer.Option("--data", "-d", help=".npz/.npy file, a directory of them, or of images.")
-    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Calibration file to write (JSON).", rich_help_panel=OUTPUT)
+    ],
+    data: DataOpt = None,
     random: Annotated[
-        int | None, typer.Option("--random", min=1, help="SMOKE TEST ONLY: N random samples instead of --data.")
+        int | None,
+        typer.Option(
+            "--random", min=1, help="SMOKE TEST ONLY: N random samples instead of --data.", rich_help_panel=DATA
+        ),
     ] = None,
     image_size: ImageSize = None,
     resize: Resize = None,
@@ -249,52 +225,81 @@ def calibrate(
     channel_order: ChannelOrder = "rgb",
     layout: Layout = "auto",
     batch_axis: BatchAxes = None,
-    method: Annotated[CalibrationMethod, typer.Option(help="How clip ranges are chosen.")] = CalibrationMethod.MINMAX,
-    percentile: Annotated[float, typer.Option(help="For --method percentile: upper percentile kept.")] = 99.99,
-    batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.")] = 32,
-    max_samples: Annotated[int | None, typer.Option(min=1, help="Use at most this many samples.")] = None,
+    method: Annotated[
+        CalibrationMethod, typer.Option(help="How clip ranges are chosen.", rich_help_panel=QUANT)
+    ] = CalibrationMethod.MINMAX,
+    percentile: Annotated[
+        float, typer.Option(help="For --method percentile: upper percentile kept.", rich_help_panel=QUANT)
+    ] = DEFAULT_PERCENTILE,
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per onnxruntime run.", rich_help_panel=DATA)] = 32,
+    max_samples: Annotated[
+        int | None, typer.Option(min=1, help="Use at most this many samples.", rich_help_panel=DATA)
+    ] = None,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0: its default).")] = 0,
     max_memory: Annotated[
         str | None, typer.Option(help="Budget for one batch of activations, e.g. 512M or 2G (default: 1/4 of free).")
     ] = None,
-    shuffle: Annotated[bool, typer.Option("--shuffle", help="Visit samples in random order (see --seed).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for --shuffle.")] = 0,
-    timeout: Annotated[float | None, typer.Option(min=0, help="Give up after this many seconds.")] = None,
-    upgrade_opset: Annotated[
-        bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
+    shuffle: Annotated[
+        bool, typer.Option("--shuffle", help="Visit samples in random order (see --seed).", rich_help_panel=DATA)
     ] = False,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --shuffle.", rich_help_panel=DATA)] = 0,
+    timeout: Annotated[float | None, typer.Option(min=0, help="Give up after this many seconds.")] = None,
+    upgrade_opset: UpgradeOpset = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.", rich_help_panel=OUTPUT)
+    ] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Run calibration data through the model and record activation ranges."""
-    if not 50.0 < percentile <= 100.0:
-        raise QuantCliError(f"--percentile {percentile}: must be in (50, 100]")
-    if (data is None) == (random is None):
-        raise QuantCliError("give either --data PATH or --random N (smoke tests only)")
+    request = CalibrateRequest(
+        model,
+        data,
+        method=method,
+        percentile=percentile,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        threads=threads,
+        max_memory=parse_bytes(max_memory),
+        shuffle=shuffle,
+        seed=seed,
+        timeout=timeout,
+        upgrade_opset=upgrade_opset,
+        random_samples=random,
+        batch_axes=parse_batch_axes(batch_axis),
+        images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
+    )
     if random is not None:
         err.print(
             "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
         )
-    images = _image_options(image_size, resize, scale, mean, std, channel_order, layout)
-    result = api.calibrate_model(
-        model, data, images=images, random_samples=random, method=method, percentile=percentile,
-        batch_size=batch_size, max_samples=max_samples, threads=threads, max_memory=_parse_bytes(max_memory),
-        shuffle=shuffle, seed=seed, timeout=timeout, upgrade_opset=upgrade_opset, progress=_progress(quiet),
-        batch_axes=parse_batch_axes(batch_axis),
-    )  # fmt: skip
+    result = api.calibrate(request, progress=_progress(quiet))
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
 
 
-@app.command()
+CONVERT_HELP = (
+    "Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model).\n\n"
+    "With --eval-data and a budget (--max-accuracy-drop, --min-sqnr), search for the model with the fewest float "
+    "nodes that meets it; --save-recipe keeps the decisions for --recipe."
+)
+
+
+@app.command(help=CONVERT_HELP)
 @_user_errors
 def convert(
     model: Annotated[Path, typer.Argument(help="FP32 ONNX model (never modified).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.")],
-    calibration: Annotated[Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Quantized model to write.", rich_help_panel=OUTPUT)],
+    calibration: Annotated[
+        Path | None, typer.Option("--calibration", "-c", help="File from 'calibrate'.", rich_help_panel=DATA)
+    ] = None,
     data: Annotated[
         Path | None,
-        typer.Option("--data", "-d", help="Calibrate on the fly from this data (.npz/.npy, a directory, or images)."),
+        typer.Option(
+            "--data",
+            "-d",
+            help="Calibrate on the fly from this data (.npz/.npy, a directory, or images).",
+            rich_help_panel=DATA,
+        ),
     ] = None,
     batch_axis: BatchAxes = None,
     image_size: ImageSize = None,
@@ -307,257 +312,189 @@ def convert(
     method: Annotated[
         CalibrationMethod | None,
         typer.Option(
-            help="With --data: calibration method (minmax). With --calibration: re-choose from its histograms."
+            help="With --data: calibration method (minmax). With --calibration: re-choose from its histograms.",
+            rich_help_panel=QUANT,
         ),
     ] = None,
-    percentile: Annotated[float, typer.Option(help="For --method percentile.")] = 99.99,
+    percentile: Annotated[
+        float, typer.Option(help="For --method percentile.", rich_help_panel=QUANT)
+    ] = DEFAULT_PERCENTILE,
     activation_type: Annotated[
-        ActivationType, typer.Option(help="auto: uint8 on x86, int8 on ARM.")
-    ] = ActivationType.AUTO,
+        str,
+        typer.Option(
+            callback=_choice(("auto", *ACTIVATION_TYPES)),
+            metavar="<auto|uint8|int8|uint16|int16>",
+            help="auto: uint8 on x86, int8 on ARM.",
+            rich_help_panel=QUANT,
+        ),
+    ] = "auto",
     mode: Annotated[
         ConvertMode,
         typer.Option(
             help="static: calibrated int8 QDQ; dynamic: int8 weights, activations at run time; "
-            "weight-only: 4/8-bit MatMul weights (MatMulNBits); fp16: float16 weights and compute."
+            "weight-only: 4/8-bit MatMul weights (MatMulNBits); fp16: float16 weights and compute.",
+            rich_help_panel=MODES,
         ),
     ] = ConvertMode.STATIC,
     weight_type: Annotated[
-        WeightType | None,
-        typer.Option(help="Weight type: int8 (default) or uint8; weight-only: int4 (default), uint4, int8, uint8."),
+        str | None,
+        typer.Option(
+            callback=_choice(WEIGHT_TYPES),
+            metavar="<int8|uint8|int4|uint4>",
+            rich_help_panel=QUANT,
+            help="Weight type: int8 (default) or uint8; weight-only: int4 (default), uint4, int8, uint8.",
+        ),
     ] = None,
     block_size: Annotated[
-        int | None, typer.Option(help="--mode weight-only: weights per block along K (16..256, default 32).")
+        int | None,
+        typer.Option(
+            help="--mode weight-only: weights per block along K (16..256, default 32).", rich_help_panel=MODES
+        ),
     ] = None,
-    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One weight scale per tensor.")] = False,
-    symmetric_activations: Annotated[bool, typer.Option("--symmetric-activations")] = False,
+    per_tensor: Annotated[
+        bool, typer.Option("--per-tensor", help="One weight scale per tensor.", rich_help_panel=QUANT)
+    ] = False,
+    symmetric_activations: Annotated[bool, typer.Option("--symmetric-activations", rich_help_panel=QUANT)] = False,
     reduce_range: Annotated[
-        Toggle, typer.Option("--reduce-range", help="7-bit weights; auto: on for x86 without VNNI.")
+        Toggle,
+        typer.Option("--reduce-range", help="7-bit weights; auto: on for x86 without VNNI.", rich_help_panel=QUANT),
     ] = Toggle.AUTO,
-    op_types: Annotated[list[str] | None, typer.Option("--op-types", help="Only quantize these op types.")] = None,
-    exclude_op_types: Annotated[list[str] | None, typer.Option("--exclude-op-types")] = None,
+    op_types: Annotated[
+        list[str] | None, typer.Option("--op-types", help="Only quantize these op types.", rich_help_panel=QUANT)
+    ] = None,
+    exclude_op_types: Annotated[list[str] | None, typer.Option("--exclude-op-types", rich_help_panel=QUANT)] = None,
     exclude_nodes: Annotated[
-        list[str] | None, typer.Option("--exclude-nodes", help="Node names to keep float: glob, or re:REGEX.")
+        list[str] | None,
+        typer.Option("--exclude-nodes", help="Node names to keep float: glob, or re:REGEX.", rich_help_panel=QUANT),
     ] = None,
     require_fused: Annotated[
-        bool, typer.Option("--require-fused", help="Fail if a quantized Conv/MatMul/Gemm did not fuse.")
+        bool,
+        typer.Option(
+            "--require-fused", help="Fail if a quantized Conv/MatMul/Gemm did not fuse.", rich_help_panel=OUTPUT
+        ),
     ] = False,
     require_speedup: Annotated[
         bool,
         typer.Option(
-            "--require-speedup", help="Time both models at batch 1 first; write nothing unless quantized is faster."
+            "--require-speedup",
+            help="Time both models at batch 1 first; write nothing unless quantized is faster.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
-    timeout: Annotated[float | None, typer.Option(min=0, help="With --data: give up calibrating after N s.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(min=0, help="With --data: give up calibrating after N s.", rich_help_panel=DATA)
+    ] = None,
     cle: Annotated[
-        bool, typer.Option("--cle", help="Cross-layer equalization of Conv->(Relu)->Conv pairs (needs --data).")
+        bool,
+        typer.Option(
+            "--cle",
+            help="Cross-layer equalization of Conv->(Relu)->Conv pairs (needs --data).",
+            rich_help_panel=ALGORITHMS,
+        ),
     ] = False,
     smoothquant: Annotated[
-        bool, typer.Option("--smoothquant", help="SmoothQuant MatMul/Gemm inputs (needs --data).")
+        bool,
+        typer.Option(
+            "--smoothquant", help="SmoothQuant MatMul/Gemm inputs (needs --data).", rich_help_panel=ALGORITHMS
+        ),
     ] = False,
     smoothquant_alpha: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="SmoothQuant migration strength alpha.")
+        float, typer.Option(min=0.0, max=1.0, help="SmoothQuant migration strength alpha.", rich_help_panel=ALGORITHMS)
     ] = 0.5,
     bias_correction: Annotated[
         bool,
         typer.Option(
-            "--bias-correction", help="Fold the mean shift of weight quantization into biases (needs --data)."
+            "--bias-correction",
+            help="Fold the mean shift of weight quantization into biases (needs --data).",
+            rich_help_panel=ALGORITHMS,
         ),
     ] = False,
     weight_clipping: Annotated[
-        WeightClipping, typer.Option(help="Weight ranges: absmax, or mse (per-channel clip of least weight MSE).")
+        WeightClipping,
+        typer.Option(
+            help="Weight ranges: absmax, or mse (per-channel clip of least weight MSE).", rich_help_panel=ALGORITHMS
+        ),
     ] = WeightClipping.ABSMAX,
-    upgrade_opset: Annotated[
-        bool, typer.Option("--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.")
-    ] = False,
+    upgrade_opset: UpgradeOpset = False,
     eval_data: Annotated[
-        Path | None, typer.Option("--eval-data", help="Held-out data (with labels) for the accuracy search.")
+        Path | None,
+        typer.Option(
+            "--eval-data", help="Held-out data (with labels) for the accuracy search.", rich_help_panel=SEARCH
+        ),
     ] = None,
     max_accuracy_drop: Annotated[
         float | None,
-        typer.Option(min=0, help="Search: fall back the fewest nodes until top-1 drops at most this many points."),
+        typer.Option(
+            min=0,
+            help="Fall back the fewest nodes until top-1 drops at most this many points.",
+            rich_help_panel=SEARCH,
+        ),
     ] = None,
     min_sqnr: Annotated[
-        float | None, typer.Option(help="Search: until every output's SQNR is at least this (dB).")
+        float | None,
+        typer.Option(help="Until every output's SQNR is at least this (dB).", rich_help_panel=SEARCH),
     ] = None,
-    search_max_fallback: Annotated[int, typer.Option(min=0, help="Search: most nodes returned to float.")] = 24,
+    search_max_fallback: Annotated[
+        int, typer.Option(min=0, help="Most nodes returned to float.", rich_help_panel=SEARCH)
+    ] = 24,
     search_metric: Annotated[
         str | None,
         typer.Option(
-            help="Search: measure --max-accuracy-drop on top1 (default), agreement (share of top-1 changed vs "
-            "FP32, labels ignored: stricter, less noisy) or module:function / file.py:function "
-            "(outputs, labels -> 0..1)."
+            help="Measure --max-accuracy-drop on top1 (default), agreement (share of top-1 changed vs FP32, labels "
+            "ignored: stricter, less noisy) or module:function / file.py:function (outputs, labels -> 0..1).",
+            rich_help_panel=SEARCH,
         ),
     ] = None,
     search_algorithms: Annotated[
         bool,
         typer.Option(
             "--search-algorithms",
-            help="Search: also try CLE + SmoothQuant + bias correction + MSE weight clipping (needs --data).",
+            help="Also try CLE + SmoothQuant + bias correction + MSE weight clipping (needs --data).",
+            rich_help_panel=SEARCH,
         ),
     ] = False,
     save_recipe: Annotated[
-        Path | None, typer.Option("--save-recipe", help="Search: write its decisions here (JSON).")
+        Path | None,
+        typer.Option("--save-recipe", help="Write the search's decisions here (JSON).", rich_help_panel=SEARCH),
     ] = None,
     recipe: Annotated[
-        Path | None, typer.Option("--recipe", help="Replay a saved recipe (types, methods, float nodes).")
+        Path | None,
+        typer.Option("--recipe", help="Replay a saved recipe (types, methods, float nodes).", rich_help_panel=SEARCH),
     ] = None,
     force: Annotated[
         bool,
         typer.Option(
             "--force",
             help="Overwrite OUTPUT if it exists; with a budget, write the model even when it is not faster than FP32.",
+            rich_help_panel=OUTPUT,
         ),
     ] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    quiet: Quiet = False,
 ) -> None:
-    """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model).
-
-    With --eval-data and a budget (--max-accuracy-drop, --min-sqnr), search for the model with
-    the fewest float nodes that meets it; --save-recipe keeps the decisions for --recipe.
-    """
-    if calibration is not None and data is not None:
-        raise QuantCliError("give either --calibration or --data, not both")
-    budget = Budget(max_accuracy_drop, min_sqnr)
-    searching = max_accuracy_drop is not None or min_sqnr is not None
-    if eval_data is not None and not searching:
-        raise QuantCliError("--eval-data is for the accuracy search: also give --max-accuracy-drop or --min-sqnr")
-    metric_spec = None
-    if search_metric is not None:
-        if max_accuracy_drop is None:
-            raise QuantCliError("--search-metric is what --max-accuracy-drop is measured on: give --max-accuracy-drop")
-        metric_spec = MetricSpec(AGREEMENT, topk=0) if search_metric == AGREEMENT else parse_metric(search_metric)
-        if metric_spec.function is None and metric_spec.name not in ("top1", AGREEMENT):
-            raise QuantCliError(
-                f"--search-metric {search_metric!r}: use top1, agreement, module:function or file.py:function"
-            )
-    if search_algorithms and not searching:
-        raise QuantCliError("--search-algorithms is a search stage: also give --max-accuracy-drop or --min-sqnr")
-    _check_mode_options(
-        mode, calibration=calibration, data=data, method=method, weight_type=weight_type, block_size=block_size,
-        per_tensor=per_tensor, symmetric_activations=symmetric_activations, activation_type=activation_type,
-        reduce_range=reduce_range, op_types=op_types, require_fused=require_fused,
-    )  # fmt: skip
-    if mode != ConvertMode.STATIC:
-        if searching or recipe is not None:
-            raise UsageError(f"--mode {mode} has no accuracy search or recipe; they are for the static mode")
-        result = api.convert_model(
-            model, output, mode=mode, config=QuantConfig(
-                exclude_op_types=frozenset(_split(exclude_op_types)), exclude_nodes=tuple(_split(exclude_nodes))
-            ),
-            mode_options=_mode_options(mode, weight_type, block_size, per_tensor, reduce_range, op_types,
-                                       exclude_op_types),
-            force=force, require_fused=require_fused, upgrade_opset=upgrade_opset,
-        )  # fmt: skip
-        report.render_convert(out, result)
-        return
-    host = detect_host()
-    act = host.activation_type if activation_type == ActivationType.AUTO else QuantDType(str(activation_type))
-    config = QuantConfig(
-        activation_type=act,
-        weight_type=QuantDType(str(weight_type or WeightType.INT8)),
-        per_channel=not per_tensor,
-        symmetric_activations=symmetric_activations,
-        reduce_range=host.reduce_range if reduce_range == Toggle.AUTO else reduce_range == Toggle.ON,
-        op_types=frozenset(_split(op_types)),
-        exclude_op_types=frozenset(_split(exclude_op_types)),
-        exclude_nodes=tuple(_split(exclude_nodes)),
-        weight_clipping=weight_clipping,
+    """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model)."""
+    quant = QuantFlags(
+        _dtype(activation_type),
+        _dtype(weight_type),
+        per_tensor,
+        symmetric_activations,
+        reduce_range,
+        tuple(split_list(op_types)),
+        tuple(split_list(exclude_op_types)),
+        tuple(split_list(exclude_nodes)),
+        weight_clipping,
     )
-    algorithms = AlgorithmOptions(
-        cle=cle, smoothquant=smoothquant_alpha if smoothquant else None, bias_correction=bias_correction
+    request = convert_request(
+        SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
+        quant,
+        ModeFlags(mode, block_size),
+        CalibrationFlags(method, percentile, timeout),
+        SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms),
+        AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
+        RunFlags(force, require_fused, require_speedup, upgrade_opset),
+        ImageFlags(image_size, resize, scale, mean, std, channel_order, layout),
     )
-    result = api.convert_model(
-        model, output, calibration=calibration, data_path=data, config=config, method=method, percentile=percentile,
-        force=force, require_fused=require_fused, require_speedup=require_speedup, timeout=timeout,
-        algorithms=algorithms,
-        upgrade_opset=upgrade_opset, progress=_progress(quiet),
-        search=SearchOptions(
-            budget, max_fallback=search_max_fallback, try_algorithms=search_algorithms, metric=metric_spec
-        )
-        if searching
-        else None,
-        eval_data=eval_data, recipe=recipe, save_recipe=save_recipe,
-        log=_search_log(quiet), batch_axes=parse_batch_axes(batch_axis),
-        images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),
-    )  # fmt: skip
+    result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))
     report.render_convert(out, result)
-
-
-def _check_mode_options(
-    mode: ConvertMode,
-    *,
-    calibration: Path | None,
-    data: Path | None,
-    method: CalibrationMethod | None,
-    weight_type: WeightType | None,
-    block_size: int | None,
-    per_tensor: bool,
-    symmetric_activations: bool,
-    activation_type: ActivationType,
-    reduce_range: Toggle,
-    op_types: list[str] | None,
-    require_fused: bool,
-) -> None:
-    """Refuse options that mean nothing in ``mode`` (UsageError: exit code 2)."""
-    given = {
-        "--calibration": calibration is not None, "--data": data is not None, "--method": method is not None,
-        "--symmetric-activations": symmetric_activations, "--activation-type": activation_type != ActivationType.AUTO,
-        "--block-size": block_size is not None, "--per-tensor": per_tensor, "--weight-type": weight_type is not None,
-        "--reduce-range": reduce_range != Toggle.AUTO, "--op-types": bool(op_types), "--require-fused": require_fused,
-    }  # fmt: skip
-    allowed = {
-        ConvertMode.STATIC: set(given) - {"--block-size"},
-        ConvertMode.DYNAMIC: {"--weight-type", "--per-tensor", "--reduce-range", "--op-types", "--require-fused"},
-        ConvertMode.WEIGHT_ONLY: {"--weight-type", "--block-size", "--op-types", "--require-fused"},
-        ConvertMode.FP16: set(),
-    }[mode]
-    refused = [name for name, present in given.items() if present and name not in allowed]
-    if refused:
-        hint = (
-            "; it needs no calibration"
-            if mode != ConvertMode.STATIC and {"--calibration", "--data"} & set(refused)
-            else ""
-        )
-        raise UsageError(f"{', '.join(refused)} cannot be used with --mode {mode}{hint}")
-    four_bit = weight_type in (WeightType.INT4, WeightType.UINT4)
-    if four_bit and mode != ConvertMode.WEIGHT_ONLY:
-        raise UsageError(f"--weight-type {weight_type} needs --mode weight-only")
-    if block_size is not None and block_size not in BLOCK_SIZES:
-        raise UsageError(f"--block-size {block_size}: must be one of {', '.join(map(str, BLOCK_SIZES))}")
-    supported = {ConvertMode.DYNAMIC: SUPPORTED_OP_TYPES, ConvertMode.WEIGHT_ONLY: frozenset({"MatMul", "Gemm"})}.get(
-        mode, frozenset()
-    )
-    unknown = sorted(set(_split(op_types)) - supported) if supported else []
-    if unknown:
-        raise UsageError(f"--op-types {','.join(unknown)}: --mode {mode} rewrites only {', '.join(sorted(supported))}")
-
-
-def _mode_options(
-    mode: ConvertMode,
-    weight_type: WeightType | None,
-    block_size: int | None,
-    per_tensor: bool,
-    reduce_range: Toggle,
-    op_types: list[str] | None,
-    exclude_op_types: list[str] | None,
-) -> DynamicOptions | WeightOnlyOptions | None:
-    excluded = set(_split(exclude_op_types))
-    if mode == ConvertMode.DYNAMIC:
-        wt = QuantDType(str(weight_type or WeightType.INT8))
-        # the int16 saturation of AVX2 u8*s8 kernels concerns int8 weights only (uint8 runs u8*u8)
-        rr = (
-            detect_host().reduce_range and wt == QuantDType.INT8
-            if reduce_range == Toggle.AUTO
-            else reduce_range == Toggle.ON
-        )
-        ops = frozenset(_split(op_types) or DEFAULT_OP_TYPES) - excluded
-        return DynamicOptions(weight_type=wt, per_channel=not per_tensor, reduce_range=rr, op_types=ops)
-    if mode == ConvertMode.WEIGHT_ONLY:
-        ops = frozenset(_split(op_types) or ("MatMul", "Gemm")) - excluded
-        return WeightOnlyOptions(
-            weight_type=WeightOnlyType(str(weight_type or WeightType.INT4)), block_size=block_size or 32, op_types=ops
-        )
-    return None
 
 
 @app.command()
@@ -566,7 +503,10 @@ def compare(
     reference: Annotated[Path, typer.Argument(help="FP32 ONNX model.")],
     candidate: Annotated[Path, typer.Argument(help="Quantized ONNX model.")],
     data: Annotated[
-        Path, typer.Option("--data", "-d", help="Evaluation data (.npz with optional 'labels', or images).")
+        Path,
+        typer.Option(
+            "--data", "-d", help="Evaluation data (.npz with optional 'labels', or images).", rich_help_panel=DATA
+        ),
     ],
     batch_axis: BatchAxes = None,
     image_size: ImageSize = None,
@@ -576,59 +516,91 @@ def compare(
     std: Std = "1,1,1",
     channel_order: ChannelOrder = "rgb",
     layout: Layout = "auto",
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size for the accuracy pass.")] = 32,
-    max_samples: Annotated[int | None, typer.Option(min=1)] = None,
-    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads for both models.")] = 1,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Batch size for the accuracy pass.", rich_help_panel=DATA)
+    ] = 32,
+    max_samples: Annotated[int | None, typer.Option(min=1, rich_help_panel=DATA)] = None,
+    threads: Annotated[
+        int, typer.Option(min=0, help="onnxruntime threads for both models.", rich_help_panel=MEASURE)
+    ] = 1,
     latency_batch: Annotated[
-        list[int] | None, typer.Option("--latency-batch", help="Batch sizes to time (repeatable).")
+        list[int] | None,
+        typer.Option("--latency-batch", help="Batch sizes to time (repeatable).", rich_help_panel=MEASURE),
     ] = None,
-    runs: Annotated[int, typer.Option(min=1, help="Timed runs per model and batch size.")] = 50,
+    runs: Annotated[
+        int, typer.Option(min=1, help="Timed runs per model and batch size.", rich_help_panel=MEASURE)
+    ] = 50,
     time_budget: Annotated[
-        float | None, typer.Option(min=0, help="Stop timing a batch size after this many seconds.")
+        float | None,
+        typer.Option(min=0, help="Stop timing a batch size after this many seconds.", rich_help_panel=MEASURE),
     ] = None,
     metric: Annotated[
-        str, typer.Option(help="Task metric: top1, top5, none, module:function or file.py:function.")
+        str,
+        typer.Option(
+            help="Task metric: top1, top5, none, module:function or file.py:function.", rich_help_panel=MEASURE
+        ),
     ] = "top1",
-    memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Measure each session's peak memory.")] = True,
-    warmup: Annotated[int, typer.Option(min=0)] = 10,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="Rank layers by error, with hints.")] = False,
-    top: Annotated[int, typer.Option(min=1, help="With --per-layer: how many layers to show.")] = 10,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as JSON.")] = None,
-    markdown_path: Annotated[Path | None, typer.Option("--markdown", help="Write a pull-request comment.")] = None,
-    html_path: Annotated[Path | None, typer.Option("--html", help="Write a self-contained HTML report.")] = None,
-    max_accuracy_drop: Annotated[float | None, typer.Option(help="Gate: percentage points.")] = None,
-    min_agreement: Annotated[float | None, typer.Option(help="Gate: top-1 agreement, percent.")] = None,
-    min_sqnr: Annotated[float | None, typer.Option(help="Gate: output SQNR, dB.")] = None,
-    min_speedup: Annotated[float | None, typer.Option(help="Gate: speed-up at the largest timed batch.")] = None,
-    max_size_ratio: Annotated[float | None, typer.Option(help="Gate: quantized / FP32 file size.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    memory: Annotated[
+        bool, typer.Option("--memory/--no-memory", help="Measure each session's peak memory.", rich_help_panel=MEASURE)
+    ] = True,
+    warmup: Annotated[int, typer.Option(min=0, rich_help_panel=MEASURE)] = 10,
+    per_layer: Annotated[
+        bool, typer.Option("--per-layer", help="Rank layers by error, with hints.", rich_help_panel=MEASURE)
+    ] = False,
+    top: Annotated[
+        int, typer.Option(min=1, help="With --per-layer: how many layers to show.", rich_help_panel=OUTPUT)
+    ] = 10,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write the comparison as JSON.", rich_help_panel=OUTPUT)
+    ] = None,
+    markdown_path: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a pull-request comment.", rich_help_panel=OUTPUT)
+    ] = None,
+    html_path: Annotated[
+        Path | None, typer.Option("--html", help="Write a self-contained HTML report.", rich_help_panel=OUTPUT)
+    ] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Percentage points.", rich_help_panel=GATES)] = None,
+    min_agreement: Annotated[
+        float | None, typer.Option(help="Top-1 agreement, percent.", rich_help_panel=GATES)
+    ] = None,
+    min_sqnr: Annotated[float | None, typer.Option(help="Output SQNR, dB.", rich_help_panel=GATES)] = None,
+    min_speedup: Annotated[
+        float | None, typer.Option(help="Speed-up at the largest timed batch.", rich_help_panel=GATES)
+    ] = None,
+    max_size_ratio: Annotated[
+        float | None, typer.Option(help="Quantized / FP32 file size.", rich_help_panel=GATES)
+    ] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Measure accuracy, error and latency of the quantized model against the FP32 one."""
-    result = api.compare_models(
-        reference, candidate, data, batch_size=batch_size, max_samples=max_samples, threads=threads,
-        latency_batch_sizes=tuple(latency_batch or (1, 32)), warmup=warmup, runs=runs,
-        per_layer=per_layer or html_path is not None, metric=parse_metric(metric), time_budget_s=time_budget,
-        measure_memory=memory, progress=_progress(quiet), batch_axes=parse_batch_axes(batch_axis),
-        images=_image_options(image_size, resize, scale, mean, std, channel_order, layout),
-    )  # fmt: skip
-    report.render_compare(out, result)
-    report.render_layers(out, result, top)
+    request = CompareRequest(
+        reference,
+        candidate,
+        data,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        threads=threads,
+        latency_batch_sizes=tuple(latency_batch or (1, 32)),
+        warmup=warmup,
+        runs=runs,
+        per_layer=per_layer or html_path is not None,
+        metric=parse_metric(metric),
+        time_budget_s=time_budget,
+        measure_memory=memory,
+        batch_axes=parse_batch_axes(batch_axis),
+        images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
+    )
+    result = api.compare_models(request, progress=_progress(quiet))
     thresholds = GateThresholds(max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio)
     gates = evaluate_gates(result, thresholds)
-    report.render_gates(out, gates)
-    if json_path is not None:
-        report.write_json(report.compare_to_json(result, gates), json_path)
-        out.print(f"wrote [bold]{json_path}[/]")
-    if markdown_path is not None:
-        report.write_text(report.compare_to_markdown(result, gates, top=top), markdown_path)
-        out.print(f"wrote [bold]{markdown_path}[/]")
-    if html_path is not None:
-        report.write_text(html_report.render_html(result, gates), html_path)
-        out.print(f"wrote [bold]{html_path}[/]")
+    report.render_comparison(out, result, gates, top=top)
+    report.write_comparison(
+        out, result, gates, top=top, json_path=json_path, markdown_path=markdown_path, html_path=html_path
+    )
     failed = [g for g in gates if not g.passed]
+    for g in failed:
+        err.print(f"[red]gate failed:[/] {g.name}: {g.describe()}")
     if failed:
-        for g in failed:
-            err.print(f"[red]gate failed:[/] {g.name}: {g.describe()}")
         raise typer.Exit(EXIT_GATE_FAILED)
 
 

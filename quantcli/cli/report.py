@@ -14,12 +14,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from quantcli import __version__
-from quantcli.api import CompareResult, ConvertResult
 from quantcli.compare.evaluate import Interval
 from quantcli.compare.gates import GateResult
+from quantcli.compare.result import CompareResult
 from quantcli.core.options import WeightClipping
 from quantcli.graph.model import atomic_output
 from quantcli.graph.subgraphs import walk_graphs
+from quantcli.pipeline.result import ConvertResult
 from quantcli.search.accuracy_search import SearchResult
 from quantcli.static.plan import Skip, SkipCode, render_reason
 from quantcli.stats.calibration import CalibrationResult
@@ -270,6 +271,8 @@ def _short_path(path: str, width: int = 60) -> str:
 
 def _render_subgraphs(console: Console, result: ConvertResult) -> None:
     """Per If/Loop/Scan subgraph: what was quantized, and what calibration never saw."""
+    if result.plan is None:
+        return
     subgraphs = [s for s in result.plan.subgraphs if s.quantized_nodes or s.skipped]
     if not subgraphs:
         return
@@ -285,7 +288,7 @@ def _render_subgraphs(console: Console, result: ConvertResult) -> None:
             str(len(sub.skipped)),
         )
     console.print(table)
-    unobserved = result.calibration.unobserved
+    unobserved = result.calibration.unobserved if result.calibration is not None else []
     if unobserved:
         console.print(
             f"[yellow]never ran during calibration:[/] {len(unobserved)} subgraph tensors (a branch or loop the "
@@ -572,8 +575,10 @@ def compare_to_markdown(result: CompareResult, gates: list[GateResult], *, top: 
     for g in gates:
         lines.append(f"- {'✅' if g.passed else '❌'} `{g.name}`: {g.describe()}")
     lines += ["", f"Accuracy on {result.num_samples} samples of `{result.data_path.name}` (95% CI):", ""]
-    lines += ["| output | FP32 acc | quant acc | top-1 agreement | SQNR dB | cosine | max abs err |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "| output | FP32 acc | quant acc | top-1 agreement | SQNR dB | cosine | max abs err |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in result.outputs:
         lines.append(
             f"| {m.name} | {_pct(m.accuracy_fp32)} | {_pct(m.accuracy_quant)} | {_pct(m.top1_agreement)} | "
@@ -587,9 +592,12 @@ def compare_to_markdown(result: CompareResult, gates: list[GateResult], *, top: 
                 f"| {lat.batch_size} | {lat.reference.median_ms:.3f} | {lat.candidate.median_ms:.3f} | "
                 f"{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}] |"
             )
-    lines += ["", f"Size: {_size(result.reference_bytes)} → {_size(result.candidate_bytes)} "
-              f"({100 * result.size_ratio:.1f}%). Integer kernels: "
-              + (", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none")]  # fmt: skip
+    lines += [
+        "",
+        f"Size: {_size(result.reference_bytes)} → {_size(result.candidate_bytes)} "
+        f"({100 * result.size_ratio:.1f}%). Integer kernels: "
+        + (", ".join(f"{op} {n}" for op, n in result.integer_kernels.items()) or "none"),
+    ]
     if result.layers:
         lines += ["", f"Worst layers (of {len(result.layers)}):", ""]
         lines += ["| node | op | SQNR dB | local dB | hint |", "|---|---|---|---|---|"]
@@ -602,3 +610,34 @@ def write_text(text: str, path: Path) -> None:
     """Write a text report atomically."""
     with atomic_output(Path(path), force=True) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def render_comparison(console: Console, result: CompareResult, gates: list[GateResult], *, top: int) -> None:
+    """The comparison, its worst layers and the gates' verdicts, as ``compare`` prints them."""
+    render_compare(console, result)
+    render_layers(console, result, top)
+    render_gates(console, gates)
+
+
+def write_comparison(
+    console: Console,
+    result: CompareResult,
+    gates: list[GateResult],
+    *,
+    top: int,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    html_path: Path | None,
+) -> None:
+    """Write the comparison as JSON, a pull-request comment and an HTML page, where asked."""
+    from quantcli.cli import html_report
+
+    if json_path is not None:
+        write_json(compare_to_json(result, gates), json_path)
+        console.print(f"wrote [bold]{json_path}[/]")
+    if markdown_path is not None:
+        write_text(compare_to_markdown(result, gates, top=top), markdown_path)
+        console.print(f"wrote [bold]{markdown_path}[/]")
+    if html_path is not None:
+        write_text(html_report.render_html(result, gates), html_path)
+        console.print(f"wrote [bold]{html_path}[/]")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantcli.api import CompareResult
+from quantcli.compare.result import CompareResult
 
 __all__ = ["GateResult", "GateThresholds", "evaluate_gates"]
 
@@ -60,8 +60,11 @@ def evaluate_gates(result: CompareResult, thresholds: GateThresholds) -> list[Ga
     if t.min_agreement is not None:
         agreements = [100 * m.top1_agreement.value for m in result.outputs if m.top1_agreement is not None]
         value = min(agreements) if agreements else float("nan")
-        gates.append(_check("min-agreement", value, t.min_agreement, upper=False) if agreements
-                     else GateResult("min-agreement", False, value, t.min_agreement, ">="))  # fmt: skip
+        gates.append(
+            _check("min-agreement", value, t.min_agreement, upper=False)
+            if agreements
+            else GateResult("min-agreement", False, value, t.min_agreement, ">=")
+        )
     if t.min_sqnr is not None:
         gates.append(_check("min-sqnr", min(m.sqnr_db for m in result.outputs), t.min_sqnr, upper=False))
     if t.min_speedup is not None and result.latency:

@@ -2,8 +2,8 @@
 
 A custom metric is named ``module:function`` (an importable module) or ``path/to/file.py:function``.
 The function receives all outputs of one model, ``{output name: array stacked over samples}``, and
-the labels (or None), and returns one number where higher is better, on a 0..1 scale (so that
-``--max-accuracy-drop`` reads it in percentage points). This runs your code: it is only loaded when
+the labels (or None), and returns one number where higher is better, on a 0..1 scale (so that a
+maximum accuracy drop reads it in percentage points). This runs your code: it is only loaded when
 you name it.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantcli.core.errors import QuantCliError
+from quantcli.core.errors import InvalidOption, QuantCliError
 
 __all__ = ["MetricSpec", "TaskMetric", "parse_metric"]
 
@@ -52,16 +52,18 @@ def parse_metric(spec: str) -> MetricSpec:
     if spec == "none":
         return MetricSpec(spec, topk=0)
     if ":" not in spec:
-        raise QuantCliError(f"--metric {spec!r}: use top1, top5, none, module:function or file.py:function")
+        raise InvalidOption(
+            f"$metric {spec!r}: use top1, top5, none, module:function or file.py:function", option="metric"
+        )
     target, _, func_name = spec.rpartition(":")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise QuantCliError(f"--metric: {path}: file not found")
+                raise InvalidOption(f"$metric: {path}: file not found", option="metric")
             module_spec = importlib.util.spec_from_file_location(path.stem, path)
             if module_spec is None or module_spec.loader is None:
-                raise QuantCliError(f"--metric: {path}: cannot be imported")
+                raise InvalidOption(f"$metric: {path}: cannot be imported", option="metric")
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
@@ -71,10 +73,12 @@ def parse_metric(spec: str) -> MetricSpec:
     except QuantCliError:
         raise
     except Exception as exc:
-        raise QuantCliError(f"--metric {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}") from exc
+        raise InvalidOption(
+            f"$metric {spec!r}: importing {target} failed: {type(exc).__name__}: {exc}", option="metric"
+        ) from exc
     function = getattr(module, func_name, None)
     if not callable(function):
-        raise QuantCliError(f"--metric {spec!r}: {target} has no function '{func_name}'")
+        raise InvalidOption(f"$metric {spec!r}: {target} has no function '{func_name}'", option="metric")
     return MetricSpec(spec, topk=1, function=function)
 
 
@@ -87,5 +91,5 @@ def evaluate_custom(
     try:
         value = float(spec.function(outputs, labels))
     except Exception as exc:
-        raise QuantCliError(f"--metric {spec.name!r} raised {type(exc).__name__}: {exc}") from exc
+        raise InvalidOption(f"$metric {spec.name!r} raised {type(exc).__name__}: {exc}", option="metric") from exc
     return value

@@ -6,6 +6,9 @@ import enum
 from dataclasses import dataclass, field
 
 __all__ = [
+    "ACTIVATION_TYPES",
+    "DEFAULT_PERCENTILE",
+    "WEIGHT_TYPES",
     "AlgorithmOptions",
     "CalibrationMethod",
     "QuantConfig",
@@ -32,6 +35,14 @@ class QuantDType(StrEnum):
     INT4 = "int4"
     UINT4 = "uint4"
     INT32 = "int32"
+
+
+#: the types an activation may be quantized to (the others are for weights and biases)
+ACTIVATION_TYPES = (QuantDType.UINT8, QuantDType.INT8, QuantDType.UINT16, QuantDType.INT16)
+#: the types ``convert`` may give weights (4-bit: weight-only mode only)
+WEIGHT_TYPES = (QuantDType.INT8, QuantDType.UINT8, QuantDType.INT4, QuantDType.UINT4)
+#: the upper percentile the ``percentile`` calibration method keeps, unless told otherwise
+DEFAULT_PERCENTILE = 99.99
 
 
 class CalibrationMethod(StrEnum):

@@ -1,0 +1,97 @@
+"""The state ``convert``'s steps hand to each other: ``ConvertContext``.
+
+A step reads the fields earlier steps filled and fills its own; ``need`` turns a field that is
+still empty into a clear bug report instead of an ``AttributeError`` on None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from quantcli.core.host import default_config
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
+from quantcli.core.progress import Progress, no_progress
+from quantcli.data.datasets import DataFormat
+from quantcli.pipeline.request import ConvertRequest
+
+if TYPE_CHECKING:
+    import onnx
+
+    from quantcli.modes.common import ModeReport
+    from quantcli.passes.equalization import EqualizationReport
+    from quantcli.passes.preprocess import PreprocessReport
+    from quantcli.passes.smoothquant import SmoothQuantReport
+    from quantcli.search.accuracy_search import SearchBase, SearchResult
+    from quantcli.search.recipe import Recipe
+    from quantcli.static.bias_correction import BiasCorrectionReport
+    from quantcli.static.planning import QuantPlan
+    from quantcli.stats.calibration import CalibrationResult
+    from quantcli.verify.audit import FusionAudit
+    from quantcli.verify.speedcheck import SpeedCheck
+
+    AlgorithmReport = EqualizationReport | SmoothQuantReport | BiasCorrectionReport
+
+__all__ = ["ConvertContext", "Step", "need", "no_log"]
+
+T = TypeVar("T")
+
+
+def no_log(_: str) -> None:
+    """The default ``log``: search steps are not shown."""
+
+
+@dataclass(slots=True)
+class ConvertContext:
+    """One conversion in progress. The request's choices are copied where a recipe may replace them."""
+
+    request: ConvertRequest
+    progress: Progress = no_progress
+    log: Callable[[str], None] = no_log
+    fmt: DataFormat = field(init=False)
+    #: effective choices (a recipe replaces the request's)
+    config: QuantConfig = field(init=False)
+    method: CalibrationMethod | None = field(init=False)
+    percentile: float = field(init=False)
+    algorithms: AlgorithmOptions = field(init=False)
+    recipe: Recipe | None = None
+    #: the input model, loaded and checked, and its file's sha256
+    model: onnx.ModelProto | None = None
+    sha256: str = ""
+    #: the model quantization starts from (pre-processed, then transformed by the algorithms)
+    prepared: onnx.ModelProto | None = None
+    pre_report: PreprocessReport | None = None
+    calibration: CalibrationResult | None = None
+    base: SearchBase | None = None
+    plan: QuantPlan | None = None
+    quantized: onnx.ModelProto | None = None
+    applied: tuple[AlgorithmReport, ...] = ()
+    searched: SearchResult | None = None
+    mode_report: ModeReport | None = None
+    audit: FusionAudit | None = None
+    speed: SpeedCheck | None = None
+    unknown_shapes: tuple[str, ...] = ()
+    shape_error: str | None = None
+
+    def __post_init__(self) -> None:
+        r = self.request
+        self.fmt = DataFormat(r.batch_axes, r.images)
+        self.config = r.config or default_config()
+        self.method, self.percentile, self.algorithms = r.method, r.percentile, r.algorithms
+
+    @property
+    def source(self) -> str:
+        """The model path as text, for messages."""
+        return str(self.request.model_path)
+
+
+#: one step of a conversion: reads and fills the context
+Step = Callable[[ConvertContext], None]
+
+
+def need(value: T | None, what: str) -> T:
+    """``value``, which an earlier step must have set (a missing one is a bug in a step list)."""
+    if value is None:
+        raise RuntimeError(f"convert step order: {what} is not set yet")
+    return value

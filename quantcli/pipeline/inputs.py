@@ -1,0 +1,78 @@
+"""The input model's preconditions: not already quantized, finite weights, an opset quantcli can use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from quantcli.core.errors import UnsupportedModelError
+from quantcli.graph.model_io import model_opset
+from quantcli.graph.model_io import upgrade_opset as upgrade_opset_to
+
+__all__ = ["MIN_OPSET", "prepare_input"]
+
+_QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+    "DynamicQuantizeLinear",
+    "QGemm",
+    "QLinearAdd",
+    "MatMulNBits",
+}
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+#: per-channel QuantizeLinear/DequantizeLinear
+MIN_OPSET = 13
+
+
+def prepare_input(
+    model: onnx.ModelProto, path: Path, *, upgrade_opset: bool, min_opset: int = MIN_OPSET
+) -> onnx.ModelProto:
+    """Refuse models quantcli must not quantize; upgrade an old opset when asked."""
+    _refuse_quantized(model, path)
+    _refuse_damaged_weights(model, path)
+    opset = model_opset(model)
+    if opset >= min_opset:
+        return model
+    if not upgrade_opset:
+        what = "per-channel QuantizeLinear/DequantizeLinear" if min_opset == MIN_OPSET else "this mode"
+        raise UnsupportedModelError(
+            f"{path}: opset {opset} is too old for {what} "
+            f"(needs >= {min_opset}); pass $upgrade_opset to convert it with onnx's version converter",
+            options=("upgrade_opset",),
+        )
+    try:
+        return upgrade_opset_to(model, MIN_OPSET)
+    except Exception as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise UnsupportedModelError(f"{path}: onnx's version converter cannot upgrade opset {opset}: {first}") from exc
+
+
+def _refuse_quantized(model: onnx.ModelProto, path: Path) -> None:
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in _QUANTIZED_OPS})
+    if found:
+        raise UnsupportedModelError(
+            f"{path}: model is already quantized (contains {', '.join(found)}); give quantcli the FP32 model"
+        )
+
+
+def _refuse_damaged_weights(model: onnx.ModelProto, path: Path) -> None:
+    weights = {name for node in model.graph.node if node.op_type in _WEIGHTED_OPS for name in node.input[1:3]}
+    for init in model.graph.initializer:
+        try:
+            values = onnx.numpy_helper.to_array(init)
+        except Exception as exc:
+            raise UnsupportedModelError(
+                f"{path}: initializer '{init.name}' is malformed (its data does not fit its shape {list(init.dims)})"
+            ) from exc
+        # +-inf constants are legitimate elsewhere (masks, Clip bounds); in a weight they are damage
+        if init.name in weights and values.dtype.kind == "f" and not np.all(np.isfinite(values)):
+            raise UnsupportedModelError(
+                f"{path}: weight '{init.name}' holds NaN or infinite values; the model is damaged"
+            )

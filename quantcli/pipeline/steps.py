@@ -1,0 +1,356 @@
+"""The steps of a static conversion, each a function of the context (``quantcli.pipeline.context``).
+
+Steps are listed in ``quantcli.pipeline.convert``; each reads what earlier steps set and sets its
+own fields. The data-driven algorithms (CLE, SmoothQuant, bias correction) run through
+``quantcli.pipeline.algorithms``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from quantcli.core.errors import MissingInput, NotFasterError, QuantCliError
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping
+from quantcli.data.datasets import model_input_specs, random_dataset
+from quantcli.graph.model import file_sha256, infer_shapes, known_shapes, load_model, save_model
+from quantcli.passes.preprocess import preprocess as preprocess_model
+from quantcli.pipeline.algorithms import (
+    AlgorithmInputs,
+    algorithm_base,
+    algorithm_inputs,
+    check_algorithm_inputs,
+    convert_with_algorithms,
+)
+from quantcli.pipeline.context import ConvertContext, need
+from quantcli.pipeline.inputs import prepare_input
+from quantcli.stats.artifact import read_calibration
+from quantcli.stats.calibration import activation_levels, calibrate, make_session, ranges_for_levels, rechoose
+
+if TYPE_CHECKING:
+    from quantcli.passes.equalization import EqualizationReport
+    from quantcli.passes.smoothquant import SmoothQuantReport
+    from quantcli.search.accuracy_search import SearchBase
+
+__all__ = [
+    "ALL_ALGORITHMS",
+    "audit",
+    "calibrate_or_read",
+    "check_algorithms",
+    "check_outputs",
+    "check_speedup",
+    "load_and_check",
+    "lower",
+    "plan",
+    "preprocess",
+    "read_recipe",
+    "rechoose_method",
+    "replay_recipe",
+    "require_fused",
+    "save",
+    "save_recipe",
+    "search",
+    "search_base",
+    "shape_facts",
+    "transform_calibrate_plan",
+    "validate",
+]
+
+#: what the search's algorithm stage tries (with MSE weight clipping): every algorithm on
+ALL_ALGORITHMS = AlgorithmOptions(cle=True, smoothquant=0.5, bias_correction=True)
+
+
+def check_outputs(ctx: ConvertContext) -> None:
+    """Refuse to overwrite the input model, or a recipe without ``force``."""
+    r = ctx.request
+    if r.output_path.exists() and r.output_path.resolve() == r.model_path.resolve():
+        raise QuantCliError(f"{r.output_path}: output would overwrite the input model; choose another path")
+    if r.save_recipe is not None and r.save_recipe.exists() and not r.force:
+        raise QuantCliError(f"{r.save_recipe}: already exists; pass $force to overwrite it", options=("force",))
+
+
+def load_and_check(ctx: ConvertContext) -> None:
+    """Load the model, refuse what quantcli must not quantize, hash the file."""
+    r = ctx.request
+    ctx.model = prepare_input(load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset)
+    ctx.sha256 = file_sha256(r.model_path)
+
+
+def read_recipe(ctx: ConvertContext) -> None:
+    """Read the recipe (made for this model); its choices replace the request's."""
+    from quantcli.search.recipe import read_recipe as read
+
+    r = ctx.request
+    recipe = r.recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = read(Path(recipe), expected_sha256=ctx.sha256)
+    elif recipe is not None and recipe.model_sha256 != ctx.sha256:
+        raise QuantCliError(f"{r.model_path}: the recipe was made for another model (sha256 differs)")
+    recipe = need(recipe, "the recipe")
+    if ctx.algorithms.needs_data and ctx.algorithms != recipe.algorithms:
+        raise QuantCliError(
+            "the recipe fixes the algorithms ($cle, $smoothquant, $bias_correction); drop them to replay it",
+            options=("cle", "smoothquant", "bias_correction"),
+        )
+    ctx.recipe = recipe
+    ctx.config, ctx.method, ctx.percentile, ctx.algorithms = (
+        recipe.config,
+        recipe.method,
+        recipe.percentile,
+        recipe.algorithms,
+    )
+
+
+def check_algorithms(ctx: ConvertContext) -> None:
+    """The data-driven algorithms calibrate the transformed model themselves: they need data."""
+    r = ctx.request
+    check_algorithm_inputs(ctx.algorithms, r.calibration, r.data_path, r.model_path)
+
+
+def preprocess(ctx: ConvertContext) -> None:
+    """Fold what quantization should not see (BatchNorm, constants, ...)."""
+    ctx.prepared, ctx.pre_report = preprocess_model(need(ctx.model, "the model"))
+
+
+def calibrate_or_read(ctx: ConvertContext) -> None:
+    """The calibration: given, read from its file, or measured on the data (with histograms for a
+    search or a recipe, which re-choose methods per tensor)."""
+    r = ctx.request
+    calibration = r.calibration
+    if isinstance(calibration, (str, os.PathLike)):
+        calibration = read_calibration(Path(calibration), expected_sha256=ctx.sha256)
+    elif calibration is None:
+        data_path = need(r.data_path, "the data path")
+        method = CalibrationMethod.PERCENTILE if r.wants_histograms else ctx.method or CalibrationMethod.MINMAX
+        calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
+            need(ctx.prepared, "the pre-processed model"),
+            ctx.fmt.open(data_path, model_input_specs(need(ctx.model, "the model"))),
+            model_sha256=ctx.sha256,
+            method=method,
+            percentile=ctx.percentile,
+            timeout=r.timeout,
+            source=ctx.source,
+            progress=ctx.progress,
+        )
+    elif calibration.model_sha256 != ctx.sha256:
+        raise QuantCliError(f"{r.model_path}: the calibration was made for another model (sha256 differs)")
+    ctx.calibration = calibration
+
+
+def rechoose_method(ctx: ConvertContext) -> None:
+    """A method other than the calibration's: re-choose its ranges from the stored histograms."""
+    calibration = need(ctx.calibration, "the calibration")
+    if ctx.method is not None and ctx.method != calibration.method:
+        ctx.calibration = rechoose(calibration, ctx.method, percentile=ctx.percentile)
+
+
+def plan(ctx: ConvertContext) -> None:
+    """Decide what to quantize and how."""
+    from quantcli.static.planning import make_plan
+
+    # entropy/MSE clips re-chosen from the histograms for the activation type's levels (16-bit)
+    levels = activation_levels(ctx.config.activation_type)
+    ranges = ranges_for_levels(need(ctx.calibration, "the calibration"), levels)
+    ctx.plan = make_plan(need(ctx.prepared, "the model"), ranges, ctx.config)
+
+
+def lower(ctx: ConvertContext) -> None:
+    """Rewrite the plan into a QDQ model."""
+    from quantcli.static.lowering import apply_plan
+
+    ctx.quantized = apply_plan(need(ctx.prepared, "the model"), need(ctx.plan, "the plan"))
+
+
+def transform_calibrate_plan(ctx: ConvertContext) -> None:
+    """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
+    r = ctx.request
+    inputs = _inputs(ctx, need(r.data_path, "the data path"))
+    ctx.prepared, ctx.calibration, ctx.plan, ctx.applied = convert_with_algorithms(
+        need(ctx.prepared, "the model"), ctx.config, ctx.algorithms, inputs
+    )
+
+
+def _inputs(ctx: ConvertContext, data_path: Path) -> AlgorithmInputs:
+    """What the algorithms read: the data, and how the transformed model is calibrated."""
+    r = ctx.request
+    return algorithm_inputs(
+        r.model_path, data_path, ctx.sha256, ctx.fmt, ctx.method, ctx.percentile, r.timeout, ctx.progress
+    )
+
+
+def search_base(ctx: ConvertContext) -> None:
+    """Where a search or a recipe starts: with algorithms, the transformed graph and its
+    calibration; otherwise the pre-processed graph and the calibration given or measured."""
+    from quantcli.search.accuracy_search import SearchBase
+
+    r = ctx.request
+    prepared = need(ctx.prepared, "the model")
+    if ctx.algorithms.needs_data:  # every candidate gets the algorithms
+        check_algorithms(ctx)
+        inputs = _inputs(ctx, need(r.data_path, "the data path"))
+        ctx.base, ctx.applied = algorithm_base(prepared, ctx.config, ctx.algorithms, inputs)
+        ctx.calibration = ctx.base.calibration
+    else:
+        calibrate_or_read(ctx)
+        ctx.base = SearchBase(prepared, need(ctx.calibration, "the calibration"), ctx.config)
+
+
+def replay_recipe(ctx: ConvertContext) -> None:
+    """Build the recipe's candidate (same calibration, same bytes as when it was saved)."""
+    from quantcli.search.accuracy_search import Candidate, build_candidate
+
+    recipe = need(ctx.recipe, "the recipe")
+    candidate = Candidate(recipe.method, recipe.tensor_methods, recipe.float_nodes)
+    ctx.quantized, ctx.plan, bias_report = build_candidate(
+        need(ctx.base, "the search base"), candidate, percentile=ctx.percentile
+    )
+    if bias_report is not None:
+        ctx.applied = (*ctx.applied, bias_report)
+
+
+def search(ctx: ConvertContext) -> None:
+    """The accuracy search: the model with the fewest float nodes that meets the budget."""
+    from quantcli.search.accuracy_search import search_quantization
+
+    r, base, prepared = ctx.request, need(ctx.base, "the search base"), need(ctx.prepared, "the model")
+    options = need(r.search, "the search options")
+    dataset = ctx.fmt.open(need(r.eval_data, "the evaluation data"), model_input_specs(need(ctx.model, "the model")))
+    methods = (ctx.method, *options.methods) if ctx.method is not None else options.methods
+    options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile)
+    alternatives, alt_reports = _algorithm_alternatives(ctx, options.try_algorithms)
+    searched = search_quantization(
+        base, dataset, options, alternatives=alternatives, reference=prepared, progress=ctx.progress, log=ctx.log
+    )
+    ctx.searched, ctx.quantized, ctx.plan = searched, searched.model, searched.plan
+    if searched.base is not None and searched.base.name:  # the algorithm stage's base won
+        ctx.applied, ctx.calibration = alt_reports, searched.base.calibration
+    if searched.bias_correction is not None:
+        ctx.applied = (*ctx.applied, searched.bias_correction)
+
+
+def _algorithm_alternatives(
+    ctx: ConvertContext, try_algorithms: bool
+) -> tuple[list[SearchBase], tuple[EqualizationReport | SmoothQuantReport, ...]]:
+    """The search's algorithm stage: a second base with every algorithm and MSE weight clipping."""
+    r = ctx.request
+    if not try_algorithms or (ctx.algorithms, ctx.config.weight_clipping) == (ALL_ALGORITHMS, WeightClipping.MSE):
+        return [], ()
+    if r.data_path is None:
+        raise MissingInput(
+            f"{r.model_path}: the search's algorithm stage transforms and calibrates the model: give $data_path",
+            option="data_path",
+        )
+    mse = replace(ctx.config, weight_clipping=WeightClipping.MSE)
+    alt, alt_reports = algorithm_base(need(ctx.prepared, "the model"), mse, ALL_ALGORITHMS, _inputs(ctx, r.data_path))
+    return [replace(alt, name="all algorithms")], alt_reports
+
+
+def validate(ctx: ConvertContext) -> None:
+    """The written model must pass onnx's checker and load in onnxruntime (before anything is written)."""
+    quantized = need(ctx.quantized, "the converted model")
+    try:
+        onnx.checker.check_model(quantized)
+    except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
+        raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
+    make_session(quantized, source=ctx.source)
+
+
+def audit(ctx: ConvertContext) -> None:
+    """What onnxruntime runs: integer kernels, float compute and why, MACs."""
+    from quantcli.verify.audit import audit_fusion
+
+    model, plan_ = need(ctx.model, "the model"), need(ctx.plan, "the plan")
+    ctx.audit = audit_fusion(
+        need(ctx.quantized, "the converted model"),
+        skipped={s.node: s.reason for s in plan_.skipped},
+        feed=_sample_feed(model, ctx.request.data_path, ctx),
+    )
+
+
+def _sample_feed(model: onnx.ModelProto, data_path: Path | None, ctx: ConvertContext) -> dict[str, np.ndarray] | None:
+    """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
+    if data_path is None:
+        return None
+    try:
+        return next(ctx.fmt.open(data_path, model_input_specs(model), max_samples=1).batches(1))
+    except (QuantCliError, StopIteration):
+        return None
+
+
+def require_fused(ctx: ConvertContext) -> None:
+    """With ``require_fused``: every quantized Conv/MatMul/Gemm became an integer kernel."""
+    if not ctx.request.require_fused:
+        return
+    planned = {name for name, op in need(ctx.plan, "the plan").quantized_nodes if op in ("Conv", "MatMul", "Gemm")}
+    left = [n for n in need(ctx.audit, "the audit").float_nodes() if n.name in planned]
+    if left:
+        listed = "; ".join(f"{n.name} ({n.op_type}): {n.reason}" for n in left[:10])
+        more = f"; and {len(left) - 10} more" if len(left) > 10 else ""
+        raise QuantCliError(
+            f"{ctx.request.model_path}: $require_fused: {len(left)} quantized Conv/MatMul/Gemm did not fuse into "
+            f"integer kernels: {listed}{more}",
+            options=("require_fused",),
+        )
+
+
+def check_speedup(ctx: ConvertContext) -> None:
+    """Time both models at batch 1 when asked (or with an accuracy budget, unless ``force``):
+    nothing is written unless the quantized model is faster."""
+    from quantcli.verify.speedcheck import check_speedup as timed
+
+    r, model = ctx.request, need(ctx.model, "the model")
+    budgeted = ctx.searched is not None and not r.force  # the answer to a budget must also be faster
+    if not (r.require_speedup or budgeted):
+        return
+    feed_path = r.data_path if r.data_path is not None else r.eval_data
+    speed = ctx.speed = timed(model, need(ctx.quantized, "the converted model"), _batch1_feed(model, feed_path, ctx))
+    if not speed.faster:
+        met = "meets the accuracy budget but " if ctx.searched is not None else ""
+        how = "drop $require_speedup" if r.require_speedup else "pass $force"
+        raise NotFasterError(
+            f"{r.model_path}: the quantized model {met}is not faster than FP32 at batch 1 "
+            f"({speed.quantized_ms:.3f} ms vs {speed.fp32_ms:.3f} ms, x{speed.speedup:.2f}); nothing written. "
+            f"Keep the FP32 model, or {how} to write it anyway",
+            options=("require_speedup", "force"),
+        )
+
+
+def _batch1_feed(model: onnx.ModelProto, data_path: Path | None, ctx: ConvertContext) -> dict[str, np.ndarray]:
+    """One sample to time on: the first of ``data_path``, else random (timing only, never accuracy)."""
+    specs = model_input_specs(model)
+    if data_path is not None:
+        return next(ctx.fmt.open(data_path, specs, max_samples=1).batches(1))
+    try:
+        return next(random_dataset(specs, 1).batches(1))
+    except QuantCliError as exc:
+        raise MissingInput(
+            f"$require_speedup needs $data_path to time this model: {exc}",
+            option="data_path",
+            options=("require_speedup",),
+        ) from exc
+
+
+def shape_facts(ctx: ConvertContext) -> None:
+    """Quantized activations whose shape onnx shape inference cannot tell (reported, not needed)."""
+    inferred, ctx.shape_error = infer_shapes(need(ctx.prepared, "the model"))
+    known = known_shapes(inferred)
+    ctx.unknown_shapes = tuple(a.tensor for a in need(ctx.plan, "the plan").activations if a.tensor not in known)
+
+
+def save(ctx: ConvertContext) -> None:
+    """Write the converted model (atomically; an existing file only with ``force``)."""
+    save_model(need(ctx.quantized, "the converted model"), ctx.request.output_path, force=ctx.request.force)
+
+
+def save_recipe(ctx: ConvertContext) -> None:
+    """Write the search's decisions for a later replay."""
+    from quantcli.search.recipe import write_recipe
+
+    r = ctx.request
+    if ctx.searched is not None and r.save_recipe is not None:
+        write_recipe(ctx.searched.recipe(ctx.sha256, ctx.config, ctx.percentile), r.save_recipe, force=r.force)

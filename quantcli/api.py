@@ -38,12 +38,8 @@ if TYPE_CHECKING:
     from quantcli.data.datasets import Dataset
     from quantcli.modes.dynamic import DynamicOptions
     from quantcli.modes.weight_only import WeightOnlyOptions
-    from quantcli.passes.equalization import EqualizationReport
-    from quantcli.passes.smoothquant import SmoothQuantReport
-    from quantcli.search.accuracy_search import SearchBase, SearchOptions
+    from quantcli.search.accuracy_search import SearchOptions
     from quantcli.search.recipe import Recipe
-    from quantcli.static.bias_correction import BiasCorrectionReport
-    from quantcli.static.planning import QuantPlan
 
 __all__ = [
     "ALL_ALGORITHMS",
@@ -170,127 +166,6 @@ def convert_model(
         images=images,
     )
     return convert(request, progress=progress, log=log)
-
-
-def _check_algorithm_inputs(
-    algorithms: AlgorithmOptions, calibration: object, data_path: Path | None, model_path: Path
-) -> None:
-    """The data-driven algorithms calibrate the transformed model themselves: they need --data."""
-    if algorithms.smoothquant is not None and not 0.0 <= algorithms.smoothquant <= 1.0:
-        raise QuantCliError(f"SmoothQuant alpha {algorithms.smoothquant}: must be within [0, 1]")
-    if data_path is not None and calibration is None:
-        return
-    graph_changing = [
-        n for n, on in (("--cle", algorithms.cle), ("--smoothquant", algorithms.smoothquant is not None)) if on
-    ]
-    if graph_changing:
-        verb = "change" if len(graph_changing) > 1 else "changes"
-        raise QuantCliError(
-            f"{model_path}: {' and '.join(graph_changing)} {verb} the FP32 graph, so a calibration file's ranges "
-            "no longer fit it; give --data (the transformed model is calibrated on it) instead of --calibration"
-        )
-    raise QuantCliError(
-        f"{model_path}: --bias-correction needs per-channel input means, which a calibration file does not hold; "
-        "give --data instead of --calibration"
-    )
-
-
-def _convert_with_algorithms(
-    prepared: onnx.ModelProto,
-    model_path: Path,
-    data_path: Path,
-    sha: str,
-    config: QuantConfig,
-    algorithms: AlgorithmOptions,
-    *,
-    method: CalibrationMethod,
-    percentile: float,
-    timeout: float | None,
-    progress: Progress,
-    fmt: DataFormat,
-) -> tuple[
-    onnx.ModelProto,
-    CalibrationResult,
-    QuantPlan,
-    tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...],
-]:
-    """CLE and SmoothQuant on the FP32 graph, calibration of the result, plan, bias correction."""
-    from quantcli.static.bias_correction import bias_correction_targets, correct_biases
-    from quantcli.static.planning import make_plan
-    from quantcli.stats.channel_stats import collect_channel_stats
-
-    source = str(model_path)
-    dataset = fmt.open(data_path, model_input_specs(prepared))
-    prepared, graph_reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
-    reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(graph_reports)
-    calibration = calibrate(
-        prepared, dataset, model_sha256=sha, method=method, percentile=percentile, timeout=timeout,
-        source=source, progress=progress,
-    )  # fmt: skip
-    plan = make_plan(prepared, calibration.ranges, config)
-    if algorithms.bias_correction:
-        targets = bias_correction_targets(prepared, plan)
-        stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
-        prepared, bc_report = correct_biases(prepared, plan, stats)
-        reports.append(bc_report)
-        plan = make_plan(prepared, calibration.ranges, config)
-    return prepared, calibration, plan, tuple(reports)
-
-
-def _transform_fp32(
-    prepared: onnx.ModelProto, dataset: Dataset, algorithms: AlgorithmOptions, source: str, progress: Progress
-) -> tuple[onnx.ModelProto, tuple[EqualizationReport | SmoothQuantReport, ...]]:
-    """CLE, then SmoothQuant (on statistics of the equalized graph): the FP32 function is unchanged."""
-    from quantcli.passes.equalization import equalize
-    from quantcli.passes.smoothquant import smooth, smoothquant_targets
-    from quantcli.stats.channel_stats import collect_channel_stats
-
-    reports: list[EqualizationReport | SmoothQuantReport] = []
-    if algorithms.cle:
-        prepared, cle_report = equalize(prepared)
-        reports.append(cle_report)
-    if algorithms.smoothquant is not None:
-        stats = collect_channel_stats(
-            prepared, dataset, smoothquant_targets(prepared), source=source, progress=progress
-        )
-        prepared, sq_report = smooth(prepared, stats, alpha=algorithms.smoothquant)
-        reports.append(sq_report)
-    return prepared, tuple(reports)
-
-
-def _algorithm_base(
-    prepared: onnx.ModelProto,
-    model_path: Path,
-    data_path: Path,
-    sha: str,
-    config: QuantConfig,
-    algorithms: AlgorithmOptions,
-    *,
-    percentile: float,
-    timeout: float | None,
-    progress: Progress,
-    fmt: DataFormat,
-) -> tuple[SearchBase, tuple[EqualizationReport | SmoothQuantReport, ...]]:
-    """The search's (or a recipe's) starting point with ``algorithms``: transformed graph, its calibration
-    (with histograms, for per-tensor methods) and, for bias correction, the input means of every layer
-    the plan may quantize (each candidate corrects the biases of the weights it quantizes)."""
-    from quantcli.search.accuracy_search import SearchBase
-    from quantcli.static.bias_correction import bias_correction_targets
-    from quantcli.static.planning import make_plan
-    from quantcli.stats.channel_stats import collect_channel_stats
-
-    source = str(model_path)
-    dataset = fmt.open(data_path, model_input_specs(prepared))
-    prepared, reports = _transform_fp32(prepared, dataset, algorithms, source, progress)
-    calibration = calibrate(
-        prepared, dataset, model_sha256=sha, method=CalibrationMethod.PERCENTILE, percentile=percentile,
-        timeout=timeout, source=source, progress=progress,
-    )  # fmt: skip
-    bias_stats = None
-    if algorithms.bias_correction:
-        targets = bias_correction_targets(prepared, make_plan(prepared, calibration.ranges, config))
-        bias_stats = collect_channel_stats(prepared, dataset, targets, source=source, progress=progress)
-    return SearchBase(prepared, calibration, config, algorithms, bias_stats), reports
 
 
 def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Path, cand_path: Path) -> None:

@@ -104,7 +104,7 @@ def _triple(text: str, name: str) -> tuple[float, float, float]:
         values = ()
     if len(values) != 3:
         raise InvalidOption(f"${name} {text!r}: expected three numbers, e.g. 0.485,0.456,0.406", option=name)
-    return values  # type: ignore[return-value]
+    return values
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,9 @@ Adding to the pipeline:
 
 * a step: write ``def my_step(ctx: ConvertContext) -> None`` and name it in the lists that need it;
 * a graph-changing algorithm (like CLE): one pass module in ``quantcli/passes/`` plus its line in
-  ``quantcli.api._transform_fp32`` (run by ``transform_calibrate_plan`` and ``search_base``);
+  ``quantcli.passes.algorithms.transform_and_observe`` (run by ``transform_calibrate_plan`` and
+  ``search_base`` through ``quantcli.pipeline.algorithms``); one that needs statistics adds its
+  requests to that function's single data pass;
 * a mode: a module in ``quantcli/modes/``, its branch in ``mode_steps.rewrite_mode``.
 """
 

@@ -12,7 +12,8 @@ from quantcli.core.options import QuantConfig
 from quantcli.core.selection import ExclusionKind, NodeSelector, pattern_matches
 from quantcli.modes.common import matching_nodes
 from quantcli.passes.preprocess import preprocess
-from quantcli.static.planning import SkipCode, make_plan
+from quantcli.static.plan import SkipCode
+from quantcli.static.planning import make_plan
 from quantcli.static.rules import RULE_NAMES, RULES
 from quantcli.stats.calibration import calibrate
 from tests import helpers, models
@@ -117,7 +118,7 @@ def test_the_report_groups_skips_by_code_and_elides_what_differs() -> None:
     from rich.console import Console
 
     from quantcli.cli.report import _render_skipped
-    from quantcli.static.planning import Skip
+    from quantcli.static.plan import Skip
 
     skipped = [
         Skip("a", "Conv", SkipCode.INPUT_NOT_CALIBRATED, tensor="x1"),

@@ -31,8 +31,9 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import submodel_extractor
 from quantcli.graph.model_io import infer_shapes
+from quantcli.graph.scopes import elem_types, has_subgraphs, walk_graphs
 from quantcli.graph.session import augmented, make_session
-from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs, walk_graphs
+from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import CollectOptions, ErrorRequest, ErrorStats, collect
 
 __all__ = ["LayerError", "per_layer_errors"]

@@ -50,11 +50,13 @@ from quantcli.core.errors import QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
+from quantcli.graph.session import make_session
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
-from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, QuantPlan, make_plan
-from quantcli.stats.calibration import CalibrationResult, TensorRange, make_session, rechoose
+from quantcli.static.plan import QuantPlan
+from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, make_plan
+from quantcli.stats.calibration import CalibrationResult, TensorRange, rechoose
 from quantcli.stats.channel_stats import ChannelStats
 
 __all__ = [

@@ -35,7 +35,7 @@ from onnx import helper
 from quantcli.core.qmath import dequantize
 from quantcli.graph.editor import ModelEditor
 from quantcli.graph.index import GraphIndex
-from quantcli.static.planning import QuantPlan
+from quantcli.static.plan import QuantPlan
 from quantcli.stats.observers import ChannelStats
 
 __all__ = ["BiasCorrectionReport", "bias_correction_candidates", "bias_correction_targets", "correct_biases"]

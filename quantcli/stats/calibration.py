@@ -26,9 +26,10 @@ from quantcli.core.options import CalibrationMethod, QuantDType
 from quantcli.core.progress import Progress, no_progress
 from quantcli.core.qmath import dtype_bounds
 from quantcli.data.datasets import Dataset, FeedList
-from quantcli.graph.model import infer_shapes
-from quantcli.graph.session import Session, augmented, explain_load_failure, is_out_of_memory, make_session
-from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs
+from quantcli.graph.model_io import infer_shapes
+from quantcli.graph.scopes import elem_types, has_subgraphs
+from quantcli.graph.session import Session, augmented, make_session
+from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import (
     CollectOptions,
     RangeRequest,
@@ -47,14 +48,11 @@ __all__ = [
     "Exposure",
     "TensorRange",
     "activation_levels",
-    "augmented",
     "calibrate",
     "calibration_result",
     "default_memory_budget",
-    "explain_load_failure",
     "expose",
-    "is_out_of_memory",
-    "make_session",
+    "make_session",  # re-exported for api.py until its rewrite merges (then: quantcli.graph.session)
     "permutation_aliases",
     "plan_groups",
     "range_request",

@@ -283,8 +283,14 @@ def _params(options: CalibrationOptions, passes: int, histograms: bool) -> dict[
     return params
 
 
-def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99) -> CalibrationResult:
+def rechoose(
+    result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99, levels: int | None = None
+) -> CalibrationResult:
     """Ranges for another histogram method from stored histograms, without re-running the data.
+
+    Entropy and MSE choose for ``levels`` integer levels (by default the calibration's own, 256
+    unless recorded); the result records ``levels`` when given. The same ``method`` returns
+    ``result`` as it is (``ranges_for_levels`` re-chooses it for other levels).
 
     Raises:
         ArtifactMismatchError: the calibration has no histograms, or ``method`` needs data (moving average).
@@ -306,7 +312,8 @@ def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile
             f"cannot switch this calibration from {result.method} to {method} without its histograms; "
             "calibrate with --method percentile, entropy or mse (which write CALIB.json.hist.npz), or with this method"
         )
-    levels = int(result.params.get("levels", 256))
+    recorded = levels is not None
+    levels = int(result.params.get("levels", 256)) if levels is None else levels
     ranges = {}
     for name, r in result.ranges.items():
         hist = result.histograms.get(name)
@@ -320,6 +327,8 @@ def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile
     params: dict[str, float | int] = {"bins": next(iter(result.histograms.values())).bins}
     if method == CalibrationMethod.PERCENTILE:
         params["percentile"] = percentile
+    if recorded:
+        params["levels"] = levels
     return CalibrationResult(result.model_sha256, method, params, result.num_samples, ranges, result.histograms)
 
 
@@ -342,6 +351,14 @@ def ranges_for_levels(result: CalibrationResult, levels: int) -> dict[str, Tenso
     if result.method not in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE) or levels == recorded:
         return result.ranges
     if not result.histograms:
+        log.warning(
+            "the %s ranges of this calibration were chosen for %d levels and its histograms are missing "
+            "(the calibration file's .hist.npz sidecar), so they cannot be re-chosen for %d levels: "
+            "they are used as they are",
+            result.method,
+            recorded,
+            levels,
+        )
         return result.ranges
     ranges = {}
     for name, r in result.ranges.items():

@@ -21,7 +21,7 @@ measured (a layer inside a branch is not cut out alone), so ``local_sqnr_db`` is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import numpy as np
@@ -263,4 +263,4 @@ def _with_hint(err: LayerError) -> LayerError:
         hint = f"this layer loses precision itself; try --exclude-nodes {err.node}"
     elif err.clip_high < err.observed_max or err.clip_low > err.observed_min:
         hint = "clipped: evaluation data exceeds the calibrated range; calibrate on more representative data"
-    return LayerError(**{**{f: getattr(err, f) for f in err.__slots__}, "hint": hint})  # type: ignore[arg-type]
+    return replace(err, hint=hint)

@@ -11,7 +11,8 @@ then gets a verdict, a ``NodeAudit``: whether its work ended in an integer kerne
 first reason found, checked in the order of onnxruntime's QDQ selectors
 (``onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selectors.cc``):
 
-1. the quantization plan left it float (``convert`` passes the plan's reasons);
+1. the quantization plan left it float (``convert`` passes the plan's skips: their reason, and their
+   code, by which ``FusionAudit.float_groups`` groups the report's table);
 2. no QDQ fusion exists for the op on the CPU provider (ConvTranspose, ...);
 3. an activation input does not come from a DequantizeLinear;
 4. types: 16-bit or 4-bit activations/weights, a non-int32 bias, or input and output types that

@@ -16,7 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.compare.evaluate import measure_latency
-from quantcli.stats.calibration import make_session
+from quantcli.graph.session import make_session
 
 
 def lstm_models(seq: int, inp: int, hidden: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:

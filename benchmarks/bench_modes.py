@@ -28,8 +28,8 @@ from quantcli.api import convert_model  # noqa: E402
 from quantcli.compare.evaluate import measure_latency  # noqa: E402
 from quantcli.data.datasets import model_input_specs, open_dataset  # noqa: E402
 from quantcli.graph.model_io import load_model  # noqa: E402
+from quantcli.graph.session import make_session  # noqa: E402
 from quantcli.modes.common import ConvertMode  # noqa: E402
-from quantcli.stats.calibration import make_session  # noqa: E402
 
 
 def _default(models: Path) -> list[tuple[str, Path, Path | None, Path]]:

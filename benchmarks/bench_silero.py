@@ -36,10 +36,11 @@ from quantcli.compare.evaluate import measure_latency
 from quantcli.core.host import default_config
 from quantcli.core.options import CalibrationMethod
 from quantcli.data.datasets import FeedList
+from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess
 from quantcli.static.lowering import apply_plan
 from quantcli.static.planning import make_plan
-from quantcli.stats.calibration import calibrate, make_session
+from quantcli.stats.calibration import calibrate
 from quantcli.verify.audit import audit_fusion
 
 MODEL = Path(__file__).resolve().parent / "models" / "silero_vad.onnx"

@@ -7,10 +7,12 @@ import onnx
 
 from quantcli.core.options import QuantConfig
 from quantcli.data.datasets import Dataset, model_input_specs
+from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess
 from quantcli.static.lowering import apply_plan
-from quantcli.static.planning import QuantPlan, make_plan
-from quantcli.stats.calibration import CalibrationResult, calibrate, make_session
+from quantcli.static.plan import QuantPlan
+from quantcli.static.planning import make_plan
+from quantcli.stats.calibration import CalibrationResult, calibrate
 
 
 def dataset(model: onnx.ModelProto, arrays: dict[str, np.ndarray]) -> Dataset:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from quantcli.cli.app import EXIT_BAD_INPUT, app
 from quantcli.core.options import QuantConfig
+from quantcli.static.plan import SkipCode
 from quantcli.verify.audit import audit_fusion
 from quantcli.verify.macs import compute_macs
 from tests import models
@@ -250,3 +251,23 @@ def test_require_fused_lists_nodes_and_reasons(tmp_path, cnn_data):
     assert "--require-fused: 3 quantized Conv/MatMul/Gemm did not fuse" in result.output
     assert "conv1 (Conv): uint16 input: no 16-bit integer Conv kernel" in result.output
     assert not out.exists()
+
+
+def test_float_nodes_group_by_the_plans_reason_code():
+    model = models.small_cnn()
+    images = {"x": models.structured_images(32, seed=3)}
+    config = QuantConfig(exclude_nodes=("re:^conv2$",), exclude_op_types=frozenset({"Gemm"}))
+    qmodel, plan, _ = quantize(model, images, config)
+    audit = audit_fusion(qmodel, skips=plan.skipped)
+    as_text = audit_fusion(qmodel, skipped={s.node: s.reason for s in plan.skipped})
+    by_name = {n.name: n for n in audit.nodes}
+    assert by_name["conv2"].code == SkipCode.NODE_EXCLUDED and by_name["fc"].code == SkipCode.OP_TYPE_EXCLUDED
+    assert by_name["conv1"].code is None  # integer
+    # the same sentences either way; only the skips carry the code
+    assert [n.reason for n in audit.nodes] == [n.reason for n in as_text.nodes]
+    assert all(n.code is None for n in as_text.nodes)
+    groups = audit.float_groups()
+    assert set(groups) == {"plan:node-excluded", "plan:op-type-excluded"}
+    label, nodes = groups["plan:node-excluded"]
+    assert label == "not quantized: excluded by --exclude-nodes pattern '…'" and [n.name for n in nodes] == ["conv2"]
+    assert {n.reason_kind for n in as_text.float_nodes()} == {label for label, _ in groups.values()}

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from quantcli.cli.app import EXIT_BAD_INPUT, app
 from quantcli.core.errors import CalibrationDataError, QuantCliError
 from quantcli.data.datasets import model_input_specs, open_dataset, parse_batch_axes
-from quantcli.stats.calibration import make_session
+from quantcli.graph.session import make_session
 
 runner = CliRunner()
 

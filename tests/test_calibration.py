@@ -211,3 +211,49 @@ def test_library_code_leaves_malloc_alone_until_the_cli_tunes_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "True", "True"]
+
+
+def test_search_candidates_use_ranges_chosen_for_their_activation_type(prepared, images):
+    """A 16-bit search builds every candidate (the calibration's own method and the ones re-chosen from
+    its histograms) on clips chosen for 65,536 levels, as convert without a search does; 8-bit on 256."""
+    from quantcli.core.options import QuantConfig, QuantDType
+    from quantcli.graph.model_io import upgrade_opset
+    from quantcli.search.accuracy_search import Candidate, SearchBase, build_candidate
+    from quantcli.static.lowering import apply_plan
+    from quantcli.static.planning import make_plan
+    from quantcli.stats.calibration import ranges_for_levels, rechoose
+
+    prepared = upgrade_opset(prepared, 21)  # 16-bit QuantizeLinear
+    entropy = calibrate(prepared, dataset(prepared, images), model_sha256="-", method=CalibrationMethod.ENTROPY)
+    minmax = rechoose(entropy, CalibrationMethod.MINMAX)
+    mse8 = rechoose(minmax, CalibrationMethod.MSE)
+    mse16 = rechoose(minmax, CalibrationMethod.MSE, levels=65536)
+    assert mse16.params["levels"] == 65536 and mse16.ranges != mse8.ranges
+    assert ranges_for_levels(mse8, 65536) == mse16.ranges
+    for dtype, levels in ((QuantDType.UINT16, 65536), (QuantDType.UINT8, 256)):
+        config = QuantConfig(activation_type=dtype, reduce_range=False)
+        base = SearchBase(prepared, entropy, config)
+        for method, expected in (
+            (CalibrationMethod.ENTROPY, ranges_for_levels(entropy, levels)),
+            (CalibrationMethod.MSE, mse16.ranges if levels == 65536 else mse8.ranges),
+        ):
+            model, _, _ = build_candidate(base, Candidate(method))
+            wanted = apply_plan(prepared, make_plan(prepared, expected, config))
+            assert model.SerializeToString() == wanted.SerializeToString(), (dtype, method)
+
+
+def test_sixteen_bit_ranges_without_histograms_warn(prepared, images, caplog):
+    """Entropy ranges recorded for 256 levels and no histograms (a calibration file without its
+    sidecar) cannot be re-chosen for a 16-bit type: they are used as they are, with a warning."""
+    import dataclasses
+    import logging
+
+    from quantcli.stats.calibration import ranges_for_levels
+
+    entropy = calibrate(prepared, dataset(prepared, images), model_sha256="-", method=CalibrationMethod.ENTROPY)
+    bare = dataclasses.replace(entropy, histograms={})
+    with caplog.at_level(logging.WARNING, logger="quantcli.stats.calibration"):
+        assert ranges_for_levels(bare, 256) is bare.ranges
+        assert not caplog.records
+        assert ranges_for_levels(bare, 65536) is bare.ranges
+    assert len(caplog.records) == 1 and "65536 levels" in caplog.records[0].getMessage()

@@ -12,11 +12,13 @@ from onnx import TensorProto, helper, numpy_helper
 from quantcli.core.options import QuantConfig
 from quantcli.data.datasets import FeedList
 from quantcli.graph.model_io import infer_shapes
-from quantcli.graph.subgraphs import walk_graphs
+from quantcli.graph.scopes import walk_graphs
+from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess
 from quantcli.static.lowering import apply_plan
-from quantcli.static.planning import QuantPlan, make_plan
-from quantcli.stats.calibration import CalibrationResult, calibrate, make_session
+from quantcli.static.plan import QuantPlan
+from quantcli.static.planning import make_plan
+from quantcli.stats.calibration import CalibrationResult, calibrate
 from quantcli.verify.audit import audit_fusion
 from tests.helpers import sqnr
 from tests.models import make_model

@@ -285,3 +285,17 @@ def test_prune_keeps_an_initializer_that_is_a_graph_input() -> None:
     editor = ModelEditor(model)
     editor.graph.prune_initializers()
     assert [t.name for t in editor.build().graph.initializer] == ["w", "dead"]  # an overridable input keeps its default
+
+
+def test_augmented_adds_each_missing_output_once_and_leaves_the_model_alone() -> None:
+    from quantcli.graph.session import augmented
+
+    model = _chain()
+    before = model.SerializeToString()
+    inner = [n.output[0] for n in model.graph.node][:1]
+    existing = model.graph.output[0].name
+    aug = augmented(model, [*inner, existing])
+    assert model.SerializeToString() == before
+    assert [o.name for o in aug.graph.output] == [existing, *inner]
+    assert not aug.graph.output[1].HasField("type")  # onnxruntime infers the type
+    assert aug.graph.node == model.graph.node and aug.graph.initializer == model.graph.initializer

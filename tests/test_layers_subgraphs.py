@@ -9,7 +9,7 @@ import numpy as np
 
 from quantcli.compare.layers import per_layer_errors
 from quantcli.data.datasets import model_input_specs, open_dataset
-from quantcli.graph.subgraphs import walk_graphs
+from quantcli.graph.scopes import walk_graphs
 from tests.test_control_flow import _if_feeds, _quantize, if_model
 
 

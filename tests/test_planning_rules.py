@@ -12,7 +12,8 @@ from quantcli.core.options import QuantConfig
 from quantcli.core.selection import ExclusionKind, NodeSelector, pattern_matches
 from quantcli.modes.common import matching_nodes
 from quantcli.passes.preprocess import preprocess
-from quantcli.static.planning import SkipCode, make_plan
+from quantcli.static.plan import SkipCode
+from quantcli.static.planning import make_plan
 from quantcli.static.rules import RULE_NAMES, RULES
 from quantcli.stats.calibration import calibrate
 from tests import helpers, models
@@ -44,6 +45,11 @@ def test_the_selector_matches_globs_regexes_and_exact_names() -> None:
     assert selector.exclusion(node).kind == ExclusionKind.NAME
     node.op_type = "Add"
     assert selector.exclusion(node).kind == ExclusionKind.OP_TYPE_EXCLUDED
+    relu = helper.make_node("Relu", ["z"], ["r"], name="relu")
+    assert NodeSelector(op_types=frozenset({"Conv"})).explicit_exclusion(relu) is None  # not selected, still foldable
+    assert NodeSelector(exclude_op_types=frozenset({"Relu"})).explicit_exclusion(relu).kind == (
+        ExclusionKind.OP_TYPE_EXCLUDED
+    )
 
 
 def test_matching_nodes_uses_the_same_patterns() -> None:
@@ -117,7 +123,7 @@ def test_the_report_groups_skips_by_code_and_elides_what_differs() -> None:
     from rich.console import Console
 
     from quantcli.cli.report import _render_skipped
-    from quantcli.static.planning import Skip
+    from quantcli.static.plan import Skip
 
     skipped = [
         Skip("a", "Conv", SkipCode.INPUT_NOT_CALIBRATED, tensor="x1"),
@@ -151,3 +157,18 @@ def test_a_rescale_that_does_not_fire_says_why_and_passes_the_mul_on() -> None:
         ("rescale", SkipCode.UNSUPPORTED_PARAMETER, "h")
     ]
     assert ("square", "Mul") in plan.quantized_nodes  # the element-wise rule took it
+
+
+def test_an_excluded_op_type_is_not_folded() -> None:
+    config = QuantConfig(exclude_op_types=frozenset({"Relu"}))
+    qmodel, plan, _ = helpers.quantize(models.matmul_chain(), _chain_inputs(), config)
+    # before the fold asked the selector's excluded op types, the Relu was folded (removed) anyway
+    assert plan.folded == ()
+    relu = [n for n in qmodel.graph.node if n.op_type == "Relu"]
+    assert len(relu) == 1
+    producers = {o: n for n in qmodel.graph.node for o in n.output}
+    assert producers[relu[0].input[0]].op_type == "DequantizeLinear"  # the Relu computes in float
+    readers = [n for n in qmodel.graph.node if relu[0].output[0] in n.input]
+    assert [n.op_type for n in readers] == ["QuantizeLinear"]  # requantized for mm2
+    assert any(d.node == "bias" and d.rule == "fold" and d.rejection.code == SkipCode.OP_TYPE_EXCLUDED
+               for d in plan.declined)  # fmt: skip

@@ -10,11 +10,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.options import QuantConfig
 from quantcli.data.datasets import FeedList
+from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess
 from quantcli.static.lowering import apply_plan
 from quantcli.static.planning import make_plan
 from quantcli.static.recurrent import REASON, recurrent_input_producers
-from quantcli.stats.calibration import calibrate, make_session
+from quantcli.stats.calibration import calibrate
 from tests.helpers import sqnr
 
 F, D, H = 16, 32, 8

@@ -301,7 +301,7 @@ def session_peak_memory(model_path: str, feed: dict[str, np.ndarray], *, threads
 
     with tempfile.TemporaryDirectory(prefix="quantcli-mem-") as tmp:
         feed_path = Path(tmp) / "feed.npz"
-        np.savez(feed_path, **feed)
+        np.savez(feed_path, allow_pickle=False, **feed)  # the probe loads it without pickle too
         try:
             proc = subprocess.run(
                 [sys.executable, "-c", _MEMORY_PROBE, model_path, str(feed_path), str(threads)],

@@ -21,18 +21,19 @@ measured (a layer inside a branch is not cut out alone), so ``local_sqnr_db`` is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import cast
 
 import numpy as np
 import onnx
-import onnx.utils
 
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
-from quantcli.graph.model import infer_shapes
+from quantcli.graph.editor import submodel_extractor
+from quantcli.graph.model_io import infer_shapes
+from quantcli.graph.scopes import elem_types, has_subgraphs, walk_graphs
 from quantcli.graph.session import augmented, make_session
-from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs, walk_graphs
+from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import CollectOptions, ErrorRequest, ErrorStats, collect
 
 __all__ = ["LayerError", "per_layer_errors"]
@@ -204,7 +205,7 @@ def _local_errors(
     producers = {o: n for n in quantized.graph.node for o in n.output}
     inits = {t.name for t in quantized.graph.initializer}
     out: dict[str, float] = {}
-    extractor = onnx.utils.Extractor(infer_shapes(quantized)[0])
+    extract = submodel_extractor(infer_shapes(quantized)[0])
     for t in names:
         node = producers.get(t)
         if node is None or t not in ref_values:
@@ -225,7 +226,7 @@ def _local_errors(
         if not sources:
             continue
         try:
-            sub = extractor.extract_model(sorted(set(sources)), [pairs[t].dq])
+            sub = extract(sorted(set(sources)), [pairs[t].dq])
             sess = make_session(sub)
             feed = {s: ref_values[s] for s in sorted(set(sources))}
             got = sess.run([pairs[t].dq], feed)[0].astype(np.float64)
@@ -262,4 +263,4 @@ def _with_hint(err: LayerError) -> LayerError:
         hint = f"this layer loses precision itself; try --exclude-nodes {err.node}"
     elif err.clip_high < err.observed_max or err.clip_low > err.observed_min:
         hint = "clipped: evaluation data exceeds the calibrated range; calibrate on more representative data"
-    return LayerError(**{**{f: getattr(err, f) for f in err.__slots__}, "hint": hint})  # type: ignore[arg-type]
+    return replace(err, hint=hint)

@@ -89,6 +89,16 @@ class NodeSelector:
             return Exclusion(ExclusionKind.OP_TYPE_NOT_SELECTED, op_type)
         return None
 
+    def explicit_exclusion(self, node: onnx.NodeProto) -> Exclusion | None:
+        """Why ``node`` is left out by name or by an excluded op type, or None; the op types selected are not asked.
+
+        For nodes that are absorbed rather than quantized (a Relu/Clip folded into its producer): an
+        op type outside ``op_types`` may still be absorbed, an op type in ``exclude_op_types`` may not.
+        """
+        if node.op_type in self.exclude_op_types:
+            return Exclusion(ExclusionKind.OP_TYPE_EXCLUDED, node.op_type)
+        return self.name_exclusion(node.name)
+
     def exclusion(self, node: onnx.NodeProto) -> Exclusion | None:
         """Why ``node`` is left out (op type first, then name), or None when it is selected."""
         return self.op_type_exclusion(node.op_type) or self.name_exclusion(node.name)

@@ -5,6 +5,7 @@
 * ``scopes``: walks over control-flow subgraphs and what they read from outside.
 * ``names``: ``NameAllocator``, unique names for what a rewrite adds.
 * ``editor``: ``ModelEditor``/``GraphEditor``, the one functional graph editor, and ``make_node``/``make_tensor``.
+* ``session``: ``make_session`` (every onnxruntime session) and ``augmented`` (tensors exposed as outputs).
 * ``subgraphs``: subgraph tensors carried out as main-graph outputs (for calibration).
-* ``model``: re-exports of ``model_io`` and ``index`` for modules not yet ported (to be removed).
+* ``model``: re-exports of ``model_io`` for api.py and cli/ until their rewrite merges (to be removed).
 """

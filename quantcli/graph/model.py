@@ -1,15 +1,14 @@
-"""Compatibility re-exports of ``quantcli.graph.model_io`` and ``quantcli.graph.index``.
+"""Compatibility re-exports of ``quantcli.graph.model_io`` for ``api.py`` and ``cli/``, until their rewrite merges.
 
-Kept only for modules outside the graph layer that still import from here; new code imports from
-``model_io`` (load, save, checks) or ``index`` (``GraphIndex``). To be removed once they are ported.
+Every other module imports from ``model_io`` (load, save, checks) or ``index`` (``GraphIndex``).
+The integrator points ``api.py``, ``cli/app.py`` and ``cli/report.py`` at ``model_io`` after the
+merge and deletes this module.
 """
 
 from __future__ import annotations
 
-from quantcli.graph.index import GraphIndex
 from quantcli.graph.model_io import (
     atomic_output,
-    available_memory,
     file_sha256,
     infer_shapes,
     known_shapes,
@@ -19,9 +18,7 @@ from quantcli.graph.model_io import (
 )
 
 __all__ = [
-    "GraphIndex",
     "atomic_output",
-    "available_memory",
     "file_sha256",
     "infer_shapes",
     "known_shapes",

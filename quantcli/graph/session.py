@@ -15,6 +15,8 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.core.errors import UnsupportedModelError
+from quantcli.graph.editor import ModelEditor
+from quantcli.graph.names import NameAllocator
 
 __all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
 
@@ -70,15 +72,12 @@ def make_session(
 
 def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     """A copy of ``model`` with ``names`` added as graph outputs (so onnxruntime returns them)."""
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    existing = {o.name for o in aug.graph.output}
+    edit = ModelEditor(model, names=NameAllocator())  # adds no names: nothing to reserve
+    existing = set(edit.graph.output_names)
     for name in names:
         if name not in existing:
-            vi = onnx.ValueInfoProto()
-            vi.name = name
-            aug.graph.output.append(vi)
-    return aug
+            edit.graph.add_output(name)
+    return edit.build()
 
 
 _OOM_MARKERS = ("bad_alloc", "bfc_arena", "failed to allocate", "out of memory", "memoryerror", "cannot allocate")

@@ -25,31 +25,12 @@ from onnx import helper
 
 from quantcli.graph.editor import GraphEditor, ModelEditor, make_node, make_tensor
 from quantcli.graph.names import NameAllocator
-from quantcli.graph.scopes import (
-    CONTROL_FLOW_OPS,
-    elem_types,
-    graph_of_nodes,
-    has_subgraphs,
-    node_subgraphs,
-    outer_references,
-    rename_references,
-    subgraph_reads,
-    walk_graphs,
-)
+from quantcli.graph.scopes import node_subgraphs, walk_graphs
 
 __all__ = [
-    # re-exported from quantcli.graph.scopes, where the graph walks live
-    "CONTROL_FLOW_OPS",
     "ExposedModel",
-    "elem_types",
     "expose_subgraph_tensors",
-    "graph_of_nodes",
-    "has_subgraphs",
-    "node_subgraphs",
-    "outer_references",
-    "rename_references",
-    "subgraph_reads",
-    "walk_graphs",
+    "walk_graphs",  # re-exported for cli/report.py until the cli rewrite merges (then: quantcli.graph.scopes)
 ]
 
 

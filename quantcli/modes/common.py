@@ -26,7 +26,7 @@ from quantcli.graph.editor import GraphEditor, ModelEditor
 from quantcli.graph.index import GraphIndex
 
 if TYPE_CHECKING:
-    from quantcli.static.planning import Skip
+    from quantcli.static.plan import Skip
 
 __all__ = [
     "ConvertMode",

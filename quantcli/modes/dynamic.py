@@ -43,7 +43,7 @@ from quantcli.modes.common import (
     dense_weight_problem,
     finish,
 )
-from quantcli.static.planning import Skip, SkipCode
+from quantcli.static.plan import Skip, SkipCode
 
 __all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "default_options", "quantize_dynamic"]
 

@@ -37,7 +37,7 @@ from quantcli.graph.index import GraphIndex
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.scopes import subgraph_reads
 from quantcli.modes.common import ConvertMode, ModeReport, add_constant, finish
-from quantcli.static.planning import Skip, SkipCode
+from quantcli.static.plan import Skip, SkipCode
 
 __all__ = ["FOLLOW_OPS", "FP16_OPS", "KEEP_FLOAT32_OPS", "convert_fp16"]
 

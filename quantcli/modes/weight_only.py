@@ -36,7 +36,7 @@ from quantcli.graph.editor import GraphEditor, ModelEditor, make_node
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.model_io import infer_shapes
 from quantcli.modes.common import ConvertMode, ModeReport, WeightOnlyType, add_constant, dense_weight_problem, finish
-from quantcli.static.planning import Skip, SkipCode
+from quantcli.static.plan import Skip, SkipCode
 
 __all__ = [
     "BLOCK_SIZES",

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from quantcli.graph.model import GraphIndex
+from quantcli.graph.editor import ModelEditor
+from quantcli.graph.index import GraphIndex
 
 __all__ = ["EqualizationReport", "equalize"]
 
@@ -148,11 +148,9 @@ def equalize(
     model: onnx.ModelProto, *, max_sweeps: int = 10, tolerance: float = 1e-4
 ) -> tuple[onnx.ModelProto, EqualizationReport]:
     """Return an equalized copy of ``model`` (pre-processed: BatchNormalization already folded)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    index = GraphIndex.build(graph)
-    pairs, bounded = _find_pairs(index, list(graph.node))
+    edit = ModelEditor(model)
+    index = GraphIndex.build(edit.graph.proto)
+    pairs, bounded = _find_pairs(index, list(edit.graph.nodes))
     arrays: dict[str, np.ndarray] = {}
     for p in pairs:
         for name in (p.w1, p.b1, p.w2):
@@ -177,8 +175,6 @@ def equalize(
             break
     if not pairs:
         sweeps = 0
-    replaced = {name: numpy_helper.from_array(a.astype(np.float32), name) for name, a in arrays.items()}
-    for k, init in enumerate(graph.initializer):
-        if init.name in replaced:
-            graph.initializer[k].CopyFrom(replaced[init.name])
-    return out, EqualizationReport(len(pairs), sweeps, bounded)
+    for name, a in arrays.items():
+        edit.graph.set_initializer(name, a.astype(np.float32))
+    return edit.build(), EqualizationReport(len(pairs), sweeps, bounded)

@@ -33,10 +33,10 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
-from quantcli.graph.model import GraphIndex
-from quantcli.static.lowering import NameAllocator
+from quantcli.graph.editor import GraphEditor, ModelEditor, make_node
+from quantcli.graph.index import GraphIndex
 from quantcli.stats.observers import ChannelStats
 
 __all__ = ["SmoothQuantReport", "Smoothed", "smooth", "smooth_tracked", "smoothing_chains", "smoothquant_targets"]
@@ -251,7 +251,7 @@ class _Edits:
 
     index: GraphIndex
     updates: dict[str, np.ndarray] = field(default_factory=dict)
-    new_inits: list[onnx.TensorProto] = field(default_factory=list)
+    new_inits: list[tuple[str, np.ndarray]] = field(default_factory=list)
     inserted: dict[str, onnx.NodeProto] = field(default_factory=dict)  # first smoothed reader -> Mul before it
     folded: dict[str, int] = field(default_factory=dict)
     divided: dict[str, tuple[str, np.ndarray]] = field(default_factory=dict)
@@ -264,12 +264,11 @@ def smooth_tracked(model: onnx.ModelProto, stats: Mapping[str, ChannelStats], *,
     """``smooth``, also telling which tensors were divided by s (``Smoothed.divided``)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError("SmoothQuant alpha must be within [0, 1]")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+    edit = ModelEditor(model)
+    graph = edit.graph.proto
     index = GraphIndex.build(graph)
     g = _Graph(index, _use_counts(graph))
-    names = NameAllocator.for_graph(graph)
+    names = edit.names
     edits = _Edits(index)
     smoothed = inputs = 0
     for tensor in smoothquant_targets(model):
@@ -289,18 +288,18 @@ def smooth_tracked(model: onnx.ModelProto, stats: Mapping[str, ChannelStats], *,
             _fold(plan, s, g, edits)
         else:
             inv = names.new(f"{tensor}_smooth_inv_scale")
-            edits.new_inits.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+            edits.new_inits.append((inv, (1.0 / s).astype(np.float32)))
             smoothed_out = names.new(f"{tensor}_smoothed")
-            mul = helper.make_node("Mul", [tensor, inv], [smoothed_out], name=names.new(f"{tensor}_SmoothQuant_Mul"))
+            mul = make_node("Mul", [tensor, inv], [smoothed_out], name=names.new(f"{tensor}_SmoothQuant_Mul"))
             for r in smooth_readers:
-                r.input[0] = smoothed_out
+                edit.graph.set_input(r, 0, smoothed_out)
             edits.inserted[smooth_readers[0].name] = mul
             edits.divided[smoothed_out] = (tensor, s)
         smoothed += len(smooth_readers)
         inputs += 1
-    _write(graph, edits)
+    _write(edit.graph, edits)
     report = SmoothQuantReport(alpha, smoothed, inputs, dict(sorted(edits.folded.items())), len(edits.inserted))
-    return Smoothed(out, report, edits.divided)
+    return Smoothed(edit.build(), report, edits.divided)
 
 
 def _scales(a: np.ndarray, readers: list[onnx.NodeProto], g: _Graph, edits: _Edits, alpha: float) -> np.ndarray:
@@ -342,18 +341,12 @@ def _fold(
     edits.divided.update((t, (t, s)) for t in visited)
 
 
-def _write(graph: onnx.GraphProto, edits: _Edits) -> None:
+def _write(graph: GraphEditor, edits: _Edits) -> None:
     """Replace the updated initializers, add the new ones, and place each inserted Mul before its reader."""
-    replaced = {name: numpy_helper.from_array(a, name) for name, a in edits.updates.items()}
-    for k_init, init in enumerate(graph.initializer):
-        if init.name in replaced:
-            graph.initializer[k_init].CopyFrom(replaced[init.name])
-    graph.initializer.extend(edits.new_inits)
-    if edits.inserted:
-        nodes = []
-        for node in graph.node:
-            if node.name in edits.inserted:
-                nodes.append(edits.inserted[node.name])
-            nodes.append(node)
-        del graph.node[:]
-        graph.node.extend(nodes)
+    for name, values in edits.updates.items():
+        graph.set_initializer(name, values)
+    for name, values in edits.new_inits:
+        graph.put_initializer(name, values)
+    for node in graph.nodes:
+        if node.name in edits.inserted:
+            graph.insert_before(node, [edits.inserted[node.name]])

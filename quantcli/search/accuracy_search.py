@@ -50,11 +50,13 @@ from quantcli.core.errors import QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
+from quantcli.graph.session import make_session
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
-from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, QuantPlan, make_plan
-from quantcli.stats.calibration import CalibrationResult, TensorRange, make_session, rechoose
+from quantcli.static.plan import QuantPlan
+from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, make_plan
+from quantcli.stats.calibration import CalibrationResult, TensorRange, activation_levels, ranges_for_levels, rechoose
 from quantcli.stats.channel_stats import ChannelStats
 
 __all__ = [
@@ -215,11 +217,16 @@ def _finite(x: float | None) -> float | None:
 
 
 class _Ranges:
-    """Ranges per method, derived once from the calibration's histograms."""
+    """Ranges per method, derived once from the calibration's histograms, for ``levels`` integer levels.
 
-    def __init__(self, calibration: CalibrationResult, percentile: float) -> None:
+    ``levels`` is the number of levels of the activation type the candidates use (entropy and MSE
+    clips depend on it: ``stats.calibration.ranges_for_levels``), 256 for 8-bit types.
+    """
+
+    def __init__(self, calibration: CalibrationResult, percentile: float, levels: int = 256) -> None:
         self.calibration = calibration
         self.percentile = percentile
+        self.levels = levels
         self._cache: dict[CalibrationMethod, Mapping[str, TensorRange]] = {}
 
     def available(self, wanted: tuple[CalibrationMethod, ...]) -> tuple[CalibrationMethod, ...]:
@@ -230,7 +237,8 @@ class _Ranges:
 
     def of(self, method: CalibrationMethod) -> Mapping[str, TensorRange]:
         if method not in self._cache:
-            self._cache[method] = rechoose(self.calibration, method, percentile=self.percentile).ranges
+            chosen = rechoose(self.calibration, method, percentile=self.percentile, levels=self.levels)
+            self._cache[method] = ranges_for_levels(chosen, self.levels)
         return self._cache[method]
 
     def for_candidate(self, cand: Candidate) -> dict[str, TensorRange]:
@@ -249,7 +257,12 @@ def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float
 
     Returns the model, its plan and the bias-correction report (None when it is off).
     """
-    return _build(base, _Ranges(base.calibration, percentile), candidate)
+    return _build(base, _ranges(base, percentile), candidate)
+
+
+def _ranges(base: SearchBase, percentile: float) -> _Ranges:
+    """The ranges of ``base``'s calibration, chosen for the levels of its activation type."""
+    return _Ranges(base.calibration, percentile, activation_levels(base.config.activation_type))
 
 
 def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
@@ -414,7 +427,7 @@ def search_quantization(
     bases = {b.name: b for b in (replace(base, name=""), *alternatives)}
     if len(bases) != 1 + len(alternatives):
         raise ValueError("search bases need distinct names (the given one is '')")
-    ranges = {name: _Ranges(b.calibration, options.percentile) for name, b in bases.items()}
+    ranges = {name: _ranges(b, options.percentile) for name, b in bases.items()}
     search = _Search(bases, ranges, ev, dataset, options, log)
     best = _stage_methods(search)
     if not best.meets_budget:

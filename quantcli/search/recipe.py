@@ -27,7 +27,7 @@ from typing import Any
 
 from quantcli.core.errors import ArtifactMismatchError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, WeightClipping
-from quantcli.graph.model import atomic_output
+from quantcli.graph.model_io import atomic_output
 
 __all__ = ["RECIPE_SCHEMA", "RECIPE_SCHEMA_ALGORITHMS", "Recipe", "read_recipe", "write_recipe"]
 

@@ -30,12 +30,12 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from quantcli.core.qmath import dequantize
-from quantcli.graph.model import GraphIndex
-from quantcli.static.lowering import NameAllocator
-from quantcli.static.planning import QuantPlan
+from quantcli.graph.editor import ModelEditor
+from quantcli.graph.index import GraphIndex
+from quantcli.static.plan import QuantPlan
 from quantcli.stats.observers import ChannelStats
 
 __all__ = ["BiasCorrectionReport", "bias_correction_candidates", "bias_correction_targets", "correct_biases"]
@@ -134,17 +134,15 @@ def correct_biases(
     model: onnx.ModelProto, plan: QuantPlan, stats: Mapping[str, ChannelStats]
 ) -> tuple[onnx.ModelProto, BiasCorrectionReport]:
     """A copy of ``model`` with the biases of the plan's quantized Conv/Gemm/MatMul corrected."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+    edit = ModelEditor(model)
+    graph = edit.graph.proto
     index = GraphIndex.build(graph)
     uses: dict[str, int] = {}
     for n in graph.node:
         for name in n.input:
             uses[name] = uses.get(name, 0) + 1
-    names = NameAllocator.for_graph(graph)
     updates: dict[str, np.ndarray] = {}
-    new_inits: list[onnx.TensorProto] = []
+    new_inits: list[tuple[str, np.ndarray]] = []
     corrected: dict[str, int] = {}
     created = 0
     skipped: list[tuple[str, str]] = []
@@ -188,17 +186,16 @@ def correct_biases(
                 bias = index.constant(name).astype(np.float64).reshape(-1)
                 updates[name] = (bias - shift / beta).astype(np.float32).reshape(index.constant(name).shape)
             else:
-                new = names.new(f"{node.name}_corrected_bias")
-                new_inits.append(numpy_helper.from_array((-shift / beta).astype(np.float32), new))
+                new = edit.names.new(f"{node.name}_corrected_bias")
+                new_inits.append((new, (-shift / beta).astype(np.float32)))
                 if len(node.input) > 2:
-                    node.input[2] = new
+                    edit.graph.set_input(node, 2, new)
                 else:
-                    node.input.append(new)
+                    edit.graph.set_inputs(node, [*node.input, new])
                 created += 1
         corrected[node.op_type] = corrected.get(node.op_type, 0) + 1
-    replaced = {name: numpy_helper.from_array(a, name) for name, a in updates.items()}
-    for k, init in enumerate(graph.initializer):
-        if init.name in replaced:
-            graph.initializer[k].CopyFrom(replaced[init.name])
-    graph.initializer.extend(new_inits)
-    return out, BiasCorrectionReport(dict(sorted(corrected.items())), created, tuple(skipped))
+    for name, values in updates.items():
+        edit.graph.set_initializer(name, values)
+    for name, values in new_inits:
+        edit.graph.put_initializer(name, values)
+    return edit.build(), BiasCorrectionReport(dict(sorted(corrected.items())), created, tuple(skipped))

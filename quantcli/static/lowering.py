@@ -20,8 +20,7 @@ from quantcli.graph.editor import GraphEditor, ModelEditor, make_node
 from quantcli.graph.model_io import model_opset
 from quantcli.graph.names import NameAllocator
 from quantcli.graph.scopes import node_subgraphs, outer_references
-from quantcli.static.planning import (
-    FLOAT_READ_OPS,
+from quantcli.static.plan import (
     ActivationQuant,
     EmbeddingQuant,
     FoldedActivation,
@@ -31,9 +30,9 @@ from quantcli.static.planning import (
     Rescale,
     WeightQuant,
 )
+from quantcli.static.planning import FLOAT_READ_OPS
 
-#: ``NameAllocator`` is re-exported for passes that still import it from here (until they use the editor)
-__all__ = ["NameAllocator", "apply_plan", "required_opset"]
+__all__ = ["apply_plan", "required_opset"]
 
 _ONNX_TYPES = {
     QuantDType.UINT8: onnx.TensorProto.UINT8,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import onnx
 
-from quantcli.graph.subgraphs import node_subgraphs, walk_graphs
+from quantcli.graph.scopes import node_subgraphs, walk_graphs
 
 __all__ = ["RECURRENT_CELLS", "recurrent_input_producers"]
 

@@ -27,7 +27,7 @@ import numpy as np
 from quantcli import __version__
 from quantcli.core.errors import ArtifactMismatchError
 from quantcli.core.options import CalibrationMethod
-from quantcli.graph.model import atomic_output
+from quantcli.graph.model_io import atomic_output
 from quantcli.stats.observers import HistogramObserver
 from quantcli.stats.ranges import CalibrationResult, TensorRange
 

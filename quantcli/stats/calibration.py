@@ -26,9 +26,10 @@ from quantcli.core.options import CalibrationMethod, QuantDType
 from quantcli.core.progress import Progress, no_progress
 from quantcli.core.qmath import dtype_bounds
 from quantcli.data.datasets import Dataset, FeedList
-from quantcli.graph.model import infer_shapes
-from quantcli.graph.session import Session, augmented, explain_load_failure, is_out_of_memory, make_session
-from quantcli.graph.subgraphs import elem_types, expose_subgraph_tensors, has_subgraphs
+from quantcli.graph.model_io import infer_shapes
+from quantcli.graph.scopes import elem_types, has_subgraphs
+from quantcli.graph.session import Session, augmented, make_session
+from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import (
     CollectOptions,
     RangeRequest,
@@ -47,14 +48,11 @@ __all__ = [
     "Exposure",
     "TensorRange",
     "activation_levels",
-    "augmented",
     "calibrate",
     "calibration_result",
     "default_memory_budget",
-    "explain_load_failure",
     "expose",
-    "is_out_of_memory",
-    "make_session",
+    "make_session",  # re-exported for api.py until its rewrite merges (then: quantcli.graph.session)
     "permutation_aliases",
     "plan_groups",
     "range_request",
@@ -285,8 +283,14 @@ def _params(options: CalibrationOptions, passes: int, histograms: bool) -> dict[
     return params
 
 
-def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99) -> CalibrationResult:
+def rechoose(
+    result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99, levels: int | None = None
+) -> CalibrationResult:
     """Ranges for another histogram method from stored histograms, without re-running the data.
+
+    Entropy and MSE choose for ``levels`` integer levels (by default the calibration's own, 256
+    unless recorded); the result records ``levels`` when given. The same ``method`` returns
+    ``result`` as it is (``ranges_for_levels`` re-chooses it for other levels).
 
     Raises:
         ArtifactMismatchError: the calibration has no histograms, or ``method`` needs data (moving average).
@@ -308,7 +312,8 @@ def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile
             f"cannot switch this calibration from {result.method} to {method} without its histograms; "
             "calibrate with --method percentile, entropy or mse (which write CALIB.json.hist.npz), or with this method"
         )
-    levels = int(result.params.get("levels", 256))
+    recorded = levels is not None
+    levels = int(result.params.get("levels", 256)) if levels is None else levels
     ranges = {}
     for name, r in result.ranges.items():
         hist = result.histograms.get(name)
@@ -322,6 +327,8 @@ def rechoose(result: CalibrationResult, method: CalibrationMethod, *, percentile
     params: dict[str, float | int] = {"bins": next(iter(result.histograms.values())).bins}
     if method == CalibrationMethod.PERCENTILE:
         params["percentile"] = percentile
+    if recorded:
+        params["levels"] = levels
     return CalibrationResult(result.model_sha256, method, params, result.num_samples, ranges, result.histograms)
 
 
@@ -344,6 +351,14 @@ def ranges_for_levels(result: CalibrationResult, levels: int) -> dict[str, Tenso
     if result.method not in (CalibrationMethod.ENTROPY, CalibrationMethod.MSE) or levels == recorded:
         return result.ranges
     if not result.histograms:
+        log.warning(
+            "the %s ranges of this calibration were chosen for %d levels and its histograms are missing "
+            "(the calibration file's .hist.npz sidecar), so they cannot be re-chosen for %d levels: "
+            "they are used as they are",
+            result.method,
+            recorded,
+            levels,
+        )
         return result.ranges
     ranges = {}
     for name, r in result.ranges.items():

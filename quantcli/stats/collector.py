@@ -31,7 +31,7 @@ from quantcli.core.errors import CalibrationDataError, CalibrationTimeoutError, 
 from quantcli.core.process import release_freed_memory
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, FeedList
-from quantcli.graph.model import available_memory
+from quantcli.graph.model_io import available_memory
 from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
 from quantcli.stats.observers import (
     ChannelObserver,

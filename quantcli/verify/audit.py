@@ -11,7 +11,8 @@ then gets a verdict, a ``NodeAudit``: whether its work ended in an integer kerne
 first reason found, checked in the order of onnxruntime's QDQ selectors
 (``onnxruntime/core/optimizer/qdq_transformer/selectors_actions/qdq_selectors.cc``):
 
-1. the quantization plan left it float (``convert`` passes the plan's reasons);
+1. the quantization plan left it float (``convert`` passes the plan's skips: their reason, and their
+   code, by which ``FusionAudit.float_groups`` groups the report's table);
 2. no QDQ fusion exists for the op on the CPU provider (ConvTranspose, ...);
 3. an activation input does not come from a DequantizeLinear;
 4. types: 16-bit or 4-bit activations/weights, a non-int32 bias, or input and output types that
@@ -33,7 +34,7 @@ import platform
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,7 @@ import onnxruntime as ort
 from quantcli.core.errors import UnsupportedModelError
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.scopes import walk_graphs
+from quantcli.static.plan import Skip, SkipCode
 from quantcli.verify.macs import compute_macs, node_operands
 
 __all__ = [
@@ -96,6 +98,8 @@ class NodeAudit:
         kernel: op type that runs it after optimization (e.g. ``QLinearConv``, ``FusedConv``, ``NchwcConv``).
         reason: why it stayed float ("" when integer).
         macs: multiply-accumulates per sample, None when shapes are unknown.
+        code: the plan's reason code when the plan left it float (``Skip.code``), else None (the
+            reason then comes from the audit's own checks of the optimized graph).
     """
 
     name: str
@@ -104,11 +108,17 @@ class NodeAudit:
     kernel: str
     reason: str
     macs: int | None
+    code: SkipCode | None = None
 
     @property
     def reason_kind(self) -> str:
-        """The reason with quoted tensor and node names elided, for grouping nodes."""
+        """The reason with quoted tensor and node names elided (the label of its group)."""
         return re.sub(r"it has \d+$", "it has more", re.sub(r"'[^']*'", "'…'", self.reason))
+
+    @property
+    def group(self) -> str:
+        """What float nodes are grouped by: the plan's reason code, else the elided reason."""
+        return f"plan:{self.code}" if self.code is not None else self.reason_kind
 
     @property
     def status(self) -> str:
@@ -139,6 +149,17 @@ class FusionAudit:
     def float_nodes(self) -> tuple[NodeAudit, ...]:
         """Compute nodes of the model as given that run in float."""
         return tuple(n for n in self.nodes if not n.integer)
+
+    def float_groups(self) -> dict[str, tuple[str, list[NodeAudit]]]:
+        """Float nodes grouped by ``NodeAudit.group``: key -> (label, nodes), in model order.
+
+        Nodes the plan left float group by reason code, whatever names their sentences quote; the
+        label is the first node's ``reason_kind``.
+        """
+        groups: dict[str, tuple[str, list[NodeAudit]]] = {}
+        for n in self.float_nodes():
+            groups.setdefault(n.group, (n.reason_kind, []))[1].append(n)
+        return groups
 
     def macs(self, *, integer: bool | None = None, eligible: bool = False) -> int:
         """Sum of known MACs per sample; ``integer`` filters by verdict; ``eligible`` drops ops with no kernel."""
@@ -356,7 +377,7 @@ def _node_verdicts(
     model: onnx.ModelProto,
     optimized: onnx.ModelProto,
     *,
-    skipped: Mapping[str, str],
+    skipped: Mapping[str, Skip | str],
     feed: Mapping[str, np.ndarray] | None,
 ) -> tuple[NodeAudit, ...]:
     index = GraphIndex.build(model.graph)
@@ -402,13 +423,16 @@ def _node_verdicts(
                 if not kernel and unique_weight is not None and reads.get(unique_weight):
                     kernel = reads[unique_weight][0]
                 kernel = kernel or node.op_type
+        code: SkipCode | None = None
         if integer:
             reason = ""
         elif node.name in skipped:
-            reason = f"not quantized: {skipped[node.name]}"
+            skip = skipped[node.name]
+            reason = f"not quantized: {skip if isinstance(skip, str) else skip.reason}"
+            code = None if isinstance(skip, str) else skip.code
         else:
             reason = explain_float(index, node)
-        verdicts.append(NodeAudit(name, node.op_type, integer, kernel, reason, macs.get(i)))
+        verdicts.append(NodeAudit(name, node.op_type, integer, kernel, reason, macs.get(i), code))
     return tuple(verdicts)
 
 
@@ -418,14 +442,17 @@ def audit_fusion(
     level: str = "all",
     skipped: Mapping[str, str] | None = None,
     feed: Mapping[str, np.ndarray] | None = None,
+    skips: Iterable[Skip] = (),
 ) -> FusionAudit:
     """Optimize ``model`` as onnxruntime would at run time and classify the resulting nodes.
 
     Args:
         model: the model as given (a path or a ModelProto).
         level: onnxruntime graph optimization level: all, extended or basic.
-        skipped: node name -> why quantcli's plan left it float (shown instead of a selector reason).
+        skipped: node name -> why quantcli's plan left it float, as text (no reason code; use ``skips``).
         feed: one sample of inputs, used only to resolve dynamic shapes for the MAC counts.
+        skips: the plan's skips (``QuantPlan.skipped``): their reason and code are shown instead of a
+            selector reason (over ``skipped`` for the same node).
     """
     optimized = _optimize(model, level)
     source = onnx.load(str(model), load_external_data=False) if isinstance(model, Path) else model
@@ -439,5 +466,5 @@ def audit_fusion(
         float_compute_nodes=float_compute,
         quantize_nodes=ops.get("QuantizeLinear", 0),
         dequantize_nodes=ops.get("DequantizeLinear", 0),
-        nodes=_node_verdicts(source, optimized, skipped=skipped or {}, feed=feed),
+        nodes=_node_verdicts(source, optimized, skipped={**(skipped or {}), **{s.node: s for s in skips}}, feed=feed),
     )

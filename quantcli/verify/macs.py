@@ -27,7 +27,7 @@ import onnx
 
 from quantcli.graph.editor import ModelEditor
 from quantcli.graph.model_io import infer_shapes
-from quantcli.stats.calibration import augmented, make_session
+from quantcli.graph.session import augmented, make_session
 
 __all__ = ["CONV_LIKE", "GEMM_LIKE", "MATMUL_LIKE", "compute_macs", "node_operands"]
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from quantcli.compare.evaluate import measure_latency
-from quantcli.stats.calibration import make_session
+from quantcli.graph.session import make_session
 
 __all__ = ["SpeedCheck", "check_speedup"]
 

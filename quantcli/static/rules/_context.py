@@ -16,7 +16,7 @@ import onnx
 from quantcli.core.options import QuantConfig, WeightClipping
 from quantcli.core.qmath import QuantizedTensor, QuantParams, params_from_range, quantize, quantize_weight
 from quantcli.core.selection import NodeSelector
-from quantcli.graph.model import GraphIndex
+from quantcli.graph.index import GraphIndex
 from quantcli.static.plan import (
     Declined,
     EmbeddingQuant,
@@ -30,7 +30,7 @@ from quantcli.static.plan import (
     WeightQuant,
 )
 from quantcli.static.rules.fold import fold_output
-from quantcli.stats.calibration import TensorRange
+from quantcli.stats.ranges import TensorRange
 
 __all__ = ["SENTINEL_CHECK", "SENTINEL_MAGNITUDE", "PlanContext"]
 

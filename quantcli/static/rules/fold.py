@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from quantcli.core.selection import ExclusionKind
 from quantcli.static.plan import FoldedActivation, Rejection, SkipCode
 
 if TYPE_CHECKING:
@@ -50,9 +51,10 @@ def check_fold(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | Fold:
         return Rejection(SkipCode.GRAPH_OUTPUT, tensor=relu.output[0])
     if relu.domain not in ("", "ai.onnx"):
         return Rejection(SkipCode.CUSTOM_DOMAIN, relu.domain)
-    excluded = ctx.selector.name_exclusion(relu.name)
+    excluded = ctx.selector.explicit_exclusion(relu)
     if excluded is not None:
-        return Rejection(SkipCode.NODE_EXCLUDED, excluded.matched)
+        code = SkipCode.OP_TYPE_EXCLUDED if excluded.kind == ExclusionKind.OP_TYPE_EXCLUDED else SkipCode.NODE_EXCLUDED
+        return Rejection(code, excluded.matched)
     if ctx.reads_float_compute(relu.output[0]):
         # a float Conv/MatMul/Gemm reads the clipped float tensor: keep the Relu
         return Rejection(SkipCode.READ_BY_FLOAT_COMPUTE, tensor=relu.output[0])

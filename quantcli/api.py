@@ -7,7 +7,7 @@ The command line is a thin layer over these; tests and scripts call them directl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +16,10 @@ import onnx
 
 from quantcli.compare.result import CompareResult
 from quantcli.core.errors import QuantCliError
-from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
-from quantcli.data.images import ImagePreprocess
-from quantcli.graph.model import file_sha256, load_model
-from quantcli.modes.common import ConvertMode
+from quantcli.graph.model_io import file_sha256, load_model
+from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess
 from quantcli.pipeline.context import need
 from quantcli.pipeline.convert import run_convert
@@ -29,17 +27,13 @@ from quantcli.pipeline.inputs import prepare_input as _prepare_input
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest, ConvertRequest
 from quantcli.pipeline.result import ConvertResult
 from quantcli.pipeline.steps import ALL_ALGORITHMS
-from quantcli.stats.calibration import CalibrationOptions, CalibrationResult, make_session
+from quantcli.stats.calibration import CalibrationOptions, CalibrationResult
 from quantcli.stats.calibration import calibrate as calibrate_prepared
 
 if TYPE_CHECKING:
     from quantcli.compare.evaluate import LatencyComparison
     from quantcli.compare.metrics import MetricSpec, TaskMetric
     from quantcli.data.datasets import Dataset
-    from quantcli.modes.dynamic import DynamicOptions
-    from quantcli.modes.weight_only import WeightOnlyOptions
-    from quantcli.search.accuracy_search import SearchOptions
-    from quantcli.search.recipe import Recipe
 
 __all__ = [
     "ALL_ALGORITHMS",
@@ -116,56 +110,21 @@ def convert_model(
     model_path: Path,
     output_path: Path,
     *,
-    calibration: CalibrationResult | Path | None = None,
-    data_path: Path | None = None,
-    config: QuantConfig | None = None,
-    method: CalibrationMethod | None = None,
-    percentile: float = DEFAULT_PERCENTILE,
-    force: bool = False,
-    require_fused: bool = False,
-    require_speedup: bool = False,
-    upgrade_opset: bool = False,
-    timeout: float | None = None,
-    search: SearchOptions | None = None,
-    eval_data: Path | None = None,
-    recipe: Recipe | Path | None = None,
-    save_recipe: Path | None = None,
-    algorithms: AlgorithmOptions | None = None,
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
-    mode: ConvertMode = ConvertMode.STATIC,
-    mode_options: DynamicOptions | WeightOnlyOptions | None = None,
-    batch_axes: Mapping[str, int | None] | None = None,
-    images: ImagePreprocess | None = None,
+    **fields: Any,
 ) -> ConvertResult:
     """``convert`` with the request's fields as keywords (the form scripts and tests call).
 
-    Every keyword but ``progress`` and ``log`` is the ``ConvertRequest`` field of the same name.
+    Every keyword but ``progress`` and ``log`` is the ``ConvertRequest`` field of the same name
+    (``data_path=``, ``config=``, ``method=``, ``search=``, ``algorithms=``, ``mode=``, ...).
+
+    Raises:
+        TypeError: a keyword that is no field of ``ConvertRequest``.
     """
-    request = ConvertRequest(
-        model_path,
-        output_path,
-        calibration=calibration,
-        data_path=data_path,
-        config=config,
-        method=method,
-        percentile=percentile,
-        force=force,
-        require_fused=require_fused,
-        require_speedup=require_speedup,
-        upgrade_opset=upgrade_opset,
-        timeout=timeout,
-        search=search,
-        eval_data=eval_data,
-        recipe=recipe,
-        save_recipe=save_recipe,
-        algorithms=algorithms or AlgorithmOptions(),
-        mode=mode,
-        mode_options=mode_options,
-        batch_axes=batch_axes,
-        images=images,
-    )
-    return convert(request, progress=progress, log=log)
+    if fields.get("algorithms") is None:
+        fields.pop("algorithms", None)
+    return convert(ConvertRequest(Path(model_path), Path(output_path), **fields), progress=progress, log=log)
 
 
 def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Path, cand_path: Path) -> None:

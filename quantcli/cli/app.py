@@ -52,7 +52,7 @@ from quantcli.core.options import (
 )
 from quantcli.core.process import tune_malloc
 from quantcli.data.datasets import model_input_specs, open_dataset, parse_batch_axes
-from quantcli.graph.model import load_model
+from quantcli.graph.model_io import load_model
 from quantcli.modes.common import ConvertMode
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest
 from quantcli.search.accuracy_search import BudgetNotMetError

@@ -18,13 +18,13 @@ from quantcli.compare.evaluate import Interval
 from quantcli.compare.gates import GateResult
 from quantcli.compare.result import CompareResult
 from quantcli.core.options import WeightClipping
-from quantcli.graph.model import atomic_output
-from quantcli.graph.subgraphs import walk_graphs
+from quantcli.graph.model_io import atomic_output
+from quantcli.graph.scopes import walk_graphs
 from quantcli.pipeline.result import ConvertResult
 from quantcli.search.accuracy_search import SearchResult
 from quantcli.static.plan import Skip, SkipCode, render_reason
 from quantcli.stats.calibration import CalibrationResult
-from quantcli.verify.audit import FusionAudit, NodeAudit
+from quantcli.verify.audit import FusionAudit
 
 __all__ = [
     "COMPARE_SCHEMA",
@@ -520,15 +520,13 @@ def render_node_audits(console: Console, audit: FusionAudit, *, verbose: bool) -
             table.add_row(n.name, n.op_type, n.kernel, "?" if n.macs is None else _macs(n.macs), n.status)
         console.print(table)
         return
-    groups: dict[str, list[NodeAudit]] = {}
-    for n in audit.float_nodes():
-        groups.setdefault(n.reason_kind, []).append(n)
+    groups = audit.float_groups()  # by the plan's reason code where the plan left the node float
     if not groups:
         return
     table = Table(title="Conv/MatMul/Gemm left in float, by reason", title_justify="left")
     for col in ("float, because", "nodes", "MACs", "largest node"):
         table.add_column(col, justify="right" if col in ("nodes", "MACs") else "left", overflow="fold")
-    ordered = sorted(groups.items(), key=lambda kv: -sum(n.macs or 0 for n in kv[1]))
+    ordered = sorted(groups.values(), key=lambda group: -sum(n.macs or 0 for n in group[1]))
     for reason, nodes in ordered:
         macs = sum(n.macs or 0 for n in nodes)
         largest = max(nodes, key=lambda n: n.macs or 0)

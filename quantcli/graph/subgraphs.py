@@ -25,12 +25,11 @@ from onnx import helper
 
 from quantcli.graph.editor import GraphEditor, ModelEditor, make_node, make_tensor
 from quantcli.graph.names import NameAllocator
-from quantcli.graph.scopes import node_subgraphs, walk_graphs
+from quantcli.graph.scopes import node_subgraphs
 
 __all__ = [
     "ExposedModel",
     "expose_subgraph_tensors",
-    "walk_graphs",  # re-exported for cli/report.py until the cli rewrite merges (then: quantcli.graph.scopes)
 ]
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from quantcli.passes.smoothquant import SmoothQuantReport
     from quantcli.search.accuracy_search import SearchBase
     from quantcli.static.bias_correction import BiasCorrectionReport
-    from quantcli.static.planning import QuantPlan
+    from quantcli.static.plan import QuantPlan
 
 __all__ = [
     "AlgorithmInputs",

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from quantcli.search.accuracy_search import SearchBase, SearchResult
     from quantcli.search.recipe import Recipe
     from quantcli.static.bias_correction import BiasCorrectionReport
-    from quantcli.static.planning import QuantPlan
+    from quantcli.static.plan import QuantPlan
     from quantcli.stats.calibration import CalibrationResult
     from quantcli.verify.audit import FusionAudit
     from quantcli.verify.speedcheck import SpeedCheck

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from quantcli.core.errors import QuantCliError
-from quantcli.graph.model import load_model
+from quantcli.graph.model_io import load_model
 from quantcli.modes.common import ConvertMode, matching_nodes
 from quantcli.pipeline.context import ConvertContext, need
 from quantcli.pipeline.inputs import prepare_input

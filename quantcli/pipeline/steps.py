@@ -18,7 +18,8 @@ import onnx
 from quantcli.core.errors import MissingInput, NotFasterError, QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping
 from quantcli.data.datasets import model_input_specs, random_dataset
-from quantcli.graph.model import file_sha256, infer_shapes, known_shapes, load_model, save_model
+from quantcli.graph.model_io import file_sha256, infer_shapes, known_shapes, load_model, save_model
+from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess as preprocess_model
 from quantcli.pipeline.algorithms import (
     AlgorithmInputs,
@@ -30,7 +31,7 @@ from quantcli.pipeline.algorithms import (
 from quantcli.pipeline.context import ConvertContext, need
 from quantcli.pipeline.inputs import prepare_input
 from quantcli.stats.artifact import read_calibration
-from quantcli.stats.calibration import activation_levels, calibrate, make_session, ranges_for_levels, rechoose
+from quantcli.stats.calibration import activation_levels, calibrate, ranges_for_levels, rechoose
 
 if TYPE_CHECKING:
     from quantcli.passes.equalization import EqualizationReport
@@ -267,7 +268,7 @@ def audit(ctx: ConvertContext) -> None:
     model, plan_ = need(ctx.model, "the model"), need(ctx.plan, "the plan")
     ctx.audit = audit_fusion(
         need(ctx.quantized, "the converted model"),
-        skipped={s.node: s.reason for s in plan_.skipped},
+        skips=plan_.skipped,
         feed=_sample_feed(model, ctx.request.data_path, ctx),
     )
 

@@ -72,7 +72,6 @@ __all__ = [
     "STEM_MAX_CHANNELS",
     "STEM_MIN_PIXELS",
     "SUPPORTED_OP_TYPES",
-    "QuantPlan",  # re-exported for api.py until its rewrite merges (then: quantcli.static.plan)
     "make_plan",
 ]
 

@@ -52,7 +52,6 @@ __all__ = [
     "calibration_result",
     "default_memory_budget",
     "expose",
-    "make_session",  # re-exported for api.py until its rewrite merges (then: quantcli.graph.session)
     "permutation_aliases",
     "plan_groups",
     "range_request",

@@ -304,3 +304,20 @@ def test_recipe_replay_is_pinned(tmp_path: Path, request: pytest.FixtureRequest)
         return
     if "sensitive_mlp/recipe" in golden.get(key, {}):
         assert searched == golden[key]["sensitive_mlp/recipe"]
+
+
+def test_every_change_since_the_redesign_baseline_is_explained() -> None:
+    """``convert_hashes_before_redesign.json`` is the recording made before issue 13's redesign moved a line;
+    a case whose pinned bytes differ from it must say why in ``CHANGES``, and an explained case must differ."""
+    baseline = json.loads((GOLDEN.parent / "convert_hashes_before_redesign.json").read_text())
+    golden = _load()
+    changed = {
+        case
+        for host, cases in golden.items()
+        for case, digest in cases.items()
+        if case in baseline.get(host, {}) and baseline[host][case] != digest
+    }
+    assert changed <= set(CHANGES), f"changed without a reason in CHANGES: {sorted(changed - set(CHANGES))}"
+    recorded_here = {case for cases in golden.values() for case in cases}
+    stale = {case for case in CHANGES if case in recorded_here and case not in changed}
+    assert not stale, f"CHANGES explains cases whose bytes did not change: {sorted(stale)}"

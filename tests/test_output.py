@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -21,7 +24,7 @@ from quantcli.cli import report
 from quantcli.cli.app import app
 from quantcli.compare.layers import LayerError, _with_hint
 from quantcli.schemas import load_schema
-from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+from tests.conftest import CALIBRATION_DATA, REPO, SAMPLE_MODELS
 
 runner = CliRunner()
 MODEL = SAMPLE_MODELS / "digits_cnn.onnx"
@@ -217,3 +220,19 @@ def test_shell_completion_is_offered() -> None:
     result = invoke("--help", columns=200)
     assert result.exit_code == 0, result.output
     assert "--install-completion" in result.output and "--show-completion" in result.output
+
+
+# --- the HTML report in a browser ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no Chromium here (Debian: apt-get install chromium)")
+def test_the_html_report_loads_in_headless_chromium(tmp_path: Path) -> None:
+    """benchmarks/screenshot_report.py: the DOM Chromium parsed has every section and plot; a screenshot."""
+    shot = tmp_path / "report.png"
+    script = REPO / "benchmarks" / "screenshot_report.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--out", str(shot)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok: ") == 7 and shot.read_bytes()[:4] == b"\x89PNG"

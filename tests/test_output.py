@@ -110,6 +110,14 @@ def test_a_table_that_fits_is_a_table_else_records_with_whole_names() -> None:
     assert all(n in lines for n in names)  # each name alone and whole on its line, markup-like text kept
 
 
+def test_prose_columns_narrow_before_a_name_is_folded() -> None:
+    """Rich shrinks the widest wrapable column first: a name column would fold while the prose had room."""
+    name = "/model/encoder/layers.11/attention/self/query/MatMul"  # 52 columns, wider than the prose
+    text = _render(90, _table([name]))
+    assert "┃ node" in text and name in text  # still a table: the note wraps, the name is whole
+    assert "stays float because" in text and "output feeds a float node" not in text.replace("\n", " ")
+
+
 def test_hint_flags_are_split_exactly() -> None:
     assert report.hint_parts("this layer loses precision itself; try --exclude-nodes /a/b c") == (
         "this layer loses precision itself",

@@ -108,7 +108,12 @@ def print_table(console: Console, table: Table) -> None:
     """``table`` if it fits whole, else its rows as records: the first cell alone on a line, then the others.
 
     A record reads ``name`` then ``header value; header value; ...`` indented (wrapped at spaces).
+    Columns whose cells are single words (names, numbers) are marked ``no_wrap``: Rich then narrows
+    the prose columns to make room instead of folding a name.
     """
+    for column in table.columns:
+        if all(len(_plain(cell).split()) <= 1 for cell in column.cells):
+            column.no_wrap = True
     if _fits(console, table):
         console.print(table)
         return

@@ -244,3 +244,11 @@ def test_the_html_report_loads_in_headless_chromium(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok: ") == 7 and shot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_completion_scripts_and_enum_values_complete() -> None:
+    script = runner.invoke(app, ["--show-completion", "bash"], prog_name="quantcli")
+    assert script.exit_code == 0 and "_QUANTCLI_COMPLETE=complete_bash" in script.stdout
+    words = {"_QUANTCLI_COMPLETE": "complete_bash", "COMP_WORDS": "quantcli convert m.onnx --mode ", "COMP_CWORD": "4"}
+    modes = runner.invoke(app, [], prog_name="quantcli", env=words)
+    assert modes.stdout.split() == ["static", "dynamic", "weight-only", "fp16"]

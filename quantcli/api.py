@@ -1,25 +1,33 @@
-"""The three steps as plain functions: ``calibrate_model``, ``convert``, ``compare``.
+"""The four commands as plain functions: ``calibrate``, ``convert``, ``compare_models``, ``inspect_model``.
 
-The command line is a thin layer over these; tests and scripts call them directly. ``convert`` and
-``compare`` take a request (``quantcli.pipeline.request``), checked once when it is built;
-``convert_model`` is the keyword form of ``convert``.
+The command line is a thin layer over these; tests and scripts call them directly. ``calibrate``,
+``convert`` and ``compare_models`` take a request (``quantcli.pipeline.request``), checked once when it
+is built; ``calibrate_model``, ``convert_model`` and ``compare_paths`` are their keyword forms, whose
+keywords are the request's fields (typed: ``CalibrateOptions``, ``ConvertOptions``, ``CompareOptions``).
+The package's top level (``quantcli.calibrate`` ...) wraps these for notebooks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import onnx
 
 from quantcli.compare.result import CompareResult
-from quantcli.core.errors import QuantCliError
+from quantcli.core.errors import InvalidOption, QuantCliError
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
+from quantcli.data.images import ImagePreprocess
 from quantcli.graph.model_io import file_sha256, load_model
+from quantcli.graph.scopes import walk_graphs
 from quantcli.graph.session import make_session
+from quantcli.modes.common import ConvertMode
 from quantcli.passes.preprocess import preprocess
 from quantcli.pipeline.context import need
 from quantcli.pipeline.convert import run_convert
@@ -29,25 +37,142 @@ from quantcli.pipeline.result import ConvertResult
 from quantcli.pipeline.steps import ALL_ALGORITHMS
 from quantcli.stats.calibration import CalibrationOptions, CalibrationResult
 from quantcli.stats.calibration import calibrate as calibrate_prepared
+from quantcli.verify.audit import FusionAudit, audit_fusion
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from quantcli.compare.evaluate import LatencyComparison
     from quantcli.compare.metrics import MetricSpec, TaskMetric
     from quantcli.data.datasets import Dataset
+    from quantcli.modes.dynamic import DynamicOptions
+    from quantcli.modes.weight_only import WeightOnlyOptions
+    from quantcli.search.accuracy_search import SearchOptions
+    from quantcli.search.recipe import Recipe
 
 __all__ = [
     "ALL_ALGORITHMS",
+    "CalibrateOptions",
     "CalibrateRequest",
+    "CompareOptions",
     "CompareRequest",
     "CompareResult",
+    "ConvertOptions",
     "ConvertRequest",
     "ConvertResult",
+    "ModelSummary",
     "calibrate",
     "calibrate_model",
     "compare_models",
+    "compare_paths",
     "convert",
     "convert_model",
+    "inspect_model",
+    "option_values",
 ]
+
+
+class CalibrateOptions(TypedDict, total=False):
+    """``CalibrateRequest``'s fields after the paths, as keywords (``calibrate_model``, ``quantcli.calibrate``)."""
+
+    method: CalibrationMethod | str
+    percentile: float
+    batch_size: int
+    max_samples: int | None
+    threads: int
+    max_memory: int | None
+    shuffle: bool
+    seed: int
+    timeout: float | None
+    upgrade_opset: bool
+    images: ImagePreprocess | None
+    random_samples: int | None
+    batch_axes: Mapping[str, int | None] | None
+
+
+class ConvertOptions(TypedDict, total=False):
+    """``ConvertRequest``'s fields after the paths, as keywords (``convert_model``, ``quantcli.convert``)."""
+
+    calibration: CalibrationResult | Path | str | None
+    data_path: Path | str | None
+    config: QuantConfig | None
+    method: CalibrationMethod | str | None
+    percentile: float
+    force: bool
+    require_fused: bool
+    require_speedup: bool
+    upgrade_opset: bool
+    timeout: float | None
+    search: SearchOptions | None
+    eval_data: Path | str | None
+    recipe: Recipe | Path | None
+    save_recipe: Path | str | None
+    algorithms: AlgorithmOptions
+    mode: ConvertMode | str
+    mode_options: DynamicOptions | WeightOnlyOptions | None
+    batch_axes: Mapping[str, int | None] | None
+    images: ImagePreprocess | None
+
+
+class CompareOptions(TypedDict, total=False):
+    """``CompareRequest``'s fields after the paths, as keywords (``compare_paths``, ``quantcli.compare``)."""
+
+    batch_size: int
+    max_samples: int | None
+    threads: int
+    latency_batch_sizes: tuple[int, ...]
+    warmup: int
+    runs: int
+    per_layer: bool
+    metric: MetricSpec | None
+    time_budget_s: float | None
+    measure_memory: bool
+    batch_axes: Mapping[str, int | None] | None
+    images: ImagePreprocess | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """What ``inspect`` reports about a model: size, parameters, op histogram, and what onnxruntime runs.
+
+    Attributes:
+        path: the model file.
+        num_bytes: its size on disk.
+        parameters: elements of all initializers and Constant values, If/Loop/Scan bodies included.
+        num_nodes: nodes, bodies included.
+        subgraphs: If/Loop/Scan bodies.
+        op_counts: nodes per op type, most frequent first.
+        audit: what onnxruntime runs after its optimizations (``quantcli.verify.audit``).
+    """
+
+    path: Path
+    num_bytes: int
+    parameters: int
+    num_nodes: int
+    subgraphs: int
+    op_counts: dict[str, int]
+    audit: FusionAudit
+
+
+def option_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword options with the strings a user types made into their types.
+
+    ``method="percentile"`` becomes ``CalibrationMethod.PERCENTILE``, ``mode="dynamic"`` a ``ConvertMode``,
+    a ``calibration`` given as a string a ``Path``.
+
+    Raises:
+        InvalidOption: a string that is none of the option's values.
+    """
+    values = dict(fields)
+    for key, kind in (("method", CalibrationMethod), ("mode", ConvertMode)):
+        value = values.get(key)
+        if isinstance(value, str) and not isinstance(value, kind):
+            if value not in {str(v) for v in kind}:
+                raise InvalidOption(f"${key} {value!r} is not one of {', '.join(map(str, kind))}", option=key)
+            values[key] = kind(value)
+    if isinstance(values.get("calibration"), str):
+        values["calibration"] = Path(values["calibration"])
+    return values
 
 
 def calibrate(request: CalibrateRequest, *, progress: Progress = no_progress) -> CalibrationResult:
@@ -79,14 +204,19 @@ def calibrate(request: CalibrateRequest, *, progress: Progress = no_progress) ->
 
 
 def calibrate_model(
-    model_path: Path, data_path: Path | None = None, *, progress: Progress = no_progress, **fields: Any
+    model_path: Path,
+    data_path: Path | None = None,
+    *,
+    progress: Progress = no_progress,
+    **fields: Unpack[CalibrateOptions],
 ) -> CalibrationResult:
     """``calibrate`` with the request's fields as keywords (``method=...``, ``max_samples=...``, ...).
 
     Raises:
         TypeError: a keyword that is no field of ``CalibrateRequest``.
     """
-    return calibrate(CalibrateRequest(Path(model_path), data_path, **fields), progress=progress)
+    data = None if data_path is None else Path(data_path)
+    return calibrate(CalibrateRequest(Path(model_path), data, **option_values(fields)), progress=progress)
 
 
 def convert(
@@ -112,19 +242,17 @@ def convert_model(
     *,
     progress: Progress = no_progress,
     log: Callable[[str], None] | None = None,
-    **fields: Any,
+    **fields: Unpack[ConvertOptions],
 ) -> ConvertResult:
     """``convert`` with the request's fields as keywords (the form scripts and tests call).
 
-    Every keyword but ``progress`` and ``log`` is the ``ConvertRequest`` field of the same name
-    (``data_path=``, ``config=``, ``method=``, ``search=``, ``algorithms=``, ``mode=``, ...).
+    Every keyword but ``progress`` and ``log`` is the ``ConvertRequest`` field of the same name.
 
     Raises:
         TypeError: a keyword that is no field of ``ConvertRequest``.
     """
-    if fields.get("algorithms") is None:
-        fields.pop("algorithms", None)
-    return convert(ConvertRequest(Path(model_path), Path(output_path), **fields), progress=progress, log=log)
+    request = ConvertRequest(Path(model_path), Path(output_path), **option_values(fields))
+    return convert(request, progress=progress, log=log)
 
 
 def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Path, cand_path: Path) -> None:
@@ -153,7 +281,6 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
     from quantcli.compare.evaluate import compare_outputs
     from quantcli.compare.layers import per_layer_errors
     from quantcli.compare.metrics import MetricSpec
-    from quantcli.verify.audit import audit_fusion
 
     r = request
     ref_model, cand_model = load_model(r.reference_path), load_model(r.candidate_path)
@@ -191,6 +318,50 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
         task_metric=task_metric,
         reference_peak_mb=ref_peak,
         candidate_peak_mb=cand_peak,
+    )
+
+
+def compare_paths(
+    reference_path: Path,
+    candidate_path: Path,
+    data_path: Path,
+    *,
+    progress: Progress = no_progress,
+    **fields: Unpack[CompareOptions],
+) -> CompareResult:
+    """``compare_models`` with the request's fields as keywords (``runs=...``, ``per_layer=True``, ...)."""
+    request = CompareRequest(reference_path, candidate_path, data_path, **option_values(fields))
+    return compare_models(request, progress=progress)
+
+
+def inspect_model(
+    model_path: Path, *, data_path: Path | None = None, batch_axes: Mapping[str, int | None] | None = None
+) -> ModelSummary:
+    """Size, parameters and op histogram of a model, and what onnxruntime runs for it.
+
+    ``data_path`` gives one sample to run, to resolve dynamic shapes for the MAC counts.
+    """
+    path = Path(model_path)
+    model = load_model(path)
+    feed = None
+    if data_path is not None:
+        dataset = open_dataset(Path(data_path), model_input_specs(model), max_samples=1, batch_axes=batch_axes)
+        feed = next(dataset.batches(1))
+    graphs = [g for _, g in walk_graphs(model.graph)]
+    params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)
+    constants = [
+        a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
+    ]
+    params += sum(int(np.prod(t.dims)) for t in constants)
+    ops = Counter(n.op_type for g in graphs for n in g.node)
+    return ModelSummary(
+        path=path,
+        num_bytes=path.stat().st_size,
+        parameters=params,
+        num_nodes=sum(ops.values()),
+        subgraphs=len(graphs) - 1,
+        op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
+        audit=audit_fusion(path, feed=feed),
     )
 
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from tqdm import tqdm
 
-from quantcli import __version__, api
+from quantcli import __version__, api, schemas
 from quantcli.cli import report
 from quantcli.cli.flags import (
     AlgorithmFlags,
@@ -51,13 +51,11 @@ from quantcli.core.options import (
     WeightClipping,
 )
 from quantcli.core.process import tune_malloc
-from quantcli.data.datasets import model_input_specs, open_dataset, parse_batch_axes
-from quantcli.graph.model_io import load_model
+from quantcli.data.datasets import parse_batch_axes
 from quantcli.modes.common import ConvertMode
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest
 from quantcli.search.accuracy_search import BudgetNotMetError
 from quantcli.stats.artifact import write_calibration
-from quantcli.verify.audit import audit_fusion
 
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
@@ -82,15 +80,15 @@ SEARCH, OUTPUT, MEASURE, GATES = "Search", "Output", "Measurement", "Gates"
 app = typer.Typer(
     help=HELP,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     rich_markup_mode="rich",
 )
-out = Console(highlight=False, soft_wrap=False)
-if not out.is_terminal:  # CI logs: wide enough that tables do not wrap
-    out = Console(highlight=False, soft_wrap=False, width=140)
-err = Console(stderr=True, highlight=False)
+# as wide as the terminal (COLUMNS, else its size, else 120 columns when not a terminal): report.console_width,
+# re-read at the start of each command
+out = report.make_console()
+err = report.make_console(stderr=True)
 
 
 def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
@@ -130,6 +128,8 @@ def _root(
     ] = False,
 ) -> None:
     """Quantize an FP32 ONNX model to a fast INT8 model for this CPU, and prove it is still right."""
+    report.fit_width(out)
+    report.fit_width(err)
     tune_malloc()  # a process-wide setting: the command line's to make, not the library's
 
 
@@ -201,6 +201,21 @@ UpgradeOpset = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)]
+JsonOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--json",
+        metavar="PATH",
+        help="Also write the result as a JSON document (schema-versioned, see README); '-' for stdout, "
+        "the report then goes to stderr.",
+        rich_help_panel=OUTPUT,
+    ),
+]
+
+
+def _report_console(json_path: Path | None) -> Console:
+    """Where the human report goes: stdout, or stderr when the JSON document takes stdout (``--json -``)."""
+    return err if json_path == report.STDOUT else out
 
 
 @app.command()
@@ -249,6 +264,7 @@ def calibrate(
         bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.", rich_help_panel=OUTPUT)
     ] = False,
     quiet: Quiet = False,
+    json_path: JsonOpt = None,
 ) -> None:
     """Run calibration data through the model and record activation ranges."""
     request = CalibrateRequest(
@@ -274,7 +290,9 @@ def calibrate(
         )
     result = api.calibrate(request, progress=_progress(quiet))
     write_calibration(result, output, model_path=model.name, force=force)
-    report.render_calibration(out, result, output)
+    console = _report_console(json_path)
+    report.render_calibration(console, result, output)
+    report.emit_json(console, schemas.calibrate_document(result, model_path=model, output_path=output), json_path)
 
 
 CONVERT_HELP = (
@@ -470,6 +488,7 @@ def convert(
         ),
     ] = False,
     quiet: Quiet = False,
+    json_path: JsonOpt = None,
 ) -> None:
     """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model)."""
     quant = QuantFlags(
@@ -494,7 +513,9 @@ def convert(
         ImageFlags(image_size, resize, scale, mean, std, channel_order, layout),
     )
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))
-    report.render_convert(out, result)
+    console = _report_console(json_path)
+    report.render_convert(console, result)
+    report.emit_json(console, schemas.convert_document(result, model_path=model), json_path)
 
 
 @app.command()
@@ -593,9 +614,10 @@ def compare(
     result = api.compare_models(request, progress=_progress(quiet))
     thresholds = GateThresholds(max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio)
     gates = evaluate_gates(result, thresholds)
-    report.render_comparison(out, result, gates, top=top)
+    console = _report_console(json_path)
+    report.render_comparison(console, result, gates, top=top)
     report.write_comparison(
-        out, result, gates, top=top, json_path=json_path, markdown_path=markdown_path, html_path=html_path
+        console, result, gates, top=top, json_path=json_path, markdown_path=markdown_path, html_path=html_path
     )
     failed = [g for g in gates if not g.passed]
     for g in failed:
@@ -613,13 +635,13 @@ def inspect(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="List every Conv/MatMul/Gemm node.")] = False,
     batch_axis: BatchAxes = None,
+    json_path: JsonOpt = None,
 ) -> None:
     """Show what onnxruntime runs for a model: integer kernels, float compute and why, MACs, op histogram."""
-    m = load_model(model)
-    axes = parse_batch_axes(batch_axis)
-    feed = next(open_dataset(data, model_input_specs(m), max_samples=1, batch_axes=axes).batches(1)) if data else None
-    audit = audit_fusion(model, feed=feed)
-    report.render_inspect(out, model, m, audit, verbose=verbose)
+    summary = api.inspect_model(model, data_path=data, batch_axes=parse_batch_axes(batch_axis))
+    console = _report_console(json_path)
+    report.render_inspect(console, summary, verbose=verbose)
+    report.emit_json(console, schemas.inspect_document(summary), json_path)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -1,26 +1,38 @@
-"""Everything the user reads: Rich tables for the terminal and JSON documents for machines."""
+"""Everything the user reads: Rich tables for the terminal and JSON documents for machines.
+
+Output reads well at any width: the console is as wide as the terminal (``COLUMNS``, else the
+terminal's size, else 120 columns when stdout is no terminal), and names a user copies (nodes,
+tensors, files) are never wrapped or cut. A table is printed only if every word of every cell fits
+whole at that width; otherwise its rows are printed as records, the name on its own line. Lines that
+end in a name or a path are printed without wrapping (the terminal may fold them visually, but they
+copy as one line); flags to paste are printed alone on their line.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import sys
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from quantcli import __version__
+from quantcli.api import ModelSummary
 from quantcli.compare.evaluate import Interval
 from quantcli.compare.gates import GateResult
 from quantcli.compare.result import CompareResult
 from quantcli.core.options import WeightClipping
 from quantcli.graph.model_io import atomic_output
-from quantcli.graph.scopes import walk_graphs
 from quantcli.pipeline.result import ConvertResult
+from quantcli.schemas import COMPARE_SCHEMA, compare_document
 from quantcli.search.accuracy_search import SearchResult
 from quantcli.static.plan import Skip, SkipCode, render_reason
 from quantcli.stats.calibration import CalibrationResult
@@ -28,7 +40,14 @@ from quantcli.verify.audit import FusionAudit
 
 __all__ = [
     "COMPARE_SCHEMA",
+    "NOT_A_TERMINAL_WIDTH",
     "compare_to_json",
+    "console_width",
+    "emit_json",
+    "fit_width",
+    "hint_parts",
+    "make_console",
+    "print_table",
     "render_calibration",
     "render_compare",
     "render_convert",
@@ -39,7 +58,88 @@ __all__ = [
     "write_json",
 ]
 
-COMPARE_SCHEMA = "quantcli.compare/1"
+NOT_A_TERMINAL_WIDTH = 120  # CI logs and pipes: wide enough for most tables, narrow enough to read
+STDOUT = Path("-")  # ``--json -``: the document goes to stdout
+
+
+def console_width(stream: IO[str] | None = None) -> int:
+    """Columns to render for: ``COLUMNS`` if set, else the terminal's width, else 120 (not a terminal)."""
+    columns = os.environ.get("COLUMNS", "").strip()
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    stream = stream if stream is not None else sys.stdout
+    try:
+        if stream.isatty():
+            return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # a stream without a descriptor (tests, notebooks)
+        pass
+    return NOT_A_TERMINAL_WIDTH
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for stdout (or stderr) as wide as ``console_width`` says (re-read by ``fit_width``)."""
+    console = Console(highlight=False, soft_wrap=False, stderr=stderr)
+    fit_width(console)
+    return console
+
+
+def fit_width(console: Console) -> None:
+    """Set ``console``'s width from the environment now (the CLI calls it at the start of each command)."""
+    console.width = console_width(console.file)
+
+
+def _plain(cell: object) -> str:
+    if isinstance(cell, Text):
+        return cell.plain
+    return Text.from_markup(cell).plain if isinstance(cell, str) else str(cell)
+
+
+def _fits(console: Console, table: Table) -> bool:
+    """True if every word of every cell of ``table`` shows whole when rendered at ``console``'s width."""
+    probe = Console(file=io.StringIO(), width=console.width, color_system=None, highlight=False, legacy_windows=False)
+    probe.print(table)
+    text = probe.file.getvalue()  # type: ignore[attr-defined]
+    cells = [cell for column in table.columns for cell in (column.header, *column.cells)]
+    words = {w for cell in cells for w in _plain(cell).split()}
+    return all(w in text for w in words)
+
+
+def print_table(console: Console, table: Table) -> None:
+    """``table`` if it fits whole, else its rows as records: the first cell alone on a line, then the others.
+
+    A record reads ``name`` then ``header value; header value; ...`` indented (wrapped at spaces).
+    Columns whose cells are single words (names, numbers) are marked ``no_wrap``: Rich then narrows
+    the prose columns to make room instead of folding a name.
+    """
+    for column in table.columns:
+        if all(len(_plain(cell).split()) <= 1 for cell in column.cells):
+            column.no_wrap = True
+    if _fits(console, table):
+        console.print(table)
+        return
+    if table.title:
+        console.print(table.title)
+    headers = [_plain(c.header) for c in table.columns]
+    cells = [list(c.cells) for c in table.columns]
+    for row in range(table.row_count):
+        first, *rest = (_plain(column[row]) for column in cells)
+        console.print(Text(first, style="bold"), soft_wrap=True)
+        fields = "; ".join(f"{h} {v}" for h, v in zip(headers[1:], rest, strict=True) if v)
+        width = max(console.width - 2, 20)
+        if any(len(word) > width for word in fields.split()):  # a name wider than the console: one long line
+            console.print(Text("  " + fields), soft_wrap=True)
+            continue
+        for line in Text(fields).wrap(console, width):
+            console.print(Text("  ") + line, soft_wrap=True)
+
+
+def _say_path(console: Console, markup: str) -> None:
+    """A line with a name or path in it: wrapped at spaces, unless a word is wider than the console.
+
+    Rich breaks only words wider than the line; such a line is printed unwrapped instead, so it copies whole.
+    """
+    too_wide = any(len(word) > console.width for word in Text.from_markup(markup).plain.split())
+    console.print(markup, soft_wrap=too_wide)
 
 
 def _size(num_bytes: int) -> str:
@@ -69,13 +169,14 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
     if clipped:
         console.print(f"{len(clipped)} ranges clipped below the observed min/max by the {result.method} method")
     if result.unobserved:
-        console.print(
+        _say_path(
+            console,
             f"[yellow]{len(result.unobserved)} tensors inside If/Loop/Scan subgraphs never ran on this data[/] "
             "(a branch it never took); they stay float: "
-            + ", ".join(result.unobserved[:4])
-            + (" ..." if len(result.unobserved) > 4 else "")
+            + escape(", ".join(result.unobserved[:4]))
+            + (" ..." if len(result.unobserved) > 4 else ""),
         )
-    console.print(f"wrote [bold]{path}[/]")
+    _say_path(console, f"wrote [bold]{escape(str(path))}[/]")
 
 
 def _render_skipped(console: Console, title: str, skipped: Iterable[Skip]) -> None:
@@ -95,8 +196,8 @@ def _render_skipped(console: Console, title: str, skipped: Iterable[Skip]) -> No
     table.add_column("why")
     rows = [(op, len(group), _group_reason(code, group)) for (op, code), group in groups.items()]
     for op, n, reason in sorted(rows, key=lambda row: (-row[1], row[0], row[2])):
-        table.add_row(op, str(n), reason)
-    console.print(table)
+        table.add_row(Text(op), str(n), Text(reason))
+    print_table(console, table)
 
 
 def _group_reason(code: SkipCode, group: list[Skip]) -> str:
@@ -121,7 +222,7 @@ def _render_kernels(console: Console, audit: FusionAudit) -> None:
     table.add_column("count", justify="right")
     for op, n in audit.integer_op_counts().items():
         table.add_row(op, str(n))
-    console.print(table)
+    print_table(console, table)
 
 
 def render_search(console: Console, result: SearchResult) -> None:
@@ -140,7 +241,7 @@ def render_search(console: Console, result: SearchResult) -> None:
         table.add_row(
             str(t.step),
             t.stage,
-            escape(t.action if len(t.action) <= 60 else t.action[:57] + "..."),
+            Text(t.action),
             "-" if t.accuracy is None else f"{t.accuracy:.2f}%",
             "-" if t.accuracy_drop is None else f"{t.accuracy_drop:.2f}",
             f"{t.sqnr_db:.1f}",
@@ -149,7 +250,7 @@ def render_search(console: Console, result: SearchResult) -> None:
             mark,
             style=style,
         )
-    console.print(table)
+    print_table(console, table)
     c = result.chosen
     fp32 = "" if result.fp32_accuracy is None else f" (FP32 {result.fp32_accuracy:.2f}%)"
     console.print(
@@ -175,7 +276,10 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
     table.add_column("count", justify="right")
     for what, n in report.summary().items():
         table.add_row(what, str(n))
-    console.print(table if report.converted else "rewritten nodes: none")
+    if report.converted:
+        print_table(console, table)
+    else:
+        console.print("rewritten nodes: none")
     audit = result.audit
     if audit.integer_kernel_count:
         _render_kernels(console, audit)
@@ -185,9 +289,10 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
     )
     _render_skipped(console, "left unchanged", report.skipped)
     ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
-    console.print(
+    _say_path(
+        console,
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
-        f"wrote [bold]{result.output_path}[/]"
+        f"wrote [bold]{escape(str(result.output_path))}[/]",
     )
 
 
@@ -242,31 +347,31 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     console.print(_mac_line(audit))
     render_node_audits(console, audit, verbose=False)
     for d in result.plan.range_decisions:
-        console.print(
-            f"[yellow]range:[/] '{d.tensor}' observed [{d.observed_min:.3g}, {d.observed_max:.3g}]: {d.decision}"
+        _say_path(
+            console,
+            f"[yellow]range:[/] '{escape(d.tensor)}' observed \\[{d.observed_min:.3g}, {d.observed_max:.3g}]: "
+            f"{escape(d.decision)}",
         )
     _render_skipped(console, "left in float", result.plan.skipped)
     if result.unknown_shapes:
         why = f" ({result.shape_inference_error})" if result.shape_inference_error else ""
-        console.print(
+        _say_path(
+            console,
             f"shapes: onnx shape inference could not tell the shape of {len(result.unknown_shapes)} quantized "
-            f"tensors{why}; calibration ran them, so they are quantized anyway: "
-            + ", ".join(result.unknown_shapes[:5])
-            + (" ..." if len(result.unknown_shapes) > 5 else "")
+            f"tensors{escape(why)}; calibration ran them, so they are quantized anyway: "
+            + escape(", ".join(result.unknown_shapes[:5]))
+            + (" ..." if len(result.unknown_shapes) > 5 else ""),
         )
     if result.speed is not None:
         console.print(result.speed.line())
     ratio = result.output_bytes / result.input_bytes if result.input_bytes else float("nan")
-    console.print(
+    _say_path(
+        console,
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
-        f"wrote [bold]{result.output_path}[/]"
+        f"wrote [bold]{escape(str(result.output_path))}[/]",
     )
     if result.recipe_path is not None:
-        console.print(f"wrote recipe [bold]{result.recipe_path}[/] (replay with --recipe)")
-
-
-def _short_path(path: str, width: int = 60) -> str:
-    return path if len(path) <= width else f"{path[: width // 3]}...{path[-(2 * width) // 3 :]}"
+        _say_path(console, f"wrote recipe [bold]{escape(str(result.recipe_path))}[/] (replay with --recipe)")
 
 
 def _render_subgraphs(console: Console, result: ConvertResult) -> None:
@@ -283,27 +388,30 @@ def _render_subgraphs(console: Console, result: ConvertResult) -> None:
     for sub in subgraphs:
         ops = Counter(op for _, op in sub.quantized_nodes)
         table.add_row(
-            _short_path(sub.path),
+            Text(sub.path),
             ", ".join(f"{op} {n}" for op, n in sorted(ops.items())) or "-",
             str(len(sub.skipped)),
         )
-    console.print(table)
+    print_table(console, table)
     unobserved = result.calibration.unobserved if result.calibration is not None else []
     if unobserved:
-        console.print(
+        _say_path(
+            console,
             f"[yellow]never ran during calibration:[/] {len(unobserved)} subgraph tensors (a branch or loop the "
-            "data never took) stay float: " + ", ".join(unobserved[:4]) + (" ..." if len(unobserved) > 4 else "")
+            "data never took) stay float: "
+            + escape(", ".join(unobserved[:4]))
+            + (" ..." if len(unobserved) > 4 else ""),
         )
 
 
 def render_compare(console: Console, result: CompareResult) -> None:
     """Accuracy, agreement, error and latency of quantized vs FP32."""
-    table = Table(title=f"accuracy on {result.num_samples} samples of {result.data_path}", title_justify="left")
+    table = Table(title=Text(f"accuracy on {result.num_samples} samples of {result.data_path}"), title_justify="left")
     for col in ("output", "FP32 acc", "quant acc", "top-1 agreement", "SQNR dB", "cosine", "max abs err"):
         table.add_column(col, justify="right" if col != "output" else "left")
     for m in result.outputs:
         table.add_row(
-            m.name,
+            Text(m.name),
             _pct(m.accuracy_fp32),
             _pct(m.accuracy_quant),
             _pct(m.top1_agreement),
@@ -311,7 +419,7 @@ def render_compare(console: Console, result: CompareResult) -> None:
             f"{m.cosine.value:.5f}",
             f"{m.max_abs_error:.4g}",
         )
-    console.print(table)
+    print_table(console, table)
     if result.latency:
         threads = result.latency[0].threads
         table = Table(
@@ -327,9 +435,9 @@ def render_compare(console: Console, result: CompareResult) -> None:
                 f"{lat.reference.p90_ms:.3f}",
                 f"{lat.candidate.median_ms:.3f}",
                 f"{lat.candidate.p90_ms:.3f}",
-                f"{lat.speedup:.2f}x [{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}]",
+                f"{lat.speedup:.2f}x \\[{lat.speedup_p25:.2f}, {lat.speedup_p75:.2f}]",
             )
-        console.print(table)
+        print_table(console, table)
     if result.task_metric is not None:
         tm = result.task_metric
         console.print(f"task metric {tm.name}: FP32 {tm.reference:.5g}, quantized {tm.candidate:.5g}")
@@ -351,8 +459,23 @@ def _db(x: float | None) -> str:
     return "inf" if math.isinf(x) and x > 0 else f"{x:.1f}"
 
 
+def hint_parts(hint: str) -> tuple[str, list[str]]:
+    """A per-layer hint split into its prose and the flags it suggests, each exactly as typed.
+
+    ``"this layer loses precision itself; try --exclude-nodes /a/b"`` gives
+    ``("this layer loses precision itself", ["--exclude-nodes /a/b"])``.
+    """
+    prose, sep, suggestion = hint.partition("; try ")
+    if not sep:
+        return hint, []
+    return prose, [part.strip() for part in suggestion.split(" or ") if part.strip().startswith("--")]
+
+
 def render_layers(console: Console, result: CompareResult, top: int) -> None:
-    """The ``top`` layers with the worst accumulated SQNR, with local SQNR and a hint."""
+    """The ``top`` layers with the worst accumulated SQNR, with local SQNR and a hint.
+
+    The flags a hint suggests follow the table, each alone on its line, so they paste as they are.
+    """
     if not result.layers:
         return
     table = Table(
@@ -361,18 +484,25 @@ def render_layers(console: Console, result: CompareResult, top: int) -> None:
         title_justify="left",
     )
     for col in ("node", "op", "SQNR dB", "local dB", "clip range", "observed", "hint"):
-        table.add_column(col, justify="right" if "dB" in col else "left", overflow="fold")
+        table.add_column(col, justify="right" if "dB" in col else "left")
+    flags: list[str] = []
     for e in result.layers[:top]:
+        prose, suggested = hint_parts(e.hint)
+        flags += [f for f in suggested if f not in flags]
         table.add_row(
-            e.node,
+            Text(e.node),
             e.op_type,
             _db(e.sqnr_db),
             _db(e.local_sqnr_db),
             f"[{e.clip_low:.3g}, {e.clip_high:.3g}]",
             f"[{e.observed_min:.3g}, {e.observed_max:.3g}]",
-            e.hint,
+            Text(prose + (" (flags below)" if suggested else "")),
         )
-    console.print(table)
+    print_table(console, table)
+    if flags:
+        console.print("flags the hints suggest for 'quantcli convert' (one per line, as typed):")
+        for flag in flags:
+            console.print(Text(f"  {flag}"), soft_wrap=True)
 
 
 def render_gates(console: Console, gates: list[GateResult]) -> None:
@@ -382,96 +512,27 @@ def render_gates(console: Console, gates: list[GateResult]) -> None:
         console.print(f"gate {g.name}: {mark} ({g.describe()})")
 
 
-def _interval(iv: Interval | None) -> dict[str, float] | None:
-    if iv is None:
-        return None
-    return {"value": iv.value, "ci95_low": iv.low, "ci95_high": iv.high}
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-def compare_to_json(result: CompareResult, gates: list[GateResult] | None = None) -> dict[str, Any]:
-    """The ``quantcli.compare/1`` JSON document (documented in README.md)."""
-    return {
-        "schema": COMPARE_SCHEMA,
-        "quantcli_version": __version__,
-        "reference": {"path": str(result.reference_path), "bytes": result.reference_bytes},
-        "candidate": {"path": str(result.candidate_path), "bytes": result.candidate_bytes},
-        "size_ratio": result.size_ratio,
-        "data": {"path": str(result.data_path), "num_samples": result.num_samples},
-        "outputs": [
-            {
-                "name": m.name,
-                "num_samples": m.num_samples,
-                "sqnr_db": _finite(m.sqnr_db),
-                "cosine": _interval(m.cosine),
-                "mse": m.mse,
-                "max_abs_error": m.max_abs_error,
-                "top1_agreement": _interval(m.top1_agreement),
-                "accuracy_fp32": _interval(m.accuracy_fp32),
-                "accuracy_quant": _interval(m.accuracy_quant),
-            }
-            for m in result.outputs
-        ],
-        "latency": [
-            {
-                "batch_size": lat.batch_size,
-                "threads": lat.threads,
-                "reference_ms": {
-                    "median": lat.reference.median_ms,
-                    "p90": lat.reference.p90_ms,
-                    "p99": lat.reference.p99_ms,
-                    "mean": lat.reference.mean_ms,
-                    "runs": lat.reference.runs,
-                    "throughput": lat.reference.throughput,
-                },
-                "candidate_ms": {
-                    "median": lat.candidate.median_ms,
-                    "p90": lat.candidate.p90_ms,
-                    "p99": lat.candidate.p99_ms,
-                    "mean": lat.candidate.mean_ms,
-                    "runs": lat.candidate.runs,
-                    "throughput": lat.candidate.throughput,
-                },
-                "speedup": {"median": lat.speedup, "p25": lat.speedup_p25, "p75": lat.speedup_p75},
-            }
-            for lat in result.latency
-        ],
-        "integer_kernels": result.integer_kernels,
-        "task_metric": None
-        if result.task_metric is None
-        else {
-            "name": result.task_metric.name,
-            "reference": result.task_metric.reference,
-            "candidate": result.task_metric.candidate,
-        },
-        "memory": {"reference_peak_mb": result.reference_peak_mb, "candidate_peak_mb": result.candidate_peak_mb},
-        "layers": [
-            {
-                "tensor": e.tensor,
-                "node": e.node,
-                "op_type": e.op_type,
-                "sqnr_db": _finite(e.sqnr_db),
-                "local_sqnr_db": None if e.local_sqnr_db is None else _finite(e.local_sqnr_db),
-                "clip_range": [e.clip_low, e.clip_high],
-                "observed_range": [e.observed_min, e.observed_max],
-                "p999_abs": e.p999_abs,
-                "hint": e.hint,
-            }
-            for e in result.layers
-        ],
-        "gates": [
-            {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound} for g in (gates or [])
-        ],
-    }
+compare_to_json = compare_document  # the ``quantcli.compare/1`` document (``quantcli.schemas``)
 
 
 def write_json(doc: dict[str, Any], path: Path, *, force: bool = True) -> None:
-    """Write a JSON document atomically."""
+    """Write a JSON document atomically; ``-`` writes it to stdout."""
+    text = json.dumps(doc, indent=1, sort_keys=False) + "\n"
+    if Path(path) == STDOUT:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     with atomic_output(Path(path), force=force) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+
+
+def emit_json(console: Console, doc: dict[str, Any], path: Path | None) -> None:
+    """Write ``doc`` to ``path`` (``-``: stdout) and say so on ``console``; nothing when ``path`` is None."""
+    if path is None:
+        return
+    write_json(doc, path)
+    if Path(path) != STDOUT:
+        _say_path(console, f"wrote [bold]{escape(str(path))}[/]")
 
 
 def _macs(n: int) -> str:
@@ -515,17 +576,17 @@ def render_node_audits(console: Console, audit: FusionAudit, *, verbose: bool) -
     if verbose and audit.nodes:
         table = Table(title="compute nodes (model order)", title_justify="left")
         for col in ("node", "op", "runs as", "MACs", "status"):
-            table.add_column(col, justify="right" if col == "MACs" else "left", overflow="fold")
+            table.add_column(col, justify="right" if col == "MACs" else "left")
         for n in audit.nodes:
-            table.add_row(n.name, n.op_type, n.kernel, "?" if n.macs is None else _macs(n.macs), n.status)
-        console.print(table)
+            table.add_row(Text(n.name), n.op_type, n.kernel, "?" if n.macs is None else _macs(n.macs), Text(n.status))
+        print_table(console, table)
         return
     groups = audit.float_groups()  # by the plan's reason code where the plan left the node float
     if not groups:
         return
     table = Table(title="Conv/MatMul/Gemm left in float, by reason", title_justify="left")
     for col in ("float, because", "nodes", "MACs", "largest node"):
-        table.add_column(col, justify="right" if col in ("nodes", "MACs") else "left", overflow="fold")
+        table.add_column(col, justify="right" if col in ("nodes", "MACs") else "left")
     ordered = sorted(groups.values(), key=lambda group: -sum(n.macs or 0 for n in group[1]))
     for reason, nodes in ordered:
         macs = sum(n.macs or 0 for n in nodes)
@@ -533,26 +594,20 @@ def render_node_audits(console: Console, audit: FusionAudit, *, verbose: bool) -
         share = f"{100 * macs / total:.1f}%" if total else "?"
         if total and any(n.macs is None for n in nodes):
             share += " + ?"
-        table.add_row(reason, str(len(nodes)), share, largest.name)
-    console.print(table)
+        table.add_row(Text(reason), str(len(nodes)), share, Text(largest.name))
+    print_table(console, table)
 
 
-def render_inspect(console: Console, path: Path, model: Any, audit: FusionAudit, *, verbose: bool = False) -> None:
+def render_inspect(console: Console, summary: ModelSummary, *, verbose: bool = False) -> None:
     """Op histogram, parameters and size of a model, and what onnxruntime runs for it."""
-    import numpy as np
-
-    graphs = [g for _, g in walk_graphs(model.graph)]
-    params = sum(int(np.prod(t.dims)) for g in graphs for t in g.initializer)
-    constants = [
-        a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"
-    ]
-    params += sum(int(np.prod(t.dims)) for t in constants)
-    ops = Counter(n.op_type for g in graphs for n in g.node)
-    nested = f" ({len(graphs) - 1} If/Loop/Scan subgraphs included)" if len(graphs) > 1 else ""
-    console.print(
-        f"[bold]{path}[/]: {_size(path.stat().st_size)}, {params:,} parameters, {sum(ops.values())} nodes{nested}"
+    audit = summary.audit
+    nested = f" ({summary.subgraphs} If/Loop/Scan subgraphs included)" if summary.subgraphs else ""
+    _say_path(
+        console,
+        f"[bold]{escape(str(summary.path))}[/]: {_size(summary.num_bytes)}, {summary.parameters:,} parameters, "
+        f"{summary.num_nodes} nodes{nested}",
     )
-    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))))
+    console.print("ops: " + ", ".join(f"{op} {n}" for op, n in summary.op_counts.items()))
     kernels = ", ".join(f"{op} {n}" for op, n in audit.integer_op_counts().items()) or "none"
     console.print(f"after onnxruntime optimization: integer kernels: {kernels}")
     console.print(
@@ -630,12 +685,10 @@ def write_comparison(
     """Write the comparison as JSON, a pull-request comment and an HTML page, where asked."""
     from quantcli.cli import html_report
 
-    if json_path is not None:
-        write_json(compare_to_json(result, gates), json_path)
-        console.print(f"wrote [bold]{json_path}[/]")
+    emit_json(console, compare_document(result, gates), json_path)
     if markdown_path is not None:
         write_text(compare_to_markdown(result, gates, top=top), markdown_path)
-        console.print(f"wrote [bold]{markdown_path}[/]")
+        _say_path(console, f"wrote [bold]{escape(str(markdown_path))}[/]")
     if html_path is not None:
         write_text(html_report.render_html(result, gates), html_path)
-        console.print(f"wrote [bold]{html_path}[/]")
+        _say_path(console, f"wrote [bold]{escape(str(html_path))}[/]")

@@ -25,6 +25,7 @@ from quantcli.modes.common import ConvertMode
 from quantcli.passes.preprocess import preprocess
 from quantcli.pipeline.context import need
 from quantcli.pipeline.convert import run_convert
+from quantcli.pipeline.inputs import opset_note as _opset_note
 from quantcli.pipeline.inputs import prepare_input as _prepare_input
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest, ConvertRequest
 from quantcli.pipeline.result import ConvertResult
@@ -56,14 +57,21 @@ __all__ = [
 ]
 
 
-def calibrate(request: CalibrateRequest, *, progress: Progress = no_progress) -> CalibrationResult:
+def calibrate(
+    request: CalibrateRequest, *, progress: Progress = no_progress, log: Callable[[str], None] | None = None
+) -> CalibrationResult:
     """Collect activation ranges of ``request.model_path`` over ``request.data_path``.
 
     With no data path, ``request.random_samples`` random inputs are used: for smoke tests only.
     ``request.batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
+    ``log`` receives one line when the model's opset is upgraded in memory.
     """
     r = request
-    model = _prepare_input(load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset)
+    loaded = load_model(r.model_path)
+    model = _prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
+    note = _opset_note(loaded, model)
+    if note is not None and log is not None:
+        log(note)
     options = CalibrationOptions(
         method=r.method,
         percentile=r.percentile,
@@ -124,7 +132,7 @@ def convert_model(
     force: bool = False,
     require_fused: bool = False,
     require_speedup: bool = False,
-    upgrade_opset: bool = False,
+    upgrade_opset: bool = True,
     timeout: float | None = None,
     search: SearchOptions | None = None,
     eval_data: Path | None = None,
@@ -194,6 +202,7 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
     from quantcli.compare.evaluate import compare_outputs
     from quantcli.compare.layers import per_layer_errors
     from quantcli.compare.metrics import MetricSpec
+    from quantcli.compare.output_kinds import OutputKindObserver
     from quantcli.verify.audit import audit_fusion
 
     r = request
@@ -206,9 +215,11 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
     cand = make_session(cand_model, threads=r.threads, source=str(r.candidate_path))
     metric = r.metric or MetricSpec("top1")
     collected: dict[str, list[list[np.ndarray]]] | None = {} if metric.function is not None else None
+    kinds = OutputKindObserver(r.output_kinds, map_threshold=r.map_threshold)
     outputs = compare_outputs(
-        ref, cand, dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected, progress=progress
-    )
+        ref, cand, dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected, progress=progress,
+        observe=kinds,
+    )  # fmt: skip
     task_metric = _task_metric(metric, collected, [o.name for o in ref.get_outputs()], dataset)
     del collected
     latency = _latencies(r, ref, cand, dataset)
@@ -232,6 +243,7 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
         task_metric=task_metric,
         reference_peak_mb=ref_peak,
         candidate_peak_mb=cand_peak,
+        kinds=kinds.results(),
     )
 
 

@@ -193,6 +193,8 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
 
 def render_convert(console: Console, result: ConvertResult) -> None:
     """What convert quantized, what onnxruntime fused, and what stayed float."""
+    if result.opset_note is not None:
+        console.print(f"input: {result.opset_note}")
     if result.plan is None:
         _render_mode(console, result)
         return
@@ -312,6 +314,8 @@ def render_compare(console: Console, result: CompareResult) -> None:
             f"{m.max_abs_error:.4g}",
         )
     console.print(table)
+    for k in result.kinds:
+        console.print(f"output {escape(k.summary())}")
     if result.latency:
         threads = result.latency[0].threads
         table = Table(
@@ -463,7 +467,22 @@ def compare_to_json(result: CompareResult, gates: list[GateResult] | None = None
             for e in result.layers
         ],
         "gates": [
-            {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound} for g in (gates or [])
+            {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound}
+            | ({"output": g.output, "kind": g.kind} if g.kind is not None else {})
+            for g in (gates or [])
+        ],
+        "output_kinds": [
+            {
+                "name": k.name,
+                "kind": str(k.kind),
+                "reason": k.reason,
+                "num_samples": k.num_samples,
+                "sqnr_db": _finite(k.sqnr_db),
+                "agreement": k.agreement,
+                "cosine": k.cosine,
+                "iou": k.iou,
+            }
+            for k in result.kinds
         ],
     }
 

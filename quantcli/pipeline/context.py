@@ -59,6 +59,8 @@ class ConvertContext:
     #: the input model, loaded and checked, and its file's sha256
     model: onnx.ModelProto | None = None
     sha256: str = ""
+    #: one line when the input's opset was upgraded in memory
+    opset_note: str | None = None
     #: the model quantization starts from (pre-processed, then transformed by the algorithms)
     prepared: onnx.ModelProto | None = None
     pre_report: PreprocessReport | None = None

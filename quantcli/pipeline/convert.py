@@ -139,4 +139,5 @@ def _result(ctx: ConvertContext) -> ConvertResult:
         unknown_shapes=ctx.unknown_shapes,
         shape_inference_error=ctx.shape_error,
         algorithms=ctx.applied,
+        opset_note=ctx.opset_note,
     )

@@ -21,6 +21,7 @@ from quantcli.modes.common import ConvertMode
 
 if TYPE_CHECKING:
     from quantcli.compare.metrics import MetricSpec
+    from quantcli.compare.output_kinds import OutputKind
     from quantcli.data.images import ImagePreprocess
     from quantcli.modes.dynamic import DynamicOptions
     from quantcli.modes.weight_only import WeightOnlyOptions
@@ -46,7 +47,7 @@ class ConvertRequest:
         force: overwrite outputs; with a search, write a model that is not faster than FP32.
         require_fused: fail if a quantized Conv/MatMul/Gemm did not become an integer kernel.
         require_speedup: time both models at batch 1 and write nothing unless quantized is faster.
-        upgrade_opset: convert an old opset with onnx's version converter.
+        upgrade_opset: upgrade an opset < 13 in memory with onnx's version converter (False: refuse it).
         timeout: seconds calibration may take.
         search: an accuracy budget to search for (with ``eval_data``).
         eval_data: held-out data the search measures on.
@@ -73,7 +74,7 @@ class ConvertRequest:
     force: bool = False
     require_fused: bool = False
     require_speedup: bool = False
-    upgrade_opset: bool = False
+    upgrade_opset: bool = True
     timeout: float | None = None
     search: SearchOptions | None = None
     eval_data: Path | None = None
@@ -169,7 +170,7 @@ class CalibrateRequest:
     shuffle: bool = False
     seed: int = 0
     timeout: float | None = None
-    upgrade_opset: bool = False
+    upgrade_opset: bool = True
     images: ImagePreprocess | None = None
     random_samples: int | None = None
     batch_axes: Mapping[str, int | None] | None = None
@@ -201,6 +202,11 @@ class CompareRequest:
         measure_memory: measure each session's peak memory.
         batch_axes: inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
         images: how image folders become input.
+        output_kinds: output name -> kind, overriding detection (``quantcli.compare.output_kinds``).
+        map_threshold: where a probability map is cut into a mask for IoU.
+
+    Raises:
+        InvalidOption: ``map_threshold`` outside (0, 1).
     """
 
     reference_path: Path
@@ -218,7 +224,11 @@ class CompareRequest:
     measure_memory: bool = False
     batch_axes: Mapping[str, int | None] | None = None
     images: ImagePreprocess | None = None
+    output_kinds: Mapping[str, OutputKind] | None = None
+    map_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("reference_path", "candidate_path", "data_path"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        if not 0.0 < self.map_threshold < 1.0:
+            raise InvalidOption(f"$map_threshold {self.map_threshold}: must be in (0, 1)", option="map_threshold")

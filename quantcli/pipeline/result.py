@@ -48,3 +48,5 @@ class ConvertResult:
     #: why onnx shape inference failed on the model, if it did
     shape_inference_error: str | None = None
     algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
+    #: one line when the input's opset was upgraded in memory (``upgrade_opset``), else None
+    opset_note: str | None = None

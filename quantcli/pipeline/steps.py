@@ -28,7 +28,7 @@ from quantcli.pipeline.algorithms import (
     convert_with_algorithms,
 )
 from quantcli.pipeline.context import ConvertContext, need
-from quantcli.pipeline.inputs import prepare_input
+from quantcli.pipeline.inputs import opset_note, prepare_input
 from quantcli.stats.artifact import read_calibration
 from quantcli.stats.calibration import activation_levels, calibrate, make_session, ranges_for_levels, rechoose
 
@@ -77,7 +77,9 @@ def check_outputs(ctx: ConvertContext) -> None:
 def load_and_check(ctx: ConvertContext) -> None:
     """Load the model, refuse what quantcli must not quantize, hash the file."""
     r = ctx.request
-    ctx.model = prepare_input(load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset)
+    loaded = load_model(r.model_path)
+    ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
+    ctx.opset_note = opset_note(loaded, ctx.model)
     ctx.sha256 = file_sha256(r.model_path)
 
 

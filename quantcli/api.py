@@ -145,6 +145,8 @@ def convert_model(
     mode_options: DynamicOptions | WeightOnlyOptions | None = None,
     batch_axes: Mapping[str, int | None] | None = None,
     images: ImagePreprocess | None = None,
+    verdict: bool = True,
+    verdict_share: float = 0.2,
 ) -> ConvertResult:
     """``convert`` with the request's fields as keywords (the form scripts and tests call).
 
@@ -172,6 +174,8 @@ def convert_model(
         mode_options=mode_options,
         batch_axes=batch_axes,
         images=images,
+        verdict=verdict,
+        verdict_share=verdict_share,
     )
     return convert(request, progress=progress, log=log)
 

@@ -310,12 +310,7 @@ CASES = [
     ),
     Case("recipe for another model", _recipe_other_model, 3, "made for another model"),
     Case("recipe file missing", lambda t: _convert(t, None, "--recipe", str(t / "none.json")), 3, "does not exist"),
-    Case(
-        "--eval-data without a budget",
-        lambda t: _convert(t, None, "--eval-data", str(_data(t, "e.npz"))),
-        3,
-        "also give --max-accuracy-drop or --min-sqnr",
-    ),
+    Case("--verdict-share out of range", lambda t: _convert(t, None, "--verdict-share", "0.9"), 2, "--verdict-share"),
     Case("budget without --eval-data", lambda t: _convert(t, None, "--min-sqnr", "30"), 3, "needs --eval-data"),
     Case("accuracy budget on a non-classifier", _budget_on_regressor, 3, "needs a classifier output"),
     Case("budget that no model meets", _budget_unreachable, 1, "no quantization met the budget"),
@@ -403,7 +398,7 @@ def test_option_errors_name_fields_and_the_cli_names_flags():
     [
         ({"calibration": Path("c.json"), "data_path": Path("d.npz")}, "OptionConflict", ("calibration", "data_path")),
         ({}, "MissingInput", ("calibration", "data_path")),
-        ({"data_path": Path("d.npz"), "eval_data": Path("e.npz")}, "MissingInput", ("search", "eval_data")),
+        ({"data_path": Path("d.npz"), "verdict_share": 0.9}, "InvalidOption", ("verdict_share",)),
         ({"data_path": Path("d.npz"), "save_recipe": Path("r.json")}, "MissingInput", ("search", "save_recipe")),
         ({"mode": "dynamic", "data_path": Path("d.npz")}, "OptionConflict", ("data_path", "mode")),
         ({"mode": "fp16", "recipe": Path("r.json")}, "OptionConflict", ("mode", "recipe")),

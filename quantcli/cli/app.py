@@ -474,6 +474,24 @@ def convert(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
+    verdict: Annotated[
+        bool,
+        typer.Option(
+            "--verdict/--no-verdict",
+            help="End with a verdict: agreement/cosine/IoU/SQNR to FP32 on samples not calibrated on (--eval-data, "
+            "or the held-back share of --data) and batch-1 speed; warns below agreement 0.98, cosine 0.99, IoU 0.9.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = True,
+    verdict_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.5,
+            help="Share of --data held back from calibration for the verdict (at most 64 samples; 0: none).",
+            rich_help_panel=DATA,
+        ),
+    ] = 0.2,
     quiet: Quiet = False,
 ) -> None:
     """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model)."""
@@ -495,7 +513,7 @@ def convert(
         CalibrationFlags(method, percentile, timeout),
         SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms),
         AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
-        RunFlags(force, require_fused, require_speedup, upgrade_opset),
+        RunFlags(force, require_fused, require_speedup, upgrade_opset, verdict, verdict_share),
         ImageFlags(image_size, resize, scale, mean, std, channel_order, layout),
     )
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))

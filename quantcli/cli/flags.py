@@ -339,12 +339,14 @@ class GateFlags:
 
 @dataclass(frozen=True, slots=True)
 class RunFlags:
-    """``--force``, ``--require-fused``, ``--require-speedup``, ``--upgrade-opset``."""
+    """``--force``, ``--require-fused``, ``--require-speedup``, ``--upgrade-opset``, ``--verdict(-share)``."""
 
     force: bool = False
     require_fused: bool = False
     require_speedup: bool = False
     upgrade_opset: bool = True
+    verdict: bool = True
+    verdict_share: float = 0.2
 
 
 def convert_request(
@@ -383,4 +385,6 @@ def convert_request(
         mode_options=modes.options(quant),
         batch_axes=parse_batch_axes(sources.batch_axis),
         images=images.parse(),
+        verdict=run.verdict,
+        verdict_share=run.verdict_share,
     )

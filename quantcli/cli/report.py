@@ -189,6 +189,7 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
         f"wrote [bold]{result.output_path}[/]"
     )
+    render_verdict(console, result)
 
 
 def render_convert(console: Console, result: ConvertResult) -> None:
@@ -265,6 +266,19 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     )
     if result.recipe_path is not None:
         console.print(f"wrote recipe [bold]{result.recipe_path}[/] (replay with --recipe)")
+    render_verdict(console, result)
+
+
+def render_verdict(console: Console, result: ConvertResult) -> None:
+    """The verdict's line, then its warnings (yellow) and what it could not check."""
+    from quantcli.cli.flags import flag
+
+    if result.verdict is None:
+        return
+    first, *rest = result.verdict.render(flag)
+    console.print(escape(first), style=None if result.verdict.passed else "yellow")
+    for line in rest:
+        console.print(f"[yellow]{escape(line)}[/]" if line.startswith("verdict:") else escape(line))
 
 
 def _short_path(path: str, width: int = 60) -> str:

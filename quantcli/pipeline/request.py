@@ -50,7 +50,7 @@ class ConvertRequest:
         upgrade_opset: upgrade an opset < 13 in memory with onnx's version converter (False: refuse it).
         timeout: seconds calibration may take.
         search: an accuracy budget to search for (with ``eval_data``).
-        eval_data: held-out data the search measures on.
+        eval_data: held-out data the search measures on, and the verdict checks.
         recipe: a saved search's decisions to replay (object or file).
         save_recipe: where the search writes its decisions.
         algorithms: CLE, SmoothQuant, bias correction (need ``data_path``).
@@ -58,6 +58,10 @@ class ConvertRequest:
         mode_options: the choices of the dynamic and weight-only modes.
         batch_axes: inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
         images: how image folders become input.
+        verdict: end with a verdict (``quantcli.pipeline.verdict``): fidelity on samples not calibrated
+            on (``eval_data``, or the held-back share of ``data_path``) and batch-1 speed.
+        verdict_share: the share of ``data_path`` (static mode, no ``eval_data``) held back from
+            calibration for the verdict, at most 64 samples (0: calibrate on all of it).
 
     Raises:
         OptionConflict: options that cannot go together.
@@ -85,8 +89,12 @@ class ConvertRequest:
     mode_options: DynamicOptions | WeightOnlyOptions | None = None
     batch_axes: Mapping[str, int | None] | None = None
     images: ImagePreprocess | None = None
+    verdict: bool = True
+    verdict_share: float = 0.2
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.verdict_share <= 0.5:
+            raise InvalidOption(f"$verdict_share {self.verdict_share}: must be in [0, 0.5]", option="verdict_share")
         for name in ("model_path", "output_path", "data_path", "eval_data", "save_recipe"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -132,10 +140,6 @@ class ConvertRequest:
         if self.search is not None and self.eval_data is None:
             raise MissingInput(
                 "the accuracy search needs $eval_data (held-out data, with labels for top-1)", option="eval_data"
-            )
-        if self.search is None and self.eval_data is not None:
-            raise MissingInput(
-                "$eval_data is for the accuracy search: also give $search", option="search", options=("eval_data",)
             )
         if self.save_recipe is not None and self.search is None:
             raise MissingInput(

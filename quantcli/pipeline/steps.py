@@ -129,9 +129,10 @@ def calibrate_or_read(ctx: ConvertContext) -> None:
     elif calibration is None:
         data_path = need(r.data_path, "the data path")
         method = CalibrationMethod.PERCENTILE if r.wants_histograms else ctx.method or CalibrationMethod.MINMAX
+        dataset = ctx.calibration_data or ctx.fmt.open(data_path, model_input_specs(need(ctx.model, "the model")))
         calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
             need(ctx.prepared, "the pre-processed model"),
-            ctx.fmt.open(data_path, model_input_specs(need(ctx.model, "the model"))),
+            dataset,
             model_sha256=ctx.sha256,
             method=method,
             percentile=ctx.percentile,

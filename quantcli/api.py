@@ -36,6 +36,7 @@ from quantcli.stats.calibration import calibrate as calibrate_prepared
 if TYPE_CHECKING:
     from quantcli.compare.evaluate import LatencyComparison
     from quantcli.compare.metrics import MetricSpec, TaskMetric
+    from quantcli.compare.output_kinds import OutputKind
     from quantcli.data.datasets import Dataset
     from quantcli.modes.dynamic import DynamicOptions
     from quantcli.modes.weight_only import WeightOnlyOptions
@@ -147,6 +148,7 @@ def convert_model(
     images: ImagePreprocess | None = None,
     verdict: bool = True,
     verdict_share: float = 0.2,
+    output_kinds: Mapping[str, OutputKind] | None = None,
 ) -> ConvertResult:
     """``convert`` with the request's fields as keywords (the form scripts and tests call).
 
@@ -176,6 +178,7 @@ def convert_model(
         images=images,
         verdict=verdict,
         verdict_share=verdict_share,
+        output_kinds=output_kinds,
     )
     return convert(request, progress=progress, log=log)
 

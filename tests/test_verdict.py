@@ -153,3 +153,22 @@ def test_the_verdict_does_not_change_a_model_converted_from_the_same_samples(tmp
     convert_model(DIGITS, a, data_path=CALIB, config=default_config())
     convert_model(DIGITS, b, data_path=subset, config=default_config(), verdict_share=0)
     assert Path(a).read_bytes() == Path(b).read_bytes()
+
+
+def test_raw_outputs_are_not_judged_unless_named(tmp_path):
+    """matmul_chain's [N, 4, 32] output has no class or map semantics: the verdict says it judged
+    nothing and how to name the kind; named an embedding, it is judged by cosine."""
+    model, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    model.write_bytes(models.matmul_chain().SerializeToString())
+    np.savez(data, x=np.random.default_rng(11).normal(size=(48, 4, 32)).astype(np.float32))
+    result = convert_model(model, tmp_path / "q.onnx", data_path=data)
+    assert result.verdict is not None and result.verdict.passed
+    first, note = result.verdict.render(flag)
+    assert first.startswith("verdict: no task metric on 9 held-back --data samples: y raw (SQNR")
+    assert note.startswith("not judged: y look") and note.endswith("--output-kind NAME=KIND names their kind")
+    cli = runner.invoke(
+        app,
+        ["convert", str(model), "--data", str(data), "-o", str(tmp_path / "e.onnx"), "--output-kind", "y=embedding"],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert "verdict: ok on 9 held-back --data samples: y embedding cosine" in cli.output

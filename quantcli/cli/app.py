@@ -492,6 +492,15 @@ def convert(
             rich_help_panel=DATA,
         ),
     ] = 0.2,
+    output_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-kind",
+            help="NAME=KIND for the verdict: output NAME is a classifier, sequence, binary, embedding, map or raw "
+            "output (default: detected; repeatable).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model)."""
@@ -513,7 +522,9 @@ def convert(
         CalibrationFlags(method, percentile, timeout),
         SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms),
         AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
-        RunFlags(force, require_fused, require_speedup, upgrade_opset, verdict, verdict_share),
+        RunFlags(
+            force, require_fused, require_speedup, upgrade_opset, verdict, verdict_share, tuple(output_kind or ())
+        ),
         ImageFlags(image_size, resize, scale, mean, std, channel_order, layout),
     )
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantcli.compare.gates import GateThresholds
+from quantcli.compare.output_kinds import parse_output_kinds
 from quantcli.core.errors import InvalidOption, OptionConflict, QuantCliError
 from quantcli.core.host import detect_host
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
@@ -347,6 +348,7 @@ class RunFlags:
     upgrade_opset: bool = True
     verdict: bool = True
     verdict_share: float = 0.2
+    output_kinds: tuple[str, ...] = ()
 
 
 def convert_request(
@@ -387,4 +389,5 @@ def convert_request(
         images=images.parse(),
         verdict=run.verdict,
         verdict_share=run.verdict_share,
+        output_kinds=parse_output_kinds(run.output_kinds),
     )

@@ -60,6 +60,7 @@ class ConvertRequest:
         images: how image folders become input.
         verdict: end with a verdict (``quantcli.pipeline.verdict``): fidelity on samples not calibrated
             on (``eval_data``, or the held-back share of ``data_path``) and batch-1 speed.
+        output_kinds: output name -> kind for the verdict, overriding detection (``quantcli.compare.output_kinds``).
         verdict_share: the share of ``data_path`` (static mode, no ``eval_data``) held back from
             calibration for the verdict, at most 64 samples (0: calibrate on all of it).
 
@@ -91,6 +92,7 @@ class ConvertRequest:
     images: ImagePreprocess | None = None
     verdict: bool = True
     verdict_share: float = 0.2
+    output_kinds: Mapping[str, OutputKind] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.verdict_share <= 0.5:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -92,11 +92,14 @@ class Verdict:
 
     def line(self) -> str:
         """``verdict: ok on 19 held-back samples: logits classifier agreement 1.000 (SQNR 31.2 dB); 1.52x FP32 ...``."""
-        parts = [_kind_text(k) for k in self.kinds if k.kind != OutputKind.RAW or len(self.kinds) == 1]
+        judged = [k for k in self.kinds if k.kind != OutputKind.RAW]
+        parts = [_kind_text(k) for k in judged or self.kinds[:3]]
+        more = f"; {len(self.kinds) - 3} more raw outputs" if not judged and len(self.kinds) > 3 else ""
         speed = f"{self.speed.speedup:.2f}x FP32 at batch 1" if self.speed is not None else "speed not checked"
         if not self.kinds:
             return f"verdict: {'' if self.passed else 'WARNING: '}fidelity not checked; {speed}"
-        return f"verdict: {'ok' if self.passed else 'WARNING'} on {self.source}: {'; '.join(parts)}; {speed}"
+        status = ("ok" if judged else "no task metric") if self.passed else "WARNING"
+        return f"verdict: {status} on {self.source}: {'; '.join(parts)}{more}; {speed}"
 
 
 def _kind_text(k: KindMetrics) -> str:
@@ -149,7 +152,8 @@ def verdict(ctx: ConvertContext) -> None:
     kinds: list[KindMetrics] = []
     count = 0
     if feeds is not None:
-        kinds, count = _fidelity(model, quantized, feeds)
+        kinds, count = _fidelity(model, quantized, feeds, r.output_kinds)
+        unchecked = (*unchecked, *_raw_note(kinds))
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
     warnings = tuple(_warnings(kinds, speed, ctx))
@@ -157,7 +161,16 @@ def verdict(ctx: ConvertContext) -> None:
 
 
 #: the option fields verdict texts may name
-_OPTIONS = ("data_path", "eval_data", "mode", "max_accuracy_drop", "search_metric", "min_sqnr", "verdict_share")
+_OPTIONS = (
+    "data_path",
+    "eval_data",
+    "output_kinds",
+    "mode",
+    "max_accuracy_drop",
+    "search_metric",
+    "min_sqnr",
+    "verdict_share",
+)
 
 
 def _verdict_samples(
@@ -195,14 +208,28 @@ def _feeds(dataset: Dataset, start: int) -> Iterator[tuple[dict[str, np.ndarray]
         seen += n
 
 
+def _raw_note(kinds: list[KindMetrics]) -> tuple[str, ...]:
+    """Outputs with no task metric, when no output has one: say how to name their kind."""
+    if not kinds or any(k.kind != OutputKind.RAW for k in kinds):
+        return ()
+    names = ", ".join(k.name for k in kinds[:4]) + (" ..." if len(kinds) > 4 else "")
+    return (
+        f"not judged: {names} look like no classifier, sequence, binary, embedding or map output (SQNR only); "
+        "$output_kinds NAME=KIND names their kind",
+    )
+
+
 def _fidelity(
-    model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: Iterator[tuple[dict[str, np.ndarray], int]]
+    model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    feeds: Iterator[tuple[dict[str, np.ndarray], int]],
+    overrides: Mapping[str, OutputKind] | None,
 ) -> tuple[list[KindMetrics], int]:
     from quantcli.graph.session import make_session
 
     ref, cand = make_session(model, source="FP32 model"), make_session(quantized, source="converted model")
     names = [o.name for o in ref.get_outputs()]
-    observer = OutputKindObserver()
+    observer = OutputKindObserver(overrides)
     count = 0
     for feed, n in feeds:
         observer(names, ref.run(names, feed), cand.run(names, feed), n)

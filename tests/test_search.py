@@ -160,6 +160,7 @@ def test_cli_search_options_are_checked(mlp, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "accuracy search" in res.output and (tmp_path / "r.json").exists()
+    assert "--eval-data samples (the search chose on them)" in res.output  # the verdict says its data was seen
 
 
 def test_recipe_keeps_weight_clipping(mlp, tmp_path):

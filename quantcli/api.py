@@ -31,6 +31,7 @@ from quantcli.modes.common import ConvertMode
 from quantcli.passes.preprocess import preprocess
 from quantcli.pipeline.context import need
 from quantcli.pipeline.convert import run_convert
+from quantcli.pipeline.inputs import opset_note as _opset_note
 from quantcli.pipeline.inputs import prepare_input as _prepare_input
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest, ConvertRequest
 from quantcli.pipeline.result import ConvertResult
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
     from quantcli.compare.evaluate import LatencyComparison
     from quantcli.compare.metrics import MetricSpec, TaskMetric
+    from quantcli.compare.output_kinds import OutputKind
     from quantcli.data.datasets import Dataset
     from quantcli.modes.dynamic import DynamicOptions
     from quantcli.modes.weight_only import WeightOnlyOptions
@@ -112,6 +114,9 @@ class ConvertOptions(TypedDict, total=False):
     mode_options: DynamicOptions | WeightOnlyOptions | None
     batch_axes: Mapping[str, int | None] | None
     images: ImagePreprocess | None
+    verdict: bool
+    verdict_share: float
+    output_kinds: Mapping[str, OutputKind] | None
 
 
 class CompareOptions(TypedDict, total=False):
@@ -129,6 +134,8 @@ class CompareOptions(TypedDict, total=False):
     measure_memory: bool
     batch_axes: Mapping[str, int | None] | None
     images: ImagePreprocess | None
+    output_kinds: Mapping[str, OutputKind] | None
+    map_threshold: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,14 +182,21 @@ def option_values(fields: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def calibrate(request: CalibrateRequest, *, progress: Progress = no_progress) -> CalibrationResult:
+def calibrate(
+    request: CalibrateRequest, *, progress: Progress = no_progress, log: Callable[[str], None] | None = None
+) -> CalibrationResult:
     """Collect activation ranges of ``request.model_path`` over ``request.data_path``.
 
     With no data path, ``request.random_samples`` random inputs are used: for smoke tests only.
     ``request.batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
+    ``log`` receives one line when the model's opset is upgraded in memory.
     """
     r = request
-    model = _prepare_input(load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset)
+    loaded = load_model(r.model_path)
+    model = _prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
+    note = _opset_note(loaded, model)
+    if note is not None and log is not None:
+        log(note)
     options = CalibrationOptions(
         method=r.method,
         percentile=r.percentile,
@@ -281,6 +295,7 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
     from quantcli.compare.evaluate import compare_outputs
     from quantcli.compare.layers import per_layer_errors
     from quantcli.compare.metrics import MetricSpec
+    from quantcli.compare.output_kinds import OutputKindObserver
 
     r = request
     ref_model, cand_model = load_model(r.reference_path), load_model(r.candidate_path)
@@ -292,9 +307,11 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
     cand = make_session(cand_model, threads=r.threads, source=str(r.candidate_path))
     metric = r.metric or MetricSpec("top1")
     collected: dict[str, list[list[np.ndarray]]] | None = {} if metric.function is not None else None
+    kinds = OutputKindObserver(r.output_kinds, map_threshold=r.map_threshold)
     outputs = compare_outputs(
-        ref, cand, dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected, progress=progress
-    )
+        ref, cand, dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected, progress=progress,
+        observe=kinds,
+    )  # fmt: skip
     task_metric = _task_metric(metric, collected, [o.name for o in ref.get_outputs()], dataset)
     del collected
     latency = _latencies(r, ref, cand, dataset)
@@ -318,6 +335,7 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
         task_metric=task_metric,
         reference_peak_mb=ref_peak,
         candidate_peak_mb=cand_peak,
+        kinds=kinds.results(),
     )
 
 

@@ -58,11 +58,22 @@ def fixed_speedup(monkeypatch: pytest.MonkeyPatch) -> SpeedVerdict:
 
     ``fixed_speedup(0.8)`` makes the quantized model 0.8x FP32 (default 1.5x); ``.feeds`` holds what was timed.
     """
+    from quantcli.pipeline import verdict as convert_verdict
     from quantcli.verify import speedcheck
 
     verdict = SpeedVerdict()
     monkeypatch.setattr(speedcheck, "check_speedup", verdict.check)
+    monkeypatch.setattr(convert_verdict, "timed_speed", verdict.check)
     return verdict
+
+
+@pytest.fixture(autouse=True)
+def _verdict_never_times(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every convert ends with a verdict that times both models: in tests it says 1.5x without timing
+    (``fixed_speedup`` sets another speed-up)."""
+    from quantcli.pipeline import verdict as convert_verdict
+
+    monkeypatch.setattr(convert_verdict, "timed_speed", SpeedVerdict().check)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

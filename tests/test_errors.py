@@ -209,7 +209,18 @@ CASES = [
         3,
         "ONNX",
     ),
-    Case("opset too old (11)", lambda t: _calibrate(t, _model(t, _old_opset())), 3, "pass --upgrade-opset"),
+    Case(
+        "opset too old (11) with --no-upgrade-opset",
+        lambda t: _calibrate(t, _model(t, _old_opset()), None, "--no-upgrade-opset"),
+        3,
+        "unless --upgrade-opset is off",
+    ),
+    Case(
+        "convert: opset too old (11) with --no-upgrade-opset",
+        lambda t: _convert(t, _model(t, _old_opset()), "--no-upgrade-opset"),
+        3,
+        "opset 11 is too old",
+    ),
     Case("opset newer than onnxruntime", lambda t: _calibrate(t, _model(t, _opset(40))), 3, "opset 40"),
     Case(
         "custom-domain op", lambda t: _calibrate(t, _model(t, _custom_op())), 3, "no kernel for op acme.ops:Frobnicate"
@@ -299,12 +310,7 @@ CASES = [
     ),
     Case("recipe for another model", _recipe_other_model, 3, "made for another model"),
     Case("recipe file missing", lambda t: _convert(t, None, "--recipe", str(t / "none.json")), 3, "does not exist"),
-    Case(
-        "--eval-data without a budget",
-        lambda t: _convert(t, None, "--eval-data", str(_data(t, "e.npz"))),
-        3,
-        "also give --max-accuracy-drop or --min-sqnr",
-    ),
+    Case("--verdict-share out of range", lambda t: _convert(t, None, "--verdict-share", "0.9"), 2, "--verdict-share"),
     Case("budget without --eval-data", lambda t: _convert(t, None, "--min-sqnr", "30"), 3, "needs --eval-data"),
     Case("accuracy budget on a non-classifier", _budget_on_regressor, 3, "needs a classifier output"),
     Case("budget that no model meets", _budget_unreachable, 1, "no quantization met the budget"),
@@ -337,12 +343,35 @@ def test_bad_input(tmp_path, monkeypatch, case):
     assert not leftovers, f"wrote {leftovers}"
 
 
-def test_old_opset_is_upgraded_when_asked(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--upgrade-opset",)], ids=["default", "flag-kept-as-no-op"])
+def test_old_opset_is_upgraded_by_default(tmp_path, extra):
     model = _model(tmp_path, _old_opset())
-    result = runner.invoke(app, _convert(tmp_path, model, "--upgrade-opset"))
+    result = runner.invoke(app, _convert(tmp_path, model, *extra))
     assert result.exit_code == 0, result.output
+    assert "input: opset 11 upgraded to 13 in memory" in result.output
     out = onnx.load(str(tmp_path / "out.onnx"))
     assert next(i.version for i in out.opset_import if i.domain == "") >= 13
+    assert model.read_bytes() == _old_opset().SerializeToString()  # the input file is unchanged
+
+
+def test_old_opset_calibrates_by_default_and_says_so(tmp_path):
+    result = runner.invoke(app, _calibrate(tmp_path, _model(tmp_path, _old_opset())))
+    assert result.exit_code == 0, result.output
+    assert "note: opset 11 upgraded to 13" in result.stderr
+
+
+def test_old_opset_result_field_and_api_refusal(tmp_path):
+    from quantcli.api import convert_model
+    from quantcli.core.errors import UnsupportedModelError
+
+    model, data = _model(tmp_path, _old_opset()), _data(tmp_path)
+    result = convert_model(model, tmp_path / "a.onnx", data_path=data)
+    assert result.opset_note is not None and result.opset_note.startswith("opset 11 upgraded to 13")
+    current = convert_model(_model(tmp_path, name="new.onnx"), tmp_path / "b.onnx", data_path=data)
+    assert current.opset_note is None  # an opset-13+ model says nothing
+    with pytest.raises(UnsupportedModelError) as info:
+        convert_model(model, tmp_path / "c.onnx", data_path=data, upgrade_opset=False)
+    assert info.value.options == ("upgrade_opset",)
 
 
 def test_option_errors_name_fields_and_the_cli_names_flags():
@@ -369,7 +398,7 @@ def test_option_errors_name_fields_and_the_cli_names_flags():
     [
         ({"calibration": Path("c.json"), "data_path": Path("d.npz")}, "OptionConflict", ("calibration", "data_path")),
         ({}, "MissingInput", ("calibration", "data_path")),
-        ({"data_path": Path("d.npz"), "eval_data": Path("e.npz")}, "MissingInput", ("search", "eval_data")),
+        ({"data_path": Path("d.npz"), "verdict_share": 0.9}, "InvalidOption", ("verdict_share",)),
         ({"data_path": Path("d.npz"), "save_recipe": Path("r.json")}, "MissingInput", ("search", "save_recipe")),
         ({"mode": "dynamic", "data_path": Path("d.npz")}, "OptionConflict", ("data_path", "mode")),
         ({"mode": "fp16", "recipe": Path("r.json")}, "OptionConflict", ("mode", "recipe")),

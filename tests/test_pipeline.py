@@ -19,6 +19,7 @@ from quantcli.pipeline import (
     steps_for,
 )
 from quantcli.pipeline import steps as s
+from quantcli.pipeline import verdict as v
 from quantcli.pipeline.convert import run_steps
 from quantcli.search.accuracy_search import Budget, SearchOptions
 
@@ -32,10 +33,15 @@ def test_each_request_runs_its_list(tmp_path):
     assert steps_for(ConvertRequest(m, o, data_path=d, recipe=tmp_path / "r.json")) is RECIPE_STEPS
     for mode in (ConvertMode.DYNAMIC, ConvertMode.WEIGHT_ONLY, ConvertMode.FP16):
         assert steps_for(ConvertRequest(m, o, mode=mode)) is MODE_STEPS
-    # every list checks its outputs first and writes last (the search then writes its recipe)
+    # every list checks its outputs first, writes, then gives its verdict (the search then writes its recipe)
     for steps in (STATIC_STEPS, ALGORITHM_STEPS, RECIPE_STEPS, MODE_STEPS):
-        assert steps[0] is s.check_outputs and steps[-1] is s.save
-    assert SEARCH_STEPS[-2:] == (s.save, s.save_recipe)
+        assert steps[0] is s.check_outputs and steps[-2:] == (s.save, v.verdict)
+    assert SEARCH_STEPS[-3:] == (s.save, v.verdict, s.save_recipe)
+    # only the plain static list holds calibration samples back for the verdict (a search or a recipe
+    # calibrates on all of --data, so that a recipe replays to the same bytes)
+    assert [steps for steps in (STATIC_STEPS, ALGORITHM_STEPS, SEARCH_STEPS, RECIPE_STEPS) if v.hold_back in steps] == [
+        STATIC_STEPS
+    ]
 
 
 def test_the_request_is_frozen_and_paths_are_paths(tmp_path):

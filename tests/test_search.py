@@ -145,10 +145,10 @@ def test_accuracy_budget_on_the_bundled_transformer(tmp_path):
 def test_cli_search_options_are_checked(mlp, tmp_path):
     model, calib, evald = mlp
     runner = CliRunner()
-    res = runner.invoke(
-        app, ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--data", str(calib), "--eval-data", str(evald)]
+    res = runner.invoke(  # --eval-data without a budget: the data the verdict checks on
+        app, ["convert", str(model), "-o", str(tmp_path / "v.onnx"), "--data", str(calib), "--eval-data", str(evald)]
     )
-    assert res.exit_code == 3 and "--max-accuracy-drop or --min-sqnr" in res.output
+    assert res.exit_code == 0 and "$eval_data samples" not in res.output and "--eval-data samples" in res.output
     res = runner.invoke(
         app, ["convert", str(model), "-o", str(tmp_path / "q.onnx"), "--data", str(calib), "--min-sqnr", "20"]
     )
@@ -160,6 +160,7 @@ def test_cli_search_options_are_checked(mlp, tmp_path):
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "accuracy search" in res.output and (tmp_path / "r.json").exists()
+    assert "--eval-data samples (the search chose on them)" in res.output  # the verdict says its data was seen
 
 
 def test_recipe_keeps_weight_clipping(mlp, tmp_path):

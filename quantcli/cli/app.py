@@ -27,6 +27,7 @@ from quantcli.cli import report
 from quantcli.cli.flags import (
     AlgorithmFlags,
     CalibrationFlags,
+    GateFlags,
     ImageFlags,
     ModeFlags,
     QuantFlags,
@@ -39,8 +40,9 @@ from quantcli.cli.flags import (
     parse_bytes,
     split_list,
 )
-from quantcli.compare.gates import GateThresholds, evaluate_gates
+from quantcli.compare.gates import GateResult, evaluate_gates
 from quantcli.compare.metrics import parse_metric
+from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, parse_output_kinds
 from quantcli.core.errors import NotFasterError, QuantCliError
 from quantcli.core.options import (
     ACTIVATION_TYPES,
@@ -197,7 +199,10 @@ Layout = Annotated[str, typer.Option(help="auto, nchw or nhwc.", rich_help_panel
 UpgradeOpset = Annotated[
     bool,
     typer.Option(
-        "--upgrade-opset", help="Convert opset < 13 models with onnx's version converter.", rich_help_panel=DATA
+        "--upgrade-opset/--no-upgrade-opset",
+        help="Upgrade opset < 13 models in memory with onnx's version converter (the default); "
+        "--no-upgrade-opset refuses them.",
+        rich_help_panel=DATA,
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.", rich_help_panel=OUTPUT)]
@@ -259,7 +264,7 @@ def calibrate(
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for --shuffle.", rich_help_panel=DATA)] = 0,
     timeout: Annotated[float | None, typer.Option(min=0, help="Give up after this many seconds.")] = None,
-    upgrade_opset: UpgradeOpset = False,
+    upgrade_opset: UpgradeOpset = True,
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.", rich_help_panel=OUTPUT)
     ] = False,
@@ -288,7 +293,7 @@ def calibrate(
         err.print(
             "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
         )
-    result = api.calibrate(request, progress=_progress(quiet))
+    result = api.calibrate(request, progress=_progress(quiet), log=lambda line: err.print(f"note: {escape(line)}"))
     write_calibration(result, output, model_path=model.name, force=force)
     console = _report_console(json_path)
     report.render_calibration(console, result, output)
@@ -433,7 +438,7 @@ def convert(
             help="Weight ranges: absmax, or mse (per-channel clip of least weight MSE).", rich_help_panel=ALGORITHMS
         ),
     ] = WeightClipping.ABSMAX,
-    upgrade_opset: UpgradeOpset = False,
+    upgrade_opset: UpgradeOpset = True,
     eval_data: Annotated[
         Path | None,
         typer.Option(
@@ -487,6 +492,33 @@ def convert(
             rich_help_panel=OUTPUT,
         ),
     ] = False,
+    verdict: Annotated[
+        bool,
+        typer.Option(
+            "--verdict/--no-verdict",
+            help="End with a verdict: agreement/cosine/IoU/SQNR to FP32 on samples not calibrated on (--eval-data, "
+            "or the held-back share of --data) and batch-1 speed; warns below agreement 0.98, cosine 0.99, IoU 0.9.",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = True,
+    verdict_share: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=0.5,
+            help="Share of --data held back from calibration for the verdict (at most 64 samples; 0: none).",
+            rich_help_panel=DATA,
+        ),
+    ] = 0.2,
+    output_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-kind",
+            help="NAME=KIND for the verdict: output NAME is a classifier, sequence, binary, embedding, map or raw "
+            "output (default: detected; repeatable).",
+            rich_help_panel=OUTPUT,
+        ),
+    ] = None,
     quiet: Quiet = False,
     json_path: JsonOpt = None,
 ) -> None:
@@ -509,7 +541,9 @@ def convert(
         CalibrationFlags(method, percentile, timeout),
         SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms),
         AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
-        RunFlags(force, require_fused, require_speedup, upgrade_opset),
+        RunFlags(
+            force, require_fused, require_speedup, upgrade_opset, verdict, verdict_share, tuple(output_kind or ())
+        ),
         ImageFlags(image_size, resize, scale, mean, std, channel_order, layout),
     )
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))
@@ -582,7 +616,21 @@ def compare(
     ] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Percentage points.", rich_help_panel=GATES)] = None,
     min_agreement: Annotated[
-        float | None, typer.Option(help="Top-1 agreement, percent.", rich_help_panel=GATES)
+        float | None,
+        typer.Option(
+            help="Share of samples whose decision equals FP32's (argmax; the whole argmax sequence; the thresholded "
+            "sigmoid), on every classifier, sequence and binary output, e.g. 0.98 (a value above 1 is read as "
+            "percent).",
+            rich_help_panel=GATES,
+        ),
+    ] = None,
+    min_cosine: Annotated[
+        float | None,
+        typer.Option(help="Mean per-sample cosine to FP32, on every embedding output.", rich_help_panel=GATES),
+    ] = None,
+    min_iou: Annotated[
+        float | None,
+        typer.Option(help="Mean per-sample IoU of thresholded maps, on every map output.", rich_help_panel=GATES),
     ] = None,
     min_sqnr: Annotated[float | None, typer.Option(help="Output SQNR, dB.", rich_help_panel=GATES)] = None,
     min_speedup: Annotated[
@@ -591,6 +639,18 @@ def compare(
     max_size_ratio: Annotated[
         float | None, typer.Option(help="Quantized / FP32 file size.", rich_help_panel=GATES)
     ] = None,
+    output_kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output-kind",
+            help="NAME=KIND: output NAME is a classifier, sequence, binary, embedding, map or raw output "
+            "(default: detected from its shape and FP32 values; repeatable).",
+            rich_help_panel=MEASURE,
+        ),
+    ] = None,
+    map_threshold: Annotated[
+        float, typer.Option(help="Where map outputs are cut into masks for IoU.", rich_help_panel=MEASURE)
+    ] = DEFAULT_MAP_THRESHOLD,
     quiet: Quiet = False,
 ) -> None:
     """Measure accuracy, error and latency of the quantized model against the FP32 one."""
@@ -610,15 +670,24 @@ def compare(
         measure_memory=memory,
         batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
+        output_kinds=parse_output_kinds(output_kind),
+        map_threshold=map_threshold,
     )
     result = api.compare_models(request, progress=_progress(quiet))
-    thresholds = GateThresholds(max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio)
+    thresholds = GateFlags(
+        max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio, min_cosine, min_iou
+    ).thresholds()
     gates = evaluate_gates(result, thresholds)
     console = _report_console(json_path)
     report.render_comparison(console, result, gates, top=top)
     report.write_comparison(
         console, result, gates, top=top, json_path=json_path, markdown_path=markdown_path, html_path=html_path
     )
+    _exit_on_failed_gates(gates)
+
+
+def _exit_on_failed_gates(gates: list[GateResult]) -> None:
+    """One line per failed gate on stderr, then exit code 1."""
     failed = [g for g in gates if not g.passed]
     for g in failed:
         err.print(f"[red]gate failed:[/] {g.name}: {g.describe()}")

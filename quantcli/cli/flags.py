@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quantcli.compare.gates import GateThresholds
+from quantcli.compare.output_kinds import parse_output_kinds
 from quantcli.core.errors import InvalidOption, OptionConflict, QuantCliError
 from quantcli.core.host import detect_host
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, StrEnum, WeightClipping
@@ -27,6 +29,7 @@ __all__ = [
     "FLAGS",
     "AlgorithmFlags",
     "CalibrationFlags",
+    "GateFlags",
     "ImageFlags",
     "ModeFlags",
     "QuantFlags",
@@ -51,6 +54,7 @@ FLAGS: dict[str, str] = {
     "time_budget_s": "--time-budget",
     "measure_memory": "--memory",
     "batch_axes": "--batch-axis",
+    "output_kinds": "--output-kind",
     "smoothquant": "--smoothquant",
 }
 
@@ -306,13 +310,45 @@ class AlgorithmFlags:
 
 
 @dataclass(frozen=True, slots=True)
+class GateFlags:
+    """``compare``'s gates as typed (``--min-agreement`` takes a fraction; above 1 it is read as percent,
+    the unit it had before output kinds)."""
+
+    max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
+    min_sqnr: float | None = None
+    min_speedup: float | None = None
+    max_size_ratio: float | None = None
+    min_cosine: float | None = None
+    min_iou: float | None = None
+
+    def thresholds(self) -> GateThresholds:
+        """The gates' bounds, ``--min-agreement`` as a fraction."""
+        agreement = self.min_agreement
+        if agreement is not None and agreement > 1.0:
+            agreement /= 100.0
+        return GateThresholds(
+            self.max_accuracy_drop,
+            agreement,
+            self.min_sqnr,
+            self.min_speedup,
+            self.max_size_ratio,
+            self.min_cosine,
+            self.min_iou,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class RunFlags:
-    """``--force``, ``--require-fused``, ``--require-speedup``, ``--upgrade-opset``."""
+    """``--force``, ``--require-fused``, ``--require-speedup``, ``--upgrade-opset``, ``--verdict(-share)``."""
 
     force: bool = False
     require_fused: bool = False
     require_speedup: bool = False
-    upgrade_opset: bool = False
+    upgrade_opset: bool = True
+    verdict: bool = True
+    verdict_share: float = 0.2
+    output_kinds: tuple[str, ...] = ()
 
 
 def convert_request(
@@ -351,4 +387,7 @@ def convert_request(
         mode_options=modes.options(quant),
         batch_axes=parse_batch_axes(sources.batch_axis),
         images=images.parse(),
+        verdict=run.verdict,
+        verdict_share=run.verdict_share,
+        output_kinds=parse_output_kinds(run.output_kinds),
     )

@@ -294,10 +294,13 @@ def _render_mode(console: Console, result: ConvertResult) -> None:
         f"size: {_size(result.input_bytes)} -> {_size(result.output_bytes)} ({100 * ratio:.1f}%); "
         f"wrote [bold]{escape(str(result.output_path))}[/]",
     )
+    render_verdict(console, result)
 
 
 def render_convert(console: Console, result: ConvertResult) -> None:
     """What convert quantized, what onnxruntime fused, and what stayed float."""
+    if result.opset_note is not None:
+        console.print(f"input: {result.opset_note}")
     if result.plan is None:
         _render_mode(console, result)
         return
@@ -372,6 +375,19 @@ def render_convert(console: Console, result: ConvertResult) -> None:
     )
     if result.recipe_path is not None:
         _say_path(console, f"wrote recipe [bold]{escape(str(result.recipe_path))}[/] (replay with --recipe)")
+    render_verdict(console, result)
+
+
+def render_verdict(console: Console, result: ConvertResult) -> None:
+    """The verdict's line, then its warnings (yellow) and what it could not check."""
+    from quantcli.cli.flags import flag
+
+    if result.verdict is None:
+        return
+    first, *rest = result.verdict.render(flag)
+    console.print(escape(first), style=None if result.verdict.passed else "yellow")
+    for line in rest:
+        console.print(f"[yellow]{escape(line)}[/]" if line.startswith("verdict:") else escape(line))
 
 
 def _render_subgraphs(console: Console, result: ConvertResult) -> None:
@@ -420,6 +436,8 @@ def render_compare(console: Console, result: CompareResult) -> None:
             f"{m.max_abs_error:.4g}",
         )
     print_table(console, table)
+    for k in result.kinds:
+        console.print(f"output {escape(k.summary())}")
     if result.latency:
         threads = result.latency[0].threads
         table = Table(

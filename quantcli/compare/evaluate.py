@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,12 +150,14 @@ def compare_outputs(
     topk: int = 1,
     collect: dict[str, list[list[np.ndarray]]] | None = None,
     progress: Progress = no_progress,
+    observe: Callable[[list[str], list[np.ndarray], list[np.ndarray], int], None] | None = None,
 ) -> list[OutputMetrics]:
     """Metrics for every output of ``reference`` against the same output of ``candidate``.
 
     ``topk`` sets the accuracy metric against labels (0: none). When ``collect`` is given, every
     batch's outputs are appended to ``collect["reference"]`` and ``collect["candidate"]`` (for a
-    custom metric that needs all outputs at once).
+    custom metric that needs all outputs at once). ``observe(names, reference outputs, candidate
+    outputs, samples)`` is called for every batch (``quantcli.compare.output_kinds``).
     """
     names = [o.name for o in reference.get_outputs()]
     accs = {n: _Accumulator(n, topk=topk) for n in names}
@@ -174,6 +177,8 @@ def compare_outputs(
         for name, r, q in zip(names, ref_out, q_out, strict=True):
             if r.dtype.kind == "f":
                 accs[name].update(r, q, labels)
+        if observe is not None:
+            observe(names, ref_out, q_out, n)
         if collect is not None:
             collect.setdefault("reference", []).append(ref_out)
             collect.setdefault("candidate", []).append(q_out)

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from quantcli.compare.evaluate import LatencyComparison, OutputMetrics
     from quantcli.compare.layers import LayerError
     from quantcli.compare.metrics import TaskMetric
+    from quantcli.compare.output_kinds import KindMetrics
 
 __all__ = ["CompareResult"]
 
@@ -31,6 +32,8 @@ class CompareResult:
     task_metric: TaskMetric | None = None
     reference_peak_mb: float | None = None
     candidate_peak_mb: float | None = None
+    #: each output's kind (detected or given) and task-level metric (``quantcli.compare.output_kinds``)
+    kinds: list[KindMetrics] = field(default_factory=list)
 
     @property
     def size_ratio(self) -> float:

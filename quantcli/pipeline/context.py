@@ -19,10 +19,12 @@ from quantcli.pipeline.request import ConvertRequest
 if TYPE_CHECKING:
     import onnx
 
+    from quantcli.data.datasets import Dataset
     from quantcli.modes.common import ModeReport
     from quantcli.passes.equalization import EqualizationReport
     from quantcli.passes.preprocess import PreprocessReport
     from quantcli.passes.smoothquant import SmoothQuantReport
+    from quantcli.pipeline.verdict import Verdict
     from quantcli.search.accuracy_search import SearchBase, SearchResult
     from quantcli.search.recipe import Recipe
     from quantcli.static.bias_correction import BiasCorrectionReport
@@ -59,6 +61,8 @@ class ConvertContext:
     #: the input model, loaded and checked, and its file's sha256
     model: onnx.ModelProto | None = None
     sha256: str = ""
+    #: one line when the input's opset was upgraded in memory
+    opset_note: str | None = None
     #: the model quantization starts from (pre-processed, then transformed by the algorithms)
     prepared: onnx.ModelProto | None = None
     pre_report: PreprocessReport | None = None
@@ -73,6 +77,13 @@ class ConvertContext:
     speed: SpeedCheck | None = None
     unknown_shapes: tuple[str, ...] = ()
     shape_error: str | None = None
+    #: the samples calibration reads when some are held back for the verdict (``verdict.hold_back``)
+    calibration_data: Dataset | None = None
+    #: the data and the first sample held back from calibration
+    held_out: tuple[Dataset, int] | None = None
+    #: what the verdict could not check, decided before it runs
+    verdict_unchecked: tuple[str, ...] = ()
+    verdict: Verdict | None = None
 
     def __post_init__(self) -> None:
         r = self.request

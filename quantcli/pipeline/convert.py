@@ -22,6 +22,7 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.modes.common import ConvertMode
 from quantcli.pipeline import mode_steps as m
 from quantcli.pipeline import steps as s
+from quantcli.pipeline import verdict as v
 from quantcli.pipeline.context import ConvertContext, Step, need, no_log
 from quantcli.pipeline.request import ConvertRequest
 from quantcli.pipeline.result import ConvertResult
@@ -37,13 +38,22 @@ __all__ = [
 ]
 
 #: validate, audit, time and write a static QDQ model (the end of every static list)
-_STATIC_TAIL: tuple[Step, ...] = (s.validate, s.audit, s.require_fused, s.check_speedup, s.shape_facts, s.save)
+_STATIC_TAIL: tuple[Step, ...] = (
+    s.validate,
+    s.audit,
+    s.require_fused,
+    s.check_speedup,
+    s.shape_facts,
+    s.save,
+    v.verdict,
+)
 
 #: calibrated QDQ: calibration given or measured, one plan
 STATIC_STEPS: tuple[Step, ...] = (
     s.check_outputs,
     s.load_and_check,
     s.preprocess,
+    v.hold_back,
     s.calibrate_or_read,
     s.rechoose_method,
     s.plan,
@@ -90,6 +100,7 @@ MODE_STEPS: tuple[Step, ...] = (
     m.mode_audit,
     m.require_fused_kernels,
     s.save,
+    v.verdict,
 )
 
 
@@ -139,4 +150,6 @@ def _result(ctx: ConvertContext) -> ConvertResult:
         unknown_shapes=ctx.unknown_shapes,
         shape_inference_error=ctx.shape_error,
         algorithms=ctx.applied,
+        opset_note=ctx.opset_note,
+        verdict=ctx.verdict,
     )

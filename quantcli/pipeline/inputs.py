@@ -12,7 +12,7 @@ from quantcli.core.errors import UnsupportedModelError
 from quantcli.graph.model_io import model_opset
 from quantcli.graph.model_io import upgrade_opset as upgrade_opset_to
 
-__all__ = ["MIN_OPSET", "prepare_input"]
+__all__ = ["MIN_OPSET", "opset_note", "prepare_input"]
 
 _QUANTIZED_OPS = {
     "QuantizeLinear",
@@ -34,7 +34,8 @@ MIN_OPSET = 13
 def prepare_input(
     model: onnx.ModelProto, path: Path, *, upgrade_opset: bool, min_opset: int = MIN_OPSET
 ) -> onnx.ModelProto:
-    """Refuse models quantcli must not quantize; upgrade an old opset when asked."""
+    """Refuse models quantcli must not quantize; upgrade an opset older than ``min_opset`` in memory
+    (the default), or refuse it when ``upgrade_opset`` is False. ``opset_note`` says what was done."""
     _refuse_quantized(model, path)
     _refuse_damaged_weights(model, path)
     opset = model_opset(model)
@@ -43,8 +44,8 @@ def prepare_input(
     if not upgrade_opset:
         what = "per-channel QuantizeLinear/DequantizeLinear" if min_opset == MIN_OPSET else "this mode"
         raise UnsupportedModelError(
-            f"{path}: opset {opset} is too old for {what} "
-            f"(needs >= {min_opset}); pass $upgrade_opset to convert it with onnx's version converter",
+            f"{path}: opset {opset} is too old for {what} (needs >= {min_opset}); onnx's version converter "
+            "upgrades it in memory unless $upgrade_opset is off",
             options=("upgrade_opset",),
         )
     try:
@@ -52,6 +53,14 @@ def prepare_input(
     except Exception as exc:
         first = " ".join(str(exc).split())[:200]
         raise UnsupportedModelError(f"{path}: onnx's version converter cannot upgrade opset {opset}: {first}") from exc
+
+
+def opset_note(original: onnx.ModelProto, prepared: onnx.ModelProto) -> str | None:
+    """One line saying the opset was upgraded in memory (None when it was not)."""
+    before, after = model_opset(original), model_opset(prepared)
+    if before == after:
+        return None
+    return f"opset {before} upgraded to {after} in memory by onnx's version converter (the input file is unchanged)"
 
 
 def _refuse_quantized(model: onnx.ModelProto, path: Path) -> None:

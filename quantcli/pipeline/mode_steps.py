@@ -8,7 +8,7 @@ from quantcli.core.errors import QuantCliError
 from quantcli.graph.model_io import load_model
 from quantcli.modes.common import ConvertMode, matching_nodes
 from quantcli.pipeline.context import ConvertContext, need
-from quantcli.pipeline.inputs import prepare_input
+from quantcli.pipeline.inputs import opset_note, prepare_input
 
 __all__ = ["load_and_check_mode", "mode_audit", "require_fused_kernels", "rewrite_mode"]
 
@@ -27,9 +27,9 @@ _FUSED_KERNELS: dict[ConvertMode, dict[str, tuple[str, ...]]] = {
 def load_and_check_mode(ctx: ConvertContext) -> None:
     """Load the model and check it against the mode's oldest opset."""
     r = ctx.request
-    ctx.model = prepare_input(
-        load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset, min_opset=_MODE_MIN_OPSET[r.mode]
-    )
+    loaded = load_model(r.model_path)
+    ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset, min_opset=_MODE_MIN_OPSET[r.mode])
+    ctx.opset_note = opset_note(loaded, ctx.model)
 
 
 def rewrite_mode(ctx: ConvertContext) -> None:

@@ -21,6 +21,7 @@ from quantcli.modes.common import ConvertMode
 
 if TYPE_CHECKING:
     from quantcli.compare.metrics import MetricSpec
+    from quantcli.compare.output_kinds import OutputKind
     from quantcli.data.images import ImagePreprocess
     from quantcli.modes.dynamic import DynamicOptions
     from quantcli.modes.weight_only import WeightOnlyOptions
@@ -46,10 +47,10 @@ class ConvertRequest:
         force: overwrite outputs; with a search, write a model that is not faster than FP32.
         require_fused: fail if a quantized Conv/MatMul/Gemm did not become an integer kernel.
         require_speedup: time both models at batch 1 and write nothing unless quantized is faster.
-        upgrade_opset: convert an old opset with onnx's version converter.
+        upgrade_opset: upgrade an opset < 13 in memory with onnx's version converter (False: refuse it).
         timeout: seconds calibration may take.
         search: an accuracy budget to search for (with ``eval_data``).
-        eval_data: held-out data the search measures on.
+        eval_data: held-out data the search measures on, and the verdict checks.
         recipe: a saved search's decisions to replay (object or file).
         save_recipe: where the search writes its decisions.
         algorithms: CLE, SmoothQuant, bias correction (need ``data_path``).
@@ -57,6 +58,11 @@ class ConvertRequest:
         mode_options: the choices of the dynamic and weight-only modes.
         batch_axes: inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
         images: how image folders become input.
+        verdict: end with a verdict (``quantcli.pipeline.verdict``): fidelity on samples not calibrated
+            on (``eval_data``, or the held-back share of ``data_path``) and batch-1 speed.
+        output_kinds: output name -> kind for the verdict, overriding detection (``quantcli.compare.output_kinds``).
+        verdict_share: the share of ``data_path`` (static mode, no ``eval_data``) held back from
+            calibration for the verdict, at most 64 samples (0: calibrate on all of it).
 
     Raises:
         OptionConflict: options that cannot go together.
@@ -73,7 +79,7 @@ class ConvertRequest:
     force: bool = False
     require_fused: bool = False
     require_speedup: bool = False
-    upgrade_opset: bool = False
+    upgrade_opset: bool = True
     timeout: float | None = None
     search: SearchOptions | None = None
     eval_data: Path | None = None
@@ -84,8 +90,13 @@ class ConvertRequest:
     mode_options: DynamicOptions | WeightOnlyOptions | None = None
     batch_axes: Mapping[str, int | None] | None = None
     images: ImagePreprocess | None = None
+    verdict: bool = True
+    verdict_share: float = 0.2
+    output_kinds: Mapping[str, OutputKind] | None = None
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.verdict_share <= 0.5:
+            raise InvalidOption(f"$verdict_share {self.verdict_share}: must be in [0, 0.5]", option="verdict_share")
         for name in ("model_path", "output_path", "data_path", "eval_data", "save_recipe"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
@@ -132,10 +143,6 @@ class ConvertRequest:
             raise MissingInput(
                 "the accuracy search needs $eval_data (held-out data, with labels for top-1)", option="eval_data"
             )
-        if self.search is None and self.eval_data is not None:
-            raise MissingInput(
-                "$eval_data is for the accuracy search: also give $search", option="search", options=("eval_data",)
-            )
         if self.save_recipe is not None and self.search is None:
             raise MissingInput(
                 "$save_recipe records a search's decisions: give $search", option="search", options=("save_recipe",)
@@ -169,7 +176,7 @@ class CalibrateRequest:
     shuffle: bool = False
     seed: int = 0
     timeout: float | None = None
-    upgrade_opset: bool = False
+    upgrade_opset: bool = True
     images: ImagePreprocess | None = None
     random_samples: int | None = None
     batch_axes: Mapping[str, int | None] | None = None
@@ -201,6 +208,11 @@ class CompareRequest:
         measure_memory: measure each session's peak memory.
         batch_axes: inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
         images: how image folders become input.
+        output_kinds: output name -> kind, overriding detection (``quantcli.compare.output_kinds``).
+        map_threshold: where a probability map is cut into a mask for IoU.
+
+    Raises:
+        InvalidOption: ``map_threshold`` outside (0, 1).
     """
 
     reference_path: Path
@@ -218,7 +230,11 @@ class CompareRequest:
     measure_memory: bool = False
     batch_axes: Mapping[str, int | None] | None = None
     images: ImagePreprocess | None = None
+    output_kinds: Mapping[str, OutputKind] | None = None
+    map_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("reference_path", "candidate_path", "data_path"):
             object.__setattr__(self, name, Path(getattr(self, name)))
+        if not 0.0 < self.map_threshold < 1.0:
+            raise InvalidOption(f"$map_threshold {self.map_threshold}: must be in (0, 1)", option="map_threshold")

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from quantcli.passes.equalization import EqualizationReport
     from quantcli.passes.preprocess import PreprocessReport
     from quantcli.passes.smoothquant import SmoothQuantReport
+    from quantcli.pipeline.verdict import Verdict
     from quantcli.search.accuracy_search import SearchResult
     from quantcli.static.bias_correction import BiasCorrectionReport
     from quantcli.static.plan import QuantPlan
@@ -48,3 +49,7 @@ class ConvertResult:
     #: why onnx shape inference failed on the model, if it did
     shape_inference_error: str | None = None
     algorithms: tuple[EqualizationReport | SmoothQuantReport | BiasCorrectionReport, ...] = ()
+    #: one line when the input's opset was upgraded in memory (``upgrade_opset``), else None
+    opset_note: str | None = None
+    #: fidelity on samples convert did not calibrate on, and batch-1 speed (``quantcli.pipeline.verdict``)
+    verdict: Verdict | None = None

@@ -29,7 +29,7 @@ from quantcli.pipeline.algorithms import (
     convert_with_algorithms,
 )
 from quantcli.pipeline.context import ConvertContext, need
-from quantcli.pipeline.inputs import prepare_input
+from quantcli.pipeline.inputs import opset_note, prepare_input
 from quantcli.stats.artifact import read_calibration
 from quantcli.stats.calibration import activation_levels, calibrate, ranges_for_levels, rechoose
 
@@ -78,7 +78,9 @@ def check_outputs(ctx: ConvertContext) -> None:
 def load_and_check(ctx: ConvertContext) -> None:
     """Load the model, refuse what quantcli must not quantize, hash the file."""
     r = ctx.request
-    ctx.model = prepare_input(load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset)
+    loaded = load_model(r.model_path)
+    ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
+    ctx.opset_note = opset_note(loaded, ctx.model)
     ctx.sha256 = file_sha256(r.model_path)
 
 
@@ -128,9 +130,10 @@ def calibrate_or_read(ctx: ConvertContext) -> None:
     elif calibration is None:
         data_path = need(r.data_path, "the data path")
         method = CalibrationMethod.PERCENTILE if r.wants_histograms else ctx.method or CalibrationMethod.MINMAX
+        dataset = ctx.calibration_data or ctx.fmt.open(data_path, model_input_specs(need(ctx.model, "the model")))
         calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
             need(ctx.prepared, "the pre-processed model"),
-            ctx.fmt.open(data_path, model_input_specs(need(ctx.model, "the model"))),
+            dataset,
             model_sha256=ctx.sha256,
             method=method,
             percentile=ctx.percentile,

@@ -233,7 +233,22 @@ def compare_document(result: CompareResult, gates: list[GateResult] | None = Non
             for e in result.layers
         ],
         "gates": [
-            {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound} for g in (gates or [])
+            {"name": g.name, "passed": g.passed, "value": _finite(g.value), "bound": g.bound}
+            | ({"output": g.output, "kind": g.kind} if g.kind is not None else {})
+            for g in (gates or [])
+        ],
+        "output_kinds": [
+            {
+                "name": k.name,
+                "kind": str(k.kind),
+                "reason": k.reason,
+                "num_samples": k.num_samples,
+                "sqnr_db": _finite(k.sqnr_db),
+                "agreement": k.agreement,
+                "cosine": k.cosine,
+                "iou": k.iou,
+            }
+            for k in result.kinds
         ],
     }
 

@@ -1,0 +1,277 @@
+"""What each model output is, told from its FP32 values, and the task-level metric of each kind.
+
+Kinds, detected on the first batch of FP32 outputs (axis 0 = samples; an output whose first axis is
+not the batch is one sample), in this order:
+
+* ``raw``: not float, or nothing below matched; measured by SQNR only.
+* ``embedding``: the output's name says so (``embed``, ``pool``, ``hidden``, ``vector``,
+  ``sentence``), or 1-D vectors of unit L2 norm: mean per-sample cosine.
+* ``binary``: one value per sample in [0, 1] (a sigmoid), or a vector of independent [0, 1] scores
+  that do not sum to 1 (multi-label): a sample agrees when every decision ``value > 0.5`` matches
+  (``value > 0`` when an override calls logits binary).
+* ``classifier``: a vector per sample (class scores: probabilities, log-probabilities or logits):
+  a sample agrees when the argmax matches.
+* ``sequence``: per-position class scores ``[T, C]`` whose rows are probabilities or log-probabilities
+  (CTC recognizers, token classifiers): a sample agrees when the **whole** argmax sequence matches,
+  position by position (strict: no CTC collapsing, so an agreeing recognizer also reads the same string).
+* ``map``: a dense map ``[C, H, W]`` (H, W >= 8) in [0, 1] (text or segmentation probability maps):
+  mean per-sample IoU of the maps thresholded at ``map_threshold`` (an empty union counts as 1).
+
+Every kind also gets its SQNR (dB) over all elements. ``--output-kind NAME=KIND`` overrides the
+detection (``OutputKindObserver(overrides=...)``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from quantcli.core.errors import InvalidOption
+from quantcli.core.options import StrEnum
+
+__all__ = [
+    "AGREEMENT_KINDS",
+    "DEFAULT_MAP_THRESHOLD",
+    "KindMetrics",
+    "OutputKind",
+    "OutputKindObserver",
+    "detect_kind",
+    "kind_metrics",
+    "parse_output_kinds",
+]
+
+#: where a probability map is cut into a mask for IoU
+DEFAULT_MAP_THRESHOLD = 0.5
+_EMBEDDING_NAME = re.compile(r"embed|pool|hidden|vector|sentence", re.IGNORECASE)
+_MIN_MAP_SIDE = 8
+
+
+class OutputKind(StrEnum):
+    """What an output means, which decides its task-level metric."""
+
+    CLASSIFIER = "classifier"
+    SEQUENCE = "sequence"
+    BINARY = "binary"
+    EMBEDDING = "embedding"
+    MAP = "map"
+    RAW = "raw"
+
+
+#: the kinds measured by agreement (``min_agreement``), cosine and IoU
+AGREEMENT_KINDS = frozenset({OutputKind.CLASSIFIER, OutputKind.SEQUENCE, OutputKind.BINARY})
+
+
+def parse_output_kinds(items: Sequence[str] | None) -> dict[str, OutputKind]:
+    """``["logits=classifier", "probs=map"]`` -> ``{"logits": CLASSIFIER, "probs": MAP}``.
+
+    Raises:
+        InvalidOption: an item without ``=`` or with an unknown kind.
+    """
+    kinds: dict[str, OutputKind] = {}
+    for item in items or ():
+        name, sep, kind = item.rpartition("=")
+        if not sep or not name or kind not in {k.value for k in OutputKind}:
+            choices = "|".join(k.value for k in OutputKind)
+            raise InvalidOption(f"$output_kinds {item!r}: expected NAME={choices}", option="output_kinds")
+        kinds[name] = OutputKind(kind)
+    return kinds
+
+
+def _in_unit(values: np.ndarray) -> bool:
+    return bool(values.size) and float(values.min()) >= 0.0 and float(values.max()) <= 1.0
+
+
+def _rows_are_distributions(values: np.ndarray) -> bool:
+    """The last axis holds probabilities (>= 0, sum 1) or log-probabilities (<= 0, logsumexp 0)."""
+    if values.shape[-1] < 2 or not values.size:
+        return False
+    v = values.astype(np.float64)
+    if float(v.min()) >= 0.0 and np.allclose(v.sum(-1), 1.0, atol=1e-3):
+        return True
+    if float(v.max()) <= 0.0:
+        peak = v.max(-1, keepdims=True)
+        lse = peak[..., 0] + np.log(np.exp(v - peak).sum(-1))
+        return bool(np.allclose(lse, 0.0, atol=1e-3))
+    return False
+
+
+def detect_kind(name: str, values: np.ndarray) -> tuple[OutputKind, str]:
+    """The kind of output ``name`` from a batch of its FP32 values (axis 0 = samples), and why."""
+    if values.dtype.kind != "f":
+        return OutputKind.RAW, f"{values.dtype} values"
+    sample = values.shape[1:]
+    if _EMBEDDING_NAME.search(name) and math.prod(sample) > 1:
+        return OutputKind.EMBEDDING, "named as an embedding"
+    if math.prod(sample) == 1:
+        if _in_unit(values):
+            return OutputKind.BINARY, "one value in [0, 1] per sample"
+        return OutputKind.RAW, "one value per sample, not in [0, 1]"
+    if len(sample) == 1:
+        return _detect_vector(values)
+    if len(sample) == 2 and _rows_are_distributions(values):
+        return OutputKind.SEQUENCE, f"{sample[0]} positions x {sample[1]} class probabilities"
+    if len(sample) == 3 and min(sample[1:]) >= _MIN_MAP_SIDE and _in_unit(values):
+        return OutputKind.MAP, f"{sample[0]}x{sample[1]}x{sample[2]} map in [0, 1]"
+    return OutputKind.RAW, f"shape {list(sample)} per sample, no class or map semantics"
+
+
+def _detect_vector(values: np.ndarray) -> tuple[OutputKind, str]:
+    classes = values.shape[-1]
+    if _rows_are_distributions(values):
+        return OutputKind.CLASSIFIER, f"probabilities over {classes} classes"
+    if _in_unit(values):
+        return OutputKind.BINARY, f"{classes} independent scores in [0, 1]"
+    norms = np.linalg.norm(values.astype(np.float64), axis=-1)
+    if np.allclose(norms, 1.0, atol=1e-3):
+        return OutputKind.EMBEDDING, f"unit-norm vectors of {classes}"
+    return OutputKind.CLASSIFIER, f"scores over {classes} classes"
+
+
+@dataclass(frozen=True, slots=True)
+class KindMetrics:
+    """One output's kind (detected or given) and its task-level metric against FP32."""
+
+    name: str
+    kind: OutputKind
+    #: why the kind was chosen ("given" for an override)
+    reason: str
+    num_samples: int
+    sqnr_db: float
+    #: share of samples whose decision matches FP32's (classifier, sequence, binary)
+    agreement: float | None = None
+    #: mean per-sample cosine (embedding)
+    cosine: float | None = None
+    #: mean per-sample IoU of thresholded maps (map)
+    iou: float | None = None
+
+    def summary(self) -> str:
+        """``logits: classifier (scores over 10 classes): agreement 0.990, SQNR 31.2 dB``."""
+        parts = [
+            f"{label} {value:.3f}"
+            for label, value in (("agreement", self.agreement), ("cosine", self.cosine), ("IoU", self.iou))
+            if value is not None
+        ]
+        sqnr = "inf" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f}"
+        return f"{self.name}: {self.kind} ({self.reason}): {', '.join([*parts, f'SQNR {sqnr} dB'])}"
+
+
+@dataclass(slots=True)
+class _KindAccumulator:
+    name: str
+    kind: OutputKind
+    reason: str
+    threshold: float
+    signal: float = 0.0
+    noise: float = 0.0
+    count: int = 0
+    agree: int = 0
+    scores: list[np.ndarray] = field(default_factory=list)
+
+    def update(self, ref: np.ndarray, q: np.ndarray) -> None:
+        ref64, q64 = ref.astype(np.float64), q.astype(np.float64)
+        self.signal += float(np.sum(ref64 * ref64))
+        self.noise += float(np.sum((ref64 - q64) ** 2))
+        self.count += ref.shape[0]
+        if self.kind in AGREEMENT_KINDS:
+            self.agree += int(np.sum(_decisions_equal(self.kind, ref64, q64, self.threshold)))
+        elif self.kind == OutputKind.EMBEDDING:
+            self.scores.append(_cosines(ref64, q64))
+        elif self.kind == OutputKind.MAP:
+            self.scores.append(_ious(ref64 > self.threshold, q64 > self.threshold))
+
+    def result(self) -> KindMetrics:
+        sqnr = 10 * math.log10(self.signal / self.noise) if self.noise > 0 else float("inf")
+        mean = float(np.concatenate(self.scores).mean()) if self.scores else None
+        return KindMetrics(
+            self.name,
+            self.kind,
+            self.reason,
+            self.count,
+            sqnr,
+            agreement=self.agree / self.count if self.kind in AGREEMENT_KINDS and self.count else None,
+            cosine=mean if self.kind == OutputKind.EMBEDDING else None,
+            iou=mean if self.kind == OutputKind.MAP else None,
+        )
+
+
+def _decisions_equal(kind: OutputKind, ref: np.ndarray, q: np.ndarray, threshold: float) -> np.ndarray:
+    """Per sample: does the quantized decision equal FP32's?"""
+    if kind == OutputKind.BINARY:
+        return ((ref > threshold) == (q > threshold)).reshape(ref.shape[0], -1).all(axis=1)
+    # classifier [N, C] or sequence [N, T, C]: the argmax at every position
+    return (ref.argmax(-1) == q.argmax(-1)).reshape(ref.shape[0], -1).all(axis=1)
+
+
+def _cosines(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+    r, c = ref.reshape(ref.shape[0], -1), q.reshape(q.shape[0], -1)
+    norms = np.linalg.norm(r, axis=1) * np.linalg.norm(c, axis=1)
+    both_zero = ~r.any(axis=1) & ~c.any(axis=1)
+    cos = np.sum(r * c, axis=1) / np.where(norms > 0, norms, 1.0)
+    return np.where(norms > 0, cos, np.where(both_zero, 1.0, 0.0))
+
+
+def _ious(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+    r, c = ref.reshape(ref.shape[0], -1), q.reshape(q.shape[0], -1)
+    inter, union = np.sum(r & c, axis=1), np.sum(r | c, axis=1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+class OutputKindObserver:
+    """Streams batches of both models' outputs into per-output task metrics (``compare_outputs``'s
+    ``observe`` hook): the kind of each output is detected on its first FP32 batch unless given."""
+
+    def __init__(
+        self, overrides: Mapping[str, OutputKind] | None = None, *, map_threshold: float = DEFAULT_MAP_THRESHOLD
+    ) -> None:
+        self.overrides = dict(overrides or {})
+        self.map_threshold = map_threshold
+        self._accs: dict[str, _KindAccumulator] = {}
+
+    def __call__(self, names: Sequence[str], ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], n: int) -> None:
+        """One batch of ``n`` samples: the outputs ``names`` of the FP32 and the quantized model."""
+        unknown = sorted(set(self.overrides) - set(names))
+        if unknown:
+            raise InvalidOption(
+                f"$output_kinds names {', '.join(unknown)}, not outputs of the model ({', '.join(names)})",
+                option="output_kinds",
+            )
+        for name, r, c in zip(names, ref, cand, strict=True):
+            r, c = np.asarray(r), np.asarray(c)
+            if r.ndim == 0 or r.shape[0] != n:  # an output not batched on axis 0 is one sample
+                r, c = r[None], c[None]
+            if r.dtype.kind in "fiub":  # numbers (strings and objects are not compared)
+                (self._accs.get(name) or self._start(name, r)).update(r, c)
+
+    def _start(self, name: str, ref: np.ndarray) -> _KindAccumulator:
+        if name in self.overrides:
+            kind, reason = self.overrides[name], "given"
+        else:
+            kind, reason = detect_kind(name, ref)
+        threshold = self.map_threshold if kind == OutputKind.MAP else 0.5
+        if kind == OutputKind.BINARY and not _in_unit(ref):
+            threshold = 0.0  # logits called binary: the sign decides
+        acc = self._accs[name] = _KindAccumulator(name, kind, reason, threshold)
+        return acc
+
+    def results(self) -> list[KindMetrics]:
+        """Each output's kind and metrics, in the order first seen."""
+        return [acc.result() for acc in self._accs.values() if acc.count]
+
+
+def kind_metrics(
+    names: Sequence[str],
+    reference: Sequence[np.ndarray],
+    candidate: Sequence[np.ndarray],
+    *,
+    overrides: Mapping[str, OutputKind] | None = None,
+    map_threshold: float = DEFAULT_MAP_THRESHOLD,
+) -> list[KindMetrics]:
+    """The kinds and metrics of outputs already in memory (axis 0 = samples), for scripts and tests."""
+    observer = OutputKindObserver(overrides, map_threshold=map_threshold)
+    n = np.asarray(reference[0]).shape[0] if reference and np.asarray(reference[0]).ndim else 1
+    observer(names, reference, candidate, n)
+    return observer.results()

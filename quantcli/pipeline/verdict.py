@@ -1,0 +1,283 @@
+"""Every ``convert`` ends with a verdict: fidelity on samples it did not calibrate on, and speed.
+
+Where the samples come from:
+
+* ``eval_data`` given: at most ``EVAL_MAX_SAMPLES`` of them (with a search, the search chose on them,
+  and the verdict says so);
+* otherwise, static mode with ``data_path``: ``hold_back`` keeps the last ``verdict_share`` of the data
+  (at most ``VERDICT_MAX_SAMPLES``, at least ``MIN_HELD_OUT``) out of calibration;
+* a calibration file, the data-driven algorithms (they calibrate on all of ``data_path``), a recipe or
+  a mode without calibration, and no ``eval_data``: fidelity is not checked, and the verdict says what
+  to give.
+
+Each output's kind and task metric (``quantcli.compare.output_kinds``) is compared with the
+documented thresholds ``THRESHOLDS`` (agreement 0.98, cosine 0.99, IoU 0.9); an output below them, or
+a model not faster than FP32 at batch 1, gives a warning that names the option that would repair it
+(as ``$field`` templates: the CLI writes them as flags). Speed is a quick batch-1 timing
+(``verify.speedcheck.check_speedup``, one round), or the speed check already made for
+``require_speedup`` or a budget.
+"""
+
+from __future__ import annotations
+
+import math
+import string
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver
+from quantcli.core.errors import QuantCliError
+from quantcli.data.datasets import Dataset, model_input_specs, random_dataset
+from quantcli.modes.common import ConvertMode
+from quantcli.pipeline.context import ConvertContext, need
+
+if TYPE_CHECKING:
+    import onnx
+
+    from quantcli.verify.speedcheck import SpeedCheck
+
+__all__ = [
+    "EVAL_MAX_SAMPLES",
+    "MIN_HELD_OUT",
+    "THRESHOLDS",
+    "VERDICT_MAX_SAMPLES",
+    "Verdict",
+    "hold_back",
+    "timed_speed",
+    "verdict",
+]
+
+#: at most this many calibration samples are held back for the verdict
+VERDICT_MAX_SAMPLES = 64
+#: fewer held-back samples than this say too little: calibrate on everything instead
+MIN_HELD_OUT = 4
+#: at most this many ``eval_data`` samples are checked
+EVAL_MAX_SAMPLES = 256
+#: the bounds below which the verdict warns (agreement: classifier, sequence and binary outputs)
+THRESHOLDS: dict[str, float] = {"agreement": 0.98, "cosine": 0.99, "iou": 0.9}
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How close the converted model stays to FP32 on samples it did not calibrate on, and how fast it is.
+
+    Text fields are templates naming options as ``$field`` (``render`` writes them).
+    """
+
+    #: where the samples came from ("" when fidelity was not checked)
+    source: str
+    num_samples: int
+    kinds: tuple[KindMetrics, ...]
+    speed: SpeedCheck | None
+    #: one line per output below its threshold, or a model not faster than FP32, each naming a repair
+    warnings: tuple[str, ...] = ()
+    #: what could not be checked, and what to give to check it
+    unchecked: tuple[str, ...] = ()
+    #: the option fields the templates name
+    options: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """No warning (what was not checked does not count as passed or failed)."""
+        return not self.warnings
+
+    def render(self, name: Callable[[str], str] = str) -> list[str]:
+        """The summary line, then each warning and each unchecked item, options written by ``name``."""
+        lines = [self.line(), *self.warnings, *self.unchecked]
+        names = {o: name(o) for o in self.options}
+        return [string.Template(text).safe_substitute(names) for text in lines]
+
+    def line(self) -> str:
+        """``verdict: ok on 19 held-back samples: logits classifier agreement 1.000 (SQNR 31.2 dB); 1.52x FP32 ...``."""
+        judged = [k for k in self.kinds if k.kind != OutputKind.RAW]
+        parts = [_kind_text(k) for k in judged or self.kinds[:3]]
+        more = f"; {len(self.kinds) - 3} more raw outputs" if not judged and len(self.kinds) > 3 else ""
+        speed = f"{self.speed.speedup:.2f}x FP32 at batch 1" if self.speed is not None else "speed not checked"
+        if not self.kinds:
+            return f"verdict: {'' if self.passed else 'WARNING: '}fidelity not checked; {speed}"
+        status = ("ok" if judged else "no task metric") if self.passed else "WARNING"
+        return f"verdict: {status} on {self.source}: {'; '.join(parts)}{more}; {speed}"
+
+
+def _kind_text(k: KindMetrics) -> str:
+    value = next(
+        (
+            f"{label} {v:.3f}"
+            for label, v in (("agreement", k.agreement), ("cosine", k.cosine), ("IoU", k.iou))
+            if v is not None
+        ),
+        "",
+    )
+    sqnr = "inf" if math.isinf(k.sqnr_db) else f"{k.sqnr_db:.1f}"
+    return f"{k.name} {k.kind} {value} (SQNR {sqnr} dB)".replace("  ", " ")
+
+
+def hold_back(ctx: ConvertContext) -> None:
+    """Static mode with ``data_path`` and no ``eval_data``: keep the last ``verdict_share`` of the data
+    out of calibration, for the verdict."""
+    r = ctx.request
+    if not r.verdict or r.data_path is None or r.eval_data is not None or r.verdict_share <= 0:
+        return
+    dataset = ctx.fmt.open(r.data_path, model_input_specs(need(ctx.model, "the model")))
+    n, batch = dataset.num_samples, dataset.effective_batch_size(1)
+    held = min(VERDICT_MAX_SAMPLES, int(n * r.verdict_share))
+    held -= held % batch
+    if held < MIN_HELD_OUT or held >= n:
+        ctx.verdict_unchecked = (
+            f"fidelity not checked: {n} samples of $data_path are too few to hold {MIN_HELD_OUT} back from "
+            "calibration; give $eval_data to check",
+        )
+        return
+    ctx.calibration_data = dataset.subset(n - held)
+    ctx.held_out = (dataset, n - held)
+
+
+def timed_speed(model: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:
+    """A quick batch-1 timing (one round of 10 paired runs); tests replace it (``fixed_speedup``)."""
+    from quantcli.verify import speedcheck
+
+    return speedcheck.check_speedup(model, quantized, feed, rounds=1, runs=10, warmup=2)
+
+
+def verdict(ctx: ConvertContext) -> None:
+    """Measure the converted model against FP32 on samples it did not calibrate on, and its speed."""
+    r = ctx.request
+    if not r.verdict:
+        return
+    model, quantized = need(ctx.model, "the model"), need(ctx.quantized, "the converted model")
+    source, feeds, unchecked = _verdict_samples(ctx)
+    kinds: list[KindMetrics] = []
+    count = 0
+    if feeds is not None:
+        kinds, count = _fidelity(model, quantized, feeds, r.output_kinds)
+        unchecked = (*unchecked, *_raw_note(kinds))
+    speed, speed_note = _speed(ctx, model, quantized)
+    unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
+    warnings = tuple(_warnings(kinds, speed, ctx))
+    ctx.verdict = Verdict(source, count, tuple(kinds), speed, warnings, unchecked, _OPTIONS)
+
+
+#: the option fields verdict texts may name
+_OPTIONS = (
+    "data_path",
+    "eval_data",
+    "output_kinds",
+    "mode",
+    "max_accuracy_drop",
+    "search_metric",
+    "min_sqnr",
+    "verdict_share",
+)
+
+
+def _verdict_samples(
+    ctx: ConvertContext,
+) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], int]] | None, tuple[str, ...]]:
+    """Where the verdict's samples come from: a description, the feeds with their counts, what was not checked."""
+    r = ctx.request
+    specs = model_input_specs(need(ctx.model, "the model"))
+    if r.eval_data is not None:
+        dataset = ctx.fmt.open(r.eval_data, specs, max_samples=EVAL_MAX_SAMPLES)
+        chose = " (the search chose on them)" if r.search is not None else ""
+        return f"{dataset.num_samples} $eval_data samples{chose}", _feeds(dataset, 0), ()
+    if ctx.held_out is not None:
+        dataset, start = ctx.held_out
+        return f"{dataset.num_samples - start} held-back $data_path samples", _feeds(dataset, start), ()
+    if ctx.verdict_unchecked:
+        return "", None, ctx.verdict_unchecked
+    why = {
+        True: "convert from a calibration file has no samples it did not calibrate on",
+        False: "no data it did not calibrate on",
+    }[r.calibration is not None]
+    if r.data_path is not None and ctx.algorithms.needs_data:
+        why = "the algorithms calibrate on all of $data_path"
+    return "", None, (f"fidelity not checked: {why}; give $eval_data to check",)
+
+
+def _feeds(dataset: Dataset, start: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """The feeds of ``dataset`` from sample ``start`` on, with their sample counts."""
+    size = dataset.effective_batch_size(1 if start else 16)
+    seen = 0
+    for feed in dataset.batches(size):
+        n = dataset.batch_length(feed)
+        if seen >= start:
+            yield feed, n
+        seen += n
+
+
+def _raw_note(kinds: list[KindMetrics]) -> tuple[str, ...]:
+    """Outputs with no task metric, when no output has one: say how to name their kind."""
+    if not kinds or any(k.kind != OutputKind.RAW for k in kinds):
+        return ()
+    names = ", ".join(k.name for k in kinds[:4]) + (" ..." if len(kinds) > 4 else "")
+    return (
+        f"not judged: {names} look like no classifier, sequence, binary, embedding or map output (SQNR only); "
+        "$output_kinds NAME=KIND names their kind",
+    )
+
+
+def _fidelity(
+    model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    feeds: Iterator[tuple[dict[str, np.ndarray], int]],
+    overrides: Mapping[str, OutputKind] | None,
+) -> tuple[list[KindMetrics], int]:
+    from quantcli.graph.session import make_session
+
+    ref, cand = make_session(model, source="FP32 model"), make_session(quantized, source="converted model")
+    names = [o.name for o in ref.get_outputs()]
+    observer = OutputKindObserver(overrides)
+    count = 0
+    for feed, n in feeds:
+        observer(names, ref.run(names, feed), cand.run(names, feed), n)
+        count += n
+    return observer.results(), count
+
+
+def _speed(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelProto) -> tuple[SpeedCheck | None, str]:
+    """The speed check made already, or a quick one on a sample (random when there is no data)."""
+    if ctx.speed is not None:
+        return ctx.speed, ""
+    r = ctx.request
+    specs = model_input_specs(model)
+    path = r.eval_data if r.eval_data is not None else r.data_path
+    try:
+        dataset = ctx.fmt.open(path, specs, max_samples=1) if path is not None else random_dataset(specs, 1)
+        feed = next(dataset.batches(1))
+    except (QuantCliError, StopIteration) as exc:
+        return None, f"speed not checked: no sample to time on ({exc}); give $eval_data"
+    try:
+        return timed_speed(model, quantized, feed), ""
+    except Exception as exc:  # the verdict reports; it never fails a conversion that succeeded
+        first = " ".join(str(exc).split())[:160]
+        return (
+            None,
+            f"speed not checked: onnxruntime failed on {'random input' if path is None else 'a sample'}: {first}",
+        )
+
+
+def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertContext) -> Iterator[str]:
+    dynamic = ctx.request.mode == ConvertMode.DYNAMIC
+    for k in kinds:
+        metric = "agreement" if k.kind in AGREEMENT_KINDS else "cosine" if k.kind == OutputKind.EMBEDDING else "iou"
+        value = getattr(k, metric)
+        if k.kind == OutputKind.RAW or value is None or value >= THRESHOLDS[metric]:
+            continue
+        yield f"verdict: {k.name} ({k.kind}) {metric} {value:.3f} < {THRESHOLDS[metric]:g}: {_repair(k.kind, dynamic)}"
+    if speed is not None and speed.speedup <= 1.0:
+        yield (
+            f"verdict: {speed.speedup:.2f}x FP32 at batch 1, not faster: keep the FP32 model, or see what stayed "
+            "float ('quantcli inspect' on the output)"
+        )
+
+
+def _repair(kind: OutputKind, dynamic: bool) -> str:
+    search = "$eval_data DATA $min_sqnr 25 searches for the nodes to keep in float"
+    if kind == OutputKind.CLASSIFIER:
+        search = "$eval_data DATA $max_accuracy_drop 2 $search_metric agreement searches for the nodes to keep in float"
+    if kind == OutputKind.EMBEDDING and not dynamic:
+        return f"try $mode dynamic (activations quantized at run time suit encoders), or {search}"
+    return search

@@ -7,7 +7,7 @@ The command line is a thin layer over these; tests and scripts call them directl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ from quantcli.pipeline.result import ConvertResult
 from quantcli.pipeline.steps import ALL_ALGORITHMS
 from quantcli.stats.calibration import CalibrationOptions, CalibrationResult, make_session
 from quantcli.stats.calibration import calibrate as calibrate_prepared
+from quantcli.stats.merge import MergedCalibration, merge_files
+from quantcli.stats.shards import ShardSpec, ShardStats, collect_shard
 
 if TYPE_CHECKING:
     from quantcli.compare.evaluate import LatencyComparison
@@ -48,11 +50,16 @@ __all__ = [
     "CompareResult",
     "ConvertRequest",
     "ConvertResult",
+    "MergedCalibration",
+    "ShardSpec",
+    "ShardStats",
     "calibrate",
     "calibrate_model",
+    "calibrate_shard",
     "compare_models",
     "convert",
     "convert_model",
+    "merge_statistics",
 ]
 
 
@@ -62,7 +69,14 @@ def calibrate(request: CalibrateRequest, *, progress: Progress = no_progress) ->
     With no data path, ``request.random_samples`` random inputs are used: for smoke tests only.
     ``request.batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
     """
-    r = request
+    prepared, dataset, options = _calibration_inputs(request)
+    return calibrate_prepared(
+        prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
+    )
+
+
+def _calibration_inputs(r: CalibrateRequest) -> tuple[onnx.ModelProto, Dataset, CalibrationOptions]:
+    """The prepared model, the opened data and the calibration options of a request."""
     model = _prepare_input(load_model(r.model_path), r.model_path, upgrade_opset=r.upgrade_opset)
     options = CalibrationOptions(
         method=r.method,
@@ -81,7 +95,45 @@ def calibrate(request: CalibrateRequest, *, progress: Progress = no_progress) ->
     else:
         dataset = DataFormat(r.batch_axes, r.images).open(r.data_path, specs, max_samples=r.max_samples)
     prepared, _ = preprocess(model)
-    return calibrate_prepared(prepared, dataset, options, model_sha256=file_sha256(r.model_path), progress=progress)
+    return prepared, dataset, options
+
+
+def calibrate_shard(
+    request: CalibrateRequest, shard: ShardSpec | str, *, progress: Progress = no_progress
+) -> ShardStats:
+    """Calibrate shard ``shard`` (``ShardSpec`` or ``"K/N"``) of the request's data: its observer states.
+
+    Write them with ``quantcli.stats.shards.write_statistics``; ``merge_statistics`` over all N
+    files gives the same calibration as ``calibrate`` over all the data (not for moving-average).
+
+    Raises:
+        InvalidOption: ``shard`` is not K/N with 1 <= K <= N.
+        ArtifactMismatchError: the method is moving-average.
+    """
+    spec = ShardSpec.parse(shard) if isinstance(shard, str) else shard
+    prepared, dataset, options = _calibration_inputs(request)
+    return collect_shard(
+        prepared,
+        dataset,
+        options,
+        spec,
+        model_sha256=file_sha256(request.model_path),
+        model_name=request.model_path.name,
+        progress=progress,
+    )
+
+
+def merge_statistics(paths: Sequence[Path]) -> MergedCalibration:
+    """Merge the statistics files of shards 1..N (any order) into one calibration.
+
+    ``result`` is the same as ``calibrate`` over all the data; write it with
+    ``quantcli.stats.artifact.write_calibration(merged.result, path, model_path=merged.model_name)``.
+
+    Raises:
+        ArtifactMismatchError: one line naming the file at fault (another model, other options,
+            a shard given twice or missing, moving-average statistics).
+    """
+    return merge_files([Path(p) for p in paths])
 
 
 def calibrate_model(

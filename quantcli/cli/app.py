@@ -41,7 +41,7 @@ from quantcli.cli.flags import (
 )
 from quantcli.compare.gates import GateThresholds, evaluate_gates
 from quantcli.compare.metrics import parse_metric
-from quantcli.core.errors import NotFasterError, QuantCliError
+from quantcli.core.errors import NotFasterError, OutputPathError, QuantCliError
 from quantcli.core.options import (
     ACTIVATION_TYPES,
     DEFAULT_PERCENTILE,
@@ -57,6 +57,7 @@ from quantcli.modes.common import ConvertMode
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest
 from quantcli.search.accuracy_search import BudgetNotMetError
 from quantcli.stats.artifact import write_calibration
+from quantcli.stats.shards import write_statistics
 from quantcli.verify.audit import audit_fusion
 
 EXIT_GATE_FAILED = 1
@@ -249,6 +250,15 @@ def calibrate(
         bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.", rich_help_panel=OUTPUT)
     ] = False,
     quiet: Quiet = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K/N",
+            help="Calibrate shard K of N (a block of the batches) and write its statistics to -o FILE.stats.npz "
+            "for 'quantcli merge'.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
 ) -> None:
     """Run calibration data through the model and record activation ranges."""
     request = CalibrateRequest(
@@ -272,9 +282,46 @@ def calibrate(
         err.print(
             "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
         )
+    if shard is not None:
+        _calibrate_shard(request, shard, output, force=force, quiet=quiet)
+        return
     result = api.calibrate(request, progress=_progress(quiet))
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
+
+
+def _calibrate_shard(request: CalibrateRequest, shard: str, output: Path, *, force: bool, quiet: bool) -> None:
+    """``calibrate --shard K/N``: the shard's statistics to ``output`` (an ``.npz``)."""
+    if output.suffix != ".npz":
+        raise OutputPathError(
+            f"{output}: with --shard, -o names the shard's statistics file, e.g. -o {output.stem}.stats.npz; "
+            "'quantcli merge' then writes the calibration file"
+        )
+    stats = api.calibrate_shard(request, shard, progress=_progress(quiet))
+    write_statistics(stats, output, force=force)
+    out.print(
+        f"shard {stats.shard}: observed {len(stats.tracked)} activations on {stats.num_samples} samples "
+        f"(batches {stats.first_batch}..{stats.stop_batch - 1} of {stats.batches}); wrote [bold]{output}[/]"
+    )
+
+
+@app.command()
+@_user_errors
+def merge(
+    stats: Annotated[
+        list[Path], typer.Argument(help="Statistics files of shards 1..N (from 'calibrate --shard K/N').")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Calibration file to write (JSON).", rich_help_panel=OUTPUT)
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.", rich_help_panel=OUTPUT)
+    ] = False,
+) -> None:
+    """Merge the statistics of a sharded calibration into the calibration file one run would write."""
+    merged = api.merge_statistics(stats)
+    write_calibration(merged.result, output, model_path=merged.model_name, force=force)
+    report.render_calibration(out, merged.result, output)
 
 
 CONVERT_HELP = (

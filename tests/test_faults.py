@@ -59,16 +59,20 @@ def _worker(*args: object) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["plain", "external"])
-def test_kill_convert_at_random_steps_leaves_previous_or_complete_output(tmp_path, calibrated, kind):
-    extra = ["external"] if kind == "external" else []
-    report = _worker("kill", calibrated[kind], calibrated[f"{kind}-minmax"], tmp_path, 20260 + len(kind), 20, *extra)
+@pytest.mark.parametrize("kind", ["plain", "external", "calibrate"])
+def test_kill_at_random_steps_leaves_previous_or_complete_output(tmp_path, calibrated, kind):
+    if kind == "calibrate":  # calibrate (entropy: a calibration file and its histograms) over a percentile one
+        given = [calibrated["plain"], CALIBRATION_DATA / "digits_cnn_calib.npz"]
+    else:  # convert over the FP32 model, written plain or with external data
+        given = [calibrated[kind], calibrated[f"{kind}-minmax"]]
+    report = _worker("kill", kind, *given, tmp_path, 20260 + len(kind), 20)
     assert report["first"] == "exit 0" and report["last"] == "exit 0"
     assert len(report["steps"]) >= 5, report["steps"]
     assert len(report["kills"]) == 20
     steps = report["steps"]
-    committed = steps.index("renamed out.onnx") + 1  # the main file's rename is the last step
-    removed = steps.index("removed old output") + 1 if kind == "external" else committed
+    out = "out.json" if kind == "calibrate" else "out.onnx"
+    committed = steps.index(f"renamed {out}") + 1  # the main file's rename is the last step
+    removed = steps.index("removed old output") + 1 if kind != "plain" else committed
     for k in report["kills"]:
         assert k["status"] == "SIGKILL", k
         # before the commit: the previous output; after it: the new one; in between (a model with
@@ -83,9 +87,8 @@ def test_kill_convert_at_random_steps_leaves_previous_or_complete_output(tmp_pat
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["plain", "external"])
 def test_two_converts_racing_on_one_output_end_with_one_complete_file(tmp_path, calibrated, kind):
-    extra = ["external"] if kind == "external" else []
     calibs = calibrated[f"{kind}-minmax"], calibrated[f"{kind}-percentile"]
-    report = _worker("race", calibrated[kind], *calibs, tmp_path, *extra)
+    report = _worker("race", kind, calibrated[kind], *calibs, tmp_path)
     runs = report["runs"]
     # A waits with its file written; B writes the same output; A then commits last and wins
     assert runs["fsync force=True"] == {"statuses": "A exit 0, B exit 0", "final": "A"}

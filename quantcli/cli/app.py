@@ -259,6 +259,18 @@ def calibrate(
             rich_help_panel=DATA,
         ),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Calibrate in shards as Ray tasks and merge them ('local': start Ray on this machine; else a "
+            "cluster address, e.g. auto). Needs pip install 'quantcli[ray]'.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: shards (default: one per CPU).", rich_help_panel=DATA)
+    ] = None,
 ) -> None:
     """Run calibration data through the model and record activation ranges."""
     request = CalibrateRequest(
@@ -282,16 +294,35 @@ def calibrate(
         err.print(
             "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
         )
-    if shard is not None:
-        _calibrate_shard(request, shard, output, force=force, quiet=quiet)
+    if shard is not None or ray is not None:
+        _calibrate_split(request, output, shard=shard, ray=ray, shards=shards, force=force, quiet=quiet)
         return
     result = api.calibrate(request, progress=_progress(quiet))
     write_calibration(result, output, model_path=model.name, force=force)
     report.render_calibration(out, result, output)
 
 
-def _calibrate_shard(request: CalibrateRequest, shard: str, output: Path, *, force: bool, quiet: bool) -> None:
-    """``calibrate --shard K/N``: the shard's statistics to ``output`` (an ``.npz``)."""
+def _calibrate_split(
+    request: CalibrateRequest,
+    output: Path,
+    *,
+    shard: str | None,
+    ray: str | None,
+    shards: int | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """``calibrate --shard K/N`` (the shard's statistics to ``output``) or ``--ray`` (shards on Ray, merged)."""
+    if ray is not None:
+        if shard is not None:
+            raise QuantCliError("--shard and --ray do not go together: --ray runs every shard itself (see --shards)")
+        from quantcli.distributed import calibrate_on_ray
+
+        merged = calibrate_on_ray(request, address=None if ray == "local" else ray, shards=shards)
+        write_calibration(merged.result, output, model_path=merged.model_name, force=force)
+        report.render_calibration(out, merged.result, output)
+        return
+    assert shard is not None
     if output.suffix != ".npz":
         raise OutputPathError(
             f"{output}: with --shard, -o names the shard's statistics file, e.g. -o {output.stem}.stats.npz; "

@@ -107,8 +107,7 @@ def calibrate_shard(
     files gives the same calibration as ``calibrate`` over all the data (not for moving-average).
 
     Raises:
-        InvalidOption: ``shard`` is not K/N with 1 <= K <= N.
-        ArtifactMismatchError: the method is moving-average.
+        InvalidOption: ``shard`` is not K/N with 1 <= K <= N, or the method is moving-average.
     """
     spec = ShardSpec.parse(shard) if isinstance(shard, str) else shard
     prepared, dataset, options = _calibration_inputs(request)

@@ -3,6 +3,7 @@ shard bookkeeping errors are one line naming the file."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def test_merge_refuses_a_damaged_file(tmp_path, shards):
 
 def test_moving_average_and_bad_splits_are_refused(tiny):
     model, data = tiny
-    with pytest.raises(ArtifactMismatchError, match=r"moving-average .* cannot be split"):
+    with pytest.raises(InvalidOption, match=r"method moving-average .* cannot be split"):
         api.calibrate_shard(api.CalibrateRequest(model, data, method=CalibrationMethod.MOVING_AVERAGE), "1/2")
     with pytest.raises(CalibrationDataError, match="shard 1/5 holds no batch: the data makes 3 batch"):
         api.calibrate_shard(api.CalibrateRequest(model, data), "1/5")
@@ -195,3 +196,18 @@ def test_cli_shard_then_merge(tmp_path, tiny):
     assert wrong.exit_code == 3 and "with --shard, -o names the shard's statistics file" in wrong.output
     ma = runner.invoke(app, ["merge", str(parts[0]), "-o", str(tmp_path / "d.json")])
     assert ma.exit_code == 3 and "shard(s) 2/2 missing" in ma.output
+
+
+def test_merge_refuses_moving_average_statistics(tmp_path, shards):
+    stats = read_statistics(shards["1"])
+    forged = dataclasses.replace(stats, options={**stats.options, "method": "moving-average"})
+    write_statistics(forged, tmp_path / "ma.stats.npz")
+    with pytest.raises(ArtifactMismatchError, match=r"ma\.stats\.npz: moving-average statistics .* cannot be merged"):
+        api.merge_statistics([tmp_path / "ma.stats.npz", shards["2"], shards["3"]])
+
+
+def test_cli_refuses_moving_average_shards_naming_the_flag(tmp_path, tiny):
+    model, data = tiny
+    args = ["calibrate", str(model), "--data", str(data), "--method", "moving-average", "--shard", "1/2"]
+    res = runner.invoke(app, [*args, "-o", str(tmp_path / "p.stats.npz")])
+    assert res.exit_code == 3 and "--method moving-average depends on the order of batches" in res.output

@@ -179,13 +179,14 @@ def collect_shard(
     """Observe shard ``shard`` of ``dataset`` as ``calibrate`` observes all of it (``model`` is not modified).
 
     Raises:
-        ArtifactMismatchError: ``options.method`` is moving-average (its result depends on order).
+        InvalidOption: ``options.method`` is moving-average (its result depends on order).
         CalibrationDataError: the shard holds no batch, or onnxruntime failed on the data.
     """
     if options.method == CalibrationMethod.MOVING_AVERAGE:
-        raise ArtifactMismatchError(
-            "moving-average ranges depend on the order of batches and cannot be split into shards; "
-            "use min-max, percentile, entropy or mse"
+        raise InvalidOption(
+            "$method moving-average depends on the order of batches and cannot be split into shards; "
+            "use min-max, percentile, entropy or mse",
+            option="method",
         )
     part, first, stop, batches = shard_data(dataset, shard, options)
     exposure = expose(model, part, options)

@@ -10,7 +10,7 @@ The package's top level (``quantcli.calibrate`` ...) wraps these for notebooks.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -38,6 +38,8 @@ from quantcli.pipeline.result import ConvertResult
 from quantcli.pipeline.steps import ALL_ALGORITHMS
 from quantcli.stats.calibration import CalibrationOptions, CalibrationResult
 from quantcli.stats.calibration import calibrate as calibrate_prepared
+from quantcli.stats.merge import MergedCalibration, merge_files
+from quantcli.stats.shards import ShardSpec, ShardStats, collect_shard
 from quantcli.verify.audit import FusionAudit, audit_fusion
 
 if TYPE_CHECKING:
@@ -62,14 +64,19 @@ __all__ = [
     "ConvertOptions",
     "ConvertRequest",
     "ConvertResult",
+    "MergedCalibration",
     "ModelSummary",
+    "ShardSpec",
+    "ShardStats",
     "calibrate",
     "calibrate_model",
+    "calibrate_shard",
     "compare_models",
     "compare_paths",
     "convert",
     "convert_model",
     "inspect_model",
+    "merge_statistics",
     "option_values",
 ]
 
@@ -191,7 +198,16 @@ def calibrate(
     ``request.batch_axes`` names inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
     ``log`` receives one line when the model's opset is upgraded in memory.
     """
-    r = request
+    prepared, dataset, options = _calibration_inputs(request, log)
+    return calibrate_prepared(
+        prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
+    )
+
+
+def _calibration_inputs(
+    r: CalibrateRequest, log: Callable[[str], None] | None = None
+) -> tuple[onnx.ModelProto, Dataset, CalibrationOptions]:
+    """The prepared model, the opened data and the calibration options of a request (``log``: the opset note)."""
     loaded = load_model(r.model_path)
     model = _prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
     note = _opset_note(loaded, model)
@@ -214,7 +230,44 @@ def calibrate(
     else:
         dataset = DataFormat(r.batch_axes, r.images).open(r.data_path, specs, max_samples=r.max_samples)
     prepared, _ = preprocess(model)
-    return calibrate_prepared(prepared, dataset, options, model_sha256=file_sha256(r.model_path), progress=progress)
+    return prepared, dataset, options
+
+
+def calibrate_shard(
+    request: CalibrateRequest, shard: ShardSpec | str, *, progress: Progress = no_progress
+) -> ShardStats:
+    """Calibrate shard ``shard`` (``ShardSpec`` or ``"K/N"``) of the request's data: its observer states.
+
+    Write them with ``quantcli.stats.shards.write_statistics``; ``merge_statistics`` over all N
+    files gives the same calibration as ``calibrate`` over all the data (not for moving-average).
+
+    Raises:
+        InvalidOption: ``shard`` is not K/N with 1 <= K <= N, or the method is moving-average.
+    """
+    spec = ShardSpec.parse(shard) if isinstance(shard, str) else shard
+    prepared, dataset, options = _calibration_inputs(request)
+    return collect_shard(
+        prepared,
+        dataset,
+        options,
+        spec,
+        model_sha256=file_sha256(request.model_path),
+        model_name=request.model_path.name,
+        progress=progress,
+    )
+
+
+def merge_statistics(paths: Sequence[Path]) -> MergedCalibration:
+    """Merge the statistics files of shards 1..N (any order) into one calibration.
+
+    ``result`` is the same as ``calibrate`` over all the data; write it with
+    ``quantcli.stats.artifact.write_calibration(merged.result, path, model_path=merged.model_name)``.
+
+    Raises:
+        ArtifactMismatchError: one line naming the file at fault (another model, other options,
+            a shard given twice or missing, moving-average statistics).
+    """
+    return merge_files([Path(p) for p in paths])
 
 
 def calibrate_model(

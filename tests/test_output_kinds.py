@@ -263,9 +263,9 @@ REAL_KINDS = {
 @pytest.mark.parametrize("stem", sorted(REAL_KINDS))
 def test_detection_on_real_models(stem):
     import onnxruntime as ort
-    from quantcli.graph.model_io import load_model
 
     from quantcli.data.datasets import model_input_specs, open_dataset
+    from quantcli.graph.model_io import load_model
 
     path, data = REAL_MODELS / f"{stem}.onnx", REAL_MODELS / f"{stem}_eval.npz"
     if not (path.is_file() and data.is_file()):

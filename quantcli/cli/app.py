@@ -43,7 +43,7 @@ from quantcli.cli.flags import (
 from quantcli.compare.gates import GateResult, evaluate_gates
 from quantcli.compare.metrics import parse_metric
 from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, parse_output_kinds
-from quantcli.core.errors import NotFasterError, QuantCliError
+from quantcli.core.errors import NotFasterError, OutputPathError, QuantCliError
 from quantcli.core.options import (
     ACTIVATION_TYPES,
     DEFAULT_PERCENTILE,
@@ -58,6 +58,7 @@ from quantcli.modes.common import ConvertMode
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest
 from quantcli.search.accuracy_search import BudgetNotMetError
 from quantcli.stats.artifact import write_calibration
+from quantcli.stats.shards import write_statistics
 
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
@@ -270,6 +271,27 @@ def calibrate(
     ] = False,
     quiet: Quiet = False,
     json_path: JsonOpt = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K/N",
+            help="Calibrate shard K of N (a block of the batches) and write its statistics to -o FILE.stats.npz "
+            "for 'quantcli merge'.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Calibrate in shards as Ray tasks and merge them ('local': start Ray on this machine; else a "
+            "cluster address, e.g. auto). Needs pip install 'quantcli[ray]'.",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: shards (default: one per CPU).", rich_help_panel=DATA)
+    ] = None,
 ) -> None:
     """Run calibration data through the model and record activation ranges."""
     request = CalibrateRequest(
@@ -293,11 +315,67 @@ def calibrate(
         err.print(
             "[yellow]warning:[/] --random: ranges from random data say nothing about real inputs; smoke tests only"
         )
+    if shard is not None or ray is not None:
+        _calibrate_split(request, output, shard=shard, ray=ray, shards=shards, force=force, quiet=quiet)
+        return
     result = api.calibrate(request, progress=_progress(quiet), log=lambda line: err.print(f"note: {escape(line)}"))
     write_calibration(result, output, model_path=model.name, force=force)
     console = _report_console(json_path)
     report.render_calibration(console, result, output)
     report.emit_json(console, schemas.calibrate_document(result, model_path=model, output_path=output), json_path)
+
+
+def _calibrate_split(
+    request: CalibrateRequest,
+    output: Path,
+    *,
+    shard: str | None,
+    ray: str | None,
+    shards: int | None,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """``calibrate --shard K/N`` (the shard's statistics to ``output``) or ``--ray`` (shards on Ray, merged)."""
+    if ray is not None:
+        if shard is not None:
+            raise QuantCliError("--shard and --ray do not go together: --ray runs every shard itself (see --shards)")
+        from quantcli.distributed import calibrate_on_ray
+
+        merged = calibrate_on_ray(request, address=None if ray == "local" else ray, shards=shards)
+        write_calibration(merged.result, output, model_path=merged.model_name, force=force)
+        report.render_calibration(out, merged.result, output)
+        return
+    assert shard is not None
+    if output.suffix != ".npz":
+        raise OutputPathError(
+            f"{output}: with --shard, -o names the shard's statistics file, e.g. -o {output.stem}.stats.npz; "
+            "'quantcli merge' then writes the calibration file"
+        )
+    stats = api.calibrate_shard(request, shard, progress=_progress(quiet))
+    write_statistics(stats, output, force=force)
+    out.print(
+        f"shard {stats.shard}: observed {len(stats.tracked)} activations on {stats.num_samples} samples "
+        f"(batches {stats.first_batch}..{stats.stop_batch - 1} of {stats.batches}); wrote [bold]{output}[/]"
+    )
+
+
+@app.command()
+@_user_errors
+def merge(
+    stats: Annotated[
+        list[Path], typer.Argument(help="Statistics files of shards 1..N (from 'calibrate --shard K/N').")
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Calibration file to write (JSON).", rich_help_panel=OUTPUT)
+    ],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite OUTPUT if it exists.", rich_help_panel=OUTPUT)
+    ] = False,
+) -> None:
+    """Merge the statistics of a sharded calibration into the calibration file one run would write."""
+    merged = api.merge_statistics(stats)
+    write_calibration(merged.result, output, model_path=merged.model_name, force=force)
+    report.render_calibration(out, merged.result, output)
 
 
 CONVERT_HELP = (

@@ -20,7 +20,7 @@ opened; NaN/Inf are checked in each batch as it is read.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +204,8 @@ class Dataset:
     _offsets: list[int] = field(default_factory=list)
     #: input name -> axis its samples are stacked on, None for an unbatched input (absent: 0)
     axes: dict[str, int | None] = field(default_factory=dict)
+    #: (start, stop): only the batches starting at these sample positions are yielded (``window``)
+    kept: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self._offsets = [0]
@@ -225,6 +227,11 @@ class Dataset:
     @property
     def num_samples(self) -> int:
         """Number of samples."""
+        if self.kept is not None:
+            return self.kept[1] - self.kept[0]
+        return self._all_samples()
+
+    def _all_samples(self) -> int:
         total = self._offsets[-1]
         return min(total, self.limit) if self.limit is not None else total
 
@@ -267,10 +274,12 @@ class Dataset:
         """
         size = self.effective_batch_size(batch_size)
         fixed = bool(self._fixed_batches())
-        n = self.num_samples
+        n = self._all_samples()
         stop = n - (n % size) if fixed else n
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
         for start, end in self._spans(size, stop, order is not None):
+            if self.kept is not None and not self.kept[0] <= start < self.kept[1]:
+                continue
             feed = {}
             for spec in self.specs:
                 axis = self.axis(spec.name)
@@ -329,6 +338,23 @@ class Dataset:
             if axis is not None and spec.name in feed:
                 return int(np.shape(feed[spec.name])[axis])
         return 1
+
+    def batch_starts(self, batch_size: int, *, shuffle: bool = False) -> list[int]:
+        """Where each batch of ``batches(batch_size, shuffle=shuffle)`` starts, then where the last one
+        ends (positions in the visiting order, of all the data even in a ``window``); nothing is read."""
+        size = self.effective_batch_size(batch_size)
+        n = self._all_samples()
+        stop = n - (n % size) if self._fixed_batches() else n
+        spans = list(self._spans(size, stop, shuffle))
+        return [start for start, _ in spans] + [spans[-1][1] if spans else 0]
+
+    def window(self, start: int, stop: int) -> Dataset:
+        """The same data, yielding only the batches that start at positions ``start`` to ``stop - 1``.
+
+        With ``start`` and ``stop`` taken from ``batch_starts`` for the same batch size and order,
+        the batches are exactly those a run over all the data feeds (a shard of a calibration).
+        """
+        return replace(self, kept=(start, stop))
 
     def subset(self, count: int) -> Dataset:
         """The first ``count`` samples."""

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
-from quantcli.core.errors import ModelLoadError, OutputPathError
+from quantcli.core.errors import ModelLoadError
+from quantcli.graph.atomic import atomic_files, atomic_output, checkpoint, write_bytes
 from quantcli.graph.scopes import walk_graphs
 
 __all__ = [
@@ -191,44 +189,70 @@ def known_shapes(model: onnx.ModelProto) -> set[str]:
     return known
 
 
-@contextlib.contextmanager
-def atomic_output(path: Path, *, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it is renamed into place only if the block succeeds.
+def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False, external_data: bool | None = None) -> None:
+    """Write a model atomically (``quantcli.graph.atomic``); ``model`` is left as it was.
 
-    Refuses an existing path unless ``force``, a missing directory, or a directory that cannot be
-    written. On any failure (including KeyboardInterrupt) the temporary file is removed.
+    With ``external_data`` (None: when the model is above protobuf's 2 GB), initializers of 1 KiB
+    or more go to ``<name>.data`` beside the model (onnx's external data, tensors of 1 MiB or more
+    at offsets that are multiples of 64 KiB so onnxruntime can map them). The model and its data
+    file are committed together: a kill leaves the old pair or no model, never a mismatched pair.
+
+    Raises:
+        OutputPathError: ``path`` exists without ``force``, cannot be written, or the disk is full.
     """
     path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"{path}: is a directory; give a file name for the output")
-    if path.exists() and not force:
-        raise OutputPathError(f"{path}: already exists; pass --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"{path}: directory '{parent}' does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"{path}: directory '{parent}' is not writable")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    if external_data is None:
+        external_data = model.ByteSize() >= _PROTOBUF_LIMIT
+    if not external_data:
+        with atomic_output(path, force=force) as tmp:
+            write_bytes(tmp, model.SerializeToString(deterministic=True))
+        return
+    data_path = path.with_name(path.name + ".data")
+    with atomic_files(path, [data_path], force=force) as (tmp, data_tmp):
+        moved = _write_external_data(model, data_tmp, data_path.name)
+        try:
+            write_bytes(tmp, model.SerializeToString(deterministic=True))
+        finally:
+            _restore_external_data(moved, data_tmp)
 
 
-def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False) -> None:
-    """Write a model atomically; models above 2 GB keep their weights in ``<name>.data`` beside it."""
-    path = Path(path)
-    big = model.ByteSize() >= _PROTOBUF_LIMIT
-    with atomic_output(path, force=force) as tmp:
-        if big:
-            data_name = path.name + ".data"
-            onnx.save_model(
-                model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name
-            )
-            # onnx wrote the data file next to tmp under its final name; the model is renamed last.
-        else:
-            tmp.write_bytes(model.SerializeToString(deterministic=True))
+#: initializers at least this large go to the external data file; from _ALIGN_ABOVE on, aligned
+_EXTERNAL_ABOVE, _ALIGN_ABOVE, _ALIGNMENT = 1024, 1 << 20, 1 << 16
+
+
+def _write_external_data(model: onnx.ModelProto, data_tmp: Path, location: str) -> list[onnx.TensorProto]:
+    """Move every large raw initializer's bytes to ``data_tmp``, pointing the model at ``location``."""
+    moved: list[onnx.TensorProto] = []
+    with open(data_tmp, "wb") as fh:
+        for _, graph in walk_graphs(model.graph):
+            for tensor in graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+                    continue
+                raw = tensor.raw_data
+                if len(raw) < _EXTERNAL_ABOVE:
+                    continue
+                if len(raw) >= _ALIGN_ABOVE and fh.tell() % _ALIGNMENT:
+                    fh.write(b"\0" * (_ALIGNMENT - fh.tell() % _ALIGNMENT))
+                offset = fh.tell()
+                fh.write(raw)
+                del raw
+                checkpoint("wrote a tensor")
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                length = fh.tell() - offset
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                    tensor.external_data.add(key=key, value=value)
+                moved.append(tensor)
+    return moved
+
+
+def _restore_external_data(moved: list[onnx.TensorProto], data_tmp: Path) -> None:
+    """Put the bytes back into the tensors ``_write_external_data`` emptied (read from ``data_tmp``)."""
+    with open(data_tmp, "rb") as fh:
+        for tensor in moved:
+            info = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
+            fh.seek(info["offset"])
+            data = fh.read(info["length"])
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            tensor.raw_data = data

@@ -27,7 +27,7 @@ import numpy as np
 from quantcli import __version__
 from quantcli.core.errors import ArtifactMismatchError
 from quantcli.core.options import CalibrationMethod
-from quantcli.graph.model_io import atomic_output
+from quantcli.graph.atomic import atomic_files, write_bytes
 from quantcli.stats.observers import HistogramObserver
 from quantcli.stats.ranges import CalibrationResult, TensorRange
 
@@ -64,21 +64,31 @@ def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any
 
 
 def write_calibration(result: CalibrationResult, path: Path, *, model_path: str, force: bool = False) -> None:
-    """Write the calibration file atomically (and its histogram sidecar when there are histograms)."""
+    """Write the calibration file and its histogram sidecar (when there are histograms) atomically, together.
+
+    A kill leaves the old pair or no calibration file, never a file with another run's histograms;
+    an old sidecar goes when the new calibration has no histograms.
+    """
     path = Path(path)
     text = json.dumps(to_json_dict(result, model_path=model_path), indent=1) + "\n"
-    with atomic_output(path, force=force) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    if result.histograms:
-        names = sorted(result.histograms)
-        with atomic_output(_sidecar(path), force=True) as tmp, open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                names=np.array(names, dtype=np.str_),
-                lo=np.array([result.histograms[n].lo for n in names]),
-                hi=np.array([result.histograms[n].hi for n in names]),
-                counts=np.stack([result.histograms[n].counts for n in names]),
-            )
+    side = [_sidecar(path)]
+    companions, remove = (side, []) if result.histograms else ([], side)
+    with atomic_files(path, companions, remove=remove, force=force) as tmps:
+        write_bytes(tmps[0], text.encode("utf-8"))
+        if result.histograms:
+            _write_histograms(result, tmps[1])
+
+
+def _write_histograms(result: CalibrationResult, tmp: Path) -> None:
+    names = sorted(result.histograms)
+    with open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            names=np.array(names, dtype=np.str_),
+            lo=np.array([result.histograms[n].lo for n in names]),
+            hi=np.array([result.histograms[n].hi for n in names]),
+            counts=np.stack([result.histograms[n].counts for n in names]),
+        )
 
 
 def read_calibration(path: Path, *, expected_sha256: str | None = None) -> CalibrationResult:

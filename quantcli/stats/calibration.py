@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import onnx
@@ -45,6 +45,7 @@ __all__ = [
     "PERMUTATION_OPS",
     "CalibrationOptions",
     "CalibrationResult",
+    "ExposedNames",
     "Exposure",
     "TensorRange",
     "activation_levels",
@@ -223,8 +224,21 @@ def calibrate(
     return calibration_result(exposure, observed, options, model_sha256, dataset.num_samples, collected.passes)
 
 
+class ExposedNames(Protocol):
+    """The names ``calibration_result`` reads: an ``Exposure``, or the same lists from a statistics file."""
+
+    @property
+    def tracked(self) -> list[str]: ...
+
+    @property
+    def aliases(self) -> dict[str, str]: ...
+
+    @property
+    def inner(self) -> dict[str, str]: ...
+
+
 def calibration_result(
-    exposure: Exposure,
+    exposure: ExposedNames,
     observed: dict[str, RangeStats],
     options: CalibrationOptions,
     model_sha256: str,

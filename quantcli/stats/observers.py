@@ -76,6 +76,13 @@ class MinMaxObserver:
         """(min, max); (0, 0) if nothing was seen."""
         return (self.min, self.max) if self.count else (0.0, 0.0)
 
+    def merge(self, other: MinMaxObserver) -> None:
+        """Fold in another observer's state (as if its batches had been seen here; ``last`` is kept)."""
+        if other.count:
+            self.min = min(self.min, other.min)
+            self.max = max(self.max, other.max)
+            self.count += other.count
+
 
 @dataclass(slots=True)
 class MovingAverageMinMaxObserver:
@@ -203,6 +210,42 @@ class GrowingHistogram:
         index = pos.view(np.int32)
         index -= _MANTISSA_ONE_BITS
         self.counts += np.bincount(index, minlength=self.bins)
+
+    def merge(self, other: GrowingHistogram) -> None:
+        """Fold in another histogram's counts, as if its values had been seen here.
+
+        Both grids are brought to the larger R by merging bins (exact, as in ``update``), then the
+        counts add: the result does not depend on the order of merges, and equals the histogram of
+        one pass over both sets of values.
+
+        Raises:
+            ValueError: the histograms have different numbers of bins.
+        """
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms of {other.bins} and {self.bins} bins")
+        self.finite = self.finite and other.finite
+        if not self.finite:
+            return
+        if other.exponent is None:
+            if self.exponent is None:
+                self.zeros += other.zeros
+            else:
+                self.counts[self.bins // 2] += other.zeros
+            return
+        counts = other.counts.copy()
+        if self.exponent is None:
+            self.counts, self.exponent = counts, other.exponent
+            self.counts[self.bins // 2] += self.zeros
+            self.zeros = 0
+            return
+        if other.exponent > self.exponent:
+            self._grow(other.exponent)
+        elif other.exponent < self.exponent:
+            wider = GrowingHistogram(self.bins)
+            wider.counts, wider.exponent = counts, other.exponent
+            wider._grow(self.exponent)
+            counts = wider.counts
+        self.counts += counts
 
     def result(self) -> HistogramObserver:
         """The counts as a fixed-range histogram over [-R, R]."""
@@ -347,6 +390,21 @@ class RangeStats:
     minmax: MinMaxObserver = field(default_factory=MinMaxObserver)
     moving: MovingAverageMinMaxObserver | None = None
     histogram: GrowingHistogram | None = None
+
+    def merge(self, other: RangeStats) -> None:
+        """Fold in another observer's state (min/max and histogram; a moving average cannot merge).
+
+        Raises:
+            ValueError: either side has a moving average (it depends on the order of batches), or
+                one has a histogram and the other not.
+        """
+        if self.moving is not None or other.moving is not None:
+            raise ValueError("a moving average depends on the order of batches and cannot be merged")
+        if (self.histogram is None) != (other.histogram is None):
+            raise ValueError("cannot merge range statistics with and without a histogram")
+        self.minmax.merge(other.minmax)
+        if self.histogram is not None and other.histogram is not None:
+            self.histogram.merge(other.histogram)
 
     def update(self, values: Sequence[np.ndarray]) -> None:
         """Fold one batch in (the histogram reuses the batch min/max as its |x| bound)."""

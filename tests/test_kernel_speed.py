@@ -158,3 +158,21 @@ def test_each_kernel_form_runs_and_agrees_with_float(shape: KernelShape) -> None
     ref, cand = run(reference, feed)[0], run(candidate, feed)[0]
     assert ref.shape == cand.shape and ref.dtype == cand.dtype
     assert np.abs(ref.astype(np.float32) - cand.astype(np.float32)).mean() < 8
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel"),
+    [
+        (KernelShape(KernelKind.STEM_CONV, (3, 8, 3, 3, 2, 32, 32)), "QLinearConv"),
+        (KernelShape(KernelKind.DEPTHWISE_CONV, (8, 8, 3, 3, 1, 16, 16)), "QLinearConv"),
+        (KernelShape(KernelKind.MATMUL, (4, 16, 16)), "QLinearMatMul"),
+        (KernelShape(KernelKind.DYNAMIC_MATMUL, (4, 16, 16)), "DynamicQuantizeMatMul"),
+    ],
+)
+def test_the_integer_form_runs_the_integer_kernel_and_the_float_form_none(shape: KernelShape, kernel: str) -> None:
+    """What is timed is what the rule decides about: the fused integer kernel against a float kernel."""
+    from quantcli.verify.audit import audit_fusion
+
+    reference, candidate, feed = kernel_speed.kernel_models(shape)
+    assert audit_fusion(candidate, feed=feed).op_counts.get(kernel) == 1
+    assert audit_fusion(reference, feed=feed).integer_kernel_count == 0

@@ -9,9 +9,15 @@ alternation with onnxruntime on this CPU at batch 1 (a few ms each, the median o
 
 The two forms read and write the same tensors, so the ratio is the cost of the choice a rule makes:
 
-* stem Conv (float model input):  Conv -> QuantizeLinear         vs  QuantizeLinear -> QLinearConv
-* depthwise Conv, static MatMul:  DQ -> Conv/MatMul -> Q          vs  QLinearConv / QLinearMatMul
-* dynamic MatMul (float in/out):  MatMul                          vs  DynamicQuantizeMatMul
+* stem Conv, depthwise Conv, static MatMul (float in, uint8 out):
+  ``Conv/MatMul -> QuantizeLinear``  vs  ``QuantizeLinear -> QLinearConv/QLinearMatMul``
+* dynamic MatMul (float in and out): ``MatMul``  vs  ``DynamicQuantizeMatMul``
+
+For a stem this is exactly the choice (its input is the float model input). Inside a network a
+float node also costs the DequantizeLinear of its input; both forms here pay one QuantizeLinear (on
+the output, or on the input: the same size for a depthwise Conv or a square MatMul), so the ratio
+compares the kernels. The float form reads a float tensor, never a DequantizeLinear: onnxruntime
+would quantize a float Conv/MatMul behind one by itself (as quantcli's lowering knows).
 
 Shapes are bucketed (channels and MatMul sizes to powers of two, image sides to a coarse grid) so
 that similar kernels, such as the stems of one model, share one measurement; the measured shape is
@@ -175,8 +181,8 @@ def _conv(b: _Builder, shape: KernelShape, x: str, *, int8: bool) -> str:
     return b.node("Conv", ins, "y", group=group, kernel_shape=[kh, kw], pads=pads, strides=[stride, stride])
 
 
-def _one_form(shape: KernelShape, *, int8: bool) -> tuple[onnx.ModelProto, str, np.dtype[Any], tuple[int, ...]]:
-    """The float (``int8=False``) or integer form of ``shape``; its input name, dtype and shape."""
+def _one_form(shape: KernelShape, *, int8: bool) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """The float (``int8=False``) or integer form of ``shape`` and the shape of its float input ``x``."""
     b = _Builder(np.random.default_rng(0))
     if shape.kind == KernelKind.DYNAMIC_MATMUL:
         m, k, n = shape.dims
@@ -189,34 +195,26 @@ def _one_form(shape: KernelShape, *, int8: bool) -> tuple[onnx.ModelProto, str, 
             b.node("Mul", ["accf", b.node("Mul", ["xs", b.const("ws", s)], "scale")], "y")
         else:
             b.node("MatMul", ["x", b.const("w", w)], "y")
-        model = small_model(b.nodes, [("x", np.dtype(np.float32), (1, m, k))], ["y"], b.constants, _OPSETS)
-        return model, "x", np.dtype(np.float32), (1, m, k)
-    stem = shape.kind == KernelKind.STEM_CONV
+        return small_model(b.nodes, [("x", np.dtype(np.float32), (1, m, k))], ["y"], b.constants, _OPSETS), (1, m, k)
     d = shape.dims
     in_shape = (1, d[0], d[5], d[6]) if shape.is_conv else (1, d[0], d[1])
-    x = "x"
-    if not stem or int8:  # the compute reads a dequantized tensor (its input quantized in front for a stem)
-        x = b.dequantize(b.quantize(x, "xq") if stem else x, "xd")
+    # the float form reads the float tensor itself: a float Conv/MatMul reading a DequantizeLinear would be
+    # quantized by onnxruntime's weight/bias quantization pass (as quantcli's lowering knows)
+    x = b.dequantize(b.quantize("x", "xq"), "xd") if int8 else "x"
     if shape.is_conv:
         y = _conv(b, shape, x, int8=int8)
     else:
-        w = b.rng.standard_normal(shape.dims[1:]).astype(np.float32) * 0.1
+        w = b.rng.standard_normal(d[1:]).astype(np.float32) * 0.1
         y = b.node("MatMul", [x, b.weight("w", w, int8=int8, axis=None)], "y")
     b.quantize(y, "yq")
-    dtype = np.dtype(np.float32) if stem else np.dtype(np.uint8)
-    return small_model(b.nodes, [("x", dtype, in_shape)], ["yq"], b.constants, _OPSETS), "x", dtype, in_shape
+    return small_model(b.nodes, [("x", np.dtype(np.float32), in_shape)], ["yq"], b.constants, _OPSETS), in_shape
 
 
 def kernel_models(shape: KernelShape) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
     """The float model, the integer (QDQ) model of ``shape`` and a feed for both."""
-    reference, name, dtype, in_shape = _one_form(shape, int8=False)
-    candidate, _, _, _ = _one_form(shape, int8=True)
-    rng = np.random.default_rng(1)
-    if dtype == np.uint8:
-        value = rng.integers(0, 256, size=in_shape, dtype=np.uint8)
-    else:
-        value = rng.standard_normal(in_shape).astype(np.float32)
-    return reference, candidate, {name: value}
+    reference, in_shape = _one_form(shape, int8=False)
+    candidate, _ = _one_form(shape, int8=True)
+    return reference, candidate, {"x": np.random.default_rng(1).standard_normal(in_shape).astype(np.float32)}
 
 
 def measure_ratio(shape: KernelShape, *, threads: int = 1, rounds: int = 3, budget_s: float = 0.12) -> float:

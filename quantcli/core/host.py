@@ -154,7 +154,7 @@ class KernelShape:
         """E.g. ``1x3x224x224 -> 3x3x16`` (input, then kernel and output channels) or ``1x64x64 @ 64x64``."""
         if self.is_conv:
             c_in, c_out, kh, kw, stride, h, w = self.dims
-            size = f"{h}x{w}" if h and w else "?x?"
+            size = f"{h or '?'}x{w or '?'}"
             step = f"/{stride}" if stride != 1 else ""
             return f"1x{c_in}x{size} -> {kh}x{kw}x{c_out}{step}"
         m, k, n = self.dims

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +75,25 @@ def _verdict_never_times(monkeypatch: pytest.MonkeyPatch) -> None:
     from quantcli.pipeline import verdict as convert_verdict
 
     monkeypatch.setattr(convert_verdict, "timed_speed", SpeedVerdict().check)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def constant_kernel_speed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Plans in tests never depend on this machine's timing: kernel speed comes from the constants.
+
+    ``make_plan`` without a ``speed`` oracle asks ``kernel_speed.host_oracle()``; here it answers with
+    ``ConstantSpeedOracle`` (today's decisions: the golden hashes hold on any host). Session-scoped, so
+    module fixtures that convert are covered too; child processes get ``QUANTCLI_KERNEL_SPEED=constant``
+    and a temporary cache folder (never the user's).
+    """
+    from quantcli.core.host import ConstantSpeedOracle
+    from quantcli.verify import kernel_speed
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernel_speed, "host_oracle", ConstantSpeedOracle)
+        patch.setenv(kernel_speed.MODE_ENV, "constant")
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg_cache"))
+        yield
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

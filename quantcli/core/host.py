@@ -1,4 +1,12 @@
-"""Facts about the CPU quantcli runs on, used to pick integer types onnxruntime runs fastest."""
+"""Facts about the CPU quantcli runs on, used to pick integer types and kernels onnxruntime runs fastest.
+
+Kernel speed is a host fact too: whether an integer kernel beats its float twin depends on the CPU
+(AVX2, AVX512-VNNI, AMX) and the onnxruntime build. Planning asks a ``SpeedOracle`` for the speed
+of one kernel shape (``KernelShape``) and gets a ``KernelSpeed``: the ratio ``t_float / t_int8``
+(above 1: the integer kernel is faster) and where that figure comes from. The oracle that measures
+on this host lives in ``quantcli.verify.kernel_speed``; ``ConstantSpeedOracle`` below answers with
+the constants quantcli used before it measured (tests install it, so plans stay deterministic).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +14,26 @@ import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
-from quantcli.core.options import QuantConfig, QuantDType
+from quantcli.core.options import QuantConfig, QuantDType, StrEnum
 
-__all__ = ["HostCpu", "default_config", "detect_host"]
+__all__ = [
+    "ConstantSpeedOracle",
+    "HostCpu",
+    "KernelKind",
+    "KernelShape",
+    "KernelSpeed",
+    "SpeedOracle",
+    "cpu_model",
+    "default_config",
+    "detect_host",
+    "int8_flags",
+]
 
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
+#: CPU flags that change which integer kernels onnxruntime picks (part of a speed measurement's key)
+_INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "asimddp", "i8mm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,22 +71,42 @@ class HostCpu:
 
 
 @lru_cache(maxsize=1)
+def _cpuinfo() -> tuple[str, frozenset[str]]:
+    """The CPU model name and flags from /proc/cpuinfo (Linux; empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    model, flags = "", frozenset[str]()
+    if not cpuinfo.is_file():
+        return model, flags
+    try:
+        text = cpuinfo.read_text(errors="ignore")
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in ("model name", "Model name") and not model:
+            model = value.strip()
+        elif key in ("flags", "Features") and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``AMD EPYC``), else the architecture."""
+    return _cpuinfo()[0] or platform.machine().lower() or "unknown"
+
+
+def int8_flags() -> tuple[str, ...]:
+    """The CPU flags relevant to integer kernels that this host has, in a fixed order."""
+    flags = _cpuinfo()[1]
+    return tuple(f for f in _INT8_FLAGS if f in flags)
+
+
+@lru_cache(maxsize=1)
 def detect_host() -> HostCpu:
     """Read the architecture and, on Linux, the CPU flags."""
     arch = platform.machine().lower()
-    vnni = False
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        try:
-            text = cpuinfo.read_text(errors="ignore")
-        except OSError:
-            text = ""
-        flags = set()
-        for line in text.splitlines():
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-                break
-        vnni = any(f in flags for f in _VNNI_FLAGS)
+    vnni = any(f in _cpuinfo()[1] for f in _VNNI_FLAGS)
     return HostCpu(arch=arch, vnni=vnni)
 
 
@@ -72,3 +114,101 @@ def default_config() -> QuantConfig:
     """The configuration quantcli uses on this host unless told otherwise."""
     host = detect_host()
     return QuantConfig(activation_type=host.activation_type, reduce_range=host.reduce_range)
+
+
+class KernelKind(StrEnum):
+    """The kernel shapes whose integer speed planning asks about."""
+
+    #: a Conv over few input channels reading the float model input: Q + QLinearConv vs Conv + Q
+    STEM_CONV = "stem-conv"
+    #: a depthwise Conv (group = channels) between quantized tensors: QLinearConv vs DQ + Conv + Q
+    DEPTHWISE_CONV = "depthwise-conv"
+    #: a MatMul with a constant weight between quantized tensors: QLinearMatMul vs DQ + MatMul + Q
+    MATMUL = "matmul"
+    #: a MatMul with a constant weight on float tensors: DynamicQuantizeMatMul vs MatMul
+    DYNAMIC_MATMUL = "dynamic-matmul"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelShape:
+    """One kernel shape at batch 1.
+
+    ``dims`` per kind: Conv kinds ``(c_in, c_out, kh, kw, stride, h, w)`` (``c_in == c_out`` for
+    depthwise; ``h``/``w`` 0 when unknown); MatMul kinds ``(m, k, n)``.
+    """
+
+    kind: KernelKind
+    dims: tuple[int, ...]
+
+    @property
+    def is_conv(self) -> bool:
+        """True for the Conv kinds."""
+        return self.kind in (KernelKind.STEM_CONV, KernelKind.DEPTHWISE_CONV)
+
+    @property
+    def pixels(self) -> int:
+        """Input pixels of a Conv (0 when unknown)."""
+        return self.dims[5] * self.dims[6] if self.is_conv else 0
+
+    def describe(self) -> str:
+        """E.g. ``1x3x224x224 -> 3x3x16`` (input, then kernel and output channels) or ``1x64x64 @ 64x64``."""
+        if self.is_conv:
+            c_in, c_out, kh, kw, stride, h, w = self.dims
+            size = f"{h or '?'}x{w or '?'}"
+            step = f"/{stride}" if stride != 1 else ""
+            return f"1x{c_in}x{size} -> {kh}x{kw}x{c_out}{step}"
+        m, k, n = self.dims
+        return f"1x{m}x{k} @ {k}x{n}"
+
+
+@dataclass(frozen=True, slots=True)
+class KernelSpeed:
+    """How fast the integer form of a kernel runs against its float form.
+
+    Attributes:
+        shape: the shape measured (a bucket's representative, see ``quantcli.verify.kernel_speed``).
+        ratio: ``t_float / t_int8``; above 1 the integer kernel is faster.
+        source: where the figure comes from, for the reason line (``on this host``, or a constant's origin).
+    """
+
+    shape: KernelShape
+    ratio: float
+    source: str
+
+    def slower(self, margin: float) -> bool:
+        """True when the integer kernel runs below ``1 - margin`` times the float speed."""
+        return self.ratio < 1.0 - margin
+
+    def describe(self, kernel: str) -> str:
+        """E.g. ``QLinearConv measured 0.45x float on this host for 1x3x224x224 -> 3x3x16``."""
+        return f"{kernel} measured {self.ratio:.2f}x float {self.source} for {self.shape.describe()}"
+
+
+class SpeedOracle(Protocol):
+    """Answers how fast a kernel shape runs in integer form on the host planning is for."""
+
+    def speed(self, shape: KernelShape) -> KernelSpeed | None:
+        """The speed of ``shape`` (None: unknown, the rule keeps its integer default)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ConstantSpeedOracle:
+    """The speed decisions quantcli took before it measured, from figures taken on an AVX2 CPU.
+
+    Stems over at least 64x64 pixels (or an unknown size) run at 0.45x float; every other shape
+    is answered as no slower than float (1.0), which keeps the integer default. Deterministic: the
+    tests install it so plans and the golden hashes do not depend on the machine.
+    """
+
+    #: AVX2, 1 thread: 3->16 3x3 at 224x224 0.49x, 3->8 at 48x192 0.39x
+    stem_ratio: float = 0.45
+    #: ... on images of at least this many pixels, or of unknown size (smaller: no measurable difference)
+    stem_min_pixels: int = 64 * 64
+    source: str = "on an AVX2 CPU (a constant, not measured here)"
+
+    def speed(self, shape: KernelShape) -> KernelSpeed | None:
+        """``stem_ratio`` for a large or unknown-size stem, else 1.0."""
+        if shape.kind == KernelKind.STEM_CONV and (shape.pixels == 0 or shape.pixels >= self.stem_min_pixels):
+            return KernelSpeed(shape, self.stem_ratio, self.source)
+        return KernelSpeed(shape, 1.0, self.source)

@@ -48,6 +48,7 @@ __all__ = [
     "make_node",
     "make_tensor",
     "single_node_model",
+    "small_model",
     "submodel_extractor",
     "used_names",
 ]
@@ -83,6 +84,27 @@ def single_node_model(
     """A model of ``node`` alone, reading ``constants``, returning its non-empty outputs (to evaluate it)."""
     outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
     return helper.make_model(helper.make_graph([node], "fold", [], outputs, list(constants)), opset_imports=opsets)
+
+
+def small_model(
+    nodes: Sequence[onnx.NodeProto],
+    inputs: Sequence[tuple[str, np.dtype[Any], Sequence[int]]],
+    outputs: Sequence[str],
+    constants: Sequence[onnx.TensorProto],
+    opsets: Mapping[str, int],
+) -> onnx.ModelProto:
+    """A new model of ``nodes`` with typed graph ``inputs`` (name, numpy dtype, shape) and untyped ``outputs``.
+
+    For models built from nothing (a micro-benchmark's kernel); ``opsets`` maps domain to version.
+    """
+    graph_inputs = [
+        helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), list(shape))
+        for name, dtype, shape in inputs
+    ]
+    graph = helper.make_graph(
+        list(nodes), "small", graph_inputs, [onnx.ValueInfoProto(name=o) for o in outputs], list(constants)
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in sorted(opsets.items())])
 
 
 def submodel_extractor(model: onnx.ModelProto) -> Callable[[Sequence[str], Sequence[str]], onnx.ModelProto]:

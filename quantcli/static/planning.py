@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from quantcli.core.host import SpeedOracle
 from quantcli.core.options import QuantConfig
 from quantcli.core.qmath import QuantParams
 from quantcli.core.selection import NodeSelector
@@ -150,6 +151,7 @@ class _PlanInputs:
     config: QuantConfig
     selector: NodeSelector
     keep_float: Mapping[str, str]
+    speed: SpeedOracle
     act: dict[str, QuantParams] = field(default_factory=dict)
 
 
@@ -170,6 +172,7 @@ def _plan_graph(
         act=inputs.act,
         in_subgraph=bool(path),
         keep_float=inputs.keep_float,
+        speed=inputs.speed,
     )
     _plan_nodes(ctx, graph)
     done.append((path, ctx))
@@ -208,6 +211,7 @@ def make_plan(
     config: QuantConfig,
     *,
     float_nodes: frozenset[str] = frozenset(),
+    speed: SpeedOracle | None = None,
 ) -> QuantPlan:
     """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``.
 
@@ -220,6 +224,8 @@ def make_plan(
         ranges: calibrated range per tensor (per-tensor method overrides already applied).
         config: types and options; ``config.disabled_rules`` names rules or checks switched off.
         float_nodes: node names kept in float exactly by name (an accuracy search's or a recipe's choice).
+        speed: how fast integer kernels run (``quantcli.core.host.SpeedOracle``); None: measured on this
+            host (``quantcli.verify.kernel_speed.host_oracle``, cached per host).
 
     Raises:
         ValueError: ``config.disabled_rules`` names no rule or check (``quantcli.static.rules.RULE_NAMES``).
@@ -228,7 +234,12 @@ def make_plan(
     if unknown:
         raise ValueError(f"unknown planning rules {unknown}; known: {sorted(RULE_NAMES)}")
     selector = plan_selector(config, DEFAULT_OP_TYPES, frozenset(float_nodes))
-    inputs = _PlanInputs(ranges, config, selector, recurrent_input_producers(model))
+    if speed is None:
+        # measured on this host; imported here, since verify/ sits below static/ (it runs onnxruntime)
+        from quantcli.verify import kernel_speed
+
+        speed = kernel_speed.host_oracle()
+    inputs = _PlanInputs(ranges, config, selector, recurrent_input_producers(model), speed)
     done: list[tuple[str, PlanContext]] = []
     _plan_graph(model.graph, "", {}, inputs, done)
     return _assemble(done, inputs)

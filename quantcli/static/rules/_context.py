@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from quantcli.core.host import ConstantSpeedOracle, SpeedOracle
 from quantcli.core.options import QuantConfig, WeightClipping
 from quantcli.core.qmath import QuantizedTensor, QuantParams, params_from_range, quantize, quantize_weight
 from quantcli.core.selection import NodeSelector
@@ -75,6 +76,8 @@ class PlanContext:
     rescaled: list[Rescale] = field(default_factory=list)
     hard: list[HardActivation] = field(default_factory=list)
     weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
+    #: how fast integer kernels run on the target host (rules that trade speed ask it)
+    speed: SpeedOracle = field(default_factory=ConstantSpeedOracle)
 
     def enabled(self, name: str) -> bool:
         """False when rule or check ``name`` is in ``config.disabled_rules``."""

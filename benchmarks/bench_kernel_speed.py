@@ -1,0 +1,62 @@
+"""What this host measures: int8 vs float speed of the kernel shapes planning asks about.
+
+    PYTHONPATH=. python benchmarks/bench_kernel_speed.py [--threads 1] [--rounds 7]
+
+Prints the CPU model, its integer-relevant flags and the onnxruntime version, then for each shape
+(image stems, depthwise Convs, small MatMuls static and dynamic) the ratio ``t_float / t_int8``
+(above 1: the integer kernel is faster) measured by ``quantcli.verify.kernel_speed.measure_ratio``
+on the shape's bucket, as the planning oracle would, but with more rounds and no cache. The stem
+rule keeps a stem float when its ratio is below ``1 - STEM_MARGIN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import onnxruntime as ort
+
+from quantcli.core.host import KernelKind, KernelShape, cpu_model, int8_flags
+from quantcli.static.rules.stem import STEM_MARGIN
+from quantcli.verify.kernel_speed import bucket, measure_ratio
+
+K = KernelKind
+SHAPES: tuple[tuple[str, KernelShape], ...] = (
+    ("stem, ImageNet CNN (3->16 3x3/2)", KernelShape(K.STEM_CONV, (3, 16, 3, 3, 2, 224, 224))),
+    ("stem, 3->16 3x3/1 at 224", KernelShape(K.STEM_CONV, (3, 16, 3, 3, 1, 224, 224))),
+    ("stem, 3->32 3x3/2 at 224", KernelShape(K.STEM_CONV, (3, 32, 3, 3, 2, 224, 224))),
+    ("stem, YOLO-style (3->16 3x3/2 at 640)", KernelShape(K.STEM_CONV, (3, 16, 3, 3, 2, 640, 640))),
+    ("stem, OCR line (3->8 3x3 at 48x192)", KernelShape(K.STEM_CONV, (3, 8, 3, 3, 1, 48, 192))),
+    ("stem, 1-channel 64x64 (1->32 3x3)", KernelShape(K.STEM_CONV, (1, 32, 3, 3, 1, 64, 64))),
+    ("stem, digits_cnn (1->32 3x3 at 16x16)", KernelShape(K.STEM_CONV, (1, 32, 3, 3, 1, 16, 16))),
+    ("depthwise 3x3, 32 ch at 112", KernelShape(K.DEPTHWISE_CONV, (32, 32, 3, 3, 1, 112, 112))),
+    ("depthwise 3x3, 128 ch at 28", KernelShape(K.DEPTHWISE_CONV, (128, 128, 3, 3, 1, 28, 28))),
+    ("depthwise 3x3, 512 ch at 7", KernelShape(K.DEPTHWISE_CONV, (512, 512, 3, 3, 1, 7, 7))),
+    ("depthwise 5x5/2, 64 ch at 56", KernelShape(K.DEPTHWISE_CONV, (64, 64, 5, 5, 2, 56, 56))),
+    ("MatMul 1x1x64 @ 64x64", KernelShape(K.MATMUL, (1, 64, 64))),
+    ("MatMul 1x16x128 @ 128x128", KernelShape(K.MATMUL, (16, 128, 128))),
+    ("MatMul 1x64x256 @ 256x256", KernelShape(K.MATMUL, (64, 256, 256))),
+    ("MatMul 1x128x384 @ 384x1536", KernelShape(K.MATMUL, (128, 384, 1536))),
+    ("dynamic MatMul 1x1x64 @ 64x64", KernelShape(K.DYNAMIC_MATMUL, (1, 64, 64))),
+    ("dynamic MatMul 1x16x128 @ 128x128", KernelShape(K.DYNAMIC_MATMUL, (16, 128, 128))),
+    ("dynamic MatMul 1x64x256 @ 256x256", KernelShape(K.DYNAMIC_MATMUL, (64, 256, 256))),
+    ("dynamic MatMul 1x128x384 @ 384x1536", KernelShape(K.DYNAMIC_MATMUL, (128, 384, 1536))),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    print(f"CPU: {cpu_model()}; int8 flags: {', '.join(int8_flags()) or 'none'}; onnxruntime {ort.__version__}")
+    below = 1 - STEM_MARGIN
+    print(f"threads {args.threads}, median of {args.rounds} alternating rounds; stem float below {below:.2f}x")
+    print(f"{'shape':40s} {'measured as':34s} {'int8/float speed':>16s}")
+    for label, shape in SHAPES:
+        rep = bucket(shape)
+        ratio = measure_ratio(rep, threads=args.threads, rounds=args.rounds, budget_s=0.2)
+        print(f"{label:40s} {rep.describe():34s} {ratio:15.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""How fast an integer kernel runs against its float twin on this CPU, measured once per host and cached.
+
+Planning rules that depend on kernel speed (an image stem kept float, ...) ask a ``SpeedOracle``
+(``quantcli.core.host``). ``MeasuredSpeedOracle`` answers by building two tiny models of the kernel
+shape, its float form and its QDQ integer form as convert writes it, and timing them in
+alternation with onnxruntime on this CPU at batch 1 (a few ms each, the median of a few rounds):
+
+    ratio = t_float / t_int8        (above 1: the integer kernel is faster)
+
+The two forms read and write the same tensors, so the ratio is the cost of the choice a rule makes:
+
+* stem Conv, depthwise Conv, static MatMul (float in, uint8 out):
+  ``Conv/MatMul -> QuantizeLinear``  vs  ``QuantizeLinear -> QLinearConv/QLinearMatMul``
+* dynamic MatMul (float in and out): ``MatMul``  vs  ``DynamicQuantizeMatMul``
+
+For a stem this is exactly the choice (its input is the float model input). Inside a network a
+float node also costs the DequantizeLinear of its input; both forms here pay one QuantizeLinear (on
+the output, or on the input: the same size for a depthwise Conv or a square MatMul), so the ratio
+compares the kernels. The float form reads a float tensor, never a DequantizeLinear: onnxruntime
+would quantize a float Conv/MatMul behind one by itself (as quantcli's lowering knows).
+
+Shapes are bucketed (channels and MatMul sizes to powers of two, image sides to a coarse grid) so
+that similar kernels, such as the stems of one model, share one measurement; the measured shape is
+the bucket's representative and is what the reason line names. Results are cached in
+``$XDG_CACHE_HOME/quantcli/kernel_speed.json`` (else ``~/.cache/quantcli/...``), keyed by CPU model,
+its integer-relevant flags (AVX2, AVX512-VNNI, AMX), onnxruntime and quantcli versions, threads,
+and the bucket; written atomically. ``QUANTCLI_NO_SPEED_CACHE=1`` (or ``cache_path=None``) measures
+without reading or writing the file. ``QUANTCLI_KERNEL_SPEED=constant`` measures nothing and answers
+with ``ConstantSpeedOracle`` (the decisions quantcli took before it measured): the same plan, hence
+the same bytes, on every host (the tests set it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from quantcli.compare.evaluate import measure_latency
+from quantcli.core.host import (
+    ConstantSpeedOracle,
+    KernelKind,
+    KernelShape,
+    KernelSpeed,
+    SpeedOracle,
+    cpu_model,
+    int8_flags,
+)
+from quantcli.graph.editor import make_node, make_tensor, small_model
+from quantcli.graph.session import make_session
+
+__all__ = [
+    "CACHE_ENV",
+    "MODE_ENV",
+    "SCHEMA",
+    "MeasuredSpeedOracle",
+    "bucket",
+    "cache_key",
+    "default_cache_path",
+    "host_oracle",
+    "kernel_models",
+    "measure_ratio",
+]
+
+logger = logging.getLogger(__name__)
+
+#: set (to anything but "" or "0") to measure without the cache file
+CACHE_ENV = "QUANTCLI_NO_SPEED_CACHE"
+#: "constant": no measurement, the constants of ``ConstantSpeedOracle`` (same plan on every host)
+MODE_ENV = "QUANTCLI_KERNEL_SPEED"
+SCHEMA = "quantcli.kernel_speed/1"
+#: image sides are measured at the nearest of these (log scale), capped at the largest
+_SIDES = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: an image of unknown size is measured at this side
+_UNKNOWN_SIDE = 224
+_OPSETS = {"": 17, "com.microsoft": 1}
+
+
+def _pow2(value: int, lo: int, hi: int) -> int:
+    """``value`` rounded up to a power of two within [lo, hi]."""
+    return int(min(hi, max(lo, 2 ** math.ceil(math.log2(max(value, 1))))))
+
+
+def _side(value: int, hi: int) -> int:
+    """The grid side nearest ``value`` in log scale (unknown: 224), at most ``hi``."""
+    if value <= 0:
+        return min(_UNKNOWN_SIDE, hi)
+    best = min(_SIDES, key=lambda s: abs(math.log(s / value)))
+    return min(best, hi)
+
+
+def bucket(shape: KernelShape) -> KernelShape:
+    """The representative shape measured for ``shape`` (shapes of one bucket share a measurement)."""
+    if shape.is_conv:
+        c_in, c_out, kh, kw, stride, h, w = shape.dims
+        if shape.kind == KernelKind.DEPTHWISE_CONV:
+            c = _pow2(c_in, 8, 512)
+            return KernelShape(shape.kind, (c, c, kh, kw, stride, _side(h, 128), _side(w, 128)))
+        return KernelShape(shape.kind, (c_in, _pow2(c_out, 8, 64), kh, kw, stride, _side(h, 512), _side(w, 512)))
+    m, k, n = shape.dims
+    return KernelShape(shape.kind, (_pow2(m, 1, 256), _pow2(k, 8, 1024), _pow2(n, 8, 1024)))
+
+
+def cache_key(shape: KernelShape, *, threads: int) -> str:
+    """The cache key of ``shape``'s bucket on this host, onnxruntime and quantcli, at ``threads``."""
+    from quantcli import __version__
+
+    b = bucket(shape)
+    flags = ",".join(int8_flags()) or "-"
+    dims = "x".join(str(d) for d in b.dims)
+    return f"{cpu_model()}|{flags}|onnxruntime {ort.__version__}|quantcli {__version__}|t{threads}|{b.kind}:{dims}"
+
+
+# ---- the two models of a kernel -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Builder:
+    """Nodes and constants of one tiny model, with fixed quantization parameters (values do not matter)."""
+
+    rng: np.random.Generator
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    constants: list[onnx.TensorProto] = field(default_factory=list)
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.constants.append(make_tensor(name, value))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
+        self.nodes.append(make_node(op, inputs, [output], name=f"{op}_{len(self.nodes)}", attrs=attrs))
+        return output
+
+    def quantize(self, x: str, out: str) -> str:
+        s, z = self.const(f"{out}_s", np.float32(0.05)), self.const(f"{out}_z", np.uint8(128))
+        return self.node("QuantizeLinear", [x, s, z], out)
+
+    def dequantize(self, xq: str, out: str) -> str:
+        s, z = self.const(f"{out}_s", np.float32(0.05)), self.const(f"{out}_z", np.uint8(128))
+        return self.node("DequantizeLinear", [xq, s, z], out)
+
+    def weight(self, name: str, w: np.ndarray, *, int8: bool, axis: int | None) -> str:
+        """``w`` as a float initializer, or as int8 behind a DequantizeLinear (per ``axis`` when given)."""
+        if not int8:
+            return self.const(name, w)
+        n = w.shape[axis] if axis is not None else 1
+        scale = np.full((n,), 0.01, np.float32) if axis is not None else np.float32(0.01)
+        zero = np.zeros((n,), np.int8) if axis is not None else np.int8(0)
+        q = np.clip(np.round(w / 0.01), -127, 127).astype(np.int8)
+        ins = [self.const(f"{name}_q", q), self.const(f"{name}_s", scale), self.const(f"{name}_z", zero)]
+        if axis is None:
+            return self.node("DequantizeLinear", ins, name)
+        return self.node("DequantizeLinear", ins, name, axis=axis)
+
+    def conv_bias(self, name: str, c_out: int, *, int8: bool) -> str:
+        b = self.rng.standard_normal(c_out).astype(np.float32) * 0.1
+        if not int8:
+            return self.const(name, b)
+        s = np.full((c_out,), 0.05 * 0.01, np.float32)
+        ins = [self.const(f"{name}_q", np.round(b / s).astype(np.int32)), self.const(f"{name}_s", s)]
+        ins.append(self.const(f"{name}_z", np.zeros((c_out,), np.int32)))
+        return self.node("DequantizeLinear", ins, name, axis=0)
+
+
+def _conv(b: _Builder, shape: KernelShape, x: str, *, int8: bool) -> str:
+    c_in, c_out, kh, kw, stride, _, _ = shape.dims
+    group = c_in if shape.kind == KernelKind.DEPTHWISE_CONV else 1
+    w = b.rng.standard_normal((c_out, c_in // group, kh, kw)).astype(np.float32) * 0.1
+    ins = [x, b.weight("w", w, int8=int8, axis=0), b.conv_bias("bias", c_out, int8=int8)]
+    pads = [kh // 2, kw // 2, (kh - 1) // 2, (kw - 1) // 2]
+    return b.node("Conv", ins, "y", group=group, kernel_shape=[kh, kw], pads=pads, strides=[stride, stride])
+
+
+def _one_form(shape: KernelShape, *, int8: bool) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """The float (``int8=False``) or integer form of ``shape`` and the shape of its float input ``x``."""
+    b = _Builder(np.random.default_rng(0))
+    if shape.kind == KernelKind.DYNAMIC_MATMUL:
+        m, k, n = shape.dims
+        w = b.rng.standard_normal((k, n)).astype(np.float32) * 0.1
+        if int8:
+            q, s = np.clip(np.round(w / 0.01), -127, 127).astype(np.int8), np.full((n,), 0.01, np.float32)
+            b.nodes.append(make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"], name="dql"))
+            b.node("MatMulInteger", ["xq", b.const("wq", q), "xz", b.const("wz", np.int8(0))], "acc")
+            b.node("Cast", ["acc"], "accf", to=onnx.TensorProto.FLOAT)
+            b.node("Mul", ["accf", b.node("Mul", ["xs", b.const("ws", s)], "scale")], "y")
+        else:
+            b.node("MatMul", ["x", b.const("w", w)], "y")
+        return small_model(b.nodes, [("x", np.dtype(np.float32), (1, m, k))], ["y"], b.constants, _OPSETS), (1, m, k)
+    d = shape.dims
+    in_shape = (1, d[0], d[5], d[6]) if shape.is_conv else (1, d[0], d[1])
+    # the float form reads the float tensor itself: a float Conv/MatMul reading a DequantizeLinear would be
+    # quantized by onnxruntime's weight/bias quantization pass (as quantcli's lowering knows)
+    x = b.dequantize(b.quantize("x", "xq"), "xd") if int8 else "x"
+    if shape.is_conv:
+        y = _conv(b, shape, x, int8=int8)
+    else:
+        w = b.rng.standard_normal(d[1:]).astype(np.float32) * 0.1
+        y = b.node("MatMul", [x, b.weight("w", w, int8=int8, axis=None)], "y")
+    b.quantize(y, "yq")
+    return small_model(b.nodes, [("x", np.dtype(np.float32), in_shape)], ["yq"], b.constants, _OPSETS), in_shape
+
+
+def kernel_models(shape: KernelShape) -> tuple[onnx.ModelProto, onnx.ModelProto, dict[str, np.ndarray]]:
+    """The float model, the integer (QDQ) model of ``shape`` and a feed for both."""
+    reference, in_shape = _one_form(shape, int8=False)
+    candidate, _ = _one_form(shape, int8=True)
+    return reference, candidate, {"x": np.random.default_rng(1).standard_normal(in_shape).astype(np.float32)}
+
+
+def measure_ratio(shape: KernelShape, *, threads: int = 1, rounds: int = 3, budget_s: float = 0.12) -> float:
+    """``t_float / t_int8`` for ``shape`` as given (not bucketed): the median of ``rounds`` alternating timings."""
+    reference, candidate, feed = kernel_models(shape)
+    ref = make_session(reference, threads=threads, source="float kernel")
+    cand = make_session(candidate, threads=threads, source="integer kernel")
+    ratios = [
+        measure_latency(ref, cand, feed, threads=threads, warmup=3, runs=400, time_budget_s=budget_s).speedup
+        for _ in range(max(1, rounds))
+    ]
+    return float(np.median(ratios))
+
+
+# ---- the cache and the oracle -------------------------------------------------------------------------------
+
+
+def default_cache_path() -> Path:
+    """``$XDG_CACHE_HOME/quantcli/kernel_speed.json``, else ``~/.cache/quantcli/kernel_speed.json``."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "quantcli" / "kernel_speed.json"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    entries = doc.get("entries") if isinstance(doc, dict) and doc.get("schema") == SCHEMA else None
+    return dict(entries) if isinstance(entries, dict) else {}
+
+
+def _write_cache(path: Path, entries: Mapping[str, Any]) -> None:
+    """Write the cache atomically (a temporary file in the same folder, then a rename); failures are logged."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".kernel_speed.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"schema": SCHEMA, "entries": dict(sorted(entries.items()))}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("kernel speed cache %s not written: %s", path, exc)
+
+
+@dataclass(slots=True)
+class MeasuredSpeedOracle:
+    """A ``SpeedOracle`` that measures each shape bucket once on this host (see the module docstring).
+
+    Attributes:
+        cache_path: the JSON cache file; None measures without reading or writing one.
+        threads: onnxruntime intra-op threads of the timing (1: batch-1 latency on one core).
+        measured: buckets measured by this object (not read from the cache), for reports and tests.
+    """
+
+    cache_path: Path | None = None
+    threads: int = 1
+    measured: list[KernelShape] = field(default_factory=list)
+    _memo: dict[str, float] = field(default_factory=dict)
+
+    def speed(self, shape: KernelShape) -> KernelSpeed | None:
+        """The measured speed of ``shape``'s bucket (None when onnxruntime cannot run the kernel)."""
+        key = cache_key(shape, threads=self.threads)
+        rep = bucket(shape)
+        if key not in self._memo and self.cache_path is not None:
+            cached = _read_cache(self.cache_path).get(key)
+            if isinstance(cached, dict) and isinstance(cached.get("ratio"), (int, float)) and cached["ratio"] > 0:
+                self._memo[key] = float(cached["ratio"])
+        if key not in self._memo:
+            try:
+                ratio = measure_ratio(rep, threads=self.threads)
+            except Exception as exc:  # a kernel this onnxruntime cannot build: no measurement, no decision
+                logger.warning("kernel speed of %s not measured: %s", rep.describe(), exc)
+                return None
+            self._memo[key] = ratio
+            self.measured.append(rep)
+            if self.cache_path is not None:
+                entries = _read_cache(self.cache_path)
+                entries[key] = {"ratio": round(ratio, 4), "shape": rep.describe(), "kind": str(rep.kind)}
+                _write_cache(self.cache_path, entries)
+        return KernelSpeed(rep, self._memo[key], "on this host")
+
+
+@lru_cache(maxsize=1)
+def host_oracle() -> SpeedOracle:
+    """The process's oracle: measuring, cached in ``default_cache_path()`` unless ``QUANTCLI_NO_SPEED_CACHE``
+    is set; ``ConstantSpeedOracle`` when ``QUANTCLI_KERNEL_SPEED=constant``."""
+    if os.environ.get(MODE_ENV, "").strip().lower() == "constant":
+        return ConstantSpeedOracle()
+    off = os.environ.get(CACHE_ENV, "") not in ("", "0")
+    return MeasuredSpeedOracle(cache_path=None if off else default_cache_path())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from quantcli.core.options import QuantConfig
+from quantcli.core.options import QuantConfig, QuantDType
 from quantcli.core.selection import ExclusionKind, NodeSelector, pattern_matches
 from quantcli.modes.common import matching_nodes
 from quantcli.passes.preprocess import preprocess
@@ -172,3 +172,22 @@ def test_an_excluded_op_type_is_not_folded() -> None:
     assert [n.op_type for n in readers] == ["QuantizeLinear"]  # requantized for mm2
     assert any(d.node == "bias" and d.rule == "fold" and d.rejection.code == SkipCode.OP_TYPE_EXCLUDED
                for d in plan.declined)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [QuantDType.UINT8, QuantDType.INT8])
+def test_a_relu_is_not_folded_into_a_symmetric_grid_that_cannot_clip_at_zero(dtype: QuantDType) -> None:
+    """Symmetric activations centre the grid on 0: a folded Relu would let negative values through.
+
+    Before the fix the Relu was removed anyway and the bundled digits CNN fell to 8.4% top-1."""
+    inputs = _chain_inputs()
+    config = QuantConfig(symmetric_activations=True, activation_type=dtype)
+    qmodel, plan, _ = helpers.quantize(models.matmul_chain(), inputs, config)
+    assert plan.folded == ()
+    assert "Relu" in {n.op_type for n in qmodel.graph.node}
+    assert any(d.node == "bias" and d.rule == "fold" for d in plan.declined)
+    (ref,) = helpers.run(models.matmul_chain(), inputs)
+    (out,) = helpers.run(qmodel, inputs)
+    assert helpers.sqnr(ref, out) > 25.0
+    # asymmetric grids still fold (they start at the clip minimum)
+    _, plain, _ = helpers.quantize(models.matmul_chain(), inputs, QuantConfig(activation_type=dtype))
+    assert [f.node for f in plain.folded] == ["relu"]

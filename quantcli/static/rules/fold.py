@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import onnx
 
+from quantcli.core.qmath import QuantParams, dtype_bounds
 from quantcli.core.selection import ExclusionKind
 from quantcli.static.plan import FoldedActivation, Rejection, SkipCode
 
@@ -79,10 +81,23 @@ def fold_output(ctx: PlanContext, node: onnx.NodeProto) -> bool:
     params = ctx.act_params(fold.node.output[0], clip_min=fold.lo, clip_max=fold.hi)
     if params is None:
         return False
+    if not _grid_clips_at(params, fold.lo):
+        # symmetric activations centre the grid on 0: values below the clip minimum survive quantization
+        why = Rejection(SkipCode.UNSUPPORTED_PARAMETER, "the activation grid does not start at the clip minimum")
+        ctx.decline(node, FOLD_RULE, why)
+        return False
     ctx.folded.append(FoldedActivation(fold.node.name, node.name, node.output[0], fold.node.output[0]))
     ctx.folded_names.add(fold.node.name)
     ctx.act[fold.node.output[0]] = params
     return True
+
+
+def _grid_clips_at(params: QuantParams, lo: float) -> bool:
+    """True when the lowest value of the grid is the clip minimum (within half a step): quantizing clips there."""
+    qmin, _ = dtype_bounds(params.dtype)
+    scale = float(np.max(params.scale))
+    lowest = float(np.min((qmin - params.zero_point.astype(np.float64)) * params.scale))
+    return lowest >= lo - 0.5 * scale
 
 
 def _clip_bounds(ctx: PlanContext, clip: onnx.NodeProto) -> tuple[float | None, float | None] | None:

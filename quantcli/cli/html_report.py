@@ -32,7 +32,7 @@ td:first-child,th:first-child{text-align:left} th{background:#f5f7fa}
 .ok{background:#e6f4ea} .bad{background:#fdecea} .info{background:#eef3f8}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:12px} .wide{grid-template-columns:repeat(auto-fill,minmax(500px,1fr))}
 h3{font-size:15px;margin:18px 0 4px} table.layers th:nth-child(2),table.layers td:nth-child(2){text-align:left}
-table.layers td:nth-child(2){overflow-wrap:break-word;min-width:16em} table.layers td:last-child{text-align:left} .card code{overflow-wrap:anywhere}
+table.layers td:nth-child(2){overflow-wrap:break-word;min-width:16em} table.layers td:last-child,table.layers th:last-child{text-align:left} .card code{overflow-wrap:anywhere}
 svg text{font-family:inherit}
 .card{border:1px solid #e1e6ec;border-radius:6px;padding:8px}
 code{background:#f2f4f7;padding:1px 4px;border-radius:3px}
@@ -154,6 +154,7 @@ def _error_plot(ordered: list[LayerError], worst: list[LayerError]) -> str:
 def _error_points(ordered: list[LayerError], x_of: _XOf, y_of: _YOf) -> list[str]:
     """The accumulated line, a grey link to each local value (the gap is error inherited from upstream), dots."""
     line = " ".join(f"{x_of(i):.1f},{y_of(e.sqnr_db):.1f}" for i, e in enumerate(ordered))
+    dot, ring = (4.0, 3.5) if len(ordered) <= 60 else (2.5, 2.0)  # many tensors: smaller marks overlap less
     parts = [f'<polyline points="{line}" fill="none" stroke="#57606a" stroke-width="1.2"/>']
     for i, e in enumerate(ordered):
         x, y = x_of(i), y_of(e.sqnr_db)
@@ -162,9 +163,9 @@ def _error_points(ordered: list[LayerError], x_of: _XOf, y_of: _YOf) -> list[str
             yl = y_of(e.local_sqnr_db)
             parts.append(f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{x:.1f}" y2="{yl:.1f}" stroke="#c7ccd1"/>')
             parts.append(
-                f'<circle cx="{x:.1f}" cy="{yl:.1f}" r="3.5" fill="#fff" stroke="#8c959f" stroke-width="1.5">{tip}</circle>'
+                f'<circle cx="{x:.1f}" cy="{yl:.1f}" r="{ring}" fill="#fff" stroke="#8c959f" stroke-width="1.5">{tip}</circle>'
             )
-        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{_sqnr_color(e.sqnr_db)}">{tip}</circle>')
+        parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{dot}" fill="{_sqnr_color(e.sqnr_db)}">{tip}</circle>')
     return parts
 
 
@@ -183,10 +184,11 @@ def _worst_labels(
         tx = min(max(x - 4, x0), max(x1 - est, x0))
         ty = line * rank
         parts.append(
-            f'<line x1="{x:.1f}" y1="{ty + 3}" x2="{x:.1f}" y2="{y - 6:.1f}" stroke="#cf222e" stroke-dasharray="2,2"/>'
+            f'<line x1="{x:.1f}" y1="{line * len(worst) + 4}" x2="{x:.1f}" y2="{y - 7:.1f}" stroke="#cf222e" stroke-dasharray="2,2"/>'
         )
         parts.append(f'<text x="{tx:.1f}" y="{ty}" fill="#cf222e"><title>{_e(e.node)}</title>{_e(text)}</text>')
         parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="7" fill="none" stroke="#cf222e" stroke-width="1.5"/>')
+        parts.append(f'<text x="{x + 9:.1f}" y="{y + 13:.1f}" fill="#cf222e" font-weight="600">{rank}</text>')
     return parts
 
 

@@ -7,9 +7,13 @@ Chromium, and asserts on the DOM the browser parsed (``--dump-dom``):
 1. the page title and heading name both models;
 2. the verdict says the gate passed;
 3. the sections Accuracy, Latency, Per-layer error and Activations of the worst layers are there;
-4. at least three inline SVG plots are drawn (per-layer SQNR bars, activation histograms, latency);
-5. the worst layer's node name (from the ``--json`` document of the same run) is on the page;
-6. the page needs nothing from outside: no <script>, no external src/href.
+4. at least three inline SVG plots are drawn (per-layer error, activation histograms, latency);
+5. the worst layer's full node name (from the ``--json`` document of the same run) is written, uncut, on
+   the error plot ("1: NAME (OP), ... dB") and in the worst-layers table;
+6. the page needs nothing from outside: no <script>, no external src/href;
+7. the plots have their titles and labelled axes: "Where the error comes from" with "SQNR (dB), higher
+   is better" over "quantized tensor, in model order ...", and one "Latency distribution, batch N" per
+   batch size with "time per run (ms)", "runs" and its median and p90 marked in ms.
 
 Then it saves a screenshot (``benchmarks/report_screenshot.png`` by default; the window is 1280 pixels
 wide and tall enough for the page, and the white below the page is cropped when Pillow is there) and
@@ -24,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import html
 import json
 import os
 import re
@@ -44,6 +49,13 @@ CALIB = REPO / "calibration_data" / "digits_cnn_calib.npz"
 EVAL = REPO / "calibration_data" / "digits_cnn_eval.npz"
 WINDOW = (1280, 3600)
 SECTIONS = ("Accuracy", "Latency", "Per-layer error", "Activations of the worst layers")
+PLOT_LABELS = (
+    "Where the error comes from",
+    "SQNR (dB), higher is better",
+    "quantized tensor, in model order from input to output",
+    "time per run (ms)",
+    ">runs<",
+)
 
 
 def build_report(folder: Path) -> tuple[Path, dict]:
@@ -74,16 +86,24 @@ def check_dom(dom: str, doc: dict) -> list[str]:
     assert not missing, f"sections missing: {missing}"
     svgs = dom.count("<svg")
     assert svgs >= 3, f"{svgs} SVG plots"
-    worst = doc["layers"][0]["node"]
-    assert worst in dom, f"the worst layer {worst} is not on the page"
+    worst = html.escape(doc["layers"][0]["node"], quote=False)
+    assert re.search(rf">1: {re.escape(worst)} \(", dom), f"the plot does not name {worst}"
+    assert f"<code>{worst}</code>" in dom.replace("<wbr>", ""), f"the table does not name the worst layer {worst}"
     assert "<script" not in dom and not re.search(r'(src|href)="https?:', dom), "the page loads something"
+    batches = [lat["batch_size"] for lat in doc["latency"]]
+    labels = [*PLOT_LABELS, *(f"Latency distribution, batch {b}" for b in batches)]
+    absent = [text for text in labels if text not in dom]
+    assert not absent, f"plot titles or axis labels missing: {absent}"
+    marks = len(re.findall(r">median [0-9.e+-]+ ms<", dom)), len(re.findall(r">p90 [0-9.e+-]+ ms<", dom))
+    assert marks == (2 * len(batches), 2 * len(batches)), f"median and p90 marks {marks} for batches {batches}"
     return [
         f"title and heading name {candidate} and {reference}",
         "the verdict says the gate passed",
         f"sections present: {', '.join(SECTIONS)}",
         f"{svgs} inline SVG plots",
-        f"worst layer {worst} shown",
+        f"worst layer {worst} named in full on the error plot and in the table",
         "self-contained: no script, no external src/href",
+        f"plot titles and axis labels: {'; '.join(labels)}; median and p90 marked in ms for both models",
     ]
 
 

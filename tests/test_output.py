@@ -243,7 +243,7 @@ def test_the_html_report_loads_in_headless_chromium(tmp_path: Path) -> None:
         [sys.executable, str(script), "--out", str(shot)], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == 7 and shot.read_bytes()[:4] == b"\x89PNG"
+    assert proc.stdout.count("ok: ") == 8 and shot.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_completion_scripts_and_enum_values_complete() -> None:

@@ -47,6 +47,8 @@ def test_batch_shrinks_before_tensors_split_into_passes() -> None:
     passes, batch, fitted = run(per_sample * 5 + 1, fit=True)
     assert (passes, batch) == (1, 5)  # one pass at a smaller batch, not 7 passes at 32
     assert fitted == whole  # min/max and histogram counts do not depend on the batch
+    passes, batch, one = run(per_sample // 4, fit=True)
+    assert (passes, batch) == (1, 1) and one == whole  # the size probe held one sample: no passes below it
     passes, batch, grouped = run(per_sample * 5 + 1, fit=False)
     assert passes > 3 and batch == 32 and grouped == whole
 

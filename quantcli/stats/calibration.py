@@ -1,18 +1,19 @@
 """Run calibration data through onnxruntime and collect activation ranges, one batch at a time.
 
-Every float activation is observed through the statistics collector (``quantcli.stats.collector``):
-the model is copied with the activations exposed as outputs (the input model is not touched), each
-batch's values go straight into small observers and are dropped, so memory holds one batch of
-activations, whatever the number of samples. The memory budget is small (512 MiB unless told): the
-batch shrinks (down to one sample) until one batch of every activation fits it, and only what one
-sample does not fit is split into groups, the data then run once per group. The observers do not
-depend on the batching (moving average aside, which keeps the batch asked for), so neither do the
-ranges. Tensors inside Loop/Scan bodies are reduced to a ``[min, max]`` pair per iteration inside the
-body (``quantcli.graph.subgraphs``), so a 501-step decoder costs 2 values a step, not its tensors x
-steps x batch; histogram methods give such tensors their min-max range (no values, no histogram). Histogram
-methods use the same single pass: their histograms grow by merging bins on a power-of-two grid
-(``observers.GrowingHistogram``), so the result does not depend on the batch size and no raw data
-is kept. The histograms stay in the result, so ranges can be re-chosen for another method
+Every float activation is observed through the statistics collector (``quantcli.stats.collector``): the
+model is copied with the activations exposed as outputs (the input model is not touched), each batch's
+values go straight into small observers and are dropped, so memory holds one batch of activations,
+whatever the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks
+(down to one sample) until one batch of every activation fits it; measuring the sizes holds one sample
+of every activation anyway, so one sample is not split further. The observers do not depend on the
+batching, so neither do the ranges. Moving average does (it averages per-batch ranges): it keeps the
+batch asked for, its budget is a quarter of the memory available, and the tensors are split into groups
+over several passes above it. Tensors inside Loop/Scan bodies are reduced to a ``[min, max]`` pair per
+iteration inside the body (``quantcli.graph.subgraphs``), so a 501-step decoder costs 2 values a step,
+not its tensors x steps x batch; histogram methods give such tensors their min-max range (no values, no
+histogram). Histogram methods use the same single pass: their histograms grow by merging bins on a
+power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the batch size and
+no raw data is kept. The histograms stay in the result, so ranges can be re-chosen for another method
 (``rechoose``) or another activation type (``ranges_for_levels``) without the data.
 """
 
@@ -104,24 +105,28 @@ def permutation_aliases(graph: onnx.GraphProto, tracked: set[str]) -> dict[str, 
 CALIBRATION_BUDGET = 512 << 20
 
 
-def calibration_memory_budget(max_memory: int | None) -> int:
-    """``max_memory``, else 512 MiB (a quarter of the memory available if that is less)."""
-    return max_memory or min(CALIBRATION_BUDGET, default_memory_budget())
+def calibration_memory_budget(max_memory: int | None, method: CalibrationMethod) -> int:
+    """``max_memory``, else 512 MiB (a quarter of the memory available if less; moving average: that quarter)."""
+    if max_memory:
+        return max_memory
+    if method == CalibrationMethod.MOVING_AVERAGE:  # its batch is fixed: a small budget means many passes
+        return default_memory_budget()
+    return min(CALIBRATION_BUDGET, default_memory_budget())
 
 
 @dataclass(frozen=True, slots=True)
 class CalibrationOptions:
     """How calibration observes the data and chooses ranges (every field has the CLI's default).
 
-    ``method``: how clip ranges are chosen; ``percentile``: for percentile, the upper percentile
-    kept (the lower is 100 - p); ``bins``: histogram bins for percentile/entropy/mse; ``levels``:
-    integer levels entropy/mse choose the recorded ranges for (``ranges_for_levels`` re-chooses
-    them for another activation type); ``batch_size``: samples per onnxruntime run; ``threads``:
-    onnxruntime intra-op threads (0: its default); ``max_memory``: bytes one batch of exposed
-    activations may take: the batch shrinks to fit it, then the tensors are calibrated in groups over
-    several passes (None: 512 MiB); ``shuffle``/``seed``: visit samples in a random order (only
-    moving-average depends on order); ``timeout``: seconds after which calibration stops with an
-    error (None: no limit); ``source``: how error messages name the model (its path).
+    ``method``: how clip ranges are chosen; ``percentile``: for percentile, the upper percentile kept
+    (the lower is 100 - p); ``bins``: histogram bins for percentile/entropy/mse; ``levels``: integer
+    levels entropy/mse choose the recorded ranges for (``ranges_for_levels`` re-chooses them for another
+    activation type); ``batch_size``: samples per onnxruntime run; ``threads``: onnxruntime intra-op
+    threads (0: its default); ``max_memory``: bytes one batch of exposed activations may take: the batch
+    shrinks to fit it (moving average: the tensors are calibrated in groups over several passes instead)
+    (None: 512 MiB; moving average: a quarter of available memory); ``shuffle``/``seed``: visit samples
+    in a random order (only moving-average depends on order); ``timeout``: seconds after which
+    calibration stops with an error (None: no limit); ``source``: how error messages name the model (its path).
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -141,7 +146,7 @@ class CalibrationOptions:
         return CollectOptions(
             batch_size=self.batch_size,
             threads=self.threads,
-            max_memory=calibration_memory_budget(self.max_memory),
+            max_memory=calibration_memory_budget(self.max_memory, self.method),
             fit_batch=self.method != CalibrationMethod.MOVING_AVERAGE,
             shuffle=self.shuffle,
             seed=self.seed,

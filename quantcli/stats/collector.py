@@ -13,11 +13,13 @@ A request is a value naming what to measure and on which tensor:
 
 ``collect`` exposes every requested tensor as a graph output (the models are copied, not touched),
 measures the bytes each exposed tensor takes for one sample, and chooses how to stream: with
-``fit_batch`` (observers that do not depend on the batching) the batch first shrinks, down to one
-sample, until one batch of every exposed tensor fits ``max_memory`` (``plan_batch``: a smaller batch
-costs a CPU little, another pass re-runs the whole model); what still does not fit is split into
-groups (``plan_groups``). It then streams the data once per group, feeding each batch to every observer of the
-group and dropping it before the next batch: memory holds one batch of the group's tensors.
+``fit_batch`` (observers that do not depend on the batching) the batch shrinks, down to one sample,
+until one batch of every exposed tensor fits ``max_memory`` (``plan_batch``: a smaller batch costs a CPU
+little, another pass re-runs the whole model); one sample is never split into groups then, since
+measuring the sizes already held one sample of every tensor (more passes would lower no peak). Otherwise
+what does not fit is split into groups (``plan_groups``). It then streams the data once per group,
+feeding each batch to every observer of the group and dropping it before the next batch: memory holds
+one batch of the group's tensors.
 Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
 ``quantcli.stats.observers``).
 """
@@ -179,7 +181,7 @@ class CollectOptions:
     threads: int = 0
     #: bytes one batch of exposed tensors may take (None: a quarter of the memory available)
     max_memory: int | None = None
-    #: shrink the batch (down to 1) before splitting into groups to fit ``max_memory``: only for
+    #: shrink the batch (down to 1) instead of splitting into groups to fit ``max_memory``: only for
     #: observers whose result does not depend on the batching (not moving average, not first batches)
     fit_batch: bool = False
     shuffle: bool = False
@@ -288,8 +290,10 @@ def collect(
     budget = options.max_memory or default_memory_budget()
     size = dataset.effective_batch_size(options.batch_size)
     if options.fit_batch:
-        size = dataset.effective_batch_size(plan_batch(sum(sizes.values()), size, budget))
+        held = sum(sizes.values())  # what the size probe already held: one sample of every output
+        size = dataset.effective_batch_size(plan_batch(held, size, budget))
         options = replace(options, batch_size=size)
+        budget = max(budget, held * size)  # passes below what the probe held lower no peak, they re-run the model
     split = plan_groups(keyed, size, budget)
     groups = [[requests[int(k)] for k in g] for g in split if g]
     observers: dict[object, object] = {}

@@ -26,6 +26,8 @@ def test_plan_batch_fits_the_budget_down_to_one_sample() -> None:
     assert plan_batch(per_sample=1000, batch_size=32, budget=1 << 20) == 32  # fits: the batch asked for
     assert plan_batch(per_sample=1000, batch_size=32, budget=8500) == 8
     assert plan_batch(per_sample=1000, batch_size=32, budget=10) == 1  # groups take over from there
+    assert plan_batch(per_sample=1000, batch_size=32, budget=1 << 20, target=4500) == 5  # reaches the target
+    assert plan_batch(per_sample=10, batch_size=32, budget=1 << 20, target=4500) == 32
 
 
 def test_batch_shrinks_before_tensors_split_into_passes() -> None:

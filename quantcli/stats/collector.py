@@ -14,12 +14,12 @@ A request is a value naming what to measure and on which tensor:
 ``collect`` exposes every requested tensor as a graph output (the models are copied, not touched),
 measures the bytes each exposed tensor takes for one sample, and chooses how to stream: with
 ``fit_batch`` (observers that do not depend on the batching) the batch shrinks, down to one sample,
-until one batch of every exposed tensor fits ``max_memory`` (``plan_batch``: a smaller batch costs a CPU
-little, another pass re-runs the whole model); one sample is never split into groups then, since
-measuring the sizes already held one sample of every tensor (more passes would lower no peak). Otherwise
-what does not fit is split into groups (``plan_groups``). It then streams the data once per group,
-feeding each batch to every observer of the group and dropping it before the next batch: memory holds
-one batch of the group's tensors.
+until one batch of every exposed tensor fits ``max_memory``, and to ``batch_target`` bytes, beyond which
+a larger batch runs no faster on a CPU (``plan_batch``; another pass would re-run the model); one sample
+is never split into groups then, since measuring the sizes already held one sample of every tensor (more
+passes would lower no peak). Otherwise what does not fit is split into groups (``plan_groups``). It then
+streams the data once per group, feeding each batch to every observer of the group and dropping it
+before the next batch: memory holds one batch of the group's tensors.
 Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
 ``quantcli.stats.observers``).
 """
@@ -184,6 +184,9 @@ class CollectOptions:
     #: shrink the batch (down to 1) instead of splitting into groups to fit ``max_memory``: only for
     #: observers whose result does not depend on the batching (not moving average, not first batches)
     fit_batch: bool = False
+    #: with ``fit_batch``: bytes of exposed tensors a batch needs to run as fast per sample as a larger
+    #: one (0: as large as ``max_memory`` allows)
+    batch_target: int = 0
     shuffle: bool = False
     seed: int = 0
     #: ``time.monotonic()`` after which the pass stops with ``CalibrationTimeoutError``
@@ -210,12 +213,18 @@ def default_memory_budget() -> int:
     return available // 4 if available else 4 << 30
 
 
-def plan_batch(per_sample: int, batch_size: int, budget: int) -> int:
-    """The largest batch up to ``batch_size`` whose exposed tensors (``per_sample`` bytes a sample) fit ``budget``.
+def plan_batch(per_sample: int, batch_size: int, budget: int, target: int = 0) -> int:
+    """A batch up to ``batch_size`` whose exposed tensors (``per_sample`` bytes a sample) fit ``budget``.
 
-    At least 1: what one sample does not fit is left to ``plan_groups``.
+    With ``target``, the fewest samples whose tensors reach ``target`` bytes (a larger batch runs no
+    faster on a CPU once its activations are that large). At least 1: what one sample does not fit is
+    left to ``plan_groups``.
     """
-    return max(1, min(batch_size, budget // max(1, per_sample)))
+    per_sample = max(1, per_sample)
+    fits = budget // per_sample
+    if target:
+        fits = min(fits, -(-target // per_sample))
+    return max(1, min(batch_size, fits))
 
 
 def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[list[str]]:
@@ -291,7 +300,7 @@ def collect(
     size = dataset.effective_batch_size(options.batch_size)
     if options.fit_batch:
         held = sum(sizes.values())  # what the size probe already held: one sample of every output
-        size = dataset.effective_batch_size(plan_batch(held, size, budget))
+        size = dataset.effective_batch_size(plan_batch(held, size, budget, options.batch_target))
         options = replace(options, batch_size=size)
         budget = max(budget, held * size)  # passes below what the probe held lower no peak, they re-run the model
     split = plan_groups(keyed, size, budget)

@@ -1,6 +1,6 @@
 """One calibration run in its own process, so its peak RSS is its own: prints one JSON line.
 
-python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLES BATCH
+python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLES BATCH [MAX_MEMORY_BYTES]
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ def tiled(data: Path, num: int) -> dict[str, np.ndarray]:
 def main() -> None:
     tool, method, model, data, num, batch = sys.argv[1:7]
     num_samples, batch_size = int(num), int(batch)
+    max_memory = int(sys.argv[7]) if len(sys.argv) > 7 and int(sys.argv[7]) > 0 else None
     work = Path(tempfile.mkdtemp(prefix="calib-bench-"))
     arrays = tiled(Path(data), num_samples)
     npz = work / "data.npz"
@@ -45,7 +46,12 @@ def main() -> None:
         from quantcli.core.options import CalibrationMethod
 
         result = calibrate_model(
-            Path(model), npz, method=CalibrationMethod(method), batch_size=batch_size, upgrade_opset=True
+            Path(model),
+            npz,
+            method=CalibrationMethod(method),
+            batch_size=batch_size,
+            max_memory=max_memory,
+            upgrade_opset=True,
         )
         count = len(result.ranges)
     else:

@@ -46,10 +46,20 @@ def test_batch_size_does_not_change_ranges(prepared, images, method):
 
 
 @pytest.mark.parametrize("method", [CalibrationMethod.MINMAX, CalibrationMethod.PERCENTILE])
-def test_memory_budget_splits_passes_without_changing_ranges(prepared, images, method):
+def test_memory_budget_shrinks_the_batch_without_changing_ranges(prepared, images, method):
     ds = dataset(prepared, images)
     whole = calibrate(prepared, ds, model_sha256="-", method=method)
-    grouped = calibrate(prepared, ds, model_sha256="-", method=method, max_memory=64 * 1024)
+    # below one sample's activations (about 87 KiB): batch 1, one pass (measuring sizes held that much anyway)
+    small = calibrate(prepared, ds, model_sha256="-", method=method, max_memory=16 * 1024)
+    assert whole.params["passes"] == small.params["passes"] == 1
+    _assert_close(_ranges(whole), _ranges(small))
+
+
+def test_memory_budget_splits_moving_average_into_passes_at_its_batch(prepared, images):
+    ds = dataset(prepared, images)
+    method = CalibrationMethod.MOVING_AVERAGE
+    whole = calibrate(prepared, ds, model_sha256="-", method=method)
+    grouped = calibrate(prepared, ds, model_sha256="-", method=method, max_memory=256 * 1024)
     assert whole.params["passes"] == 1 and grouped.params["passes"] > 3
     _assert_close(_ranges(whole), _ranges(grouped))
 

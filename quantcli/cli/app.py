@@ -258,7 +258,7 @@ def calibrate(
     ] = None,
     threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0: its default).")] = 0,
     max_memory: Annotated[
-        str | None, typer.Option(help="Budget for one batch of activations, e.g. 512M or 2G (default: 1/4 of free).")
+        str | None, typer.Option(help="Budget for one batch of activations, e.g. 512M or 2G (default: 512M).")
     ] = None,
     shuffle: Annotated[
         bool, typer.Option("--shuffle", help="Visit samples in random order (see --seed).", rich_help_panel=DATA)

@@ -121,7 +121,7 @@ def _observe(
     """One pass: the calibration's range of every tracked tensor and the ``wanted`` (tensor, axis) statistics."""
     tracked = set(exposure.tracked)
     channels = {key: ChannelRequest(*key) for key in sorted(wanted) if key[0] in tracked}
-    ranges = {n: range_request(n, options) for n in exposure.fetched}
+    ranges = {n: range_request(n, options, reduced=n in exposure.reduced) for n in exposure.fetched}
     requests: list[StatisticRequest] = [*ranges.values(), *channels.values()]
     collected = collect([exposure.model], dataset, requests, run, sessions=[exposure.probe], progress=progress)
     stats: dict[tuple[str, int], ChannelStats] = {}

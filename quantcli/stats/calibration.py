@@ -1,13 +1,20 @@
 """Run calibration data through onnxruntime and collect activation ranges, one batch at a time.
 
-Every float activation is observed through the statistics collector (``quantcli.stats.collector``):
-the model is copied with the activations exposed as outputs (the input model is not touched), each
-batch's values go straight into small observers and are dropped, so memory holds one batch of
-activations, whatever the number of samples. When one batch of all activations would exceed the
-memory budget, the tensors are split into groups and the data is run once per group. Histogram
-methods use the same single pass: their histograms grow by merging bins on a power-of-two grid
-(``observers.GrowingHistogram``), so the result does not depend on the batch size and no raw data
-is kept. The histograms stay in the result, so ranges can be re-chosen for another method
+Every float activation is observed through the statistics collector (``quantcli.stats.collector``): the
+model is copied with the activations exposed as outputs (the input model is not touched), each batch's
+values go straight into small observers and are dropped, so memory holds one batch of activations,
+whatever the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks
+(down to one sample) until one batch of every activation fits it, and to about 16 MB of activations,
+above which a larger batch runs no faster on a CPU (``BATCH_TARGET``); measuring the sizes holds one sample
+of every activation anyway, so one sample is not split further. The observers do not depend on the
+batching, so neither do the ranges. Moving average does (it averages per-batch ranges): it keeps the
+batch asked for, its budget is a quarter of the memory available, and the tensors are split into groups
+over several passes above it. Tensors inside Loop/Scan bodies are reduced to a ``[min, max]`` pair per
+iteration inside the body (``quantcli.graph.subgraphs``), so a 501-step decoder costs 2 values a step,
+not its tensors x steps x batch; histogram methods give such tensors their min-max range (no values, no
+histogram). Histogram methods use the same single pass: their histograms grow by merging bins on a
+power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the batch size and
+no raw data is kept. The histograms stay in the result, so ranges can be re-chosen for another method
 (``rechoose``) or another activation type (``ranges_for_levels``) without the data.
 """
 
@@ -50,6 +57,7 @@ __all__ = [
     "TensorRange",
     "activation_levels",
     "calibrate",
+    "calibration_memory_budget",
     "calibration_result",
     "default_memory_budget",
     "expose",
@@ -95,19 +103,37 @@ def permutation_aliases(graph: onnx.GraphProto, tracked: set[str]) -> dict[str, 
     return aliases
 
 
+#: bytes one batch of exposed activations may take by default
+CALIBRATION_BUDGET = 512 << 20
+#: exposed bytes above which a larger batch calibrates no faster on a CPU (calibrate, min-max, 256
+#: samples, batch 1 vs 32 on a shared 2-core machine: magika at 22 MB a sample 5.0 vs 8.9 s, ppocrv4_rec
+#: at 192 MB 32 vs 41 s; the digits CNN, at 87 KB, keeps batch 32)
+BATCH_TARGET = 16 << 20
+
+
+def calibration_memory_budget(max_memory: int | None, method: CalibrationMethod) -> int:
+    """``max_memory``, else 512 MiB (a quarter of the memory available if less; moving average: that quarter)."""
+    if max_memory:
+        return max_memory
+    if method == CalibrationMethod.MOVING_AVERAGE:  # its batch is fixed: a small budget means many passes
+        return default_memory_budget()
+    return min(CALIBRATION_BUDGET, default_memory_budget())
+
+
 @dataclass(frozen=True, slots=True)
 class CalibrationOptions:
     """How calibration observes the data and chooses ranges (every field has the CLI's default).
 
-    ``method``: how clip ranges are chosen; ``percentile``: for percentile, the upper percentile
-    kept (the lower is 100 - p); ``bins``: histogram bins for percentile/entropy/mse; ``levels``:
-    integer levels entropy/mse choose the recorded ranges for (``ranges_for_levels`` re-chooses
-    them for another activation type); ``batch_size``: samples per onnxruntime run; ``threads``:
-    onnxruntime intra-op threads (0: its default); ``max_memory``: bytes one batch of exposed
-    activations may take, above it the tensors are calibrated in groups over several passes (None:
-    a quarter of available memory); ``shuffle``/``seed``: visit samples in a random order (only
-    moving-average depends on order); ``timeout``: seconds after which calibration stops with an
-    error (None: no limit); ``source``: how error messages name the model (its path).
+    ``method``: how clip ranges are chosen; ``percentile``: for percentile, the upper percentile kept
+    (the lower is 100 - p); ``bins``: histogram bins for percentile/entropy/mse; ``levels``: integer
+    levels entropy/mse choose the recorded ranges for (``ranges_for_levels`` re-chooses them for another
+    activation type); ``batch_size``: samples per onnxruntime run, at most (fewer when activations are
+    large); ``threads``: onnxruntime intra-op threads (0: its default); ``max_memory``: bytes one batch
+    of exposed activations may take: the batch shrinks to fit it (moving average: the tensors are
+    calibrated in groups over several passes instead) (None: 512 MiB; moving average: a quarter of
+    available memory); ``shuffle``/``seed``: visit samples in a random order (only moving-average
+    depends on order); ``timeout``: seconds after which calibration stops with an error (None: no
+    limit); ``source``: how error messages name the model (its path).
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -127,7 +153,9 @@ class CalibrationOptions:
         return CollectOptions(
             batch_size=self.batch_size,
             threads=self.threads,
-            max_memory=self.max_memory,
+            max_memory=calibration_memory_budget(self.max_memory, self.method),
+            fit_batch=self.method != CalibrationMethod.MOVING_AVERAGE,
+            batch_target=BATCH_TARGET,
             shuffle=self.shuffle,
             seed=self.seed,
             deadline=deadline,
@@ -151,6 +179,8 @@ class Exposure:
     #: exposed output name -> tensor name inside its subgraph
     inner: dict[str, str]
     probe: Session
+    #: exposed outputs holding per-iteration [min, max] pairs of a Loop/Scan body tensor
+    reduced: frozenset[str] = frozenset()
 
     @property
     def fetched(self) -> list[str]:
@@ -166,14 +196,15 @@ def expose(model: onnx.ModelProto, dataset: Dataset | FeedList, options: Calibra
     """
     names = candidate_tensors(model)
     inner: dict[str, str] = {}
+    reduced: frozenset[str] = frozenset()
     probe: Session | None = None
     if has_subgraphs(model.graph):
-        exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]))
+        exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]), reduce_loops=True)
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             with_inner = augmented(exposed.model, names + list(exposed.names))
             probe = make_session(with_inner, threads=options.threads, source=options.source)
             probe.run(list(exposed.names), next(iter(dataset.batches(1))))
-            model, inner = exposed.model, exposed.names
+            model, inner, reduced = exposed.model, exposed.names, exposed.reduced
             names += list(inner)
         except Exception as exc:  # never block: the subgraphs stay float, the main graph is calibrated
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
@@ -185,13 +216,16 @@ def expose(model: onnx.ModelProto, dataset: Dataset | FeedList, options: Calibra
     if not tracked:
         raise UnsupportedModelError("model has no float activations to calibrate")
     # a Reshape/Transpose/... output holds its input's values rearranged: same range, same histogram
-    return Exposure(model, tracked, permutation_aliases(model.graph, set(tracked)), inner, probe)
+    return Exposure(model, tracked, permutation_aliases(model.graph, set(tracked)), inner, probe, reduced)
 
 
-def range_request(tensor: str, options: CalibrationOptions) -> RangeRequest:
-    """What calibration asks the collector about one tensor for ``options.method``."""
-    bins = options.bins if options.method in HISTOGRAM_METHODS else 0
-    return RangeRequest(tensor, options.method == CalibrationMethod.MOVING_AVERAGE, bins)
+def range_request(tensor: str, options: CalibrationOptions, *, reduced: bool = False) -> RangeRequest:
+    """What calibration asks the collector about one tensor for ``options.method``.
+
+    ``reduced``: the tensor is exposed as per-iteration [min, max] pairs (no histogram possible).
+    """
+    bins = options.bins if options.method in HISTOGRAM_METHODS and not reduced else 0
+    return RangeRequest(tensor, options.method == CalibrationMethod.MOVING_AVERAGE, bins, reduced)
 
 
 def calibrate(
@@ -211,7 +245,11 @@ def calibrate(
     """
     options = replace(options or CalibrationOptions(), **fields)
     exposure = expose(model, dataset, options)
-    requests = {n: range_request(n, options) for n in exposure.fetched}
+    requests = {n: range_request(n, options, reduced=n in exposure.reduced) for n in exposure.fetched}
+    if exposure.reduced and options.method in HISTOGRAM_METHODS:
+        log.info(
+            "%d tensors inside Loop/Scan bodies get min-max ranges (observed per iteration)", len(exposure.reduced)
+        )
     collected = collect(
         [exposure.model],
         dataset,

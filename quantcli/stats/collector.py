@@ -2,17 +2,24 @@
 
 A request is a value naming what to measure and on which tensor:
 
-* ``RangeRequest(tensor, moving_average, histogram_bins)``: exact min/max, plus a moving average of
-  the per-batch min/max and a growing histogram when asked (calibration);
+* ``RangeRequest(tensor, moving_average, histogram_bins, reduced)``: exact min/max, plus a moving
+  average of the per-batch min/max and a growing histogram when asked (calibration); ``reduced``: the
+  output holds ``[min, max]`` pairs on its last axis (a Loop body's tensor reduced per iteration,
+  ``quantcli.graph.subgraphs``), observed as the values they bound;
 * ``ChannelRequest(tensor, axis)``: per-channel mean, min, max (so abs-max) along ``axis``
   (SmoothQuant, bias correction);
 * ``ErrorRequest(tensor, candidate)``: signal and noise energy of a candidate model's tensor against
   the reference model's (per-layer error), with the first batch of reference values kept.
 
 ``collect`` exposes every requested tensor as a graph output (the models are copied, not touched),
-splits the requests into groups whose batch of exposed tensors fits ``max_memory`` (bytes measured
-on one sample), and streams the data once per group, feeding each batch to every observer of the
-group and dropping it before the next batch: memory holds one batch of the group's tensors.
+measures the bytes each exposed tensor takes for one sample, and chooses how to stream: with
+``fit_batch`` (observers that do not depend on the batching) the batch shrinks, down to one sample,
+until one batch of every exposed tensor fits ``max_memory``, and to ``batch_target`` bytes, beyond which
+a larger batch runs no faster on a CPU (``plan_batch``; another pass would re-run the model); one sample
+is never split into groups then, since measuring the sizes already held one sample of every tensor (more
+passes would lower no peak). Otherwise what does not fit is split into groups (``plan_groups``). It then
+streams the data once per group, feeding each batch to every observer of the group and dropping it
+before the next batch: memory holds one batch of the group's tensors.
 Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
 ``quantcli.stats.observers``).
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -52,10 +59,12 @@ __all__ = [
     "ErrorStats",
     "RangeRequest",
     "RangeStats",
+    "ReducedRangeStats",
     "StatisticObserver",
     "StatisticRequest",
     "collect",
     "default_memory_budget",
+    "plan_batch",
     "plan_groups",
 ]
 
@@ -87,6 +96,8 @@ class RangeRequest:
     tensor: str
     moving_average: bool = False
     histogram_bins: int = 0  # 0: no histogram
+    #: the output holds [min, max] pairs (last axis 2), not the values (no histogram then)
+    reduced: bool = False
 
     def outputs(self) -> tuple[tuple[int, str], ...]:
         """(model, output name) pairs the observer reads, in order."""
@@ -95,8 +106,25 @@ class RangeRequest:
     def observer(self) -> RangeStats:
         """A fresh observer."""
         moving = MovingAverageMinMaxObserver() if self.moving_average else None
+        if self.reduced:
+            return ReducedRangeStats(MinMaxObserver(), moving, None)
         hist = GrowingHistogram(bins=self.histogram_bins) if self.histogram_bins else None
         return RangeStats(MinMaxObserver(), moving, hist)
+
+
+class ReducedRangeStats(RangeStats):
+    """``RangeStats`` fed ``[min, max]`` pairs: the pairs' mins and maxes stand for the values.
+
+    The min of the kept values is the min of the mins (each pair has min <= max), likewise the max,
+    so min/max and each batch's min/max (moving average) equal those of the values reduced. A pair
+    ``[+inf, -inf]`` (an empty tensor reduced, or an If branch not taken) is dropped.
+    """
+
+    def update(self, values: Sequence[np.ndarray]) -> None:
+        """Fold one batch of pairs in."""
+        pairs = np.asarray(values[0]).reshape(-1, 2)
+        empty = np.isposinf(pairs[:, 0]) & np.isneginf(pairs[:, 1])
+        RangeStats.update(self, [pairs[~empty].reshape(-1)])
 
 
 # ---- per-channel statistics -----------------------------------------------------------------------
@@ -153,6 +181,12 @@ class CollectOptions:
     threads: int = 0
     #: bytes one batch of exposed tensors may take (None: a quarter of the memory available)
     max_memory: int | None = None
+    #: shrink the batch (down to 1) instead of splitting into groups to fit ``max_memory``: only for
+    #: observers whose result does not depend on the batching (not moving average, not first batches)
+    fit_batch: bool = False
+    #: with ``fit_batch``: bytes of exposed tensors a batch needs to run as fast per sample as a larger
+    #: one (0: as large as ``max_memory`` allows)
+    batch_target: int = 0
     shuffle: bool = False
     seed: int = 0
     #: ``time.monotonic()`` after which the pass stops with ``CalibrationTimeoutError``
@@ -163,10 +197,11 @@ class CollectOptions:
 
 @dataclass(frozen=True, slots=True)
 class Collected:
-    """Observers by request, and the number of passes over the data (one per memory group)."""
+    """Observers by request, the number of passes over the data (one per memory group), the batch used."""
 
     observers: dict[object, object]
     passes: int
+    batch_size: int = 0
 
     def __getitem__(self, request: object) -> object:
         return self.observers[request]
@@ -176,6 +211,20 @@ def default_memory_budget() -> int:
     """A quarter of the memory available now (Linux), else 4 GiB."""
     available = available_memory()
     return available // 4 if available else 4 << 30
+
+
+def plan_batch(per_sample: int, batch_size: int, budget: int, target: int = 0) -> int:
+    """A batch up to ``batch_size`` whose exposed tensors (``per_sample`` bytes a sample) fit ``budget``.
+
+    With ``target``, the fewest samples whose tensors reach ``target`` bytes (a larger batch runs no
+    faster on a CPU once its activations are that large). At least 1: what one sample does not fit is
+    left to ``plan_groups``.
+    """
+    per_sample = max(1, per_sample)
+    fits = budget // per_sample
+    if target:
+        fits = min(fits, -(-target // per_sample))
+    return max(1, min(batch_size, fits))
 
 
 def plan_groups(sizes: dict[str, int], batch_size: int, budget: int) -> list[list[str]]:
@@ -247,8 +296,14 @@ def collect(
         raise CalibrationDataError(f"{dataset.path}: no samples to collect statistics from")
     sizes = _sizes(probes, names, first, dataset)
     keyed = {str(i): sum(sizes[o] for o in r.outputs()) for i, r in enumerate(requests)}
+    budget = options.max_memory or default_memory_budget()
     size = dataset.effective_batch_size(options.batch_size)
-    split = plan_groups(keyed, size, options.max_memory or default_memory_budget())
+    if options.fit_batch:
+        held = sum(sizes.values())  # what the size probe already held: one sample of every output
+        size = dataset.effective_batch_size(plan_batch(held, size, budget, options.batch_target))
+        options = replace(options, batch_size=size)
+        budget = max(budget, held * size)  # passes below what the probe held lower no peak, they re-run the model
+    split = plan_groups(keyed, size, budget)
     groups = [[requests[int(k)] for k in g] for g in split if g]
     observers: dict[object, object] = {}
     for k, group in enumerate(groups):
@@ -262,7 +317,7 @@ def collect(
             del values
         observers.update((r, obs) for r, (obs, _) in zip(group, feeding, strict=True))
         del runs  # one group's sessions alive at a time
-    return Collected(observers, len(groups))
+    return Collected(observers, len(groups), size)
 
 
 def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> Session | None:

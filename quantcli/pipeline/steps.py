@@ -225,7 +225,8 @@ def search(ctx: ConvertContext) -> None:
     options = need(r.search, "the search options")
     dataset = ctx.fmt.open(need(r.eval_data, "the evaluation data"), model_input_specs(need(ctx.model, "the model")))
     methods = (ctx.method, *options.methods) if ctx.method is not None else options.methods
-    options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile)
+    kinds = options.output_kinds if options.output_kinds is not None else r.output_kinds
+    options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile, output_kinds=kinds)
     alternatives, alt_reports = _algorithm_alternatives(ctx, options.try_algorithms)
     searched = search_quantization(
         base, dataset, options, alternatives=alternatives, reference=prepared, progress=ctx.progress, log=ctx.log

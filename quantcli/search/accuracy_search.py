@@ -44,8 +44,10 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.compare.evaluate import measure_latency
+from quantcli.compare.gates import kind_gates
 from quantcli.compare.layers import LayerError, per_layer_errors
 from quantcli.compare.metrics import MetricSpec, evaluate_custom
+from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
 from quantcli.core.errors import QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
@@ -94,15 +96,38 @@ class Budget:
 
     max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
     min_sqnr_db: float | None = None  # on every float output
+    #: share of samples whose decision equals FP32's, on every classifier/sequence/binary output
+    min_agreement: float | None = None
+    min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
+    min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
 
     def describe(self) -> str:
-        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB``."""
+        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99``."""
         parts = []
         if self.max_accuracy_drop is not None:
             parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
         if self.min_sqnr_db is not None:
             parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
+        parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
         return ", ".join(parts)
+
+    def kind_bounds(self) -> list[tuple[str, float]]:
+        """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
+        named = (("min-agreement", self.min_agreement), ("min-cosine", self.min_cosine), ("min-iou", self.min_iou))
+        return [(name, bound) for name, bound in named if bound is not None]
+
+    def is_empty(self) -> bool:
+        """No bound is checked."""
+        return self.max_accuracy_drop is None and self.min_sqnr_db is None and not self.kind_bounds()
+
+    def record(self) -> dict[str, float | None]:
+        """The bounds for a recipe (the task-level ones only when given, so older recipes read the same)."""
+        bounds: dict[str, float | None] = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "min_sqnr_db": self.min_sqnr_db,
+        }
+        bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
+        return bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +146,9 @@ class SearchOptions:
     #: a task metric (``quantcli.compare.metrics``: function of all outputs and labels, 0..1, higher is better)
     #: that ``max_accuracy_drop`` is measured on instead of top-1, or ``MetricSpec(AGREEMENT)``
     metric: MetricSpec | None = None
+    #: output name -> kind, overriding the detection the task-level bounds are measured on
+    output_kinds: Mapping[str, OutputKind] | None = None
+    map_threshold: float = DEFAULT_MAP_THRESHOLD  # where a map is cut into a mask for ``min_iou``
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +192,8 @@ class Trial:
     speedup_b1: float  # FP32 latency / quantized latency at batch 1 (median of interleaved runs)
     meets_budget: bool
     kept: bool = False  # the step's change was kept
+    #: each output's kind and task metric (measured when the budget has task-level bounds)
+    kinds: tuple[KindMetrics, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +223,7 @@ class SearchResult:
             tensor_methods=c.candidate.tensor_methods,
             float_nodes=c.candidate.float_nodes,
             search={
-                "budget": {
-                    "max_accuracy_drop": self.budget.max_accuracy_drop,
-                    "min_sqnr_db": self.budget.min_sqnr_db,
-                },
+                "budget": self.budget.record(),
                 "evaluation_samples": self.num_samples,
                 "metric": self.metric,
                 "fp32_accuracy": _finite(self.fp32_accuracy),
@@ -288,15 +315,24 @@ class _Score:
     accuracy: float | None
     accuracy_drop: float | None
     sqnr_db: float
+    kinds: tuple[KindMetrics, ...] = ()
 
 
 class _Evaluator:
     """FP32 outputs computed once; each candidate is scored against them."""
 
     def __init__(
-        self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32, metric: MetricSpec | None = None
+        self,
+        reference: onnx.ModelProto,
+        dataset: Dataset,
+        batch_size: int = 32,
+        metric: MetricSpec | None = None,
+        *,
+        kinds: tuple[Mapping[str, OutputKind], float] | None = None,
     ) -> None:
+        """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds)."""
         self.dataset = dataset
+        self.kind_options = kinds
         self.metric = metric if metric is not None and metric.function is not None else None
         #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
         #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
@@ -306,6 +342,9 @@ class _Evaluator:
         self.size = dataset.effective_batch_size(batch_size)
         self.feeds = list(dataset.batches(self.size))
         self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
+        self.counts = [dataset.batch_length(feed) for feed in self.feeds]
+        #: each output's detected (or given) kind, FP32 against itself
+        self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
         self.labels = None if agreement else dataset.labels
         first = self.reference[0][0] if self.reference else np.zeros(0)
         scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
@@ -335,14 +374,22 @@ class _Evaluator:
             return None
         return 100.0 * float(np.mean(pred[scored] == labels[scored]))
 
+    def _kinds(self, outputs: Sequence[Sequence[np.ndarray]]) -> tuple[KindMetrics, ...]:
+        """The kind metrics of ``outputs`` (one list per feed) against the FP32 outputs."""
+        overrides, threshold = self.kind_options or ({}, DEFAULT_MAP_THRESHOLD)
+        observer = OutputKindObserver(overrides, map_threshold=threshold)
+        for ref, out, n in zip(self.reference, outputs, self.counts, strict=False):
+            observer(self.names, ref, out, n)
+        return tuple(observer.results())
+
     def score(self, session: ort.InferenceSession) -> _Score:
         signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
         noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
         firsts: list[np.ndarray] = []
-        everything: list[list[np.ndarray]] = []  # for a custom metric only
+        everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             out = session.run(self.names, feed)
-            if self.metric is not None:
+            if self.metric is not None or self.kind_options is not None:
                 everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
                 if r.dtype.kind != "f":
@@ -369,7 +416,17 @@ class _Evaluator:
                 ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
                 q_top = np.concatenate([f.argmax(-1) for f in firsts])
                 drop = 100.0 * float(np.mean(ref_top != q_top))
-        return _Score(accuracy, drop, sqnr)
+        kinds = self._kinds(everything) if self.kind_options is not None else ()
+        return _Score(accuracy, drop, sqnr, kinds)
+
+
+def _kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
+    """The smallest margin (value - bound) over every task-level bound and output it applies to."""
+    bounds = budget.kind_bounds()
+    if not bounds:
+        return None
+    values = [g.value - g.bound for name, bound in bounds for g in kind_gates(name, list(kinds), bound)]
+    return -math.inf if any(math.isnan(v) for v in values) else min(values)
 
 
 def _meets(score: _Score, budget: Budget) -> bool:
@@ -377,12 +434,21 @@ def _meets(score: _Score, budget: Budget) -> bool:
         score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
     ):
         return False
+    margin = _kind_margin(score.kinds, budget)
+    if margin is not None and margin < -1e-12:
+        return False
     return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
 
 
 def _key(score: _Score, budget: Budget) -> tuple[float, float]:
-    """Larger is better: the budgeted metric first, then SQNR."""
-    primary = -(score.accuracy_drop or 0.0) if budget.max_accuracy_drop is not None else score.sqnr_db
+    """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
+    margin = _kind_margin(score.kinds, budget)
+    if budget.max_accuracy_drop is not None:
+        primary = -(score.accuracy_drop or 0.0)
+    elif margin is not None:
+        primary = margin
+    else:
+        primary = score.sqnr_db
     return (round(primary, 9), round(score.sqnr_db, 6))
 
 
@@ -413,11 +479,13 @@ def search_quantization(
         BudgetNotMetError: nothing tried met the budget (the message names the best attempt).
     """
     budget = options.budget
-    if budget.max_accuracy_drop is None and budget.min_sqnr_db is None:
-        raise QuantCliError("the accuracy search needs a budget: --max-accuracy-drop and/or --min-sqnr")
+    if budget.is_empty():
+        raise QuantCliError("the accuracy search needs a budget: $search", options=("search",))
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
-    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric)
+    kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
+    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
+    _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
             f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
@@ -437,6 +505,22 @@ def search_quantization(
     if not best.meets_budget:
         best = _settle(search)
     return search.result(best)
+
+
+def _check_kinds(ev: _Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
+    """Say what each output was detected as; every task-level bound needs an output of its kind."""
+    for k in ev.kinds:
+        log(f"output {k.name}: {k.kind} ({k.reason})")
+    for name, bound in budget.kind_bounds():
+        gate = kind_gates(name, list(ev.kinds), bound)[0]
+        if gate.output is None:
+            field_name = name.replace("-", "_")
+            detected = ", ".join(f"{k.name}: {k.kind}" for k in ev.kinds) or "none"
+            article = "an" if str(gate.kind)[:1] in "aeiou" else "a"
+            raise QuantCliError(
+                f"${field_name} needs {article} {gate.kind} output; detected {detected}: name one with $output_kinds",
+                options=(field_name, "output_kinds"),
+            )
 
 
 _Cached = tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
@@ -478,6 +562,7 @@ class _Search:
             sqnr_db=score.sqnr_db,
             speedup_b1=lat.speedup,
             meets_budget=_meets(score, self.options.budget),
+            kinds=score.kinds,
         )
         self.trials.append(trial)
         self.cache[cand] = (trial, model, plan, bc_report)
@@ -493,7 +578,7 @@ class _Search:
 
     def key(self, t: Trial) -> tuple[float, float]:
         """Larger is better (``_key``)."""
-        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db), self.options.budget)
+        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
@@ -613,7 +698,18 @@ def _describe(t: Trial) -> str:
     if t.accuracy_drop is not None:
         parts.append(f"drop {t.accuracy_drop:.2f}")
     parts.append(f"SQNR {t.sqnr_db:.1f} dB")
+    parts.extend(
+        _kind_value(k) for k in t.kinds if k.agreement is not None or k.cosine is not None or k.iou is not None
+    )
     parts.append(f"{t.speedup_b1:.2f}x FP32 at b1")
     parts.append(f"{len(t.candidate.float_nodes)} float")
     parts.append("meets budget" if t.meets_budget else "misses budget")
     return ", ".join(parts)
+
+
+def _kind_value(k: KindMetrics) -> str:
+    """E.g. ``y agreement 0.969``."""
+    label, value = next(
+        (lbl, v) for lbl, v in (("agreement", k.agreement), ("cosine", k.cosine), ("IoU", k.iou)) if v is not None
+    )
+    return f"{k.name} {label} {value:.3f}"

@@ -115,3 +115,23 @@ def test_min_agreement_on_the_bundled_digits_cnn(tmp_path):
     assert res.exit_code == 0, res.output
     assert "output" in res.output and ": classifier (" in res.output
     assert out.exists()
+
+
+def test_an_answer_with_no_integer_macs_is_not_a_quantized_model(mlp, tmp_path):
+    """SQNR >= 200 dB holds only with all three MatMuls in float: not written, the closest quantized
+    candidate is named; with --force it is written."""
+    out = tmp_path / "q.onnx"
+    with pytest.raises(BudgetNotMetError, match="runs none of its 3 Conv/MatMul/Gemm in integer kernels") as info:
+        _search(mlp, out, SearchOptions(Budget(min_sqnr_db=200.0), latency_runs=1))
+    assert not out.exists()
+    text = str(info.value)
+    closest = text.split("Closest quantized candidate: ")[1]
+    assert "misses budget" in closest and "float nodes: mm1, mm2, mm3" not in closest
+    model, calib, evald = mlp
+    base = ["convert", str(model), "-o", str(out), "--data", str(calib), "--eval-data", str(evald), "--min-sqnr", "200"]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 1 and "not a quantized model" in res.output and "--force" in res.output
+    assert not out.exists()
+    res = CliRunner().invoke(app, [*base, "--force"])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and "written anyway" in res.output

@@ -275,6 +275,31 @@ def audit(ctx: ConvertContext) -> None:
         skips=plan_.skipped,
         feed=_sample_feed(model, ctx.request.data_path, ctx),
     )
+    _require_integer_macs(ctx)
+
+
+def _require_integer_macs(ctx: ConvertContext) -> None:
+    """A search's answer that runs no Conv/MatMul/Gemm in an integer kernel is no quantized model:
+    nothing is written (unless ``force``, which writes it with a warning) and the closest candidate is named."""
+    from quantcli.search.accuracy_search import BudgetNotMetError, closest_quantized, describe_trial
+
+    searched, audited, r = ctx.searched, need(ctx.audit, "the audit"), ctx.request
+    if searched is None or not audited.nodes or any(n.integer for n in audited.nodes):
+        return
+    closest = closest_quantized(searched, [n.name for n in audited.nodes]) or searched.chosen
+    floats = ", ".join(closest.candidate.float_nodes) or "none"
+    text = (
+        f"{r.model_path}: the search's answer runs none of its {len(audited.nodes)} Conv/MatMul/Gemm in integer "
+        f"kernels ({audited.macs():,} MACs per sample in float): not a quantized model. Closest quantized "
+        f"candidate: {describe_trial(closest)}; float nodes: {floats}"
+    )
+    if r.force:
+        ctx.log(f"warning: {text}; written anyway (forced)")
+        return
+    raise BudgetNotMetError(
+        f"{text}. Nothing written: keep the FP32 model, loosen the budget, or pass $force to write it",
+        options=("force",),
+    )
 
 
 def _sample_feed(model: onnx.ModelProto, data_path: Path | None, ctx: ConvertContext) -> dict[str, np.ndarray] | None:

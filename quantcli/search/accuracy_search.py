@@ -71,6 +71,8 @@ __all__ = [
     "SearchResult",
     "Trial",
     "build_candidate",
+    "closest_quantized",
+    "describe_trial",
     "search_quantization",
 ]
 
@@ -689,6 +691,22 @@ def _local(err: LayerError) -> float:
     """The error a tensor adds by itself (its accumulated error when the local one is unknown)."""
     value = err.local_sqnr_db if err.local_sqnr_db is not None else err.sqnr_db
     return math.inf if math.isnan(value) else float(value)
+
+
+def closest_quantized(result: SearchResult, compute_nodes: Sequence[str]) -> Trial | None:
+    """The trial nearest the budget that left at least one of ``compute_nodes`` quantized (None if none did)."""
+    wanted = set(compute_nodes)
+    kept = [t for t in result.trials if not wanted <= set(t.candidate.float_nodes)]
+    if not kept:
+        return None
+    return max(
+        kept, key=lambda t: (_key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
+    )
+
+
+def describe_trial(t: Trial) -> str:
+    """One line: the trial's step, action, fidelity, speed and number of float nodes."""
+    return _describe(t)
 
 
 def _describe(t: Trial) -> str:

@@ -13,8 +13,18 @@ from quantcli import api
 from quantcli.cli.app import app
 from quantcli.compare.output_kinds import OutputKind
 from quantcli.core.errors import QuantCliError
-from quantcli.core.options import QuantConfig
-from quantcli.search.accuracy_search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.core.options import CalibrationMethod, QuantConfig
+from quantcli.search.accuracy_search import (
+    FLOAT_MAC_COST,
+    INTEGER_MAC_COST,
+    Budget,
+    BudgetNotMetError,
+    Candidate,
+    SearchOptions,
+    Trial,
+    cheapest,
+    model_cost,
+)
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
@@ -135,3 +145,26 @@ def test_an_answer_with_no_integer_macs_is_not_a_quantized_model(mlp, tmp_path):
     res = CliRunner().invoke(app, [*base, "--force"])
     assert res.exit_code == 0, res.output
     assert out.exists() and "written anyway" in res.output
+
+
+def _trial(step: int, float_nodes: tuple[str, ...], *, meets: bool = True, sqnr: float = 30.0) -> Trial:
+    cand = Candidate(CalibrationMethod.MINMAX, float_nodes=float_nodes)
+    return Trial(step, "fallback", "", cand, None, None, sqnr, 1.0, meets)
+
+
+def test_the_cheaper_model_wins_at_equal_fidelity():
+    """8 float element-wise nodes cost no float MACs; 3 float compute nodes cost all of theirs."""
+    macs: dict[str, int | None] = {"conv": 1000, "mm1": 500, "mm2": 300}
+    compute = _trial(2, ("conv", "mm1", "mm2"), sqnr=40.0)  # better fidelity, same budget met
+    elementwise = _trial(5, tuple(f"add{i}" for i in range(8)))
+    missed = _trial(1, (), meets=False)  # nothing in float, but misses the budget
+    assert model_cost(compute.candidate, macs) == FLOAT_MAC_COST * 1800
+    assert model_cost(elementwise.candidate, macs) == INTEGER_MAC_COST * 1800
+    assert cheapest([missed, compute, elementwise], macs) is elementwise
+    # one float MatMul of 300 MACs is cheaper than two of 500 + 300, and than the conv alone
+    one = _trial(3, ("mm2",))
+    assert cheapest([compute, _trial(4, ("conv",)), one], macs) is one
+    assert cheapest([missed], macs) is None
+    # equal cost and float nodes: the better fidelity, as the method stage chose
+    a, b = _trial(6, (), sqnr=30.0), _trial(7, (), sqnr=35.0)
+    assert cheapest([a, b], macs) is b

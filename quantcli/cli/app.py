@@ -381,8 +381,8 @@ def merge(
 CONVERT_HELP = (
     "Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model).\n\n"
     "With --eval-data and a budget (--max-accuracy-drop, --min-sqnr, --min-agreement, --min-cosine, --min-iou), "
-    "search for the model with the fewest float "
-    "nodes that meets it; --save-recipe keeps the decisions for --recipe."
+    "search for the model with the fewest float MACs "
+    "that meets it; --save-recipe keeps the decisions for --recipe."
 )
 
 

@@ -218,7 +218,7 @@ def replay_recipe(ctx: ConvertContext) -> None:
 
 
 def search(ctx: ConvertContext) -> None:
-    """The accuracy search: the model with the fewest float nodes that meets the budget."""
+    """The accuracy search: the cheapest model (fewest float MACs) that meets the budget."""
     from quantcli.search.accuracy_search import search_quantization
 
     r, base, prepared = ctx.request, need(ctx.base, "the search base"), need(ctx.prepared, "the model")

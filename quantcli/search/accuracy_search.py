@@ -14,8 +14,11 @@ outputs) and evaluation data. The search measures every step on that data and on
 3. **Fallback to float.** Quantized nodes are ordered by local SQNR (cheap: one pass); the
    ``probe`` most suspicious ones are measured one by one (only that node in float), and nodes are
    then returned to float in order of measured gain until the budget holds.
-4. **Pruning.** Each node in float is tried quantized again, latest first; it stays quantized if
-   the budget still holds. So the result keeps the fewest nodes in float the greedy order found.
+4. **Pruning.** Each node in float is tried quantized again, most MACs first; it stays quantized if
+   the budget still holds.
+5. **The cheapest model.** Among every trial that met the budget, the one of least MAC-weighted
+   cost (``model_cost``: float MACs cost ``FLOAT_MAC_COST``, integer ones ``INTEGER_MAC_COST``) is
+   returned, then the fewest float nodes: 8 float element-wise nodes beat 3 float MatMuls.
 
 Each trial records the metric, the output SQNR and the batch-1 speed-up over FP32 measured
 interleaved on the host, so the report shows the accuracy/latency trade-off of every step. The
@@ -60,9 +63,12 @@ from quantcli.static.plan import QuantPlan
 from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, make_plan
 from quantcli.stats.calibration import CalibrationResult, TensorRange, activation_levels, ranges_for_levels, rechoose
 from quantcli.stats.channel_stats import ChannelStats
+from quantcli.verify.macs import compute_macs
 
 __all__ = [
     "AGREEMENT",
+    "FLOAT_MAC_COST",
+    "INTEGER_MAC_COST",
     "Budget",
     "BudgetNotMetError",
     "Candidate",
@@ -71,8 +77,10 @@ __all__ = [
     "SearchResult",
     "Trial",
     "build_candidate",
+    "cheapest",
     "closest_quantized",
     "describe_trial",
+    "model_cost",
     "search_quantization",
 ]
 
@@ -84,6 +92,9 @@ HISTOGRAM_METHODS = (
 )
 #: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
 AGREEMENT = "agreement"
+#: relative cost of a multiply-accumulate run in float, and in an integer kernel (the search's objective)
+FLOAT_MAC_COST = 4.0
+INTEGER_MAC_COST = 1.0
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
 
@@ -467,7 +478,7 @@ def search_quantization(
     progress: Progress = no_progress,
     log: Callable[[str], None] = lambda _: None,
 ) -> SearchResult:
-    """Find the candidate with the fewest float nodes that meets ``options.budget``.
+    """Find the cheapest candidate (fewest float MACs, ``model_cost``) that meets ``options.budget``.
 
     ``base`` holds the graph to quantize (after CLE/SmoothQuant when ``base.algorithms`` has them),
     its calibration and config; ``base.bias_stats`` is needed for ``algorithms.bias_correction``. Its
@@ -498,15 +509,47 @@ def search_quantization(
     if len(bases) != 1 + len(alternatives):
         raise ValueError("search bases need distinct names (the given one is '')")
     ranges = {name: _ranges(b, options.percentile) for name, b in bases.items()}
-    search = _Search(bases, ranges, ev, dataset, options, log)
+    search = _Search(bases, ranges, ev, dataset, options, log, macs=_node_macs(base.prepared, ev.latency_feed))
     best = _stage_methods(search)
     if not best.meets_budget:
         best = _stage_tensor_methods(search, best)
     if not best.meets_budget:
         best = _stage_fallback(search, best)
-    if not best.meets_budget:
-        best = _settle(search)
-    return search.result(best)
+    return search.result(_settle(search, best))
+
+
+def model_cost(candidate: Candidate, macs: Mapping[str, int | None]) -> float:
+    """The MAC-weighted cost of ``candidate`` per sample: the MACs of each compute node (``macs``: node
+    name -> MACs, unknown counted as 1) at ``FLOAT_MAC_COST`` when it is in float, else ``INTEGER_MAC_COST``."""
+    floats = set(candidate.float_nodes)
+    return sum(
+        (m if m is not None else 1) * (FLOAT_MAC_COST if name in floats else INTEGER_MAC_COST)
+        for name, m in macs.items()
+    )
+
+
+def cheapest(
+    trials: Sequence[Trial],
+    macs: Mapping[str, int | None],
+    rank: Callable[[Trial], tuple[float, ...]] = lambda t: (t.sqnr_db,),
+) -> Trial | None:
+    """Among the trials that meet the budget, the cheapest model (``model_cost``), then the fewest float
+    nodes, then the best ``rank`` (larger is better; default SQNR), then the earliest; None when none
+    meets it."""
+    met = [t for t in trials if t.meets_budget]
+    if not met:
+        return None
+
+    def order(t: Trial) -> tuple[float, ...]:
+        return (model_cost(t.candidate, macs), len(t.candidate.float_nodes), *(-x for x in rank(t)), t.step)
+
+    return min(met, key=order)
+
+
+def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, int | None]:
+    """MACs per sample of each named compute node of ``model``."""
+    macs = compute_macs(model, feed=feed)
+    return {model.graph.node[i].name: m for i, m in macs.items() if model.graph.node[i].name}
 
 
 def _check_kinds(ev: _Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
@@ -538,6 +581,8 @@ class _Search:
     dataset: Dataset
     options: SearchOptions
     log: Callable[[str], None]
+    #: MACs per sample of each compute node, by name (the objective's weights)
+    macs: dict[str, int | None] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
     cache: dict[Candidate, _Cached] = field(default_factory=dict)
     sensitivity: dict[Candidate, list[LayerError]] = field(default_factory=dict)
@@ -666,8 +711,9 @@ def _stage_fallback(search: _Search, best: Trial) -> Trial:
         if trial.meets_budget:
             best = search.keep(trial)
             break
-    if best.meets_budget:  # prune: re-quantize what the budget does not need, latest first
-        for name in reversed(floats[:-1]):
+    if best.meets_budget:  # prune: re-quantize what the budget does not need, most MACs first (then latest)
+        latest = {n: i for i, n in enumerate(floats)}
+        for name in sorted(floats[:-1], key=lambda n: (-(search.macs.get(n) or 0), -latest[n])):
             rest = tuple(n for n in best.candidate.float_nodes if n != name)
             trial = search.run("prune", f"- float: {name} (quantized again)", replace(best.candidate, float_nodes=rest))
             if trial.meets_budget:
@@ -675,11 +721,13 @@ def _stage_fallback(search: _Search, best: Trial) -> Trial:
     return best
 
 
-def _settle(search: _Search) -> Trial:
-    """No kept step met the budget: the trial that did with the fewest float nodes, or an error."""
-    met = [t for t in search.trials if t.meets_budget]
-    if met:
-        return search.keep(min(met, key=lambda t: (len(t.candidate.float_nodes), -search.key(t)[0], t.step)))
+def _settle(search: _Search, best: Trial) -> Trial:
+    """The cheapest trial that met the budget (``cheapest``), or an error naming the closest one."""
+    chosen = cheapest(search.trials, search.macs, search.key)
+    if chosen is not None:
+        if chosen.step != best.step or not best.meets_budget:
+            search.log(f"cheapest in the budget: step {chosen.step} ({model_cost(chosen.candidate, search.macs):,.0f})")
+        return search.keep(chosen)
     closest = max(search.trials, key=search.key)
     raise BudgetNotMetError(
         f"no quantization met the budget ({search.options.budget.describe()}) after {len(search.trials)} trials; "

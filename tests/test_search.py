@@ -306,10 +306,11 @@ def test_search_budget_on_a_custom_metric(mlp, tmp_path):
         "    return float((outputs['y'].argmax(-1)[keep] == labels[keep]).mean())\n"
     )
     out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    # a drop of 1 point needs all three MatMuls in float (no integer kernel: refused); 6 keeps mm1 quantized
     res = CliRunner().invoke(
         app,
         ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(labelled),
-         "--max-accuracy-drop", "1", "--search-metric", f"{metric}:even_hits", "--save-recipe", str(recipe)],
+         "--max-accuracy-drop", "6", "--search-metric", f"{metric}:even_hits", "--save-recipe", str(recipe)],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     doc = json.loads(recipe.read_text())
@@ -319,7 +320,7 @@ def test_search_budget_on_a_custom_metric(mlp, tmp_path):
     pred = run(onnx.load(str(out)), {"x": x})[0].argmax(-1)
     keep = labels % 2 == 0
     assert doc["search"]["accuracy"] == pytest.approx(100.0 * np.mean(pred[keep] == labels[keep]), abs=1e-4)
-    assert doc["search"]["accuracy_drop"] <= 1.0
+    assert doc["search"]["accuracy_drop"] <= 6.0
     # without --max-accuracy-drop the metric has nothing to measure
     res = CliRunner().invoke(
         app,
@@ -341,13 +342,15 @@ def test_search_metric_agreement_ignores_labels(mlp, tmp_path):
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "top1.onnx"), "--save-recipe", str(tmp_path / "t.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "t.json").read_text())["float_nodes"] == []  # labels: nothing to fix
+    # agreement within 1 point needs all three MatMuls in float (no integer kernel: refused); 4 keeps mm1 quantized
+    args[-1] = "4"
     res = CliRunner().invoke(app, [*args, "-o", str(out), "--search-metric", "agreement", "--save-recipe", str(recipe)])
     assert res.exit_code == 0, res.output
     doc = json.loads(recipe.read_text())
     assert doc["search"]["metric"] == "top1 agreement" and "mm2" in doc["float_nodes"]
     ref = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
     changed = 100.0 * np.mean(run(onnx.load(str(out)), {"x": x})[0].argmax(-1) != ref)
-    assert changed <= 1.0 and doc["search"]["accuracy_drop"] == pytest.approx(changed, abs=1e-4)
+    assert changed <= 4.0 and doc["search"]["accuracy_drop"] == pytest.approx(changed, abs=1e-4)
 
 
 def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_speedup):

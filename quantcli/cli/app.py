@@ -380,8 +380,9 @@ def merge(
 
 CONVERT_HELP = (
     "Write a QDQ model that onnxruntime runs with integer kernels (or another --mode's model).\n\n"
-    "With --eval-data and a budget (--max-accuracy-drop, --min-sqnr), search for the model with the fewest float "
-    "nodes that meets it; --save-recipe keeps the decisions for --recipe."
+    "With --eval-data and a budget (--max-accuracy-drop, --min-sqnr, --min-agreement, --min-cosine, --min-iou), "
+    "search for the model with the fewest float MACs "
+    "that meets it; --save-recipe keeps the decisions for --recipe."
 )
 
 
@@ -535,6 +536,42 @@ def convert(
         float | None,
         typer.Option(help="Until every output's SQNR is at least this (dB).", rich_help_panel=SEARCH),
     ] = None,
+    min_agreement_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--min-agreement",
+            min=0.0,
+            max=1.0,
+            help="Until every classifier/sequence/binary output agrees with FP32 on this share of samples.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    min_cosine_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--min-cosine",
+            min=-1.0,
+            max=1.0,
+            help="Until every embedding output's mean cosine to FP32 is this.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    min_iou_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--min-iou",
+            min=0.0,
+            max=1.0,
+            help="Until every map output's mean IoU with FP32 is this.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    search_map_threshold: Annotated[
+        float,
+        typer.Option(
+            "--map-threshold", min=0.0, max=1.0, help="Where --min-iou cuts a map into a mask.", rich_help_panel=SEARCH
+        ),
+    ] = DEFAULT_MAP_THRESHOLD,
     search_max_fallback: Annotated[
         int, typer.Option(min=0, help="Most nodes returned to float.", rich_help_panel=SEARCH)
     ] = 24,
@@ -592,7 +629,8 @@ def convert(
         list[str] | None,
         typer.Option(
             "--output-kind",
-            help="NAME=KIND for the verdict: output NAME is a classifier, sequence, binary, embedding, map or raw "
+            help="NAME=KIND for the verdict and the search's budget: output NAME is a classifier, sequence, binary, "
+            "embedding, map or raw "
             "output (default: detected; repeatable).",
             rich_help_panel=OUTPUT,
         ),
@@ -612,12 +650,13 @@ def convert(
         tuple(split_list(exclude_nodes)),
         weight_clipping,
     )
+    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold)
     request = convert_request(
         SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
         quant,
         ModeFlags(mode, block_size),
         CalibrationFlags(method, percentile, timeout),
-        SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms),
+        SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms, *budgets),
         AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
         RunFlags(
             force, require_fused, require_speedup, upgrade_opset, verdict, verdict_share, tuple(output_kind or ())

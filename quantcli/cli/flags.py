@@ -50,7 +50,7 @@ FLAGS: dict[str, str] = {
     "data_path": "--data",
     "eval_data": "--eval-data",
     "random_samples": "--random",
-    "search": "--max-accuracy-drop or --min-sqnr",
+    "search": "--max-accuracy-drop, --min-sqnr, --min-agreement, --min-cosine or --min-iou",
     "time_budget_s": "--time-budget",
     "measure_memory": "--memory",
     "batch_axes": "--batch-axis",
@@ -239,20 +239,26 @@ class ModeFlags:
 
 @dataclass(frozen=True, slots=True)
 class SearchFlags:
-    """The accuracy search's flags; a budget (``--max-accuracy-drop``/``--min-sqnr``) turns it on."""
+    """The accuracy search's flags; a budget (``--max-accuracy-drop``, ``--min-sqnr``, ``--min-agreement``,
+    ``--min-cosine``, ``--min-iou``) turns it on."""
 
     max_accuracy_drop: float | None = None
     min_sqnr: float | None = None
     max_fallback: int = 24
     metric: str | None = None
     algorithms: bool = False
+    min_agreement: float | None = None
+    min_cosine: float | None = None
+    min_iou: float | None = None
+    map_threshold: float = 0.5
 
     def options(self) -> SearchOptions | None:
         """``SearchOptions`` for the budget, or None without one."""
         from quantcli.compare.metrics import MetricSpec, parse_metric
         from quantcli.search.accuracy_search import AGREEMENT, Budget, SearchOptions
 
-        searching = self.max_accuracy_drop is not None or self.min_sqnr is not None
+        budget = Budget(self.max_accuracy_drop, self.min_sqnr, self.min_agreement, self.min_cosine, self.min_iou)
+        searching = not budget.is_empty()
         metric_spec = None
         if self.metric is not None:
             if self.max_accuracy_drop is None:
@@ -265,11 +271,18 @@ class SearchFlags:
                     f"--search-metric {self.metric!r}: use top1, agreement, module:function or file.py:function"
                 )
         if self.algorithms and not searching:
-            raise QuantCliError("--search-algorithms is a search stage: also give --max-accuracy-drop or --min-sqnr")
+            raise QuantCliError(
+                "--search-algorithms is a search stage: also give a budget ($search)", options=("search",)
+            )
         if not searching:
             return None
-        budget = Budget(self.max_accuracy_drop, self.min_sqnr)
-        return SearchOptions(budget, max_fallback=self.max_fallback, try_algorithms=self.algorithms, metric=metric_spec)
+        return SearchOptions(
+            budget,
+            max_fallback=self.max_fallback,
+            try_algorithms=self.algorithms,
+            metric=metric_spec,
+            map_threshold=self.map_threshold,
+        )
 
 
 @dataclass(frozen=True, slots=True)

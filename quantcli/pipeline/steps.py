@@ -218,14 +218,15 @@ def replay_recipe(ctx: ConvertContext) -> None:
 
 
 def search(ctx: ConvertContext) -> None:
-    """The accuracy search: the model with the fewest float nodes that meets the budget."""
+    """The accuracy search: the cheapest model (fewest float MACs) that meets the budget."""
     from quantcli.search.accuracy_search import search_quantization
 
     r, base, prepared = ctx.request, need(ctx.base, "the search base"), need(ctx.prepared, "the model")
     options = need(r.search, "the search options")
     dataset = ctx.fmt.open(need(r.eval_data, "the evaluation data"), model_input_specs(need(ctx.model, "the model")))
     methods = (ctx.method, *options.methods) if ctx.method is not None else options.methods
-    options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile)
+    kinds = options.output_kinds if options.output_kinds is not None else r.output_kinds
+    options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile, output_kinds=kinds)
     alternatives, alt_reports = _algorithm_alternatives(ctx, options.try_algorithms)
     searched = search_quantization(
         base, dataset, options, alternatives=alternatives, reference=prepared, progress=ctx.progress, log=ctx.log
@@ -273,6 +274,31 @@ def audit(ctx: ConvertContext) -> None:
         need(ctx.quantized, "the converted model"),
         skips=plan_.skipped,
         feed=_sample_feed(model, ctx.request.data_path, ctx),
+    )
+    _require_integer_macs(ctx)
+
+
+def _require_integer_macs(ctx: ConvertContext) -> None:
+    """A search's answer that runs no Conv/MatMul/Gemm in an integer kernel is no quantized model:
+    nothing is written (unless ``force``, which writes it with a warning) and the closest candidate is named."""
+    from quantcli.search.accuracy_search import BudgetNotMetError, closest_quantized, describe_trial
+
+    searched, audited, r = ctx.searched, need(ctx.audit, "the audit"), ctx.request
+    if searched is None or not audited.nodes or any(n.integer for n in audited.nodes):
+        return
+    closest = closest_quantized(searched, [n.name for n in audited.nodes]) or searched.chosen
+    floats = ", ".join(closest.candidate.float_nodes) or "none"
+    text = (
+        f"{r.model_path}: the search's answer runs none of its {len(audited.nodes)} Conv/MatMul/Gemm in integer "
+        f"kernels ({audited.macs():,} MACs per sample in float): not a quantized model. Closest quantized "
+        f"candidate: {describe_trial(closest)}; float nodes: {floats}"
+    )
+    if r.force:
+        ctx.log(f"warning: {text}; written anyway (forced)")
+        return
+    raise BudgetNotMetError(
+        f"{text}. Nothing written: keep the FP32 model, loosen the budget, or pass $force to write it",
+        options=("force",),
     )
 
 

@@ -14,8 +14,11 @@ outputs) and evaluation data. The search measures every step on that data and on
 3. **Fallback to float.** Quantized nodes are ordered by local SQNR (cheap: one pass); the
    ``probe`` most suspicious ones are measured one by one (only that node in float), and nodes are
    then returned to float in order of measured gain until the budget holds.
-4. **Pruning.** Each node in float is tried quantized again, latest first; it stays quantized if
-   the budget still holds. So the result keeps the fewest nodes in float the greedy order found.
+4. **Pruning.** Each node in float is tried quantized again, most MACs first; it stays quantized if
+   the budget still holds.
+5. **The cheapest model.** Among every trial that met the budget, the one of least MAC-weighted
+   cost (``model_cost``: float MACs cost ``FLOAT_MAC_COST``, integer ones ``INTEGER_MAC_COST``) is
+   returned, then the fewest float nodes: 8 float element-wise nodes beat 3 float MatMuls.
 
 Each trial records the metric, the output SQNR and the batch-1 speed-up over FP32 measured
 interleaved on the host, so the report shows the accuracy/latency trade-off of every step. The
@@ -44,8 +47,10 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.compare.evaluate import measure_latency
+from quantcli.compare.gates import kind_gates
 from quantcli.compare.layers import LayerError, per_layer_errors
 from quantcli.compare.metrics import MetricSpec, evaluate_custom
+from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
 from quantcli.core.errors import QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
@@ -58,9 +63,12 @@ from quantcli.static.plan import QuantPlan
 from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, make_plan
 from quantcli.stats.calibration import CalibrationResult, TensorRange, activation_levels, ranges_for_levels, rechoose
 from quantcli.stats.channel_stats import ChannelStats
+from quantcli.verify.macs import compute_macs
 
 __all__ = [
     "AGREEMENT",
+    "FLOAT_MAC_COST",
+    "INTEGER_MAC_COST",
     "Budget",
     "BudgetNotMetError",
     "Candidate",
@@ -69,6 +77,10 @@ __all__ = [
     "SearchResult",
     "Trial",
     "build_candidate",
+    "cheapest",
+    "closest_quantized",
+    "describe_trial",
+    "model_cost",
     "search_quantization",
 ]
 
@@ -80,6 +92,9 @@ HISTOGRAM_METHODS = (
 )
 #: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
 AGREEMENT = "agreement"
+#: relative cost of a multiply-accumulate run in float, and in an integer kernel (the search's objective)
+FLOAT_MAC_COST = 4.0
+INTEGER_MAC_COST = 1.0
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
 
@@ -94,15 +109,38 @@ class Budget:
 
     max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
     min_sqnr_db: float | None = None  # on every float output
+    #: share of samples whose decision equals FP32's, on every classifier/sequence/binary output
+    min_agreement: float | None = None
+    min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
+    min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
 
     def describe(self) -> str:
-        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB``."""
+        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99``."""
         parts = []
         if self.max_accuracy_drop is not None:
             parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
         if self.min_sqnr_db is not None:
             parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
+        parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
         return ", ".join(parts)
+
+    def kind_bounds(self) -> list[tuple[str, float]]:
+        """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
+        named = (("min-agreement", self.min_agreement), ("min-cosine", self.min_cosine), ("min-iou", self.min_iou))
+        return [(name, bound) for name, bound in named if bound is not None]
+
+    def is_empty(self) -> bool:
+        """No bound is checked."""
+        return self.max_accuracy_drop is None and self.min_sqnr_db is None and not self.kind_bounds()
+
+    def record(self) -> dict[str, float | None]:
+        """The bounds for a recipe (the task-level ones only when given, so older recipes read the same)."""
+        bounds: dict[str, float | None] = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "min_sqnr_db": self.min_sqnr_db,
+        }
+        bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
+        return bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +159,9 @@ class SearchOptions:
     #: a task metric (``quantcli.compare.metrics``: function of all outputs and labels, 0..1, higher is better)
     #: that ``max_accuracy_drop`` is measured on instead of top-1, or ``MetricSpec(AGREEMENT)``
     metric: MetricSpec | None = None
+    #: output name -> kind, overriding the detection the task-level bounds are measured on
+    output_kinds: Mapping[str, OutputKind] | None = None
+    map_threshold: float = DEFAULT_MAP_THRESHOLD  # where a map is cut into a mask for ``min_iou``
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +205,8 @@ class Trial:
     speedup_b1: float  # FP32 latency / quantized latency at batch 1 (median of interleaved runs)
     meets_budget: bool
     kept: bool = False  # the step's change was kept
+    #: each output's kind and task metric (measured when the budget has task-level bounds)
+    kinds: tuple[KindMetrics, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +236,7 @@ class SearchResult:
             tensor_methods=c.candidate.tensor_methods,
             float_nodes=c.candidate.float_nodes,
             search={
-                "budget": {
-                    "max_accuracy_drop": self.budget.max_accuracy_drop,
-                    "min_sqnr_db": self.budget.min_sqnr_db,
-                },
+                "budget": self.budget.record(),
                 "evaluation_samples": self.num_samples,
                 "metric": self.metric,
                 "fp32_accuracy": _finite(self.fp32_accuracy),
@@ -288,15 +328,24 @@ class _Score:
     accuracy: float | None
     accuracy_drop: float | None
     sqnr_db: float
+    kinds: tuple[KindMetrics, ...] = ()
 
 
 class _Evaluator:
     """FP32 outputs computed once; each candidate is scored against them."""
 
     def __init__(
-        self, reference: onnx.ModelProto, dataset: Dataset, batch_size: int = 32, metric: MetricSpec | None = None
+        self,
+        reference: onnx.ModelProto,
+        dataset: Dataset,
+        batch_size: int = 32,
+        metric: MetricSpec | None = None,
+        *,
+        kinds: tuple[Mapping[str, OutputKind], float] | None = None,
     ) -> None:
+        """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds)."""
         self.dataset = dataset
+        self.kind_options = kinds
         self.metric = metric if metric is not None and metric.function is not None else None
         #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
         #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
@@ -306,6 +355,9 @@ class _Evaluator:
         self.size = dataset.effective_batch_size(batch_size)
         self.feeds = list(dataset.batches(self.size))
         self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
+        self.counts = [dataset.batch_length(feed) for feed in self.feeds]
+        #: each output's detected (or given) kind, FP32 against itself
+        self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
         self.labels = None if agreement else dataset.labels
         first = self.reference[0][0] if self.reference else np.zeros(0)
         scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
@@ -335,14 +387,22 @@ class _Evaluator:
             return None
         return 100.0 * float(np.mean(pred[scored] == labels[scored]))
 
+    def _kinds(self, outputs: Sequence[Sequence[np.ndarray]]) -> tuple[KindMetrics, ...]:
+        """The kind metrics of ``outputs`` (one list per feed) against the FP32 outputs."""
+        overrides, threshold = self.kind_options or ({}, DEFAULT_MAP_THRESHOLD)
+        observer = OutputKindObserver(overrides, map_threshold=threshold)
+        for ref, out, n in zip(self.reference, outputs, self.counts, strict=False):
+            observer(self.names, ref, out, n)
+        return tuple(observer.results())
+
     def score(self, session: ort.InferenceSession) -> _Score:
         signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
         noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
         firsts: list[np.ndarray] = []
-        everything: list[list[np.ndarray]] = []  # for a custom metric only
+        everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
         for feed, ref in zip(self.feeds, self.reference, strict=True):
             out = session.run(self.names, feed)
-            if self.metric is not None:
+            if self.metric is not None or self.kind_options is not None:
                 everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
                 if r.dtype.kind != "f":
@@ -369,7 +429,17 @@ class _Evaluator:
                 ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
                 q_top = np.concatenate([f.argmax(-1) for f in firsts])
                 drop = 100.0 * float(np.mean(ref_top != q_top))
-        return _Score(accuracy, drop, sqnr)
+        kinds = self._kinds(everything) if self.kind_options is not None else ()
+        return _Score(accuracy, drop, sqnr, kinds)
+
+
+def _kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
+    """The smallest margin (value - bound) over every task-level bound and output it applies to."""
+    bounds = budget.kind_bounds()
+    if not bounds:
+        return None
+    values = [g.value - g.bound for name, bound in bounds for g in kind_gates(name, list(kinds), bound)]
+    return -math.inf if any(math.isnan(v) for v in values) else min(values)
 
 
 def _meets(score: _Score, budget: Budget) -> bool:
@@ -377,12 +447,21 @@ def _meets(score: _Score, budget: Budget) -> bool:
         score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
     ):
         return False
+    margin = _kind_margin(score.kinds, budget)
+    if margin is not None and margin < -1e-12:
+        return False
     return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
 
 
 def _key(score: _Score, budget: Budget) -> tuple[float, float]:
-    """Larger is better: the budgeted metric first, then SQNR."""
-    primary = -(score.accuracy_drop or 0.0) if budget.max_accuracy_drop is not None else score.sqnr_db
+    """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
+    margin = _kind_margin(score.kinds, budget)
+    if budget.max_accuracy_drop is not None:
+        primary = -(score.accuracy_drop or 0.0)
+    elif margin is not None:
+        primary = margin
+    else:
+        primary = score.sqnr_db
     return (round(primary, 9), round(score.sqnr_db, 6))
 
 
@@ -399,7 +478,7 @@ def search_quantization(
     progress: Progress = no_progress,
     log: Callable[[str], None] = lambda _: None,
 ) -> SearchResult:
-    """Find the candidate with the fewest float nodes that meets ``options.budget``.
+    """Find the cheapest candidate (fewest float MACs, ``model_cost``) that meets ``options.budget``.
 
     ``base`` holds the graph to quantize (after CLE/SmoothQuant when ``base.algorithms`` has them),
     its calibration and config; ``base.bias_stats`` is needed for ``algorithms.bias_correction``. Its
@@ -413,11 +492,13 @@ def search_quantization(
         BudgetNotMetError: nothing tried met the budget (the message names the best attempt).
     """
     budget = options.budget
-    if budget.max_accuracy_drop is None and budget.min_sqnr_db is None:
-        raise QuantCliError("the accuracy search needs a budget: --max-accuracy-drop and/or --min-sqnr")
+    if budget.is_empty():
+        raise QuantCliError("the accuracy search needs a budget: $search", options=("search",))
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
-    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric)
+    kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
+    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
+    _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
             f"{dataset.path}: --max-accuracy-drop needs a classifier output (batch x classes, or batch x "
@@ -428,15 +509,63 @@ def search_quantization(
     if len(bases) != 1 + len(alternatives):
         raise ValueError("search bases need distinct names (the given one is '')")
     ranges = {name: _ranges(b, options.percentile) for name, b in bases.items()}
-    search = _Search(bases, ranges, ev, dataset, options, log)
+    search = _Search(bases, ranges, ev, dataset, options, log, macs=_node_macs(base.prepared, ev.latency_feed))
     best = _stage_methods(search)
     if not best.meets_budget:
         best = _stage_tensor_methods(search, best)
     if not best.meets_budget:
         best = _stage_fallback(search, best)
-    if not best.meets_budget:
-        best = _settle(search)
-    return search.result(best)
+    return search.result(_settle(search, best))
+
+
+def model_cost(candidate: Candidate, macs: Mapping[str, int | None]) -> float:
+    """The MAC-weighted cost of ``candidate`` per sample: the MACs of each compute node (``macs``: node
+    name -> MACs, unknown counted as 1) at ``FLOAT_MAC_COST`` when it is in float, else ``INTEGER_MAC_COST``."""
+    floats = set(candidate.float_nodes)
+    return sum(
+        (m if m is not None else 1) * (FLOAT_MAC_COST if name in floats else INTEGER_MAC_COST)
+        for name, m in macs.items()
+    )
+
+
+def cheapest(
+    trials: Sequence[Trial],
+    macs: Mapping[str, int | None],
+    rank: Callable[[Trial], tuple[float, ...]] = lambda t: (t.sqnr_db,),
+) -> Trial | None:
+    """Among the trials that meet the budget, the cheapest model (``model_cost``), then the fewest float
+    nodes, then the best ``rank`` (larger is better; default SQNR), then the earliest; None when none
+    meets it."""
+    met = [t for t in trials if t.meets_budget]
+    if not met:
+        return None
+
+    def order(t: Trial) -> tuple[float, ...]:
+        return (model_cost(t.candidate, macs), len(t.candidate.float_nodes), *(-x for x in rank(t)), t.step)
+
+    return min(met, key=order)
+
+
+def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, int | None]:
+    """MACs per sample of each named compute node of ``model``."""
+    macs = compute_macs(model, feed=feed)
+    return {model.graph.node[i].name: m for i, m in macs.items() if model.graph.node[i].name}
+
+
+def _check_kinds(ev: _Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
+    """Say what each output was detected as; every task-level bound needs an output of its kind."""
+    for k in ev.kinds:
+        log(f"output {k.name}: {k.kind} ({k.reason})")
+    for name, bound in budget.kind_bounds():
+        gate = kind_gates(name, list(ev.kinds), bound)[0]
+        if gate.output is None:
+            field_name = name.replace("-", "_")
+            detected = ", ".join(f"{k.name}: {k.kind}" for k in ev.kinds) or "none"
+            article = "an" if str(gate.kind)[:1] in "aeiou" else "a"
+            raise QuantCliError(
+                f"${field_name} needs {article} {gate.kind} output; detected {detected}: name one with $output_kinds",
+                options=(field_name, "output_kinds"),
+            )
 
 
 _Cached = tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
@@ -452,6 +581,8 @@ class _Search:
     dataset: Dataset
     options: SearchOptions
     log: Callable[[str], None]
+    #: MACs per sample of each compute node, by name (the objective's weights)
+    macs: dict[str, int | None] = field(default_factory=dict)
     trials: list[Trial] = field(default_factory=list)
     cache: dict[Candidate, _Cached] = field(default_factory=dict)
     sensitivity: dict[Candidate, list[LayerError]] = field(default_factory=dict)
@@ -478,6 +609,7 @@ class _Search:
             sqnr_db=score.sqnr_db,
             speedup_b1=lat.speedup,
             meets_budget=_meets(score, self.options.budget),
+            kinds=score.kinds,
         )
         self.trials.append(trial)
         self.cache[cand] = (trial, model, plan, bc_report)
@@ -493,7 +625,7 @@ class _Search:
 
     def key(self, t: Trial) -> tuple[float, float]:
         """Larger is better (``_key``)."""
-        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db), self.options.budget)
+        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
@@ -579,8 +711,9 @@ def _stage_fallback(search: _Search, best: Trial) -> Trial:
         if trial.meets_budget:
             best = search.keep(trial)
             break
-    if best.meets_budget:  # prune: re-quantize what the budget does not need, latest first
-        for name in reversed(floats[:-1]):
+    if best.meets_budget:  # prune: re-quantize what the budget does not need, most MACs first (then latest)
+        latest = {n: i for i, n in enumerate(floats)}
+        for name in sorted(floats[:-1], key=lambda n: (-(search.macs.get(n) or 0), -latest[n])):
             rest = tuple(n for n in best.candidate.float_nodes if n != name)
             trial = search.run("prune", f"- float: {name} (quantized again)", replace(best.candidate, float_nodes=rest))
             if trial.meets_budget:
@@ -588,11 +721,13 @@ def _stage_fallback(search: _Search, best: Trial) -> Trial:
     return best
 
 
-def _settle(search: _Search) -> Trial:
-    """No kept step met the budget: the trial that did with the fewest float nodes, or an error."""
-    met = [t for t in search.trials if t.meets_budget]
-    if met:
-        return search.keep(min(met, key=lambda t: (len(t.candidate.float_nodes), -search.key(t)[0], t.step)))
+def _settle(search: _Search, best: Trial) -> Trial:
+    """The cheapest trial that met the budget (``cheapest``), or an error naming the closest one."""
+    chosen = cheapest(search.trials, search.macs, search.key)
+    if chosen is not None:
+        if chosen.step != best.step or not best.meets_budget:
+            search.log(f"cheapest in the budget: step {chosen.step} ({model_cost(chosen.candidate, search.macs):,.0f})")
+        return search.keep(chosen)
     closest = max(search.trials, key=search.key)
     raise BudgetNotMetError(
         f"no quantization met the budget ({search.options.budget.describe()}) after {len(search.trials)} trials; "
@@ -606,6 +741,22 @@ def _local(err: LayerError) -> float:
     return math.inf if math.isnan(value) else float(value)
 
 
+def closest_quantized(result: SearchResult, compute_nodes: Sequence[str]) -> Trial | None:
+    """The trial nearest the budget that left at least one of ``compute_nodes`` quantized (None if none did)."""
+    wanted = set(compute_nodes)
+    kept = [t for t in result.trials if not wanted <= set(t.candidate.float_nodes)]
+    if not kept:
+        return None
+    return max(
+        kept, key=lambda t: (_key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
+    )
+
+
+def describe_trial(t: Trial) -> str:
+    """One line: the trial's step, action, fidelity, speed and number of float nodes."""
+    return _describe(t)
+
+
 def _describe(t: Trial) -> str:
     parts = [f"step {t.step} {t.stage}: {t.action}"]
     if t.accuracy is not None:
@@ -613,7 +764,18 @@ def _describe(t: Trial) -> str:
     if t.accuracy_drop is not None:
         parts.append(f"drop {t.accuracy_drop:.2f}")
     parts.append(f"SQNR {t.sqnr_db:.1f} dB")
+    parts.extend(
+        _kind_value(k) for k in t.kinds if k.agreement is not None or k.cosine is not None or k.iou is not None
+    )
     parts.append(f"{t.speedup_b1:.2f}x FP32 at b1")
     parts.append(f"{len(t.candidate.float_nodes)} float")
     parts.append("meets budget" if t.meets_budget else "misses budget")
     return ", ".join(parts)
+
+
+def _kind_value(k: KindMetrics) -> str:
+    """E.g. ``y agreement 0.969``."""
+    label, value = next(
+        (lbl, v) for lbl, v in (("agreement", k.agreement), ("cosine", k.cosine), ("IoU", k.iou)) if v is not None
+    )
+    return f"{k.name} {label} {value:.3f}"

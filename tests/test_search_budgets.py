@@ -1,0 +1,170 @@
+"""Task-level budgets for the search: agreement, cosine and IoU on every output of their kind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from quantcli import api
+from quantcli.cli.app import app
+from quantcli.compare.output_kinds import OutputKind
+from quantcli.core.errors import QuantCliError
+from quantcli.core.options import CalibrationMethod, QuantConfig
+from quantcli.search.accuracy_search import (
+    FLOAT_MAC_COST,
+    INTEGER_MAC_COST,
+    Budget,
+    BudgetNotMetError,
+    Candidate,
+    SearchOptions,
+    Trial,
+    cheapest,
+    model_cost,
+)
+from tests import models
+from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+CONFIG = QuantConfig()
+pytestmark = pytest.mark.usefixtures("fixed_speedup")
+
+
+@pytest.fixture
+def mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The over-sensitive MLP (one MatMul must stay float), disjoint calibration and evaluation inputs."""
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(models.sensitive_mlp().SerializeToString())
+    rng = np.random.default_rng(5)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    np.savez(evald, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    return model, calib, evald
+
+
+def _search(mlp: tuple[Path, Path, Path], out: Path, options: SearchOptions) -> api.ConvertResult:
+    model, calib, evald = mlp
+    return api.convert_model(model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald)
+
+
+def test_min_agreement_falls_back_the_one_sensitive_node(mlp, tmp_path):
+    lines: list[str] = []
+    model, calib, evald = mlp
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, eval_data=evald,
+        search=SearchOptions(Budget(min_agreement=0.97), latency_runs=1), log=lines.append,
+    )  # fmt: skip
+    search = result.search
+    assert search is not None
+    assert "output y: classifier (scores over 10 classes)" in lines  # the detected kind is said
+    first = search.trials[0]
+    assert not first.meets_budget and first.kinds[0].agreement is not None and first.kinds[0].agreement < 0.9
+    assert search.chosen.meets_budget and search.chosen.candidate.float_nodes == ("mm2",)
+    (kind,) = search.chosen.kinds
+    assert kind.kind == OutputKind.CLASSIFIER and kind.agreement is not None and kind.agreement >= 0.97
+    assert search.recipe("0" * 64, CONFIG, 99.99).search["budget"]["min_agreement"] == 0.97
+
+
+def test_an_unreachable_agreement_is_not_met(mlp, tmp_path):
+    with pytest.raises(BudgetNotMetError, match="agreement >= 1"):
+        _search(mlp, tmp_path / "q.onnx", SearchOptions(Budget(min_agreement=1.0), max_fallback=0, probe=1))
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_every_output_must_hold(tmp_path):
+    """Two outputs: the class scores (agreement) and the hidden layer (an embedding by override)."""
+    m = models.sensitive_mlp()
+    m.graph.output.append(helper.make_tensor_value_info("r2", TensorProto.FLOAT, ["N", 32]))
+    model = tmp_path / "two.onnx"
+    model.write_bytes(m.SerializeToString())
+    rng = np.random.default_rng(5)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    np.savez(evald, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    options = SearchOptions(
+        Budget(min_agreement=0.9, min_cosine=0.999), output_kinds={"r2": OutputKind.EMBEDDING}, latency_runs=1
+    )
+    result = api.convert_model(model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options,
+                               eval_data=evald)  # fmt: skip
+    search = result.search
+    assert search is not None and search.chosen.meets_budget
+    kinds = {k.name: k for k in search.chosen.kinds}
+    assert kinds["y"].kind == OutputKind.CLASSIFIER and kinds["r2"].kind == OutputKind.EMBEDDING
+    assert kinds["y"].agreement is not None and kinds["y"].agreement >= 0.9
+    assert kinds["r2"].cosine is not None and kinds["r2"].cosine >= 0.999
+    # a trial where one output held and the other did not was not accepted
+    for t in search.trials:
+        by_name = {k.name: k for k in t.kinds}
+        both = (by_name["y"].agreement or 0) >= 0.9 and (by_name["r2"].cosine or 0) >= 0.999
+        assert t.meets_budget == both
+
+
+def test_a_bound_without_an_output_of_its_kind_is_refused(mlp, tmp_path):
+    with pytest.raises(QuantCliError, match="min_iou needs a map output; detected y: classifier"):
+        _search(mlp, tmp_path / "q.onnx", SearchOptions(Budget(min_iou=0.9)))
+    model, calib, evald = mlp
+    base = ["convert", str(model), "-o", str(tmp_path / "c.onnx"), "--data", str(calib), "--eval-data", str(evald)]
+    res = CliRunner().invoke(app, [*base, "--min-cosine", "0.99"])
+    assert res.exit_code == 3 and "--min-cosine needs an embedding output" in res.output
+    # named as an embedding, the same output takes the cosine budget
+    res = CliRunner().invoke(app, [*base, "--min-cosine", "0.99", "--output-kind", "y=embedding"])
+    assert res.exit_code == 0, res.output
+    assert "output y: embedding (given)" in res.output and (tmp_path / "c.onnx").exists()
+
+
+def test_min_agreement_on_the_bundled_digits_cnn(tmp_path):
+    """Real model, held-out data: the written model agrees with FP32 on at least 99% of the samples."""
+    out = tmp_path / "cnn.onnx"
+    res = CliRunner().invoke(
+        app, ["convert", str(SAMPLE_MODELS / "digits_cnn.onnx"), "-o", str(out),
+              "--data", str(CALIBRATION_DATA / "digits_cnn_calib.npz"),
+              "--eval-data", str(CALIBRATION_DATA / "digits_cnn_eval.npz"), "--min-agreement", "0.99"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "output" in res.output and ": classifier (" in res.output
+    assert out.exists()
+
+
+def test_an_answer_with_no_integer_macs_is_not_a_quantized_model(mlp, tmp_path):
+    """SQNR >= 200 dB holds only with all three MatMuls in float: not written, the closest quantized
+    candidate is named; with --force it is written."""
+    out = tmp_path / "q.onnx"
+    with pytest.raises(BudgetNotMetError, match="runs none of its 3 Conv/MatMul/Gemm in integer kernels") as info:
+        _search(mlp, out, SearchOptions(Budget(min_sqnr_db=200.0), latency_runs=1))
+    assert not out.exists()
+    text = str(info.value)
+    closest = text.split("Closest quantized candidate: ")[1]
+    assert "misses budget" in closest and "float nodes: mm1, mm2, mm3" not in closest
+    model, calib, evald = mlp
+    base = ["convert", str(model), "-o", str(out), "--data", str(calib), "--eval-data", str(evald), "--min-sqnr", "200"]
+    res = CliRunner().invoke(app, base)
+    assert res.exit_code == 1 and "not a quantized model" in res.output and "--force" in res.output
+    assert not out.exists()
+    res = CliRunner().invoke(app, [*base, "--force"])
+    assert res.exit_code == 0, res.output
+    assert out.exists() and "written anyway" in res.output
+
+
+def _trial(step: int, float_nodes: tuple[str, ...], *, meets: bool = True, sqnr: float = 30.0) -> Trial:
+    cand = Candidate(CalibrationMethod.MINMAX, float_nodes=float_nodes)
+    return Trial(step, "fallback", "", cand, None, None, sqnr, 1.0, meets)
+
+
+def test_the_cheaper_model_wins_at_equal_fidelity():
+    """8 float element-wise nodes cost no float MACs; 3 float compute nodes cost all of theirs."""
+    macs: dict[str, int | None] = {"conv": 1000, "mm1": 500, "mm2": 300}
+    compute = _trial(2, ("conv", "mm1", "mm2"), sqnr=40.0)  # better fidelity, same budget met
+    elementwise = _trial(5, tuple(f"add{i}" for i in range(8)))
+    missed = _trial(1, (), meets=False)  # nothing in float, but misses the budget
+    assert model_cost(compute.candidate, macs) == FLOAT_MAC_COST * 1800
+    assert model_cost(elementwise.candidate, macs) == INTEGER_MAC_COST * 1800
+    assert cheapest([missed, compute, elementwise], macs) is elementwise
+    # one float MatMul of 300 MACs is cheaper than two of 500 + 300, and than the conv alone
+    one = _trial(3, ("mm2",))
+    assert cheapest([compute, _trial(4, ("conv",)), one], macs) is one
+    assert cheapest([missed], macs) is None
+    # equal cost and float nodes: the better fidelity, as the method stage chose
+    a, b = _trial(6, (), sqnr=30.0), _trial(7, (), sqnr=35.0)
+    assert cheapest([a, b], macs) is b

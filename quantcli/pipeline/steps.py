@@ -19,6 +19,7 @@ from quantcli.core.errors import MissingInput, NotFasterError, QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping
 from quantcli.data.datasets import model_input_specs, random_dataset
 from quantcli.graph.model_io import (
+    above_protobuf_limit,
     check_model,
     file_sha256,
     has_external_data,
@@ -26,6 +27,7 @@ from quantcli.graph.model_io import (
     known_shapes,
     load_model,
     save_model,
+    split_weights,
 )
 from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess as preprocess_model
@@ -175,7 +177,10 @@ def lower(ctx: ConvertContext) -> None:
     """Rewrite the plan into a QDQ model."""
     from quantcli.static.lowering import apply_plan
 
-    ctx.quantized = apply_plan(need(ctx.prepared, "the model"), need(ctx.plan, "the plan"))
+    prepared = need(ctx.prepared, "the model")
+    ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"))
+    if above_protobuf_limit(prepared):  # the tail reads only its graph: drop the second copy of the weights
+        ctx.prepared = split_weights(prepared)[0]
 
 
 def transform_calibrate_plan(ctx: ConvertContext) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -14,21 +15,34 @@ from quantcli.graph.atomic import atomic_files, atomic_output, checkpoint, write
 from quantcli.graph.scopes import walk_graphs
 
 __all__ = [
+    "PROTOBUF_LIMIT",
+    "above_protobuf_limit",
     "atomic_output",
     "available_memory",
+    "check_model",
     "file_sha256",
+    "has_external_data",
     "infer_shapes",
     "known_shapes",
     "load_model",
     "model_opset",
     "save_model",
+    "split_weights",
     "upgrade_opset",
 ]
 
 log = logging.getLogger(__name__)
 
 #: protobuf cannot serialize a single message above 2 GiB; bigger models keep weights outside.
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def above_protobuf_limit(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` is too large for one protobuf message (which cannot even size itself then)."""
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except Exception:  # upb raises EncodeError from ByteSize above 2 GB
+        return True
 
 
 def file_sha256(path: Path) -> str:
@@ -69,16 +83,87 @@ def load_model(path: Path) -> onnx.ModelProto:
         ) from exc
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph found); is this the right file?")
-    if _uses_external_data(model):
-        _load_external_data(model, path)
-    try:
-        onnx.checker.check_model(model)
+    external = _uses_external_data(model)
+    if external:
+        _check_external_locations(model, path)
+    try:  # with external data: the file-based checker, before the weights are read (any size, no copy)
+        onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{path}: fails ONNX validation: {first}") from exc
     except (UnicodeDecodeError, ValueError, RuntimeError) as exc:  # corrupted strings inside the protobuf
         raise ModelLoadError(f"{path}: fails ONNX validation ({type(exc).__name__}); is the file corrupted?") from exc
+    if external:
+        _load_external_data(model, path)
     return model
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether the model file at ``path`` keeps initializers in external data (reads no weights)."""
+    try:
+        return _uses_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:  # unreadable: the caller's own load reports it
+        return False
+
+
+#: initializers at least this large are left out of ``split_weights``'s skeleton
+_SPLIT_ABOVE = 1 << 16
+_STUB_LOCATION = "quantcli-weights-in-memory"
+
+
+def _copy_field(target: Any, name: str, value: Any) -> None:
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, name).extend(value)
+    elif hasattr(value, "CopyFrom"):
+        getattr(target, name).CopyFrom(value)
+    else:
+        setattr(target, name, value)
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
+    """A skeleton of ``model`` whose large raw initializers (main graph) are external stubs, and those tensors.
+
+    The skeleton is small whatever the model's size (it copies no weight): it is what a checker or
+    onnxruntime reads above protobuf's 2 GB, the weights then handed over separately.
+    ``model`` is not modified; the tensors returned are its own (not copies).
+    """
+    stub = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(stub, field.name, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(stub.graph, field.name, value)
+    big: list[onnx.TensorProto] = []
+    for tensor in model.graph.initializer:
+        size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        if size < _SPLIT_ABOVE:
+            stub.graph.initializer.add().CopyFrom(tensor)
+            continue
+        entry = stub.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        entry.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", _STUB_LOCATION), ("offset", "0"), ("length", str(size))):
+            entry.external_data.add(key=key, value=value)
+        big.append(tensor)
+    return stub, big
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx's checker at any size: above protobuf's 2 GB, on ``split_weights``'s skeleton (from a temporary file).
+
+    Raises:
+        onnx.checker.ValidationError: as onnx's checker does.
+    """
+    if not above_protobuf_limit(model):
+        onnx.checker.check_model(model)
+        return
+    import tempfile
+
+    stub, _ = split_weights(model)
+    with tempfile.TemporaryDirectory(prefix="quantcli-check-") as tmp:
+        (Path(tmp) / _STUB_LOCATION).touch()  # the checker asks that the data file exists, not its bytes
+        (Path(tmp) / "model.onnx").write_bytes(stub.SerializeToString())
+        onnx.checker.check_model(str(Path(tmp) / "model.onnx"))
 
 
 def available_memory() -> int | None:
@@ -125,7 +210,8 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
+    """Every external data file is inside the model's directory and exists."""
     base = path.resolve().parent
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
@@ -143,6 +229,10 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
                 f"{path}: external data file '{location}' for initializer '{tensor.name}' is missing; "
                 "keep it beside the model"
             )
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.resolve().parent
     try:
         onnx.load_external_data_for_model(model, str(base))
     except Exception as exc:
@@ -170,7 +260,7 @@ def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
     """ONNX shape inference that never blocks: returns the model and why inference failed, if it did."""
     try:
-        if model.ByteSize() < _PROTOBUF_LIMIT:
+        if not above_protobuf_limit(model):
             return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True), None
         return model, "model above 2 GB: shape inference skipped"
     except Exception as exc:
@@ -202,7 +292,7 @@ def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False, exter
     """
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() >= _PROTOBUF_LIMIT
+        external_data = above_protobuf_limit(model)
     if not external_data:
         with atomic_output(path, force=force) as tmp:
             write_bytes(tmp, model.SerializeToString(deterministic=True))

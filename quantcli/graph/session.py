@@ -11,11 +11,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 
 from quantcli.core.errors import UnsupportedModelError
 from quantcli.graph.editor import ModelEditor
+from quantcli.graph.model_io import above_protobuf_limit, split_weights
 from quantcli.graph.names import NameAllocator
 
 __all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
@@ -64,14 +67,59 @@ def make_session(
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if id(model) in _DETACHED or above_protobuf_limit(model):
+        return _large_session(model, opts, source)
     try:
         return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
 
 
+def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str) -> ort.InferenceSession:
+    """A session for a model above protobuf's 2 GB: its skeleton as bytes, its large weights as arrays.
+
+    Each weight is read once from the model into an array that onnxruntime uses in place (kept alive
+    with the session); no serialized copy of the whole model is made.
+    """
+    stub, weights = _DETACHED.pop(id(model), (None, []))
+    if stub is not model:  # not a skeleton from ``augmented``: split it here
+        stub, weights = split_weights(model)
+    if above_protobuf_limit(stub):
+        raise UnsupportedModelError(
+            f"{source}: the model's graph alone (without its large weights) is above protobuf's 2 GB; "
+            "onnxruntime cannot load it"
+        )
+    arrays = [
+        np.frombuffer(t.raw_data, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
+        for t in weights
+    ]
+    opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
+    opts.add_external_initializers([t.name for t in weights], [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    try:
+        session = ort.InferenceSession(stub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
+    session._quantcli_weights = arrays  # onnxruntime reads them in place
+    return session
+
+
+#: skeletons ``augmented`` made of models above 2 GB -> (skeleton, its weights), until ``make_session`` takes them
+_DETACHED: dict[int, tuple[onnx.ModelProto, list[onnx.TensorProto]]] = {}
+
+
 def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``names`` added as graph outputs (so onnxruntime returns them)."""
+    """A copy of ``model`` with ``names`` added as graph outputs (so onnxruntime returns them).
+
+    Above protobuf's 2 GB the copy is a skeleton without the large weights (no second copy of
+    them): ``make_session`` finds them (once) and feeds them to onnxruntime from ``model``.
+    """
+    if above_protobuf_limit(model):
+        stub, weights = split_weights(model)
+        existing = {o.name for o in stub.graph.output}
+        stub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+        _DETACHED.clear()  # one skeleton waits at a time: an unused one must not keep weights alive
+        _DETACHED[id(stub)] = (stub, weights)
+        return stub
     edit = ModelEditor(model, names=NameAllocator())  # adds no names: nothing to reserve
     existing = set(edit.graph.output_names)
     for name in names:

@@ -18,7 +18,17 @@ import onnx
 from quantcli.core.errors import MissingInput, NotFasterError, QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping
 from quantcli.data.datasets import model_input_specs, random_dataset
-from quantcli.graph.model_io import file_sha256, infer_shapes, known_shapes, load_model, save_model
+from quantcli.graph.model_io import (
+    above_protobuf_limit,
+    check_model,
+    file_sha256,
+    has_external_data,
+    infer_shapes,
+    known_shapes,
+    load_model,
+    save_model,
+    split_weights,
+)
 from quantcli.graph.session import make_session
 from quantcli.passes.preprocess import preprocess as preprocess_model
 from quantcli.pipeline.algorithms import (
@@ -167,7 +177,10 @@ def lower(ctx: ConvertContext) -> None:
     """Rewrite the plan into a QDQ model."""
     from quantcli.static.lowering import apply_plan
 
-    ctx.quantized = apply_plan(need(ctx.prepared, "the model"), need(ctx.plan, "the plan"))
+    prepared = need(ctx.prepared, "the model")
+    ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"))
+    if above_protobuf_limit(prepared):  # the tail reads only its graph: drop the second copy of the weights
+        ctx.prepared = split_weights(prepared)[0]
 
 
 def transform_calibrate_plan(ctx: ConvertContext) -> None:
@@ -259,7 +272,7 @@ def validate(ctx: ConvertContext) -> None:
     """The written model must pass onnx's checker and load in onnxruntime (before anything is written)."""
     quantized = need(ctx.quantized, "the converted model")
     try:
-        onnx.checker.check_model(quantized)
+        check_model(quantized)
     except onnx.checker.ValidationError as exc:  # a bug in quantcli, not the user's fault
         raise RuntimeError(f"quantcli produced an invalid model: {exc}") from exc
     make_session(quantized, source=ctx.source)
@@ -374,7 +387,9 @@ def shape_facts(ctx: ConvertContext) -> None:
 
 def save(ctx: ConvertContext) -> None:
     """Write the converted model (atomically; an existing file only with ``force``)."""
-    save_model(need(ctx.quantized, "the converted model"), ctx.request.output_path, force=ctx.request.force)
+    r = ctx.request  # a model read with external data is written with it (else: only above 2 GB)
+    external = True if has_external_data(r.model_path) else None
+    save_model(need(ctx.quantized, "the converted model"), r.output_path, force=r.force, external_data=external)
 
 
 def save_recipe(ctx: ConvertContext) -> None:

@@ -1,0 +1,140 @@
+"""Models with external data, and the paths taken above protobuf's 2 GB (exercised on a small model
+by lowering the limit): calibrate -> convert -> compare end to end, sessions, the checker, clear errors.
+
+The real > 2 GB run is ``benchmarks/bench_large_model.py`` (minutes, gigabytes); these take seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from quantcli.cli import app
+from quantcli.core.errors import UnsupportedModelError
+from quantcli.graph import model_io
+from quantcli.graph.model_io import check_model, load_model, split_weights
+from quantcli.graph.session import augmented, make_session
+
+runner = CliRunner()
+WIDTH, LAYERS = 128, 3
+
+
+def _mlp() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(LAYERS):
+        w = (rng.standard_normal((WIDTH, WIDTH)) / np.sqrt(WIDTH)).astype(np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.full(WIDTH, 0.1, np.float32), f"b{i}"),
+        ]
+        out = "y" if i == LAYERS - 1 else f"r{i}"
+        nodes += [
+            helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"], name=f"matmul{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"add{i}"),
+            helper.make_node("Relu", [f"a{i}"], [out], name=f"relu{i}"),
+        ]
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", WIDTH])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.fixture
+def external_mlp(tmp_path: Path) -> tuple[Path, Path]:
+    """The MLP saved with external data (``mlp.onnx`` + ``mlp.weights``) and 32 samples for it."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), str(path), save_as_external_data=True, location="mlp.weights", size_threshold=1024)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((32, WIDTH)).astype(np.float32))
+    return path, data
+
+
+def _external_locations(path: Path) -> set[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        e.value
+        for t in model.graph.initializer
+        if t.data_location == TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    }
+
+
+def _end_to_end(tmp_path: Path, model: Path, data: Path) -> Path:
+    calib, out = tmp_path / "mlp.calib.json", tmp_path / "mlp.int8.onnx"
+    for args in (
+        ["calibrate", model, "--data", data, "-o", calib],
+        ["convert", model, "--calibration", calib, "-o", out],
+        ["compare", model, out, "--data", data],
+    ):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        assert "Traceback" not in result.output
+    return out
+
+
+def test_external_data_model_end_to_end(tmp_path, external_mlp):
+    model, data = external_mlp
+    out = _end_to_end(tmp_path, model, data)
+    assert _external_locations(out) == {"mlp.int8.onnx.data"}  # written with external data, beside it
+    assert (tmp_path / "mlp.int8.onnx.data").stat().st_size > 0
+    quantized = load_model(out)
+    assert {n.op_type for n in quantized.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    x = np.load(data)["x"][:4]
+    ref = make_session(load_model(model)).run(None, {"x": x})[0]
+    got = make_session(quantized).run(None, {"x": x})[0]
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+def test_above_the_limit_paths_end_to_end(tmp_path, external_mlp, monkeypatch):
+    """With the limit lowered, every model is 'above 2 GB': skeleton sessions, skeleton checker, external save."""
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)  # the FP32 model (200 kB) is above, the INT8 one not
+    model, data = external_mlp
+    out = _end_to_end(tmp_path, model, data)
+    assert _external_locations(out) == {"mlp.int8.onnx.data"}
+
+
+def test_skeleton_session_matches_the_in_memory_one(monkeypatch):
+    model = _mlp()
+    x = np.random.default_rng(2).standard_normal((2, WIDTH)).astype(np.float32)
+    expected = make_session(model).run(None, {"x": x})[0]
+    stub, weights = split_weights(model)
+    assert [t.name for t in weights] == ["w0", "w1", "w2"]
+    assert stub.ByteSize() < 4000 and model.ByteSize() > 3 * WIDTH * WIDTH * 4
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 20_000)
+    np.testing.assert_array_equal(make_session(model).run(None, {"x": x})[0], expected)
+    with_relu = make_session(augmented(model, ["r0"])).run(["r0", "y"], {"x": x})  # skeleton + weights of model
+    np.testing.assert_array_equal(with_relu[1], expected)
+    np.testing.assert_array_equal(
+        with_relu[0], np.maximum(0, x @ numpy_helper.to_array(model.graph.initializer[0]) + 0.1)
+    )
+    check_model(model)  # the skeleton passes the checker
+    assert len(model.graph.initializer[0].raw_data) == WIDTH * WIDTH * 4  # the model is left as it was
+
+
+def test_skeleton_above_the_limit_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 500)  # even the graph without weights is 'too large'
+    with pytest.raises(UnsupportedModelError, match=r"graph alone .* above protobuf's 2 GB"):
+        make_session(_mlp(), source="big.onnx")
+
+
+def test_skeleton_above_the_limit_is_one_line_in_the_cli(tmp_path, external_mlp, monkeypatch):
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 500)
+    model, data = external_mlp
+    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(tmp_path / "c.json")])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output
+    assert "onnxruntime cannot load it" in " ".join(result.output.split())

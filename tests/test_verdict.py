@@ -93,7 +93,7 @@ def test_a_verdict_below_its_thresholds_warns_and_names_a_repair(tmp_path, fixed
     assert lines[0].startswith("verdict: WARNING on 12 held-back --data samples")
     (kind_warning, speed_warning) = lines[1:]
     assert "agreement" in kind_warning and "< 0.98" in kind_warning
-    assert "--eval-data DATA --max-accuracy-drop 2 --search-metric agreement" in kind_warning
+    assert "--eval-data DATA --min-agreement 0.98" in kind_warning
     assert "0.80x FP32 at batch 1, not faster" in speed_warning
     result = runner.invoke(app, ["convert", str(model), "--data", str(data), "-o", str(tmp_path / "c.onnx")])
     assert result.exit_code == 0 and "verdict: WARNING" in result.output  # a warning, not a failure
@@ -103,8 +103,8 @@ def test_a_verdict_below_its_thresholds_warns_and_names_a_repair(tmp_path, fixed
     ("kind", "metric", "value", "repair"),
     [
         (OutputKind.EMBEDDING, "cosine", 0.98, "try --mode dynamic"),
-        (OutputKind.MAP, "iou", 0.85, "--eval-data DATA --min-sqnr 25"),
-        (OutputKind.SEQUENCE, "agreement", 0.90, "--eval-data DATA --min-sqnr 25"),
+        (OutputKind.MAP, "iou", 0.85, "--eval-data DATA --min-iou 0.9"),
+        (OutputKind.SEQUENCE, "agreement", 0.90, "--eval-data DATA --min-agreement 0.95"),
     ],
 )
 def test_each_threshold_and_its_repair(kind, metric, value, repair):

@@ -166,8 +166,9 @@ _OPTIONS = (
     "eval_data",
     "output_kinds",
     "mode",
-    "max_accuracy_drop",
-    "search_metric",
+    "min_agreement",
+    "min_cosine",
+    "min_iou",
     "min_sqnr",
     "verdict_share",
 )
@@ -275,9 +276,15 @@ def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertCo
 
 
 def _repair(kind: OutputKind, dynamic: bool) -> str:
-    search = "$eval_data DATA $min_sqnr 25 searches for the nodes to keep in float"
-    if kind == OutputKind.CLASSIFIER:
-        search = "$eval_data DATA $max_accuracy_drop 2 $search_metric agreement searches for the nodes to keep in float"
+    """The budgeted search (in the output's own terms) that would find the nodes to keep in float."""
+    budget = {
+        OutputKind.CLASSIFIER: "$min_agreement 0.98",
+        OutputKind.SEQUENCE: "$min_agreement 0.95",
+        OutputKind.BINARY: "$min_agreement 0.98",
+        OutputKind.EMBEDDING: "$min_cosine 0.99",
+        OutputKind.MAP: "$min_iou 0.9",
+    }.get(kind, "$min_sqnr 25")
+    search = f"$eval_data DATA {budget} searches for the cheapest model that meets it"
     if kind == OutputKind.EMBEDDING and not dynamic:
         return f"try $mode dynamic (activations quantized at run time suit encoders), or {search}"
     return search

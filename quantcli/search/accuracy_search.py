@@ -52,7 +52,7 @@ from quantcli.compare.layers import LayerError, per_layer_errors
 from quantcli.compare.metrics import MetricSpec, evaluate_custom
 from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
 from quantcli.core.errors import QuantCliError
-from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
+from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.session import make_session
@@ -149,7 +149,7 @@ class SearchOptions:
 
     budget: Budget
     methods: tuple[CalibrationMethod, ...] = HISTOGRAM_METHODS
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
     tensor_candidates: int = 4  # worst tensors whose method is tried alone
     probe: int = 8  # suspicious nodes measured one by one
     max_fallback: int = 24  # nodes the search may return to float
@@ -292,7 +292,7 @@ class _Ranges:
 _Built = tuple[onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
 
 
-def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float = 99.99) -> _Built:
+def build_candidate(base: SearchBase, candidate: Candidate, *, percentile: float = DEFAULT_PERCENTILE) -> _Built:
     """The quantized model of ``candidate`` on ``base`` (what ``convert --recipe`` replays).
 
     Returns the model, its plan and the bias-correction report (None when it is off).

@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from quantcli.core.errors import ArtifactMismatchError
-from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig, QuantDType, WeightClipping
+from quantcli.core.options import (
+    DEFAULT_PERCENTILE,
+    AlgorithmOptions,
+    CalibrationMethod,
+    QuantConfig,
+    QuantDType,
+    WeightClipping,
+)
 from quantcli.graph.model_io import atomic_output
 
 __all__ = ["RECIPE_SCHEMA", "RECIPE_SCHEMA_ALGORITHMS", "Recipe", "read_recipe", "write_recipe"]
@@ -43,7 +50,7 @@ class Recipe:
     model_sha256: str
     config: QuantConfig
     method: CalibrationMethod
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
     tensor_methods: tuple[tuple[str, CalibrationMethod], ...] = ()
     float_nodes: tuple[str, ...] = ()
     search: dict[str, Any] = field(default_factory=dict)
@@ -142,7 +149,7 @@ def read_recipe(path: Path, *, expected_sha256: str | None = None) -> Recipe:
             model_sha256=str(data["model_sha256"]),
             config=_config_from_json(data["config"]),
             method=CalibrationMethod(data["method"]),
-            percentile=float(data.get("percentile", 99.99)),
+            percentile=float(data.get("percentile", DEFAULT_PERCENTILE)),
             tensor_methods=tuple((str(k), CalibrationMethod(v)) for k, v in data.get("tensor_methods", {}).items()),
             float_nodes=tuple(str(n) for n in data.get("float_nodes", [])),
             search=dict(data.get("search", {})),

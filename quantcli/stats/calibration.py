@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from quantcli.core.errors import ArtifactMismatchError, CalibrationDataError, UnsupportedModelError
-from quantcli.core.options import CalibrationMethod, QuantDType
+from quantcli.core.options import DEFAULT_PERCENTILE, CalibrationMethod, QuantDType
 from quantcli.core.progress import Progress, no_progress
 from quantcli.core.qmath import dtype_bounds
 from quantcli.data.datasets import Dataset, FeedList
@@ -137,7 +137,7 @@ class CalibrationOptions:
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
-    percentile: float = 99.99
+    percentile: float = DEFAULT_PERCENTILE
     bins: int = 4096
     levels: int = 256
     batch_size: int = 32
@@ -335,7 +335,11 @@ def _params(options: CalibrationOptions, passes: int, histograms: bool) -> dict[
 
 
 def rechoose(
-    result: CalibrationResult, method: CalibrationMethod, *, percentile: float = 99.99, levels: int | None = None
+    result: CalibrationResult,
+    method: CalibrationMethod,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    levels: int | None = None,
 ) -> CalibrationResult:
     """Ranges for another histogram method from stored histograms, without re-running the data.
 

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from quantcli.core.errors import CalibrationDataError
+from quantcli.core.options import DEFAULT_PERCENTILE
 
 __all__ = [
     "HISTOGRAM_METHODS",
@@ -270,7 +271,7 @@ def _trimmed(hist: HistogramObserver) -> HistogramObserver:
 
 
 def choose_range(
-    hist: HistogramObserver, method: str, *, percentile: float = 99.99, levels: int = 256
+    hist: HistogramObserver, method: str, *, percentile: float = DEFAULT_PERCENTILE, levels: int = 256
 ) -> tuple[float, float]:
     """Clip range [lo, hi] chosen from a histogram by ``method`` (percentile, entropy or mse)."""
     hist = _trimmed(hist)

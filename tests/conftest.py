@@ -100,3 +100,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-golden", action="store_true", default=False, help="record golden files instead of checking them"
     )
+
+
+@pytest.fixture
+def mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The over-sensitive MLP (``models.sensitive_mlp``: one MatMul must stay float) with disjoint,
+    non-negative calibration and evaluation inputs, for the accuracy-search tests."""
+    model = tmp_path / "mlp.onnx"
+    model.write_bytes(models.sensitive_mlp().SerializeToString())
+    rng = np.random.default_rng(5)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    np.savez(evald, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
+    return model, calib, evald

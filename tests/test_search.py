@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -25,18 +24,6 @@ CONFIG = QuantConfig()  # explicit types: the same choices on every host
 # a budgeted convert also requires a faster model; these tests are about accuracy, so the speed
 # verdict is set (1.5x) rather than timed (test_budget_result_slower_than_fp32_is_not_written varies it)
 pytestmark = pytest.mark.usefixtures("fixed_speedup")
-
-
-@pytest.fixture
-def mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """The over-sensitive MLP with disjoint calibration and evaluation inputs (non-negative)."""
-    model = tmp_path / "mlp.onnx"
-    model.write_bytes(models.sensitive_mlp().SerializeToString())
-    rng = np.random.default_rng(5)
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
-    np.savez(evald, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
-    return model, calib, evald
 
 
 def test_search_returns_only_the_oversensitive_layer_to_float(mlp, tmp_path):

@@ -32,18 +32,6 @@ CONFIG = QuantConfig()
 pytestmark = pytest.mark.usefixtures("fixed_speedup")
 
 
-@pytest.fixture
-def mlp(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """The over-sensitive MLP (one MatMul must stay float), disjoint calibration and evaluation inputs."""
-    model = tmp_path / "mlp.onnx"
-    model.write_bytes(models.sensitive_mlp().SerializeToString())
-    rng = np.random.default_rng(5)
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
-    np.savez(evald, x=np.abs(rng.normal(size=(128, 32))).astype(np.float32))
-    return model, calib, evald
-
-
 def _search(mlp: tuple[Path, Path, Path], out: Path, options: SearchOptions) -> api.ConvertResult:
     model, calib, evald = mlp
     return api.convert_model(model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald)

@@ -1,0 +1,300 @@
+"""Benchmark: the fidelity table of issue 15 — every real model, default convert, budgeted search, onnxruntime.
+
+    python benchmarks/fetch_models.py                       # once: models + real data into benchmarks/models/
+    python benchmarks/bench_table.py --json table.json      # every model with data, both sample models
+    python benchmarks/bench_table.py --models magika_standard_v3_3 --skip ort ort-u8
+
+Per model, on its held-out ``_eval.npz`` samples against FP32 (nothing here tunes on them):
+
+* ``fp32``: the task metric against labels where the data has them (else "-").
+* ``default``: what a user gets from ``quantcli convert MODEL --data CALIB`` (min-max; 20% of the samples
+  held back for the verdict). Task agreement with FP32 (``bench_models.METRICS``: top-1, CTC strings,
+  text-mask IoU, detection F1, VAD decisions; cosine for the sentence encoder), worst-output SQNR,
+  batch-1 speed against FP32 at 1 and 2 threads, and whether convert's own verdict warned.
+* ``search``: ``convert --data CALIB --eval-data CALIB`` with a budget in the task's own terms, tuned on the
+  calibration samples only (agreement 0.98 for classifiers and binary decisions, 0.95 for sequences, cosine
+  0.99 for embeddings, IoU 0.9 for maps, SQNR for raw detector heads, which have no task kind): the same
+  columns plus float and run-time-quantized nodes and the search's wall time; when the search finds
+  nothing inside the budget faster than FP32, the row says "exit 1" with the closest candidate.
+* ``ort`` / ``ort-u8``: onnxruntime's ``quantize_static`` as its docs advise (``bench_models.run_ort``: pre-process,
+  QDQ, per-channel, MinMax, int8 or uint8 activations), each in a child process with an address-space cap.
+
+The "verdict check" line at the end lists models whose default convert misses agreement 0.98 / cosine 0.99 /
+IoU 0.9 on held-out samples but whose verdict did not warn (must be none).
+All sessions of a model are timed in alternation in this process; the host's CPU and int8 flags are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "benchmarks" / "models"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_convert import session, time_interleaved  # noqa: E402
+from bench_models import METRICS, Outputs, batches, load_npz, quantize_in_child, sqnr_db, top1  # noqa: E402
+
+from quantcli.api import convert_model  # noqa: E402
+from quantcli.compare.output_kinds import OutputKind  # noqa: E402
+from quantcli.core.host import cpu_model, int8_flags  # noqa: E402
+from quantcli.search.accuracy_search import Budget, BudgetNotMetError, SearchOptions  # noqa: E402
+
+SAMPLES = {
+    "digits_cnn": (REPO / "sample_models/digits_cnn.onnx", REPO / "calibration_data/digits_cnn"),
+    "digits_transformer": (
+        REPO / "sample_models/digits_transformer.onnx",
+        REPO / "calibration_data/digits_transformer",
+    ),
+}
+AGREE, STRINGS, COSINE, IOU = 0.98, 0.95, 0.99, 0.9
+#: the budget in the task's own terms, per model (detector heads are raw tensors: SQNR)
+BUDGETS: dict[str, Budget] = {
+    "ppocrv4_det": Budget(min_iou=IOU),
+    "ppocrv4_rec": Budget(min_agreement=STRINGS),
+    "ddddocr_ocr": Budget(min_agreement=STRINGS),
+    "g2p_id_bert": Budget(min_agreement=STRINGS),
+    "all_minilm_l6_v2": Budget(min_cosine=COSINE),
+    "nudenet_320n": Budget(min_sqnr_db=20),
+    "ddddocr_det": Budget(min_sqnr_db=20),
+    "pp_layout_cdla": Budget(min_sqnr_db=20),
+}
+#: outputs whose kind detection needs help (time-major CTC logits)
+KINDS: dict[str, dict[str, OutputKind]] = {"ddddocr_ocr": {"387": OutputKind.SEQUENCE}}
+#: the bound a default convert should meet on the task metric (the verdict's thresholds)
+BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU}
+
+
+def embedding_metric(ref: Outputs, cand: Outputs, labels: np.ndarray | None) -> dict[str, float]:
+    """Sentence embeddings: mean per-sample cosine, and nearest-neighbour agreement within the set."""
+    r = np.concatenate([b[0] for b in ref]).reshape(-1, ref[0][0].shape[-1]).astype(np.float64)
+    c = np.concatenate([b[0] for b in cand]).reshape(r.shape).astype(np.float64)
+    rn = r / np.linalg.norm(r, axis=1, keepdims=True)
+    cn = c / np.linalg.norm(c, axis=1, keepdims=True)
+    cos = float(np.mean(np.sum(rn * cn, axis=1)))
+
+    def nearest(x: np.ndarray) -> np.ndarray:
+        sim = x @ x.T
+        np.fill_diagonal(sim, -np.inf)
+        return sim.argmax(1)
+
+    return {"cosine": cos, "nn_agreement": float(np.mean(nearest(rn) == nearest(cn)))}
+
+
+def metric_for(name: str) -> Callable[[Outputs, Outputs, np.ndarray | None], dict[str, float]]:
+    return embedding_metric if name == "all_minilm_l6_v2" else METRICS.get(name, top1)
+
+
+def budget_for(name: str) -> Budget:
+    return BUDGETS.get(name, Budget(min_agreement=AGREE))
+
+
+def task_value(metric: dict[str, float]) -> tuple[str, float]:
+    """The task-agreement figure of a metric dict (first key that names agreement, IoU, F1 or cosine)."""
+    for key in ("string_agreement", "masked_agreement", "top1_agreement", "decision_agreement", "cosine",
+                "text_mask_iou", "detection_f1_vs_fp32"):  # fmt: skip
+        if key in metric:
+            return key, float(metric[key])
+    raise KeyError(f"no task figure in {sorted(metric)}")
+
+
+@dataclass
+class Variant:
+    path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_default(name: str, model: Path, calib: Path, out: Path) -> Variant:
+    t0 = time.perf_counter()
+    try:
+        res = convert_model(model, out, data_path=calib, force=True, output_kinds=KINDS.get(name))
+    except Exception as exc:  # the table records failures, it does not stop
+        return Variant(None, {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"})
+    verdict = res.verdict
+    return Variant(out, {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "verdict_warned": bool(verdict and verdict.warnings),
+        "verdict": " | ".join(verdict.warnings) if verdict and verdict.warnings else "ok" if verdict else "none",
+    })  # fmt: skip
+
+
+def run_search(name: str, model: Path, calib: Path, out: Path) -> Variant:
+    budget = budget_for(name)
+    options = SearchOptions(budget, output_kinds=KINDS.get(name))
+    t0 = time.perf_counter()
+    try:
+        res = convert_model(model, out, data_path=calib, eval_data=calib, search=options, output_kinds=KINDS.get(name))
+    except BudgetNotMetError as exc:
+        return Variant(None, {"budget": budget.describe(), "seconds": round(time.perf_counter() - t0, 1),
+                              "exit1": " ".join(str(exc).split())[:300]})  # fmt: skip
+    except Exception as exc:
+        return Variant(None, {"budget": budget.describe(), "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    assert res.search is not None
+    cand = res.search.chosen.candidate
+    return Variant(out, {
+        "budget": budget.describe(),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "trials": len(res.search.trials),
+        "float_nodes": len(cand.float_nodes),
+        "dynamic_nodes": len(getattr(cand, "dynamic_nodes", ()) or ()),
+        "method": str(cand.method),
+    })  # fmt: skip
+
+
+def run_ort_variant(variant: str, model: Path, calib: Path, out: Path, args: argparse.Namespace) -> Variant:
+    info = quantize_in_child(variant, model, calib, out, args)
+    return Variant(out if info.get("ok") and out.exists() else None, info)
+
+
+def evaluate(name: str, paths: dict[str, Path], evaluation: Path, max_eval: int) -> dict[str, dict[str, Any]]:
+    data, labels = load_npz(evaluation, max_eval)
+    feeds = batches(data, 16)
+    outs = {key: [session(p, 2).run(None, f) for f in feeds] for key, p in paths.items()}
+    ref, metric = outs["fp32"], metric_for(name)
+    floats = [i for i, o in enumerate(ref[0]) if o.dtype.kind == "f"]
+    rows: dict[str, dict[str, Any]] = {}
+    for key, out in outs.items():
+        m = metric(ref, out, labels)
+        worst = min(sqnr_db([b[i] for b in ref], [b[i] for b in out]) for i in floats) if floats else float("nan")
+        rows[key] = {"metric": m, "task": task_value(m), "sqnr_db": worst}
+    return rows
+
+
+def time_both(paths: dict[str, Path], evaluation: Path, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    data, _ = load_npz(evaluation, 1)
+    speeds: dict[str, dict[int, float]] = {k: {} for k in paths}
+    for threads in (1, 2):
+        ms = time_interleaved(paths, data, threads, args.runs, args.latency_budget, "min")
+        for key in paths:
+            speeds[key][threads] = ms["fp32"] / ms[key]
+    return speeds
+
+
+def bench(name: str, model: Path, calib: Path, evaluation: Path, args: argparse.Namespace, work: Path) -> dict:
+    variants: dict[str, Variant] = {"fp32": Variant(model)}
+    steps: dict[str, Callable[[], Variant]] = {
+        "default": lambda: run_default(name, model, calib, work / f"{name}.default.onnx"),
+        "search": lambda: run_search(name, model, calib, work / f"{name}.search.onnx"),
+        "ort": lambda: run_ort_variant("ort", model, calib, work / f"{name}.ort.onnx", args),
+        "ort-u8": lambda: run_ort_variant("ort-u8", model, calib, work / f"{name}.ort-u8.onnx", args),
+    }
+    for key, step in steps.items():
+        if key in args.skip:
+            continue
+        print(f"  [{name}] {key} ...", flush=True)
+        variants[key] = step()
+    paths = {k: v.path for k, v in variants.items() if v.path is not None}
+    quality = evaluate(name, paths, evaluation, args.max_eval)
+    speeds = time_both(paths, evaluation, args)
+    return {
+        "model": name,
+        "variants": {k: {**v.info, **quality.get(k, {}), "speedup": speeds.get(k)} for k, v in variants.items()},
+    }
+
+
+def _cell(row: dict[str, Any], labelled: bool) -> str:
+    if "task" not in row:
+        return "-"
+    key, value = row["task"]
+    acc = row["metric"].get("accuracy")
+    text = f"{key.replace('_', ' ')} {value:.3f}"
+    return text + (f" (acc {acc:.3f})" if labelled and acc is not None else "")
+
+
+def _speed(row: dict[str, Any]) -> str:
+    s = row.get("speedup")
+    return f"{s[1]:.2f}x / {s[2]:.2f}x" if s else "-"
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    print("\n| model | variant | task agreement with FP32 (held out) | worst SQNR dB | speed vs FP32 b1, 1 / 2 threads "
+          "| notes |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        fp = r["variants"]["fp32"]
+        acc = fp.get("metric", {}).get("accuracy")
+        fp_text = f"accuracy {acc:.3f}" if acc is not None else "-"
+        print(f"| {r['model']} | fp32 | {fp_text} | - | 1.00x | |")
+        for key, row in r["variants"].items():
+            if key == "fp32":
+                continue
+            note = _note(key, row)
+            sqnr = row.get("sqnr_db")
+            sq = f"{sqnr:.1f}" if isinstance(sqnr, float) and np.isfinite(sqnr) else "-"
+            print(f"| | {key} | {_cell(row, True)} | {sq} | {_speed(row)} | {note} |")
+    print("\nVerdict check (default convert; bounds agreement 0.98 / strings 0.95 / cosine 0.99 / IoU 0.9):")
+    for r in results:
+        row = r["variants"].get("default", {})
+        if "task" not in row:
+            continue
+        key, value = row["task"]
+        bound = BOUNDS.get(key, STRINGS if key == "string_agreement" else AGREE)
+        missed = value < bound
+        warned = row.get("verdict_warned")
+        state = "ok" if missed == warned or (warned and not missed) else "MISSED BY THE VERDICT"
+        print(f"- {r['model']}: {key} {value:.3f} (bound {bound}), verdict {'warned' if warned else 'ok'}: {state}")
+
+
+def _note(key: str, row: dict[str, Any]) -> str:
+    if "error" in row:
+        return f"**failed**: {row['error'][:120]}"
+    if "exit1" in row:
+        return f"exit 1 after {row.get('seconds')} s: {row['exit1'][:160]}"
+    if key == "default":
+        return f"verdict: {row.get('verdict', '')[:120]}"
+    if key == "search":
+        return (f"{row['budget']}: {row['float_nodes']} float, {row['dynamic_nodes']} dynamic nodes, "
+                f"{row['trials']} trials, {row['seconds']} s")  # fmt: skip
+    return "pre-process failed" if str(row.get("pre_process", "ok")).startswith("failed") else ""
+
+
+def model_list(args: argparse.Namespace) -> dict[str, tuple[Path, Path, Path]]:
+    found = {n: (m, Path(f"{d}_calib.npz"), Path(f"{d}_eval.npz")) for n, (m, d) in SAMPLES.items()}
+    manifest = json.loads((MODELS / "manifest.json").read_text()) if (MODELS / "manifest.json").exists() else {}
+    for n in manifest:
+        if (MODELS / f"{n}_calib.npz").exists() and (MODELS / f"{n}_eval.npz").exists():
+            found[n] = (MODELS / f"{n}.onnx", MODELS / f"{n}_calib.npz", MODELS / f"{n}_eval.npz")
+    return {n: v for n, v in found.items() if not args.models or n in args.models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", help="sample or manifest names (default: all with data)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("default", "search", "ort", "ort-u8"))
+    parser.add_argument("--json", type=Path, help="write every figure here (after each model)")
+    parser.add_argument("--max-eval", type=int, default=256)
+    parser.add_argument("--calib-samples", type=int, default=64, help="onnxruntime's calibration samples")
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--latency-budget", type=float, default=20.0, help="seconds of timing per thread count")
+    parser.add_argument("--mem-gb", type=float, default=10.0, help="address-space cap of onnxruntime's quantizer")
+    parser.add_argument("--timeout", type=float, default=1200.0)
+    args = parser.parse_args(argv)
+    print(f"host: {cpu_model()}; int8 flags: {', '.join(int8_flags()) or 'none'}; onnxruntime {ort.__version__}, "
+          f"onnx {onnx.__version__}")  # fmt: skip
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-table-") as tmp:
+        for name, (model, calib, evaluation) in model_list(args).items():
+            t0 = time.perf_counter()
+            results.append(bench(name, model, calib, evaluation, args, Path(tmp)))
+            print(f"  [{name}] done in {time.perf_counter() - t0:.0f}s", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1, default=str))
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

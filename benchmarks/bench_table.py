@@ -155,6 +155,11 @@ def run_search(name: str, model: Path, calib: Path, out: Path) -> Variant:
 
 
 def run_ort_variant(variant: str, model: Path, calib: Path, out: Path, args: argparse.Namespace) -> Variant:
+    """onnxruntime's quantizer in a capped child; with ``--keep``, a model it wrote before is timed again."""
+    record = out.with_suffix(".json")
+    if args.keep and record.exists():
+        info = json.loads(record.read_text())
+        return Variant(out if info.get("ok") and out.exists() else None, {**info, "reused": True})
     info = quantize_in_child(variant, model, calib, out, args)
     return Variant(out if info.get("ok") and out.exists() else None, info)
 
@@ -188,8 +193,8 @@ def bench(name: str, model: Path, calib: Path, evaluation: Path, args: argparse.
     steps: dict[str, Callable[[], Variant]] = {
         "default": lambda: run_default(name, model, calib, work / f"{name}.default.onnx"),
         "search": lambda: run_search(name, model, calib, work / f"{name}.search.onnx"),
-        "ort": lambda: run_ort_variant("ort", model, calib, work / f"{name}.ort.onnx", args),
-        "ort-u8": lambda: run_ort_variant("ort-u8", model, calib, work / f"{name}.ort-u8.onnx", args),
+        "ort": lambda: run_ort_variant("ort", model, calib, (args.keep or work) / f"{name}.ort.onnx", args),
+        "ort-u8": lambda: run_ort_variant("ort-u8", model, calib, (args.keep or work) / f"{name}.ort-u8.onnx", args),
     }
     for key, step in steps.items():
         if key in args.skip:
@@ -281,9 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-budget", type=float, default=20.0, help="seconds of timing per thread count")
     parser.add_argument("--mem-gb", type=float, default=10.0, help="address-space cap of onnxruntime's quantizer")
     parser.add_argument("--timeout", type=float, default=1200.0)
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="keep onnxruntime's models here, and reuse them in a later run (its output is "
+        "independent of quantcli's code, so a rerun after a quantcli change times the same files)",
+    )
     args = parser.parse_args(argv)
     print(f"host: {cpu_model()}; int8 flags: {', '.join(int8_flags()) or 'none'}; onnxruntime {ort.__version__}, "
           f"onnx {onnx.__version__}")  # fmt: skip
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-table-") as tmp:
         for name, (model, calib, evaluation) in model_list(args).items():

@@ -46,7 +46,16 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import session, time_interleaved  # noqa: E402
-from bench_models import METRICS, Outputs, batches, load_npz, quantize_in_child, sqnr_db, top1  # noqa: E402
+from bench_models import (  # noqa: E402
+    METRICS,
+    Outputs,
+    batches,
+    fixed_batch,
+    load_npz,
+    quantize_in_child,
+    sqnr_db,
+    top1,
+)
 
 from quantcli.api import convert_model  # noqa: E402
 from quantcli.compare.output_kinds import OutputKind  # noqa: E402
@@ -166,7 +175,7 @@ def run_ort_variant(variant: str, model: Path, calib: Path, out: Path, args: arg
 
 def evaluate(name: str, paths: dict[str, Path], evaluation: Path, max_eval: int) -> dict[str, dict[str, Any]]:
     data, labels = load_npz(evaluation, max_eval)
-    feeds = batches(data, 16)
+    feeds = batches(data, fixed_batch(paths["fp32"]) or 16)
     outs = {key: [session(p, 2).run(None, f) for f in feeds] for key, p in paths.items()}
     ref, metric = outs["fp32"], metric_for(name)
     floats = [i for i, o in enumerate(ref[0]) if o.dtype.kind == "f"]
@@ -229,6 +238,9 @@ def print_table(results: list[dict[str, Any]]) -> None:
           "| notes |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     for r in results:
+        if "error" in r:
+            print(f"| {r['model']} | - | **bench failed**: {r['error'][:160]} | | | |")
+            continue
         fp = r["variants"]["fp32"]
         acc = fp.get("metric", {}).get("accuracy")
         fp_text = f"accuracy {acc:.3f}" if acc is not None else "-"
@@ -280,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", help="sample or manifest names (default: all with data)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("default", "search", "ort", "ort-u8"))
     parser.add_argument("--json", type=Path, help="write every figure here (after each model)")
+    parser.add_argument("--resume", action="store_true", help="keep the models already in --json, run the rest")
     parser.add_argument("--max-eval", type=int, default=256)
     parser.add_argument("--calib-samples", type=int, default=64, help="onnxruntime's calibration samples")
     parser.add_argument("--runs", type=int, default=200)
@@ -297,11 +310,17 @@ def main(argv: list[str] | None = None) -> int:
           f"onnx {onnx.__version__}")  # fmt: skip
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    results = []
+    results = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else []
+    done = {r["model"] for r in results}
     with tempfile.TemporaryDirectory(prefix="bench-table-") as tmp:
         for name, (model, calib, evaluation) in model_list(args).items():
+            if name in done:
+                continue
             t0 = time.perf_counter()
-            results.append(bench(name, model, calib, evaluation, args, Path(tmp)))
+            try:
+                results.append(bench(name, model, calib, evaluation, args, Path(tmp)))
+            except Exception as exc:  # one model's failure is a row, not the end of the run
+                results.append({"model": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}", "variants": {}})
             print(f"  [{name}] done in {time.perf_counter() - t0:.0f}s", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -229,7 +229,7 @@ def _cell(row: dict[str, Any], labelled: bool) -> str:
 
 
 def _speed(row: dict[str, Any]) -> str:
-    s = row.get("speedup")
+    s = {int(k): v for k, v in (row.get("speedup") or {}).items()}  # JSON keys are strings
     return f"{s[1]:.2f}x / {s[2]:.2f}x" if s else "-"
 
 
@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=("default", "search", "ort", "ort-u8"))
     parser.add_argument("--json", type=Path, help="write every figure here (after each model)")
     parser.add_argument("--resume", action="store_true", help="keep the models already in --json, run the rest")
+    parser.add_argument("--print-only", action="store_true", help="print the table of --json, run nothing")
     parser.add_argument("--max-eval", type=int, default=256)
     parser.add_argument("--calib-samples", type=int, default=64, help="onnxruntime's calibration samples")
     parser.add_argument("--runs", type=int, default=200)
@@ -308,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(f"host: {cpu_model()}; int8 flags: {', '.join(int8_flags()) or 'none'}; onnxruntime {ort.__version__}, "
           f"onnx {onnx.__version__}")  # fmt: skip
+    if args.print_only and args.json:
+        print_table(json.loads(args.json.read_text()))
+        return 0
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else []

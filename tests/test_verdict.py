@@ -172,3 +172,23 @@ def test_raw_outputs_are_not_judged_unless_named(tmp_path):
     )
     assert cli.exit_code == 0, cli.output
     assert "verdict: ok on 9 held-back --data samples: y embedding cosine" in cli.output
+
+
+def test_a_model_with_only_raw_outputs_warns_below_the_sqnr_bound():
+    """Detector heads are raw: at 14.5 dB a real YOLOX head lost 15% of its detections, so below
+    THRESHOLDS["sqnr"] the verdict warns; raw outputs beside a judged one (a VAD's states) do not."""
+    from quantcli.pipeline import verdict as v
+
+    class _Ctx:
+        class request:
+            mode = ConvertMode.STATIC
+
+    speed = SpeedCheck(1.0, 0.5, 2.0, 1, 0.0)
+    low = KindMetrics("boxes", OutputKind.RAW, "", 10, THRESHOLDS["sqnr"] - 0.5)
+    high = KindMetrics("boxes", OutputKind.RAW, "", 10, THRESHOLDS["sqnr"] + 0.5)
+    (warning,) = v._warnings([low], speed, _Ctx())  # type: ignore[arg-type]
+    assert not list(v._warnings([high], speed, _Ctx()))  # type: ignore[arg-type]
+    judged = KindMetrics("prob", OutputKind.BINARY, "", 10, 30.0, agreement=1.0)
+    assert not list(v._warnings([judged, low], speed, _Ctx()))  # type: ignore[arg-type]
+    text = Verdict("s", 10, (low,), speed, (warning,), (), v._OPTIONS).render(flag)
+    assert text[0].startswith("verdict: WARNING") and "--eval-data DATA --min-sqnr 20" in text[1]

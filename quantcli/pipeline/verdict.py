@@ -56,8 +56,9 @@ VERDICT_MAX_SAMPLES = 64
 MIN_HELD_OUT = 4
 #: at most this many ``eval_data`` samples are checked
 EVAL_MAX_SAMPLES = 256
-#: the bounds below which the verdict warns (agreement: classifier, sequence and binary outputs)
-THRESHOLDS: dict[str, float] = {"agreement": 0.98, "cosine": 0.99, "iou": 0.9}
+#: the bounds below which the verdict warns (agreement: classifier, sequence and binary outputs;
+#: sqnr: in dB, raw outputs of a model none of whose outputs has a task metric, e.g. detector heads)
+THRESHOLDS: dict[str, float] = {"agreement": 0.98, "cosine": 0.99, "iou": 0.9, "sqnr": 20.0}
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +263,7 @@ def _speed(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelPro
 
 def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertContext) -> Iterator[str]:
     dynamic = ctx.request.mode == ConvertMode.DYNAMIC
+    yield from _raw_warnings(kinds)
     for k in kinds:
         metric = "agreement" if k.kind in AGREEMENT_KINDS else "cosine" if k.kind == OutputKind.EMBEDDING else "iou"
         value = getattr(k, metric)
@@ -273,6 +275,25 @@ def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertCo
             f"verdict: {speed.speedup:.2f}x FP32 at batch 1, not faster: keep the FP32 model, or see what stayed "
             "float ('quantcli inspect' on the output)"
         )
+
+
+def _raw_warnings(kinds: list[KindMetrics]) -> Iterator[str]:
+    """A model whose outputs are all raw (detector heads, regressions) is judged by SQNR alone.
+
+    Measured on three real detectors (``benchmarks/bench_table.py``): heads at 27 dB kept every
+    detection, at 14.5 dB and 3.5 dB they lost 15% and 6% of them; below ``THRESHOLDS["sqnr"]`` the
+    task metric may have moved, and only the user's own metric can tell.
+    """
+    if any(k.kind != OutputKind.RAW for k in kinds):
+        return
+    bound = THRESHOLDS["sqnr"]
+    for k in kinds:
+        if k.sqnr_db < bound:
+            yield (
+                f"verdict: {k.name} (raw) SQNR {k.sqnr_db:.1f} dB < {bound:g} dB: its task metric may have moved; "
+                f"measure it with 'quantcli compare' and your metric, or $eval_data DATA $min_sqnr {bound:g} "
+                "searches for the cheapest model that meets it"
+            )
 
 
 def _repair(kind: OutputKind, dynamic: bool) -> str:

@@ -62,6 +62,8 @@ UNIT = LOGITS / np.linalg.norm(LOGITS, axis=1, keepdims=True)
         ("last_hidden_state", RNG.normal(size=(8, 5, 16)).astype(np.float32), K.EMBEDDING),
         ("ctc", _softmax(RNG.normal(size=(8, 40, 30))), K.SEQUENCE),
         ("mask", _sigmoid(RNG.normal(size=(8, 1, 16, 16))), K.MAP),
+        # float32 Sigmoid rounds to 1.0000001 (PP-OCRv4 det's first held-out batch): still a map
+        ("mask_rounded", np.minimum(_sigmoid(RNG.normal(size=(8, 1, 16, 16)) * 30), np.float32(1)) + 1.2e-7, K.MAP),
         ("yolo", RNG.normal(size=(8, 84, 100)).astype(np.float32) * 50, K.RAW),
         ("features", RNG.normal(size=(8, 4, 16, 16)).astype(np.float32), K.RAW),
         ("score", LOGITS[:, :1] * 10, K.RAW),  # one unbounded value: a regression, not a decision

@@ -50,6 +50,8 @@ class SkipCode(StrEnum):
     SLOW_STEM = "slow-stem"
     SLOW_INTEGER_KERNEL = "slow-integer-kernel"
     SLOW_DEPTHWISE = "slow-depthwise"
+    #: a speed rule that measured the integer form no slower (kept as a declined rule's data, never a Skip)
+    MEASURED_NOT_SLOWER = "measured-not-slower"
     RECURRENT_FEED = "recurrent-feed"
     UNSUPPORTED_ATTRIBUTE = "unsupported-attribute"
     UNSUPPORTED_TYPE = "unsupported-type"
@@ -96,6 +98,7 @@ _TEMPLATES: dict[SkipCode, str] = {
     SkipCode.SLOW_INTEGER_KERNEL: "{detail}",
     # ``quantcli.static.rules.depthwise``: the measured A/B of the float island, transitions included
     SkipCode.SLOW_DEPTHWISE: "{detail}",
+    SkipCode.MEASURED_NOT_SLOWER: "{detail}",
     SkipCode.RECURRENT_FEED: "{detail}",
     SkipCode.UNSUPPORTED_ATTRIBUTE: "{detail}",
     SkipCode.UNSUPPORTED_TYPE: "{detail}",

@@ -35,6 +35,7 @@ from typing import Any
 from quantcli.static.rules._context import SENTINEL_CHECK, PlanContext
 from quantcli.static.rules._rule import Rule
 from quantcli.static.rules.compute import COMPUTE, COMPUTE_OPS
+from quantcli.static.rules.depthwise import DEPTHWISE, slow_depthwise
 from quantcli.static.rules.elementwise import ELEMENTWISE, ELEMENTWISE_OPS, OUTPUTS_ONLY_CHECK
 from quantcli.static.rules.embedding import EMBEDDING
 from quantcli.static.rules.fold import FOLD_RULE
@@ -47,12 +48,22 @@ from quantcli.static.rules.selection import RECURRENT_FEED_RULE
 from quantcli.static.rules.stem import STEM
 from quantcli.static.rules.variance_square import VARIANCE_SQUARE
 
-__all__ = ["DEFAULT_OP_TYPES", "RULES", "RULE_NAMES", "SUPPORTED_OP_TYPES", "PlanContext", "Rule", "rules_for"]
+__all__ = [
+    "DEFAULT_OP_TYPES",
+    "RULES",
+    "RULE_NAMES",
+    "SUPPORTED_OP_TYPES",
+    "PlanContext",
+    "Rule",
+    "rules_for",
+    "slow_depthwise",
+]
 
 #: the rules, in the order they are tried on a node
 RULES: tuple[Rule[Any], ...] = (
     LSTM,
     STEM,
+    DEPTHWISE,
     COMPUTE,
     VARIANCE_SQUARE,
     GELU_TANH,

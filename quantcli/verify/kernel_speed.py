@@ -15,7 +15,7 @@ The two forms read and write the same tensors, so the ratio is the cost of the c
 * depthwise island (uint8 in and out, between two integer 1x1 Convs): ``DQ -> Relu -> Conv -> Relu -> Q``
   vs ``QLinearConv``: what keeping one depthwise Conv float costs inside an integer network, with its
   transitions and the layout transposes onnxruntime adds around a float Conv among NHWC QLinearConvs
-  (measured here: the bare depthwise kernel 0.70-0.89x float, its island 1.06-1.31x in favour of
+  (measured here: the bare depthwise kernel 0.49-1.06x float, its island 1.10-1.48x in favour of
   integer, so a kernel ratio alone would have kept it float and made the model slower)
 
 For a stem this is exactly the choice (its input is the float model input). Inside a network a

@@ -8,8 +8,9 @@ and reorders onnxruntime puts around it when the integer Convs around it run NHW
 with its depthwise Convs float ran 0.92x as fast as all-integer). The rule therefore asks the
 plan's ``SpeedOracle`` about ``KernelKind.DEPTHWISE_ISLAND``: the Conv between two integer 1x1 Convs,
 integer against float with its transitions (``quantcli.verify.kernel_speed``), cached per host.
-Measured here the island is slower than the integer Conv (1.06-1.31x in favour of integer for 32-200
-channels), so the Conv stays integer and the declined rule's detail carries the figure.
+Measured here (``benchmarks/bench_kernel_speed.py``, 7 rounds) the bare kernel runs 0.49-1.06x float
+but its float island is slower than the integer Conv (1.10-1.48x in favour of integer, 3x3 and 5x5/2,
+8-512 channels), so the Conv stays integer and the declined rule's detail carries the figure.
 
 When the island does measure faster (``ratio < 1 - DEPTHWISE_MARGIN``), the Conv is kept float
 before any node is planned (``slow_depthwise``, called by ``quantcli.static.planning``), so the
@@ -17,6 +18,8 @@ units feeding it leave their outputs float (a float Conv must read a float tenso
 quantizes it behind the DequantizeLinear); the rule then records ``SkipCode.SLOW_DEPTHWISE`` with
 the measured ratio. A depthwise Conv reading another Conv/MatMul/Gemm directly stays integer: that
 producer quantizes its output whatever reads it. ``ConstantSpeedOracle`` answers 1.0: integer.
+Image sides unknown at planning (dynamic H/W, as in the PP-OCR direction classifier) are measured
+at the bucket cap (128x128); the decision there held at every size measured.
 """
 
 from __future__ import annotations

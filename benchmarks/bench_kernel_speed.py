@@ -6,7 +6,10 @@ Prints the CPU model, its integer-relevant flags and the onnxruntime version, th
 (image stems, depthwise Convs, small MatMuls static and dynamic) the ratio ``t_float / t_int8``
 (above 1: the integer kernel is faster) measured by ``quantcli.verify.kernel_speed.measure_ratio``
 on the shape's bucket, as the planning oracle would, but with more rounds and no cache. The stem
-rule keeps a stem float when its ratio is below ``1 - STEM_MARGIN``.
+rule keeps a stem float when its ratio is below ``1 - STEM_MARGIN``. A "depthwise island" is the
+depthwise Conv between two integer 1x1 Convs, integer against float with its DequantizeLinear,
+QuantizeLinear and layout transposes (the figure the depthwise rule decides from, below
+``1 - DEPTHWISE_MARGIN``); "depthwise" alone is the bare kernel.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ SHAPES: tuple[tuple[str, KernelShape], ...] = (
     ("depthwise 3x3, 128 ch at 28", KernelShape(K.DEPTHWISE_CONV, (128, 128, 3, 3, 1, 28, 28))),
     ("depthwise 3x3, 512 ch at 7", KernelShape(K.DEPTHWISE_CONV, (512, 512, 3, 3, 1, 7, 7))),
     ("depthwise 5x5/2, 64 ch at 56", KernelShape(K.DEPTHWISE_CONV, (64, 64, 5, 5, 2, 56, 56))),
+    ("depthwise island 3x3, 32 ch at 112", KernelShape(K.DEPTHWISE_ISLAND, (32, 32, 3, 3, 1, 112, 112))),
+    ("depthwise island 3x3, 128 ch at 28", KernelShape(K.DEPTHWISE_ISLAND, (128, 128, 3, 3, 1, 28, 28))),
+    ("depthwise island 3x3, 512 ch at 7", KernelShape(K.DEPTHWISE_ISLAND, (512, 512, 3, 3, 1, 7, 7))),
+    ("depthwise island 5x5/2, 64 ch at 56", KernelShape(K.DEPTHWISE_ISLAND, (64, 64, 5, 5, 2, 56, 56))),
+    ("depthwise island 3x3, PP-OCR cls 200 ch at 3x12", KernelShape(K.DEPTHWISE_ISLAND, (200, 200, 3, 3, 1, 3, 12))),
     ("MatMul 1x1x64 @ 64x64", KernelShape(K.MATMUL, (1, 64, 64))),
     ("MatMul 1x16x128 @ 128x128", KernelShape(K.MATMUL, (16, 128, 128))),
     ("MatMul 1x64x256 @ 256x256", KernelShape(K.MATMUL, (64, 256, 256))),

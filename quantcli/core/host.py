@@ -123,6 +123,9 @@ class KernelKind(StrEnum):
     STEM_CONV = "stem-conv"
     #: a depthwise Conv (group = channels) between quantized tensors: QLinearConv vs DQ + Conv + Q
     DEPTHWISE_CONV = "depthwise-conv"
+    #: a depthwise Conv between two integer 1x1 Convs: QLinearConv vs the float island DQ + Conv + Q
+    #: (the transitions, and the layout transposes onnxruntime puts around a float Conv, included)
+    DEPTHWISE_ISLAND = "depthwise-island"
     #: a MatMul with a constant weight between quantized tensors: QLinearMatMul vs DQ + MatMul + Q
     MATMUL = "matmul"
     #: a MatMul with a constant weight on float tensors: DynamicQuantizeMatMul vs MatMul
@@ -143,7 +146,7 @@ class KernelShape:
     @property
     def is_conv(self) -> bool:
         """True for the Conv kinds."""
-        return self.kind in (KernelKind.STEM_CONV, KernelKind.DEPTHWISE_CONV)
+        return self.kind in (KernelKind.STEM_CONV, KernelKind.DEPTHWISE_CONV, KernelKind.DEPTHWISE_ISLAND)
 
     @property
     def pixels(self) -> int:

@@ -49,6 +49,9 @@ class SkipCode(StrEnum):
     NO_INTEGER_KERNEL = "no-integer-kernel"
     SLOW_STEM = "slow-stem"
     SLOW_INTEGER_KERNEL = "slow-integer-kernel"
+    SLOW_DEPTHWISE = "slow-depthwise"
+    #: a speed rule that measured the integer form no slower (kept as a declined rule's data, never a Skip)
+    MEASURED_NOT_SLOWER = "measured-not-slower"
     RECURRENT_FEED = "recurrent-feed"
     UNSUPPORTED_ATTRIBUTE = "unsupported-attribute"
     UNSUPPORTED_TYPE = "unsupported-type"
@@ -71,6 +74,9 @@ class SkipCode(StrEnum):
     GRAPH_OUTPUT = "graph-output"
     OUTPUTS_ONLY = "outputs-only"
     READ_BY_FLOAT_COMPUTE = "read-by-float-compute"
+    # precision: tensors whose one grid loses what the next op needs
+    VARIANCE_SQUARE = "variance-square"
+    GELU_TANH_CUBIC = "gelu-tanh-cubic"
     # the dynamic, weight-only and fp16 modes (``quantcli.modes``): the detail is the sentence
     MODE_UNSUPPORTED = "mode-unsupported"
     # rules that pass a node on to the next rule of the table (never a Skip on their own)
@@ -90,6 +96,9 @@ _TEMPLATES: dict[SkipCode, str] = {
     # this host for 1x3x224x224 -> 3x3x16" (``quantcli.static.rules.stem``, speed from the plan's oracle)
     SkipCode.SLOW_STEM: "{detail}",
     SkipCode.SLOW_INTEGER_KERNEL: "{detail}",
+    # ``quantcli.static.rules.depthwise``: the measured A/B of the float island, transitions included
+    SkipCode.SLOW_DEPTHWISE: "{detail}",
+    SkipCode.MEASURED_NOT_SLOWER: "{detail}",
     SkipCode.RECURRENT_FEED: "{detail}",
     SkipCode.UNSUPPORTED_ATTRIBUTE: "{detail}",
     SkipCode.UNSUPPORTED_TYPE: "{detail}",
@@ -112,6 +121,11 @@ _TEMPLATES: dict[SkipCode, str] = {
     SkipCode.GRAPH_OUTPUT: "graph output (kept float)",
     SkipCode.OUTPUTS_ONLY: "its output only reaches graph outputs (no integer op reads it)",
     SkipCode.READ_BY_FLOAT_COMPUTE: "read by a Conv/MatMul/Gemm kept in float",
+    # e.g. "squares 'h' for the ReduceSum of a variance (x in [-3, 9], so x² on one grid over [0, 81]): ..."
+    # (``quantcli.static.rules.variance_square``)
+    SkipCode.VARIANCE_SQUARE: "{detail}",
+    # ``quantcli.static.rules.gelu_tanh``
+    SkipCode.GELU_TANH_CUBIC: "{detail}",
     SkipCode.MODE_UNSUPPORTED: "{detail}",
     SkipCode.NOT_APPLICABLE: "{detail}",
 }

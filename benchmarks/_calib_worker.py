@@ -1,5 +1,7 @@
 """One calibration run in its own process, so its peak RSS is its own: prints one JSON line.
 
+quantcli runs as ``quantcli calibrate`` does (glibc's allocator tuned at start-up, ``tune_malloc``).
+
 python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLES BATCH [MAX_MEMORY_BYTES]
 """
 
@@ -44,7 +46,9 @@ def main() -> None:
     if tool == "quantcli":
         from quantcli.api import calibrate_model
         from quantcli.core.options import CalibrationMethod
+        from quantcli.core.process import tune_malloc
 
+        tune_malloc()  # as `quantcli calibrate` does at start-up
         result = calibrate_model(
             Path(model),
             npz,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -185,8 +185,9 @@ def test_threaded_updates_give_the_same_bytes(cnn, monkeypatch, threads, max_mem
         seen.append((len(self.parts), self.overlap))
 
     monkeypatch.setattr(collector._Feeder, "__init__", spy)
-    one = collect([cnn], ds, requests, CollectOptions(batch_size=6, max_memory=max_memory, update_threads=1))
-    many = collect([cnn], ds, requests, CollectOptions(batch_size=6, max_memory=max_memory, update_threads=threads))
+    options = CollectOptions(batch_size=6, max_memory=max_memory, overlap_updates=True, update_threads=1)
+    one = collect([cnn], ds, requests, options)
+    many = collect([cnn], ds, requests, replace(options, update_threads=threads))
     assert all(s == (1, False) for s in seen[: len(seen) // 2]) and any(p > 1 for p, _ in seen[len(seen) // 2 :])
     assert any(overlap for _, overlap in seen[len(seen) // 2 :])  # two batches of a group fit the budget
     assert one.passes == many.passes
@@ -222,4 +223,5 @@ def test_an_error_in_a_worker_reaches_the_caller(cnn, monkeypatch):
     ds = dataset(cnn, {"x": models.structured_images(40, seed=3)})
     requests = [*_requests(cnn), FailingRequest(cnn.graph.node[0].output[0])]
     with pytest.raises(ArithmeticError, match="third batch"):
-        collect([cnn], ds, requests, CollectOptions(batch_size=4, max_memory=1 << 30, update_threads=2))
+        options = CollectOptions(batch_size=4, max_memory=1 << 30, update_threads=2, overlap_updates=True)
+        collect([cnn], ds, requests, options)

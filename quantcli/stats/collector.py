@@ -19,13 +19,15 @@ a larger batch runs no faster on a CPU (``plan_batch``; another pass would re-ru
 is never split into groups then, since measuring the sizes already held one sample of every tensor (more
 passes would lower no peak). Otherwise what does not fit is split into groups (``plan_groups``). It then
 streams the data once per group, feeding each batch to every observer of the group and dropping it
-before the next batch: memory holds one batch of the group's tensors.
+before the next batch: memory holds one batch of the group's tensors (two with ``overlap_updates``).
 
 Observer updates (a histogram costs about as much CPU per value as the inference that produced it)
-run on worker threads (``_Feeder``): numpy releases the GIL in its loops, so a batch's observers are
-spread over the CPUs, and while they work the next batch is inferred when two batches fit
-``max_memory``. Each observer still sees every batch once, in order, in one thread at a time, so
-the results are the same bytes as updating them one by one in the calling thread.
+run on worker threads (``_Feeder``): numpy releases the GIL in most of its loops, so a batch's
+observers are spread over the CPUs, and with ``overlap_updates`` the next batch is inferred while
+they work, when two batches fit ``max_memory``. Each observer still sees every batch once, in order,
+in one thread at a time, so the results are the same bytes as updating them one by one in the calling
+thread.
+
 Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
 ``quantcli.stats.observers``).
 """
@@ -209,6 +211,10 @@ class CollectOptions:
     #: threads updating observers (0: ``threads`` if set, else one per CPU up to ``MAX_UPDATE_THREADS``;
     #: 1: in the calling thread, after each batch)
     update_threads: int = 0
+    #: infer the next batch while the observers update this one, when two batches fit ``max_memory``:
+    #: for observers that cost about what the inference does (histograms), not for cheap ones (min/max),
+    #: whose second batch in memory would buy nothing
+    overlap_updates: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,7 +334,8 @@ def collect(
         runs = probes if len(groups) == 1 else [_session(model, outs[m], options) for m, model in enumerate(models)]
         feeding = [(r.observer(), r.outputs()) for r in group]
         weights = [sum(sizes[o] for o in r.outputs()) * size for r in group]
-        with _Feeder(feeding, weights, _update_threads(options), budget) as feeder:
+        overlap_budget = budget if options.overlap_updates else 0
+        with _Feeder(feeding, weights, _update_threads(options), overlap_budget) as feeder:
             for values in _batches(runs, outs, dataset, options, progress, desc):
                 feeder.feed(values)
                 del values

@@ -4,8 +4,9 @@ Each (tool, method, sample count) runs in a fresh child process; its wall time, 
 (the child's own high-water mark, ``ru_maxrss``) are printed with the ratios quantcli / onnxruntime.
 ``--repeat N`` alternates the two tools N times per cell and keeps each one's fastest run (for a
 shared, noisy machine); CPU time is the check that a wall-time ratio is not load noise.
-"+calib" is the peak above the RSS the process had after importing onnxruntime and loading the data
-(about 120 MB of interpreter and libraries that both tools pay).
+"+calib" is the peak above the RSS the process had after importing onnxruntime, its quantizer and
+quantcli and loading the data (interpreter and libraries that both tools pay; the imports are out of
+the timed part too).
 Sample counts above what the data file holds repeat it (the cost, not the ranges, is measured).
 quantcli runs with ``--batch-size`` (its most; it shrinks the batch to fit its memory budget,
 ``--max-memory``), onnxruntime's quantizer with ``--ort-batch-size`` (default 1: its data reader

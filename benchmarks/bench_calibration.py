@@ -4,12 +4,18 @@ Each (tool, method, sample count) runs in a fresh child process; its wall time, 
 (the child's own high-water mark, ``ru_maxrss``) are printed with the ratios quantcli / onnxruntime.
 ``--repeat N`` alternates the two tools N times per cell and keeps each one's fastest run (for a
 shared, noisy machine); CPU time is the check that a wall-time ratio is not load noise.
-"+calib" is the peak above the RSS the process had after importing onnxruntime and loading the data
-(about 120 MB of interpreter and libraries that both tools pay).
+"+calib" is the peak above the RSS the process had after importing onnxruntime, its quantizer and
+quantcli and loading the data (interpreter and libraries that both tools pay; the imports are out of
+the timed part too).
 Sample counts above what the data file holds repeat it (the cost, not the ranges, is measured).
 quantcli runs with ``--batch-size`` (its most; it shrinks the batch to fit its memory budget,
 ``--max-memory``), onnxruntime's quantizer with ``--ort-batch-size`` (default 1: its data reader
 feeding one sample at a time, as its examples do; a larger batch multiplies its memory).
+Every child runs under an address-space cap (``--cap``, default 12G; onnxruntime's histogram
+calibrators can need 11-15 GB on OCR models): a child that runs out of memory under it is reported
+as "exceeded the cap", a result, not a crash of the benchmark. Children run one at a time. The load
+(``/proc/loadavg``) and the host's CPU and integer flags are printed first: on a shared machine the
+wall times are noisy, CPU times less so.
 
     python benchmarks/bench_calibration.py                       # bundled models
     python benchmarks/bench_calibration.py --model m.onnx --data d.npz --samples 32 64
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +45,35 @@ def run(tool: str, method: str, model: Path, data: Path, samples: int, batch: in
     timeout = args.timeout
     cmd = [sys.executable, str(WORKER), tool, method, str(model), str(data), str(samples), str(batch)]
     cmd.append(str(parse_size(args.max_memory) if tool == "quantcli" and args.max_memory else 0))
+    cap = parse_size(args.cap)
+
+    def limit() -> None:  # in the child, before it runs anything
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, preexec_fn=limit)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f}s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
+        if any(word in proc.stderr for word in OUT_OF_MEMORY):
+            return {"error": f"exceeded {args.cap} cap"}
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return {"error": f"exit {proc.returncode}: {tail[:120]}"}
     return json.loads(lines[-1])
+
+
+#: what a child that hit the address-space cap prints (numpy, Python, onnxruntime's allocator, C++)
+OUT_OF_MEMORY = ("MemoryError", "Unable to allocate", "Failed to allocate", "bad_alloc", "out of memory")
+
+
+def host_line() -> str:
+    """Load average, CPU model and its integer-kernel flags."""
+    sys.path.insert(0, str(REPO))
+    from quantcli.core.host import cpu_model, int8_flags
+
+    load = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else ["?"]
+    return f"host: {cpu_model()}, flags {' '.join(int8_flags()) or '-'}; load average {' '.join(load)}"
 
 
 def parse_size(text: str) -> int:
@@ -106,12 +133,14 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per tool and cell (alternating); the fastest is kept"
     )
+    parser.add_argument("--cap", default="12G", help="address-space cap of every child (RLIMIT_AS)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     models = [(args.model.stem, args.model, args.data)] if args.model else BUNDLED
     results = []
+    print(host_line())
     for name, model, data in models:
-        print(f"\n== {name}  (quantcli batch {args.batch_size}, ort batch {args.ort_batch_size})")
+        print(f"\n== {name}  (quantcli batch {args.batch_size}, ort batch {args.ort_batch_size}); {host_line()}")
         head = f"  {'method':10s} {'batch':>5s} {'samples':>7s} | {'quantcli s':>10s} {'RSS MB (+calib)':>16s} | "
         head += f"{'ort s':>8s} {'RSS MB (+calib)':>16s} | "
         head += f"{'time q/o':>8s} {'cpu q/o':>8s} {'RSS q/o':>8s} {'+calib q/o':>10s}"

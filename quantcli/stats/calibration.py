@@ -161,6 +161,7 @@ class CalibrationOptions:
             deadline=deadline,
             source=self.source,
             desc="calibrating",
+            overlap_updates=self.method in HISTOGRAM_METHODS,
         )
 
     def deadline(self) -> float | None:

@@ -19,15 +19,25 @@ a larger batch runs no faster on a CPU (``plan_batch``; another pass would re-ru
 is never split into groups then, since measuring the sizes already held one sample of every tensor (more
 passes would lower no peak). Otherwise what does not fit is split into groups (``plan_groups``). It then
 streams the data once per group, feeding each batch to every observer of the group and dropping it
-before the next batch: memory holds one batch of the group's tensors.
+before the next batch: memory holds one batch of the group's tensors (two with ``overlap_updates``).
+
+Observer updates (a histogram costs about as much CPU per value as the inference that produced it)
+run on worker threads (``_Feeder``): numpy releases the GIL in most of its loops, so a batch's
+observers are spread over the CPUs, and with ``overlap_updates`` the next batch is inferred while
+they work, when two batches fit ``max_memory``. Each observer still sees every batch once, in order,
+in one thread at a time, so the results are the same bytes as updating them one by one in the calling
+thread.
+
 Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
 ``quantcli.stats.observers``).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -70,6 +80,11 @@ __all__ = [
 
 #: which model a request's tensor belongs to
 REFERENCE, CANDIDATE = 0, 1
+#: most threads updating observers
+MAX_UPDATE_THREADS = 4
+#: below this many bytes of values a batch, observers are updated in the calling thread (a thread
+#: hand-off costs more than it saves)
+PARALLEL_MIN_BYTES = 4 << 20
 
 
 class StatisticObserver(Protocol):
@@ -193,6 +208,13 @@ class CollectOptions:
     deadline: float | None = None
     source: str = "model"
     desc: str = "statistics"
+    #: threads updating observers (0: ``threads`` if set, else one per CPU up to ``MAX_UPDATE_THREADS``;
+    #: 1: in the calling thread, after each batch)
+    update_threads: int = 0
+    #: infer the next batch while the observers update this one, when two batches fit ``max_memory``:
+    #: for observers that cost about what the inference does (histograms), not for cheap ones (min/max),
+    #: whose second batch in memory would buy nothing
+    overlap_updates: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,13 +333,92 @@ def collect(
         outs = [_outputs(group, m) for m in range(len(models))]
         runs = probes if len(groups) == 1 else [_session(model, outs[m], options) for m, model in enumerate(models)]
         feeding = [(r.observer(), r.outputs()) for r in group]
-        for values in _batches(runs, outs, dataset, options, progress, desc):
-            for observer, wanted in feeding:
-                observer.update([values[o] for o in wanted])
-            del values
+        weights = [sum(sizes[o] for o in r.outputs()) * size for r in group]
+        overlap_budget = budget if options.overlap_updates else 0
+        with _Feeder(feeding, weights, _update_threads(options), overlap_budget) as feeder:
+            for values in _batches(runs, outs, dataset, options, progress, desc):
+                feeder.feed(values)
+                del values
         observers.update((r, obs) for r, (obs, _) in zip(group, feeding, strict=True))
         del runs  # one group's sessions alive at a time
     return Collected(observers, len(groups), size)
+
+
+Feeding = list[tuple[StatisticObserver, tuple[tuple[int, str], ...]]]
+
+
+def _update_threads(options: CollectOptions) -> int:
+    """Threads updating observers: as asked, else ``options.threads`` or the CPUs this process may use."""
+    if options.update_threads:
+        return options.update_threads
+    if options.threads:
+        return min(options.threads, MAX_UPDATE_THREADS)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, MAX_UPDATE_THREADS))
+
+
+def _balance(feeding: Feeding, weights: Sequence[int], parts: int) -> list[Feeding]:
+    """``feeding`` split into at most ``parts`` lists of about equal weight (bytes a batch); order kept."""
+    loads = [0] * parts
+    owner = [0] * len(feeding)
+    for i in sorted(range(len(feeding)), key=lambda i: -weights[i]):  # heaviest first, to the least loaded
+        owner[i] = loads.index(min(loads))
+        loads[owner[i]] += weights[i]
+    split = [[f for f, o in zip(feeding, owner, strict=True) if o == k] for k in range(parts)]
+    return [p for p in split if p]
+
+
+def _update(feeding: Feeding, values: dict[tuple[int, str], np.ndarray]) -> None:
+    for observer, wanted in feeding:
+        observer.update([values[o] for o in wanted])
+
+
+class _Feeder:
+    """Feeds each batch to the observers, spread over worker threads, overlapping the next inference.
+
+    ``weights``: bytes of values each observer reads a batch. With several threads and enough bytes,
+    the observers are split into one list per thread (each observer in one list, so it sees the
+    batches in order, one at a time); ``feed`` returns once they are submitted when two batches fit
+    ``budget`` (the next batch is inferred meanwhile), else once they are done. A worker's error is
+    raised by the next ``feed`` or on leaving the ``with`` block.
+    """
+
+    def __init__(self, feeding: Feeding, weights: Sequence[int], threads: int, budget: int) -> None:
+        total = sum(weights)
+        threads = threads if total >= PARALLEL_MIN_BYTES else 1
+        self.parts = _balance(feeding, weights, threads) if feeding else []
+        self.overlap = threads > 1 and 2 * total <= budget
+        parallel = len(self.parts) > 1 or self.overlap
+        self.pool = ThreadPoolExecutor(len(self.parts), thread_name_prefix="quantcli-observe") if parallel else None
+        self.pending: list[Future[None]] = []
+
+    def __enter__(self) -> _Feeder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)  # never leave a worker reading a batch behind
+
+    def feed(self, values: dict[tuple[int, str], np.ndarray]) -> None:
+        """Update every observer with one batch (after the previous batch's updates are done)."""
+        self.wait()
+        if self.pool is None:
+            for part in self.parts:
+                _update(part, values)
+            return
+        self.pending = [self.pool.submit(_update, part, values) for part in self.parts]
+        if not self.overlap:
+            self.wait()
+
+    def wait(self) -> None:
+        """Wait for the updates in flight; raise the first worker error."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
 
 
 def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> Session | None:

@@ -145,6 +145,7 @@ class HistogramObserver:
 
 _MANTISSA_ONE = 1 << 23  # float32 values in [2**23, 2**24) are the integers, one per mantissa step
 _MANTISSA_ONE_BITS = 0x4B000000  # bit pattern of float32(2**23)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
@@ -200,12 +201,17 @@ class GrowingHistogram:
         elif needed > self.exponent:
             self._grow(needed)
         half = self.bins // 2
+        scale = math.ldexp(half, -self.exponent)
+        if scale > _FLOAT32_MAX:  # every |x| below about 2**-116: the scale overflows float32
+            index64 = np.floor(array.ravel().astype(np.float64) * scale).astype(np.intp) + half
+            self.counts += np.bincount(index64, minlength=self.bins)
+            return
         # x * (half / R) and its floor are exact (a power-of-two scale), so a value's bin on a
         # coarser grid is exactly its bin here merged: counts do not depend on when R grew.
         # |x| < R, so the floor lies in [-half, half - 1] without clipping. Adding 2**23 + half
         # (exact below 2**24) leaves the bin index in the low mantissa bits of the float32, read
         # through an int32 view: no float-to-int conversion pass (about 30% faster than astype).
-        pos = np.multiply(array.ravel(), np.float32(math.ldexp(half, -self.exponent)), dtype=np.float32)
+        pos = np.multiply(array.ravel(), np.float32(scale), dtype=np.float32)
         np.floor(pos, out=pos)
         pos += np.float32(_MANTISSA_ONE + half)
         index = pos.view(np.int32)

@@ -1,4 +1,5 @@
-"""Time-major ``[T, N, C]`` outputs (CRNN-style CTC heads such as ddddocr's) are sequences, read per sample."""
+"""Time-major ``[T, N, C]`` outputs (CRNN-style CTC heads such as ddddocr's) are sequences, read per sample;
+probability maps rounded just past 1 stay maps."""
 
 from __future__ import annotations
 
@@ -38,3 +39,12 @@ def test_other_layouts_are_not_time_major():
     assert not is_time_major(np.zeros((32, 1, 64, 64)), 1)  # 4-D
     # batch-first logits keep their detection: raw without the layout to say "per position"
     assert detect_kind("yolo", RNG.normal(size=(8, 84, 100)).astype(np.float32))[0] == OutputKind.RAW
+
+
+def test_a_sigmoid_map_rounded_past_one_is_still_a_map():
+    # onnxruntime's Sigmoid gives 1.0000001 for large logits (PP-OCRv4 det on its held-out crops)
+    probs = (1 / (1 + np.exp(-RNG.normal(size=(4, 1, 16, 16)) * 4))).astype(np.float32)
+    probs[0, 0, 0, 0] = np.float32(1.0000001)
+    assert detect_kind("sigmoid_0.tmp_0", probs)[0] == OutputKind.MAP
+    probs[0, 0, 0, 0] = 1.5  # past the rounding slack: not a probability
+    assert detect_kind("sigmoid_0.tmp_0", probs)[0] == OutputKind.RAW

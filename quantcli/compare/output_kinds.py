@@ -87,8 +87,12 @@ def parse_output_kinds(items: Sequence[str] | None) -> dict[str, OutputKind]:
     return kinds
 
 
+#: rounding slack of [0, 1]: onnxruntime's vectorized Sigmoid returns 1.0000001 for large inputs
+_UNIT_SLACK = 1e-5
+
+
 def _in_unit(values: np.ndarray) -> bool:
-    return bool(values.size) and float(values.min()) >= 0.0 and float(values.max()) <= 1.0
+    return bool(values.size) and float(values.min()) >= -_UNIT_SLACK and float(values.max()) <= 1.0 + _UNIT_SLACK
 
 
 def _rows_are_distributions(values: np.ndarray) -> bool:

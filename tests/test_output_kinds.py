@@ -258,7 +258,7 @@ REAL_KINDS = {
     "g2p_id_bert": {"mlm_cls": K.SEQUENCE},  # per-character softmax
     "silero_vad_v6": {"speech_probs": K.BINARY, "hn": K.RAW, "cn": K.RAW},  # decision and recurrent state
     "nudenet_320n": {"output0": K.RAW},  # YOLOv8 boxes and scores
-    "ddddocr_ocr": {"387": K.RAW},  # time-major CTC logits: --output-kind 387=sequence
+    "ddddocr_ocr": {"387": K.SEQUENCE},  # time-major [T, 1, C] CTC logits
 }
 
 

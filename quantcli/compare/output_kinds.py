@@ -14,6 +14,9 @@ not the batch is one sample), in this order:
 * ``sequence``: per-position class scores ``[T, C]`` whose rows are probabilities or log-probabilities
   (CTC recognizers, token classifiers): a sample agrees when the **whole** argmax sequence matches,
   position by position (strict: no CTC collapsing, so an agreeing recognizer also reads the same string).
+  A **time-major** ``[T, N, C]`` output (axis 1 is the batch, axis 0 is not, ``T >= 8``: CRNN-style
+  CTC heads, PyTorch's CTC layout) is read as ``[N, T, C]`` and is a sequence even when its scores are
+  logits: the layout itself says "per-position class scores".
 * ``map``: a dense map ``[C, H, W]`` (H, W >= 8) in [0, 1] (text or segmentation probability maps):
   mean per-sample IoU of the maps thresholded at ``map_threshold`` (an empty union counts as 1).
 
@@ -40,6 +43,7 @@ __all__ = [
     "OutputKind",
     "OutputKindObserver",
     "detect_kind",
+    "is_time_major",
     "kind_metrics",
     "parse_output_kinds",
 ]
@@ -48,6 +52,8 @@ __all__ = [
 DEFAULT_MAP_THRESHOLD = 0.5
 _EMBEDDING_NAME = re.compile(r"embed|pool|hidden|vector|sentence", re.IGNORECASE)
 _MIN_MAP_SIDE = 8
+#: a time-major output needs this many positions: fewer is more likely a recurrent state [layers, N, H]
+_MIN_TIME_STEPS = 8
 
 
 class OutputKind(StrEnum):
@@ -81,8 +87,8 @@ def parse_output_kinds(items: Sequence[str] | None) -> dict[str, OutputKind]:
     return kinds
 
 
-#: float32 Sigmoid rounds to 1.0000001 (seen on PP-OCRv4 det): the unit interval is checked this loosely
-_UNIT_SLACK = 1e-6
+#: rounding slack of [0, 1]: onnxruntime's vectorized Sigmoid returns 1.0000001 for large inputs
+_UNIT_SLACK = 1e-5
 
 
 def _in_unit(values: np.ndarray) -> bool:
@@ -103,11 +109,22 @@ def _rows_are_distributions(values: np.ndarray) -> bool:
     return False
 
 
-def detect_kind(name: str, values: np.ndarray) -> tuple[OutputKind, str]:
-    """The kind of output ``name`` from a batch of its FP32 values (axis 0 = samples), and why."""
+def is_time_major(values: np.ndarray, batch: int) -> bool:
+    """A ``[T, N, C]`` batch of ``N = batch`` samples laid out time first (``T >= 8``, ``T != N``)."""
+    shape = values.shape
+    return len(shape) == 3 and shape[1] == batch and shape[0] != batch and shape[0] >= _MIN_TIME_STEPS
+
+
+def detect_kind(name: str, values: np.ndarray, *, time_major: bool = False) -> tuple[OutputKind, str]:
+    """The kind of output ``name`` from a batch of its FP32 values (axis 0 = samples), and why.
+
+    ``time_major``: the values were laid out ``[T, N, C]`` and are given here as ``[N, T, C]``.
+    """
     if values.dtype.kind != "f":
         return OutputKind.RAW, f"{values.dtype} values"
     sample = values.shape[1:]
+    if time_major and len(sample) == 2 and sample[1] >= 2:
+        return OutputKind.SEQUENCE, f"time-major: {sample[0]} positions x {sample[1]} class scores"
     if _EMBEDDING_NAME.search(name) and math.prod(sample) > 1:
         return OutputKind.EMBEDDING, "named as an embedding"
     if math.prod(sample) == 1:
@@ -245,16 +262,19 @@ class OutputKindObserver:
             )
         for name, r, c in zip(names, ref, cand, strict=True):
             r, c = np.asarray(r), np.asarray(c)
-            if r.ndim == 0 or r.shape[0] != n:  # an output not batched on axis 0 is one sample
+            time_major = is_time_major(r, n)
+            if time_major:  # [T, N, C] -> [N, T, C]
+                r, c = r.transpose(1, 0, 2), c.transpose(1, 0, 2)
+            elif r.ndim == 0 or r.shape[0] != n:  # an output not batched on axis 0 is one sample
                 r, c = r[None], c[None]
             if r.dtype.kind in "fiub":  # numbers (strings and objects are not compared)
-                (self._accs.get(name) or self._start(name, r)).update(r, c)
+                (self._accs.get(name) or self._start(name, r, time_major)).update(r, c)
 
-    def _start(self, name: str, ref: np.ndarray) -> _KindAccumulator:
+    def _start(self, name: str, ref: np.ndarray, time_major: bool) -> _KindAccumulator:
         if name in self.overrides:
             kind, reason = self.overrides[name], "given"
         else:
-            kind, reason = detect_kind(name, ref)
+            kind, reason = detect_kind(name, ref, time_major=time_major)
         threshold = self.map_threshold if kind == OutputKind.MAP else 0.5
         if kind == OutputKind.BINARY and not _in_unit(ref):
             threshold = 0.0  # logits called binary: the sign decides

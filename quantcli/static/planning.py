@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from quantcli.core.host import SpeedOracle
+from quantcli.core.host import ConstantSpeedOracle, SpeedOracle
 from quantcli.core.options import QuantConfig
 from quantcli.core.qmath import QuantParams
 from quantcli.core.selection import NodeSelector, first_matching_pattern
@@ -251,8 +251,9 @@ def make_plan(
         float_nodes: node names kept in float exactly by name (an accuracy search's or a recipe's choice).
         dynamic_nodes: MatMul/Gemm names run with run-time activation quantization (``rules.dynamic``),
             besides ``config.dynamic_nodes`` patterns; a name that is also a float node stays float.
-        speed: how fast integer kernels run (``quantcli.core.host.SpeedOracle``); None: measured on this
-            host (``quantcli.verify.kernel_speed.host_oracle``, cached per host).
+        speed: how fast integer kernels run (``quantcli.core.host.SpeedOracle``; pipeline/ and search/ pass
+            ``quantcli.verify.kernel_speed.host_oracle()``, measured and cached per host); None: the constants
+            of ``ConstantSpeedOracle`` (static/ sits above verify/ and never measures).
 
     Raises:
         ValueError: ``config.disabled_rules`` names no rule or check (``quantcli.static.rules.RULE_NAMES``).
@@ -262,10 +263,7 @@ def make_plan(
         raise ValueError(f"unknown planning rules {unknown}; known: {sorted(RULE_NAMES)}")
     selector = plan_selector(config, DEFAULT_OP_TYPES, frozenset(float_nodes))
     if speed is None:
-        # measured on this host; imported here, since verify/ sits below static/ (it runs onnxruntime)
-        from quantcli.verify import kernel_speed
-
-        speed = kernel_speed.host_oracle()
+        speed = ConstantSpeedOracle()
     inputs = _PlanInputs(
         ranges, config, selector, recurrent_input_producers(model), speed, dynamic_names=frozenset(dynamic_nodes)
     )

@@ -37,6 +37,10 @@ batch x positions x classes outputs, negative labels unscored); without labels, 
 ``SearchOptions.metric`` = ``AGREEMENT``, the share of samples whose top-1 changed against FP32,
 an upper bound of the drop; or a user's task metric (``quantcli.compare.metrics``).
 
+The parts live in their own modules: the budget and how a score meets it (``budget.py``), the
+evaluator that scores candidates (``evaluator.py``), the cost model (``cost.py``), the confirmation
+timing (``confirm.py``); this module holds the candidates and the stages.
+
 Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
 FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias
 correction is redone for each candidate's plan (b' = b - E[x] E_W for the weights that candidate
@@ -51,13 +55,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from quantcli.compare.evaluate import measure_latency
 from quantcli.compare.gates import kind_gates
 from quantcli.compare.layers import LayerError, per_layer_errors
-from quantcli.compare.metrics import MetricSpec, evaluate_custom
-from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
+from quantcli.compare.metrics import MetricSpec
+from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
 from quantcli.core.host import ConstantSpeedOracle, SpeedOracle
 from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
@@ -66,6 +69,7 @@ from quantcli.data.datasets import Dataset
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.session import make_session
 from quantcli.modes.dynamic import lower_dynamic_nodes
+from quantcli.search.budget import AGREEMENT, Budget, BudgetNotMetError, Score, key, meets
 from quantcli.search.confirm import Timer, fastest
 from quantcli.search.cost import (
     DYNAMIC_MAC_COST,
@@ -77,6 +81,7 @@ from quantcli.search.cost import (
     candidate_cost,
     cost_table,
 )
+from quantcli.search.evaluator import Evaluator
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
@@ -115,54 +120,8 @@ HISTOGRAM_METHODS = (
     CalibrationMethod.ENTROPY,
     CalibrationMethod.MSE,
 )
-#: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
-AGREEMENT = "agreement"
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
-
-
-class BudgetNotMetError(QuantCliError):
-    """No configuration the search tried met the accuracy budget."""
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """The accuracy a quantized model must keep. ``None`` means the bound is not checked."""
-
-    max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
-    min_sqnr_db: float | None = None  # on every float output
-    #: share of samples whose decision equals FP32's, on every classifier/sequence/binary output
-    min_agreement: float | None = None
-    min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
-    min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
-
-    def describe(self) -> str:
-        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99``."""
-        parts = []
-        if self.max_accuracy_drop is not None:
-            parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
-        if self.min_sqnr_db is not None:
-            parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
-        parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
-        return ", ".join(parts)
-
-    def kind_bounds(self) -> list[tuple[str, float]]:
-        """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
-        named = (("min-agreement", self.min_agreement), ("min-cosine", self.min_cosine), ("min-iou", self.min_iou))
-        return [(name, bound) for name, bound in named if bound is not None]
-
-    def is_empty(self) -> bool:
-        """No bound is checked."""
-        return self.max_accuracy_drop is None and self.min_sqnr_db is None and not self.kind_bounds()
-
-    def record(self) -> dict[str, float | None]:
-        """The bounds for a recipe (the task-level ones only when given, so older recipes read the same)."""
-        bounds: dict[str, float | None] = {
-            "max_accuracy_drop": self.max_accuracy_drop,
-            "min_sqnr_db": self.min_sqnr_db,
-        }
-        bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
-        return bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,151 +320,6 @@ def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
     return apply_plan(corrected, plan, dynamic=lower_dynamic_nodes), plan, report
 
 
-# ---- measuring ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Score:
-    accuracy: float | None
-    accuracy_drop: float | None
-    sqnr_db: float
-    kinds: tuple[KindMetrics, ...] = ()
-
-
-class _Evaluator:
-    """FP32 outputs computed once; each candidate is scored against them."""
-
-    def __init__(
-        self,
-        reference: onnx.ModelProto,
-        dataset: Dataset,
-        batch_size: int = 32,
-        metric: MetricSpec | None = None,
-        *,
-        kinds: tuple[Mapping[str, OutputKind], float] | None = None,
-    ) -> None:
-        """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds)."""
-        self.dataset = dataset
-        self.kind_options = kinds
-        self.metric = metric if metric is not None and metric.function is not None else None
-        #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
-        #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
-        agreement = metric is not None and metric.name == AGREEMENT
-        self.session = make_session(reference)
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.size = dataset.effective_batch_size(batch_size)
-        self.feeds = list(dataset.batches(self.size))
-        self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
-        self.counts = [dataset.batch_length(feed) for feed in self.feeds]
-        #: each output's detected (or given) kind, FP32 against itself
-        self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
-        self.labels = None if agreement else dataset.labels
-        first = self.reference[0][0] if self.reference else np.zeros(0)
-        scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
-        # batch x classes, or batch x positions... x classes with labels per position (token
-        # classification, masked language models: negative labels are positions nobody scores)
-        per_position = (
-            self.labels is not None
-            and np.asarray(self.labels).ndim == first.ndim - 1
-            and np.asarray(self.labels).shape[1:] == first.shape[1:-1]
-        )
-        self.classifier = scores and (first.ndim == 2 or per_position)
-        self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
-        if self.metric is not None:  # the user's metric decides, whatever the outputs look like
-            self.classifier = True
-            self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
-        self.latency_feed = next(dataset.batches(1))
-
-    def _accuracy(self, scores: list[np.ndarray]) -> float | None:
-        if self.labels is None:
-            return None
-        pred = np.concatenate([s.argmax(-1) for s in scores])
-        labels = np.asarray(self.labels)[: pred.shape[0]]
-        if labels.shape != pred.shape:
-            return None
-        scored = labels >= 0
-        if not scored.any():
-            return None
-        return 100.0 * float(np.mean(pred[scored] == labels[scored]))
-
-    def _kinds(self, outputs: Sequence[Sequence[np.ndarray]]) -> tuple[KindMetrics, ...]:
-        """The kind metrics of ``outputs`` (one list per feed) against the FP32 outputs."""
-        overrides, threshold = self.kind_options or ({}, DEFAULT_MAP_THRESHOLD)
-        observer = OutputKindObserver(overrides, map_threshold=threshold)
-        for ref, out, n in zip(self.reference, outputs, self.counts, strict=False):
-            observer(self.names, ref, out, n)
-        return tuple(observer.results())
-
-    def score(self, session: ort.InferenceSession) -> _Score:
-        signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
-        noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
-        firsts: list[np.ndarray] = []
-        everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
-        for feed, ref in zip(self.feeds, self.reference, strict=True):
-            out = session.run(self.names, feed)
-            if self.metric is not None or self.kind_options is not None:
-                everything.append(out)
-            for name, r, q in zip(self.names, ref, out, strict=True):
-                if r.dtype.kind != "f":
-                    continue
-                r64 = r.astype(np.float64)
-                signal[name] += float(np.sum(r64 * r64))
-                noise[name] += float(np.sum((r64 - q) ** 2))
-            firsts.append(out[0])
-        sqnrs = [
-            (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf)
-            for n in self.names
-            if signal[n] > 0 or noise[n] > 0
-        ]
-        sqnr = min(sqnrs) if sqnrs else math.inf
-        accuracy = drop = None
-        if self.metric is not None:
-            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
-            drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
-        elif self.classifier:
-            accuracy = self._accuracy(firsts)
-            if accuracy is not None and self.fp32_accuracy is not None:
-                drop = self.fp32_accuracy - accuracy
-            else:  # no labels: the share of samples whose top-1 changed bounds the accuracy drop
-                ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
-                q_top = np.concatenate([f.argmax(-1) for f in firsts])
-                drop = 100.0 * float(np.mean(ref_top != q_top))
-        kinds = self._kinds(everything) if self.kind_options is not None else ()
-        return _Score(accuracy, drop, sqnr, kinds)
-
-
-def _kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
-    """The smallest margin (value - bound) over every task-level bound and output it applies to."""
-    bounds = budget.kind_bounds()
-    if not bounds:
-        return None
-    values = [g.value - g.bound for name, bound in bounds for g in kind_gates(name, list(kinds), bound)]
-    return -math.inf if any(math.isnan(v) for v in values) else min(values)
-
-
-def _meets(score: _Score, budget: Budget) -> bool:
-    if budget.max_accuracy_drop is not None and (
-        score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
-    ):
-        return False
-    margin = _kind_margin(score.kinds, budget)
-    if margin is not None and margin < -1e-12:
-        return False
-    return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
-
-
-def _key(score: _Score, budget: Budget) -> tuple[float, float]:
-    """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
-    margin = _kind_margin(score.kinds, budget)
-    if budget.max_accuracy_drop is not None:
-        primary = -(score.accuracy_drop or 0.0)
-    elif margin is not None:
-        primary = margin
-    else:
-        primary = score.sqnr_db
-    return (round(primary, 9), round(score.sqnr_db, 6))
-
-
 # ---- the search --------------------------------------------------------------------------------
 
 
@@ -538,7 +352,7 @@ def search_quantization(
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
     kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
-    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
+    ev = Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
@@ -619,7 +433,7 @@ def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[s
     return {model.graph.node[i].name: m for i, m in macs.items() if model.graph.node[i].name}
 
 
-def _check_kinds(ev: _Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
+def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
     """Say what each output was detected as; every task-level bound needs an output of its kind."""
     for k in ev.kinds:
         log(f"output {k.name}: {k.kind} ({k.reason})")
@@ -644,7 +458,7 @@ class _Search:
 
     bases: dict[str, SearchBase]
     ranges: dict[str, _Ranges]
-    ev: _Evaluator
+    ev: Evaluator
     dataset: Dataset
     options: SearchOptions
     log: Callable[[str], None]
@@ -680,7 +494,7 @@ class _Search:
             accuracy_drop=score.accuracy_drop,
             sqnr_db=score.sqnr_db,
             speedup_b1=lat.speedup,
-            meets_budget=_meets(score, self.options.budget),
+            meets_budget=meets(score, self.options.budget),
             kinds=score.kinds,
         )
         self.trials.append(trial)
@@ -697,7 +511,7 @@ class _Search:
 
     def key(self, t: Trial) -> tuple[float, float]:
         """Larger is better (``_key``)."""
-        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
+        return key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
@@ -875,7 +689,7 @@ def closest_quantized(result: SearchResult, compute_nodes: Sequence[str]) -> Tri
     if not kept:
         return None
     return max(
-        kept, key=lambda t: (_key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
+        kept, key=lambda t: (key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
     )
 
 

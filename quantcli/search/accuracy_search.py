@@ -120,6 +120,10 @@ HISTOGRAM_METHODS = (
     CalibrationMethod.ENTROPY,
     CalibrationMethod.MSE,
 )
+#: bytes of exposed activations the sensitivity analysis holds at once (``compare.layers.per_layer_errors``
+#: groups tensors under it); its default, a quarter of the memory available, ran out under a process cap on
+#: PP-OCRv4 rec (264 tensors at batch 32)
+SENSITIVITY_MEMORY = 512 * 2**20
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
 
@@ -517,7 +521,8 @@ class _Search:
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
         if cand not in self.sensitivity:
             probe = self.dataset.subset(min(self.dataset.num_samples, 64))
-            self.sensitivity[cand] = per_layer_errors(self.bases[cand.base].prepared, self.cache[cand][1], probe)
+            base = self.bases[cand.base].prepared
+            self.sensitivity[cand] = per_layer_errors(base, self.cache[cand][1], probe, max_memory=SENSITIVITY_MEMORY)
         return self.sensitivity[cand]
 
     def result(self, best: Trial) -> SearchResult:

@@ -75,12 +75,22 @@ def test_stem_is_integer_when_not_measured_slower_than_the_margin(ratio: float) 
     assert not any(s.code == SkipCode.SLOW_STEM for s in plan.skipped)
 
 
-def test_default_planning_asks_the_host_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without ``speed``, make_plan asks ``kernel_speed.host_oracle()`` (the autouse fixture's constants here)."""
+def test_planning_never_measures_and_convert_passes_the_host_oracle(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """static/ sits above verify/: make_plan without ``speed`` takes the constants; convert (pipeline/) passes
+    ``kernel_speed.host_oracle()`` in (the autouse fixture's constants, replaced here)."""
+    from quantcli import api
+
     fast = FakeOracle(2.0)
     monkeypatch.setattr(kernel_speed, "host_oracle", lambda: fast)
     plan = _plan(_stem_model(), {"x": structured_images(8, seed=1)})
-    assert fast.asked and "stem" in dict(plan.quantized_nodes)
+    assert not fast.asked and "stem" not in dict(plan.quantized_nodes)  # 0.45x: the constant stem rule
+    model, data = tmp_path / "stem.onnx", tmp_path / "x.npz"
+    onnx.save(_stem_model(), model)
+    np.savez(data, x=structured_images(8, seed=1))
+    result = api.convert_model(model, tmp_path / "q.onnx", data_path=data, verdict=False)
+    assert fast.asked and "stem" in dict(result.plan.quantized_nodes)
 
 
 def test_constant_oracle_reproduces_the_decisions_taken_before_measuring() -> None:

@@ -253,10 +253,13 @@ def render_search(console: Console, result: SearchResult) -> None:
     print_table(console, table)
     c = result.chosen
     fp32 = "" if result.fp32_accuracy is None else f" (FP32 {result.fp32_accuracy:.2f}%)"
+    dynamic = len(c.candidate.dynamic_nodes)
     console.print(
         f"chosen: step {c.step}: method {c.candidate.method}{f' with {c.candidate.base}' if c.candidate.base else ''}, "
         f"{len(c.candidate.tensor_methods)} per-tensor "
-        f"method(s), {len(c.candidate.float_nodes)} node(s) in float{fp32}; {c.speedup_b1:.2f}x FP32 at batch 1"
+        f"method(s), {len(c.candidate.float_nodes)} node(s) in float"
+        f"{f', {dynamic} MatMul/Gemm quantized at run time' if dynamic else ''}"
+        f"{fp32}; {c.speedup_b1:.2f}x FP32 at batch 1"
     )
     if c.speedup_b1 < 1.0:
         console.print("[yellow]the chosen model is not faster than FP32 at batch 1 on this host[/]")

@@ -108,18 +108,20 @@ def convert_with_algorithms(
     statistics of all of them come from one pass over the data (``quantcli.passes.algorithms``)."""
     from quantcli.static.bias_correction import bias_correction_targets, correct_biases
     from quantcli.static.planning import make_plan
+    from quantcli.verify import kernel_speed
 
     done = transform_fp32(prepared, algorithms, inputs)
     prepared, calibration = done.model, done.calibration
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(done.reports)
     ranges = ranges_for_levels(calibration, activation_levels(config.activation_type))
-    plan = make_plan(prepared, ranges, config)
+    speed = kernel_speed.host_oracle()
+    plan = make_plan(prepared, ranges, config, speed=speed)
     if algorithms.bias_correction:
         targets = bias_correction_targets(prepared, plan)
         stats = {t: done.input_stats[t] for t in targets if t in done.input_stats}
         prepared, bc_report = correct_biases(prepared, plan, stats)
         reports.append(bc_report)
-        plan = make_plan(prepared, ranges, config)
+        plan = make_plan(prepared, ranges, config, speed=speed)
     return prepared, calibration, plan, tuple(reports)
 
 
@@ -145,11 +147,14 @@ def algorithm_base(
     from quantcli.search.accuracy_search import SearchBase
     from quantcli.static.bias_correction import bias_correction_targets
     from quantcli.static.planning import make_plan
+    from quantcli.verify import kernel_speed
 
     options = replace(inputs.calibration, method=CalibrationMethod.PERCENTILE)
     done = transform_fp32(prepared, algorithms, replace(inputs, calibration=options))
     bias_stats = None
+    speed = kernel_speed.host_oracle()
     if algorithms.bias_correction:
-        targets = bias_correction_targets(done.model, make_plan(done.model, done.calibration.ranges, config))
+        plan = make_plan(done.model, done.calibration.ranges, config, speed=speed)
+        targets = bias_correction_targets(done.model, plan)
         bias_stats = {t: done.input_stats[t] for t in targets if t in done.input_stats}
-    return SearchBase(done.model, done.calibration, config, algorithms, bias_stats), done.reports
+    return SearchBase(done.model, done.calibration, config, algorithms, bias_stats, speed=speed), done.reports

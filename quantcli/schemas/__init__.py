@@ -151,6 +151,7 @@ def convert_document(result: ConvertResult, *, model_path: Path | None = None) -
             "trials": len(search.trials),
             "chosen_step": search.chosen.step,
             "float_nodes": sorted(search.chosen.candidate.float_nodes),
+            "dynamic_nodes": sorted(search.chosen.candidate.dynamic_nodes),
             "accuracy": search.chosen.accuracy,
             "fp32_accuracy": search.fp32_accuracy,
         },

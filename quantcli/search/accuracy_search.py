@@ -11,24 +11,35 @@ outputs) and evaluation data. The search measures every step on that data and on
 2. **Calibration method, per tensor.** For the tensors with the worst local error (from the same
    per-layer analysis ``compare --per-layer`` shows), each other method's range is tried for that
    tensor alone; a change is kept when the score improves.
-3. **Fallback to float.** Quantized nodes are ordered by local SQNR (cheap: one pass); the
-   ``probe`` most suspicious ones are measured one by one (only that node in float), and nodes are
-   then returned to float in order of measured gain until the budget holds.
-4. **Pruning.** Each node in float is tried quantized again, most MACs first; it stays quantized if
-   the budget still holds.
-5. **The cheapest model.** Among every trial that met the budget, the one of least MAC-weighted
-   cost (``model_cost``: float MACs cost ``FLOAT_MAC_COST``, integer ones ``INTEGER_MAC_COST``) is
-   returned, then the fewest float nodes: 8 float element-wise nodes beat 3 float MatMuls.
+3. **Run-time quantization, then float.** Quantized nodes are ordered by local SQNR (cheap: one pass,
+   measured once per candidate and reused); the ``probe`` most suspicious ones are measured one by one
+   (only that node in float), and nodes are then moved one notch in order of measured gain until the
+   budget holds: a MatMul/Gemm with a constant weight first to run-time activation quantization
+   (``Candidate.dynamic_nodes``: DynamicQuantizeMatMul, cost between integer and float), to float when
+   that does not meet the budget; other nodes to float.
+4. **Pruning.** Each moved node is tried statically quantized again, most MACs first; it stays so if
+   the budget still holds; a float MatMul/Gemm that must stay tries run-time quantization instead.
+5. **The fastest model.** The trials that met the budget are ranked by cost (``quantcli.search.cost``:
+   each compute node's MACs divided by its form's speed measured on this host, the constant
+   ``FLOAT_MAC_COST``:``DYNAMIC_MAC_COST``:``INTEGER_MAC_COST`` without a measuring oracle), then the
+   fewest float nodes: 8 float element-wise nodes beat 3 float MatMuls. The ``confirm`` cheapest are
+   timed against FP32 at batch 1 (``SearchOptions.timer``, ``quantcli.search.confirm``) and the fastest
+   is returned; without a timer the cheapest is.
 
 Each trial records the metric, the output SQNR and the batch-1 speed-up over FP32 measured
 interleaved on the host, so the report shows the accuracy/latency trade-off of every step. The
-search is deterministic: the same inputs give the same trials, the same choice and the same bytes
-(latency is measured and reported but never used to decide, since it is noisy).
+trials are deterministic: the same inputs give the same trials (a trial's own quick latency is
+reported, never used to decide); the choice among the cheapest few follows their confirmation
+timing when a timer is given (convert gives one), so it is as stable as that timing.
 
 The budgeted metric (``max_accuracy_drop``) is top-1 against labels (per position for
 batch x positions x classes outputs, negative labels unscored); without labels, or with
 ``SearchOptions.metric`` = ``AGREEMENT``, the share of samples whose top-1 changed against FP32,
 an upper bound of the drop; or a user's task metric (``quantcli.compare.metrics``).
+
+The parts live in their own modules: the budget and how a score meets it (``budget.py``), the
+evaluator that scores candidates (``evaluator.py``), the cost model (``cost.py``), the confirmation
+timing (``confirm.py``); this module holds the candidates and the stages.
 
 Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
 FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias
@@ -44,34 +55,52 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from quantcli.compare.evaluate import measure_latency
 from quantcli.compare.gates import kind_gates
 from quantcli.compare.layers import LayerError, per_layer_errors
-from quantcli.compare.metrics import MetricSpec, evaluate_custom
-from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
+from quantcli.compare.metrics import MetricSpec
+from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
+from quantcli.core.host import ConstantSpeedOracle, SpeedOracle
 from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
+from quantcli.graph.index import GraphIndex
 from quantcli.graph.session import make_session
+from quantcli.modes.dynamic import lower_dynamic_nodes
+from quantcli.search.budget import AGREEMENT, Budget, BudgetNotMetError, Score, key, meets
+from quantcli.search.confirm import Timer, fastest
+from quantcli.search.cost import (
+    DYNAMIC_MAC_COST,
+    FLOAT_MAC_COST,
+    INTEGER_MAC_COST,
+    CostTable,
+    NodeCosts,
+    as_cost_table,
+    candidate_cost,
+    cost_table,
+)
+from quantcli.search.evaluator import Evaluator
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
 from quantcli.static.plan import QuantPlan
 from quantcli.static.planning import ELEMENTWISE_OPS, MOVEMENT_OPS, make_plan
+from quantcli.static.rules.dynamic import DYNAMIC_OPS, dynamic_problem
 from quantcli.stats.calibration import CalibrationResult, TensorRange, activation_levels, ranges_for_levels, rechoose
 from quantcli.stats.channel_stats import ChannelStats
 from quantcli.verify.macs import compute_macs
 
 __all__ = [
     "AGREEMENT",
+    "DYNAMIC_MAC_COST",
     "FLOAT_MAC_COST",
     "INTEGER_MAC_COST",
     "Budget",
     "BudgetNotMetError",
     "Candidate",
+    "NodeCosts",
     "SearchBase",
     "SearchOptions",
     "SearchResult",
@@ -81,6 +110,7 @@ __all__ = [
     "closest_quantized",
     "describe_trial",
     "model_cost",
+    "ranked",
     "search_quantization",
 ]
 
@@ -90,57 +120,12 @@ HISTOGRAM_METHODS = (
     CalibrationMethod.ENTROPY,
     CalibrationMethod.MSE,
 )
-#: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
-AGREEMENT = "agreement"
-#: relative cost of a multiply-accumulate run in float, and in an integer kernel (the search's objective)
-FLOAT_MAC_COST = 4.0
-INTEGER_MAC_COST = 1.0
+#: bytes of exposed activations the sensitivity analysis holds at once (``compare.layers.per_layer_errors``
+#: groups tensors under it); its default, a quarter of the memory available, ran out under a process cap on
+#: PP-OCRv4 rec (264 tensors at batch 32)
+SENSITIVITY_MEMORY = 512 * 2**20
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
-
-
-class BudgetNotMetError(QuantCliError):
-    """No configuration the search tried met the accuracy budget."""
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """The accuracy a quantized model must keep. ``None`` means the bound is not checked."""
-
-    max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
-    min_sqnr_db: float | None = None  # on every float output
-    #: share of samples whose decision equals FP32's, on every classifier/sequence/binary output
-    min_agreement: float | None = None
-    min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
-    min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
-
-    def describe(self) -> str:
-        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99``."""
-        parts = []
-        if self.max_accuracy_drop is not None:
-            parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
-        if self.min_sqnr_db is not None:
-            parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
-        parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
-        return ", ".join(parts)
-
-    def kind_bounds(self) -> list[tuple[str, float]]:
-        """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
-        named = (("min-agreement", self.min_agreement), ("min-cosine", self.min_cosine), ("min-iou", self.min_iou))
-        return [(name, bound) for name, bound in named if bound is not None]
-
-    def is_empty(self) -> bool:
-        """No bound is checked."""
-        return self.max_accuracy_drop is None and self.min_sqnr_db is None and not self.kind_bounds()
-
-    def record(self) -> dict[str, float | None]:
-        """The bounds for a recipe (the task-level ones only when given, so older recipes read the same)."""
-        bounds: dict[str, float | None] = {
-            "max_accuracy_drop": self.max_accuracy_drop,
-            "min_sqnr_db": self.min_sqnr_db,
-        }
-        bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
-        return bounds
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +147,10 @@ class SearchOptions:
     #: output name -> kind, overriding the detection the task-level bounds are measured on
     output_kinds: Mapping[str, OutputKind] | None = None
     map_threshold: float = DEFAULT_MAP_THRESHOLD  # where a map is cut into a mask for ``min_iou``
+    #: the cheapest candidates in the budget timed against FP32 before choosing (``quantcli.search.confirm``)
+    confirm: int = 3
+    #: how they are timed (None: not timed, the cost alone decides; convert passes a batch-1 timer)
+    timer: Timer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +168,8 @@ class SearchBase:
     algorithms: AlgorithmOptions = field(default_factory=AlgorithmOptions)
     bias_stats: Mapping[str, ChannelStats] | None = field(default=None, repr=False)
     name: str = ""
+    #: kernel speeds on the target host: the plans' speed rules and the search's costs (None: constants)
+    speed: SpeedOracle | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +180,8 @@ class Candidate:
     tensor_methods: tuple[tuple[str, CalibrationMethod], ...] = ()
     float_nodes: tuple[str, ...] = ()
     base: str = ""  # SearchBase.name
+    #: MatMul/Gemm run with run-time activation quantization (``QuantPlan.dynamic_nodes``)
+    dynamic_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +228,7 @@ class SearchResult:
             percentile=percentile,
             tensor_methods=c.candidate.tensor_methods,
             float_nodes=c.candidate.float_nodes,
+            dynamic_nodes=c.candidate.dynamic_nodes,
             search={
                 "budget": self.budget.record(),
                 "evaluation_samples": self.num_samples,
@@ -308,161 +302,26 @@ def _ranges(base: SearchBase, percentile: float) -> _Ranges:
 def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
     # per-tensor methods are applied to the ranges; float nodes are handed to the plan by name
     chosen = ranges.for_candidate(cand)
-    float_nodes = frozenset(cand.float_nodes)
-    plan = make_plan(base.prepared, chosen, base.config, float_nodes=float_nodes)
+
+    def plan_of(model: onnx.ModelProto) -> QuantPlan:
+        return make_plan(
+            model,
+            chosen,
+            base.config,
+            float_nodes=frozenset(cand.float_nodes),
+            dynamic_nodes=frozenset(cand.dynamic_nodes),
+            speed=base.speed or ConstantSpeedOracle(),
+        )
+
+    plan = plan_of(base.prepared)
     if not base.algorithms.bias_correction:
-        return apply_plan(base.prepared, plan), plan, None
+        return apply_plan(base.prepared, plan, dynamic=lower_dynamic_nodes), plan, None
     if base.bias_stats is None:
         raise ValueError("bias correction needs the base's bias_stats")
     # the ranges are the calibration's (taken before correction), as convert without a search does
     corrected, report = correct_biases(base.prepared, plan, base.bias_stats)
-    plan = make_plan(corrected, chosen, base.config, float_nodes=float_nodes)
-    return apply_plan(corrected, plan), plan, report
-
-
-# ---- measuring ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Score:
-    accuracy: float | None
-    accuracy_drop: float | None
-    sqnr_db: float
-    kinds: tuple[KindMetrics, ...] = ()
-
-
-class _Evaluator:
-    """FP32 outputs computed once; each candidate is scored against them."""
-
-    def __init__(
-        self,
-        reference: onnx.ModelProto,
-        dataset: Dataset,
-        batch_size: int = 32,
-        metric: MetricSpec | None = None,
-        *,
-        kinds: tuple[Mapping[str, OutputKind], float] | None = None,
-    ) -> None:
-        """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds)."""
-        self.dataset = dataset
-        self.kind_options = kinds
-        self.metric = metric if metric is not None and metric.function is not None else None
-        #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
-        #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
-        agreement = metric is not None and metric.name == AGREEMENT
-        self.session = make_session(reference)
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.size = dataset.effective_batch_size(batch_size)
-        self.feeds = list(dataset.batches(self.size))
-        self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
-        self.counts = [dataset.batch_length(feed) for feed in self.feeds]
-        #: each output's detected (or given) kind, FP32 against itself
-        self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
-        self.labels = None if agreement else dataset.labels
-        first = self.reference[0][0] if self.reference else np.zeros(0)
-        scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
-        # batch x classes, or batch x positions... x classes with labels per position (token
-        # classification, masked language models: negative labels are positions nobody scores)
-        per_position = (
-            self.labels is not None
-            and np.asarray(self.labels).ndim == first.ndim - 1
-            and np.asarray(self.labels).shape[1:] == first.shape[1:-1]
-        )
-        self.classifier = scores and (first.ndim == 2 or per_position)
-        self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
-        if self.metric is not None:  # the user's metric decides, whatever the outputs look like
-            self.classifier = True
-            self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
-        self.latency_feed = next(dataset.batches(1))
-
-    def _accuracy(self, scores: list[np.ndarray]) -> float | None:
-        if self.labels is None:
-            return None
-        pred = np.concatenate([s.argmax(-1) for s in scores])
-        labels = np.asarray(self.labels)[: pred.shape[0]]
-        if labels.shape != pred.shape:
-            return None
-        scored = labels >= 0
-        if not scored.any():
-            return None
-        return 100.0 * float(np.mean(pred[scored] == labels[scored]))
-
-    def _kinds(self, outputs: Sequence[Sequence[np.ndarray]]) -> tuple[KindMetrics, ...]:
-        """The kind metrics of ``outputs`` (one list per feed) against the FP32 outputs."""
-        overrides, threshold = self.kind_options or ({}, DEFAULT_MAP_THRESHOLD)
-        observer = OutputKindObserver(overrides, map_threshold=threshold)
-        for ref, out, n in zip(self.reference, outputs, self.counts, strict=False):
-            observer(self.names, ref, out, n)
-        return tuple(observer.results())
-
-    def score(self, session: ort.InferenceSession) -> _Score:
-        signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
-        noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
-        firsts: list[np.ndarray] = []
-        everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
-        for feed, ref in zip(self.feeds, self.reference, strict=True):
-            out = session.run(self.names, feed)
-            if self.metric is not None or self.kind_options is not None:
-                everything.append(out)
-            for name, r, q in zip(self.names, ref, out, strict=True):
-                if r.dtype.kind != "f":
-                    continue
-                r64 = r.astype(np.float64)
-                signal[name] += float(np.sum(r64 * r64))
-                noise[name] += float(np.sum((r64 - q) ** 2))
-            firsts.append(out[0])
-        sqnrs = [
-            (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf)
-            for n in self.names
-            if signal[n] > 0 or noise[n] > 0
-        ]
-        sqnr = min(sqnrs) if sqnrs else math.inf
-        accuracy = drop = None
-        if self.metric is not None:
-            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
-            drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
-        elif self.classifier:
-            accuracy = self._accuracy(firsts)
-            if accuracy is not None and self.fp32_accuracy is not None:
-                drop = self.fp32_accuracy - accuracy
-            else:  # no labels: the share of samples whose top-1 changed bounds the accuracy drop
-                ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
-                q_top = np.concatenate([f.argmax(-1) for f in firsts])
-                drop = 100.0 * float(np.mean(ref_top != q_top))
-        kinds = self._kinds(everything) if self.kind_options is not None else ()
-        return _Score(accuracy, drop, sqnr, kinds)
-
-
-def _kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
-    """The smallest margin (value - bound) over every task-level bound and output it applies to."""
-    bounds = budget.kind_bounds()
-    if not bounds:
-        return None
-    values = [g.value - g.bound for name, bound in bounds for g in kind_gates(name, list(kinds), bound)]
-    return -math.inf if any(math.isnan(v) for v in values) else min(values)
-
-
-def _meets(score: _Score, budget: Budget) -> bool:
-    if budget.max_accuracy_drop is not None and (
-        score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
-    ):
-        return False
-    margin = _kind_margin(score.kinds, budget)
-    if margin is not None and margin < -1e-12:
-        return False
-    return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
-
-
-def _key(score: _Score, budget: Budget) -> tuple[float, float]:
-    """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
-    margin = _kind_margin(score.kinds, budget)
-    if budget.max_accuracy_drop is not None:
-        primary = -(score.accuracy_drop or 0.0)
-    elif margin is not None:
-        primary = margin
-    else:
-        primary = score.sqnr_db
-    return (round(primary, 9), round(score.sqnr_db, 6))
+    plan = plan_of(corrected)
+    return apply_plan(corrected, plan, dynamic=lower_dynamic_nodes), plan, report
 
 
 # ---- the search --------------------------------------------------------------------------------
@@ -497,7 +356,7 @@ def search_quantization(
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
     kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
-    ev = _Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
+    ev = Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
@@ -509,7 +368,19 @@ def search_quantization(
     if len(bases) != 1 + len(alternatives):
         raise ValueError("search bases need distinct names (the given one is '')")
     ranges = {name: _ranges(b, options.percentile) for name, b in bases.items()}
-    search = _Search(bases, ranges, ev, dataset, options, log, macs=_node_macs(base.prepared, ev.latency_feed))
+    macs = _node_macs(base.prepared, ev.latency_feed)
+    search = _Search(
+        bases,
+        ranges,
+        ev,
+        dataset,
+        options,
+        log,
+        macs=macs,
+        costs=cost_table(base.prepared, macs, base.speed),
+        dynamic_ok=_dynamic_ok(base.prepared),
+        reference=reference if reference is not None else base.prepared,
+    )
     best = _stage_methods(search)
     if not best.meets_budget:
         best = _stage_tensor_methods(search, best)
@@ -518,32 +389,46 @@ def search_quantization(
     return search.result(_settle(search, best))
 
 
-def model_cost(candidate: Candidate, macs: Mapping[str, int | None]) -> float:
-    """The MAC-weighted cost of ``candidate`` per sample: the MACs of each compute node (``macs``: node
-    name -> MACs, unknown counted as 1) at ``FLOAT_MAC_COST`` when it is in float, else ``INTEGER_MAC_COST``."""
-    floats = set(candidate.float_nodes)
-    return sum(
-        (m if m is not None else 1) * (FLOAT_MAC_COST if name in floats else INTEGER_MAC_COST)
-        for name, m in macs.items()
-    )
+def model_cost(candidate: Candidate, costs: Mapping[str, int | None] | CostTable) -> float:
+    """The per-sample cost of ``candidate`` (``quantcli.search.cost``): ``costs`` is a cost table, or MACs per
+    compute node (unknown counted as 1) weighted ``FLOAT_MAC_COST``/``DYNAMIC_MAC_COST``/``INTEGER_MAC_COST``."""
+    return candidate_cost(candidate.float_nodes, candidate.dynamic_nodes, as_cost_table(costs))
+
+
+def ranked(
+    trials: Sequence[Trial],
+    costs: Mapping[str, int | None] | CostTable,
+    rank: Callable[[Trial], tuple[float, ...]] = lambda t: (t.sqnr_db,),
+) -> list[Trial]:
+    """The trials that meet the budget, cheapest model first (``model_cost``), then the fewest float nodes,
+    then the fewest run-time quantized ones, then the best ``rank`` (larger is better; default SQNR), then
+    the earliest."""
+    table = as_cost_table(costs)
+
+    def order(t: Trial) -> tuple[float, ...]:
+        c = t.candidate
+        cost = candidate_cost(c.float_nodes, c.dynamic_nodes, table)
+        return (cost, len(c.float_nodes), len(c.dynamic_nodes), *(-x for x in rank(t)), t.step)
+
+    return sorted((t for t in trials if t.meets_budget), key=order)
 
 
 def cheapest(
     trials: Sequence[Trial],
-    macs: Mapping[str, int | None],
+    costs: Mapping[str, int | None] | CostTable,
     rank: Callable[[Trial], tuple[float, ...]] = lambda t: (t.sqnr_db,),
 ) -> Trial | None:
-    """Among the trials that meet the budget, the cheapest model (``model_cost``), then the fewest float
-    nodes, then the best ``rank`` (larger is better; default SQNR), then the earliest; None when none
-    meets it."""
-    met = [t for t in trials if t.meets_budget]
-    if not met:
-        return None
+    """The first of ``ranked`` (the cheapest model in the budget), None when no trial meets it."""
+    met = ranked(trials, costs, rank)
+    return met[0] if met else None
 
-    def order(t: Trial) -> tuple[float, ...]:
-        return (model_cost(t.candidate, macs), len(t.candidate.float_nodes), *(-x for x in rank(t)), t.step)
 
-    return min(met, key=order)
+def _dynamic_ok(model: onnx.ModelProto) -> frozenset[str]:
+    """The MatMul/Gemm of ``model`` that can run with run-time activation quantization."""
+    index = GraphIndex.build(model.graph)
+    return frozenset(
+        n.name for n in model.graph.node if n.name and n.op_type in DYNAMIC_OPS and dynamic_problem(index, n) is None
+    )
 
 
 def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[str, int | None]:
@@ -552,7 +437,7 @@ def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[s
     return {model.graph.node[i].name: m for i, m in macs.items() if model.graph.node[i].name}
 
 
-def _check_kinds(ev: _Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
+def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
     """Say what each output was detected as; every task-level bound needs an output of its kind."""
     for k in ev.kinds:
         log(f"output {k.name}: {k.kind} ({k.reason})")
@@ -577,12 +462,17 @@ class _Search:
 
     bases: dict[str, SearchBase]
     ranges: dict[str, _Ranges]
-    ev: _Evaluator
+    ev: Evaluator
     dataset: Dataset
     options: SearchOptions
     log: Callable[[str], None]
-    #: MACs per sample of each compute node, by name (the objective's weights)
+    #: MACs per sample of each compute node, by name
     macs: dict[str, int | None] = field(default_factory=dict)
+    #: each compute node's cost per form on the host (the objective, ``quantcli.search.cost``)
+    costs: CostTable = field(default_factory=dict)
+    #: MatMul/Gemm that can run with run-time activation quantization (the fallback's first move for them)
+    dynamic_ok: frozenset[str] = frozenset()
+    reference: onnx.ModelProto | None = field(default=None, repr=False)  # what the trials are timed against
     trials: list[Trial] = field(default_factory=list)
     cache: dict[Candidate, _Cached] = field(default_factory=dict)
     sensitivity: dict[Candidate, list[LayerError]] = field(default_factory=dict)
@@ -608,7 +498,7 @@ class _Search:
             accuracy_drop=score.accuracy_drop,
             sqnr_db=score.sqnr_db,
             speedup_b1=lat.speedup,
-            meets_budget=_meets(score, self.options.budget),
+            meets_budget=meets(score, self.options.budget),
             kinds=score.kinds,
         )
         self.trials.append(trial)
@@ -625,13 +515,14 @@ class _Search:
 
     def key(self, t: Trial) -> tuple[float, float]:
         """Larger is better (``_key``)."""
-        return _key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
+        return key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
         """Per-layer error of a built candidate on a few samples (once per candidate)."""
         if cand not in self.sensitivity:
             probe = self.dataset.subset(min(self.dataset.num_samples, 64))
-            self.sensitivity[cand] = per_layer_errors(self.bases[cand.base].prepared, self.cache[cand][1], probe)
+            base = self.bases[cand.base].prepared
+            self.sensitivity[cand] = per_layer_errors(base, self.cache[cand][1], probe, max_memory=SENSITIVITY_MEMORY)
         return self.sensitivity[cand]
 
     def result(self, best: Trial) -> SearchResult:
@@ -701,38 +592,93 @@ def _fallback_order(search: _Search, best: Trial) -> list[str]:
     return sorted(gains, key=lambda n: (tuple(-x for x in gains[n]), order[n])) + [n for n in nodes if n not in gains]
 
 
+def _one_notch(search: _Search, best: Trial, name: str, floats: list[str], dynamic: list[str]) -> Trial:
+    """Move ``name`` one notch towards float: run-time quantized first when it can be, float when that
+    does not meet the budget (the better of the two stays when neither does)."""
+    cand = best.candidate
+    dyn: Trial | None = None
+    if name in search.dynamic_ok:
+        moved = replace(cand, float_nodes=tuple(sorted(floats)), dynamic_nodes=tuple(sorted([*dynamic, name])))
+        dyn = search.run("fallback", f"+ dynamic: {name}", moved)
+        if dyn.meets_budget:
+            dynamic.append(name)
+            return dyn
+    moved = replace(cand, float_nodes=tuple(sorted([*floats, name])), dynamic_nodes=tuple(sorted(dynamic)))
+    flo = search.run("fallback", f"+ float: {name}", moved)
+    if dyn is not None and not flo.meets_budget and search.key(dyn) >= search.key(flo):
+        dynamic.append(name)
+        return dyn
+    floats.append(name)
+    return flo
+
+
 def _stage_fallback(search: _Search, best: Trial) -> Trial:
-    """3. Return nodes to float until the budget holds; 4. re-quantize those it does not need."""
+    """3. Move nodes to run-time quantization or float until the budget holds; 4. undo the moves it does not need."""
     floats: list[str] = []
+    dynamic: list[str] = []
+    moved: list[str] = []
     for name in _fallback_order(search, best)[: search.options.max_fallback]:
-        floats.append(name)
-        cand = replace(best.candidate, float_nodes=tuple(sorted(floats)))
-        trial = search.run("fallback", f"+ float: {name}", cand)
+        moved.append(name)
+        trial = _one_notch(search, best, name, floats, dynamic)
         if trial.meets_budget:
             best = search.keep(trial)
             break
-    if best.meets_budget:  # prune: re-quantize what the budget does not need, most MACs first (then latest)
-        latest = {n: i for i, n in enumerate(floats)}
-        for name in sorted(floats[:-1], key=lambda n: (-(search.macs.get(n) or 0), -latest[n])):
-            rest = tuple(n for n in best.candidate.float_nodes if n != name)
-            trial = search.run("prune", f"- float: {name} (quantized again)", replace(best.candidate, float_nodes=rest))
+    if best.meets_budget:
+        best = _prune(search, best, moved)
+    return best
+
+
+def _prune(search: _Search, best: Trial, moved: list[str]) -> Trial:
+    """Quantize statically again what the budget does not need, most MACs first (then latest); a float
+    MatMul/Gemm that must stay tries run-time quantization. The last move is needed: it only tries the latter."""
+    latest = {n: i for i, n in enumerate(moved)}
+    for name in sorted(moved, key=lambda n: (-(search.macs.get(n) or 0), -latest[n])):
+        c = best.candidate
+        rest_f = tuple(n for n in c.float_nodes if n != name)
+        rest_d = tuple(n for n in c.dynamic_nodes if n != name)
+        tries: list[tuple[str, Candidate]] = []
+        if name != moved[-1]:
+            tries.append((f"- {'float' if name in c.float_nodes else 'dynamic'}: {name} (quantized again)",
+                          replace(c, float_nodes=rest_f, dynamic_nodes=rest_d)))  # fmt: skip
+        if name in c.float_nodes and name in search.dynamic_ok:
+            to_dynamic = replace(c, float_nodes=rest_f, dynamic_nodes=tuple(sorted([*rest_d, name])))
+            tries.append((f"float -> dynamic: {name}", to_dynamic))
+        for action, cand in tries:
+            trial = search.run("prune", action, cand)
             if trial.meets_budget:
                 best = search.keep(trial)
+                break
     return best
 
 
 def _settle(search: _Search, best: Trial) -> Trial:
-    """The cheapest trial that met the budget (``cheapest``), or an error naming the closest one."""
-    chosen = cheapest(search.trials, search.macs, search.key)
-    if chosen is not None:
+    """The cheapest trial that met the budget, confirmed by timing the cheapest few (``confirm.fastest``),
+    or an error naming the closest one."""
+    met = ranked(search.trials, search.costs, search.key)
+    if met:
+        chosen = _timed_choice(search, met)
         if chosen.step != best.step or not best.meets_budget:
-            search.log(f"cheapest in the budget: step {chosen.step} ({model_cost(chosen.candidate, search.macs):,.0f})")
+            cost = model_cost(chosen.candidate, search.costs)
+            search.log(f"cheapest in the budget: step {chosen.step} (cost {cost:,.0f})")
         return search.keep(chosen)
     closest = max(search.trials, key=search.key)
     raise BudgetNotMetError(
         f"no quantization met the budget ({search.options.budget.describe()}) after {len(search.trials)} trials; "
         f"best: {_describe(closest)}; loosen the budget or raise --search-max-fallback"
     )
+
+
+def _timed_choice(search: _Search, met: list[Trial]) -> Trial:
+    """The fastest at batch 1 of the ``options.confirm`` cheapest trials (the cheapest when not timed)."""
+    top = met[: max(1, search.options.confirm)]
+    timer = search.options.timer
+    if timer is None or len(top) < 2 or search.reference is None:
+        return top[0]
+    models = [search.cache[t.candidate][1] for t in top]
+    index, timed = fastest(models, search.reference, search.ev.latency_feed, timer)
+    times = ", ".join(f"step {top[t.rank].step} {t.speedup:.2f}x" for t in timed)
+    search.log(f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times}")
+    return top[index]
 
 
 def _local(err: LayerError) -> float:
@@ -748,7 +694,7 @@ def closest_quantized(result: SearchResult, compute_nodes: Sequence[str]) -> Tri
     if not kept:
         return None
     return max(
-        kept, key=lambda t: (_key(_Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
+        kept, key=lambda t: (key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
     )
 
 
@@ -769,6 +715,8 @@ def _describe(t: Trial) -> str:
     )
     parts.append(f"{t.speedup_b1:.2f}x FP32 at b1")
     parts.append(f"{len(t.candidate.float_nodes)} float")
+    if t.candidate.dynamic_nodes:
+        parts.append(f"{len(t.candidate.dynamic_nodes)} dynamic")
     parts.append("meets budget" if t.meets_budget else "misses budget")
     return ", ".join(parts)
 

@@ -1,15 +1,16 @@
 """Recipes: the decisions of an accuracy-driven search, saved so that ``convert --recipe`` replays them.
 
 A recipe is a small JSON document that a person can read and edit (schema ``quantcli.recipe/1``;
-``quantcli.recipe/2`` when it also fixes algorithms, so that an older quantcli refuses it instead of
-replaying it without them):
+``quantcli.recipe/2`` when it also fixes algorithms, ``quantcli.recipe/3`` when it runs nodes with
+run-time activation quantization, so that an older quantcli refuses it instead of replaying it without them):
 
 * ``model_sha256``: the FP32 model it was made for (replaying on another model is refused);
 * ``config``: integer types and options (activation/weight type, per-channel, reduce-range, ...);
 * ``method`` and ``percentile``: how every activation's clip range is chosen from the calibration;
 * ``tensor_methods``: per-tensor exceptions to ``method`` (tensor name -> method);
 * ``float_nodes``: nodes kept in float by the search, exactly by name;
-* ``algorithms`` (schema 2): CLE, SmoothQuant alpha and bias correction, applied before ``method``
+* ``dynamic_nodes`` (schema 3): MatMul/Gemm run with run-time activation quantization, exactly by name;
+* ``algorithms`` (schema 2, or 3): CLE, SmoothQuant alpha and bias correction, applied before ``method``
   (``config.weight_clipping`` holds the fourth algorithm);
 * ``search``: what was measured when the recipe was made (budget, metric, latency); informative only.
 
@@ -36,11 +37,21 @@ from quantcli.core.options import (
 )
 from quantcli.graph.model_io import atomic_output
 
-__all__ = ["RECIPE_SCHEMA", "RECIPE_SCHEMA_ALGORITHMS", "Recipe", "read_recipe", "write_recipe"]
+__all__ = [
+    "RECIPE_SCHEMA",
+    "RECIPE_SCHEMA_ALGORITHMS",
+    "RECIPE_SCHEMA_DYNAMIC",
+    "Recipe",
+    "read_recipe",
+    "write_recipe",
+]
 
 RECIPE_SCHEMA = "quantcli.recipe/1"
 #: written when the recipe fixes algorithms; both are read
 RECIPE_SCHEMA_ALGORITHMS = "quantcli.recipe/2"
+#: written when the recipe runs nodes with run-time activation quantization (with or without algorithms)
+RECIPE_SCHEMA_DYNAMIC = "quantcli.recipe/3"
+_SCHEMAS = (RECIPE_SCHEMA, RECIPE_SCHEMA_ALGORITHMS, RECIPE_SCHEMA_DYNAMIC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +66,7 @@ class Recipe:
     float_nodes: tuple[str, ...] = ()
     search: dict[str, Any] = field(default_factory=dict)
     algorithms: AlgorithmOptions = field(default_factory=AlgorithmOptions)
+    dynamic_nodes: tuple[str, ...] = ()
 
 
 def _config_to_json(config: QuantConfig) -> dict[str, Any]:
@@ -69,6 +81,7 @@ def _config_to_json(config: QuantConfig) -> dict[str, Any]:
         "exclude_nodes": list(config.exclude_nodes),
         "fold_relu": config.fold_relu,
         "weight_clipping": str(config.weight_clipping),
+        **({"dynamic_nodes": list(config.dynamic_nodes)} if config.dynamic_nodes else {}),
     }
 
 
@@ -84,6 +97,7 @@ def _config_from_json(data: dict[str, Any]) -> QuantConfig:
         exclude_nodes=tuple(data.get("exclude_nodes", [])),
         fold_relu=bool(data.get("fold_relu", True)),
         weight_clipping=WeightClipping(data.get("weight_clipping", "absmax")),
+        dynamic_nodes=tuple(data.get("dynamic_nodes", [])),
     )
 
 
@@ -100,7 +114,11 @@ def recipe_to_json(recipe: Recipe) -> dict[str, Any]:
     """The JSON document of ``recipe`` (keys in a fixed order, so files are reproducible)."""
     a = recipe.algorithms
     doc: dict[str, Any] = {
-        "schema": RECIPE_SCHEMA_ALGORITHMS if a.needs_data else RECIPE_SCHEMA,
+        "schema": RECIPE_SCHEMA_DYNAMIC
+        if recipe.dynamic_nodes
+        else RECIPE_SCHEMA_ALGORITHMS
+        if a.needs_data
+        else RECIPE_SCHEMA,
         "model_sha256": recipe.model_sha256,
         "config": _config_to_json(recipe.config),
     }
@@ -111,6 +129,7 @@ def recipe_to_json(recipe: Recipe) -> dict[str, Any]:
         percentile=recipe.percentile,
         tensor_methods={name: str(m) for name, m in recipe.tensor_methods},
         float_nodes=list(recipe.float_nodes),
+        **({"dynamic_nodes": list(recipe.dynamic_nodes)} if recipe.dynamic_nodes else {}),
         search=recipe.search,
     )
     return doc
@@ -139,7 +158,7 @@ def read_recipe(path: Path, *, expected_sha256: str | None = None) -> Recipe:
         raise ArtifactMismatchError(f"{path}: is a directory, not a recipe file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactMismatchError(f"{path}: not a quantcli recipe (not JSON: {exc})") from None
-    if not isinstance(data, dict) or data.get("schema") not in (RECIPE_SCHEMA, RECIPE_SCHEMA_ALGORITHMS):
+    if not isinstance(data, dict) or data.get("schema") not in _SCHEMAS:
         found = data.get("schema") if isinstance(data, dict) else None
         raise ArtifactMismatchError(
             f"{path}: not a {RECIPE_SCHEMA} recipe (schema {found!r}); write it with 'quantcli convert --save-recipe'"
@@ -154,8 +173,9 @@ def read_recipe(path: Path, *, expected_sha256: str | None = None) -> Recipe:
             float_nodes=tuple(str(n) for n in data.get("float_nodes", [])),
             search=dict(data.get("search", {})),
             algorithms=_algorithms_from_json(data["algorithms"])
-            if data["schema"] == RECIPE_SCHEMA_ALGORITHMS
+            if data["schema"] == RECIPE_SCHEMA_ALGORITHMS or "algorithms" in data
             else AlgorithmOptions(),
+            dynamic_nodes=tuple(str(n) for n in data.get("dynamic_nodes", [])),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactMismatchError(f"{path}: malformed recipe ({type(exc).__name__}: {exc})") from None

@@ -1,0 +1,108 @@
+"""The accuracy budget a searched model must keep, and how a candidate's score is judged against it.
+
+A ``Budget`` bounds the top-1 drop (points, against labels or FP32's own top-1), the output SQNR and,
+in the task's own terms, agreement, cosine and IoU on every output of their kind
+(``quantcli.compare.gates.kind_gates``). ``meets`` says whether a ``Score`` holds every bound given;
+``key`` orders scores (larger is better) by the budgeted metric, then SQNR.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from quantcli.compare.gates import kind_gates
+from quantcli.compare.output_kinds import KindMetrics
+from quantcli.core.errors import QuantCliError
+
+__all__ = ["AGREEMENT", "Budget", "BudgetNotMetError", "Score", "key", "kind_margin", "meets"]
+
+#: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
+AGREEMENT = "agreement"
+
+
+class BudgetNotMetError(QuantCliError):
+    """No configuration the search tried met the accuracy budget."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """The accuracy a quantized model must keep. ``None`` means the bound is not checked."""
+
+    max_accuracy_drop: float | None = None  # points of top-1 (per scored position; agreement without labels)
+    min_sqnr_db: float | None = None  # on every float output
+    #: share of samples whose decision equals FP32's, on every classifier/sequence/binary output
+    min_agreement: float | None = None
+    min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
+    min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
+
+    def describe(self) -> str:
+        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99``."""
+        parts = []
+        if self.max_accuracy_drop is not None:
+            parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
+        if self.min_sqnr_db is not None:
+            parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
+        parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
+        return ", ".join(parts)
+
+    def kind_bounds(self) -> list[tuple[str, float]]:
+        """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
+        named = (("min-agreement", self.min_agreement), ("min-cosine", self.min_cosine), ("min-iou", self.min_iou))
+        return [(name, bound) for name, bound in named if bound is not None]
+
+    def is_empty(self) -> bool:
+        """No bound is checked."""
+        return self.max_accuracy_drop is None and self.min_sqnr_db is None and not self.kind_bounds()
+
+    def record(self) -> dict[str, float | None]:
+        """The bounds for a recipe (the task-level ones only when given, so older recipes read the same)."""
+        bounds: dict[str, float | None] = {
+            "max_accuracy_drop": self.max_accuracy_drop,
+            "min_sqnr_db": self.min_sqnr_db,
+        }
+        bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
+        return bounds
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """A candidate's measured fidelity: top-1 and drop (when measured), lowest SQNR, task metrics."""
+
+    accuracy: float | None
+    accuracy_drop: float | None
+    sqnr_db: float
+    kinds: tuple[KindMetrics, ...] = ()
+
+
+def kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
+    """The smallest margin (value - bound) over every task-level bound and output it applies to."""
+    bounds = budget.kind_bounds()
+    if not bounds:
+        return None
+    values = [g.value - g.bound for name, bound in bounds for g in kind_gates(name, list(kinds), bound)]
+    return -math.inf if any(math.isnan(v) for v in values) else min(values)
+
+
+def meets(score: Score, budget: Budget) -> bool:
+    if budget.max_accuracy_drop is not None and (
+        score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
+    ):
+        return False
+    margin = kind_margin(score.kinds, budget)
+    if margin is not None and margin < -1e-12:
+        return False
+    return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
+
+
+def key(score: Score, budget: Budget) -> tuple[float, float]:
+    """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
+    margin = kind_margin(score.kinds, budget)
+    if budget.max_accuracy_drop is not None:
+        primary = -(score.accuracy_drop or 0.0)
+    elif margin is not None:
+        primary = margin
+    else:
+        primary = score.sqnr_db
+    return (round(primary, 9), round(score.sqnr_db, 6))

@@ -469,6 +469,14 @@ def convert(
         list[str] | None,
         typer.Option("--exclude-nodes", help="Node names to keep float: glob, or re:REGEX.", rich_help_panel=QUANT),
     ] = None,
+    dynamic_nodes: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dynamic-nodes",
+            help="MatMul/Gemm names (glob, or re:REGEX) whose input is quantized at run time, in the static plan.",
+            rich_help_panel=QUANT,
+        ),
+    ] = None,
     require_fused: Annotated[
         bool,
         typer.Option(
@@ -649,6 +657,7 @@ def convert(
         tuple(split_list(exclude_op_types)),
         tuple(split_list(exclude_nodes)),
         weight_clipping,
+        tuple(split_list(dynamic_nodes)),
     )
     budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold)
     request = convert_request(

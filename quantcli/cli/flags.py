@@ -56,6 +56,7 @@ FLAGS: dict[str, str] = {
     "batch_axes": "--batch-axis",
     "output_kinds": "--output-kind",
     "smoothquant": "--smoothquant",
+    "dynamic_nodes": "--dynamic-nodes",
 }
 
 
@@ -154,6 +155,7 @@ class QuantFlags:
     exclude_op_types: tuple[str, ...] = ()
     exclude_nodes: tuple[str, ...] = ()
     weight_clipping: WeightClipping = WeightClipping.ABSMAX
+    dynamic_nodes: tuple[str, ...] = ()
 
     def static_config(self) -> QuantConfig:
         """The static mode's config; ``auto`` choices follow this host."""
@@ -168,6 +170,7 @@ class QuantFlags:
             exclude_op_types=frozenset(self.exclude_op_types),
             exclude_nodes=self.exclude_nodes,
             weight_clipping=self.weight_clipping,
+            dynamic_nodes=self.dynamic_nodes,
         )
 
     def exclusions(self) -> QuantConfig:
@@ -195,6 +198,7 @@ class ModeFlags:
             "--reduce-range": q.reduce_range != Toggle.AUTO,
             "--op-types": bool(q.op_types),
             "--require-fused": require_fused,
+            "--dynamic-nodes": bool(q.dynamic_nodes),
         }
         allowed = {
             ConvertMode.STATIC: set(given) - {"--block-size"},

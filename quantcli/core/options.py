@@ -98,6 +98,8 @@ class QuantConfig:
         fold_relu: merge Relu/Clip into the producer's output quantization range.
         weight_clipping: absmax, or the per-channel clip ratio with the least weight MSE.
         disabled_rules: planning rules and checks switched off by name (``quantcli.static.rules.RULE_NAMES``).
+        dynamic_nodes: node-name patterns (like ``exclude_nodes``) of MatMul/Gemm nodes whose input is
+            quantized at run time (DynamicQuantizeLinear) inside the static plan, weights int8 offline.
     """
 
     activation_type: QuantDType = QuantDType.UINT8
@@ -111,3 +113,4 @@ class QuantConfig:
     fold_relu: bool = True
     weight_clipping: WeightClipping = WeightClipping.ABSMAX
     disabled_rules: frozenset[str] = field(default_factory=frozenset)
+    dynamic_nodes: tuple[str, ...] = ()

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from quantcli.core.errors import UnsupportedModelError
 from quantcli.core.host import detect_host
 from quantcli.core.options import QuantDType
 from quantcli.core.qmath import params_from_range, quantize
@@ -43,9 +44,9 @@ from quantcli.modes.common import (
     dense_weight_problem,
     finish,
 )
-from quantcli.static.plan import Skip, SkipCode
+from quantcli.static.plan import QuantPlan, Skip, SkipCode
 
-__all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "default_options", "quantize_dynamic"]
+__all__ = ["DEFAULT_OP_TYPES", "DynamicOptions", "default_options", "lower_dynamic_nodes", "quantize_dynamic"]
 
 #: Conv is opt-in: ConvInteger is not a fused kernel in onnxruntime (im2col + integer GEMM, then
 #: separate Cast/Mul/Add) and measured slower than float Conv on the models tried (see README)
@@ -63,6 +64,7 @@ class DynamicOptions:
         reduce_range: 7-bit weights.
         op_types: which op types are rewritten (subset of MatMul, Gemm, Conv).
         exclude_nodes: node names left float (exact names; patterns are resolved by the caller).
+        only_nodes: when given, only these node names are rewritten (a static plan's dynamic nodes).
     """
 
     weight_type: QuantDType = QuantDType.INT8
@@ -70,6 +72,7 @@ class DynamicOptions:
     reduce_range: bool = False
     op_types: frozenset[str] = DEFAULT_OP_TYPES
     exclude_nodes: frozenset[str] = frozenset()
+    only_nodes: frozenset[str] | None = None
 
 
 def default_options() -> DynamicOptions:
@@ -165,6 +168,8 @@ class _Rewriter:
     def visit(self, node: onnx.NodeProto) -> None:
         if node.op_type not in self.opts.op_types or node.domain not in ("", "ai.onnx"):
             return
+        if self.opts.only_nodes is not None and node.name not in self.opts.only_nodes:
+            return
         if node.name in self.opts.exclude_nodes:
             self.skipped.append(Skip(node.name, node.op_type, SkipCode.NODE_EXCLUDED))
             return
@@ -237,3 +242,30 @@ def quantize_dynamic(model: onnx.ModelProto, opts: DynamicOptions | None = None)
         "run time (DynamicQuantizeLinear)",
     )
     return out, ModeReport(ConvertMode.DYNAMIC, tuple(rw.converted), tuple(rw.skipped), notes)
+
+
+def lower_dynamic_nodes(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """Rewrite the static plan's ``dynamic_nodes`` of a lowered QDQ ``model`` for run-time activation quantization.
+
+    The static lowering's dynamic hook (``quantcli.static.lowering.apply_plan(..., dynamic=...)``): the
+    nodes read float tensors there, and become this mode's pattern with the plan's weight choices
+    (int8 unless the plan's weights are uint8, per channel unless per-tensor, 7-bit if ``reduce_range``).
+
+    Raises:
+        UnsupportedModelError: a planned node could not be rewritten (planning checks the same things).
+    """
+    config = plan.config
+    weight_type = config.weight_type if config.weight_type in (QuantDType.INT8, QuantDType.UINT8) else QuantDType.INT8
+    opts = DynamicOptions(
+        weight_type=weight_type,
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        op_types=frozenset({"MatMul", "Gemm"}),
+        only_nodes=frozenset(plan.dynamic_nodes),
+    )
+    out, report = quantize_dynamic(model, opts)
+    missing = sorted(set(plan.dynamic_nodes) - {name for name, _, _ in report.converted})
+    if missing:
+        reasons = "; ".join(f"{s.node}: {s.reason}" for s in report.skipped if s.node in missing)
+        raise UnsupportedModelError(f"run-time activation quantization failed for {missing}: {reasons or 'not found'}")
+    return out

@@ -175,10 +175,11 @@ def plan(ctx: ConvertContext) -> None:
 
 def lower(ctx: ConvertContext) -> None:
     """Rewrite the plan into a QDQ model."""
+    from quantcli.modes.dynamic import lower_dynamic_nodes
     from quantcli.static.lowering import apply_plan
 
     prepared = need(ctx.prepared, "the model")
-    ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"))
+    ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"), dynamic=lower_dynamic_nodes)
     if above_protobuf_limit(prepared):  # the tail reads only its graph: drop the second copy of the weights
         ctx.prepared = split_weights(prepared)[0]
 

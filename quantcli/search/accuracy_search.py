@@ -56,6 +56,7 @@ from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, Calibrat
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.session import make_session
+from quantcli.modes.dynamic import lower_dynamic_nodes
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
@@ -311,13 +312,13 @@ def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
     float_nodes = frozenset(cand.float_nodes)
     plan = make_plan(base.prepared, chosen, base.config, float_nodes=float_nodes)
     if not base.algorithms.bias_correction:
-        return apply_plan(base.prepared, plan), plan, None
+        return apply_plan(base.prepared, plan, dynamic=lower_dynamic_nodes), plan, None
     if base.bias_stats is None:
         raise ValueError("bias correction needs the base's bias_stats")
     # the ranges are the calibration's (taken before correction), as convert without a search does
     corrected, report = correct_biases(base.prepared, plan, base.bias_stats)
     plan = make_plan(corrected, chosen, base.config, float_nodes=float_nodes)
-    return apply_plan(corrected, plan), plan, report
+    return apply_plan(corrected, plan, dynamic=lower_dynamic_nodes), plan, report
 
 
 # ---- measuring ---------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ def _config_to_json(config: QuantConfig) -> dict[str, Any]:
         "exclude_nodes": list(config.exclude_nodes),
         "fold_relu": config.fold_relu,
         "weight_clipping": str(config.weight_clipping),
+        **({"dynamic_nodes": list(config.dynamic_nodes)} if config.dynamic_nodes else {}),
     }
 
 
@@ -84,6 +85,7 @@ def _config_from_json(data: dict[str, Any]) -> QuantConfig:
         exclude_nodes=tuple(data.get("exclude_nodes", [])),
         fold_relu=bool(data.get("fold_relu", True)),
         weight_clipping=WeightClipping(data.get("weight_clipping", "absmax")),
+        dynamic_nodes=tuple(data.get("dynamic_nodes", [])),
     )
 
 

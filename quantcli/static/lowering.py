@@ -8,6 +8,7 @@ same plan always gives the same bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ from quantcli.static.plan import (
 )
 from quantcli.static.planning import FLOAT_READ_OPS
 
-__all__ = ["apply_plan", "required_opset"]
+__all__ = ["DynamicLowering", "apply_plan", "required_opset"]
 
 _ONNX_TYPES = {
     QuantDType.UINT8: onnx.TensorProto.UINT8,
@@ -52,6 +53,10 @@ def required_opset(plan: QuantPlan) -> int:
         return 21
     return 13
 
+
+#: rewrites a lowered model's run-time quantized MatMul/Gemm (``QuantPlan.dynamic_nodes``); the one in use
+#: is ``quantcli.modes.dynamic.lower_dynamic_nodes`` (modes/ sits below static/, so callers pass it in)
+DynamicLowering = Callable[[onnx.ModelProto, QuantPlan], onnx.ModelProto]
 
 _PACKED = {QuantDType.INT4: onnx.TensorProto.INT4, QuantDType.UINT4: onnx.TensorProto.UINT4}
 
@@ -124,8 +129,17 @@ class _PlanIndex:
         )
 
 
-def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """Return a new model with ``plan`` applied (``model`` is left untouched)."""
+def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, dynamic: DynamicLowering | None = None) -> onnx.ModelProto:
+    """Return a new model with ``plan`` applied (``model`` is left untouched).
+
+    ``dynamic`` rewrites the plan's ``dynamic_nodes`` after the Q/DQ are placed (they read float tensors
+    until then); a plan with dynamic nodes and no ``dynamic`` is refused rather than left float.
+    """
+    if plan.dynamic_nodes and dynamic is None:
+        raise ValueError(
+            f"the plan runs {len(plan.dynamic_nodes)} MatMul/Gemm with run-time activation quantization; "
+            "pass dynamic=quantcli.modes.dynamic.lower_dynamic_nodes"
+        )
     opset = model_opset(model)
     need = required_opset(plan)
     if opset < need:
@@ -137,7 +151,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
     _rewrite_graph(editor.graph, _PlanIndex.of(plan), {})
     if plan.recurrent:
         editor.use_domain("com.microsoft", 1)
-    return editor.build()
+    lowered = editor.build()
+    return dynamic(lowered, plan) if dynamic is not None and plan.dynamic_nodes else lowered
 
 
 def _int8_gather(node: onnx.NodeProto, e: EmbeddingQuant, indices: str, consts: _Constants) -> list[onnx.NodeProto]:

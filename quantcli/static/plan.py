@@ -71,6 +71,8 @@ class SkipCode(StrEnum):
     GRAPH_OUTPUT = "graph-output"
     OUTPUTS_ONLY = "outputs-only"
     READ_BY_FLOAT_COMPUTE = "read-by-float-compute"
+    # MatMul/Gemm whose input is quantized at run time inside the static plan (``QuantPlan.dynamic_nodes``)
+    RUNTIME_ACTIVATION = "runtime-activation"
     # the dynamic, weight-only and fp16 modes (``quantcli.modes``): the detail is the sentence
     MODE_UNSUPPORTED = "mode-unsupported"
     # rules that pass a node on to the next rule of the table (never a Skip on their own)
@@ -112,6 +114,7 @@ _TEMPLATES: dict[SkipCode, str] = {
     SkipCode.GRAPH_OUTPUT: "graph output (kept float)",
     SkipCode.OUTPUTS_ONLY: "its output only reaches graph outputs (no integer op reads it)",
     SkipCode.READ_BY_FLOAT_COMPUTE: "read by a Conv/MatMul/Gemm kept in float",
+    SkipCode.RUNTIME_ACTIVATION: "run-time activation quantization ({detail})",
     SkipCode.MODE_UNSUPPORTED: "{detail}",
     SkipCode.NOT_APPLICABLE: "{detail}",
 }
@@ -294,6 +297,9 @@ class QuantPlan:
     float_nodes: frozenset[str] = field(default_factory=frozenset)
     #: rules that did not fire on a node and passed it on, and Relu/Clip folds not made (why, as data)
     declined: tuple[Declined, ...] = ()
+    #: MatMul/Gemm run with run-time activation quantization (DynamicQuantizeLinear, int8 weights): they
+    #: read float tensors here, like a float compute node, and the lowering's dynamic hook rewrites them
+    dynamic_nodes: tuple[str, ...] = ()
 
     def summary(self) -> dict[str, int]:
         """Counts per op type of quantized nodes."""

@@ -17,7 +17,10 @@ integer kernel; one rule family per unit kind, each file stating its math:
 * Mul/Div by a positive scalar constant, a new scale and no kernel: ``rules/rescale.py``;
 * HardSigmoid/HardSwish as QLinearAdd (+ QLinearMul): ``rules/hard.py``;
 * Gather on a large constant table, int8 rows: ``rules/embedding.py``;
-* LSTM as DynamicQuantizeLSTM: ``rules/recurrent.py``.
+* LSTM as DynamicQuantizeLSTM: ``rules/recurrent.py``;
+* MatMul/Gemm with run-time activation quantization (``QuantConfig.dynamic_nodes``, or a rule calling
+  ``PlanContext.mark_dynamic``): ``rules/dynamic.py``; they read float tensors here and are rewritten
+  by the lowering's dynamic hook (``QuantPlan.dynamic_nodes``).
 
 The constants and types of those modules are re-exported here, where callers have always found them.
 """
@@ -32,7 +35,7 @@ import onnx
 from quantcli.core.host import SpeedOracle
 from quantcli.core.options import QuantConfig
 from quantcli.core.qmath import QuantParams
-from quantcli.core.selection import NodeSelector
+from quantcli.core.selection import NodeSelector, first_matching_pattern
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.scopes import CONTROL_FLOW_OPS, node_subgraphs
 from quantcli.static.plan import (
@@ -46,6 +49,7 @@ from quantcli.static.recurrent import recurrent_input_producers
 from quantcli.static.rules import DEFAULT_OP_TYPES, RULE_NAMES, SUPPORTED_OP_TYPES, rules_for
 from quantcli.static.rules._context import SENTINEL_MAGNITUDE, PlanContext
 from quantcli.static.rules.compute import COMPUTE_OPS
+from quantcli.static.rules.dynamic import dynamic_problem, dynamic_rejection
 from quantcli.static.rules.elementwise import ELEMENTWISE_OPS
 from quantcli.static.rules.embedding import EMBEDDING_MIN_BYTES
 from quantcli.static.rules.fold import FOLDABLE_OPS
@@ -81,6 +85,8 @@ __all__ = [
 #: node of these types that quantcli keeps in float must read the float tensor, not the DQ output
 FLOAT_READ_OPS = frozenset({"Conv", "MatMul", "Gemm", "ConvTranspose"})
 #: op types whose skip by the options is not worth a line in the report
+#: the name run-time activation quantization's declined lines carry (``PlanContext.declined``)
+DYNAMIC_RULE = "dynamic"
 _QUIET_OPS = frozenset({"Constant", "Shape", "Cast", "Relu", "Clip", "Identity", *CONTROL_FLOW_OPS})
 
 
@@ -103,8 +109,10 @@ def _run_rules(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | None:
 
 
 def _plan_node(ctx: PlanContext, node: onnx.NodeProto) -> None:
-    """Selection, then the rules; a Conv/MatMul/Gemm left float locks its outputs float."""
+    """Selection, then the rules; a Conv/MatMul/Gemm left float (or run-time quantized) locks its outputs float."""
     selected_out = selection_rejection(ctx, SUPPORTED_OP_TYPES, node)
+    if selected_out is None and node.name in ctx.dynamic:
+        selected_out = dynamic_rejection()
     if selected_out is not None:
         if node.op_type in COMPUTE_OPS:
             ctx.float_locked.update(o for o in node.output if o)
@@ -131,12 +139,25 @@ def _drop_unread_float_outputs(ctx: PlanContext) -> None:
             del ctx.act[tensor]
 
 
-def _plan_nodes(ctx: PlanContext, graph: onnx.GraphProto) -> None:
+def _mark_dynamic(ctx: PlanContext, graph: onnx.GraphProto, names: frozenset[str]) -> None:
+    """Mark the MatMul/Gemm asked for by name or ``config.dynamic_nodes`` pattern (and not excluded) dynamic."""
+    patterns = ctx.config.dynamic_nodes
+    for n in graph.node:
+        asked = n.name in names or first_matching_pattern(patterns, n.name) is not None
+        if not asked or option_rejection(ctx.selector, SUPPORTED_OP_TYPES, n) is not None:
+            continue
+        if ctx.mark_dynamic(n) is None:
+            problem = "inside a subgraph" if ctx.in_subgraph else dynamic_problem(ctx.index, n) or ""
+            ctx.decline(n, DYNAMIC_RULE, Rejection(SkipCode.MODE_UNSUPPORTED, problem))
+
+
+def _plan_nodes(ctx: PlanContext, graph: onnx.GraphProto, dynamic_names: frozenset[str]) -> None:
     ctx.float_compute = {
         n.name
         for n in graph.node
         if n.op_type in FLOAT_READ_OPS and option_rejection(ctx.selector, SUPPORTED_OP_TYPES, n) is not None
     }
+    _mark_dynamic(ctx, graph, dynamic_names)
     for node in graph.node:
         if node.name not in ctx.folded_names:
             _plan_node(ctx, node)
@@ -153,6 +174,8 @@ class _PlanInputs:
     keep_float: Mapping[str, str]
     speed: SpeedOracle
     act: dict[str, QuantParams] = field(default_factory=dict)
+    #: exact names of MatMul/Gemm run with run-time activation quantization (besides the config's patterns)
+    dynamic_names: frozenset[str] = frozenset()
 
 
 def _plan_graph(
@@ -174,7 +197,7 @@ def _plan_graph(
         keep_float=inputs.keep_float,
         speed=inputs.speed,
     )
-    _plan_nodes(ctx, graph)
+    _plan_nodes(ctx, graph, inputs.dynamic_names)
     done.append((path, ctx))
     graph_inputs = {i.name for i in graph.input}
     visible = {**outer, **{t.name: t for t in graph.initializer if t.name not in graph_inputs}}
@@ -202,6 +225,7 @@ def _assemble(done: list[tuple[str, PlanContext]], inputs: _PlanInputs) -> Quant
         hard=tuple(h for c in ctxs for h in c.hard),
         float_nodes=inputs.selector.names,
         declined=tuple(d for c in ctxs for d in c.declined),
+        dynamic_nodes=tuple(sorted(n for c in ctxs for n in c.dynamic)),
     )
 
 
@@ -212,6 +236,7 @@ def make_plan(
     *,
     float_nodes: frozenset[str] = frozenset(),
     speed: SpeedOracle | None = None,
+    dynamic_nodes: frozenset[str] = frozenset(),
 ) -> QuantPlan:
     """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``.
 
@@ -224,6 +249,8 @@ def make_plan(
         ranges: calibrated range per tensor (per-tensor method overrides already applied).
         config: types and options; ``config.disabled_rules`` names rules or checks switched off.
         float_nodes: node names kept in float exactly by name (an accuracy search's or a recipe's choice).
+        dynamic_nodes: MatMul/Gemm names run with run-time activation quantization (``rules.dynamic``),
+            besides ``config.dynamic_nodes`` patterns; a name that is also a float node stays float.
         speed: how fast integer kernels run (``quantcli.core.host.SpeedOracle``); None: measured on this
             host (``quantcli.verify.kernel_speed.host_oracle``, cached per host).
 
@@ -239,7 +266,9 @@ def make_plan(
         from quantcli.verify import kernel_speed
 
         speed = kernel_speed.host_oracle()
-    inputs = _PlanInputs(ranges, config, selector, recurrent_input_producers(model), speed)
+    inputs = _PlanInputs(
+        ranges, config, selector, recurrent_input_producers(model), speed, dynamic_names=frozenset(dynamic_nodes)
+    )
     done: list[tuple[str, PlanContext]] = []
     _plan_graph(model.graph, "", {}, inputs, done)
     return _assemble(done, inputs)

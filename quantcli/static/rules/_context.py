@@ -30,6 +30,7 @@ from quantcli.static.plan import (
     Skip,
     WeightQuant,
 )
+from quantcli.static.rules.dynamic import dynamic_problem, dynamic_rejection
 from quantcli.static.rules.fold import fold_output
 from quantcli.stats.ranges import TensorRange
 
@@ -78,6 +79,8 @@ class PlanContext:
     weight_cache: dict[tuple[str, int | None], QuantizedTensor] = field(default_factory=dict)
     #: how fast integer kernels run on the target host (rules that trade speed ask it)
     speed: SpeedOracle = field(default_factory=ConstantSpeedOracle)
+    #: MatMul/Gemm run with run-time activation quantization (``rules.dynamic``); read like float compute
+    dynamic: set[str] = field(default_factory=set)
 
     def enabled(self, name: str) -> bool:
         """False when rule or check ``name`` is in ``config.disabled_rules``."""
@@ -142,6 +145,19 @@ class PlanContext:
     def reject(self, node: onnx.NodeProto, rejection: Rejection) -> None:
         """Leave ``node`` in float for ``rejection``."""
         self.skipped.append(Skip.of(node, rejection))
+
+    def mark_dynamic(self, node: onnx.NodeProto) -> Rejection | None:
+        """Run ``node`` with run-time activation quantization; the decision a rule returns, or None.
+
+        None when ``node`` cannot (``rules.dynamic.dynamic_problem``): the caller plans it otherwise.
+        The node reads float tensors from here on, like a float Conv/MatMul/Gemm; a producer planned
+        earlier may keep a Q/DQ on its output, which the lowering does not give this node.
+        """
+        if self.in_subgraph or dynamic_problem(self.index, node) is not None:
+            return None
+        self.dynamic.add(node.name)
+        self.float_compute.add(node.name)
+        return dynamic_rejection()
 
     def decline(self, node: onnx.NodeProto, rule: str, rejection: Rejection) -> None:
         """Record that ``rule`` passed ``node`` on (kept as data, never a skip)."""

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -915,7 +916,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "manifest.json"
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    fetch_minilm(args.out, manifest, args.force)  # torch + transformers, dev-only
+    if args.only or (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")):
+        fetch_minilm(args.out, manifest, args.force)  # torch + transformers, dev-only
+    else:
+        print(f"[skip] {MINILM.name}: needs torch and transformers (dev-only: pip install torch transformers)")
     if args.only:
         manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
         return 0

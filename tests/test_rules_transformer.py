@@ -16,11 +16,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from quantcli.core.options import QuantConfig
+from quantcli.graph.index import GraphIndex
 from quantcli.modes.dynamic import lower_dynamic_nodes
 from quantcli.passes.preprocess import preprocess
 from quantcli.static.lowering import apply_plan
 from quantcli.static.plan import QuantPlan, SkipCode
 from quantcli.static.planning import make_plan
+from quantcli.static.rules.encoder import attention_context_matmuls, attention_score_matmuls, self_attention
 from quantcli.stats.calibration import calibrate
 from quantcli.verify.audit import audit_fusion
 from tests import helpers, models
@@ -120,7 +122,7 @@ def test_the_plan_names_each_decision() -> None:
     for bias in ("q", "k", "v", "o", "up", "down"):
         assert skips[bias].code == SkipCode.LINEAR_BIAS_FLOAT and skips[bias].detail == f"bias of '{bias}_mm'"
     assert skips["down_mm"].code == SkipCode.RUNTIME_ACTIVATION
-    assert "outlier channels" in skips["down_mm"].reason and "attention at 'scores'" in skips["down_mm"].reason
+    assert "outlier channels" in skips["down_mm"].reason and "attention at 'ctx'" in skips["down_mm"].reason
     assert skips["scores"].code == skips["ctx"].code == SkipCode.ATTENTION_FLOAT
     assert skips["scores"].reason == skips["ctx"].reason  # one sentence per code: reports group by it
     assert skips["scores"].detail == "attention scores (q.kT) before a Softmax"
@@ -147,3 +149,31 @@ def test_the_repaired_block_still_runs_integer_kernels() -> None:
     assert {name.split("/")[0] for name, _ in fused.float_compute_nodes} == {"scores", "ctx"}
     share = fused.integer_mac_share()
     assert share is not None and share > 0.8
+
+
+def test_attention_is_found_through_an_upgraded_softmax() -> None:
+    """onnx's version converter wraps an opset < 13 Softmax in Flatten/Reshape: still self-attention."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        _mm("x", "wq", "q"),
+        _mm("x", "wk", "k"),
+        _mm("x", "wv", "v"),
+        helper.make_node("Transpose", ["k"], ["kt"], name="kt", perm=[0, 2, 1]),
+        _mm("q", "kt", "scores"),
+        helper.make_node("Flatten", ["scores"], ["flat"], name="flat", axis=2),
+        helper.make_node("Softmax", ["flat"], ["p2"], name="p2", axis=1),
+        helper.make_node("Reshape", ["p2", "shape"], ["p"], name="p"),
+        _mm("p", "v", "ctx"),
+    ]
+    inits = [models._init(f"w{n}", rng.normal(size=(D, D))) for n in "qkv"]
+    shape = helper.make_tensor("shape", TensorProto.INT64, [3], [-1, T, T])
+    model = models.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", T, D])],
+        [helper.make_tensor_value_info("ctx", TensorProto.FLOAT, ["N", T, D])],
+        [*inits, shape],
+    )
+    index = GraphIndex.build(model.graph)
+    assert attention_score_matmuls(index) == {"scores"}
+    assert attention_context_matmuls(index) == {"ctx"}
+    assert self_attention(index) == {"scores", "ctx"}

@@ -1,6 +1,7 @@
 """Transformer encoders: their linear layers take run-time activation ranges.
 
-In a self-attention graph (an activation x activation MatMul whose scores reach a Softmax), a
+In a self-attention graph (an activation x activation MatMul whose scores reach a Softmax, or one
+that reads its probabilities), a
 MatMul/Gemm with a constant weight runs with its activation quantized at run time
 (``rules.dynamic``; onnxruntime fuses it into DynamicQuantizeMatMul):
 
@@ -33,13 +34,20 @@ if TYPE_CHECKING:
     from quantcli.graph.index import GraphIndex
     from quantcli.static.rules._context import PlanContext
 
-__all__ = ["ENCODER_LINEAR", "NORMALIZATION_OPS", "attention_context_matmuls", "attention_score_matmuls"]
+__all__ = [
+    "ENCODER_LINEAR",
+    "NORMALIZATION_OPS",
+    "attention_context_matmuls",
+    "attention_score_matmuls",
+    "self_attention",
+]
 
 #: ops that normalize per token (their input is the residual stream, ``rules.residual``)
 NORMALIZATION_OPS = frozenset({"LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"})
-#: ops that may sit between the attention scores' MatMul and the Softmax (scale, mask, bias, layout)
+#: ops that may sit between the attention MatMuls and the Softmax (scale, mask, bias, layout; Flatten: the
+#: version converter wraps an opset < 13 Softmax in Flatten/Reshape)
 _SCORE_PATH_OPS = frozenset(
-    {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity"}
+    {"Mul", "Div", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"}
 )
 #: how many such ops the walk back from a Softmax crosses
 _SCORE_PATH_DEPTH = 4
@@ -77,15 +85,20 @@ def attention_context_matmuls(index: GraphIndex) -> frozenset[str]:
     return frozenset(found)
 
 
+def self_attention(index: GraphIndex) -> frozenset[str]:
+    """The attention MatMuls of the graph (scores and context); empty: no self-attention."""
+    return attention_score_matmuls(index) | attention_context_matmuls(index)
+
+
 def check_encoder_linear(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | str:
     """Why this linear layer of an encoder takes run-time ranges, or why it is not one (passed on)."""
     if ctx.in_subgraph or dynamic_problem(ctx.index, node) is not None:
         return Rejection(SkipCode.NOT_APPLICABLE, "no constant-weight MatMul/Gemm at the top level")
-    scores = attention_score_matmuls(ctx.index)
-    if not scores:
+    attention = self_attention(ctx.index)
+    if not attention:
         return Rejection(SkipCode.NOT_APPLICABLE, "no self-attention in this graph")
     return (
-        f"{DYNAMIC_DETAIL}; a linear layer of a transformer encoder (attention at '{min(scores)}'): "
+        f"{DYNAMIC_DETAIL}; a linear layer of a transformer encoder (attention at '{min(attention)}'): "
         "outlier channels make a calibrated range too wide"
     )
 

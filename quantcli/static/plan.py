@@ -79,6 +79,11 @@ class SkipCode(StrEnum):
     GELU_TANH_CUBIC = "gelu-tanh-cubic"
     # MatMul/Gemm whose input is quantized at run time inside the static plan (``QuantPlan.dynamic_nodes``)
     RUNTIME_ACTIVATION = "runtime-activation"
+    # transformer encoders (``quantcli.static.rules.residual``): an Add of the residual stream, a linear layer's bias
+    RESIDUAL_STREAM = "residual-stream"
+    LINEAR_BIAS_FLOAT = "linear-bias-float"
+    # transformer encoders (``quantcli.static.rules.attention``): q.kT and softmax.v stay float
+    ATTENTION_FLOAT = "attention-float"
     # the dynamic, weight-only and fp16 modes (``quantcli.modes``): the detail is the sentence
     MODE_UNSUPPORTED = "mode-unsupported"
     # rules that pass a node on to the next rule of the table (never a Skip on their own)
@@ -129,6 +134,16 @@ _TEMPLATES: dict[SkipCode, str] = {
     # ``quantcli.static.rules.gelu_tanh``
     SkipCode.GELU_TANH_CUBIC: "{detail}",
     SkipCode.RUNTIME_ACTIVATION: "run-time activation quantization ({detail})",
+    # e.g. "transformer encoder: residual stream read by LayerNormalization (outlier channels)"
+    # one sentence per code: the reports group nodes by code ("by reason")
+    SkipCode.RESIDUAL_STREAM: "transformer encoder: residual-stream Add read by a LayerNorm (outlier channels)",
+    SkipCode.LINEAR_BIAS_FLOAT: (
+        "transformer encoder: bias Add of a linear layer, added in float to its float output (no second rounding)"
+    ),
+    SkipCode.ATTENTION_FLOAT: (
+        "transformer encoder: attention MatMul of two activations (q.kT or softmax.v; the softmax's uint8 grid "
+        "loses every weight below 1/255)"
+    ),
     SkipCode.MODE_UNSUPPORTED: "{detail}",
     SkipCode.NOT_APPLICABLE: "{detail}",
 }

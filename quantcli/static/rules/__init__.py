@@ -34,16 +34,19 @@ from typing import Any
 
 from quantcli.static.rules._context import SENTINEL_CHECK, PlanContext
 from quantcli.static.rules._rule import Rule
+from quantcli.static.rules.attention import ATTENTION
 from quantcli.static.rules.compute import COMPUTE, COMPUTE_OPS
 from quantcli.static.rules.depthwise import DEPTHWISE, slow_depthwise
 from quantcli.static.rules.elementwise import ELEMENTWISE, ELEMENTWISE_OPS, OUTPUTS_ONLY_CHECK
 from quantcli.static.rules.embedding import EMBEDDING
+from quantcli.static.rules.encoder import ENCODER_LINEAR
 from quantcli.static.rules.fold import FOLD_RULE
 from quantcli.static.rules.gelu_tanh import GELU_TANH
 from quantcli.static.rules.hard import HARD, HARD_OPS
 from quantcli.static.rules.movement import MOVEMENT, MOVEMENT_OPS
 from quantcli.static.rules.recurrent import LSTM, RECURRENT_OPS
 from quantcli.static.rules.rescale import DIV, RESCALE, RESCALE_OPS
+from quantcli.static.rules.residual import RESIDUAL
 from quantcli.static.rules.selection import RECURRENT_FEED_RULE
 from quantcli.static.rules.stem import STEM
 from quantcli.static.rules.variance_square import VARIANCE_SQUARE
@@ -64,9 +67,12 @@ RULES: tuple[Rule[Any], ...] = (
     LSTM,
     STEM,
     DEPTHWISE,
+    ENCODER_LINEAR,
+    ATTENTION,
     COMPUTE,
     VARIANCE_SQUARE,
     GELU_TANH,
+    RESIDUAL,
     RESCALE,
     DIV,
     HARD,

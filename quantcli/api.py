@@ -24,7 +24,7 @@ from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConf
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
 from quantcli.data.images import ImagePreprocess
-from quantcli.graph.model_io import file_sha256, load_model
+from quantcli.graph.model_io import file_sha256, graph_only, load_model
 from quantcli.graph.scopes import walk_graphs
 from quantcli.graph.session import make_session
 from quantcli.modes.common import ConvertMode
@@ -351,14 +351,18 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
     With ``request.ray`` the accuracy part runs in shard tasks on Ray (``quantcli.distributed``), the
     same result; latency and memory are always measured here.
     """
-    from quantcli.compare.accuracy import measure_accuracy, open_compare_data
+    from quantcli.compare.accuracy import load_for_compare, measure_accuracy, open_compare_data
 
     r = request
-    ref_model, cand_model = load_model(r.reference_path), load_model(r.candidate_path)
+    ref_model = load_for_compare(r.reference_path, per_layer=r.per_layer)
+    cand_model = load_for_compare(r.candidate_path, per_layer=r.per_layer)
     _check_signatures(ref_model, cand_model, r.reference_path, r.candidate_path)
     dataset = open_compare_data(r, ref_model)
+    integer_kernels = audit_fusion(r.candidate_path).integer_op_counts()  # from the file; before the sessions
     ref = make_session(ref_model, threads=r.threads, source=str(r.reference_path))
     cand = make_session(cand_model, threads=r.threads, source=str(r.candidate_path))
+    if not r.per_layer:  # only per-layer errors read the models again: above 2 GB keep their graphs only
+        ref_model, cand_model = graph_only(ref_model), graph_only(cand_model)
     if r.ray is not None:
         from quantcli.distributed import compare_accuracy_on_ray
 
@@ -376,7 +380,7 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
         latency=latency,
         reference_bytes=r.reference_path.stat().st_size,
         candidate_bytes=r.candidate_path.stat().st_size,
-        integer_kernels=audit_fusion(cand_model).integer_op_counts(),
+        integer_kernels=integer_kernels,
         layers=accuracy.layers,
         task_metric=accuracy.task_metric,
         reference_peak_mb=ref_peak,

@@ -17,6 +17,7 @@ one-process result to the bit. Output kinds are detected on the data's first bat
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,7 +30,7 @@ from quantcli.compare.output_kinds import KindMetrics, KindPlan, OutputKindObser
 from quantcli.core.errors import CalibrationDataError
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, model_input_specs, open_dataset
-from quantcli.graph.model_io import load_model
+from quantcli.graph.model_io import load_model, stored_above_limit
 from quantcli.graph.session import Session, make_session
 from quantcli.stats.shards import ShardSpec
 
@@ -42,6 +43,7 @@ __all__ = [
     "accuracy_shard",
     "finish_accuracy",
     "first_batch_plan",
+    "load_for_compare",
     "measure_accuracy",
     "open_compare_data",
     "run_accuracy_shard",
@@ -80,6 +82,12 @@ class AccuracyShard:
                 self.collected.setdefault(key, []).extend(batches)
         if self.layers is not None and later.layers is not None:
             self.layers.merge(later.layers)
+
+
+def load_for_compare(path: Path, *, per_layer: bool) -> onnx.ModelProto:
+    """A model to compare: above 2 GB without per-layer errors, only its graph (onnxruntime reads the
+    weights from their files: no copy in this process's protobuf); else the whole model."""
+    return load_model(path, weights=per_layer or not stored_above_limit(path))
 
 
 def open_compare_data(request: CompareRequest, reference: onnx.ModelProto) -> Dataset:
@@ -183,7 +191,8 @@ def run_accuracy_shard(request: CompareRequest, shard: ShardSpec, plan: dict[str
     """What one shard task runs (on a worker): open both models and the data at the request's paths,
     and measure shard ``shard``. A custom metric's function is not called here: the outputs are
     collected for the caller (``request.metric`` names it; its function may be left out)."""
-    ref_model, cand_model = load_model(request.reference_path), load_model(request.candidate_path)
+    ref_model = load_for_compare(request.reference_path, per_layer=request.per_layer)
+    cand_model = load_for_compare(request.candidate_path, per_layer=request.per_layer)
     dataset = open_compare_data(request, ref_model)
     part = shard_window(dataset, request.batch_size, shard)
     ref = make_session(ref_model, threads=request.threads, source=str(request.reference_path))

@@ -32,6 +32,7 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, model_input_specs, open_dataset
 from quantcli.graph.model_io import load_model, stored_above_limit
 from quantcli.graph.session import Session, make_session
+from quantcli.stats.collector import default_memory_budget
 from quantcli.stats.shards import ShardSpec
 
 if TYPE_CHECKING:
@@ -130,10 +131,13 @@ def accuracy_shard(
     *,
     plan: dict[str, KindPlan] | None = None,
     progress: Progress = no_progress,
+    max_memory: int | None = None,
 ) -> AccuracyShard:
     """The mergeable accuracy state of (FP32, quantized) ``models`` on ``dataset`` (all, or a ``shard_window``).
 
     ``plan``: the output kinds from the data's first batch (None: detected here, on ``dataset``'s first).
+    ``max_memory``: bytes the per-layer pass's exposed tensors may take (None: its default); it
+    decides only how many passes that takes, never the result.
     """
     r = request
     metric = r.metric or MetricSpec("top1")
@@ -144,7 +148,9 @@ def accuracy_shard(
         progress=progress, observe=kinds,
     )  # fmt: skip
     layers = (
-        layer_statistics(models[0], models[1], dataset, batch_size=r.batch_size, progress=progress)
+        layer_statistics(
+            models[0], models[1], dataset, batch_size=r.batch_size, max_memory=max_memory, progress=progress
+        )
         if r.per_layer
         else None
     )
@@ -200,7 +206,8 @@ def run_accuracy_shard(request: CompareRequest, shard: ShardSpec, plan: dict[str
     metric = request.metric or MetricSpec("top1")
     if metric.function is None and ":" in metric.name:  # a custom metric whose function stayed behind
         request = replace(request, metric=replace(metric, function=_collect_only))
-    return accuracy_shard((ref_model, cand_model), (ref, cand), part, request, plan=plan)
+    budget = default_memory_budget() // shard.count  # the shards may share this host: so many budgets at once
+    return accuracy_shard((ref_model, cand_model), (ref, cand), part, request, plan=plan, max_memory=budget)
 
 
 def _collect_only(outputs: dict[str, np.ndarray], labels: np.ndarray | None) -> float:

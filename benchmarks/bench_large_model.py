@@ -79,10 +79,19 @@ def generate(path: Path, width: int, layers: int, seed: int) -> None:
         np.savez(path.with_name(f"{split}.npz"), x=rng_data.standard_normal((count, width), dtype=np.float32))
 
 
-def run(cmd: list[str]) -> tuple[float, float, int, str]:
-    """Wall seconds, peak RSS (MiB), exit code and the last lines of output of one child process."""
+def run(cmd: list[str], cap_gib: float | None = None) -> tuple[float, float, int, str]:
+    """Wall seconds, peak RSS (MiB), exit code and the last lines of output of one child process
+    (its address space capped at ``cap_gib``, so that a shared machine is never run out of memory)."""
+
+    def limit() -> None:
+        if cap_gib is not None:
+            import resource
+
+            cap = int(cap_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -104,6 +113,13 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--reuse", action="store_true", help="reuse a model already generated in --workdir")
+    parser.add_argument(
+        "--only",
+        choices=("calibrate", "convert", "compare"),
+        action="append",
+        help="run only these commands (repeatable; with --reuse --keep, one at a time)",
+    )
+    parser.add_argument("--cap-gib", type=float, help="address-space limit of each command (RLIMIT_AS), GiB")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -125,13 +141,15 @@ def main() -> int:
     ]
     failed = False
     for name, cmd in steps:
-        wall, rss, code, tail = run([*cmd, "--force"] if name != "compare" else cmd)
+        if args.only and name not in args.only:
+            continue
+        wall, rss, code, tail = run([*cmd, "--force"] if name != "compare" else cmd, args.cap_gib)
         print(f"{name:<10} wall {wall:7.1f} s  peak RSS {rss:8.0f} MiB  exit {code}")
         if code != 0:
             print("  " + tail.replace("\n", "\n  "))
             failed = True
             break
-    if not failed:
+    if not failed and quant.exists():
         print(f"quantized: {size_of(quant) / 2**30:.3f} GiB (beside it: {quant.name}.data)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -24,7 +24,7 @@ from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConf
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
 from quantcli.data.images import ImagePreprocess
-from quantcli.graph.model_io import file_sha256, load_model
+from quantcli.graph.model_io import file_sha256, graph_only, load_model
 from quantcli.graph.scopes import walk_graphs
 from quantcli.graph.session import make_session
 from quantcli.modes.common import ConvertMode
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from quantcli.compare.evaluate import LatencyComparison
-    from quantcli.compare.metrics import MetricSpec, TaskMetric
+    from quantcli.compare.metrics import MetricSpec
     from quantcli.compare.output_kinds import OutputKind
     from quantcli.data.datasets import Dataset
     from quantcli.modes.dynamic import DynamicOptions
@@ -143,6 +143,8 @@ class CompareOptions(TypedDict, total=False):
     images: ImagePreprocess | None
     output_kinds: Mapping[str, OutputKind] | None
     map_threshold: float
+    ray: str | None
+    shards: int | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -344,51 +346,46 @@ def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Pat
 
 
 def compare_models(request: CompareRequest, *, progress: Progress = no_progress) -> CompareResult:
-    """Compare ``request.candidate_path`` (quantized) against ``request.reference_path`` (FP32) on the same data."""
-    from quantcli.compare.evaluate import compare_outputs
-    from quantcli.compare.layers import per_layer_errors
-    from quantcli.compare.metrics import MetricSpec
-    from quantcli.compare.output_kinds import OutputKindObserver
+    """Compare ``request.candidate_path`` (quantized) against ``request.reference_path`` (FP32) on the same data.
+
+    With ``request.ray`` the accuracy part runs in shard tasks on Ray (``quantcli.distributed``), the
+    same result; latency and memory are always measured here.
+    """
+    from quantcli.compare.accuracy import load_for_compare, measure_accuracy, open_compare_data
 
     r = request
-    ref_model, cand_model = load_model(r.reference_path), load_model(r.candidate_path)
+    ref_model = load_for_compare(r.reference_path, per_layer=r.per_layer)
+    cand_model = load_for_compare(r.candidate_path, per_layer=r.per_layer)
     _check_signatures(ref_model, cand_model, r.reference_path, r.candidate_path)
-    dataset = open_dataset(
-        r.data_path, model_input_specs(ref_model), max_samples=r.max_samples, batch_axes=r.batch_axes, images=r.images
-    )
+    dataset = open_compare_data(r, ref_model)
+    integer_kernels = audit_fusion(r.candidate_path).integer_op_counts()  # from the file; before the sessions
     ref = make_session(ref_model, threads=r.threads, source=str(r.reference_path))
     cand = make_session(cand_model, threads=r.threads, source=str(r.candidate_path))
-    metric = r.metric or MetricSpec("top1")
-    collected: dict[str, list[list[np.ndarray]]] | None = {} if metric.function is not None else None
-    kinds = OutputKindObserver(r.output_kinds, map_threshold=r.map_threshold)
-    outputs = compare_outputs(
-        ref, cand, dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected, progress=progress,
-        observe=kinds,
-    )  # fmt: skip
-    task_metric = _task_metric(metric, collected, [o.name for o in ref.get_outputs()], dataset)
-    del collected
+    if not r.per_layer:  # only per-layer errors read the models again: above 2 GB keep their graphs only
+        ref_model, cand_model = graph_only(ref_model), graph_only(cand_model)
+    if r.ray is not None:
+        from quantcli.distributed import compare_accuracy_on_ray
+
+        accuracy = compare_accuracy_on_ray(r, (ref_model, cand_model), ref, dataset)
+    else:
+        accuracy = measure_accuracy((ref_model, cand_model), (ref, cand), dataset, r, progress=progress)
     latency = _latencies(r, ref, cand, dataset)
     ref_peak, cand_peak = _peak_memory(r, dataset) if r.measure_memory else (None, None)
-    layers = (
-        per_layer_errors(ref_model, cand_model, dataset, batch_size=r.batch_size, progress=progress)
-        if r.per_layer
-        else []
-    )
     return CompareResult(
         reference_path=r.reference_path,
         candidate_path=r.candidate_path,
         data_path=r.data_path,
         num_samples=dataset.num_samples,
-        outputs=outputs,
+        outputs=accuracy.outputs,
         latency=latency,
         reference_bytes=r.reference_path.stat().st_size,
         candidate_bytes=r.candidate_path.stat().st_size,
-        integer_kernels=audit_fusion(cand_model).integer_op_counts(),
-        layers=layers,
-        task_metric=task_metric,
+        integer_kernels=integer_kernels,
+        layers=accuracy.layers,
+        task_metric=accuracy.task_metric,
         reference_peak_mb=ref_peak,
         candidate_peak_mb=cand_peak,
-        kinds=kinds.results(),
+        kinds=accuracy.kinds,
     )
 
 
@@ -433,21 +430,6 @@ def inspect_model(
         subgraphs=len(graphs) - 1,
         op_counts=dict(sorted(ops.items(), key=lambda kv: (-kv[1], kv[0]))),
         audit=audit_fusion(path, feed=feed),
-    )
-
-
-def _task_metric(
-    metric: MetricSpec, collected: dict[str, list[list[np.ndarray]]] | None, names: list[str], dataset: Dataset
-) -> TaskMetric | None:
-    """A custom metric on all outputs of both models (None for top-k metrics)."""
-    from quantcli.compare.metrics import TaskMetric, evaluate_custom
-
-    if collected is None:
-        return None
-    return TaskMetric(
-        metric.name,
-        evaluate_custom(metric, collected["reference"], names, dataset.labels),
-        evaluate_custom(metric, collected["candidate"], names, dataset.labels),
     )
 
 

@@ -138,3 +138,50 @@ def test_skeleton_above_the_limit_is_one_line_in_the_cli(tmp_path, external_mlp,
     assert result.exit_code != 0
     assert "Traceback" not in result.output
     assert "onnxruntime cannot load it" in " ".join(result.output.split())
+
+
+def test_model_read_without_its_weights_runs_from_its_files(tmp_path, external_mlp, monkeypatch):
+    """``load_model(weights=False)``: no weight in the protobuf; onnxruntime reads them from the data file."""
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
+    model, data = external_mlp
+    assert model_io.stored_above_limit(model)
+    graph_only = load_model(model, weights=False)
+    assert graph_only.ByteSize() < 4000 and model_io.external_base(graph_only) == tmp_path.resolve()
+    x = np.load(data)["x"][:4]
+    expected = make_session(load_model(model)).run(None, {"x": x})[0]  # weights as arrays
+    np.testing.assert_array_equal(make_session(graph_only).run(None, {"x": x})[0], expected)
+    np.testing.assert_array_equal(make_session(augmented(graph_only, ["r0"])).run(["y"], {"x": x})[0], expected)
+
+
+def test_compare_above_the_limit_reads_no_weight_and_measures_the_same(tmp_path, external_mlp, monkeypatch):
+    from quantcli.api import CompareRequest, compare_models
+
+    model, data = external_mlp
+    out = _end_to_end(tmp_path, model, data)
+    request = CompareRequest(model, out, data, latency_batch_sizes=())
+    below = compare_models(request)  # the whole model in memory
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
+    loads: list[bool] = []
+    real_load = model_io.load_model
+
+    def spy(path: Path, *, weights: bool = True) -> onnx.ModelProto:
+        loads.append(weights)
+        return real_load(path, weights=weights)
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("quantcli.compare.accuracy"), "load_model", spy)
+    above = compare_models(request)
+    assert loads[0] is False  # the FP32 model: its graph only
+    assert above.outputs == below.outputs and above.kinds == below.kinds
+    with_layers = compare_models(CompareRequest(model, out, data, latency_batch_sizes=(), per_layer=True))
+    assert with_layers.outputs == below.outputs and with_layers.layers and loads[-1] is True
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros((3, 5), np.float32), np.ones(7, np.float16), np.arange(6, dtype=np.int8), np.array([True, False])],
+)
+def test_skeleton_sizes_weights_without_reading_them(array):
+    tensor = numpy_helper.from_array(array, "t")
+    assert model_io._raw_size(tensor) == len(tensor.raw_data)

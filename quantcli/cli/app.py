@@ -777,6 +777,19 @@ def compare(
     map_threshold: Annotated[
         float, typer.Option(help="Where map outputs are cut into masks for IoU.", rich_help_panel=MEASURE)
     ] = DEFAULT_MAP_THRESHOLD,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            metavar="ADDRESS",
+            help="Measure accuracy in shards as Ray tasks, merged into the same result; latency stays on this "
+            "host ('local': start Ray on this machine; else a cluster address, e.g. auto). "
+            "Needs pip install 'quantcli[ray]'.",
+            rich_help_panel=MEASURE,
+        ),
+    ] = None,
+    shards: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: shards (default: one per CPU).", rich_help_panel=MEASURE)
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Measure accuracy, error and latency of the quantized model against the FP32 one."""
@@ -797,8 +810,8 @@ def compare(
         batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
         output_kinds=parse_output_kinds(output_kind),
-        map_threshold=map_threshold,
-    )
+        map_threshold=map_threshold, ray=ray, shards=shards,
+    )  # fmt: skip
     result = api.compare_models(request, progress=_progress(quiet))
     thresholds = GateFlags(
         max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio, min_cosine, min_iou

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -33,9 +33,12 @@ __all__ = [
     "Interval",
     "LatencyComparison",
     "LatencyStats",
+    "OutputAccumulator",
     "OutputMetrics",
+    "accumulate_outputs",
     "compare_outputs",
     "measure_latency",
+    "ordered_sum",
 ]
 
 
@@ -81,15 +84,31 @@ def _wilson(successes: int, n: int) -> Interval:
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
 
 
+def ordered_sum(parts: list[float]) -> float:
+    """``parts`` added left to right, as a running total over batches adds them (never reordered or
+    compensated, so a total merged from shards' per-batch parts is the one process's to the bit)."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return total
+
+
 @dataclass(slots=True)
-class _Accumulator:
+class OutputAccumulator:
+    """One output's running error statistics over batches, mergeable across shards of the data.
+
+    Float energies are kept per batch (``signals``, ``noises``) and added in batch order only when
+    the result is read, and cosines per sample; so shards over contiguous blocks of batches, merged
+    in order (``merge``), give exactly the one-process result.
+    """
+
     name: str
-    signal: float = 0.0
-    noise: float = 0.0
+    signals: list[float] = field(default_factory=list)
+    noises: list[float] = field(default_factory=list)
     count: int = 0
     elements: int = 0
     max_abs: float = 0.0
-    cosines: list[np.ndarray] | None = None
+    cosines: list[np.ndarray] = field(default_factory=list)
     agree: int = 0
     classifier: bool = True
     correct_ref: int = 0
@@ -98,10 +117,11 @@ class _Accumulator:
     topk: int = 1
 
     def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> None:
+        """Fold in one batch of both models' values of this output (``labels`` for its samples)."""
         ref64, q64 = ref.astype(np.float64), q.astype(np.float64)
         err = ref64 - q64
-        self.signal += float(np.sum(ref64 * ref64))
-        self.noise += float(np.sum(err * err))
+        self.signals.append(float(np.sum(ref64 * ref64)))
+        self.noises.append(float(np.sum(err * err)))
         self.elements += int(err.size)
         self.max_abs = max(self.max_abs, float(np.max(np.abs(err))) if err.size else 0.0)
         n = ref.shape[0] if ref.ndim else 1
@@ -110,8 +130,6 @@ class _Accumulator:
         flat_q = q64.reshape(n, -1)
         norms = np.linalg.norm(flat_r, axis=1) * np.linalg.norm(flat_q, axis=1)
         cos = np.where(norms > 0, np.sum(flat_r * flat_q, axis=1) / np.where(norms > 0, norms, 1), 1.0)
-        if self.cosines is None:
-            self.cosines = []
         self.cosines.append(cos)
         self.classifier = self.classifier and ref.ndim == 2 and ref.shape[-1] > 1
         if self.classifier:
@@ -125,15 +143,31 @@ class _Accumulator:
                 self.correct_q += int(np.sum(np.any(best_q == labels[:, None], axis=1)))
                 self.labelled += n
 
+    def merge(self, later: OutputAccumulator) -> None:
+        """Append ``later``: the same output's statistics over the batches that follow these."""
+        self.signals += later.signals
+        self.noises += later.noises
+        self.count += later.count
+        self.elements += later.elements
+        self.max_abs = max(self.max_abs, later.max_abs)
+        self.cosines += later.cosines
+        self.agree += later.agree
+        self.classifier = self.classifier and later.classifier
+        self.correct_ref += later.correct_ref
+        self.correct_q += later.correct_q
+        self.labelled += later.labelled
+
     def result(self) -> OutputMetrics:
-        sqnr = 10 * math.log10(self.signal / self.noise) if self.noise > 0 else float("inf")
+        """The metrics over every batch folded in."""
+        signal, noise = ordered_sum(self.signals), ordered_sum(self.noises)
+        sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
         cos = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
         return OutputMetrics(
             name=self.name,
             num_samples=self.count,
             sqnr_db=sqnr,
             cosine=_mean_interval(cos),
-            mse=self.noise / self.elements if self.elements else 0.0,
+            mse=noise / self.elements if self.elements else 0.0,
             max_abs_error=self.max_abs,
             top1_agreement=_wilson(self.agree, self.count) if self.classifier else None,
             accuracy_fp32=_wilson(self.correct_ref, self.labelled) if self.labelled else None,
@@ -159,11 +193,32 @@ def compare_outputs(
     custom metric that needs all outputs at once). ``observe(names, reference outputs, candidate
     outputs, samples)`` is called for every batch (``quantcli.compare.output_kinds``).
     """
+    accs = accumulate_outputs(
+        reference, candidate, dataset, batch_size=batch_size, topk=topk, collect=collect, progress=progress,
+        observe=observe,
+    )  # fmt: skip
+    return [acc.result() for acc in accs if acc.count]
+
+
+def accumulate_outputs(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    dataset: Dataset,
+    *,
+    batch_size: int = 32,
+    topk: int = 1,
+    collect: dict[str, list[list[np.ndarray]]] | None = None,
+    progress: Progress = no_progress,
+    observe: Callable[[list[str], list[np.ndarray], list[np.ndarray], int], None] | None = None,
+) -> list[OutputAccumulator]:
+    """``compare_outputs`` before the metrics are read: one accumulator per output, in output order,
+    to merge with those of the following shards (``dataset`` may be a ``Dataset.window``: its labels
+    are read from the window's first sample on)."""
     names = [o.name for o in reference.get_outputs()]
-    accs = {n: _Accumulator(n, topk=topk) for n in names}
+    accs = {n: OutputAccumulator(n, topk=topk) for n in names}
     size = dataset.effective_batch_size(batch_size)
     total = -(-dataset.num_samples // size)
-    offset = 0
+    offset = dataset.kept[0] if dataset.kept is not None else 0
     for feed in progress(dataset.batches(size), total, "comparing", size):
         try:
             ref_out = reference.run(names, feed)
@@ -182,7 +237,7 @@ def compare_outputs(
         if collect is not None:
             collect.setdefault("reference", []).append(ref_out)
             collect.setdefault("candidate", []).append(q_out)
-    return [accs[n].result() for n in names if accs[n].count]
+    return list(accs.values())
 
 
 @dataclass(frozen=True, slots=True)

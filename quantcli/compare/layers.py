@@ -21,12 +21,14 @@ measured (a layer inside a branch is not cut out alone), so ``local_sqnr_db`` is
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
 import onnx
 
+from quantcli.compare.evaluate import ordered_sum
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import submodel_extractor
@@ -36,7 +38,7 @@ from quantcli.graph.session import augmented, make_session
 from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import CollectOptions, ErrorRequest, ErrorStats, collect
 
-__all__ = ["LayerError", "per_layer_errors"]
+__all__ = ["LayerError", "LayerStatistics", "layer_errors", "layer_statistics", "per_layer_errors"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +122,61 @@ def _sqnr(signal: float, noise: float) -> float:
     return 10 * math.log10(signal / noise)
 
 
+@dataclass(slots=True)
+class _PartsErrorStats(ErrorStats):
+    """``ErrorStats`` keeping each batch's energies, so that shards over contiguous blocks of batches
+    merge into the one-process sums to the bit (``settle`` adds them in batch order)."""
+
+    signals: list[float] = field(default_factory=list)
+    noises: list[float] = field(default_factory=list)
+
+    def update(self, values: Sequence[np.ndarray]) -> None:
+        """Fold one batch in (its energies kept apart, and added to the running totals)."""
+        signal, noise = self.signal, self.noise
+        self.signal = self.noise = 0.0
+        ErrorStats.update(self, values)  # from zero: the batch's own energies
+        self.signals.append(self.signal)
+        self.noises.append(self.noise)
+        self.signal, self.noise = signal + self.signal, noise + self.noise
+
+    def settle(self) -> None:
+        """``signal`` and ``noise`` as the running totals over the batches, in order."""
+        self.signal, self.noise = ordered_sum(self.signals), ordered_sum(self.noises)
+
+    def merge(self, later: _PartsErrorStats) -> None:
+        """Append ``later``: the same tensor over the batches that follow these."""
+        if self.first is None:
+            self.first = later.first
+        self.signals += later.signals
+        self.noises += later.noises
+        self.lo, self.hi = min(self.lo, later.lo), max(self.hi, later.hi)
+        self.batches += later.batches
+        self.settle()
+
+
+@dataclass(frozen=True, slots=True)
+class _PartsErrorRequest(ErrorRequest):
+    def observer(self) -> ErrorStats:
+        """A fresh observer that keeps per-batch energies."""
+        return _PartsErrorStats(self.keep_first_empty)
+
+
+@dataclass(slots=True)
+class LayerStatistics:
+    """What the per-layer pass observed: each compared tensor's error statistics over the data (or
+    a shard of it: ``merge`` appends the next shard's), before the errors in isolation and the hints."""
+
+    names: list[str]
+    pairs: dict[str, _Pair]
+    main: set[str]
+    stats: dict[str, _PartsErrorStats]
+
+    def merge(self, later: LayerStatistics) -> None:
+        """Append ``later``: the same tensors over the batches that follow these."""
+        for t, s in later.stats.items():
+            self.stats[t].merge(s)
+
+
 def per_layer_errors(
     reference: onnx.ModelProto,
     quantized: onnx.ModelProto,
@@ -135,21 +192,46 @@ def per_layer_errors(
     Both models stream the data through the statistics collector (one ``ErrorRequest`` per
     tensor), in memory groups under ``max_memory`` (None: a quarter of the memory available).
     """
+    stats = layer_statistics(
+        reference, quantized, dataset, batch_size=batch_size, max_memory=max_memory, progress=progress
+    )
+    return layer_errors(reference, quantized, stats, local=local)
+
+
+def layer_statistics(
+    reference: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    dataset: Dataset,
+    *,
+    batch_size: int = 32,
+    max_memory: int | None = None,
+    progress: Progress = no_progress,
+) -> LayerStatistics:
+    """``per_layer_errors``'s pass over ``dataset`` (all of it, or a ``Dataset.window`` of it)."""
     pairs = _qdq_pairs(quantized)
     ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
-    q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
     graph_inputs = {i.name for i in reference.graph.input}
     names = [t for t in pairs if t in ref_producers or t in graph_inputs]
+    main = {o for n in reference.graph.node for o in n.output} | graph_inputs
     if not names:
-        return []
+        return LayerStatistics([], pairs, main, {})
     ref_model, ref_out = _exposed(reference, names)
     q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
     names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
-    main = {o for n in reference.graph.node for o in n.output} | graph_inputs
-    requests = {t: ErrorRequest(ref_out[t], q_out[pairs[t].dq], keep_first_empty=t in main) for t in names}
+    requests = {t: _PartsErrorRequest(ref_out[t], q_out[pairs[t].dq], keep_first_empty=t in main) for t in names}
     options = CollectOptions(batch_size=batch_size, max_memory=max_memory, desc="per-layer")
     collected = collect([ref_model, q_model], dataset, list(requests.values()), options, progress=progress)
-    stats = {t: cast(ErrorStats, collected[r]) for t, r in requests.items()}
+    stats = {t: cast(_PartsErrorStats, collected[r]) for t, r in requests.items()}
+    return LayerStatistics(names, pairs, main, stats)
+
+
+def layer_errors(
+    reference: onnx.ModelProto, quantized: onnx.ModelProto, statistics: LayerStatistics, *, local: bool = True
+) -> list[LayerError]:
+    """The per-layer errors from the statistics of all the data (``local``: with errors in isolation)."""
+    names, pairs, main, stats = statistics.names, statistics.pairs, statistics.main, statistics.stats
+    ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
+    q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
     first_ref = {t: s.first for t, s in stats.items() if s.first is not None}
     local_sqnr = (
         _local_errors(quantized, pairs, names, {t: v for t, v in first_ref.items() if t in main}) if local else {}

@@ -40,6 +40,7 @@ __all__ = [
     "AGREEMENT_KINDS",
     "DEFAULT_MAP_THRESHOLD",
     "KindMetrics",
+    "KindPlan",
     "OutputKind",
     "OutputKindObserver",
     "detect_kind",
@@ -186,16 +187,16 @@ class _KindAccumulator:
     kind: OutputKind
     reason: str
     threshold: float
-    signal: float = 0.0
-    noise: float = 0.0
+    signals: list[float] = field(default_factory=list)
+    noises: list[float] = field(default_factory=list)
     count: int = 0
     agree: int = 0
     scores: list[np.ndarray] = field(default_factory=list)
 
     def update(self, ref: np.ndarray, q: np.ndarray) -> None:
         ref64, q64 = ref.astype(np.float64), q.astype(np.float64)
-        self.signal += float(np.sum(ref64 * ref64))
-        self.noise += float(np.sum((ref64 - q64) ** 2))
+        self.signals.append(float(np.sum(ref64 * ref64)))
+        self.noises.append(float(np.sum((ref64 - q64) ** 2)))
         self.count += ref.shape[0]
         if self.kind in AGREEMENT_KINDS:
             self.agree += int(np.sum(_decisions_equal(self.kind, ref64, q64, self.threshold)))
@@ -204,8 +205,17 @@ class _KindAccumulator:
         elif self.kind == OutputKind.MAP:
             self.scores.append(_ious(ref64 > self.threshold, q64 > self.threshold))
 
+    def merge(self, later: _KindAccumulator) -> None:
+        """Append the same output's statistics over the batches that follow these."""
+        self.signals += later.signals
+        self.noises += later.noises
+        self.count += later.count
+        self.agree += later.agree
+        self.scores += later.scores
+
     def result(self) -> KindMetrics:
-        sqnr = 10 * math.log10(self.signal / self.noise) if self.noise > 0 else float("inf")
+        signal, noise = _ordered_sum(self.signals), _ordered_sum(self.noises)
+        sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
         mean = float(np.concatenate(self.scores).mean()) if self.scores else None
         return KindMetrics(
             self.name,
@@ -217,6 +227,14 @@ class _KindAccumulator:
             cosine=mean if self.kind == OutputKind.EMBEDDING else None,
             iou=mean if self.kind == OutputKind.MAP else None,
         )
+
+
+def _ordered_sum(parts: list[float]) -> float:
+    """Left to right, as a running total over batches adds them (shards merged in order: the same bits)."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return total
 
 
 def _decisions_equal(kind: OutputKind, ref: np.ndarray, q: np.ndarray, threshold: float) -> np.ndarray:
@@ -241,16 +259,38 @@ def _ious(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+@dataclass(frozen=True, slots=True)
+class KindPlan:
+    """What an output was found to be on the first FP32 batch: its kind, why, and its decision threshold.
+
+    Shards of the data start from the plan the whole data's first batch gave (``OutputKindObserver.plan``),
+    so that every shard measures each output as one process would.
+    """
+
+    kind: OutputKind
+    reason: str
+    threshold: float
+
+
 class OutputKindObserver:
     """Streams batches of both models' outputs into per-output task metrics (``compare_outputs``'s
-    ``observe`` hook): the kind of each output is detected on its first FP32 batch unless given."""
+    ``observe`` hook): the kind of each output is detected on its first FP32 batch unless given.
+
+    ``plan``: the kinds found on the data's first batch by another observer (``plan()``), for a shard
+    of the data that does not start there; ``merge`` then appends a later shard's observer.
+    """
 
     def __init__(
-        self, overrides: Mapping[str, OutputKind] | None = None, *, map_threshold: float = DEFAULT_MAP_THRESHOLD
+        self,
+        overrides: Mapping[str, OutputKind] | None = None,
+        *,
+        map_threshold: float = DEFAULT_MAP_THRESHOLD,
+        plan: Mapping[str, KindPlan] | None = None,
     ) -> None:
         self.overrides = dict(overrides or {})
         self.map_threshold = map_threshold
         self._accs: dict[str, _KindAccumulator] = {}
+        self._plan = dict(plan or {})
 
     def __call__(self, names: Sequence[str], ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], n: int) -> None:
         """One batch of ``n`` samples: the outputs ``names`` of the FP32 and the quantized model."""
@@ -271,6 +311,10 @@ class OutputKindObserver:
                 (self._accs.get(name) or self._start(name, r, time_major)).update(r, c)
 
     def _start(self, name: str, ref: np.ndarray, time_major: bool) -> _KindAccumulator:
+        if name in self._plan:
+            p = self._plan[name]
+            acc = self._accs[name] = _KindAccumulator(name, p.kind, p.reason, p.threshold)
+            return acc
         if name in self.overrides:
             kind, reason = self.overrides[name], "given"
         else:
@@ -280,6 +324,31 @@ class OutputKindObserver:
             threshold = 0.0  # logits called binary: the sign decides
         acc = self._accs[name] = _KindAccumulator(name, kind, reason, threshold)
         return acc
+
+    def start(self, names: Sequence[str], ref: Sequence[np.ndarray], n: int) -> dict[str, KindPlan]:
+        """Detect the kinds on a first batch of FP32 outputs (nothing is measured) and return the plan."""
+        for name, r in zip(names, ref, strict=True):
+            r = np.asarray(r)
+            time_major = is_time_major(r, n)
+            if time_major:  # [T, N, C] -> [N, T, C], as ``__call__`` reads it
+                r = r.transpose(1, 0, 2)
+            elif r.ndim == 0 or r.shape[0] != n:
+                r = r[None]
+            if r.dtype.kind in "fiub" and name not in self._accs:
+                self._start(name, r, time_major)
+        return self.plan()
+
+    def plan(self) -> dict[str, KindPlan]:
+        """The kind, reason and threshold of every output started so far, in the order first seen."""
+        return {n: KindPlan(a.kind, a.reason, a.threshold) for n, a in self._accs.items()}
+
+    def merge(self, later: OutputKindObserver) -> None:
+        """Append ``later``'s statistics: the same outputs over the batches that follow these."""
+        for name, acc in later._accs.items():
+            if name in self._accs:
+                self._accs[name].merge(acc)
+            else:
+                self._accs[name] = acc
 
     def results(self) -> list[KindMetrics]:
         """Each output's kind and metrics, in the order first seen."""

@@ -12,6 +12,9 @@ from quantcli.graph.scopes import node_subgraphs, outer_references
 
 __all__ = ["GraphIndex"]
 
+#: constants at least this large are not cached by ``GraphIndex.constant`` (bytes)
+_CACHE_BELOW = 64 << 20
+
 
 @dataclass(slots=True)
 class GraphIndex:
@@ -75,10 +78,14 @@ class GraphIndex:
         return name in self.initializers and name not in self.graph_inputs
 
     def constant(self, name: str) -> np.ndarray:
-        """The value of an initializer as a numpy array (cached)."""
-        if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
-        return self._arrays[name]
+        """The value of an initializer as a numpy array (cached, unless it is large: a model's big
+        weights are read when asked, so that their float copies do not pile up while they are quantized)."""
+        if name in self._arrays:
+            return self._arrays[name]
+        value = numpy_helper.to_array(self.initializers[name])
+        if value.nbytes < _CACHE_BELOW:
+            self._arrays[name] = value
+        return value
 
     def is_float(self, name: str) -> bool:
         """True when the tensor is known to be float32."""

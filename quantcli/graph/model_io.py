@@ -15,12 +15,16 @@ from quantcli.graph.atomic import atomic_files, atomic_output, checkpoint, write
 from quantcli.graph.scopes import walk_graphs
 
 __all__ = [
+    "EXTERNAL_BASE_KEY",
     "PROTOBUF_LIMIT",
+    "STUB_LOCATION",
     "above_protobuf_limit",
     "atomic_output",
     "available_memory",
     "check_model",
+    "external_base",
     "file_sha256",
+    "graph_only",
     "has_external_data",
     "infer_shapes",
     "known_shapes",
@@ -28,6 +32,7 @@ __all__ = [
     "model_opset",
     "save_model",
     "split_weights",
+    "stored_above_limit",
     "upgrade_opset",
 ]
 
@@ -61,8 +66,14 @@ def _check_readable_file(path: Path, what: str) -> None:
         raise ModelLoadError(f"{path}: is a directory, expected an {what} file")
 
 
-def load_model(path: Path) -> onnx.ModelProto:
+def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
     """Read and validate an ONNX model, with its external data if it has any.
+
+    ``weights=False``: external data is not read; its tensors keep pointing to their files (with
+    the model's directory recorded in them), so that ``graph.session.make_session`` lets
+    onnxruntime read them from there. For a caller that only runs the model (compare without
+    per-layer errors): no copy of those weights in this process's protobuf. Nothing that reads
+    initializer values may be given such a model.
 
     Raises:
         ModelLoadError: the file is missing, a directory, not ONNX, truncated, or invalid.
@@ -93,9 +104,51 @@ def load_model(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: fails ONNX validation: {first}") from exc
     except (UnicodeDecodeError, ValueError, RuntimeError) as exc:  # corrupted strings inside the protobuf
         raise ModelLoadError(f"{path}: fails ONNX validation ({type(exc).__name__}); is the file corrupted?") from exc
-    if external:
+    if external and weights:
         _load_external_data(model, path)
+    elif external:
+        _record_external_base(model, path)
     return model
+
+
+#: the key ``load_model(weights=False)`` adds to a tensor's external data: the directory it is relative to
+EXTERNAL_BASE_KEY = "quantcli_base_dir"
+
+
+def _record_external_base(model: onnx.ModelProto, path: Path) -> None:
+    base = str(path.resolve().parent)
+    for _, graph in walk_graphs(model.graph):
+        for tensor in graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                tensor.external_data.add(key=EXTERNAL_BASE_KEY, value=base)
+
+
+def external_base(model: onnx.ModelProto) -> Path | None:
+    """The directory the unread external data of ``model`` is in (``load_model(weights=False)``), or None."""
+    for _, graph in walk_graphs(model.graph):
+        for tensor in graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == EXTERNAL_BASE_KEY:
+                    return Path(entry.value)
+    return None
+
+
+def stored_above_limit(path: Path) -> bool:
+    """Whether the model at ``path`` with its external data files is above protobuf's 2 GB (reads no weight)."""
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # unreadable: the caller's own load reports it
+        return False
+    files = {
+        e.value
+        for _, g in walk_graphs(model.graph)
+        for t in g.initializer
+        for e in t.external_data
+        if e.key == "location"
+    }
+    base = path.resolve().parent
+    return path.stat().st_size + sum((base / f).stat().st_size for f in files if (base / f).is_file()) >= PROTOBUF_LIMIT
 
 
 def has_external_data(path: Path) -> bool:
@@ -108,7 +161,8 @@ def has_external_data(path: Path) -> bool:
 
 #: initializers at least this large are left out of ``split_weights``'s skeleton
 _SPLIT_ABOVE = 1 << 16
-_STUB_LOCATION = "quantcli-weights-in-memory"
+#: where ``split_weights``'s skeleton says its large weights are (a file name no one reads)
+STUB_LOCATION = "quantcli-weights-in-memory"
 
 
 def _copy_field(target: Any, name: str, value: Any) -> None:
@@ -118,6 +172,27 @@ def _copy_field(target: Any, name: str, value: Any) -> None:
         getattr(target, name).CopyFrom(value)
     else:
         setattr(target, name, value)
+
+
+#: bytes per element of the tensor types whose raw data is one element per item (not packed)
+_ITEM_BYTES: dict[int, int] = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
+    onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2,
+    onnx.TensorProto.INT32: 4, onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+}  # fmt: skip
+
+
+def _raw_size(tensor: onnx.TensorProto) -> int:
+    """Bytes of ``tensor.raw_data``, from its shape and type (reading ``raw_data`` would copy it)."""
+    if not tensor.HasField("raw_data"):
+        return 0
+    if tensor.data_type not in _ITEM_BYTES:  # packed or variable-size types: read the length
+        return len(tensor.raw_data)
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * _ITEM_BYTES[tensor.data_type]
 
 
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.TensorProto]]:
@@ -136,16 +211,22 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[onnx.Te
             _copy_field(stub.graph, field.name, value)
     big: list[onnx.TensorProto] = []
     for tensor in model.graph.initializer:
-        size = len(tensor.raw_data) if tensor.HasField("raw_data") else 0
+        size = _raw_size(tensor)
         if size < _SPLIT_ABOVE:
             stub.graph.initializer.add().CopyFrom(tensor)
             continue
         entry = stub.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
         entry.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", _STUB_LOCATION), ("offset", "0"), ("length", str(size))):
+        for key, value in (("location", STUB_LOCATION), ("offset", "0"), ("length", str(size))):
             entry.external_data.add(key=key, value=value)
         big.append(tensor)
     return stub, big
+
+
+def graph_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Above protobuf's 2 GB: ``split_weights``'s skeleton of ``model`` (its graph, no large weight),
+    so that a caller done with the weights (its sessions hold their own) drops that copy; below: ``model``."""
+    return split_weights(model)[0] if above_protobuf_limit(model) else model
 
 
 def check_model(model: onnx.ModelProto) -> None:
@@ -161,7 +242,7 @@ def check_model(model: onnx.ModelProto) -> None:
 
     stub, _ = split_weights(model)
     with tempfile.TemporaryDirectory(prefix="quantcli-check-") as tmp:
-        (Path(tmp) / _STUB_LOCATION).touch()  # the checker asks that the data file exists, not its bytes
+        (Path(tmp) / STUB_LOCATION).touch()  # the checker asks that the data file exists, not its bytes
         (Path(tmp) / "model.onnx").write_bytes(stub.SerializeToString())
         onnx.checker.check_model(str(Path(tmp) / "model.onnx"))
 

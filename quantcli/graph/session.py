@@ -8,7 +8,9 @@ copies a model with chosen tensors added as graph outputs, so a session returns 
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -18,8 +20,15 @@ from onnx import helper
 
 from quantcli.core.errors import UnsupportedModelError
 from quantcli.graph.editor import ModelEditor
-from quantcli.graph.model_io import above_protobuf_limit, split_weights
+from quantcli.graph.model_io import (
+    EXTERNAL_BASE_KEY,
+    STUB_LOCATION,
+    above_protobuf_limit,
+    external_base,
+    split_weights,
+)
 from quantcli.graph.names import NameAllocator
+from quantcli.graph.scopes import walk_graphs
 
 __all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
 
@@ -67,6 +76,9 @@ def make_session(
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    base = external_base(model)
+    if base is not None:
+        return _session_reading_files(model, base, opts, source)
     if id(model) in _DETACHED or above_protobuf_limit(model):
         return _large_session(model, opts, source)
     try:
@@ -79,7 +91,11 @@ def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str
     """A session for a model above protobuf's 2 GB: its skeleton as bytes, its large weights as arrays.
 
     Each weight is read once from the model into an array that onnxruntime uses in place (kept alive
-    with the session); no serialized copy of the whole model is made.
+    with the session); no serialized copy of the whole model is made. The arrays are given with
+    ``add_initializer`` (onnxruntime's shared initializers, used in place), not
+    ``add_external_initializers`` (which copies each one into the session: one more copy of every
+    weight, measured); the skeleton's placeholders for them point into a sparse empty file that is
+    never read.
     """
     stub, weights = _DETACHED.pop(id(model), (None, []))
     if stub is not model:  # not a skeleton from ``augmented``: split it here
@@ -93,18 +109,51 @@ def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str
         np.frombuffer(t.raw_data, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
         for t in weights
     ]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    for tensor, value in zip(weights, values, strict=True):
+        opts.add_initializer(tensor.name, value)
     opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
-    opts.add_external_initializers([t.name for t in weights], [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
+    with tempfile.TemporaryDirectory(prefix="quantcli-weights-") as folder:
+        with open(Path(folder) / STUB_LOCATION, "wb") as fh:  # sparse: no byte is written or read
+            fh.truncate(max((a.nbytes for a in arrays), default=0))
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        try:
+            session = ort.InferenceSession(stub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
+    session._quantcli_weights = (arrays, values)  # onnxruntime reads them in place
+    return session
+
+
+def _session_reading_files(
+    model: onnx.ModelProto, base: Path, opts: ort.SessionOptions, source: str
+) -> ort.InferenceSession:
+    """A session for a model loaded without its external data (``load_model(weights=False)``):
+    onnxruntime reads the weights from their files in ``base`` itself (mapped, not copied)."""
+    stub = onnx.ModelProto()
+    stub.CopyFrom(model)  # small: no weight is in it
+    for _, graph in walk_graphs(stub.graph):
+        for tensor in graph.initializer:
+            kept = [(e.key, e.value) for e in tensor.external_data if e.key != EXTERNAL_BASE_KEY]
+            if len(kept) != len(tensor.external_data):
+                del tensor.external_data[:]
+                for key, value in kept:
+                    tensor.external_data.add(key=key, value=value)
+    opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
     try:
-        session = ort.InferenceSession(stub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(stub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
-    session._quantcli_weights = arrays  # onnxruntime reads them in place
-    return session
 
 
 #: skeletons ``augmented`` made of models above 2 GB -> (skeleton, its weights), until ``make_session`` takes them
 _DETACHED: dict[int, tuple[onnx.ModelProto, list[onnx.TensorProto]]] = {}
+
+
+def _add_outputs(stub: onnx.ModelProto, names: list[str]) -> None:
+    existing = {o.name for o in stub.graph.output}
+    stub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
 
 
 def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
@@ -113,11 +162,16 @@ def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     Above protobuf's 2 GB the copy is a skeleton without the large weights (no second copy of
     them): ``make_session`` finds them (once) and feeds them to onnxruntime from ``model``.
     """
+    if id(model) in _DETACHED:  # a skeleton augmented again (a memory group): the same weights
+        stub = onnx.ModelProto()
+        stub.CopyFrom(model)  # small: no large weight is in it
+        _add_outputs(stub, names)
+        _DETACHED[id(stub)] = (stub, _DETACHED[id(model)][1])
+        return stub
     if above_protobuf_limit(model):
         stub, weights = split_weights(model)
-        existing = {o.name for o in stub.graph.output}
-        stub.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
-        _DETACHED.clear()  # one skeleton waits at a time: an unused one must not keep weights alive
+        _add_outputs(stub, names)
+        _DETACHED.clear()  # the skeletons of one model wait at a time: others must not keep weights alive
         _DETACHED[id(stub)] = (stub, weights)
         return stub
     edit = ModelEditor(model, names=NameAllocator())  # adds no names: nothing to reserve

@@ -210,9 +210,12 @@ class CompareRequest:
         images: how image folders become input.
         output_kinds: output name -> kind, overriding detection (``quantcli.compare.output_kinds``).
         map_threshold: where a probability map is cut into a mask for IoU.
+        ray: measure accuracy in shard tasks on Ray (``"local"``: start Ray on this machine; else a
+            cluster address, e.g. ``"auto"``); latency stays on this host (``quantcli.distributed``).
+        shards: with ``ray``, the number of shards (None: one per CPU of the cluster).
 
     Raises:
-        InvalidOption: ``map_threshold`` outside (0, 1).
+        InvalidOption: ``map_threshold`` outside (0, 1), or ``shards`` below 1.
     """
 
     reference_path: Path
@@ -232,9 +235,13 @@ class CompareRequest:
     images: ImagePreprocess | None = None
     output_kinds: Mapping[str, OutputKind] | None = None
     map_threshold: float = 0.5
+    ray: str | None = None
+    shards: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("reference_path", "candidate_path", "data_path"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         if not 0.0 < self.map_threshold < 1.0:
             raise InvalidOption(f"$map_threshold {self.map_threshold}: must be in (0, 1)", option="map_threshold")
+        if self.shards is not None and self.shards < 1:
+            raise InvalidOption(f"$shards {self.shards}: must be at least 1", option="shards")

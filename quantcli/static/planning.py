@@ -43,7 +43,14 @@ from quantcli.static.plan import (
     SubgraphPlan,
 )
 from quantcli.static.recurrent import recurrent_input_producers
-from quantcli.static.rules import DEFAULT_OP_TYPES, RULE_NAMES, SUPPORTED_OP_TYPES, rules_for, slow_depthwise
+from quantcli.static.rules import (
+    DEFAULT_OP_TYPES,
+    RULE_NAMES,
+    SUPPORTED_OP_TYPES,
+    rules_for,
+    slow_depthwise,
+    slow_pooling,
+)
 from quantcli.static.rules._context import SENTINEL_MAGNITUDE, PlanContext
 from quantcli.static.rules.compute import COMPUTE_OPS
 from quantcli.static.rules.elementwise import ELEMENTWISE_OPS
@@ -138,6 +145,7 @@ def _plan_nodes(ctx: PlanContext, graph: onnx.GraphProto) -> None:
         if n.op_type in FLOAT_READ_OPS and option_rejection(ctx.selector, SUPPORTED_OP_TYPES, n) is not None
     }
     ctx.float_compute |= slow_depthwise(ctx, graph)  # measured on this host (``rules.depthwise``)
+    ctx.float_compute |= slow_pooling(ctx, graph)  # measured on this host (``rules.pooling``)
     for node in graph.node:
         if node.name not in ctx.folded_names:
             _plan_node(ctx, node)

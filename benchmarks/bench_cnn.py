@@ -14,7 +14,8 @@ address-space cap (``--mem-gb``), one at a time:
 * batch-1 latency of FP32 and int8 at 1 and 2 intra-op threads, the two sessions timed in alternation
   in this process (``quantcli.compare.evaluate.measure_latency``, median of the pairs): the machine
   may be shared, so the ratio, not the milliseconds, is the figure to read;
-* the Conv/MatMul/Gemm left float by the plan and the reason codes of its skips.
+* the Conv/MatMul/Gemm left float by the plan and the reason codes of its skips, and every node the
+  host-measured speed rules kept float (``slow-*`` codes: stem, depthwise, pooling).
 
 The host line gives the CPU model, its integer-relevant flags and the onnxruntime version.
 """
@@ -94,6 +95,7 @@ def run_one(name: str, models: Path, max_eval: int) -> dict[str, Any]:
         "speed": speed,
         "float_compute": float_compute,
         "skip_codes": dict(Counter(str(s.code) for s in result.plan.skipped if s.op_type in COMPUTE)),
+        "speed_skips": dict(Counter(str(s.code) for s in result.plan.skipped if str(s.code).startswith("slow-"))),
     }
 
 
@@ -119,7 +121,7 @@ def _row(r: dict[str, Any]) -> str:
     return (
         f"{r['model']:22s} n={r['eval_samples']:<4d} agreement {agree:13s} SQNR {r['sqnr_db']:6.1f} dB  "
         f"speed 1t {s['t1']:.2f}x ({s['fp32_ms_t1']:.2f} ms fp32)  2t {s['t2']:.2f}x  "
-        f"float compute {len(r['float_compute'])} {r['skip_codes'] or ''}"
+        f"float compute {len(r['float_compute'])} {r['skip_codes'] or ''}  speed rules {r.get('speed_skips') or '-'}"
     )
 
 

@@ -16,6 +16,12 @@ Tensors inside If/Loop/Scan subgraphs are compared too: both models get them car
 main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
 in which a branch did not run contributes nothing to its tensors. Their error in isolation is not
 measured (a layer inside a branch is not cut out alone), so ``local_sqnr_db`` is None for them.
+
+A tensor whose only DequantizeLinear reads it on another scale (a product or quotient by a positive
+constant folded into the scale, ``quantcli.static.rules.rescale``: a HardSwish's ``/6``) holds
+``y / 6`` there, not ``y``; compared with FP32's ``y`` every such tensor would read 1.6 dB
+(``20*log10(6/5)``). The comparison reads it through a DequantizeLinear on its own QuantizeLinear's
+scale and zero point instead, added to the copy of the model that is run.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import onnx
 from quantcli.compare.evaluate import ordered_sum
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
-from quantcli.graph.editor import submodel_extractor
+from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.scopes import elem_types, has_subgraphs, walk_graphs
 from quantcli.graph.session import augmented, make_session
@@ -69,6 +75,8 @@ class _Pair:
     zero_point: int
     qmin: int
     qmax: int
+    #: the QuantizeLinear's scale and zero point inputs, when its only DequantizeLinear reads another grid
+    own_grid: tuple[str, ...] = ()
 
 
 def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
@@ -92,8 +100,39 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
             continue
         zp = inits[node.input[2]] if len(node.input) > 2 and node.input[2] in inits else np.uint8(0)
         info = np.iinfo(zp.dtype)
-        pairs[node.input[0]] = _Pair(node.output[0], dqs[0].output[0], float(scale), int(zp), info.min, info.max)
+        own = [d for d in dqs if _same_grid(d, node, inits)]
+        grid = () if own else tuple(node.input[1:])
+        dq = (own or dqs)[0].output[0]
+        pairs[node.input[0]] = _Pair(node.output[0], dq, float(scale), int(zp), info.min, info.max, grid)
     return pairs
+
+
+def _same_grid(dq: onnx.NodeProto, q: onnx.NodeProto, inits: dict[str, np.ndarray]) -> bool:
+    """True when ``dq`` reads on ``q``'s scale and zero point (the same names, or equal constants)."""
+    for pos in (1, 2):
+        a = q.input[pos] if len(q.input) > pos else ""
+        b = dq.input[pos] if len(dq.input) > pos else ""
+        if a == b:
+            continue
+        if a not in inits or b not in inits or not np.array_equal(inits[a], inits[b]):
+            return False
+    return True
+
+
+def _read_on_own_grid(model: onnx.ModelProto, pairs: dict[str, _Pair]) -> onnx.ModelProto:
+    """A copy of ``model`` where each main-graph pair read only on another grid gets a DequantizeLinear on
+    its own (inserted after its QuantizeLinear); ``pairs`` then name that one (see the module docstring)."""
+    main_q = {n.output[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    todo = {t: p for t, p in pairs.items() if p.own_grid and p.q in main_q}
+    if not todo:
+        return model
+    editor = ModelEditor(model)
+    q_nodes = {n.output[0]: n for n in editor.graph.nodes if n.op_type == "QuantizeLinear"}
+    for t, p in todo.items():
+        name = editor.names.new(f"{p.q}_own_grid")
+        editor.graph.insert_after(q_nodes[p.q], [make_node("DequantizeLinear", [p.q, *p.own_grid], [name], name=name)])
+        pairs[t] = replace(p, dq=name)
+    return editor.build()
 
 
 def _exposed(model: onnx.ModelProto, names: list[str]) -> tuple[onnx.ModelProto, dict[str, str]]:
@@ -209,6 +248,7 @@ def layer_statistics(
 ) -> LayerStatistics:
     """``per_layer_errors``'s pass over ``dataset`` (all of it, or a ``Dataset.window`` of it)."""
     pairs = _qdq_pairs(quantized)
+    quantized = _read_on_own_grid(quantized, pairs)
     ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
     graph_inputs = {i.name for i in reference.graph.input}
     names = [t for t in pairs if t in ref_producers or t in graph_inputs]

@@ -126,18 +126,27 @@ class KernelKind(StrEnum):
     #: a depthwise Conv between two integer 1x1 Convs: QLinearConv vs the float island DQ + Conv + Q
     #: (the transitions, and the layout transposes onnxruntime puts around a float Conv, included)
     DEPTHWISE_ISLAND = "depthwise-island"
+    #: a MaxPool / AveragePool / GlobalAveragePool between quantized tensors: its integer kernel (uint8
+    #: MaxPool, QLinearAveragePool, QLinearGlobalAveragePool) vs the float island DQ + producer + pool + Q
+    MAX_POOL_ISLAND = "max-pool-island"
+    AVERAGE_POOL_ISLAND = "average-pool-island"
+    GLOBAL_POOL_ISLAND = "global-pool-island"
     #: a MatMul with a constant weight between quantized tensors: QLinearMatMul vs DQ + MatMul + Q
     MATMUL = "matmul"
     #: a MatMul with a constant weight on float tensors: DynamicQuantizeMatMul vs MatMul
     DYNAMIC_MATMUL = "dynamic-matmul"
 
 
+_POOL_KINDS = frozenset({KernelKind.MAX_POOL_ISLAND, KernelKind.AVERAGE_POOL_ISLAND, KernelKind.GLOBAL_POOL_ISLAND})
+
+
 @dataclass(frozen=True, slots=True)
 class KernelShape:
     """One kernel shape at batch 1.
 
-    ``dims`` per kind: Conv kinds ``(c_in, c_out, kh, kw, stride, h, w)`` (``c_in == c_out`` for
-    depthwise; ``h``/``w`` 0 when unknown); MatMul kinds ``(m, k, n)``.
+    ``dims`` per kind: Conv and pool kinds ``(c_in, c_out, kh, kw, stride, h, w)`` (``c_in == c_out``
+    for depthwise and pools, ``kh``/``kw`` 0 for a global pool; ``h``/``w`` 0 when unknown); MatMul
+    kinds ``(m, k, n)``.
     """
 
     kind: KernelKind
@@ -145,8 +154,14 @@ class KernelShape:
 
     @property
     def is_conv(self) -> bool:
-        """True for the Conv kinds."""
-        return self.kind in (KernelKind.STEM_CONV, KernelKind.DEPTHWISE_CONV, KernelKind.DEPTHWISE_ISLAND)
+        """True for the Conv kinds and the pools (their ``dims`` read the same)."""
+        conv = (KernelKind.STEM_CONV, KernelKind.DEPTHWISE_CONV, KernelKind.DEPTHWISE_ISLAND)
+        return self.kind in conv or self.is_pool
+
+    @property
+    def is_pool(self) -> bool:
+        """True for the pooling kinds."""
+        return self.kind in _POOL_KINDS
 
     @property
     def pixels(self) -> int:
@@ -159,6 +174,9 @@ class KernelShape:
             c_in, c_out, kh, kw, stride, h, w = self.dims
             size = f"{h or '?'}x{w or '?'}"
             step = f"/{stride}" if stride != 1 else ""
+            if self.is_pool:
+                window = "global" if kh == 0 else f"{kh}x{kw}{step}"
+                return f"1x{c_in}x{size} -> {self.kind.removesuffix('-island')} {window}"
             return f"1x{c_in}x{size} -> {kh}x{kw}x{c_out}{step}"
         m, k, n = self.dims
         return f"1x{m}x{k} @ {k}x{n}"

@@ -50,6 +50,7 @@ class SkipCode(StrEnum):
     SLOW_STEM = "slow-stem"
     SLOW_INTEGER_KERNEL = "slow-integer-kernel"
     SLOW_DEPTHWISE = "slow-depthwise"
+    SLOW_POOLING = "slow-pooling"
     #: a speed rule that measured the integer form no slower (kept as a declined rule's data, never a Skip)
     MEASURED_NOT_SLOWER = "measured-not-slower"
     RECURRENT_FEED = "recurrent-feed"
@@ -105,6 +106,8 @@ _TEMPLATES: dict[SkipCode, str] = {
     SkipCode.SLOW_INTEGER_KERNEL: "{detail}",
     # ``quantcli.static.rules.depthwise``: the measured A/B of the float island, transitions included
     SkipCode.SLOW_DEPTHWISE: "{detail}",
+    # ``quantcli.static.rules.pooling``: the measured A/B of the pool's float island
+    SkipCode.SLOW_POOLING: "{detail}",
     SkipCode.MEASURED_NOT_SLOWER: "{detail}",
     SkipCode.RECURRENT_FEED: "{detail}",
     SkipCode.UNSUPPORTED_ATTRIBUTE: "{detail}",

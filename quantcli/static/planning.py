@@ -46,7 +46,14 @@ from quantcli.static.plan import (
     SubgraphPlan,
 )
 from quantcli.static.recurrent import recurrent_input_producers
-from quantcli.static.rules import DEFAULT_OP_TYPES, RULE_NAMES, SUPPORTED_OP_TYPES, rules_for, slow_depthwise
+from quantcli.static.rules import (
+    DEFAULT_OP_TYPES,
+    RULE_NAMES,
+    SUPPORTED_OP_TYPES,
+    rules_for,
+    slow_depthwise,
+    slow_pooling,
+)
 from quantcli.static.rules._context import SENTINEL_MAGNITUDE, PlanContext
 from quantcli.static.rules.compute import COMPUTE_OPS
 from quantcli.static.rules.dynamic import dynamic_problem, dynamic_rejection
@@ -158,6 +165,7 @@ def _plan_nodes(ctx: PlanContext, graph: onnx.GraphProto, dynamic_names: frozens
         if n.op_type in FLOAT_READ_OPS and option_rejection(ctx.selector, SUPPORTED_OP_TYPES, n) is not None
     }
     ctx.float_compute |= slow_depthwise(ctx, graph)  # measured on this host (``rules.depthwise``)
+    ctx.float_compute |= slow_pooling(ctx, graph)  # measured on this host (``rules.pooling``)
     _mark_dynamic(ctx, graph, dynamic_names)
     for node in graph.node:
         if node.name not in ctx.folded_names:

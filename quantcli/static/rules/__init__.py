@@ -44,6 +44,7 @@ from quantcli.static.rules.fold import FOLD_RULE
 from quantcli.static.rules.gelu_tanh import GELU_TANH
 from quantcli.static.rules.hard import HARD, HARD_OPS
 from quantcli.static.rules.movement import MOVEMENT, MOVEMENT_OPS
+from quantcli.static.rules.pooling import POOLING, slow_pooling
 from quantcli.static.rules.recurrent import LSTM, RECURRENT_OPS
 from quantcli.static.rules.rescale import DIV, RESCALE, RESCALE_OPS
 from quantcli.static.rules.residual import RESIDUAL
@@ -60,6 +61,7 @@ __all__ = [
     "Rule",
     "rules_for",
     "slow_depthwise",
+    "slow_pooling",
 ]
 
 #: the rules, in the order they are tried on a node
@@ -67,6 +69,7 @@ RULES: tuple[Rule[Any], ...] = (
     LSTM,
     STEM,
     DEPTHWISE,
+    POOLING,
     ENCODER_LINEAR,
     ATTENTION,
     COMPUTE,

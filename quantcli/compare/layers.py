@@ -270,6 +270,8 @@ def layer_errors(
 ) -> list[LayerError]:
     """The per-layer errors from the statistics of all the data (``local``: with errors in isolation)."""
     names, pairs, main, stats = statistics.names, statistics.pairs, statistics.main, statistics.stats
+    # the copy the statistics ran: its added DequantizeLinear names are deterministic, as ``pairs`` holds them
+    quantized = _read_on_own_grid(quantized, _qdq_pairs(quantized))
     ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
     q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
     first_ref = {t: s.first for t, s in stats.items() if s.first is not None}

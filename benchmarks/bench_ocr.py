@@ -2,6 +2,12 @@
 
     python benchmarks/bench_ocr.py                         # every OCR model found
     python benchmarks/bench_ocr.py --models ppocrv4_rec --models-dir /path/to/models --json out.json
+    python benchmarks/bench_ocr.py --models ppocrv4_rec --calibrate-args="--method mse"
+    python benchmarks/bench_ocr.py --models ppocrv4_rec --convert-data --convert-args="--cle --bias-correction"
+
+(``--calibrate-args``/``--convert-args`` take one string: write ``--convert-args=--cle`` with ``=`` when it
+starts with a dash. ``--convert-data`` runs ``convert --data _calib.npz``, which holds back 20% of the
+calibration samples for its verdict: its ranges come from fewer samples than the two-step default.)
 
 Models (``fetch_models.py``; ``<name>.onnx``, ``<name>_calib.npz``, ``<name>_eval.npz``): the PP-OCRv4
 recognizer (LCNet + SVTR neck + CTC, output ``[N, T, C]``), the PP-OCRv4 DB text detector (probability
@@ -27,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -55,23 +62,27 @@ OCR_MODELS: dict[str, tuple[str, bool]] = {
 }
 
 
-def quantize(name: str, models: Path, work: Path, mem_gb: float, timeout: float) -> tuple[Path | None, str]:
-    """``quantcli calibrate`` + ``quantcli convert`` with defaults, in a capped child; (output, log tail)."""
-    cap = int(mem_gb * (1 << 30))
+def quantize(name: str, models: Path, work: Path, args: argparse.Namespace) -> tuple[Path | None, str]:
+    """``quantcli calibrate`` + ``quantcli convert`` (defaults unless ``--calibrate-args``/``--convert-args``),
+    in a capped child; (output, log tail). With ``--convert-data`` convert calibrates from ``_calib.npz``
+    itself (``--data``), which the data-driven algorithms (``--bias-correction``, ``--cle``) need."""
+    cap = int(args.mem_gb * (1 << 30))
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     model, calib_json, out = models / f"{name}.onnx", work / f"{name}.calib.json", work / f"{name}.int8.onnx"
     env = {**os.environ, "PYTHONPATH": str(REPO), "ORT_LOGGING_LEVEL": "3"}
-    steps = [
-        ["calibrate", str(model), "--data", str(models / f"{name}_calib.npz"), "-o", str(calib_json), "--force"],
-        ["convert", str(model), "-c", str(calib_json), "-o", str(out), "--force", "--quiet"],
-    ]
+    calib_npz = str(models / f"{name}_calib.npz")
+    calibrate = ["calibrate", str(model), "--data", calib_npz, "-o", str(calib_json), "--force"]
+    source = ["--data", calib_npz] if args.convert_data else ["-c", str(calib_json)]
+    convert = ["convert", str(model), *source, "-o", str(out), "--force", "--quiet"]
+    steps = [convert] if args.convert_data else [calibrate + shlex.split(args.calibrate_args), convert]
+    steps[-1] = steps[-1] + shlex.split(args.convert_args)
     log = ""
     for step in steps:
         cmd = [sys.executable, "-m", "quantcli", *step]
-        proc = subprocess.run(cmd, preexec_fn=limit, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, preexec_fn=limit, env=env, capture_output=True, text=True, timeout=args.timeout)
         log = " | ".join(line for line in proc.stdout.splitlines() if line.strip())[-400:]
         if proc.returncode != 0:
             return None, f"{step[0]} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}"
@@ -155,7 +166,7 @@ def latency(
 def bench(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     task, time_major = OCR_MODELS[name]
     model = args.models_dir / f"{name}.onnx"
-    out, log = quantize(name, args.models_dir, work, args.mem_gb, args.timeout)
+    out, log = quantize(name, args.models_dir, work, args)
     res: dict[str, Any] = {"model": name, "quantcli": log}
     if out is None:
         return {**res, "error": log}
@@ -196,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--latency-budget", type=float, default=20.0, help="seconds of timing per model and thread count"
     )
+    parser.add_argument("--calibrate-args", default="", help="extra calibrate flags, e.g. '--method mse'")
+    parser.add_argument("--convert-args", default="", help="extra convert flags, e.g. '--bias-correction'")
+    parser.add_argument(
+        "--convert-data", action="store_true", help="convert calibrates from _calib.npz itself (no calibrate step)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     work = args.work or Path(os.environ.get("TMPDIR", "/tmp")) / "bench_ocr"
@@ -210,7 +226,17 @@ def main(argv: list[str] | None = None) -> int:
         print(_line(results[-1]), flush=True)
     if args.json:
         args.json.write_text(
-            json.dumps({"host": cpu_model(), "int8_flags": int8_flags(), "results": results}, indent=1)
+            json.dumps(
+                {
+                    "host": cpu_model(),
+                    "int8_flags": int8_flags(),
+                    "calibrate_args": args.calibrate_args,
+                    "convert_args": args.convert_args,
+                    "convert_data": args.convert_data,
+                    "results": results,
+                },
+                indent=1,
+            )
         )
     return 0
 

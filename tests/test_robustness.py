@@ -170,3 +170,27 @@ def test_same_inputs_same_bytes_across_processes(tmp_path):
             assert proc.returncode == 0, proc.stderr
         outputs.append((calib.read_bytes(), (tmp_path / f"c{i}.json.hist.npz").read_bytes(), quant.read_bytes()))
     assert outputs[0] == outputs[1]
+
+
+def test_running_out_of_memory_is_one_line_and_exit_3(tmp_path, monkeypatch):
+    """A MemoryError (numpy under a ulimit, e.g. the MSE observer's float64 copy of a 640x640 batch) is the
+    machine's limit, not a bug: one line naming what lowers the need, exit 3, no traceback, nothing written."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    cli = importlib.import_module("quantcli.cli.app")  # the module (the package exports the Typer object)
+
+    def exhausted(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(cli.api, "calibrate", exhausted)
+    out = tmp_path / "c.json"
+    result = CliRunner().invoke(
+        cli.app,
+        ["calibrate", str(REPO / "sample_models/digits_cnn.onnx"), "--data",
+         str(REPO / "calibration_data/digits_cnn_calib.npz"), "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert "out of memory" in result.output and "--max-memory" in result.output
+    assert "Traceback" not in result.output and not out.exists()

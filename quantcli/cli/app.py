@@ -114,6 +114,13 @@ def _user_errors(func: Callable[..., None]) -> Callable[..., None]:
         except KeyboardInterrupt:
             err.print("[red]interrupted[/]; no output was written")
             raise typer.Exit(130) from None
+        except MemoryError:  # the machine's (or ulimit's) limit, not a bug: say what lowers the need
+            err.print(
+                "[red]error:[/] out of memory (this machine or its limits); nothing was written. Lower "
+                "--max-memory or --batch-size, or give fewer samples (--max-samples, a smaller --eval-data)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
 

@@ -59,6 +59,7 @@ from bench_models import (  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
 from quantcli.compare.output_kinds import OutputKind  # noqa: E402
+from quantcli.core.errors import NotFasterError  # noqa: E402
 from quantcli.core.host import cpu_model, int8_flags  # noqa: E402
 from quantcli.search.accuracy_search import Budget, BudgetNotMetError, SearchOptions  # noqa: E402
 
@@ -146,7 +147,7 @@ def run_search(name: str, model: Path, calib: Path, out: Path) -> Variant:
     t0 = time.perf_counter()
     try:
         res = convert_model(model, out, data_path=calib, eval_data=calib, search=options, output_kinds=KINDS.get(name))
-    except BudgetNotMetError as exc:
+    except (BudgetNotMetError, NotFasterError) as exc:  # convert's exit 1: what it says is the row
         return Variant(None, {"budget": budget.describe(), "seconds": round(time.perf_counter() - t0, 1),
                               "exit1": " ".join(str(exc).split())[:300]})  # fmt: skip
     except Exception as exc:

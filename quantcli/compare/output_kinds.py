@@ -116,6 +116,17 @@ def is_time_major(values: np.ndarray, batch: int) -> bool:
     return len(shape) == 3 and shape[1] == batch and shape[0] != batch and shape[0] >= _MIN_TIME_STEPS
 
 
+def _per_sample(values: np.ndarray, batch: int, time_major: bool) -> np.ndarray:
+    """``values`` with the samples on axis 0: a time-major ``[T, N, C]`` output transposed to ``[N, T, C]``,
+    an output not batched on axis 0 made one sample."""
+    values = np.asarray(values)
+    if time_major:
+        return values.transpose(1, 0, 2)
+    if values.ndim == 0 or values.shape[0] != batch:
+        return values[None]
+    return values
+
+
 def detect_kind(name: str, values: np.ndarray, *, time_major: bool = False) -> tuple[OutputKind, str]:
     """The kind of output ``name`` from a batch of its FP32 values (axis 0 = samples), and why.
 
@@ -301,12 +312,8 @@ class OutputKindObserver:
                 option="output_kinds",
             )
         for name, r, c in zip(names, ref, cand, strict=True):
-            r, c = np.asarray(r), np.asarray(c)
-            time_major = is_time_major(r, n)
-            if time_major:  # [T, N, C] -> [N, T, C]
-                r, c = r.transpose(1, 0, 2), c.transpose(1, 0, 2)
-            elif r.ndim == 0 or r.shape[0] != n:  # an output not batched on axis 0 is one sample
-                r, c = r[None], c[None]
+            time_major = is_time_major(np.asarray(r), n)
+            r, c = _per_sample(r, n, time_major), _per_sample(c, n, time_major)
             if r.dtype.kind in "fiub":  # numbers (strings and objects are not compared)
                 (self._accs.get(name) or self._start(name, r, time_major)).update(r, c)
 
@@ -328,12 +335,8 @@ class OutputKindObserver:
     def start(self, names: Sequence[str], ref: Sequence[np.ndarray], n: int) -> dict[str, KindPlan]:
         """Detect the kinds on a first batch of FP32 outputs (nothing is measured) and return the plan."""
         for name, r in zip(names, ref, strict=True):
-            r = np.asarray(r)
-            time_major = is_time_major(r, n)
-            if time_major:  # [T, N, C] -> [N, T, C], as ``__call__`` reads it
-                r = r.transpose(1, 0, 2)
-            elif r.ndim == 0 or r.shape[0] != n:
-                r = r[None]
+            time_major = is_time_major(np.asarray(r), n)
+            r = _per_sample(r, n, time_major)
             if r.dtype.kind in "fiub" and name not in self._accs:
                 self._start(name, r, time_major)
         return self.plan()

@@ -30,6 +30,7 @@ import onnx
 
 from quantcli.core.host import KernelKind, KernelShape, KernelSpeed
 from quantcli.static.plan import Rejection, SkipCode
+from quantcli.static.rules._island import measured_slow
 from quantcli.static.rules._rule import Rule
 
 if TYPE_CHECKING:
@@ -77,14 +78,7 @@ def _island_speed(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | KernelS
 
 def slow_depthwise(ctx: PlanContext, graph: onnx.GraphProto) -> set[str]:
     """Depthwise Convs whose float island is measured faster than their integer form (kept float)."""
-    if not ctx.enabled(DEPTHWISE.name):
-        return set()
-    found = set()
-    for node in graph.node:
-        speed = _island_speed(ctx, node) if node.op_type == "Conv" else None
-        if isinstance(speed, KernelSpeed) and speed.slower(DEPTHWISE_MARGIN):
-            found.add(node.name)
-    return found
+    return measured_slow(ctx, graph, DEPTHWISE.name, frozenset({"Conv"}), _island_speed, DEPTHWISE_MARGIN)
 
 
 def check_depthwise(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | str:

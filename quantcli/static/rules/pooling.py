@@ -34,6 +34,7 @@ import onnx
 
 from quantcli.core.host import KernelKind, KernelShape, KernelSpeed
 from quantcli.static.plan import Rejection, SkipCode
+from quantcli.static.rules._island import measured_slow
 from quantcli.static.rules._rule import Rule
 
 if TYPE_CHECKING:
@@ -103,14 +104,7 @@ def _island_speed(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | KernelS
 
 def slow_pooling(ctx: PlanContext, graph: onnx.GraphProto) -> set[str]:
     """Pools whose float island is measured faster than their integer form (kept float)."""
-    if not ctx.enabled(POOLING.name):
-        return set()
-    found = set()
-    for node in graph.node:
-        speed = _island_speed(ctx, node) if node.op_type in _KINDS else None
-        if isinstance(speed, KernelSpeed) and speed.slower(POOL_MARGIN):
-            found.add(node.name)
-    return found
+    return measured_slow(ctx, graph, POOLING.name, frozenset(_KINDS), _island_speed, POOL_MARGIN)
 
 
 def check_pooling(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | str:

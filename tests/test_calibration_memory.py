@@ -52,7 +52,12 @@ def test_batch_shrinks_before_tensors_split_into_passes() -> None:
     passes, batch, one = run(per_sample // 4, fit=True)
     assert (passes, batch) == (1, 1) and one == whole  # the size probe held one sample: no passes below it
     passes, batch, grouped = run(per_sample * 5 + 1, fit=False)
-    assert passes > 3 and batch == 32 and grouped == whole
+    assert passes > 3 and batch == 32
+    # each pass exposes other tensors as graph outputs, so onnxruntime may fuse (and round) differently:
+    # measured on AVX2 without VNNI, a Conv's max moved by one float32 ulp (12.660882 vs 12.660883)
+    assert grouped.keys() == whole.keys()
+    for name, values in grouped.items():
+        np.testing.assert_allclose(values, whole[name], rtol=1e-6, atol=0, err_msg=name)
 
 
 def _if_in_loop_model(steps: int, d: int = 8) -> onnx.ModelProto:

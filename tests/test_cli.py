@@ -259,3 +259,21 @@ def test_a_type_outside_the_domain_is_a_usage_error(tmp_path):
         result = invoke("convert", tmp_path / "m.onnx", "-o", tmp_path / "q.onnx", flag, value)
         assert result.exit_code == 2, result.output
         assert "is not one of" in result.output
+
+
+def test_target_cpu_override_picks_the_types_for_another_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build machine converting for a VNNI host (or the reverse): QUANTCLI_TARGET_CPU decides reduce_range."""
+    from quantcli.core import host
+    from quantcli.core.errors import InvalidOption
+
+    for value, vnni in (("vnni", True), ("no-vnni", False), (" VNNI ", True)):
+        monkeypatch.setenv(host.TARGET_ENV, value)
+        host.detect_host.cache_clear()
+        assert host.detect_host().vnni is vnni
+        assert host.default_config().reduce_range is (host.detect_host().is_x86 and not vnni)
+    monkeypatch.setenv(host.TARGET_ENV, "avx9")
+    host.detect_host.cache_clear()
+    with pytest.raises(InvalidOption, match="QUANTCLI_TARGET_CPU='avx9': expected one of vnni, no-vnni"):
+        host.detect_host()
+    monkeypatch.delenv(host.TARGET_ENV)
+    host.detect_host.cache_clear()

@@ -4,10 +4,11 @@ Recorded before the package redesign (issue 13) and kept after it: a refactor th
 of any written model fails here. Cases run through the command line, the interface users keep.
 
 The hashes depend on onnxruntime's float results (calibration runs the model), so they are recorded
-per host class (CPU architecture and widest SIMD level) in ``tests/golden/convert_hashes.json``.
-Cases that never run onnxruntime before writing (dynamic, weight-only, fp16 modes) must match on every
-host. On a host class with no record, each ORT-dependent case is converted twice and must be
-byte-identical (determinism); record the class with ``pytest --update-golden tests/test_golden_hashes.py``.
+per host class (CPU architecture, widest SIMD level, VNNI) in ``tests/golden/convert_hashes.json``.
+So are dynamic-mode cases: the host picks their types (7-bit weights without VNNI). Cases that neither
+run onnxruntime before writing nor ask the host (weight-only, fp16 modes) must match on every host.
+On a host class with no record, each per-host case is converted twice and must be byte-identical
+(determinism); record the class with ``pytest --update-golden tests/test_golden_hashes.py``.
 
 A deliberate change of output (a bug fix) updates the file in the same commit and says why in the
 commit message; ``CHANGES`` below lists the cases whose bytes changed on purpose since the recording.
@@ -137,7 +138,8 @@ def host_class() -> str:
         pass
     words = set(flags.split())
     level = "avx512" if "avx512f" in words else "avx2" if "avx2" in words else "base"
-    return f"{platform.machine()}-{level}"
+    vnni = "-vnni" if words & {"avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni"} else ""
+    return f"{platform.machine()}-{level}{vnni}"
 
 
 @dataclass(frozen=True)
@@ -145,7 +147,9 @@ class Case:
     name: str
     model: str  # key of MODELS
     args: tuple[str, ...]
-    uses_ort: bool = True  # False: the mode never runs onnxruntime before writing
+    #: the bytes depend on the host: onnxruntime computes the ranges, or the host picks the types (dynamic
+    #: mode's 7-bit weights without VNNI); False: the same bytes on every host
+    per_host: bool = True
 
 
 def _tiny(build: Callable[[], object]) -> Callable[[Path], Path]:
@@ -272,7 +276,7 @@ for _model in list(MODELS)[:6]:
     for _name, _args in STATIC_SETS.items():
         CASES.append(Case(f"{_model}/{_name}", _model, _args))
     for _name, _args in MODE_SETS.items():
-        CASES.append(Case(f"{_model}/{_name}", _model, _args, uses_ort=False))
+        CASES.append(Case(f"{_model}/{_name}", _model, _args, per_host=_name.startswith("dynamic")))
 # exclusion by glob and by regex (issue 13: a regex did not reach every place that matches node names)
 CASES += [
     Case("small_cnn/exclude-glob", "small_cnn", ("--data", "{data}", "--exclude-nodes", "relu*", *FIXED)),
@@ -334,7 +338,7 @@ def _load() -> dict[str, dict[str, str]]:
 def test_convert_bytes_are_pinned(case: Case, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     digest = convert_case(case, tmp_path)
     golden = _load()
-    key = host_class() if case.uses_ort else "any"
+    key = host_class() if case.per_host else "any"
     if request.config.getoption("--update-golden"):
         golden.setdefault(key, {})[case.name] = digest
         GOLDEN.parent.mkdir(exist_ok=True)

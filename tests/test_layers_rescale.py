@@ -7,6 +7,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.compare.layers import per_layer_errors
+from quantcli.core.host import default_config
 from tests.helpers import dataset, quantize
 from tests.models import make_model, structured_images
 
@@ -32,7 +33,7 @@ def hardswish_tail() -> onnx.ModelProto:
 def test_folded_rescale_is_compared_on_its_own_grid() -> None:
     model = hardswish_tail()
     arrays = {"x": structured_images(32, seed=1, channels=8)}
-    quantized, plan, _ = quantize(model, arrays)
+    quantized, plan, _ = quantize(model, arrays, default_config())  # the host's choices
     assert any(r.node == "div" for r in plan.rescaled)  # the /6 is folded: the Mul is read on a grid 6x finer
     layers = {e.tensor: e for e in per_layer_errors(model, quantized, dataset(model, arrays), batch_size=8)}
     mul = layers["m"]

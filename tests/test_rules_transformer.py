@@ -11,10 +11,13 @@ tensors take run-time activation ranges.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from quantcli.core.host import default_config
 from quantcli.core.options import QuantConfig
 from quantcli.graph.index import GraphIndex
 from quantcli.modes.dynamic import lower_dynamic_nodes
@@ -28,7 +31,9 @@ from quantcli.verify.audit import audit_fusion
 from tests import helpers, models
 
 D, T = 32, 8
-TODAY = QuantConfig(disabled_rules=frozenset({"residual", "encoder-linear", "attention"}))
+# the host's own choices, as convert makes them: 7-bit weights without VNNI, where u8*s8 kernels saturate
+HOST = default_config()
+TODAY = replace(HOST, disabled_rules=frozenset({"residual", "encoder-linear", "attention"}))
 
 
 def _mm(a: str, b: str, out: str) -> onnx.NodeProto:
@@ -104,16 +109,17 @@ def _sqnr(model: onnx.ModelProto, quantized: onnx.ModelProto) -> float:
 def test_todays_plan_loses_the_outlier_encoder_and_the_rules_repair_it() -> None:
     model = encoder_block()
     before, _ = _convert(model, TODAY)
-    after, plan = _convert(model, QuantConfig())
-    residual_only, _ = _convert(model, QuantConfig(disabled_rules=frozenset({"encoder-linear", "attention"})))
-    assert _sqnr(model, before) < 20  # measured 16.1 dB
-    assert _sqnr(model, residual_only) > _sqnr(model, before) + 3  # each rule helps on its own
-    assert _sqnr(model, after) > 25  # measured 28.9 dB
+    after, plan = _convert(model, HOST)
+    residual_only, _ = _convert(model, replace(HOST, disabled_rules=frozenset({"encoder-linear", "attention"})))
+    # measured: VNNI (8-bit weights) 16.1 -> 19.7 -> 28.9 dB; AVX2 without VNNI (7-bit) 13.2 -> 14.7 -> 27.9 dB
+    assert _sqnr(model, before) < 20
+    assert _sqnr(model, residual_only) > _sqnr(model, before) + 1  # each rule helps on its own
+    assert _sqnr(model, after) > 25
     assert plan.dynamic_nodes == ("down_mm", "k_mm", "o_mm", "q_mm", "up_mm", "v_mm")
 
 
 def test_the_plan_names_each_decision() -> None:
-    _, plan = _convert(encoder_block(), QuantConfig())
+    _, plan = _convert(encoder_block(), HOST)
     skips = {s.node: s for s in plan.skipped}
     for add in ("r1", "r2"):
         assert skips[add].code == SkipCode.RESIDUAL_STREAM
@@ -132,7 +138,7 @@ def test_the_plan_names_each_decision() -> None:
 def test_no_self_attention_no_change() -> None:
     model = encoder_block(attention=False)
     q_today, plan_today = _convert(model, TODAY)
-    q_now, plan_now = _convert(model, QuantConfig())
+    q_now, plan_now = _convert(model, HOST)
     assert plan_now.dynamic_nodes == ()
     codes = {SkipCode.RESIDUAL_STREAM, SkipCode.LINEAR_BIAS_FLOAT, SkipCode.ATTENTION_FLOAT}
     assert not any(s.code in codes for s in plan_now.skipped)
@@ -141,7 +147,7 @@ def test_no_self_attention_no_change() -> None:
 
 
 def test_the_repaired_block_still_runs_integer_kernels() -> None:
-    quantized, _ = _convert(encoder_block(), QuantConfig())
+    quantized, _ = _convert(encoder_block(), HOST)
     fused = audit_fusion(quantized, feed={"x": _data(2)["x"][:1]})
     kernels = {k for _, k in fused.integer_nodes}
     assert kernels & {"DynamicQuantizeMatMul", "MatMulIntegerToFloat"}

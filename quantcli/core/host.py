@@ -10,12 +10,14 @@ the constants quantcli used before it measured (tests install it, so plans stay 
 
 from __future__ import annotations
 
+import os
 import platform
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Protocol
 
+from quantcli.core.errors import InvalidOption
 from quantcli.core.options import QuantConfig, QuantDType, StrEnum
 
 __all__ = [
@@ -102,10 +104,21 @@ def int8_flags() -> tuple[str, ...]:
     return tuple(f for f in _INT8_FLAGS if f in flags)
 
 
+#: plan for another x86 CPU than this one: ``vnni`` or ``no-vnni`` (a build machine converting for its
+#: deployment host; the test suite sets it so plans are the same on every host it runs on)
+TARGET_ENV = "QUANTCLI_TARGET_CPU"
+_TARGETS = {"vnni": True, "no-vnni": False}
+
+
 @lru_cache(maxsize=1)
 def detect_host() -> HostCpu:
-    """Read the architecture and, on Linux, the CPU flags."""
+    """Read the architecture and, on Linux, the CPU flags; ``QUANTCLI_TARGET_CPU`` overrides VNNI."""
     arch = platform.machine().lower()
+    target = os.environ.get(TARGET_ENV, "").strip().lower()
+    if target:
+        if target not in _TARGETS:
+            raise InvalidOption(f"{TARGET_ENV}={target!r}: expected one of {', '.join(_TARGETS)}", option=TARGET_ENV)
+        return HostCpu(arch=arch, vnni=_TARGETS[target])
     vnni = any(f in _cpuinfo()[1] for f in _VNNI_FLAGS)
     return HostCpu(arch=arch, vnni=vnni)
 

@@ -81,7 +81,7 @@ def _verdict_never_times(monkeypatch: pytest.MonkeyPatch) -> None:
 def constant_kernel_speed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Plans in tests never depend on this machine's timing: kernel speed comes from the constants.
 
-    ``make_plan`` without a ``speed`` oracle asks ``kernel_speed.host_oracle()``; here it answers with
+    The pipeline hands ``make_plan`` the oracle ``kernel_speed.host_oracle()`` gives; here it answers with
     ``ConstantSpeedOracle`` (today's decisions: the golden hashes hold on any host). Session-scoped, so
     module fixtures that convert are covered too; child processes get ``QUANTCLI_KERNEL_SPEED=constant``
     and a temporary cache folder (never the user's).

@@ -277,3 +277,17 @@ def test_target_cpu_override_picks_the_types_for_another_host(monkeypatch: pytes
         host.detect_host()
     monkeypatch.delenv(host.TARGET_ENV)
     host.detect_host.cache_clear()
+
+
+def test_run_time_quantized_matmuls_have_their_own_table(tmp_path):
+    """The encoder rules' MatMuls run integer kernels: the report does not count them as left in float."""
+    from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+    out = tmp_path / "t.onnx"
+    data = CALIBRATION_DATA / "digits_transformer_calib.npz"
+    result = invoke("convert", SAMPLE_MODELS / "digits_transformer.onnx", "--data", data, "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    head, _, runtime = result.output.partition("integer weights, activations quantized at run time")
+    assert "MatMul" in runtime and "run-time activation quantization" in runtime
+    floats = head.partition("left in float\n")[2]  # the table, when one is printed
+    assert "run-time activation quantization" not in floats

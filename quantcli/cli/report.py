@@ -358,7 +358,9 @@ def render_convert(console: Console, result: ConvertResult) -> None:
             f"[yellow]range:[/] '{escape(d.tensor)}' observed \\[{d.observed_min:.3g}, {d.observed_max:.3g}]: "
             f"{escape(d.decision)}",
         )
-    _render_skipped(console, "left in float", result.plan.skipped)
+    runtime = [s for s in result.plan.skipped if s.code == SkipCode.RUNTIME_ACTIVATION]
+    _render_skipped(console, "left in float", [s for s in result.plan.skipped if s not in runtime])
+    _render_skipped(console, "integer weights, activations quantized at run time", runtime)
     if result.unknown_shapes:
         why = f" ({result.shape_inference_error})" if result.shape_inference_error else ""
         _say_path(

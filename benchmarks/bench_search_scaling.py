@@ -1,0 +1,168 @@
+"""Benchmark: how the accuracy search's wall time grows with the number of nodes (issue 15).
+
+Each model is a chain of ``depth`` blocks (MatMul 64x64 + bias Add + Relu); every eighth MatMul is
+made un-quantizable the way ``tests/models.sensitive_mlp`` is (a dead hidden unit whose weight row is
+500x the rest sets the int8 weight scale, so the layer's other weights round to zero). A budget of
+``--min-sqnr`` dB is out of reach until those layers leave static int8, so the search has to find
+them among ``3 x depth`` nodes. The chains are generated (no accuracy claim rests on them): only the
+search's work is measured. Each run is a child process (wall time, peak RSS, trials, what was chosen).
+
+Printed per depth: nodes, compute nodes, trials, wall seconds, seconds per trial, float and run-time
+quantized nodes of the answer, and the growth exponent between depths (log ratio of wall times over
+log ratio of node counts: 1.0 is linear). The machine's load and CPU flags are printed beside it.
+
+    python benchmarks/bench_search_scaling.py                    # depths 8 16 32 64
+    python benchmarks/bench_search_scaling.py --depths 8 16 32 64 128 --json scaling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REPO = Path(__file__).resolve().parent.parent
+D = 64
+
+
+def chain(depth: int, seed: int = 0) -> onnx.ModelProto:
+    """``depth`` MatMul+Add+Relu blocks; every eighth MatMul (from the third) has an outlier weight row."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, x = [], [], "x"
+    for i in range(depth):
+        w = rng.normal(size=(D, D)) * (1.0 / math.sqrt(D))
+        b = rng.normal(size=D) * 0.1
+        if i % 8 == 2:  # hidden unit 3 of the previous layer is dead, and its row here is 500x
+            w[3, :] *= 500.0
+        if i % 8 == 1:
+            w[:, 3] = -np.abs(w[:, 3])
+            b[3] = -1.0
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"w{i}"),
+                  numpy_helper.from_array(b.astype(np.float32), f"b{i}")]  # fmt: skip
+        nodes += [
+            helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"], name=f"mm{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"h{i}"], name=f"add{i}"),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
+        x = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        f"chain{depth}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", D])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def inputs(n: int, seed: int) -> np.ndarray:
+    """Non-negative inputs (so the dead units stay dead), smooth across features like real activations."""
+    rng = np.random.default_rng(seed)
+    base = np.abs(rng.normal(size=(n, 1))) * np.linspace(0.2, 1.0, D)[None, :]
+    return (base + np.abs(rng.normal(size=(n, D))) * 0.3).astype(np.float32)
+
+
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+from quantcli import api
+from quantcli.search.accuracy_search import Budget, SearchOptions
+model, calib, evald, out, sqnr = sys.argv[1:6]
+start = time.perf_counter()
+try:
+    result = api.convert_model(Path(model), Path(out), data_path=Path(calib), eval_data=Path(evald),
+                               search=SearchOptions(Budget(min_sqnr_db=float(sqnr)), latency_runs=3, max_fallback=64),
+                               force=True)  # the search's work is measured, not the tiny chain's speed
+    s = result.search
+    row = {"trials": len(s.trials), "float": len(s.chosen.candidate.float_nodes),
+           "dynamic": len(s.chosen.candidate.dynamic_nodes), "sqnr": s.chosen.sqnr_db, "met": True}
+except Exception as exc:  # the budget not met is a figure too
+    row = {"met": False, "error": str(exc).splitlines()[0][:200]}
+row["wall_s"] = time.perf_counter() - start
+row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("ROW " + json.dumps(row))
+"""
+
+
+def run_depth(depth: int, folder: Path, sqnr: float, mem_gb: float) -> dict[str, object]:
+    model = folder / f"chain{depth}.onnx"
+    onnx.save(chain(depth), model)
+    calib, evald = folder / "calib.npz", folder / "eval.npz"
+    np.savez(calib, x=inputs(256, 1))
+    np.savez(evald, x=inputs(256, 2))
+    cap = int(mem_gb * 2**30)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), QUANTCLI_KERNEL_SPEED="constant")
+    args = [sys.executable, "-c", CHILD, str(model), str(calib), str(evald), str(folder / "out.onnx"), str(sqnr)]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, preexec_fn=limit, check=False)
+    rows = [line[4:] for line in proc.stdout.splitlines() if line.startswith("ROW ")]
+    row: dict[str, object] = json.loads(rows[-1]) if rows else {"met": False, "error": proc.stderr[-300:]}
+    row.update(depth=depth, nodes=3 * depth, compute=depth)
+    return row
+
+
+def host_line() -> str:
+    flags = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = line
+            break
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    have = [f for f in wanted if f" {f}" in flags]
+    listed = " ".join(have) or "none of " + ",".join(wanted)
+    return f"host flags: {listed}; cpus {os.cpu_count()}; load {os.getloadavg()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--min-sqnr", type=float, default=20.0)
+    parser.add_argument("--mem-gb", type=float, default=6.0)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    print(host_line())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for depth in args.depths:
+            folder = Path(tmp) / str(depth)
+            folder.mkdir()
+            started = time.time()
+            row = run_depth(depth, folder, args.min_sqnr, args.mem_gb)
+            row["load"] = os.getloadavg()[0]
+            rows.append(row)
+            print(json.dumps(row), f"({time.time() - started:.0f} s)", flush=True)
+    heads = ("nodes", 6), ("compute", 8), ("trials", 7), ("wall s", 8), ("s/trial", 8), ("float", 6), ("dyn", 4)
+    print("\n" + " ".join(f"{h:>{w}}" for h, w in heads) + f" {'growth':>7}")
+    prev = None
+    for row in rows:
+        trials = row.get("trials")
+        per = f"{float(row['wall_s']) / int(trials):8.2f}" if trials else f"{'-':>8}"  # type: ignore[arg-type]
+        growth = ""
+        if prev is not None:
+            wall = math.log(float(row["wall_s"]) / float(prev["wall_s"]))  # type: ignore[arg-type]
+            growth = f"{wall / math.log(int(row['nodes']) / int(prev['nodes'])):7.2f}"  # type: ignore[call-overload]
+        print(f"{row['nodes']:>6} {row['compute']:>8} {trials or '-':>7} {float(row['wall_s']):8.1f} {per}"  # type: ignore[arg-type]
+              f" {row.get('float', '-'):>6} {row.get('dynamic', '-'):>4} {growth:>7}"
+              + ("" if row.get("met") else f"  not met: {row.get('error', '')}"))  # fmt: skip
+        prev = row
+    print(host_line())
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -118,6 +118,22 @@ def test_embedding_cosine_and_map_iou():
     assert strict.iou == pytest.approx(1.0)
 
 
+def test_samples_without_a_mask_on_either_side_do_not_dilute_the_iou():
+    """A detector's held-back images with no text (both masks empty) say nothing about its masks."""
+    mask = np.zeros((4, 1, 8, 8), dtype=np.float32)
+    mask[0, :, :4] = 0.9  # one image with text; three blank ones
+    moved = mask.copy()
+    moved[0, :, :2] = 0.1  # half the text lost: IoU 0.5 (the mean over all four would read 0.875)
+    (iou,) = kind_metrics(["map"], [mask], [moved])
+    assert iou.iou == pytest.approx(0.5)
+    ghost = moved.copy()
+    ghost[1, :, 0, 0] = 0.9  # a blank image where the quantized model alone finds a pixel: IoU 0, counted
+    (iou,) = kind_metrics(["map"], [mask], [ghost])
+    assert iou.iou == pytest.approx(0.25)
+    (blank,) = kind_metrics(["map"], [np.zeros_like(mask)], [np.zeros_like(mask)])
+    assert blank.iou == 1.0  # nothing anywhere: the two agree
+
+
 def test_overrides_and_unbatched_outputs():
     assert parse_output_kinds(["a=map", "b=raw"]) == {"a": K.MAP, "b": K.RAW}
     for bad in ("a", "a=boxes", "=map"):

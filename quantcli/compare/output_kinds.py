@@ -18,7 +18,10 @@ not the batch is one sample), in this order:
   CTC heads, PyTorch's CTC layout) is read as ``[N, T, C]`` and is a sequence even when its scores are
   logits: the layout itself says "per-position class scores".
 * ``map``: a dense map ``[C, H, W]`` (H, W >= 8) in [0, 1] (text or segmentation probability maps):
-  mean per-sample IoU of the maps thresholded at ``map_threshold`` (an empty union counts as 1).
+  mean per-sample IoU of the maps thresholded at ``map_threshold``, over the samples where either
+  model finds a mask (a sample where neither does says nothing about the mask: counted, it made a
+  text detector whose held-back images held little text pass at IoU 0.95 while its masks on text
+  images fell to 0.84); 1.0 when no sample has a mask.
 
 Every kind also gets its SQNR (dB) over all elements. ``--output-kind NAME=KIND`` overrides the
 detection (``OutputKindObserver(overrides=...)``).
@@ -227,7 +230,7 @@ class _KindAccumulator:
     def result(self) -> KindMetrics:
         signal, noise = _ordered_sum(self.signals), _ordered_sum(self.noises)
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
-        mean = float(np.concatenate(self.scores).mean()) if self.scores else None
+        mean = _mean_score(self.scores)
         return KindMetrics(
             self.name,
             self.kind,
@@ -265,9 +268,20 @@ def _cosines(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def _ious(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per sample; NaN where neither mask has a pixel (nothing to compare: left out of the mean)."""
     r, c = ref.reshape(ref.shape[0], -1), q.reshape(q.shape[0], -1)
     inter, union = np.sum(r & c, axis=1), np.sum(r | c, axis=1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+    return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
+
+
+def _mean_score(scores: list[np.ndarray]) -> float | None:
+    """The mean of the per-sample scores that say something (NaN: an IoU of two empty masks); 1.0 when
+    every sample is empty on both sides (they agree), None without samples."""
+    if not scores:
+        return None
+    values = np.concatenate(scores)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else 1.0
 
 
 @dataclass(frozen=True, slots=True)

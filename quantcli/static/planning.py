@@ -27,7 +27,7 @@ The constants and types of those modules are re-exported here, where callers hav
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -37,6 +37,7 @@ from quantcli.core.options import QuantConfig
 from quantcli.core.qmath import QuantParams
 from quantcli.core.selection import NodeSelector, first_matching_pattern
 from quantcli.graph.index import GraphIndex
+from quantcli.graph.pinning import pin_input_dims
 from quantcli.graph.scopes import CONTROL_FLOW_OPS, node_subgraphs
 from quantcli.static.plan import (
     ActivationQuant,
@@ -246,6 +247,7 @@ def make_plan(
     float_nodes: frozenset[str] = frozenset(),
     speed: SpeedOracle | None = None,
     dynamic_nodes: frozenset[str] = frozenset(),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> QuantPlan:
     """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``.
 
@@ -263,6 +265,10 @@ def make_plan(
         speed: how fast integer kernels run (``quantcli.core.host.SpeedOracle``; pipeline/ and search/ pass
             ``quantcli.verify.kernel_speed.host_oracle()``, measured and cached per host); None: the constants
             of ``ConstantSpeedOracle`` (static/ sits above verify/ and never measures).
+        input_shapes: one sample's shape per graph input (the data convert was given). Input dims that
+            are dynamic in ``model`` are planned at these sizes (``quantcli.graph.pinning``), so the
+            host-measured rules time the maps the model really computes; the plan applies to ``model``,
+            whose dims stay dynamic. None: plan on the shapes ``model`` records.
 
     Raises:
         ValueError: ``config.disabled_rules`` names no rule or check (``quantcli.static.rules.RULE_NAMES``).
@@ -277,5 +283,6 @@ def make_plan(
         ranges, config, selector, recurrent_input_producers(model), speed, dynamic_names=frozenset(dynamic_nodes)
     )
     done: list[tuple[str, PlanContext]] = []
-    _plan_graph(model.graph, "", {}, inputs, done)
+    planned = pin_input_dims(model, input_shapes) if input_shapes else model
+    _plan_graph(planned.graph, "", {}, inputs, done)
     return _assemble(done, inputs)

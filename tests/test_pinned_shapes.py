@@ -12,10 +12,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.api import convert_model
 from quantcli.core.host import KernelKind, KernelShape, KernelSpeed
-from quantcli.core.options import QuantConfig
-from quantcli.graph.index import GraphIndex
-from quantcli.graph.pinning import dynamic_input_dims, pin_input_dims
+from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
+from quantcli.graph.pinning import dynamic_input_dims, pinned_shapes
 from quantcli.passes.preprocess import preprocess
+from quantcli.search.accuracy_search import Candidate, SearchBase, build_candidate
 from quantcli.static.planning import make_plan
 from quantcli.stats.calibration import calibrate
 from quantcli.verify import kernel_speed
@@ -63,22 +63,20 @@ def _images(n: int) -> np.ndarray:
     return np.random.default_rng(1).normal(size=(n, 8, H, W)).astype(np.float32)
 
 
-def test_pinned_copy_has_concrete_shapes_and_the_model_keeps_its_symbols() -> None:
+def test_pinned_shapes_are_concrete_and_the_model_keeps_its_symbols() -> None:
     model, _ = preprocess(dynamic_block())
     before = model.SerializeToString()
     assert dynamic_input_dims(model, {"x": (1, 8, H, W)}) == {"x": {0: 1, 2: H, 3: W}}
-    pinned = pin_input_dims(model, {"x": (1, 8, H, W)})
-    shapes = GraphIndex.build(pinned.graph).shapes
-    assert shapes["r1"] == (1, C, H, W) and shapes["y"] == (1, 8, H, W)
-    assert model.SerializeToString() == before  # planning's copy, never the model
-    assert [n.name for n in pinned.graph.node] == [n.name for n in model.graph.node]
+    shapes = pinned_shapes(model, {"x": (1, 8, H, W)})
+    assert shapes["x"] == (1, 8, H, W) and shapes["r1"] == (1, C, H, W) and shapes["y"] == (1, 8, H, W)
+    assert model.SerializeToString() == before  # inferred on a skeleton, never on the model
 
 
-def test_nothing_to_pin_returns_the_model_itself() -> None:
+def test_nothing_to_pin_gives_no_shapes() -> None:
     model = dynamic_block()
-    assert pin_input_dims(model, {}) is model
-    assert pin_input_dims(model, {"x": (1, 8, H)}) is model  # another rank: not this input's sample
-    assert pin_input_dims(model, {"other": (1, 8, H, W)}) is model
+    assert pinned_shapes(model, {}) == {}
+    assert pinned_shapes(model, {"x": (1, 8, H)}) == {}  # another rank: not this input's sample
+    assert pinned_shapes(model, {"other": (1, 8, H, W)}) == {}
 
 
 @pytest.mark.parametrize(("shapes", "sides"), [({"x": (1, 8, H, W)}, (H, W)), (None, (0, 0))])
@@ -101,15 +99,27 @@ def test_small_sides_have_their_own_buckets() -> None:
     assert bucket(KernelShape(KernelKind.MAX_POOL_ISLAND, (200, 200, 2, 2, 2, 2, 96))).dims[5:] == (2, 96)
 
 
+@pytest.mark.parametrize("algorithms", [AlgorithmOptions(), AlgorithmOptions(cle=True, bias_correction=True)])
 def test_convert_plans_at_the_data_size_and_writes_dynamic_dims(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, algorithms: AlgorithmOptions
 ) -> None:
     model_path, data_path, out = tmp_path / "m.onnx", tmp_path / "calib.npz", tmp_path / "q.onnx"
     onnx.save(dynamic_block(), model_path)
     np.savez(data_path, x=_images(10))
     oracle = RecordingOracle()
     monkeypatch.setattr(kernel_speed, "host_oracle", lambda: oracle)
-    convert_model(model_path, out, data_path=data_path, verdict=False)
+    convert_model(model_path, out, data_path=data_path, verdict=False, algorithms=algorithms)
     assert {s.dims[5:] for s in oracle.asked} == {(H, W)}
     dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims[2:]] == ["H", "W"]
+
+
+def test_search_candidates_are_planned_at_the_base_sizes() -> None:
+    model = dynamic_block()
+    prepared, _ = preprocess(model)
+    data = dataset(model, {"x": _images(8)})
+    calibration = calibrate(prepared, data, model_sha256="test", method=CalibrationMethod.PERCENTILE)
+    oracle = RecordingOracle()
+    base = SearchBase(prepared, calibration, QuantConfig(), speed=oracle, input_shapes={"x": (1, 8, H, W)})
+    build_candidate(base, Candidate(CalibrationMethod.MINMAX))
+    assert {s.dims[5:] for s in oracle.asked} == {(H, W)}

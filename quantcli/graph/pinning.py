@@ -1,12 +1,13 @@
-"""Planning's view of a model whose inputs have dynamic dims: a copy with the data's sample sizes pinned in.
+"""Planning's view of the sizes a model with dynamic input dims computes on: its data's sample sizes pinned in.
 
 Shape inference gives a symbol (or nothing) for every size that follows a dynamic input dim, like
 the height and width of an OCR crop, so the rules that ask how large a map is (``rules.depthwise``,
-``rules.pooling``, ``rules.stem``) cannot tell, and measure at a guessed size. ``pin_input_dims``
-copies the model, writes a sample's sizes into the input dims that are not fixed (a symbol, no
-value, or a non-positive value such as Paddle's -1), and runs shape inference on the copy.
-Planning reads the copy; the lowering rewrites the model itself, so the written model keeps its
-dynamic dims. Node and tensor names are the copy's too, so a plan made on it applies unchanged.
+``rules.pooling``, ``rules.stem``) cannot tell, and measure at a guessed size. ``pinned_shapes``
+writes a sample's sizes into the input dims that are not fixed (a symbol, no value, or a
+non-positive value such as Paddle's -1) of a weightless skeleton of the model
+(``model_io.split_weights``: no weight is copied, at any model size), runs shape inference on it
+and returns the main graph's shapes. Planning reads them instead of the recorded ones; the model
+is not touched, so the written model keeps its dynamic dims.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from collections.abc import Mapping, Sequence
 
 import onnx
 
-from quantcli.graph.model_io import above_protobuf_limit, infer_shapes
+from quantcli.graph.index import recorded_shapes
+from quantcli.graph.model_io import infer_shapes, split_weights
 
-__all__ = ["dynamic_input_dims", "pin_input_dims"]
+__all__ = ["dynamic_input_dims", "pinned_shapes"]
 
 log = logging.getLogger(__name__)
 
@@ -49,29 +51,30 @@ def dynamic_input_dims(model: onnx.ModelProto, sample_shapes: Mapping[str, Seque
     return pins
 
 
-def pin_input_dims(model: onnx.ModelProto, sample_shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
-    """A copy of ``model`` whose dynamic input dims hold ``sample_shapes``'s sizes, shapes inferred again.
+def pinned_shapes(
+    model: onnx.ModelProto, sample_shapes: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int | str | None, ...]]:
+    """The main graph's tensor shapes with the dynamic input dims at ``sample_shapes``'s sizes.
 
-    ``model`` itself (no copy) when no input dim is dynamic or sampled, above protobuf's 2 GB (no
-    shape inference there), or when inference fails on the pinned copy. ``model`` is never changed.
+    Empty when no input dim is dynamic and sampled, or when shape inference fails on the pinned
+    skeleton (planning then reads the shapes the model records). ``model`` is never changed.
     """
     pins = dynamic_input_dims(model, sample_shapes)
-    if not pins or above_protobuf_limit(model):
-        return model
-    pinned = onnx.ModelProto()
-    pinned.CopyFrom(model)
-    for vi in pinned.graph.input:
+    if not pins:
+        return {}
+    skeleton, _ = split_weights(model)  # a new message holding no large weight
+    for vi in skeleton.graph.input:
         for axis, size in pins.get(vi.name, {}).items():
             dim = vi.type.tensor_type.shape.dim[axis]
             dim.Clear()
             dim.dim_value = size
     # recorded shapes carry the symbols; inference writes them again from the pinned inputs
-    del pinned.graph.value_info[:]
-    for out in pinned.graph.output:
+    del skeleton.graph.value_info[:]
+    for out in skeleton.graph.output:
         if out.type.HasField("tensor_type"):
             out.type.tensor_type.ClearField("shape")
-    inferred, error = infer_shapes(pinned)
+    inferred, error = infer_shapes(skeleton)
     if error is not None:
-        log.info("planning keeps the dynamic input dims: shape inference failed on the pinned copy: %s", error)
-        return model
-    return inferred
+        log.info("planning keeps the recorded shapes: inference failed with the input dims pinned: %s", error)
+        return {}
+    return recorded_shapes(inferred.graph)

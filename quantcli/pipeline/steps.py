@@ -238,7 +238,9 @@ def search_base(ctx: ConvertContext) -> None:
     else:
         calibrate_or_read(ctx)
         speed = kernel_speed.host_oracle()
-        ctx.base = SearchBase(prepared, need(ctx.calibration, "the calibration"), ctx.config, speed=speed)
+        calibration = need(ctx.calibration, "the calibration")
+        shapes = data_sample_shapes(ctx)
+        ctx.base = SearchBase(prepared, calibration, ctx.config, speed=speed, input_shapes=shapes)
 
 
 def replay_recipe(ctx: ConvertContext) -> None:

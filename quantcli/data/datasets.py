@@ -40,6 +40,7 @@ __all__ = [
     "open_dataset",
     "parse_batch_axes",
     "random_dataset",
+    "sample_shapes",
 ]
 
 #: keys that carry labels rather than model inputs
@@ -614,3 +615,12 @@ def random_dataset(
     dataset = Dataset.from_arrays(specs, arrays)
     dataset.path = Path(f"<random, seed {seed}>")
     return dataset
+
+
+def sample_shapes(data: Dataset | FeedList) -> dict[str, tuple[int, ...]]:
+    """The shape of each input in ``data``'s first feed of one sample (empty when it has none).
+
+    A model that fixes its batch gets its batch, and a ``FeedList`` its first feed as it is.
+    """
+    first = next(iter(data.batches(1)), None)
+    return {} if first is None else {name: tuple(int(d) for d in arr.shape) for name, arr in first.items()}

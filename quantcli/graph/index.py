@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,10 +11,22 @@ from onnx import numpy_helper
 
 from quantcli.graph.scopes import node_subgraphs, outer_references
 
-__all__ = ["GraphIndex"]
+__all__ = ["GraphIndex", "recorded_shapes"]
 
 #: constants at least this large are not cached by ``GraphIndex.constant`` (bytes)
 _CACHE_BELOW = 64 << 20
+
+
+def recorded_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int | str | None, ...]]:
+    """The shape ``graph`` records for each input, value_info and output (a dim: its value, symbol or None);
+    the first record of a name wins."""
+    shapes: dict[str, tuple[int | str | None, ...]] = {}
+    for vi in [*graph.input, *graph.value_info, *graph.output]:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
+            shapes.setdefault(vi.name, shape)
+    return shapes
 
 
 @dataclass(slots=True)
@@ -31,11 +44,19 @@ class GraphIndex:
     _arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, graph: onnx.GraphProto, *, outer: dict[str, onnx.TensorProto] | None = None) -> GraphIndex:
+    def build(
+        cls,
+        graph: onnx.GraphProto,
+        *,
+        outer: dict[str, onnx.TensorProto] | None = None,
+        shapes: Mapping[str, tuple[int | str | None, ...]] | None = None,
+    ) -> GraphIndex:
         """Index ``graph`` (its value_info should come from shape inference where possible).
 
         ``outer`` holds constants of enclosing graphs that a subgraph may read. A node holding
         subgraphs (If, Loop, Scan) counts as a consumer of every outer value its subgraphs read.
+        ``shapes`` win over the shapes ``graph`` records (planning's sizes for dynamic input dims,
+        ``quantcli.graph.pinning``).
         """
         index = cls(graph=graph)
         for name, init in (outer or {}).items():
@@ -47,15 +68,11 @@ class GraphIndex:
             index.elem_types[init.name] = init.data_type
             index.shapes[init.name] = tuple(init.dims)
         for vi in [*graph.input, *graph.value_info, *graph.output]:
-            if vi.type.HasField("tensor_type"):
-                tt = vi.type.tensor_type
-                if tt.elem_type:
-                    index.elem_types.setdefault(vi.name, tt.elem_type)
-                if tt.HasField("shape"):
-                    index.shapes.setdefault(
-                        vi.name,
-                        tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim),
-                    )
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+                index.elem_types.setdefault(vi.name, vi.type.tensor_type.elem_type)
+        for name, shape in recorded_shapes(graph).items():
+            index.shapes.setdefault(name, shape)
+        index.shapes.update(shapes or {})
         for node in graph.node:
             for out in node.output:
                 if out:

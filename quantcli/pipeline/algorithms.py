@@ -18,7 +18,7 @@ import onnx
 from quantcli.core.errors import InvalidOption, MissingInput
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
-from quantcli.data.datasets import DataFormat, model_input_specs
+from quantcli.data.datasets import DataFormat, model_input_specs, sample_shapes
 from quantcli.stats.calibration import CalibrationOptions, CalibrationResult, activation_levels, ranges_for_levels
 
 if TYPE_CHECKING:
@@ -114,14 +114,14 @@ def convert_with_algorithms(
     prepared, calibration = done.model, done.calibration
     reports: list[EqualizationReport | SmoothQuantReport | BiasCorrectionReport] = list(done.reports)
     ranges = ranges_for_levels(calibration, activation_levels(config.activation_type))
-    speed = kernel_speed.host_oracle()
-    plan = make_plan(prepared, ranges, config, speed=speed)
+    speed, shapes = kernel_speed.host_oracle(), _sample_shapes(prepared, inputs)
+    plan = make_plan(prepared, ranges, config, speed=speed, input_shapes=shapes)
     if algorithms.bias_correction:
         targets = bias_correction_targets(prepared, plan)
         stats = {t: done.input_stats[t] for t in targets if t in done.input_stats}
         prepared, bc_report = correct_biases(prepared, plan, stats)
         reports.append(bc_report)
-        plan = make_plan(prepared, ranges, config, speed=speed)
+        plan = make_plan(prepared, ranges, config, speed=speed, input_shapes=shapes)
     return prepared, calibration, plan, tuple(reports)
 
 
@@ -152,9 +152,15 @@ def algorithm_base(
     options = replace(inputs.calibration, method=CalibrationMethod.PERCENTILE)
     done = transform_fp32(prepared, algorithms, replace(inputs, calibration=options))
     bias_stats = None
-    speed = kernel_speed.host_oracle()
+    speed, shapes = kernel_speed.host_oracle(), _sample_shapes(prepared, inputs)
     if algorithms.bias_correction:
-        plan = make_plan(done.model, done.calibration.ranges, config, speed=speed)
+        plan = make_plan(done.model, done.calibration.ranges, config, speed=speed, input_shapes=shapes)
         targets = bias_correction_targets(done.model, plan)
         bias_stats = {t: done.input_stats[t] for t in targets if t in done.input_stats}
-    return SearchBase(done.model, done.calibration, config, algorithms, bias_stats, speed=speed), done.reports
+    base = SearchBase(done.model, done.calibration, config, algorithms, bias_stats, speed=speed, input_shapes=shapes)
+    return base, done.reports
+
+
+def _sample_shapes(prepared: onnx.ModelProto, inputs: AlgorithmInputs) -> dict[str, tuple[int, ...]]:
+    """One sample's input shapes from the algorithms' data (planning's sizes for dynamic input dims)."""
+    return sample_shapes(inputs.fmt.open(inputs.data_path, model_input_specs(prepared)))

@@ -18,7 +18,7 @@ import onnx
 
 from quantcli.core.errors import MissingInput, NotFasterError, QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping
-from quantcli.data.datasets import model_input_specs, random_dataset
+from quantcli.data.datasets import model_input_specs, random_dataset, sample_shapes
 from quantcli.graph.model_io import (
     above_protobuf_limit,
     check_model,
@@ -56,6 +56,7 @@ __all__ = [
     "check_algorithms",
     "check_outputs",
     "check_speedup",
+    "data_sample_shapes",
     "load_and_check",
     "lower",
     "plan",
@@ -172,7 +173,25 @@ def plan(ctx: ConvertContext) -> None:
     # entropy/MSE clips re-chosen from the histograms for the activation type's levels (16-bit)
     levels = activation_levels(ctx.config.activation_type)
     ranges = ranges_for_levels(need(ctx.calibration, "the calibration"), levels)
-    ctx.plan = make_plan(need(ctx.prepared, "the model"), ranges, ctx.config, speed=kernel_speed.host_oracle())
+    ctx.plan = make_plan(
+        need(ctx.prepared, "the model"),
+        ranges,
+        ctx.config,
+        speed=kernel_speed.host_oracle(),
+        input_shapes=data_sample_shapes(ctx),
+    )
+
+
+def data_sample_shapes(ctx: ConvertContext) -> dict[str, tuple[int, ...]]:
+    """One sample's input shapes from the data convert was given (calibration data, else evaluation data),
+    at which planning sees the model's dynamic input dims; empty without data."""
+    r = ctx.request
+    if ctx.calibration_data is not None:
+        return sample_shapes(ctx.calibration_data)
+    path = r.data_path or r.eval_data
+    if path is None:
+        return {}
+    return sample_shapes(ctx.fmt.open(path, model_input_specs(need(ctx.model, "the model"))))
 
 
 def lower(ctx: ConvertContext) -> None:
@@ -219,7 +238,9 @@ def search_base(ctx: ConvertContext) -> None:
     else:
         calibrate_or_read(ctx)
         speed = kernel_speed.host_oracle()
-        ctx.base = SearchBase(prepared, need(ctx.calibration, "the calibration"), ctx.config, speed=speed)
+        calibration = need(ctx.calibration, "the calibration")
+        shapes = data_sample_shapes(ctx)
+        ctx.base = SearchBase(prepared, calibration, ctx.config, speed=speed, input_shapes=shapes)
 
 
 def replay_recipe(ctx: ConvertContext) -> None:

@@ -170,6 +170,8 @@ class SearchBase:
     name: str = ""
     #: kernel speeds on the target host: the plans' speed rules and the search's costs (None: constants)
     speed: SpeedOracle | None = field(default=None, repr=False)
+    #: one sample's input shapes, at which the plans see dynamic input dims (``make_plan``'s ``input_shapes``)
+    input_shapes: Mapping[str, tuple[int, ...]] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +313,7 @@ def _build(base: SearchBase, ranges: _Ranges, cand: Candidate) -> _Built:
             float_nodes=frozenset(cand.float_nodes),
             dynamic_nodes=frozenset(cand.dynamic_nodes),
             speed=base.speed or ConstantSpeedOracle(),
+            input_shapes=base.input_shapes,
         )
 
     plan = plan_of(base.prepared)

@@ -27,7 +27,7 @@ The constants and types of those modules are re-exported here, where callers hav
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -37,6 +37,7 @@ from quantcli.core.options import QuantConfig
 from quantcli.core.qmath import QuantParams
 from quantcli.core.selection import NodeSelector, first_matching_pattern
 from quantcli.graph.index import GraphIndex
+from quantcli.graph.pinning import pinned_shapes
 from quantcli.graph.scopes import CONTROL_FLOW_OPS, node_subgraphs
 from quantcli.static.plan import (
     ActivationQuant,
@@ -185,6 +186,8 @@ class _PlanInputs:
     act: dict[str, QuantParams] = field(default_factory=dict)
     #: exact names of MatMul/Gemm run with run-time activation quantization (besides the config's patterns)
     dynamic_names: frozenset[str] = frozenset()
+    #: main-graph shapes with the dynamic input dims at the data's sample sizes (``graph.pinning``)
+    shapes: Mapping[str, tuple[int | str | None, ...]] = field(default_factory=dict)
 
 
 def _plan_graph(
@@ -195,7 +198,7 @@ def _plan_graph(
     done: list[tuple[str, PlanContext]],
 ) -> None:
     """Plan ``graph``, then each subgraph of its nodes."""
-    index = GraphIndex.build(graph, outer=outer)
+    index = GraphIndex.build(graph, outer=outer, shapes=None if path else inputs.shapes)
     ctx = PlanContext(
         index,
         inputs.ranges,
@@ -246,6 +249,7 @@ def make_plan(
     float_nodes: frozenset[str] = frozenset(),
     speed: SpeedOracle | None = None,
     dynamic_nodes: frozenset[str] = frozenset(),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> QuantPlan:
     """Plan the quantization of ``model`` (already pre-processed) from calibrated ``ranges``.
 
@@ -263,6 +267,10 @@ def make_plan(
         speed: how fast integer kernels run (``quantcli.core.host.SpeedOracle``; pipeline/ and search/ pass
             ``quantcli.verify.kernel_speed.host_oracle()``, measured and cached per host); None: the constants
             of ``ConstantSpeedOracle`` (static/ sits above verify/ and never measures).
+        input_shapes: one sample's shape per graph input (the data convert was given). Input dims that
+            are dynamic in ``model`` are planned at these sizes (main graph; ``quantcli.graph.pinning``),
+            so the host-measured rules time the maps the model really computes; ``model`` and the
+            written model keep their dynamic dims. None: plan on the shapes ``model`` records.
 
     Raises:
         ValueError: ``config.disabled_rules`` names no rule or check (``quantcli.static.rules.RULE_NAMES``).
@@ -274,7 +282,13 @@ def make_plan(
     if speed is None:
         speed = ConstantSpeedOracle()
     inputs = _PlanInputs(
-        ranges, config, selector, recurrent_input_producers(model), speed, dynamic_names=frozenset(dynamic_nodes)
+        ranges,
+        config,
+        selector,
+        recurrent_input_producers(model),
+        speed,
+        dynamic_names=frozenset(dynamic_nodes),
+        shapes=pinned_shapes(model, input_shapes) if input_shapes else {},
     )
     done: list[tuple[str, PlanContext]] = []
     _plan_graph(model.graph, "", {}, inputs, done)

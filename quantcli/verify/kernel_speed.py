@@ -91,8 +91,9 @@ CACHE_ENV = "QUANTCLI_NO_SPEED_CACHE"
 #: "constant": no measurement, the constants of ``ConstantSpeedOracle`` (same plan on every host)
 MODE_ENV = "QUANTCLI_KERNEL_SPEED"
 SCHEMA = "quantcli.kernel_speed/1"
-#: image sides are measured at the nearest of these (log scale), capped at the largest
-_SIDES = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: image sides are measured at the nearest of these (log scale), capped at the largest; the small ones are the
+#: 1-6 pixel high maps of text-line models (PP-OCR's classifier: 5x5 depthwise Convs over 3x96 and 2x96)
+_SIDES = (1, 2, 3, 4, 6, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 #: an image of unknown size is measured at this side
 _UNKNOWN_SIDE = 224
 _OPSETS = {"": 17, "com.microsoft": 1}

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -200,6 +200,13 @@ def _render_skipped(console: Console, title: str, skipped: Iterable[Skip]) -> No
     print_table(console, table)
 
 
+def _render_plan_skips(console: Console, skipped: Sequence[Skip]) -> None:
+    """What stayed float, and apart from it the MatMuls whose activations are quantized at run time."""
+    runtime = [s for s in skipped if s.code == SkipCode.RUNTIME_ACTIVATION]
+    _render_skipped(console, "left in float", [s for s in skipped if s.code != SkipCode.RUNTIME_ACTIVATION])
+    _render_skipped(console, "integer weights, activations quantized at run time", runtime)
+
+
 def _group_reason(code: SkipCode, group: list[Skip]) -> str:
     """The reason shared by ``group``, or the code's sentence with what differs elided."""
     reasons = {s.reason for s in group}
@@ -358,9 +365,7 @@ def render_convert(console: Console, result: ConvertResult) -> None:
             f"[yellow]range:[/] '{escape(d.tensor)}' observed \\[{d.observed_min:.3g}, {d.observed_max:.3g}]: "
             f"{escape(d.decision)}",
         )
-    runtime = [s for s in result.plan.skipped if s.code == SkipCode.RUNTIME_ACTIVATION]
-    _render_skipped(console, "left in float", [s for s in result.plan.skipped if s not in runtime])
-    _render_skipped(console, "integer weights, activations quantized at run time", runtime)
+    _render_plan_skips(console, result.plan.skipped)
     if result.unknown_shapes:
         why = f" ({result.shape_inference_error})" if result.shape_inference_error else ""
         _say_path(

@@ -68,10 +68,22 @@ class MinMaxObserver:
         """Fold one batch in."""
         if array.size == 0:
             return
-        self.last = (float(np.min(array)), float(np.max(array)))
+        self.fold(float(np.min(array)), float(np.max(array)), int(array.size))
+
+    def fold(self, lo: float, hi: float, size: int) -> None:
+        """Fold in a batch of ``size`` values known by their min and max (NaN when the batch holds one).
+
+        A zero bound is recorded as +0.0: which of -0.0 and +0.0 a min or max returns depends on the
+        order the values are compared in (numpy's SIMD lanes, onnxruntime's ReduceMin, the batching),
+        and the sign of a zero bound changes no range. A NaN bound, as numpy's ``min`` gives for a
+        batch holding a NaN, leaves the running range as it was (Python's ``min(x, nan)`` is x).
+        """
+        if size == 0:
+            return
+        self.last = (lo + 0.0, hi + 0.0)  # -0.0 + 0.0 == +0.0; other values, NaN included, unchanged
         self.min = min(self.min, self.last[0])
         self.max = max(self.max, self.last[1])
-        self.count += int(array.size)
+        self.count += size
 
     def result(self) -> tuple[float, float]:
         """(min, max); (0, 0) if nothing was seen."""

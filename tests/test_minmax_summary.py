@@ -143,3 +143,18 @@ def test_min_max_reduces_in_graph_only_when_asked() -> None:
     assert not CalibrationOptions().summarizes
     assert CalibrationOptions(reduce_in_graph=True).summarizes
     assert not CalibrationOptions(method=CalibrationMethod.PERCENTILE, reduce_in_graph=True).summarizes
+
+
+def test_min_max_batches_are_smaller_and_ranges_the_same_bytes(rng: np.random.Generator) -> None:
+    """Min-max plans its batch to 4 MB of activations (histograms: 16 MB); the ranges are the same bytes
+    at any batch size."""
+    model = preprocess(models.small_cnn(channels=64))[0]
+    images = models.structured_images(40, seed=3)
+    images[5, 0, 0, 0] = -0.0
+    images[7, 0, 0, 0] = 0.0
+    ds = dataset(model, {"x": images})
+    minmax = CalibrationOptions(method=CalibrationMethod.MINMAX)
+    histogram = CalibrationOptions(method=CalibrationMethod.PERCENTILE)
+    assert minmax.collect_options(None).batch_target < histogram.collect_options(None).batch_target
+    results = [calibrate(model, ds, model_sha256="-", batch_size=b).ranges for b in (1, 3, 32)]
+    assert repr(results[0]) == repr(results[1]) == repr(results[2])

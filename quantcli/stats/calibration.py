@@ -5,7 +5,8 @@ model is copied with the activations exposed as outputs (the input model is not 
 values go straight into small observers and are dropped, so memory holds one batch of activations,
 whatever the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks
 (down to one sample) until one batch of every activation fits it, and to about 16 MB of activations,
-above which a larger batch runs no faster on a CPU (``BATCH_TARGET``); measuring the
+above which a larger batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost
+little: 4 MB, ``MINMAX_BATCH_TARGET``, which also keeps onnxruntime's working set small); measuring the
 sizes holds one sample of every activation anyway, so one sample is not split further. The observers do
 not depend on the batching, so neither do the ranges (a zero bound is recorded as +0.0, whichever sign
 of zero a batch's min returned; except where a tensor takes a NaN: numpy's min/max of that batch are
@@ -109,6 +110,12 @@ def permutation_aliases(graph: onnx.GraphProto, tracked: set[str]) -> dict[str, 
 
 #: bytes one batch of exposed activations may take by default
 CALIBRATION_BUDGET = 512 << 20
+#: min-max: bytes of activations a batch holds, above which a larger batch calibrates no faster (its
+#: observers are two numpy passes; onnxruntime's working set grows with the batch). Calibrate, min-max,
+#: 256 samples, 2 shared cores, CPU s and peak RSS above the imports: digits CNN (600 KB a sample)
+#: batch 4 0.28 s +17 MB, 8 0.28-0.32 s +20 MB, 28 0.28-0.31 s +39 MB; g2p BERT (1.2 MB) batch 4
+#: 0.48-0.50 s +31 MB, 15 0.45-0.62 s +59 MB (onnxruntime's quantizer, batch 1: +23 and +83 MB)
+MINMAX_BATCH_TARGET = 4 << 20
 #: exposed bytes above which a larger batch calibrates no faster on a CPU (calibrate, min-max, 256
 #: samples, batch 1 vs 32 on a shared 2-core machine: magika at 22 MB a sample 5.0 vs 8.9 s, ppocrv4_rec
 #: at 192 MB 32 vs 41 s; the digits CNN, at 87 KB, keeps batch 32)
@@ -167,7 +174,7 @@ class CalibrationOptions:
             threads=self.threads,
             max_memory=calibration_memory_budget(self.max_memory, self.method),
             fit_batch=self.method != CalibrationMethod.MOVING_AVERAGE,
-            batch_target=BATCH_TARGET,
+            batch_target=MINMAX_BATCH_TARGET if self.method == CalibrationMethod.MINMAX else BATCH_TARGET,
             shuffle=self.shuffle,
             seed=self.seed,
             deadline=deadline,

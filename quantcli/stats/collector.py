@@ -51,6 +51,7 @@ from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model_io import available_memory
 from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
 from quantcli.stats.observers import (
+    HISTOGRAM_CHUNK,
     ChannelObserver,
     ChannelStats,
     ErrorStats,
@@ -89,9 +90,12 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 class StatisticObserver(Protocol):
-    """Folds one batch of the values its request named in, in the request's ``outputs`` order."""
+    """Folds one batch of the values its request named in, in the request's ``outputs`` order;
+    ``finish`` folds in what it held back, after the last batch."""
 
     def update(self, values: Sequence[np.ndarray]) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class StatisticRequest(Protocol):
@@ -131,8 +135,9 @@ class RangeRequest:
             return SummaryRangeStats(MinMaxObserver(), None, None)
         if self.reduced:
             return ReducedRangeStats(MinMaxObserver(), moving, None)
-        hist = GrowingHistogram(bins=self.histogram_bins) if self.histogram_bins else None
-        return RangeStats(MinMaxObserver(), moving, hist)
+        if self.histogram_bins:  # small batches gathered into chunks: the same bytes, fewer updates
+            return RangeStats(MinMaxObserver(), moving, GrowingHistogram(bins=self.histogram_bins), HISTOGRAM_CHUNK)
+        return RangeStats(MinMaxObserver(), moving, None)
 
 
 class ReducedRangeStats(RangeStats):
@@ -376,6 +381,8 @@ def collect(
             for values in _batches(runs, outs, dataset, options, progress, desc):
                 feeder.feed(values)
                 del values
+        for observer, _ in feeding:
+            observer.finish()
         observers.update((r, obs) for r, (obs, _) in zip(group, feeding, strict=True))
         del runs  # one group's sessions alive at a time
     return Collected(observers, len(groups), size)

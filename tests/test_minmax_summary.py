@@ -3,6 +3,8 @@ fold to the same bytes as the values they replace (NaN, inf, -0.0, empty batches
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -158,3 +160,20 @@ def test_min_max_batches_are_smaller_and_ranges_the_same_bytes(rng: np.random.Ge
     assert minmax.collect_options(None).batch_target < histogram.collect_options(None).batch_target
     results = [calibrate(model, ds, model_sha256="-", batch_size=b).ranges for b in (1, 3, 32)]
     assert repr(results[0]) == repr(results[1]) == repr(results[2])
+
+
+def test_loop_body_pairs_merge_from_shards_as_in_one_run(rng: np.random.Generator) -> None:
+    """Shards observe a Loop body's [min, max] pairs as pairs (an If branch never taken gives
+    [+inf, -inf] pairs, which must be dropped, not taken as an infinite range)."""
+    from quantcli.stats.merge import merge_shards
+    from quantcli.stats.shards import ShardSpec, collect_shard
+    from tests.test_calibration_memory import _if_in_loop_model
+
+    model = _if_in_loop_model(steps=2)
+    feeds = FeedList([{"x": rng.normal(size=(2, 8)).astype(np.float32)} for _ in range(4)])
+    one = calibrate(model, feeds, model_sha256="-")
+    options = CalibrationOptions()
+    parts = [collect_shard(model, feeds, options, ShardSpec(k, 2), model_sha256="-", model_name="m") for k in (1, 2)]
+    merged = merge_shards(parts, [Path("a"), Path("b")]).result
+    assert "e_out" in one.unobserved and "t_relu" in one.ranges
+    assert repr(merged.ranges) == repr(one.ranges)

@@ -2,10 +2,11 @@
 
 A request is a value naming what to measure and on which tensor:
 
-* ``RangeRequest(tensor, moving_average, histogram_bins, reduced)``: exact min/max, plus a moving
+* ``RangeRequest(tensor, moving_average, histogram_bins, reduced, summary)``: exact min/max, plus a moving
   average of the per-batch min/max and a growing histogram when asked (calibration); ``reduced``: the
   output holds ``[min, max]`` pairs on its last axis (a Loop body's tensor reduced per iteration,
-  ``quantcli.graph.subgraphs``), observed as the values they bound;
+  ``quantcli.graph.subgraphs``), observed as the values they bound; ``summary``: the output is a
+  batch's ``[min, max, has_nan, size]`` reduced in the graph (``quantcli.graph.reductions``);
 * ``ChannelRequest(tensor, axis)``: per-channel mean, min, max (so abs-max) along ``axis``
   (SmoothQuant, bias correction);
 * ``ErrorRequest(tensor, candidate)``: signal and noise energy of a candidate model's tensor against

@@ -5,9 +5,12 @@ model is copied with the activations exposed as outputs (the input model is not 
 values go straight into small observers and are dropped, so memory holds one batch of activations,
 whatever the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks
 (down to one sample) until one batch of every activation fits it, and to about 16 MB of activations,
-above which a larger batch runs no faster on a CPU (``BATCH_TARGET``); measuring the sizes holds one sample
-of every activation anyway, so one sample is not split further. The observers do not depend on the
-batching, so neither do the ranges. Moving average does (it averages per-batch ranges): it keeps the
+above which a larger batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost
+little: 4 MB, ``MINMAX_BATCH_TARGET``, which also keeps onnxruntime's working set small); measuring the
+sizes holds one sample of every activation anyway, so one sample is not split further. The observers do
+not depend on the batching, so neither do the ranges (a zero bound is recorded as +0.0, whichever sign
+of zero a batch's min returned; except where a tensor takes a NaN: numpy's min/max of that batch are
+NaN, and the batch leaves the range as it was). Moving average does (it averages per-batch ranges): it keeps the
 batch asked for, its budget is a quarter of the memory available, and the tensors are split into groups
 over several passes above it. Tensors inside Loop/Scan bodies are reduced to a ``[min, max]`` pair per
 iteration inside the body (``quantcli.graph.subgraphs``), so a 501-step decoder costs 2 values a step,
@@ -22,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -34,6 +37,7 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.core.qmath import dtype_bounds
 from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model_io import infer_shapes
+from quantcli.graph.reductions import summarize_min_max
 from quantcli.graph.scopes import elem_types, has_subgraphs
 from quantcli.graph.session import Session, augmented, make_session
 from quantcli.graph.subgraphs import expose_subgraph_tensors
@@ -61,6 +65,7 @@ __all__ = [
     "calibration_result",
     "default_memory_budget",
     "expose",
+    "exposure_requests",
     "permutation_aliases",
     "plan_groups",
     "range_request",
@@ -105,6 +110,12 @@ def permutation_aliases(graph: onnx.GraphProto, tracked: set[str]) -> dict[str, 
 
 #: bytes one batch of exposed activations may take by default
 CALIBRATION_BUDGET = 512 << 20
+#: min-max: bytes of activations a batch holds, above which a larger batch calibrates no faster (its
+#: observers are two numpy passes; onnxruntime's working set grows with the batch). Calibrate, min-max,
+#: 256 samples, 2 shared cores, CPU s and peak RSS above the imports: digits CNN (600 KB a sample)
+#: batch 4 0.28 s +17 MB, 8 0.28-0.32 s +20 MB, 28 0.28-0.31 s +39 MB; g2p BERT (1.2 MB) batch 4
+#: 0.48-0.50 s +31 MB, 15 0.45-0.62 s +59 MB (onnxruntime's quantizer, batch 1: +23 and +83 MB)
+MINMAX_BATCH_TARGET = 4 << 20
 #: exposed bytes above which a larger batch calibrates no faster on a CPU (calibrate, min-max, 256
 #: samples, batch 1 vs 32 on a shared 2-core machine: magika at 22 MB a sample 5.0 vs 8.9 s, ppocrv4_rec
 #: at 192 MB 32 vs 41 s; the digits CNN, at 87 KB, keeps batch 32)
@@ -133,7 +144,8 @@ class CalibrationOptions:
     calibrated in groups over several passes instead) (None: 512 MiB; moving average: a quarter of
     available memory); ``shuffle``/``seed``: visit samples in a random order (only moving-average
     depends on order); ``timeout``: seconds after which calibration stops with an error (None: no
-    limit); ``source``: how error messages name the model (its path).
+    limit); ``source``: how error messages name the model (its path); ``reduce_in_graph``: min-max
+    activations reduced inside the graph (off: measured slower, see the field).
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -147,6 +159,13 @@ class CalibrationOptions:
     seed: int = 0
     timeout: float | None = None
     source: str = "model"
+    #: min-max: reduce each activation to its min, max, NaN flag and size inside the graph
+    #: (``quantcli.graph.reductions``) instead of returning the values; the same ranges, but slower
+    #: and larger on the models measured (onnxruntime keeps the activations in its arena and runs
+    #: 7-11 more nodes a tensor: calibrate min-max, 2 shared AVX2 cores, CPU s / peak RSS above the
+    #: imports, values vs in graph: digits CNN batch 32 0.31 / +41 MB vs 0.32-0.34 / +44 MB; g2p BERT
+    #: batch 32 (15 run) 0.46 / +59 vs 0.79 / +65; PP-OCRv4 rec 64 samples 6.4 / +283 vs 11.6 / +459)
+    reduce_in_graph: bool = False
 
     def collect_options(self, deadline: float | None) -> CollectOptions:
         """The collector's options for these."""
@@ -155,7 +174,7 @@ class CalibrationOptions:
             threads=self.threads,
             max_memory=calibration_memory_budget(self.max_memory, self.method),
             fit_batch=self.method != CalibrationMethod.MOVING_AVERAGE,
-            batch_target=BATCH_TARGET,
+            batch_target=MINMAX_BATCH_TARGET if self.method == CalibrationMethod.MINMAX else BATCH_TARGET,
             shuffle=self.shuffle,
             seed=self.seed,
             deadline=deadline,
@@ -163,6 +182,11 @@ class CalibrationOptions:
             desc="calibrating",
             overlap_updates=self.method in HISTOGRAM_METHODS,
         )
+
+    @property
+    def summarizes(self) -> bool:
+        """Whether activations are reduced inside the graph (min-max with ``reduce_in_graph``)."""
+        return self.reduce_in_graph and self.method == CalibrationMethod.MINMAX
 
     def deadline(self) -> float | None:
         """``time.monotonic()`` at which calibration must stop, from now."""
@@ -182,6 +206,9 @@ class Exposure:
     probe: Session
     #: exposed outputs holding per-iteration [min, max] pairs of a Loop/Scan body tensor
     reduced: frozenset[str] = frozenset()
+    #: tracked tensor -> output holding each batch's ``[min, max, has_nan, size]`` summary, reduced in
+    #: the graph instead of returning the values (``expose(summarize=True)``)
+    summaries: dict[str, str] = field(default_factory=dict)
 
     @property
     def fetched(self) -> list[str]:
@@ -189,8 +216,14 @@ class Exposure:
         return [n for n in self.tracked if n not in self.aliases]
 
 
-def expose(model: onnx.ModelProto, dataset: Dataset | FeedList, options: CalibrationOptions) -> Exposure:
+def expose(
+    model: onnx.ModelProto, dataset: Dataset | FeedList, options: CalibrationOptions, *, summarize: bool = False
+) -> Exposure:
     """Find the float activations of ``model`` to observe, carrying subgraph tensors out if they run.
+
+    ``summarize`` (min/max alone): the main-graph activations are reduced inside the graph to a
+    summary each (``quantcli.graph.reductions``) and the probe returns the summaries, not the values
+    (the model's opset permitting; ``Exposure.summaries`` lists them).
 
     Raises:
         UnsupportedModelError: the model has no float activation.
@@ -217,7 +250,14 @@ def expose(model: onnx.ModelProto, dataset: Dataset | FeedList, options: Calibra
     if not tracked:
         raise UnsupportedModelError("model has no float activations to calibrate")
     # a Reshape/Transpose/... output holds its input's values rearranged: same range, same histogram
-    return Exposure(model, tracked, permutation_aliases(model.graph, set(tracked)), inner, probe, reduced)
+    aliases = permutation_aliases(model.graph, set(tracked))
+    fetched = [n for n in tracked if n not in aliases and n not in reduced]
+    summarized = summarize_min_max(model, fetched) if summarize and fetched else None
+    if summarized is None:
+        return Exposure(model, tracked, aliases, inner, probe, reduced)
+    del probe  # before the summarizing session is built: one session alive at a time
+    probe = make_session(summarized.model, threads=options.threads, source=options.source)
+    return Exposure(summarized.model, tracked, aliases, inner, probe, reduced, summarized.outputs)
 
 
 def range_request(tensor: str, options: CalibrationOptions, *, reduced: bool = False) -> RangeRequest:
@@ -227,6 +267,17 @@ def range_request(tensor: str, options: CalibrationOptions, *, reduced: bool = F
     """
     bins = options.bins if options.method in HISTOGRAM_METHODS and not reduced else 0
     return RangeRequest(tensor, options.method == CalibrationMethod.MOVING_AVERAGE, bins, reduced)
+
+
+def exposure_requests(exposure: Exposure, options: CalibrationOptions) -> dict[str, RangeRequest]:
+    """The range request of every tensor ``exposure`` fetches: its summary's, its pairs' or its values'."""
+    requests: dict[str, RangeRequest] = {}
+    for name in exposure.fetched:
+        if name in exposure.summaries:
+            requests[name] = RangeRequest(exposure.summaries[name], summary=True)
+        else:
+            requests[name] = range_request(name, options, reduced=name in exposure.reduced)
+    return requests
 
 
 def calibrate(
@@ -245,8 +296,8 @@ def calibrate(
     the batch iterator (e.g. with tqdm).
     """
     options = replace(options or CalibrationOptions(), **fields)
-    exposure = expose(model, dataset, options)
-    requests = {n: range_request(n, options, reduced=n in exposure.reduced) for n in exposure.fetched}
+    exposure = expose(model, dataset, options, summarize=options.summarizes)
+    requests = exposure_requests(exposure, options)
     if exposure.reduced and options.method in HISTOGRAM_METHODS:
         log.info(
             "%d tensors inside Loop/Scan bodies get min-max ranges (observed per iteration)", len(exposure.reduced)

@@ -2,10 +2,11 @@
 
 A request is a value naming what to measure and on which tensor:
 
-* ``RangeRequest(tensor, moving_average, histogram_bins, reduced)``: exact min/max, plus a moving
+* ``RangeRequest(tensor, moving_average, histogram_bins, reduced, summary)``: exact min/max, plus a moving
   average of the per-batch min/max and a growing histogram when asked (calibration); ``reduced``: the
   output holds ``[min, max]`` pairs on its last axis (a Loop body's tensor reduced per iteration,
-  ``quantcli.graph.subgraphs``), observed as the values they bound;
+  ``quantcli.graph.subgraphs``), observed as the values they bound; ``summary``: the output is a
+  batch's ``[min, max, has_nan, size]`` reduced in the graph (``quantcli.graph.reductions``);
 * ``ChannelRequest(tensor, axis)``: per-channel mean, min, max (so abs-max) along ``axis``
   (SmoothQuant, bias correction);
 * ``ErrorRequest(tensor, candidate)``: signal and noise energy of a candidate model's tensor against
@@ -51,6 +52,7 @@ from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model_io import available_memory
 from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
 from quantcli.stats.observers import (
+    HISTOGRAM_CHUNK,
     ChannelObserver,
     ChannelStats,
     ErrorStats,
@@ -72,6 +74,7 @@ __all__ = [
     "ReducedRangeStats",
     "StatisticObserver",
     "StatisticRequest",
+    "SummaryRangeStats",
     "collect",
     "default_memory_budget",
     "plan_batch",
@@ -88,9 +91,12 @@ PARALLEL_MIN_BYTES = 4 << 20
 
 
 class StatisticObserver(Protocol):
-    """Folds one batch of the values its request named in, in the request's ``outputs`` order."""
+    """Folds one batch of the values its request named in, in the request's ``outputs`` order;
+    ``finish`` folds in what it held back, after the last batch."""
 
     def update(self, values: Sequence[np.ndarray]) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class StatisticRequest(Protocol):
@@ -113,6 +119,9 @@ class RangeRequest:
     histogram_bins: int = 0  # 0: no histogram
     #: the output holds [min, max] pairs (last axis 2), not the values (no histogram then)
     reduced: bool = False
+    #: the output is the batch's ``[min, max, has_nan, size]`` summary reduced inside the graph
+    #: (``quantcli.graph.reductions``), not the values (min/max only)
+    summary: bool = False
 
     def outputs(self) -> tuple[tuple[int, str], ...]:
         """(model, output name) pairs the observer reads, in order."""
@@ -121,10 +130,15 @@ class RangeRequest:
     def observer(self) -> RangeStats:
         """A fresh observer."""
         moving = MovingAverageMinMaxObserver() if self.moving_average else None
+        if self.summary:
+            if moving is not None or self.histogram_bins or self.reduced:
+                raise ValueError("a min/max summary feeds min/max alone")
+            return SummaryRangeStats(MinMaxObserver(), None, None)
         if self.reduced:
             return ReducedRangeStats(MinMaxObserver(), moving, None)
-        hist = GrowingHistogram(bins=self.histogram_bins) if self.histogram_bins else None
-        return RangeStats(MinMaxObserver(), moving, hist)
+        if self.histogram_bins:  # small batches gathered into chunks: the same bytes, fewer updates
+            return RangeStats(MinMaxObserver(), moving, GrowingHistogram(bins=self.histogram_bins), HISTOGRAM_CHUNK)
+        return RangeStats(MinMaxObserver(), moving, None)
 
 
 class ReducedRangeStats(RangeStats):
@@ -140,6 +154,22 @@ class ReducedRangeStats(RangeStats):
         pairs = np.asarray(values[0]).reshape(-1, 2)
         empty = np.isposinf(pairs[:, 0]) & np.isneginf(pairs[:, 1])
         RangeStats.update(self, [pairs[~empty].reshape(-1)])
+
+
+class SummaryRangeStats(RangeStats):
+    """``RangeStats`` (min/max alone) fed each batch's ``[min, max, has_nan, size]`` summary.
+
+    Folds the batch as ``MinMaxObserver.update`` folds its values: a batch holding a NaN has NaN
+    bounds (numpy's ``min``), which leave the running range as it was; an empty batch is dropped;
+    the count is the batch's element count. So the state is the same bytes as observing the values.
+    """
+
+    def update(self, values: Sequence[np.ndarray]) -> None:
+        """Fold one batch's summary in."""
+        lo, hi, has_nan, size = (float(v) for v in np.asarray(values[0]).reshape(4))
+        if has_nan:
+            lo = hi = float("nan")
+        self.minmax.fold(lo, hi, int(size))
 
 
 # ---- per-channel statistics -----------------------------------------------------------------------
@@ -267,13 +297,22 @@ def _outputs(requests: Sequence[StatisticRequest], model: int) -> list[str]:
     return list(dict.fromkeys(name for r in requests for m, name in r.outputs() if m == model))
 
 
+#: bytes of a value of the float32 tensors min/max summaries stand for
+SUMMARIZED_ITEMSIZE = 4
+
+
 def _sizes(
     sessions: Sequence[Session | None],
     names: Sequence[list[str]],
     first: dict[str, np.ndarray],
     dataset: Dataset | FeedList,
+    summaries: set[tuple[int, str]],
 ) -> dict[tuple[int, str], int]:
-    """Bytes per sample of every exposed output, from one sample."""
+    """Bytes per sample of every exposed output, from one sample.
+
+    A ``summaries`` output counts as the float32 tensor it summarizes: onnxruntime still computes that
+    tensor for every sample of a batch, so the batch is planned as if its values were returned.
+    """
     sizes: dict[tuple[int, str], int] = {}
     for model, (session, outs) in enumerate(zip(sessions, names, strict=True)):
         if session is None or not outs:
@@ -283,7 +322,9 @@ def _sizes(
         except Exception as exc:
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on the first sample: {first_line}") from exc
-        sizes.update({(model, n): int(a.nbytes) for n, a in zip(outs, sample, strict=True)})
+        for n, a in zip(outs, sample, strict=True):
+            stands_for = int(np.asarray(a).reshape(4)[3]) * SUMMARIZED_ITEMSIZE if (model, n) in summaries else 0
+            sizes[(model, n)] = max(int(a.nbytes), stands_for)
         del sample
     return sizes
 
@@ -316,7 +357,8 @@ def collect(
     first = next(iter(dataset.batches(1)), None)
     if first is None:
         raise CalibrationDataError(f"{dataset.path}: no samples to collect statistics from")
-    sizes = _sizes(probes, names, first, dataset)
+    summaries = {o for r in requests if isinstance(r, RangeRequest) and r.summary for o in r.outputs()}
+    sizes = _sizes(probes, names, first, dataset, summaries)
     keyed = {str(i): sum(sizes[o] for o in r.outputs()) for i, r in enumerate(requests)}
     budget = options.max_memory or default_memory_budget()
     size = dataset.effective_batch_size(options.batch_size)
@@ -333,12 +375,15 @@ def collect(
         outs = [_outputs(group, m) for m in range(len(models))]
         runs = probes if len(groups) == 1 else [_session(model, outs[m], options) for m, model in enumerate(models)]
         feeding = [(r.observer(), r.outputs()) for r in group]
-        weights = [sum(sizes[o] for o in r.outputs()) * size for r in group]
+        # what the observers read a batch (a summary: 32 bytes, not worth a thread hand-off)
+        weights = [sum(sizes[o] for o in r.outputs() if o not in summaries) * size for r in group]
         overlap_budget = budget if options.overlap_updates else 0
         with _Feeder(feeding, weights, _update_threads(options), overlap_budget) as feeder:
             for values in _batches(runs, outs, dataset, options, progress, desc):
                 feeder.feed(values)
                 del values
+        for observer, _ in feeding:
+            observer.finish()
         observers.update((r, obs) for r, (obs, _) in zip(group, feeding, strict=True))
         del runs  # one group's sessions alive at a time
     return Collected(observers, len(groups), size)

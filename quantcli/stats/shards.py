@@ -45,7 +45,7 @@ from quantcli.core.options import CalibrationMethod
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model_io import atomic_output
-from quantcli.stats.calibration import CalibrationOptions, expose, range_request
+from quantcli.stats.calibration import CalibrationOptions, expose, exposure_requests
 from quantcli.stats.collector import RangeStats, collect
 from quantcli.stats.observers import GrowingHistogram, MinMaxObserver
 
@@ -189,8 +189,8 @@ def collect_shard(
             option="method",
         )
     part, first, stop, batches = shard_data(dataset, shard, options)
-    exposure = expose(model, part, options)
-    requests = {n: range_request(n, options) for n in exposure.fetched}
+    exposure = expose(model, part, options, summarize=options.summarizes)
+    requests = exposure_requests(exposure, options)
     collected = collect(
         [exposure.model],
         part,

@@ -1,0 +1,89 @@
+"""Small batches gathered into chunks before the histogram update: the same bytes as batch by batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quantcli.data.datasets import FeedList
+from quantcli.stats.collector import RangeRequest, collect
+from quantcli.stats.observers import GrowingHistogram, MinMaxObserver, RangeStats
+from tests.test_minmax_summary import _identity_model
+
+
+def _state(stats: RangeStats) -> tuple[object, ...]:
+    h = stats.histogram
+    assert h is not None
+    mm = stats.minmax
+    return (repr((mm.min, mm.max, mm.count, mm.last)), h.exponent, h.zeros, h.finite, h.counts.tobytes())
+
+
+def _batches(rng: np.random.Generator, kind: str) -> list[np.ndarray]:
+    """Small batches whose |x| bound grows now and then (the grid widens between them)."""
+    out = [np.zeros(5, dtype=np.float32), np.full(3, -0.0, dtype=np.float32)]  # zeros before any grid
+    for k in range(300):
+        n = int(rng.integers(1, 200))
+        scale = float(2.0 ** rng.integers(-8, 3)) * (1 + k // 60)
+        out.append((rng.standard_normal(n) * scale).astype(np.float32))
+        if k % 37 == 0:
+            out.append(np.zeros(int(rng.integers(1, 9)), dtype=np.float32))
+    # negative subnormals: on a wide grid their product with the scale underflows to -0.0, so they
+    # land in another bin than on the narrow grid they met first (the runs keep that grid)
+    out.insert(40, -np.full(4, 1e-42, dtype=np.float32))
+    out.append(-np.full(4, 1e-42, dtype=np.float32))
+    out.append(np.array([3e6], dtype=np.float32))
+    out.append(-np.full(4, 1e-42, dtype=np.float32))
+    if kind == "nan":
+        out.insert(150, np.array([1.0, np.nan, 2.0], dtype=np.float32))
+    if kind == "inf":
+        out.insert(150, np.array([1.0, np.inf], dtype=np.float32))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf"])
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 14])
+def test_chunked_histogram_is_the_same_bytes_as_batch_by_batch(kind: str, chunk: int) -> None:
+    batches = _batches(np.random.default_rng(7), kind)
+    one_by_one = RangeStats(MinMaxObserver(), None, GrowingHistogram(bins=64))
+    chunked = RangeStats(MinMaxObserver(), None, GrowingHistogram(bins=64), chunk)
+    for batch in batches:
+        one_by_one.update([batch])
+        chunked.update([batch])
+    assert chunked.pending or chunk == 7  # something was held back
+    chunked.finish()
+    assert _state(chunked) == _state(one_by_one)
+
+
+def test_chunks_merge_like_the_batches() -> None:
+    rng = np.random.default_rng(3)
+    batches = _batches(rng, "finite")
+    halves = [RangeStats(MinMaxObserver(), None, GrowingHistogram(bins=64), 1 << 14) for _ in range(2)]
+    whole = RangeStats(MinMaxObserver(), None, GrowingHistogram(bins=64))
+    for i, batch in enumerate(batches):
+        halves[i * 2 // len(batches)].update([batch])
+        whole.update([batch])
+    halves[0].merge(halves[1])  # merge folds both sides' pending batches in first
+    assert halves[0].histogram is not None and whole.histogram is not None
+    assert halves[0].minmax.result() == whole.minmax.result()
+    np.testing.assert_array_equal(halves[0].histogram.counts, whole.histogram.counts)
+
+
+def test_the_collector_folds_tiny_batches_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model run one small sample at a time: far fewer histogram updates than runs, same state."""
+    rng = np.random.default_rng(11)
+    feeds = [{"x": rng.standard_normal(int(rng.integers(1, 50))).astype(np.float32)} for _ in range(120)]
+    calls = {"n": 0}
+    update = GrowingHistogram.update
+
+    def counting(self: GrowingHistogram, array: np.ndarray, amax: float | None = None) -> None:
+        calls["n"] += 1
+        update(self, array, amax)
+
+    monkeypatch.setattr(GrowingHistogram, "update", counting)
+    request = RangeRequest("y", histogram_bins=128)
+    got = collect([_identity_model()], FeedList(feeds), [request])[request]
+    assert isinstance(got, RangeStats) and calls["n"] < 10
+    ref = RangeStats(MinMaxObserver(), None, GrowingHistogram(bins=128))
+    for feed in feeds:
+        ref.update([feed["x"]])
+    assert _state(got) == _state(ref)

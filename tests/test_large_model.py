@@ -185,3 +185,62 @@ def test_compare_above_the_limit_reads_no_weight_and_measures_the_same(tmp_path,
 def test_skeleton_sizes_weights_without_reading_them(array):
     tensor = numpy_helper.from_array(array, "t")
     assert model_io._raw_size(tensor) == len(tensor.raw_data)
+
+
+def _saved(tmp_path: Path, threshold: int) -> Path:
+    """The MLP with every tensor of ``threshold`` bytes or more in ``mlp.weights`` (0: the 512-byte biases too)."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), str(path), save_as_external_data=True, location="mlp.weights", size_threshold=threshold)
+    return path
+
+
+def _convert_into(folder: Path, model: Path, calib: Path) -> tuple[bytes, bytes]:
+    folder.mkdir()
+    out = folder / "mlp.int8.onnx"
+    result = runner.invoke(app, ["convert", str(model), "--calibration", str(calib), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out.read_bytes(), (folder / "mlp.int8.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("limit", [model_io.PROTOBUF_LIMIT, 100_000])
+@pytest.mark.parametrize("threshold", [0, 1024])
+def test_convert_reading_weights_from_their_file_writes_the_same_bytes(tmp_path, monkeypatch, limit, threshold):
+    """convert leaves external weights in their file (read one at a time, copied in chunks to the output):
+    the same .onnx and .data bytes as with the whole model read first, below and above the (lowered) limit."""
+    from quantcli.pipeline import steps
+
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", limit)
+    model = _saved(tmp_path, threshold)
+    data, calib = tmp_path / "data.npz", tmp_path / "mlp.calib.json"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((32, WIDTH)).astype(np.float32))
+    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)])
+    assert result.exit_code == 0, result.output
+    lazy = _convert_into(tmp_path / "lazy", model, calib)
+    real_load = model_io.load_model
+    monkeypatch.setattr(steps, "load_model", lambda path, weights=True: real_load(path))  # the whole model read
+    eager = _convert_into(tmp_path / "eager", model, calib)
+    assert lazy[0] == eager[0] and lazy[1] == eager[1]
+    assert len(lazy[1]) >= LAYERS * WIDTH * WIDTH  # the int8 weights are in the data file
+
+
+def test_convert_holds_no_fp32_weight_in_its_models(tmp_path, external_mlp):
+    """After lowering, the models convert keeps (input, pre-processed, quantized) hold the int8 weights
+    and no FP32 copy of the big ones: before, the input and the pre-processed model held one each (2x)."""
+    from quantcli.api import ConvertRequest
+    from quantcli.pipeline import steps as s
+    from quantcli.pipeline.context import ConvertContext
+    from quantcli.pipeline.convert import run_steps
+
+    model, data = external_mlp
+    calib = tmp_path / "mlp.calib.json"
+    assert runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)]).exit_code == 0
+    ctx = ConvertContext(ConvertRequest(model, tmp_path / "out.onnx", calibration=calib))
+    run_steps(ctx, (s.load_and_check, s.preprocess, s.calibrate_or_read, s.plan, s.lower))
+    held = [ctx.model, ctx.prepared, ctx.quantized]
+    in_protobuf = sum(model_io._raw_size(t) for m in held if m is not None for t in m.graph.initializer)
+    fp32 = LAYERS * WIDTH * WIDTH * 4
+    assert 0.25 * fp32 <= in_protobuf < 0.3 * fp32  # the int8 weights once, biases and scales
+    x = np.load(data)["x"][:4]  # and the quantized model still runs, its float tensors read from the input's file
+    ref = make_session(load_model(model)).run(None, {"x": x})[0]
+    got = make_session(ctx.quantized).run(None, {"x": x})[0]
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()

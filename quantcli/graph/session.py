@@ -30,7 +30,7 @@ from quantcli.graph.model_io import (
 from quantcli.graph.names import NameAllocator
 from quantcli.graph.scopes import walk_graphs
 
-__all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
+__all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session", "ort_model_bytes"]
 
 
 class Session(Protocol):
@@ -130,21 +130,38 @@ def _session_reading_files(
 ) -> ort.InferenceSession:
     """A session for a model loaded without its external data (``load_model(weights=False)``):
     onnxruntime reads the weights from their files in ``base`` itself (mapped, not copied)."""
-    stub = onnx.ModelProto()
-    stub.CopyFrom(model)  # small: no weight is in it
-    for _, graph in walk_graphs(stub.graph):
-        for tensor in graph.initializer:
-            kept = [(e.key, e.value) for e in tensor.external_data if e.key != EXTERNAL_BASE_KEY]
-            if len(kept) != len(tensor.external_data):
-                del tensor.external_data[:]
-                for key, value in kept:
-                    tensor.external_data.add(key=key, value=value)
     opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
     try:
-        return ort.InferenceSession(stub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(ort_model_bytes(model, opts), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
+
+
+def ort_model_bytes(model: onnx.ModelProto, opts: ort.SessionOptions) -> bytes:
+    """``model`` serialized for a session built with ``opts``: weights ``load_model(weights=False)``
+    left in their files are read by onnxruntime from there (``opts`` is told where they are).
+
+    No copy of ``model`` is made: the directory it records is taken out for the serialization
+    (onnxruntime refuses keys it does not know) and put back.
+    """
+    base = external_base(model)
+    if base is None:
+        return model.SerializeToString()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
+    taken: list[tuple[onnx.TensorProto, str]] = []
+    try:
+        for _, graph in walk_graphs(model.graph):
+            for tensor in graph.initializer:
+                kept = [(e.key, e.value) for e in tensor.external_data if e.key != EXTERNAL_BASE_KEY]
+                if len(kept) != len(tensor.external_data):
+                    taken.append((tensor, next(e.value for e in tensor.external_data if e.key == EXTERNAL_BASE_KEY)))
+                    del tensor.external_data[:]
+                    for key, value in kept:
+                        tensor.external_data.add(key=key, value=value)
+        return model.SerializeToString()
+    finally:
+        for tensor, value in taken:
+            tensor.external_data.add(key=EXTERNAL_BASE_KEY, value=value)
 
 
 #: skeletons ``augmented`` made of models above 2 GB -> (skeleton, its weights), until ``make_session`` takes them

@@ -87,9 +87,14 @@ def check_outputs(ctx: ConvertContext) -> None:
 
 
 def load_and_check(ctx: ConvertContext) -> None:
-    """Load the model, refuse what quantcli must not quantize, hash the file."""
+    """Load the model, refuse what quantcli must not quantize, hash the file.
+
+    Weights kept in external data stay in their files (``load_model(weights=False)``): each is read
+    when a step needs its values, and ``save`` copies those left as they were from there, so the
+    process never holds the model's FP32 weights, let alone a second copy of them.
+    """
     r = ctx.request
-    loaded = load_model(r.model_path)
+    loaded = load_model(r.model_path, weights=False)
     ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
     ctx.opset_note = opset_note(loaded, ctx.model)
     ctx.sha256 = file_sha256(r.model_path)

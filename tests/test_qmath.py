@@ -108,3 +108,23 @@ def test_bias_scale_is_input_times_weight_scale(rng):
     assert qb.values.dtype == np.int32
     np.testing.assert_allclose(qb.params.scale, np.float32(0.02) * wscale)
     np.testing.assert_allclose(qb.values * qb.params.scale, b, atol=float(qb.params.scale.max()))
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1])
+@pytest.mark.parametrize("dtype", [QuantDType.INT8, QuantDType.UINT8])
+def test_quantize_in_blocks_gives_the_same_values(rng, monkeypatch, axis, dtype):
+    """A large weight is quantized a block of rows at a time: the same integers as in one go."""
+    import quantcli.core.qmath as qmath
+
+    w = rng.standard_normal((37, 23)).astype(np.float32) * 3
+    symmetric = dtype == QuantDType.INT8
+    if axis is None:
+        params = params_from_range(float(w.min()), float(w.max()), dtype, symmetric=symmetric)
+    else:
+        params = params_from_range(w.min(axis=1 - axis), w.max(axis=1 - axis), dtype, symmetric=symmetric, axis=axis)
+    whole = quantize(w, params)
+    monkeypatch.setattr(qmath, "_QUANTIZE_BLOCK", 50)  # 2 rows per block, and a last short one
+    blocked = quantize(w, params)
+    assert blocked.dtype == whole.dtype and blocked.shape == w.shape
+    np.testing.assert_array_equal(blocked, whole)
+    assert len(np.unique(whole)) > 10  # a real spread of values, not all clipped

@@ -244,3 +244,28 @@ def test_convert_holds_no_fp32_weight_in_its_models(tmp_path, external_mlp):
     ref = make_session(load_model(model)).run(None, {"x": x})[0]
     got = make_session(ctx.quantized).run(None, {"x": x})[0]
     assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("limit", [model_io.PROTOBUF_LIMIT, 100_000])
+def test_calibrate_reading_weights_from_their_file_measures_the_same(tmp_path, external_mlp, monkeypatch, limit):
+    """calibrate leaves external weights in their file (onnxruntime reads them): the same calibration file."""
+    import quantcli.api
+
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", limit)
+    model, data = external_mlp
+    loads: list[bool] = []
+    real_load = model_io.load_model
+
+    def load(path: Path, *, weights: bool = True) -> onnx.ModelProto:
+        loads.append(weights)
+        return real_load(path, weights=weights or eager)
+
+    monkeypatch.setattr(quantcli.api, "load_model", load)
+    written = []
+    for eager in (False, True):
+        out = tmp_path / f"calib-{eager}.json"
+        result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        written.append(out.read_bytes())
+    assert loads == [False, False]  # calibrate asks for the graph only
+    assert written[0] == written[1]

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from quantcli.core.errors import UnsupportedModelError
+from quantcli.graph import model_io
 from quantcli.graph.editor import ModelEditor
 from quantcli.graph.model_io import (
     EXTERNAL_BASE_KEY,
@@ -100,11 +101,7 @@ def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str
     stub, weights = _DETACHED.pop(id(model), (None, []))
     if stub is not model:  # not a skeleton from ``augmented``: split it here
         stub, weights = split_weights(model)
-    if above_protobuf_limit(stub):
-        raise UnsupportedModelError(
-            f"{source}: the model's graph alone (without its large weights) is above protobuf's 2 GB; "
-            "onnxruntime cannot load it"
-        )
+    _refuse_large_graph(stub, source)
     arrays = [
         np.frombuffer(t.raw_data, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
         for t in weights
@@ -125,11 +122,25 @@ def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str
     return session
 
 
+def _refuse_large_graph(stub: onnx.ModelProto, source: str) -> None:
+    """What is handed to onnxruntime as bytes (the graph, without the weights kept apart) must fit protobuf."""
+    try:
+        too_large = stub.ByteSize() >= model_io.PROTOBUF_LIMIT
+    except Exception:  # upb raises EncodeError from ByteSize above 2 GB
+        too_large = True
+    if too_large:
+        raise UnsupportedModelError(
+            f"{source}: the model's graph alone (without its large weights) is above protobuf's 2 GB; "
+            "onnxruntime cannot load it"
+        )
+
+
 def _session_reading_files(
     model: onnx.ModelProto, base: Path, opts: ort.SessionOptions, source: str
 ) -> ort.InferenceSession:
     """A session for a model loaded without its external data (``load_model(weights=False)``):
     onnxruntime reads the weights from their files in ``base`` itself (mapped, not copied)."""
+    _refuse_large_graph(model, source)
     opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
     try:
         return ort.InferenceSession(ort_model_bytes(model, opts), opts, providers=["CPUExecutionProvider"])

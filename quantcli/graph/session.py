@@ -77,9 +77,8 @@ def make_session(
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    base = external_base(model)
-    if base is not None:
-        return _session_reading_files(model, base, opts, source)
+    if external_base(model) is not None:
+        return _session_reading_files(model, opts, source)
     if id(model) in _DETACHED or above_protobuf_limit(model):
         return _large_session(model, opts, source)
     try:
@@ -135,13 +134,12 @@ def _refuse_large_graph(stub: onnx.ModelProto, source: str) -> None:
         )
 
 
-def _session_reading_files(
-    model: onnx.ModelProto, base: Path, opts: ort.SessionOptions, source: str
-) -> ort.InferenceSession:
+def _session_reading_files(model: onnx.ModelProto, opts: ort.SessionOptions, source: str) -> ort.InferenceSession:
     """A session for a model loaded without its external data (``load_model(weights=False)``):
-    onnxruntime reads the weights from their files in ``base`` itself (mapped, not copied)."""
+    onnxruntime reads the weights from their files itself (mapped, not copied)."""
     _refuse_large_graph(model, source)
-    opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
+    if above_protobuf_limit(model):  # a packed copy of every weight: 1x more (below: timed as when read whole)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     try:
         return ort.InferenceSession(ort_model_bytes(model, opts), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:

@@ -128,3 +128,22 @@ def test_quantize_in_blocks_gives_the_same_values(rng, monkeypatch, axis, dtype)
     assert blocked.dtype == whole.dtype and blocked.shape == w.shape
     np.testing.assert_array_equal(blocked, whole)
     assert len(np.unique(whole)) > 10  # a real spread of values, not all clipped
+
+
+def test_quantizing_a_large_weight_keeps_no_float64_copy_of_it(rng, monkeypatch):
+    """The float temporaries of quantizing a weight stay one block's (they were ~5x the weight: float32
+    quotient, float64 rounding, its clipped copy), so a > 2 GB model's largest weight fits beside it."""
+    import tracemalloc
+
+    import quantcli.core.qmath as qmath
+
+    monkeypatch.setattr(qmath, "_QUANTIZE_BLOCK", 1 << 18)  # 2 MiB float64 blocks for a 16 MiB weight
+    w = rng.standard_normal((2048, 2048)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        q = quantize_weight(w, QuantDType.INT8, axis=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert q.values.dtype == np.int8 and q.values.shape == w.shape
+    assert peak < w.nbytes  # measured: 0.52x (the int8 result and one block); 4.25x in one go

@@ -269,3 +269,40 @@ def test_calibrate_reading_weights_from_their_file_measures_the_same(tmp_path, e
         written.append(out.read_bytes())
     assert loads == [False, False]  # calibrate asks for the graph only
     assert written[0] == written[1]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--cle", "--bias-correction"],
+        ["--smoothquant"],
+        ["--mode", "dynamic"],
+        ["--mode", "weight-only"],
+        ["--mode", "fp16"],
+    ],
+    ids=["cle-bias", "smoothquant", "dynamic", "weight-only", "fp16"],
+)
+def test_every_convert_path_reading_weights_from_their_file_writes_the_same_bytes(tmp_path, monkeypatch, extra):
+    """The algorithms (calibrating inside convert, with a verdict) and the other modes: same bytes as
+    with the whole model read first."""
+    from quantcli.pipeline import mode_steps, steps
+
+    model = _saved(tmp_path, 1024)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((32, WIDTH)).astype(np.float32))
+    written = []
+    real_load = model_io.load_model
+    for eager in (False, True):
+        if eager:
+            for module in (steps, mode_steps):
+                monkeypatch.setattr(module, "load_model", lambda path, weights=True: real_load(path))
+        folder = tmp_path / f"eager-{eager}"
+        folder.mkdir()
+        out = folder / "mlp.q.onnx"
+        args = ["convert", str(model), "-o", str(out), *extra]
+        args += ["--data", str(data)] if "--mode" not in extra else []
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        written.append((out.read_bytes(), (folder / "mlp.q.onnx.data").read_bytes()))
+    assert written[0] == written[1]
+    assert len(written[0][1]) > 0

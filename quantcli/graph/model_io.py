@@ -87,11 +87,12 @@ def _check_readable_file(path: Path, what: str) -> None:
 def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
     """Read and validate an ONNX model, with its external data if it has any.
 
-    ``weights=False``: external data is not read; its tensors keep pointing to their files (with
-    the model's directory recorded in them), so that ``graph.session.make_session`` lets
-    onnxruntime read them from there. For a caller that only runs the model (compare without
-    per-layer errors): no copy of those weights in this process's protobuf. Nothing that reads
-    initializer values may be given such a model.
+    ``weights=False``: external data is not read; its initializers keep pointing to their files
+    (with the model's directory recorded in them: ``left_in_file``), so that
+    ``graph.session.make_session`` lets onnxruntime read them from there, ``tensor_array`` (and
+    ``GraphIndex.constant``) reads one when its values are needed, and ``save_model`` copies them
+    from there: no copy of those weights in this process's protobuf. Copies of such a model (an
+    editor's) are small. Read initializer values only through those functions.
 
     Raises:
         ModelLoadError: the file is missing, a directory, not ONNX, truncated, or invalid.

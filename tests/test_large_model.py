@@ -158,21 +158,23 @@ def test_compare_above_the_limit_reads_no_weight_and_measures_the_same(tmp_path,
 
     model, data = external_mlp
     out = _end_to_end(tmp_path, model, data)
+    import importlib
+
     request = CompareRequest(model, out, data, latency_batch_sizes=())
+    real_load = model_io.load_model
+    accuracy = importlib.import_module("quantcli.compare.accuracy")
+    monkeypatch.setattr(accuracy, "load_model", lambda path, *, weights=True: real_load(path))
     below = compare_models(request)  # the whole model in memory
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
     loads: list[bool] = []
-    real_load = model_io.load_model
 
     def spy(path: Path, *, weights: bool = True) -> onnx.ModelProto:
         loads.append(weights)
         return real_load(path, weights=weights)
 
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("quantcli.compare.accuracy"), "load_model", spy)
+    monkeypatch.setattr(accuracy, "load_model", spy)
     above = compare_models(request)
-    assert loads[0] is False  # the FP32 model: its graph only
+    assert loads[:2] == [False, False]  # both models: their graphs only
     assert above.outputs == below.outputs and above.kinds == below.kinds
     with_layers = compare_models(CompareRequest(model, out, data, latency_batch_sizes=(), per_layer=True))
     assert with_layers.outputs == below.outputs and with_layers.layers and loads[-1] is True

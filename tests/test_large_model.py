@@ -212,14 +212,27 @@ def test_convert_reading_weights_from_their_file_writes_the_same_bytes(tmp_path,
     from quantcli.pipeline import steps
 
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", limit)
+    monkeypatch.setattr(model_io, "_SPILL_ABOVE", 1024)  # the 16 kB int8 weights are spilled above the limit
     model = _saved(tmp_path, threshold)
     data, calib = tmp_path / "data.npz", tmp_path / "mlp.calib.json"
     np.savez(data, x=np.random.default_rng(1).standard_normal((32, WIDTH)).astype(np.float32))
     result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)])
     assert result.exit_code == 0, result.output
+    spilled: list[int] = []
+    real_spill = model_io.spill_weights
+
+    def spill(quantized: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+        out = real_spill(quantized, folder)
+        spilled.append(sum(model_io.left_in_file(t) for t in out.graph.initializer))
+        return out
+
+    monkeypatch.setattr(steps, "spill_weights", spill)
     lazy = _convert_into(tmp_path / "lazy", model, calib)
+    assert spilled == ([LAYERS] if limit < 2**31 - 1 else [])  # the int8 weights, above the (lowered) limit
+    assert not list((tmp_path / "lazy").glob(".quantcli-scratch-*"))  # removed at the end
     real_load = model_io.load_model
     monkeypatch.setattr(steps, "load_model", lambda path, weights=True: real_load(path))  # the whole model read
+    monkeypatch.setattr(steps, "spill_weights", lambda model, folder: model)  # and its int8 weights kept
     eager = _convert_into(tmp_path / "eager", model, calib)
     assert lazy[0] == eager[0] and lazy[1] == eager[1]
     assert len(lazy[1]) >= LAYERS * WIDTH * WIDTH  # the int8 weights are in the data file
@@ -298,6 +311,7 @@ def test_every_convert_path_reading_weights_from_their_file_writes_the_same_byte
         if eager:
             for module in (steps, mode_steps):
                 monkeypatch.setattr(module, "load_model", lambda path, weights=True: real_load(path))
+            monkeypatch.setattr(steps, "spill_weights", lambda model, folder: model)
         folder = tmp_path / f"eager-{eager}"
         folder.mkdir()
         out = folder / "mlp.q.onnx"

@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "model_opset",
     "save_model",
+    "spill_weights",
     "split_weights",
     "stored_above_limit",
     "tensor_array",
@@ -228,6 +229,64 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     if values.size != count or count * item != length:
         raise ValueError(f"external data of '{tensor.name}' in {path} does not hold {length} bytes")
     return values.reshape(tuple(tensor.dims))
+
+
+#: ``spill_weights`` moves initializers at least this large (well above ``_EXTERNAL_ABOVE``: a spilled
+#: tensor is written to external data as it would have been from memory)
+_SPILL_ABOVE = 1 << 20
+
+
+def spill_weights(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """``model`` with its large weights moved to a file in ``folder`` and left there as
+    ``load_model(weights=False)`` leaves weights (``left_in_file``): sessions read them from there,
+    ``save_model`` copies them (the same bytes), and the model returned holds none of them.
+
+    ``model`` itself loses them (moved, not copied): drop it and keep the model returned, a compact
+    copy (protobuf gives a message's memory back only when the whole message goes). Weights already
+    left in another file are copied to ``folder`` too (one directory for onnxruntime); small ones
+    (under 1 MiB) are read into the model, as ``load_model`` reads them.
+    """
+    _spill(model, Path(folder))
+    compact = onnx.ModelProto()
+    compact.CopyFrom(model)
+    return compact
+
+
+def _spill(model: onnx.ModelProto, folder: Path) -> None:
+    path = folder / "weights.bin"
+    with open(path, "ab") as fh:
+        for _, graph in walk_graphs(model.graph):
+            for tensor in graph.initializer:
+                if left_in_file(tensor):
+                    if _file_slice(tensor)[2] < _SPILL_ABOVE:
+                        tensor.CopyFrom(in_memory(tensor))
+                        continue
+                    offset, length = fh.tell(), _copy_slice(tensor, fh)
+                    del tensor.external_data[:]
+                elif tensor.data_location != onnx.TensorProto.EXTERNAL and _raw_size(tensor) >= _SPILL_ABOVE:
+                    offset = fh.tell()
+                    fh.write(tensor.raw_data)
+                    length = fh.tell() - offset
+                    tensor.ClearField("raw_data")
+                else:
+                    continue
+                _point_at(tensor, path.name, offset, length)
+                tensor.external_data.add(key=EXTERNAL_BASE_KEY, value=str(Path(folder).resolve()))
+
+
+def _copy_slice(tensor: onnx.TensorProto, fh: Any) -> int:
+    """Append the bytes of a tensor left in its file to ``fh`` in chunks; their length."""
+    source, start, length = _file_slice(tensor)
+    with open(source, "rb") as src:
+        src.seek(start)
+        left = length
+        while left:
+            chunk = src.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise ValueError(f"external data of '{tensor.name}' in {source} is truncated")
+            fh.write(chunk)
+            left -= len(chunk)
+    return length
 
 
 def stored_above_limit(path: Path) -> bool:
@@ -564,19 +623,11 @@ def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int)
 
 def _write_unread(tensor: onnx.TensorProto, fh: Any, location: str) -> _Moved:
     """Write a weight left in its file as ``_write_external_data`` writes one read: returns what to put back."""
-    source, start, length = _file_slice(tensor)
+    length = _file_slice(tensor)[2]
     if length < _EXTERNAL_ABOVE:  # stays in the model, as its bytes
         return tensor, _swap_in(tensor, in_memory(tensor))
     offset = _align(fh, length)
-    with open(source, "rb") as src:
-        src.seek(start)
-        left = length
-        while left:
-            chunk = src.read(min(left, _COPY_CHUNK))
-            if not chunk:
-                raise ValueError(f"external data of '{tensor.name}' in {source} is truncated")
-            fh.write(chunk)
-            left -= len(chunk)
+    _copy_slice(tensor, fh)
     checkpoint("wrote a tensor")
     stub = onnx.TensorProto()
     stub.CopyFrom(tensor)

@@ -28,6 +28,7 @@ from quantcli.graph.model_io import (
     known_shapes,
     load_model,
     save_model,
+    spill_weights,
     split_weights,
 )
 from quantcli.graph.session import make_session
@@ -39,7 +40,7 @@ from quantcli.pipeline.algorithms import (
     check_algorithm_inputs,
     convert_with_algorithms,
 )
-from quantcli.pipeline.context import ConvertContext, need
+from quantcli.pipeline.context import ConvertContext, need, scratch_folder
 from quantcli.pipeline.inputs import opset_note, prepare_input
 from quantcli.stats.artifact import read_calibration
 from quantcli.stats.calibration import activation_levels, calibrate, ranges_for_levels, rechoose
@@ -189,6 +190,8 @@ def lower(ctx: ConvertContext) -> None:
     ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"), dynamic=lower_dynamic_nodes)
     if above_protobuf_limit(prepared):  # the tail reads only its graph: drop the second copy of the weights
         ctx.prepared = split_weights(prepared)[0]
+        # and the quantized weights wait in a file: the sessions of the tail map them, save copies them
+        ctx.quantized = spill_weights(ctx.quantized, scratch_folder(ctx))
 
 
 def transform_calibrate_plan(ctx: ConvertContext) -> None:

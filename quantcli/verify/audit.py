@@ -207,6 +207,8 @@ def _optimize(model: onnx.ModelProto | Path, level: str) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="quantcli-audit-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
         opts.optimized_model_filepath = str(optimized_path)
+        # its weights beside it, never read back: the audit reads the optimized graph, values come from ``model``
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
         source = str(model) if isinstance(model, Path) else ort_model_bytes(model, opts)
         try:
             ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

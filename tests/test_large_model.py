@@ -238,27 +238,37 @@ def test_convert_reading_weights_from_their_file_writes_the_same_bytes(tmp_path,
     assert len(lazy[1]) >= LAYERS * WIDTH * WIDTH  # the int8 weights are in the data file
 
 
-def test_convert_holds_no_fp32_weight_in_its_models(tmp_path, external_mlp):
+@pytest.mark.parametrize("above", [False, True])
+def test_convert_holds_no_fp32_weight_in_its_models(tmp_path, external_mlp, monkeypatch, above):
     """After lowering, the models convert keeps (input, pre-processed, quantized) hold the int8 weights
-    and no FP32 copy of the big ones: before, the input and the pre-processed model held one each (2x)."""
+    and no FP32 copy of the big ones (before: the input and the pre-processed model held one each, 2x);
+    above the (lowered) limit, not even the int8 weights: they wait in the scratch file."""
     from quantcli.api import ConvertRequest
     from quantcli.pipeline import steps as s
-    from quantcli.pipeline.context import ConvertContext
+    from quantcli.pipeline.context import ConvertContext, remove_scratch
     from quantcli.pipeline.convert import run_steps
 
     model, data = external_mlp
     calib = tmp_path / "mlp.calib.json"
     assert runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)]).exit_code == 0
+    if above:
+        monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
+        monkeypatch.setattr(model_io, "_SPILL_ABOVE", 1024)
     ctx = ConvertContext(ConvertRequest(model, tmp_path / "out.onnx", calibration=calib))
     run_steps(ctx, (s.load_and_check, s.preprocess, s.calibrate_or_read, s.plan, s.lower))
     held = [ctx.model, ctx.prepared, ctx.quantized]
     in_protobuf = sum(model_io._raw_size(t) for m in held if m is not None for t in m.graph.initializer)
     fp32 = LAYERS * WIDTH * WIDTH * 4
-    assert 0.25 * fp32 <= in_protobuf < 0.3 * fp32  # the int8 weights once, biases and scales
+    if above:
+        assert in_protobuf < 0.02 * fp32 and ctx.scratch is not None  # scales and biases only (the int8: 0.25)
+    else:
+        assert 0.25 * fp32 <= in_protobuf < 0.3 * fp32  # the int8 weights once, biases and scales
     x = np.load(data)["x"][:4]  # and the quantized model still runs, its float tensors read from the input's file
     ref = make_session(load_model(model)).run(None, {"x": x})[0]
     got = make_session(ctx.quantized).run(None, {"x": x})[0]
     assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+    remove_scratch(ctx)
+    assert ctx.scratch is None and not list(tmp_path.glob(".quantcli-scratch-*"))
 
 
 @pytest.mark.parametrize("limit", [model_io.PROTOBUF_LIMIT, 100_000])

@@ -244,7 +244,8 @@ def spill_weights(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     ``model`` itself loses them (moved, not copied): drop it and keep the model returned, a compact
     copy (protobuf gives a message's memory back only when the whole message goes). Weights already
     left in another file are copied to ``folder`` too (one directory for onnxruntime); small ones
-    (under 1 MiB) are read into the model, as ``load_model`` reads them.
+    (under 1 MiB) are read into the model, as ``load_model`` reads them. For a model saved with
+    external data (``save_model(external_data=True)``): the weights moved (1 MiB or more) go there.
     """
     _spill(model, Path(folder))
     compact = onnx.ModelProto()
@@ -261,10 +262,11 @@ def _spill(model: onnx.ModelProto, folder: Path) -> None:
                     if _file_slice(tensor)[2] < _SPILL_ABOVE:
                         tensor.CopyFrom(in_memory(tensor))
                         continue
-                    offset, length = fh.tell(), _copy_slice(tensor, fh)
+                    offset = _align(fh, _SPILL_ABOVE)  # aligned: onnxruntime maps it instead of reading it
+                    length = _copy_slice(tensor, fh)
                     del tensor.external_data[:]
                 elif tensor.data_location != onnx.TensorProto.EXTERNAL and _raw_size(tensor) >= _SPILL_ABOVE:
-                    offset = fh.tell()
+                    offset = _align(fh, _SPILL_ABOVE)
                     fh.write(tensor.raw_data)
                     length = fh.tell() - offset
                     tensor.ClearField("raw_data")

@@ -190,8 +190,9 @@ def lower(ctx: ConvertContext) -> None:
     ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"), dynamic=lower_dynamic_nodes)
     if above_protobuf_limit(prepared):  # the tail reads only its graph: drop the second copy of the weights
         ctx.prepared = split_weights(prepared)[0]
-        # and the quantized weights wait in a file: the sessions of the tail map them, save copies them
-        ctx.quantized = spill_weights(ctx.quantized, scratch_folder(ctx))
+        if has_external_data(ctx.request.model_path):  # written with external data (``save``): the quantized
+            # weights wait in a file meanwhile; the sessions of the tail map them, ``save`` copies them
+            ctx.quantized = spill_weights(ctx.quantized, scratch_folder(ctx))
 
 
 def transform_calibrate_plan(ctx: ConvertContext) -> None:

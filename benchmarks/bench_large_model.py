@@ -16,6 +16,7 @@ Big files go under ``--workdir`` (default /tmp/large) and are removed unless ``-
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import shutil
@@ -99,6 +100,14 @@ def run(cmd: list[str], cap_gib: float | None = None) -> tuple[float, float, int
     return wall, usage.ru_maxrss / 1024, proc.returncode, "\n".join(out.strip().splitlines()[-6:])
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def size_of(path: Path) -> int:
     """Bytes of a model and its external data file."""
     data = path.with_name(path.name + ".data")
@@ -144,13 +153,17 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         wall, rss, code, tail = run([*cmd, "--force"] if name != "compare" else cmd, args.cap_gib)
-        print(f"{name:<10} wall {wall:7.1f} s  peak RSS {rss:8.0f} MiB  exit {code}")
+        ratio = rss * 2**20 / size_of(model)
+        print(f"{name:<10} wall {wall:7.1f} s  peak RSS {rss:8.0f} MiB ({ratio:.2f}x the model)  exit {code}")
         if code != 0:
             print("  " + tail.replace("\n", "\n  "))
             failed = True
             break
     if not failed and quant.exists():
         print(f"quantized: {size_of(quant) / 2**30:.3f} GiB (beside it: {quant.name}.data)")
+        for written in (quant, quant.with_name(quant.name + ".data")):  # same bytes before and after a change?
+            if written.exists():
+                print(f"sha256 {written.name}: {_sha256(written)}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

@@ -209,8 +209,12 @@ def calibrate(
 def _calibration_inputs(
     r: CalibrateRequest, log: Callable[[str], None] | None = None
 ) -> tuple[onnx.ModelProto, Dataset, CalibrationOptions]:
-    """The prepared model, the opened data and the calibration options of a request (``log``: the opset note)."""
-    loaded = load_model(r.model_path)
+    """The prepared model, the opened data and the calibration options of a request (``log``: the opset note).
+
+    Weights kept in external data stay in their files: onnxruntime reads them from there, so its
+    session's copy is the only one (``load_model(weights=False)``).
+    """
+    loaded = load_model(r.model_path, weights=False)
     model = _prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
     note = _opset_note(loaded, model)
     if note is not None and log is not None:

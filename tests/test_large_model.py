@@ -158,21 +158,23 @@ def test_compare_above_the_limit_reads_no_weight_and_measures_the_same(tmp_path,
 
     model, data = external_mlp
     out = _end_to_end(tmp_path, model, data)
+    import importlib
+
     request = CompareRequest(model, out, data, latency_batch_sizes=())
+    real_load = model_io.load_model
+    accuracy = importlib.import_module("quantcli.compare.accuracy")
+    monkeypatch.setattr(accuracy, "load_model", lambda path, *, weights=True: real_load(path))
     below = compare_models(request)  # the whole model in memory
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
     loads: list[bool] = []
-    real_load = model_io.load_model
 
     def spy(path: Path, *, weights: bool = True) -> onnx.ModelProto:
         loads.append(weights)
         return real_load(path, weights=weights)
 
-    import importlib
-
-    monkeypatch.setattr(importlib.import_module("quantcli.compare.accuracy"), "load_model", spy)
+    monkeypatch.setattr(accuracy, "load_model", spy)
     above = compare_models(request)
-    assert loads[0] is False  # the FP32 model: its graph only
+    assert loads[:2] == [False, False]  # both models: their graphs only
     assert above.outputs == below.outputs and above.kinds == below.kinds
     with_layers = compare_models(CompareRequest(model, out, data, latency_batch_sizes=(), per_layer=True))
     assert with_layers.outputs == below.outputs and with_layers.layers and loads[-1] is True
@@ -185,3 +187,148 @@ def test_compare_above_the_limit_reads_no_weight_and_measures_the_same(tmp_path,
 def test_skeleton_sizes_weights_without_reading_them(array):
     tensor = numpy_helper.from_array(array, "t")
     assert model_io._raw_size(tensor) == len(tensor.raw_data)
+
+
+def _saved(tmp_path: Path, threshold: int) -> Path:
+    """The MLP with every tensor of ``threshold`` bytes or more in ``mlp.weights`` (0: the 512-byte biases too)."""
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), str(path), save_as_external_data=True, location="mlp.weights", size_threshold=threshold)
+    return path
+
+
+def _convert_into(folder: Path, model: Path, calib: Path) -> tuple[bytes, bytes]:
+    folder.mkdir()
+    out = folder / "mlp.int8.onnx"
+    result = runner.invoke(app, ["convert", str(model), "--calibration", str(calib), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out.read_bytes(), (folder / "mlp.int8.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("limit", [model_io.PROTOBUF_LIMIT, 100_000])
+@pytest.mark.parametrize("threshold", [0, 1024])
+def test_convert_reading_weights_from_their_file_writes_the_same_bytes(tmp_path, monkeypatch, limit, threshold):
+    """convert leaves external weights in their file (read one at a time, copied in chunks to the output):
+    the same .onnx and .data bytes as with the whole model read first, below and above the (lowered) limit."""
+    from quantcli.pipeline import steps
+
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", limit)
+    monkeypatch.setattr(model_io, "_SPILL_ABOVE", 1024)  # the 16 kB int8 weights are spilled above the limit
+    model = _saved(tmp_path, threshold)
+    data, calib = tmp_path / "data.npz", tmp_path / "mlp.calib.json"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((32, WIDTH)).astype(np.float32))
+    result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)])
+    assert result.exit_code == 0, result.output
+    spilled: list[int] = []
+    real_spill = model_io.spill_weights
+
+    def spill(quantized: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+        out = real_spill(quantized, folder)
+        spilled.append(sum(model_io.left_in_file(t) for t in out.graph.initializer))
+        return out
+
+    monkeypatch.setattr(steps, "spill_weights", spill)
+    lazy = _convert_into(tmp_path / "lazy", model, calib)
+    assert spilled == ([LAYERS] if limit < 2**31 - 1 else [])  # the int8 weights, above the (lowered) limit
+    assert not list((tmp_path / "lazy").glob(".quantcli-scratch-*"))  # removed at the end
+    real_load = model_io.load_model
+    monkeypatch.setattr(steps, "load_model", lambda path, weights=True: real_load(path))  # the whole model read
+    monkeypatch.setattr(steps, "spill_weights", lambda model, folder: model)  # and its int8 weights kept
+    eager = _convert_into(tmp_path / "eager", model, calib)
+    assert lazy[0] == eager[0] and lazy[1] == eager[1]
+    assert len(lazy[1]) >= LAYERS * WIDTH * WIDTH  # the int8 weights are in the data file
+
+
+@pytest.mark.parametrize("above", [False, True])
+def test_convert_holds_no_fp32_weight_in_its_models(tmp_path, external_mlp, monkeypatch, above):
+    """After lowering, the models convert keeps (input, pre-processed, quantized) hold the int8 weights
+    and no FP32 copy of the big ones (before: the input and the pre-processed model held one each, 2x);
+    above the (lowered) limit, not even the int8 weights: they wait in the scratch file."""
+    from quantcli.api import ConvertRequest
+    from quantcli.pipeline import steps as s
+    from quantcli.pipeline.context import ConvertContext, remove_scratch
+    from quantcli.pipeline.convert import run_steps
+
+    model, data = external_mlp
+    calib = tmp_path / "mlp.calib.json"
+    assert runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)]).exit_code == 0
+    if above:
+        monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 100_000)
+        monkeypatch.setattr(model_io, "_SPILL_ABOVE", 1024)
+    ctx = ConvertContext(ConvertRequest(model, tmp_path / "out.onnx", calibration=calib))
+    run_steps(ctx, (s.load_and_check, s.preprocess, s.calibrate_or_read, s.plan, s.lower))
+    held = [ctx.model, ctx.prepared, ctx.quantized]
+    in_protobuf = sum(model_io._raw_size(t) for m in held if m is not None for t in m.graph.initializer)
+    fp32 = LAYERS * WIDTH * WIDTH * 4
+    if above:
+        assert in_protobuf < 0.02 * fp32 and ctx.scratch is not None  # scales and biases only (the int8: 0.25)
+    else:
+        assert 0.25 * fp32 <= in_protobuf < 0.3 * fp32  # the int8 weights once, biases and scales
+    x = np.load(data)["x"][:4]  # and the quantized model still runs, its float tensors read from the input's file
+    ref = make_session(load_model(model)).run(None, {"x": x})[0]
+    got = make_session(ctx.quantized).run(None, {"x": x})[0]
+    assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max()
+    remove_scratch(ctx)
+    assert ctx.scratch is None and not list(tmp_path.glob(".quantcli-scratch-*"))
+
+
+@pytest.mark.parametrize("limit", [model_io.PROTOBUF_LIMIT, 100_000])
+def test_calibrate_reading_weights_from_their_file_measures_the_same(tmp_path, external_mlp, monkeypatch, limit):
+    """calibrate leaves external weights in their file (onnxruntime reads them): the same calibration file."""
+    import quantcli.api
+
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", limit)
+    model, data = external_mlp
+    loads: list[bool] = []
+    real_load = model_io.load_model
+
+    def load(path: Path, *, weights: bool = True) -> onnx.ModelProto:
+        loads.append(weights)
+        return real_load(path, weights=weights or eager)
+
+    monkeypatch.setattr(quantcli.api, "load_model", load)
+    written = []
+    for eager in (False, True):
+        out = tmp_path / f"calib-{eager}.json"
+        result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        written.append(out.read_bytes())
+    assert loads == [False, False]  # calibrate asks for the graph only
+    assert written[0] == written[1]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--cle", "--bias-correction"],
+        ["--smoothquant"],
+        ["--mode", "dynamic"],
+        ["--mode", "weight-only"],
+        ["--mode", "fp16"],
+    ],
+    ids=["cle-bias", "smoothquant", "dynamic", "weight-only", "fp16"],
+)
+def test_every_convert_path_reading_weights_from_their_file_writes_the_same_bytes(tmp_path, monkeypatch, extra):
+    """The algorithms (calibrating inside convert, with a verdict) and the other modes: same bytes as
+    with the whole model read first."""
+    from quantcli.pipeline import mode_steps, steps
+
+    model = _saved(tmp_path, 1024)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((32, WIDTH)).astype(np.float32))
+    written = []
+    real_load = model_io.load_model
+    for eager in (False, True):
+        if eager:
+            for module in (steps, mode_steps):
+                monkeypatch.setattr(module, "load_model", lambda path, weights=True: real_load(path))
+            monkeypatch.setattr(steps, "spill_weights", lambda model, folder: model)
+        folder = tmp_path / f"eager-{eager}"
+        folder.mkdir()
+        out = folder / "mlp.q.onnx"
+        args = ["convert", str(model), "-o", str(out), *extra]
+        args += ["--data", str(data)] if "--mode" not in extra else []
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        written.append((out.read_bytes(), (folder / "mlp.q.onnx.data").read_bytes()))
+    assert written[0] == written[1]
+    assert len(written[0][1]) > 0

@@ -30,7 +30,7 @@ from quantcli.compare.output_kinds import KindMetrics, KindPlan, OutputKindObser
 from quantcli.core.errors import CalibrationDataError
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, model_input_specs, open_dataset
-from quantcli.graph.model_io import load_model, stored_above_limit
+from quantcli.graph.model_io import load_model
 from quantcli.graph.session import Session, make_session
 from quantcli.stats.collector import default_memory_budget
 from quantcli.stats.shards import ShardSpec
@@ -86,9 +86,10 @@ class AccuracyShard:
 
 
 def load_for_compare(path: Path, *, per_layer: bool) -> onnx.ModelProto:
-    """A model to compare: above 2 GB without per-layer errors, only its graph (onnxruntime reads the
-    weights from their files: no copy in this process's protobuf); else the whole model."""
-    return load_model(path, weights=per_layer or not stored_above_limit(path))
+    """A model to compare: without per-layer errors, weights kept in external data stay in their files
+    (onnxruntime reads them from there: its session holds the only copy; below 2 GB it prepacks them
+    as when they are read whole, so latencies are the same); with per-layer errors, the whole model."""
+    return load_model(path, weights=per_layer)
 
 
 def open_compare_data(request: CompareRequest, reference: onnx.ModelProto) -> Dataset:

@@ -168,14 +168,37 @@ def _broadcast(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return param.reshape(shape)
 
 
+#: ``quantize`` works on blocks of about this many elements (its float64 temporaries are 8 bytes each)
+_QUANTIZE_BLOCK = 1 << 22
+
+
 def quantize(x: npt.ArrayLike, params: QuantParams) -> npt.NDArray[np.integer]:
-    """QuantizeLinear: round half to even, add the zero point, saturate to the type's range."""
+    """QuantizeLinear: round half to even, add the zero point, saturate to the type's range.
+
+    A large array is quantized in blocks of rows (the same values: every step is elementwise), so
+    the float temporaries stay ~64 MiB instead of five times the array (a > 2 GB model's weight).
+    """
     arr = np.asarray(x, dtype=np.float32)
     scale = _broadcast(params.scale, arr.ndim, params.axis)
     zp = _broadcast(params.zero_point.astype(np.int64), arr.ndim, params.axis)
     qmin, qmax = dtype_bounds(params.dtype)
+    dtype = numpy_dtype(params.dtype)
+    if arr.ndim == 0 or arr.size <= _QUANTIZE_BLOCK:
+        return _quantize_block(arr, scale, zp, qmin, qmax, dtype)
+    out = np.empty(arr.shape, dtype=dtype)
+    rows = max(1, _QUANTIZE_BLOCK // max(1, arr.size // arr.shape[0]))
+    for start in range(0, arr.shape[0], rows):
+        block = slice(start, start + rows)
+        s, z = (p[block] if p.ndim == arr.ndim and p.shape[0] > 1 else p for p in (scale, zp))
+        out[block] = _quantize_block(arr[block], s, z, qmin, qmax, dtype)
+    return out
+
+
+def _quantize_block(
+    arr: np.ndarray, scale: np.ndarray, zp: np.ndarray, qmin: int, qmax: int, dtype: type[np.integer]
+) -> npt.NDArray[np.integer]:
     q = np.rint(arr / scale).astype(np.float64) + zp
-    return np.clip(q, qmin, qmax).astype(numpy_dtype(params.dtype))
+    return np.clip(q, qmin, qmax).astype(dtype)
 
 
 def dequantize(q: npt.ArrayLike, params: QuantParams) -> FloatArray:

@@ -313,10 +313,13 @@ class GraphEditor:
         Commit node edits first: the committed nodes are the readers.
         """
         used = used_names(self._graph)
-        keep = [t for t in self._graph.initializer if t.name in used or (keep_added and t.name in self._added)]
-        if len(keep) != len(self._graph.initializer):
-            del self._graph.initializer[:]
-            self._graph.initializer.extend(keep)
+        drop = [
+            i
+            for i, t in enumerate(self._graph.initializer)
+            if not (t.name in used or (keep_added and t.name in self._added))
+        ]
+        for i in reversed(drop):  # in place: re-adding the kept ones would copy each (a second int8 model)
+            del self._graph.initializer[i]
 
     # -- value_info and graph outputs --------------------------------------------------------
     def add_output(self, name: str, elem_type: int = 0) -> None:

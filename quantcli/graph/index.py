@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
+from quantcli.graph.model_io import tensor_array
 from quantcli.graph.scopes import node_subgraphs, outer_references
 
 __all__ = ["GraphIndex", "recorded_shapes"]
@@ -99,7 +99,7 @@ class GraphIndex:
         weights are read when asked, so that their float copies do not pile up while they are quantized)."""
         if name in self._arrays:
             return self._arrays[name]
-        value = numpy_helper.to_array(self.initializers[name])
+        value = tensor_array(self.initializers[name])
         if value.nbytes < _CACHE_BELOW:
             self._arrays[name] = value
         return value

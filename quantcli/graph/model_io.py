@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from quantcli.core.errors import ModelLoadError
 from quantcli.graph.atomic import atomic_files, atomic_output, checkpoint, write_bytes
@@ -26,13 +29,18 @@ __all__ = [
     "file_sha256",
     "graph_only",
     "has_external_data",
+    "in_memory",
+    "in_memory_size",
     "infer_shapes",
     "known_shapes",
+    "left_in_file",
     "load_model",
     "model_opset",
     "save_model",
+    "spill_weights",
     "split_weights",
     "stored_above_limit",
+    "tensor_array",
     "upgrade_opset",
 ]
 
@@ -43,11 +51,22 @@ PROTOBUF_LIMIT = 2**31 - 1
 
 
 def above_protobuf_limit(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` is too large for one protobuf message (which cannot even size itself then)."""
+    """Whether ``model`` is too large for one protobuf message (which cannot even size itself then).
+
+    Weights ``load_model(weights=False)`` left in their files count as if read: the answer (and
+    every decision taken on it) is the same whether the weights were read or not.
+    """
     try:
-        return model.ByteSize() >= PROTOBUF_LIMIT
+        return model.ByteSize() + _unread_bytes(model) >= PROTOBUF_LIMIT
     except Exception:  # upb raises EncodeError from ByteSize above 2 GB
         return True
+
+
+def _unread_bytes(model: onnx.ModelProto) -> int:
+    """What reading the weights left in their files would add to ``model.ByteSize()``."""
+    return sum(
+        in_memory_size(t) - t.ByteSize() for _, g in walk_graphs(model.graph) for t in g.initializer if left_in_file(t)
+    )
 
 
 def file_sha256(path: Path) -> str:
@@ -69,11 +88,12 @@ def _check_readable_file(path: Path, what: str) -> None:
 def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
     """Read and validate an ONNX model, with its external data if it has any.
 
-    ``weights=False``: external data is not read; its tensors keep pointing to their files (with
-    the model's directory recorded in them), so that ``graph.session.make_session`` lets
-    onnxruntime read them from there. For a caller that only runs the model (compare without
-    per-layer errors): no copy of those weights in this process's protobuf. Nothing that reads
-    initializer values may be given such a model.
+    ``weights=False``: external data is not read; its initializers keep pointing to their files
+    (with the model's directory recorded in them: ``left_in_file``), so that
+    ``graph.session.make_session`` lets onnxruntime read them from there, ``tensor_array`` (and
+    ``GraphIndex.constant``) reads one when its values are needed, and ``save_model`` copies them
+    from there: no copy of those weights in this process's protobuf. Copies of such a model (an
+    editor's) are small. Read initializer values only through those functions.
 
     Raises:
         ModelLoadError: the file is missing, a directory, not ONNX, truncated, or invalid.
@@ -116,11 +136,18 @@ EXTERNAL_BASE_KEY = "quantcli_base_dir"
 
 
 def _record_external_base(model: onnx.ModelProto, path: Path) -> None:
+    """Initializers left in their files record the directory; a tensor in a node attribute (a Constant's
+    value, rare and small) is read, since nothing but an initializer is read lazily."""
     base = str(path.resolve().parent)
     for _, graph in walk_graphs(model.graph):
         for tensor in graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 tensor.external_data.add(key=EXTERNAL_BASE_KEY, value=base)
+        for node in graph.node:
+            for attr in node.attribute:
+                for tensor in [attr.t, *attr.tensors] if attr.HasField("t") else attr.tensors:
+                    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                        onnx.external_data_helper.load_external_data_for_tensor(tensor, base)
 
 
 def external_base(model: onnx.ModelProto) -> Path | None:
@@ -131,6 +158,137 @@ def external_base(model: onnx.ModelProto) -> Path | None:
                 if entry.key == EXTERNAL_BASE_KEY:
                     return Path(entry.value)
     return None
+
+
+def left_in_file(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is a weight ``load_model(weights=False)`` left in its file (its bytes not read)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == EXTERNAL_BASE_KEY for e in tensor.external_data
+    )
+
+
+def _file_slice(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    """(file, offset, length) of a tensor left in its file; a length not recorded is read to the end."""
+    info = {e.key: e.value for e in tensor.external_data}
+    path = Path(info[EXTERNAL_BASE_KEY]) / info["location"]
+    offset = int(info.get("offset", "0"))
+    length = int(info["length"]) if "length" in info else path.stat().st_size - offset
+    return path, offset, length
+
+
+def _read_slice(tensor: onnx.TensorProto) -> bytes:
+    path, offset, length = _file_slice(tensor)
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(length)
+    if len(data) != length:
+        raise ValueError(f"external data of '{tensor.name}' in {path} is truncated")
+    return data
+
+
+def in_memory(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """``tensor`` as ``load_model`` reads it: a weight left in its file becomes a copy holding its bytes
+    (the fields onnx's loader sets, so the bytes written are the same); any other tensor is returned as is."""
+    if not left_in_file(tensor):
+        return tensor
+    loaded = onnx.TensorProto()
+    loaded.CopyFrom(tensor)  # small: the stub holds no weight
+    loaded.raw_data = _read_slice(tensor)
+    loaded.data_location = onnx.TensorProto.DEFAULT
+    del loaded.external_data[:]
+    return loaded
+
+
+def in_memory_size(tensor: onnx.TensorProto) -> int:
+    """``tensor.ByteSize()`` once its bytes are read (``in_memory``), without reading them."""
+    if not left_in_file(tensor):
+        return tensor.ByteSize()
+    stub = onnx.TensorProto()
+    stub.CopyFrom(tensor)
+    stub.data_location = onnx.TensorProto.DEFAULT
+    del stub.external_data[:]
+    length = _file_slice(tensor)[2]
+    return stub.ByteSize() + 1 + _varint_size(length) + length  # raw_data: tag, length, bytes
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of an initializer, read from its file when ``load_model(weights=False)`` left it there
+    (one weight at a time: nothing else of the file is read, nothing is kept)."""
+    if not left_in_file(tensor):
+        return numpy_helper.to_array(tensor)
+    item = _ITEM_BYTES.get(tensor.data_type)
+    if item is None or tensor.data_type == onnx.TensorProto.BFLOAT16 or sys.byteorder != "little":
+        return numpy_helper.to_array(in_memory(tensor))
+    path, offset, length = _file_slice(tensor)
+    count = length // item
+    values = np.fromfile(path, dtype=helper.tensor_dtype_to_np_dtype(tensor.data_type), count=count, offset=offset)
+    if values.size != count or count * item != length:
+        raise ValueError(f"external data of '{tensor.name}' in {path} does not hold {length} bytes")
+    return values.reshape(tuple(tensor.dims))
+
+
+#: ``spill_weights`` moves initializers at least this large (well above ``_EXTERNAL_ABOVE``: a spilled
+#: tensor is written to external data as it would have been from memory)
+_SPILL_ABOVE = 1 << 20
+
+
+def spill_weights(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
+    """``model`` with its large weights moved to a file in ``folder`` and left there as
+    ``load_model(weights=False)`` leaves weights (``left_in_file``): sessions read them from there,
+    ``save_model`` copies them (the same bytes), and the model returned holds none of them.
+
+    ``model`` itself loses them (moved, not copied): drop it and keep the model returned, a compact
+    copy (protobuf gives a message's memory back only when the whole message goes). Weights already
+    left in another file are copied to ``folder`` too (one directory for onnxruntime); small ones
+    (under 1 MiB) are read into the model, as ``load_model`` reads them. For a model saved with
+    external data (``save_model(external_data=True)``): the weights moved (1 MiB or more) go there.
+    """
+    _spill(model, Path(folder))
+    compact = onnx.ModelProto()
+    compact.CopyFrom(model)
+    return compact
+
+
+def _spill(model: onnx.ModelProto, folder: Path) -> None:
+    path = folder / "weights.bin"
+    with open(path, "ab") as fh:
+        for _, graph in walk_graphs(model.graph):
+            for tensor in graph.initializer:
+                if left_in_file(tensor):
+                    if _file_slice(tensor)[2] < _SPILL_ABOVE:
+                        tensor.CopyFrom(in_memory(tensor))
+                        continue
+                    offset = _align(fh, _SPILL_ABOVE)  # aligned: onnxruntime maps it instead of reading it
+                    length = _copy_slice(tensor, fh)
+                    del tensor.external_data[:]
+                elif tensor.data_location != onnx.TensorProto.EXTERNAL and _raw_size(tensor) >= _SPILL_ABOVE:
+                    offset = _align(fh, _SPILL_ABOVE)
+                    fh.write(tensor.raw_data)
+                    length = fh.tell() - offset
+                    tensor.ClearField("raw_data")
+                else:
+                    continue
+                _point_at(tensor, path.name, offset, length)
+                tensor.external_data.add(key=EXTERNAL_BASE_KEY, value=str(Path(folder).resolve()))
+
+
+def _copy_slice(tensor: onnx.TensorProto, fh: Any) -> int:
+    """Append the bytes of a tensor left in its file to ``fh`` in chunks; their length."""
+    source, start, length = _file_slice(tensor)
+    with open(source, "rb") as src:
+        src.seek(start)
+        left = length
+        while left:
+            chunk = src.read(min(left, _COPY_CHUNK))
+            if not chunk:
+                raise ValueError(f"external data of '{tensor.name}' in {source} is truncated")
+            fh.write(chunk)
+            left -= len(chunk)
+    return length
 
 
 def stored_above_limit(path: Path) -> bool:
@@ -235,16 +393,28 @@ def check_model(model: onnx.ModelProto) -> None:
     Raises:
         onnx.checker.ValidationError: as onnx's checker does.
     """
-    if not above_protobuf_limit(model):
+    if not above_protobuf_limit(model) and external_base(model) is None:
         onnx.checker.check_model(model)
         return
     import tempfile
 
     stub, _ = split_weights(model)
+    _point_at_stub_file(stub)
     with tempfile.TemporaryDirectory(prefix="quantcli-check-") as tmp:
         (Path(tmp) / STUB_LOCATION).touch()  # the checker asks that the data file exists, not its bytes
         (Path(tmp) / "model.onnx").write_bytes(stub.SerializeToString())
         onnx.checker.check_model(str(Path(tmp) / "model.onnx"))
+
+
+def _point_at_stub_file(stub: onnx.ModelProto) -> None:
+    """Weights left in their files point at ``STUB_LOCATION`` too (the checker reads no weight bytes)."""
+    for _, graph in walk_graphs(stub.graph):
+        for tensor in graph.initializer:
+            if left_in_file(tensor):
+                length = _file_slice(tensor)[2]
+                del tensor.external_data[:]
+                for key, value in (("location", STUB_LOCATION), ("offset", "0"), ("length", str(length))):
+                    tensor.external_data.add(key=key, value=value)
 
 
 def available_memory() -> int | None:
@@ -367,6 +537,8 @@ def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False, exter
     or more go to ``<name>.data`` beside the model (onnx's external data, tensors of 1 MiB or more
     at offsets that are multiples of 64 KiB so onnxruntime can map them). The model and its data
     file are committed together: a kill leaves the old pair or no model, never a mismatched pair.
+    Weights ``load_model(weights=False)`` left in their files are copied from there in chunks (never
+    whole in memory), and the bytes written are those of the same model loaded with its weights.
 
     Raises:
         OutputPathError: ``path`` exists without ``force``, cannot be written, or the disk is full.
@@ -376,7 +548,13 @@ def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False, exter
         external_data = above_protobuf_limit(model)
     if not external_data:
         with atomic_output(path, force=force) as tmp:
-            write_bytes(tmp, model.SerializeToString(deterministic=True))
+            swapped = [(t, _swap_in(t, in_memory(t))) for _, g in walk_graphs(model.graph) for t in g.initializer
+                       if left_in_file(t)]  # fmt: skip
+            try:
+                write_bytes(tmp, model.SerializeToString(deterministic=True))
+            finally:
+                for tensor, stub in swapped:
+                    tensor.CopyFrom(stub)
         return
     data_path = path.with_name(path.name + ".data")
     with atomic_files(path, [data_path], force=force) as (tmp, data_tmp):
@@ -387,40 +565,86 @@ def save_model(model: onnx.ModelProto, path: Path, *, force: bool = False, exter
             _restore_external_data(moved, data_tmp)
 
 
+def _swap_in(tensor: onnx.TensorProto, replacement: onnx.TensorProto) -> onnx.TensorProto:
+    """Make ``tensor`` a copy of ``replacement``; returns a copy of what it was (to put back)."""
+    saved = onnx.TensorProto()
+    saved.CopyFrom(tensor)
+    tensor.CopyFrom(replacement)
+    return saved
+
+
 #: initializers at least this large go to the external data file; from _ALIGN_ABOVE on, aligned
 _EXTERNAL_ABOVE, _ALIGN_ABOVE, _ALIGNMENT = 1024, 1 << 20, 1 << 16
+#: a weight left in its file is copied to the data file in pieces of this size
+_COPY_CHUNK = 1 << 24
+
+#: a tensor ``_write_external_data`` changed, and the stub it was (None: its bytes are in the data file)
+_Moved = tuple[onnx.TensorProto, onnx.TensorProto | None]
 
 
-def _write_external_data(model: onnx.ModelProto, data_tmp: Path, location: str) -> list[onnx.TensorProto]:
-    """Move every large raw initializer's bytes to ``data_tmp``, pointing the model at ``location``."""
-    moved: list[onnx.TensorProto] = []
+def _write_external_data(model: onnx.ModelProto, data_tmp: Path, location: str) -> list[_Moved]:
+    """Move every large raw initializer's bytes to ``data_tmp``, pointing the model at ``location``.
+
+    A weight left in its file (``left_in_file``) is written as if it had been read: copied in chunks
+    when large, its bytes put in the model when small.
+    """
+    moved: list[_Moved] = []
     with open(data_tmp, "wb") as fh:
         for _, graph in walk_graphs(model.graph):
             for tensor in graph.initializer:
+                if left_in_file(tensor):
+                    moved.append(_write_unread(tensor, fh, location))
+                    continue
                 if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
                     continue
                 raw = tensor.raw_data
                 if len(raw) < _EXTERNAL_ABOVE:
                     continue
-                if len(raw) >= _ALIGN_ABOVE and fh.tell() % _ALIGNMENT:
-                    fh.write(b"\0" * (_ALIGNMENT - fh.tell() % _ALIGNMENT))
-                offset = fh.tell()
+                offset = _align(fh, len(raw))
                 fh.write(raw)
                 del raw
                 checkpoint("wrote a tensor")
                 tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                length = fh.tell() - offset
-                for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                    tensor.external_data.add(key=key, value=value)
-                moved.append(tensor)
+                _point_at(tensor, location, offset, fh.tell() - offset)
+                moved.append((tensor, None))
     return moved
 
 
-def _restore_external_data(moved: list[onnx.TensorProto], data_tmp: Path) -> None:
-    """Put the bytes back into the tensors ``_write_external_data`` emptied (read from ``data_tmp``)."""
+def _align(fh: Any, size: int) -> int:
+    """Pad ``fh`` so that a tensor of ``size`` bytes starts aligned (from _ALIGN_ABOVE on); its offset."""
+    if size >= _ALIGN_ABOVE and fh.tell() % _ALIGNMENT:
+        fh.write(b"\0" * (_ALIGNMENT - fh.tell() % _ALIGNMENT))
+    return int(fh.tell())
+
+
+def _point_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+
+
+def _write_unread(tensor: onnx.TensorProto, fh: Any, location: str) -> _Moved:
+    """Write a weight left in its file as ``_write_external_data`` writes one read: returns what to put back."""
+    length = _file_slice(tensor)[2]
+    if length < _EXTERNAL_ABOVE:  # stays in the model, as its bytes
+        return tensor, _swap_in(tensor, in_memory(tensor))
+    offset = _align(fh, length)
+    _copy_slice(tensor, fh)
+    checkpoint("wrote a tensor")
+    stub = onnx.TensorProto()
+    stub.CopyFrom(tensor)
+    del tensor.external_data[:]
+    _point_at(tensor, location, offset, length)
+    return tensor, stub
+
+
+def _restore_external_data(moved: list[_Moved], data_tmp: Path) -> None:
+    """Put back the tensors ``_write_external_data`` changed (bytes read from ``data_tmp``)."""
     with open(data_tmp, "rb") as fh:
-        for tensor in moved:
+        for tensor, stub in moved:
+            if stub is not None:
+                tensor.CopyFrom(stub)
+                continue
             info = {e.key: int(e.value) for e in tensor.external_data if e.key in ("offset", "length")}
             fh.seek(info["offset"])
             data = fh.read(info["length"])

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from quantcli.core.errors import UnsupportedModelError
+from quantcli.graph import model_io
 from quantcli.graph.editor import ModelEditor
 from quantcli.graph.model_io import (
     EXTERNAL_BASE_KEY,
@@ -30,7 +31,7 @@ from quantcli.graph.model_io import (
 from quantcli.graph.names import NameAllocator
 from quantcli.graph.scopes import walk_graphs
 
-__all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session"]
+__all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session", "ort_model_bytes"]
 
 
 class Session(Protocol):
@@ -76,9 +77,8 @@ def make_session(
     opts.log_severity_level = 3
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    base = external_base(model)
-    if base is not None:
-        return _session_reading_files(model, base, opts, source)
+    if external_base(model) is not None:
+        return _session_reading_files(model, opts, source)
     if id(model) in _DETACHED or above_protobuf_limit(model):
         return _large_session(model, opts, source)
     try:
@@ -100,11 +100,7 @@ def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str
     stub, weights = _DETACHED.pop(id(model), (None, []))
     if stub is not model:  # not a skeleton from ``augmented``: split it here
         stub, weights = split_weights(model)
-    if above_protobuf_limit(stub):
-        raise UnsupportedModelError(
-            f"{source}: the model's graph alone (without its large weights) is above protobuf's 2 GB; "
-            "onnxruntime cannot load it"
-        )
+    _refuse_large_graph(stub, source)
     arrays = [
         np.frombuffer(t.raw_data, dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(tuple(t.dims))
         for t in weights
@@ -125,26 +121,56 @@ def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str
     return session
 
 
-def _session_reading_files(
-    model: onnx.ModelProto, base: Path, opts: ort.SessionOptions, source: str
-) -> ort.InferenceSession:
-    """A session for a model loaded without its external data (``load_model(weights=False)``):
-    onnxruntime reads the weights from their files in ``base`` itself (mapped, not copied)."""
-    stub = onnx.ModelProto()
-    stub.CopyFrom(model)  # small: no weight is in it
-    for _, graph in walk_graphs(stub.graph):
-        for tensor in graph.initializer:
-            kept = [(e.key, e.value) for e in tensor.external_data if e.key != EXTERNAL_BASE_KEY]
-            if len(kept) != len(tensor.external_data):
-                del tensor.external_data[:]
-                for key, value in kept:
-                    tensor.external_data.add(key=key, value=value)
-    opts.add_session_config_entry("session.disable_prepacking", "1")  # a packed copy of every weight: 1x more
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
+def _refuse_large_graph(stub: onnx.ModelProto, source: str) -> None:
+    """What is handed to onnxruntime as bytes (the graph, without the weights kept apart) must fit protobuf."""
     try:
-        return ort.InferenceSession(stub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        too_large = stub.ByteSize() >= model_io.PROTOBUF_LIMIT
+    except Exception:  # upb raises EncodeError from ByteSize above 2 GB
+        too_large = True
+    if too_large:
+        raise UnsupportedModelError(
+            f"{source}: the model's graph alone (without its large weights) is above protobuf's 2 GB; "
+            "onnxruntime cannot load it"
+        )
+
+
+def _session_reading_files(model: onnx.ModelProto, opts: ort.SessionOptions, source: str) -> ort.InferenceSession:
+    """A session for a model loaded without its external data (``load_model(weights=False)``):
+    onnxruntime reads the weights from their files itself (mapped, not copied)."""
+    _refuse_large_graph(model, source)
+    if above_protobuf_limit(model):  # a packed copy of every weight: 1x more (below: timed as when read whole)
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    try:
+        return ort.InferenceSession(ort_model_bytes(model, opts), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
+
+
+def ort_model_bytes(model: onnx.ModelProto, opts: ort.SessionOptions) -> bytes:
+    """``model`` serialized for a session built with ``opts``: weights ``load_model(weights=False)``
+    left in their files are read by onnxruntime from there (``opts`` is told where they are).
+
+    No copy of ``model`` is made: the directory it records is taken out for the serialization
+    (onnxruntime refuses keys it does not know) and put back.
+    """
+    base = external_base(model)
+    if base is None:
+        return model.SerializeToString()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base))
+    taken: list[tuple[onnx.TensorProto, str]] = []
+    try:
+        for _, graph in walk_graphs(model.graph):
+            for tensor in graph.initializer:
+                kept = [(e.key, e.value) for e in tensor.external_data if e.key != EXTERNAL_BASE_KEY]
+                if len(kept) != len(tensor.external_data):
+                    taken.append((tensor, next(e.value for e in tensor.external_data if e.key == EXTERNAL_BASE_KEY)))
+                    del tensor.external_data[:]
+                    for key, value in kept:
+                        tensor.external_data.add(key=key, value=value)
+        return model.SerializeToString()
+    finally:
+        for tensor, value in taken:
+            tensor.external_data.add(key=EXTERNAL_BASE_KEY, value=value)
 
 
 #: skeletons ``augmented`` made of models above 2 GB -> (skeleton, its weights), until ``make_session`` takes them

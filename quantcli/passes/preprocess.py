@@ -27,6 +27,7 @@ from onnx import helper
 
 from quantcli.graph.editor import GraphEditor, ModelEditor, make_tensor, single_node_model
 from quantcli.graph.index import GraphIndex
+from quantcli.graph.model_io import in_memory, in_memory_size
 from quantcli.graph.names import NameAllocator
 from quantcli.graph.scopes import walk_graphs
 
@@ -117,7 +118,7 @@ class _Cleaner:
             for n in g.node:
                 for i in set(n.input):
                     readers[i] = readers.get(i, 0) + 1
-        return {name for name, t in outer.items() if readers.get(name, 0) > 1 and t.ByteSize() >= _SHARED_COPY_BYTES}
+        return {n for n, t in outer.items() if readers.get(n, 0) > 1 and in_memory_size(t) >= _SHARED_COPY_BYTES}
 
 
 #: never evaluated ahead of time: random, stateful, or with sub-graphs
@@ -153,7 +154,7 @@ def _fold_constants(
             and node.input
             and all(i in values for i in node.input if i)
             and not any(o in outputs for o in node.output)
-            and sum(values[i].ByteSize() for i in node.input if i) < _FOLD_LIMIT_BYTES
+            and sum(in_memory_size(values[i]) for i in node.input if i) < _FOLD_LIMIT_BYTES
             and not any(i in (shared or ()) for i in node.input)
         )
         if not foldable:
@@ -161,7 +162,8 @@ def _fold_constants(
         from onnx.reference import ReferenceEvaluator  # ~11 MB: imported only when there is work
 
         try:
-            single = single_node_model(node, [values[i] for i in dict.fromkeys(i for i in node.input if i)], opsets)
+            consts = [in_memory(values[i]) for i in dict.fromkeys(i for i in node.input if i)]
+            single = single_node_model(node, consts, opsets)
             results = ReferenceEvaluator(single).run(None, {})
         except Exception as exc:  # the reference runtime lacks the op, or the node is invalid
             log.info("not folding %s (%s): %s", node.name, node.op_type, exc)

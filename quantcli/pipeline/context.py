@@ -6,8 +6,12 @@ still empty into a clear bug report instead of an ``AttributeError`` on None.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from quantcli.core.host import default_config
@@ -35,7 +39,7 @@ if TYPE_CHECKING:
 
     AlgorithmReport = EqualizationReport | SmoothQuantReport | BiasCorrectionReport
 
-__all__ = ["ConvertContext", "Step", "need", "no_log"]
+__all__ = ["ConvertContext", "Step", "need", "no_log", "remove_scratch", "scratch_folder"]
 
 T = TypeVar("T")
 
@@ -84,6 +88,8 @@ class ConvertContext:
     #: what the verdict could not check, decided before it runs
     verdict_unchecked: tuple[str, ...] = ()
     verdict: Verdict | None = None
+    #: a temporary directory for the run's large files (``scratch_folder``), removed by ``run_convert``
+    scratch: Path | None = None
 
     def __post_init__(self) -> None:
         r = self.request
@@ -95,6 +101,23 @@ class ConvertContext:
     def source(self) -> str:
         """The model path as text, for messages."""
         return str(self.request.model_path)
+
+
+def scratch_folder(ctx: ConvertContext) -> Path:
+    """The run's temporary directory (made on first use): beside the output, on the disk that will hold
+    it, when that directory can be written; else the system's."""
+    if ctx.scratch is None:
+        parent = ctx.request.output_path.parent
+        where = parent if parent.is_dir() and os.access(parent, os.W_OK) else None
+        ctx.scratch = Path(tempfile.mkdtemp(prefix=".quantcli-scratch-", dir=where))
+    return ctx.scratch
+
+
+def remove_scratch(ctx: ConvertContext) -> None:
+    """Remove the run's temporary directory, if it made one."""
+    if ctx.scratch is not None:
+        shutil.rmtree(ctx.scratch, ignore_errors=True)
+        ctx.scratch = None
 
 
 #: one step of a conversion: reads and fills the context

@@ -23,7 +23,7 @@ from quantcli.modes.common import ConvertMode
 from quantcli.pipeline import mode_steps as m
 from quantcli.pipeline import steps as s
 from quantcli.pipeline import verdict as v
-from quantcli.pipeline.context import ConvertContext, Step, need, no_log
+from quantcli.pipeline.context import ConvertContext, Step, need, no_log, remove_scratch
 from quantcli.pipeline.request import ConvertRequest
 from quantcli.pipeline.result import ConvertResult
 
@@ -122,7 +122,10 @@ def run_convert(
 ) -> ConvertResult:
     """Carry out ``request``: run its step list over a fresh context and report what was done."""
     ctx = ConvertContext(request, progress, log or no_log)
-    run_steps(ctx, steps_for(request))
+    try:
+        run_steps(ctx, steps_for(request))
+    finally:
+        remove_scratch(ctx)
     return _result(ctx)
 
 

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 
 from quantcli.core.errors import UnsupportedModelError
-from quantcli.graph.model_io import model_opset
+from quantcli.graph.model_io import model_opset, tensor_array
 from quantcli.graph.model_io import upgrade_opset as upgrade_opset_to
 
 __all__ = ["MIN_OPSET", "opset_note", "prepare_input"]
@@ -75,7 +74,7 @@ def _refuse_damaged_weights(model: onnx.ModelProto, path: Path) -> None:
     weights = {name for node in model.graph.node if node.op_type in _WEIGHTED_OPS for name in node.input[1:3]}
     for init in model.graph.initializer:
         try:
-            values = onnx.numpy_helper.to_array(init)
+            values = tensor_array(init)  # one weight at a time, read from its file if it was left there
         except Exception as exc:
             raise UnsupportedModelError(
                 f"{path}: initializer '{init.name}' is malformed (its data does not fit its shape {list(init.dims)})"

@@ -25,9 +25,10 @@ _FUSED_KERNELS: dict[ConvertMode, dict[str, tuple[str, ...]]] = {
 
 
 def load_and_check_mode(ctx: ConvertContext) -> None:
-    """Load the model and check it against the mode's oldest opset."""
+    """Load the model and check it against the mode's oldest opset (external weights stay in their
+    files until read, as in ``steps.load_and_check``)."""
     r = ctx.request
-    loaded = load_model(r.model_path)
+    loaded = load_model(r.model_path, weights=False)
     ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset, min_opset=_MODE_MIN_OPSET[r.mode])
     ctx.opset_note = opset_note(loaded, ctx.model)
 

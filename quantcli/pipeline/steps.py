@@ -28,6 +28,7 @@ from quantcli.graph.model_io import (
     known_shapes,
     load_model,
     save_model,
+    spill_weights,
     split_weights,
 )
 from quantcli.graph.session import make_session
@@ -39,7 +40,7 @@ from quantcli.pipeline.algorithms import (
     check_algorithm_inputs,
     convert_with_algorithms,
 )
-from quantcli.pipeline.context import ConvertContext, need
+from quantcli.pipeline.context import ConvertContext, need, scratch_folder
 from quantcli.pipeline.inputs import opset_note, prepare_input
 from quantcli.stats.artifact import read_calibration
 from quantcli.stats.calibration import activation_levels, calibrate, ranges_for_levels, rechoose
@@ -88,9 +89,14 @@ def check_outputs(ctx: ConvertContext) -> None:
 
 
 def load_and_check(ctx: ConvertContext) -> None:
-    """Load the model, refuse what quantcli must not quantize, hash the file."""
+    """Load the model, refuse what quantcli must not quantize, hash the file.
+
+    Weights kept in external data stay in their files (``load_model(weights=False)``): each is read
+    when a step needs its values, and ``save`` copies those left as they were from there, so the
+    process never holds the model's FP32 weights, let alone a second copy of them.
+    """
     r = ctx.request
-    loaded = load_model(r.model_path)
+    loaded = load_model(r.model_path, weights=False)
     ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
     ctx.opset_note = opset_note(loaded, ctx.model)
     ctx.sha256 = file_sha256(r.model_path)
@@ -203,6 +209,9 @@ def lower(ctx: ConvertContext) -> None:
     ctx.quantized = apply_plan(prepared, need(ctx.plan, "the plan"), dynamic=lower_dynamic_nodes)
     if above_protobuf_limit(prepared):  # the tail reads only its graph: drop the second copy of the weights
         ctx.prepared = split_weights(prepared)[0]
+        if has_external_data(ctx.request.model_path):  # written with external data (``save``): the quantized
+            # weights wait in a file meanwhile; the sessions of the tail map them, ``save`` copies them
+            ctx.quantized = spill_weights(ctx.quantized, scratch_folder(ctx))
 
 
 def transform_calibrate_plan(ctx: ConvertContext) -> None:

@@ -45,6 +45,7 @@ import onnxruntime as ort
 from quantcli.core.errors import UnsupportedModelError
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.scopes import walk_graphs
+from quantcli.graph.session import ort_model_bytes
 from quantcli.static.plan import Skip, SkipCode
 from quantcli.verify.macs import compute_macs, node_operands
 
@@ -206,7 +207,9 @@ def _optimize(model: onnx.ModelProto | Path, level: str) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory(prefix="quantcli-audit-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
         opts.optimized_model_filepath = str(optimized_path)
-        source = str(model) if isinstance(model, Path) else model.SerializeToString()
+        # its weights beside it, never read back: the audit reads the optimized graph, values come from ``model``
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        source = str(model) if isinstance(model, Path) else ort_model_bytes(model, opts)
         try:
             ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:

@@ -598,6 +598,15 @@ def convert(
             rich_help_panel=SEARCH,
         ),
     ] = None,
+    search_max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Budget for one batch of activations while the search scores and ranks candidates, e.g. 512M or "
+            "2G (default: 512M); the batch shrinks to fit, down to 1.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
     search_algorithms: Annotated[
         bool,
         typer.Option(
@@ -666,7 +675,8 @@ def convert(
         weight_clipping,
         tuple(split_list(dynamic_nodes)),
     )
-    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold)
+    memory = parse_bytes(search_max_memory)  # the search's batches (SearchFlags.max_memory)
+    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold, memory)
     request = convert_request(
         SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
         quant,

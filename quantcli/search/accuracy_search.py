@@ -82,6 +82,7 @@ from quantcli.search.cost import (
     cost_table,
 )
 from quantcli.search.evaluator import Evaluator
+from quantcli.search.memory import SEARCH_BATCH, search_memory_budget
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
@@ -120,10 +121,6 @@ HISTOGRAM_METHODS = (
     CalibrationMethod.ENTROPY,
     CalibrationMethod.MSE,
 )
-#: bytes of exposed activations the sensitivity analysis holds at once (``compare.layers.per_layer_errors``
-#: groups tensors under it); its default, a quarter of the memory available, ran out under a process cap on
-#: PP-OCRv4 rec (264 tensors at batch 32)
-SENSITIVITY_MEMORY = 512 * 2**20
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
 
@@ -151,6 +148,9 @@ class SearchOptions:
     confirm: int = 3
     #: how they are timed (None: not timed, the cost alone decides; convert passes a batch-1 timer)
     timer: Timer | None = None
+    #: bytes a batch of activations may take while candidates are scored and ranked (``quantcli.search.memory``:
+    #: the batches shrink to fit, down to 1; None: calibrate's default, 512 MiB)
+    max_memory: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +356,19 @@ def search_quantization(
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
     kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
-    ev = Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
+    budget_bytes = search_memory_budget(options.max_memory)
+    ev = Evaluator(
+        reference if reference is not None else base.prepared,
+        dataset,
+        metric=options.metric,
+        kinds=kinds,
+        max_memory=budget_bytes,
+    )
+    if ev.batches.sensitivity < SEARCH_BATCH:
+        log(
+            f"{ev.batches.per_sample / 2**20:.0f} MiB of activations a sample: candidates scored at batch {ev.size}, "
+            f"ranked at batch {ev.batches.sensitivity} (--max-memory {budget_bytes / 2**20:.0f} MiB)"
+        )
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
@@ -518,11 +530,21 @@ class _Search:
         return key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
-        """Per-layer error of a built candidate on a few samples (once per candidate)."""
+        """Per-layer error of a built candidate on a few samples (once per candidate), at the batch the
+        memory budget allows (``quantcli.search.memory``); the errors in isolation, which order the tensors
+        and nodes tried, on the first 32 samples streamed at that batch, so the order does not depend on it."""
         if cand not in self.sensitivity:
             probe = self.dataset.subset(min(self.dataset.num_samples, 64))
             base = self.bases[cand.base].prepared
-            self.sensitivity[cand] = per_layer_errors(base, self.cache[cand][1], probe, max_memory=SENSITIVITY_MEMORY)
+            batches = self.ev.batches
+            self.sensitivity[cand] = per_layer_errors(
+                base,
+                self.cache[cand][1],
+                probe,
+                batch_size=batches.sensitivity,
+                max_memory=batches.sensitivity_memory,
+                local_samples=SEARCH_BATCH,  # as the first batch of 32 did, at any batch
+            )
         return self.sensitivity[cand]
 
     def result(self, best: Trial) -> SearchResult:

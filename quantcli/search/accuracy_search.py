@@ -465,7 +465,8 @@ def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> N
             )
 
 
-_Cached = tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
+#: a trial, its model (None once dropped: a model that missed the budget is rebuilt if needed), plan, report
+_Cached = tuple[Trial, onnx.ModelProto | None, QuantPlan, BiasCorrectionReport | None]
 
 
 @dataclass(slots=True)
@@ -514,9 +515,19 @@ class _Search:
             kinds=score.kinds,
         )
         self.trials.append(trial)
-        self.cache[cand] = (trial, model, plan, bc_report)
+        # only a model that may be chosen stays in memory (a large model's copies add up over ~50 trials)
+        self.cache[cand] = (trial, model if trial.meets_budget else None, plan, bc_report)
         self.log(_describe(trial))
         return trial
+
+    def model(self, cand: Candidate) -> onnx.ModelProto:
+        """The quantized model of a candidate tried (rebuilt when it was dropped: ``_build`` is deterministic)."""
+        trial, model, plan, bc_report = self.cache[cand]
+        if model is None:
+            model = _build(self.bases[cand.base], self.ranges[cand.base], cand)[0]
+            if trial.kept:  # the search goes on from it: its per-layer errors and probes need it again
+                self.cache[cand] = (trial, model, plan, bc_report)
+        return model
 
     def keep(self, trial: Trial) -> Trial:
         """Mark ``trial``'s change as kept."""
@@ -539,7 +550,7 @@ class _Search:
             batches = self.ev.batches
             self.sensitivity[cand] = per_layer_errors(
                 base,
-                self.cache[cand][1],
+                self.model(cand),
                 probe,
                 batch_size=batches.sensitivity,
                 max_memory=batches.sensitivity_memory,
@@ -549,7 +560,8 @@ class _Search:
 
     def result(self, best: Trial) -> SearchResult:
         """The search's result with ``best`` chosen."""
-        _, model, plan, bc_report = self.cache[best.candidate]
+        _, _, plan, bc_report = self.cache[best.candidate]
+        model = self.model(best.candidate)
         ev = self.ev
         return SearchResult(
             trials=tuple(self.trials),
@@ -696,7 +708,7 @@ def _timed_choice(search: _Search, met: list[Trial]) -> Trial:
     timer = search.options.timer
     if timer is None or len(top) < 2 or search.reference is None:
         return top[0]
-    models = [search.cache[t.candidate][1] for t in top]
+    models = [search.model(t.candidate) for t in top]
     index, timed = fastest(models, search.reference, search.ev.latency_feed, timer)
     times = ", ".join(f"step {top[t.rank].step} {t.speedup:.2f}x" for t in timed)
     search.log(f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times}")

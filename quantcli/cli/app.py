@@ -607,6 +607,16 @@ def convert(
             rich_help_panel=SEARCH,
         ),
     ] = None,
+    search_ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Score the search's independent candidates as Ray tasks, with the same result ('local': start Ray "
+            "on this machine; else a cluster address, e.g. auto). Needs pip install 'quantcli[ray]'.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
     search_algorithms: Annotated[
         bool,
         typer.Option(
@@ -676,7 +686,7 @@ def convert(
         tuple(split_list(dynamic_nodes)),
     )
     memory = parse_bytes(search_max_memory)  # the search's batches (SearchFlags.max_memory)
-    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold, memory)
+    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold, memory, search_ray)
     request = convert_request(
         SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
         quant,

@@ -256,6 +256,7 @@ class SearchFlags:
     min_iou: float | None = None
     map_threshold: float = 0.5
     max_memory: int | None = None
+    ray: str | None = None
 
     def options(self) -> SearchOptions | None:
         """``SearchOptions`` for the budget, or None without one."""
@@ -283,6 +284,10 @@ class SearchFlags:
             raise QuantCliError(
                 "--max-memory bounds the accuracy search's batches: also give a budget ($search)", options=("search",)
             )
+        if self.ray is not None and not searching:
+            raise QuantCliError(
+                "--ray runs the accuracy search's candidates on Ray: also give a budget ($search)", options=("search",)
+            )
         if not searching:
             return None
         return SearchOptions(
@@ -292,6 +297,7 @@ class SearchFlags:
             metric=metric_spec,
             map_threshold=self.map_threshold,
             max_memory=self.max_memory,
+            ray=self.ray,
         )
 
 

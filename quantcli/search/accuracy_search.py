@@ -151,6 +151,10 @@ class SearchOptions:
     #: bytes a batch of activations may take while candidates are scored and ranked (``quantcli.search.memory``:
     #: the batches shrink to fit, down to 1; None: calibrate's default, 512 MiB)
     max_memory: int | None = None
+    #: score independent candidates (the methods of stage 1, the probes of stage 3) as Ray tasks at once:
+    #: "local" starts Ray on this machine, else a cluster address (``quantcli.distributed.score_on_ray``); the
+    #: trials are the same as in one process
+    ray: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,6 +354,28 @@ def search_quantization(
             accuracy budget).
         BudgetNotMetError: nothing tried met the budget (the message names the best attempt).
     """
+    if options.ray is None:
+        return _search_quantization(base, dataset, options, alternatives, reference, log)
+    if options.metric is not None and options.metric.function is not None:
+        raise QuantCliError(
+            "--ray scores candidates on Ray workers, which cannot call a custom --search-metric: "
+            "use top1 or agreement, or leave out --ray"
+        )
+    from quantcli.distributed import ray_cluster
+
+    with ray_cluster(options.ray):
+        return _search_quantization(base, dataset, options, alternatives, reference, log)
+
+
+def _search_quantization(
+    base: SearchBase,
+    dataset: Dataset,
+    options: SearchOptions,
+    alternatives: Sequence[SearchBase],
+    reference: onnx.ModelProto | None,
+    log: Callable[[str], None],
+) -> SearchResult:
+    """``search_quantization``, with Ray started when ``options.ray`` asks for it."""
     budget = options.budget
     if budget.is_empty():
         raise QuantCliError("the accuracy search needs a budget: $search", options=("search",))
@@ -489,6 +515,24 @@ class _Search:
     trials: list[Trial] = field(default_factory=list)
     cache: dict[Candidate, _Cached] = field(default_factory=dict)
     sensitivity: dict[Candidate, list[LayerError]] = field(default_factory=dict)
+    #: candidates scored ahead as Ray tasks (``prefetch``), recorded when ``run`` reaches them
+    ahead: dict[Candidate, tuple[_Built, Score]] = field(default_factory=dict)
+
+    def prefetch(self, cands: Sequence[Candidate]) -> None:
+        """With ``options.ray``: score the candidates not tried yet as Ray tasks at once. ``run`` records
+        each when the stage reaches it, in the stage's order, so the trials are one process's; those a
+        stage never reaches (a probe after one that met the budget) are dropped at the next prefetch."""
+        if self.options.ray is None:
+            return
+        self.ahead.clear()
+        todo = [c for c in dict.fromkeys(cands) if c not in self.cache]
+        if len(todo) < 2:
+            return
+        from quantcli.distributed import score_on_ray
+
+        built = [_build(self.bases[c.base], self.ranges[c.base], c) for c in todo]
+        scores = score_on_ray(self.ev, [b[0] for b in built])
+        self.ahead.update(zip(todo, zip(built, scores, strict=True), strict=True))
 
     def run(self, stage: str, action: str, cand: Candidate) -> Trial:
         """Build, score and time ``cand`` (once; a candidate seen before returns its trial)."""
@@ -496,9 +540,12 @@ class _Search:
             return self.cache[cand][0]
         if cand.base:
             action = f"{action} (+ {cand.base})"
-        model, plan, bc_report = _build(self.bases[cand.base], self.ranges[cand.base], cand)
+        ahead = self.ahead.pop(cand, None)
+        model, plan, bc_report = (
+            ahead[0] if ahead is not None else _build(self.bases[cand.base], self.ranges[cand.base], cand)
+        )
         session = make_session(model)
-        score = self.ev.score(session)
+        score = ahead[1] if ahead is not None else self.ev.score(session)
         lat = measure_latency(
             self.ev.session, session, self.ev.latency_feed, threads=1, warmup=3, runs=self.options.latency_runs
         )
@@ -579,11 +626,9 @@ class _Search:
 
 def _stage_methods(search: _Search) -> Trial:
     """1. The method for the whole model, on each base; the best is kept."""
-    firsts = [
-        search.run("method", f"all tensors: {m}", Candidate(m, base=name))
-        for name, r in search.ranges.items()
-        for m in r.available(search.options.methods)
-    ]
+    cands = [Candidate(m, base=name) for name, r in search.ranges.items() for m in r.available(search.options.methods)]
+    search.prefetch(cands)
+    firsts = [search.run("method", f"all tensors: {c.method}", c) for c in cands]
     return search.keep(max(firsts, key=lambda t: (search.key(t), -t.step)))
 
 
@@ -618,6 +663,7 @@ def _fallback_order(search: _Search, best: Trial) -> list[str]:
     # unmeasured nodes (e.g. MatMul with a float output) come after the measured ones
     nodes.sort(key=lambda n: (local.get(n, math.inf), order[n]))
     gains: dict[str, tuple[float, float]] = {}
+    search.prefetch([replace(best.candidate, float_nodes=(name,)) for name in nodes[: search.options.probe]])
     for name in nodes[: search.options.probe]:
         alone = search.run("probe", f"float: {name}", replace(best.candidate, float_nodes=(name,)))
         gains[name] = search.key(alone)

@@ -95,6 +95,15 @@ class Evaluator:
             self.classifier = True
             self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
 
+    def __getstate__(self) -> dict[str, object]:
+        """What a Ray task needs to score (``quantcli.distributed.score_on_ray``): no session, no open data."""
+        state = dict(self.__dict__)
+        state.update(session=None, dataset=None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+
     def _accuracy(self, scores: list[np.ndarray]) -> float | None:
         if self.labels is None:
             return None

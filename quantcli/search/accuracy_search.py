@@ -38,8 +38,11 @@ batch x positions x classes outputs, negative labels unscored); without labels, 
 an upper bound of the drop; or a user's task metric (``quantcli.compare.metrics``).
 
 The parts live in their own modules: the budget and how a score meets it (``budget.py``), the
-evaluator that scores candidates (``evaluator.py``), the cost model (``cost.py``), the confirmation
-timing (``confirm.py``); this module holds the candidates and the stages.
+evaluator that scores candidates (``evaluator.py``), the batches a memory budget allows it and the
+sensitivity ranking (``memory.py``: ``SearchOptions.max_memory``), the cost model (``cost.py``), the
+confirmation timing (``confirm.py``); this module holds the candidates and the stages. With
+``SearchOptions.ray`` the independent candidates of a stage are scored as Ray tasks at once
+(``quantcli.distributed.score_on_ray``) and recorded in the stage's order: the same trials.
 
 Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
 FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias

@@ -7,7 +7,7 @@ labels, a user's task metric (``quantcli.compare.metrics``), and each output's k
 budget has task-level bounds.
 
 Memory: with ``max_memory``, the batch is the largest (up to ``batch_size``) whose activations fit it
-(``quantcli.search.memory``: PP-OCRv4 det exposes ~561 MB a sample, so batch 1 under 512 MiB); the
+(``quantcli.search.memory``: PP-OCRv4 det exposes 531 MiB a sample, so batch 1 under 512 MiB); the
 session that computed the FP32 outputs is released (its arena grew to a batch), a fresh one kept for
 the batch-1 latency; a candidate's session is the caller's, released once scored. The output energies
 are summed sample by sample (``math.fsum``), so the SQNR does not depend on the batching.

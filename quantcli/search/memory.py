@@ -2,8 +2,8 @@
 
 The search runs every candidate over the evaluation data, and the sensitivity ranking runs the FP32
 model and a candidate side by side with every quantized tensor exposed. At batch 32 a large input
-does not fit: one 3x640x640 sample of PP-OCRv4 det exposes ~561 MB of activations, so batch 16 (its
-evaluation set) held ~9 GB and the search ran out of memory under a 10 GB address-space cap.
+does not fit: one 3x640x640 sample of PP-OCRv4 det exposes 531 MiB of activations, and the per-layer
+pass over its 16 evaluation samples ran out of memory under a 10 GB address-space cap (8.2 GB resident).
 
 ``activation_bytes`` measures what one sample exposes (every main-graph node output of the FP32 model,
 run on one sample, as the statistics collector measures its tensors), and ``plan_search_batches``

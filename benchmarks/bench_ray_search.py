@@ -1,8 +1,8 @@
 """Wall time of convert's accuracy search in one process against its candidates scored on a local Ray.
 
 Runs the same search (``--min-agreement`` budget by default, on magika) alternately in one process and
-with ``SearchOptions.ray = "local"`` on a Ray started with ``--workers`` CPUs (A, B, A, B...), checks
-that every run gives the same trials and the same model bytes, and prints each wall time, the ratios
+with ``SearchOptions.ray = "local"`` on a Ray started with ``--workers`` CPUs (A B C, then C B A), checks
+that every run makes the same trials (actions and scores), and prints each wall time, the ratios
 to one process, the host's CPU flags and its load. Only the independent candidates (stage 1's methods,
 stage 3's probes) run as Ray tasks; the rest of the search stays on the driver.
 
@@ -36,7 +36,9 @@ def _cpu_flags() -> str:
 
 
 def search_once(args: argparse.Namespace, workers: int, out: Path) -> tuple[float, str, int]:
-    """Wall seconds, sha256 of the model written and trials of one search (``workers`` 0: one process)."""
+    """Wall seconds, a digest of the trials (actions and scores) and the step chosen of one search
+    (``workers`` 0: one process). The model's bytes are not compared: convert chooses among the cheapest
+    few trials in the budget by timing them, which differs from run to run."""
     options = SearchOptions(Budget(min_agreement=args.min_agreement), ray="local" if workers else None)
     if workers:
         import ray
@@ -51,8 +53,11 @@ def search_once(args: argparse.Namespace, workers: int, out: Path) -> tuple[floa
     finally:
         if workers:
             ray.shutdown()
-    trials = len(result.search.trials) if result.search is not None else 0
-    return wall, hashlib.sha256(out.read_bytes()).hexdigest()[:12], trials
+    search = result.search
+    if search is None:
+        return wall, "no search", 0
+    trials = repr([(t.action, t.sqnr_db, t.accuracy_drop, t.kinds, t.meets_budget) for t in search.trials])
+    return wall, hashlib.sha256(trials.encode()).hexdigest()[:12], search.chosen.step
 
 
 def main() -> None:
@@ -67,21 +72,22 @@ def main() -> None:
     print(f"host: {os.cpu_count()} CPUs, {_cpu_flags()}; load {os.getloadavg()[0]:.2f}")
     print(f"{args.model.name}: --min-agreement {args.min_agreement}, eval {args.eval_data.name}")
     times: dict[int, list[float]] = {}
-    seen: set[tuple[str, int]] = set()
+    seen: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for workers in (0, *args.workers):
-                wall, digest, trials = search_once(args, workers, Path(tmp) / "q.onnx")
+            order = (0, *args.workers)
+            for workers in order if r % 2 == 0 else order[::-1]:  # A B C, C B A: a drifting load cancels out
+                wall, digest, chosen = search_once(args, workers, Path(tmp) / "q.onnx")
                 times.setdefault(workers, []).append(wall)
-                seen.add((digest, trials))
+                seen.add(digest)
                 name = f"ray {workers} CPU" if workers else "one process"
-                print(f"round {r + 1} {name}: {wall:.1f} s, {trials} trials, sha256 {digest}", flush=True)
+                print(f"round {r + 1} {name}: {wall:.1f} s, trials {digest}, chose step {chosen}", flush=True)
     base = sum(times[0]) / len(times[0])
     for workers, walls in times.items():
         mean = sum(walls) / len(walls)
         name = f"ray {workers} CPU" if workers else "one process"
         print(f"{name}: mean {mean:.1f} s, {base / mean:.2f}x one process")
-    print("same trials and bytes in every run" if len(seen) == 1 else f"RUNS DIFFER: {sorted(seen)}")
+    print("the same trials in every run" if len(seen) == 1 else f"TRIALS DIFFER: {sorted(seen)}")
     print(f"load after: {os.getloadavg()[0]:.2f}")
 
 

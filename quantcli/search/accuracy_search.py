@@ -395,8 +395,8 @@ def _search_quantization(
     )
     if ev.batches.sensitivity < SEARCH_BATCH:
         log(
-            f"{ev.batches.per_sample / 2**20:.0f} MiB of activations a sample: candidates scored at batch {ev.size}, "
-            f"ranked at batch {ev.batches.sensitivity} (--max-memory {budget_bytes / 2**20:.0f} MiB)"
+            f"{_size(ev.batches.per_sample)} of activations a sample: candidates scored at batch {ev.size}, "
+            f"ranked at batch {ev.batches.sensitivity} (--max-memory {_size(budget_bytes)})"
         )
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
@@ -762,6 +762,14 @@ def _timed_choice(search: _Search, met: list[Trial]) -> Trial:
     times = ", ".join(f"step {top[t.rank].step} {t.speedup:.2f}x" for t in timed)
     search.log(f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times}")
     return top[index]
+
+
+def _size(nbytes: int) -> str:
+    """``531 MiB``, ``12 KiB``, ``1 B``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.0f} {unit}"
+    return f"{nbytes} B"
 
 
 def _local(err: LayerError) -> float:

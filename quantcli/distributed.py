@@ -8,6 +8,10 @@
   (``quantcli.compare.accuracy``) the same way: each task measures a contiguous block of batches and
   returns mergeable state (per-batch energies, per-sample values, counts), merged in shard order on
   the driver into exactly the one-process result. Latency stays measured on the driver (one host).
+* ``score_on_ray(evaluator, models)`` (``convert --ray`` with a search budget) scores the accuracy
+  search's independent candidates as one Ray task each: the evaluator (evaluation feeds and FP32
+  outputs) goes through Ray's object store once, each task builds the candidate's session and returns
+  its score, the same as the driver computes (``quantcli.search.accuracy_search``).
 * ``ray_cluster(address)`` and ``run_on_ray(function, argument_tuples)`` are the one path both use to
   start or join Ray and run tasks with quantcli's errors kept; they are public for other callers
   (e.g. evaluating search candidates as tasks).
@@ -37,8 +41,10 @@ if TYPE_CHECKING:
     from quantcli.compare.output_kinds import KindPlan
     from quantcli.data.datasets import Dataset
     from quantcli.graph.session import Session
+    from quantcli.search.budget import Score
+    from quantcli.search.evaluator import Evaluator
 
-__all__ = ["calibrate_on_ray", "compare_accuracy_on_ray", "ray_cluster", "run_on_ray"]
+__all__ = ["calibrate_on_ray", "compare_accuracy_on_ray", "ray_cluster", "run_on_ray", "score_on_ray"]
 
 T = TypeVar("T")
 
@@ -157,3 +163,24 @@ def compare_accuracy_on_ray(
     for part in parts[1:]:
         merged.merge(part)
     return finish_accuracy(merged, models, dataset, request)
+
+
+def _score_task(evaluator: Evaluator, model: onnx.ModelProto) -> Score:
+    """What one search task runs: one candidate's score (on the worker, one onnxruntime thread a task)."""
+    from quantcli.graph.session import make_session
+
+    return evaluator.score(make_session(model, threads=1))
+
+
+def score_on_ray(evaluator: Evaluator, models: Sequence[onnx.ModelProto]) -> list[Score]:
+    """Each of ``models`` scored by ``evaluator`` as one Ray task, in order (call inside ``ray_cluster``).
+
+    The evaluator is put in Ray's object store once (its feeds and FP32 outputs, without sessions);
+    the scores are those ``evaluator.score`` gives in this process.
+
+    Raises:
+        QuantCliError: Ray is not installed, or a task failed.
+    """
+    ray = _import_ray()
+    shared = ray.put(evaluator)
+    return run_on_ray(_score_task, [(shared, model) for model in models])

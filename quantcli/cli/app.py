@@ -598,6 +598,25 @@ def convert(
             rich_help_panel=SEARCH,
         ),
     ] = None,
+    search_max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Budget for one batch of activations while the search scores and ranks candidates, e.g. 512M or "
+            "2G (default: 512M); the batch shrinks to fit, down to 1.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
+    search_ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="ADDRESS",
+            help="Score the search's independent candidates as Ray tasks, with the same result ('local': start Ray "
+            "on this machine; else a cluster address, e.g. auto). Needs pip install 'quantcli[ray]'.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = None,
     search_algorithms: Annotated[
         bool,
         typer.Option(
@@ -666,7 +685,8 @@ def convert(
         weight_clipping,
         tuple(split_list(dynamic_nodes)),
     )
-    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold)
+    memory = parse_bytes(search_max_memory)  # the search's batches (SearchFlags.max_memory)
+    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold, memory, search_ray)
     request = convert_request(
         SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
         quant,

@@ -255,6 +255,8 @@ class SearchFlags:
     min_cosine: float | None = None
     min_iou: float | None = None
     map_threshold: float = 0.5
+    max_memory: int | None = None
+    ray: str | None = None
 
     def options(self) -> SearchOptions | None:
         """``SearchOptions`` for the budget, or None without one."""
@@ -278,6 +280,14 @@ class SearchFlags:
             raise QuantCliError(
                 "--search-algorithms is a search stage: also give a budget ($search)", options=("search",)
             )
+        if self.max_memory is not None and not searching:
+            raise QuantCliError(
+                "--max-memory bounds the accuracy search's batches: also give a budget ($search)", options=("search",)
+            )
+        if self.ray is not None and not searching:
+            raise QuantCliError(
+                "--ray runs the accuracy search's candidates on Ray: also give a budget ($search)", options=("search",)
+            )
         if not searching:
             return None
         return SearchOptions(
@@ -286,6 +296,8 @@ class SearchFlags:
             try_algorithms=self.algorithms,
             metric=metric_spec,
             map_threshold=self.map_threshold,
+            max_memory=self.max_memory,
+            ray=self.ray,
         )
 
 

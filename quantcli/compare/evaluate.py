@@ -39,6 +39,7 @@ __all__ = [
     "compare_outputs",
     "measure_latency",
     "ordered_sum",
+    "sample_energies",
 ]
 
 
@@ -91,6 +92,16 @@ def ordered_sum(parts: list[float]) -> float:
     for part in parts:
         total += part
     return total
+
+
+def sample_energies(ref: np.ndarray, other: np.ndarray | None = None) -> list[float]:
+    """Each sample's energy (samples on axis 0) of ``ref``, or of ``ref - other``, in float64: the same
+    values whatever batch the samples came in, so ``math.fsum`` of them does not depend on the batching."""
+    r64 = ref.astype(np.float64)
+    diff = r64 if other is None else r64 - other
+    if diff.ndim == 0:
+        return [float(diff * diff)]
+    return [float(np.sum(d * d)) for d in diff]
 
 
 @dataclass(slots=True)

@@ -27,14 +27,15 @@ scale and zero point instead, added to the copy of the model that is run.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
-from quantcli.compare.evaluate import ordered_sum
+from quantcli.compare.evaluate import ordered_sum, sample_energies
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
@@ -44,7 +45,14 @@ from quantcli.graph.session import augmented, make_session
 from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import CollectOptions, ErrorRequest, ErrorStats, collect
 
-__all__ = ["LayerError", "LayerStatistics", "layer_errors", "layer_statistics", "per_layer_errors"]
+__all__ = [
+    "LayerError",
+    "LayerStatistics",
+    "layer_errors",
+    "layer_statistics",
+    "per_layer_errors",
+    "streamed_local_errors",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,16 +233,23 @@ def per_layer_errors(
     local: bool = True,
     max_memory: int | None = None,
     progress: Progress = no_progress,
+    local_samples: int | None = None,
 ) -> list[LayerError]:
     """Errors of every quantized tensor found in both models, worst accumulated SQNR first.
 
     Both models stream the data through the statistics collector (one ``ErrorRequest`` per
     tensor), in memory groups under ``max_memory`` (None: a quarter of the memory available).
+    The errors in isolation are measured on the first batch, or with ``local_samples`` on the first
+    that many samples streamed at ``batch_size`` (``streamed_local_errors``: the same whatever the batch).
     """
     stats = layer_statistics(
         reference, quantized, dataset, batch_size=batch_size, max_memory=max_memory, progress=progress
     )
-    return layer_errors(reference, quantized, stats, local=local)
+    streamed = None
+    if local and local_samples is not None:
+        part = dataset.subset(min(dataset.num_samples, local_samples))
+        streamed = streamed_local_errors(reference, quantized, stats, part, batch_size)
+    return layer_errors(reference, quantized, stats, local=local, local_sqnr=streamed)
 
 
 def layer_statistics(
@@ -266,18 +281,25 @@ def layer_statistics(
 
 
 def layer_errors(
-    reference: onnx.ModelProto, quantized: onnx.ModelProto, statistics: LayerStatistics, *, local: bool = True
+    reference: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    statistics: LayerStatistics,
+    *,
+    local: bool = True,
+    local_sqnr: dict[str, float] | None = None,
 ) -> list[LayerError]:
-    """The per-layer errors from the statistics of all the data (``local``: with errors in isolation)."""
+    """The per-layer errors from the statistics of all the data (``local``: with errors in isolation,
+    measured on the first batch kept unless given: ``local_sqnr``, e.g. ``streamed_local_errors``)."""
     names, pairs, main, stats = statistics.names, statistics.pairs, statistics.main, statistics.stats
     # the copy the statistics ran: its added DequantizeLinear names are deterministic, as ``pairs`` holds them
     quantized = _read_on_own_grid(quantized, _qdq_pairs(quantized))
     ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
     q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
     first_ref = {t: s.first for t, s in stats.items() if s.first is not None}
-    local_sqnr = (
-        _local_errors(quantized, pairs, names, {t: v for t, v in first_ref.items() if t in main}) if local else {}
-    )
+    if not local:
+        local_sqnr = {}
+    elif local_sqnr is None:
+        local_sqnr = _local_errors(quantized, pairs, names, {t: v for t, v in first_ref.items() if t in main})
     results = [
         _with_hint(_layer_error(t, stats[t], pairs[t], q_producers.get(t) or ref_producers.get(t), local_sqnr))
         for t in names
@@ -319,20 +341,18 @@ def _layer_error(
     )
 
 
-def _local_errors(
-    quantized: onnx.ModelProto,
-    pairs: dict[str, _Pair],
-    names: list[str],
-    ref_values: dict[str, np.ndarray],
-) -> dict[str, float]:
-    """SQNR of each tensor when only its producing layer is quantized (FP32 inputs fed in)."""
+def _cuts(
+    quantized: onnx.ModelProto, pairs: dict[str, _Pair], names: list[str], known: Collection[str]
+) -> dict[str, tuple[onnx.ModelProto, list[str]]]:
+    """Each tensor's producing layer cut out alone (its quantized sub-graph from its FP32 inputs to its
+    DequantizeLinear output), with those inputs; a layer whose inputs are not all ``known`` is left out."""
     producers = {o: n for n in quantized.graph.node for o in n.output}
     inits = {t.name for t in quantized.graph.initializer}
-    out: dict[str, float] = {}
+    cuts: dict[str, tuple[onnx.ModelProto, list[str]]] = {}
     extract = submodel_extractor(infer_shapes(quantized)[0])
     for t in names:
         node = producers.get(t)
-        if node is None or t not in ref_values:
+        if node is None or t not in known:
             continue
         # the layer's float inputs: walk back through its DequantizeLinear/QuantizeLinear to the FP32 tensors
         sources: list[str] = []
@@ -343,22 +363,77 @@ def _local_errors(
             if feeder is not None and feeder.op_type == "DequantizeLinear" and feeder.input[0] in inits:
                 continue  # a quantized weight or bias
             src = _float_source(name, producers, inits)
-            if src is None or src not in ref_values:
+            if src is None or src not in known:
                 sources = []
                 break
             sources.append(src)
         if not sources:
             continue
         try:
-            sub = extract(sorted(set(sources)), [pairs[t].dq])
-            sess = make_session(sub)
-            feed = {s: ref_values[s] for s in sorted(set(sources))}
-            got = sess.run([pairs[t].dq], feed)[0].astype(np.float64)
+            cuts[t] = (extract(sorted(set(sources)), [pairs[t].dq]), sorted(set(sources)))
         except Exception:  # a layer that cannot be cut out alone (e.g. it needs shape inputs) is skipped
+            continue
+    return cuts
+
+
+def _local_errors(
+    quantized: onnx.ModelProto,
+    pairs: dict[str, _Pair],
+    names: list[str],
+    ref_values: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """SQNR of each tensor when only its producing layer is quantized (FP32 inputs fed in)."""
+    out: dict[str, float] = {}
+    for t, (sub, sources) in _cuts(quantized, pairs, names, ref_values).items():
+        try:
+            sess = make_session(sub)
+            got = sess.run([pairs[t].dq], {s: ref_values[s] for s in sources})[0].astype(np.float64)
+        except Exception:  # a layer that cannot run alone is skipped
             continue
         ref = ref_values[t].astype(np.float64)
         out[t] = _sqnr(float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2)))
     return out
+
+
+def streamed_local_errors(
+    reference: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    statistics: LayerStatistics,
+    dataset: Dataset,
+    batch_size: int,
+) -> dict[str, float]:
+    """The errors in isolation (main-graph tensors) over all of ``dataset``, streamed ``batch_size``
+    samples at a time: the FP32 inputs of every layer are computed a batch at a time and dropped, and
+    the energies are summed sample by sample (``math.fsum``), so the values do not depend on the batch
+    (``per_layer_errors`` measures them on the first batch the pass kept instead)."""
+    quantized = _read_on_own_grid(quantized, _qdq_pairs(quantized))  # the copy the statistics ran
+    main_names = [t for t in statistics.names if t in statistics.main]
+    cuts = _cuts(quantized, statistics.pairs, main_names, set(main_names))
+    sessions: dict[str, ort.InferenceSession] = {}
+    for t, (sub, _) in cuts.items():
+        try:
+            sessions[t] = make_session(sub)
+        except Exception:  # a layer that cannot run alone is skipped
+            continue
+    needed = sorted({s for t in sessions for s in cuts[t][1]} | set(sessions))
+    if not needed:
+        return {}
+    ref_model, outs = _exposed(reference, needed)
+    ref_session = make_session(ref_model)
+    signal: dict[str, list[float]] = {t: [] for t in sessions}
+    noise: dict[str, list[float]] = {t: [] for t in sessions}
+    for feed in dataset.batches(batch_size):
+        values = dict(zip(needed, ref_session.run([outs[n] for n in needed], feed), strict=True))
+        for t, sess in list(sessions.items()):
+            try:
+                got = sess.run([statistics.pairs[t].dq], {s: values[s] for s in cuts[t][1]})[0]
+            except Exception:  # as when the layer runs on the first batch only: skipped
+                del sessions[t]
+                continue
+            signal[t].extend(sample_energies(values[t]))
+            noise[t].extend(sample_energies(values[t], got.astype(np.float64)))
+        del values
+    return {t: _sqnr(math.fsum(signal[t]), math.fsum(noise[t])) for t in sessions}
 
 
 def _float_source(name: str, producers: dict[str, onnx.NodeProto], inits: set[str]) -> str | None:

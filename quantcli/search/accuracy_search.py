@@ -38,8 +38,11 @@ batch x positions x classes outputs, negative labels unscored); without labels, 
 an upper bound of the drop; or a user's task metric (``quantcli.compare.metrics``).
 
 The parts live in their own modules: the budget and how a score meets it (``budget.py``), the
-evaluator that scores candidates (``evaluator.py``), the cost model (``cost.py``), the confirmation
-timing (``confirm.py``); this module holds the candidates and the stages.
+evaluator that scores candidates (``evaluator.py``), the batches a memory budget allows it and the
+sensitivity ranking (``memory.py``: ``SearchOptions.max_memory``), the cost model (``cost.py``), the
+confirmation timing (``confirm.py``); this module holds the candidates and the stages. With
+``SearchOptions.ray`` the independent candidates of a stage are scored as Ray tasks at once
+(``quantcli.distributed.score_on_ray``) and recorded in the stage's order: the same trials.
 
 Algorithms the user asks for apply to every candidate: CLE and SmoothQuant have already changed the
 FP32 graph the search starts from (``SearchBase.prepared``, calibrated after them), and bias
@@ -82,6 +85,7 @@ from quantcli.search.cost import (
     cost_table,
 )
 from quantcli.search.evaluator import Evaluator
+from quantcli.search.memory import SEARCH_BATCH, search_memory_budget
 from quantcli.search.recipe import Recipe
 from quantcli.static.bias_correction import BiasCorrectionReport, correct_biases
 from quantcli.static.lowering import apply_plan
@@ -120,10 +124,6 @@ HISTOGRAM_METHODS = (
     CalibrationMethod.ENTROPY,
     CalibrationMethod.MSE,
 )
-#: bytes of exposed activations the sensitivity analysis holds at once (``compare.layers.per_layer_errors``
-#: groups tensors under it); its default, a quarter of the memory available, ran out under a process cap on
-#: PP-OCRv4 rec (264 tensors at batch 32)
-SENSITIVITY_MEMORY = 512 * 2**20
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
 
@@ -151,6 +151,13 @@ class SearchOptions:
     confirm: int = 3
     #: how they are timed (None: not timed, the cost alone decides; convert passes a batch-1 timer)
     timer: Timer | None = None
+    #: bytes a batch of activations may take while candidates are scored and ranked (``quantcli.search.memory``:
+    #: the batches shrink to fit, down to 1; None: calibrate's default, 512 MiB)
+    max_memory: int | None = None
+    #: score independent candidates (the methods of stage 1, the probes of stage 3) as Ray tasks at once:
+    #: "local" starts Ray on this machine, else a cluster address (``quantcli.distributed.score_on_ray``); the
+    #: trials are the same as in one process
+    ray: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,13 +360,47 @@ def search_quantization(
             accuracy budget).
         BudgetNotMetError: nothing tried met the budget (the message names the best attempt).
     """
+    if options.ray is None:
+        return _search_quantization(base, dataset, options, alternatives, reference, log)
+    if options.metric is not None and options.metric.function is not None:
+        raise QuantCliError(
+            "--ray scores candidates on Ray workers, which cannot call a custom --search-metric: "
+            "use top1 or agreement, or leave out --ray"
+        )
+    from quantcli.distributed import ray_cluster
+
+    with ray_cluster(options.ray):
+        return _search_quantization(base, dataset, options, alternatives, reference, log)
+
+
+def _search_quantization(
+    base: SearchBase,
+    dataset: Dataset,
+    options: SearchOptions,
+    alternatives: Sequence[SearchBase],
+    reference: onnx.ModelProto | None,
+    log: Callable[[str], None],
+) -> SearchResult:
+    """``search_quantization``, with Ray started when ``options.ray`` asks for it."""
     budget = options.budget
     if budget.is_empty():
         raise QuantCliError("the accuracy search needs a budget: $search", options=("search",))
     if options.max_samples is not None and dataset.num_samples > options.max_samples:
         dataset = dataset.subset(options.max_samples)
     kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
-    ev = Evaluator(reference if reference is not None else base.prepared, dataset, metric=options.metric, kinds=kinds)
+    budget_bytes = search_memory_budget(options.max_memory)
+    ev = Evaluator(
+        reference if reference is not None else base.prepared,
+        dataset,
+        metric=options.metric,
+        kinds=kinds,
+        max_memory=budget_bytes,
+    )
+    if ev.batches.sensitivity < SEARCH_BATCH:
+        log(
+            f"{_size(ev.batches.per_sample)} of activations a sample: candidates scored at batch {ev.size}, "
+            f"ranked at batch {ev.batches.sensitivity} (--max-memory {_size(budget_bytes)})"
+        )
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
@@ -456,7 +497,8 @@ def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> N
             )
 
 
-_Cached = tuple[Trial, onnx.ModelProto, QuantPlan, BiasCorrectionReport | None]
+#: a trial, its model (None once dropped: a model that missed the budget is rebuilt if needed), plan, report
+_Cached = tuple[Trial, onnx.ModelProto | None, QuantPlan, BiasCorrectionReport | None]
 
 
 @dataclass(slots=True)
@@ -479,6 +521,24 @@ class _Search:
     trials: list[Trial] = field(default_factory=list)
     cache: dict[Candidate, _Cached] = field(default_factory=dict)
     sensitivity: dict[Candidate, list[LayerError]] = field(default_factory=dict)
+    #: candidates scored ahead as Ray tasks (``prefetch``), recorded when ``run`` reaches them
+    ahead: dict[Candidate, tuple[_Built, Score]] = field(default_factory=dict)
+
+    def prefetch(self, cands: Sequence[Candidate]) -> None:
+        """With ``options.ray``: score the candidates not tried yet as Ray tasks at once. ``run`` records
+        each when the stage reaches it, in the stage's order, so the trials are one process's; those a
+        stage never reaches (a probe after one that met the budget) are dropped at the next prefetch."""
+        if self.options.ray is None:
+            return
+        self.ahead.clear()
+        todo = [c for c in dict.fromkeys(cands) if c not in self.cache]
+        if len(todo) < 2:
+            return
+        from quantcli.distributed import score_on_ray
+
+        built = [_build(self.bases[c.base], self.ranges[c.base], c) for c in todo]
+        scores = score_on_ray(self.ev, [b[0] for b in built])
+        self.ahead.update(zip(todo, zip(built, scores, strict=True), strict=True))
 
     def run(self, stage: str, action: str, cand: Candidate) -> Trial:
         """Build, score and time ``cand`` (once; a candidate seen before returns its trial)."""
@@ -486,9 +546,12 @@ class _Search:
             return self.cache[cand][0]
         if cand.base:
             action = f"{action} (+ {cand.base})"
-        model, plan, bc_report = _build(self.bases[cand.base], self.ranges[cand.base], cand)
+        ahead = self.ahead.pop(cand, None)
+        model, plan, bc_report = (
+            ahead[0] if ahead is not None else _build(self.bases[cand.base], self.ranges[cand.base], cand)
+        )
         session = make_session(model)
-        score = self.ev.score(session)
+        score = ahead[1] if ahead is not None else self.ev.score(session)
         lat = measure_latency(
             self.ev.session, session, self.ev.latency_feed, threads=1, warmup=3, runs=self.options.latency_runs
         )
@@ -505,9 +568,19 @@ class _Search:
             kinds=score.kinds,
         )
         self.trials.append(trial)
-        self.cache[cand] = (trial, model, plan, bc_report)
+        # only a model that may be chosen stays in memory (a large model's copies add up over ~50 trials)
+        self.cache[cand] = (trial, model if trial.meets_budget else None, plan, bc_report)
         self.log(_describe(trial))
         return trial
+
+    def model(self, cand: Candidate) -> onnx.ModelProto:
+        """The quantized model of a candidate tried (rebuilt when it was dropped: ``_build`` is deterministic)."""
+        trial, model, plan, bc_report = self.cache[cand]
+        if model is None:
+            model = _build(self.bases[cand.base], self.ranges[cand.base], cand)[0]
+            if trial.kept:  # the search goes on from it: its per-layer errors and probes need it again
+                self.cache[cand] = (trial, model, plan, bc_report)
+        return model
 
     def keep(self, trial: Trial) -> Trial:
         """Mark ``trial``'s change as kept."""
@@ -521,16 +594,27 @@ class _Search:
         return key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
-        """Per-layer error of a built candidate on a few samples (once per candidate)."""
+        """Per-layer error of a built candidate on a few samples (once per candidate), at the batch the
+        memory budget allows (``quantcli.search.memory``); the errors in isolation, which order the tensors
+        and nodes tried, on the first 32 samples streamed at that batch, so the order does not depend on it."""
         if cand not in self.sensitivity:
             probe = self.dataset.subset(min(self.dataset.num_samples, 64))
             base = self.bases[cand.base].prepared
-            self.sensitivity[cand] = per_layer_errors(base, self.cache[cand][1], probe, max_memory=SENSITIVITY_MEMORY)
+            batches = self.ev.batches
+            self.sensitivity[cand] = per_layer_errors(
+                base,
+                self.model(cand),
+                probe,
+                batch_size=batches.sensitivity,
+                max_memory=batches.sensitivity_memory,
+                local_samples=SEARCH_BATCH,  # as the first batch of 32 did, at any batch
+            )
         return self.sensitivity[cand]
 
     def result(self, best: Trial) -> SearchResult:
         """The search's result with ``best`` chosen."""
-        _, model, plan, bc_report = self.cache[best.candidate]
+        _, _, plan, bc_report = self.cache[best.candidate]
+        model = self.model(best.candidate)
         ev = self.ev
         return SearchResult(
             trials=tuple(self.trials),
@@ -548,11 +632,9 @@ class _Search:
 
 def _stage_methods(search: _Search) -> Trial:
     """1. The method for the whole model, on each base; the best is kept."""
-    firsts = [
-        search.run("method", f"all tensors: {m}", Candidate(m, base=name))
-        for name, r in search.ranges.items()
-        for m in r.available(search.options.methods)
-    ]
+    cands = [Candidate(m, base=name) for name, r in search.ranges.items() for m in r.available(search.options.methods)]
+    search.prefetch(cands)
+    firsts = [search.run("method", f"all tensors: {c.method}", c) for c in cands]
     return search.keep(max(firsts, key=lambda t: (search.key(t), -t.step)))
 
 
@@ -587,6 +669,7 @@ def _fallback_order(search: _Search, best: Trial) -> list[str]:
     # unmeasured nodes (e.g. MatMul with a float output) come after the measured ones
     nodes.sort(key=lambda n: (local.get(n, math.inf), order[n]))
     gains: dict[str, tuple[float, float]] = {}
+    search.prefetch([replace(best.candidate, float_nodes=(name,)) for name in nodes[: search.options.probe]])
     for name in nodes[: search.options.probe]:
         alone = search.run("probe", f"float: {name}", replace(best.candidate, float_nodes=(name,)))
         gains[name] = search.key(alone)
@@ -677,11 +760,19 @@ def _timed_choice(search: _Search, met: list[Trial]) -> Trial:
     timer = search.options.timer
     if timer is None or len(top) < 2 or search.reference is None:
         return top[0]
-    models = [search.cache[t.candidate][1] for t in top]
+    models = [search.model(t.candidate) for t in top]
     index, timed = fastest(models, search.reference, search.ev.latency_feed, timer)
     times = ", ".join(f"step {top[t.rank].step} {t.speedup:.2f}x" for t in timed)
     search.log(f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times}")
     return top[index]
+
+
+def _size(nbytes: int) -> str:
+    """``531 MiB``, ``12 KiB``, ``1 B``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.0f} {unit}"
+    return f"{nbytes} B"
 
 
 def _local(err: LayerError) -> float:

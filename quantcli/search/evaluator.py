@@ -4,8 +4,17 @@
 (``quantcli.search.budget``): the lowest output SQNR, top-1 (per scored position for batch x
 positions x classes outputs, negative labels unscored) or its drop against FP32's own top-1 without
 labels, a user's task metric (``quantcli.compare.metrics``), and each output's kind metric when the
-budget has task-level bounds. A MatMul run with run-time activation quantization takes its range from
-the whole batch, so its score depends on the batching (32 samples here).
+budget has task-level bounds.
+
+Memory: with ``max_memory``, the batch is the largest (up to ``batch_size``) whose activations fit it
+(``quantcli.search.memory``: PP-OCRv4 det exposes 531 MiB a sample, so batch 1 under 512 MiB); the
+session that computed the FP32 outputs is released (its arena grew to a batch), a fresh one kept for
+the batch-1 latency; a candidate's session is the caller's, released once scored. The output energies
+are summed sample by sample (``math.fsum``), so the SQNR does not depend on the batching.
+
+A MatMul run with run-time activation quantization (``DynamicQuantizeMatMul``) takes its range from the
+whole batch, so its score depends on the batching, hence on ``max_memory`` (the batch is a function of
+the model, the first sample and the budget: the same inputs give the same scores).
 """
 
 from __future__ import annotations
@@ -17,11 +26,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from quantcli.compare.evaluate import sample_energies
 from quantcli.compare.metrics import MetricSpec, evaluate_custom
 from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
 from quantcli.data.datasets import Dataset
 from quantcli.graph.session import make_session
 from quantcli.search.budget import AGREEMENT, Score
+from quantcli.search.memory import SEARCH_BATCH, SearchBatches, activation_bytes, plan_search_batches
 
 __all__ = ["Evaluator"]
 
@@ -33,23 +44,38 @@ class Evaluator:
         self,
         reference: onnx.ModelProto,
         dataset: Dataset,
-        batch_size: int = 32,
+        batch_size: int = SEARCH_BATCH,
         metric: MetricSpec | None = None,
         *,
         kinds: tuple[Mapping[str, OutputKind], float] | None = None,
+        max_memory: int | None = None,
     ) -> None:
-        """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds)."""
+        """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds).
+        ``max_memory``: bytes a batch's activations may take (None: ``batch_size`` samples, unmeasured)."""
         self.dataset = dataset
         self.kind_options = kinds
         self.metric = metric if metric is not None and metric.function is not None else None
         #: "agreement": labels ignored, the drop is the share of samples whose top-1 changed (an upper
         #: bound of the accuracy drop, and less noisy: a few hundred samples cannot resolve one point)
         agreement = metric is not None and metric.name == AGREEMENT
-        self.session = make_session(reference)
-        self.names = [o.name for o in self.session.get_outputs()]
-        self.size = dataset.effective_batch_size(batch_size)
+        self.latency_feed = next(dataset.batches(1))
+        per_sample = activation_bytes(reference, self.latency_feed) if max_memory is not None else 0
+        #: the scoring and sensitivity batches (both ``batch_size`` without a budget)
+        self.batches = (
+            plan_search_batches(per_sample, max_memory, batch_size)
+            if max_memory is not None
+            else SearchBatches(batch_size, batch_size, 0, 0)
+        )
+        self.size = dataset.effective_batch_size(self.batches.score)
+        session = make_session(reference)
+        self.names = [o.name for o in session.get_outputs()]
         self.feeds = list(dataset.batches(self.size))
-        self.reference = [self.session.run(self.names, feed) for feed in self.feeds]
+        self.reference = [session.run(self.names, feed) for feed in self.feeds]
+        #: each output's FP32 energy, summed sample by sample
+        self.signal = {n: _energy([r[i] for r in self.reference]) for i, n in enumerate(self.names)}
+        # the batch's arena is released; batch-1 latency runs on a fresh session
+        self.session = session if self.size == 1 else make_session(reference)
+        del session
         self.counts = [dataset.batch_length(feed) for feed in self.feeds]
         #: each output's detected (or given) kind, FP32 against itself
         self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
@@ -68,7 +94,15 @@ class Evaluator:
         if self.metric is not None:  # the user's metric decides, whatever the outputs look like
             self.classifier = True
             self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
-        self.latency_feed = next(dataset.batches(1))
+
+    def __getstate__(self) -> dict[str, object]:
+        """What a Ray task needs to score (``quantcli.distributed.score_on_ray``): no session, no open data."""
+        state = dict(self.__dict__)
+        state.update(session=None, dataset=None)
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
 
     def _accuracy(self, scores: list[np.ndarray]) -> float | None:
         if self.labels is None:
@@ -91,8 +125,8 @@ class Evaluator:
         return tuple(observer.results())
 
     def score(self, session: ort.InferenceSession) -> Score:
-        signal: dict[str, float] = dict.fromkeys(self.names, 0.0)
-        noise: dict[str, float] = dict.fromkeys(self.names, 0.0)
+        """``session``'s score against the FP32 outputs (the session is only run, never kept)."""
+        noise: dict[str, list[float]] = {n: [] for n in self.names}
         firsts: list[np.ndarray] = []
         everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
         for feed, ref in zip(self.feeds, self.reference, strict=True):
@@ -100,16 +134,15 @@ class Evaluator:
             if self.metric is not None or self.kind_options is not None:
                 everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
-                if r.dtype.kind != "f":
-                    continue
-                r64 = r.astype(np.float64)
-                signal[name] += float(np.sum(r64 * r64))
-                noise[name] += float(np.sum((r64 - q) ** 2))
+                if r.dtype.kind == "f":
+                    noise[name].extend(sample_energies(r, q))
             firsts.append(out[0])
+        noises = {n: math.fsum(noise[n]) for n in self.names}
+        signal = self.signal
         sqnrs = [
-            (10 * math.log10(signal[n] / noise[n]) if noise[n] > 0 else math.inf)
+            (10 * math.log10(signal[n] / noises[n]) if noises[n] > 0 else math.inf)
             for n in self.names
-            if signal[n] > 0 or noise[n] > 0
+            if signal[n] > 0 or noises[n] > 0
         ]
         sqnr = min(sqnrs) if sqnrs else math.inf
         accuracy = drop = None
@@ -126,3 +159,8 @@ class Evaluator:
                 drop = 100.0 * float(np.mean(ref_top != q_top))
         kinds = self._kinds(everything) if self.kind_options is not None else ()
         return Score(accuracy, drop, sqnr, kinds)
+
+
+def _energy(batches: Sequence[np.ndarray]) -> float:
+    """The energy of one output over ``batches``, summed sample by sample (``math.fsum``: exact, order-free)."""
+    return math.fsum(e for b in batches if b.dtype.kind == "f" for e in sample_energies(b))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from quantcli.cli.app import app
-from quantcli.compare import accuracy
+from quantcli.compare import accuracy, layers
 from quantcli.compare.layers import (
     DEFAULT_MEMORY_BUDGET,
     layer_errors,
@@ -43,6 +43,8 @@ def test_passes_grow_as_the_budget_shrinks(cnn) -> None:
     models = layer_models(model, quantized)
     passes = [layer_statistics(models, data, batch_size=8, max_memory=b).passes for b in (1 << 30, 64 << 10, 1)]
     assert passes[0] == 1 and passes[0] < passes[1] < passes[2] == len(models.names), passes
+    # pinned: optimized with every tensor exposed, then returning only its own outputs (a group adds its own)
+    assert not models.optimize and [o.name for o in models.reference.graph.output] == ["y"]
 
 
 def test_first_batch_groups_grow_as_the_budget_shrinks() -> None:
@@ -63,6 +65,15 @@ def test_numbers_equal_at_every_budget(cnn, budget) -> None:
     assert len(whole) >= 4 and any(e.local_sqnr_db is not None for e in whole)
     assert any(e.hist_counts and e.p999_abs > 0 for e in whole)
     assert per_layer_errors(model, quantized, data, batch_size=8, max_memory=budget) == whole
+
+
+def test_numbers_equal_when_the_models_cannot_be_pinned(cnn, monkeypatch) -> None:
+    """Above 2 GB (no pinned copy) every group runs the models exposing every tensor: the same numbers."""
+    model, quantized, data = cnn
+    whole = per_layer_errors(model, quantized, data, batch_size=8, max_memory=1 << 30)
+    monkeypatch.setattr(layers, "pinned", lambda model, keep: None)
+    assert layer_models(model, quantized).optimize
+    assert per_layer_errors(model, quantized, data, batch_size=8, max_memory=1) == whole
 
 
 def test_shards_merged_equal_one_pass(cnn) -> None:

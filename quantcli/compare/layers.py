@@ -7,10 +7,15 @@ as well: the layer's quantized sub-graph (its weights and input Q/DQ, and its ou
 and fed the FP32 inputs, so a layer that loses precision itself is told from one that inherits
 error from upstream.
 
-Both models are run in batches over the data with the tensors exposed as outputs, through the
-statistics collector (``quantcli.stats.collector.ErrorRequest``, in memory groups under
-``max_memory``); only sums are kept (O(1) per tensor), plus the first batch's values for the range
-hints.
+Two passes, each in memory groups under ``max_memory`` (``compare --max-memory``, default
+``DEFAULT_MEMORY_BUDGET``; Ray shards share it). Pass 1 (``layer_statistics``) streams the data through
+both models with a group's tensors returned, through the statistics collector
+(``quantcli.stats.collector``); per tensor it keeps two floats a batch (signal and noise energies, added
+in batch order when read, so shards merge to the bit) and the min/max, no values. Pass 2
+(``layer_errors``) runs the reference again on the first batch only, a group of tensors at a time, for
+the range hints (99.9th percentile, histogram) and the errors in isolation. Both models are optimized
+once with every compared tensor exposed and then run with only a group's tensors returned
+(``LayerModels``), so every group computes the same values: the numbers do not depend on the budget.
 
 Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
 main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
@@ -41,7 +46,7 @@ from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.scopes import elem_types, has_subgraphs, walk_graphs
-from quantcli.graph.session import augmented, make_session
+from quantcli.graph.session import augmented, make_session, pinned
 from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import CollectOptions, ErrorRequest, collect
 
@@ -196,6 +201,12 @@ class LayerModels:
         pairs: FP32 tensor -> its Q/DQ pair in ``quantized``.
         names: the compared tensors, in the quantized model's order.
         main: the reference's main-graph tensors (graph inputs included).
+        optimize: let onnxruntime optimize ``reference`` and ``quantized_exposed`` (False: they are pinned).
+
+    ``reference`` and ``quantized_exposed`` are pinned when they can be (``quantcli.graph.session.pinned``):
+    optimized with every compared tensor exposed, then returning their own outputs only; a memory group
+    adds back the tensors it reads. So every group runs the same kernels (the numbers do not depend on
+    the grouping) while onnxruntime holds only the group's tensors, not all of them, until a run ends.
     """
 
     reference: onnx.ModelProto
@@ -206,6 +217,7 @@ class LayerModels:
     main: set[str]
     ref_out: dict[str, str]
     q_out: dict[str, str]
+    optimize: bool = True
 
 
 def layer_models(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> LayerModels:
@@ -221,7 +233,11 @@ def layer_models(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> Laye
     ref_model, ref_out = _exposed(reference, names)
     q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
     names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
-    return LayerModels(ref_model, quantized, q_model, pairs, names, main, ref_out, q_out)
+    ref_pinned = pinned(ref_model, [o.name for o in reference.graph.output])
+    q_pinned = pinned(q_model, [o.name for o in quantized.graph.output]) if ref_pinned is not None else None
+    if ref_pinned is None or q_pinned is None:  # above 2 GB: every group runs the models exposing every tensor
+        return LayerModels(ref_model, quantized, q_model, pairs, names, main, ref_out, q_out)
+    return LayerModels(ref_pinned, quantized, q_pinned, pairs, names, main, ref_out, q_out, optimize=False)
 
 
 @dataclass(slots=True)
@@ -352,7 +368,7 @@ def layer_statistics(
         for t in names
     }
     budget = layer_memory_budget(max_memory)
-    options = CollectOptions(batch_size=batch_size, max_memory=budget, desc="per-layer")
+    options = CollectOptions(batch_size=batch_size, max_memory=budget, desc="per-layer", optimize=models.optimize)
     model_list = [models.reference, models.quantized_exposed]
     collected = collect(model_list, dataset, list(requests.values()), options, progress=progress)
     sums = {t: cast(_LayerSums, collected[r]) for t, r in requests.items()}
@@ -477,8 +493,9 @@ def _first_batch_pass(
         feed = next(itertools.islice(dataset.batches(size), index, None))
         for group in plan_first_groups([t for t in statistics.names if at.get(t) == index], needs, nbytes, budget):
             wanted = list(dict.fromkeys(x for t in group for x in needs[t]))
-            session = make_session(augmented(models.reference, [models.ref_out[x] for x in wanted]))
-            values = dict(zip(wanted, session.run([models.ref_out[x] for x in wanted], feed), strict=True))
+            outs = [models.ref_out[x] for x in wanted]
+            session = make_session(augmented(models.reference, outs), optimize=models.optimize)
+            values = dict(zip(wanted, session.run(outs, feed), strict=True))
             del session
             for t in group:
                 firsts[t] = _first_batch(values[t], models.pairs[t])

@@ -215,6 +215,8 @@ class CollectOptions:
     #: for observers that cost about what the inference does (histograms), not for cheap ones (min/max),
     #: whose second batch in memory would buy nothing
     overlap_updates: bool = False
+    #: let onnxruntime optimize the models (False: they are already, ``quantcli.graph.session.pinned``)
+    optimize: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,7 +435,9 @@ def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) 
     """A session returning ``names`` (None when the model has nothing to return)."""
     if not names:
         return None
-    return make_session(augmented(model, names), threads=options.threads, source=options.source)
+    return make_session(
+        augmented(model, names), threads=options.threads, optimize=options.optimize, source=options.source
+    )
 
 
 def _batches(

@@ -145,6 +145,7 @@ class CompareOptions(TypedDict, total=False):
     map_threshold: float
     ray: str | None
     shards: int | None
+    max_memory: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -817,6 +817,14 @@ def compare(
     shards: Annotated[
         int | None, typer.Option(min=1, help="With --ray: shards (default: one per CPU).", rich_help_panel=MEASURE)
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="With --per-layer: budget for the activations held at once, e.g. 512M or 2G (default: 512M; "
+            "Ray shards share it). A smaller budget takes more passes, never other numbers.",
+            rich_help_panel=MEASURE,
+        ),
+    ] = None,
     quiet: Quiet = False,
 ) -> None:
     """Measure accuracy, error and latency of the quantized model against the FP32 one."""
@@ -837,7 +845,7 @@ def compare(
         batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
         output_kinds=parse_output_kinds(output_kind),
-        map_threshold=map_threshold, ray=ray, shards=shards,
+        map_threshold=map_threshold, ray=ray, shards=shards, max_memory=parse_bytes(max_memory),
     )  # fmt: skip
     result = api.compare_models(request, progress=_progress(quiet))
     thresholds = GateFlags(

@@ -24,7 +24,15 @@ import numpy as np
 import onnx
 
 from quantcli.compare.evaluate import OutputAccumulator, OutputMetrics, accumulate_outputs
-from quantcli.compare.layers import LayerError, LayerStatistics, layer_errors, layer_statistics
+from quantcli.compare.layers import (
+    LayerError,
+    LayerModels,
+    LayerStatistics,
+    layer_errors,
+    layer_memory_budget,
+    layer_models,
+    layer_statistics,
+)
 from quantcli.compare.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.compare.output_kinds import KindMetrics, KindPlan, OutputKindObserver
 from quantcli.core.errors import CalibrationDataError
@@ -32,7 +40,6 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, model_input_specs, open_dataset
 from quantcli.graph.model_io import load_model
 from quantcli.graph.session import Session, make_session
-from quantcli.stats.collector import default_memory_budget
 from quantcli.stats.shards import ShardSpec
 
 if TYPE_CHECKING:
@@ -133,12 +140,14 @@ def accuracy_shard(
     plan: dict[str, KindPlan] | None = None,
     progress: Progress = no_progress,
     max_memory: int | None = None,
+    layers: LayerModels | None = None,
 ) -> AccuracyShard:
     """The mergeable accuracy state of (FP32, quantized) ``models`` on ``dataset`` (all, or a ``shard_window``).
 
     ``plan``: the output kinds from the data's first batch (None: detected here, on ``dataset``'s first).
-    ``max_memory``: bytes the per-layer pass's exposed tensors may take (None: its default); it
-    decides only how many passes that takes, never the result.
+    ``max_memory``: bytes the per-layer pass's exposed tensors may take (None: ``request.max_memory``,
+    else its default); it decides only how many passes that takes, never the result. ``layers``: the
+    per-layer models if already built (``layer_models``; else built here when ``request.per_layer``).
     """
     r = request
     metric = r.metric or MetricSpec("top1")
@@ -148,21 +157,25 @@ def accuracy_shard(
         sessions[0], sessions[1], dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected,
         progress=progress, observe=kinds,
     )  # fmt: skip
-    layers = (
-        layer_statistics(
-            models[0], models[1], dataset, batch_size=r.batch_size, max_memory=max_memory, progress=progress
-        )
-        if r.per_layer
-        else None
-    )
+    stats = None
+    if r.per_layer:
+        budget = max_memory or layer_memory_budget(r.max_memory)
+        prepared = layers or layer_models(*models)
+        stats = layer_statistics(prepared, dataset, batch_size=r.batch_size, max_memory=budget, progress=progress)
     names = [o.name for o in sessions[0].get_outputs()]
-    return AccuracyShard(names, outputs, kinds, collected, layers)
+    return AccuracyShard(names, outputs, kinds, collected, stats)
 
 
 def finish_accuracy(
-    state: AccuracyShard, models: tuple[onnx.ModelProto, onnx.ModelProto], dataset: Dataset, request: CompareRequest
+    state: AccuracyShard,
+    models: tuple[onnx.ModelProto, onnx.ModelProto],
+    dataset: Dataset,
+    request: CompareRequest,
+    *,
+    layers: LayerModels | None = None,
 ) -> Accuracy:
-    """The metrics of all the data from its merged state (the custom metric and per-layer errors computed here)."""
+    """The metrics of all the data from its merged state (the custom metric and per-layer errors computed
+    here; ``layers``: the per-layer models if already built, else built here when needed)."""
     metric = request.metric or MetricSpec("top1")
     task_metric = None
     if state.collected is not None and metric.function is not None:
@@ -171,12 +184,15 @@ def finish_accuracy(
             evaluate_custom(metric, state.collected.get("reference", []), state.names, dataset.labels),
             evaluate_custom(metric, state.collected.get("candidate", []), state.names, dataset.labels),
         )
-    layers = layer_errors(models[0], models[1], state.layers) if state.layers is not None else []
+    errors: list[LayerError] = []
+    if state.layers is not None:
+        prepared = layers or layer_models(*models)
+        errors = layer_errors(prepared, state.layers, dataset, max_memory=layer_memory_budget(request.max_memory))
     return Accuracy(
         outputs=[acc.result() for acc in state.outputs if acc.count],
         kinds=state.kinds.results(),
         task_metric=task_metric,
-        layers=layers,
+        layers=errors,
     )
 
 
@@ -188,10 +204,10 @@ def measure_accuracy(
     *,
     progress: Progress = no_progress,
 ) -> Accuracy:
-    """The accuracy part of ``compare`` in this process."""
-    return finish_accuracy(
-        accuracy_shard(models, sessions, dataset, request, progress=progress), models, dataset, request
-    )
+    """The accuracy part of ``compare`` in this process (the per-layer models built once for both passes)."""
+    layers = layer_models(*models) if request.per_layer else None
+    state = accuracy_shard(models, sessions, dataset, request, progress=progress, layers=layers)
+    return finish_accuracy(state, models, dataset, request, layers=layers)
 
 
 def run_accuracy_shard(request: CompareRequest, shard: ShardSpec, plan: dict[str, KindPlan]) -> AccuracyShard:
@@ -207,7 +223,7 @@ def run_accuracy_shard(request: CompareRequest, shard: ShardSpec, plan: dict[str
     metric = request.metric or MetricSpec("top1")
     if metric.function is None and ":" in metric.name:  # a custom metric whose function stayed behind
         request = replace(request, metric=replace(metric, function=_collect_only))
-    budget = default_memory_budget() // shard.count  # the shards may share this host: so many budgets at once
+    budget = layer_memory_budget(request.max_memory, shards=shard.count)  # the shards may share this host
     return accuracy_shard((ref_model, cand_model), (ref, cand), part, request, plan=plan, max_memory=budget)
 
 

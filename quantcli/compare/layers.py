@@ -7,10 +7,15 @@ as well: the layer's quantized sub-graph (its weights and input Q/DQ, and its ou
 and fed the FP32 inputs, so a layer that loses precision itself is told from one that inherits
 error from upstream.
 
-Both models are run in batches over the data with the tensors exposed as outputs, through the
-statistics collector (``quantcli.stats.collector.ErrorRequest``, in memory groups under
-``max_memory``); only sums are kept (O(1) per tensor), plus the first batch's values for the range
-hints.
+Two passes, each in memory groups under ``max_memory`` (``compare --max-memory``, default
+``DEFAULT_MEMORY_BUDGET``; Ray shards share it). Pass 1 (``layer_statistics``) streams the data through
+both models with a group's tensors returned, through the statistics collector
+(``quantcli.stats.collector``); per tensor it keeps two floats a batch (signal and noise energies, added
+in batch order when read, so shards merge to the bit) and the min/max, no values. Pass 2
+(``layer_errors``) runs the reference again on the first batch only, a group of tensors at a time, for
+the range hints (99.9th percentile, histogram) and the errors in isolation. Both models are optimized
+once with every compared tensor exposed and then run with only a group's tensors returned
+(``LayerModels``), so every group computes the same values: the numbers do not depend on the budget.
 
 Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
 main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
@@ -26,8 +31,9 @@ scale and zero point instead, added to the copy of the model that is run.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -41,16 +47,21 @@ from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.scopes import elem_types, has_subgraphs, walk_graphs
-from quantcli.graph.session import augmented, make_session
+from quantcli.graph.session import augmented, make_session, pinned
 from quantcli.graph.subgraphs import expose_subgraph_tensors
-from quantcli.stats.collector import CollectOptions, ErrorRequest, ErrorStats, collect
+from quantcli.stats.collector import CollectOptions, ErrorRequest, collect
 
 __all__ = [
+    "DEFAULT_MEMORY_BUDGET",
     "LayerError",
+    "LayerModels",
     "LayerStatistics",
     "layer_errors",
+    "layer_memory_budget",
+    "layer_models",
     "layer_statistics",
     "per_layer_errors",
+    "plan_first_groups",
     "streamed_local_errors",
 ]
 
@@ -169,59 +180,157 @@ def _sqnr(signal: float, noise: float) -> float:
     return 10 * math.log10(signal / noise)
 
 
-@dataclass(slots=True)
-class _PartsErrorStats(ErrorStats):
-    """``ErrorStats`` keeping each batch's energies, so that shards over contiguous blocks of batches
-    merge into the one-process sums to the bit (``settle`` adds them in batch order)."""
+#: bytes of exposed activations the per-layer comparison holds at once by default (``compare --max-memory``):
+#: on PP-OCRv4 rec at batch 8, a quarter of the memory available (the budget before) held every tensor in
+#: one group, 2.9 GB at peak
+DEFAULT_MEMORY_BUDGET = 512 << 20
 
+
+def layer_memory_budget(max_memory: int | None = None, *, shards: int = 1) -> int:
+    """Bytes of exposed activations one process may hold: ``max_memory`` (None: ``DEFAULT_MEMORY_BUDGET``),
+    split evenly between ``shards`` processes that may share a host (Ray shard tasks)."""
+    return max(1, (max_memory or DEFAULT_MEMORY_BUDGET) // max(1, shards))
+
+
+@dataclass(frozen=True, slots=True)
+class LayerModels:
+    """Both models as the per-layer comparison runs them, built once per process (``layer_models``).
+
+    Attributes:
+        reference: the FP32 model, returning every compared tensor (``ref_out`` names the output of each).
+        quantized: the quantized model read on its own grids (``_read_on_own_grid``), for the layers cut out alone.
+        quantized_exposed: ``quantized`` returning every compared tensor's DequantizeLinear (``q_out``).
+        pairs: FP32 tensor -> its Q/DQ pair in ``quantized``.
+        names: the compared tensors, in the quantized model's order.
+        main: the reference's main-graph tensors (graph inputs included).
+        optimize: let onnxruntime optimize ``reference`` and ``quantized_exposed`` (False: they are pinned).
+
+    ``reference`` and ``quantized_exposed`` are pinned when they can be (``quantcli.graph.session.pinned``):
+    optimized with every compared tensor exposed, then returning their own outputs only; a memory group
+    adds back the tensors it reads. So every group runs the same kernels (the numbers do not depend on
+    the grouping) while onnxruntime holds only the group's tensors, not all of them, until a run ends.
+    """
+
+    reference: onnx.ModelProto
+    quantized: onnx.ModelProto
+    quantized_exposed: onnx.ModelProto
+    pairs: dict[str, _Pair]
+    names: list[str]
+    main: set[str]
+    ref_out: dict[str, str]
+    q_out: dict[str, str]
+    optimize: bool = True
+
+
+def layer_models(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> LayerModels:
+    """The models both per-layer passes run (neither input is modified)."""
+    pairs = _qdq_pairs(quantized)
+    quantized = _read_on_own_grid(quantized, pairs)
+    ref_producers = {o for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
+    graph_inputs = {i.name for i in reference.graph.input}
+    names = [t for t in pairs if t in ref_producers or t in graph_inputs]
+    main = {o for n in reference.graph.node for o in n.output} | graph_inputs
+    if not names:
+        return LayerModels(reference, quantized, quantized, pairs, [], main, {}, {})
+    ref_model, ref_out = _exposed(reference, names)
+    q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
+    names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
+    ref_pinned = pinned(ref_model, [o.name for o in reference.graph.output])
+    q_pinned = pinned(q_model, [o.name for o in quantized.graph.output]) if ref_pinned is not None else None
+    if ref_pinned is None or q_pinned is None:  # above 2 GB: every group runs the models exposing every tensor
+        return LayerModels(ref_model, quantized, q_model, pairs, names, main, ref_out, q_out)
+    return LayerModels(ref_pinned, quantized, q_pinned, pairs, names, main, ref_out, q_out, optimize=False)
+
+
+@dataclass(slots=True)
+class _LayerSums:
+    """Pass 1's state of one tensor: O(1) in the data but for two floats a batch.
+
+    Each batch's signal and noise energies are kept apart and added in batch order when read, so
+    shards over contiguous blocks of batches merge into the one-process sums to the bit. No values are
+    kept: ``first_batch`` says which batch the hints read again in pass 2 (the first one for a
+    main-graph tensor; else the first in which it was compared), ``first_bytes`` how large it is.
+    """
+
+    keep_first_empty: bool = True
     signals: list[float] = field(default_factory=list)
     noises: list[float] = field(default_factory=list)
+    lo: float = float("inf")
+    hi: float = float("-inf")
+    batches: int = 0
+    first_batch: int | None = None
+    first_bytes: int = 0
+
+    @property
+    def signal(self) -> float:
+        """The reference's energy over the batches, added in order."""
+        return ordered_sum(self.signals)
+
+    @property
+    def noise(self) -> float:
+        """The error's energy over the batches, added in order."""
+        return ordered_sum(self.noises)
 
     def update(self, values: Sequence[np.ndarray]) -> None:
-        """Fold one batch in (its energies kept apart, and added to the running totals)."""
-        signal, noise = self.signal, self.noise
-        self.signal = self.noise = 0.0
-        ErrorStats.update(self, values)  # from zero: the batch's own energies
-        self.signals.append(self.signal)
-        self.noises.append(self.noise)
-        self.signal, self.noise = signal + self.signal, noise + self.noise
+        """Fold one batch in; a batch whose shapes differ (a branch that did not run) adds nothing."""
+        ref, cand = values
+        self.batches += 1
+        if self.batches == 1 and self.keep_first_empty:
+            self.first_batch, self.first_bytes = 0, int(ref.nbytes)
+        if ref.size == 0 or ref.shape != cand.shape:
+            return
+        if self.first_batch is None:
+            self.first_batch, self.first_bytes = self.batches - 1, int(ref.nbytes)
+        r = ref.astype(np.float64)
+        e = r - cand.astype(np.float64)
+        self.signals.append(float(np.sum(r * r)))
+        self.noises.append(float(np.sum(e * e)))
+        self.lo = min(self.lo, float(r.min()))
+        self.hi = max(self.hi, float(r.max()))
 
-    def settle(self) -> None:
-        """``signal`` and ``noise`` as the running totals over the batches, in order."""
-        self.signal, self.noise = ordered_sum(self.signals), ordered_sum(self.noises)
+    def finish(self) -> None:
+        """Nothing is held back."""
 
-    def merge(self, later: _PartsErrorStats) -> None:
+    def merge(self, later: _LayerSums) -> None:
         """Append ``later``: the same tensor over the batches that follow these."""
-        if self.first is None:
-            self.first = later.first
+        if self.first_batch is None and later.first_batch is not None:
+            self.first_batch, self.first_bytes = self.batches + later.first_batch, later.first_bytes
         self.signals += later.signals
         self.noises += later.noises
         self.lo, self.hi = min(self.lo, later.lo), max(self.hi, later.hi)
         self.batches += later.batches
-        self.settle()
 
 
 @dataclass(frozen=True, slots=True)
-class _PartsErrorRequest(ErrorRequest):
-    def observer(self) -> ErrorStats:
-        """A fresh observer that keeps per-batch energies."""
-        return _PartsErrorStats(self.keep_first_empty)
+class _SumsRequest(ErrorRequest):
+    def observer(self) -> _LayerSums:  # type: ignore[override]
+        """A fresh pass-1 observer."""
+        return _LayerSums(self.keep_first_empty)
 
 
 @dataclass(slots=True)
 class LayerStatistics:
-    """What the per-layer pass observed: each compared tensor's error statistics over the data (or
-    a shard of it: ``merge`` appends the next shard's), before the errors in isolation and the hints."""
+    """What pass 1 observed: each compared tensor's sums over the data (or a shard of it: ``merge``
+    appends the next shard's), before the hints and errors in isolation (pass 2, ``layer_errors``).
+    Plain numbers only: it travels between Ray tasks.
+
+    Attributes:
+        names: the compared tensors.
+        sums: their state.
+        batch_size: the batch size asked for (pass 2 reads the same batches).
+        passes: passes over the data (memory groups) pass 1 took; the most of any shard.
+    """
 
     names: list[str]
-    pairs: dict[str, _Pair]
-    main: set[str]
-    stats: dict[str, _PartsErrorStats]
+    sums: dict[str, _LayerSums]
+    batch_size: int
+    passes: int = 0
 
     def merge(self, later: LayerStatistics) -> None:
         """Append ``later``: the same tensors over the batches that follow these."""
-        for t, s in later.stats.items():
-            self.stats[t].merge(s)
+        for t, s in later.sums.items():
+            self.sums[t].merge(s)
+        self.passes = max(self.passes, later.passes)
 
 
 def per_layer_errors(
@@ -237,125 +346,196 @@ def per_layer_errors(
 ) -> list[LayerError]:
     """Errors of every quantized tensor found in both models, worst accumulated SQNR first.
 
-    Both models stream the data through the statistics collector (one ``ErrorRequest`` per
-    tensor), in memory groups under ``max_memory`` (None: a quarter of the memory available).
-    The errors in isolation are measured on the first batch, or with ``local_samples`` on the first
-    that many samples streamed at ``batch_size`` (``streamed_local_errors``: the same whatever the batch).
+    Pass 1 streams the data through both models (one ``ErrorRequest`` per tensor, in memory groups
+    under ``max_memory``; None: ``DEFAULT_MEMORY_BUDGET``); pass 2 reads the first batch again for
+    the hints and the errors in isolation, in groups under the same budget. The budget decides how
+    many passes, never the numbers. With ``local_samples`` the errors in isolation are measured on the
+    first that many samples streamed at ``batch_size`` instead (``streamed_local_errors``: the same
+    whatever the batch; the search uses it so that its order does not depend on its memory budget).
     """
-    stats = layer_statistics(
-        reference, quantized, dataset, batch_size=batch_size, max_memory=max_memory, progress=progress
-    )
+    models = layer_models(reference, quantized)
+    stats = layer_statistics(models, dataset, batch_size=batch_size, max_memory=max_memory, progress=progress)
     streamed = None
     if local and local_samples is not None:
         part = dataset.subset(min(dataset.num_samples, local_samples))
-        streamed = streamed_local_errors(reference, quantized, stats, part, batch_size)
-    return layer_errors(reference, quantized, stats, local=local, local_sqnr=streamed)
+        streamed = streamed_local_errors(models, stats, part, batch_size)
+    return layer_errors(models, stats, dataset, local=local, max_memory=max_memory, local_sqnr=streamed)
 
 
 def layer_statistics(
-    reference: onnx.ModelProto,
-    quantized: onnx.ModelProto,
+    models: LayerModels,
     dataset: Dataset,
     *,
     batch_size: int = 32,
     max_memory: int | None = None,
     progress: Progress = no_progress,
 ) -> LayerStatistics:
-    """``per_layer_errors``'s pass over ``dataset`` (all of it, or a ``Dataset.window`` of it)."""
-    pairs = _qdq_pairs(quantized)
-    quantized = _read_on_own_grid(quantized, pairs)
-    ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
-    graph_inputs = {i.name for i in reference.graph.input}
-    names = [t for t in pairs if t in ref_producers or t in graph_inputs]
-    main = {o for n in reference.graph.node for o in n.output} | graph_inputs
+    """Pass 1 over ``dataset`` (all of it, or a ``Dataset.window`` of it), in memory groups under
+    ``max_memory`` bytes (None: ``DEFAULT_MEMORY_BUDGET``)."""
+    names = models.names
     if not names:
-        return LayerStatistics([], pairs, main, {})
-    ref_model, ref_out = _exposed(reference, names)
-    q_model, q_out = _exposed(quantized, [pairs[t].dq for t in names])
-    names = [t for t in names if t in ref_out and pairs[t].dq in q_out]
-    requests = {t: _PartsErrorRequest(ref_out[t], q_out[pairs[t].dq], keep_first_empty=t in main) for t in names}
-    options = CollectOptions(batch_size=batch_size, max_memory=max_memory, desc="per-layer")
-    collected = collect([ref_model, q_model], dataset, list(requests.values()), options, progress=progress)
-    stats = {t: cast(_PartsErrorStats, collected[r]) for t, r in requests.items()}
-    return LayerStatistics(names, pairs, main, stats)
+        return LayerStatistics([], {}, batch_size)
+    requests = {
+        t: _SumsRequest(models.ref_out[t], models.q_out[models.pairs[t].dq], keep_first_empty=t in models.main)
+        for t in names
+    }
+    budget = layer_memory_budget(max_memory)
+    options = CollectOptions(batch_size=batch_size, max_memory=budget, desc="per-layer", optimize=models.optimize)
+    model_list = [models.reference, models.quantized_exposed]
+    collected = collect(model_list, dataset, list(requests.values()), options, progress=progress)
+    sums = {t: cast(_LayerSums, collected[r]) for t, r in requests.items()}
+    return LayerStatistics(list(names), sums, batch_size, collected.passes)
 
 
 def layer_errors(
-    reference: onnx.ModelProto,
-    quantized: onnx.ModelProto,
+    models: LayerModels,
     statistics: LayerStatistics,
+    dataset: Dataset,
     *,
     local: bool = True,
+    max_memory: int | None = None,
     local_sqnr: dict[str, float] | None = None,
 ) -> list[LayerError]:
-    """The per-layer errors from the statistics of all the data (``local``: with errors in isolation,
-    measured on the first batch kept unless given: ``local_sqnr``, e.g. ``streamed_local_errors``)."""
-    names, pairs, main, stats = statistics.names, statistics.pairs, statistics.main, statistics.stats
-    # the copy the statistics ran: its added DequantizeLinear names are deterministic, as ``pairs`` holds them
-    quantized = _read_on_own_grid(quantized, _qdq_pairs(quantized))
-    ref_producers = {o: n for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
-    q_producers = {o: n for _, g in walk_graphs(quantized.graph) for n in g.node for o in n.output}
-    first_ref = {t: s.first for t, s in stats.items() if s.first is not None}
-    if not local:
-        local_sqnr = {}
-    elif local_sqnr is None:
-        local_sqnr = _local_errors(quantized, pairs, names, {t: v for t, v in first_ref.items() if t in main})
+    """Pass 2 and the per-layer errors, from the statistics of all of ``dataset`` (``local``: with
+    errors in isolation, measured in pass 2 unless given as ``local_sqnr``); the first batch is read
+    again in groups under ``max_memory``."""
+    names, sums = statistics.names, statistics.sums
+    ran = [t for t in names if not math.isinf(sums[t].lo)]  # else never ran on this data
+    budget = layer_memory_budget(max_memory)
+    firsts, measured = _first_batch_pass(models, statistics, dataset, budget, local and local_sqnr is None)
+    local_sqnr = measured if local_sqnr is None or not local else local_sqnr
+    ref_producers = {o: n for _, g in walk_graphs(models.reference.graph) for n in g.node for o in n.output}
+    q_producers = {o: n for _, g in walk_graphs(models.quantized.graph) for n in g.node for o in n.output}
     results = [
-        _with_hint(_layer_error(t, stats[t], pairs[t], q_producers.get(t) or ref_producers.get(t), local_sqnr))
-        for t in names
-        if not math.isinf(stats[t].lo)  # never ran on this data
+        _with_hint(
+            _layer_error(
+                t, sums[t], models.pairs[t], q_producers.get(t) or ref_producers.get(t), firsts.get(t), local_sqnr
+            )
+        )
+        for t in ran
     ]
     results.sort(key=lambda e: (e.sqnr_db, e.tensor))
     return results
 
 
-def _layer_error(
-    t: str, stats: ErrorStats, pair: _Pair, node: onnx.NodeProto | None, local_sqnr: dict[str, float]
-) -> LayerError:
-    """The error of tensor ``t`` from its collected statistics (hint left empty)."""
+@dataclass(frozen=True, slots=True)
+class _FirstBatch:
+    """What the hints read of a tensor's first batch of FP32 values."""
+
+    p999_abs: float
+    hist_edges: tuple[float, ...]
+    hist_counts: tuple[int, ...]
+
+
+def _first_batch(values: np.ndarray, pair: _Pair) -> _FirstBatch:
+    """The 99.9th percentile of ``|values|`` and their histogram over the values and the clip range."""
+    if not values.size:
+        return _FirstBatch(0.0, (), ())
     clip_low = (pair.qmin - pair.zero_point) * pair.scale
     clip_high = (pair.qmax - pair.zero_point) * pair.scale
-    first = stats.first
-    p999 = float(np.percentile(np.abs(first), 99.9)) if first is not None and first.size else 0.0
-    edges: tuple[float, ...] = ()
-    counts: tuple[int, ...] = ()
-    if first is not None and first.size:
-        values = first.ravel()
-        span_lo, span_hi = min(float(values.min()), clip_low), max(float(values.max()), clip_high)
-        c, e = np.histogram(values, bins=48, range=(span_lo, span_hi if span_hi > span_lo else span_lo + 1))
-        edges, counts = tuple(float(x) for x in e), tuple(int(x) for x in c)
+    p999 = float(np.percentile(np.abs(values), 99.9))
+    flat = values.ravel()
+    span_lo, span_hi = min(float(flat.min()), clip_low), max(float(flat.max()), clip_high)
+    c, e = np.histogram(flat, bins=48, range=(span_lo, span_hi if span_hi > span_lo else span_lo + 1))
+    return _FirstBatch(p999, tuple(float(x) for x in e), tuple(int(x) for x in c))
+
+
+def _layer_error(
+    t: str,
+    sums: _LayerSums,
+    pair: _Pair,
+    node: onnx.NodeProto | None,
+    first: _FirstBatch | None,
+    local_sqnr: dict[str, float],
+) -> LayerError:
+    """The error of tensor ``t`` from its pass-1 sums and pass-2 first batch (hint left empty)."""
+    first = first or _FirstBatch(0.0, (), ())
     return LayerError(
         tensor=t,
         node=node.name if node is not None else "(graph input)",
         op_type=node.op_type if node is not None else "Input",
-        sqnr_db=_sqnr(stats.signal, stats.noise),
+        sqnr_db=_sqnr(sums.signal, sums.noise),
         local_sqnr_db=local_sqnr.get(t),
-        clip_low=clip_low,
-        clip_high=clip_high,
-        observed_min=stats.lo,
-        observed_max=stats.hi,
-        p999_abs=p999,
+        clip_low=(pair.qmin - pair.zero_point) * pair.scale,
+        clip_high=(pair.qmax - pair.zero_point) * pair.scale,
+        observed_min=sums.lo,
+        observed_max=sums.hi,
+        p999_abs=first.p999_abs,
         hint="",
-        hist_edges=edges,
-        hist_counts=counts,
+        hist_edges=first.hist_edges,
+        hist_counts=first.hist_counts,
     )
 
 
-def _cuts(
-    quantized: onnx.ModelProto, pairs: dict[str, _Pair], names: list[str], known: Collection[str]
-) -> dict[str, tuple[onnx.ModelProto, list[str]]]:
-    """Each tensor's producing layer cut out alone (its quantized sub-graph from its FP32 inputs to its
-    DequantizeLinear output), with those inputs; a layer whose inputs are not all ``known`` is left out."""
+def plan_first_groups(
+    targets: Sequence[str], needs: dict[str, list[str]], nbytes: dict[str, int], budget: int
+) -> list[list[str]]:
+    """Pass 2's groups: ``targets`` in order, split so that the values each group reads (every target's
+    ``needs``: itself and the inputs of its layer, ``nbytes`` each) fit ``budget``; a target whose own
+    needs exceed it is a group alone."""
+    groups: list[list[str]] = [[]]
+    held: set[str] = set()
+    used = 0
+    for t in targets:
+        new = [x for x in dict.fromkeys(needs.get(t, [t])) if x not in held]
+        cost = sum(nbytes.get(x, 0) for x in new)
+        if groups[-1] and used + cost > budget:
+            groups.append([])
+            held, used = set(), 0
+            new = list(dict.fromkeys(needs.get(t, [t])))
+            cost = sum(nbytes.get(x, 0) for x in new)
+        groups[-1].append(t)
+        held.update(new)
+        used += cost
+    return [g for g in groups if g]
+
+
+def _first_batch_pass(
+    models: LayerModels, statistics: LayerStatistics, dataset: Dataset, budget: int, local: bool
+) -> tuple[dict[str, _FirstBatch], dict[str, float]]:
+    """Pass 2: each tensor's first batch of FP32 values read again (the reference returns the group's
+    tensors only), its hints' figures and, for main-graph layers, the SQNR of the layer cut out alone
+    and fed the FP32 inputs of that batch."""
+    sums = statistics.sums
+    at = {t: s.first_batch for t, s in sums.items() if s.first_batch is not None}
+    sources = _local_sources(models, [t for t in at if at[t] == 0 and t in models.main]) if local else {}
+    needs = {t: [t, *sources.get(t, [])] for t in at}
+    nbytes = {t: sums[t].first_bytes for t in at}
+    extract = submodel_extractor(infer_shapes(models.quantized)[0]) if sources else None
+    firsts: dict[str, _FirstBatch] = {}
+    local_sqnr: dict[str, float] = {}
+    size = dataset.effective_batch_size(statistics.batch_size)
+    for index in sorted(set(at.values())):
+        feed = next(itertools.islice(dataset.batches(size), index, None))
+        for group in plan_first_groups([t for t in statistics.names if at.get(t) == index], needs, nbytes, budget):
+            wanted = list(dict.fromkeys(x for t in group for x in needs[t]))
+            outs = [models.ref_out[x] for x in wanted]
+            session = make_session(augmented(models.reference, outs), optimize=models.optimize)
+            values = dict(zip(wanted, session.run(outs, feed), strict=True))
+            del session
+            for t in group:
+                firsts[t] = _first_batch(values[t], models.pairs[t])
+                if t in sources and extract is not None:
+                    got = _local_sqnr(extract, t, models.pairs[t].dq, sources[t], values)
+                    if got is not None:
+                        local_sqnr[t] = got
+            del values
+    return firsts, local_sqnr
+
+
+def _local_sources(models: LayerModels, names: list[str]) -> dict[str, list[str]]:
+    """For each of ``names`` (main-graph tensors) produced by a layer that can be cut out alone: the FP32
+    tensors feeding that layer (walked back through its input Q/DQ), all of them compared tensors."""
+    quantized = models.quantized
     producers = {o: n for n in quantized.graph.node for o in n.output}
     inits = {t.name for t in quantized.graph.initializer}
-    cuts: dict[str, tuple[onnx.ModelProto, list[str]]] = {}
-    extract = submodel_extractor(infer_shapes(quantized)[0])
+    have = set(names)
+    out: dict[str, list[str]] = {}
     for t in names:
         node = producers.get(t)
-        if node is None or t not in known:
+        if node is None:
             continue
-        # the layer's float inputs: walk back through its DequantizeLinear/QuantizeLinear to the FP32 tensors
-        sources: list[str] = []
+        found: list[str] = []
         for name in node.input:
             if not name or name in inits:
                 continue
@@ -363,71 +543,63 @@ def _cuts(
             if feeder is not None and feeder.op_type == "DequantizeLinear" and feeder.input[0] in inits:
                 continue  # a quantized weight or bias
             src = _float_source(name, producers, inits)
-            if src is None or src not in known:
-                sources = []
+            if src is None or src not in have:
+                found = []
                 break
-            sources.append(src)
-        if not sources:
-            continue
-        try:
-            cuts[t] = (extract(sorted(set(sources)), [pairs[t].dq]), sorted(set(sources)))
-        except Exception:  # a layer that cannot be cut out alone (e.g. it needs shape inputs) is skipped
-            continue
-    return cuts
-
-
-def _local_errors(
-    quantized: onnx.ModelProto,
-    pairs: dict[str, _Pair],
-    names: list[str],
-    ref_values: dict[str, np.ndarray],
-) -> dict[str, float]:
-    """SQNR of each tensor when only its producing layer is quantized (FP32 inputs fed in)."""
-    out: dict[str, float] = {}
-    for t, (sub, sources) in _cuts(quantized, pairs, names, ref_values).items():
-        try:
-            sess = make_session(sub)
-            got = sess.run([pairs[t].dq], {s: ref_values[s] for s in sources})[0].astype(np.float64)
-        except Exception:  # a layer that cannot run alone is skipped
-            continue
-        ref = ref_values[t].astype(np.float64)
-        out[t] = _sqnr(float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2)))
+            found.append(src)
+        if found:
+            out[t] = sorted(set(found))
     return out
 
 
+def _local_sqnr(
+    extract: Callable[[list[str], list[str]], onnx.ModelProto],
+    t: str,
+    dq: str,
+    sources: list[str],
+    values: dict[str, np.ndarray],
+) -> float | None:
+    """SQNR of ``t`` when only its producing layer is quantized (``sources``' FP32 ``values`` fed in);
+    None when the layer cannot be cut out alone (e.g. it needs shape inputs)."""
+    try:
+        sess = make_session(extract(sources, [dq]))
+        got = sess.run([dq], {s: values[s] for s in sources})[0].astype(np.float64)
+    except Exception:
+        return None
+    ref = values[t].astype(np.float64)
+    return _sqnr(float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2)))
+
+
 def streamed_local_errors(
-    reference: onnx.ModelProto,
-    quantized: onnx.ModelProto,
-    statistics: LayerStatistics,
-    dataset: Dataset,
-    batch_size: int,
+    models: LayerModels, statistics: LayerStatistics, dataset: Dataset, batch_size: int
 ) -> dict[str, float]:
     """The errors in isolation (main-graph tensors) over all of ``dataset``, streamed ``batch_size``
-    samples at a time: the FP32 inputs of every layer are computed a batch at a time and dropped, and
-    the energies are summed sample by sample (``math.fsum``), so the values do not depend on the batch
-    (``per_layer_errors`` measures them on the first batch the pass kept instead)."""
-    quantized = _read_on_own_grid(quantized, _qdq_pairs(quantized))  # the copy the statistics ran
-    main_names = [t for t in statistics.names if t in statistics.main]
-    cuts = _cuts(quantized, statistics.pairs, main_names, set(main_names))
+    samples at a time: each layer's FP32 inputs are computed a batch at a time and dropped, and the
+    energies are summed sample by sample (``math.fsum``), so the values do not depend on the batch."""
+    names = [t for t in statistics.names if t in models.main and not math.isinf(statistics.sums[t].lo)]
+    sources = _local_sources(models, names)
+    if not sources:
+        return {}
+    extract = submodel_extractor(infer_shapes(models.quantized)[0])
     sessions: dict[str, ort.InferenceSession] = {}
-    for t, (sub, _) in cuts.items():
+    for t, found in sources.items():
         try:
-            sessions[t] = make_session(sub)
-        except Exception:  # a layer that cannot run alone is skipped
+            sessions[t] = make_session(extract(found, [models.pairs[t].dq]))
+        except Exception:  # a layer that cannot be cut out alone (e.g. it needs shape inputs) is skipped
             continue
-    needed = sorted({s for t in sessions for s in cuts[t][1]} | set(sessions))
+    needed = list(dict.fromkeys(x for t in sessions for x in (t, *sources[t])))
     if not needed:
         return {}
-    ref_model, outs = _exposed(reference, needed)
-    ref_session = make_session(ref_model)
+    outs = [models.ref_out[x] for x in needed]
+    reference = make_session(augmented(models.reference, outs), optimize=models.optimize)
     signal: dict[str, list[float]] = {t: [] for t in sessions}
     noise: dict[str, list[float]] = {t: [] for t in sessions}
     for feed in dataset.batches(batch_size):
-        values = dict(zip(needed, ref_session.run([outs[n] for n in needed], feed), strict=True))
+        values = dict(zip(needed, reference.run(outs, feed), strict=True))
         for t, sess in list(sessions.items()):
             try:
-                got = sess.run([statistics.pairs[t].dq], {s: values[s] for s in cuts[t][1]})[0]
-            except Exception:  # as when the layer runs on the first batch only: skipped
+                got = sess.run([models.pairs[t].dq], {x: values[x] for x in sources[t]})[0]
+            except Exception:  # as when the layer runs alone on the first batch only: skipped
                 del sessions[t]
                 continue
             signal[t].extend(sample_energies(values[t]))

@@ -31,7 +31,15 @@ from quantcli.graph.model_io import (
 from quantcli.graph.names import NameAllocator
 from quantcli.graph.scopes import walk_graphs
 
-__all__ = ["Session", "augmented", "explain_load_failure", "is_out_of_memory", "make_session", "ort_model_bytes"]
+__all__ = [
+    "Session",
+    "augmented",
+    "explain_load_failure",
+    "is_out_of_memory",
+    "make_session",
+    "ort_model_bytes",
+    "pinned",
+]
 
 
 class Session(Protocol):
@@ -206,6 +214,35 @@ def augmented(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in existing:
             edit.graph.add_output(name)
     return edit.build()
+
+
+def pinned(model: onnx.ModelProto, keep: Sequence[str]) -> onnx.ModelProto | None:
+    """``model`` as onnxruntime's optimizer leaves it, returning only ``keep`` (its other outputs cut).
+
+    The fusions are decided with every graph output of ``model`` in place, so a session of the copy
+    built with ``make_session(..., optimize=False)`` and any of those outputs added back (``augmented``)
+    runs the same kernels on the same nodes: the same values, whatever it returns, while onnxruntime
+    holds only the outputs asked for (an exposed tensor is a graph output, kept until the run ends).
+    None when the model is above protobuf's 2 GB or reads its weights from files, or onnxruntime
+    cannot write the copy.
+    """
+    if id(model) in _DETACHED or above_protobuf_limit(model) or external_base(model) is not None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="quantcli-pinned-") as folder:
+        path = Path(folder) / "optimized.onnx"
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.optimized_model_filepath = str(path)
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+            optimized = onnx.load(str(path))
+        except Exception:  # never block the caller: it runs the model as given
+            return None
+    wanted = set(keep)
+    kept = [o for o in optimized.graph.output if o.name in wanted]
+    del optimized.graph.output[:]
+    optimized.graph.output.extend(kept)
+    return optimized
 
 
 _OOM_MARKERS = ("bad_alloc", "bfc_arena", "failed to allocate", "out of memory", "memoryerror", "cannot allocate")

@@ -213,9 +213,12 @@ class CompareRequest:
         ray: measure accuracy in shard tasks on Ray (``"local"``: start Ray on this machine; else a
             cluster address, e.g. ``"auto"``); latency stays on this host (``quantcli.distributed``).
         shards: with ``ray``, the number of shards (None: one per CPU of the cluster).
+        max_memory: with ``per_layer``, bytes of exposed activations held at once (None: 512 MiB,
+            ``quantcli.compare.layers.DEFAULT_MEMORY_BUDGET``); Ray shards share it. It decides how many
+            passes over the data the per-layer errors take, never their values.
 
     Raises:
-        InvalidOption: ``map_threshold`` outside (0, 1), or ``shards`` below 1.
+        InvalidOption: ``map_threshold`` outside (0, 1), ``shards`` below 1, or ``max_memory`` below 1.
     """
 
     reference_path: Path
@@ -237,6 +240,7 @@ class CompareRequest:
     map_threshold: float = 0.5
     ray: str | None = None
     shards: int | None = None
+    max_memory: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("reference_path", "candidate_path", "data_path"):
@@ -245,3 +249,5 @@ class CompareRequest:
             raise InvalidOption(f"$map_threshold {self.map_threshold}: must be in (0, 1)", option="map_threshold")
         if self.shards is not None and self.shards < 1:
             raise InvalidOption(f"$shards {self.shards}: must be at least 1", option="shards")
+        if self.max_memory is not None and self.max_memory < 1:
+            raise InvalidOption(f"$max_memory {self.max_memory}: must be positive", option="max_memory")

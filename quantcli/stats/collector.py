@@ -245,6 +245,8 @@ class CollectOptions:
     #: for observers that cost about what the inference does (histograms), not for cheap ones (min/max),
     #: whose second batch in memory would buy nothing
     overlap_updates: bool = False
+    #: let onnxruntime optimize the models (False: they are already, ``quantcli.graph.session.pinned``)
+    optimize: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +344,8 @@ def collect(
     once per memory group and feed every request's observer; the models are not modified.
 
     ``sessions`` may hold a session per model already exposing every requested output (the probe a
-    caller built): it serves the size measurement and, when one group suffices, the pass itself.
+    caller built): it serves the size measurement and, when one group suffices (or the model already
+    returns every requested tensor), the pass itself.
 
     Raises:
         CalibrationDataError: onnxruntime failed on the data.
@@ -369,11 +372,18 @@ def collect(
         budget = max(budget, held * size)  # passes below what the probe held lower no peak, they re-run the model
     split = plan_groups(keyed, size, budget)
     groups = [[requests[int(k)] for k in g] for g in split if g]
+    # a model that already returns every requested tensor (per-layer errors expose them all, for one
+    # graph whatever the grouping) is run by its probe in every group: a session per group would be the
+    # same model again; the other probes are let go before the groups run
+    serves = [
+        len(groups) == 1 or set(names[m]) <= {o.name for o in model.graph.output} for m, model in enumerate(models)
+    ]
+    probes = [p if keep else None for p, keep in zip(probes, serves, strict=True)]
     observers: dict[object, object] = {}
     for k, group in enumerate(groups):
         desc = options.desc if len(groups) == 1 else f"{options.desc} {k + 1}/{len(groups)}"
         outs = [_outputs(group, m) for m in range(len(models))]
-        runs = probes if len(groups) == 1 else [_session(model, outs[m], options) for m, model in enumerate(models)]
+        runs = [probes[m] if serves[m] else _session(model, outs[m], options) for m, model in enumerate(models)]
         feeding = [(r.observer(), r.outputs()) for r in group]
         # what the observers read a batch (a summary: 32 bytes, not worth a thread hand-off)
         weights = [sum(sizes[o] for o in r.outputs() if o not in summaries) * size for r in group]
@@ -470,7 +480,9 @@ def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) 
     """A session returning ``names`` (None when the model has nothing to return)."""
     if not names:
         return None
-    return make_session(augmented(model, names), threads=options.threads, source=options.source)
+    return make_session(
+        augmented(model, names), threads=options.threads, optimize=options.optimize, source=options.source
+    )
 
 
 def _batches(

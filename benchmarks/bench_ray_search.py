@@ -20,19 +20,11 @@ import time
 from pathlib import Path
 
 from quantcli import api
+from quantcli.core.host import cpu_model, int8_flags
 from quantcli.search.accuracy_search import Budget, SearchOptions
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "benchmarks" / "models"
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags) or "none"
 
 
 def search_once(args: argparse.Namespace, workers: int, out: Path) -> tuple[float, str, int]:
@@ -69,7 +61,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    print(f"host: {os.cpu_count()} CPUs, {_cpu_flags()}; load {os.getloadavg()[0]:.2f}")
+    flags = " ".join(int8_flags()) or "no int8 flags"
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, {flags}; load {os.getloadavg()[0]:.2f}")
     print(f"{args.model.name}: --min-agreement {args.min_agreement}, eval {args.eval_data.name}")
     times: dict[int, list[float]] = {}
     seen: set[str] = set()

@@ -21,18 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from quantcli.core.host import cpu_model, int8_flags
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "benchmarks" / "models"
-
-
-def _cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    return " ".join(f for f in wanted if f in flags) or "none of avx2/avx512/vnni/amx"
 
 
 def run(args: argparse.Namespace, max_memory: str, out: Path) -> tuple[int, float, float, str]:
@@ -69,7 +61,8 @@ def main() -> None:
     parser.add_argument("--max-memory", action="append", help="convert's --max-memory ('default': left out)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_search_memory.onnx"))
     args = parser.parse_args()
-    print(f"host: {os.cpu_count()} CPUs, {_cpu_flags()}; load {os.getloadavg()[0]:.2f}")
+    flags = " ".join(int8_flags()) or "no int8 flags"
+    print(f"host: {cpu_model()}, {os.cpu_count()} CPUs, {flags}; load {os.getloadavg()[0]:.2f}")
     print(f"model {args.model.name}, eval {args.eval_data.name}, --min-sqnr {args.min_sqnr}, "
           f"--search-max-fallback {args.max_fallback}, RLIMIT_AS {args.as_limit / 1e9:.1f} GB")  # fmt: skip
     for budget in args.max_memory or ["default"]:

@@ -34,6 +34,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from quantcli.core.host import cpu_model, int8_flags
+
 REPO = Path(__file__).resolve().parent.parent
 D = 64
 
@@ -129,15 +131,8 @@ def run_depth(depth: int, folder: Path, margin: float, mem_gb: float) -> dict[st
 
 
 def host_line() -> str:
-    flags = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = line
-            break
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-    have = [f for f in wanted if f" {f}" in flags]
-    listed = " ".join(have) or "none of " + ",".join(wanted)
-    return f"host flags: {listed}; cpus {os.cpu_count()}; load {os.getloadavg()}"
+    flags = " ".join(int8_flags()) or "no int8 flags"
+    return f"host: {cpu_model()}; flags {flags}; cpus {os.cpu_count()}; load {os.getloadavg()}"
 
 
 def main() -> None:

@@ -171,3 +171,39 @@ def test_convert_onto_a_full_tmpfs_is_one_clear_line(small_disk, calibrated):
     assert list(small_disk.iterdir()) == []  # no partial output, no temporary
     data = np.zeros(8, np.uint8).tobytes()
     (small_disk / "fits.bin").write_bytes(data)  # the disk itself still works
+
+
+def test_a_killed_runs_scratch_folder_goes_with_the_next_write_and_a_live_one_stays(tmp_path):
+    """Above 2 GB convert spills weights to a scratch folder beside the output; SIGKILL leaves it behind.
+    The next write beside it removes it once its owner is dead, never while the owner lives."""
+    import subprocess
+    import sys
+
+    from quantcli.graph.atomic import SCRATCH_PREFIX, atomic_output, release_scratch, scratch_directory, stale_scratch
+
+    child = (
+        "import os, signal, sys; from pathlib import Path; from quantcli.graph.atomic import scratch_directory; "
+        "folder, _ = scratch_directory(Path(sys.argv[1])); (folder / 'w.bin').write_bytes(b'x' * 1024); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+
+    def killed_run() -> Path:
+        subprocess.run([sys.executable, "-c", child, str(tmp_path)], check=False)
+        (dead,) = [p for p in tmp_path.iterdir() if p.name.startswith(SCRATCH_PREFIX) and p != young]
+        return dead
+
+    young = tmp_path / f"{SCRATCH_PREFIX}starting"  # no lock file yet: its owner may be making it
+    young.mkdir()
+    dead = killed_run()
+    assert stale_scratch(tmp_path) == [dead]
+    with atomic_output(tmp_path / "out.onnx", force=False) as tmp:
+        tmp.write_bytes(b"model")
+    assert not dead.exists() and young.is_dir()
+    dead = killed_run()
+    live, fd = scratch_directory(tmp_path)  # the next run's scratch folder: the dead one goes first
+    try:
+        assert not dead.exists() and live.is_dir()
+        assert stale_scratch(tmp_path) == []  # this process lives: its folder is not stale
+    finally:
+        release_scratch(live, fd)
+    assert not live.exists() and young.is_dir()

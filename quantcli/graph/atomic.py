@@ -29,15 +29,35 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import signal
+import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from quantcli.core.errors import OutputPathError
 
-__all__ = ["TEMP_SUFFIX", "atomic_files", "atomic_output", "checkpoint", "stale_temporaries", "write_bytes"]
+__all__ = [
+    "SCRATCH_PREFIX",
+    "TEMP_SUFFIX",
+    "atomic_files",
+    "atomic_output",
+    "checkpoint",
+    "release_scratch",
+    "scratch_directory",
+    "stale_scratch",
+    "stale_temporaries",
+    "write_bytes",
+]
 
 TEMP_SUFFIX = ".quantcli.tmp"
+#: a run's scratch directory (``scratch_directory``), beside the output; ``owner.lock`` inside is
+#: locked while its process lives
+SCRATCH_PREFIX = ".quantcli-scratch-"
+_OWNER = "owner.lock"
+#: a scratch directory without its lock file is left alone this long (its owner may be creating it)
+_UNLOCKED_GRACE_S = 3600.0
 _KILL_ENV, _LOG_ENV = "QUANTCLI_KILL_AT_WRITE_STEP", "QUANTCLI_WRITE_STEPS"
 _CHUNK = 1 << 16
 _steps = 0
@@ -106,6 +126,48 @@ def _remove_stale(path: Path) -> None:
     for tmp in stale_temporaries(path):
         with contextlib.suppress(OSError):
             tmp.unlink()
+    parent = Path(path).parent if str(Path(path).parent) else Path(".")
+    for folder in stale_scratch(parent):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def scratch_directory(parent: Path | None) -> tuple[Path, int]:
+    """A new scratch directory in ``parent`` (None: the system's) that this process owns: the returned
+    descriptor holds the lock on its ``owner.lock`` until ``release_scratch``. If the process dies
+    first (SIGKILL), the next write beside it, or the next scratch directory there, removes it."""
+    if parent is not None:
+        for folder in stale_scratch(parent):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=SCRATCH_PREFIX, dir=parent))
+    fd = os.open(folder / _OWNER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    _lock(fd, wait=True)
+    return folder, fd
+
+
+def release_scratch(folder: Path, fd: int) -> None:
+    """Remove a scratch directory of this process's, then let go of its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def stale_scratch(parent: Path) -> list[Path]:
+    """Scratch directories in ``parent`` whose process has died (their lock is free), and ones that
+    never got a lock file and are older than an hour. Nothing without file locks (no ``fcntl``)."""
+    if fcntl is None:
+        return []
+    stale = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not (entry.name.startswith(SCRATCH_PREFIX) and entry.is_dir(follow_symlinks=False)):
+                continue
+            lock = Path(entry.path) / _OWNER
+            if lock.exists():
+                if _unowned(lock):
+                    stale.append(Path(entry.path))
+            elif time.time() - entry.stat(follow_symlinks=False).st_mtime > _UNLOCKED_GRACE_S:
+                stale.append(Path(entry.path))
+    return stale
 
 
 def _new_temporary(path: Path) -> tuple[Path, int]:

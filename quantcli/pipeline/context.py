@@ -7,8 +7,6 @@ still empty into a clear bug report instead of an ``AttributeError`` on None.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from quantcli.core.host import default_config
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat
+from quantcli.graph.atomic import release_scratch, scratch_directory
 from quantcli.pipeline.request import ConvertRequest
 
 if TYPE_CHECKING:
@@ -90,6 +89,8 @@ class ConvertContext:
     verdict: Verdict | None = None
     #: a temporary directory for the run's large files (``scratch_folder``), removed by ``run_convert``
     scratch: Path | None = None
+    #: the descriptor holding the scratch directory's owner lock (``quantcli.graph.atomic``)
+    scratch_lock: int = -1
 
     def __post_init__(self) -> None:
         r = self.request
@@ -109,15 +110,15 @@ def scratch_folder(ctx: ConvertContext) -> Path:
     if ctx.scratch is None:
         parent = ctx.request.output_path.parent
         where = parent if parent.is_dir() and os.access(parent, os.W_OK) else None
-        ctx.scratch = Path(tempfile.mkdtemp(prefix=".quantcli-scratch-", dir=where))
+        ctx.scratch, ctx.scratch_lock = scratch_directory(where)
     return ctx.scratch
 
 
 def remove_scratch(ctx: ConvertContext) -> None:
     """Remove the run's temporary directory, if it made one."""
     if ctx.scratch is not None:
-        shutil.rmtree(ctx.scratch, ignore_errors=True)
-        ctx.scratch = None
+        release_scratch(ctx.scratch, ctx.scratch_lock)
+        ctx.scratch, ctx.scratch_lock = None, -1
 
 
 #: one step of a conversion: reads and fills the context

@@ -16,7 +16,6 @@ Big files go under ``--workdir`` (default /tmp/large) and are removed unless ``-
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import platform
 import shutil
@@ -28,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+from quantcli.graph.model_io import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,14 +101,6 @@ def run(cmd: list[str], cap_gib: float | None = None) -> tuple[float, float, int
     return wall, usage.ru_maxrss / 1024, proc.returncode, "\n".join(out.strip().splitlines()[-6:])
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def size_of(path: Path) -> int:
     """Bytes of a model and its external data file."""
     data = path.with_name(path.name + ".data")
@@ -163,7 +156,7 @@ def main() -> int:
         print(f"quantized: {size_of(quant) / 2**30:.3f} GiB (beside it: {quant.name}.data)")
         for written in (quant, quant.with_name(quant.name + ".data")):  # same bytes before and after a change?
             if written.exists():
-                print(f"sha256 {written.name}: {_sha256(written)}")
+                print(f"sha256 {written.name}: {file_sha256(written)}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0

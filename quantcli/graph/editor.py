@@ -146,7 +146,6 @@ class GraphEditor:
         self._head: list[onnx.NodeProto] = []
         self._tail: list[onnx.NodeProto] = []
         self._removed: dict[int, onnx.NodeProto] = {}
-        self._added: set[str] = set()
         self._children: list[GraphEditor] = []
 
     # -- read-only views ---------------------------------------------------------------------
@@ -293,7 +292,6 @@ class GraphEditor:
         else:
             tensor = make_tensor(name, values, elem_type=elem_type)
         self._graph.initializer.append(tensor)
-        self._added.add(name)
 
     def set_initializer(self, name: str, values: np.ndarray) -> None:
         """Give the existing initializer ``name`` new ``values`` (dtype and shape from the array), in place.
@@ -307,17 +305,13 @@ class GraphEditor:
                 return
         raise KeyError(f"no initializer '{name}' in graph '{self._graph.name}'")
 
-    def prune_initializers(self, *, keep_added: bool = False) -> None:
-        """Drop initializers nothing reads (``used_names``); with ``keep_added``, only the original ones.
+    def prune_initializers(self) -> None:
+        """Drop initializers nothing reads (``used_names``).
 
         Commit node edits first: the committed nodes are the readers.
         """
         used = used_names(self._graph)
-        drop = [
-            i
-            for i, t in enumerate(self._graph.initializer)
-            if not (t.name in used or (keep_added and t.name in self._added))
-        ]
+        drop = [i for i, t in enumerate(self._graph.initializer) if t.name not in used]
         for i in reversed(drop):  # in place: re-adding the kept ones would copy each (a second int8 model)
             del self._graph.initializer[i]
 

@@ -388,8 +388,8 @@ def _rewrite_graph(graph: GraphEditor, plan: _PlanIndex, outer: dict[str, str]) 
     inner_outer = {**outer, **{t: integers[t] for t in act_nodes if t in produced and t in integers}}
     for _, _, sub in list(graph.subgraphs()):
         _rewrite_graph(sub, plan, inner_outer)
-    # the scales and zero points of DequantizeLinear nodes removed above are read by nothing now
-    graph.prune_initializers(keep_added=not local_ops)
+    # what nothing reads: the scales and zero points of DequantizeLinear nodes removed above, among others
+    graph.prune_initializers()
     folded_inputs = {f.input for f in plan.folded.values()}
     if folded_inputs:
         graph.drop_value_info(folded_inputs)

@@ -203,6 +203,15 @@ def test_help_groups_options_into_panels(command, where):
         assert option in _panel(result.output, title), (title, option)
 
 
+@pytest.mark.parametrize("command", ["convert", "calibrate", "compare"])
+def test_help_keeps_the_extra_in_brackets(command, monkeypatch):
+    """Rich markup read 'quantcli[ray]' as a style tag and printed 'quantcli': the install line must survive."""
+    monkeypatch.setenv("COLUMNS", "400")
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "pip install 'quantcli[ray]'" in result.output
+
+
 def _captured_request(monkeypatch, *args):
     """Run ``convert`` with ``args`` and return the request the CLI built (the API is not run)."""
     from quantcli import api

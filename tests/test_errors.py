@@ -435,3 +435,22 @@ def print_catalogue() -> None:  # pragma: no cover - documentation helper
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(print_catalogue())
+
+
+def test_sixteen_bit_types_upgrade_an_opset_13_model_to_21(tmp_path):
+    """16-bit Q/DQ exist from opset 21: convert upgrades the input in memory, as it does below 13, instead of
+    failing after calibration with 'upgrade it first'; --no-upgrade-opset still refuses, in one line."""
+    model = _model(tmp_path, _opset(13))
+    result = runner.invoke(app, _convert(tmp_path, model, "--activation-type", "uint16", "--no-verdict"))
+    assert result.exit_code == 0, result.output
+    assert "input: opset 13 upgraded to 21 in memory" in result.output
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    assert next(i.version for i in out.opset_import if i.domain == "") == 21
+    inits = {i.name: i for i in out.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in out.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zero_points and all(z.data_type == TensorProto.UINT16 for z in zero_points)  # 16-bit activations
+    refused = runner.invoke(
+        app, _convert(tmp_path, model, "--activation-type", "uint16", "--no-upgrade-opset", "--force")
+    )
+    assert refused.exit_code == 3 and "16-bit and 4-bit Q/DQ" in refused.output
+    assert "Traceback" not in refused.output

@@ -292,7 +292,7 @@ def calibrate(
         typer.Option(
             metavar="ADDRESS",
             help="Calibrate in shards as Ray tasks and merge them ('local': start Ray on this machine; else a "
-            "cluster address, e.g. auto). Needs pip install 'quantcli[ray]'.",
+            "cluster address, e.g. auto). Needs pip install 'quantcli\\[ray]'.",
             rich_help_panel=DATA,
         ),
     ] = None,
@@ -613,7 +613,7 @@ def convert(
             "--ray",
             metavar="ADDRESS",
             help="Score the search's independent candidates as Ray tasks, with the same result ('local': start Ray "
-            "on this machine; else a cluster address, e.g. auto). Needs pip install 'quantcli[ray]'.",
+            "on this machine; else a cluster address, e.g. auto). Needs pip install 'quantcli\\[ray]'.",
             rich_help_panel=SEARCH,
         ),
     ] = None,
@@ -810,7 +810,7 @@ def compare(
             metavar="ADDRESS",
             help="Measure accuracy in shards as Ray tasks, merged into the same result; latency stays on this "
             "host ('local': start Ray on this machine; else a cluster address, e.g. auto). "
-            "Needs pip install 'quantcli[ray]'.",
+            "Needs pip install 'quantcli\\[ray]'.",
             rich_help_panel=MEASURE,
         ),
     ] = None,

@@ -41,14 +41,16 @@ def prepare_input(
     if opset >= min_opset:
         return model
     if not upgrade_opset:
-        what = "per-channel QuantizeLinear/DequantizeLinear" if min_opset == MIN_OPSET else "this mode"
+        what = {MIN_OPSET: "per-channel QuantizeLinear/DequantizeLinear", 21: "16-bit and 4-bit Q/DQ"}.get(
+            min_opset, "this mode"
+        )
         raise UnsupportedModelError(
             f"{path}: opset {opset} is too old for {what} (needs >= {min_opset}); onnx's version converter "
             "upgrades it in memory unless $upgrade_opset is off",
             options=("upgrade_opset",),
         )
     try:
-        return upgrade_opset_to(model, MIN_OPSET)
+        return upgrade_opset_to(model, max(min_opset, MIN_OPSET))
     except Exception as exc:
         first = " ".join(str(exc).split())[:200]
         raise UnsupportedModelError(f"{path}: onnx's version converter cannot upgrade opset {opset}: {first}") from exc

@@ -95,9 +95,13 @@ def load_and_check(ctx: ConvertContext) -> None:
     when a step needs its values, and ``save`` copies those left as they were from there, so the
     process never holds the model's FP32 weights, let alone a second copy of them.
     """
+    from quantcli.static.lowering import opset_for_types
+
     r = ctx.request
     loaded = load_model(r.model_path, weights=False)
-    ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
+    # 16-bit or 4-bit types need opset 21 Q/DQ: upgrade to it up front, before planning names tensors
+    types = (ctx.config.activation_type, ctx.config.weight_type)
+    ctx.model = prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset, min_opset=opset_for_types(types))
     ctx.opset_note = opset_note(loaded, ctx.model)
     ctx.sha256 = file_sha256(r.model_path)
 

@@ -8,7 +8,7 @@ same plan always gives the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +33,7 @@ from quantcli.static.plan import (
 )
 from quantcli.static.planning import FLOAT_READ_OPS
 
-__all__ = ["DynamicLowering", "apply_plan", "required_opset"]
+__all__ = ["DynamicLowering", "apply_plan", "opset_for_types", "required_opset"]
 
 _ONNX_TYPES = {
     QuantDType.UINT8: onnx.TensorProto.UINT8,
@@ -46,12 +46,19 @@ _ONNX_TYPES = {
 }
 
 
+#: types whose QuantizeLinear/DequantizeLinear need opset 21
+_OPSET_21_TYPES = frozenset({QuantDType.INT4, QuantDType.UINT4, QuantDType.INT16, QuantDType.UINT16})
+
+
+def opset_for_types(types: Iterable[QuantDType]) -> int:
+    """Lowest default-domain opset whose Q/DQ accept every type in ``types``."""
+    return 21 if _OPSET_21_TYPES.intersection(types) else 13
+
+
 def required_opset(plan: QuantPlan) -> int:
     """Lowest default-domain opset whose Q/DQ accept every type in ``plan``."""
     types = {a.params.dtype for a in plan.activations} | {w.quantized.params.dtype for w in plan.weights}
-    if types & {QuantDType.INT4, QuantDType.UINT4, QuantDType.INT16, QuantDType.UINT16}:
-        return 21
-    return 13
+    return opset_for_types(types)
 
 
 #: rewrites a lowered model's run-time quantized MatMul/Gemm (``QuantPlan.dynamic_nodes``); the one in use
@@ -145,7 +152,8 @@ def apply_plan(model: onnx.ModelProto, plan: QuantPlan, *, dynamic: DynamicLower
     if opset < need:
         raise UnsupportedModelError(
             f"model uses opset {opset}, but per-channel QuantizeLinear/DequantizeLinear need opset >= {need}; "
-            "upgrade it first (onnx.version_converter.convert_version)"
+            "convert upgrades the input when its options ask for those types; else upgrade it first "
+            "(onnx.version_converter.convert_version)"
         )
     editor = ModelEditor(model)
     _rewrite_graph(editor.graph, _PlanIndex.of(plan), {})

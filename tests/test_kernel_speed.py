@@ -137,6 +137,22 @@ def test_a_width_stride_of_its_own_is_measured_and_keyed() -> None:
     assert run(reference, feed)[0].shape == run(candidate, feed)[0].shape == (1, 104, 2, 96)
 
 
+def test_each_round_times_sessions_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One pair of sessions keeps its speed (0.975-1.010x across pairs, within 0.009 inside one): rounds on
+    one pair would agree on a figure another pair contradicts, so each round builds its own."""
+    built: list[str] = []
+    real = kernel_speed.make_session
+
+    def counting(model: onnx.ModelProto, *, threads: int, source: str):  # type: ignore[no-untyped-def]
+        built.append(source)
+        return real(model, threads=threads, source=source)
+
+    monkeypatch.setattr(kernel_speed, "make_session", counting)
+    rounds = kernel_speed.measure_rounds(KernelShape(KernelKind.MATMUL, (4, 16, 16)), rounds=3, budget_s=0.01)
+    assert len(rounds) == 3 and all(r > 0 for r in rounds)
+    assert built == ["float kernel", "integer kernel"] * 3
+
+
 def _scripted(monkeypatch: pytest.MonkeyPatch, figures: list[float]) -> list[int]:
     """Make ``measure_rounds`` hand out ``figures`` in order; returns the list of round counts asked for."""
     asked: list[int] = []

@@ -38,12 +38,13 @@ kernel is fastest on channel counts it vectorizes whole). A model has few distin
 cache keeps each. MatMul weights are exact too (``k``, ``n``); only the rows ``m`` (a sequence length,
 which varies with the input) are rounded up to a power of two.
 
-A figure is the median of rounds (each the median of alternating pairs of runs), stored with the
-rounds it came from. Its spread is the middle half of the rounds (25th to 75th percentile); when
-that spans 1.0 the rounds disagree about the answer and more are measured, up to ``MAX_ROUNDS``, now
-and by later processes that read the uncertain entry from the cache: a round slowed by load gets
-outvoted instead of kept. The reason line shows the median and the spread; rules call the integer
-form slower only when the spread's top is below their threshold (``KernelSpeed.slower``). Results are cached in
+A figure is the median of rounds (each the median of alternating pairs of runs, on fresh sessions),
+stored with the rounds it came from and the load average when they were taken. Its spread is the
+middle half of the rounds (25th to 75th percentile); when that spans 1.0 the rounds disagree about
+the answer and more are measured, up to ``MAX_ROUNDS``, now and by later processes that read the
+uncertain entry from the cache: a round slowed by load gets outvoted instead of kept. The reason
+line shows the median and the spread; rules call the integer form slower only when the spread's top
+is below their threshold (``KernelSpeed.slower``). Results are cached in
 ``$XDG_CACHE_HOME/quantcli/kernel_speed.json`` (else ``~/.cache/quantcli/...``), keyed by CPU model,
 its integer-relevant flags (AVX2, AVX512-VNNI, AMX), onnxruntime and quantcli versions, threads,
 and the shape; written atomically. ``QUANTCLI_NO_SPEED_CACHE=1`` (or ``cache_path=None``) measures
@@ -302,14 +303,17 @@ def kernel_models(shape: KernelShape) -> tuple[onnx.ModelProto, onnx.ModelProto,
 
 def measure_rounds(shape: KernelShape, *, threads: int = 1, rounds: int = 3, budget_s: float = 0.12) -> list[float]:
     """``t_float / t_int8`` for ``shape`` as given (not ``bucket``-ed), once per round: each the median of
-    alternating pairs of runs within ``budget_s``."""
+    alternating pairs of runs within ``budget_s``, on sessions of its own (one pair of sessions keeps
+    its speed: a 16-channel island at 112x112 measured 0.975-1.010x across six pairs, within 0.009
+    inside each, so rounds on one pair would agree on a figure another pair contradicts)."""
     reference, candidate, feed = kernel_models(shape)
-    ref = make_session(reference, threads=threads, source="float kernel")
-    cand = make_session(candidate, threads=threads, source="integer kernel")
-    return [
-        measure_latency(ref, cand, feed, threads=threads, warmup=3, runs=400, time_budget_s=budget_s).speedup
-        for _ in range(max(1, rounds))
-    ]
+    found = []
+    for _ in range(max(1, rounds)):
+        ref = make_session(reference, threads=threads, source="float kernel")
+        cand = make_session(candidate, threads=threads, source="integer kernel")
+        timing = measure_latency(ref, cand, feed, threads=threads, warmup=3, runs=400, time_budget_s=budget_s)
+        found.append(timing.speedup)
+    return found
 
 
 def measure_ratio(shape: KernelShape, *, threads: int = 1, rounds: int = 3, budget_s: float = 0.12) -> float:

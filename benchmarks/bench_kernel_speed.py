@@ -4,23 +4,27 @@
 
 Prints the CPU model, its integer-relevant flags and the onnxruntime version, then for each shape
 (image stems, depthwise Convs, small MatMuls static and dynamic) the ratio ``t_float / t_int8``
-(above 1: the integer kernel is faster) measured by ``quantcli.verify.kernel_speed.measure_ratio``
-on the shape's bucket, as the planning oracle would, but with more rounds and no cache. The stem
-rule keeps a stem float when its ratio is below ``1 - STEM_MARGIN``. A "depthwise island" is the
+(above 1: the integer kernel is faster) measured by ``quantcli.verify.kernel_speed.measure_rounds``
+on the shape as the planning oracle measures it (``bucket``: exact, but unknown sides and MatMul
+rows), the median of the rounds and their middle half, with no cache. The stem rule keeps a stem
+float when the top of that spread is below ``1 - STEM_MARGIN``. A "depthwise island" is the
 depthwise Conv between two integer 1x1 Convs, integer against float with its DequantizeLinear,
 QuantizeLinear and layout transposes (the figure the depthwise rule decides from, below
-``1 - DEPTHWISE_MARGIN``); "depthwise" alone is the bare kernel.
+``1 - DEPTHWISE_MARGIN``); "depthwise" alone is the bare kernel. The PP-OCR classifier rows are its
+5x5 depthwise islands at their real channels and strides; "pow2" rows are the power-of-two
+channels and square strides quantcli measured them at before.
 """
 
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import onnxruntime as ort
 
 from quantcli.core.host import KernelKind, KernelShape, cpu_model, int8_flags
 from quantcli.static.rules.stem import STEM_MARGIN
-from quantcli.verify.kernel_speed import bucket, measure_ratio
+from quantcli.verify.kernel_speed import bucket, measure_rounds, spread
 
 K = KernelKind
 SHAPES: tuple[tuple[str, KernelShape], ...] = (
@@ -40,6 +44,14 @@ SHAPES: tuple[tuple[str, KernelShape], ...] = (
     ("depthwise island 3x3, 512 ch at 7", KernelShape(K.DEPTHWISE_ISLAND, (512, 512, 3, 3, 1, 7, 7))),
     ("depthwise island 5x5/2, 64 ch at 56", KernelShape(K.DEPTHWISE_ISLAND, (64, 64, 5, 5, 2, 56, 56))),
     ("depthwise island 3x3, PP-OCR cls 200 ch at 3x12", KernelShape(K.DEPTHWISE_ISLAND, (200, 200, 3, 3, 1, 3, 12))),
+    ("PP-OCR cls 5x5, 88 ch at 3x96", KernelShape(K.DEPTHWISE_ISLAND, (88, 88, 5, 5, 1, 3, 96))),
+    ("  pow2: 128 ch", KernelShape(K.DEPTHWISE_ISLAND, (128, 128, 5, 5, 1, 3, 96))),
+    ("PP-OCR cls 5x5, 40 ch at 3x96", KernelShape(K.DEPTHWISE_ISLAND, (40, 40, 5, 5, 1, 3, 96))),
+    ("  pow2: 64 ch", KernelShape(K.DEPTHWISE_ISLAND, (64, 64, 5, 5, 1, 3, 96))),
+    ("PP-OCR cls 5x5/2x1, 104 ch at 3x96", KernelShape(K.DEPTHWISE_ISLAND, (104, 104, 5, 5, 2, 3, 96), 1)),
+    ("  pow2, square: 128 ch /2", KernelShape(K.DEPTHWISE_ISLAND, (128, 128, 5, 5, 2, 3, 96))),
+    ("PP-OCR cls 5x5, 200 ch at 2x96", KernelShape(K.DEPTHWISE_ISLAND, (200, 200, 5, 5, 1, 2, 96))),
+    ("  pow2: 256 ch", KernelShape(K.DEPTHWISE_ISLAND, (256, 256, 5, 5, 1, 2, 96))),
     ("MatMul 1x1x64 @ 64x64", KernelShape(K.MATMUL, (1, 64, 64))),
     ("MatMul 1x16x128 @ 128x128", KernelShape(K.MATMUL, (16, 128, 128))),
     ("MatMul 1x64x256 @ 256x256", KernelShape(K.MATMUL, (64, 256, 256))),
@@ -59,11 +71,12 @@ def main() -> None:
     print(f"CPU: {cpu_model()}; int8 flags: {', '.join(int8_flags()) or 'none'}; onnxruntime {ort.__version__}")
     below = 1 - STEM_MARGIN
     print(f"threads {args.threads}, median of {args.rounds} alternating rounds; stem float below {below:.2f}x")
-    print(f"{'shape':40s} {'measured as':34s} {'int8/float speed':>16s}")
+    print(f"{'shape':40s} {'measured as':34s} {'int8/float speed':>16s}  middle half of rounds")
     for label, shape in SHAPES:
         rep = bucket(shape)
-        ratio = measure_ratio(rep, threads=args.threads, rounds=args.rounds, budget_s=0.2)
-        print(f"{label:40s} {rep.describe():34s} {ratio:15.2f}x")
+        rounds = measure_rounds(rep, threads=args.threads, rounds=args.rounds, budget_s=0.2)
+        low, high = spread(rounds)
+        print(f"{label:40s} {rep.describe():34s} {float(np.median(rounds)):15.2f}x  {low:.2f}-{high:.2f}")
 
 
 if __name__ == "__main__":

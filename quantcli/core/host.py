@@ -158,12 +158,26 @@ class KernelShape:
     """One kernel shape at batch 1.
 
     ``dims`` per kind: Conv and pool kinds ``(c_in, c_out, kh, kw, stride, h, w)`` (``c_in == c_out``
-    for depthwise and pools, ``kh``/``kw`` 0 for a global pool; ``h``/``w`` 0 when unknown); MatMul
-    kinds ``(m, k, n)``.
+    for depthwise and pools, ``kh``/``kw`` 0 for a global pool; ``h``/``w`` 0 when unknown; ``stride``
+    the height stride); MatMul kinds ``(m, k, n)``. ``stride_w`` is the width stride of a Conv or pool
+    whose strides differ (PP-OCR's ``(2, 1)``), else 0: a shape with equal strides compares and hashes
+    the same however it was written.
     """
 
     kind: KernelKind
     dims: tuple[int, ...]
+    stride_w: int = 0
+
+    def __post_init__(self) -> None:
+        if self.stride_w and self.is_conv and self.stride_w == self.dims[4]:
+            object.__setattr__(self, "stride_w", 0)
+
+    @property
+    def strides(self) -> tuple[int, int]:
+        """``(height, width)`` strides of a Conv or pool (``(1, 1)`` for a MatMul)."""
+        if not self.is_conv:
+            return (1, 1)
+        return (self.dims[4], self.stride_w or self.dims[4])
 
     @property
     def is_conv(self) -> bool:
@@ -182,11 +196,13 @@ class KernelShape:
         return self.dims[5] * self.dims[6] if self.is_conv else 0
 
     def describe(self) -> str:
-        """E.g. ``1x3x224x224 -> 3x3x16`` (input, then kernel and output channels) or ``1x64x64 @ 64x64``."""
+        """E.g. ``1x3x224x224 -> 3x3x16/2`` (input, then kernel, output channels and strides, ``/2x1`` when
+        they differ) or ``1x64x64 @ 64x64``."""
         if self.is_conv:
-            c_in, c_out, kh, kw, stride, h, w = self.dims
+            c_in, c_out, kh, kw, _, h, w = self.dims
             size = f"{h or '?'}x{w or '?'}"
-            step = f"/{stride}" if stride != 1 else ""
+            sh, sw = self.strides
+            step = "" if (sh, sw) == (1, 1) else f"/{sh}" if sh == sw else f"/{sh}x{sw}"
             if self.is_pool:
                 window = "global" if kh == 0 else f"{kh}x{kw}{step}"
                 return f"1x{c_in}x{size} -> {self.kind.removesuffix('-island')} {window}"
@@ -200,22 +216,28 @@ class KernelSpeed:
     """How fast the integer form of a kernel runs against its float form.
 
     Attributes:
-        shape: the shape measured (a bucket's representative, see ``quantcli.verify.kernel_speed``).
+        shape: the shape measured (see ``quantcli.verify.kernel_speed``).
         ratio: ``t_float / t_int8``; above 1 the integer kernel is faster.
         source: where the figure comes from, for the reason line (``on this host``, or a constant's origin).
+        spread: the middle half (25th to 75th percentile) of the rounds the figure is the median of
+            (None: a constant, or a single figure).
     """
 
     shape: KernelShape
     ratio: float
     source: str
+    spread: tuple[float, float] | None = None
 
     def slower(self, margin: float) -> bool:
-        """True when the integer kernel runs below ``1 - margin`` times the float speed."""
-        return self.ratio < 1.0 - margin
+        """True when the integer kernel runs below ``1 - margin`` times the float speed: the spread's top
+        for a measured figure (three rounds in four), else the figure itself."""
+        return (self.spread[1] if self.spread else self.ratio) < 1.0 - margin
 
     def describe(self, kernel: str) -> str:
-        """E.g. ``QLinearConv measured 0.45x float on this host for 1x3x224x224 -> 3x3x16``."""
-        return f"{kernel} measured {self.ratio:.2f}x float {self.source} for {self.shape.describe()}"
+        """E.g. ``QLinearConv measured 0.45x float on this host for 1x3x224x224 -> 3x3x16``, with the rounds'
+        spread when there is one (``0.45x (0.44-0.47) float``)."""
+        spread = f" ({self.spread[0]:.2f}-{self.spread[1]:.2f})" if self.spread else ""
+        return f"{kernel} measured {self.ratio:.2f}x{spread} float {self.source} for {self.shape.describe()}"
 
 
 class SpeedOracle(Protocol):

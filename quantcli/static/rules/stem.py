@@ -41,7 +41,7 @@ def stem_shape(ctx: PlanContext, node: onnx.NodeProto, weight_shape: tuple[int, 
     sides = [d if isinstance(d, int) and d > 0 else 0 for d in ctx.index.shapes.get(node.input[0], ())[2:]]
     h, w = (sides[0], sides[1]) if len(sides) == 2 else (0, 0)
     c_out, c_in, kh, kw = (int(d) for d in weight_shape)
-    return KernelShape(KernelKind.STEM_CONV, (c_in, c_out, kh, kw, int(strides[0]), h, w))
+    return KernelShape(KernelKind.STEM_CONV, (c_in, c_out, kh, kw, int(strides[0]), h, w), int(strides[-1]))
 
 
 def check_stem(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | str:

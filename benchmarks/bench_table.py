@@ -58,6 +58,7 @@ from bench_models import (  # noqa: E402
 )
 
 from quantcli.api import convert_model  # noqa: E402
+from quantcli.cli.flags import flag  # noqa: E402
 from quantcli.compare.output_kinds import OutputKind  # noqa: E402
 from quantcli.core.errors import NotFasterError  # noqa: E402
 from quantcli.core.host import cpu_model, int8_flags  # noqa: E402
@@ -137,7 +138,9 @@ def run_default(name: str, model: Path, calib: Path, out: Path) -> Variant:
     return Variant(out, {
         "seconds": round(time.perf_counter() - t0, 1),
         "verdict_warned": bool(verdict and verdict.warnings),
-        "verdict": " | ".join(verdict.warnings) if verdict and verdict.warnings else "ok" if verdict else "none",
+        # the warnings are templates naming options ($eval_data): render them as the command line does
+        "verdict": " | ".join(verdict.render(flag)[1 : 1 + len(verdict.warnings)])
+        if verdict and verdict.warnings else "ok" if verdict else "none",
     })  # fmt: skip
 
 

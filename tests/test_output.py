@@ -185,6 +185,18 @@ def test_json_on_calibrate_convert_inspect_validates(tmp_path: Path) -> None:
     assert doc["quantized"]["Conv"] == 7 and doc["audit"]["integer_kernels"]["QLinearConv"] == 7
     assert [s["node"] for s in doc["skipped"]] == ["/fc/Gemm"]
     assert {n["name"]: n["integer"] for n in doc["audit"]["compute_nodes"]}["/fc/Gemm"] is False
+    # from a calibration file the verdict says what it could not check, naming the flag to give
+    verdict = doc["verdict"]
+    assert verdict["outputs"] == [] and any("--eval-data" in u for u in verdict["unchecked"])
+    assert "$" not in json.dumps(verdict)
+
+    result = invoke("convert", MODEL, "--data", CALIB, "-o", tmp_path / "q2.onnx", "--json", tmp_path / "conv2.json")
+    assert result.exit_code == 0, result.output
+    verdict = _valid(json.loads((tmp_path / "conv2.json").read_text()))["verdict"]
+    assert verdict["source"].endswith("held-back --data samples") and verdict["num_samples"] == 40
+    assert [(o["kind"], o["agreement"] >= 0.95) for o in verdict["outputs"]] == [("classifier", True)]
+    assert verdict["passed"] is (not verdict["warnings"]) and verdict["line"].startswith("verdict: ")
+    assert verdict["speed"] is not None and verdict["speed"]["speedup"] > 0
 
     result = invoke("inspect", out, "--json", tmp_path / "i.json")
     assert result.exit_code == 0, result.output

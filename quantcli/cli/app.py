@@ -37,6 +37,7 @@ from quantcli.cli.flags import (
     Toggle,
     convert_request,
     error_text,
+    flag,
     parse_bytes,
     split_list,
 )
@@ -702,7 +703,7 @@ def convert(
     result = api.convert(request, progress=_progress(quiet), log=_search_log(quiet))
     console = _report_console(json_path)
     report.render_convert(console, result)
-    report.emit_json(console, schemas.convert_document(result, model_path=model), json_path)
+    report.emit_json(console, schemas.convert_document(result, model_path=model, name=flag), json_path)
 
 
 @app.command()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import math
+import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,7 @@ if TYPE_CHECKING:
     from quantcli.compare.gates import GateResult
     from quantcli.compare.result import CompareResult
     from quantcli.pipeline.result import ConvertResult
+    from quantcli.pipeline.verdict import Verdict
     from quantcli.static.plan import Skip
     from quantcli.stats.ranges import CalibrationResult
     from quantcli.verify.audit import FusionAudit
@@ -120,8 +123,11 @@ def audit_document(audit: FusionAudit) -> dict[str, Any]:
     }
 
 
-def convert_document(result: ConvertResult, *, model_path: Path | None = None) -> dict[str, Any]:
-    """The ``quantcli.convert/1`` document: what was quantized, what stayed float and why, what runs."""
+def convert_document(
+    result: ConvertResult, *, model_path: Path | None = None, name: Callable[[str], str] = str
+) -> dict[str, Any]:
+    """The ``quantcli.convert/1`` document: what was quantized, what stayed float and why, what runs, and
+    the verdict (its texts name options by ``name``: the field by default, the CLI passes its flags)."""
     plan, mode_report = result.plan, result.mode_report
     cfg = plan.config if plan is not None else None
     search = result.search
@@ -163,6 +169,36 @@ def convert_document(result: ConvertResult, *, model_path: Path | None = None) -
             "speedup": result.speed.speedup,
         },
         "recipe": None if result.recipe_path is None else str(result.recipe_path),
+        "verdict": _verdict(result.verdict, name),
+    }
+
+
+def _verdict(verdict: Verdict | None, name: Callable[[str], str]) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    line, *rest = verdict.render(name)
+    speed = verdict.speed
+    return {
+        "passed": verdict.passed,
+        "line": line,
+        "warnings": rest[: len(verdict.warnings)],
+        "unchecked": rest[len(verdict.warnings) :],
+        "source": string.Template(verdict.source).safe_substitute({o: name(o) for o in verdict.options}),
+        "num_samples": verdict.num_samples,
+        "outputs": [
+            {
+                "name": k.name,
+                "kind": str(k.kind),
+                "agreement": _finite(k.agreement),
+                "cosine": _finite(k.cosine),
+                "iou": _finite(k.iou),
+                "sqnr_db": _finite(k.sqnr_db),
+            }
+            for k in verdict.kinds
+        ],
+        "speed": None
+        if speed is None
+        else {"fp32_ms": speed.fp32_ms, "quantized_ms": speed.quantized_ms, "speedup": speed.speedup},
     }
 
 

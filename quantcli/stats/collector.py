@@ -6,7 +6,7 @@ A request is a value naming what to measure and on which tensor:
   average of the per-batch min/max and a growing histogram when asked (calibration); ``reduced``: the
   output holds ``[min, max]`` pairs on its last axis (a Loop body's tensor reduced per iteration,
   ``quantcli.graph.subgraphs``), observed as the values they bound; ``summary``: the output is a
-  batch's ``[min, max, has_nan, size]`` reduced in the graph (``quantcli.graph.reductions``);
+  batch's ``[min, max, nans, size]`` reduced in the graph (``quantcli.graph.reductions``);
 * ``ChannelRequest(tensor, axis)``: per-channel mean, min, max (so abs-max) along ``axis``
   (SmoothQuant, bias correction);
 * ``ErrorRequest(tensor, candidate)``: signal and noise energy of a candidate model's tensor against
@@ -119,7 +119,7 @@ class RangeRequest:
     histogram_bins: int = 0  # 0: no histogram
     #: the output holds [min, max] pairs (last axis 2), not the values (no histogram then)
     reduced: bool = False
-    #: the output is the batch's ``[min, max, has_nan, size]`` summary reduced inside the graph
+    #: the output is the batch's ``[min, max, nans, size]`` summary reduced inside the graph
     #: (``quantcli.graph.reductions``), not the values (min/max only)
     summary: bool = False
 
@@ -157,19 +157,17 @@ class ReducedRangeStats(RangeStats):
 
 
 class SummaryRangeStats(RangeStats):
-    """``RangeStats`` (min/max alone) fed each batch's ``[min, max, has_nan, size]`` summary.
+    """``RangeStats`` (min/max alone) fed each batch's ``[min, max, nans, size]`` summary.
 
-    Folds the batch as ``MinMaxObserver.update`` folds its values: a batch holding a NaN has NaN
-    bounds (numpy's ``min``), which leave the running range as it was; an empty batch is dropped;
-    the count is the batch's element count. So the state is the same bytes as observing the values.
+    Folds the batch as ``MinMaxObserver.update`` folds its values: min and max of the values that are
+    not NaN, the NaN values counted; an empty (or all-NaN) batch adds no value. So the state is the
+    same bytes as observing the values.
     """
 
     def update(self, values: Sequence[np.ndarray]) -> None:
         """Fold one batch's summary in."""
-        lo, hi, has_nan, size = (float(v) for v in np.asarray(values[0]).reshape(4))
-        if has_nan:
-            lo = hi = float("nan")
-        self.minmax.fold(lo, hi, int(size))
+        lo, hi, nans, size = (float(v) for v in np.asarray(values[0]).reshape(4))
+        self.minmax.fold(lo, hi, int(size) - int(nans), int(nans))
 
 
 # ---- per-channel statistics -----------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every float activation is observed through the statistics collector (``quantcli.
 model is copied with the activations exposed as outputs (the input model is not touched), each batch's
 values go straight into small observers and are dropped, so memory holds one batch of activations, whatever
 the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks (down to one
-sample) until one batch of every activation fits it, and to about 16 MB of activations, above which a
+sample) until one batch of every activation fits it, and to about 8 MB of activations, above which a
 larger batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost little: 4 MB,
 ``MINMAX_BATCH_TARGET``, which also keeps onnxruntime's working set small); measuring the sizes holds one
 sample of every activation anyway, so one sample is not split further. The observers do not depend on the
@@ -119,8 +119,11 @@ CALIBRATION_BUDGET = 512 << 20
 MINMAX_BATCH_TARGET = 4 << 20
 #: exposed bytes above which a larger batch calibrates no faster on a CPU (calibrate, min-max, 256
 #: samples, batch 1 vs 32 on a shared 2-core machine: magika at 22 MB a sample 5.0 vs 8.9 s, ppocrv4_rec
-#: at 192 MB 32 vs 41 s; the digits CNN, at 87 KB, keeps batch 32)
-BATCH_TARGET = 16 << 20
+#: at 192 MB 32 vs 41 s). 8 MB, not 16: with histograms two batches are in flight (overlapped updates),
+#: so the peak follows it; calibrate percentile, 256 samples, 2 shared AVX-512 cores (load 5), median of
+#: 5 interleaved runs, CPU s and peak RSS, 16 vs 8 MB: digits CNN 0.31 s 142 MB vs 0.29 s 129 MB, g2p
+#: BERT 0.74 s 174 MB vs 0.73 s 147 MB (4 MB: 117 and 132 MB, but g2p up to 0.94 s)
+BATCH_TARGET = 8 << 20
 
 
 def calibration_memory_budget(max_memory: int | None, method: CalibrationMethod) -> int:

@@ -386,8 +386,9 @@ def collect(
         # what the observers read a batch (a summary: 32 bytes, not worth a thread hand-off)
         weights = [sum(sizes[o] for o in r.outputs() if o not in summaries) * size for r in group]
         overlap_budget = budget if options.overlap_updates else 0
+        batch_bytes = sum(sizes[(m, n)] for m, names_m in enumerate(outs) for n in names_m) * size
         with _Feeder(feeding, weights, _update_threads(options), overlap_budget) as feeder:
-            for values in _batches(runs, outs, dataset, options, progress, desc):
+            for values in _batches(runs, outs, dataset, options, progress, desc, batch_bytes):
                 feeder.feed(values)
                 del values
         for observer, _ in feeding:
@@ -490,8 +491,12 @@ def _batches(
     options: CollectOptions,
     progress: Progress,
     desc: str,
+    batch_bytes: int,
 ) -> Iterator[dict[tuple[int, str], np.ndarray]]:
-    """Each batch's exposed outputs of every model, keyed by (model, name); one batch alive at a time."""
+    """Each batch's exposed outputs of every model, keyed by (model, name); one batch alive at a time.
+
+    ``batch_bytes``: what a batch's activations take (planned), for ``release_freed_memory``.
+    """
     size = dataset.effective_batch_size(options.batch_size)
     total = -(-dataset.num_samples // size)
     count = sum(len(o) for o in outputs)
@@ -519,4 +524,4 @@ def _batches(
                 raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
         yield values
         del values  # before the next run: one batch of activations alive at a time, not two
-        release_freed_memory()
+        release_freed_memory(batch_bytes)

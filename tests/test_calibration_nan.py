@@ -121,3 +121,15 @@ def test_calibrate_warns_in_one_line_and_records_the_counts(tmp_path):
     report = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "again.json"), "--json", str(tmp_path / "r.json")])
     assert report.exit_code == 0, report.output
     assert json.loads((tmp_path / "r.json").read_text())["nans"] == {"w": 2, "y": 2, "z": 2}
+
+
+def test_a_tensor_that_is_always_empty_keeps_a_zero_range():
+    from types import SimpleNamespace
+
+    from quantcli.stats.calibration import CalibrationOptions, calibration_result
+
+    stats = RangeRequest("t").observer()
+    stats.update([np.zeros((4, 0), dtype=np.float32)])  # no value, and no NaN: not "only NaN"
+    exposure = SimpleNamespace(tracked=["t"], aliases={}, inner={})
+    result = calibration_result(exposure, {"t": stats}, CalibrationOptions(), "sha", 1, 1)
+    assert (result.ranges["t"].min, result.ranges["t"].max, result.nans) == (0.0, 0.0, {})

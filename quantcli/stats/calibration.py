@@ -355,7 +355,7 @@ def calibration_result(
             continue
         if stats.minmax.nans:
             nans[inner.get(name, name)] = stats.minmax.nans
-        if not stats.minmax.count:
+        if stats.minmax.nans and not stats.minmax.count:
             raise CalibrationDataError(
                 f"activation '{inner.get(name, name)}' took only NaN values ({stats.minmax.nans}) on the "
                 "calibration data: it has no range to quantize with"

@@ -240,7 +240,7 @@ def expose(
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]), reduce_loops=True)
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             with_inner = augmented(exposed.model, names + list(exposed.names))
-            probe = make_session(with_inner, threads=options.threads, source=options.source)
+            probe = make_session(with_inner, threads=options.threads, source=options.source, spin=False)
             probe.run(list(exposed.names), next(iter(dataset.batches(1))))
             model, inner, reduced = exposed.model, exposed.names, exposed.reduced
             names += list(inner)
@@ -248,7 +248,7 @@ def expose(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(augmented(model, names), threads=options.threads, source=options.source)
+        probe = make_session(augmented(model, names), threads=options.threads, source=options.source, spin=False)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -260,7 +260,7 @@ def expose(
     if summarized is None:
         return Exposure(model, tracked, aliases, inner, probe, reduced)
     del probe  # before the summarizing session is built: one session alive at a time
-    probe = make_session(summarized.model, threads=options.threads, source=options.source)
+    probe = make_session(summarized.model, threads=options.threads, source=options.source, spin=False)
     return Exposure(summarized.model, tracked, aliases, inner, probe, reduced, summarized.outputs)
 
 

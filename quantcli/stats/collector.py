@@ -476,11 +476,16 @@ class _Feeder:
 
 
 def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> Session | None:
-    """A session returning ``names`` (None when the model has nothing to return)."""
+    """A session returning ``names`` (None when the model has nothing to return); its threads sleep
+    between runs rather than spin, since the observers work between runs (``make_session(spin=False)``)."""
     if not names:
         return None
     return make_session(
-        augmented(model, names), threads=options.threads, optimize=options.optimize, source=options.source
+        augmented(model, names),
+        threads=options.threads,
+        optimize=options.optimize,
+        source=options.source,
+        spin=False,
     )
 
 

@@ -184,3 +184,18 @@ def test_if_branch_inside_loop_never_taken_is_unobserved(rng: np.random.Generato
     result = calibrate(model, FeedList(feeds), model_sha256="-")
     assert "t_relu" in result.ranges and "e_out" not in result.ranges
     assert "e_out" in result.unobserved
+
+
+def test_freed_memory_is_trimmed_every_few_large_batches_not_every_few_tiny_ones(monkeypatch) -> None:
+    from quantcli.core import process
+
+    trims: list[int] = []
+    monkeypatch.setattr(process._State, "trim", trims.append)
+    monkeypatch.setattr(process._State, "batches_since_trim", 0)
+    monkeypatch.setattr(process._State, "bytes_since_trim", 0)
+    for _ in range(256):  # Silero VAD: a few KB a batch
+        process.release_freed_memory(8 << 10)
+    assert len(trims) == 0
+    for _ in range(4 * process._TRIM_EVERY):  # 8 MB batches: every _TRIM_EVERY batches, as before
+        process.release_freed_memory(8 << 20)
+    assert len(trims) == 4

@@ -79,3 +79,22 @@ def test_error_of_a_model_against_itself_and_against_a_scaled_copy(model, images
     assert stats.first is not None and stats.first.shape[0] == 7
     np.testing.assert_allclose(stats.first, ref[:7], rtol=1e-5, atol=1e-6)
     assert (stats.lo, stats.hi) == (float(ref.min()), float(ref.max()))
+
+
+def test_statistics_sessions_sleep_between_runs_instead_of_spinning(model, images):
+    from quantcli.graph.session import make_session
+    from quantcli.stats.calibration import CalibrationOptions, expose
+    from quantcli.stats.collector import CollectOptions, _session
+
+    key = "session.intra_op.allow_spinning"
+
+    def spinning(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry(key) != "0"
+        except Exception:  # onnxruntime raises for an entry never set: its default, spinning
+            return True
+
+    assert spinning(make_session(model))  # onnxruntime's default elsewhere (latency is measured with it)
+    probe = expose(model, dataset(model, images), CalibrationOptions()).probe
+    collector = _session(model, [model.graph.node[0].output[0]], CollectOptions())
+    assert not spinning(probe) and collector is not None and not spinning(collector)

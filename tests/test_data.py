@@ -163,3 +163,62 @@ def test_random_source_needs_fixed_shapes():
     assert next(ds.batches(6))["x"].shape == (6, 3, 4, 4)
     with pytest.raises(CalibrationDataError, match="dynamic axes"):
         random_dataset((InputSpec("x", np.dtype("float32"), ("N", "T")),), 2)
+
+
+def _counting_open(monkeypatch):
+    """Count the files ``quantcli.data.arrays`` opens."""
+    import builtins
+
+    from quantcli.data import arrays
+
+    opened: list[str] = []
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(arrays, "open", counting, raising=False)
+    return opened
+
+
+def test_a_pass_opens_each_file_once_and_reads_small_members_once(tmp_path, rng, monkeypatch):
+    # one sample a run with an unbatched input: before, every batch opened the file once per input
+    x = rng.normal(size=(40, 3, 4, 4)).astype(np.float32)
+    np.savez(tmp_path / "a.npz", x=x, sr=np.array(16000, dtype=np.int64))
+    specs = (*SPECS, InputSpec("sr", np.dtype("int64"), ()))
+    ds = open_dataset(tmp_path / "a.npz", specs)
+    opened = _counting_open(monkeypatch)
+    feeds = list(ds.batches(1))
+    assert len(feeds) == 40 and opened == [str(tmp_path / "a.npz")]
+    np.testing.assert_array_equal(np.concatenate([f["x"] for f in feeds]), x)
+    assert all(int(f["sr"]) == 16000 and f["sr"].ndim == 0 for f in feeds)
+    feeds[0]["x"][...] = 0  # a feed is its own array, not a view of what the pass keeps
+    np.testing.assert_array_equal(feeds[1]["x"][0], x[1])
+
+
+def test_a_large_member_is_streamed_not_kept(tmp_path, rng):
+    from quantcli.data.arrays import RowReader, open_npz
+
+    x = rng.normal(size=(64, 3, 4, 4)).astype(np.float32)  # 12 KiB
+    np.savez(tmp_path / "a.npz", x=x, y=x[:2])
+    sources = open_npz(tmp_path / "a.npz")
+    with RowReader(keep_bytes=4096) as reader:
+        for start in range(0, 64, 5):
+            np.testing.assert_array_equal(reader.read(sources["x"], start, start + 5), x[start : start + 5])
+        np.testing.assert_array_equal(reader.read(sources["y"], 1, 2), x[1:2])
+        # x (12 KiB) is read batch by batch through the open file; y (384 bytes) is kept whole
+        assert reader.keep_left == 4096 - x[:2].nbytes and len(reader._kept) == 1 and len(reader._files) == 1
+    assert not reader._files and not reader._kept
+
+
+def test_a_reader_keeps_few_files_open(tmp_path, rng):
+    from quantcli.data.arrays import RowReader, open_npy
+
+    x = rng.normal(size=(20, 3, 4, 4)).astype(np.float32)
+    for i in range(20):
+        np.save(tmp_path / f"{i:02d}.npy", x[i : i + 1])
+    sources = [open_npy(tmp_path / f"{i:02d}.npy") for i in range(20)]
+    with RowReader(keep_bytes=0, max_open=3) as reader:
+        for i, source in enumerate(sources):
+            np.testing.assert_array_equal(reader.read(source, 0, 1), x[i : i + 1])
+            assert len(reader._files) == min(i + 1, 3)

@@ -25,7 +25,7 @@ from tests.models import make_model
 
 def _state(observer: MinMaxObserver) -> str:
     """Everything the observer holds, as text that tells -0.0 from 0.0 and keeps NaN visible."""
-    return repr((observer.min, observer.max, observer.count, observer.last))
+    return repr((observer.min, observer.max, observer.count, observer.last, observer.nans))
 
 
 def _identity_model(opset: int = 17) -> onnx.ModelProto:

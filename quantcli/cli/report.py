@@ -16,7 +16,7 @@ import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -168,6 +168,8 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
     ]
     if clipped:
         console.print(f"{len(clipped)} ranges clipped below the observed min/max by the {result.method} method")
+    if result.nans:
+        console.print(nan_warning(result.nans), highlight=False, soft_wrap=True)  # one line, however long
     if result.unobserved:
         _say_path(
             console,
@@ -177,6 +179,16 @@ def render_calibration(console: Console, result: CalibrationResult, path: Path) 
             + (" ..." if len(result.unobserved) > 4 else ""),
         )
     _say_path(console, f"wrote [bold]{escape(str(path))}[/]")
+
+
+def nan_warning(nans: Mapping[str, int]) -> str:
+    """One line naming the tensors that took NaN values (calibration leaves them out of the ranges)."""
+    listed = sorted(nans.items(), key=lambda kv: (-kv[1], kv[0]))
+    names = ", ".join(f"{escape(n)} ({c})" for n, c in listed[:4]) + (" ..." if len(listed) > 4 else "")
+    return (
+        f"[yellow]warning: {sum(nans.values())} NaN values left out of the ranges of {len(nans)} "
+        f"activations[/]: {names}"
+    )
 
 
 def _render_skipped(console: Console, title: str, skipped: Iterable[Skip]) -> None:

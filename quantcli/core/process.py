@@ -14,12 +14,14 @@ __all__ = ["release_freed_memory", "tune_malloc"]
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _TRIM_EVERY = 8
+_TRIM_BYTES = 16 << 20
 
 
 class _State:
     tuned = False
     trim: Callable[[int], int] | None = None
     batches_since_trim = 0
+    bytes_since_trim = 0
 
 
 def tune_malloc() -> bool:
@@ -55,18 +57,23 @@ def tune_malloc() -> bool:
     return _State.trim is not None
 
 
-def release_freed_memory() -> None:
-    """Every few batches, give freed heap pages back to the OS (glibc ``malloc_trim``).
+def release_freed_memory(nbytes: int) -> None:
+    """Every few batches, give freed heap pages back to the OS (glibc ``malloc_trim``); ``nbytes``:
+    what the batch just freed took.
 
     Blocks below the mmap threshold come from the heap, whose freed pages glibc keeps and which
     fragments: without this the peak RSS crept up with the number of batches (bundled CNN: 115 MB
     at 64 samples, 136 MB at 1,024). Trimming after every batch made calibration about 2x slower
-    (the pages are faulted in again), so it runs every ``_TRIM_EVERY`` batches. A no-op unless
+    (the pages are faulted in again), so it runs every ``_TRIM_EVERY`` batches, and only once
+    ``_TRIM_BYTES`` went through since the last trim: a model fed one small sample a run frees a few
+    KB a batch, and trimming every 8 of them cost Silero VAD 12% of its calibration CPU time
+    (percentile, 256 samples: 0.21 s against 0.19 s without) for no memory. A no-op unless
     ``tune_malloc`` ran.
     """
     if _State.trim is None:
         return
     _State.batches_since_trim += 1
-    if _State.batches_since_trim >= _TRIM_EVERY:
-        _State.batches_since_trim = 0
+    _State.bytes_since_trim += nbytes
+    if _State.batches_since_trim >= _TRIM_EVERY and _State.bytes_since_trim >= _TRIM_BYTES:
+        _State.batches_since_trim = _State.bytes_since_trim = 0
         _State.trim(0)

@@ -13,8 +13,9 @@ without being declared. A batch never mixes files when an input is unbatched (ea
 own value, e.g. one file per sample rate).
 
 Rows are read from disk batch by batch (``quantcli.data.arrays``), so memory holds one batch whatever
-the number of samples. Names, ranks, fixed dimensions and dtypes are checked when the data is
-opened; NaN/Inf are checked in each batch as it is read.
+the number of samples (plus the small members a pass reads once, ``arrays.RowReader``). Names, ranks,
+fixed dimensions and dtypes are checked when the data is opened; NaN/Inf are checked in each batch as
+it is read.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 import onnx
 
 from quantcli.core.errors import CalibrationDataError, QuantCliError
-from quantcli.data.arrays import ArraySource, open_npy, open_npz
+from quantcli.data.arrays import ArraySource, RowReader, open_npy, open_npz
 from quantcli.data.images import ImageFolder, ImagePreprocess, image_files
 
 __all__ = [
@@ -161,18 +162,16 @@ class _Chunk:
     count: int
     single: bool  # arrays lack the batch axis (one sample per file)
 
-    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+    def read(self, name: str, start: int, stop: int, reader: RowReader | None = None) -> np.ndarray:
         if self.single:
-            return _single(self.sources[name])
-        return self.sources[name].read(start, stop)
+            return _whole(self.sources[name], reader)[np.newaxis]
+        source = self.sources[name]
+        return source.read(start, stop) if reader is None else reader.read(source, start, stop)
 
 
-def _single(source: ArraySource) -> np.ndarray:
-    return _whole(source)[np.newaxis]
-
-
-def _whole(source: ArraySource) -> np.ndarray:
-    return source.read(0, source.shape[0]) if source.shape else source.read(0, 1)
+def _whole(source: ArraySource, reader: RowReader | None = None) -> np.ndarray:
+    stop = source.shape[0] if source.shape else 1
+    return source.read(0, stop) if reader is None else reader.read(source, 0, stop)
 
 
 class _AxisRows:
@@ -255,17 +254,17 @@ class Dataset:
         fixed = self._fixed_batches()
         return fixed.pop() if len(fixed) == 1 else max(1, requested)
 
-    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _read(self, name: str, start: int, stop: int, reader: RowReader) -> np.ndarray:
         parts = []
         for i, chunk in enumerate(self.chunks):
             lo, hi = self._offsets[i], self._offsets[i + 1]
             if hi <= start or lo >= stop:
                 continue
-            parts.append(chunk.read(name, max(start, lo) - lo, min(stop, hi) - lo))
+            parts.append(chunk.read(name, max(start, lo) - lo, min(stop, hi) - lo, reader))
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _gather(self, name: str, indices: np.ndarray) -> np.ndarray:
-        return np.concatenate([self._read(name, int(i), int(i) + 1) for i in indices])
+    def _gather(self, name: str, indices: np.ndarray, reader: RowReader) -> np.ndarray:
+        return np.concatenate([self._read(name, int(i), int(i) + 1, reader) for i in indices])
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of ``batch_size`` samples (the last may be smaller unless the model fixes its batch).
@@ -278,19 +277,26 @@ class Dataset:
         n = self._all_samples()
         stop = n - (n % size) if fixed else n
         order = np.random.default_rng(seed).permutation(n) if shuffle else None
-        for start, end in self._spans(size, stop, order is not None):
+        with RowReader() as reader:  # each file opened once for the pass; small members read once
+            yield from self._feeds(self._spans(size, stop, order is not None), order, reader)
+
+    def _feeds(
+        self, spans: Iterator[tuple[int, int]], order: np.ndarray | None, reader: RowReader
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The feed of each span ``(start, end)`` (positions in ``order`` when given) in the window."""
+        for start, end in spans:
             if self.kept is not None and not self.kept[0] <= start < self.kept[1]:
                 continue
             feed = {}
             for spec in self.specs:
                 axis = self.axis(spec.name)
                 if axis is None:
-                    arr = _whole(self.chunks[self._chunk_of(start)].sources[spec.name])
+                    arr = _whole(self.chunks[self._chunk_of(start)].sources[spec.name], reader)
                 else:
                     arr = (
-                        self._read(spec.name, start, end)
+                        self._read(spec.name, start, end, reader)
                         if order is None
-                        else self._gather(spec.name, order[start:end])
+                        else self._gather(spec.name, order[start:end], reader)
                     )
                     if axis:
                         arr = np.moveaxis(arr, 0, axis)

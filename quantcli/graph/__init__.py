@@ -7,6 +7,6 @@
 * ``editor``: ``ModelEditor``/``GraphEditor``, the one functional graph editor, and ``make_node``/``make_tensor``.
 * ``session``: ``make_session`` (every onnxruntime session) and ``augmented`` (tensors exposed as outputs).
 * ``subgraphs``: subgraph tensors carried out as main-graph outputs (for calibration).
-* ``reductions``: tensors summarized inside the graph as [min, max, has_nan, size] (min-max, opt-in).
+* ``reductions``: tensors summarized inside the graph as [min, max, nans, size] (min-max, opt-in).
 * ``model``: re-exports of ``model_io`` for api.py and cli/ until their rewrite merges (to be removed).
 """

@@ -87,6 +87,7 @@ def calibrate_document(
         "num_tensors": len(result.ranges),
         "clipped": clipped,
         "unobserved": list(result.unobserved),
+        "nans": dict(sorted(result.nans.items())),
     }
 
 

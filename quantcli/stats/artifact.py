@@ -41,7 +41,8 @@ def _sidecar(path: Path) -> Path:
 
 
 def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any]:
-    """The JSON document for ``result`` (``unobserved`` only when some subgraph tensor never ran)."""
+    """The JSON document for ``result`` (``unobserved`` only when some subgraph tensor never ran, ``nans``
+    only when some tensor took NaN values)."""
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "quantcli_version": __version__,
@@ -60,6 +61,8 @@ def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any
     }
     if result.unobserved:
         doc["unobserved"] = sorted(result.unobserved)
+    if result.nans:
+        doc["nans"] = dict(sorted(result.nans.items()))
     return doc
 
 
@@ -122,6 +125,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
         }
         num_samples = int(doc["num_samples"])
         unobserved = tuple(str(n) for n in doc.get("unobserved", []))
+        nans = {str(n): int(c) for n, c in doc.get("nans", {}).items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactMismatchError(f"{path}: malformed calibration file ({type(exc).__name__}: {exc})") from exc
     if expected_sha256 is not None and sha != expected_sha256:
@@ -136,7 +140,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
     side = _sidecar(path)
     if side.is_file():
         histograms = _read_histograms(side)
-    return CalibrationResult(sha, method, params, num_samples, ranges, histograms, unobserved)
+    return CalibrationResult(sha, method, params, num_samples, ranges, histograms, unobserved, nans)
 
 
 def _read_histograms(path: Path) -> dict[str, HistogramObserver]:

@@ -2,23 +2,24 @@
 
 Every float activation is observed through the statistics collector (``quantcli.stats.collector``): the
 model is copied with the activations exposed as outputs (the input model is not touched), each batch's
-values go straight into small observers and are dropped, so memory holds one batch of activations,
-whatever the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks
-(down to one sample) until one batch of every activation fits it, and to about 16 MB of activations,
-above which a larger batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost
-little: 4 MB, ``MINMAX_BATCH_TARGET``, which also keeps onnxruntime's working set small); measuring the
-sizes holds one sample of every activation anyway, so one sample is not split further. The observers do
-not depend on the batching, so neither do the ranges (a zero bound is recorded as +0.0, whichever sign
-of zero a batch's min returned; except where a tensor takes a NaN: numpy's min/max of that batch are
-NaN, and the batch leaves the range as it was). Moving average does (it averages per-batch ranges): it keeps the
-batch asked for, its budget is a quarter of the memory available, and the tensors are split into groups
-over several passes above it. Tensors inside Loop/Scan bodies are reduced to a ``[min, max]`` pair per
-iteration inside the body (``quantcli.graph.subgraphs``), so a 501-step decoder costs 2 values a step,
-not its tensors x steps x batch; histogram methods give such tensors their min-max range (no values, no
-histogram). Histogram methods use the same single pass: their histograms grow by merging bins on a
-power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the batch size and
-no raw data is kept. The histograms stay in the result, so ranges can be re-chosen for another method
-(``rechoose``) or another activation type (``ranges_for_levels``) without the data.
+values go straight into small observers and are dropped, so memory holds one batch of activations, whatever
+the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks (down to one
+sample) until one batch of every activation fits it, and to about 8 MB of activations, above which a
+larger batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost little: 4 MB,
+``MINMAX_BATCH_TARGET``, which also keeps onnxruntime's working set small); measuring the sizes holds one
+sample of every activation anyway, so one sample is not split further. The observers do not depend on the
+batching, so neither do the ranges (a zero bound is recorded as +0.0, whichever sign of zero a batch's min
+returned). NaN values an activation takes are left out of its range and histogram one by one, not with
+their batch, and counted: the result lists them (``CalibrationResult.nans``) and ``calibrate`` warns; an
+activation that took nothing but NaN is an error. Moving average depends on the batching (it averages
+per-batch ranges): it keeps the batch asked for, its budget is a quarter of the memory available, and the
+tensors are split into groups over several passes above it. Tensors inside Loop/Scan bodies are reduced to
+a ``[min, max]`` pair per iteration inside the body (``quantcli.graph.subgraphs``), so a 501-step decoder
+costs 2 values a step, not its tensors x steps x batch; histogram methods give such tensors their min-max
+range (no values, no histogram). Histogram methods use the same single pass: their histograms grow by
+merging bins on a power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the
+batch size and no raw data is kept. The histograms stay in the result, so ranges can be re-chosen for
+another method (``rechoose``) or another activation type (``ranges_for_levels``) without the data.
 """
 
 from __future__ import annotations
@@ -118,8 +119,11 @@ CALIBRATION_BUDGET = 512 << 20
 MINMAX_BATCH_TARGET = 4 << 20
 #: exposed bytes above which a larger batch calibrates no faster on a CPU (calibrate, min-max, 256
 #: samples, batch 1 vs 32 on a shared 2-core machine: magika at 22 MB a sample 5.0 vs 8.9 s, ppocrv4_rec
-#: at 192 MB 32 vs 41 s; the digits CNN, at 87 KB, keeps batch 32)
-BATCH_TARGET = 16 << 20
+#: at 192 MB 32 vs 41 s). 8 MB, not 16: with histograms two batches are in flight (overlapped updates),
+#: so the peak follows it; calibrate percentile, 256 samples, 2 shared AVX-512 cores (load 5), median of
+#: 5 interleaved runs, CPU s and peak RSS, 16 vs 8 MB: digits CNN 0.31 s 142 MB vs 0.29 s 129 MB, g2p
+#: BERT 0.74 s 174 MB vs 0.73 s 147 MB (4 MB: 117 and 132 MB, but g2p up to 0.94 s)
+BATCH_TARGET = 8 << 20
 
 
 def calibration_memory_budget(max_memory: int | None, method: CalibrationMethod) -> int:
@@ -159,7 +163,7 @@ class CalibrationOptions:
     seed: int = 0
     timeout: float | None = None
     source: str = "model"
-    #: min-max: reduce each activation to its min, max, NaN flag and size inside the graph
+    #: min-max: reduce each activation to its min, max, NaN count and size inside the graph
     #: (``quantcli.graph.reductions``) instead of returning the values; the same ranges, but slower
     #: and larger on the models measured (onnxruntime keeps the activations in its arena and runs
     #: 7-11 more nodes a tensor: calibrate min-max, 2 shared AVX2 cores, CPU s / peak RSS above the
@@ -206,7 +210,7 @@ class Exposure:
     probe: Session
     #: exposed outputs holding per-iteration [min, max] pairs of a Loop/Scan body tensor
     reduced: frozenset[str] = frozenset()
-    #: tracked tensor -> output holding each batch's ``[min, max, has_nan, size]`` summary, reduced in
+    #: tracked tensor -> output holding each batch's ``[min, max, nans, size]`` summary, reduced in
     #: the graph instead of returning the values (``expose(summarize=True)``)
     summaries: dict[str, str] = field(default_factory=dict)
 
@@ -236,7 +240,7 @@ def expose(
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]), reduce_loops=True)
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             with_inner = augmented(exposed.model, names + list(exposed.names))
-            probe = make_session(with_inner, threads=options.threads, source=options.source)
+            probe = make_session(with_inner, threads=options.threads, source=options.source, spin=False)
             probe.run(list(exposed.names), next(iter(dataset.batches(1))))
             model, inner, reduced = exposed.model, exposed.names, exposed.reduced
             names += list(inner)
@@ -244,7 +248,7 @@ def expose(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(augmented(model, names), threads=options.threads, source=options.source)
+        probe = make_session(augmented(model, names), threads=options.threads, source=options.source, spin=False)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -256,7 +260,7 @@ def expose(
     if summarized is None:
         return Exposure(model, tracked, aliases, inner, probe, reduced)
     del probe  # before the summarizing session is built: one session alive at a time
-    probe = make_session(summarized.model, threads=options.threads, source=options.source)
+    probe = make_session(summarized.model, threads=options.threads, source=options.source, spin=False)
     return Exposure(summarized.model, tracked, aliases, inner, probe, reduced, summarized.outputs)
 
 
@@ -342,11 +346,20 @@ def calibration_result(
         n: o.histogram.result() for n, o in observed.items() if o.histogram is not None
     }
     ranges: dict[str, TensorRange] = {}
-    unobserved = tuple(inner[n] for n in exposure.tracked if n in inner and observed[n].minmax.count == 0)
+    nans: dict[str, int] = {}
+    unseen = {n for n in exposure.tracked if n in inner and not (observed[n].minmax.count or observed[n].minmax.nans)}
+    unobserved = tuple(inner[n] for n in exposure.tracked if n in unseen)
     for name in exposure.tracked:
         stats = observed[name]
-        if name in inner and stats.minmax.count == 0:
+        if name in unseen:
             continue
+        if stats.minmax.nans:
+            nans[inner.get(name, name)] = stats.minmax.nans
+        if stats.minmax.nans and not stats.minmax.count:
+            raise CalibrationDataError(
+                f"activation '{inner.get(name, name)}' took only NaN values ({stats.minmax.nans}) on the "
+                "calibration data: it has no range to quantize with"
+            )
         lo, hi = stats.minmax.result()
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise CalibrationDataError(
@@ -370,6 +383,7 @@ def calibration_result(
         ranges=ranges,
         histograms={inner.get(n, n): h for n, h in histograms.items() if inner.get(n, n) in ranges},
         unobserved=unobserved,
+        nans=nans,
     )
 
 
@@ -409,7 +423,16 @@ def rechoose(
             n: TensorRange(r.observed_min, r.observed_max, r.observed_min, r.observed_max)
             for n, r in result.ranges.items()
         }
-        return CalibrationResult(result.model_sha256, method, {}, result.num_samples, ranges, result.histograms)
+        return CalibrationResult(
+            result.model_sha256,
+            method,
+            {},
+            result.num_samples,
+            ranges,
+            result.histograms,
+            result.unobserved,
+            result.nans,
+        )
     if method == CalibrationMethod.MOVING_AVERAGE:
         raise ArtifactMismatchError(
             "moving-average ranges need the data: run 'quantcli calibrate --method moving-average'"
@@ -436,7 +459,16 @@ def rechoose(
         params["percentile"] = percentile
     if recorded:
         params["levels"] = levels
-    return CalibrationResult(result.model_sha256, method, params, result.num_samples, ranges, result.histograms)
+    return CalibrationResult(
+        result.model_sha256,
+        method,
+        params,
+        result.num_samples,
+        ranges,
+        result.histograms,
+        result.unobserved,
+        result.nans,
+    )
 
 
 def activation_levels(dtype: QuantDType) -> int:

@@ -6,7 +6,7 @@ A request is a value naming what to measure and on which tensor:
   average of the per-batch min/max and a growing histogram when asked (calibration); ``reduced``: the
   output holds ``[min, max]`` pairs on its last axis (a Loop body's tensor reduced per iteration,
   ``quantcli.graph.subgraphs``), observed as the values they bound; ``summary``: the output is a
-  batch's ``[min, max, has_nan, size]`` reduced in the graph (``quantcli.graph.reductions``);
+  batch's ``[min, max, nans, size]`` reduced in the graph (``quantcli.graph.reductions``);
 * ``ChannelRequest(tensor, axis)``: per-channel mean, min, max (so abs-max) along ``axis``
   (SmoothQuant, bias correction);
 * ``ErrorRequest(tensor, candidate)``: signal and noise energy of a candidate model's tensor against
@@ -119,7 +119,7 @@ class RangeRequest:
     histogram_bins: int = 0  # 0: no histogram
     #: the output holds [min, max] pairs (last axis 2), not the values (no histogram then)
     reduced: bool = False
-    #: the output is the batch's ``[min, max, has_nan, size]`` summary reduced inside the graph
+    #: the output is the batch's ``[min, max, nans, size]`` summary reduced inside the graph
     #: (``quantcli.graph.reductions``), not the values (min/max only)
     summary: bool = False
 
@@ -157,19 +157,17 @@ class ReducedRangeStats(RangeStats):
 
 
 class SummaryRangeStats(RangeStats):
-    """``RangeStats`` (min/max alone) fed each batch's ``[min, max, has_nan, size]`` summary.
+    """``RangeStats`` (min/max alone) fed each batch's ``[min, max, nans, size]`` summary.
 
-    Folds the batch as ``MinMaxObserver.update`` folds its values: a batch holding a NaN has NaN
-    bounds (numpy's ``min``), which leave the running range as it was; an empty batch is dropped;
-    the count is the batch's element count. So the state is the same bytes as observing the values.
+    Folds the batch as ``MinMaxObserver.update`` folds its values: min and max of the values that are
+    not NaN, the NaN values counted; an empty (or all-NaN) batch adds no value. So the state is the
+    same bytes as observing the values.
     """
 
     def update(self, values: Sequence[np.ndarray]) -> None:
         """Fold one batch's summary in."""
-        lo, hi, has_nan, size = (float(v) for v in np.asarray(values[0]).reshape(4))
-        if has_nan:
-            lo = hi = float("nan")
-        self.minmax.fold(lo, hi, int(size))
+        lo, hi, nans, size = (float(v) for v in np.asarray(values[0]).reshape(4))
+        self.minmax.fold(lo, hi, int(size) - int(nans), int(nans))
 
 
 # ---- per-channel statistics -----------------------------------------------------------------------
@@ -388,8 +386,9 @@ def collect(
         # what the observers read a batch (a summary: 32 bytes, not worth a thread hand-off)
         weights = [sum(sizes[o] for o in r.outputs() if o not in summaries) * size for r in group]
         overlap_budget = budget if options.overlap_updates else 0
+        batch_bytes = sum(sizes[(m, n)] for m, names_m in enumerate(outs) for n in names_m) * size
         with _Feeder(feeding, weights, _update_threads(options), overlap_budget) as feeder:
-            for values in _batches(runs, outs, dataset, options, progress, desc):
+            for values in _batches(runs, outs, dataset, options, progress, desc, batch_bytes):
                 feeder.feed(values)
                 del values
         for observer, _ in feeding:
@@ -477,11 +476,16 @@ class _Feeder:
 
 
 def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) -> Session | None:
-    """A session returning ``names`` (None when the model has nothing to return)."""
+    """A session returning ``names`` (None when the model has nothing to return); its threads sleep
+    between runs rather than spin, since the observers work between runs (``make_session(spin=False)``)."""
     if not names:
         return None
     return make_session(
-        augmented(model, names), threads=options.threads, optimize=options.optimize, source=options.source
+        augmented(model, names),
+        threads=options.threads,
+        optimize=options.optimize,
+        source=options.source,
+        spin=False,
     )
 
 
@@ -492,8 +496,12 @@ def _batches(
     options: CollectOptions,
     progress: Progress,
     desc: str,
+    batch_bytes: int,
 ) -> Iterator[dict[tuple[int, str], np.ndarray]]:
-    """Each batch's exposed outputs of every model, keyed by (model, name); one batch alive at a time."""
+    """Each batch's exposed outputs of every model, keyed by (model, name); one batch alive at a time.
+
+    ``batch_bytes``: what a batch's activations take (planned), for ``release_freed_memory``.
+    """
     size = dataset.effective_batch_size(options.batch_size)
     total = -(-dataset.num_samples // size)
     count = sum(len(o) for o in outputs)
@@ -521,4 +529,4 @@ def _batches(
                 raise CalibrationDataError(f"{dataset.path}: onnxruntime failed on a batch: {first}") from exc
         yield values
         del values  # before the next run: one batch of activations alive at a time, not two
-        release_freed_memory()
+        release_freed_memory(batch_bytes)

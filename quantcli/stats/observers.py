@@ -1,5 +1,9 @@
 """Streaming statistics with small fixed state, fed one batch at a time and never keeping raw data.
 
+NaN values are left out one by one (not whole batches) by the range observers (min/max, moving
+average, histograms), which count them (``MinMaxObserver.nans``): a tensor's range and histogram
+do not depend on how the samples were batched, and calibration can say which tensors took NaN.
+
 * ``MinMaxObserver``: running min and max, O(1).
 * ``MovingAverageMinMaxObserver``: exponential moving average of per-batch min and max, O(1)
   (depends on batching by design; the other observers do not).
@@ -31,6 +35,7 @@ Clip-range choice from a histogram (``choose_range``):
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +58,7 @@ __all__ = [
     "MovingAverageMinMaxObserver",
     "RangeStats",
     "choose_range",
+    "without_nan",
 ]
 
 
@@ -62,23 +68,37 @@ class MinMaxObserver:
 
     min: float = float("inf")
     max: float = float("-inf")
-    count: int = 0
-    last: tuple[float, float] = (0.0, 0.0)  # (min, max) of the latest batch
+    count: int = 0  # values folded in (NaN values are not)
+    last: tuple[float, float] = (0.0, 0.0)  # (min, max) of the latest batch with a value that is not NaN
+    nans: int = 0  # NaN values seen and left out
 
     def update(self, array: np.ndarray) -> None:
-        """Fold one batch in."""
-        if array.size == 0:
-            return
-        self.fold(float(np.min(array)), float(np.max(array)), int(array.size))
+        """Fold one batch in (its NaN values left out, and counted)."""
+        self.observe(array)
 
-    def fold(self, lo: float, hi: float, size: int) -> None:
-        """Fold in a batch of ``size`` values known by their min and max (NaN when the batch holds one).
+    def observe(self, array: np.ndarray) -> np.ndarray:
+        """Fold one batch in, as ``update``; the batch's values without NaN (``array`` when it has none)."""
+        if array.size == 0:
+            return array
+        lo, hi = float(np.min(array)), float(np.max(array))
+        if math.isnan(lo) or math.isnan(hi):  # numpy's min/max are NaN when the batch holds one
+            array, nans = without_nan(array)
+            self.nans += nans
+            if not array.size:
+                return array
+            lo, hi = float(np.min(array)), float(np.max(array))
+        self.fold(lo, hi, int(array.size))
+        return array
+
+    def fold(self, lo: float, hi: float, size: int, nans: int = 0) -> None:
+        """Fold in a batch of ``size`` values known by their min and max, and ``nans`` NaN values left out.
 
         A zero bound is recorded as +0.0: which of -0.0 and +0.0 a min or max returns depends on the
         order the values are compared in (numpy's SIMD lanes, onnxruntime's ReduceMin, the batching),
-        and the sign of a zero bound changes no range. A NaN bound, as numpy's ``min`` gives for a
-        batch holding a NaN, leaves the running range as it was (Python's ``min(x, nan)`` is x).
+        and the sign of a zero bound changes no range. A NaN bound (a caller that did not leave its
+        NaN values out) leaves the running range as it was (Python's ``min(x, nan)`` is x).
         """
+        self.nans += nans
         if size == 0:
             return
         self.last = (lo + 0.0, hi + 0.0)  # -0.0 + 0.0 == +0.0; other values, NaN included, unchanged
@@ -92,10 +112,18 @@ class MinMaxObserver:
 
     def merge(self, other: MinMaxObserver) -> None:
         """Fold in another observer's state (as if its batches had been seen here; ``last`` is kept)."""
+        self.nans += other.nans
         if other.count:
             self.min = min(self.min, other.min)
             self.max = max(self.max, other.max)
             self.count += other.count
+
+
+def without_nan(array: np.ndarray) -> tuple[np.ndarray, int]:
+    """The values of ``array`` that are not NaN (flattened), and how many were."""
+    keep = ~np.isnan(array)
+    kept = array[keep]
+    return kept, int(array.size - kept.size)
 
 
 @dataclass(slots=True)
@@ -192,11 +220,17 @@ class GrowingHistogram:
         self.exponent = exponent
 
     def update(self, array: np.ndarray, amax: float | None = None) -> None:
-        """Fold one batch in. ``amax`` (max |x| of the batch) saves a pass when already known."""
+        """Fold one batch in, NaN values left out. ``amax`` (max |x| of the batch, which then holds no
+        NaN) saves a pass when already known."""
         if array.size == 0 or not self.finite:
             return
         if amax is None:
             amax = float(max(abs(float(array.min())), abs(float(array.max()))))
+            if math.isnan(amax):
+                array = without_nan(array)[0]
+                if not array.size:
+                    return
+                amax = float(max(abs(float(array.min())), abs(float(array.max()))))
         if not np.isfinite(amax):
             self.finite = False  # calibration reports the non-finite range; nothing to histogram
             return
@@ -456,10 +490,12 @@ class RangeStats:
                 self.finish()
             return
         self.finish()
-        self.minmax.update(value)
+        value = self.minmax.observe(value)  # NaN values left out
+        if not value.size:
+            return
         if self.moving is not None:
             self.moving.update(value)
-        if self.histogram is not None and value.size:
+        if self.histogram is not None:
             lo, hi = self.minmax.last
             self.histogram.update(value, max(abs(lo), abs(hi)))
 
@@ -469,49 +505,52 @@ class RangeStats:
             return
         batches, self.pending, self.pending_size = self.pending, [], 0
         flat = np.concatenate([b.ravel() for b in batches])
-        starts = np.cumsum([0] + [int(b.size) for b in batches[:-1]])
+        sizes = np.array([b.size for b in batches], dtype=np.int64)
+        starts = np.cumsum(sizes) - sizes
         lows, highs = np.minimum.reduceat(flat, starts), np.maximum.reduceat(flat, starts)
-        bounds: list[float] = []
-        for batch, lo, hi in zip(batches, lows.tolist(), highs.tolist(), strict=True):
-            self.minmax.fold(lo, hi, int(batch.size))
-            low, high = self.minmax.last
-            bounds.append(max(abs(low), abs(high)))
+        if np.isnan(lows).any() or np.isnan(highs).any():  # rare: leave the NaN values out, batch by batch
+            kept = [without_nan(b) for b in batches]
+            self.minmax.nans += sum(n for _, n in kept)
+            batches = [b for b, _ in kept if b.size]
+            if not batches:
+                return
+            flat = np.concatenate(batches)
+            sizes = np.array([b.size for b in batches], dtype=np.int64)
+            starts = np.cumsum(sizes) - sizes
+            lows, highs = np.minimum.reduceat(flat, starts), np.maximum.reduceat(flat, starts)
+        # as folding the batches one by one: a zero bound as +0.0, min/max of the batches' bounds
+        # (their order does not matter: no NaN among them), the latest batch's bounds kept
+        lows += 0.0
+        highs += 0.0
+        lo, hi = float(lows.min()), float(highs.max())
+        self.minmax.fold(lo, hi, int(sizes.sum()))
+        self.minmax.last = (float(lows[-1]), float(highs[-1]))
         if self.histogram is not None:
+            bounds = np.maximum(np.abs(lows), np.abs(highs)).astype(np.float64)
             _histogram_runs(self.histogram, batches, bounds)
 
 
-def _histogram_runs(hist: GrowingHistogram, batches: list[np.ndarray], bounds: list[float]) -> None:
+def _histogram_runs(hist: GrowingHistogram, batches: list[np.ndarray], bounds: np.ndarray) -> None:
     """Update ``hist`` with ``batches`` (|x| bounds ``bounds``) in runs that meet the same grid as one by one.
 
     One by one, batch k is binned on exponent E_k = max(E_{k-1}, its own), zeros aside; a run
     gathers consecutive batches with the same E_k, so its one update bins every value on that grid.
     A non-finite bound ends the histogram (``GrowingHistogram.update``) after the runs before it.
     """
-    exponent = hist.exponent
-    run: list[np.ndarray] = []
-    run_bound = 0.0
-    run_exponent: int | None = None
-
-    def flush() -> None:
-        if run:
-            hist.update(np.concatenate([b.ravel() for b in run]), run_bound)
-            run.clear()
-
-    for batch, bound in zip(batches, bounds, strict=True):
-        if not math.isfinite(bound):
-            flush()
-            hist.update(batch, bound)
-            return
-        if bound != 0.0:
-            needed = math.frexp(bound)[1]
-            exponent = needed if exponent is None else max(exponent, needed)
-        if run and exponent != run_exponent:
-            flush()
-        if not run:
-            run_bound, run_exponent = 0.0, exponent
-        run.append(batch)
-        run_bound = max(run_bound, bound)
-    flush()
+    infinite = np.flatnonzero(~np.isfinite(bounds))
+    end = int(infinite[0]) if infinite.size else len(batches)
+    if end:
+        none = -(1 << 20)  # the exponent before any non-zero value (below any float64 exponent)
+        own = np.where(bounds[:end] != 0.0, np.frexp(bounds[:end])[1].astype(np.int64), none)
+        start = none if hist.exponent is None else hist.exponent
+        running = np.maximum.accumulate(np.concatenate([[start], own]))[1:]  # E_k
+        cuts = [0, *(np.flatnonzero(np.diff(running)) + 1).tolist(), end]
+        for a, b in itertools.pairwise(cuts):
+            run = batches[a:b]
+            flat = run[0].ravel() if len(run) == 1 else np.concatenate([x.ravel() for x in run])
+            hist.update(flat, float(bounds[a:b].max()))
+    if infinite.size:
+        hist.update(batches[end], float(bounds[end]))
 
 
 @dataclass(frozen=True, slots=True)

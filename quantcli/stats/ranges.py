@@ -36,3 +36,5 @@ class CalibrationResult:
     histograms: dict[str, HistogramObserver] = field(default_factory=dict)
     #: float tensors inside If/Loop/Scan subgraphs that never ran on the data (e.g. a branch never taken)
     unobserved: tuple[str, ...] = ()
+    #: tensor -> NaN values it took on the calibration data, left out of its range (only tensors that took some)
+    nans: dict[str, int] = field(default_factory=dict)

@@ -23,7 +23,8 @@ A moving average depends on the order of batches: it cannot be sharded.
   data's ``batches`` and ``samples``), ``num_samples`` of the shard, ``passes``, and the tensors
   (``tracked``, ``aliases``, ``inner``) as calibration found them;
 * ``names`` (str [T]): the tensors observed directly; ``min``, ``max`` (float64 [T]) and
-  ``count`` (int64 [T]): their exact min/max and element count;
+  ``count`` (int64 [T]): their exact min/max and element count; ``nans`` (int64 [T]): NaN values
+  left out (absent from files written before, read as none);
 * with a histogram method: ``hist_counts`` (int64 [T, bins]), ``hist_exponent`` (int64 [T], R =
   2**exponent where ``hist_started``), ``hist_started``, ``hist_zeros`` (int64 [T]: exact zeros
   seen before any other value) and ``hist_finite`` (bool [T]).
@@ -248,6 +249,7 @@ def _arrays(stats: ShardStats) -> dict[str, np.ndarray]:
         "min": np.array([o.minmax.min for o in obs], dtype=np.float64),
         "max": np.array([o.minmax.max for o in obs], dtype=np.float64),
         "count": np.array([o.minmax.count for o in obs], dtype=np.int64),
+        "nans": np.array([o.minmax.nans for o in obs], dtype=np.int64),
     }
     hists = [o.histogram for o in obs if o.histogram is not None]
     if hists and len(hists) == len(obs):
@@ -316,11 +318,12 @@ def _stats_from(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ShardSta
 def _observers(arrays: dict[str, np.ndarray]) -> dict[str, RangeStats]:
     names = [str(n) for n in arrays["names"].tolist()]
     lo, hi, count = arrays["min"], arrays["max"], arrays["count"]
+    nans = arrays.get("nans", np.zeros(len(names), dtype=np.int64))  # absent from files before NaN counts
     if not len(lo) == len(hi) == len(count) == len(names):
         raise ValueError("arrays of different lengths")
     observed: dict[str, RangeStats] = {}
     for i, name in enumerate(names):
-        stats = RangeStats(MinMaxObserver(float(lo[i]), float(hi[i]), int(count[i])))
+        stats = RangeStats(MinMaxObserver(float(lo[i]), float(hi[i]), int(count[i]), nans=int(nans[i])))
         if "hist_counts" in arrays:
             counts = arrays["hist_counts"]
             hist = GrowingHistogram(bins=int(counts.shape[1]))

@@ -162,3 +162,23 @@ def sensitive_mlp(seed: int = 0, d: int = 32) -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
         inits,
     )
+
+
+def noisy_chain(layers: int = 8, d: int = 48, seed: int = 0) -> onnx.ModelProto:
+    """``layers`` MatMuls by random orthogonal matrices in a row: every layer keeps the signal's power and
+    adds its own 8-bit rounding, so the error grows with the number of layers quantized and no single
+    layer returned to float repairs it (the accuracy search's region stage)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i in range(layers):
+        q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+        inits.append(_init(f"w{i}", q))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out], name=f"mm{i}"))
+        prev = out
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
+        inits,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -372,3 +373,37 @@ def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_spee
     out2 = tmp_path / "q2.onnx"
     api.convert_model(model, out2, data_path=calib, config=CONFIG, search=options, eval_data=evald)
     assert out2.exists()
+
+
+def test_error_spread_over_the_network_is_repaired_by_a_float_region(tmp_path):
+    """Each of 8 orthogonal MatMuls adds its rounding: no single float node (max_fallback=1) reaches a budget
+    that half the chain in float does; the region stage finds an end of the network to keep float."""
+    model = tmp_path / "chain.onnx"
+    model.write_bytes(models.noisy_chain().SerializeToString())
+    rng = np.random.default_rng(3)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=rng.normal(size=(96, 48)).astype(np.float32))
+    np.savez(evald, x=rng.normal(size=(96, 48)).astype(np.float32))
+    x = np.load(evald)["x"]
+    ref = run(models.noisy_chain(), {"x": x})[0]
+
+    def sqnr_of(*exclude: str) -> float:
+        out = tmp_path / f"q{len(exclude)}.onnx"
+        config = replace(CONFIG, exclude_nodes=exclude)
+        api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
+        return sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+
+    all_int, one_float, half_float = sqnr_of(), sqnr_of("mm0"), sqnr_of("mm0", "mm1", "mm2", "mm3")
+    assert one_float < half_float - 1.5  # one node is far from what half the chain gives
+    budget = (one_float + half_float) / 2
+    options = SearchOptions(Budget(min_sqnr_db=budget), max_fallback=1, probe=1, methods=())
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald
+    )
+    search = result.search
+    assert search is not None and all_int < budget
+    regions = [t for t in search.trials if t.stage == "region"]
+    assert regions and regions[0].candidate.float_nodes == tuple(f"mm{i}" for i in range(7))  # all but one
+    chosen = set(search.chosen.candidate.float_nodes)
+    assert search.chosen.meets_budget and 2 <= len(chosen) <= 6  # a few nodes, not one and not all
+    assert sqnr(ref, run(onnx.load(str(tmp_path / "q.onnx")), {"x": x})[0]) >= budget - 0.5

@@ -275,7 +275,8 @@ def _note(key: str, row: dict[str, Any]) -> str:
     if "exit1" in row:
         return f"exit 1 after {row.get('seconds')} s: {row['exit1'][:160]}"
     if key == "default":
-        return f"verdict: {row.get('verdict', '')[:120]}"
+        text = row.get("verdict", "")
+        return (text if text.startswith("verdict:") else f"verdict: {text}")[:160]
     if key == "search":
         return (f"{row['budget']}: {row['float_nodes']} float, {row['dynamic_nodes']} dynamic nodes, "
                 f"{row['trials']} trials, {row['seconds']} s")  # fmt: skip

@@ -67,3 +67,32 @@ def test_bad_files(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ArtifactMismatchError, match=message):
         read_calibration(path)
+
+
+def test_the_calibration_file_carries_sample_shapes_to_convert(tmp_path):
+    """A model with dynamic height and width: convert from the calibration file counts every MAC at the data's
+    size and plans what convert --data plans, because the file records one sample's input shapes."""
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from quantcli.cli.app import app
+    from tests import models
+
+    model, data = tmp_path / "m.onnx", tmp_path / "d.npz"
+    model.write_bytes(models.small_cnn(dynamic_spatial=True).SerializeToString())
+    np.savez(data, x=models.structured_images(12, seed=1))
+    run = CliRunner().invoke
+    calib = tmp_path / "c.json"
+    assert run(app, ["calibrate", str(model), "--data", str(data), "-o", str(calib)]).exit_code == 0
+    assert json.loads(calib.read_text())["input_shapes"] == {"x": [1, 3, 16, 16]}
+    assert read_calibration(calib).input_shapes == {"x": (1, 3, 16, 16)}
+
+    docs = {}
+    for how, source in (("file", ["-c", str(calib)]), ("data", ["--data", str(data), "--verdict-share", "0"])):
+        out, doc = tmp_path / f"{how}.onnx", tmp_path / f"{how}.json"
+        result = run(app, ["convert", str(model), *source, "-o", str(out), "--no-verdict", "--json", str(doc)])
+        assert result.exit_code == 0, result.output
+        docs[how] = json.loads(doc.read_text())
+    macs = docs["file"]["audit"]["macs"]
+    assert macs["unknown_nodes"] == 0 and macs["total"] == docs["data"]["audit"]["macs"]["total"] > 0
+    assert docs["file"]["quantized"] == docs["data"]["quantized"]

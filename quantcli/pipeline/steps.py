@@ -193,14 +193,15 @@ def plan(ctx: ConvertContext) -> None:
 
 
 def data_sample_shapes(ctx: ConvertContext) -> dict[str, tuple[int, ...]]:
-    """One sample's input shapes from the data convert was given (calibration data, else evaluation data),
-    at which planning sees the model's dynamic input dims; empty without data."""
+    """One sample's input shapes from the data convert was given (calibration data, else evaluation data,
+    else those the calibration file recorded), at which planning sees the model's dynamic input dims;
+    empty without any."""
     r = ctx.request
     if ctx.calibration_data is not None:
         return sample_shapes(ctx.calibration_data)
     path = r.data_path or r.eval_data
     if path is None:
-        return {}
+        return dict(ctx.calibration.input_shapes) if ctx.calibration is not None else {}
     return sample_shapes(ctx.fmt.open(path, model_input_specs(need(ctx.model, "the model"))))
 
 
@@ -365,13 +366,22 @@ def _require_integer_macs(ctx: ConvertContext) -> None:
 
 
 def _sample_feed(model: onnx.ModelProto, data_path: Path | None, ctx: ConvertContext) -> dict[str, np.ndarray] | None:
-    """One sample of the data, to resolve dynamic shapes in the MAC counts (None if unavailable)."""
+    """One sample of the data, to resolve dynamic shapes in the MAC counts (zeros of the shapes the calibration
+    file recorded when convert has no data: MACs do not depend on values; None if unavailable)."""
     if data_path is None:
-        return None
+        return _recorded_feed(model, ctx)
     try:
         return next(ctx.fmt.open(data_path, model_input_specs(model), max_samples=1).batches(1))
     except (QuantCliError, StopIteration):
         return None
+
+
+def _recorded_feed(model: onnx.ModelProto, ctx: ConvertContext) -> dict[str, np.ndarray] | None:
+    shapes = ctx.calibration.input_shapes if ctx.calibration is not None else {}
+    specs = model_input_specs(model)
+    if not shapes or any(spec.name not in shapes for spec in specs):
+        return None
+    return {spec.name: np.zeros(shapes[spec.name], dtype=spec.dtype) for spec in specs}
 
 
 def require_fused(ctx: ConvertContext) -> None:

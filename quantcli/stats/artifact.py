@@ -42,7 +42,7 @@ def _sidecar(path: Path) -> Path:
 
 def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any]:
     """The JSON document for ``result`` (``unobserved`` only when some subgraph tensor never ran, ``nans``
-    only when some tensor took NaN values)."""
+    only when some tensor took NaN values, ``input_shapes`` when calibration read data)."""
     doc: dict[str, Any] = {
         "schema": SCHEMA,
         "quantcli_version": __version__,
@@ -63,6 +63,8 @@ def to_json_dict(result: CalibrationResult, *, model_path: str) -> dict[str, Any
         doc["unobserved"] = sorted(result.unobserved)
     if result.nans:
         doc["nans"] = dict(sorted(result.nans.items()))
+    if result.input_shapes:
+        doc["input_shapes"] = {name: list(shape) for name, shape in sorted(result.input_shapes.items())}
     return doc
 
 
@@ -126,6 +128,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
         num_samples = int(doc["num_samples"])
         unobserved = tuple(str(n) for n in doc.get("unobserved", []))
         nans = {str(n): int(c) for n, c in doc.get("nans", {}).items()}
+        shapes = {str(n): tuple(int(d) for d in dims) for n, dims in doc.get("input_shapes", {}).items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactMismatchError(f"{path}: malformed calibration file ({type(exc).__name__}: {exc})") from exc
     if expected_sha256 is not None and sha != expected_sha256:
@@ -140,7 +143,7 @@ def read_calibration(path: Path, *, expected_sha256: str | None = None) -> Calib
     side = _sidecar(path)
     if side.is_file():
         histograms = _read_histograms(side)
-    return CalibrationResult(sha, method, params, num_samples, ranges, histograms, unobserved, nans)
+    return CalibrationResult(sha, method, params, num_samples, ranges, histograms, unobserved, nans, shapes)
 
 
 def _read_histograms(path: Path) -> dict[str, HistogramObserver]:

@@ -36,7 +36,7 @@ from quantcli.core.errors import ArtifactMismatchError, CalibrationDataError, Un
 from quantcli.core.options import DEFAULT_PERCENTILE, CalibrationMethod, QuantDType
 from quantcli.core.progress import Progress, no_progress
 from quantcli.core.qmath import dtype_bounds
-from quantcli.data.datasets import Dataset, FeedList
+from quantcli.data.datasets import Dataset, FeedList, sample_shapes
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.reductions import summarize_min_max
 from quantcli.graph.scopes import elem_types, has_subgraphs
@@ -315,7 +315,8 @@ def calibrate(
         progress=progress,
     )
     observed = {n: cast(RangeStats, collected[r]) for n, r in requests.items()}
-    return calibration_result(exposure, observed, options, model_sha256, dataset.num_samples, collected.passes)
+    result = calibration_result(exposure, observed, options, model_sha256, dataset.num_samples, collected.passes)
+    return replace(result, input_shapes=sample_shapes(dataset))
 
 
 class ExposedNames(Protocol):
@@ -423,16 +424,7 @@ def rechoose(
             n: TensorRange(r.observed_min, r.observed_max, r.observed_min, r.observed_max)
             for n, r in result.ranges.items()
         }
-        return CalibrationResult(
-            result.model_sha256,
-            method,
-            {},
-            result.num_samples,
-            ranges,
-            result.histograms,
-            result.unobserved,
-            result.nans,
-        )
+        return replace(result, method=method, params={}, ranges=ranges)
     if method == CalibrationMethod.MOVING_AVERAGE:
         raise ArtifactMismatchError(
             "moving-average ranges need the data: run 'quantcli calibrate --method moving-average'"
@@ -459,16 +451,7 @@ def rechoose(
         params["percentile"] = percentile
     if recorded:
         params["levels"] = levels
-    return CalibrationResult(
-        result.model_sha256,
-        method,
-        params,
-        result.num_samples,
-        ranges,
-        result.histograms,
-        result.unobserved,
-        result.nans,
-    )
+    return replace(result, method=method, params=params, ranges=ranges)
 
 
 def activation_levels(dtype: QuantDType) -> int:

@@ -15,7 +15,7 @@ moving average (its result depends on the order of batches).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from quantcli.core.errors import ArtifactMismatchError
@@ -72,7 +72,7 @@ def merge_shards(shards: Sequence[ShardStats], sources: Sequence[Path]) -> Merge
         first.data_samples,
         max(s.passes for s in ordered),
     )
-    return MergedCalibration(result, first.model_name, first.shard.count)
+    return MergedCalibration(replace(result, input_shapes=first.input_shapes), first.model_name, first.shard.count)
 
 
 def check_shards(shards: Sequence[ShardStats], sources: Sequence[Path]) -> None:

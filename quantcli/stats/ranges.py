@@ -38,3 +38,6 @@ class CalibrationResult:
     unobserved: tuple[str, ...] = ()
     #: tensor -> NaN values it took on the calibration data, left out of its range (only tensors that took some)
     nans: dict[str, int] = field(default_factory=dict)
+    #: one sample's shape per model input, as calibration read the data: ``convert`` from this file plans
+    #: the model's dynamic input dims (and counts its MACs) at these, as it does with ``--data``
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)

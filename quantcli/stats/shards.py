@@ -21,7 +21,8 @@ A moving average depends on the order of batches: it cannot be sharded.
   sha256, the method's options (``method``, ``percentile``, ``bins``, ``levels``, ``batch_size``,
   ``shuffle``, ``seed``), the shard (``index``, ``count``, ``first_batch``, ``stop_batch``, the
   data's ``batches`` and ``samples``), ``num_samples`` of the shard, ``passes``, and the tensors
-  (``tracked``, ``aliases``, ``inner``) as calibration found them;
+  (``tracked``, ``aliases``, ``inner``) as calibration found them, and ``input_shapes`` (the data's
+  first sample's shape per input; absent from files written before);
 * ``names`` (str [T]): the tensors observed directly; ``min``, ``max`` (float64 [T]) and
   ``count`` (int64 [T]): their exact min/max and element count; ``nans`` (int64 [T]): NaN values
   left out (absent from files written before, read as none);
@@ -33,7 +34,7 @@ A moving average depends on the order of batches: it cannot be sharded.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,7 +45,7 @@ from quantcli import __version__
 from quantcli.core.errors import ArtifactMismatchError, CalibrationDataError, InvalidOption
 from quantcli.core.options import CalibrationMethod
 from quantcli.core.progress import Progress, no_progress
-from quantcli.data.datasets import Dataset, FeedList
+from quantcli.data.datasets import Dataset, FeedList, sample_shapes
 from quantcli.graph.model_io import atomic_output
 from quantcli.stats.calibration import CalibrationOptions, expose, exposure_requests
 from quantcli.stats.collector import RangeStats, collect
@@ -115,6 +116,8 @@ class ShardStats:
     aliases: dict[str, str]
     inner: dict[str, str]
     observed: dict[str, RangeStats]
+    #: one sample's shape per model input, of the whole data (``CalibrationResult.input_shapes``)
+    input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def calibration_options(self) -> CalibrationOptions:
         """The calibration options the statistics were collected with (those that decide the result)."""
@@ -215,6 +218,7 @@ def collect_shard(
         aliases=dict(exposure.aliases),
         inner=dict(exposure.inner),
         observed={n: cast(RangeStats, collected[r]) for n, r in requests.items()},
+        input_shapes=sample_shapes(dataset),  # of the whole data's first sample, as one run records
     )
 
 
@@ -237,6 +241,7 @@ def _meta(stats: ShardStats) -> dict[str, Any]:
         "tracked": stats.tracked,
         "aliases": stats.aliases,
         "inner": stats.inner,
+        "input_shapes": {name: list(shape) for name, shape in sorted(stats.input_shapes.items())},
     }
 
 
@@ -312,6 +317,7 @@ def _stats_from(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> ShardSta
         aliases={str(k): str(v) for k, v in meta["aliases"].items()},
         inner={str(k): str(v) for k, v in meta["inner"].items()},
         observed=_observers(arrays),
+        input_shapes={str(n): tuple(int(d) for d in dims) for n, dims in meta.get("input_shapes", {}).items()},
     )
 
 

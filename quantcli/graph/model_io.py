@@ -519,11 +519,27 @@ def model_opset(model: onnx.ModelProto) -> int:
 def upgrade_opset(model: onnx.ModelProto, version: int) -> onnx.ModelProto:
     """A copy of ``model`` converted to default-domain opset ``version`` by onnx's version converter.
 
+    The converter gets ``split_weights``'s skeleton (large weights as external stubs, which its
+    adapters carry through: they rewrite attributes and small constants), and the weights are put
+    back into its result: one copy of them, not the six of a conversion through serialized bytes.
+    ddddocr OCR recognizer (54 MB, opset 12 to 13): peak RSS above the loaded model +305 -> +56 MB.
+
     Raises whatever the converter raises (callers turn it into their own error).
     """
     import onnx.version_converter  # loaded only when a model needs it
 
-    return onnx.version_converter.convert_version(model, version)
+    stub, weights = split_weights(model)  # the converter serializes, parses, converts, serializes: 6 copies
+    if not weights:
+        return onnx.version_converter.convert_version(model, version)
+    converted = onnx.version_converter.convert_version(stub, version)
+    by_name = {t.name: t for t in weights}
+    external = onnx.TensorProto.EXTERNAL
+    kept = [t for t in converted.graph.initializer if t.name in by_name and t.data_location == external]
+    if len(kept) != len(weights):  # an adapter rewrote a large weight: convert it with its values
+        return onnx.version_converter.convert_version(model, version)
+    for tensor in kept:
+        tensor.CopyFrom(by_name[tensor.name])
+    return converted
 
 
 def infer_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:

@@ -21,6 +21,7 @@ import onnx
 from quantcli.compare.result import CompareResult
 from quantcli.core.errors import InvalidOption, QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, QuantConfig
+from quantcli.core.process import trim_heap
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
 from quantcli.data.images import ImagePreprocess
@@ -202,6 +203,7 @@ def calibrate(
     ``log`` receives one line when the model's opset is upgraded in memory.
     """
     prepared, dataset, options = _calibration_inputs(request, log)
+    trim_heap()  # the loaded model, copied by preprocess, is gone: before the session allocates its weights
     return calibrate_prepared(
         prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["release_freed_memory", "tune_malloc"]
+__all__ = ["release_freed_memory", "trim_heap", "tune_malloc"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -76,4 +76,12 @@ def release_freed_memory(nbytes: int) -> None:
     _State.bytes_since_trim += nbytes
     if _State.batches_since_trim >= _TRIM_EVERY and _State.bytes_since_trim >= _TRIM_BYTES:
         _State.batches_since_trim = _State.bytes_since_trim = 0
+        _State.trim(0)
+
+
+def trim_heap() -> None:
+    """Give the heap's freed pages back to the OS now (glibc ``malloc_trim``), once a large model copy
+    was dropped: glibc keeps up to the trim threshold (64 MiB, ``tune_malloc``) of them, which weights
+    allocated later above the mmap threshold cannot reuse. A no-op unless ``tune_malloc`` ran."""
+    if _State.trim is not None:
         _State.trim(0)

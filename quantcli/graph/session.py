@@ -1,12 +1,23 @@
 """The onnxruntime session factory: every session quantcli builds comes from here.
 
-``make_session`` builds a CPU session from a model in memory (no temporary file) and turns a load
-failure into an ``UnsupportedModelError`` that says why (``explain_load_failure``); ``augmented``
-copies a model with chosen tensors added as graph outputs, so a session returns them.
+``make_session`` builds a CPU session from a model in memory and turns a load failure into an
+``UnsupportedModelError`` that says why (``explain_load_failure``); its ``outputs`` add tensors to
+the session's outputs without a copy of the model; ``augmented`` copies a model with chosen tensors
+added as graph outputs, so a session returns them.
+
+onnxruntime is handed the serialized model as a file in a temporary directory (removed once the
+session is built), not as bytes: from bytes it copies them into a string and a stream before
+parsing, and the session's own weights come on top of those. The graph outputs asked for are
+appended to the file as a second ``ModelProto`` holding only them: protobuf merges a message
+field read twice and appends repeated ones, so onnxruntime parses the model with those outputs
+added, and no augmented copy of the model is made. all-MiniLM-L6 (87 MB), a session exposing
+every activation, RSS above the loaded model, augmented copy and bytes vs file: peak +348 vs
++229 MB, held afterwards +315 vs +143 MB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -76,9 +87,18 @@ def explain_load_failure(exc: BaseException, source: str) -> str:
 
 
 def make_session(
-    model: onnx.ModelProto, *, threads: int = 0, optimize: bool = True, source: str = "model", spin: bool = True
+    model: onnx.ModelProto,
+    *,
+    threads: int = 0,
+    optimize: bool = True,
+    source: str = "model",
+    spin: bool = True,
+    outputs: Sequence[str] = (),
 ) -> ort.InferenceSession:
-    """An onnxruntime CPU session built from memory (no temporary file).
+    """An onnxruntime CPU session of ``model`` (not modified), returning ``outputs`` too.
+
+    ``outputs``: tensors to expose besides the graph outputs, as ``make_session(augmented(model,
+    outputs))`` would but without the copy of the model (see the module docstring).
 
     ``spin=False``: the intra-op threads sleep between runs instead of spinning (onnxruntime's
     ``session.intra_op.allow_spinning``), for passes that do other work between runs (statistics
@@ -95,14 +115,43 @@ def make_session(
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if external_base(model) is not None:
-        return _session_reading_files(model, opts, source)
-    if id(model) in _DETACHED or above_protobuf_limit(model):
+    if external_base(model) is not None or id(model) in _DETACHED or above_protobuf_limit(model):
+        if outputs:  # a small copy: the weights stay in their files or apart from the skeleton
+            model = augmented(model, list(outputs))
+        if external_base(model) is not None:
+            return _session_reading_files(model, opts, source)
         return _large_session(model, opts, source)
     try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return _session_from_file(model, outputs, opts)
     except Exception as exc:
         raise UnsupportedModelError(explain_load_failure(exc, source)) from exc
+
+
+def _outputs_suffix(model: onnx.ModelProto, names: Sequence[str]) -> bytes:
+    """A serialized ``ModelProto`` holding only graph outputs ``names`` (those ``model`` lacks): appended
+    to ``model``'s bytes, it makes them the bytes of ``model`` with those outputs added."""
+    existing = {o.name for o in model.graph.output}
+    extra = onnx.ModelProto()
+    extra.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in existing)
+    return extra.SerializeToString() if len(extra.graph.output) else b""
+
+
+def _session_from_file(
+    model: onnx.ModelProto, outputs: Sequence[str], opts: ort.SessionOptions
+) -> ort.InferenceSession:
+    """A session read by onnxruntime from a temporary file holding ``model`` with ``outputs`` added;
+    from bytes if no temporary file can be written."""
+    suffix = _outputs_suffix(model, outputs)
+    with contextlib.ExitStack() as stack:
+        try:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="quantcli-session-"))
+            path = Path(folder) / "model.onnx"
+            with open(path, "wb") as fh:
+                fh.write(model.SerializeToString())
+                fh.write(suffix)
+        except OSError:  # no writable temporary directory: the bytes, at a higher peak
+            return ort.InferenceSession(model.SerializeToString() + suffix, opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def _large_session(model: onnx.ModelProto, opts: ort.SessionOptions, source: str) -> ort.InferenceSession:

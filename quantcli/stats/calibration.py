@@ -40,7 +40,7 @@ from quantcli.data.datasets import Dataset, FeedList, sample_shapes
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.reductions import summarize_min_max
 from quantcli.graph.scopes import elem_types, has_subgraphs
-from quantcli.graph.session import Session, augmented, make_session
+from quantcli.graph.session import Session, make_session
 from quantcli.graph.subgraphs import expose_subgraph_tensors
 from quantcli.stats.collector import (
     CollectOptions,
@@ -239,8 +239,13 @@ def expose(
     if has_subgraphs(model.graph):
         exposed = expose_subgraph_tensors(model, elem_types(infer_shapes(model)[0]), reduce_loops=True)
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
-            with_inner = augmented(exposed.model, names + list(exposed.names))
-            probe = make_session(with_inner, threads=options.threads, source=options.source, spin=False)
+            probe = make_session(
+                exposed.model,
+                threads=options.threads,
+                source=options.source,
+                spin=False,
+                outputs=names + list(exposed.names),
+            )
             probe.run(list(exposed.names), next(iter(dataset.batches(1))))
             model, inner, reduced = exposed.model, exposed.names, exposed.reduced
             names += list(inner)
@@ -248,7 +253,7 @@ def expose(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(augmented(model, names), threads=options.threads, source=options.source, spin=False)
+        probe = make_session(model, threads=options.threads, source=options.source, spin=False, outputs=names)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:

@@ -50,7 +50,7 @@ from quantcli.core.process import release_freed_memory
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset, FeedList
 from quantcli.graph.model_io import available_memory
-from quantcli.graph.session import Session, augmented, is_out_of_memory, make_session
+from quantcli.graph.session import Session, is_out_of_memory, make_session
 from quantcli.stats.observers import (
     HISTOGRAM_CHUNK,
     ChannelObserver,
@@ -481,7 +481,8 @@ def _session(model: onnx.ModelProto, names: list[str], options: CollectOptions) 
     if not names:
         return None
     return make_session(
-        augmented(model, names),
+        model,
+        outputs=names,
         threads=options.threads,
         optimize=options.optimize,
         source=options.source,

@@ -743,7 +743,7 @@ def _stage_regions(search: _Search, best: Trial) -> Trial:
     def action(end: str, count: int) -> str:
         return f"float: the {end} {count} of {len(compute)} compute nodes"
 
-    found: list[tuple[Trial, list[str]]] = []
+    found: list[tuple[Trial, str, int]] = []  # the trial that met the budget, its end and p
     for end in ("first", "last"):
         # at most all but one: a model with every compute node float is no quantized model
         lo, hi = 0, len(compute) - 1  # p = lo misses (the best so far); p = hi must meet
@@ -754,13 +754,14 @@ def _stage_regions(search: _Search, best: Trial) -> Trial:
             mid = (lo + hi) // 2
             trial = region(_end(compute, end, mid), action(end, mid))
             lo, hi, met = (lo, mid, trial) if trial.meets_budget else (mid, hi, met)
-        found.append((met, _end(compute, end, hi)))
+        found.append((met, end, hi))
     if not found:
         return best
-    met, nodes = min(found, key=lambda f: (model_cost(f[0].candidate, search.costs), f[0].step))
+    met, end, count = min(found, key=lambda f: (model_cost(f[0].candidate, search.costs), f[0].step))
     best = search.keep(met)
+    nodes = _end(compute, end, count)
     # the boundary node is needed (one node less missed the budget): last, so pruning only tries it at run time
-    boundary = nodes[-1] if nodes == compute[: len(nodes)] else nodes[0]
+    boundary = nodes[-1] if end == "first" else nodes[0]
     largest = sorted((n for n in nodes if n != boundary), key=lambda n: (-(search.macs.get(n) or 0), n))
     return _prune(search, best, [*largest[: search.options.probe], boundary])
 

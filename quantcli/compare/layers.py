@@ -510,7 +510,7 @@ def _first_batch_pass(
         for group in plan_first_groups([t for t in statistics.names if at.get(t) == index], needs, nbytes, budget):
             wanted = list(dict.fromkeys(x for t in group for x in needs[t]))
             outs = [models.ref_out[x] for x in wanted]
-            session = make_session(augmented(models.reference, outs), optimize=models.optimize)
+            session = make_session(models.reference, optimize=models.optimize, outputs=outs)
             values = dict(zip(wanted, session.run(outs, feed), strict=True))
             del session
             for t in group:
@@ -591,7 +591,7 @@ def streamed_local_errors(
     if not needed:
         return {}
     outs = [models.ref_out[x] for x in needed]
-    reference = make_session(augmented(models.reference, outs), optimize=models.optimize)
+    reference = make_session(models.reference, optimize=models.optimize, outputs=outs)
     signal: dict[str, list[float]] = {t: [] for t in sessions}
     noise: dict[str, list[float]] = {t: [] for t in sessions}
     for feed in dataset.batches(batch_size):

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 
 from quantcli.core.options import CalibrationMethod
-from quantcli.graph.session import augmented, make_session
+from quantcli.graph.session import make_session
 from quantcli.stats.calibration import calibration_memory_budget
 from quantcli.stats.collector import plan_batch
 
@@ -64,7 +64,7 @@ def search_memory_budget(max_memory: int | None) -> int:
 def activation_bytes(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> int:
     """Bytes of every main-graph node output of ``model`` run on ``feed`` (one sample: bytes a sample)."""
     names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
-    session = make_session(augmented(model, names))
+    session = make_session(model, outputs=names)
     outputs = session.run(None, dict(feed))
     del session
     return int(sum(getattr(a, "nbytes", 0) for a in outputs))

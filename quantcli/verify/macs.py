@@ -27,7 +27,7 @@ import onnx
 
 from quantcli.graph.editor import ModelEditor
 from quantcli.graph.model_io import infer_shapes
-from quantcli.graph.session import augmented, make_session
+from quantcli.graph.session import make_session
 
 __all__ = ["CONV_LIKE", "GEMM_LIKE", "MATMUL_LIKE", "compute_macs", "node_operands"]
 
@@ -109,7 +109,7 @@ def _observed_shapes(
     }  # fmt: skip
     one = {k: np.asarray(v) if k in fixed_batch else np.asarray(v)[:1] for k, v in feed.items()}
     try:
-        values = make_session(augmented(model, names), optimize=False).run(names, one)
+        values = make_session(model, optimize=False, outputs=names).run(names, one)
     except Exception as exc:  # the counts are a report, never a reason to fail
         log.info("could not run the model to observe shapes: %s", exc)
         return {}

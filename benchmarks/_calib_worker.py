@@ -8,7 +8,9 @@ python benchmarks/_calib_worker.py quantcli|ort METHOD MODEL DATA.npz NUM_SAMPLE
 from __future__ import annotations
 
 import json
+import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -34,7 +36,7 @@ def main() -> None:
     tool, method, model, data, num, batch = sys.argv[1:7]
     num_samples, batch_size = int(num), int(batch)
     max_memory = int(sys.argv[7]) if len(sys.argv) > 7 and int(sys.argv[7]) > 0 else None
-    work = Path(tempfile.mkdtemp(prefix="calib-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="calib-bench-", suffix=f"-{os.getpid()}"))
     arrays = tiled(Path(data), num_samples)
     npz = work / "data.npz"
     np.savez(npz, **arrays)
@@ -97,4 +99,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the data copy and onnxruntime's augmented model: hundreds of folders piled up in /tmp
+        for folder in Path(tempfile.gettempdir()).glob(f"calib-bench-*-{os.getpid()}"):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -87,9 +87,11 @@ class Verdict:
 
     def render(self, name: Callable[[str], str] = str) -> list[str]:
         """The summary line, then each warning and each unchecked item, options written by ``name``."""
-        lines = [self.line(), *self.warnings, *self.unchecked]
-        names = {o: name(o) for o in self.options}
-        return [string.Template(text).safe_substitute(names) for text in lines]
+        return [self.substitute(text, name) for text in (self.line(), *self.warnings, *self.unchecked)]
+
+    def substitute(self, text: str, name: Callable[[str], str] = str) -> str:
+        """``text`` (one of this verdict's templates) with each option it names written as ``name(field)``."""
+        return string.Template(text).safe_substitute({o: name(o) for o in self.options})
 
     def line(self) -> str:
         """``verdict: ok on 19 held-back samples: logits classifier agreement 1.000 (SQNR 31.2 dB); 1.52x FP32 ...``."""

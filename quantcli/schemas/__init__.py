@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,7 +183,7 @@ def _verdict(verdict: Verdict | None, name: Callable[[str], str]) -> dict[str, A
         "line": line,
         "warnings": rest[: len(verdict.warnings)],
         "unchecked": rest[len(verdict.warnings) :],
-        "source": string.Template(verdict.source).safe_substitute({o: name(o) for o in verdict.options}),
+        "source": verdict.substitute(verdict.source, name),
         "num_samples": verdict.num_samples,
         "outputs": [
             {

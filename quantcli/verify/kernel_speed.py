@@ -95,7 +95,6 @@ __all__ = [
     "default_cache_path",
     "host_oracle",
     "kernel_models",
-    "measure_ratio",
     "measure_rounds",
     "spread",
     "uncertain",
@@ -314,11 +313,6 @@ def measure_rounds(shape: KernelShape, *, threads: int = 1, rounds: int = 3, bud
         timing = measure_latency(ref, cand, feed, threads=threads, warmup=3, runs=400, time_budget_s=budget_s)
         found.append(timing.speedup)
     return found
-
-
-def measure_ratio(shape: KernelShape, *, threads: int = 1, rounds: int = 3, budget_s: float = 0.12) -> float:
-    """The median of ``measure_rounds``."""
-    return float(np.median(measure_rounds(shape, threads=threads, rounds=rounds, budget_s=budget_s)))
 
 
 def spread(rounds: list[float]) -> tuple[float, float]:

@@ -611,7 +611,10 @@ def build_g2p_bert(token_path: Path, lexicon_path: Path) -> tuple[dict[str, np.n
     note = (f"words of g2p_id's lexicon_id.tsv holding 'e' ({len(rows)} alignable, every {step}th kept), each 'e' "
             "masked; labels: the lexicon's e/schwa per masked position (the model's training words, so the "
             "label accuracy is training-set accuracy)")  # fmt: skip
-    return ({"input_1": np.array([t for t, _ in calib], np.int64)},
+    # calib carries its labels too: the verdict and the search judge the masked positions only (a label
+    # >= 0), not the unmasked and padding positions nobody reads
+    return ({"input_1": np.array([t for t, _ in calib], np.int64),
+             "labels": np.array([lab for _, lab in calib], np.int64)},
             {"input_1": np.array([t for t, _ in evals], np.int64),
              "labels": np.array([lab for _, lab in evals], np.int64)}, note)  # fmt: skip
 

@@ -152,7 +152,8 @@ def accuracy_shard(
     r = request
     metric = r.metric or MetricSpec("top1")
     collected: dict[str, list[list[np.ndarray]]] | None = {} if metric.function is not None else None
-    kinds = OutputKindObserver(r.output_kinds, map_threshold=r.map_threshold, plan=plan)
+    labels = dataset.yielded_labels()
+    kinds = OutputKindObserver(r.output_kinds, map_threshold=r.map_threshold, plan=plan, labels=labels)
     outputs = accumulate_outputs(
         sessions[0], sessions[1], dataset, batch_size=r.batch_size, topk=metric.topk, collect=collected,
         progress=progress, observe=kinds,

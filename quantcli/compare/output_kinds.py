@@ -14,6 +14,10 @@ not the batch is one sample), in this order:
 * ``sequence``: per-position class scores ``[T, C]`` whose rows are probabilities or log-probabilities
   (CTC recognizers, token classifiers): a sample agrees when the **whole** argmax sequence matches,
   position by position (strict: no CTC collapsing, so an agreeing recognizer also reads the same string).
+  When the data has **labels per position** (``[N, T]`` beside a ``[N, T, C]`` output), only the
+  positions with a label ``>= 0`` are compared, as accuracy scores them (the ignore-index convention of
+  masked language models and token classifiers: padding and unmasked tokens are nobody's prediction);
+  a sample without a labelled position is left out of the share.
   A **time-major** ``[T, N, C]`` output (axis 1 is the batch, axis 0 is not, ``T >= 8``: CRNN-style
   CTC heads, PyTorch's CTC layout) is read as ``[N, T, C]`` and is a sequence even when its scores are
   logits: the layout itself says "per-position class scores".
@@ -205,15 +209,30 @@ class _KindAccumulator:
     noises: list[float] = field(default_factory=list)
     count: int = 0
     agree: int = 0
+    #: samples with a decision to agree on (all of them, unless labels per position leave some without)
+    judged: int = 0
+    #: agreement was taken over labelled positions only (labels per position came with the data)
+    labelled: bool = False
     scores: list[np.ndarray] = field(default_factory=list)
 
-    def update(self, ref: np.ndarray, q: np.ndarray) -> None:
+    def update(self, ref: np.ndarray, q: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """One batch (axis 0 = samples); ``labels``: the batch's labels, used by a sequence when they are
+        per position."""
         ref64, q64 = ref.astype(np.float64), q.astype(np.float64)
         self.signals.append(float(np.sum(ref64 * ref64)))
         self.noises.append(float(np.sum((ref64 - q64) ** 2)))
         self.count += ref.shape[0]
         if self.kind in AGREEMENT_KINDS:
-            self.agree += int(np.sum(_decisions_equal(self.kind, ref64, q64, self.threshold)))
+            scored = _scored_positions(self.kind, ref, labels)
+            equal = _decisions_equal(self.kind, ref64, q64, self.threshold, scored)
+            if scored is None:
+                self.agree += int(np.sum(equal))
+                self.judged += ref.shape[0]
+            else:
+                some = scored.any(axis=1)
+                self.agree += int(np.sum(equal & some))
+                self.judged += int(np.sum(some))
+                self.labelled = True
         elif self.kind == OutputKind.EMBEDDING:
             self.scores.append(_cosines(ref64, q64))
         elif self.kind == OutputKind.MAP:
@@ -225,19 +244,25 @@ class _KindAccumulator:
         self.noises += later.noises
         self.count += later.count
         self.agree += later.agree
+        self.judged += later.judged
+        self.labelled = self.labelled or later.labelled
         self.scores += later.scores
 
     def result(self) -> KindMetrics:
         signal, noise = _ordered_sum(self.signals), _ordered_sum(self.noises)
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
         mean = _mean_score(self.scores)
+        reason = f"{self.reason}; agreement at labelled positions" if self.labelled else self.reason
+        agreement = None
+        if self.kind in AGREEMENT_KINDS and self.count:
+            agreement = self.agree / self.judged if self.judged else 1.0  # no labelled position: nothing moved
         return KindMetrics(
             self.name,
             self.kind,
-            self.reason,
+            reason,
             self.count,
             sqnr,
-            agreement=self.agree / self.count if self.kind in AGREEMENT_KINDS and self.count else None,
+            agreement=agreement,
             cosine=mean if self.kind == OutputKind.EMBEDDING else None,
             iou=mean if self.kind == OutputKind.MAP else None,
         )
@@ -251,12 +276,28 @@ def _ordered_sum(parts: list[float]) -> float:
     return total
 
 
-def _decisions_equal(kind: OutputKind, ref: np.ndarray, q: np.ndarray, threshold: float) -> np.ndarray:
-    """Per sample: does the quantized decision equal FP32's?"""
+def _scored_positions(kind: OutputKind, ref: np.ndarray, labels: np.ndarray | None) -> np.ndarray | None:
+    """``[N, T]``: the positions of a sequence ``[N, T, C]`` whose label is ``>= 0``; None when the labels
+    are not one integer per position (then every position counts)."""
+    if kind != OutputKind.SEQUENCE or labels is None or ref.ndim != 3:
+        return None
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" or labels.shape != ref.shape[:2]:
+        return None
+    return labels >= 0
+
+
+def _decisions_equal(
+    kind: OutputKind, ref: np.ndarray, q: np.ndarray, threshold: float, scored: np.ndarray | None = None
+) -> np.ndarray:
+    """Per sample: does the quantized decision equal FP32's (at the ``scored`` positions of a sequence)?"""
     if kind == OutputKind.BINARY:
         return ((ref > threshold) == (q > threshold)).reshape(ref.shape[0], -1).all(axis=1)
     # classifier [N, C] or sequence [N, T, C]: the argmax at every position
-    return (ref.argmax(-1) == q.argmax(-1)).reshape(ref.shape[0], -1).all(axis=1)
+    same = ref.argmax(-1) == q.argmax(-1)
+    if scored is not None:
+        same |= ~scored
+    return same.reshape(ref.shape[0], -1).all(axis=1)
 
 
 def _cosines(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -303,6 +344,8 @@ class OutputKindObserver:
 
     ``plan``: the kinds found on the data's first batch by another observer (``plan()``), for a shard
     of the data that does not start there; ``merge`` then appends a later shard's observer.
+    ``labels``: the labels of the samples the batches bring, in their order (``Dataset.yielded_labels``);
+    a sequence with labels per position is judged at the labelled positions only.
     """
 
     def __init__(
@@ -311,11 +354,14 @@ class OutputKindObserver:
         *,
         map_threshold: float = DEFAULT_MAP_THRESHOLD,
         plan: Mapping[str, KindPlan] | None = None,
+        labels: np.ndarray | None = None,
     ) -> None:
         self.overrides = dict(overrides or {})
         self.map_threshold = map_threshold
         self._accs: dict[str, _KindAccumulator] = {}
         self._plan = dict(plan or {})
+        self._labels = None if labels is None else np.asarray(labels)
+        self._seen = 0  # samples observed so far: where the next batch's labels start
 
     def __call__(self, names: Sequence[str], ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], n: int) -> None:
         """One batch of ``n`` samples: the outputs ``names`` of the FP32 and the quantized model."""
@@ -325,11 +371,15 @@ class OutputKindObserver:
                 f"$output_kinds names {', '.join(unknown)}, not outputs of the model ({', '.join(names)})",
                 option="output_kinds",
             )
+        labels = None
+        if self._labels is not None and self._labels.ndim and self._seen + n <= self._labels.shape[0]:
+            labels = self._labels[self._seen : self._seen + n]
+        self._seen += n
         for name, r, c in zip(names, ref, cand, strict=True):
             time_major = is_time_major(np.asarray(r), n)
             r, c = _per_sample(r, n, time_major), _per_sample(c, n, time_major)
             if r.dtype.kind in "fiub":  # numbers (strings and objects are not compared)
-                (self._accs.get(name) or self._start(name, r, time_major)).update(r, c)
+                (self._accs.get(name) or self._start(name, r, time_major)).update(r, c, labels)
 
     def _start(self, name: str, ref: np.ndarray, time_major: bool) -> _KindAccumulator:
         if name in self._plan:
@@ -379,9 +429,10 @@ def kind_metrics(
     *,
     overrides: Mapping[str, OutputKind] | None = None,
     map_threshold: float = DEFAULT_MAP_THRESHOLD,
+    labels: np.ndarray | None = None,
 ) -> list[KindMetrics]:
     """The kinds and metrics of outputs already in memory (axis 0 = samples), for scripts and tests."""
-    observer = OutputKindObserver(overrides, map_threshold=map_threshold)
+    observer = OutputKindObserver(overrides, map_threshold=map_threshold, labels=labels)
     n = np.asarray(reference[0]).shape[0] if reference and np.asarray(reference[0]).ndim else 1
     observer(names, reference, candidate, n)
     return observer.results()

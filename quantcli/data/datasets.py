@@ -355,6 +355,13 @@ class Dataset:
         spans = list(self._spans(size, stop, shuffle))
         return [start for start, _ in spans] + [spans[-1][1] if spans else 0]
 
+    def yielded_labels(self) -> np.ndarray | None:
+        """The labels of the samples ``batches`` yields, in its (unshuffled) order; None without labels."""
+        if self.labels is None:
+            return None
+        start, stop = self.kept if self.kept is not None else (0, self._all_samples())
+        return self.labels[start:stop]
+
     def window(self, start: int, stop: int) -> Dataset:
         """The same data, yielding only the batches that start at positions ``start`` to ``stop - 1``.
 

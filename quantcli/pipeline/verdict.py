@@ -151,11 +151,11 @@ def verdict(ctx: ConvertContext) -> None:
     if not r.verdict:
         return
     model, quantized = need(ctx.model, "the model"), need(ctx.quantized, "the converted model")
-    source, feeds, unchecked = _verdict_samples(ctx)
+    source, feeds, labels, unchecked = _verdict_samples(ctx)
     kinds: list[KindMetrics] = []
     count = 0
     if feeds is not None:
-        kinds, count = _fidelity(model, quantized, feeds, r.output_kinds)
+        kinds, count = _fidelity(model, quantized, feeds, r.output_kinds, labels)
         unchecked = (*unchecked, *_raw_note(kinds))
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
@@ -179,26 +179,30 @@ _OPTIONS = (
 
 def _verdict_samples(
     ctx: ConvertContext,
-) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], int]] | None, tuple[str, ...]]:
-    """Where the verdict's samples come from: a description, the feeds with their counts, what was not checked."""
+) -> tuple[str, Iterator[tuple[dict[str, np.ndarray], int]] | None, np.ndarray | None, tuple[str, ...]]:
+    """Where the verdict's samples come from: a description, the feeds with their counts, their labels
+    (None without), what was not checked."""
     r = ctx.request
     specs = model_input_specs(need(ctx.model, "the model"))
     if r.eval_data is not None:
         dataset = ctx.fmt.open(r.eval_data, specs, max_samples=EVAL_MAX_SAMPLES)
         chose = " (the search chose on them)" if r.search is not None else ""
-        return f"{dataset.num_samples} $eval_data samples{chose}", _feeds(dataset, 0), ()
+        labels = dataset.yielded_labels()
+        return f"{dataset.num_samples} $eval_data samples{chose}", _feeds(dataset, 0), labels, ()
     if ctx.held_out is not None:
         dataset, start = ctx.held_out
-        return f"{dataset.num_samples - start} held-back $data_path samples", _feeds(dataset, start), ()
+        labels = dataset.yielded_labels()
+        held = None if labels is None else labels[start:]
+        return f"{dataset.num_samples - start} held-back $data_path samples", _feeds(dataset, start), held, ()
     if ctx.verdict_unchecked:
-        return "", None, ctx.verdict_unchecked
+        return "", None, None, ctx.verdict_unchecked
     why = {
         True: "convert from a calibration file has no samples it did not calibrate on",
         False: "no data it did not calibrate on",
     }[r.calibration is not None]
     if r.data_path is not None and ctx.algorithms.needs_data:
         why = "the algorithms calibrate on all of $data_path"
-    return "", None, (f"fidelity not checked: {why}; give $eval_data to check",)
+    return "", None, None, (f"fidelity not checked: {why}; give $eval_data to check",)
 
 
 def _feeds(dataset: Dataset, start: int) -> Iterator[tuple[dict[str, np.ndarray], int]]:
@@ -228,12 +232,13 @@ def _fidelity(
     quantized: onnx.ModelProto,
     feeds: Iterator[tuple[dict[str, np.ndarray], int]],
     overrides: Mapping[str, OutputKind] | None,
+    labels: np.ndarray | None = None,
 ) -> tuple[list[KindMetrics], int]:
     from quantcli.graph.session import make_session
 
     ref, cand = make_session(model, source="FP32 model"), make_session(quantized, source="converted model")
     names = [o.name for o in ref.get_outputs()]
-    observer = OutputKindObserver(overrides)
+    observer = OutputKindObserver(overrides, labels=labels)
     count = 0
     for feed, n in feeds:
         observer(names, ref.run(names, feed), cand.run(names, feed), n)

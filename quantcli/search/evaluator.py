@@ -77,6 +77,8 @@ class Evaluator:
         self.session = session if self.size == 1 else make_session(reference)
         del session
         self.counts = [dataset.batch_length(feed) for feed in self.feeds]
+        #: labels in the feeds' order, for kind metrics (a sequence is judged at its labelled positions)
+        self.position_labels = dataset.yielded_labels()
         #: each output's detected (or given) kind, FP32 against itself
         self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
         self.labels = None if agreement else dataset.labels
@@ -119,7 +121,7 @@ class Evaluator:
     def _kinds(self, outputs: Sequence[Sequence[np.ndarray]]) -> tuple[KindMetrics, ...]:
         """The kind metrics of ``outputs`` (one list per feed) against the FP32 outputs."""
         overrides, threshold = self.kind_options or ({}, DEFAULT_MAP_THRESHOLD)
-        observer = OutputKindObserver(overrides, map_threshold=threshold)
+        observer = OutputKindObserver(overrides, map_threshold=threshold, labels=self.position_labels)
         for ref, out, n in zip(self.reference, outputs, self.counts, strict=False):
             observer(self.names, ref, out, n)
         return tuple(observer.results())

@@ -15,7 +15,7 @@ from quantcli.cli.app import app
 from quantcli.core.errors import ArtifactMismatchError, QuantCliError
 from quantcli.core.host import default_config
 from quantcli.core.options import QuantConfig
-from quantcli.search.accuracy_search import Budget, BudgetNotMetError, SearchOptions
+from quantcli.search.accuracy_search import STALL_AFTER, Budget, BudgetNotMetError, SearchOptions
 from quantcli.search.recipe import read_recipe
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
@@ -407,3 +407,39 @@ def test_error_spread_over_the_network_is_repaired_by_a_float_region(tmp_path):
     chosen = set(search.chosen.candidate.float_nodes)
     assert search.chosen.meets_budget and 2 <= len(chosen) <= 6  # a few nodes, not one and not all
     assert sqnr(ref, run(onnx.load(str(tmp_path / "q.onnx")), {"x": x})[0]) >= budget - 0.5
+
+
+def test_fallback_that_cannot_reach_the_budget_stops_early_and_regions_repair(tmp_path):
+    """32 orthogonal MatMuls, a budget that needs about 20 of them float, at most 12 single moves: after
+    ``STALL_AFTER`` moves their average gain shows the other moves cannot close the gap, so the search
+    goes on to the regions without trying them, and the regions meet the budget."""
+    chain = models.noisy_chain(layers=32, d=32)
+    model = tmp_path / "chain.onnx"
+    model.write_bytes(chain.SerializeToString())
+    rng = np.random.default_rng(4)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=rng.normal(size=(64, 32)).astype(np.float32))
+    np.savez(evald, x=rng.normal(size=(64, 32)).astype(np.float32))
+    x = np.load(evald)["x"]
+    ref = run(chain, {"x": x})[0]
+
+    def sqnr_of(*exclude: str) -> float:
+        out = tmp_path / f"q{len(exclude)}.onnx"
+        config = replace(CONFIG, exclude_nodes=exclude)
+        api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
+        return sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+
+    twelve, twenty_four = sqnr_of(*(f"mm{i}" for i in range(12))), sqnr_of(*(f"mm{i}" for i in range(24)))
+    assert twelve < twenty_four - 2.0
+    budget = (twelve + twenty_four) / 2  # out of reach of 12 single moves, within reach of a region
+    logs: list[str] = []
+    options = SearchOptions(Budget(min_sqnr_db=budget), max_fallback=12, probe=1, methods=())
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald, log=logs.append
+    )
+    search = result.search
+    assert search is not None
+    moved = {t.action.split(": ", 1)[1] for t in search.trials if t.stage == "fallback"}
+    assert len(moved) == STALL_AFTER < 12
+    assert any(line.startswith(f"fallback stopped after {STALL_AFTER} moves") for line in logs), logs
+    assert search.chosen.meets_budget and search.chosen.stage in ("region", "prune")

@@ -75,7 +75,7 @@ from quantcli.data.datasets import Dataset
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.session import make_session
 from quantcli.modes.dynamic import lower_dynamic_nodes
-from quantcli.search.budget import AGREEMENT, Budget, BudgetNotMetError, Score, key, meets
+from quantcli.search.budget import AGREEMENT, Budget, BudgetNotMetError, Score, key, meets, primary_target
 from quantcli.search.confirm import Timer, fastest
 from quantcli.search.cost import (
     DYNAMIC_MAC_COST,
@@ -129,6 +129,8 @@ HISTOGRAM_METHODS = (
 )
 #: node types the search may return to float (others follow their neighbours)
 FALLBACK_OPS = frozenset({"Conv", "MatMul", "Gemm"} | set(ELEMENTWISE_OPS))
+#: fallback moves made before the search judges whether the rest can reach the budget (``_stalled``)
+STALL_AFTER = 6
 #: node types a float region (stage 3b) is counted in
 REGION_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
 
@@ -706,19 +708,42 @@ def _one_notch(search: _Search, best: Trial, name: str, floats: list[str], dynam
 
 
 def _stage_fallback(search: _Search, best: Trial) -> Trial:
-    """3. Move nodes to run-time quantization or float until the budget holds; 4. undo the moves it does not need."""
+    """3. Move nodes to run-time quantization or float until the budget holds; 4. undo the moves it does not need.
+
+    The moves come most harmful first, so each gains less than the one before. After ``STALL_AFTER`` moves,
+    when even their average gain, kept up for every move left, would not reach the budget, the rest are
+    not tried: the error is spread, and the regions of stage 3b are where it is repaired.
+    """
     floats: list[str] = []
     dynamic: list[str] = []
     moved: list[str] = []
-    for name in _fallback_order(search, best)[: search.options.max_fallback]:
+    order = _fallback_order(search, best)[: search.options.max_fallback]
+    start, target = search.key(best)[0], primary_target(search.options.budget)
+    reached = start
+    for name in order:
         moved.append(name)
         trial = _one_notch(search, best, name, floats, dynamic)
         if trial.meets_budget:
             best = search.keep(trial)
             break
+        reached = max(reached, search.key(trial)[0])
+        left = len(order) - len(moved)
+        if len(moved) >= STALL_AFTER and left and _stalled(start, reached, target, len(moved), left):
+            search.log(
+                f"fallback stopped after {len(moved)} moves: they gained {reached - start:.3g} towards a gap of "
+                f"{target - start:.3g}; at that rate the other {left} would not close it"
+            )
+            break
     if best.meets_budget:
         best = _prune(search, best, moved)
     return best
+
+
+def _stalled(start: float, reached: float, target: float, done: int, left: int) -> bool:
+    """Would ``left`` more moves at the average gain of the ``done`` so far still fall short of ``target``?"""
+    if not all(math.isfinite(v) for v in (start, reached, target)):
+        return False
+    return reached + (reached - start) / done * left < target
 
 
 def _stage_regions(search: _Search, best: Trial) -> Trial:

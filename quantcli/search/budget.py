@@ -96,6 +96,15 @@ def meets(score: Score, budget: Budget) -> bool:
     return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
 
 
+def primary_target(budget: Budget) -> float:
+    """The value ``key``'s first element must reach for the budget to hold (a necessary condition)."""
+    if budget.max_accuracy_drop is not None:
+        return -budget.max_accuracy_drop
+    if budget.kind_bounds():
+        return 0.0
+    return budget.min_sqnr_db if budget.min_sqnr_db is not None else -math.inf
+
+
 def key(score: Score, budget: Budget) -> tuple[float, float]:
     """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
     margin = kind_margin(score.kinds, budget)

@@ -59,12 +59,6 @@ _ENCODER = (
     "residual-stream and bias Adds and the attention MatMuls (q.kT, softmax.v) stay float; on "
     "digits_transformer_eval (500 held-out digits, FP32 top-1 0.974): "
 )
-_FLOOR = (
-    "issue 15 item 4, activation-floor rule (static/rules/activation_floor.py): the MatMul output read only by "
-    "Add(x, b) -> Relu starts its grid at -max(b), where the Relu reads 0 (sensitive_mlp's m2: [-6.5, 5.0] now "
-    "starts at -0.22), so nothing below changes and the steps above get finer; output SQNR vs FP32 on its 48 "
-    "samples "
-)
 #: cases whose output changed on purpose after the recording, and why (the test still pins the new bytes)
 CHANGES: dict[str, str] = {
     "small_cnn/exclude-regex": (
@@ -77,34 +71,19 @@ CHANGES: dict[str, str] = {
         "0 Relu, 3 QuantizeLinear); it now stays float between a DQ and a Q (1 Relu, 4 QuantizeLinear), output SQNR "
         "vs FP32 35.18 -> 33.79 dB (the price of the exclusion asked for); then " + _VERDICT + "(measured on the "
         "pre-fix model: 35.18 -> 35.59 dB)"
-    )
-    + "; then "
-    + _FLOOR
-    + "34.52 -> 35.32 dB (the float Relu reads 0 below the floor all the same)",
+    ),
     "digits_cnn/algorithms": _ONE_PASS + "2.0e-7 (4/45 scales); top-1 on digits_cnn_eval 0.996 before and after",
     "digits_transformer/algorithms": _ONE_PASS
     + "3.1e-7 (112/243 scales); top-1 on digits_transformer_eval 0.970 before and after; then "
     + _ENCODER
     + "top-1 0.970 -> 0.972, SQNR vs FP32 29.55 -> 39.26 dB",
     "small_cnn/algorithms": _ONE_PASS + "7.0e-8 (2/23 scales); output SQNR vs FP32 45.03 dB before and after",
-    "matmul_chain/algorithms": (_ONE_PASS + "8.2e-8 (4/12 scales); output SQNR vs FP32 35.40 dB before and after")
-    + "; then "
-    + _FLOOR
-    + "35.40 -> 36.83 dB",
+    "matmul_chain/algorithms": _ONE_PASS + "8.2e-8 (4/12 scales); output SQNR vs FP32 35.40 dB before and after",
     "attention_matmul/algorithms": _ONE_PASS + "8.3e-8 (4/10 scales); output SQNR vs FP32 33.91 dB before and after",
-    "sensitive_mlp/algorithms": (_ONE_PASS + "1.1e-7 (4/21 scales); output SQNR vs FP32 0.83 dB before and after")
-    + "; then "
-    + _FLOOR
-    + "0.83 -> 0.84 dB",
+    "sensitive_mlp/algorithms": _ONE_PASS + "1.1e-7 (4/21 scales); output SQNR vs FP32 0.83 dB before and after",
     "small_cnn21/int16-entropy": _SIXTEEN + "9/20 scales change; output SQNR vs FP32 43.14 -> 44.93 dB",
-    "matmul_chain21/int16-entropy": (_SIXTEEN + "4/9 scales change; output SQNR vs FP32 35.45 -> 37.36 dB")
-    + "; then "
-    + _FLOOR
-    + "37.36 -> 37.40 dB",
-    "matmul_chain21/uint16-minmax": (_VERDICT + "output SQNR vs FP32 37.36 -> 37.37 dB")
-    + "; then "
-    + _FLOOR
-    + "37.37 -> 37.40 dB",
+    "matmul_chain21/int16-entropy": _SIXTEEN + "4/9 scales change; output SQNR vs FP32 35.45 -> 37.36 dB",
+    "matmul_chain21/uint16-minmax": _VERDICT + "output SQNR vs FP32 37.36 -> 37.37 dB",
     "digits_cnn/plain": _VERDICT + "top-1 on digits_cnn_eval 0.996 before and after; SQNR 42.24 -> 41.81 dB",
     "digits_cnn/per-tensor": _VERDICT
     + "top-1 0.084 before and after; then "
@@ -112,16 +91,11 @@ CHANGES: dict[str, str] = {
     + "top-1 on digits_cnn_eval 0.084 -> 0.996, "
     "SQNR -12.49 -> 39.06 dB",
     "small_cnn/per-tensor": _SYMMETRIC_FOLD + "the two Relus stay float",
-    "matmul_chain/per-tensor": (
-        _VERDICT + "output SQNR 0.37 -> 0.36 dB; then " + _SYMMETRIC_FOLD + "the Relu stays float"
-    )
-    + "; then "
-    + _FLOOR
-    + "34.65 -> 34.68 dB",
-    "sensitive_mlp/per-tensor": (_SYMMETRIC_FOLD + "the two Relus stay float")
-    + "; then "
-    + _FLOOR
-    + "0.14 dB before and after",
+    "matmul_chain/per-tensor": _VERDICT
+    + "output SQNR 0.37 -> 0.36 dB; then "
+    + _SYMMETRIC_FOLD
+    + "the Relu stays float",
+    "sensitive_mlp/per-tensor": _SYMMETRIC_FOLD + "the two Relus stay float",
     "digits_cnn/reduce-range": _VERDICT + "top-1 0.996 -> 0.994; SQNR 32.92 -> 33.53 dB",
     "digits_cnn/defaults": _VERDICT + "top-1 0.996 before and after; SQNR 42.24 -> 41.81 dB",
     "digits_transformer/plain": _VERDICT
@@ -144,25 +118,8 @@ CHANGES: dict[str, str] = {
     "digits_transformer/rechoose-entropy": _ENCODER
     + "top-1 0.974 before and after, SQNR 29.44 -> 38.93 dB (little is left for the ranges to decide: "
     "the same bytes as from-calib and plain)",
-    "matmul_chain/plain": (_VERDICT + "output SQNR vs FP32 on its 48 samples 35.18 -> 35.59 dB")
-    + "; then "
-    + _FLOOR
-    + "35.59 -> 36.41 dB",
-    "matmul_chain/reduce-range": (_VERDICT + "output SQNR 31.28 -> 31.60 dB")
-    + "; then "
-    + _FLOOR
-    + "31.60 -> 31.92 dB",
-    "matmul_chain21/uint16-percentile": _FLOOR
-    + "37.36 -> 37.40 dB (the percentile range's minimum was all that differed from min-max: "
-    "the same bytes as uint16-minmax now)",
-    "matmul_chain/from-calib": _FLOOR + "35.18 -> 36.41 dB",
-    "matmul_chain/rechoose-entropy": _FLOOR + "34.17 -> 34.66 dB",
-    "sensitive_mlp/plain": _FLOOR + "0.11 dB before and after (its weights are the failure it is built for)",
-    "sensitive_mlp/from-calib": _FLOOR + "0.11 dB before and after",
-    "sensitive_mlp/rechoose-entropy": _FLOOR
-    + "0.11 dB before and after (entropy's minimum was all that differed: the same bytes as plain now)",
-    "sensitive_mlp/reduce-range": _FLOOR + "0.11 dB before and after",
-    "sensitive_mlp/recipe": _FLOOR + "30.94 -> 31.40 dB (the search keeps the same float node, mm2)",
+    "matmul_chain/plain": _VERDICT + "output SQNR vs FP32 on its 48 samples 35.18 -> 35.59 dB",
+    "matmul_chain/reduce-range": _VERDICT + "output SQNR 31.28 -> 31.60 dB",
 }
 
 # explicit types so the bytes do not follow the host's defaults (x86 without VNNI picks reduce-range)

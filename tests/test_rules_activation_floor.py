@@ -1,9 +1,9 @@
-"""Detector causes found on ddddocr's YOLOX det and PicoDet (issue 15 item 4), as tiny graphs: failure and fix.
+"""Detector cause found on ddddocr's YOLOX det (issue 15 item 4), as a tiny graph: the failure and the fix.
 
-``activation-floor``: a Conv output read only by a SiLU (``x * Sigmoid(x)``) or a written-out HardSwish
-(``x * Clip(x + 3, 0, 6) / 6``) reaches far below the point where the gate reads 0 (``logit(s / 2)`` =
--6.23 for a [0, 1] uint8 Sigmoid; -3 for the HardSwish); min-max spent its grid on that dead range.
-The rule starts the grid there; the model with the rule disabled is the failure it repairs.
+``activation-floor``: a Conv output read only by a SiLU (``x * Sigmoid(x)``) reaches far below the
+point where the quantized Sigmoid rounds to 0 (``logit(s / 2)`` = -6.23 on a [0, 1] grid); min-max
+spent its grid on that dead range. The rule starts the grid there; the model with the rule disabled
+is the failure it repairs.
 """
 
 from __future__ import annotations

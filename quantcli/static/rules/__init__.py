@@ -34,7 +34,6 @@ from typing import Any
 
 from quantcli.static.rules._context import SENTINEL_CHECK, PlanContext
 from quantcli.static.rules._rule import Rule
-from quantcli.static.rules.activation_floor import ACTIVATION_FLOOR_RULE
 from quantcli.static.rules.attention import ATTENTION
 from quantcli.static.rules.compute import COMPUTE, COMPUTE_OPS
 from quantcli.static.rules.depthwise import DEPTHWISE, slow_depthwise
@@ -50,6 +49,7 @@ from quantcli.static.rules.recurrent import LSTM, RECURRENT_OPS
 from quantcli.static.rules.rescale import DIV, RESCALE, RESCALE_OPS
 from quantcli.static.rules.residual import RESIDUAL
 from quantcli.static.rules.selection import RECURRENT_FEED_RULE
+from quantcli.static.rules.sigmoid_floor import SIGMOID_FLOOR_RULE
 from quantcli.static.rules.stem import STEM
 from quantcli.static.rules.variance_square import VARIANCE_SQUARE
 
@@ -90,7 +90,7 @@ RULE_NAMES = frozenset(r.name for r in RULES) | {
     OUTPUTS_ONLY_CHECK,
     FOLD_RULE,
     RECURRENT_FEED_RULE,
-    ACTIVATION_FLOOR_RULE,
+    SIGMOID_FLOOR_RULE,
 }
 
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)

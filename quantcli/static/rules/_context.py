@@ -30,9 +30,9 @@ from quantcli.static.plan import (
     Skip,
     WeightQuant,
 )
-from quantcli.static.rules.activation_floor import floor_params
 from quantcli.static.rules.dynamic import dynamic_problem, dynamic_rejection
 from quantcli.static.rules.fold import fold_output
+from quantcli.static.rules.sigmoid_floor import floor_params
 from quantcli.stats.ranges import TensorRange
 
 __all__ = ["SENTINEL_CHECK", "SENTINEL_MAGNITUDE", "PlanContext"]
@@ -171,8 +171,7 @@ class PlanContext:
     def quantize_output(self, node: onnx.NodeProto, *, shared: QuantParams | None = None) -> None:
         """Give ``node``'s output its parameters; a lone Relu/Clip reader folds into them (``rules.fold``).
 
-        An output only gates read (Sigmoid, SiLU, a written-out HardSwish) starts its grid where they read 0
-        (``rules.activation_floor``).
+        An output only Sigmoids (or SiLUs) read starts its grid where they read 0 (``rules.sigmoid_floor``).
         """
         out = node.output[0]
         if shared is None and fold_output(self, node):

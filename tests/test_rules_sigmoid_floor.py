@@ -1,6 +1,6 @@
 """Detector cause found on ddddocr's YOLOX det (issue 15 item 4), as a tiny graph: the failure and the fix.
 
-``activation-floor``: a Conv output read only by a SiLU (``x * Sigmoid(x)``) reaches far below the
+``sigmoid-floor``: a Conv output read only by a SiLU (``x * Sigmoid(x)``) reaches far below the
 point where the quantized Sigmoid rounds to 0 (``logit(s / 2)`` = -6.23 on a [0, 1] grid); min-max
 spent its grid on that dead range. The rule starts the grid there; the model with the rule disabled
 is the failure it repairs.
@@ -21,7 +21,7 @@ from tests.helpers import quantize, run, sqnr
 from tests.models import make_model
 
 C = 8
-OFF = frozenset({"activation-floor"})
+OFF = frozenset({"sigmoid-floor"})
 FLOOR = math.log((0.5 / 255) / (1 - 0.5 / 255))  # -6.23: below it a [0, 1] uint8 Sigmoid writes 0
 
 
@@ -75,7 +75,7 @@ def test_silu_input_grid_starts_where_the_quantized_sigmoid_reads_zero() -> None
     start = _grid_start(plan, "x")
     assert FLOOR - 0.2 < start <= FLOOR  # at or just below the floor: nothing below it changes
     decision = next(d for d in plan.range_decisions if d.tensor == "x")
-    assert decision.rule == "activation-floor" and "'sigmoid'" in decision.decision
+    assert decision.rule == "sigmoid-floor" and "'sigmoid'" in decision.decision
     assert decision.observed_min == result.ranges["x"].observed_min
     # the failure: with the rule disabled the grid starts at the observed minimum, with 3x coarser steps
     qoff, off, _ = quantize(model, calib, QuantConfig(disabled_rules=OFF))
@@ -93,7 +93,7 @@ def test_floor_changes_nothing_below_it() -> None:
     calib = _images(64, 1)
     blank = {"img": np.zeros((2, 3, 16, 16), np.float32)}  # each channel of x is its bias
     qmodel, plan, _ = quantize(model, calib)
-    assert any(d.rule == "activation-floor" for d in plan.range_decisions)
+    assert any(d.rule == "sigmoid-floor" for d in plan.range_decisions)
     qoff, _, _ = quantize(model, calib, QuantConfig(disabled_rules=OFF))
     on, off = run(qmodel, blank)[0], run(qoff, blank)[0]
     dead = np.linspace(-20.0, 1.0, C) < FLOOR
@@ -120,59 +120,9 @@ def test_symmetric_activations_decline_the_floor() -> None:
     config = QuantConfig(symmetric_activations=True, activation_type=QuantDType.INT8)
     _, plan, _ = quantize(silu_model(), _images(64, 1), config)
     assert not any(d.rule for d in plan.range_decisions)
-    declined = [d for d in plan.declined if d.rule == "activation-floor"]
+    declined = [d for d in plan.declined if d.rule == "sigmoid-floor"]
     assert [d.node for d in declined] == ["conv"] and "does not start at 0" in declined[0].rejection.reason
 
 
 def test_rule_name_is_switchable() -> None:
-    assert "activation-floor" in RULE_NAMES
-
-
-def hardswish_model(seed: int = 0, *, clip_min: float = 0.0) -> onnx.ModelProto:
-    """Conv (outputs in about [-25, 6]) -> HardSwish written out as PaddlePaddle exports it -> Conv -> y.
-
-    ``x * Clip(x + 3, clip_min, 6) / 6``; with ``clip_min`` above 0 the gate never reads 0.
-    """
-    rng = np.random.default_rng(seed)
-    inits = [
-        _init("w1", rng.normal(size=(C, 3, 3, 3)) * 0.4),
-        _init("b1", np.linspace(-20.0, 1.0, C)),
-        _init("w2", rng.normal(size=(4, C, 1, 1)) * 0.5),
-        _init("three", np.array(3.0)),
-        _init("lo", np.array(clip_min)),
-        _init("six", np.array(6.0)),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["img", "w1", "b1"], ["x"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Add", ["x", "three"], ["shifted"], name="add"),
-        helper.make_node("Clip", ["shifted", "lo", "six"], ["gate"], name="clip"),
-        helper.make_node("Mul", ["x", "gate"], ["prod"], name="mul"),
-        helper.make_node("Div", ["prod", "six"], ["hswish"], name="div"),
-        helper.make_node("Conv", ["hswish", "w2"], ["y"], name="head"),
-    ]
-    return make_model(
-        nodes,
-        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["N", 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 16, 16])],
-        inits,
-    )
-
-
-def test_written_out_hardswish_input_grid_starts_at_minus_three() -> None:
-    model, calib, held = hardswish_model(), _images(64, 1), _images(64, 2)
-    qmodel, plan, result = quantize(model, calib)
-    assert result.ranges["x"].min < -15.0
-    assert -3.2 < _grid_start(plan, "x") <= -3.0
-    decision = next(d for d in plan.range_decisions if d.tensor == "x")
-    assert decision.rule == "activation-floor" and "'add'" in decision.decision
-    qoff, off, _ = quantize(model, calib, QuantConfig(disabled_rules=OFF))
-    assert _grid_start(off, "x") < -15.0
-    ref = run(model, held)[0]
-    with_rule, without = sqnr(ref, run(qmodel, held)[0]), sqnr(ref, run(qoff, held)[0])
-    assert with_rule > without + 3.0, (with_rule, without)
-
-
-def test_no_floor_when_the_gate_never_reads_zero() -> None:
-    _, plan, result = quantize(hardswish_model(clip_min=1.0), _images(64, 1))
-    assert abs(_grid_start(plan, "x") - result.ranges["x"].min) < 0.2
-    assert not any(d.rule for d in plan.range_decisions)
+    assert "sigmoid-floor" in RULE_NAMES

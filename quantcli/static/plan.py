@@ -266,12 +266,14 @@ class Declined:
 
 @dataclass(frozen=True, slots=True)
 class RangeDecision:
-    """A tensor whose calibrated range was judged unusable, and what was done about it."""
+    """A tensor whose calibrated range was judged unusable or was narrowed, and what was done about it."""
 
     tensor: str
     observed_min: float
     observed_max: float
     decision: str
+    #: the planning rule that decided (its name in ``QuantConfig.disabled_rules``), when one did
+    rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,6 +49,7 @@ from quantcli.static.rules.recurrent import LSTM, RECURRENT_OPS
 from quantcli.static.rules.rescale import DIV, RESCALE, RESCALE_OPS
 from quantcli.static.rules.residual import RESIDUAL
 from quantcli.static.rules.selection import RECURRENT_FEED_RULE
+from quantcli.static.rules.sigmoid_floor import SIGMOID_FLOOR_RULE
 from quantcli.static.rules.stem import STEM
 from quantcli.static.rules.variance_square import VARIANCE_SQUARE
 
@@ -84,7 +85,13 @@ RULES: tuple[Rule[Any], ...] = (
     MOVEMENT,
 )
 #: every name ``QuantConfig.disabled_rules`` accepts: the rules, and the checks inside them
-RULE_NAMES = frozenset(r.name for r in RULES) | {SENTINEL_CHECK, OUTPUTS_ONLY_CHECK, FOLD_RULE, RECURRENT_FEED_RULE}
+RULE_NAMES = frozenset(r.name for r in RULES) | {
+    SENTINEL_CHECK,
+    OUTPUTS_ONLY_CHECK,
+    FOLD_RULE,
+    RECURRENT_FEED_RULE,
+    SIGMOID_FLOOR_RULE,
+}
 
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)
 SUPPORTED_OP_TYPES = frozenset(COMPUTE_OPS + ELEMENTWISE_OPS + MOVEMENT_OPS + RECURRENT_OPS + RESCALE_OPS + HARD_OPS)

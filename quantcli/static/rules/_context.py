@@ -32,6 +32,7 @@ from quantcli.static.plan import (
 )
 from quantcli.static.rules.dynamic import dynamic_problem, dynamic_rejection
 from quantcli.static.rules.fold import fold_output
+from quantcli.static.rules.sigmoid_floor import floor_params
 from quantcli.stats.ranges import TensorRange
 
 __all__ = ["SENTINEL_CHECK", "SENTINEL_MAGNITUDE", "PlanContext"]
@@ -168,10 +169,15 @@ class PlanContext:
         self.quantized.append((node.name, op_type or node.op_type))
 
     def quantize_output(self, node: onnx.NodeProto, *, shared: QuantParams | None = None) -> None:
-        """Give ``node``'s output its parameters; a lone Relu/Clip reader folds into them (``rules.fold``)."""
+        """Give ``node``'s output its parameters; a lone Relu/Clip reader folds into them (``rules.fold``).
+
+        An output only Sigmoids (or SiLUs) read starts its grid where they read 0 (``rules.sigmoid_floor``).
+        """
         out = node.output[0]
         if shared is None and fold_output(self, node):
             return
+        if shared is None and out not in self.act:
+            shared = floor_params(self, node)
         params = shared if shared is not None else self.act_params(out)
         if params is not None:
             self.act.setdefault(out, params)

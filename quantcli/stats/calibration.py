@@ -49,6 +49,7 @@ from quantcli.stats.collector import (
     collect,
     default_memory_budget,
     plan_groups,
+    runs_look_tiny,
 )
 from quantcli.stats.observers import HISTOGRAM_METHODS, HistogramObserver, choose_range
 from quantcli.stats.ranges import CalibrationResult, TensorRange
@@ -233,6 +234,8 @@ def expose(
         UnsupportedModelError: the model has no float activation.
     """
     names = candidate_tensors(model)
+    # a model run one small sample at a time is calibrated on one onnxruntime thread: its probe too
+    threads = 1 if runs_look_tiny(model, dataset, options.batch_size, options.threads) else options.threads
     inner: dict[str, str] = {}
     reduced: frozenset[str] = frozenset()
     probe: Session | None = None
@@ -241,7 +244,7 @@ def expose(
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             probe = make_session(
                 exposed.model,
-                threads=options.threads,
+                threads=threads,
                 source=options.source,
                 spin=False,
                 outputs=names + list(exposed.names),
@@ -253,7 +256,7 @@ def expose(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(model, threads=options.threads, source=options.source, spin=False, outputs=names)
+        probe = make_session(model, threads=threads, source=options.source, spin=False, outputs=names)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -265,7 +268,7 @@ def expose(
     if summarized is None:
         return Exposure(model, tracked, aliases, inner, probe, reduced)
     del probe  # before the summarizing session is built: one session alive at a time
-    probe = make_session(summarized.model, threads=options.threads, source=options.source, spin=False)
+    probe = make_session(summarized.model, threads=threads, source=options.source, spin=False)
     return Exposure(summarized.model, tracked, aliases, inner, probe, reduced, summarized.outputs)
 
 

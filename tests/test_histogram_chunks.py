@@ -133,3 +133,20 @@ def test_the_collector_hands_tiny_batches_over_together(monkeypatch: pytest.Monk
     alone = collect([_identity_model()], FeedList(feeds), [request], replace(options, update_threads=1))[request]
     assert calls["n"] == len(feeds)  # one thread: a batch at a time, in the calling thread
     assert isinstance(alone, RangeStats) and _state(got) == _state(alone)
+
+
+@pytest.mark.parametrize("kind", ["finite", "nan", "inf"])
+def test_min_max_alone_folds_small_batches_in_chunks_to_the_same_bytes(kind: str) -> None:
+    """Min-max calibration's observer (no histogram) holds small batches too: one min/max pass per
+    chunk, not per batch, and the same state (bounds, -0.0 as +0.0, count, latest batch, NaN count)."""
+    batches = _batches(np.random.default_rng(9), kind)
+    one_by_one = RangeStats(MinMaxObserver(), None, None)
+    chunked = RangeRequest("x").observer()
+    assert chunked.chunk and chunked.histogram is None
+    for batch in batches:
+        one_by_one.update([batch])
+        chunked.update([batch])
+    assert chunked.pending  # something was held back
+    chunked.finish()
+    mm, ref = chunked.minmax, one_by_one.minmax
+    assert repr((mm.min, mm.max, mm.count, mm.last, mm.nans)) == repr((ref.min, ref.max, ref.count, ref.last, ref.nans))

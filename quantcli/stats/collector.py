@@ -144,9 +144,10 @@ class RangeRequest:
             return SummaryRangeStats(MinMaxObserver(), None, None)
         if self.reduced:
             return ReducedRangeStats(MinMaxObserver(), moving, None)
-        if self.histogram_bins:  # small batches gathered into chunks: the same bytes, fewer updates
-            return RangeStats(MinMaxObserver(), moving, GrowingHistogram(bins=self.histogram_bins), HISTOGRAM_CHUNK)
-        return RangeStats(MinMaxObserver(), moving, None)
+        # small batches gathered into chunks: the same bytes, fewer updates (a moving average takes
+        # each batch as it comes)
+        histogram = GrowingHistogram(bins=self.histogram_bins) if self.histogram_bins else None
+        return RangeStats(MinMaxObserver(), moving, histogram, HISTOGRAM_CHUNK)
 
 
 class ReducedRangeStats(RangeStats):

@@ -437,7 +437,7 @@ def _mse_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
     return best
 
 
-#: values of small batches a histogram-keeping ``RangeStats`` holds before folding them in at once
+#: values of small batches a ``RangeStats`` (min/max, histogram) holds before folding them in at once
 HISTOGRAM_CHUNK = 1 << 14
 
 
@@ -447,12 +447,12 @@ class RangeStats:
 
     With ``chunk`` (and no moving average), batches of fewer than ``chunk`` values are held until
     ``chunk`` values are pending, then folded in together (``finish``): a model run one small sample
-    at a time (Silero VAD: ~25 tensors of 1-1,300 values a run) pays one histogram update per chunk,
-    not per batch. The state is the same bytes as updating batch by batch: each batch's min and max
-    are still taken on their own (``np.minimum.reduceat``, numpy's ``min`` per batch), and the
-    pending batches are handed to the histogram in runs that share the grid they would have met one
-    by one (a batch that would widen the grid starts a new run), so every value lands in the same bin
-    and the grid grows at the same points. ``finish`` must run before the state is read (the
+    at a time (Silero VAD: ~25 tensors of 1-1,300 values a run) pays one histogram update (or one
+    min/max pass) per chunk, not per batch. The state is the same bytes as updating batch by batch:
+    each batch's min and max are still taken on their own (``np.minimum.reduceat``, numpy's ``min``
+    per batch), and the pending batches are handed to the histogram in runs that share the grid they
+    would have met one by one (a batch that would widen the grid starts a new run), so every value
+    lands in the same bin and the grid grows at the same points. ``finish`` must run before the state is read (the
     collector calls it after its pass; ``merge`` calls it).
     """
 

@@ -55,6 +55,7 @@ from quantcli.graph.model_io import available_memory, in_memory_size
 from quantcli.graph.session import Session, is_out_of_memory, make_session
 from quantcli.stats.observers import (
     HISTOGRAM_CHUNK,
+    MINMAX_CHUNK,
     ChannelObserver,
     ChannelStats,
     ErrorStats,
@@ -146,8 +147,9 @@ class RangeRequest:
             return ReducedRangeStats(MinMaxObserver(), moving, None)
         # small batches gathered into chunks: the same bytes, fewer updates (a moving average takes
         # each batch as it comes)
-        histogram = GrowingHistogram(bins=self.histogram_bins) if self.histogram_bins else None
-        return RangeStats(MinMaxObserver(), moving, histogram, HISTOGRAM_CHUNK)
+        if self.histogram_bins:
+            return RangeStats(MinMaxObserver(), moving, GrowingHistogram(bins=self.histogram_bins), HISTOGRAM_CHUNK)
+        return RangeStats(MinMaxObserver(), moving, None, MINMAX_CHUNK)
 
 
 class ReducedRangeStats(RangeStats):

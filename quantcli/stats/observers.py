@@ -49,6 +49,7 @@ from quantcli.core.options import DEFAULT_PERCENTILE
 __all__ = [
     "HISTOGRAM_CHUNK",
     "HISTOGRAM_METHODS",
+    "MINMAX_CHUNK",
     "ChannelObserver",
     "ChannelStats",
     "ErrorStats",
@@ -437,8 +438,11 @@ def _mse_range(hist: HistogramObserver, levels: int) -> tuple[float, float]:
     return best
 
 
-#: values of small batches a ``RangeStats`` (min/max, histogram) holds before folding them in at once
+#: values of small batches a histogram-keeping ``RangeStats`` holds before folding them in at once
 HISTOGRAM_CHUNK = 1 << 14
+#: the same for min/max alone, whose folding costs less a value (Silero VAD min-max, 256 samples,
+#: 15 interleaved runs: 4K values 0.073 s CPU and 100 MB peak RSS, 16K 0.071 s and 102 MB)
+MINMAX_CHUNK = 1 << 12
 
 
 @dataclass(slots=True)

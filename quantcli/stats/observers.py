@@ -548,18 +548,20 @@ class RangeStats:
         self.minmax.last = (float(lows[-1]), float(highs[-1]))
         if self.histogram is not None:
             bounds = np.maximum(np.abs(lows), np.abs(highs)).astype(np.float64)
-            _histogram_runs(self.histogram, batches, bounds)
+            _histogram_runs(self.histogram, flat, np.append(starts, flat.size), bounds)
 
 
-def _histogram_runs(hist: GrowingHistogram, batches: list[np.ndarray], bounds: np.ndarray) -> None:
-    """Update ``hist`` with ``batches`` (|x| bounds ``bounds``) in runs that meet the same grid as one by one.
+def _histogram_runs(hist: GrowingHistogram, flat: np.ndarray, offsets: np.ndarray, bounds: np.ndarray) -> None:
+    """Update ``hist`` with batches (``flat[offsets[k]:offsets[k + 1]]``, |x| bounds ``bounds``) in runs
+    that meet the same grid as one by one.
 
     One by one, batch k is binned on exponent E_k = max(E_{k-1}, its own), zeros aside; a run
-    gathers consecutive batches with the same E_k, so its one update bins every value on that grid.
-    A non-finite bound ends the histogram (``GrowingHistogram.update``) after the runs before it.
+    gathers consecutive batches with the same E_k, so its one update bins every value on that grid
+    (the run's values are a slice of ``flat``: no copy). A non-finite bound ends the histogram
+    (``GrowingHistogram.update``) after the runs before it.
     """
     infinite = np.flatnonzero(~np.isfinite(bounds))
-    end = int(infinite[0]) if infinite.size else len(batches)
+    end = int(infinite[0]) if infinite.size else len(bounds)
     if end:
         none = -(1 << 20)  # the exponent before any non-zero value (below any float64 exponent)
         own = np.where(bounds[:end] != 0.0, np.frexp(bounds[:end])[1].astype(np.int64), none)
@@ -567,11 +569,9 @@ def _histogram_runs(hist: GrowingHistogram, batches: list[np.ndarray], bounds: n
         running = np.maximum.accumulate(np.concatenate([[start], own]))[1:]  # E_k
         cuts = [0, *(np.flatnonzero(np.diff(running)) + 1).tolist(), end]
         for a, b in itertools.pairwise(cuts):
-            run = batches[a:b]
-            flat = run[0].ravel() if len(run) == 1 else np.concatenate([x.ravel() for x in run])
-            hist.update(flat, float(bounds[a:b].max()))
+            hist.update(flat[offsets[a] : offsets[b]], float(bounds[a:b].max()))
     if infinite.size:
-        hist.update(batches[end], float(bounds[end]))
+        hist.update(flat[offsets[end] : offsets[end + 1]], float(bounds[end]))
 
 
 @dataclass(frozen=True, slots=True)

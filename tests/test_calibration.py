@@ -301,3 +301,23 @@ def test_a_model_run_a_small_sample_at_a_time_is_calibrated_on_one_thread(monkey
     assert built == []
     assert one.ranges == two.ranges
     assert all(np.array_equal(one.histograms[n].counts, two.histograms[n].counts) for n in one.histograms)
+
+
+def test_a_range_is_chosen_once_per_observed_tensor_not_per_alias(monkeypatch):
+    """Reshape/Transpose outputs share their source's observers, so its clip range too: the entropy
+    search runs once per observed tensor (the ranges are those of observing every tensor, above)."""
+    import onnx
+
+    from quantcli.stats import calibration
+    from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+    model = preprocess(onnx.load(str(SAMPLE_MODELS / "digits_transformer.onnx")))[0]
+    ds = open_dataset(CALIBRATION_DATA / "digits_transformer_calib.npz", model_input_specs(model), max_samples=16)
+    calls = []
+    real = calibration.choose_range
+    monkeypatch.setattr(calibration, "choose_range", lambda hist, *a, **k: calls.append(hist) or real(hist, *a, **k))
+    result = calibrate(model, ds, model_sha256="-", method=CalibrationMethod.ENTROPY, batch_size=16)
+    aliases = calibration.permutation_aliases(model.graph, set(result.ranges))
+    assert aliases and len(calls) == len(result.histograms) - len(aliases)
+    for alias, root in aliases.items():
+        assert result.ranges[alias] == result.ranges[root]

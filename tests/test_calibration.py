@@ -267,3 +267,57 @@ def test_sixteen_bit_ranges_without_histograms_warn(prepared, images, caplog):
         assert not caplog.records
         assert ranges_for_levels(bare, 65536) is bare.ranges
     assert len(caplog.records) == 1 and "65536 levels" in caplog.records[0].getMessage()
+
+
+def _fixed_batch_model():
+    """y = Relu(x @ W) with x fixed at [1, 8]: a model run one small sample at a time (as Silero VAD)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    return models.make_model(nodes, [x], [y], [w])
+
+
+def test_a_model_run_a_small_sample_at_a_time_is_calibrated_on_one_thread(monkeypatch):
+    """Its probe is built on one onnxruntime thread and serves the pass (no second session); threads
+    asked for are kept, and the ranges do not depend on it."""
+    from quantcli.stats import collector
+    from quantcli.stats.calibration import CalibrationOptions, expose
+
+    model = _fixed_batch_model()
+    ds = dataset(model, {"x": np.random.default_rng(1).standard_normal((20, 8)).astype(np.float32)})
+    probe = expose(model, ds, CalibrationOptions()).probe
+    assert probe.get_session_options().intra_op_num_threads == 1
+    asked = expose(model, ds, CalibrationOptions(threads=2)).probe
+    assert asked.get_session_options().intra_op_num_threads == 2
+    built = []
+    real = collector.make_session
+    monkeypatch.setattr(collector, "make_session", lambda *a, **k: built.append(k) or real(*a, **k))
+    one = calibrate(model, ds, model_sha256="0", method=CalibrationMethod.PERCENTILE)
+    assert built == []  # the probe ran the pass
+    two = calibrate(model, ds, model_sha256="0", method=CalibrationMethod.PERCENTILE, threads=2)
+    assert built == []
+    assert one.ranges == two.ranges
+    assert all(np.array_equal(one.histograms[n].counts, two.histograms[n].counts) for n in one.histograms)
+
+
+def test_a_range_is_chosen_once_per_observed_tensor_not_per_alias(monkeypatch):
+    """Reshape/Transpose outputs share their source's observers, so its clip range too: the entropy
+    search runs once per observed tensor (the ranges are those of observing every tensor, above)."""
+    import onnx
+
+    from quantcli.stats import calibration
+    from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+
+    model = preprocess(onnx.load(str(SAMPLE_MODELS / "digits_transformer.onnx")))[0]
+    ds = open_dataset(CALIBRATION_DATA / "digits_transformer_calib.npz", model_input_specs(model), max_samples=16)
+    calls = []
+    real = calibration.choose_range
+    monkeypatch.setattr(calibration, "choose_range", lambda hist, *a, **k: calls.append(hist) or real(hist, *a, **k))
+    result = calibrate(model, ds, model_sha256="-", method=CalibrationMethod.ENTROPY, batch_size=16)
+    aliases = calibration.permutation_aliases(model.graph, set(result.ranges))
+    assert aliases and len(calls) == len(result.histograms) - len(aliases)
+    for alias, root in aliases.items():
+        assert result.ranges[alias] == result.ranges[root]

@@ -98,3 +98,30 @@ def test_statistics_sessions_sleep_between_runs_instead_of_spinning(model, image
     probe = expose(model, dataset(model, images), CalibrationOptions()).probe
     collector = _session(model, [model.graph.node[0].output[0]], CollectOptions())
     assert not spinning(probe) and collector is not None and not spinning(collector)
+
+
+def test_a_tiny_run_gets_one_onnxruntime_thread(monkeypatch, model, images):
+    """Runs moving a few KB (a sample at a time, a small model) are faster on one intra-op thread than
+    on onnxruntime's pool; larger runs, or threads asked for, keep what was asked."""
+    from quantcli.stats import collector
+
+    built: list[int] = []
+    real = collector.make_session
+
+    def spy(*args, **kwargs):
+        built.append(kwargs["threads"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collector, "make_session", spy)
+    ds = dataset(model, images)
+    requests = [RangeRequest(model.graph.node[0].output[0])]
+    tiny = collect([model], ds, requests, CollectOptions(batch_size=1))
+    assert built[-1] == 1
+    built.clear()
+    monkeypatch.setattr(collector, "ONE_THREAD_BYTES", 0)  # as if the run were large
+    large = collect([model], ds, requests, CollectOptions(batch_size=1))
+    assert built and 1 not in built
+    built.clear()
+    collect([model], ds, requests, CollectOptions(batch_size=1, threads=2))
+    assert built == [2]
+    assert tiny[requests[0]].minmax.result() == large[requests[0]].minmax.result()

@@ -4,22 +4,25 @@ Every float activation is observed through the statistics collector (``quantcli.
 model is copied with the activations exposed as outputs (the input model is not touched), each batch's
 values go straight into small observers and are dropped, so memory holds one batch of activations, whatever
 the number of samples. The memory budget is small (512 MiB unless told): the batch shrinks (down to one
-sample) until one batch of every activation fits it, and to about 8 MB of activations, above which a
-larger batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost little: 4 MB,
+sample) until one batch of every activation fits it, and to about 8 MB of activations, above which a larger
+batch runs no faster on a CPU (``BATCH_TARGET``; min-max, whose observers cost little: 4 MB,
 ``MINMAX_BATCH_TARGET``, which also keeps onnxruntime's working set small); measuring the sizes holds one
-sample of every activation anyway, so one sample is not split further. The observers do not depend on the
-batching, so neither do the ranges (a zero bound is recorded as +0.0, whichever sign of zero a batch's min
-returned). NaN values an activation takes are left out of its range and histogram one by one, not with
-their batch, and counted: the result lists them (``CalibrationResult.nans``) and ``calibrate`` warns; an
-activation that took nothing but NaN is an error. Moving average depends on the batching (it averages
-per-batch ranges): it keeps the batch asked for, its budget is a quarter of the memory available, and the
-tensors are split into groups over several passes above it. Tensors inside Loop/Scan bodies are reduced to
-a ``[min, max]`` pair per iteration inside the body (``quantcli.graph.subgraphs``), so a 501-step decoder
-costs 2 values a step, not its tensors x steps x batch; histogram methods give such tensors their min-max
-range (no values, no histogram). Histogram methods use the same single pass: their histograms grow by
-merging bins on a power-of-two grid (``observers.GrowingHistogram``), so the result does not depend on the
-batch size and no raw data is kept. The histograms stay in the result, so ranges can be re-chosen for
-another method (``rechoose``) or another activation type (``ranges_for_levels``) without the data.
+sample of every activation anyway, so one sample is not split further. A run that moves little (Silero VAD:
+one sample of 33 KB a run) gets one onnxruntime thread, and a model whose batch is fixed at 1 with small
+weights gets its probe on one thread from the start (``collector.runs_look_tiny``). The observers do not
+depend on the batching, so neither do the ranges (a zero bound is recorded as +0.0, whichever sign of zero
+a batch's min returned). NaN values an activation takes are left out of its range and histogram one by one,
+not with their batch, and counted: the result lists them (``CalibrationResult.nans``) and ``calibrate``
+warns; an activation that took nothing but NaN is an error. Moving average depends on the batching (it
+averages per-batch ranges): it keeps the batch asked for, its budget is a quarter of the memory available,
+and the tensors are split into groups over several passes above it. Tensors inside Loop/Scan bodies are
+reduced to a ``[min, max]`` pair per iteration inside the body (``quantcli.graph.subgraphs``), so a
+501-step decoder costs 2 values a step, not its tensors x steps x batch; histogram methods give such
+tensors their min-max range (no values, no histogram). Histogram methods use the same single pass: their
+histograms grow by merging bins on a power-of-two grid (``observers.GrowingHistogram``), so the result does
+not depend on the batch size and no raw data is kept. The histograms stay in the result, so ranges can be
+re-chosen for another method (``rechoose``) or another activation type (``ranges_for_levels``) without the
+data.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from quantcli.stats.collector import (
     collect,
     default_memory_budget,
     plan_groups,
+    runs_look_tiny,
 )
 from quantcli.stats.observers import HISTOGRAM_METHODS, HistogramObserver, choose_range
 from quantcli.stats.ranges import CalibrationResult, TensorRange
@@ -143,7 +147,8 @@ class CalibrationOptions:
     (the lower is 100 - p); ``bins``: histogram bins for percentile/entropy/mse; ``levels``: integer
     levels entropy/mse choose the recorded ranges for (``ranges_for_levels`` re-chooses them for another
     activation type); ``batch_size``: samples per onnxruntime run, at most (fewer when activations are
-    large); ``threads``: onnxruntime intra-op threads (0: its default); ``max_memory``: bytes one batch
+    large); ``threads``: onnxruntime intra-op threads (0: its default, or one when a run moves little,
+    ``collector.ONE_THREAD_BYTES``); ``max_memory``: bytes one batch
     of exposed activations may take: the batch shrinks to fit it (moving average: the tensors are
     calibrated in groups over several passes instead) (None: 512 MiB; moving average: a quarter of
     available memory); ``shuffle``/``seed``: visit samples in a random order (only moving-average
@@ -233,6 +238,8 @@ def expose(
         UnsupportedModelError: the model has no float activation.
     """
     names = candidate_tensors(model)
+    # a model run one small sample at a time is calibrated on one onnxruntime thread: its probe too
+    threads = 1 if runs_look_tiny(model, dataset, options.batch_size, options.threads) else options.threads
     inner: dict[str, str] = {}
     reduced: frozenset[str] = frozenset()
     probe: Session | None = None
@@ -241,7 +248,7 @@ def expose(
         try:  # e.g. a loop tensor whose shape changes between iterations cannot be stacked
             probe = make_session(
                 exposed.model,
-                threads=options.threads,
+                threads=threads,
                 source=options.source,
                 spin=False,
                 outputs=names + list(exposed.names),
@@ -253,7 +260,7 @@ def expose(
             log.warning("cannot expose tensors inside If/Loop/Scan subgraphs (%s); they stay float", exc)
             probe = None
     if probe is None:
-        probe = make_session(model, threads=options.threads, source=options.source, spin=False, outputs=names)
+        probe = make_session(model, threads=threads, source=options.source, spin=False, outputs=names)
     float_set = {o.name for o in probe.get_outputs() if o.type == "tensor(float)"}
     tracked = [n for n in names if n in float_set]
     if not tracked:
@@ -265,7 +272,7 @@ def expose(
     if summarized is None:
         return Exposure(model, tracked, aliases, inner, probe, reduced)
     del probe  # before the summarizing session is built: one session alive at a time
-    probe = make_session(summarized.model, threads=options.threads, source=options.source, spin=False)
+    probe = make_session(summarized.model, threads=threads, source=options.source, spin=False)
     return Exposure(summarized.model, tracked, aliases, inner, probe, reduced, summarized.outputs)
 
 
@@ -353,6 +360,7 @@ def calibration_result(
     }
     ranges: dict[str, TensorRange] = {}
     nans: dict[str, int] = {}
+    chosen: dict[int, tuple[float, float]] = {}  # clip range by observers (id), before the bounds
     unseen = {n for n in exposure.tracked if n in inner and not (observed[n].minmax.count or observed[n].minmax.nans)}
     unobserved = tuple(inner[n] for n in exposure.tracked if n in unseen)
     for name in exposure.tracked:
@@ -375,10 +383,11 @@ def calibration_result(
         if stats.moving is not None:
             clip_lo, clip_hi = stats.moving.result()
         elif name in histograms:
-            method = str(options.method)
-            clip_lo, clip_hi = choose_range(
-                histograms[name], method, percentile=options.percentile, levels=options.levels
-            )
+            if id(stats) not in chosen:  # an alias shares its source's observers: the same choice
+                chosen[id(stats)] = choose_range(
+                    histograms[name], str(options.method), percentile=options.percentile, levels=options.levels
+                )
+            clip_lo, clip_hi = chosen[id(stats)]
             clip_lo, clip_hi = max(clip_lo, lo), min(clip_hi, hi)  # grid edges lie up to a bin beyond
         ranges[inner.get(name, name)] = TensorRange(float(clip_lo), float(clip_hi), float(lo), float(hi))
     return CalibrationResult(

@@ -25,9 +25,11 @@ before the next batch: memory holds one batch of the group's tensors (two with `
 Observer updates (a histogram costs about as much CPU per value as the inference that produced it)
 run on worker threads (``_Feeder``): numpy releases the GIL in most of its loops, so a batch's
 observers are spread over the CPUs, and with ``overlap_updates`` the next batch is inferred while
-they work, when two batches fit ``max_memory``. Each observer still sees every batch once, in order,
-in one thread at a time, so the results are the same bytes as updating them one by one in the calling
-thread.
+they work, when two batches fit ``max_memory``; batches too small for a hand-off each (a model run
+one small sample at a time) are handed over a few hundred KB at a time. Each observer still sees every
+batch once, in order, in one thread at a time, so the results are the same bytes as updating them one
+by one in the calling thread. Runs that move little (``ONE_THREAD_BYTES``: activations of a batch
+plus weights) get one onnxruntime intra-op thread, whose pool costs more than it splits there.
 
 Adding a statistic is one request class with an ``outputs`` and an ``observer`` (observers live in
 ``quantcli.stats.observers``).
@@ -35,6 +37,7 @@ Adding a statistic is one request class with an ``outputs`` and an ``observer`` 
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -53,6 +56,7 @@ from quantcli.graph.model_io import available_memory
 from quantcli.graph.session import Session, is_out_of_memory, make_session
 from quantcli.stats.observers import (
     HISTOGRAM_CHUNK,
+    MINMAX_CHUNK,
     ChannelObserver,
     ChannelStats,
     ErrorStats,
@@ -79,15 +83,21 @@ __all__ = [
     "default_memory_budget",
     "plan_batch",
     "plan_groups",
+    "runs_look_tiny",
 ]
 
 #: which model a request's tensor belongs to
 REFERENCE, CANDIDATE = 0, 1
 #: most threads updating observers
 MAX_UPDATE_THREADS = 4
-#: below this many bytes of values a batch, observers are updated in the calling thread (a thread
-#: hand-off costs more than it saves)
+#: below this many bytes of values a batch, observers are updated in one thread (a thread hand-off
+#: per batch costs more than it saves): the calling one, or with ``overlap_updates`` a worker handed
+#: ``GATHER_BYTES`` of batches at a time
 PARALLEL_MIN_BYTES = 4 << 20
+#: bytes of small batches a worker is handed at once, while the next ones are inferred (at most two
+#: such hand-offs held: the one in flight and the one gathering). Silero VAD percentile, 256 samples,
+#: 15 interleaved runs (load ~20), CPU s median and peak RSS: 256 KB 0.088 s 104 MB, 1 MB 0.085 s 106 MB
+GATHER_BYTES = 1 << 18
 
 
 class StatisticObserver(Protocol):
@@ -136,9 +146,11 @@ class RangeRequest:
             return SummaryRangeStats(MinMaxObserver(), None, None)
         if self.reduced:
             return ReducedRangeStats(MinMaxObserver(), moving, None)
-        if self.histogram_bins:  # small batches gathered into chunks: the same bytes, fewer updates
+        # small batches gathered into chunks: the same bytes, fewer updates (a moving average takes
+        # each batch as it comes)
+        if self.histogram_bins:
             return RangeStats(MinMaxObserver(), moving, GrowingHistogram(bins=self.histogram_bins), HISTOGRAM_CHUNK)
-        return RangeStats(MinMaxObserver(), moving, None)
+        return RangeStats(MinMaxObserver(), moving, None, MINMAX_CHUNK)
 
 
 class ReducedRangeStats(RangeStats):
@@ -297,6 +309,45 @@ def _outputs(requests: Sequence[StatisticRequest], model: int) -> list[str]:
     return list(dict.fromkeys(name for r in requests for m, name in r.outputs() if m == model))
 
 
+#: bytes a run moves (a batch of exposed tensors plus the weights), below which onnxruntime runs it
+#: faster on one intra-op thread than on its default pool: the pool's hand-offs cost more than the
+#: work they split. 2 shared AVX-512 cores (load 1-10), 256 runs exposing every activation, ms,
+#: default pool vs one thread: Silero VAD v6 (33 KB + 1.2 MB) 90 vs 43; digits CNN batch 1 (0.6 +
+#: 0.5 MB) 0.71 vs 0.56 a sample, batch 16 (9.4 MB) 0.64 vs 0.72
+ONE_THREAD_BYTES = 2 << 20
+
+
+def runs_look_tiny(model: onnx.ModelProto, dataset: Dataset | FeedList, batch_size: int, threads: int) -> bool:
+    """Whether ``collect`` will likely run ``model`` on one thread (``ONE_THREAD_BYTES``), told before a
+    probe session is built: no thread count asked, one sample a run (the model fixes its batch at 1)
+    and small weights. A probe built on one thread then serves the pass (``collect`` builds the
+    session again when the runs prove larger)."""
+    return threads == 0 and dataset.effective_batch_size(batch_size) == 1 and _weight_bytes([model]) < ONE_THREAD_BYTES
+
+
+def _intra_threads(session: Session | None, default: int) -> int:
+    """The intra-op thread count ``session`` was built with (``default`` when it does not say)."""
+    get_options = getattr(session, "get_session_options", None)
+    return int(get_options().intra_op_num_threads) if get_options is not None else default
+
+
+def _weight_bytes(models: Sequence[onnx.ModelProto]) -> int:
+    """Bytes of the main graphs' initializers, from their shapes and types (wherever their bytes are).
+
+    Not ``ByteSize()``: protobuf's upb serializes a message to size it, a transient copy of every
+    weight (all-MiniLM-L6 min-max: peak RSS 407 -> 447-470 MB).
+    """
+    total = 0
+    for model in models:
+        for tensor in model.graph.initializer:
+            try:
+                itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+            except (KeyError, ValueError, TypeError):  # an undefined or packed type: about a byte a value
+                itemsize = 1
+            total += math.prod(tensor.dims) * itemsize
+    return total
+
+
 #: bytes of a value of the float32 tensors min/max summaries stand for
 SUMMARIZED_ITEMSIZE = 4
 
@@ -370,18 +421,27 @@ def collect(
         budget = max(budget, held * size)  # passes below what the probe held lower no peak, they re-run the model
     split = plan_groups(keyed, size, budget)
     groups = [[requests[int(k)] for k in g] for g in split if g]
+    # a run this small (Silero VAD: 33 KB a sample, its batch fixed at 1) is faster on one thread: a
+    # probe on another thread count is built again (a few ms either way: the model is small, or its
+    # runs are not) and let go; ``runs_look_tiny`` lets callers build their probes on one thread
+    moved = sum(sizes.values()) * size
+    one_thread = options.threads == 0 and moved < ONE_THREAD_BYTES and moved + _weight_bytes(models) < ONE_THREAD_BYTES
+    wanted = 1 if one_thread else options.threads
     # a model that already returns every requested tensor (per-layer errors expose them all, for one
     # graph whatever the grouping) is run by its probe in every group: a session per group would be the
     # same model again; the other probes are let go before the groups run
     serves = [
-        len(groups) == 1 or set(names[m]) <= {o.name for o in model.graph.output} for m, model in enumerate(models)
+        _intra_threads(probe, options.threads) == wanted
+        and (len(groups) == 1 or set(names[m]) <= {o.name for o in model.graph.output})
+        for m, (model, probe) in enumerate(zip(models, probes, strict=True))
     ]
     probes = [p if keep else None for p, keep in zip(probes, serves, strict=True)]
     observers: dict[object, object] = {}
     for k, group in enumerate(groups):
         desc = options.desc if len(groups) == 1 else f"{options.desc} {k + 1}/{len(groups)}"
         outs = [_outputs(group, m) for m in range(len(models))]
-        runs = [probes[m] if serves[m] else _session(model, outs[m], options) for m, model in enumerate(models)]
+        built = replace(options, threads=wanted)
+        runs = [probes[m] if serves[m] else _session(model, outs[m], built) for m, model in enumerate(models)]
         feeding = [(r.observer(), r.outputs()) for r in group]
         # what the observers read a batch (a summary: 32 bytes, not worth a thread hand-off)
         weights = [sum(sizes[o] for o in r.outputs() if o not in summaries) * size for r in group]
@@ -422,9 +482,14 @@ def _balance(feeding: Feeding, weights: Sequence[int], parts: int) -> list[Feedi
     return [p for p in split if p]
 
 
-def _update(feeding: Feeding, values: dict[tuple[int, str], np.ndarray]) -> None:
+def _update(feeding: Feeding, batches: Sequence[dict[tuple[int, str], np.ndarray]]) -> None:
+    """Update each observer with ``batches``, in order (range observers: all at once)."""
     for observer, wanted in feeding:
-        observer.update([values[o] for o in wanted])
+        if len(batches) > 1 and isinstance(observer, RangeStats) and type(observer).update is RangeStats.update:
+            observer.update_batches([values[wanted[0]] for values in batches])
+            continue
+        for values in batches:
+            observer.update([values[o] for o in wanted])
 
 
 class _Feeder:
@@ -433,18 +498,25 @@ class _Feeder:
     ``weights``: bytes of values each observer reads a batch. With several threads and enough bytes,
     the observers are split into one list per thread (each observer in one list, so it sees the
     batches in order, one at a time); ``feed`` returns once they are submitted when two batches fit
-    ``budget`` (the next batch is inferred meanwhile), else once they are done. A worker's error is
-    raised by the next ``feed`` or on leaving the ``with`` block.
+    ``budget`` (the next batch is inferred meanwhile), else once they are done. Batches too small to
+    be worth a thread hand-off each (``PARALLEL_MIN_BYTES``) are held and handed to one worker
+    ``gather`` at a time (``GATHER_BYTES``), when two such hand-offs fit ``budget``: a model run one
+    small sample at a time (Silero VAD: 33 KB a run) has its observers updated while the next runs
+    infer. A worker's error is raised by the next ``feed`` or on leaving the ``with`` block.
     """
 
     def __init__(self, feeding: Feeding, weights: Sequence[int], threads: int, budget: int) -> None:
         total = sum(weights)
-        threads = threads if total >= PARALLEL_MIN_BYTES else 1
+        small = total < PARALLEL_MIN_BYTES
+        gathers = small and threads > 1 and bool(feeding) and budget >= 2 * GATHER_BYTES
+        self.gather = max(1, GATHER_BYTES // max(1, total)) if gathers else 1
+        threads = 1 if small else threads
         self.parts = _balance(feeding, weights, threads) if feeding else []
-        self.overlap = threads > 1 and 2 * total <= budget
+        self.overlap = (threads > 1 and 2 * total <= budget) or self.gather > 1
         parallel = len(self.parts) > 1 or self.overlap
         self.pool = ThreadPoolExecutor(len(self.parts), thread_name_prefix="quantcli-observe") if parallel else None
         self.pending: list[Future[None]] = []
+        self.held: list[dict[tuple[int, str], np.ndarray]] = []
 
     def __enter__(self) -> _Feeder:
         return self
@@ -452,19 +524,30 @@ class _Feeder:
     def __exit__(self, *exc: object) -> None:
         try:
             if exc[0] is None:
+                self._hand_over()
                 self.wait()
         finally:
+            self.held = []
             if self.pool is not None:
                 self.pool.shutdown(wait=True)  # never leave a worker reading a batch behind
 
     def feed(self, values: dict[tuple[int, str], np.ndarray]) -> None:
         """Update every observer with one batch (after the previous batch's updates are done)."""
+        self.held.append(values)
+        if len(self.held) >= self.gather:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Update the observers with the batches held, in order."""
+        if not self.held:
+            return
         self.wait()
+        held, self.held = self.held, []
         if self.pool is None:
             for part in self.parts:
-                _update(part, values)
+                _update(part, held)
             return
-        self.pending = [self.pool.submit(_update, part, values) for part in self.parts]
+        self.pending = [self.pool.submit(_update, part, held) for part in self.parts]
         if not self.overlap:
             self.wait()
 
@@ -506,6 +589,7 @@ def _batches(
     size = dataset.effective_batch_size(options.batch_size)
     total = -(-dataset.num_samples // size)
     count = sum(len(o) for o in outputs)
+    keys = [[(model, n) for n in outs] for model, outs in enumerate(outputs)]
     batches = dataset.batches(size, shuffle=options.shuffle, seed=options.seed)
     for feed in progress(batches, total, desc, size):
         if options.deadline is not None and time.monotonic() > options.deadline:
@@ -518,7 +602,7 @@ def _batches(
             if session is None or not outs:
                 continue
             try:
-                values.update(((model, n), v) for n, v in zip(outs, session.run(outs, feed), strict=True))
+                values.update(zip(keys[model], session.run(outs, feed), strict=True))
             except Exception as exc:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 if is_out_of_memory(exc):

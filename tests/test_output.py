@@ -258,7 +258,10 @@ def test_the_html_report_loads_in_headless_chromium(tmp_path: Path) -> None:
     assert proc.stdout.count("ok: ") == 8 and shot.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_completion_scripts_and_enum_values_complete() -> None:
+def test_completion_scripts_and_enum_values_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the shell is named, not detected: detection walks the parent processes, and a test run started from
+    # no shell (a detached job, some CI runners) has none (typer's own switch for tests)
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="quantcli")
     assert script.exit_code == 0 and "_QUANTCLI_COMPLETE=complete_bash" in script.stdout
     words = {"_QUANTCLI_COMPLETE": "complete_bash", "COMP_WORDS": "quantcli convert m.onnx --mode ", "COMP_CWORD": "4"}

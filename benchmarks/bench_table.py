@@ -204,8 +204,8 @@ def time_both(paths: dict[str, Path], evaluation: Path, args: argparse.Namespace
 def bench(name: str, model: Path, calib: Path, evaluation: Path, args: argparse.Namespace, work: Path) -> dict:
     variants: dict[str, Variant] = {"fp32": Variant(model)}
     steps: dict[str, Callable[[], Variant]] = {
-        "default": lambda: run_default(name, model, calib, work / f"{name}.default.onnx"),
-        "search": lambda: run_search(name, model, calib, work / f"{name}.search.onnx"),
+        "default": lambda: run_default(name, model, calib, (args.save or work) / f"{name}.default.onnx"),
+        "search": lambda: run_search(name, model, calib, (args.save or work) / f"{name}.search.onnx"),
         "ort": lambda: run_ort_variant("ort", model, calib, (args.keep or work) / f"{name}.ort.onnx", args),
         "ort-u8": lambda: run_ort_variant("ort-u8", model, calib, (args.keep or work) / f"{name}.ort-u8.onnx", args),
     }
@@ -311,14 +311,21 @@ def main(argv: list[str] | None = None) -> int:
         help="keep onnxruntime's models here, and reuse them in a later run (its output is "
         "independent of quantcli's code, so a rerun after a quantcli change times the same files)",
     )
+    parser.add_argument(
+        "--save",
+        type=Path,
+        help="write quantcli's models (default, search) here rather than to a temporary folder, e.g. to time "
+        "them again at a quieter moment (a search is long, its timing short)",
+    )
     args = parser.parse_args(argv)
     print(f"host: {cpu_model()}; int8 flags: {', '.join(int8_flags()) or 'none'}; onnxruntime {ort.__version__}, "
           f"onnx {onnx.__version__}")  # fmt: skip
     if args.print_only and args.json:
         print_table(json.loads(args.json.read_text()))
         return 0
-    if args.keep:
-        args.keep.mkdir(parents=True, exist_ok=True)
+    for folder in (args.keep, args.save):
+        if folder:
+            folder.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.json.read_text()) if args.resume and args.json and args.json.exists() else []
     done = {r["model"] for r in results}
     with tempfile.TemporaryDirectory(prefix="bench-table-") as tmp:

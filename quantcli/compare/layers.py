@@ -7,15 +7,17 @@ as well: the layer's quantized sub-graph (its weights and input Q/DQ, and its ou
 and fed the FP32 inputs, so a layer that loses precision itself is told from one that inherits
 error from upstream.
 
-Two passes, each in memory groups under ``max_memory`` (``compare --max-memory``, default
-``DEFAULT_MEMORY_BUDGET``; Ray shards share it). Pass 1 (``layer_statistics``) streams the data through
-both models with a group's tensors returned, through the statistics collector
-(``quantcli.stats.collector``); per tensor it keeps two floats a batch (signal and noise energies, added
-in batch order when read, so shards merge to the bit) and the min/max, no values. Pass 2
-(``layer_errors``) runs the reference again on the first batch only, a group of tensors at a time, for
-the range hints (99.9th percentile, histogram) and the errors in isolation. Both models are optimized
-once with every compared tensor exposed and then run with only a group's tensors returned
-(``LayerModels``), so every group computes the same values: the numbers do not depend on the budget.
+Two passes under ``max_memory`` (``compare --max-memory``, default ``DEFAULT_MEMORY_BUDGET``; Ray shards
+share it). Pass 1 (``layer_statistics``) streams the data through both models with every compared tensor
+returned, through the statistics collector (``quantcli.stats.collector``), at the batch whose tensors fit the
+budget (measured on the first sample; onnxruntime's working memory follows them, so the peak follows the
+budget, not ``--batch-size``); per tensor it keeps each sample's signal and noise energies added exactly
+(``ExactSum``: the same bits at any batch, and shards merge to the bit) and the min/max, no values. Pass 2
+(``layer_errors``) runs the reference again on the first batch of the size asked for only (at pass 1's
+batch, the runs joined), a group of tensors at a time, for the range hints (99.9th percentile, histogram)
+and the errors in isolation. Both models are optimized once with every compared tensor exposed and then
+run with only a group's tensors returned (``LayerModels``), so every group computes the same values: the
+numbers do not depend on the budget (beyond onnxruntime's own rounding at another batch).
 
 Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
 main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
@@ -350,10 +352,11 @@ def per_layer_errors(
 ) -> list[LayerError]:
     """Errors of every quantized tensor found in both models, worst accumulated SQNR first.
 
-    Pass 1 streams the data through both models (one ``ErrorRequest`` per tensor, in memory groups
-    under ``max_memory``; None: ``DEFAULT_MEMORY_BUDGET``); pass 2 reads the first batch again for
-    the hints and the errors in isolation, in groups under the same budget. The budget decides how
-    many passes, never the numbers. With ``local_samples`` the errors in isolation are measured on the
+    Pass 1 streams the data through both models (one ``ErrorRequest`` per tensor, at the batch up to
+    ``batch_size`` that fits ``max_memory``; None: ``DEFAULT_MEMORY_BUDGET``); pass 2 reads the first batch
+    of ``batch_size`` again for the hints and the errors in isolation, in groups under the same budget.
+    The budget decides the batch run and how many passes, never the numbers (beyond onnxruntime's own
+    rounding at another batch). With ``local_samples`` the errors in isolation are measured on the
     first that many samples streamed at ``batch_size`` instead (``streamed_local_errors``: the same
     whatever the batch; the search uses it so that its order does not depend on its memory budget).
     """

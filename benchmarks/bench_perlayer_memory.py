@@ -3,12 +3,14 @@
 Each real model (``<name>.onnx``, ``<name>_calib.npz``, ``<name>_eval.npz`` under ``--models``) is
 quantized once into ``--work`` (not timed, kept for the next run). Then, for each batch size and budget,
 a fresh child process (under an address-space cap, ``--cap``) loads both models and the evaluation
-data and runs ``quantcli.compare.layers.per_layer_errors``; it prints its own peak RSS (``ru_maxrss``),
-the RSS it had before the per-layer pass (interpreter, libraries, models, data), the wall time of the
-pass and a digest of the per-layer numbers. Budgets alternate within each repeat (A, B, A, B) so load
-noise hits all of them; the fastest run of each is printed with the digests, which must agree across
-budgets (the budget decides how many passes, never the result). ``default`` passes ``max_memory=None``:
-this checkout's default (run the script with ``PYTHONPATH`` at another checkout to measure that one).
+data and runs the per-layer comparison's two passes (``quantcli.compare.layers``); it prints its own
+peak RSS (``ru_maxrss``), the RSS it had before them (interpreter, libraries, models, data), their wall
+time (and pass 1's, with the batch it ran at and its passes over the data) and a digest of the
+per-layer numbers. Budgets alternate within each repeat (A, B, A, B) so load noise hits all of them;
+the fastest run of each is printed with the digests, which agree across budgets when onnxruntime
+computes the same values at every batch (the budget decides the batch and the passes, not the sums).
+``default`` passes ``max_memory=None``: this checkout's default (run the script with ``PYTHONPATH`` at
+another checkout to measure that one).
 The host's CPU model, integer flags and load average are printed first.
 
     PYTHONPATH=$PWD python benchmarks/bench_perlayer_memory.py ppocrv4_rec --batch-size 8 32 \
@@ -42,19 +44,24 @@ def worker(model: str, quantized: str, data: str, batch: int, budget: str) -> No
     """In the child: the per-layer pass, then one JSON line with its figures."""
     import onnx
 
-    from quantcli.compare.layers import per_layer_errors
+    from quantcli.compare.layers import layer_errors, layer_models, layer_statistics
     from quantcli.data.datasets import model_input_specs, open_dataset
 
     ref, cand = onnx.load(model), onnx.load(quantized)
     dataset = open_dataset(Path(data), model_input_specs(ref))
     before = _rss_now()
     start = time.perf_counter()
-    errors = per_layer_errors(ref, cand, dataset, batch_size=batch, max_memory=parse_size(budget))
+    models = layer_models(ref, cand)
+    stats = layer_statistics(models, dataset, batch_size=batch, max_memory=parse_size(budget))
+    pass1 = time.perf_counter() - start
+    errors = layer_errors(models, stats, dataset, max_memory=parse_size(budget))
     wall = time.perf_counter() - start
     numbers = [(e.tensor, e.sqnr_db, e.local_sqnr_db, e.p999_abs, e.observed_min, e.observed_max) for e in errors]
     digest = hashlib.sha256(repr(numbers).encode()).hexdigest()[:12]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-    print(json.dumps({"peak": peak, "before": before, "wall": wall, "digest": digest, "layers": len(errors)}))
+    run_batch = getattr(stats, "run_batch", 0) or batch  # a checkout before issue 14 runs at the batch asked for
+    got = {"peak": peak, "before": before, "wall": wall, "pass1": pass1, "digest": digest, "layers": len(errors)}
+    print(json.dumps({**got, "run_batch": run_batch, "passes": stats.passes}))
 
 
 def _rss_now() -> int:
@@ -100,7 +107,8 @@ def bench(args: argparse.Namespace, name: str) -> None:
                 continue
             print(
                 f"  {budget:>8}: peak {got['peak'] / 2**30:.2f} GB (+{(got['peak'] - got['before']) / 2**30:.2f} GB "
-                f"for the pass), {got['wall']:.1f} s, {got['layers']} layers, digest {got['digest']}"
+                f"for the pass), {got['wall']:.1f} s (pass 1 {got['pass1']:.1f} s at batch {got['run_batch']}, "
+                f"{got['passes']} passes), {got['layers']} layers, digest {got['digest']}"
             )
         digests = {g["digest"] for g in best.values() if "digest" in g}
         print(f"  same per-layer numbers at every budget: {len(digests) == 1}; load {os.getloadavg()[0]:.1f}")

@@ -352,8 +352,12 @@ def _check_signatures(ref: onnx.ModelProto, cand: onnx.ModelProto, ref_path: Pat
         )
 
 
-def compare_models(request: CompareRequest, *, progress: Progress = no_progress) -> CompareResult:
+def compare_models(
+    request: CompareRequest, *, progress: Progress = no_progress, log: Callable[[str], None] | None = None
+) -> CompareResult:
     """Compare ``request.candidate_path`` (quantized) against ``request.reference_path`` (FP32) on the same data.
+
+    ``log`` receives one line when the per-layer pass runs at a smaller batch to fit ``request.max_memory``.
 
     With ``request.ray`` the accuracy part runs in shard tasks on Ray (``quantcli.distributed``), the
     same result; latency and memory are always measured here.
@@ -375,7 +379,7 @@ def compare_models(request: CompareRequest, *, progress: Progress = no_progress)
 
         accuracy = compare_accuracy_on_ray(r, (ref_model, cand_model), ref, dataset)
     else:
-        accuracy = measure_accuracy((ref_model, cand_model), (ref, cand), dataset, r, progress=progress)
+        accuracy = measure_accuracy((ref_model, cand_model), (ref, cand), dataset, r, progress=progress, log=log)
     latency = _latencies(r, ref, cand, dataset)
     ref_peak, cand_peak = _peak_memory(r, dataset) if r.measure_memory else (None, None)
     return CompareResult(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,41 @@ def cnn() -> tuple[onnx.ModelProto, onnx.ModelProto, Dataset]:
     return model, quantized, dataset(model, {"x": structured_images(20, seed=4)})
 
 
-def test_passes_grow_as_the_budget_shrinks(cnn) -> None:
+def test_batch_shrinks_to_the_budget_in_one_pass(cnn) -> None:
+    """The budget picks pass 1's batch, not its passes (issue 14): onnxruntime's working memory follows the
+    batch, and memory groups would re-run both models each; the hints still read the first batch of 8."""
     model, quantized, data = cnn
     models = layer_models(model, quantized)
-    passes = [layer_statistics(models, data, batch_size=8, max_memory=b).passes for b in (1 << 30, 64 << 10, 1)]
-    assert passes[0] == 1 and passes[0] < passes[1] < passes[2] == len(models.names), passes
+    stats = [layer_statistics(models, data, batch_size=8, max_memory=b) for b in (1 << 30, 256 << 10, 1)]
+    assert [s.passes for s in stats] == [1, 1, 1]
+    assert [s.run_batch for s in stats] == [8, 2, 1]
+    whole = layer_errors(models, stats[0], data)
+    assert len(whole) >= 4 and any(e.local_sqnr_db is not None for e in whole)
+    assert layer_errors(models, stats[1], data, max_memory=256 << 10) == whole
+    assert layer_errors(models, stats[2], data, max_memory=1) == whole
     # pinned: optimized with every tensor exposed, then returning only its own outputs (a group adds its own)
     assert not models.optimize and [o.name for o in models.reference.graph.output] == ["y"]
+
+
+def test_first_batch_is_the_one_asked_for_whatever_the_run_batch(cnn) -> None:
+    """Pass 2 joins the runs of pass 1's batch into the first batch asked for: the same hints as one run."""
+    model, quantized, data = cnn
+    models = layer_models(model, quantized)
+    one = layer_statistics(models, data, batch_size=8, max_memory=1 << 30)
+    for run in (1, 3, 5):  # 3 and 5 do not divide 8: the last run of the first batch is shorter
+        assert layer_errors(models, replace(one, run_batch=run), data) == layer_errors(models, one, data)
+    # what a batch of 1 would read: another first batch
+    assert layer_errors(models, replace(one, batch_size=1), data) != layer_errors(models, one, data)
+
+
+def test_cli_says_when_the_per_layer_batch_shrinks(cnn_files) -> None:
+    ref, cand, data = cnn_files
+    argv = ["compare", ref, cand, "--data", data, "--per-layer", "--runs", "1", "--warmup", "0", "--no-memory"]
+    result = runner.invoke(app, [*argv, "--latency-batch", "1", "--batch-size", "8", "--max-memory", "256K"])
+    assert result.exit_code == 0, result.output
+    assert "per-layer pass at batch 2 for --max-memory 256 KiB" in result.output
+    result = runner.invoke(app, [*argv, "--latency-batch", "1", "--batch-size", "8"])
+    assert result.exit_code == 0 and "per-layer pass at batch" not in result.output, result.output
 
 
 def test_first_batch_groups_grow_as_the_budget_shrinks() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantcli.compare.layers import per_layer_errors
+from quantcli.compare.layers import layer_models, layer_statistics, per_layer_errors
 from quantcli.data.datasets import model_input_specs, open_dataset
 from quantcli.graph.scopes import walk_graphs
 from tests.test_control_flow import _if_feeds, _quantize, if_model
@@ -48,3 +48,14 @@ def test_a_branch_the_data_never_takes_is_left_out(tmp_path, rng):
     inner = _inner_names(model)
     assert {"x", "h"} <= layers
     assert not inner["branch/else_branch"] & layers
+
+
+def test_tensors_inside_branches_keep_the_batch_asked_for(tmp_path, rng):
+    """Which branch runs may depend on the batch: a small budget splits the tensors into groups instead."""
+    model = if_model()
+    quantized, _, _ = _quantize(model, _if_feeds(rng, (True, False)))
+    dataset = open_dataset(_folder(tmp_path, rng, (True, False)), model_input_specs(model))
+    models = layer_models(model, quantized)
+    assert not set(models.names) <= models.main
+    stats = layer_statistics(models, dataset, batch_size=8, max_memory=1)
+    assert stats.run_batch == 8 and stats.passes == len(models.names)

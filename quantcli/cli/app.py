@@ -848,7 +848,7 @@ def compare(
         output_kinds=parse_output_kinds(output_kind),
         map_threshold=map_threshold, ray=ray, shards=shards, max_memory=parse_bytes(max_memory),
     )  # fmt: skip
-    result = api.compare_models(request, progress=_progress(quiet))
+    result = api.compare_models(request, progress=_progress(quiet), log=lambda line: err.print(f"note: {escape(line)}"))
     thresholds = GateFlags(
         max_accuracy_drop, min_agreement, min_sqnr, min_speedup, max_size_ratio, min_cosine, min_iou
     ).thresholds()

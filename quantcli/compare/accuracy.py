@@ -16,6 +16,7 @@ one-process result to the bit. Output kinds are detected on the data's first bat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -141,6 +142,7 @@ def accuracy_shard(
     progress: Progress = no_progress,
     max_memory: int | None = None,
     layers: LayerModels | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> AccuracyShard:
     """The mergeable accuracy state of (FP32, quantized) ``models`` on ``dataset`` (all, or a ``shard_window``).
 
@@ -148,6 +150,7 @@ def accuracy_shard(
     ``max_memory``: bytes the per-layer pass's exposed tensors may take (None: ``request.max_memory``,
     else its default); it decides only how many passes that takes, never the result. ``layers``: the
     per-layer models if already built (``layer_models``; else built here when ``request.per_layer``).
+    ``log``: the per-layer pass's line when it shrinks the batch to fit the budget.
     """
     r = request
     metric = r.metric or MetricSpec("top1")
@@ -162,7 +165,9 @@ def accuracy_shard(
     if r.per_layer:
         budget = max_memory or layer_memory_budget(r.max_memory)
         prepared = layers or layer_models(*models)
-        stats = layer_statistics(prepared, dataset, batch_size=r.batch_size, max_memory=budget, progress=progress)
+        stats = layer_statistics(
+            prepared, dataset, batch_size=r.batch_size, max_memory=budget, progress=progress, log=log
+        )
     names = [o.name for o in sessions[0].get_outputs()]
     return AccuracyShard(names, outputs, kinds, collected, stats)
 
@@ -204,10 +209,12 @@ def measure_accuracy(
     request: CompareRequest,
     *,
     progress: Progress = no_progress,
+    log: Callable[[str], None] | None = None,
 ) -> Accuracy:
-    """The accuracy part of ``compare`` in this process (the per-layer models built once for both passes)."""
+    """The accuracy part of ``compare`` in this process (the per-layer models built once for both passes;
+    ``log``: the per-layer pass's line when it shrinks the batch)."""
     layers = layer_models(*models) if request.per_layer else None
-    state = accuracy_shard(models, sessions, dataset, request, progress=progress, layers=layers)
+    state = accuracy_shard(models, sessions, dataset, request, progress=progress, layers=layers, log=log)
     return finish_accuracy(state, models, dataset, request, layers=layers)
 
 

@@ -7,15 +7,17 @@ as well: the layer's quantized sub-graph (its weights and input Q/DQ, and its ou
 and fed the FP32 inputs, so a layer that loses precision itself is told from one that inherits
 error from upstream.
 
-Two passes, each in memory groups under ``max_memory`` (``compare --max-memory``, default
-``DEFAULT_MEMORY_BUDGET``; Ray shards share it). Pass 1 (``layer_statistics``) streams the data through
-both models with a group's tensors returned, through the statistics collector
-(``quantcli.stats.collector``); per tensor it keeps two floats a batch (signal and noise energies, added
-in batch order when read, so shards merge to the bit) and the min/max, no values. Pass 2
-(``layer_errors``) runs the reference again on the first batch only, a group of tensors at a time, for
-the range hints (99.9th percentile, histogram) and the errors in isolation. Both models are optimized
-once with every compared tensor exposed and then run with only a group's tensors returned
-(``LayerModels``), so every group computes the same values: the numbers do not depend on the budget.
+Two passes under ``max_memory`` (``compare --max-memory``, default ``DEFAULT_MEMORY_BUDGET``; Ray shards
+share it). Pass 1 (``layer_statistics``) streams the data through both models with every compared tensor
+returned, through the statistics collector (``quantcli.stats.collector``), at the batch whose tensors fit the
+budget (measured on the first sample; onnxruntime's working memory follows them, so the peak follows the
+budget, not ``--batch-size``); per tensor it keeps each sample's signal and noise energies added exactly
+(``ExactSum``: the same bits at any batch, and shards merge to the bit) and the min/max, no values. Pass 2
+(``layer_errors``) runs the reference again on the first batch of the size asked for only (at pass 1's
+batch, the runs joined), a group of tensors at a time, for the range hints (99.9th percentile, histogram)
+and the errors in isolation. Both models are optimized once with every compared tensor exposed and then
+run with only a group's tensors returned (``LayerModels``), so every group computes the same values: the
+numbers do not depend on the budget (beyond onnxruntime's own rounding at another batch).
 
 Tensors inside If/Loop/Scan subgraphs are compared too: both models get them carried out as
 main-graph outputs (``quantcli.graph.subgraphs.expose_subgraph_tensors``, as calibration does); a batch
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import cast
 
@@ -41,7 +43,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from quantcli.compare.evaluate import ordered_sum, sample_energies
+from quantcli.compare.evaluate import sample_energies
+from quantcli.compare.exact_sum import ExactSum
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
@@ -244,17 +247,18 @@ def layer_models(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> Laye
 
 @dataclass(slots=True)
 class _LayerSums:
-    """Pass 1's state of one tensor: O(1) in the data but for two floats a batch.
+    """Pass 1's state of one tensor: O(1) in the data.
 
-    Each batch's signal and noise energies are kept apart and added in batch order when read, so
-    shards over contiguous blocks of batches merge into the one-process sums to the bit. No values are
-    kept: ``first_batch`` says which batch the hints read again in pass 2 (the first one for a
-    main-graph tensor; else the first in which it was compared), ``first_bytes`` how large it is.
+    Each sample's signal and noise energies (``sample_energies``) are added exactly (``ExactSum``), so
+    the sums are the same to the bit whatever the batch pass 1 ran at, and shards over contiguous blocks
+    of batches merge into the one-process sums to the bit. No values are kept: ``first_batch`` says
+    which batch (of pass 1's) the hints read again in pass 2 (the first one for a main-graph tensor;
+    else the first in which it was compared), ``first_bytes`` how large it is.
     """
 
     keep_first_empty: bool = True
-    signals: list[float] = field(default_factory=list)
-    noises: list[float] = field(default_factory=list)
+    signal_sum: ExactSum = field(default_factory=ExactSum)
+    noise_sum: ExactSum = field(default_factory=ExactSum)
     lo: float = float("inf")
     hi: float = float("-inf")
     batches: int = 0
@@ -263,13 +267,13 @@ class _LayerSums:
 
     @property
     def signal(self) -> float:
-        """The reference's energy over the batches, added in order."""
-        return ordered_sum(self.signals)
+        """The reference's energy over the samples."""
+        return self.signal_sum.value
 
     @property
     def noise(self) -> float:
-        """The error's energy over the batches, added in order."""
-        return ordered_sum(self.noises)
+        """The error's energy over the samples."""
+        return self.noise_sum.value
 
     def update(self, values: Sequence[np.ndarray]) -> None:
         """Fold one batch in; a batch whose shapes differ (a branch that did not run) adds nothing."""
@@ -281,12 +285,10 @@ class _LayerSums:
             return
         if self.first_batch is None:
             self.first_batch, self.first_bytes = self.batches - 1, int(ref.nbytes)
-        r = ref.astype(np.float64)
-        e = r - cand.astype(np.float64)
-        self.signals.append(float(np.sum(r * r)))
-        self.noises.append(float(np.sum(e * e)))
-        self.lo = min(self.lo, float(r.min()))
-        self.hi = max(self.hi, float(r.max()))
+        self.signal_sum.extend(sample_energies(ref))
+        self.noise_sum.extend(sample_energies(ref, cand.astype(np.float64)))
+        self.lo = min(self.lo, float(ref.min()))
+        self.hi = max(self.hi, float(ref.max()))
 
     def finish(self) -> None:
         """Nothing is held back."""
@@ -295,8 +297,8 @@ class _LayerSums:
         """Append ``later``: the same tensor over the batches that follow these."""
         if self.first_batch is None and later.first_batch is not None:
             self.first_batch, self.first_bytes = self.batches + later.first_batch, later.first_bytes
-        self.signals += later.signals
-        self.noises += later.noises
+        self.signal_sum.merge(later.signal_sum)
+        self.noise_sum.merge(later.noise_sum)
         self.lo, self.hi = min(self.lo, later.lo), max(self.hi, later.hi)
         self.batches += later.batches
 
@@ -317,20 +319,24 @@ class LayerStatistics:
     Attributes:
         names: the compared tensors.
         sums: their state.
-        batch_size: the batch size asked for (pass 2 reads the same batches).
+        batch_size: the batch size asked for (pass 2's hints read the first batch of that size).
         passes: passes over the data (memory groups) pass 1 took; the most of any shard.
+        run_batch: the batch pass 1 ran at (``batch_size`` shrunk to fit the memory budget; 0: ``batch_size``);
+            pass 2 reads its first batch in runs of that size.
     """
 
     names: list[str]
     sums: dict[str, _LayerSums]
     batch_size: int
     passes: int = 0
+    run_batch: int = 0
 
     def merge(self, later: LayerStatistics) -> None:
         """Append ``later``: the same tensors over the batches that follow these."""
         for t, s in later.sums.items():
             self.sums[t].merge(s)
         self.passes = max(self.passes, later.passes)
+        self.run_batch = min((b for b in (self.run_batch, later.run_batch) if b), default=0)
 
 
 def per_layer_errors(
@@ -346,10 +352,11 @@ def per_layer_errors(
 ) -> list[LayerError]:
     """Errors of every quantized tensor found in both models, worst accumulated SQNR first.
 
-    Pass 1 streams the data through both models (one ``ErrorRequest`` per tensor, in memory groups
-    under ``max_memory``; None: ``DEFAULT_MEMORY_BUDGET``); pass 2 reads the first batch again for
-    the hints and the errors in isolation, in groups under the same budget. The budget decides how
-    many passes, never the numbers. With ``local_samples`` the errors in isolation are measured on the
+    Pass 1 streams the data through both models (one ``ErrorRequest`` per tensor, at the batch up to
+    ``batch_size`` that fits ``max_memory``; None: ``DEFAULT_MEMORY_BUDGET``); pass 2 reads the first batch
+    of ``batch_size`` again for the hints and the errors in isolation, in groups under the same budget.
+    The budget decides the batch run and how many passes, never the numbers (beyond onnxruntime's own
+    rounding at another batch). With ``local_samples`` the errors in isolation are measured on the
     first that many samples streamed at ``batch_size`` instead (``streamed_local_errors``: the same
     whatever the batch; the search uses it so that its order does not depend on its memory budget).
     """
@@ -369,9 +376,19 @@ def layer_statistics(
     batch_size: int = 32,
     max_memory: int | None = None,
     progress: Progress = no_progress,
+    log: Callable[[str], None] | None = None,
 ) -> LayerStatistics:
-    """Pass 1 over ``dataset`` (all of it, or a ``Dataset.window`` of it), in memory groups under
-    ``max_memory`` bytes (None: ``DEFAULT_MEMORY_BUDGET``)."""
+    """Pass 1 over ``dataset`` (all of it, or a ``Dataset.window`` of it) under ``max_memory`` bytes
+    (None: ``DEFAULT_MEMORY_BUDGET``).
+
+    The batch shrinks (down to one sample) until one batch of every compared tensor of both models fits
+    the budget, measured on the first sample (``CollectOptions.fit_batch``): onnxruntime's working memory
+    for a batch, which follows those tensors, sets the peak, and one pass runs each model once (memory
+    groups would re-run both models each). ``log`` gets one line when it shrinks. The sums are per sample,
+    so the batch changes none of them (beyond onnxruntime's own rounding at another batch). A model with
+    compared tensors inside If/Loop/Scan bodies keeps the batch asked for and is split into memory groups
+    instead: which branch runs, hence what is compared, may depend on the batch.
+    """
     names = models.names
     if not names:
         return LayerStatistics([], {}, batch_size)
@@ -380,11 +397,25 @@ def layer_statistics(
         for t in names
     }
     budget = layer_memory_budget(max_memory)
-    options = CollectOptions(batch_size=batch_size, max_memory=budget, desc="per-layer", optimize=models.optimize)
+    fit = all(t in models.main for t in names)
+    options = CollectOptions(
+        batch_size=batch_size, max_memory=budget, fit_batch=fit, desc="per-layer", optimize=models.optimize
+    )
     model_list = [models.reference, models.quantized_exposed]
     collected = collect(model_list, dataset, list(requests.values()), options, progress=progress)
     sums = {t: cast(_LayerSums, collected[r]) for t, r in requests.items()}
-    return LayerStatistics(list(names), sums, batch_size, collected.passes)
+    asked = dataset.effective_batch_size(batch_size)
+    if log is not None and collected.batch_size < min(asked, dataset.num_samples):
+        log(f"per-layer pass at batch {collected.batch_size} for --max-memory {_size(budget)}")
+    return LayerStatistics(list(names), sums, batch_size, collected.passes, collected.batch_size)
+
+
+def _size(nbytes: int) -> str:
+    """``512 MiB``, ``1.5 GiB``, ``64 KiB``, ``1 B``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if nbytes >= 1 << shift:
+            return f"{nbytes / (1 << shift):.3g} {unit}"
+    return f"{nbytes} B"
 
 
 def layer_errors(
@@ -495,32 +526,66 @@ def _first_batch_pass(
 ) -> tuple[dict[str, _FirstBatch], dict[str, float]]:
     """Pass 2: each tensor's first batch of FP32 values read again (the reference returns the group's
     tensors only), its hints' figures and, for main-graph layers, the SQNR of the layer cut out alone
-    and fed the FP32 inputs of that batch."""
+    and fed the FP32 inputs of that batch.
+
+    The first batch is of the size asked for (``statistics.batch_size``) whatever batch pass 1 ran at,
+    so the hints do not depend on the memory budget; it is run at pass 1's batch (``run_batch``) and its
+    runs joined, so onnxruntime's working memory stays pass 1's; a group holds the first batch of its
+    tensors (``plan_first_groups``)."""
     sums = statistics.sums
     at = {t: s.first_batch for t, s in sums.items() if s.first_batch is not None}
     sources = _local_sources(models, [t for t in at if at[t] == 0 and t in models.main]) if local else {}
     needs = {t: [t, *sources.get(t, [])] for t in at}
-    nbytes = {t: sums[t].first_bytes for t in at}
+    size = dataset.effective_batch_size(statistics.batch_size)
+    run = min(size, statistics.run_batch or size)
+    count = min(size, dataset.num_samples)
+    scale = -(-count // max(1, min(run, count)))  # pass 1's first batches in the first batch asked for
+    nbytes = {t: sums[t].first_bytes * scale for t in at}
     extract = submodel_extractor(infer_shapes(models.quantized)[0]) if sources else None
     firsts: dict[str, _FirstBatch] = {}
     local_sqnr: dict[str, float] = {}
-    size = dataset.effective_batch_size(statistics.batch_size)
     for index in sorted(set(at.values())):
-        feed = next(itertools.islice(dataset.batches(size), index, None))
         for group in plan_first_groups([t for t in statistics.names if at.get(t) == index], needs, nbytes, budget):
             wanted = list(dict.fromkeys(x for t in group for x in needs[t]))
             outs = [models.ref_out[x] for x in wanted]
             session = make_session(models.reference, optimize=models.optimize, outputs=outs)
-            values = dict(zip(wanted, session.run(outs, feed), strict=True))
+            parts: dict[str, list[np.ndarray]] = {x: [] for x in wanted}
+            lengths: list[int] = []
+            for feed in _first_batch_runs(dataset, size, run, index, count):
+                for x, value in zip(wanted, session.run(outs, feed), strict=True):
+                    parts[x].append(value)
+                lengths.append(dataset.batch_length(feed))
             del session
             for t in group:
-                firsts[t] = _first_batch(values[t], models.pairs[t])
+                firsts[t] = _first_batch(_joined(parts[t], lengths), models.pairs[t])
                 if t in sources and extract is not None:
-                    got = _local_sqnr(extract, t, models.pairs[t].dq, sources[t], values)
+                    got = _local_sqnr(extract, t, models.pairs[t].dq, sources[t], parts)
                     if got is not None:
                         local_sqnr[t] = got
-            del values
+            del parts
     return firsts, local_sqnr
+
+
+def _first_batch_runs(dataset: Dataset, size: int, run: int, index: int, count: int) -> Iterator[dict[str, np.ndarray]]:
+    """The feeds of batch ``index`` of ``size`` samples: one, or (the first batch, ``count`` samples)
+    ``run`` samples at a time when pass 1 ran at a smaller batch."""
+    if run >= size or index:
+        yield next(itertools.islice(dataset.batches(size), index, None))
+        return
+    yield from dataset.subset(count).batches(run)
+
+
+def _joined(parts: list[np.ndarray], lengths: list[int]) -> np.ndarray:
+    """One tensor's values over the runs of a batch, for the hints (which ignore the order of values): the
+    runs' values flattened end to end, or the first run's alone when every run returned the same values
+    with no axis the size of its samples (no batch axis: the same whatever the batch)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    batch_axis = first.ndim > 0 and all(p.shape[:1] == (n,) for p, n in zip(parts, lengths, strict=True))
+    if not batch_axis and all(p.shape == first.shape and np.array_equal(p, first) for p in parts[1:]):
+        return first
+    return np.concatenate([p.ravel() for p in parts])
 
 
 def _local_sources(models: LayerModels, names: list[str]) -> dict[str, list[str]]:
@@ -557,17 +622,21 @@ def _local_sqnr(
     t: str,
     dq: str,
     sources: list[str],
-    values: dict[str, np.ndarray],
+    parts: dict[str, list[np.ndarray]],
 ) -> float | None:
-    """SQNR of ``t`` when only its producing layer is quantized (``sources``' FP32 ``values`` fed in);
+    """SQNR of ``t`` when only its producing layer is quantized (``sources``' FP32 values fed in, run by
+    run: ``parts``), its energies added sample by sample (``ExactSum``, so the same whatever the runs);
     None when the layer cannot be cut out alone (e.g. it needs shape inputs)."""
+    signal, noise = ExactSum(), ExactSum()
     try:
         sess = make_session(extract(sources, [dq]))
-        got = sess.run([dq], {s: values[s] for s in sources})[0].astype(np.float64)
+        for k, ref in enumerate(parts[t]):
+            got = sess.run([dq], {s: parts[s][k] for s in sources})[0].astype(np.float64)
+            signal.extend(sample_energies(ref))
+            noise.extend(sample_energies(ref, got))
     except Exception:
         return None
-    ref = values[t].astype(np.float64)
-    return _sqnr(float(np.sum(ref * ref)), float(np.sum((ref - got) ** 2)))
+    return _sqnr(signal.value, noise.value)
 
 
 def streamed_local_errors(

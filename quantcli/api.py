@@ -215,11 +215,14 @@ def _calibration_inputs(
     """The prepared model, the opened data and the calibration options of a request (``log``: the opset note).
 
     Weights kept in external data stay in their files: onnxruntime reads them from there, so its
-    session's copy is the only one (``load_model(weights=False)``).
+    session's copy is the only one (``load_model(weights=False)``). The model is this function's own
+    (read here, or the opset converter's copy of it): it is cleaned in place, and the one read is
+    dropped once upgraded, so no more than two copies of the weights are ever held.
     """
     loaded = load_model(r.model_path, weights=False)
     model = _prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
     note = _opset_note(loaded, model)
+    del loaded  # the upgraded copy (if any) is all that is needed from here
     if note is not None and log is not None:
         log(note)
     options = CalibrationOptions(
@@ -238,7 +241,7 @@ def _calibration_inputs(
         dataset = random_dataset(specs, need(r.random_samples, "the sample count"), seed=r.seed)
     else:
         dataset = DataFormat(r.batch_axes, r.images).open(r.data_path, specs, max_samples=r.max_samples)
-    prepared, _ = preprocess(model)
+    prepared, _ = preprocess(model, in_place=True)
     return prepared, dataset, options
 
 

@@ -9,6 +9,7 @@ The package's top level (``quantcli.calibrate`` ...) wraps these for notebooks.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from quantcli.core.process import trim_heap
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
 from quantcli.data.images import ImagePreprocess
-from quantcli.graph.model_io import file_sha256, graph_only, load_model
+from quantcli.graph.atomic import release_scratch, scratch_directory
+from quantcli.graph.model_io import file_sha256, graph_only, holds_spillable_weights, load_model, spill_weights
 from quantcli.graph.scopes import walk_graphs
 from quantcli.graph.session import make_session
 from quantcli.modes.common import ConvertMode
@@ -203,10 +205,21 @@ def calibrate(
     ``log`` receives one line when the model's opset is upgraded in memory.
     """
     prepared, dataset, options = _calibration_inputs(request, log)
-    trim_heap()  # the loaded model, copied by preprocess, is gone: before the session allocates its weights
-    return calibrate_prepared(
-        prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
-    )
+    if not holds_spillable_weights(prepared):
+        trim_heap()  # the model read, if upgraded, is gone: before the session allocates its weights
+        return calibrate_prepared(
+            prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
+        )
+    folder, lock = scratch_directory(Path(tempfile.gettempdir()))
+    try:
+        # the weights wait in a file the sessions map: not held by quantcli and by onnxruntime at once
+        prepared = spill_weights(prepared, folder)
+        trim_heap()  # the model that held them is gone: before the session allocates
+        return calibrate_prepared(
+            prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
+        )
+    finally:
+        release_scratch(folder, lock)
 
 
 def _calibration_inputs(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -266,3 +267,28 @@ def test_calibrating_an_old_opset_model_peaks_near_two_copies_of_its_weights(tmp
     )
     peak = int(child.stdout.split()[-1])
     assert peak < 2.6 * weights, f"peak {peak / weights:.1f}x the weights"
+
+
+def test_sessions_share_one_directory_and_leave_no_file_in_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removing a directory per session cost a quarter of a small model's session (see ``_session_folder``)."""
+    import tempfile
+
+    from quantcli.graph import session
+
+    made: list[str] = []
+    mkdtemp = tempfile.mkdtemp
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        made.append(mkdtemp(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "mkdtemp", spy)
+    monkeypatch.setattr(session._SessionFolder, "path", None)
+    model = _matmul_chain(2, 8)
+    feed = {"x": np.ones((1, 8), dtype=np.float32)}
+    for outputs in ([], ["h0"], ["h0"]):
+        assert make_session(model, outputs=outputs).run(None, feed)[0].shape == (1, 8)
+    assert len(made) == 1 and [p.name for p in Path(made[0]).iterdir()] == ["owner.lock"]  # its scratch lock
+    shutil.rmtree(made[0])  # removed behind its back (a temporary-file cleaner): made again
+    make_session(model)
+    assert len(made) == 2 and [p.name for p in Path(made[1]).iterdir()] == ["owner.lock"]

@@ -9,6 +9,7 @@ The package's top level (``quantcli.calibrate`` ...) wraps these for notebooks.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -205,21 +206,17 @@ def calibrate(
     ``log`` receives one line when the model's opset is upgraded in memory.
     """
     prepared, dataset, options = _calibration_inputs(request, log)
-    if not holds_spillable_weights(prepared):
-        trim_heap()  # the model read, if upgraded, is gone: before the session allocates its weights
+    with contextlib.ExitStack() as stack:
+        if holds_spillable_weights(prepared):
+            # the weights wait in a file the sessions map, not in quantcli's model while onnxruntime
+            # builds its copy from them (ddddocr OCR recognizer, 54 MB: peak RSS 282 -> 207 MB)
+            folder, lock = scratch_directory(Path(tempfile.gettempdir()))
+            stack.callback(release_scratch, folder, lock)
+            prepared = spill_weights(prepared, folder)
+        trim_heap()  # the models that held the weights are gone: before the session allocates
         return calibrate_prepared(
             prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
         )
-    folder, lock = scratch_directory(Path(tempfile.gettempdir()))
-    try:
-        # the weights wait in a file the sessions map: not held by quantcli and by onnxruntime at once
-        prepared = spill_weights(prepared, folder)
-        trim_heap()  # the model that held them is gone: before the session allocates
-        return calibrate_prepared(
-            prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
-        )
-    finally:
-        release_scratch(folder, lock)
 
 
 def _calibration_inputs(

@@ -10,9 +10,9 @@ process, removed once the session is built), not as bytes: from bytes it copies 
 string and a stream before parsing, and the session's own weights come on top of those. The graph
 outputs asked for are appended to the file as a second ``ModelProto`` holding only them: protobuf
 merges a message field read twice and appends repeated ones, so onnxruntime parses the model with
-those outputs added, and no augmented copy of the model is made. all-MiniLM-L6 (87 MB), a session exposing
-every activation, RSS above the loaded model, augmented copy and bytes vs file: peak +348 vs
-+229 MB, held afterwards +315 vs +143 MB.
+those outputs added, and no augmented copy of the model is made. all-MiniLM-L6 (87 MB), a session
+exposing every activation, RSS above the loaded model, augmented copy and bytes vs file: peak +348
+vs +229 MB, held afterwards +315 vs +143 MB.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ The package's top level (``quantcli.calibrate`` ...) wraps these for notebooks.
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ from quantcli.core.process import trim_heap
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import DataFormat, model_input_specs, open_dataset, random_dataset
 from quantcli.data.images import ImagePreprocess
-from quantcli.graph.model_io import file_sha256, graph_only, load_model
+from quantcli.graph.atomic import release_scratch, scratch_directory
+from quantcli.graph.model_io import file_sha256, graph_only, holds_spillable_weights, load_model, spill_weights
 from quantcli.graph.scopes import walk_graphs
 from quantcli.graph.session import make_session
 from quantcli.modes.common import ConvertMode
@@ -203,10 +206,17 @@ def calibrate(
     ``log`` receives one line when the model's opset is upgraded in memory.
     """
     prepared, dataset, options = _calibration_inputs(request, log)
-    trim_heap()  # the loaded model, copied by preprocess, is gone: before the session allocates its weights
-    return calibrate_prepared(
-        prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
-    )
+    with contextlib.ExitStack() as stack:
+        if holds_spillable_weights(prepared):
+            # the weights wait in a file the sessions map, not in quantcli's model while onnxruntime
+            # builds its copy from them (ddddocr OCR recognizer, 54 MB: peak RSS 282 -> 207 MB)
+            folder, lock = scratch_directory(Path(tempfile.gettempdir()))
+            stack.callback(release_scratch, folder, lock)
+            prepared = spill_weights(prepared, folder)
+        trim_heap()  # the models that held the weights are gone: before the session allocates
+        return calibrate_prepared(
+            prepared, dataset, options, model_sha256=file_sha256(request.model_path), progress=progress
+        )
 
 
 def _calibration_inputs(
@@ -215,11 +225,14 @@ def _calibration_inputs(
     """The prepared model, the opened data and the calibration options of a request (``log``: the opset note).
 
     Weights kept in external data stay in their files: onnxruntime reads them from there, so its
-    session's copy is the only one (``load_model(weights=False)``).
+    session's copy is the only one (``load_model(weights=False)``). The model is this function's own
+    (read here, or the opset converter's copy of it): it is cleaned in place, and the one read is
+    dropped once upgraded, so no more than two copies of the weights are ever held.
     """
     loaded = load_model(r.model_path, weights=False)
     model = _prepare_input(loaded, r.model_path, upgrade_opset=r.upgrade_opset)
     note = _opset_note(loaded, model)
+    del loaded  # the upgraded copy (if any) is all that is needed from here
     if note is not None and log is not None:
         log(note)
     options = CalibrationOptions(
@@ -238,7 +251,7 @@ def _calibration_inputs(
         dataset = random_dataset(specs, need(r.random_samples, "the sample count"), seed=r.seed)
     else:
         dataset = DataFormat(r.batch_axes, r.images).open(r.data_path, specs, max_samples=r.max_samples)
-    prepared, _ = preprocess(model)
+    prepared, _ = preprocess(model, in_place=True)
     return prepared, dataset, options
 
 

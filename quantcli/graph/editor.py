@@ -397,13 +397,18 @@ class ModelEditor:
     """A private copy of a model, edited through ``graph`` (the main graph's editor), then ``build()``.
 
     Args:
-        model: the model to start from (never modified).
+        model: the model to start from (never modified, unless ``in_place``).
         names: the name allocator; by default one reserving every name in the model.
+        in_place: edit ``model`` itself, no copy (``build()`` returns it): for a caller that owns the
+            model and drops it, so its weights are not held twice while the copy is edited.
     """
 
-    def __init__(self, model: onnx.ModelProto, *, names: NameAllocator | None = None) -> None:
-        self._model = onnx.ModelProto()
-        self._model.CopyFrom(model)
+    def __init__(self, model: onnx.ModelProto, *, names: NameAllocator | None = None, in_place: bool = False) -> None:
+        if in_place:
+            self._model = model
+        else:
+            self._model = onnx.ModelProto()
+            self._model.CopyFrom(model)
         self.names = names if names is not None else NameAllocator.for_graph(self._model.graph)
         self.graph = GraphEditor(self._model.graph, self.names)
         self._domains: dict[str, int] = {}

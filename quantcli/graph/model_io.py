@@ -29,6 +29,7 @@ __all__ = [
     "file_sha256",
     "graph_only",
     "has_external_data",
+    "holds_spillable_weights",
     "in_memory",
     "in_memory_size",
     "infer_shapes",
@@ -269,6 +270,25 @@ def spill_weights(model: onnx.ModelProto, folder: Path) -> onnx.ModelProto:
     compact = onnx.ModelProto()
     compact.CopyFrom(model)
     return compact
+
+
+def holds_spillable_weights(model: onnx.ModelProto) -> bool:
+    """Whether ``spill_weights`` would move weights ``model`` holds in memory and nothing else: one of
+    them is 1 MiB or more, none is left in its file already (``load_model(weights=False)``: those
+    would be copied), and together they are below protobuf's 2 GB (above, sessions take the weights
+    in place, ``quantcli.graph.session``, and writing them out would cost more than it saves).
+
+    Sizes come from shapes and types: nothing is serialized or copied to tell.
+    """
+    total, large = 0, False
+    for _, graph in walk_graphs(model.graph):
+        for tensor in graph.initializer:
+            if left_in_file(tensor):
+                return False
+            size = _raw_size(tensor)
+            total += size
+            large = large or size >= _SPILL_ABOVE
+    return large and total < PROTOBUF_LIMIT
 
 
 def _spill(model: onnx.ModelProto, folder: Path) -> None:

@@ -94,13 +94,12 @@ def test_calibration_makes_no_augmented_copy_of_the_model(monkeypatch: pytest.Mo
     assert calibrate(prepared, ds, model_sha256="0" * 64).ranges == expected.ranges
 
 
-_CHILD = textwrap.dedent(
+#: a child's start: RSS after its imports, and the peak counter restarted from there (``rss_kb("VmHWM") - start``)
+_PEAK_FROM_HERE = textwrap.dedent(
     """
     import sys
     from pathlib import Path
     from quantcli.core.process import tune_malloc
-    from quantcli.graph.model_io import load_model
-    from quantcli.graph.session import make_session
 
     def rss_kb(key):
         with open("/proc/self/status") as fh:
@@ -109,11 +108,24 @@ _CHILD = textwrap.dedent(
     tune_malloc()  # as `quantcli calibrate` does
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # the peak (VmHWM) restarts from the current RSS
+    """
+)
+_CHILD = (
+    textwrap.dedent(
+        """
+    from quantcli.graph.model_io import load_model
+    from quantcli.graph.session import make_session
+    """
+    )
+    + _PEAK_FROM_HERE
+    + textwrap.dedent(
+        """
     start = rss_kb("VmRSS")
     model = load_model(Path(sys.argv[1]))
     session = make_session(model, outputs=[n.output[0] for n in model.graph.node])
     print((rss_kb("VmHWM") - start) * 1024)
     """
+    )
 )
 
 
@@ -221,24 +233,20 @@ def test_only_weights_held_in_memory_are_worth_spilling(tmp_path: Path) -> None:
     assert not holds_spillable_weights(load_model(tmp_path / "ext.onnx", weights=False))  # already in a file
 
 
-_CALIBRATE_CHILD = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
+_CALIBRATE_CHILD = (
+    textwrap.dedent(
+        """
     from quantcli.api import calibrate_model
-    from quantcli.core.process import tune_malloc
-
-    def rss_kb(key):
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith(key + ":"))
-
-    tune_malloc()  # as `quantcli calibrate` does
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # the peak (VmHWM) restarts from the current RSS
+    """
+    )
+    + _PEAK_FROM_HERE
+    + textwrap.dedent(
+        """
     start = rss_kb("VmRSS")
     calibrate_model(Path(sys.argv[1]), Path(sys.argv[2]), upgrade_opset=True)
     print((rss_kb("VmHWM") - start) * 1024)
     """
+    )
 )
 
 

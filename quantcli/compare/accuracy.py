@@ -140,15 +140,14 @@ def accuracy_shard(
     *,
     plan: dict[str, KindPlan] | None = None,
     progress: Progress = no_progress,
-    max_memory: int | None = None,
     layers: LayerModels | None = None,
     log: Callable[[str], None] | None = None,
 ) -> AccuracyShard:
     """The mergeable accuracy state of (FP32, quantized) ``models`` on ``dataset`` (all, or a ``shard_window``).
 
     ``plan``: the output kinds from the data's first batch (None: detected here, on ``dataset``'s first).
-    ``max_memory``: bytes the per-layer pass's exposed tensors may take (None: ``request.max_memory``,
-    else its default); it decides only how many passes that takes, never the result. ``layers``: the
+    The per-layer pass's exposed tensors may take ``request.max_memory`` bytes (None: its default); it
+    decides only the batch or how many passes that takes, never the result. ``layers``: the
     per-layer models if already built (``layer_models``; else built here when ``request.per_layer``).
     ``log``: the per-layer pass's line when it shrinks the batch to fit the budget.
     """
@@ -163,7 +162,7 @@ def accuracy_shard(
     )  # fmt: skip
     stats = None
     if r.per_layer:
-        budget = max_memory or layer_memory_budget(r.max_memory)
+        budget = layer_memory_budget(r.max_memory)
         prepared = layers or layer_models(*models)
         stats = layer_statistics(
             prepared, dataset, batch_size=r.batch_size, max_memory=budget, progress=progress, log=log
@@ -232,7 +231,8 @@ def run_accuracy_shard(request: CompareRequest, shard: ShardSpec, plan: dict[str
     if metric.function is None and ":" in metric.name:  # a custom metric whose function stayed behind
         request = replace(request, metric=replace(metric, function=_collect_only))
     budget = layer_memory_budget(request.max_memory, shards=shard.count)  # the shards may share this host
-    return accuracy_shard((ref_model, cand_model), (ref, cand), part, request, plan=plan, max_memory=budget)
+    request = replace(request, max_memory=budget)
+    return accuracy_shard((ref_model, cand_model), (ref, cand), part, request, plan=plan)
 
 
 def _collect_only(outputs: dict[str, np.ndarray], labels: np.ndarray | None) -> float:

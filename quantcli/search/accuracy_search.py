@@ -17,7 +17,8 @@ outputs) and evaluation data. The search measures every step on that data and on
    budget holds: a MatMul/Gemm with a constant weight first to run-time activation quantization
    (``Candidate.dynamic_nodes``: DynamicQuantizeMatMul, cost between integer and float), to float when
    that does not meet the budget; other nodes to float.
-   **Regions.** When no run of single moves reaches the budget (``max_fallback`` nodes), the first or
+   **Regions.** When no run of single moves reaches the budget (``max_fallback`` nodes, or fewer when the
+   first ``STALL_AFTER`` show that the rest cannot: ``_stage_fallback``), the first or
    last ``p`` compute nodes of the network go float together, ``p`` found by bisection from each end:
    error that accumulates through a whole backbone is repaired there, not by a few nodes.
 4. **Pruning.** Each moved node is tried statically quantized again, most MACs first; it stays so if

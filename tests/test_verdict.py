@@ -16,7 +16,7 @@ from quantcli.cli.flags import flag
 from quantcli.compare.output_kinds import KindMetrics, OutputKind
 from quantcli.core.host import default_config
 from quantcli.modes.common import ConvertMode
-from quantcli.pipeline.verdict import THRESHOLDS, Verdict
+from quantcli.pipeline.verdict import THRESHOLDS, Verdict, agreement_lower_bound, samples_to_show
 from quantcli.verify.speedcheck import SpeedCheck
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
@@ -192,3 +192,28 @@ def test_a_model_with_only_raw_outputs_warns_below_the_sqnr_bound():
     assert not list(v._warnings([judged, low], speed, _Ctx()))  # type: ignore[arg-type]
     text = Verdict("s", 10, (low,), speed, (warning,), (), v._OPTIONS).render(flag)
     assert text[0].startswith("verdict: WARNING") and "--eval-data DATA --min-sqnr 20" in text[1]
+
+
+def test_wilson_lower_bound_and_the_samples_it_takes():
+    assert agreement_lower_bound(40, 40) == pytest.approx(0.9366, abs=1e-4)
+    assert agreement_lower_bound(39, 40) < agreement_lower_bound(40, 40) < 1.0
+    assert agreement_lower_bound(0, 0) == 0.0
+    need = samples_to_show(THRESHOLDS["agreement"])
+    assert need == 133
+    assert agreement_lower_bound(need, need) >= 0.98 > agreement_lower_bound(need - 1, need - 1)
+
+
+def test_an_agreement_too_few_samples_can_show_is_said_not_warned(tmp_path):
+    """40 held-back digits that all agree pass the verdict, with a note that they show 0.98 only at 133
+    samples; 256 --eval-data samples (the most it reads) that all agree say nothing of the kind."""
+    held = convert_model(DIGITS, tmp_path / "q.onnx", data_path=CALIB, config=default_config()).verdict
+    assert held is not None and held.passed and held.kinds[0].agreement == 1.0
+    (note,) = [u for u in held.render(flag) if u.startswith("few samples:")]
+    assert note == (
+        "few samples: logits agreement 1.000 on 40 samples shows at least 0.937 at 95% confidence, below 0.98; "
+        "133 or more samples (--eval-data) can show it"
+    )
+    evald = CALIBRATION_DATA / "digits_cnn_eval.npz"
+    full = convert_model(DIGITS, tmp_path / "e.onnx", data_path=CALIB, eval_data=evald, config=default_config())
+    assert full.verdict is not None and full.verdict.num_samples == 256 and full.verdict.kinds[0].agreement == 1.0
+    assert not [u for u in full.verdict.render(flag) if u.startswith("few samples:")]

@@ -156,7 +156,7 @@ def verdict(ctx: ConvertContext) -> None:
     count = 0
     if feeds is not None:
         kinds, count = _fidelity(model, quantized, feeds, r.output_kinds, labels)
-        unchecked = (*unchecked, *_raw_note(kinds))
+        unchecked = (*unchecked, *_raw_note(kinds), *_few_samples(kinds))
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
     warnings = tuple(_warnings(kinds, speed, ctx))
@@ -214,6 +214,46 @@ def _feeds(dataset: Dataset, start: int) -> Iterator[tuple[dict[str, np.ndarray]
         if seen >= start:
             yield feed, n
         seen += n
+
+
+#: one-sided normal quantile of the confidence the verdict states an agreement at (95%)
+CONFIDENCE_Z = 1.645
+
+
+def agreement_lower_bound(agreeing: float, samples: int, z: float = CONFIDENCE_Z) -> float:
+    """Wilson's lower confidence bound of a share from ``agreeing`` of ``samples`` (0 without samples)."""
+    if samples <= 0:
+        return 0.0
+    p, z2 = agreeing / samples, z * z
+    centre = p + z2 / (2 * samples)
+    spread = z * math.sqrt(p * (1 - p) / samples + z2 / (4 * samples * samples))
+    return max(0.0, (centre - spread) / (1 + z2 / samples))
+
+
+def samples_to_show(bound: float, z: float = CONFIDENCE_Z) -> int:
+    """The fewest samples, all agreeing, whose Wilson lower bound reaches ``bound`` (``n / (n + z²)``)."""
+    return math.ceil(z * z * bound / (1 - bound))
+
+
+def _few_samples(kinds: list[KindMetrics]) -> tuple[str, ...]:
+    """An agreement at or above its threshold that its samples are too few to show at 95% confidence.
+
+    One sample in 40 that flipped is 0.975, below 0.98; 40 that all agree show only 0.937 (Wilson's
+    lower bound), and it takes 133 to show 0.98: a small check says less than its figure.
+    """
+    bound = THRESHOLDS["agreement"]
+    notes = []
+    for k in kinds:
+        if k.kind not in AGREEMENT_KINDS or k.agreement is None or k.agreement < bound:
+            continue
+        lower = agreement_lower_bound(k.agreement * k.num_samples, k.num_samples)
+        if lower < bound:
+            notes.append(
+                f"few samples: {k.name} agreement {k.agreement:.3f} on {k.num_samples} samples shows at least "
+                f"{lower:.3f} at 95% confidence, below {bound:g}; {samples_to_show(bound)} or more samples "
+                "($eval_data) can show it"
+            )
+    return tuple(notes)
 
 
 def _raw_note(kinds: list[KindMetrics]) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ __all__ = [
     "measure_latency",
     "ordered_sum",
     "sample_energies",
+    "wilson_interval",
 ]
 
 
@@ -74,10 +75,11 @@ def _mean_interval(values: np.ndarray) -> Interval:
     return Interval(mean, mean - half, mean + half)
 
 
-def _wilson(successes: int, n: int) -> Interval:
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> Interval:
+    """The share ``successes / n`` with Wilson's score interval (``z`` = 1.96: 95% two-sided; 1.645 puts
+    95% on one side); NaN without samples."""
     if n == 0:
         return Interval(float("nan"), float("nan"), float("nan"))
-    z = 1.96
     p = successes / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -180,9 +182,9 @@ class OutputAccumulator:
             cosine=_mean_interval(cos),
             mse=noise / self.elements if self.elements else 0.0,
             max_abs_error=self.max_abs,
-            top1_agreement=_wilson(self.agree, self.count) if self.classifier else None,
-            accuracy_fp32=_wilson(self.correct_ref, self.labelled) if self.labelled else None,
-            accuracy_quant=_wilson(self.correct_q, self.labelled) if self.labelled else None,
+            top1_agreement=wilson_interval(self.agree, self.count) if self.classifier else None,
+            accuracy_fp32=wilson_interval(self.correct_ref, self.labelled) if self.labelled else None,
+            accuracy_quant=wilson_interval(self.correct_q, self.labelled) if self.labelled else None,
         )
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from quantcli.compare.evaluate import wilson_interval
 from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver
 from quantcli.core.errors import QuantCliError
 from quantcli.data.datasets import Dataset, model_input_specs, random_dataset
@@ -222,12 +223,7 @@ CONFIDENCE_Z = 1.645
 
 def agreement_lower_bound(agreeing: float, samples: int, z: float = CONFIDENCE_Z) -> float:
     """Wilson's lower confidence bound of a share from ``agreeing`` of ``samples`` (0 without samples)."""
-    if samples <= 0:
-        return 0.0
-    p, z2 = agreeing / samples, z * z
-    centre = p + z2 / (2 * samples)
-    spread = z * math.sqrt(p * (1 - p) / samples + z2 / (4 * samples * samples))
-    return max(0.0, (centre - spread) / (1 + z2 / samples))
+    return wilson_interval(agreeing, samples, z).low if samples > 0 else 0.0
 
 
 def samples_to_show(bound: float, z: float = CONFIDENCE_Z) -> int:

@@ -46,6 +46,7 @@ import onnxruntime as ort
 from quantcli.compare.evaluate import sample_energies
 from quantcli.compare.exact_sum import ExactSum
 from quantcli.core.progress import Progress, no_progress
+from quantcli.core.units import byte_text
 from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
 from quantcli.graph.model_io import infer_shapes
@@ -406,16 +407,8 @@ def layer_statistics(
     sums = {t: cast(_LayerSums, collected[r]) for t, r in requests.items()}
     asked = dataset.effective_batch_size(batch_size)
     if log is not None and collected.batch_size < min(asked, dataset.num_samples):
-        log(f"per-layer pass at batch {collected.batch_size} for --max-memory {_size(budget)}")
+        log(f"per-layer pass at batch {collected.batch_size} for --max-memory {byte_text(budget, '.3g')}")
     return LayerStatistics(list(names), sums, batch_size, collected.passes, collected.batch_size)
-
-
-def _size(nbytes: int) -> str:
-    """``512 MiB``, ``1.5 GiB``, ``64 KiB``, ``1 B``."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if nbytes >= 1 << shift:
-            return f"{nbytes / (1 << shift):.3g} {unit}"
-    return f"{nbytes} B"
 
 
 def layer_errors(

@@ -72,6 +72,7 @@ from quantcli.core.errors import QuantCliError
 from quantcli.core.host import ConstantSpeedOracle, SpeedOracle
 from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
+from quantcli.core.units import byte_text
 from quantcli.data.datasets import Dataset
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.session import make_session
@@ -406,8 +407,8 @@ def _search_quantization(
     )
     if ev.batches.sensitivity < SEARCH_BATCH:
         log(
-            f"{_size(ev.batches.per_sample)} of activations a sample: candidates scored at batch {ev.size}, "
-            f"ranked at batch {ev.batches.sensitivity} (--max-memory {_size(budget_bytes)})"
+            f"{byte_text(ev.batches.per_sample)} of activations a sample: candidates scored at batch {ev.size}, "
+            f"ranked at batch {ev.batches.sensitivity} (--max-memory {byte_text(budget_bytes)})"
         )
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
@@ -848,14 +849,6 @@ def _timed_choice(search: _Search, met: list[Trial]) -> Trial:
     times = ", ".join(f"step {top[t.rank].step} {t.speedup:.2f}x" for t in timed)
     search.log(f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times}")
     return top[index]
-
-
-def _size(nbytes: int) -> str:
-    """``531 MiB``, ``12 KiB``, ``1 B``."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if nbytes >= 1 << shift:
-            return f"{nbytes / (1 << shift):.0f} {unit}"
-    return f"{nbytes} B"
 
 
 def _local(err: LayerError) -> float:

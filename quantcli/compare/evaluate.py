@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
+from quantcli.compare.exact_sum import ordered_sum
 from quantcli.core.errors import CalibrationDataError
 from quantcli.core.progress import Progress, no_progress
 from quantcli.data.datasets import Dataset
@@ -85,15 +86,6 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> Interval:
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return Interval(p, max(0.0, centre - half), min(1.0, centre + half))
-
-
-def ordered_sum(parts: list[float]) -> float:
-    """``parts`` added left to right, as a running total over batches adds them (never reordered or
-    compensated, so a total merged from shards' per-batch parts is the one process's to the bit)."""
-    total = 0.0
-    for part in parts:
-        total += part
-    return total
 
 
 def sample_energies(ref: np.ndarray, other: np.ndarray | None = None) -> list[float]:

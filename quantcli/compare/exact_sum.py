@@ -5,6 +5,8 @@ kept exactly as a Python integer count of that unit; reading it divides once, co
 ``int / int``). So per-sample energies added batch by batch, or shard by shard then merged, give the
 same float to the bit whatever the batch size was, without keeping one float per sample (as
 ``math.fsum`` of a list would). Infinities and NaN are carried apart and win, as in float addition.
+
+``ordered_sum`` is the plain running total, for sums that must equal a batch-by-batch float total to the bit.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["ExactSum"]
+__all__ = ["ExactSum", "ordered_sum"]
 
 #: every finite float64 is a whole number of 2**-UNIT_BITS
 UNIT_BITS = 1074
@@ -52,3 +54,12 @@ class ExactSum:
             return self.units / (1 << UNIT_BITS)
         except OverflowError:
             return float("inf") if self.units > 0 else float("-inf")
+
+
+def ordered_sum(parts: list[float]) -> float:
+    """``parts`` added left to right, as a running total over batches adds them (never reordered or
+    compensated, so a total merged from shards' per-batch parts is the one process's to the bit)."""
+    total = 0.0
+    for part in parts:
+        total += part
+    return total

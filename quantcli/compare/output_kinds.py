@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from quantcli.compare.exact_sum import ordered_sum
 from quantcli.core.errors import InvalidOption
 from quantcli.core.options import StrEnum
 
@@ -249,7 +250,7 @@ class _KindAccumulator:
         self.scores += later.scores
 
     def result(self) -> KindMetrics:
-        signal, noise = _ordered_sum(self.signals), _ordered_sum(self.noises)
+        signal, noise = ordered_sum(self.signals), ordered_sum(self.noises)
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
         mean = _mean_score(self.scores)
         reason = f"{self.reason}; agreement at labelled positions" if self.labelled else self.reason
@@ -266,14 +267,6 @@ class _KindAccumulator:
             cosine=mean if self.kind == OutputKind.EMBEDDING else None,
             iou=mean if self.kind == OutputKind.MAP else None,
         )
-
-
-def _ordered_sum(parts: list[float]) -> float:
-    """Left to right, as a running total over batches adds them (shards merged in order: the same bits)."""
-    total = 0.0
-    for part in parts:
-        total += part
-    return total
 
 
 def _scored_positions(kind: OutputKind, ref: np.ndarray, labels: np.ndarray | None) -> np.ndarray | None:

@@ -83,8 +83,12 @@ BUDGETS: dict[str, Budget] = {
     "ddddocr_det": Budget(min_sqnr_db=20),
     "pp_layout_cdla": Budget(min_sqnr_db=20),
 }
-#: outputs whose kind detection needs help (time-major CTC logits)
-KINDS: dict[str, dict[str, OutputKind]] = {"ddddocr_ocr": {"387": OutputKind.SEQUENCE}}
+#: outputs whose kind the user names: the CTC recognizers' lines are read as decoded strings, as their
+#: task metric (``bench_models.ctc_agreement``) reads them
+KINDS: dict[str, dict[str, OutputKind]] = {
+    "ddddocr_ocr": {"387": OutputKind.CTC},
+    "ppocrv4_rec": {"softmax_11.tmp_0": OutputKind.CTC},
+}
 #: the bound a default convert should meet on the task metric (the verdict's thresholds)
 BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU}
 

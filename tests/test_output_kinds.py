@@ -23,6 +23,7 @@ from quantcli.compare.output_kinds import (
     detect_kind,
     kind_metrics,
     parse_output_kinds,
+    reads_like_ctc,
 )
 from quantcli.core.errors import InvalidOption
 from quantcli.core.host import default_config
@@ -297,3 +298,6 @@ def test_detection_on_real_models(stem):
     observer(names, outputs, outputs, dataset.batch_length(feed))
     got = {k.name: k.kind for k in observer.results()}
     assert {n: got[n] for n in REAL_KINDS[stem]} == REAL_KINDS[stem]
+    # the two CTC recognizers are said to look like CTC; g2p's token classifier is not
+    ctc_like = {k.name for k in observer.results() if reads_like_ctc(k)}
+    assert ctc_like == ({next(iter(REAL_KINDS[stem]))} if stem in {"ppocrv4_rec", "ddddocr_ocr"} else set())

@@ -105,6 +105,7 @@ def test_a_verdict_below_its_thresholds_warns_and_names_a_repair(tmp_path, fixed
         (OutputKind.EMBEDDING, "cosine", 0.98, "try --mode dynamic"),
         (OutputKind.MAP, "iou", 0.85, "--eval-data DATA --min-iou 0.9"),
         (OutputKind.SEQUENCE, "agreement", 0.90, "--eval-data DATA --min-agreement 0.95"),
+        (OutputKind.CTC, "agreement", 0.90, "--eval-data DATA --min-agreement 0.95"),
     ],
 )
 def test_each_threshold_and_its_repair(kind, metric, value, repair):

@@ -664,8 +664,8 @@ def convert(
         list[str] | None,
         typer.Option(
             "--output-kind",
-            help="NAME=KIND for the verdict and the search's budget: output NAME is a classifier, sequence, binary, "
-            "embedding, map or raw "
+            help="NAME=KIND for the verdict and the search's budget: output NAME is a classifier, sequence, ctc "
+            "(a sequence read as decoded CTC strings, blank 0), binary, embedding, map or raw "
             "output (default: detected; repeatable).",
             rich_help_panel=OUTPUT,
         ),
@@ -797,8 +797,9 @@ def compare(
         list[str] | None,
         typer.Option(
             "--output-kind",
-            help="NAME=KIND: output NAME is a classifier, sequence, binary, embedding, map or raw output "
-            "(default: detected from its shape and FP32 values; repeatable).",
+            help="NAME=KIND: output NAME is a classifier, sequence, ctc (a sequence read as decoded CTC strings, "
+            "blank 0), binary, embedding, map or raw output (default: detected from its shape and FP32 values; "
+            "repeatable).",
             rich_help_panel=MEASURE,
         ),
     ] = None,

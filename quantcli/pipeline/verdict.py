@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from quantcli.compare.evaluate import wilson_interval
-from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver
+from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver, reads_like_ctc
 from quantcli.core.errors import QuantCliError
 from quantcli.data.datasets import Dataset, model_input_specs, random_dataset
 from quantcli.modes.common import ConvertMode
@@ -312,7 +312,10 @@ def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertCo
         value = getattr(k, metric)
         if k.kind == OutputKind.RAW or value is None or value >= THRESHOLDS[metric]:
             continue
-        yield f"verdict: {k.name} ({k.kind}) {metric} {value:.3f} < {THRESHOLDS[metric]:g}: {_repair(k.kind, dynamic)}"
+        repair = _repair(k.kind, dynamic)
+        if reads_like_ctc(k):  # strict positions overstate a recognizer's loss: say how to judge its text
+            repair = f"if it is a CTC recognizer, $output_kinds {k.name}=ctc judges its decoded strings; {repair}"
+        yield f"verdict: {k.name} ({k.kind}) {metric} {value:.3f} < {THRESHOLDS[metric]:g}: {repair}"
     if speed is not None and speed.speedup <= 1.0:
         yield (
             f"verdict: {speed.speedup:.2f}x FP32 at batch 1, not faster: keep the FP32 model, or see what stayed "
@@ -344,6 +347,7 @@ def _repair(kind: OutputKind, dynamic: bool) -> str:
     budget = {
         OutputKind.CLASSIFIER: "$min_agreement 0.98",
         OutputKind.SEQUENCE: "$min_agreement 0.95",
+        OutputKind.CTC: "$min_agreement 0.95",
         OutputKind.BINARY: "$min_agreement 0.98",
         OutputKind.EMBEDDING: "$min_cosine 0.99",
         OutputKind.MAP: "$min_iou 0.9",

@@ -773,7 +773,7 @@ def compare(
         float | None,
         typer.Option(
             help="Share of samples whose decision equals FP32's (argmax; the whole argmax sequence; the thresholded "
-            "sigmoid), on every classifier, sequence and binary output, e.g. 0.98 (a value above 1 is read as "
+            "sigmoid), on every classifier, sequence, ctc and binary output, e.g. 0.98 (a value above 1 is read as "
             "percent).",
             rich_help_panel=GATES,
         ),

@@ -213,7 +213,7 @@ class KindMetrics:
     reason: str
     num_samples: int
     sqnr_db: float
-    #: share of samples whose decision matches FP32's (classifier, sequence, binary)
+    #: share of samples whose decision matches FP32's (classifier, sequence, ctc, binary)
     agreement: float | None = None
     #: mean per-sample cosine (embedding)
     cosine: float | None = None

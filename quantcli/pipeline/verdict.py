@@ -57,7 +57,7 @@ VERDICT_MAX_SAMPLES = 64
 MIN_HELD_OUT = 4
 #: at most this many ``eval_data`` samples are checked
 EVAL_MAX_SAMPLES = 256
-#: the bounds below which the verdict warns (agreement: classifier, sequence and binary outputs;
+#: the bounds below which the verdict warns (agreement: classifier, sequence, ctc and binary outputs;
 #: sqnr: in dB, raw outputs of a model none of whose outputs has a task metric, e.g. detector heads)
 THRESHOLDS: dict[str, float] = {"agreement": 0.98, "cosine": 0.99, "iou": 0.9, "sqnr": 20.0}
 

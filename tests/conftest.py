@@ -41,16 +41,19 @@ class SpeedVerdict:
 
     def __init__(self, speedup: float = 1.5) -> None:
         self.speedup = speedup
+        self.low: float | None = None  # the rounds' lower quartile (None: the median stands in)
         self.feeds: list[dict[str, np.ndarray]] = []
 
-    def __call__(self, speedup: float) -> None:
-        self.speedup = speedup
+    def __call__(self, speedup: float, low: float | None = None) -> None:
+        self.speedup, self.low = speedup, low
 
     def check(self, reference: object, candidate: object, feed: dict[str, np.ndarray], **_: object):
         from quantcli.verify.speedcheck import SpeedCheck
 
         self.feeds.append(feed)
-        return SpeedCheck(fp32_ms=1.0, quantized_ms=1.0 / self.speedup, speedup=self.speedup, rounds=5, margin=0.0)
+        return SpeedCheck(
+            fp32_ms=1.0, quantized_ms=1.0 / self.speedup, speedup=self.speedup, rounds=5, margin=0.0, low=self.low
+        )
 
 
 @pytest.fixture

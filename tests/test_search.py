@@ -373,6 +373,15 @@ def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_spee
     out2 = tmp_path / "q2.onnx"
     api.convert_model(model, out2, data_path=calib, config=CONFIG, search=options, eval_data=evald)
     assert out2.exists()
+    # a median above 1 with a quarter of the rounds at or below it is a coin toss: not shown faster
+    fixed_speedup(1.02, low=0.97)
+    out3 = tmp_path / "q3.onnx"
+    with pytest.raises(NotFasterError, match=r"x1\.02, lower quartile x0\.97 over 5 rounds.*The search's answer: step"):
+        api.convert_model(model, out3, data_path=calib, config=CONFIG, search=options, eval_data=evald)
+    assert not out3.exists()
+    fixed_speedup(1.02, low=1.01)
+    api.convert_model(model, out3, data_path=calib, config=CONFIG, search=options, eval_data=evald)
+    assert out3.exists()
 
 
 def test_error_spread_over_the_network_is_repaired_by_a_float_region(tmp_path):

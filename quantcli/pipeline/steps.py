@@ -403,6 +403,7 @@ def require_fused(ctx: ConvertContext) -> None:
 def check_speedup(ctx: ConvertContext) -> None:
     """Time both models at batch 1 when asked (or with an accuracy budget, unless ``force``):
     nothing is written unless the quantized model is faster."""
+    from quantcli.search.accuracy_search import describe_trial
     from quantcli.verify.speedcheck import check_speedup as timed
 
     r, model = ctx.request, need(ctx.model, "the model")
@@ -411,13 +412,16 @@ def check_speedup(ctx: ConvertContext) -> None:
         return
     feed_path = r.data_path if r.data_path is not None else r.eval_data
     speed = ctx.speed = timed(model, need(ctx.quantized, "the converted model"), _batch1_feed(model, feed_path, ctx))
-    if not speed.faster:
+    # a search's answer must be faster in most rounds, not by a coin toss at 1.0x
+    if not (speed.shown_faster if budgeted else speed.faster):
         met = "meets the accuracy budget but " if ctx.searched is not None else ""
         how = "drop $require_speedup" if r.require_speedup else "pass $force"
+        spread = f", lower quartile x{speed.low:.2f}" if budgeted and speed.low is not None else ""
+        chosen = f" The search's answer: {describe_trial(ctx.searched.chosen)}." if ctx.searched is not None else ""
         raise NotFasterError(
             f"{r.model_path}: the quantized model {met}is not faster than FP32 at batch 1 "
-            f"({speed.quantized_ms:.3f} ms vs {speed.fp32_ms:.3f} ms, x{speed.speedup:.2f}); nothing written. "
-            f"Keep the FP32 model, or {how} to write it anyway",
+            f"({speed.quantized_ms:.3f} ms vs {speed.fp32_ms:.3f} ms, x{speed.speedup:.2f}{spread} over "
+            f"{speed.rounds} rounds); nothing written.{chosen} Keep the FP32 model, or {how} to write it anyway",
             options=("require_speedup", "force"),
         )
 

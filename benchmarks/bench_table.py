@@ -82,15 +82,17 @@ BUDGETS: dict[str, Budget] = {
     "nudenet_320n": Budget(min_sqnr_db=20),
     "ddddocr_det": Budget(min_sqnr_db=20),
     "pp_layout_cdla": Budget(min_sqnr_db=20),
+    "basic_pitch_nmp": Budget(min_iou=IOU),
 }
 #: outputs whose kind the user names: the CTC recognizers' lines are read as decoded strings, as their
-#: task metric (``bench_models.ctc_agreement``) reads them
+#: task metric (``bench_models.ctc_agreement``) reads them; Basic Pitch's posteriorgrams are maps
 KINDS: dict[str, dict[str, OutputKind]] = {
     "ddddocr_ocr": {"387": OutputKind.CTC},
     "ppocrv4_rec": {"softmax_11.tmp_0": OutputKind.CTC},
+    "basic_pitch_nmp": {f"StatefulPartitionedCall:{i}": OutputKind.MAP for i in range(3)},
 }
 #: the bound a default convert should meet on the task metric (the verdict's thresholds)
-BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU}
+BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU, "note_map_iou": IOU}
 
 
 def embedding_metric(ref: Outputs, cand: Outputs, labels: np.ndarray | None) -> dict[str, float]:
@@ -120,7 +122,7 @@ def budget_for(name: str) -> Budget:
 def task_value(metric: dict[str, float]) -> tuple[str, float]:
     """The task-agreement figure of a metric dict (first key that names agreement, IoU, F1 or cosine)."""
     for key in ("string_agreement", "masked_agreement", "top1_agreement", "decision_agreement", "cosine",
-                "text_mask_iou", "detection_f1_vs_fp32"):  # fmt: skip
+                "text_mask_iou", "note_map_iou", "detection_f1_vs_fp32"):  # fmt: skip
         if key in metric:
             return key, float(metric[key])
     raise KeyError(f"no task figure in {sorted(metric)}")

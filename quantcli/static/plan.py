@@ -78,6 +78,7 @@ class SkipCode(StrEnum):
     # precision: tensors whose one grid loses what the next op needs
     VARIANCE_SQUARE = "variance-square"
     GELU_TANH_CUBIC = "gelu-tanh-cubic"
+    LOG_MAGNITUDE = "log-magnitude"
     # MatMul/Gemm whose input is quantized at run time inside the static plan (``QuantPlan.dynamic_nodes``)
     RUNTIME_ACTIVATION = "runtime-activation"
     # transformer encoders (``quantcli.static.rules.residual``): an Add of the residual stream, a linear layer's bias
@@ -136,6 +137,8 @@ _TEMPLATES: dict[SkipCode, str] = {
     SkipCode.VARIANCE_SQUARE: "{detail}",
     # ``quantcli.static.rules.gelu_tanh``
     SkipCode.GELU_TANH_CUBIC: "{detail}",
+    # ``quantcli.static.rules.log_magnitude``: a filter of a spectral front end (Conv ... magnitude ... Log)
+    SkipCode.LOG_MAGNITUDE: "{detail}",
     SkipCode.RUNTIME_ACTIVATION: "run-time activation quantization ({detail})",
     # e.g. "transformer encoder: residual stream read by LayerNormalization (outlier channels)"
     # one sentence per code: the reports group nodes by code ("by reason")

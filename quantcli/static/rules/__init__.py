@@ -43,6 +43,7 @@ from quantcli.static.rules.encoder import ENCODER_LINEAR
 from quantcli.static.rules.fold import FOLD_RULE
 from quantcli.static.rules.gelu_tanh import GELU_TANH
 from quantcli.static.rules.hard import HARD, HARD_OPS
+from quantcli.static.rules.log_magnitude import LOG_MAGNITUDE
 from quantcli.static.rules.movement import MOVEMENT, MOVEMENT_OPS
 from quantcli.static.rules.pooling import POOLING, slow_pooling
 from quantcli.static.rules.recurrent import LSTM, RECURRENT_OPS
@@ -68,6 +69,7 @@ __all__ = [
 #: the rules, in the order they are tried on a node
 RULES: tuple[Rule[Any], ...] = (
     LSTM,
+    LOG_MAGNITUDE,
     STEM,
     DEPTHWISE,
     POOLING,

@@ -65,6 +65,10 @@ UNIT = LOGITS / np.linalg.norm(LOGITS, axis=1, keepdims=True)
         ("mask", _sigmoid(RNG.normal(size=(8, 1, 16, 16))), K.MAP),
         # float32 Sigmoid rounds to 1.0000001 (PP-OCRv4 det's first held-out batch): still a map
         ("mask_rounded", np.minimum(_sigmoid(RNG.normal(size=(8, 1, 16, 16)) * 30), np.float32(1)) + 1.2e-7, K.MAP),
+        # frames x keys sigmoids (Basic Pitch), anchors x classes sigmoid scores (PicoDet): 2-D maps
+        ("notes", _sigmoid(RNG.normal(size=(8, 172, 88))), K.MAP),
+        ("anchor_scores", _sigmoid(RNG.normal(size=(8, 130, 10))), K.MAP),
+        ("narrow", _sigmoid(RNG.normal(size=(8, 130, 4))), K.RAW),  # 4 columns: too narrow to call a map
         ("yolo", RNG.normal(size=(8, 84, 100)).astype(np.float32) * 50, K.RAW),
         ("features", RNG.normal(size=(8, 4, 16, 16)).astype(np.float32), K.RAW),
         ("score", LOGITS[:, :1] * 10, K.RAW),  # one unbounded value: a regression, not a decision
@@ -276,6 +280,10 @@ REAL_KINDS = {
     "silero_vad_v6": {"speech_probs": K.BINARY, "hn": K.RAW, "cn": K.RAW},  # decision and recurrent state
     "nudenet_320n": {"output0": K.RAW},  # YOLOv8 boxes and scores
     "ddddocr_ocr": {"387": K.SEQUENCE},  # time-major [T, 1, C] CTC logits
+    # frames x keys note, onset and contour posteriorgrams
+    "basic_pitch_nmp": {f"StatefulPartitionedCall:{i}": K.MAP for i in range(3)},
+    # PicoDet: anchors x classes sigmoid scores per level are maps, box distributions raw
+    "pp_layout_cdla": {"transpose_0.tmp_0": K.MAP, "transpose_6.tmp_0": K.MAP, "transpose_1.tmp_0": K.RAW},
 }
 
 

@@ -28,7 +28,9 @@ not the batch is one sample), in this order:
   when the decoded strings match, as a reader of the recognizer's text sees it. A flip between a blank
   and a repeat of its neighbour changes no string; measured on PP-OCRv4's recognizer, strict sequences
   agree on 0.274 of 84 lines where the decoded strings agree on 0.488.
-* ``map``: a dense map ``[C, H, W]`` (H, W >= 8) in [0, 1] (text or segmentation probability maps):
+* ``map``: a dense map ``[C, H, W]`` (H, W >= 8) in [0, 1] (text or segmentation probability maps), or
+  ``[A, B]`` (both >= 8) in [0, 1] whose rows are not distributions (a music model's frames x keys
+  posteriorgram, a detector's anchors x classes sigmoid scores):
   mean per-sample IoU of the maps thresholded at ``map_threshold``, over the samples where either
   model finds a mask (a sample where neither does says nothing about the mask: counted, it made a
   text detector whose held-back images held little text pass at IoU 0.95 while its masks on text
@@ -173,6 +175,8 @@ def detect_kind(name: str, values: np.ndarray, *, time_major: bool = False) -> t
         return OutputKind.SEQUENCE, f"{sample[0]} positions x {sample[1]} class probabilities{_blank_note(values)}"
     if len(sample) == 3 and min(sample[1:]) >= _MIN_MAP_SIDE and _in_unit(values):
         return OutputKind.MAP, f"{sample[0]}x{sample[1]}x{sample[2]} map in [0, 1]"
+    if len(sample) == 2 and min(sample) >= _MIN_MAP_SIDE and _in_unit(values):
+        return OutputKind.MAP, f"{sample[0]}x{sample[1]} map of independent scores in [0, 1]"
     return OutputKind.RAW, f"shape {list(sample)} per sample, no class or map semantics"
 
 

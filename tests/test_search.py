@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from quantcli import api
@@ -452,3 +453,77 @@ def test_fallback_that_cannot_reach_the_budget_stops_early_and_regions_repair(tm
     assert len(moved) == STALL_AFTER < 12
     assert any(line.startswith(f"fallback stopped after {STALL_AFTER} moves") for line in logs), logs
     assert search.chosen.meets_budget and search.chosen.stage in ("region", "prune")
+
+
+def _two_sensitive_ends(d: int = 32, middle: int = 6, outlier: float = 300.0) -> onnx.ModelProto:
+    """A stem and a head that each read an activation with one outlier channel (``outlier`` times the
+    others, undone in their weights), so that 8-bit activations round their other channels coarsely,
+    around a chain of orthogonal MatMuls that add little error each."""
+    rng = np.random.default_rng(7)
+    scale = np.ones(d, np.float32)
+    scale[0] = outlier
+
+    def orth() -> np.ndarray:
+        return np.linalg.qr(rng.normal(size=(d, d)))[0].astype(np.float32)
+
+    inits = [numpy_helper.from_array(orth() / scale[:, None], "w_stem")]
+    nodes = [helper.make_node("MatMul", ["x", "w_stem"], ["h0"], name="stem")]
+    for i in range(middle):
+        inits.append(numpy_helper.from_array(orth(), f"w{i}"))
+        nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"h{i + 1}"], name=f"mm{i}"))
+    inits += [numpy_helper.from_array(scale, "spread"), numpy_helper.from_array(orth() / scale[:, None], "w_head")]
+    nodes += [
+        helper.make_node("Mul", [f"h{middle}", "spread"], ["wide"], name="spread"),
+        helper.make_node("MatMul", ["wide", "w_head"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_ends",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_stem_and_a_head_both_sensitive_are_repaired_by_a_region_at_both_ends(tmp_path):
+    """Neither end alone repairs a network whose first and last layers both lose most of the signal: the
+    region stage then keeps the first p and the last compute node float, and finds p = 1."""
+    net = _two_sensitive_ends()
+    model = tmp_path / "ends.onnx"
+    model.write_bytes(net.SerializeToString())
+    rng = np.random.default_rng(8)
+
+    def data(n: int) -> np.ndarray:
+        x = rng.normal(size=(n, 32)).astype(np.float32)
+        x[:, 0] *= 300.0  # the stem's outlier input channel
+        return x
+
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=data(96))
+    np.savez(evald, x=data(96))
+    x = np.load(evald)["x"]
+    ref = run(net, {"x": x})[0]
+
+    def sqnr_of(*exclude: str) -> float:
+        out = tmp_path / f"q{'_'.join(exclude)}.onnx"
+        config = replace(CONFIG, exclude_nodes=exclude)
+        api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
+        return sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+
+    middle = tuple(f"mm{i}" for i in range(6))
+    but_head, but_stem, both = sqnr_of("stem", *middle), sqnr_of(*middle, "head"), sqnr_of("stem", "head")
+    assert max(but_head, but_stem) < both - 6.0  # each end alone loses; both float keeps the signal
+    budget = (max(but_head, but_stem) + both) / 2
+    options = SearchOptions(Budget(min_sqnr_db=budget), max_fallback=1, probe=1, methods=())
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald
+    )
+    search = result.search
+    assert search is not None and search.chosen.meets_budget
+    one_end = [t for t in search.trials if t.stage == "region" and "and the last" not in t.action]
+    assert one_end and not any(t.meets_budget for t in one_end)  # the ends alone were tried, and missed
+    both_ends = [t for t in search.trials if t.stage == "region" and "and the last" in t.action]
+    assert both_ends and both_ends[0].action == "float: the first 6 and the last of 8 compute nodes"
+    assert set(search.chosen.candidate.float_nodes) >= {"stem", "head"}
+    assert len(search.chosen.candidate.float_nodes) < 8

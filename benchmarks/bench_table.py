@@ -81,7 +81,7 @@ BUDGETS: dict[str, Budget] = {
     "all_minilm_l6_v2": Budget(min_cosine=COSINE),
     "nudenet_320n": Budget(min_sqnr_db=20),
     "ddddocr_det": Budget(min_sqnr_db=20),
-    "pp_layout_cdla": Budget(min_sqnr_db=20),
+    "pp_layout_cdla": Budget(min_iou=IOU),  # its anchors x classes score maps (boxes stay raw)
     "basic_pitch_nmp": Budget(min_iou=IOU),
 }
 #: outputs whose kind the user names: the CTC recognizers' lines are read as decoded strings, as their

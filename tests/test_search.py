@@ -527,3 +527,28 @@ def test_a_stem_and_a_head_both_sensitive_are_repaired_by_a_region_at_both_ends(
     assert both_ends and both_ends[0].action == "float: the first 6 and the last of 8 compute nodes"
     assert set(search.chosen.candidate.float_nodes) >= {"stem", "head"}
     assert len(search.chosen.candidate.float_nodes) < 8
+
+
+def test_a_region_whose_static_rest_misses_tries_the_rest_at_run_time(tmp_path):
+    """Evaluation data 8x louder than the calibration data: every static range clips, so no float region
+    with the rest static meets the budget, while MatMuls quantized at run time (ranges per call) do; the
+    region stage tries the rest at run time and keeps that choice through its bisection."""
+    chain = models.noisy_chain(layers=4, d=32)
+    model = tmp_path / "chain.onnx"
+    model.write_bytes(chain.SerializeToString())
+    rng = np.random.default_rng(5)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=rng.normal(size=(64, 32)).astype(np.float32))
+    np.savez(evald, x=8 * rng.normal(size=(64, 32)).astype(np.float32))
+    options = SearchOptions(Budget(min_sqnr_db=25.0), max_fallback=1, probe=1, methods=())
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald
+    )
+    search = result.search
+    assert search is not None and search.chosen.meets_budget
+    regions = [t for t in search.trials if t.stage == "region"]
+    static = [t for t in regions if "at run time" not in t.action]
+    assert static and not any(t.meets_budget for t in static)
+    assert any(t.meets_budget and t.action.endswith("the other MatMul/Gemm at run time") for t in regions)
+    assert search.chosen.candidate.dynamic_nodes  # the answer keeps MatMuls at run time
+    assert len(search.chosen.candidate.float_nodes) < 4

@@ -769,15 +769,20 @@ def _stage_regions(search: _Search, best: Trial) -> Trial:
     if not compute:
         return best
 
-    def region(nodes: Sequence[str], action: str) -> Trial:
-        return search.run("region", action, replace(start, float_nodes=tuple(sorted(nodes)), dynamic_nodes=()))
+    def region(nodes: Sequence[str], action: str, rest_dynamic: bool) -> Trial:
+        floats = set(nodes)
+        dynamic = sorted(n for n in search.dynamic_ok if n not in floats) if rest_dynamic else []
+        if dynamic:
+            action = f"{action}, the other MatMul/Gemm at run time"
+        moved = replace(start, float_nodes=tuple(sorted(floats)), dynamic_nodes=tuple(dynamic))
+        return search.run("region", action, moved)
 
     found: list[tuple[Trial, str, int]] = []  # the trial that met the budget, its end and p
     for end in ("first", "last"):
-        found.extend(_bisect_region(best, compute, end, region))
+        found.extend(_bisect_region(compute, end, region, search.dynamic_ok))
     if not found and len(compute) > 2:
         # both ends are sensitive (a stem and a classifier head): the first p and the last node float
-        found.extend(_bisect_region(best, compute, BOTH_ENDS, region))
+        found.extend(_bisect_region(compute, BOTH_ENDS, region, search.dynamic_ok))
     if not found:
         return best
     met, end, count = min(found, key=lambda f: (model_cost(f[0].candidate, search.costs), f[0].step))
@@ -794,24 +799,38 @@ BOTH_ENDS = "first and the last"
 
 
 def _bisect_region(
-    best: Trial, compute: Sequence[str], end: str, region: Callable[[Sequence[str], str], Trial]
+    compute: Sequence[str],
+    end: str,
+    region: Callable[[Sequence[str], str, bool], Trial],
+    dynamic_ok: frozenset[str],
 ) -> list[tuple[Trial, str, int]]:
     """The smallest ``p`` whose region at ``end`` meets the budget, by bisection (``[]`` when the largest
-    region that leaves one compute node quantized misses it)."""
+    region that leaves one compute node quantized misses it).
+
+    The nodes left quantized are static; when the largest region misses that way and some of them are
+    MatMul/Gemm, it is tried once more with those at run time (activations quantized per call, near float
+    fidelity), and the bisection keeps that choice.
+    """
     # at most all but one: a model with every compute node float is no quantized model
     lo, hi = 0, len(compute) - (2 if end == BOTH_ENDS else 1)  # p = lo misses (the best so far); p = hi must meet
+    if hi <= 0:
+        return []
 
     def describe(count: int) -> str:
         if end == BOTH_ENDS:
             return f"float: the first {count} and the last of {len(compute)} compute nodes"
         return f"float: the {end} {count} of {len(compute)} compute nodes"
 
-    met = region(_end(compute, end, hi), describe(hi)) if hi > 0 else best
+    largest = _end(compute, end, hi)
+    met = region(largest, describe(hi), False)
+    rest_dynamic = False
+    if not met.meets_budget and any(n in dynamic_ok for n in compute if n not in largest):
+        met, rest_dynamic = region(largest, describe(hi), True), True
     if not met.meets_budget:
         return []
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        trial = region(_end(compute, end, mid), describe(mid))
+        trial = region(_end(compute, end, mid), describe(mid), rest_dynamic)
         lo, hi, met = (lo, mid, trial) if trial.meets_budget else (mid, hi, met)
     return [(met, end, hi)]
 

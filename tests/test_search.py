@@ -552,3 +552,30 @@ def test_a_region_whose_static_rest_misses_tries_the_rest_at_run_time(tmp_path):
     assert any(t.meets_budget and t.action.endswith("the other MatMul/Gemm at run time") for t in regions)
     assert search.chosen.candidate.dynamic_nodes  # the answer keeps MatMuls at run time
     assert len(search.chosen.candidate.float_nodes) < 4
+
+
+def test_a_head_the_plan_runs_at_run_time_can_be_part_of_a_float_region(tmp_path):
+    """A MatMul that the plan itself runs with run-time activation quantization (a rule's choice, here
+    ``dynamic_nodes``) is a compute node a region may keep float: with the head at run time, its outlier
+    channel still coarsens its other channels, and only the stem and the head float meet the budget."""
+    net = _two_sensitive_ends()
+    model = tmp_path / "ends.onnx"
+    model.write_bytes(net.SerializeToString())
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(96, 32)).astype(np.float32)
+    x[:, 0] *= 300.0
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=x)
+    config = replace(CONFIG, dynamic_nodes=("head",))
+    ref = run(net, {"x": x})[0]
+    out = tmp_path / "both.onnx"
+    api.convert_model(model, out, data_path=calib, config=replace(config, exclude_nodes=("stem", "head")))
+    both = sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+    options = SearchOptions(Budget(min_sqnr_db=both - 3.0), max_fallback=1, probe=1, methods=())
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=config, search=options, eval_data=calib
+    )
+    search = result.search
+    assert search is not None and search.chosen.meets_budget
+    assert {"stem", "head"} <= set(search.chosen.candidate.float_nodes)
+    assert any(t.stage == "region" and "of 8 compute nodes" in t.action for t in search.trials)  # head counted

@@ -765,9 +765,11 @@ def _stage_regions(search: _Search, best: Trial) -> Trial:
     its stem; its head float with the backbone's MatMuls at run time reads 0.988.
     """
     start = best.candidate
-    compute = [name for name, op in search.cache[start][2].quantized_nodes if op in REGION_OPS]
+    plan = search.cache[start][2]
+    compute = _region_nodes(search.bases[start.base].prepared, plan)
     if not compute:
         return best
+    static_rest_ok = search.dynamic_ok - set(plan.dynamic_nodes)  # what the rest could newly run at run time
 
     def region(nodes: Sequence[str], action: str, rest_dynamic: bool) -> Trial:
         floats = set(nodes)
@@ -779,10 +781,10 @@ def _stage_regions(search: _Search, best: Trial) -> Trial:
 
     found: list[tuple[Trial, str, int]] = []  # the trial that met the budget, its end and p
     for end in ("first", "last"):
-        found.extend(_bisect_region(compute, end, region, search.dynamic_ok))
+        found.extend(_bisect_region(compute, end, region, static_rest_ok))
     if not found and len(compute) > 2:
         # both ends are sensitive (a stem and a classifier head): the first p and the last node float
-        found.extend(_bisect_region(compute, BOTH_ENDS, region, search.dynamic_ok))
+        found.extend(_bisect_region(compute, BOTH_ENDS, region, static_rest_ok))
     if not found:
         return best
     met, end, count = min(found, key=lambda f: (model_cost(f[0].candidate, search.costs), f[0].step))
@@ -792,6 +794,16 @@ def _stage_regions(search: _Search, best: Trial) -> Trial:
     boundary = nodes[0] if end == "last" else nodes[count - 1]
     largest = sorted((n for n in nodes if n != boundary), key=lambda n: (-(search.macs.get(n) or 0), n))
     return _prune(search, best, [*largest[: search.options.probe], boundary])
+
+
+def _region_nodes(model: onnx.ModelProto, plan: QuantPlan) -> list[str]:
+    """The compute nodes a region may keep float, in graph order: the statically quantized Conv/MatMul/Gemm
+    and the MatMul/Gemm the plan runs with run-time activation quantization (a rule's choice, e.g. a
+    recognizer's 6625-class head, whose run-time rounding flips near-tied characters)."""
+    chosen = [name for name, op in plan.quantized_nodes if op in REGION_OPS] + list(plan.dynamic_nodes)
+    order = {n.name: i for i, n in enumerate(model.graph.node)}
+    # nodes of If/Loop/Scan bodies are not in the main graph: after it, in the plan's order
+    return sorted(dict.fromkeys(chosen), key=lambda name: order.get(name, len(order)))
 
 
 #: the region end that keeps the first ``p`` compute nodes and the last one float
@@ -807,9 +819,10 @@ def _bisect_region(
     """The smallest ``p`` whose region at ``end`` meets the budget, by bisection (``[]`` when the largest
     region that leaves one compute node quantized misses it).
 
-    The nodes left quantized are static; when the largest region misses that way and some of them are
-    MatMul/Gemm, it is tried once more with those at run time (activations quantized per call, near float
-    fidelity), and the bisection keeps that choice.
+    The nodes left quantized are as the plan has them; when the largest region misses that way and some
+    of them are static MatMul/Gemm that can run at run time (``dynamic_ok``), it is tried once more with
+    those at run time (activations quantized per call, near float fidelity), and the bisection keeps that
+    choice.
     """
     # at most all but one: a model with every compute node float is no quantized model
     lo, hi = 0, len(compute) - (2 if end == BOTH_ENDS else 1)  # p = lo misses (the best so far); p = hi must meet

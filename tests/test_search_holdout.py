@@ -17,7 +17,7 @@ from quantcli.data.datasets import Dataset, InputSpec, open_dataset
 from quantcli.data.identity import same_data
 from quantcli.passes import algorithms as algorithm_passes
 from quantcli.pipeline import steps
-from quantcli.pipeline.holdout import spread
+from quantcli.pipeline.holdout import search_count, spread
 from quantcli.search import accuracy_search
 from quantcli.search.accuracy_search import Budget, SearchOptions
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
@@ -66,17 +66,17 @@ def test_the_search_scores_on_samples_calibration_did_not_read(tmp_path, seen):
         DIGITS, tmp_path / "q.onnx", data_path=DIGITS_CALIB, eval_data=DIGITS_CALIB, config=CONFIG,
         search=SearchOptions(Budget(min_agreement=0.98)), log=logs.append,
     )  # fmt: skip
-    scored = spread(200, 100)  # half of the 200, spread through them: 1, 3, ..., 199
-    assert scored[:2] == [1, 3] and scored[-1] == 199
+    scored = spread(200, 64)  # a quarter of the 200 is 50, under 64: 64 spread through them, the last included
+    assert scored[:3] == [2, 5, 8] and scored[-1] == 199
     np.testing.assert_array_equal(seen["search"], x[scored])
     np.testing.assert_array_equal(seen["calibration"], np.delete(x, scored, axis=0))
-    assert result.calibration is not None and result.calibration.num_samples == 100
-    assert result.search is not None and result.search.num_samples == 100
-    assert "scoring on 100 of 200 --data samples, spread through it, which calibration does not read" in logs
+    assert result.calibration is not None and result.calibration.num_samples == 136
+    assert result.search is not None and result.search.num_samples == 64
+    assert "scoring on 64 of 200 --data samples, spread through it, which calibration does not read" in logs
     verdict = result.verdict
-    assert verdict is not None and verdict.num_samples == 100  # the verdict checks what the search scored
+    assert verdict is not None and verdict.num_samples == 64  # the verdict checks what the search scored
     assert verdict.render(flag)[0].startswith(
-        "verdict: ok on 100 --data samples calibration did not read (the search chose on them): logits classifier"
+        "verdict: ok on 64 --data samples calibration did not read (the search chose on them): logits classifier"
     )
 
 
@@ -173,6 +173,16 @@ def test_a_recipe_replays_on_the_same_held_back_samples(tmp_path, mlp):
         "the recipe's search held 64 of 128 samples back from calibration; --data has 100: calibrating on all of "
         "them (not the search's bytes)"
     ]
+
+
+def test_how_many_a_search_scores_on():
+    def count(n: int) -> int:
+        return search_count(
+            Dataset.from_arrays([InputSpec("x", np.dtype(np.float32), ("n", 2))], {"x": np.zeros((n, 2))})
+        )
+
+    # a quarter, at least 64 (at most half), at most 256: small data keeps half for calibration
+    assert [count(n) for n in (7, 24, 128, 256, 400, 2000)] == [3, 12, 64, 64, 100, 256]
 
 
 def test_same_data_by_path_or_content(tmp_path):

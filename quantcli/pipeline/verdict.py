@@ -50,7 +50,6 @@ __all__ = [
     "THRESHOLDS",
     "VERDICT_MAX_SAMPLES",
     "Verdict",
-    "held_count",
     "hold_back",
     "timed_speed",
     "verdict",
@@ -131,7 +130,9 @@ def hold_back(ctx: ConvertContext) -> None:
     if not r.verdict or r.data_path is None or r.eval_data is not None or r.verdict_share <= 0:
         return
     dataset = ctx.fmt.open(r.data_path, model_input_specs(need(ctx.model, "the model")))
-    n, held = dataset.num_samples, held_count(dataset, r.verdict_share, VERDICT_MAX_SAMPLES)
+    n, batch = dataset.num_samples, dataset.effective_batch_size(1)
+    held = min(VERDICT_MAX_SAMPLES, int(n * r.verdict_share))
+    held -= held % batch
     if held < MIN_HELD_OUT or held >= n:
         ctx.verdict_unchecked = (
             f"fidelity not checked: {n} samples of $data_path are too few to hold {MIN_HELD_OUT} back from "
@@ -140,12 +141,6 @@ def hold_back(ctx: ConvertContext) -> None:
         return
     ctx.calibration_data = dataset.subset(n - held)
     ctx.held_out = (dataset, n - held)
-
-
-def held_count(dataset: Dataset, share: float, cap: int) -> int:
-    """``share`` of ``dataset``'s samples, at most ``cap``, in whole batches of the model's fixed batch."""
-    held = min(cap, int(dataset.num_samples * share))
-    return held - held % dataset.effective_batch_size(1)
 
 
 def timed_speed(model: onnx.ModelProto, quantized: onnx.ModelProto, feed: dict[str, np.ndarray]) -> SpeedCheck:

@@ -537,7 +537,10 @@ def convert(
     eval_data: Annotated[
         Path | None,
         typer.Option(
-            "--eval-data", help="Held-out data (with labels) for the accuracy search.", rich_help_panel=SEARCH
+            "--eval-data",
+            help="Held-out data (with labels) for the accuracy search; the same as --data: it scores on a share "
+            "of --data held back from calibration.",
+            rich_help_panel=SEARCH,
         ),
     ] = None,
     max_accuracy_drop: Annotated[

@@ -161,11 +161,14 @@ class _Chunk:
     sources: dict[str, ArraySource]
     count: int
     single: bool  # arrays lack the batch axis (one sample per file)
+    #: the row of the file's arrays this chunk's first sample is (``Dataset.select``)
+    first: int = 0
 
     def read(self, name: str, start: int, stop: int, reader: RowReader | None = None) -> np.ndarray:
         if self.single:
             return _whole(self.sources[name], reader)[np.newaxis]
         source = self.sources[name]
+        start, stop = start + self.first, stop + self.first
         return source.read(start, stop) if reader is None else reader.read(source, start, stop)
 
 
@@ -374,6 +377,32 @@ class Dataset:
         """The first ``count`` samples."""
         labels = None if self.labels is None else self.labels[:count]
         return Dataset(self.path, self.specs, self.chunks, labels, limit=count, axes=self.axes)
+
+    def select(self, positions: Sequence[int]) -> Dataset:
+        """The samples at ``positions`` (ascending), as data of their own: their batches, labels and
+        ``subset`` count from the first of them. Rows are read from the same files (a run of adjacent
+        positions as one slice); with an unbatched input, a batch never spans two runs."""
+        if self.kept is not None:
+            raise ValueError("select from a window")
+        chunks = []
+        for start, stop in _runs(positions):
+            for i, chunk in enumerate(self.chunks):
+                lo, hi = max(start, self._offsets[i]), min(stop, self._offsets[i + 1])
+                if lo < hi:  # a one-sample file is whole: first stays 0
+                    chunks.append(replace(chunk, count=hi - lo, first=chunk.first + lo - self._offsets[i]))
+        labels = None if self.labels is None else self.labels[np.asarray(positions, dtype=np.int64)]
+        return Dataset(self.path, self.specs, tuple(chunks), labels, axes=self.axes)
+
+
+def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:
+    """Ascending ``positions`` as runs ``(start, stop)`` of adjacent ones."""
+    runs: list[tuple[int, int]] = []
+    for p in positions:
+        if runs and p == runs[-1][1]:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
 
 
 class FeedList:

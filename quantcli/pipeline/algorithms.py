@@ -22,6 +22,7 @@ from quantcli.data.datasets import DataFormat, model_input_specs, sample_shapes
 from quantcli.stats.calibration import CalibrationOptions, CalibrationResult, activation_levels, ranges_for_levels
 
 if TYPE_CHECKING:
+    from quantcli.data.datasets import Dataset
     from quantcli.passes.algorithms import TransformedModel
     from quantcli.passes.equalization import EqualizationReport
     from quantcli.passes.smoothquant import SmoothQuantReport
@@ -77,6 +78,8 @@ class AlgorithmInputs:
     fmt: DataFormat
     calibration: CalibrationOptions
     progress: Progress = no_progress
+    #: the samples of ``data_path`` to read when some are held back for a search (None: all of them)
+    samples: Dataset | None = None
 
 
 def algorithm_inputs(
@@ -132,7 +135,7 @@ def transform_fp32(
     statistics of the result, from one pass over ``inputs.data_path``: the FP32 function is unchanged."""
     from quantcli.passes.algorithms import transform_and_observe
 
-    dataset = inputs.fmt.open(inputs.data_path, model_input_specs(prepared))
+    dataset = inputs.samples or inputs.fmt.open(inputs.data_path, model_input_specs(prepared))
     return transform_and_observe(
         prepared, dataset, algorithms, inputs.calibration, model_sha256=inputs.model_sha256, progress=inputs.progress
     )

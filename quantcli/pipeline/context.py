@@ -84,6 +84,10 @@ class ConvertContext:
     calibration_data: Dataset | None = None
     #: the data and the first sample held back from calibration
     held_out: tuple[Dataset, int] | None = None
+    #: the samples the search scores on when they are held back from ``data_path`` (``quantcli.pipeline.holdout``)
+    search_data: Dataset | None = None
+    #: the search's ``eval_data`` is ``data_path`` with too few samples to hold back: calibration read them
+    search_on_calibration: bool = False
     #: what the verdict could not check, decided before it runs
     verdict_unchecked: tuple[str, ...] = ()
     verdict: Verdict | None = None

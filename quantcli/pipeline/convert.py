@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 
 from quantcli.core.progress import Progress, no_progress
 from quantcli.modes.common import ConvertMode
+from quantcli.pipeline import holdout as h
 from quantcli.pipeline import mode_steps as m
 from quantcli.pipeline import steps as s
 from quantcli.pipeline import verdict as v
@@ -75,6 +76,7 @@ SEARCH_STEPS: tuple[Step, ...] = (
     s.check_outputs,
     s.load_and_check,
     s.preprocess,
+    h.search_hold_back,
     s.search_base,
     s.search,
     *_STATIC_TAIL,
@@ -85,6 +87,7 @@ RECIPE_STEPS: tuple[Step, ...] = (
     s.check_outputs,
     s.load_and_check,
     s.read_recipe,
+    h.recipe_hold_back,
     s.preprocess,
     s.search_base,
     s.replay_recipe,

@@ -229,11 +229,13 @@ def transform_calibrate_plan(ctx: ConvertContext) -> None:
 
 
 def _inputs(ctx: ConvertContext, data_path: Path) -> AlgorithmInputs:
-    """What the algorithms read: the data, and how the transformed model is calibrated."""
+    """What the algorithms read: the data (but the samples held back for a search), and how the transformed
+    model is calibrated."""
     r = ctx.request
-    return algorithm_inputs(
+    inputs = algorithm_inputs(
         r.model_path, data_path, ctx.sha256, ctx.fmt, ctx.method, ctx.percentile, r.timeout, ctx.progress
     )
+    return inputs if ctx.calibration_data is None else replace(inputs, samples=ctx.calibration_data)
 
 
 def search_base(ctx: ConvertContext) -> None:
@@ -276,7 +278,9 @@ def search(ctx: ConvertContext) -> None:
 
     r, base, prepared = ctx.request, need(ctx.base, "the search base"), need(ctx.prepared, "the model")
     options = need(r.search, "the search options")
-    dataset = ctx.fmt.open(need(r.eval_data, "the evaluation data"), model_input_specs(need(ctx.model, "the model")))
+    dataset = ctx.search_data or ctx.fmt.open(
+        need(r.eval_data, "the evaluation data"), model_input_specs(need(ctx.model, "the model"))
+    )
     methods = (ctx.method, *options.methods) if ctx.method is not None else options.methods
     kinds = options.output_kinds if options.output_kinds is not None else r.output_kinds
     options = replace(options, methods=tuple(dict.fromkeys(methods)), percentile=ctx.percentile, output_kinds=kinds)
@@ -461,4 +465,8 @@ def save_recipe(ctx: ConvertContext) -> None:
 
     r = ctx.request
     if ctx.searched is not None and r.save_recipe is not None:
-        write_recipe(ctx.searched.recipe(ctx.sha256, ctx.config, ctx.percentile), r.save_recipe, force=r.force)
+        recipe = ctx.searched.recipe(ctx.sha256, ctx.config, ctx.percentile)
+        if ctx.search_data is not None and ctx.calibration_data is not None:  # held back: the replay holds the same
+            scored = ctx.search_data.num_samples
+            recipe = replace(recipe, held_back=(scored, scored + ctx.calibration_data.num_samples))
+        write_recipe(recipe, r.save_recipe, force=r.force)

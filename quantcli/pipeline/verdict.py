@@ -4,6 +4,10 @@ Where the samples come from:
 
 * ``eval_data`` given: at most ``EVAL_MAX_SAMPLES`` of them (with a search, the search chose on them,
   and the verdict says so);
+* a search whose ``eval_data`` is the same data as ``data_path`` (or its recipe replayed on that data):
+  the share of it calibration did not read, which the search scored on (``quantcli.pipeline.holdout``),
+  and the verdict says the search chose on them; with too few samples to hold back, all of it, and the
+  verdict says calibration read them;
 * otherwise, static mode with ``data_path``: ``hold_back`` keeps the last ``verdict_share`` of the data
   (at most ``VERDICT_MAX_SAMPLES``, at least ``MIN_HELD_OUT``) out of calibration;
 * a calibration file, the data-driven algorithms (they calibrate on all of ``data_path``), a recipe or
@@ -185,11 +189,19 @@ def _verdict_samples(
     (None without), what was not checked."""
     r = ctx.request
     specs = model_input_specs(need(ctx.model, "the model"))
+    if ctx.search_data is not None:
+        scored = ctx.search_data
+        source = f"{scored.num_samples} $data_path samples calibration did not read (the search chose on them)"
+        return source, _feeds(scored, 0), scored.yielded_labels(), ()
     if r.eval_data is not None:
         dataset = ctx.fmt.open(r.eval_data, specs, max_samples=EVAL_MAX_SAMPLES)
         chose = " (the search chose on them)" if r.search is not None else ""
+        unchecked: tuple[str, ...] = ()
+        if ctx.search_on_calibration:
+            chose = " (calibration read them and the search chose on them)"
+            unchecked = ("fidelity not checked on samples calibration did not read: give separate $eval_data",)
         labels = dataset.yielded_labels()
-        return f"{dataset.num_samples} $eval_data samples{chose}", _feeds(dataset, 0), labels, ()
+        return f"{dataset.num_samples} $eval_data samples{chose}", _feeds(dataset, 0), labels, unchecked
     if ctx.held_out is not None:
         dataset, start = ctx.held_out
         labels = dataset.yielded_labels()

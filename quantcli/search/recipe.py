@@ -2,7 +2,8 @@
 
 A recipe is a small JSON document that a person can read and edit (schema ``quantcli.recipe/1``;
 ``quantcli.recipe/2`` when it also fixes algorithms, ``quantcli.recipe/3`` when it runs nodes with
-run-time activation quantization, so that an older quantcli refuses it instead of replaying it without them):
+run-time activation quantization, ``quantcli.recipe/4`` when its search held samples back from calibration,
+so that an older quantcli refuses it instead of replaying it without them):
 
 * ``model_sha256``: the FP32 model it was made for (replaying on another model is refused);
 * ``config``: integer types and options (activation/weight type, per-channel, reduce-range, ...);
@@ -12,6 +13,9 @@ run-time activation quantization, so that an older quantcli refuses it instead o
 * ``dynamic_nodes`` (schema 3): MatMul/Gemm run with run-time activation quantization, exactly by name;
 * ``algorithms`` (schema 2, or 3): CLE, SmoothQuant alpha and bias correction, applied before ``method``
   (``config.weight_clipping`` holds the fourth algorithm);
+* ``held_back`` (schema 4): ``{"samples": h, "of": n}`` when the search scored on ``h`` of the ``n``
+  ``--data`` samples, held back from calibration (its ``--eval-data`` was its ``--data``:
+  ``quantcli.pipeline.holdout``); a replay on the same ``n`` samples holds back the same ones;
 * ``search``: what was measured when the recipe was made (budget, metric, latency); informative only.
 
 Replaying needs the same calibration (file or data) that the search used: with it, the written
@@ -41,6 +45,7 @@ __all__ = [
     "RECIPE_SCHEMA",
     "RECIPE_SCHEMA_ALGORITHMS",
     "RECIPE_SCHEMA_DYNAMIC",
+    "RECIPE_SCHEMA_HELD_BACK",
     "Recipe",
     "read_recipe",
     "write_recipe",
@@ -51,7 +56,9 @@ RECIPE_SCHEMA = "quantcli.recipe/1"
 RECIPE_SCHEMA_ALGORITHMS = "quantcli.recipe/2"
 #: written when the recipe runs nodes with run-time activation quantization (with or without algorithms)
 RECIPE_SCHEMA_DYNAMIC = "quantcli.recipe/3"
-_SCHEMAS = (RECIPE_SCHEMA, RECIPE_SCHEMA_ALGORITHMS, RECIPE_SCHEMA_DYNAMIC)
+#: written when the search held samples of ``--data`` back from calibration (whatever else it has)
+RECIPE_SCHEMA_HELD_BACK = "quantcli.recipe/4"
+_SCHEMAS = (RECIPE_SCHEMA, RECIPE_SCHEMA_ALGORITHMS, RECIPE_SCHEMA_DYNAMIC, RECIPE_SCHEMA_HELD_BACK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +74,8 @@ class Recipe:
     search: dict[str, Any] = field(default_factory=dict)
     algorithms: AlgorithmOptions = field(default_factory=AlgorithmOptions)
     dynamic_nodes: tuple[str, ...] = ()
+    #: (h, n): calibration read all of the ``n`` data samples but ``h`` spread through them (None: all)
+    held_back: tuple[int, int] | None = None
 
 
 def _config_to_json(config: QuantConfig) -> dict[str, Any]:
@@ -114,7 +123,9 @@ def recipe_to_json(recipe: Recipe) -> dict[str, Any]:
     """The JSON document of ``recipe`` (keys in a fixed order, so files are reproducible)."""
     a = recipe.algorithms
     doc: dict[str, Any] = {
-        "schema": RECIPE_SCHEMA_DYNAMIC
+        "schema": RECIPE_SCHEMA_HELD_BACK
+        if recipe.held_back is not None
+        else RECIPE_SCHEMA_DYNAMIC
         if recipe.dynamic_nodes
         else RECIPE_SCHEMA_ALGORITHMS
         if a.needs_data
@@ -130,6 +141,7 @@ def recipe_to_json(recipe: Recipe) -> dict[str, Any]:
         tensor_methods={name: str(m) for name, m in recipe.tensor_methods},
         float_nodes=list(recipe.float_nodes),
         **({"dynamic_nodes": list(recipe.dynamic_nodes)} if recipe.dynamic_nodes else {}),
+        **({"held_back": {"samples": recipe.held_back[0], "of": recipe.held_back[1]}} if recipe.held_back else {}),
         search=recipe.search,
     )
     return doc
@@ -176,6 +188,9 @@ def read_recipe(path: Path, *, expected_sha256: str | None = None) -> Recipe:
             if data["schema"] == RECIPE_SCHEMA_ALGORITHMS or "algorithms" in data
             else AlgorithmOptions(),
             dynamic_nodes=tuple(str(n) for n in data.get("dynamic_nodes", [])),
+            held_back=(int(data["held_back"]["samples"]), int(data["held_back"]["of"]))
+            if "held_back" in data
+            else None,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ArtifactMismatchError(f"{path}: malformed recipe ({type(exc).__name__}: {exc})") from None

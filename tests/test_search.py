@@ -579,3 +579,77 @@ def test_a_head_the_plan_runs_at_run_time_can_be_part_of_a_float_region(tmp_path
     assert search is not None and search.chosen.meets_budget
     assert {"stem", "head"} <= set(search.chosen.candidate.float_nodes)
     assert any(t.stage == "region" and "of 8 compute nodes" in t.action for t in search.trials)  # head counted
+
+
+def _convs_around_matmuls(d: int = 32, outlier: float = 300.0) -> onnx.ModelProto:
+    """stem Conv -> two MatMuls -> a Conv and a head MatMul that each read an outlier channel (undone in
+    their weights): 1x1 Convs on [N, d, 1, 1], MatMuls on [N, d]."""
+    rng = np.random.default_rng(11)
+    scale = np.ones(d, np.float32)
+    scale[0] = outlier
+
+    def orth() -> np.ndarray:
+        return np.linalg.qr(rng.normal(size=(d, d)))[0].astype(np.float32)
+
+    inits = [
+        numpy_helper.from_array(orth()[:, :, None, None], "w_stem"),
+        numpy_helper.from_array(orth(), "w0"),
+        numpy_helper.from_array(orth(), "w1"),
+        numpy_helper.from_array(scale[None, :, None, None], "spread4"),
+        numpy_helper.from_array((orth() / scale[None, :])[:, :, None, None], "w_c"),
+        numpy_helper.from_array(scale, "spread2"),
+        numpy_helper.from_array(orth() / scale[:, None], "w_head"),
+        numpy_helper.from_array(np.array([-1, d], np.int64), "flat"),
+        numpy_helper.from_array(np.array([-1, d, 1, 1], np.int64), "square"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_stem"], ["s"], name="stem"),
+        helper.make_node("Reshape", ["s", "flat"], ["s2"], name="r0"),
+        helper.make_node("MatMul", ["s2", "w0"], ["h0"], name="m0"),
+        helper.make_node("MatMul", ["h0", "w1"], ["h1"], name="m1"),
+        helper.make_node("Reshape", ["h1", "square"], ["h4"], name="r1"),
+        helper.make_node("Mul", ["h4", "spread4"], ["wide4"], name="spread_c"),
+        helper.make_node("Conv", ["wide4", "w_c"], ["c"], name="c"),
+        helper.make_node("Reshape", ["c", "flat"], ["c2"], name="r2"),
+        helper.make_node("Mul", ["c2", "spread2"], ["wide"], name="spread_head"),
+        helper.make_node("MatMul", ["wide", "w_head"], ["y"], name="head"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "convs_around_matmuls",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d, 1, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_when_no_region_meets_matmuls_at_run_time_with_the_rest_float_do(tmp_path):
+    """Evaluation data 8x louder than calibration: every static range clips, and the Conv and the head read
+    an outlier channel. No region (each leaves one node static or at run time) meets the budget; the MatMuls
+    at run time with the Convs float and the head float do (issue 15: dynamic MatMuls, float where needed)."""
+    net = _convs_around_matmuls()
+    model = tmp_path / "m.onnx"
+    model.write_bytes(net.SerializeToString())
+    rng = np.random.default_rng(12)
+    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
+    np.savez(calib, x=rng.normal(size=(64, 32, 1, 1)).astype(np.float32))
+    np.savez(evald, x=8 * rng.normal(size=(64, 32, 1, 1)).astype(np.float32))
+    x = np.load(evald)["x"]
+    ref = run(net, {"x": x})[0]
+    out = tmp_path / "target.onnx"
+    config = replace(CONFIG, exclude_nodes=("stem", "c", "head"), dynamic_nodes=("m0", "m1"))
+    api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
+    target = sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+    options = SearchOptions(Budget(min_sqnr_db=target - 3.0), max_fallback=1, probe=1, methods=())
+    result = api.convert_model(
+        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald
+    )
+    search = result.search
+    assert search is not None and search.chosen.meets_budget
+    regions = [t for t in search.trials if t.stage == "region" and not t.action.startswith("run time")]
+    assert regions and not any(t.meets_budget for t in regions)
+    runtime = [t for t in search.trials if t.action.startswith("run time")]
+    assert [t.meets_budget for t in runtime] == [False, True]  # the head at run time misses; float, it meets
+    assert runtime[1].action == "run time: 2 MatMul/Gemm, 3 other float, the last float"
+    assert set(search.chosen.candidate.dynamic_nodes) == {"m0", "m1"}

@@ -385,6 +385,14 @@ def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_spee
     assert out3.exists()
 
 
+def _sqnr_with_float(tmp_path, model, calib, feed, ref, *exclude: str) -> float:
+    """Output SQNR against ``ref`` on ``feed`` of a default convert with the nodes ``exclude`` kept float."""
+    out = tmp_path / f"q_{'_'.join(exclude) or 'none'}.onnx"
+    config = replace(CONFIG, exclude_nodes=exclude)
+    api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
+    return sqnr(ref, run(onnx.load(str(out)), feed)[0])
+
+
 def test_error_spread_over_the_network_is_repaired_by_a_float_region(tmp_path):
     """Each of 8 orthogonal MatMuls adds its rounding: no single float node (max_fallback=1) reaches a budget
     that half the chain in float does; the region stage finds an end of the network to keep float."""
@@ -398,10 +406,7 @@ def test_error_spread_over_the_network_is_repaired_by_a_float_region(tmp_path):
     ref = run(models.noisy_chain(), {"x": x})[0]
 
     def sqnr_of(*exclude: str) -> float:
-        out = tmp_path / f"q{len(exclude)}.onnx"
-        config = replace(CONFIG, exclude_nodes=exclude)
-        api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
-        return sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+        return _sqnr_with_float(tmp_path, model, calib, {"x": x}, ref, *exclude)
 
     all_int, one_float, half_float = sqnr_of(), sqnr_of("mm0"), sqnr_of("mm0", "mm1", "mm2", "mm3")
     assert one_float < half_float - 1.5  # one node is far from what half the chain gives
@@ -434,10 +439,7 @@ def test_fallback_that_cannot_reach_the_budget_stops_early_and_regions_repair(tm
     ref = run(chain, {"x": x})[0]
 
     def sqnr_of(*exclude: str) -> float:
-        out = tmp_path / f"q{len(exclude)}.onnx"
-        config = replace(CONFIG, exclude_nodes=exclude)
-        api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
-        return sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+        return _sqnr_with_float(tmp_path, model, calib, {"x": x}, ref, *exclude)
 
     twelve, twenty_four = sqnr_of(*(f"mm{i}" for i in range(12))), sqnr_of(*(f"mm{i}" for i in range(24)))
     assert twelve < twenty_four - 2.0
@@ -506,10 +508,7 @@ def test_a_stem_and_a_head_both_sensitive_are_repaired_by_a_region_at_both_ends(
     ref = run(net, {"x": x})[0]
 
     def sqnr_of(*exclude: str) -> float:
-        out = tmp_path / f"q{'_'.join(exclude)}.onnx"
-        config = replace(CONFIG, exclude_nodes=exclude)
-        api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
-        return sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+        return _sqnr_with_float(tmp_path, model, calib, {"x": x}, ref, *exclude)
 
     middle = tuple(f"mm{i}" for i in range(6))
     but_head, but_stem, both = sqnr_of("stem", *middle), sqnr_of(*middle, "head"), sqnr_of("stem", "head")

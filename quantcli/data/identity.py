@@ -9,8 +9,9 @@ that holds some of the other's samples (a subset, a reshuffled copy in one file)
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
+
+from quantcli.core.digest import file_sha256
 
 __all__ = ["same_data"]
 
@@ -26,15 +27,7 @@ def same_data(a: Path, b: Path) -> bool:
     files_a, files_b = _files(a), _files(b)
     if not files_a or sorted(p.stat().st_size for p in files_a) != sorted(p.stat().st_size for p in files_b):
         return False
-    return sorted(map(_sha256, files_a)) == sorted(map(_sha256, files_b))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sorted(map(file_sha256, files_a)) == sorted(map(file_sha256, files_b))
 
 
 def _files(path: Path) -> list[Path]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -14,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from quantcli.core.digest import file_sha256
 from quantcli.core.errors import ModelLoadError
 from quantcli.graph.atomic import atomic_files, atomic_output, checkpoint, write_bytes
 from quantcli.graph.scopes import walk_graphs
@@ -106,15 +106,6 @@ def _unread_bytes(model: onnx.ModelProto) -> int:
     return sum(
         in_memory_size(t) - t.ByteSize() for _, g in walk_graphs(model.graph) for t in g.initializer if left_in_file(t)
     )
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_readable_file(path: Path, what: str) -> None:

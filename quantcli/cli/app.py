@@ -592,7 +592,12 @@ def convert(
         ),
     ] = DEFAULT_MAP_THRESHOLD,
     search_max_fallback: Annotated[
-        int, typer.Option(min=0, help="Most nodes returned to float.", rich_help_panel=SEARCH)
+        int,
+        typer.Option(
+            min=0,
+            help="Most nodes the single moves return to float (0: none, and no float region either).",
+            rich_help_panel=SEARCH,
+        ),
     ] = 24,
     search_metric: Annotated[
         str | None,

@@ -146,7 +146,7 @@ class SearchOptions:
     percentile: float = DEFAULT_PERCENTILE
     tensor_candidates: int = 4  # worst tensors whose method is tried alone
     probe: int = 8  # suspicious nodes measured one by one
-    max_fallback: int = 24  # nodes the search may return to float
+    max_fallback: int = 24  # nodes the single moves may return to float (0: no stage floats a node)
     latency_runs: int = 20  # interleaved batch-1 runs per trial (reported, never decisive)
     max_samples: int | None = 512  # evaluation samples used (None: all)
     try_algorithms: bool = False  # stage 1 also tries CLE + SmoothQuant + bias correction + MSE clipping
@@ -439,7 +439,7 @@ def _search_quantization(
         best = _stage_tensor_methods(search, best)
     if not best.meets_budget:
         best = _stage_fallback(search, best)
-    if not best.meets_budget:
+    if not best.meets_budget and options.max_fallback > 0:  # 0: no node returns to float, in any stage
         best = _stage_regions(search, best)
     return search.result(_settle(search, best))
 

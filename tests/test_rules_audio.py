@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.options import QuantConfig
 from quantcli.static.plan import SkipCode
-from tests.helpers import quantize, run, sqnr
+from tests.helpers import held_out_fidelity
 from tests.models import make_model
 
 SAMPLES, TAPS, STRIDE, BINS = 1024, 64, 16, 12
@@ -79,10 +79,7 @@ def spectral_model(*, relu: bool = False, seed: int = 0) -> onnx.ModelProto:
 
 
 def _fidelity(model: onnx.ModelProto, config: QuantConfig) -> tuple[float, dict[str, SkipCode]]:
-    calib, held = _audio(32, seed=1), _audio(16, seed=2)
-    quantized, plan, _ = quantize(model, {"x": calib}, config)
-    ref, out = run(model, {"x": held})[0], run(quantized, {"x": held})[0]
-    return sqnr(ref, out), {s.node: s.code for s in plan.skipped}
+    return held_out_fidelity(model, config, _audio(32, seed=1), _audio(16, seed=2))
 
 
 def test_log_magnitude_front_end_stays_float() -> None:

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.options import QuantConfig
 from quantcli.static.plan import SkipCode
-from tests.helpers import quantize, run, sqnr
+from tests.helpers import held_out_fidelity
 from tests.models import make_model
 
 D = 64
@@ -105,10 +105,7 @@ def gelu_model(seed: int = 0) -> onnx.ModelProto:
 
 
 def _fidelity(model: onnx.ModelProto, config: QuantConfig) -> tuple[float, dict[str, SkipCode]]:
-    calib, held = _rows(64, seed=1), _rows(32, seed=2)
-    quantized, plan, _ = quantize(model, {"x": calib}, config)
-    ref, out = run(model, {"x": held})[0], run(quantized, {"x": held})[0]
-    return sqnr(ref, out), {s.node: s.code for s in plan.skipped}
+    return held_out_fidelity(model, config, _rows(64, seed=1), _rows(32, seed=2))
 
 
 def test_variance_square_stays_float() -> None:

@@ -387,8 +387,12 @@ def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_spee
 
 def _sqnr_with_float(tmp_path, model, calib, feed, ref, *exclude: str) -> float:
     """Output SQNR against ``ref`` on ``feed`` of a default convert with the nodes ``exclude`` kept float."""
-    out = tmp_path / f"q_{'_'.join(exclude) or 'none'}.onnx"
-    config = replace(CONFIG, exclude_nodes=exclude)
+    return _sqnr_with_config(tmp_path, model, calib, feed, ref, replace(CONFIG, exclude_nodes=exclude))
+
+
+def _sqnr_with_config(tmp_path, model, calib, feed, ref, config: QuantConfig) -> float:
+    """Output SQNR against ``ref`` on ``feed`` of a convert with ``config``, calibrated on all of ``calib``."""
+    out = tmp_path / f"q_{'_'.join(config.exclude_nodes) or 'none'}_{'_'.join(config.dynamic_nodes)}.onnx"
     api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
     return sqnr(ref, run(onnx.load(str(out)), feed)[0])
 
@@ -478,14 +482,12 @@ def _two_sensitive_ends(d: int = 32, middle: int = 6, outlier: float = 300.0) ->
         helper.make_node("Mul", [f"h{middle}", "spread"], ["wide"], name="spread"),
         helper.make_node("MatMul", ["wide", "w_head"], ["y"], name="head"),
     ]
-    graph = helper.make_graph(
+    return models.make_model(
         nodes,
-        "two_ends",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_a_stem_and_a_head_both_sensitive_are_repaired_by_a_region_at_both_ends(tmp_path):
@@ -567,9 +569,7 @@ def test_a_head_the_plan_runs_at_run_time_can_be_part_of_a_float_region(tmp_path
     np.savez(calib, x=x)
     config = replace(CONFIG, dynamic_nodes=("head",))
     ref = run(net, {"x": x})[0]
-    out = tmp_path / "both.onnx"
-    api.convert_model(model, out, data_path=calib, config=replace(config, exclude_nodes=("stem", "head")))
-    both = sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+    both = _sqnr_with_config(tmp_path, model, calib, {"x": x}, ref, replace(config, exclude_nodes=("stem", "head")))
     options = SearchOptions(Budget(min_sqnr_db=both - 3.0), max_fallback=1, probe=1, methods=())
     result = api.convert_model(
         model, tmp_path / "q.onnx", data_path=calib, config=config, search=options, eval_data=calib
@@ -613,14 +613,12 @@ def _convs_around_matmuls(d: int = 32, outlier: float = 300.0) -> onnx.ModelProt
         helper.make_node("Mul", ["c2", "spread2"], ["wide"], name="spread_head"),
         helper.make_node("MatMul", ["wide", "w_head"], ["y"], name="head"),
     ]
-    graph = helper.make_graph(
+    return models.make_model(
         nodes,
-        "convs_around_matmuls",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d, 1, 1])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])],
         inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_when_no_region_meets_matmuls_at_run_time_with_the_rest_float_do(tmp_path):
@@ -636,10 +634,8 @@ def test_when_no_region_meets_matmuls_at_run_time_with_the_rest_float_do(tmp_pat
     np.savez(evald, x=8 * rng.normal(size=(64, 32, 1, 1)).astype(np.float32))
     x = np.load(evald)["x"]
     ref = run(net, {"x": x})[0]
-    out = tmp_path / "target.onnx"
     config = replace(CONFIG, exclude_nodes=("stem", "c", "head"), dynamic_nodes=("m0", "m1"))
-    api.convert_model(model, out, data_path=calib, config=config, verdict=False, verdict_share=0.0)
-    target = sqnr(ref, run(onnx.load(str(out)), {"x": x})[0])
+    target = _sqnr_with_config(tmp_path, model, calib, {"x": x}, ref, config)
     options = SearchOptions(Budget(min_sqnr_db=target - 3.0), max_fallback=1, probe=1, methods=())
     result = api.convert_model(
         model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald

@@ -76,6 +76,12 @@ def search_hold_back(ctx: ConvertContext) -> None:
         return
     _hold(ctx, dataset, held)
     ctx.log(f"scoring on {held} of {n} --data samples, spread through it, which calibration does not read")
+    if held < SEARCH_MIN_SAMPLES:
+        ctx.log(
+            f"warning: a budget met on {held} samples, with calibration on {n - held}, may not hold on new data "
+            "(PP-OCRv4 det: IoU 0.9 met on 16 images read 0.82 on 16 others): give separate --eval-data of a "
+            "hundred samples or more"
+        )
 
 
 def recipe_hold_back(ctx: ConvertContext) -> None:

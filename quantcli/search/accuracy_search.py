@@ -20,7 +20,12 @@ outputs) and evaluation data. The search measures every step on that data and on
    **Regions.** When no run of single moves reaches the budget (``max_fallback`` nodes, or fewer when the
    first ``STALL_AFTER`` show that the rest cannot: ``_stage_fallback``), the first or
    last ``p`` compute nodes of the network go float together, ``p`` found by bisection from each end:
-   error that accumulates through a whole backbone is repaired there, not by a few nodes.
+   error that accumulates through a whole backbone is repaired there, not by a few nodes. The compute
+   nodes include the MatMul/Gemm a rule runs at run time; a region whose static rest misses tries that
+   rest's MatMul/Gemm at run time; when neither end meets the budget, the first ``p`` and the last node
+   float together (a sensitive stem and head). **3c:** when no region meets it, every MatMul/Gemm that
+   can runs at run time with the other compute nodes float, then the last node float as well.
+   ``max_fallback = 0`` skips the regions and 3c: no node returns to float.
 4. **Pruning.** Each moved node is tried statically quantized again, most MACs first; it stays so if
    the budget still holds; a float MatMul/Gemm that must stay tries run-time quantization instead.
 5. **The fastest model.** The trials that met the budget are ranked by cost (``quantcli.search.cost``:

@@ -385,6 +385,15 @@ def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_spee
     assert out3.exists()
 
 
+def _case_files(tmp_path, net: onnx.ModelProto, calib_x: np.ndarray, eval_x: np.ndarray):
+    """``net`` and its calibration and evaluation inputs ``x``, written where convert reads them."""
+    model, calib, evald = tmp_path / "model.onnx", tmp_path / "calib.npz", tmp_path / "eval.npz"
+    model.write_bytes(net.SerializeToString())
+    np.savez(calib, x=calib_x)
+    np.savez(evald, x=eval_x)
+    return model, calib, evald
+
+
 def _sqnr_with_float(tmp_path, model, calib, feed, ref, *exclude: str) -> float:
     """Output SQNR against ``ref`` on ``feed`` of a default convert with the nodes ``exclude`` kept float."""
     return _sqnr_with_config(tmp_path, model, calib, feed, ref, replace(CONFIG, exclude_nodes=exclude))
@@ -400,13 +409,9 @@ def _sqnr_with_config(tmp_path, model, calib, feed, ref, config: QuantConfig) ->
 def test_error_spread_over_the_network_is_repaired_by_a_float_region(tmp_path):
     """Each of 8 orthogonal MatMuls adds its rounding: no single float node (max_fallback=1) reaches a budget
     that half the chain in float does; the region stage finds an end of the network to keep float."""
-    model = tmp_path / "chain.onnx"
-    model.write_bytes(models.noisy_chain().SerializeToString())
     rng = np.random.default_rng(3)
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=rng.normal(size=(96, 48)).astype(np.float32))
-    np.savez(evald, x=rng.normal(size=(96, 48)).astype(np.float32))
-    x = np.load(evald)["x"]
+    x_cal, x = rng.normal(size=(96, 48)).astype(np.float32), rng.normal(size=(96, 48)).astype(np.float32)
+    model, calib, evald = _case_files(tmp_path, models.noisy_chain(), x_cal, x)
     ref = run(models.noisy_chain(), {"x": x})[0]
 
     def sqnr_of(*exclude: str) -> float:
@@ -433,13 +438,9 @@ def test_fallback_that_cannot_reach_the_budget_stops_early_and_regions_repair(tm
     ``STALL_AFTER`` moves their average gain shows the other moves cannot close the gap, so the search
     goes on to the regions without trying them, and the regions meet the budget."""
     chain = models.noisy_chain(layers=32, d=32)
-    model = tmp_path / "chain.onnx"
-    model.write_bytes(chain.SerializeToString())
     rng = np.random.default_rng(4)
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=rng.normal(size=(64, 32)).astype(np.float32))
-    np.savez(evald, x=rng.normal(size=(64, 32)).astype(np.float32))
-    x = np.load(evald)["x"]
+    x_cal, x = rng.normal(size=(64, 32)).astype(np.float32), rng.normal(size=(64, 32)).astype(np.float32)
+    model, calib, evald = _case_files(tmp_path, chain, x_cal, x)
     ref = run(chain, {"x": x})[0]
 
     def sqnr_of(*exclude: str) -> float:
@@ -494,8 +495,6 @@ def test_a_stem_and_a_head_both_sensitive_are_repaired_by_a_region_at_both_ends(
     """Neither end alone repairs a network whose first and last layers both lose most of the signal: the
     region stage then keeps the first p and the last compute node float, and finds p = 1."""
     net = _two_sensitive_ends()
-    model = tmp_path / "ends.onnx"
-    model.write_bytes(net.SerializeToString())
     rng = np.random.default_rng(8)
 
     def data(n: int) -> np.ndarray:
@@ -503,10 +502,8 @@ def test_a_stem_and_a_head_both_sensitive_are_repaired_by_a_region_at_both_ends(
         x[:, 0] *= 300.0  # the stem's outlier input channel
         return x
 
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=data(96))
-    np.savez(evald, x=data(96))
-    x = np.load(evald)["x"]
+    x_cal, x = data(96), data(96)
+    model, calib, evald = _case_files(tmp_path, net, x_cal, x)
     ref = run(net, {"x": x})[0]
 
     def sqnr_of(*exclude: str) -> float:
@@ -534,13 +531,9 @@ def test_a_region_whose_static_rest_misses_tries_the_rest_at_run_time(tmp_path):
     """Evaluation data 8x louder than the calibration data: every static range clips, so no float region
     with the rest static meets the budget, while MatMuls quantized at run time (ranges per call) do; the
     region stage tries the rest at run time and keeps that choice through its bisection."""
-    chain = models.noisy_chain(layers=4, d=32)
-    model = tmp_path / "chain.onnx"
-    model.write_bytes(chain.SerializeToString())
     rng = np.random.default_rng(5)
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=rng.normal(size=(64, 32)).astype(np.float32))
-    np.savez(evald, x=8 * rng.normal(size=(64, 32)).astype(np.float32))
+    x_cal, x = rng.normal(size=(64, 32)).astype(np.float32), 8 * rng.normal(size=(64, 32)).astype(np.float32)
+    model, calib, evald = _case_files(tmp_path, models.noisy_chain(layers=4, d=32), x_cal, x)
     options = SearchOptions(Budget(min_sqnr_db=25.0), max_fallback=1, probe=1, methods=())
     result = api.convert_model(
         model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options, eval_data=evald
@@ -626,13 +619,10 @@ def test_when_no_region_meets_matmuls_at_run_time_with_the_rest_float_do(tmp_pat
     an outlier channel. No region (each leaves one node static or at run time) meets the budget; the MatMuls
     at run time with the Convs float and the head float do (issue 15: dynamic MatMuls, float where needed)."""
     net = _convs_around_matmuls()
-    model = tmp_path / "m.onnx"
-    model.write_bytes(net.SerializeToString())
     rng = np.random.default_rng(12)
-    calib, evald = tmp_path / "calib.npz", tmp_path / "eval.npz"
-    np.savez(calib, x=rng.normal(size=(64, 32, 1, 1)).astype(np.float32))
-    np.savez(evald, x=8 * rng.normal(size=(64, 32, 1, 1)).astype(np.float32))
-    x = np.load(evald)["x"]
+    x_cal = rng.normal(size=(64, 32, 1, 1)).astype(np.float32)
+    x = 8 * rng.normal(size=(64, 32, 1, 1)).astype(np.float32)
+    model, calib, evald = _case_files(tmp_path, net, x_cal, x)
     ref = run(net, {"x": x})[0]
     config = replace(CONFIG, exclude_nodes=("stem", "c", "head"), dynamic_nodes=("m0", "m1"))
     target = _sqnr_with_config(tmp_path, model, calib, {"x": x}, ref, config)

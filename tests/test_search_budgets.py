@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,8 @@ from typer.testing import CliRunner
 
 from quantcli import api
 from quantcli.cli.app import app
-from quantcli.compare.output_kinds import OutputKind
+from quantcli.cli.flags import SearchFlags
+from quantcli.compare.output_kinds import KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
 from quantcli.core.options import CalibrationMethod, QuantConfig
 from quantcli.search.accuracy_search import (
@@ -25,6 +27,7 @@ from quantcli.search.accuracy_search import (
     cheapest,
     model_cost,
 )
+from quantcli.search.budget import DEFAULT_MARGIN, Score, kind_margin, meets, required_share, standard_error
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
@@ -42,7 +45,7 @@ def test_min_agreement_falls_back_the_one_sensitive_node(mlp, tmp_path):
     model, calib, evald = mlp
     result = api.convert_model(
         model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, eval_data=evald,
-        search=SearchOptions(Budget(min_agreement=0.97), latency_runs=1), log=lines.append,
+        search=SearchOptions(Budget(min_agreement=0.97, margin=0.0), latency_runs=1), log=lines.append,
     )  # fmt: skip
     search = result.search
     assert search is not None
@@ -53,6 +56,59 @@ def test_min_agreement_falls_back_the_one_sensitive_node(mlp, tmp_path):
     (kind,) = search.chosen.kinds
     assert kind.kind == OutputKind.CLASSIFIER and kind.agreement is not None and kind.agreement >= 0.97
     assert search.recipe("0" * 64, CONFIG, 99.99).search["budget"]["min_agreement"] == 0.97
+
+
+def test_the_margin_asks_one_standard_error_more(mlp, tmp_path):
+    """mm2 alone in float agrees with FP32 on at least 0.97 of the 128 scored samples but less than
+    0.97 + sqrt(0.97 * 0.03 / 128) = 0.985: it meets the bound as given (margin 0), not by one standard
+    error (the default), and then the search goes on to an answer that does."""
+    lines: list[str] = []
+    at_edge = _search(mlp, tmp_path / "a.onnx", SearchOptions(Budget(min_agreement=0.97, margin=0.0), latency_runs=1))
+    model, calib, evald = mlp
+    safe = api.convert_model(
+        model, tmp_path / "b.onnx", data_path=calib, config=CONFIG, eval_data=evald,
+        search=SearchOptions(Budget(min_agreement=0.97), latency_runs=1), log=lines.append,
+    )  # fmt: skip
+    assert at_edge.search is not None and safe.search is not None
+    need = required_share(0.97, 128, 1.0)
+    assert need == pytest.approx(0.97 + math.sqrt(0.97 * 0.03 / 128))
+    edge = at_edge.search.chosen
+    assert edge.candidate.float_nodes == ("mm2",)
+    assert edge.kinds[0].agreement is not None and 0.97 <= edge.kinds[0].agreement < need
+    chosen = safe.search.chosen
+    assert chosen.meets_budget and chosen.kinds[0].agreement is not None and chosen.kinds[0].agreement >= need
+    assert chosen.candidate.float_nodes != ("mm2",)
+    # every trial that met the budget cleared the margin; the edge candidate's trial did not meet it
+    assert all(t.kinds[0].agreement >= need for t in safe.search.trials if t.meets_budget)
+    assert f"agreement >= 0.97 needs {need:.3f}" in " ".join(lines)
+    assert safe.search.budget.describe() == "agreement >= 0.97 (by 1 standard error)"
+    assert safe.search.recipe("0" * 64, CONFIG, 99.99).search["budget"]["margin_standard_errors"] == 1.0
+
+
+def test_the_margin_of_a_mean_is_its_samples_spread():
+    """IoU 0.92 over 16 masks whose IoUs spread by 0.1: one standard error is 0.025, so 0.9 is not met by
+    it (0.92 - 0.025 < 0.9), though it is as given; a share's error is taken at its bound, so a share
+    where every sample agreed still has one (0.95 on 64 samples needs 0.977)."""
+    iou = KindMetrics("map", OutputKind.MAP, "", 16, 12.0, iou=0.92, scored=16, spread=0.1)
+    assert standard_error(iou, 0.9) == pytest.approx(0.025)
+    assert not meets(Score(None, None, 12.0, (iou,)), Budget(min_iou=0.9))
+    assert meets(Score(None, None, 12.0, (iou,)), Budget(min_iou=0.9, margin=0.0))
+    assert kind_margin((iou,), Budget(min_iou=0.9)) == pytest.approx(0.92 - 0.9 - 0.025)
+    every = KindMetrics("ctc", OutputKind.CTC, "", 64, 30.0, agreement=1.0, scored=64)
+    assert standard_error(every, 0.95) == pytest.approx(math.sqrt(0.95 * 0.05 / 64))
+    assert meets(Score(None, None, 30.0, (every,)), Budget(min_agreement=0.95))
+    almost = KindMetrics("ctc", OutputKind.CTC, "", 64, 30.0, agreement=62 / 64, scored=64)
+    assert required_share(0.95, 64, 1.0) == pytest.approx(0.977, abs=5e-4)
+    assert not meets(Score(None, None, 30.0, (almost,)), Budget(min_agreement=0.95))
+    assert meets(Score(None, None, 30.0, (almost,)), Budget(min_agreement=0.95, margin=0.0))
+
+
+def test_search_margin_flag_reaches_the_budget():
+    flags = SearchFlags(min_agreement=0.95, margin=0.0)
+    options = flags.options()
+    assert options is not None and options.budget.margin == 0.0
+    default = SearchFlags(min_agreement=0.95).options()
+    assert default is not None and default.budget.margin == DEFAULT_MARGIN == 1.0
 
 
 def test_an_unreachable_agreement_is_not_met(mlp, tmp_path):

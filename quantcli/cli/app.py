@@ -58,6 +58,7 @@ from quantcli.data.datasets import parse_batch_axes
 from quantcli.modes.common import ConvertMode
 from quantcli.pipeline.request import CalibrateRequest, CompareRequest
 from quantcli.search.accuracy_search import BudgetNotMetError
+from quantcli.search.budget import DEFAULT_MARGIN
 from quantcli.stats.artifact import write_calibration
 from quantcli.stats.shards import write_statistics
 
@@ -599,6 +600,15 @@ def convert(
             rich_help_panel=SEARCH,
         ),
     ] = 24,
+    search_margin: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Standard errors of the scored samples by which --min-agreement/--min-cosine/--min-iou must hold "
+            "(0.95 on 64 samples needs 0.977): a budget met at its edge on few samples reads lower on new data.",
+            rich_help_panel=SEARCH,
+        ),
+    ] = DEFAULT_MARGIN,
     search_metric: Annotated[
         str | None,
         typer.Option(
@@ -694,14 +704,14 @@ def convert(
         weight_clipping,
         tuple(split_list(dynamic_nodes)),
     )
-    memory = parse_bytes(search_max_memory)  # the search's batches (SearchFlags.max_memory)
-    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold, memory, search_ray)
+    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold)
+    how = (parse_bytes(search_max_memory), search_ray, search_margin)  # the search's batches, Ray, margin
     request = convert_request(
         SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
         quant,
         ModeFlags(mode, block_size),
         CalibrationFlags(method, percentile, timeout),
-        SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms, *budgets),
+        SearchFlags(max_accuracy_drop, min_sqnr, search_max_fallback, search_metric, search_algorithms, *budgets, *how),
         AlgorithmFlags(cle, smoothquant, smoothquant_alpha, bias_correction),
         RunFlags(
             force, require_fused, require_speedup, upgrade_opset, verdict, verdict_share, tuple(output_kind or ())

@@ -257,13 +257,16 @@ class SearchFlags:
     map_threshold: float = 0.5
     max_memory: int | None = None
     ray: str | None = None
+    margin: float = 1.0  # standard errors (``Budget.margin``)
 
     def options(self) -> SearchOptions | None:
         """``SearchOptions`` for the budget, or None without one."""
         from quantcli.compare.metrics import MetricSpec, parse_metric
         from quantcli.search.accuracy_search import AGREEMENT, Budget, SearchOptions
 
-        budget = Budget(self.max_accuracy_drop, self.min_sqnr, self.min_agreement, self.min_cosine, self.min_iou)
+        budget = Budget(
+            self.max_accuracy_drop, self.min_sqnr, self.min_agreement, self.min_cosine, self.min_iou, self.margin
+        )
         searching = not budget.is_empty()
         metric_spec = None
         if self.metric is not None:

@@ -223,6 +223,10 @@ class KindMetrics:
     cosine: float | None = None
     #: mean per-sample IoU of thresholded maps (map)
     iou: float | None = None
+    #: the samples the metric is over: judged for agreement, with a mask for IoU (0: not counted)
+    scored: int = 0
+    #: standard deviation of the per-sample cosines or IoUs (None for agreement, and without samples)
+    spread: float | None = None
 
     def summary(self) -> str:
         """``logits: classifier (scores over 10 classes): agreement 0.990, SQNR 31.2 dB``."""
@@ -288,6 +292,7 @@ class _KindAccumulator:
         signal, noise = ordered_sum(self.signals), ordered_sum(self.noises)
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
         mean = _mean_score(self.scores)
+        values = _said(self.scores)
         reason = f"{self.reason}; agreement at labelled positions" if self.labelled else self.reason
         agreement = None
         if self.kind in AGREEMENT_KINDS and self.count:
@@ -301,6 +306,8 @@ class _KindAccumulator:
             agreement=agreement,
             cosine=mean if self.kind == OutputKind.EMBEDDING else None,
             iou=mean if self.kind == OutputKind.MAP else None,
+            scored=self.judged if self.kind in AGREEMENT_KINDS else int(values.size),
+            spread=float(values.std()) if values.size else None,
         )
 
 
@@ -360,9 +367,14 @@ def _mean_score(scores: list[np.ndarray]) -> float | None:
     every sample is empty on both sides (they agree), None without samples."""
     if not scores:
         return None
-    values = np.concatenate(scores)
-    values = values[~np.isnan(values)]
+    values = _said(scores)
     return float(values.mean()) if values.size else 1.0
+
+
+def _said(scores: list[np.ndarray]) -> np.ndarray:
+    """The per-sample scores that say something (not NaN), in one array."""
+    values = np.concatenate(scores) if scores else np.zeros(0)
+    return values[~np.isnan(values)]
 
 
 @dataclass(frozen=True, slots=True)

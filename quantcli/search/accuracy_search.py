@@ -82,7 +82,16 @@ from quantcli.data.datasets import Dataset
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.session import make_session
 from quantcli.modes.dynamic import lower_dynamic_nodes
-from quantcli.search.budget import AGREEMENT, Budget, BudgetNotMetError, Score, key, meets, primary_target
+from quantcli.search.budget import (
+    AGREEMENT,
+    Budget,
+    BudgetNotMetError,
+    Score,
+    key,
+    meets,
+    primary_target,
+    required_share,
+)
 from quantcli.search.confirm import Timer, fastest
 from quantcli.search.cost import (
     DYNAMIC_MAC_COST,
@@ -501,6 +510,18 @@ def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> N
     """Say what each output was detected as; every task-level bound needs an output of its kind."""
     for k in ev.kinds:
         log(f"output {k.name}: {k.kind} ({k.reason})")
+    if budget.margin and budget.kind_bounds():
+        samples = sum(ev.counts)
+        needs = [
+            f"{name[4:]} >= {bound:g} needs {required_share(bound, samples, budget.margin):.3f}"
+            if name == "min-agreement"
+            else f"{name[4:]} >= {bound:g} needs its mean less {budget.margin:g} standard error of its samples"
+            for name, bound in budget.kind_bounds()
+        ]
+        log(
+            f"the bounds must hold by {budget.margin:g} standard error on {samples} scored samples, so that "
+            f"they hold on new data: {'; '.join(needs)} (--search-margin 0: the bounds as given)"
+        )
     for name, bound in budget.kind_bounds():
         gate = kind_gates(name, list(ev.kinds), bound)[0]
         if gate.output is None:

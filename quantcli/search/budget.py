@@ -2,7 +2,8 @@
 
 A ``Budget`` bounds the top-1 drop (points, against labels or FP32's own top-1), the output SQNR and,
 in the task's own terms, agreement, cosine and IoU on every output of their kind
-(``quantcli.compare.gates.kind_gates``). ``meets`` says whether a ``Score`` holds every bound given;
+(``quantcli.compare.gates.kind_gates``), each task-level value by ``Budget.margin`` standard errors of
+its scored samples (``standard_error``). ``meets`` says whether a ``Score`` holds every bound given;
 ``key`` orders scores (larger is better) by the budgeted metric, then SQNR.
 """
 
@@ -13,13 +14,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from quantcli.compare.gates import kind_gates
-from quantcli.compare.output_kinds import KindMetrics
+from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics
 from quantcli.core.errors import QuantCliError
 
-__all__ = ["AGREEMENT", "Budget", "BudgetNotMetError", "Score", "key", "kind_margin", "meets"]
+__all__ = [
+    "AGREEMENT",
+    "DEFAULT_MARGIN",
+    "Budget",
+    "BudgetNotMetError",
+    "Score",
+    "key",
+    "kind_margin",
+    "meets",
+    "required_share",
+    "standard_error",
+]
 
 #: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
 AGREEMENT = "agreement"
+#: ``Budget.margin`` unless given: a candidate's task-level value must clear its bound by one standard error
+DEFAULT_MARGIN = 1.0
 
 
 class BudgetNotMetError(QuantCliError):
@@ -36,16 +50,23 @@ class Budget:
     min_agreement: float | None = None
     min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
     min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
+    #: standard errors of the scored samples by which a task-level value must clear its bound
+    #: (``standard_error``): a search stops at the first candidate that meets its bound, so on few samples
+    #: it stops where the samples happened to favour it, and new data reads lower
+    margin: float = DEFAULT_MARGIN
 
     def describe(self) -> str:
-        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99``."""
+        """E.g. ``accuracy drop <= 0.5 points, SQNR >= 30 dB, agreement >= 0.99 (by 1 standard error)``."""
         parts = []
         if self.max_accuracy_drop is not None:
             parts.append(f"accuracy drop <= {self.max_accuracy_drop:g} points")
         if self.min_sqnr_db is not None:
             parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
         parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
-        return ", ".join(parts)
+        text = ", ".join(parts)
+        if self.margin and self.kind_bounds():
+            text += f" (by {self.margin:g} standard error{'s' if self.margin != 1 else ''})"
+        return text
 
     def kind_bounds(self) -> list[tuple[str, float]]:
         """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
@@ -63,6 +84,8 @@ class Budget:
             "min_sqnr_db": self.min_sqnr_db,
         }
         bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
+        if self.margin and self.kind_bounds():
+            bounds["margin_standard_errors"] = self.margin
         return bounds
 
 
@@ -76,12 +99,35 @@ class Score:
     kinds: tuple[KindMetrics, ...] = ()
 
 
+def standard_error(k: KindMetrics, bound: float) -> float:
+    """The standard error of ``k``'s task metric over its scored samples: of a share at its bound
+    (binomial, ``sqrt(b (1 - b) / n)``: 0.027 for 0.95 on 64 samples, so it does not vanish when every
+    sample agreed), of a mean from the samples' own spread (``std / sqrt(n)``)."""
+    if k.scored <= 0:
+        return 0.0
+    if k.kind in AGREEMENT_KINDS:
+        return math.sqrt(max(0.0, bound * (1.0 - bound)) / k.scored)
+    return (k.spread or 0.0) / math.sqrt(k.scored)
+
+
+def required_share(bound: float, samples: int, margin: float) -> float:
+    """The share of ``samples`` an agreement must reach to meet ``bound`` by ``margin`` standard errors."""
+    return bound + margin * math.sqrt(max(0.0, bound * (1.0 - bound)) / max(1, samples))
+
+
 def kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
-    """The smallest margin (value - bound) over every task-level bound and output it applies to."""
+    """The smallest margin (value - bound - ``budget.margin`` standard errors) over every task-level
+    bound and output it applies to."""
     bounds = budget.kind_bounds()
     if not bounds:
         return None
-    values = [g.value - g.bound for name, bound in bounds for g in kind_gates(name, list(kinds), bound)]
+    by_name = {k.name: k for k in kinds}
+    values = []
+    for name, bound in bounds:
+        for g in kind_gates(name, list(kinds), bound):
+            k = by_name.get(g.output) if g.output is not None else None
+            slack = budget.margin * standard_error(k, bound) if k is not None and budget.margin else 0.0
+            values.append(g.value - g.bound - slack)
     return -math.inf if any(math.isnan(v) for v in values) else min(values)
 
 

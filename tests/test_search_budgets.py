@@ -101,6 +101,14 @@ def test_the_margin_of_a_mean_is_its_samples_spread():
     assert required_share(0.95, 64, 1.0) == pytest.approx(0.977, abs=5e-4)
     assert not meets(Score(None, None, 30.0, (almost,)), Budget(min_agreement=0.95))
     assert meets(Score(None, None, 30.0, (almost,)), Budget(min_agreement=0.95, margin=0.0))
+    # too few samples for the margin: it asks every sample to agree, never more (12 that all agree meet 0.98)
+    few = KindMetrics("y", OutputKind.CLASSIFIER, "", 12, 30.0, agreement=1.0, scored=12)
+    assert required_share(0.98, 12, 1.0) == 1.0
+    assert meets(Score(None, None, 30.0, (few,)), Budget(min_agreement=0.98))
+    one_off = KindMetrics("y", OutputKind.CLASSIFIER, "", 12, 30.0, agreement=11 / 12, scored=12)
+    assert not meets(Score(None, None, 30.0, (one_off,)), Budget(min_agreement=0.9))
+    wide = KindMetrics("map", OutputKind.MAP, "", 4, 12.0, iou=1.0, scored=4, spread=0.5)
+    assert meets(Score(None, None, 12.0, (wide,)), Budget(min_iou=0.9))  # 1.0 is the most an IoU can read
 
 
 def test_search_margin_flag_reaches_the_budget():

@@ -506,18 +506,23 @@ def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[s
     return {model.graph.node[i].name: m for i, m in macs.items() if model.graph.node[i].name}
 
 
+def _need(name: str, bound: float, samples: int, margin: float) -> str:
+    """What a task-level bound asks of the scored samples once the margin is added, in words."""
+    if name != "min-agreement":
+        return f"{name[4:]} >= {bound:g} needs its mean less {margin:g} standard error of its samples"
+    share = required_share(bound, samples, margin)
+    if share >= 1.0:
+        return f"agreement >= {bound:g} needs all {samples} to agree (too few to show it by the margin)"
+    return f"agreement >= {bound:g} needs {share:.3f}"
+
+
 def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> None:
     """Say what each output was detected as; every task-level bound needs an output of its kind."""
     for k in ev.kinds:
         log(f"output {k.name}: {k.kind} ({k.reason})")
     if budget.margin and budget.kind_bounds():
         samples = sum(ev.counts)
-        needs = [
-            f"{name[4:]} >= {bound:g} needs {required_share(bound, samples, budget.margin):.3f}"
-            if name == "min-agreement"
-            else f"{name[4:]} >= {bound:g} needs its mean less {budget.margin:g} standard error of its samples"
-            for name, bound in budget.kind_bounds()
-        ]
+        needs = [_need(name, bound, samples, budget.margin) for name, bound in budget.kind_bounds()]
         log(
             f"the bounds must hold by {budget.margin:g} standard error on {samples} scored samples, so that "
             f"they hold on new data: {'; '.join(needs)} (--search-margin 0: the bounds as given)"

@@ -111,8 +111,17 @@ def standard_error(k: KindMetrics, bound: float) -> float:
 
 
 def required_share(bound: float, samples: int, margin: float) -> float:
-    """The share of ``samples`` an agreement must reach to meet ``bound`` by ``margin`` standard errors."""
-    return bound + margin * math.sqrt(max(0.0, bound * (1.0 - bound)) / max(1, samples))
+    """The share of ``samples`` an agreement must reach to meet ``bound`` by ``margin`` standard errors;
+    at most 1 (every sample agrees): 12 samples are too few to show 0.98 by one standard error (1.020),
+    and asking more than all of them would refuse every candidate."""
+    return min(1.0, bound + margin * math.sqrt(max(0.0, bound * (1.0 - bound)) / max(1, samples)))
+
+
+def _slack(k: KindMetrics | None, bound: float, margin: float) -> float:
+    """What ``margin`` standard errors add to ``bound`` for ``k``, never past a perfect score (1)."""
+    if k is None or not margin:
+        return 0.0
+    return min(margin * standard_error(k, bound), max(0.0, 1.0 - bound))
 
 
 def kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
@@ -126,8 +135,7 @@ def kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
     for name, bound in bounds:
         for g in kind_gates(name, list(kinds), bound):
             k = by_name.get(g.output) if g.output is not None else None
-            slack = budget.margin * standard_error(k, bound) if k is not None and budget.margin else 0.0
-            values.append(g.value - g.bound - slack)
+            values.append(g.value - g.bound - _slack(k, bound, budget.margin))
     return -math.inf if any(math.isnan(v) for v in values) else min(values)
 
 

@@ -24,6 +24,7 @@ from quantcli.search.accuracy_search import (
     Candidate,
     SearchOptions,
     Trial,
+    _need,
     cheapest,
     model_cost,
 )
@@ -109,6 +110,15 @@ def test_the_margin_of_a_mean_is_its_samples_spread():
     assert not meets(Score(None, None, 30.0, (one_off,)), Budget(min_agreement=0.9))
     wide = KindMetrics("map", OutputKind.MAP, "", 4, 12.0, iou=1.0, scored=4, spread=0.5)
     assert meets(Score(None, None, 12.0, (wide,)), Budget(min_iou=0.9))  # 1.0 is the most an IoU can read
+
+
+def test_the_search_says_what_each_bound_needs():
+    assert _need("min-agreement", 0.95, 64, 1.0) == "agreement >= 0.95 needs 0.977"
+    assert (
+        _need("min-agreement", 0.98, 12, 1.0)
+        == "agreement >= 0.98 needs all 12 to agree (too few to show it by the margin)"
+    )
+    assert "standard error of its samples" in _need("min-iou", 0.9, 16, 1.0)
 
 
 def test_search_margin_flag_reaches_the_budget():

@@ -21,6 +21,7 @@ from quantcli.modes.common import ConvertMode, WeightOnlyType
 from quantcli.modes.dynamic import DEFAULT_OP_TYPES, SUPPORTED_OP_TYPES, DynamicOptions
 from quantcli.modes.weight_only import BLOCK_SIZES, WeightOnlyOptions
 from quantcli.pipeline.request import ConvertRequest
+from quantcli.search.budget import DEFAULT_MARGIN
 
 if TYPE_CHECKING:
     from quantcli.search.accuracy_search import SearchOptions
@@ -257,7 +258,7 @@ class SearchFlags:
     map_threshold: float = 0.5
     max_memory: int | None = None
     ray: str | None = None
-    margin: float = 1.0  # standard errors (``Budget.margin``)
+    margin: float = DEFAULT_MARGIN  # standard errors (``Budget.margin``)
 
     def options(self) -> SearchOptions | None:
         """``SearchOptions`` for the budget, or None without one."""

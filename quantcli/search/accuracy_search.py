@@ -91,6 +91,7 @@ from quantcli.search.budget import (
     meets,
     primary_target,
     required_share,
+    standard_errors,
 )
 from quantcli.search.confirm import Timer, fastest
 from quantcli.search.cost import (
@@ -509,7 +510,7 @@ def _node_macs(model: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> dict[s
 def _need(name: str, bound: float, samples: int, margin: float) -> str:
     """What a task-level bound asks of the scored samples once the margin is added, in words."""
     if name != "min-agreement":
-        return f"{name[4:]} >= {bound:g} needs its mean less {margin:g} standard error of its samples"
+        return f"{name[4:]} >= {bound:g} needs its mean less {standard_errors(margin)} of its samples"
     share = required_share(bound, samples, margin)
     if share >= 1.0:
         return f"agreement >= {bound:g} needs all {samples} to agree (too few to show it by the margin)"
@@ -524,7 +525,7 @@ def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> N
         samples = sum(ev.counts)
         needs = [_need(name, bound, samples, budget.margin) for name, bound in budget.kind_bounds()]
         log(
-            f"the bounds must hold by {budget.margin:g} standard error on {samples} scored samples, so that "
+            f"the bounds must hold by {standard_errors(budget.margin)} on {samples} scored samples, so that "
             f"they hold on new data: {'; '.join(needs)} (--search-margin 0: the bounds as given)"
         )
     for name, bound in budget.kind_bounds():

@@ -28,6 +28,7 @@ __all__ = [
     "meets",
     "required_share",
     "standard_error",
+    "standard_errors",
 ]
 
 #: ``SearchOptions.metric`` name that decides on agreement with FP32 even when the data has labels
@@ -65,7 +66,7 @@ class Budget:
         parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
         text = ", ".join(parts)
         if self.margin and self.kind_bounds():
-            text += f" (by {self.margin:g} standard error{'s' if self.margin != 1 else ''})"
+            text += f" (by {standard_errors(self.margin)})"
         return text
 
     def kind_bounds(self) -> list[tuple[str, float]]:
@@ -97,6 +98,11 @@ class Score:
     accuracy_drop: float | None
     sqnr_db: float
     kinds: tuple[KindMetrics, ...] = ()
+
+
+def standard_errors(margin: float) -> str:
+    """``1 standard error``, ``2 standard errors``."""
+    return f"{margin:g} standard error{'' if margin == 1 else 's'}"
 
 
 def standard_error(k: KindMetrics, bound: float) -> float:

@@ -291,8 +291,8 @@ class _KindAccumulator:
     def result(self) -> KindMetrics:
         signal, noise = ordered_sum(self.signals), ordered_sum(self.noises)
         sqnr = 10 * math.log10(signal / noise) if noise > 0 else float("inf")
-        mean = _mean_score(self.scores)
         values = _said(self.scores)
+        mean = _mean_score(values) if self.scores else None
         reason = f"{self.reason}; agreement at labelled positions" if self.labelled else self.reason
         agreement = None
         if self.kind in AGREEMENT_KINDS and self.count:
@@ -362,12 +362,9 @@ def _ious(ref: np.ndarray, q: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), np.nan)
 
 
-def _mean_score(scores: list[np.ndarray]) -> float | None:
-    """The mean of the per-sample scores that say something (NaN: an IoU of two empty masks); 1.0 when
-    every sample is empty on both sides (they agree), None without samples."""
-    if not scores:
-        return None
-    values = _said(scores)
+def _mean_score(values: np.ndarray) -> float:
+    """The mean of the per-sample scores that say something (``_said``: NaN is an IoU of two empty masks);
+    1.0 when none does (every sample is empty on both sides: they agree)."""
     return float(values.mean()) if values.size else 1.0
 
 

@@ -112,7 +112,7 @@ def standard_error(k: KindMetrics, bound: float) -> float:
     if k.scored <= 0:
         return 0.0
     if k.kind in AGREEMENT_KINDS:
-        return math.sqrt(max(0.0, bound * (1.0 - bound)) / k.scored)
+        return _share_error(bound, k.scored)
     return (k.spread or 0.0) / math.sqrt(k.scored)
 
 
@@ -120,7 +120,12 @@ def required_share(bound: float, samples: int, margin: float) -> float:
     """The share of ``samples`` an agreement must reach to meet ``bound`` by ``margin`` standard errors;
     at most 1 (every sample agrees): 12 samples are too few to show 0.98 by one standard error (1.020),
     and asking more than all of them would refuse every candidate."""
-    return min(1.0, bound + margin * math.sqrt(max(0.0, bound * (1.0 - bound)) / max(1, samples)))
+    return min(1.0, bound + margin * _share_error(bound, max(1, samples)))
+
+
+def _share_error(bound: float, samples: int) -> float:
+    """The binomial standard error of a share at ``bound`` over ``samples``."""
+    return math.sqrt(max(0.0, bound * (1.0 - bound)) / samples)
 
 
 def _slack(k: KindMetrics | None, bound: float, margin: float) -> float:

@@ -63,6 +63,7 @@ Data is real, never random:
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import io
@@ -401,11 +402,13 @@ def render_line(text: str, font: Path, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
-def rendered_lines(split: str, count: int = RENDERED_LINES) -> list[np.ndarray]:
-    """``count`` rendered lines of ``split``'s prose (seeded: the same files on every machine)."""
+@functools.cache
+def rendered_lines(split: str, count: int = RENDERED_LINES) -> tuple[np.ndarray, ...]:
+    """``count`` rendered lines of ``split``'s prose (seeded: the same files on every machine); rendered once
+    for the recognizers and the classifier, which all read them."""
     rng = np.random.default_rng({"calib": 11, "eval": 12}[split])
     faces = fonts()
-    return [render_line(t, faces[i % len(faces)], rng) for i, t in enumerate(line_texts(split, count, rng))]
+    return tuple(render_line(t, faces[i % len(faces)], rng) for i, t in enumerate(line_texts(split, count, rng)))
 
 
 def rendered_scene(background: np.ndarray, texts: list[str], faces: list[Path], rng: np.random.Generator) -> np.ndarray:
@@ -511,8 +514,8 @@ def text_crops(det_path: Path, aspects: tuple[float, ...]) -> tuple[list[np.ndar
     page = page_lines(det_path)
     text = skimage_rgb("text")
     hand = [text[t:b] for t, b in TEXT_BANDS]
-    calib_lines = [ln for i, ln in enumerate(page) if i % 3 != 2] + hand[0::2] + rendered_lines("calib")
-    eval_lines = [ln for i, ln in enumerate(page) if i % 3 == 2] + hand[1::2] + rendered_lines("eval")
+    calib_lines = [ln for i, ln in enumerate(page) if i % 3 != 2] + hand[0::2] + list(rendered_lines("calib"))
+    eval_lines = [ln for i, ln in enumerate(page) if i % 3 == 2] + hand[1::2] + list(rendered_lines("eval"))
 
     def cut(lines: list[np.ndarray]) -> list[np.ndarray]:
         return [win for ln in lines for a in aspects for win in windows(ln, a)]
@@ -835,11 +838,6 @@ PYGAME_LOOP = "pygame/examples/data/house_lo.wav"
 PYGAME_EFFECTS = tuple(f"pygame/examples/data/{n}.wav" for n in ("boom", "punch", "whiff", "car_door"))
 
 
-def pygame_wavs(members: tuple[str, ...]) -> dict[str, bytes] | None:
-    """The named .wav members of pygame's wheel (``pip download``, never installed); None offline."""
-    return wheel_members(PYGAME, members)
-
-
 def bp_windows(audio: np.ndarray, hop: int) -> list[np.ndarray]:
     """Windows of ``BP_WINDOW`` samples every ``hop``; a clip shorter than a window is zero-padded, as
     Basic Pitch pads the last window of a file."""
@@ -851,7 +849,7 @@ def bp_windows(audio: np.ndarray, hop: int) -> list[np.ndarray]:
 def build_basic_pitch() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str] | None:
     """The wheel's effects, CPython's pluck and windows of the first half of pygame's house_lo.wav calibrate;
     windows of the second half evaluate. Input ``serving_default_input_2:0`` is (batch, 43844, 1)."""
-    wavs = pygame_wavs((PYGAME_LOOP, *PYGAME_EFFECTS))
+    wavs = wheel_members(PYGAME, (PYGAME_LOOP, *PYGAME_EFFECTS))  # None offline
     if wavs is None:
         return None
     loop = wav_mono(wavs[PYGAME_LOOP], BP_RATE)
@@ -923,6 +921,7 @@ def _sentences(text: str) -> Iterator[str]:
             yield s.strip()
 
 
+@functools.cache
 def minilm_texts() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(calibration, evaluation) as (source, sentence): scikit-learn's bundled dataset descriptions
     (``sklearn/datasets/descr/*.rst``), the Zen of Python (``this``), CPython's and numpy's licence texts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,18 +37,17 @@ CONFIG = QuantConfig()
 pytestmark = pytest.mark.usefixtures("fixed_speedup")
 
 
-def _search(mlp: tuple[Path, Path, Path], out: Path, options: SearchOptions) -> api.ConvertResult:
+def _search(
+    mlp: tuple[Path, Path, Path], out: Path, options: SearchOptions, log: Callable[[str], None] | None = None
+) -> api.ConvertResult:
     model, calib, evald = mlp
-    return api.convert_model(model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald)
+    return api.convert_model(model, out, data_path=calib, config=CONFIG, search=options, eval_data=evald, log=log)
 
 
 def test_min_agreement_falls_back_the_one_sensitive_node(mlp, tmp_path):
     lines: list[str] = []
-    model, calib, evald = mlp
-    result = api.convert_model(
-        model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, eval_data=evald,
-        search=SearchOptions(Budget(min_agreement=0.97, margin=0.0), latency_runs=1), log=lines.append,
-    )  # fmt: skip
+    options = SearchOptions(Budget(min_agreement=0.97, margin=0.0), latency_runs=1)
+    result = _search(mlp, tmp_path / "q.onnx", options, log=lines.append)
     search = result.search
     assert search is not None
     assert "output y: classifier (scores over 10 classes)" in lines  # the detected kind is said
@@ -65,11 +65,7 @@ def test_the_margin_asks_one_standard_error_more(mlp, tmp_path):
     error (the default), and then the search goes on to an answer that does."""
     lines: list[str] = []
     at_edge = _search(mlp, tmp_path / "a.onnx", SearchOptions(Budget(min_agreement=0.97, margin=0.0), latency_runs=1))
-    model, calib, evald = mlp
-    safe = api.convert_model(
-        model, tmp_path / "b.onnx", data_path=calib, config=CONFIG, eval_data=evald,
-        search=SearchOptions(Budget(min_agreement=0.97), latency_runs=1), log=lines.append,
-    )  # fmt: skip
+    safe = _search(mlp, tmp_path / "b.onnx", SearchOptions(Budget(min_agreement=0.97), latency_runs=1), lines.append)
     assert at_edge.search is not None and safe.search is not None
     need = required_share(0.97, 128, 1.0)
     assert need == pytest.approx(0.97 + math.sqrt(0.97 * 0.03 / 128))
@@ -148,8 +144,7 @@ def test_every_output_must_hold(tmp_path):
     options = SearchOptions(
         Budget(min_agreement=0.9, min_cosine=0.999), output_kinds={"r2": OutputKind.EMBEDDING}, latency_runs=1
     )
-    result = api.convert_model(model, tmp_path / "q.onnx", data_path=calib, config=CONFIG, search=options,
-                               eval_data=evald)  # fmt: skip
+    result = _search((model, calib, evald), tmp_path / "q.onnx", options)
     search = result.search
     assert search is not None and search.chosen.meets_budget
     kinds = {k.name: k for k in search.chosen.kinds}

@@ -165,15 +165,17 @@ def compare_accuracy_on_ray(
     return finish_accuracy(merged, models, dataset, request)
 
 
-def _score_task(evaluator: Evaluator, model: onnx.ModelProto) -> Score:
-    """What one search task runs: one candidate's score (on the worker, one onnxruntime thread a task)."""
+def _score_task(evaluator: Evaluator, models: tuple[onnx.ModelProto, ...]) -> Score:
+    """What one search task runs: one candidate's score (on the worker, one onnxruntime thread a task); one
+    model a part of the evaluator's samples (the candidate built from each fold's calibration)."""
     from quantcli.graph.session import make_session
 
-    return evaluator.score(make_session(model, threads=1))
+    return evaluator.score(*(make_session(model, threads=1) for model in models))
 
 
-def score_on_ray(evaluator: Evaluator, models: Sequence[onnx.ModelProto]) -> list[Score]:
-    """Each of ``models`` scored by ``evaluator`` as one Ray task, in order (call inside ``ray_cluster``).
+def score_on_ray(evaluator: Evaluator, models: Sequence[tuple[onnx.ModelProto, ...]]) -> list[Score]:
+    """Each of ``models`` (a candidate's model for each part of the evaluator's samples: its folds) scored
+    by ``evaluator`` as one Ray task, in order (call inside ``ray_cluster``).
 
     The evaluator is put in Ray's object store once (its feeds and FP32 outputs, without sessions);
     the scores are those ``evaluator.score`` gives in this process.

@@ -36,21 +36,27 @@ def _rows(dataset: Dataset) -> np.ndarray:
 
 @pytest.fixture
 def seen(monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    """The samples calibration read and those the search scored on, recorded as convert passes them on."""
+    """The samples calibration read and those the search scored on, recorded as convert passes them on (the
+    second fold's as "fold calibration" and "fold search")."""
     recorded: dict[str, np.ndarray] = {}
     calibrate, search = steps.calibrate, accuracy_search.search_quantization
     transform = algorithm_passes.transform_and_observe
 
+    def record(key: str, dataset: Dataset) -> None:
+        recorded["fold " + key if key in recorded else key] = _rows(dataset)
+
     def record_calibration(model, dataset, **kwargs):  # type: ignore[no-untyped-def]
-        recorded["calibration"] = _rows(dataset)
+        record("calibration", dataset)
         return calibrate(model, dataset, **kwargs)
 
     def record_search(base, dataset, options, **kwargs):  # type: ignore[no-untyped-def]
-        recorded["search"] = _rows(dataset)
+        record("search", dataset)
+        if kwargs.get("second_fold") is not None:
+            record("search", kwargs["second_fold"].dataset)
         return search(base, dataset, options, **kwargs)
 
     def record_algorithms(model, dataset, *args, **kwargs):  # type: ignore[no-untyped-def]
-        recorded["algorithms"] = _rows(dataset)
+        record("algorithms", dataset)
         return transform(model, dataset, *args, **kwargs)
 
     monkeypatch.setattr(steps, "calibrate", record_calibration)
@@ -70,9 +76,17 @@ def test_the_search_scores_on_samples_calibration_did_not_read(tmp_path, seen):
     assert scored[:3] == [2, 5, 8] and scored[-1] == 199
     np.testing.assert_array_equal(seen["search"], x[scored])
     np.testing.assert_array_equal(seen["calibration"], np.delete(x, scored, axis=0))
+    # the second fold: 64 of the other 136, spread through them, scored by a calibration on the rest
+    second = np.delete(np.arange(200), scored)[spread(136, 64)]
+    assert not set(second) & set(scored)
+    np.testing.assert_array_equal(seen["fold search"], x[second])
+    np.testing.assert_array_equal(seen["fold calibration"], np.delete(x, second, axis=0))
     assert result.calibration is not None and result.calibration.num_samples == 136
-    assert result.search is not None and result.search.num_samples == 64
-    assert "scoring on 64 of 200 --data samples, spread through it, which calibration does not read" in logs
+    assert result.search is not None and result.search.num_samples == 128
+    assert (
+        "scoring on 64 of 200 --data samples, spread through it, which calibration does not read, and on 64 "
+        "others with a second calibration on the rest" in logs
+    )
     verdict = result.verdict
     assert verdict is not None and verdict.num_samples == 64  # the verdict checks what the search scored
     assert verdict.render(flag)[0].startswith(
@@ -147,10 +161,14 @@ def test_a_small_scored_share_is_said_to_be_small(tmp_path, seen, mlp):
         search=SearchOptions(Budget(min_sqnr_db=25.0)), log=logs.append,
     )  # fmt: skip
     assert len(seen["calibration"]) == 24 and len(seen["search"]) == 24
+    # half of the data held: the second fold swaps the halves
+    np.testing.assert_array_equal(seen["fold search"], seen["calibration"])
+    np.testing.assert_array_equal(seen["fold calibration"], seen["search"])
     assert logs[:2] == [
-        "scoring on 24 of 48 --data samples, spread through it, which calibration does not read",
-        "warning: a budget met on 24 samples, with calibration on 24, may not hold on new data (PP-OCRv4 det: "
-        "IoU 0.9 met on 16 images read 0.82 on 16 others): give separate --eval-data of a hundred samples or more",
+        "scoring on 24 of 48 --data samples, spread through it, which calibration does not read, and on 24 others "
+        "with a second calibration on the rest",
+        "warning: a budget met on 2 x 24 samples, each calibration reading 24, may not hold on new data (PP-OCRv4 "
+        "det: IoU 0.9 met on 16 images read 0.82 on 16 others): give separate --eval-data of a hundred samples or more",
     ]
 
 

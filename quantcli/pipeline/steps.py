@@ -46,9 +46,11 @@ from quantcli.stats.artifact import read_calibration
 from quantcli.stats.calibration import activation_levels, calibrate, ranges_for_levels, rechoose
 
 if TYPE_CHECKING:
+    from quantcli.data.datasets import Dataset
     from quantcli.passes.equalization import EqualizationReport
     from quantcli.passes.smoothquant import SmoothQuantReport
-    from quantcli.search.accuracy_search import SearchBase
+    from quantcli.search.accuracy_search import SearchBase, SecondFold
+    from quantcli.stats.calibration import CalibrationResult
 
 __all__ = [
     "ALL_ALGORITHMS",
@@ -151,21 +153,26 @@ def calibrate_or_read(ctx: ConvertContext) -> None:
         calibration = read_calibration(Path(calibration), expected_sha256=ctx.sha256)
     elif calibration is None:
         data_path = need(r.data_path, "the data path")
-        method = CalibrationMethod.PERCENTILE if r.wants_histograms else ctx.method or CalibrationMethod.MINMAX
         dataset = ctx.calibration_data or ctx.fmt.open(data_path, model_input_specs(need(ctx.model, "the model")))
-        calibration = calibrate(  # the model loaded, checked and pre-processed above, not a second copy
-            need(ctx.prepared, "the pre-processed model"),
-            dataset,
-            model_sha256=ctx.sha256,
-            method=method,
-            percentile=ctx.percentile,
-            timeout=r.timeout,
-            source=ctx.source,
-            progress=ctx.progress,
-        )
+        calibration = _calibrate(ctx, dataset)
     elif calibration.model_sha256 != ctx.sha256:
         raise QuantCliError(f"{r.model_path}: the calibration was made for another model (sha256 differs)")
     ctx.calibration = calibration
+
+
+def _calibrate(ctx: ConvertContext, dataset: Dataset) -> CalibrationResult:
+    """The calibration of the pre-processed model on ``dataset`` (with histograms for a search or a recipe)."""
+    r = ctx.request
+    return calibrate(  # the model loaded, checked and pre-processed above, not a second copy
+        need(ctx.prepared, "the pre-processed model"),
+        dataset,
+        model_sha256=ctx.sha256,
+        method=CalibrationMethod.PERCENTILE if r.wants_histograms else ctx.method or CalibrationMethod.MINMAX,
+        percentile=ctx.percentile,
+        timeout=r.timeout,
+        source=ctx.source,
+        progress=ctx.progress,
+    )
 
 
 def rechoose_method(ctx: ConvertContext) -> None:
@@ -257,6 +264,19 @@ def search_base(ctx: ConvertContext) -> None:
         calibration = need(ctx.calibration, "the calibration")
         shapes = data_sample_shapes(ctx)
         ctx.base = SearchBase(prepared, calibration, ctx.config, speed=speed, input_shapes=shapes)
+    if ctx.fold_data is not None and r.calibration is None:  # the second fold: calibrated without its samples
+        ctx.log(f"calibrating a second fold on {ctx.fold_data[0].num_samples} samples")
+        ctx.fold_base = (
+            algorithm_base(prepared, ctx.config, ctx.algorithms, _fold_inputs(ctx))[0]
+            if ctx.algorithms.needs_data
+            else replace(ctx.base, calibration=_calibrate(ctx, ctx.fold_data[0]))
+        )
+
+
+def _fold_inputs(ctx: ConvertContext) -> AlgorithmInputs:
+    """What the algorithms read for the second fold: the data without the fold's scored samples."""
+    fold = need(ctx.fold_data, "the second fold")
+    return replace(_inputs(ctx, need(ctx.request.data_path, "the data path")), samples=fold[0])
 
 
 def replay_recipe(ctx: ConvertContext) -> None:
@@ -287,14 +307,32 @@ def search(ctx: ConvertContext) -> None:
     if options.timer is None:  # the cheapest few in the budget are timed against FP32 before one is chosen
         options = replace(options, timer=_search_timer)
     alternatives, alt_reports = _algorithm_alternatives(ctx, options.try_algorithms)
+    second = _second_fold(ctx, len(alternatives) > 0)
     searched = search_quantization(
-        base, dataset, options, alternatives=alternatives, reference=prepared, progress=ctx.progress, log=ctx.log
+        base,
+        dataset,
+        options,
+        alternatives=alternatives,
+        reference=prepared,
+        progress=ctx.progress,
+        log=ctx.log,
+        second_fold=second,
     )
     ctx.searched, ctx.quantized, ctx.plan = searched, searched.model, searched.plan
     if searched.base is not None and searched.base.name:  # the algorithm stage's base won
         ctx.applied, ctx.calibration = alt_reports, searched.base.calibration
     if searched.bias_correction is not None:
         ctx.applied = (*ctx.applied, searched.bias_correction)
+
+
+def _second_fold(ctx: ConvertContext, alternatives: bool) -> SecondFold | None:
+    """The second fold's bases (the algorithm stage's too) and the samples they score (None without one)."""
+    from quantcli.search.accuracy_search import SecondFold
+
+    if ctx.fold_data is None or ctx.fold_base is None:
+        return None
+    bases = [ctx.fold_base, *([_all_algorithms(ctx, _fold_inputs(ctx))[0]] if alternatives else [])]
+    return SecondFold(tuple(bases), ctx.fold_data[1])
 
 
 def _search_timer(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> float:
@@ -317,9 +355,17 @@ def _algorithm_alternatives(
             f"{r.model_path}: the search's algorithm stage transforms and calibrates the model: give $data_path",
             option="data_path",
         )
+    alt, alt_reports = _all_algorithms(ctx, _inputs(ctx, r.data_path))
+    return [alt], alt_reports
+
+
+def _all_algorithms(
+    ctx: ConvertContext, inputs: AlgorithmInputs
+) -> tuple[SearchBase, tuple[EqualizationReport | SmoothQuantReport, ...]]:
+    """The algorithm stage's base: every algorithm and MSE weight clipping, on ``inputs``."""
     mse = replace(ctx.config, weight_clipping=WeightClipping.MSE)
-    alt, alt_reports = algorithm_base(need(ctx.prepared, "the model"), mse, ALL_ALGORITHMS, _inputs(ctx, r.data_path))
-    return [replace(alt, name="all algorithms")], alt_reports
+    alt, reports = algorithm_base(need(ctx.prepared, "the model"), mse, ALL_ALGORITHMS, inputs)
+    return replace(alt, name="all algorithms"), reports
 
 
 def validate(ctx: ConvertContext) -> None:

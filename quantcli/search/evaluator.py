@@ -15,6 +15,10 @@ are summed sample by sample (``math.fsum``), so the SQNR does not depend on the 
 A MatMul run with run-time activation quantization (``DynamicQuantizeMatMul``) takes its range from the
 whole batch, so its score depends on the batching, hence on ``max_memory`` (the batch is a function of
 the model, the first sample and the budget: the same inputs give the same scores).
+
+Folds: with ``folds`` (more datasets), the samples are those of ``dataset`` and then of each fold, and
+``score`` takes one session a fold: each fold's samples are run by the candidate built from a
+calibration that did not read them (``accuracy_search.SecondFold``), and the score is over all of them.
 """
 
 from __future__ import annotations
@@ -49,9 +53,11 @@ class Evaluator:
         *,
         kinds: tuple[Mapping[str, OutputKind], float] | None = None,
         max_memory: int | None = None,
+        folds: Sequence[Dataset] = (),
     ) -> None:
         """``kinds`` (overrides, map threshold): measure each output's kind metric (task-level bounds).
-        ``max_memory``: bytes a batch's activations may take (None: ``batch_size`` samples, unmeasured)."""
+        ``max_memory``: bytes a batch's activations may take (None: ``batch_size`` samples, unmeasured).
+        ``folds``: more samples, each set scored by a session of its own (``score``)."""
         self.dataset = dataset
         self.kind_options = kinds
         self.metric = metric if metric is not None and metric.function is not None else None
@@ -69,7 +75,15 @@ class Evaluator:
         self.size = dataset.effective_batch_size(self.batches.score)
         session = make_session(reference)
         self.names = [o.name for o in session.get_outputs()]
-        self.feeds = list(dataset.batches(self.size))
+        parts = (dataset, *folds)
+        #: the feeds of every part, and the part (the session of ``score``) each belongs to
+        self.feeds: list[dict[str, np.ndarray]] = []
+        self.fold_of: list[int] = []
+        for i, part in enumerate(parts):
+            for feed in part.batches(self.size):
+                self.feeds.append(feed)
+                self.fold_of.append(i)
+        self.parts = len(parts)
         self.reference = [session.run(self.names, feed) for feed in self.feeds]
         #: each output's FP32 energy, summed sample by sample
         self.signal = {n: _energy([r[i] for r in self.reference]) for i, n in enumerate(self.names)}
@@ -77,11 +91,13 @@ class Evaluator:
         self.session = session if self.size == 1 else make_session(reference)
         del session
         self.counts = [dataset.batch_length(feed) for feed in self.feeds]
+        #: how many samples are scored (every part's)
+        self.num_samples = sum(part.num_samples for part in parts)
         #: labels in the feeds' order, for kind metrics (a sequence is judged at its labelled positions)
-        self.position_labels = dataset.yielded_labels()
+        self.position_labels = _joined([part.yielded_labels() for part in parts])
         #: each output's detected (or given) kind, FP32 against itself
         self.kinds = self._kinds(self.reference[:1]) if kinds is not None else ()
-        self.labels = None if agreement else dataset.labels
+        self.labels = None if agreement else _joined([part.labels for part in parts])
         first = self.reference[0][0] if self.reference else np.zeros(0)
         scores = first.ndim >= 2 and first.shape[-1] > 1 and first.dtype.kind == "f"
         # batch x classes, or batch x positions... x classes with labels per position (token
@@ -126,13 +142,15 @@ class Evaluator:
             observer(self.names, ref, out, n)
         return tuple(observer.results())
 
-    def score(self, session: ort.InferenceSession) -> Score:
-        """``session``'s score against the FP32 outputs (the session is only run, never kept)."""
+    def score(self, *sessions: ort.InferenceSession) -> Score:
+        """The score against the FP32 outputs of one session a part (``folds``); the sessions are only run."""
+        if len(sessions) != self.parts:
+            raise ValueError(f"{len(sessions)} sessions for {self.parts} parts of the samples")
         noise: dict[str, list[float]] = {n: [] for n in self.names}
         firsts: list[np.ndarray] = []
         everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
-        for feed, ref in zip(self.feeds, self.reference, strict=True):
-            out = session.run(self.names, feed)
+        for feed, ref, fold in zip(self.feeds, self.reference, self.fold_of, strict=True):
+            out = sessions[fold].run(self.names, feed)
             if self.metric is not None or self.kind_options is not None:
                 everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
@@ -161,6 +179,13 @@ class Evaluator:
                 drop = 100.0 * float(np.mean(ref_top != q_top))
         kinds = self._kinds(everything) if self.kind_options is not None else ()
         return Score(accuracy, drop, sqnr, kinds)
+
+
+def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """The labels of every part, one after another (None when a part has none)."""
+    if any(part is None for part in labels):
+        return None
+    return labels[0] if len(labels) == 1 else np.concatenate([np.asarray(part) for part in labels])
 
 
 def _energy(batches: Sequence[np.ndarray]) -> float:

@@ -7,12 +7,22 @@ import pytest
 from onnx import numpy_helper
 
 from quantcli import api
-from quantcli.data.datasets import model_input_specs, open_dataset
+from quantcli.core.options import CalibrationMethod, QuantConfig
+from quantcli.data.datasets import Dataset, model_input_specs, open_dataset
 from quantcli.graph.model_io import load_model
 from quantcli.graph.session import make_session
 from quantcli.pipeline.holdout import second_fold, spread
-from quantcli.search.accuracy_search import Budget, SearchOptions
+from quantcli.search.accuracy_search import (
+    Budget,
+    BudgetNotMetError,
+    SearchBase,
+    SearchOptions,
+    SearchResult,
+    SecondFold,
+    search_quantization,
+)
 from quantcli.search.evaluator import Evaluator
+from quantcli.stats.calibration import calibrate
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 
 DIGITS = SAMPLE_MODELS / "digits_cnn.onnx"
@@ -40,7 +50,8 @@ def blurred() -> object:
 def _parts() -> tuple[object, object, object]:
     reference = load_model(DIGITS)
     whole = open_dataset(DIGITS_EVAL, model_input_specs(reference))
-    kept, second = second_fold(whole, spread(whole.num_samples, 40))
+    kept, second, unscored = second_fold(whole, spread(whole.num_samples, 40))
+    assert unscored is not None and unscored.num_samples == whole.num_samples - 80
     return reference, kept, second
 
 
@@ -97,3 +108,40 @@ def test_a_search_on_its_own_data_reports_both_folds_samples(tmp_path):
     assert result.search is not None and result.search.num_samples == 128
     assert "the budget is met on 128 samples" in " ".join(logs)
     assert result.search.recipe("0" * 64, result.search.base.config, 99.99).search["evaluation_samples"] == 128
+
+
+def _search_with_confirmation(confirm_scale: float) -> tuple[SearchResult | None, list[str]]:
+    """A search on the real digits (calibration on 136, two folds of 32 scored) whose confirmation samples
+    are 32 other digits times ``confirm_scale``: scaled up, past every range calibration saw, they clip."""
+    model = load_model(DIGITS)
+    specs = model_input_specs(model)
+    x = np.load(CALIBRATION_DATA / "digits_cnn_calib.npz")["input"]
+
+    def data(rows: np.ndarray) -> Dataset:
+        return Dataset.from_arrays(specs, {"input": rows})
+
+    def base(rows: np.ndarray) -> SearchBase:
+        calibration = calibrate(model, data(rows), model_sha256="0" * 64, method=CalibrationMethod.PERCENTILE)
+        return SearchBase(model, calibration, QuantConfig())
+
+    fold = SecondFold((base(np.concatenate([x[:104], x[136:168]])),), data(x[104:136]), data(x[168:] * confirm_scale))
+    logs: list[str] = []
+    options = SearchOptions(Budget(min_sqnr_db=30.0), max_fallback=0)  # no node to float: the methods decide
+    try:
+        result = search_quantization(base(x[32:168]), data(x[:32]), options, log=logs.append, second_fold=fold)
+    except BudgetNotMetError:
+        return None, logs
+    return result, logs
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_a_trial_meets_the_budget_only_when_the_unscored_samples_confirm_it(scale):
+    result, logs = _search_with_confirmation(scale)
+    first = next(line for line in logs if "step 1 " in line)
+    assert "the budget is met on 64 samples, and confirmed on 32 others" in logs[0]
+    if scale == 1.0:  # like the scored samples: what meets on the folds is confirmed
+        assert result is not None and result.chosen.confirmation is not None
+        assert "confirmed on the samples the search does not choose on" in first and "meets budget" in first
+    else:  # clipped there: the trials that meet on the folds are not confirmed, and none is returned
+        assert "not confirmed on the samples the search does not choose on" in first and "misses budget" in first
+        assert result is None

@@ -85,7 +85,8 @@ def test_the_search_scores_on_samples_calibration_did_not_read(tmp_path, seen):
     assert result.search is not None and result.search.num_samples == 128
     assert (
         "scoring on 64 of 200 --data samples, spread through it, which calibration does not read, and on 64 "
-        "others with a second calibration on the rest" in logs
+        "others with a second calibration on the rest; what meets the budget there must meet it on the other 72 "
+        "too" in logs
     )
     verdict = result.verdict
     assert verdict is not None and verdict.num_samples == 64  # the verdict checks what the search scored

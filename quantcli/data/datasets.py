@@ -42,6 +42,7 @@ __all__ = [
     "parse_batch_axes",
     "random_dataset",
     "sample_shapes",
+    "spread",
 ]
 
 #: keys that carry labels rather than model inputs
@@ -392,6 +393,11 @@ class Dataset:
                     chunks.append(replace(chunk, count=hi - lo, first=chunk.first + lo - self._offsets[i]))
         labels = None if self.labels is None else self.labels[np.asarray(positions, dtype=np.int64)]
         return Dataset(self.path, self.specs, tuple(chunks), labels, axes=self.axes)
+
+
+def spread(n: int, count: int) -> list[int]:
+    """``count`` positions of ``n`` spread evenly, the last one included (``spread(8, 4)``: 1, 3, 5, 7)."""
+    return [(i + 1) * n // count - 1 for i in range(count)]
 
 
 def _runs(positions: Sequence[int]) -> list[tuple[int, int]]:

@@ -86,8 +86,9 @@ class ConvertContext:
     held_out: tuple[Dataset, int] | None = None
     #: the samples the search scores on when they are held back from ``data_path`` (``quantcli.pipeline.holdout``)
     search_data: Dataset | None = None
-    #: the search's second fold (``quantcli.pipeline.holdout``): the samples its calibration reads, those it scores
-    fold_data: tuple[Dataset, Dataset] | None = None
+    #: the search's second fold (``quantcli.pipeline.holdout``): the samples its calibration reads, those it
+    #: scores, and those neither fold scores (the confirmation's)
+    fold_data: tuple[Dataset, Dataset, Dataset | None] | None = None
     #: the search base calibrated on ``fold_data``'s first part (``accuracy_search.SecondFold``)
     fold_base: SearchBase | None = None
     #: the search's ``eval_data`` is ``data_path`` with too few samples to hold back: calibration read them

@@ -332,7 +332,7 @@ def _second_fold(ctx: ConvertContext, alternatives: bool) -> SecondFold | None:
     if ctx.fold_data is None or ctx.fold_base is None:
         return None
     bases = [ctx.fold_base, *([_all_algorithms(ctx, _fold_inputs(ctx))[0]] if alternatives else [])]
-    return SecondFold(tuple(bases), ctx.fold_data[1])
+    return SecondFold(tuple(bases), ctx.fold_data[1], ctx.fold_data[2])
 
 
 def _search_timer(reference: onnx.ModelProto, candidate: onnx.ModelProto, feed: Mapping[str, np.ndarray]) -> float:

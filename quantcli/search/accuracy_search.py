@@ -78,7 +78,7 @@ from quantcli.core.host import ConstantSpeedOracle, SpeedOracle
 from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.core.progress import Progress, no_progress
 from quantcli.core.units import byte_text
-from quantcli.data.datasets import Dataset
+from quantcli.data.datasets import Dataset, spread
 from quantcli.graph.index import GraphIndex
 from quantcli.graph.session import make_session
 from quantcli.modes.dynamic import lower_dynamic_nodes
@@ -219,6 +219,9 @@ class SecondFold:
     #: the base and the alternatives, in ``search_quantization``'s order (their names are not read)
     bases: Sequence[SearchBase] = field(repr=False)
     dataset: Dataset = field(repr=False)
+    #: samples neither fold scores: a trial that meets the budget on both must meet it on these too, as
+    #: given (``Budget.margin`` 0), scored by the first fold's model (None: no such samples)
+    confirmation: Dataset | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +252,9 @@ class Trial:
     kept: bool = False  # the step's change was kept
     #: each output's kind and task metric (measured when the budget has task-level bounds)
     kinds: tuple[KindMetrics, ...] = ()
+    #: the score on the confirmation samples (``SecondFold.confirmation``), measured when the trial met the
+    #: budget on the scored ones; ``meets_budget`` holds only when it meets it there too
+    confirmation: Score | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,15 +436,13 @@ def _search_quantization(
         raise QuantCliError("the accuracy search needs a budget: $search", options=("search",))
     if second_fold is not None and len(second_fold.bases) != 1 + len(alternatives):
         raise ValueError("the second fold needs one base for the base and each alternative")
-    parts = [dataset, *([second_fold.dataset] if second_fold is not None else [])]
-    if options.max_samples is not None:  # shared by the folds
-        limit = max(1, options.max_samples // len(parts))
-        parts = [p.subset(limit) if p.num_samples > limit else p for p in parts]
+    parts, confirmation = _samples(dataset, second_fold, options.max_samples)
     dataset = parts[0]
     kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
     budget_bytes = search_memory_budget(options.max_memory)
+    fp32 = reference if reference is not None else base.prepared
     ev = Evaluator(
-        reference if reference is not None else base.prepared,
+        fp32,
         dataset,
         metric=options.metric,
         kinds=kinds,
@@ -462,10 +466,16 @@ def _search_quantization(
         raise ValueError("search bases need distinct names (the given one is '')")
     ranges = {name: _ranges(b, options.percentile) for name, b in bases.items()}
     fold_bases = dict(zip(bases, second_fold.bases, strict=True)) if second_fold is not None else {}
+    confirm = (
+        Evaluator(fp32, confirmation, metric=options.metric, kinds=kinds, max_memory=budget_bytes)
+        if confirmation is not None
+        else None
+    )
     if second_fold is not None:
         log(
             f"scoring each candidate on {parts[1].num_samples} more samples, built from a calibration that did "
             f"not read them: the budget is met on {ev.num_samples} samples"
+            + (f", and confirmed on {confirm.num_samples} others" if confirm is not None else "")
         )
     macs = _node_macs(base.prepared, ev.latency_feed)
     search = _Search(
@@ -478,8 +488,9 @@ def _search_quantization(
         macs=macs,
         costs=cost_table(base.prepared, macs, base.speed),
         dynamic_ok=_dynamic_ok(base.prepared),
-        reference=reference if reference is not None else base.prepared,
+        reference=fp32,
         folds={name: (b, _ranges(b, options.percentile)) for name, b in fold_bases.items()},
+        confirm=confirm,
     )
     best = _stage_methods(search)
     if not best.meets_budget:
@@ -489,6 +500,24 @@ def _search_quantization(
     if not best.meets_budget and options.max_fallback > 0:  # 0: no node returns to float, in any stage
         best = _stage_regions(search, best)
     return search.result(_settle(search, best))
+
+
+def _samples(
+    dataset: Dataset, second_fold: SecondFold | None, max_samples: int | None
+) -> tuple[list[Dataset], Dataset | None]:
+    """The scored samples, one part a fold (``max_samples`` shared by them), and the confirmation samples
+    (at most ``max_samples``; None without a second fold or such samples)."""
+    if second_fold is None:
+        parts, confirmation = [dataset], None
+    else:
+        parts, confirmation = [dataset, second_fold.dataset], second_fold.confirmation
+    if max_samples is None:
+        return parts, confirmation
+    limit = max(1, max_samples // len(parts))
+    parts = [p.subset(limit) if p.num_samples > limit else p for p in parts]
+    if confirmation is not None and confirmation.num_samples > max_samples:  # spread: data sorted by class
+        confirmation = confirmation.select(spread(confirmation.num_samples, max_samples))
+    return parts, confirmation
 
 
 def model_cost(candidate: Candidate, costs: Mapping[str, int | None] | CostTable) -> float:
@@ -600,6 +629,8 @@ class _Search:
     ahead: dict[Candidate, tuple[_Built, Score]] = field(default_factory=dict)
     #: the second fold's base and ranges by base name (empty: no second fold, ``SecondFold``)
     folds: dict[str, tuple[SearchBase, _Ranges]] = field(default_factory=dict)
+    #: scores a trial that met the budget on the samples nobody chose on (``SecondFold.confirmation``)
+    confirm: Evaluator | None = None
 
     def fold_models(self, cand: Candidate) -> tuple[onnx.ModelProto, ...]:
         """``cand`` built from the second fold's calibration (none without a second fold)."""
@@ -643,6 +674,10 @@ class _Search:
         lat = measure_latency(
             self.ev.session, session, self.ev.latency_feed, threads=1, warmup=3, runs=self.options.latency_runs
         )
+        met = meets(score, self.options.budget)
+        check = self.confirm.score(session) if met and self.confirm is not None else None
+        if check is not None:  # as given: the margin was for the scored samples' chance, not these
+            met = meets(check, replace(self.options.budget, margin=0.0))
         trial = Trial(
             step=len(self.trials) + 1,
             stage=stage,
@@ -652,8 +687,9 @@ class _Search:
             accuracy_drop=score.accuracy_drop,
             sqnr_db=score.sqnr_db,
             speedup_b1=lat.speedup,
-            meets_budget=meets(score, self.options.budget),
+            meets_budget=met,
             kinds=score.kinds,
+            confirmation=check,
         )
         self.trials.append(trial)
         # only a model that may be chosen stays in memory (a large model's copies add up over ~50 trials)
@@ -1041,15 +1077,24 @@ def _describe(t: Trial) -> str:
     if t.accuracy_drop is not None:
         parts.append(f"drop {t.accuracy_drop:.2f}")
     parts.append(f"SQNR {t.sqnr_db:.1f} dB")
-    parts.extend(
-        _kind_value(k) for k in t.kinds if k.agreement is not None or k.cosine is not None or k.iou is not None
-    )
+    parts.extend(_kind_value(k) for k in _kind_values(t.kinds))
     parts.append(f"{t.speedup_b1:.2f}x FP32 at b1")
     parts.append(f"{len(t.candidate.float_nodes)} float")
     if t.candidate.dynamic_nodes:
         parts.append(f"{len(t.candidate.dynamic_nodes)} dynamic")
+    if t.confirmation is not None:
+        values = [_kind_value(k) for k in _kind_values(t.confirmation.kinds)] or [
+            f"SQNR {t.confirmation.sqnr_db:.1f} dB"
+        ]
+        said = "confirmed" if t.meets_budget else "not confirmed"
+        parts.append(f"{said} on the samples the search does not choose on ({', '.join(values)})")
     parts.append("meets budget" if t.meets_budget else "misses budget")
     return ", ".join(parts)
+
+
+def _kind_values(kinds: Sequence[KindMetrics]) -> list[KindMetrics]:
+    """The kinds with a task-level value (agreement, cosine or IoU)."""
+    return [k for k in kinds if k.agreement is not None or k.cosine is not None or k.iou is not None]
 
 
 def _kind_value(k: KindMetrics) -> str:

@@ -17,6 +17,7 @@ from quantcli.cli.flags import SearchFlags
 from quantcli.compare.output_kinds import KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
 from quantcli.core.options import CalibrationMethod, QuantConfig
+from quantcli.graph.model_io import load_model
 from quantcli.search.accuracy_search import (
     FLOAT_MAC_COST,
     INTEGER_MAC_COST,
@@ -29,9 +30,11 @@ from quantcli.search.accuracy_search import (
     cheapest,
     model_cost,
 )
-from quantcli.search.budget import DEFAULT_MARGIN, Score, kind_margin, meets, required_share, standard_error
+from quantcli.search.budget import DEFAULT_MARGIN, Score, key, kind_margin, meets, required_share, standard_error
+from quantcli.search.evaluator import _sqnr_error
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+from tests.helpers import run
 
 CONFIG = QuantConfig()
 pytestmark = pytest.mark.usefixtures("fixed_speedup")
@@ -106,6 +109,48 @@ def test_the_margin_of_a_mean_is_its_samples_spread():
     assert not meets(Score(None, None, 30.0, (one_off,)), Budget(min_agreement=0.9))
     wide = KindMetrics("map", OutputKind.MAP, "", 4, 12.0, iou=1.0, scored=4, spread=0.5)
     assert meets(Score(None, None, 12.0, (wide,)), Budget(min_iou=0.9))  # 1.0 is the most an IoU can read
+
+
+def test_the_sqnr_error_is_the_spread_of_its_ratio_over_the_samples():
+    """The delta-method error of 10 log10(sum s / sum n) agrees with a bootstrap over the samples (real
+    energies: the digits CNN's logits against its int8 model, 200 samples), and is 0 without spread."""
+    rng = np.random.default_rng(0)
+    x = np.load(CALIBRATION_DATA / "digits_cnn_calib.npz")["input"]
+    ref = run(load_model(SAMPLE_MODELS / "digits_cnn.onnx"), {"input": x})[0].astype(np.float64)
+    noisy = ref + rng.normal(scale=0.3, size=ref.shape) * np.abs(ref).mean(axis=1, keepdims=True) ** 2
+    signal, noise = np.sum(ref**2, axis=1), np.sum((ref - noisy) ** 2, axis=1)
+    boot = [
+        10 * math.log10(signal[i].sum() / noise[i].sum())
+        for i in (rng.integers(0, len(x), len(x)) for _ in range(2000))
+    ]
+    assert _sqnr_error(list(signal), list(noise)) == pytest.approx(float(np.std(boot)), rel=0.15)
+    assert _sqnr_error([1.0] * 8, [0.01] * 8) == pytest.approx(0.0, abs=1e-9)
+    assert _sqnr_error([1.0], [0.5]) == 0.0  # one sample: no spread to take
+
+
+def test_min_sqnr_holds_by_its_standard_error():
+    """30.5 dB with a 1 dB error misses 30 by one standard error but meets it as given; the key ranks by the
+    same floor, so ranking and meeting agree."""
+    score = Score(None, None, 30.5, sqnr_error_db=1.0)
+    assert not meets(score, Budget(min_sqnr_db=30.0)) and meets(score, Budget(min_sqnr_db=30.0, margin=0.0))
+    assert meets(Score(None, None, 31.5, sqnr_error_db=1.0), Budget(min_sqnr_db=30.0))
+    assert meets(Score(None, None, math.inf, sqnr_error_db=0.0), Budget(min_sqnr_db=30.0))
+    assert key(score, Budget(min_sqnr_db=30.0))[0] == pytest.approx(29.5)
+    assert Budget(min_sqnr_db=30.0).describe() == "SQNR >= 30 dB (by 1 standard error)"
+    assert Budget(max_accuracy_drop=1.0).describe() == "accuracy drop <= 1 points"  # no margin there
+
+
+def test_the_sqnr_margin_asks_more_of_the_search(mlp, tmp_path):
+    """sensitive_mlp: mm2 alone in float meets 25 dB as given; by one standard error of the 128 scored
+    samples the search asks more, and every trial it lets meet clears the floor."""
+    given = _search(mlp, tmp_path / "a.onnx", SearchOptions(Budget(min_sqnr_db=25.0, margin=0.0), latency_runs=1))
+    safe = _search(mlp, tmp_path / "b.onnx", SearchOptions(Budget(min_sqnr_db=25.0), latency_runs=1))
+    assert given.search is not None and safe.search is not None
+    assert given.search.chosen.candidate.float_nodes == ("mm2",)
+    edge = given.search.chosen
+    assert edge.sqnr_error_db > 0 and edge.sqnr_db - edge.sqnr_error_db < 25.0  # as given only
+    assert safe.search.chosen.candidate != edge.candidate
+    assert all(t.sqnr_db - t.sqnr_error_db >= 25.0 for t in safe.search.trials if t.meets_budget)
 
 
 def test_the_search_says_what_each_bound_needs():

@@ -138,7 +138,7 @@ def _search_with_confirmation(confirm_scale: float) -> tuple[SearchResult | None
 def test_a_trial_meets_the_budget_only_when_the_unscored_samples_confirm_it(scale):
     result, logs = _search_with_confirmation(scale)
     first = next(line for line in logs if "step 1 " in line)
-    assert "the budget is met on 64 samples, and confirmed on 32 others" in logs[0]
+    assert any("the budget is met on 64 samples, and confirmed on 32 others" in line for line in logs)
     if scale == 1.0:  # like the scored samples: what meets on the folds is confirmed
         assert result is not None and result.chosen.confirmation is not None
         assert "confirmed on the samples the search does not choose on" in first and "meets budget" in first

@@ -255,6 +255,11 @@ class Trial:
     #: the score on the confirmation samples (``SecondFold.confirmation``), measured when the trial met the
     #: budget on the scored ones; ``meets_budget`` holds only when it meets it there too
     confirmation: Score | None = None
+    sqnr_error_db: float = 0.0  # ``Score.sqnr_error_db``
+
+    def score(self) -> Score:
+        """The score the trial was judged on."""
+        return Score(self.accuracy, self.accuracy_drop, self.sqnr_db, self.kinds, sqnr_error_db=self.sqnr_error_db)
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,9 +587,13 @@ def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> N
     """Say what each output was detected as; every task-level bound needs an output of its kind."""
     for k in ev.kinds:
         log(f"output {k.name}: {k.kind} ({k.reason})")
-    if budget.margin and budget.kind_bounds():
+    if budget.has_margin():
         samples = sum(ev.counts)
         needs = [_need(name, bound, samples, budget.margin) for name, bound in budget.kind_bounds()]
+        if budget.min_sqnr_db is not None:
+            needs.append(
+                f"SQNR >= {budget.min_sqnr_db:g} dB needs it less {standard_errors(budget.margin)} of its samples"
+            )
         log(
             f"the bounds must hold by {standard_errors(budget.margin)} on {samples} scored samples, so that "
             f"they hold on new data: {'; '.join(needs)} (--search-margin 0: the bounds as given)"
@@ -690,6 +699,7 @@ class _Search:
             meets_budget=met,
             kinds=score.kinds,
             confirmation=check,
+            sqnr_error_db=score.sqnr_error_db,
         )
         self.trials.append(trial)
         # only a model that may be chosen stays in memory (a large model's copies add up over ~50 trials)
@@ -715,7 +725,7 @@ class _Search:
 
     def key(self, t: Trial) -> tuple[float, float]:
         """Larger is better (``_key``)."""
-        return key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), self.options.budget)
+        return key(t.score(), self.options.budget)
 
     def layer_errors(self, cand: Candidate) -> list[LayerError]:
         """Per-layer error of a built candidate on a few samples (once per candidate), at the batch the
@@ -1060,9 +1070,7 @@ def closest_quantized(result: SearchResult, compute_nodes: Sequence[str]) -> Tri
     kept = [t for t in result.trials if not wanted <= set(t.candidate.float_nodes)]
     if not kept:
         return None
-    return max(
-        kept, key=lambda t: (key(Score(t.accuracy, t.accuracy_drop, t.sqnr_db, t.kinds), result.budget), -t.step)
-    )
+    return max(kept, key=lambda t: (key(t.score(), result.budget), -t.step))
 
 
 def describe_trial(t: Trial) -> str:

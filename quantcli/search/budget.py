@@ -3,8 +3,9 @@
 A ``Budget`` bounds the top-1 drop (points, against labels or FP32's own top-1), the output SQNR and,
 in the task's own terms, agreement, cosine and IoU on every output of their kind
 (``quantcli.compare.gates.kind_gates``), each task-level value by ``Budget.margin`` standard errors of
-its scored samples (``standard_error``). ``meets`` says whether a ``Score`` holds every bound given;
-``key`` orders scores (larger is better) by the budgeted metric, then SQNR.
+its scored samples (``standard_error``), and the SQNR by as many of its own (``Score.sqnr_error_db``).
+``meets`` says whether a ``Score`` holds every bound given; ``key`` orders scores (larger is better) by
+the budgeted metric, then SQNR.
 """
 
 from __future__ import annotations
@@ -65,9 +66,13 @@ class Budget:
             parts.append(f"SQNR >= {self.min_sqnr_db:g} dB")
         parts.extend(f"{name[4:]} >= {bound:g}" for name, bound in self.kind_bounds())
         text = ", ".join(parts)
-        if self.margin and self.kind_bounds():
+        if self.has_margin():
             text += f" (by {standard_errors(self.margin)})"
         return text
+
+    def has_margin(self) -> bool:
+        """A margin applies: it is not 0, and a task-level or SQNR bound is given."""
+        return bool(self.margin) and (bool(self.kind_bounds()) or self.min_sqnr_db is not None)
 
     def kind_bounds(self) -> list[tuple[str, float]]:
         """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
@@ -85,7 +90,7 @@ class Budget:
             "min_sqnr_db": self.min_sqnr_db,
         }
         bounds.update((name.replace("-", "_"), bound) for name, bound in self.kind_bounds())
-        if self.margin and self.kind_bounds():
+        if self.has_margin():
             bounds["margin_standard_errors"] = self.margin
         return bounds
 
@@ -98,6 +103,13 @@ class Score:
     accuracy_drop: float | None
     sqnr_db: float
     kinds: tuple[KindMetrics, ...] = ()
+    #: the standard error (dB) of ``sqnr_db`` over the scored samples (delta method on their signal and
+    #: noise energies; 0 when unknown): ``min_sqnr_db`` must hold by ``Budget.margin`` of them
+    sqnr_error_db: float = 0.0
+
+    def sqnr_floor(self, budget: Budget) -> float:
+        """The SQNR less ``budget.margin`` standard errors: what ``min_sqnr_db`` is held against."""
+        return self.sqnr_db - budget.margin * self.sqnr_error_db if math.isfinite(self.sqnr_db) else self.sqnr_db
 
 
 def standard_errors(margin: float) -> str:
@@ -158,7 +170,7 @@ def meets(score: Score, budget: Budget) -> bool:
     margin = kind_margin(score.kinds, budget)
     if margin is not None and margin < -1e-12:
         return False
-    return budget.min_sqnr_db is None or score.sqnr_db >= budget.min_sqnr_db
+    return budget.min_sqnr_db is None or score.sqnr_floor(budget) >= budget.min_sqnr_db
 
 
 def primary_target(budget: Budget) -> float:
@@ -178,5 +190,5 @@ def key(score: Score, budget: Budget) -> tuple[float, float]:
     elif margin is not None:
         primary = margin
     else:
-        primary = score.sqnr_db
+        primary = score.sqnr_floor(budget)
     return (round(primary, 9), round(score.sqnr_db, 6))

@@ -85,8 +85,12 @@ class Evaluator:
                 self.fold_of.append(i)
         self.parts = len(parts)
         self.reference = [session.run(self.names, feed) for feed in self.feeds]
-        #: each output's FP32 energy, summed sample by sample
-        self.signal = {n: _energy([r[i] for r in self.reference]) for i, n in enumerate(self.names)}
+        #: each output's FP32 energy, sample by sample, and summed (``math.fsum``)
+        self.signal_samples = {
+            n: [e for r in self.reference if r[i].dtype.kind == "f" for e in sample_energies(r[i])]
+            for i, n in enumerate(self.names)
+        }
+        self.signal = {n: math.fsum(e) for n, e in self.signal_samples.items()}
         # the batch's arena is released; batch-1 latency runs on a fresh session
         self.session = session if self.size == 1 else make_session(reference)
         del session
@@ -159,12 +163,14 @@ class Evaluator:
             firsts.append(out[0])
         noises = {n: math.fsum(noise[n]) for n in self.names}
         signal = self.signal
-        sqnrs = [
-            (10 * math.log10(signal[n] / noises[n]) if noises[n] > 0 else math.inf)
+        sqnrs = {
+            n: (10 * math.log10(signal[n] / noises[n]) if noises[n] > 0 else math.inf)
             for n in self.names
             if signal[n] > 0 or noises[n] > 0
-        ]
-        sqnr = min(sqnrs) if sqnrs else math.inf
+        }
+        worst = min(sqnrs, key=lambda n: sqnrs[n], default=None)
+        sqnr = sqnrs[worst] if worst is not None else math.inf
+        error = _sqnr_error(self.signal_samples[worst], noise[worst]) if worst is not None else 0.0
         accuracy = drop = None
         if self.metric is not None:
             accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
@@ -178,7 +184,7 @@ class Evaluator:
                 q_top = np.concatenate([f.argmax(-1) for f in firsts])
                 drop = 100.0 * float(np.mean(ref_top != q_top))
         kinds = self._kinds(everything) if self.kind_options is not None else ()
-        return Score(accuracy, drop, sqnr, kinds)
+        return Score(accuracy, drop, sqnr, kinds, sqnr_error_db=error)
 
 
 def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -188,6 +194,17 @@ def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
     return labels[0] if len(labels) == 1 else np.concatenate([np.asarray(part) for part in labels])
 
 
-def _energy(batches: Sequence[np.ndarray]) -> float:
-    """The energy of one output over ``batches``, summed sample by sample (``math.fsum``: exact, order-free)."""
-    return math.fsum(e for b in batches if b.dtype.kind == "f" for e in sample_energies(b))
+def _sqnr_error(signal: Sequence[float], noise: Sequence[float]) -> float:
+    """The standard error (dB) of ``10 log10(sum(signal) / sum(noise))`` over its samples, by the delta
+    method: the log of a ratio of two sums of per-sample energies, their variances and covariance taken
+    from the samples (0 for fewer than two samples or no noise)."""
+    m = len(noise)
+    if m < 2 or len(signal) != m:
+        return 0.0
+    s, n = np.asarray(signal, dtype=np.float64), np.asarray(noise, dtype=np.float64)
+    total_s, total_n = float(s.sum()), float(n.sum())
+    if total_s <= 0 or total_n <= 0:
+        return 0.0
+    cov = np.cov(s, n)  # sample (co)variances, ddof 1
+    var = m * (cov[0, 0] / total_s**2 + cov[1, 1] / total_n**2 - 2 * cov[0, 1] / (total_s * total_n))
+    return float(10 / math.log(10) * math.sqrt(max(0.0, var)))

@@ -264,7 +264,7 @@ def search_base(ctx: ConvertContext) -> None:
         calibration = need(ctx.calibration, "the calibration")
         shapes = data_sample_shapes(ctx)
         ctx.base = SearchBase(prepared, calibration, ctx.config, speed=speed, input_shapes=shapes)
-    if ctx.fold_data is not None and r.calibration is None:  # the second fold: calibrated without its samples
+    if ctx.fold_data is not None:  # the second fold: calibrated without its samples
         ctx.log(f"calibrating a second fold on {ctx.fold_data[0].num_samples} samples")
         ctx.fold_base = (
             algorithm_base(prepared, ctx.config, ctx.algorithms, _fold_inputs(ctx))[0]

@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from quantcli import api
 from quantcli.core.options import CalibrationMethod, QuantConfig
-from quantcli.data.datasets import Dataset, model_input_specs, open_dataset
+from quantcli.data.datasets import Dataset, InputSpec, model_input_specs, open_dataset
 from quantcli.graph.model_io import load_model
 from quantcli.graph.session import make_session
 from quantcli.pipeline.holdout import second_fold, spread
@@ -145,3 +145,17 @@ def test_a_trial_meets_the_budget_only_when_the_unscored_samples_confirm_it(scal
     else:  # clipped there: the trials that meet on the folds are not confirmed, and none is returned
         assert "not confirmed on the samples the search does not choose on" in first and "misses budget" in first
         assert result is None
+
+
+def test_the_folds_keep_whole_batches_of_a_fixed_batch_model():
+    """A model whose batch axis is fixed at 4 runs only whole batches: 22 samples, 4 held a share, 14 left
+    for the confirmation, which keeps 12 (three batches); 10 samples leave 2, under one batch: none."""
+    specs = [InputSpec("x", np.dtype(np.float32), (4, 3))]
+    x = np.arange(22 * 3, dtype=np.float32).reshape(22, 3)
+    data = Dataset.from_arrays(specs, {"x": x})
+    kept, second, unscored = second_fold(data, spread(22, 4))
+    assert second.num_samples == 4 and kept.num_samples == 18
+    assert unscored is not None and unscored.num_samples == 12
+    assert sum(1 for _ in unscored.batches(1)) == 3
+    small = Dataset.from_arrays(specs, {"x": x[:10]})
+    assert second_fold(small, spread(10, 4))[2] is None

@@ -130,6 +130,7 @@ def second_fold(dataset: Dataset, scored: Sequence[int]) -> tuple[Dataset, Datas
     rest = sorted(set(range(n)) - set(scored))
     second = [rest[i] for i in spread(len(rest), len(scored))]
     unscored = sorted(set(rest) - set(second))
+    unscored = unscored[: len(unscored) - len(unscored) % dataset.effective_batch_size(1)]  # whole fixed batches
     confirmation = dataset.select(unscored) if unscored else None
     return dataset.select(sorted(set(range(n)) - set(second))), dataset.select(second), confirmation
 

@@ -539,8 +539,8 @@ def convert(
         Path | None,
         typer.Option(
             "--eval-data",
-            help="Held-out data (with labels) for the accuracy search; the same as --data: it scores on a share "
-            "of --data held back from calibration.",
+            help="Held-out data (with labels) for the accuracy search; the same as --data: it scores on two shares "
+            "of --data, each held back from one of two calibrations, and confirms on the rest.",
             rich_help_panel=SEARCH,
         ),
     ] = None,
@@ -604,8 +604,9 @@ def convert(
         float,
         typer.Option(
             min=0.0,
-            help="Standard errors of the scored samples by which --min-agreement/--min-cosine/--min-iou must hold "
-            "(0.95 on 64 samples needs 0.977): a budget met at its edge on few samples reads lower on new data.",
+            help="Standard errors of the scored samples by which --min-agreement/--min-cosine/--min-iou and "
+            "--min-sqnr must hold (0.95 on 64 samples needs 0.977): a budget met at its edge on few samples reads "
+            "lower on new data.",
             rich_help_panel=SEARCH,
         ),
     ] = DEFAULT_MARGIN,

@@ -176,6 +176,16 @@ def test_an_unreachable_agreement_is_not_met(mlp, tmp_path):
     assert not (tmp_path / "q.onnx").exists()
 
 
+def test_no_fallback_means_no_float_node_in_any_trial(mlp, tmp_path):
+    """``max_fallback`` 0: mm2 in float would meet 25 dB, but no stage (not even a probe, which the cheapest
+    met trial could be) floats a node: the search exits 1."""
+    with pytest.raises(BudgetNotMetError, match="SQNR >= 25 dB"):
+        _search(mlp, tmp_path / "q.onnx", SearchOptions(Budget(min_sqnr_db=25.0, margin=0.0), max_fallback=0))
+    assert not (tmp_path / "q.onnx").exists()
+    allowed = _search(mlp, tmp_path / "f.onnx", SearchOptions(Budget(min_sqnr_db=25.0, margin=0.0), max_fallback=1))
+    assert allowed.search is not None and allowed.search.chosen.candidate.float_nodes == ("mm2",)
+
+
 def test_every_output_must_hold(tmp_path):
     """Two outputs: the class scores (agreement) and the hidden layer (an embedding by override)."""
     m = models.sensitive_mlp()

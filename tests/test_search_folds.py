@@ -159,3 +159,17 @@ def test_the_folds_keep_whole_batches_of_a_fixed_batch_model():
     assert sum(1 for _ in unscored.batches(1)) == 3
     small = Dataset.from_arrays(specs, {"x": x[:10]})
     assert second_fold(small, spread(10, 4))[2] is None
+
+
+def test_the_algorithm_stage_has_a_second_fold_too(tmp_path):
+    """With --search-algorithms the second base (every algorithm, MSE weight clipping) is built again from the
+    second fold's data, so its candidates are scored on both shares like the plain ones."""
+    calib = CALIBRATION_DATA / "digits_cnn_calib.npz"
+    result = api.convert_model(
+        DIGITS, tmp_path / "q.onnx", data_path=calib, eval_data=calib, verdict=False,
+        search=SearchOptions(Budget(min_sqnr_db=30.0), try_algorithms=True, max_fallback=0),
+    )  # fmt: skip
+    search = result.search
+    assert search is not None and search.num_samples == 128
+    algorithm_trials = [t for t in search.trials if "(+ all algorithms)" in t.action]
+    assert algorithm_trials and all(t.sqnr_error_db > 0 for t in algorithm_trials)  # scored on 128 samples

@@ -405,10 +405,16 @@ def _map_iou(ref: np.ndarray, cand: np.ndarray, threshold: float) -> float:
     return float((r & c).sum() / max(1, (r | c).sum()))
 
 
+#: Basic Pitch's own thresholds (``basic_pitch.inference.predict``: ``frame_threshold=0.3``,
+#: ``onset_threshold=0.5``), by output: ``:1`` the note (frame) posteriorgram, ``:2`` the onsets
+BASIC_PITCH_THRESHOLDS = {"StatefulPartitionedCall:1": 0.3, "StatefulPartitionedCall:2": 0.5}
+
+
 def note_map_iou(ref: Outputs, cand: Outputs, labels: np.ndarray | None) -> dict[str, float]:
-    """Basic Pitch: IoU of the note and onset posteriorgrams ([172 frames, 88 keys]) thresholded at 0.5
-    over all eval windows (outputs in graph order: ``:2`` onset, ``:1`` note, ``:0`` contour)."""
-    note = _map_iou(np.concatenate([b[1] for b in ref]), np.concatenate([b[1] for b in cand]), 0.5)
+    """Basic Pitch: IoU of the note and onset posteriorgrams ([172 frames, 88 keys]) over all eval windows,
+    each cut where Basic Pitch cuts it (``BASIC_PITCH_THRESHOLDS``: notes 0.3, onsets 0.5; outputs in graph
+    order: ``:2`` onset, ``:1`` note, ``:0`` contour)."""
+    note = _map_iou(np.concatenate([b[1] for b in ref]), np.concatenate([b[1] for b in cand]), 0.3)
     onset = _map_iou(np.concatenate([b[0] for b in ref]), np.concatenate([b[0] for b in cand]), 0.5)
     return {"note_map_iou": note, "onset_map_iou": onset}
 

@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_convert import session, time_interleaved  # noqa: E402
 from bench_models import (  # noqa: E402
+    BASIC_PITCH_THRESHOLDS,
     METRICS,
     Outputs,
     batches,
@@ -59,6 +60,7 @@ from bench_models import (  # noqa: E402
 
 from quantcli.api import convert_model  # noqa: E402
 from quantcli.cli.flags import flag  # noqa: E402
+from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThresholds  # noqa: E402
 from quantcli.compare.output_kinds import OutputKind  # noqa: E402
 from quantcli.core.errors import NotFasterError  # noqa: E402
 from quantcli.core.host import cpu_model, int8_flags  # noqa: E402
@@ -90,6 +92,10 @@ KINDS: dict[str, dict[str, OutputKind]] = {
     "ddddocr_ocr": {"387": OutputKind.CTC},
     "ppocrv4_rec": {"softmax_11.tmp_0": OutputKind.CTC},
     "basic_pitch_nmp": {f"StatefulPartitionedCall:{i}": OutputKind.MAP for i in range(3)},
+}
+#: maps cut where the model's own library cuts them (the search's --min-iou and the verdict)
+THRESHOLDS: dict[str, MapThresholds] = {
+    "basic_pitch_nmp": MapThresholds(DEFAULT_MAP_THRESHOLD, tuple(BASIC_PITCH_THRESHOLDS.items())),
 }
 #: the bound a default convert should meet on the task metric (the verdict's thresholds)
 BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU, "note_map_iou": IOU}
@@ -137,7 +143,8 @@ class Variant:
 def run_default(name: str, model: Path, calib: Path, out: Path) -> Variant:
     t0 = time.perf_counter()
     try:
-        res = convert_model(model, out, data_path=calib, force=True, output_kinds=KINDS.get(name))
+        res = convert_model(model, out, data_path=calib, force=True, output_kinds=KINDS.get(name),
+                            map_threshold=THRESHOLDS.get(name, DEFAULT_MAP_THRESHOLD))  # fmt: skip
     except Exception as exc:  # the table records failures, it does not stop
         return Variant(None, {"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"})
     verdict = res.verdict
@@ -152,7 +159,9 @@ def run_default(name: str, model: Path, calib: Path, out: Path) -> Variant:
 
 def run_search(name: str, model: Path, calib: Path, out: Path) -> Variant:
     budget = budget_for(name)
-    options = SearchOptions(budget, output_kinds=KINDS.get(name))
+    options = SearchOptions(
+        budget, output_kinds=KINDS.get(name), map_threshold=THRESHOLDS.get(name, DEFAULT_MAP_THRESHOLD)
+    )
     t0 = time.perf_counter()
     try:
         res = convert_model(model, out, data_path=calib, eval_data=calib, search=options, output_kinds=KINDS.get(name))

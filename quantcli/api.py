@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
     from quantcli.compare.evaluate import LatencyComparison
+    from quantcli.compare.map_thresholds import MapThreshold
     from quantcli.compare.metrics import MetricSpec
     from quantcli.compare.output_kinds import OutputKind
     from quantcli.data.datasets import Dataset
@@ -128,6 +129,7 @@ class ConvertOptions(TypedDict, total=False):
     verdict: bool
     verdict_share: float
     output_kinds: Mapping[str, OutputKind] | None
+    map_threshold: MapThreshold
 
 
 class CompareOptions(TypedDict, total=False):
@@ -146,7 +148,7 @@ class CompareOptions(TypedDict, total=False):
     batch_axes: Mapping[str, int | None] | None
     images: ImagePreprocess | None
     output_kinds: Mapping[str, OutputKind] | None
-    map_threshold: float
+    map_threshold: MapThreshold
     ray: str | None
     shards: int | None
     max_memory: int | None

@@ -143,8 +143,8 @@ def test_search_evaluator_and_verdict_use_the_labels(tmp_path):
     feeds = ((f, dataset.batch_length(f)) for i, f in enumerate(dataset.batches(1)) if i >= start)
     held = dataset.yielded_labels()
     assert held is not None
-    kinds, count = _fidelity(ref, cand, feeds, None, held[start:])
+    kinds, count = _fidelity(ref, cand, feeds, (None, 0.5), held[start:])
     assert count == 4 and kinds[0].agreement == 1.0
     feeds = ((f, dataset.batch_length(f)) for i, f in enumerate(dataset.batches(1)) if i >= start)
     shifted = np.roll(held, 1, axis=0)[start:]  # labels of other samples: padding positions labelled
-    assert _fidelity(ref, cand, feeds, None, shifted)[0][0].agreement < 1.0
+    assert _fidelity(ref, cand, feeds, (None, 0.5), shifted)[0][0].agreement < 1.0

@@ -42,6 +42,7 @@ from quantcli.cli.flags import (
     split_list,
 )
 from quantcli.compare.gates import GateResult, evaluate_gates
+from quantcli.compare.map_thresholds import parse_map_thresholds
 from quantcli.compare.metrics import parse_metric
 from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, parse_output_kinds
 from quantcli.core.errors import NotFasterError, OutputPathError, QuantCliError
@@ -587,11 +588,15 @@ def convert(
         ),
     ] = None,
     search_map_threshold: Annotated[
-        float,
+        list[str] | None,
         typer.Option(
-            "--map-threshold", min=0.0, max=1.0, help="Where --min-iou cuts a map into a mask.", rich_help_panel=SEARCH
+            "--map-threshold",
+            metavar="[NAME=]VALUE",
+            help=f"Where --min-iou cuts a map into a mask, in the search and its verdict (default "
+            f"{DEFAULT_MAP_THRESHOLD}); NAME=VALUE for one output (repeatable).",
+            rich_help_panel=SEARCH,
         ),
-    ] = DEFAULT_MAP_THRESHOLD,
+    ] = None,
     search_max_fallback: Annotated[
         int,
         typer.Option(
@@ -705,7 +710,7 @@ def convert(
         weight_clipping,
         tuple(split_list(dynamic_nodes)),
     )
-    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, search_map_threshold)
+    budgets = (min_agreement_budget, min_cosine_budget, min_iou_budget, parse_map_thresholds(search_map_threshold))
     how = (parse_bytes(search_max_memory), search_ray, search_margin)  # the search's batches, Ray, margin
     request = convert_request(
         SourceFlags(model, output, calibration, data, eval_data, recipe, save_recipe, batch_axis),
@@ -823,8 +828,14 @@ def compare(
         ),
     ] = None,
     map_threshold: Annotated[
-        float, typer.Option(help="Where map outputs are cut into masks for IoU.", rich_help_panel=MEASURE)
-    ] = DEFAULT_MAP_THRESHOLD,
+        list[str] | None,
+        typer.Option(
+            metavar="[NAME=]VALUE",
+            help=f"Where map outputs are cut into masks for IoU (default {DEFAULT_MAP_THRESHOLD}); NAME=VALUE for "
+            "one output (repeatable).",
+            rich_help_panel=MEASURE,
+        ),
+    ] = None,
     ray: Annotated[
         str | None,
         typer.Option(
@@ -866,7 +877,7 @@ def compare(
         batch_axes=parse_batch_axes(batch_axis),
         images=ImageFlags(image_size, resize, scale, mean, std, channel_order, layout).parse(),
         output_kinds=parse_output_kinds(output_kind),
-        map_threshold=map_threshold, ray=ray, shards=shards, max_memory=parse_bytes(max_memory),
+        map_threshold=parse_map_thresholds(map_threshold), ray=ray, shards=shards, max_memory=parse_bytes(max_memory),
     )  # fmt: skip
     result = api.compare_models(request, progress=_progress(quiet), log=lambda line: err.print(f"note: {escape(line)}"))
     thresholds = GateFlags(

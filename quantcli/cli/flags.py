@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from quantcli.compare.gates import GateThresholds
+from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold
 from quantcli.compare.output_kinds import parse_output_kinds
 from quantcli.core.errors import InvalidOption, OptionConflict, QuantCliError
 from quantcli.core.host import detect_host
@@ -255,7 +256,7 @@ class SearchFlags:
     min_agreement: float | None = None
     min_cosine: float | None = None
     min_iou: float | None = None
-    map_threshold: float = 0.5
+    map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD
     max_memory: int | None = None
     ray: str | None = None
     margin: float = DEFAULT_MARGIN  # standard errors (``Budget.margin``)
@@ -423,4 +424,5 @@ def convert_request(
         verdict=run.verdict,
         verdict_share=run.verdict_share,
         output_kinds=parse_output_kinds(run.output_kinds),
+        map_threshold=search.map_threshold,
     )

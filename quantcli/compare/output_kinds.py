@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from quantcli.compare.exact_sum import ordered_sum
+from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold, as_thresholds
 from quantcli.core.errors import InvalidOption
 from quantcli.core.options import StrEnum
 
@@ -69,8 +70,6 @@ __all__ = [
     "reads_like_ctc",
 ]
 
-#: where a probability map is cut into a mask for IoU
-DEFAULT_MAP_THRESHOLD = 0.5
 _EMBEDDING_NAME = re.compile(r"embed|pool|hidden|vector|sentence", re.IGNORECASE)
 _MIN_MAP_SIDE = 8
 #: a time-major output needs this many positions: fewer is more likely a recurrent state [layers, N, H]
@@ -401,12 +400,12 @@ class OutputKindObserver:
         self,
         overrides: Mapping[str, OutputKind] | None = None,
         *,
-        map_threshold: float = DEFAULT_MAP_THRESHOLD,
+        map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD,
         plan: Mapping[str, KindPlan] | None = None,
         labels: np.ndarray | None = None,
     ) -> None:
         self.overrides = dict(overrides or {})
-        self.map_threshold = map_threshold
+        self.map_threshold = as_thresholds(map_threshold)
         self._accs: dict[str, _KindAccumulator] = {}
         self._plan = dict(plan or {})
         self._labels = None if labels is None else np.asarray(labels)
@@ -414,12 +413,13 @@ class OutputKindObserver:
 
     def __call__(self, names: Sequence[str], ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], n: int) -> None:
         """One batch of ``n`` samples: the outputs ``names`` of the FP32 and the quantized model."""
-        unknown = sorted(set(self.overrides) - set(names))
-        if unknown:
-            raise InvalidOption(
-                f"$output_kinds names {', '.join(unknown)}, not outputs of the model ({', '.join(names)})",
-                option="output_kinds",
-            )
+        for option, given in (("output_kinds", self.overrides), ("map_threshold", self.map_threshold.named())):
+            unknown = sorted(set(given) - set(names))
+            if unknown:
+                raise InvalidOption(
+                    f"${option} names {', '.join(unknown)}, not outputs of the model ({', '.join(names)})",
+                    option=option,
+                )
         labels = None
         if self._labels is not None and self._labels.ndim and self._seen + n <= self._labels.shape[0]:
             labels = self._labels[self._seen : self._seen + n]
@@ -439,7 +439,7 @@ class OutputKindObserver:
             kind, reason = self.overrides[name], "given"
         else:
             kind, reason = detect_kind(name, ref, time_major=time_major)
-        threshold = self.map_threshold if kind == OutputKind.MAP else 0.5
+        threshold = self.map_threshold.of(name) if kind == OutputKind.MAP else 0.5
         if kind == OutputKind.BINARY and not _in_unit(ref):
             threshold = 0.0  # logits called binary: the sign decides
         acc = self._accs[name] = _KindAccumulator(name, kind, reason, threshold)
@@ -477,7 +477,7 @@ def kind_metrics(
     candidate: Sequence[np.ndarray],
     *,
     overrides: Mapping[str, OutputKind] | None = None,
-    map_threshold: float = DEFAULT_MAP_THRESHOLD,
+    map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD,
     labels: np.ndarray | None = None,
 ) -> list[KindMetrics]:
     """The kinds and metrics of outputs already in memory (axis 0 = samples), for scripts and tests."""

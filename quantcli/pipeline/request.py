@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold, as_thresholds
 from quantcli.core.errors import InvalidOption, MissingInput, OptionConflict
 from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.modes.common import ConvertMode
@@ -61,6 +62,8 @@ class ConvertRequest:
         verdict: end with a verdict (``quantcli.pipeline.verdict``): fidelity on samples not calibrated
             on (``eval_data``, or the held-back share of ``data_path``) and batch-1 speed.
         output_kinds: output name -> kind for the verdict, overriding detection (``quantcli.compare.output_kinds``).
+        map_threshold: where the verdict (and a search whose options keep the default) cuts map outputs into
+            masks (every map's, or per output: ``quantcli.compare.map_thresholds``).
         verdict_share: the share of ``data_path`` (static mode, no ``eval_data``) held back from
             calibration for the verdict, at most 64 samples (0: calibrate on all of it).
 
@@ -93,8 +96,10 @@ class ConvertRequest:
     verdict: bool = True
     verdict_share: float = 0.2
     output_kinds: Mapping[str, OutputKind] | None = None
+    map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD
 
     def __post_init__(self) -> None:
+        as_thresholds(self.map_threshold).check("map_threshold")
         if not 0.0 <= self.verdict_share <= 0.5:
             raise InvalidOption(f"$verdict_share {self.verdict_share}: must be in [0, 0.5]", option="verdict_share")
         for name in ("model_path", "output_path", "data_path", "eval_data", "save_recipe"):
@@ -209,7 +214,8 @@ class CompareRequest:
         batch_axes: inputs not batched on axis 0 (``quantcli.data.datasets.open_dataset``).
         images: how image folders become input.
         output_kinds: output name -> kind, overriding detection (``quantcli.compare.output_kinds``).
-        map_threshold: where a probability map is cut into a mask for IoU.
+        map_threshold: where a probability map is cut into a mask for IoU (every map's, or per output:
+            ``quantcli.compare.map_thresholds``).
         ray: measure accuracy in shard tasks on Ray (``"local"``: start Ray on this machine; else a
             cluster address, e.g. ``"auto"``); latency stays on this host (``quantcli.distributed``).
         shards: with ``ray``, the number of shards (None: one per CPU of the cluster).
@@ -218,7 +224,7 @@ class CompareRequest:
             passes over the data the per-layer errors take, never their values.
 
     Raises:
-        InvalidOption: ``map_threshold`` outside (0, 1), ``shards`` below 1, or ``max_memory`` below 1.
+        InvalidOption: a ``map_threshold`` outside (0, 1), ``shards`` below 1, or ``max_memory`` below 1.
     """
 
     reference_path: Path
@@ -237,7 +243,7 @@ class CompareRequest:
     batch_axes: Mapping[str, int | None] | None = None
     images: ImagePreprocess | None = None
     output_kinds: Mapping[str, OutputKind] | None = None
-    map_threshold: float = 0.5
+    map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD
     ray: str | None = None
     shards: int | None = None
     max_memory: int | None = None
@@ -245,8 +251,7 @@ class CompareRequest:
     def __post_init__(self) -> None:
         for name in ("reference_path", "candidate_path", "data_path"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        if not 0.0 < self.map_threshold < 1.0:
-            raise InvalidOption(f"$map_threshold {self.map_threshold}: must be in (0, 1)", option="map_threshold")
+        as_thresholds(self.map_threshold).check("map_threshold")
         if self.shards is not None and self.shards < 1:
             raise InvalidOption(f"$shards {self.shards}: must be at least 1", option="shards")
         if self.max_memory is not None and self.max_memory < 1:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from quantcli.compare.evaluate import wilson_interval
+from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold
 from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver, reads_like_ctc
 from quantcli.core.errors import QuantCliError
 from quantcli.data.datasets import Dataset, model_input_specs, random_dataset
@@ -42,6 +43,7 @@ from quantcli.pipeline.context import ConvertContext, need
 if TYPE_CHECKING:
     import onnx
 
+    from quantcli.pipeline.request import ConvertRequest
     from quantcli.verify.speedcheck import SpeedCheck
 
 __all__ = [
@@ -160,7 +162,7 @@ def verdict(ctx: ConvertContext) -> None:
     kinds: list[KindMetrics] = []
     count = 0
     if feeds is not None:
-        kinds, count = _fidelity(model, quantized, feeds, r.output_kinds, labels)
+        kinds, count = _fidelity(model, quantized, feeds, (r.output_kinds, _map_threshold(r)), labels)
         unchecked = (*unchecked, *_raw_note(kinds), *_few_samples(kinds))
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
@@ -275,18 +277,26 @@ def _raw_note(kinds: list[KindMetrics]) -> tuple[str, ...]:
     )
 
 
+def _map_threshold(r: ConvertRequest) -> MapThreshold:
+    """The request's map thresholds, or the search's when only its options set them."""
+    if r.map_threshold == DEFAULT_MAP_THRESHOLD and r.search is not None:
+        return r.search.map_threshold
+    return r.map_threshold
+
+
 def _fidelity(
     model: onnx.ModelProto,
     quantized: onnx.ModelProto,
     feeds: Iterator[tuple[dict[str, np.ndarray], int]],
-    overrides: Mapping[str, OutputKind] | None,
+    kinds: tuple[Mapping[str, OutputKind] | None, MapThreshold],
     labels: np.ndarray | None = None,
 ) -> tuple[list[KindMetrics], int]:
+    """Each output's kind metrics on ``feeds`` (``kinds``: the kinds given, the map thresholds)."""
     from quantcli.graph.session import make_session
 
     ref, cand = make_session(model, source="FP32 model"), make_session(quantized, source="converted model")
     names = [o.name for o in ref.get_outputs()]
-    observer = OutputKindObserver(overrides, labels=labels)
+    observer = OutputKindObserver(kinds[0], map_threshold=kinds[1], labels=labels)
     count = 0
     for feed, n in feeds:
         observer(names, ref.run(names, feed), cand.run(names, feed), n)

@@ -71,6 +71,7 @@ import onnx
 from quantcli.compare.evaluate import measure_latency
 from quantcli.compare.gates import kind_gates
 from quantcli.compare.layers import LayerError, per_layer_errors
+from quantcli.compare.map_thresholds import MapThreshold
 from quantcli.compare.metrics import MetricSpec
 from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
@@ -171,7 +172,8 @@ class SearchOptions:
     metric: MetricSpec | None = None
     #: output name -> kind, overriding the detection the task-level bounds are measured on
     output_kinds: Mapping[str, OutputKind] | None = None
-    map_threshold: float = DEFAULT_MAP_THRESHOLD  # where a map is cut into a mask for ``min_iou``
+    #: where a map is cut into a mask for ``min_iou`` (every map's, or per output: ``MapThresholds``)
+    map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD
     #: the cheapest candidates in the budget timed against FP32 before choosing (``quantcli.search.confirm``)
     confirm: int = 3
     #: how they are timed (None: not timed, the cost alone decides; convert passes a batch-1 timer)

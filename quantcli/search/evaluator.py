@@ -31,6 +31,7 @@ import onnx
 import onnxruntime as ort
 
 from quantcli.compare.evaluate import sample_energies
+from quantcli.compare.map_thresholds import MapThreshold
 from quantcli.compare.metrics import MetricSpec, evaluate_custom
 from quantcli.compare.output_kinds import DEFAULT_MAP_THRESHOLD, KindMetrics, OutputKind, OutputKindObserver
 from quantcli.data.datasets import Dataset
@@ -51,7 +52,7 @@ class Evaluator:
         batch_size: int = SEARCH_BATCH,
         metric: MetricSpec | None = None,
         *,
-        kinds: tuple[Mapping[str, OutputKind], float] | None = None,
+        kinds: tuple[Mapping[str, OutputKind], MapThreshold] | None = None,
         max_memory: int | None = None,
         folds: Sequence[Dataset] = (),
     ) -> None:

@@ -14,6 +14,8 @@ from quantcli.cli.flags import SearchFlags
 from quantcli.compare.map_thresholds import MapThresholds, as_thresholds, parse_map_thresholds
 from quantcli.compare.output_kinds import OutputKind, kind_metrics
 from quantcli.core.errors import InvalidOption
+from quantcli.pipeline.request import ConvertRequest
+from quantcli.search.accuracy_search import Budget, SearchOptions
 from tests.test_output_kinds import tiny  # noqa: F401  (the fixture: a model with a map and a classifier)
 
 runner = CliRunner()
@@ -78,3 +80,17 @@ def test_the_convert_verdict_cuts_each_map_at_its_threshold(tiny, tmp_path):  # 
     said = runner.invoke(app, [*flags, "--map-threshold", "mask=0.05"])
     assert said.exit_code == 0, said.output
     assert f"mask map IoU {ious[1]:.3f}" in " ".join(said.output.split())  # the CLI's verdict, at 0.05
+
+
+def test_the_request_and_the_search_options_agree_on_one_threshold(tmp_path):
+    """The Python API may set thresholds on the request or on the search's options: the request's win, the
+    options' count when the request keeps the default; the search and the verdict both read that one."""
+    own = parse_map_thresholds(["mask=0.3"])
+    search = SearchOptions(Budget(min_iou=0.9), map_threshold=own)
+    paths, data = (tmp_path / "m.onnx", tmp_path / "q.onnx"), tmp_path / "d.npz"
+    assert ConvertRequest(*paths, data_path=data, eval_data=data, search=search).map_thresholds() == own
+    given = ConvertRequest(*paths, data_path=data, eval_data=data, search=search, map_threshold=0.2)
+    assert given.map_thresholds() == 0.2
+    assert ConvertRequest(*paths, data_path=data).map_thresholds() == 0.5
+    with pytest.raises(InvalidOption, match=r"map_threshold 1\.2"):
+        ConvertRequest(*paths, data_path=data, map_threshold=1.2)

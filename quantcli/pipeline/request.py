@@ -98,6 +98,13 @@ class ConvertRequest:
     output_kinds: Mapping[str, OutputKind] | None = None
     map_threshold: MapThreshold = DEFAULT_MAP_THRESHOLD
 
+    def map_thresholds(self) -> MapThreshold:
+        """Where the verdict and the search cut map outputs: the request's, or the search options' when the
+        request keeps the default (the Python API may set either)."""
+        if self.map_threshold == DEFAULT_MAP_THRESHOLD and self.search is not None:
+            return self.search.map_threshold
+        return self.map_threshold
+
     def __post_init__(self) -> None:
         as_thresholds(self.map_threshold).check("map_threshold")
         if not 0.0 <= self.verdict_share <= 0.5:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD
 from quantcli.core.errors import MissingInput, NotFasterError, QuantCliError
 from quantcli.core.options import AlgorithmOptions, CalibrationMethod, WeightClipping
 from quantcli.data.datasets import model_input_specs, random_dataset, sample_shapes
@@ -304,13 +303,12 @@ def search(ctx: ConvertContext) -> None:
     )
     methods = (ctx.method, *options.methods) if ctx.method is not None else options.methods
     kinds = options.output_kinds if options.output_kinds is not None else r.output_kinds
-    threshold = options.map_threshold if options.map_threshold != DEFAULT_MAP_THRESHOLD else r.map_threshold
     options = replace(
         options,
         methods=tuple(dict.fromkeys(methods)),
         percentile=ctx.percentile,
         output_kinds=kinds,
-        map_threshold=threshold,
+        map_threshold=r.map_thresholds(),
     )
     if options.timer is None:  # the cheapest few in the budget are timed against FP32 before one is chosen
         options = replace(options, timer=_search_timer)

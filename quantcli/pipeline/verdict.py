@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from quantcli.compare.evaluate import wilson_interval
-from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold
+from quantcli.compare.map_thresholds import MapThreshold
 from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver, reads_like_ctc
 from quantcli.core.errors import QuantCliError
 from quantcli.data.datasets import Dataset, model_input_specs, random_dataset
@@ -43,7 +43,6 @@ from quantcli.pipeline.context import ConvertContext, need
 if TYPE_CHECKING:
     import onnx
 
-    from quantcli.pipeline.request import ConvertRequest
     from quantcli.verify.speedcheck import SpeedCheck
 
 __all__ = [
@@ -162,7 +161,7 @@ def verdict(ctx: ConvertContext) -> None:
     kinds: list[KindMetrics] = []
     count = 0
     if feeds is not None:
-        kinds, count = _fidelity(model, quantized, feeds, (r.output_kinds, _map_threshold(r)), labels)
+        kinds, count = _fidelity(model, quantized, feeds, (r.output_kinds, r.map_thresholds()), labels)
         unchecked = (*unchecked, *_raw_note(kinds), *_few_samples(kinds))
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
@@ -275,13 +274,6 @@ def _raw_note(kinds: list[KindMetrics]) -> tuple[str, ...]:
         f"not judged: {names} look like no classifier, sequence, binary, embedding or map output (SQNR only); "
         "$output_kinds NAME=KIND names their kind",
     )
-
-
-def _map_threshold(r: ConvertRequest) -> MapThreshold:
-    """The request's map thresholds, or the search's when only its options set them."""
-    if r.map_threshold == DEFAULT_MAP_THRESHOLD and r.search is not None:
-        return r.search.map_threshold
-    return r.map_threshold
 
 
 def _fidelity(

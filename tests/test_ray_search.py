@@ -38,6 +38,13 @@ def cnn(tmp_path: Path) -> tuple[Path, Path, Path]:
     return path, calib, evald
 
 
+@pytest.fixture
+def cnn_own_data(cnn: tuple[Path, Path, Path]) -> tuple[Path, Path, Path]:
+    """The CNN searched on its calibration data: two folds, each candidate built from both calibrations."""
+    path, calib, _ = cnn
+    return path, calib, calib
+
+
 def _search(files, out: Path, ray: str | None, budget: Budget):
     path, calib, evald = files
     result = api.convert_model(
@@ -66,8 +73,8 @@ def _trials(search) -> list[tuple[object, ...]]:
 
 @pytest.mark.parametrize(
     ("fixture", "budget"),
-    [("cnn", Budget(min_sqnr_db=48.0)), ("mlp", Budget(min_sqnr_db=25.0))],
-    ids=["cnn-conv", "mlp-matmul"],
+    [("cnn", Budget(min_sqnr_db=48.0)), ("mlp", Budget(min_sqnr_db=25.0)), ("cnn_own_data", Budget(min_sqnr_db=48.0))],
+    ids=["cnn-conv", "mlp-matmul", "cnn-two-folds"],
 )
 def test_search_on_local_ray_equals_one_process(local_ray, request, tmp_path, monkeypatch, fixture, budget) -> None:
     files = request.getfixturevalue(fixture)
@@ -83,6 +90,8 @@ def test_search_on_local_ray_equals_one_process(local_ray, request, tmp_path, mo
     assert not sent
     on_ray = _search(files, tmp_path / "ray.onnx", "local", budget)
     assert sent and sent[0] == 4  # the four calibration methods, at once
+    if fixture == "cnn_own_data":  # 24 held samples a fold: each task scored both folds' models
+        assert one.num_samples == on_ray.num_samples == 48
     assert _trials(on_ray) == _trials(one)
     assert on_ray.chosen.candidate == one.chosen.candidate
     assert _decisions(tmp_path / "ray.json") == _decisions(tmp_path / "one.json")

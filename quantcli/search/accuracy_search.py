@@ -502,10 +502,12 @@ def _search_quantization(
     best = _stage_methods(search)
     if not best.meets_budget:
         best = _stage_tensor_methods(search, best)
-    if not best.meets_budget and options.max_fallback > 0:  # 0: no node returns to float, in any stage (nor
-        best = _stage_fallback(search, best)  # in a probe: one that met the budget could be chosen)
+    # max_fallback 0: no node returns to float in any stage, not even in a probe (one that met the budget
+    # would be among the trials the answer is chosen from)
     if not best.meets_budget and options.max_fallback > 0:
-        best = _stage_regions(search, best)
+        best = _stage_fallback(search, best)
+        if not best.meets_budget:
+            best = _stage_regions(search, best)
     return search.result(_settle(search, best))
 
 

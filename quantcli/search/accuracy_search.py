@@ -445,22 +445,8 @@ def _search_quantization(
         raise ValueError("the second fold needs one base for the base and each alternative")
     parts, confirmation = _samples(dataset, second_fold, options.max_samples)
     dataset = parts[0]
-    kinds = (options.output_kinds or {}, options.map_threshold) if budget.kind_bounds() else None
-    budget_bytes = search_memory_budget(options.max_memory)
     fp32 = reference if reference is not None else base.prepared
-    ev = Evaluator(
-        fp32,
-        dataset,
-        metric=options.metric,
-        kinds=kinds,
-        max_memory=budget_bytes,
-        folds=parts[1:],
-    )
-    if ev.batches.sensitivity < SEARCH_BATCH:
-        log(
-            f"{byte_text(ev.batches.per_sample)} of activations a sample: candidates scored at batch {ev.size}, "
-            f"ranked at batch {ev.batches.sensitivity} (--max-memory {byte_text(budget_bytes)})"
-        )
+    ev, confirm = _evaluators(fp32, parts, confirmation, options, log)
     _check_kinds(ev, budget, log)
     if budget.max_accuracy_drop is not None and not ev.classifier:
         raise QuantCliError(
@@ -473,17 +459,6 @@ def _search_quantization(
         raise ValueError("search bases need distinct names (the given one is '')")
     ranges = {name: _ranges(b, options.percentile) for name, b in bases.items()}
     fold_bases = dict(zip(bases, second_fold.bases, strict=True)) if second_fold is not None else {}
-    confirm = (
-        Evaluator(fp32, confirmation, metric=options.metric, kinds=kinds, max_memory=budget_bytes)
-        if confirmation is not None
-        else None
-    )
-    if second_fold is not None:
-        log(
-            f"scoring each candidate on {parts[1].num_samples} more samples, built from a calibration that did "
-            f"not read them: the budget is met on {ev.num_samples} samples"
-            + (f", and confirmed on {confirm.num_samples} others" if confirm is not None else "")
-        )
     macs = _node_macs(base.prepared, ev.latency_feed)
     search = _Search(
         bases,
@@ -509,6 +484,34 @@ def _search_quantization(
         if not best.meets_budget:
             best = _stage_regions(search, best)
     return search.result(_settle(search, best))
+
+
+def _evaluators(
+    fp32: onnx.ModelProto,
+    parts: Sequence[Dataset],
+    confirmation: Dataset | None,
+    options: SearchOptions,
+    log: Callable[[str], None],
+) -> tuple[Evaluator, Evaluator | None]:
+    """The evaluator of the scored samples (one part a fold) and the confirmation's (None without samples)."""
+    kinds = (options.output_kinds or {}, options.map_threshold) if options.budget.kind_bounds() else None
+    budget_bytes = search_memory_budget(options.max_memory)
+    ev = Evaluator(fp32, parts[0], metric=options.metric, kinds=kinds, max_memory=budget_bytes, folds=parts[1:])
+    if ev.batches.sensitivity < SEARCH_BATCH:
+        log(
+            f"{byte_text(ev.batches.per_sample)} of activations a sample: candidates scored at batch {ev.size}, "
+            f"ranked at batch {ev.batches.sensitivity} (--max-memory {byte_text(budget_bytes)})"
+        )
+    confirm = None
+    if confirmation is not None:
+        confirm = Evaluator(fp32, confirmation, metric=options.metric, kinds=kinds, max_memory=budget_bytes)
+    if len(parts) > 1:
+        log(
+            f"scoring each candidate on {parts[1].num_samples} more samples, built from a calibration that did "
+            f"not read them: the budget is met on {ev.num_samples} samples"
+            + (f", and confirmed on {confirm.num_samples} others" if confirm is not None else "")
+        )
+    return ev, confirm
 
 
 def _samples(

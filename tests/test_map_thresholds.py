@@ -89,6 +89,9 @@ def test_the_request_and_the_search_options_agree_on_one_threshold(tmp_path):
     search = SearchOptions(Budget(min_iou=0.9), map_threshold=own)
     paths, data = (tmp_path / "m.onnx", tmp_path / "q.onnx"), tmp_path / "d.npz"
     assert ConvertRequest(*paths, data_path=data, eval_data=data, search=search).map_thresholds() == own
+    # the CLI always hands over parsed thresholds: none given is the default too
+    kept = ConvertRequest(*paths, data_path=data, eval_data=data, search=search, map_threshold=MapThresholds())
+    assert kept.map_thresholds() == own
     given = ConvertRequest(*paths, data_path=data, eval_data=data, search=search, map_threshold=0.2)
     assert given.map_thresholds() == 0.2
     assert ConvertRequest(*paths, data_path=data).map_thresholds() == 0.5

@@ -89,8 +89,7 @@ def search_hold_back(ctx: ConvertContext) -> None:
             "scores on samples calibration read (optimistic: give separate --eval-data)"
         )
         return
-    _hold(ctx, dataset, held)
-    ctx.fold_data = second_fold(dataset, spread(n, held))  # (a calibration given comes without --data)
+    ctx.fold_data = second_fold(dataset, _hold(ctx, dataset, held))  # (a calibration given comes without --data)
     confirm = n - 2 * held
     ctx.log(
         f"scoring on {held} of {n} --data samples, spread through it, which calibration does not read, and on "
@@ -135,8 +134,10 @@ def second_fold(dataset: Dataset, scored: Sequence[int]) -> tuple[Dataset, Datas
     return dataset.select(sorted(set(range(n)) - set(second))), dataset.select(second), confirmation
 
 
-def _hold(ctx: ConvertContext, dataset: Dataset, held: int) -> None:
-    """Calibration reads all of ``dataset`` but ``held`` samples spread through it; the search scores on those."""
+def _hold(ctx: ConvertContext, dataset: Dataset, held: int) -> list[int]:
+    """Calibration reads all of ``dataset`` but ``held`` samples spread through it; the search scores on those
+    (returned: their positions)."""
     scored = spread(dataset.num_samples, held)
     kept = sorted(set(range(dataset.num_samples)) - set(scored))
     ctx.calibration_data, ctx.search_data = dataset.select(kept), dataset.select(scored)
+    return scored

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold, as_thresholds
+from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThreshold, MapThresholds, as_thresholds
 from quantcli.core.errors import InvalidOption, MissingInput, OptionConflict
 from quantcli.core.options import DEFAULT_PERCENTILE, AlgorithmOptions, CalibrationMethod, QuantConfig
 from quantcli.modes.common import ConvertMode
@@ -101,7 +101,7 @@ class ConvertRequest:
     def map_thresholds(self) -> MapThreshold:
         """Where the verdict and the search cut map outputs: the request's, or the search options' when the
         request keeps the default (the Python API may set either)."""
-        if self.map_threshold == DEFAULT_MAP_THRESHOLD and self.search is not None:
+        if as_thresholds(self.map_threshold) == MapThresholds() and self.search is not None:
             return self.search.map_threshold
         return self.map_threshold
 

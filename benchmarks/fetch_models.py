@@ -334,6 +334,7 @@ FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "Dej
          "DejaVuSerif-Italic.ttf", "DejaVuSansMono.ttf", "STIXGeneral.ttf", "STIXGeneralItalic.ttf")  # fmt: skip
 RENDERED_LINES = 64  # rendered text lines per split (calibration, evaluation), beside the scanned ones
 RENDERED_PAGES = 16  # rendered text scenes per split for the detector
+RENDERED_DOCS = 32  # rendered document pages per split for the orientation classifier
 
 
 def wheel_members(package: tuple[str, str], members: tuple[str, ...]) -> dict[str, bytes] | None:
@@ -453,6 +454,58 @@ def rendered_scenes(split: str, count: int = RENDERED_PAGES) -> list[np.ndarray]
         view = crop(rgb, float(rng.uniform()), float(rng.uniform()), float(rng.uniform(0.6, 1.0)))
         scenes.append(rendered_scene(view, texts[10 * i : 10 * i + int(rng.integers(3, 11))], faces, rng))
     return scenes
+
+
+def render_page(sentences: list[str], faces: list[Path], rng: np.random.Generator) -> np.ndarray:
+    """``sentences`` set as a scanned document page: a bold heading, then one paragraph per sentence in
+    one random font (13-25 px), wrapped within random margins on paper of a random tint; portrait, or
+    landscape one time in four; turned up to 2 degrees, blurred, grain, JPEG round trip. HxWx3 uint8 RGB."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    w = int(rng.integers(560, 900))
+    h = int(w * rng.uniform(1.2, 1.5))
+    if rng.uniform() < 0.25:
+        w, h = h, w
+    paper = tuple(int(v) for v in np.clip(rng.integers(200, 256) - rng.integers(0, 20, 3), 0, 255))
+    img = Image.new("RGB", (w, h), paper)
+    draw = ImageDraw.Draw(img)
+    margin, size = int(rng.integers(30, 90)), int(rng.integers(13, 26))
+    face = ImageFont.truetype(str(faces[int(rng.integers(len(faces)))]), size)
+    ink = (int(rng.integers(0, 70)),) * 3
+    heading = ImageFont.truetype(str(faces[1]), size * 3 // 2)
+    draw.text((margin, margin), " ".join(sentences[0].split()[:5]), font=heading, fill=ink)
+    y, lead, bottom = margin + size * 12 // 5, size * float(rng.uniform(1.25, 1.7)), h - margin - size
+    for sentence in sentences:
+        line = ""
+        for word in [*sentence.split(), ""]:  # "" flushes the paragraph's last line
+            wider = f"{line} {word}".strip()
+            if word and draw.textlength(wider, font=face) <= w - 2 * margin:
+                line = wider
+                continue
+            if y < bottom and line:
+                draw.text((margin, y), line, font=face, fill=ink)
+                y += int(lead)
+            line = word
+        y += int(lead * 0.6)
+        if y >= bottom:
+            break
+    img = img.rotate(float(rng.uniform(-2, 2)), resample=Image.Resampling.BILINEAR, fillcolor=paper)
+    img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 0.8))))
+    arr = np.asarray(img).astype(np.float32) + rng.normal(0.0, float(rng.uniform(0, 6)), (h, w, 1))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=int(rng.integers(50, 95)))
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def rendered_pages(split: str, count: int = RENDERED_DOCS) -> list[np.ndarray]:
+    """``count`` document pages of ``split``'s prose (the sentence encoder's split), 40 consecutive
+    sentences from a random start each."""
+    rng = np.random.default_rng({"calib": 31, "eval": 32}[split])
+    calib, evals = minilm_texts()
+    sentences = [s for _, s in (calib if split == "calib" else evals)]
+    faces = fonts()
+    starts = (int(rng.integers(0, len(sentences) - 40)) for _ in range(count))
+    return [render_page(sentences[i : i + 40], faces, rng) for i in starts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,19 +774,22 @@ DOC_VIEWS: tuple[tuple[float, float, float], ...] = (
 
 def build_orientation() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], str]:
     """Document crops turned by k * 90 degrees clockwise; label k (the model's classes 0/90/180/270)."""
-    parts: dict[str, tuple[list[np.ndarray], list[int]]] = {"calib": ([], []), "eval": ([], [])}
+    bases: dict[str, list[np.ndarray]] = {"calib": [], "eval": []}
     for name in ("page", "text"):
         rgb = skimage_rgb(name)
         for i, view in enumerate(DOC_VIEWS):
-            xs, ys = parts["calib" if i % 2 == 0 else "eval"]
-            base = crop(rgb, *view)
+            bases["calib" if i % 2 == 0 else "eval"].append(crop(rgb, *view))
+    parts: dict[str, tuple[list[np.ndarray], list[int]]] = {"calib": ([], []), "eval": ([], [])}
+    for split, (xs, ys) in parts.items():
+        for base in bases[split] + rendered_pages(split):
             for k in range(4):
                 xs.append(orientation_input(np.ascontiguousarray(np.rot90(base, -k))))
                 ys.append(k)
     cal = {"x": np.stack(parts["calib"][0])}
     ev = {"x": np.stack(parts["eval"][0]), "labels": np.array(parts["eval"][1], np.int64)}
-    note = ("6 crops each of skimage page() and text(), turned 0/90/180/270 degrees clockwise (label 0..3); "
-            "even crops calibrate, odd crops evaluate; 224x224 centre crop, BGR, ImageNet norm")  # fmt: skip
+    note = ("6 crops each of skimage page() and text() (even crops calibrate, odd crops evaluate), then per "
+            f"split {RENDERED_DOCS} rendered document pages of real prose in matplotlib's fonts; each turned "
+            "0/90/180/270 degrees clockwise (label 0..3); 224x224 centre crop, BGR, ImageNet norm")  # fmt: skip
     return cal, ev, note
 
 

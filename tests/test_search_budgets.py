@@ -17,7 +17,9 @@ from quantcli.cli.flags import SearchFlags
 from quantcli.compare.output_kinds import KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
 from quantcli.core.options import CalibrationMethod, QuantConfig
+from quantcli.data.datasets import Dataset, model_input_specs
 from quantcli.graph.model_io import load_model
+from quantcli.graph.session import make_session
 from quantcli.search.accuracy_search import (
     FLOAT_MAC_COST,
     INTEGER_MAC_COST,
@@ -31,7 +33,7 @@ from quantcli.search.accuracy_search import (
     model_cost,
 )
 from quantcli.search.budget import DEFAULT_MARGIN, Score, key, kind_margin, meets, required_share, standard_error
-from quantcli.search.evaluator import _sqnr_error
+from quantcli.search.evaluator import Evaluator, _sqnr_error
 from tests import models
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
 from tests.helpers import run
@@ -126,6 +128,44 @@ def test_the_sqnr_error_is_the_spread_of_its_ratio_over_the_samples():
     assert _sqnr_error(list(signal), list(noise)) == pytest.approx(float(np.std(boot)), rel=0.15)
     assert _sqnr_error([1.0] * 8, [0.01] * 8) == pytest.approx(0.0, abs=1e-9)
     assert _sqnr_error([1.0], [0.5]) == 0.0  # one sample: no spread to take
+
+
+def _time_major(time_major: bool, gain: np.ndarray | None) -> object:
+    """y = x (* gain) of x [N, 12, 8], as [12, N, 8] when ``time_major`` (a recognizer's CTC layout)."""
+    nodes = [
+        helper.make_node("Mul", ["x", "g"], ["m"]) if gain is not None else helper.make_node("Identity", ["x"], ["m"])
+    ]
+    nodes.append(
+        helper.make_node("Transpose", ["m"], ["y"], perm=[1, 0, 2])
+        if time_major
+        else helper.make_node("Identity", ["m"], ["y"])
+    )
+    shape = [12, "N", 8] if time_major else ["N", 12, 8]
+    return models.make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+        [] if gain is None else [models._init("g", gain)],
+    )
+
+
+def test_the_sqnr_error_of_a_time_major_output_is_over_its_samples():
+    """The same outputs as [N, T, C] and as [T, N, C]: the error is over the 48 samples either way, not over
+    the 12 time steps."""
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(48, 12, 8)) * rng.uniform(0.2, 3.0, size=(48, 1, 1))).astype(np.float32)
+    gain = (1 + 0.05 * rng.normal(size=(12, 8))).astype(np.float32)
+    errors = []
+    for time_major in (False, True):
+        reference = _time_major(time_major, None)
+        data = Dataset.from_arrays(model_input_specs(reference), {"x": x})
+        score = Evaluator(reference, data, batch_size=16).score(make_session(_time_major(time_major, gain)))
+        errors.append(score.sqnr_error_db)
+    assert errors[0] > 0 and errors[1] == pytest.approx(errors[0], rel=1e-9)
+    # taken over the 12 time steps (axis 0 of [T, N, C], as before), it is another figure
+    noise = (x * (gain - 1)).astype(np.float64)
+    steps = _sqnr_error(list(np.sum(x.astype(np.float64) ** 2, axis=(0, 2))), list(np.sum(noise**2, axis=(0, 2))))
+    assert steps != pytest.approx(errors[0], rel=0.5)
 
 
 def test_min_sqnr_holds_by_its_standard_error():

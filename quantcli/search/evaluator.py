@@ -86,16 +86,21 @@ class Evaluator:
                 self.fold_of.append(i)
         self.parts = len(parts)
         self.reference = [session.run(self.names, feed) for feed in self.feeds]
+        self.counts = [dataset.batch_length(feed) for feed in self.feeds]
         #: each output's FP32 energy, sample by sample, and summed (``math.fsum``)
         self.signal_samples = {
-            n: [e for r in self.reference if r[i].dtype.kind == "f" for e in sample_energies(r[i])]
+            n: [
+                e
+                for r, count in zip(self.reference, self.counts, strict=True)
+                if r[i].dtype.kind == "f"
+                for e in _sample_energies(r[i], None, count)
+            ]
             for i, n in enumerate(self.names)
         }
         self.signal = {n: math.fsum(e) for n, e in self.signal_samples.items()}
         # the batch's arena is released; batch-1 latency runs on a fresh session
         self.session = session if self.size == 1 else make_session(reference)
         del session
-        self.counts = [dataset.batch_length(feed) for feed in self.feeds]
         #: how many samples are scored (every part's)
         self.num_samples = sum(part.num_samples for part in parts)
         #: labels in the feeds' order, for kind metrics (a sequence is judged at its labelled positions)
@@ -154,13 +159,13 @@ class Evaluator:
         noise: dict[str, list[float]] = {n: [] for n in self.names}
         firsts: list[np.ndarray] = []
         everything: list[list[np.ndarray]] = []  # for a custom metric or kind metrics only
-        for feed, ref, fold in zip(self.feeds, self.reference, self.fold_of, strict=True):
+        for feed, ref, fold, count in zip(self.feeds, self.reference, self.fold_of, self.counts, strict=True):
             out = sessions[fold].run(self.names, feed)
             if self.metric is not None or self.kind_options is not None:
                 everything.append(out)
             for name, r, q in zip(self.names, ref, out, strict=True):
                 if r.dtype.kind == "f":
-                    noise[name].extend(sample_energies(r, q))
+                    noise[name].extend(_sample_energies(r, q, count))
             firsts.append(out[0])
         noises = {n: math.fsum(noise[n]) for n in self.names}
         signal = self.signal
@@ -193,6 +198,17 @@ def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
     if any(part is None for part in labels):
         return None
     return labels[0] if len(labels) == 1 else np.concatenate([np.asarray(part) for part in labels])
+
+
+def _sample_energies(ref: np.ndarray, other: np.ndarray | None, count: int) -> list[float]:
+    """Each sample's energy of ``ref`` (or of ``ref - other``), the samples on the batch's axis: axis 0, or
+    the first other axis ``count`` long when axis 0 is not (a time-major ``[T, N, C]`` output, whose axis 0
+    holds time steps: correlated, so ``_sqnr_error`` over them would read low). The sums do not change."""
+    if ref.ndim >= 2 and ref.shape[0] != count and count in ref.shape[1:]:
+        axis = ref.shape.index(count, 1)
+        ref = np.moveaxis(ref, axis, 0)
+        other = None if other is None else np.moveaxis(other, axis, 0)
+    return sample_energies(ref, other)
 
 
 def _sqnr_error(signal: Sequence[float], noise: Sequence[float]) -> float:

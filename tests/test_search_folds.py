@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import jsonschema
 import numpy as np
 import pytest
 from onnx import numpy_helper
 
 from quantcli import api
+from quantcli.cli.flags import flag
 from quantcli.core.options import CalibrationMethod, QuantConfig
 from quantcli.data.datasets import Dataset, InputSpec, model_input_specs, open_dataset
 from quantcli.graph.model_io import load_model
 from quantcli.graph.session import make_session
 from quantcli.pipeline.holdout import second_fold, spread
+from quantcli.schemas import convert_document, load_schema
 from quantcli.search.accuracy_search import (
     Budget,
     BudgetNotMetError,
@@ -173,3 +176,82 @@ def test_the_algorithm_stage_has_a_second_fold_too(tmp_path):
     assert search is not None and search.num_samples == 128
     algorithm_trials = [t for t in search.trials if "(+ all algorithms)" in t.action]
     assert algorithm_trials and all(t.sqnr_error_db > 0 for t in algorithm_trials)  # scored on 128 samples
+
+
+def _own_data(tmp_path, blend: bool) -> tuple[object, object]:
+    """The 200 real digits as a search's own data (64 + 64 scored, 72 confirm); with ``blend``, each of the 72
+    is a mix of two digits where FP32's top class changes (bisected): a quantized model reads many otherwise."""
+    d = dict(np.load(CALIBRATION_DATA / "digits_cnn_calib.npz"))
+    first = spread(200, 64)
+    rest = sorted(set(range(200)) - set(first))
+    unscored = sorted(set(rest) - {rest[i] for i in spread(len(rest), 64)})
+    x = d["input"].copy()
+    if blend:
+        a, b = x[unscored], x[unscored][::-1]
+        fp32 = make_session(load_model(DIGITS))
+
+        def top(w: np.ndarray) -> np.ndarray:
+            return fp32.run(None, {"input": w[:, None, None, None] * a + (1 - w[:, None, None, None]) * b})[0].argmax(1)
+
+        low, high = np.zeros(len(a), np.float32), np.ones(len(a), np.float32)  # top(high) is a's class
+        for _ in range(24):
+            mid = (low + high) / 2
+            same = top(mid) == top(high)
+            high, low = np.where(same, mid, high), np.where(same, low, mid)
+        x[unscored] = high[:, None, None, None] * a + (1 - high[:, None, None, None]) * b
+    data = tmp_path / "own.npz"
+    np.savez(data, **{**d, "input": x})
+    return data, x[unscored]
+
+
+def test_the_verdict_after_a_search_also_checks_the_samples_it_did_not_choose_on(tmp_path):
+    data, rows = _own_data(tmp_path, blend=False)
+    result = api.convert_model(
+        DIGITS, tmp_path / "q.onnx", data_path=data, eval_data=data, search=SearchOptions(Budget(min_agreement=0.98))
+    )
+    verdict = result.verdict
+    assert verdict is not None and verdict.confirmation is not None and verdict.passed
+    assert verdict.num_samples == 64 and verdict.confirmation.num_samples == 72
+    # the written model against FP32 on exactly those 72 digits
+    fp32, quant = make_session(load_model(DIGITS)), make_session(load_model(tmp_path / "q.onnx"))
+    ref, got = fp32.run(None, {"input": rows})[0], quant.run(None, {"input": rows})[0]
+    (kind,) = verdict.confirmation.kinds
+    assert kind.agreement == pytest.approx(float((ref.argmax(1) == got.argmax(1)).mean()))
+    lines = verdict.render(flag)
+    assert lines[1].startswith(
+        "verdict: also on 72 --data samples the search did not choose on (calibration read them): logits classifier "
+        "agreement"
+    )
+    doc = convert_document(result, name=flag)
+    jsonschema.validate(doc, load_schema(doc["schema"]))
+    assert doc["verdict"]["confirmation"]["num_samples"] == 72 and doc["verdict"]["warnings"] == []
+    assert doc["verdict"]["unchecked"] == lines[2:]  # the confirmation's line is not among them
+
+
+def test_a_confirmation_below_the_verdicts_bound_warns(tmp_path):
+    """An SQNR budget, met on the scored digits and confirmed on the mixed ones (their SQNR holds), whose top
+    class flips on many of those: the verdict passes the scored share and warns on the confirmation's."""
+    data, _ = _own_data(tmp_path, blend=True)
+    options = SearchOptions(Budget(min_sqnr_db=20.0), methods=(CalibrationMethod.PERCENTILE,), max_fallback=0)
+    result = api.convert_model(DIGITS, tmp_path / "q.onnx", data_path=data, eval_data=data, search=options)
+    verdict = result.verdict
+    assert verdict is not None and verdict.confirmation is not None
+    (scored,), (confirmed,) = verdict.kinds, verdict.confirmation.kinds
+    assert scored.agreement is not None and scored.agreement >= 0.98
+    assert confirmed.agreement is not None and confirmed.agreement < 0.98
+    (warning,) = verdict.warnings
+    assert not verdict.passed
+    assert f"logits (classifier) agreement {confirmed.agreement:.3f} < 0.98 on the 72 samples the search" in warning
+    doc = convert_document(result, name=flag)
+    jsonschema.validate(doc, load_schema(doc["schema"]))
+    assert doc["verdict"]["warnings"] == [verdict.substitute(warning, flag)]
+
+
+def test_without_confirmation_samples_the_verdict_has_none(tmp_path):
+    eval_data = CALIBRATION_DATA / "digits_cnn_eval.npz"  # other data: the search chose on it, no folds
+    result = api.convert_model(
+        DIGITS, tmp_path / "q.onnx", data_path=CALIBRATION_DATA / "digits_cnn_calib.npz", eval_data=eval_data,
+        search=SearchOptions(Budget(min_agreement=0.98)),
+    )  # fmt: skip
+    assert result.verdict is not None and result.verdict.confirmation is None
+    assert convert_document(result)["verdict"]["confirmation"] is None

@@ -401,15 +401,17 @@ def render_convert(console: Console, result: ConvertResult) -> None:
 
 
 def render_verdict(console: Console, result: ConvertResult) -> None:
-    """The verdict's line, then its warnings (yellow) and what it could not check."""
+    """The verdict's line, the confirmation's, then its warnings (yellow) and what it could not check."""
     from quantcli.cli.flags import flag
 
-    if result.verdict is None:
+    verdict = result.verdict
+    if verdict is None:
         return
-    first, *rest = result.verdict.render(flag)
-    console.print(escape(first), style=None if result.verdict.passed else "yellow")
+    first, *rest = verdict.render(flag)
+    console.print(escape(first), style=None if verdict.passed else "yellow")
+    warnings = set(rest[verdict.confirmation is not None :][: len(verdict.warnings)])
     for line in rest:
-        console.print(f"[yellow]{escape(line)}[/]" if line.startswith("verdict:") else escape(line))
+        console.print(f"[yellow]{escape(line)}[/]" if line in warnings else escape(line))
 
 
 def _render_subgraphs(console: Console, result: ConvertResult) -> None:

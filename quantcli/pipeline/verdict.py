@@ -7,7 +7,10 @@ Where the samples come from:
 * a search whose ``eval_data`` is the same data as ``data_path`` (or its recipe replayed on that data):
   the share of it calibration did not read, which the search scored on (``quantcli.pipeline.holdout``),
   and the verdict says the search chose on them; with too few samples to hold back, all of it, and the
-  verdict says calibration read them;
+  verdict says calibration read them; with samples neither of the search's shares scores (its
+  confirmation's), the verdict checks those too (at most ``EVAL_MAX_SAMPLES``, spread): the search never
+  chose on them, so they show a figure the choice did not flatter, and a warning below a threshold there
+  says so;
 * otherwise, static mode with ``data_path``: ``hold_back`` keeps the last ``verdict_share`` of the data
   (at most ``VERDICT_MAX_SAMPLES``, at least ``MIN_HELD_OUT``) out of calibration;
 * a calibration file, the data-driven algorithms (they calibrate on all of ``data_path``), a recipe or
@@ -36,7 +39,7 @@ from quantcli.compare.evaluate import wilson_interval
 from quantcli.compare.map_thresholds import MapThreshold
 from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver, reads_like_ctc
 from quantcli.core.errors import QuantCliError
-from quantcli.data.datasets import Dataset, model_input_specs, random_dataset
+from quantcli.data.datasets import Dataset, model_input_specs, random_dataset, spread
 from quantcli.modes.common import ConvertMode
 from quantcli.pipeline.context import ConvertContext, need
 
@@ -51,6 +54,7 @@ __all__ = [
     "THRESHOLDS",
     "VERDICT_MAX_SAMPLES",
     "Verdict",
+    "VerdictCheck",
     "hold_back",
     "timed_speed",
     "verdict",
@@ -65,6 +69,21 @@ EVAL_MAX_SAMPLES = 256
 #: the bounds below which the verdict warns (agreement: classifier, sequence, ctc and binary outputs;
 #: sqnr: in dB, raw outputs of a model none of whose outputs has a task metric, e.g. detector heads)
 THRESHOLDS: dict[str, float] = {"agreement": 0.98, "cosine": 0.99, "iou": 0.9, "sqnr": 20.0}
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictCheck:
+    """A second set of samples the verdict checked: after a search on its own data, those it confirmed on."""
+
+    #: where they came from (a template naming options as ``$field``)
+    source: str
+    num_samples: int
+    kinds: tuple[KindMetrics, ...]
+
+    def line(self) -> str:
+        """``verdict: also on 24 --data samples the search did not choose on ...: logits classifier ...``."""
+        judged = [k for k in self.kinds if k.kind != OutputKind.RAW] or list(self.kinds[:3])
+        return f"verdict: also on {self.source}: {'; '.join(_kind_text(k) for k in judged)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +104,8 @@ class Verdict:
     unchecked: tuple[str, ...] = ()
     #: the option fields the templates name
     options: tuple[str, ...] = ()
+    #: the samples a search on its own data confirmed on (never chosen on), checked as well
+    confirmation: VerdictCheck | None = None
 
     @property
     def passed(self) -> bool:
@@ -92,8 +113,10 @@ class Verdict:
         return not self.warnings
 
     def render(self, name: Callable[[str], str] = str) -> list[str]:
-        """The summary line, then each warning and each unchecked item, options written by ``name``."""
-        return [self.substitute(text, name) for text in (self.line(), *self.warnings, *self.unchecked)]
+        """The summary line, the confirmation's line (when checked), then each warning and each unchecked
+        item, options written by ``name``."""
+        also = () if self.confirmation is None else (self.confirmation.line(),)
+        return [self.substitute(text, name) for text in (self.line(), *also, *self.warnings, *self.unchecked)]
 
     def substitute(self, text: str, name: Callable[[str], str] = str) -> str:
         """``text`` (one of this verdict's templates) with each option it names written as ``name(field)``."""
@@ -163,10 +186,28 @@ def verdict(ctx: ConvertContext) -> None:
     if feeds is not None:
         kinds, count = _fidelity(model, quantized, feeds, (r.output_kinds, r.map_thresholds()), labels)
         unchecked = (*unchecked, *_raw_note(kinds), *_few_samples(kinds))
+    confirmation = _confirmation(ctx, model, quantized)
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
     warnings = tuple(_warnings(kinds, speed, ctx))
-    ctx.verdict = Verdict(source, count, tuple(kinds), speed, warnings, unchecked, _OPTIONS)
+    if confirmation is not None:
+        where = f" on the {confirmation.num_samples} samples the search did not choose on"
+        warnings += tuple(_kind_warnings(list(confirmation.kinds), ctx, where))
+    ctx.verdict = Verdict(source, count, tuple(kinds), speed, warnings, unchecked, _OPTIONS, confirmation)
+
+
+def _confirmation(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelProto) -> VerdictCheck | None:
+    """After a search on its own data, the samples neither of its shares scored (its confirmation's): read by
+    calibration, never chosen on. At most ``EVAL_MAX_SAMPLES`` of them, spread (data may be sorted by class)."""
+    if ctx.search_data is None or ctx.fold_data is None or ctx.fold_data[2] is None:
+        return None
+    dataset = ctx.fold_data[2]
+    if dataset.num_samples > EVAL_MAX_SAMPLES:
+        dataset = dataset.select(spread(dataset.num_samples, EVAL_MAX_SAMPLES))
+    thresholds = (ctx.request.output_kinds, ctx.request.map_thresholds())
+    kinds, count = _fidelity(model, quantized, _feeds(dataset, 0), thresholds, dataset.yielded_labels())
+    source = f"{count} $data_path samples the search did not choose on (calibration read them)"
+    return VerdictCheck(source, count, tuple(kinds))
 
 
 #: the option fields verdict texts may name
@@ -319,8 +360,18 @@ def _speed(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelPro
 
 
 def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertContext) -> Iterator[str]:
+    yield from _kind_warnings(kinds, ctx)
+    if speed is not None and speed.speedup <= 1.0:
+        yield (
+            f"verdict: {speed.speedup:.2f}x FP32 at batch 1, not faster: keep the FP32 model, or see what stayed "
+            "float ('quantcli inspect' on the output)"
+        )
+
+
+def _kind_warnings(kinds: list[KindMetrics], ctx: ConvertContext, where: str = "") -> Iterator[str]:
+    """An output below its threshold (``where``: on which samples, when not the verdict's main ones)."""
     dynamic = ctx.request.mode == ConvertMode.DYNAMIC
-    yield from _raw_warnings(kinds)
+    yield from _raw_warnings(kinds, where)
     for k in kinds:
         metric = "agreement" if k.kind in AGREEMENT_KINDS else "cosine" if k.kind == OutputKind.EMBEDDING else "iou"
         value = getattr(k, metric)
@@ -329,15 +380,10 @@ def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertCo
         repair = _repair(k.kind, dynamic)
         if reads_like_ctc(k):  # strict positions overstate a recognizer's loss: say how to judge its text
             repair = f"if it is a CTC recognizer, $output_kinds {k.name}=ctc judges its decoded strings; {repair}"
-        yield f"verdict: {k.name} ({k.kind}) {metric} {value:.3f} < {THRESHOLDS[metric]:g}: {repair}"
-    if speed is not None and speed.speedup <= 1.0:
-        yield (
-            f"verdict: {speed.speedup:.2f}x FP32 at batch 1, not faster: keep the FP32 model, or see what stayed "
-            "float ('quantcli inspect' on the output)"
-        )
+        yield f"verdict: {k.name} ({k.kind}) {metric} {value:.3f} < {THRESHOLDS[metric]:g}{where}: {repair}"
 
 
-def _raw_warnings(kinds: list[KindMetrics]) -> Iterator[str]:
+def _raw_warnings(kinds: list[KindMetrics], where: str = "") -> Iterator[str]:
     """A model whose outputs are all raw (detector heads, regressions) is judged by SQNR alone.
 
     Measured on three real detectors (``benchmarks/bench_table.py``): heads at 27 dB kept every
@@ -350,9 +396,9 @@ def _raw_warnings(kinds: list[KindMetrics]) -> Iterator[str]:
     for k in kinds:
         if k.sqnr_db < bound:
             yield (
-                f"verdict: {k.name} (raw) SQNR {k.sqnr_db:.1f} dB < {bound:g} dB: its task metric may have moved; "
-                f"measure it with 'quantcli compare' and your metric, or $eval_data DATA $min_sqnr {bound:g} "
-                "searches for the cheapest model that meets it"
+                f"verdict: {k.name} (raw) SQNR {k.sqnr_db:.1f} dB < {bound:g} dB{where}: its task metric may "
+                "have moved; measure it with 'quantcli compare' and your metric, or "
+                f"$eval_data DATA $min_sqnr {bound:g} searches for the cheapest model that meets it"
             )
 
 

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from quantcli.api import ModelSummary
     from quantcli.compare.evaluate import Interval, LatencyComparison
     from quantcli.compare.gates import GateResult
+    from quantcli.compare.output_kinds import KindMetrics
     from quantcli.compare.result import CompareResult
     from quantcli.pipeline.result import ConvertResult
     from quantcli.pipeline.verdict import Verdict
@@ -177,6 +178,8 @@ def _verdict(verdict: Verdict | None, name: Callable[[str], str]) -> dict[str, A
     if verdict is None:
         return None
     line, *rest = verdict.render(name)
+    check = verdict.confirmation
+    rest = rest[check is not None :]  # the confirmation's line has fields of its own
     speed = verdict.speed
     return {
         "passed": verdict.passed,
@@ -185,21 +188,33 @@ def _verdict(verdict: Verdict | None, name: Callable[[str], str]) -> dict[str, A
         "unchecked": rest[len(verdict.warnings) :],
         "source": verdict.substitute(verdict.source, name),
         "num_samples": verdict.num_samples,
-        "outputs": [
-            {
-                "name": k.name,
-                "kind": str(k.kind),
-                "agreement": _finite(k.agreement),
-                "cosine": _finite(k.cosine),
-                "iou": _finite(k.iou),
-                "sqnr_db": _finite(k.sqnr_db),
-            }
-            for k in verdict.kinds
-        ],
+        "outputs": _kind_outputs(verdict.kinds),
+        "confirmation": None
+        if check is None
+        else {
+            "line": verdict.substitute(check.line(), name),
+            "source": verdict.substitute(check.source, name),
+            "num_samples": check.num_samples,
+            "outputs": _kind_outputs(check.kinds),
+        },
         "speed": None
         if speed is None
         else {"fp32_ms": speed.fp32_ms, "quantized_ms": speed.quantized_ms, "speedup": speed.speedup},
     }
+
+
+def _kind_outputs(kinds: tuple[KindMetrics, ...]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": k.name,
+            "kind": str(k.kind),
+            "agreement": _finite(k.agreement),
+            "cosine": _finite(k.cosine),
+            "iou": _finite(k.iou),
+            "sqnr_db": _finite(k.sqnr_db),
+        }
+        for k in kinds
+    ]
 
 
 def _interval(iv: Interval | None) -> dict[str, float] | None:

@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from quantcli.api import CompareRequest, compare_models, convert_model
 from quantcli.cli.app import EXIT_GATE_FAILED, app
-from quantcli.compare.metrics import parse_metric
+from quantcli.compare.metrics import parse_metric, takes_reference
 from quantcli.core.host import default_config
 from tests.conftest import CALIBRATION_DATA, SAMPLE_MODELS
+from tests.helpers import run
 
 runner = CliRunner()
 SCHEMA = json.loads((Path(__file__).resolve().parent.parent / "quantcli/schemas/compare.schema.json").read_text())
@@ -122,6 +123,40 @@ def test_custom_metric_drives_the_accuracy_gate(quantized, damaged, tmp_path):
     assert f"task metric {metric}:top2: FP32 " in good.output
     bad = runner.invoke(app, ["compare", str(MODEL), str(damaged), *args])
     assert bad.exit_code == EXIT_GATE_FAILED and "gate failed: max-accuracy-drop" in bad.output
+
+
+def test_a_custom_metric_may_compare_with_fp32s_outputs(quantized, damaged, tmp_path):
+    """A metric with a ``reference`` parameter gets FP32's outputs: FP32 scores 1 against itself, the
+    candidate its top-1 agreement with FP32 (no labels read), and the drop gate judges it."""
+    metric = tmp_path / "vs_fp32.py"
+    metric.write_text(
+        "def agreement(outputs, labels, reference):\n"
+        "    return float((outputs['logits'].argmax(1) == reference['logits'].argmax(1)).mean())\n"
+    )
+    request = CompareRequest(MODEL, damaged, EVAL, latency_batch_sizes=(), metric=parse_metric(f"{metric}:agreement"))
+    result = compare_models(request)
+    tm = result.task_metric
+    assert tm is not None and tm.reference == 1.0
+    x = np.load(EVAL)["input"]
+    fp32 = run(onnx.load(str(MODEL)), {"input": x})[0].argmax(1)
+    ours = run(onnx.load(str(damaged)), {"input": x})[0].argmax(1)
+    assert tm.candidate == pytest.approx(float(np.mean(fp32 == ours))) and tm.candidate < 0.99
+    args = ["--data", str(EVAL), "--runs", "2", "--no-memory", "--metric", f"{metric}:agreement",
+            "--max-accuracy-drop", "1"]  # fmt: skip
+    assert runner.invoke(app, ["compare", str(MODEL), str(quantized), *args]).exit_code == 0
+    bad = runner.invoke(app, ["compare", str(MODEL), str(damaged), *args])
+    assert bad.exit_code == EXIT_GATE_FAILED and "gate failed: max-accuracy-drop" in bad.output
+
+
+def test_takes_reference():
+    def plain(outputs, labels):
+        return 0.0
+
+    def against(outputs, labels, reference=None):
+        return 0.0
+
+    assert takes_reference(against) and not takes_reference(plain)
+    assert not takes_reference(len) and not takes_reference(None)
 
 
 def test_top5_accuracy_is_at_least_top1(quantized):

@@ -143,7 +143,7 @@ def test_search_evaluator_and_verdict_use_the_labels(tmp_path):
     feeds = ((f, dataset.batch_length(f)) for i, f in enumerate(dataset.batches(1)) if i >= start)
     held = dataset.yielded_labels()
     assert held is not None
-    kinds, count = _fidelity(ref, cand, feeds, (None, 0.5), held[start:])
+    kinds, count, _ = _fidelity(ref, cand, feeds, (None, 0.5), held[start:])
     assert count == 4 and kinds[0].agreement == 1.0
     feeds = ((f, dataset.batch_length(f)) for i, f in enumerate(dataset.batches(1)) if i >= start)
     shifted = np.roll(held, 1, axis=0)[start:]  # labels of other samples: padding positions labelled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import jsonschema
 import numpy as np
 import onnx
 import pytest
@@ -13,9 +14,12 @@ from typer.testing import CliRunner
 
 from quantcli import api
 from quantcli.cli.app import app
+from quantcli.cli.flags import flag
+from quantcli.compare.metrics import parse_metric
 from quantcli.core.errors import ArtifactMismatchError, QuantCliError
 from quantcli.core.host import default_config
 from quantcli.core.options import QuantConfig
+from quantcli.schemas import convert_document, load_schema
 from quantcli.search.accuracy_search import STALL_AFTER, Budget, BudgetNotMetError, SearchOptions
 from quantcli.search.recipe import read_recipe
 from tests import models
@@ -329,6 +333,49 @@ def test_search_budget_on_a_custom_metric(mlp, tmp_path):
          "--min-sqnr", "20", "--search-metric", f"{metric}:even_hits"],
     )  # fmt: skip
     assert res.exit_code != 0 and "give --max-accuracy-drop" in res.output
+
+
+def test_a_custom_metric_against_fp32_needs_no_labels(mlp, tmp_path):
+    """A metric with a ``reference`` parameter (FP32's outputs) budgets data without labels: FP32 scores 100
+    against itself, and the drop is the share of samples whose top class moved."""
+    model, calib, evald = mlp
+    metric = tmp_path / "vs_fp32.py"
+    metric.write_text(
+        "def agreement(outputs, labels, reference):\n"
+        "    assert labels is None\n"
+        "    return float((outputs['y'].argmax(-1) == reference['y'].argmax(-1)).mean())\n"
+    )
+    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(evald),
+         "--max-accuracy-drop", "6", "--search-metric", f"{metric}:agreement", "--save-recipe", str(recipe)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(recipe.read_text())
+    assert doc["search"]["fp32_accuracy"] == 100.0 and "mm2" in doc["float_nodes"]
+    x = np.load(evald)["x"]
+    written = onnx.load(str(out))  # in the search's batches of 32 (a run-time MatMul's range is the batch's)
+    pred = np.concatenate([run(written, {"x": x[i : i + 32]})[0].argmax(-1) for i in range(0, len(x), 32)])
+    fp32 = run(models.sensitive_mlp(), {"x": x})[0].argmax(-1)
+    assert doc["search"]["accuracy"] == pytest.approx(100.0 * np.mean(pred == fp32), abs=1e-4)
+    assert 0.0 < 100.0 - doc["search"]["accuracy"] <= 6.0  # the budget spent, not all-float
+    # the verdict measures the same metric on its samples (the search's, held out of calibration)
+    result = api.convert_model(
+        model, tmp_path / "v.onnx", data_path=calib, eval_data=evald, config=CONFIG,
+        search=SearchOptions(Budget(max_accuracy_drop=6.0), metric=parse_metric(f"{metric}:agreement")),
+    )  # fmt: skip
+    verdict = result.verdict
+    assert verdict is not None and verdict.metric is not None and verdict.metric.reference == 1.0
+    assert verdict.metric.candidate == pytest.approx(result.search.chosen.accuracy / 100.0)
+    assert f"{metric}:agreement {verdict.metric.candidate:.3f} (FP32 1.000)" in verdict.render(flag)[0]
+    doc = convert_document(result)
+    jsonschema.validate(doc, load_schema(doc["schema"]))
+    assert doc["verdict"]["metric"] == {
+        "name": f"{metric}:agreement",
+        "fp32": 1.0,
+        "quantized": verdict.metric.candidate,
+    }
 
 
 def test_search_metric_agreement_ignores_labels(mlp, tmp_path):

@@ -195,6 +195,31 @@ def test_a_model_with_only_raw_outputs_warns_below_the_sqnr_bound():
     assert text[0].startswith("verdict: WARNING") and "--eval-data DATA --min-sqnr 20" in text[1]
 
 
+def test_the_searchs_metric_stands_for_the_raw_outputs_and_warns_past_its_budget():
+    """With a search's Python metric (a detector's F1 against FP32, say), the raw heads' SQNR does not warn:
+    the metric judges them, by the search's --max-accuracy-drop (points of 100)."""
+    from quantcli.compare.metrics import TaskMetric
+    from quantcli.pipeline import verdict as v
+    from quantcli.search.accuracy_search import Budget, SearchOptions
+
+    class _Ctx:
+        class request:
+            mode = ConvertMode.STATIC
+            search = SearchOptions(Budget(max_accuracy_drop=5.0))
+
+    speed = SpeedCheck(1.0, 0.5, 2.0, 1, 0.0)
+    low = KindMetrics("boxes", OutputKind.RAW, "", 10, THRESHOLDS["sqnr"] - 5)
+    kept, lost = TaskMetric("f1.py:f1", 1.0, 0.96), TaskMetric("f1.py:f1", 1.0, 0.93)
+    assert not list(v._warnings([low], speed, _Ctx(), kept))  # type: ignore[arg-type]
+    (warning,) = v._warnings([low], speed, _Ctx(), lost)  # type: ignore[arg-type]
+    verdict = Verdict("s", 10, (low,), speed, (warning,), (), v._OPTIONS, None, lost)
+    line, text = verdict.render(flag)
+    assert line == "verdict: WARNING on s: boxes raw (SQNR 15.0 dB); f1.py:f1 0.930 (FP32 1.000); 2.00x FP32 at batch 1"
+    assert text.startswith("verdict: f1.py:f1 0.930, 7.00 points below FP32's 1.000, more than --max-accuracy-drop 5")
+    ok = Verdict("s", 10, (low,), speed, (), (), v._OPTIONS, None, kept).render(flag)[0]
+    assert ok.startswith("verdict: ok on s:")  # the metric judged it (raw outputs alone read "no task metric")
+
+
 def test_wilson_lower_bound_and_the_samples_it_takes():
     assert agreement_lower_bound(40, 40) == pytest.approx(0.9366, abs=1e-4)
     assert agreement_lower_bound(39, 40) < agreement_lower_bound(40, 40) < 1.0

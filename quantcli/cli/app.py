@@ -619,7 +619,9 @@ def convert(
         str | None,
         typer.Option(
             help="Measure --max-accuracy-drop on top1 (default), agreement (share of top-1 changed vs FP32, labels "
-            "ignored: stricter, less noisy) or module:function / file.py:function (outputs, labels -> 0..1).",
+            "ignored: stricter, less noisy) or module:function / file.py:function (outputs, labels -> 0..1; "
+            "with a third parameter `reference` it also gets FP32's outputs and needs no labels, e.g. a "
+            "detector's F1 against FP32's boxes: FP32 reads 1, so --max-accuracy-drop 5 asks 0.95).",
             rich_help_panel=SEARCH,
         ),
     ] = None,
@@ -770,7 +772,9 @@ def compare(
     metric: Annotated[
         str,
         typer.Option(
-            help="Task metric: top1, top5, none, module:function or file.py:function.", rich_help_panel=MEASURE
+            help="Task metric: top1, top5, none, module:function or file.py:function (outputs, labels -> 0..1; "
+            "a third parameter `reference` gets the first model's outputs).",
+            rich_help_panel=MEASURE,
         ),
     ] = "top1",
     memory: Annotated[

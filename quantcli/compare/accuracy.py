@@ -187,7 +187,13 @@ def finish_accuracy(
         task_metric = TaskMetric(
             metric.name,
             evaluate_custom(metric, state.collected.get("reference", []), state.names, dataset.labels),
-            evaluate_custom(metric, state.collected.get("candidate", []), state.names, dataset.labels),
+            evaluate_custom(
+                metric,
+                state.collected.get("candidate", []),
+                state.names,
+                dataset.labels,
+                state.collected.get("reference", []),
+            ),
         )
     errors: list[LayerError] = []
     if state.layers is not None:

@@ -5,12 +5,18 @@ The function receives all outputs of one model, ``{output name: array stacked ov
 the labels (or None), and returns one number where higher is better, on a 0..1 scale (so that a
 maximum accuracy drop reads it in percentage points). This runs your code: it is only loaded when
 you name it.
+
+A function with a parameter named ``reference`` also receives the FP32 model's outputs, stacked the same
+way: a metric against FP32 rather than labels, for outputs no built-in kind reads (a detector's raw
+heads: decode both, F1 of the boxes). The FP32 model is then scored against itself (``reference`` its
+own outputs), so the drop is ``1 - value`` in points of 100: ``--max-accuracy-drop 5`` asks 0.95.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 from collections.abc import Callable
@@ -21,7 +27,7 @@ import numpy as np
 
 from quantcli.core.errors import InvalidOption, QuantCliError
 
-__all__ = ["MetricSpec", "TaskMetric", "parse_metric"]
+__all__ = ["MetricSpec", "TaskMetric", "evaluate_custom", "parse_metric", "takes_reference"]
 
 CustomMetric = Callable[[dict[str, np.ndarray], "np.ndarray | None"], float]
 
@@ -82,14 +88,36 @@ def parse_metric(spec: str) -> MetricSpec:
     return MetricSpec(spec, topk=1, function=function)
 
 
-def evaluate_custom(
-    spec: MetricSpec, batches: list[list[np.ndarray]], names: list[str], labels: np.ndarray | None
-) -> float:
-    """Stack the batches and call the custom function."""
-    assert spec.function is not None
-    outputs = {name: np.concatenate([b[i] for b in batches]) for i, name in enumerate(names)}
+def takes_reference(function: Callable[..., object] | None) -> bool:
+    """The function has a parameter named ``reference`` (FP32's outputs are passed to it)."""
+    if function is None:
+        return False
     try:
-        value = float(spec.function(outputs, labels))
+        return "reference" in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or C function without a signature
+        return False
+
+
+def evaluate_custom(
+    spec: MetricSpec,
+    batches: list[list[np.ndarray]],
+    names: list[str],
+    labels: np.ndarray | None,
+    reference: list[list[np.ndarray]] | None = None,
+) -> float:
+    """Stack the batches and call the custom function (with FP32's batches as ``reference`` when it takes
+    them: ``batches`` themselves when ``reference`` is None, i.e. FP32 against itself)."""
+    assert spec.function is not None
+
+    def stacked(parts: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
+        return {name: np.concatenate([b[i] for b in parts]) for i, name in enumerate(names)}
+
+    outputs = stacked(batches)
+    extra = (
+        {"reference": stacked(batches if reference is None else reference)} if takes_reference(spec.function) else {}
+    )
+    try:
+        value = float(spec.function(outputs, labels, **extra))
     except Exception as exc:
         raise InvalidOption(f"$metric {spec.name!r} raised {type(exc).__name__}: {exc}", option="metric") from exc
     return value

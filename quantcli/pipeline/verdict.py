@@ -18,7 +18,9 @@ Where the samples come from:
   to give.
 
 Each output's kind and task metric (``quantcli.compare.output_kinds``) is compared with the
-documented thresholds ``THRESHOLDS`` (agreement 0.98, cosine 0.99, IoU 0.9); an output below them, or
+documented thresholds ``THRESHOLDS`` (agreement 0.98, cosine 0.99, IoU 0.9). A search's own Python metric
+(``--search-metric``) is measured too, FP32 and converted, and judged by its ``max_accuracy_drop``; it
+stands for the raw outputs it reads (no SQNR warning for them). An output below its bound, or
 a model not faster than FP32 at batch 1, gives a warning that names the option that would repair it
 (as ``$field`` templates: the CLI writes them as flags). Speed is a quick batch-1 timing
 (``verify.speedcheck.check_speedup``, one round), or the speed check already made for
@@ -37,6 +39,7 @@ import numpy as np
 
 from quantcli.compare.evaluate import wilson_interval
 from quantcli.compare.map_thresholds import MapThreshold
+from quantcli.compare.metrics import MetricSpec, TaskMetric, evaluate_custom
 from quantcli.compare.output_kinds import AGREEMENT_KINDS, KindMetrics, OutputKind, OutputKindObserver, reads_like_ctc
 from quantcli.core.errors import QuantCliError
 from quantcli.data.datasets import Dataset, model_input_specs, random_dataset, spread
@@ -79,11 +82,14 @@ class VerdictCheck:
     source: str
     num_samples: int
     kinds: tuple[KindMetrics, ...]
+    #: the search's Python metric on them (None: none given)
+    metric: TaskMetric | None = None
 
     def line(self) -> str:
         """``verdict: also on 24 --data samples the search did not choose on ...: logits classifier ...``."""
         judged = [k for k in self.kinds if k.kind != OutputKind.RAW] or list(self.kinds[:3])
-        return f"verdict: also on {self.source}: {'; '.join(_kind_text(k) for k in judged)}"
+        parts = [_kind_text(k) for k in judged] + ([_metric_text(self.metric)] if self.metric else [])
+        return f"verdict: also on {self.source}: {'; '.join(parts)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,8 @@ class Verdict:
     options: tuple[str, ...] = ()
     #: the samples a search on its own data confirmed on (never chosen on), checked as well
     confirmation: VerdictCheck | None = None
+    #: the search's Python metric (``--search-metric``), FP32 and converted (None: none given)
+    metric: TaskMetric | None = None
 
     @property
     def passed(self) -> bool:
@@ -127,10 +135,12 @@ class Verdict:
         judged = [k for k in self.kinds if k.kind != OutputKind.RAW]
         parts = [_kind_text(k) for k in judged or self.kinds[:3]]
         more = f"; {len(self.kinds) - 3} more raw outputs" if not judged and len(self.kinds) > 3 else ""
+        if self.metric is not None:
+            more += f"; {_metric_text(self.metric)}"
         speed = f"{self.speed.speedup:.2f}x FP32 at batch 1" if self.speed is not None else "speed not checked"
         if not self.kinds:
             return f"verdict: {'' if self.passed else 'WARNING: '}fidelity not checked; {speed}"
-        status = ("ok" if judged else "no task metric") if self.passed else "WARNING"
+        status = ("ok" if judged or self.metric else "no task metric") if self.passed else "WARNING"
         return f"verdict: {status} on {self.source}: {'; '.join(parts)}{more}; {speed}"
 
 
@@ -145,6 +155,10 @@ def _kind_text(k: KindMetrics) -> str:
     )
     sqnr = "inf" if math.isinf(k.sqnr_db) else f"{k.sqnr_db:.1f}"
     return f"{k.name} {k.kind} {value} (SQNR {sqnr} dB)".replace("  ", " ")
+
+
+def _metric_text(m: TaskMetric) -> str:
+    return f"{m.name} {m.candidate:.3f} (FP32 {m.reference:.3f})"
 
 
 def hold_back(ctx: ConvertContext) -> None:
@@ -182,21 +196,30 @@ def verdict(ctx: ConvertContext) -> None:
     model, quantized = need(ctx.model, "the model"), need(ctx.quantized, "the converted model")
     source, feeds, labels, unchecked = _verdict_samples(ctx)
     kinds: list[KindMetrics] = []
-    count = 0
+    count, task = 0, None
+    metric = _search_metric(ctx)
     if feeds is not None:
-        kinds, count = _fidelity(model, quantized, feeds, (r.output_kinds, r.map_thresholds()), labels)
-        unchecked = (*unchecked, *_raw_note(kinds), *_few_samples(kinds))
-    confirmation = _confirmation(ctx, model, quantized)
+        kinds, count, task = _fidelity(model, quantized, feeds, (r.output_kinds, r.map_thresholds()), labels, metric)
+        unchecked = (*unchecked, *(() if task else _raw_note(kinds)), *_few_samples(kinds))
+    confirmation = _confirmation(ctx, model, quantized, metric)
     speed, speed_note = _speed(ctx, model, quantized)
     unchecked = (*unchecked, *((speed_note,) if speed_note else ()))
-    warnings = tuple(_warnings(kinds, speed, ctx))
+    warnings = tuple(_warnings(kinds, speed, ctx, task))
     if confirmation is not None:
         where = f" on the {confirmation.num_samples} samples the search did not choose on"
-        warnings += tuple(_kind_warnings(list(confirmation.kinds), ctx, where))
-    ctx.verdict = Verdict(source, count, tuple(kinds), speed, warnings, unchecked, _OPTIONS, confirmation)
+        warnings += tuple(_kind_warnings(list(confirmation.kinds), ctx, where, confirmation.metric))
+    ctx.verdict = Verdict(source, count, tuple(kinds), speed, warnings, unchecked, _OPTIONS, confirmation, task)
 
 
-def _confirmation(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelProto) -> VerdictCheck | None:
+def _search_metric(ctx: ConvertContext) -> MetricSpec | None:
+    """The search's Python metric (``--search-metric module:function``), None without one."""
+    search = ctx.request.search
+    return search.metric if search is not None and search.metric and search.metric.function else None
+
+
+def _confirmation(
+    ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelProto, metric: MetricSpec | None
+) -> VerdictCheck | None:
     """After a search on its own data, the samples neither of its shares scored (its confirmation's): read by
     calibration, never chosen on. At most ``EVAL_MAX_SAMPLES`` of them, spread (data may be sorted by class)."""
     if ctx.search_data is None or ctx.fold_data is None or ctx.fold_data[2] is None:
@@ -205,9 +228,10 @@ def _confirmation(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.M
     if dataset.num_samples > EVAL_MAX_SAMPLES:
         dataset = dataset.select(spread(dataset.num_samples, EVAL_MAX_SAMPLES))
     thresholds = (ctx.request.output_kinds, ctx.request.map_thresholds())
-    kinds, count = _fidelity(model, quantized, _feeds(dataset, 0), thresholds, dataset.yielded_labels())
+    feeds = _feeds(dataset, 0)
+    kinds, count, task = _fidelity(model, quantized, feeds, thresholds, dataset.yielded_labels(), metric)
     source = f"{count} $data_path samples the search did not choose on (calibration read them)"
-    return VerdictCheck(source, count, tuple(kinds))
+    return VerdictCheck(source, count, tuple(kinds), task)
 
 
 #: the option fields verdict texts may name
@@ -220,6 +244,7 @@ _OPTIONS = (
     "min_cosine",
     "min_iou",
     "min_sqnr",
+    "max_accuracy_drop",
     "verdict_share",
 )
 
@@ -323,18 +348,29 @@ def _fidelity(
     feeds: Iterator[tuple[dict[str, np.ndarray], int]],
     kinds: tuple[Mapping[str, OutputKind] | None, MapThreshold],
     labels: np.ndarray | None = None,
-) -> tuple[list[KindMetrics], int]:
-    """Each output's kind metrics on ``feeds`` (``kinds``: the kinds given, the map thresholds)."""
+    metric: MetricSpec | None = None,
+) -> tuple[list[KindMetrics], int, TaskMetric | None]:
+    """Each output's kind metrics on ``feeds`` (``kinds``: the kinds given, the map thresholds), the
+    sample count, and ``metric`` (a Python one) of both models (None without)."""
     from quantcli.graph.session import make_session
 
     ref, cand = make_session(model, source="FP32 model"), make_session(quantized, source="converted model")
     names = [o.name for o in ref.get_outputs()]
     observer = OutputKindObserver(kinds[0], map_threshold=kinds[1], labels=labels)
     count = 0
+    kept: tuple[list[list[np.ndarray]], list[list[np.ndarray]]] = ([], [])
     for feed, n in feeds:
-        observer(names, ref.run(names, feed), cand.run(names, feed), n)
+        outs = ref.run(names, feed), cand.run(names, feed)
+        observer(names, *outs, n)
         count += n
-    return observer.results(), count
+        if metric is not None:
+            kept[0].append(outs[0])
+            kept[1].append(outs[1])
+    task = None
+    if metric is not None and count:
+        fp32 = evaluate_custom(metric, kept[0], names, labels)
+        task = TaskMetric(metric.name, fp32, evaluate_custom(metric, kept[1], names, labels, kept[0]))
+    return observer.results(), count, task
 
 
 def _speed(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelProto) -> tuple[SpeedCheck | None, str]:
@@ -359,8 +395,10 @@ def _speed(ctx: ConvertContext, model: onnx.ModelProto, quantized: onnx.ModelPro
         )
 
 
-def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertContext) -> Iterator[str]:
-    yield from _kind_warnings(kinds, ctx)
+def _warnings(
+    kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertContext, task: TaskMetric | None = None
+) -> Iterator[str]:
+    yield from _kind_warnings(kinds, ctx, "", task)
     if speed is not None and speed.speedup <= 1.0:
         yield (
             f"verdict: {speed.speedup:.2f}x FP32 at batch 1, not faster: keep the FP32 model, or see what stayed "
@@ -368,10 +406,16 @@ def _warnings(kinds: list[KindMetrics], speed: SpeedCheck | None, ctx: ConvertCo
         )
 
 
-def _kind_warnings(kinds: list[KindMetrics], ctx: ConvertContext, where: str = "") -> Iterator[str]:
-    """An output below its threshold (``where``: on which samples, when not the verdict's main ones)."""
+def _kind_warnings(
+    kinds: list[KindMetrics], ctx: ConvertContext, where: str = "", task: TaskMetric | None = None
+) -> Iterator[str]:
+    """An output below its threshold, or the search's metric below its budget (``where``: on which
+    samples, when not the verdict's main ones). The metric stands for the raw outputs' SQNR."""
     dynamic = ctx.request.mode == ConvertMode.DYNAMIC
-    yield from _raw_warnings(kinds, where)
+    if task is None:
+        yield from _raw_warnings(kinds, where)
+    else:
+        yield from _metric_warnings(task, ctx, where)
     for k in kinds:
         metric = "agreement" if k.kind in AGREEMENT_KINDS else "cosine" if k.kind == OutputKind.EMBEDDING else "iou"
         value = getattr(k, metric)
@@ -381,6 +425,18 @@ def _kind_warnings(kinds: list[KindMetrics], ctx: ConvertContext, where: str = "
         if reads_like_ctc(k):  # strict positions overstate a recognizer's loss: say how to judge its text
             repair = f"if it is a CTC recognizer, $output_kinds {k.name}=ctc judges its decoded strings; {repair}"
         yield f"verdict: {k.name} ({k.kind}) {metric} {value:.3f} < {THRESHOLDS[metric]:g}{where}: {repair}"
+
+
+def _metric_warnings(task: TaskMetric, ctx: ConvertContext, where: str) -> Iterator[str]:
+    """The search's metric dropped by more than its ``max_accuracy_drop`` (points of 100)."""
+    search = ctx.request.search
+    bound = search.budget.max_accuracy_drop if search is not None else None
+    drop = 100.0 * (task.reference - task.candidate)
+    if bound is not None and drop > bound + 1e-9:
+        yield (
+            f"verdict: {task.name} {task.candidate:.3f}, {drop:.2f} points below FP32's {task.reference:.3f}{where}, "
+            f"more than $max_accuracy_drop {bound:g}: search on more $eval_data, or with a smaller $max_accuracy_drop"
+        )
 
 
 def _raw_warnings(kinds: list[KindMetrics], where: str = "") -> Iterator[str]:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from quantcli.api import ModelSummary
     from quantcli.compare.evaluate import Interval, LatencyComparison
     from quantcli.compare.gates import GateResult
+    from quantcli.compare.metrics import TaskMetric
     from quantcli.compare.output_kinds import KindMetrics
     from quantcli.compare.result import CompareResult
     from quantcli.pipeline.result import ConvertResult
@@ -189,6 +190,7 @@ def _verdict(verdict: Verdict | None, name: Callable[[str], str]) -> dict[str, A
         "source": verdict.substitute(verdict.source, name),
         "num_samples": verdict.num_samples,
         "outputs": _kind_outputs(verdict.kinds),
+        "metric": _task_metric(verdict.metric),
         "confirmation": None
         if check is None
         else {
@@ -196,11 +198,18 @@ def _verdict(verdict: Verdict | None, name: Callable[[str], str]) -> dict[str, A
             "source": verdict.substitute(check.source, name),
             "num_samples": check.num_samples,
             "outputs": _kind_outputs(check.kinds),
+            "metric": _task_metric(check.metric),
         },
         "speed": None
         if speed is None
         else {"fp32_ms": speed.fp32_ms, "quantized_ms": speed.quantized_ms, "speedup": speed.speedup},
     }
+
+
+def _task_metric(metric: TaskMetric | None) -> dict[str, Any] | None:
+    if metric is None:
+        return None
+    return {"name": metric.name, "fp32": _finite(metric.reference), "quantized": _finite(metric.candidate)}
 
 
 def _kind_outputs(kinds: tuple[KindMetrics, ...]) -> list[dict[str, Any]]:

@@ -179,7 +179,7 @@ class Evaluator:
         error = _sqnr_error(self.signal_samples[worst], noise[worst]) if worst is not None else 0.0
         accuracy = drop = None
         if self.metric is not None:
-            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels)
+            accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels, self.reference)
             drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
         elif self.classifier:
             accuracy = self._accuracy(firsts)

@@ -13,7 +13,9 @@ Per model, on its held-out ``_eval.npz`` samples against FP32 (nothing here tune
   batch-1 speed against FP32 at 1 and 2 threads, and whether convert's own verdict warned.
 * ``search``: ``convert --data CALIB --eval-data CALIB`` with a budget in the task's own terms, tuned on the
   calibration samples only (agreement 0.98 for classifiers and binary decisions, 0.95 for sequences, cosine
-  0.99 for embeddings, IoU 0.9 for maps, SQNR for raw detector heads, which have no task kind): the same
+  0.99 for embeddings, IoU 0.9 for maps; detector heads, which have no task kind, F1 0.95 of their decoded
+  boxes against FP32's, a Python metric of ``detection_f1.py`` given as ``--search-metric`` (ddddocr det),
+  or SQNR 20 dB (NudeNet: 9 boxes in its calibration images)): the same
   columns plus float and run-time-quantized nodes and the search's wall time; when the search finds
   nothing inside the budget faster than FP32, the row says "exit 1" with the closest candidate.
 * ``ort`` / ``ort-u8``: onnxruntime's ``quantize_static`` as its docs advise (``bench_models.run_ort``: pre-process,
@@ -61,6 +63,7 @@ from bench_models import (  # noqa: E402
 from quantcli.api import convert_model  # noqa: E402
 from quantcli.cli.flags import flag  # noqa: E402
 from quantcli.compare.map_thresholds import DEFAULT_MAP_THRESHOLD, MapThresholds  # noqa: E402
+from quantcli.compare.metrics import parse_metric  # noqa: E402
 from quantcli.compare.output_kinds import OutputKind  # noqa: E402
 from quantcli.core.errors import NotFasterError  # noqa: E402
 from quantcli.core.host import cpu_model, int8_flags  # noqa: E402
@@ -73,16 +76,18 @@ SAMPLES = {
         REPO / "calibration_data/digits_transformer",
     ),
 }
-AGREE, STRINGS, COSINE, IOU = 0.98, 0.95, 0.99, 0.9
-#: the budget in the task's own terms, per model (detector heads are raw tensors: SQNR)
+AGREE, STRINGS, COSINE, IOU, F1 = 0.98, 0.95, 0.99, 0.9, 0.95
+#: the budget in the task's own terms, per model (detector heads are raw tensors: F1 of the decoded boxes
+#: against FP32's, a Python metric of ``detection_f1.py``, as a drop from FP32's 1.0 in points; NudeNet's
+#: data holds too few of its detections for an F1, so SQNR)
 BUDGETS: dict[str, Budget] = {
     "ppocrv4_det": Budget(min_iou=IOU),
     "ppocrv4_rec": Budget(min_agreement=STRINGS),
     "ddddocr_ocr": Budget(min_agreement=STRINGS),
     "g2p_id_bert": Budget(min_agreement=STRINGS),
     "all_minilm_l6_v2": Budget(min_cosine=COSINE),
-    "nudenet_320n": Budget(min_sqnr_db=20),
-    "ddddocr_det": Budget(min_sqnr_db=20),
+    "nudenet_320n": Budget(min_sqnr_db=20),  # FP32 finds 9 boxes in its 32 calibration images: SQNR
+    "ddddocr_det": Budget(max_accuracy_drop=100 * (1 - F1)),
     "pp_layout_cdla": Budget(min_iou=IOU),  # its anchors x classes score maps (boxes stay raw)
     "basic_pitch_nmp": Budget(min_iou=IOU),
 }
@@ -93,12 +98,17 @@ KINDS: dict[str, dict[str, OutputKind]] = {
     "ppocrv4_rec": {"softmax_11.tmp_0": OutputKind.CTC},
     "basic_pitch_nmp": {f"StatefulPartitionedCall:{i}": OutputKind.MAP for i in range(3)},
 }
+#: the search's metric where the budget is a drop (``--search-metric``)
+SEARCH_METRICS: dict[str, str] = {
+    "ddddocr_det": f"{REPO / 'benchmarks' / 'detection_f1.py'}:ddddocr_det",
+}
 #: maps cut where the model's own library cuts them (the search's --min-iou and the verdict)
 THRESHOLDS: dict[str, MapThresholds] = {
     "basic_pitch_nmp": MapThresholds(DEFAULT_MAP_THRESHOLD, tuple(BASIC_PITCH_THRESHOLDS.items())),
 }
-#: the bound a default convert should meet on the task metric (the verdict's thresholds)
-BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU, "note_map_iou": IOU}
+#: the bound a default convert should meet on the task metric (the verdict's thresholds; detections: the F1
+#: the search's budget asks, since the verdict reads raw heads by SQNR only)
+BOUNDS = {"cosine": COSINE, "text_mask_iou": IOU, "note_map_iou": IOU, "detection_f1_vs_fp32": F1}
 
 
 def embedding_metric(ref: Outputs, cand: Outputs, labels: np.ndarray | None) -> dict[str, float]:
@@ -159,21 +169,23 @@ def run_default(name: str, model: Path, calib: Path, out: Path) -> Variant:
 
 def run_search(name: str, model: Path, calib: Path, out: Path) -> Variant:
     budget = budget_for(name)
+    metric = parse_metric(SEARCH_METRICS[name]) if name in SEARCH_METRICS else None
+    described = f"F1 vs FP32 >= {F1:g} ({Path(SEARCH_METRICS[name]).name})" if metric else budget.describe()
     options = SearchOptions(
-        budget, output_kinds=KINDS.get(name), map_threshold=THRESHOLDS.get(name, DEFAULT_MAP_THRESHOLD)
+        budget, output_kinds=KINDS.get(name), map_threshold=THRESHOLDS.get(name, DEFAULT_MAP_THRESHOLD), metric=metric
     )
     t0 = time.perf_counter()
     try:
         res = convert_model(model, out, data_path=calib, eval_data=calib, search=options, output_kinds=KINDS.get(name))
     except (BudgetNotMetError, NotFasterError) as exc:  # convert's exit 1: what it says is the row
-        return Variant(None, {"budget": budget.describe(), "seconds": round(time.perf_counter() - t0, 1),
+        return Variant(None, {"budget": described, "seconds": round(time.perf_counter() - t0, 1),
                               "exit1": " ".join(str(exc).split())[:300]})  # fmt: skip
     except Exception as exc:
-        return Variant(None, {"budget": budget.describe(), "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        return Variant(None, {"budget": described, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
     assert res.search is not None
     cand = res.search.chosen.candidate
     return Variant(out, {
-        "budget": budget.describe(),
+        "budget": described,
         "seconds": round(time.perf_counter() - t0, 1),
         "trials": len(res.search.trials),
         "float_nodes": len(cand.float_nodes),
@@ -271,7 +283,7 @@ def print_table(results: list[dict[str, Any]]) -> None:
             sqnr = row.get("sqnr_db")
             sq = f"{sqnr:.1f}" if isinstance(sqnr, float) and np.isfinite(sqnr) else "-"
             print(f"| | {key} | {_cell(row, True)} | {sq} | {_speed(row)} | {note} |")
-    print("\nVerdict check (default convert; bounds agreement 0.98 / strings 0.95 / cosine 0.99 / IoU 0.9):")
+    print("\nVerdict check (default convert; bounds agreement 0.98 / strings 0.95 / cosine 0.99 / IoU 0.9 / F1 0.95):")
     for r in results:
         row = r["variants"].get("default", {})
         if "task" not in row:

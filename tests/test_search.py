@@ -310,15 +310,8 @@ def test_search_budget_on_a_custom_metric(mlp, tmp_path):
         "    keep = labels % 2 == 0\n"
         "    return float((outputs['y'].argmax(-1)[keep] == labels[keep]).mean())\n"
     )
-    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
     # a drop of 1 point needs all three MatMuls in float (no integer kernel: refused); 6 keeps mm1 quantized
-    res = CliRunner().invoke(
-        app,
-        ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(labelled),
-         "--max-accuracy-drop", "6", "--search-metric", f"{metric}:even_hits", "--save-recipe", str(recipe)],
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    doc = json.loads(recipe.read_text())
+    out, doc = _search_with_metric(tmp_path, model, calib, labelled, f"{metric}:even_hits")
     assert doc["search"]["metric"] == f"{metric}:even_hits"
     assert doc["search"]["fp32_accuracy"] == 100.0 and "mm2" in doc["float_nodes"]
     # the recorded accuracy is the metric of the written model
@@ -345,14 +338,7 @@ def test_a_custom_metric_against_fp32_needs_no_labels(mlp, tmp_path):
         "    assert labels is None\n"
         "    return float((outputs['y'].argmax(-1) == reference['y'].argmax(-1)).mean())\n"
     )
-    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
-    res = CliRunner().invoke(
-        app,
-        ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(evald),
-         "--max-accuracy-drop", "6", "--search-metric", f"{metric}:agreement", "--save-recipe", str(recipe)],
-    )  # fmt: skip
-    assert res.exit_code == 0, res.output
-    doc = json.loads(recipe.read_text())
+    out, doc = _search_with_metric(tmp_path, model, calib, evald, f"{metric}:agreement")
     assert doc["search"]["fp32_accuracy"] == 100.0 and "mm2" in doc["float_nodes"]
     x = np.load(evald)["x"]
     written = onnx.load(str(out))  # in the search's batches of 32 (a run-time MatMul's range is the batch's)
@@ -433,6 +419,19 @@ def test_budget_result_slower_than_fp32_is_not_written(tmp_path, mlp, fixed_spee
     fixed_speedup(1.02, low=1.01)
     api.convert_model(model, out3, data_path=calib, config=CONFIG, search=options, eval_data=evald)
     assert out3.exists()
+
+
+def _search_with_metric(tmp_path, model, calib, evald, metric: str) -> tuple:
+    """``convert --max-accuracy-drop 6 --search-metric METRIC`` from the CLI: the written model's path and
+    the saved recipe."""
+    out, recipe = tmp_path / "q.onnx", tmp_path / "r.json"
+    res = CliRunner().invoke(
+        app,
+        ["convert", str(model), "-d", str(calib), "-o", str(out), "--eval-data", str(evald),
+         "--max-accuracy-drop", "6", "--search-metric", metric, "--save-recipe", str(recipe)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out, json.loads(recipe.read_text())
 
 
 def _case_files(tmp_path, net: onnx.ModelProto, calib_x: np.ndarray, eval_x: np.ndarray):

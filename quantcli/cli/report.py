@@ -409,7 +409,7 @@ def render_verdict(console: Console, result: ConvertResult) -> None:
         return
     first, *rest = verdict.render(flag)
     console.print(escape(first), style=None if verdict.passed else "yellow")
-    warnings = set(rest[verdict.confirmation is not None :][: len(verdict.warnings)])
+    warnings = {verdict.substitute(text, flag) for text in verdict.warnings}
     for line in rest:
         console.print(f"[yellow]{escape(line)}[/]" if line in warnings else escape(line))
 

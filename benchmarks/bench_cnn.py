@@ -78,6 +78,7 @@ def run_one(name: str, models: Path, max_eval: int) -> dict[str, Any]:
         for threads in (1, 2):
             opts = ort.SessionOptions()
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+            opts.add_session_config_entry("session.force_spinning_stop", "1")  # timed in turn (make_session)
             ref = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
             cand = ort.InferenceSession(str(out), opts, providers=["CPUExecutionProvider"])
             if threads == 1:

@@ -61,10 +61,13 @@ HEAVY = {"ppocrv4_det": (8, 8), "ppocrv4_rec": (32, 16)}
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
+    """A timing session; its workers stop spinning when a run returns, so the sessions timed in turn do
+    not take each other's CPUs (``quantcli.graph.session.make_session``)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

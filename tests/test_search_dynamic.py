@@ -129,6 +129,11 @@ def test_the_fastest_of_the_cheapest_few_wins_and_a_tie_keeps_the_cost_order():
     assert index == 1 and [t.speedup for t in timed] == [1.8, 2.4, 2.1]
     index, _ = fastest(models_, onnx.ModelProto(), {}, lambda r, c, f: 1.5)
     assert index == 0
+    # within the timer's noise of the fastest is a tie: the cheaper stands (2.05 / 2.0 < 1.03, 2.1 / 2.0 > 1.03)
+    for speeds_, expected in (([2.0, 2.05, 1.9], 0), ([2.0, 2.1, 1.9], 1), ([1.0, 1.9, 1.95], 1)):
+        answers = iter(speeds_)
+        index, _ = fastest(models_, onnx.ModelProto(), {}, lambda r, c, f, a=answers: next(a))
+        assert index == expected, speeds_
 
 
 def test_the_search_times_its_cheapest_candidates_and_takes_the_fastest(shifted, tmp_path):

@@ -94,7 +94,7 @@ from quantcli.search.budget import (
     required_share,
     standard_errors,
 )
-from quantcli.search.confirm import Timer, fastest
+from quantcli.search.confirm import TIMING_NOISE, Timer, fastest
 from quantcli.search.cost import (
     DYNAMIC_MAC_COST,
     FLOAT_MAC_COST,
@@ -1061,7 +1061,10 @@ def _timed_choice(search: _Search, met: list[Trial]) -> Trial:
     models = [search.model(t.candidate) for t in top]
     index, timed = fastest(models, search.reference, search.ev.latency_feed, timer)
     times = ", ".join(f"step {top[t.rank].step} {t.speedup:.2f}x" for t in timed)
-    search.log(f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times}")
+    search.log(
+        f"timed the {len(top)} cheapest in the budget against FP32 at batch 1: {times} "
+        f"(within {TIMING_NOISE:.0%} of the fastest, the cheaper wins)"
+    )
     return top[index]
 
 

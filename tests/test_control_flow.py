@@ -450,12 +450,13 @@ def test_require_speedup_writes_nothing_when_not_faster(
 
 
 def test_check_speedup_measures_both_models(rng: np.random.Generator) -> None:
-    from quantcli.verify.speedcheck import check_speedup
+    from quantcli.verify.speedcheck import MAX_ROUNDS, check_speedup
 
     model = loop_model()
     quantized, _, _ = _quantize(model, [{"x": rng.normal(size=(1, 16)).astype(np.float32)} for _ in range(3)])
     check = check_speedup(model, quantized, {"x": rng.normal(size=(1, 16)).astype(np.float32)}, rounds=2, runs=5)
-    assert check.rounds == 2
+    # 2 rounds, and 2 more each time their middle half spans 1.0x (this tiny loop runs near 1.0x: it did)
+    assert check.rounds in (2, 4, 6, 8, MAX_ROUNDS)
     assert check.fp32_ms > 0 and check.quantized_ms > 0
     assert check.faster == (check.speedup > 1.0)
     assert ("faster" in check.line()) and f"x{check.speedup:.2f}" in check.line()

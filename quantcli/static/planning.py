@@ -14,6 +14,7 @@ integer kernel; one rule family per unit kind, each file stating its math:
 * element-wise and pooling units (Add, Mul, Concat, AveragePool, Sigmoid, Softmax, ...):
   ``rules/elementwise.py``; Relu/Clip folded into the producer's range: ``rules/fold.py``; the
   input of a Sigmoid or SiLU starts its grid where the quantized Sigmoid reads 0: ``rules/sigmoid_floor.py``;
+  a score (the input of a Sigmoid alone, and its output) keeps its observed maximum: ``rules/score_top.py``;
 * data-movement units (MaxPool, Reshape, Transpose, Gather, ...): ``rules/movement.py``;
 * Mul/Div by a positive scalar constant, a new scale and no kernel: ``rules/rescale.py``;
 * HardSigmoid/HardSwish as QLinearAdd (+ QLinearMul): ``rules/hard.py``;

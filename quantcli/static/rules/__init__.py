@@ -49,6 +49,7 @@ from quantcli.static.rules.pooling import POOLING, slow_pooling
 from quantcli.static.rules.recurrent import LSTM, RECURRENT_OPS
 from quantcli.static.rules.rescale import DIV, RESCALE, RESCALE_OPS
 from quantcli.static.rules.residual import RESIDUAL
+from quantcli.static.rules.score_top import SCORE_TOP_RULE
 from quantcli.static.rules.selection import RECURRENT_FEED_RULE
 from quantcli.static.rules.sigmoid_floor import SIGMOID_FLOOR_RULE
 from quantcli.static.rules.stem import STEM
@@ -93,6 +94,7 @@ RULE_NAMES = frozenset(r.name for r in RULES) | {
     FOLD_RULE,
     RECURRENT_FEED_RULE,
     SIGMOID_FLOOR_RULE,
+    SCORE_TOP_RULE,
 }
 
 #: op types quantized unless the user chooses otherwise; Softmax is opt-in (it costs accuracy in attention)

@@ -32,6 +32,7 @@ from quantcli.static.plan import (
 )
 from quantcli.static.rules.dynamic import dynamic_problem, dynamic_rejection
 from quantcli.static.rules.fold import fold_output
+from quantcli.static.rules.score_top import score_top
 from quantcli.static.rules.sigmoid_floor import floor_params
 from quantcli.stats.ranges import TensorRange
 
@@ -82,6 +83,8 @@ class PlanContext:
     speed: SpeedOracle = field(default_factory=ConstantSpeedOracle)
     #: MatMul/Gemm run with run-time activation quantization (``rules.dynamic``); read like float compute
     dynamic: set[str] = field(default_factory=set)
+    #: score tensors and their Sigmoid (``rules.score_top``), found on first use
+    scores: dict[str, str] | None = None
 
     def enabled(self, name: str) -> bool:
         """False when rule or check ``name`` is in ``config.disabled_rules``."""
@@ -100,6 +103,9 @@ class PlanContext:
                 self.range_decisions.append(RangeDecision(tensor, r.observed_min, r.observed_max, _SENTINEL_DECISION))
             return None
         lo, hi = r.min, r.max
+        top = score_top(self, tensor)  # a Sigmoid's score keeps its observed maximum (``rules.score_top``)
+        if top is not None:
+            hi = top
         if clip_min is not None:
             lo = max(lo, clip_min)
         if clip_max is not None:

@@ -166,7 +166,8 @@ def test_raw_outputs_are_not_judged_unless_named(tmp_path):
     assert result.verdict is not None and result.verdict.passed
     first, note = result.verdict.render(flag)
     assert first.startswith("verdict: no task metric on 9 held-back --data samples: y raw (SQNR")
-    assert note.startswith("not judged: y look") and note.endswith("--output-kind NAME=KIND names their kind")
+    assert note.startswith("not judged: y look") and "--output-kind NAME=KIND names their kind" in note
+    assert "--search-metric FILE.py:FUNCTION" in note
     cli = runner.invoke(
         app,
         ["convert", str(model), "--data", str(data), "-o", str(tmp_path / "e.onnx"), "--output-kind", "y=embedding"],

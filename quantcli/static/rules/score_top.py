@@ -22,8 +22,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import onnx
-
 from quantcli.static.plan import RangeDecision
 
 if TYPE_CHECKING:
@@ -41,12 +39,10 @@ CARRIERS = frozenset(
 )
 
 
-def _only_sigmoids(ctx: PlanContext, tensor: str) -> onnx.NodeProto | None:
-    """The first Sigmoid reading ``tensor`` when Sigmoids of ``tensor`` alone read it, else None."""
+def _read_by_sigmoids_alone(ctx: PlanContext, tensor: str) -> bool:
+    """Sigmoids of ``tensor`` (one or more) are all that read it."""
     readers = ctx.index.consumers_of(tensor)
-    if readers and all(n.op_type == "Sigmoid" and list(n.input) == [tensor] for n in readers):
-        return readers[0]
-    return None
+    return bool(readers) and all(n.op_type == "Sigmoid" and list(n.input) == [tensor] for n in readers)
 
 
 def score_tensors(ctx: PlanContext) -> dict[str, str]:
@@ -55,7 +51,7 @@ def score_tensors(ctx: PlanContext) -> dict[str, str]:
     (YOLOv8's class logits pass Conv -> Concat -> Reshape -> Concat -> Split before their Sigmoid)."""
     scores: dict[str, str] = {}
     for node in ctx.index.graph.node:
-        if node.op_type != "Sigmoid" or _only_sigmoids(ctx, node.input[0]) is None:
+        if node.op_type != "Sigmoid" or not _read_by_sigmoids_alone(ctx, node.input[0]):
             continue
         scores.setdefault(node.output[0], node.name)
         todo = [node.input[0]]

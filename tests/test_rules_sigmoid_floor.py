@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from quantcli.core.options import QuantConfig, QuantDType
@@ -126,3 +127,32 @@ def test_symmetric_activations_decline_the_floor() -> None:
 
 def test_rule_name_is_switchable() -> None:
     assert "sigmoid-floor" in RULE_NAMES
+
+
+def test_per_layer_compares_a_floored_tensor_above_its_floor() -> None:
+    """``compare --per-layer`` on the floor's tensor: below the grid's bottom both Sigmoids read 0, so the
+    values there are no error. Measured on all of them, the SiLU input read as a layer that loses precision
+    itself (NudeNet's first SiLU inputs: 6 dB, and the hint said to keep their Convs float)."""
+    from quantcli.compare.layers import per_layer_errors
+    from tests.helpers import dataset
+
+    model, calib, held = silu_model(), _images(64, 1), _images(32, 2)
+    qmodel, plan, _ = quantize(model, calib)
+    bottom = _grid_start(plan, "x")
+    errors = {e.tensor: e for e in per_layer_errors(model, qmodel, dataset(model, held), batch_size=8)}
+    x = errors["x"]
+    assert x.floor == bottom and x.observed_min < 2 * bottom  # far below the floor, as YOLO's convs
+    # the failure: measured on all values, the floored tensor reads as its own loss
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(qmodel)
+    dq = next(n.output[0] for n in exposed.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("x"))
+    exposed.graph.output.append(helper.make_tensor_value_info(dq, TensorProto.FLOAT, None))
+    fp32 = onnx.ModelProto()
+    fp32.CopyFrom(model)
+    fp32.graph.output.append(helper.make_tensor_value_info("x", TensorProto.FLOAT, None))
+    raw_x, got_x = run(fp32, held)[-1], run(exposed, held)[-1]
+    assert sqnr(raw_x, got_x) < 15.0
+    # the fix: above the floor the layer is fine, and the hints do not ask to keep it float
+    assert x.local_sqnr_db is not None and x.local_sqnr_db > 30.0 and x.sqnr_db > 30.0
+    assert "loses precision" not in x.hint and "clipped" not in x.hint
+    assert sqnr(np.maximum(raw_x, bottom), np.maximum(got_x, bottom)) == pytest.approx(x.sqnr_db, abs=0.5)

@@ -88,6 +88,9 @@ class LayerError:
     #: histogram of the FP32 values on the first batch: bin edges and counts (for the HTML report)
     hist_edges: tuple[float, ...] = ()
     hist_counts: tuple[int, ...] = ()
+    #: the grid's bottom when only a Sigmoid or SiLU reads the tensor and nothing below it matters to them
+    #: (``_sigmoid_floors``): both models' values were compared above it
+    floor: float | None = None
 
 
 @dataclass(slots=True)
@@ -100,6 +103,8 @@ class _Pair:
     qmax: int
     #: the QuantizeLinear's scale and zero point inputs, when its only DequantizeLinear reads another grid
     own_grid: tuple[str, ...] = ()
+    #: compare above this value (``_sigmoid_floors``), None: compare all of it
+    floor: float | None = None
 
 
 def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
@@ -128,6 +133,40 @@ def _qdq_pairs(model: onnx.ModelProto) -> dict[str, _Pair]:
         dq = (own or dqs)[0].output[0]
         pairs[node.input[0]] = _Pair(node.output[0], dq, float(scale), int(zp), info.min, info.max, grid)
     return pairs
+
+
+#: below this a Sigmoid reads less than 1/400, under half a step of its [0, 1] output on 256 levels
+SIGMOID_DEAD = -6.0
+
+
+def _sigmoid_floors(reference: onnx.ModelProto, pairs: dict[str, _Pair]) -> None:
+    """Set ``floor`` on each pair whose FP32 tensor only Sigmoids of it and SiLUs (``x * Sigmoid(x)``)
+    read, when its grid starts at or below ``SIGMOID_DEAD``: the ``sigmoid-floor`` rule's tensors.
+
+    Below the grid's bottom both models' Sigmoids read about 0 and the SiLUs about 0, so the values there
+    are no error; measured on them, NudeNet's first SiLU inputs read 6 dB (the observed minimum -184,
+    the grid's bottom -6.7) and the hints asked to keep those Convs float."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for _, graph in walk_graphs(reference.graph):
+        for node in graph.node:
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+    for t, pair in pairs.items():
+        nodes = readers.get(t, [])
+        gates = {n.output[0] for n in nodes if n.op_type == "Sigmoid" and list(n.input) == [t]}
+        silu = [
+            n
+            for n in nodes
+            if n.op_type == "Mul" and len(n.input) == 2 and sorted(n.input) == sorted([t, *({*n.input} & gates)])
+        ]
+        bottom = (pair.qmin - pair.zero_point) * pair.scale
+        if gates and len(nodes) == len(gates) + len(silu) and bottom <= SIGMOID_DEAD:
+            pair.floor = bottom
+
+
+def _above(values: np.ndarray, floor: float | None) -> np.ndarray:
+    """``values`` raised to ``floor`` (unchanged without one)."""
+    return values if floor is None else np.maximum(values, floor)
 
 
 def _same_grid(dq: onnx.NodeProto, q: onnx.NodeProto, inits: dict[str, np.ndarray]) -> bool:
@@ -229,6 +268,7 @@ class LayerModels:
 def layer_models(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> LayerModels:
     """The models both per-layer passes run (neither input is modified)."""
     pairs = _qdq_pairs(quantized)
+    _sigmoid_floors(reference, pairs)
     quantized = _read_on_own_grid(quantized, pairs)
     ref_producers = {o for _, g in walk_graphs(reference.graph) for n in g.node for o in n.output}
     graph_inputs = {i.name for i in reference.graph.input}
@@ -258,6 +298,7 @@ class _LayerSums:
     """
 
     keep_first_empty: bool = True
+    floor: float | None = None  # both models compared above it (``_sigmoid_floors``)
     signal_sum: ExactSum = field(default_factory=ExactSum)
     noise_sum: ExactSum = field(default_factory=ExactSum)
     lo: float = float("inf")
@@ -286,8 +327,9 @@ class _LayerSums:
             return
         if self.first_batch is None:
             self.first_batch, self.first_bytes = self.batches - 1, int(ref.nbytes)
-        self.signal_sum.extend(sample_energies(ref))
-        self.noise_sum.extend(sample_energies(ref, cand.astype(np.float64)))
+        above = _above(ref, self.floor)
+        self.signal_sum.extend(sample_energies(above))
+        self.noise_sum.extend(sample_energies(above, _above(cand.astype(np.float64), self.floor)))
         self.lo = min(self.lo, float(ref.min()))
         self.hi = max(self.hi, float(ref.max()))
 
@@ -306,9 +348,11 @@ class _LayerSums:
 
 @dataclass(frozen=True, slots=True)
 class _SumsRequest(ErrorRequest):
+    floor: float | None = None
+
     def observer(self) -> _LayerSums:  # type: ignore[override]
         """A fresh pass-1 observer."""
-        return _LayerSums(self.keep_first_empty)
+        return _LayerSums(self.keep_first_empty, self.floor)
 
 
 @dataclass(slots=True)
@@ -394,7 +438,12 @@ def layer_statistics(
     if not names:
         return LayerStatistics([], {}, batch_size)
     requests = {
-        t: _SumsRequest(models.ref_out[t], models.q_out[models.pairs[t].dq], keep_first_empty=t in models.main)
+        t: _SumsRequest(
+            models.ref_out[t],
+            models.q_out[models.pairs[t].dq],
+            keep_first_empty=t in models.main,
+            floor=models.pairs[t].floor,
+        )
         for t in names
     }
     budget = layer_memory_budget(max_memory)
@@ -488,6 +537,7 @@ def _layer_error(
         hint="",
         hist_edges=first.hist_edges,
         hist_counts=first.hist_counts,
+        floor=pair.floor,
     )
 
 
@@ -552,7 +602,7 @@ def _first_batch_pass(
             for t in group:
                 firsts[t] = _first_batch(_joined(parts[t], lengths), models.pairs[t])
                 if t in sources and extract is not None:
-                    got = _local_sqnr(extract, t, models.pairs[t].dq, sources[t], parts)
+                    got = _local_sqnr(extract, t, models.pairs[t], sources[t], parts)
                     if got is not None:
                         local_sqnr[t] = got
             del parts
@@ -613,7 +663,7 @@ def _local_sources(models: LayerModels, names: list[str]) -> dict[str, list[str]
 def _local_sqnr(
     extract: Callable[[list[str], list[str]], onnx.ModelProto],
     t: str,
-    dq: str,
+    pair: _Pair,
     sources: list[str],
     parts: dict[str, list[np.ndarray]],
 ) -> float | None:
@@ -622,11 +672,12 @@ def _local_sqnr(
     None when the layer cannot be cut out alone (e.g. it needs shape inputs)."""
     signal, noise = ExactSum(), ExactSum()
     try:
-        sess = make_session(extract(sources, [dq]))
+        sess = make_session(extract(sources, [pair.dq]))
         for k, ref in enumerate(parts[t]):
-            got = sess.run([dq], {s: parts[s][k] for s in sources})[0].astype(np.float64)
-            signal.extend(sample_energies(ref))
-            noise.extend(sample_energies(ref, got))
+            got = sess.run([pair.dq], {s: parts[s][k] for s in sources})[0].astype(np.float64)
+            above = _above(ref, pair.floor)
+            signal.extend(sample_energies(above))
+            noise.extend(sample_energies(above, _above(got, pair.floor)))
     except Exception:
         return None
     return _sqnr(signal.value, noise.value)
@@ -664,8 +715,10 @@ def streamed_local_errors(
             except Exception:  # as when the layer runs alone on the first batch only: skipped
                 del sessions[t]
                 continue
-            signal[t].extend(sample_energies(values[t]))
-            noise[t].extend(sample_energies(values[t], got.astype(np.float64)))
+            floor = models.pairs[t].floor
+            above = _above(values[t], floor)
+            signal[t].extend(sample_energies(above))
+            noise[t].extend(sample_energies(above, _above(got.astype(np.float64), floor)))
         del values
     return {t: _sqnr(math.fsum(signal[t]), math.fsum(noise[t])) for t in sessions}
 
@@ -685,7 +738,7 @@ def _float_source(name: str, producers: dict[str, onnx.NodeProto], inits: set[st
 def _with_hint(err: LayerError) -> LayerError:
     hint = ""
     spread = max(abs(err.observed_min), abs(err.observed_max))
-    if err.p999_abs > 0 and spread > 10 * err.p999_abs:
+    if err.p999_abs > 0 and spread > 10 * err.p999_abs and err.op_type != "Sigmoid":  # a score's rare highs
         hint = (
             f"outliers: range {spread / err.p999_abs:.0f}x the 99.9th percentile; "
             f"try --method percentile or --exclude-nodes {err.node}"
@@ -694,6 +747,6 @@ def _with_hint(err: LayerError) -> LayerError:
         hint = "error comes from upstream layers (this layer alone is fine)"
     elif err.local_sqnr_db is not None and err.local_sqnr_db < 20:
         hint = f"this layer loses precision itself; try --exclude-nodes {err.node}"
-    elif err.clip_high < err.observed_max or err.clip_low > err.observed_min:
+    elif err.clip_high < err.observed_max or (err.floor is None and err.clip_low > err.observed_min):
         hint = "clipped: evaluation data exceeds the calibrated range; calibrate on more representative data"
     return replace(err, hint=hint)

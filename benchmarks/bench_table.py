@@ -163,7 +163,7 @@ def run_default(name: str, model: Path, calib: Path, out: Path) -> Variant:
         "seconds": round(time.perf_counter() - t0, 1),
         "verdict_warned": bool(verdict and verdict.warnings),
         # all outputs raw and no metric: the verdict says "no task metric" and "not judged", it passes nothing
-        "verdict_judged": bool(verdict and verdict.line().split(" on ", 1)[0] != "verdict: no task metric"),
+        "verdict_judged": bool(verdict and verdict.judged),
         # the warnings are templates naming options ($eval_data): render them as the command line does
         "verdict": " | ".join(verdict.render(flag)[1 : 1 + len(verdict.warnings)])
         if verdict and verdict.warnings else "ok" if verdict else "none",

@@ -130,6 +130,12 @@ class Verdict:
         """``text`` (one of this verdict's templates) with each option it names written as ``name(field)``."""
         return string.Template(text).safe_substitute({o: name(o) for o in self.options})
 
+    @property
+    def judged(self) -> bool:
+        """A task metric judged the model: an output of a kind other than raw, or the search's metric (else
+        its line says ``no task metric``, or ``fidelity not checked``)."""
+        return self.metric is not None or any(k.kind != OutputKind.RAW for k in self.kinds)
+
     def line(self) -> str:
         """``verdict: ok on 19 held-back samples: logits classifier agreement 1.000 (SQNR 31.2 dB); 1.52x FP32 ...``."""
         judged = [k for k in self.kinds if k.kind != OutputKind.RAW]
@@ -140,7 +146,7 @@ class Verdict:
         speed = f"{self.speed.speedup:.2f}x FP32 at batch 1" if self.speed is not None else "speed not checked"
         if not self.kinds:
             return f"verdict: {'' if self.passed else 'WARNING: '}fidelity not checked; {speed}"
-        status = ("ok" if judged or self.metric else "no task metric") if self.passed else "WARNING"
+        status = ("ok" if self.judged else "no task metric") if self.passed else "WARNING"
         return f"verdict: {status} on {self.source}: {'; '.join(parts)}{more}; {speed}"
 
 

@@ -49,6 +49,7 @@ from quantcli.core.progress import Progress, no_progress
 from quantcli.core.units import byte_text
 from quantcli.data.datasets import Dataset
 from quantcli.graph.editor import ModelEditor, make_node, submodel_extractor
+from quantcli.graph.gates import sigmoid_gates
 from quantcli.graph.model_io import infer_shapes
 from quantcli.graph.scopes import elem_types, has_subgraphs, walk_graphs
 from quantcli.graph.session import augmented, make_session, pinned
@@ -152,21 +153,18 @@ def _sigmoid_floors(reference: onnx.ModelProto, pairs: dict[str, _Pair]) -> None
             for name in node.input:
                 readers.setdefault(name, []).append(node)
     for t, pair in pairs.items():
-        nodes = readers.get(t, [])
-        gates = {n.output[0] for n in nodes if n.op_type == "Sigmoid" and list(n.input) == [t]}
-        silu = [
-            n
-            for n in nodes
-            if n.op_type == "Mul" and len(n.input) == 2 and sorted(n.input) == sorted([t, *({*n.input} & gates)])
-        ]
+        sigmoids, other = sigmoid_gates(t, readers.get(t, []))
         bottom = (pair.qmin - pair.zero_point) * pair.scale
-        if gates and len(nodes) == len(gates) + len(silu) and bottom <= SIGMOID_DEAD:
+        if sigmoids and other is None and bottom <= SIGMOID_DEAD:
             pair.floor = bottom
 
 
-def _above(values: np.ndarray, floor: float | None) -> np.ndarray:
-    """``values`` raised to ``floor`` (unchanged without one)."""
-    return values if floor is None else np.maximum(values, floor)
+def _energies(ref: np.ndarray, got: np.ndarray, floor: float | None) -> tuple[list[float], list[float]]:
+    """Each sample's signal and noise energy of ``got`` against ``ref``, both raised to ``floor`` first
+    when there is one (``_sigmoid_floors``)."""
+    if floor is not None:
+        ref, got = np.maximum(ref, floor), np.maximum(got, floor)
+    return sample_energies(ref), sample_energies(ref, got.astype(np.float64))
 
 
 def _same_grid(dq: onnx.NodeProto, q: onnx.NodeProto, inits: dict[str, np.ndarray]) -> bool:
@@ -327,9 +325,9 @@ class _LayerSums:
             return
         if self.first_batch is None:
             self.first_batch, self.first_bytes = self.batches - 1, int(ref.nbytes)
-        above = _above(ref, self.floor)
-        self.signal_sum.extend(sample_energies(above))
-        self.noise_sum.extend(sample_energies(above, _above(cand.astype(np.float64), self.floor)))
+        signal, noise = _energies(ref, cand, self.floor)
+        self.signal_sum.extend(signal)
+        self.noise_sum.extend(noise)
         self.lo = min(self.lo, float(ref.min()))
         self.hi = max(self.hi, float(ref.max()))
 
@@ -674,10 +672,10 @@ def _local_sqnr(
     try:
         sess = make_session(extract(sources, [pair.dq]))
         for k, ref in enumerate(parts[t]):
-            got = sess.run([pair.dq], {s: parts[s][k] for s in sources})[0].astype(np.float64)
-            above = _above(ref, pair.floor)
-            signal.extend(sample_energies(above))
-            noise.extend(sample_energies(above, _above(got, pair.floor)))
+            got = sess.run([pair.dq], {s: parts[s][k] for s in sources})[0]
+            energies = _energies(ref, got, pair.floor)
+            signal.extend(energies[0])
+            noise.extend(energies[1])
     except Exception:
         return None
     return _sqnr(signal.value, noise.value)
@@ -715,10 +713,9 @@ def streamed_local_errors(
             except Exception:  # as when the layer runs alone on the first batch only: skipped
                 del sessions[t]
                 continue
-            floor = models.pairs[t].floor
-            above = _above(values[t], floor)
-            signal[t].extend(sample_energies(above))
-            noise[t].extend(sample_energies(above, _above(got.astype(np.float64), floor)))
+            energies = _energies(values[t], got, models.pairs[t].floor)
+            signal[t].extend(energies[0])
+            noise[t].extend(energies[1])
         del values
     return {t: _sqnr(math.fsum(signal[t]), math.fsum(noise[t])) for t in sessions}
 

@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from quantcli.core.qmath import QuantParams, dtype_bounds
+from quantcli.graph.gates import sigmoid_gates
 from quantcli.static.plan import RangeDecision, Rejection, SkipCode
 from quantcli.static.rules.elementwise import OUTPUTS_ONLY_CHECK, only_reaches_outputs
 
@@ -82,13 +83,9 @@ def check_floor(ctx: PlanContext, node: onnx.NodeProto) -> Rejection | Floor:
     r = ctx.ranges.get(out)
     if r is None or not readers or out in ctx.index.graph_outputs:
         return Rejection(SkipCode.NOT_APPLICABLE, "no range, no readers or a graph output", out)
-    sigmoids = [n for n in readers if n.op_type == "Sigmoid" and list(n.input) == [out]]
-    gates = {s.output[0] for s in sigmoids}
-    for reader in readers:
-        other = {*reader.input} - {out}
-        silu = reader.op_type == "Mul" and out in reader.input and len(other) == 1 and other <= gates
-        if reader.op_type != "Sigmoid" and not silu:
-            return Rejection(SkipCode.NOT_APPLICABLE, f"read by {reader.op_type} '{reader.name}'", out)
+    sigmoids, other = sigmoid_gates(out, readers)
+    if other is not None:
+        return Rejection(SkipCode.NOT_APPLICABLE, f"read by {other.op_type} '{other.name}'", out)
     if not sigmoids:
         return Rejection(SkipCode.NOT_APPLICABLE, "no Sigmoid reads it", out)
     floors: list[tuple[float, str]] = []

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from quantcli import api
 from quantcli.cli.app import app
 from quantcli.cli.flags import SearchFlags
+from quantcli.compare.metrics import MetricSpec
 from quantcli.compare.output_kinds import KindMetrics, OutputKind
 from quantcli.core.errors import QuantCliError
 from quantcli.core.options import CalibrationMethod, QuantConfig
@@ -177,7 +178,71 @@ def test_min_sqnr_holds_by_its_standard_error():
     assert meets(Score(None, None, math.inf, sqnr_error_db=0.0), Budget(min_sqnr_db=30.0))
     assert key(score, Budget(min_sqnr_db=30.0))[0] == pytest.approx(29.5)
     assert Budget(min_sqnr_db=30.0).describe() == "SQNR >= 30 dB (by 1 standard error)"
-    assert Budget(max_accuracy_drop=1.0).describe() == "accuracy drop <= 1 points"  # no margin there
+    assert Budget(max_accuracy_drop=1.0).describe() == "accuracy drop <= 1 points (by 1 standard error)"
+
+
+def test_the_accuracy_drop_holds_by_its_standard_error():
+    """A drop of 0.5 points with a 1-point error misses a 1-point budget by one standard error, meets it as
+    given; the key ranks by the same ceiling."""
+    score = Score(95.0, 0.5, 30.0, accuracy_error=1.0)
+    assert not meets(score, Budget(max_accuracy_drop=1.0)) and meets(score, Budget(max_accuracy_drop=1.0, margin=0.0))
+    assert meets(Score(95.0, 0.5, 30.0, accuracy_error=0.4), Budget(max_accuracy_drop=1.0))
+    assert key(score, Budget(max_accuracy_drop=1.0))[0] == pytest.approx(-1.5)
+    assert score.drop_ceiling(Budget(max_accuracy_drop=1.0, margin=2.0)) == pytest.approx(2.5)
+
+
+def _gain_model(gain: np.ndarray | None) -> object:
+    """y = x (* gain), x [N, 8]: a classifier's scores, moved by ``gain``."""
+    mul = helper.make_node("Mul", ["x", "g"], ["y"])
+    node = mul if gain is not None else helper.make_node("Identity", ["x"], ["y"])
+    return models.make_model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [] if gain is None else [models._init("g", gain)],
+    )
+
+
+def _agreement(outputs: dict[str, np.ndarray], labels: np.ndarray | None, reference: dict[str, np.ndarray]) -> float:
+    return float(np.mean(outputs["y"].argmax(-1) == reference["y"].argmax(-1)))
+
+
+def test_a_custom_metrics_error_is_its_spread_over_runs_of_samples():
+    """A metric that is not a mean over samples (a detector's F1) has no per-sample spread: its error is that
+    of its values on 10 runs of consecutive samples (batch means), the runs cut across the search's batches
+    of 16. FP32 against itself reads 0."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(48, 8)).astype(np.float32)
+    gain = (1 + 0.3 * rng.normal(size=(8,))).astype(np.float32)
+    reference = _gain_model(None)
+    data = Dataset.from_arrays(model_input_specs(reference), {"x": x})
+    ev = Evaluator(reference, data, batch_size=16, metric=MetricSpec("agreement.py:agreement", function=_agreement))
+    assert ev.score(make_session(reference)).accuracy_error == 0.0
+    score = ev.score(make_session(_gain_model(gain)))
+    agree = x.argmax(-1) == (x * gain).argmax(-1)
+    assert 0 < agree.mean() < 1 and score.accuracy_drop == pytest.approx(100 * (1 - agree.mean()))
+    runs = [agree[part].mean() for part in np.array_split(np.arange(48), 10)]
+    assert score.accuracy_error == pytest.approx(100 * np.std(runs, ddof=1) / math.sqrt(10))
+
+
+def test_the_top1_drops_error_is_its_paired_changes():
+    """With labels, the error of the top-1 drop is that of the per-sample changes (FP32 right minus
+    quantized right); without, that of the share of samples whose top-1 moved."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    gain = (1 + 0.3 * rng.normal(size=(8,))).astype(np.float32)
+    labels = np.where(rng.random(64) < 0.8, x.argmax(-1), rng.integers(0, 8, 64))
+    reference = _gain_model(None)
+    for given in (labels, None):
+        data = Dataset.from_arrays(model_input_specs(reference), {"x": x}, labels=given)
+        score = Evaluator(reference, data, batch_size=16).score(make_session(_gain_model(gain)))
+        moved = (x * gain).argmax(-1)
+        if given is None:
+            changes = (moved != x.argmax(-1)).astype(float)
+        else:
+            changes = (x.argmax(-1) == labels).astype(float) - (moved == labels).astype(float)
+        assert changes.std() > 0 and score.accuracy_drop == pytest.approx(100 * changes.mean())
+        assert score.accuracy_error == pytest.approx(100 * np.std(changes, ddof=1) / 8.0)
 
 
 def test_the_sqnr_margin_asks_more_of_the_search(mlp, tmp_path):

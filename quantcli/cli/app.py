@@ -609,9 +609,9 @@ def convert(
         float,
         typer.Option(
             min=0.0,
-            help="Standard errors of the scored samples by which --min-agreement/--min-cosine/--min-iou and "
-            "--min-sqnr must hold (0.95 on 64 samples needs 0.977): a budget met at its edge on few samples reads "
-            "lower on new data.",
+            help="Standard errors of the scored samples by which --min-agreement/--min-cosine/--min-iou, "
+            "--min-sqnr and --max-accuracy-drop must hold (0.95 on 64 samples needs 0.977): a budget met at its "
+            "edge on few samples reads lower on new data.",
             rich_help_panel=SEARCH,
         ),
     ] = DEFAULT_MARGIN,

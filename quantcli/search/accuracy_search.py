@@ -258,10 +258,18 @@ class Trial:
     #: budget on the scored ones; ``meets_budget`` holds only when it meets it there too
     confirmation: Score | None = None
     sqnr_error_db: float = 0.0  # ``Score.sqnr_error_db``
+    accuracy_error: float = 0.0  # ``Score.accuracy_error``
 
     def score(self) -> Score:
         """The score the trial was judged on."""
-        return Score(self.accuracy, self.accuracy_drop, self.sqnr_db, self.kinds, sqnr_error_db=self.sqnr_error_db)
+        return Score(
+            self.accuracy,
+            self.accuracy_drop,
+            self.sqnr_db,
+            self.kinds,
+            sqnr_error_db=self.sqnr_error_db,
+            accuracy_error=self.accuracy_error,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +306,7 @@ class SearchResult:
                 "fp32_accuracy": _finite(self.fp32_accuracy),
                 "accuracy": _finite(c.accuracy),
                 "accuracy_drop": _finite(c.accuracy_drop),
+                "accuracy_error": _finite(c.accuracy_error),
                 "sqnr_db": _finite(c.sqnr_db),
                 "speedup_b1": _finite(c.speedup_b1),
                 "trials": len(self.trials),
@@ -597,6 +606,12 @@ def _check_kinds(ev: Evaluator, budget: Budget, log: Callable[[str], None]) -> N
     if budget.has_margin():
         samples = sum(ev.counts)
         needs = [_need(name, bound, samples, budget.margin) for name, bound in budget.kind_bounds()]
+        if budget.max_accuracy_drop is not None:
+            needs.insert(
+                0,
+                f"accuracy drop <= {budget.max_accuracy_drop:g} points needs it plus {standard_errors(budget.margin)} "
+                "of its samples",
+            )
         if budget.min_sqnr_db is not None:
             needs.append(
                 f"SQNR >= {budget.min_sqnr_db:g} dB needs it less {standard_errors(budget.margin)} of its samples"
@@ -707,6 +722,7 @@ class _Search:
             kinds=score.kinds,
             confirmation=check,
             sqnr_error_db=score.sqnr_error_db,
+            accuracy_error=score.accuracy_error,
         )
         self.trials.append(trial)
         # only a model that may be chosen stays in memory (a large model's copies add up over ~50 trials)
@@ -1093,7 +1109,8 @@ def _describe(t: Trial) -> str:
     if t.accuracy is not None:
         parts.append(f"top-1 {t.accuracy:.2f}%")
     if t.accuracy_drop is not None:
-        parts.append(f"drop {t.accuracy_drop:.2f}")
+        error = f" (standard error {t.accuracy_error:.2f})" if t.accuracy_error else ""
+        parts.append(f"drop {t.accuracy_drop:.2f}{error}")
     parts.append(f"SQNR {t.sqnr_db:.1f} dB")
     parts.extend(_kind_value(k) for k in _kind_values(t.kinds))
     parts.append(f"{t.speedup_b1:.2f}x FP32 at b1")

@@ -3,8 +3,8 @@
 A ``Budget`` bounds the top-1 drop (points, against labels or FP32's own top-1), the output SQNR and,
 in the task's own terms, agreement, cosine and IoU on every output of their kind
 (``quantcli.compare.gates.kind_gates``), each task-level value by ``Budget.margin`` standard errors of
-its scored samples (``standard_error``), and the SQNR by as many of its own (``Score.sqnr_error_db``).
-``meets`` says whether a ``Score`` holds every bound given; ``key`` orders scores (larger is better) by
+its scored samples (``standard_error``), the SQNR and the accuracy drop by as many of their own
+(``Score.sqnr_error_db``, ``Score.accuracy_error``). ``meets`` says whether a ``Score`` holds every bound given; ``key`` orders scores (larger is better) by
 the budgeted metric, then SQNR.
 """
 
@@ -52,9 +52,10 @@ class Budget:
     min_agreement: float | None = None
     min_cosine: float | None = None  # mean per-sample cosine, on every embedding output
     min_iou: float | None = None  # mean per-sample IoU of thresholded maps, on every map output
-    #: standard errors of the scored samples by which a task-level value must clear its bound
-    #: (``standard_error``): a search stops at the first candidate that meets its bound, so on few samples
-    #: it stops where the samples happened to favour it, and new data reads lower
+    #: standard errors of the scored samples by which a task-level value, the accuracy drop and the SQNR
+    #: must clear their bounds (``standard_error``, ``Score.accuracy_error``): a search stops at the first
+    #: candidate that meets its bound, so on few samples it stops where the samples happened to favour it,
+    #: and new data reads lower
     margin: float = DEFAULT_MARGIN
 
     def describe(self) -> str:
@@ -71,8 +72,8 @@ class Budget:
         return text
 
     def has_margin(self) -> bool:
-        """A margin applies: it is not 0, and a task-level or SQNR bound is given."""
-        return bool(self.margin) and (bool(self.kind_bounds()) or self.min_sqnr_db is not None)
+        """A margin applies: it is not 0, and a bound is given."""
+        return bool(self.margin) and not self.is_empty()
 
     def kind_bounds(self) -> list[tuple[str, float]]:
         """The task-level bounds given, by gate name (``quantcli.compare.gates.kind_gates``)."""
@@ -106,6 +107,15 @@ class Score:
     #: the standard error (dB) of ``sqnr_db`` over the scored samples (delta method on their signal and
     #: noise energies; 0 when unknown): ``min_sqnr_db`` must hold by ``Budget.margin`` of them
     sqnr_error_db: float = 0.0
+    #: the standard error (points) of ``accuracy_drop`` over the scored samples: of the per-sample changes
+    #: of top-1 (paired against FP32's), of a custom metric by batch means (``Evaluator._metric_error``)
+    accuracy_error: float = 0.0
+
+    def drop_ceiling(self, budget: Budget) -> float | None:
+        """The accuracy drop plus ``budget.margin`` standard errors: what ``max_accuracy_drop`` is held against."""
+        if self.accuracy_drop is None:
+            return None
+        return self.accuracy_drop + budget.margin * self.accuracy_error
 
     def sqnr_floor(self, budget: Budget) -> float:
         """The SQNR less ``budget.margin`` standard errors: what ``min_sqnr_db`` is held against."""
@@ -163,9 +173,8 @@ def kind_margin(kinds: Sequence[KindMetrics], budget: Budget) -> float | None:
 
 
 def meets(score: Score, budget: Budget) -> bool:
-    if budget.max_accuracy_drop is not None and (
-        score.accuracy_drop is None or score.accuracy_drop > budget.max_accuracy_drop + 1e-9
-    ):
+    ceiling = score.drop_ceiling(budget)
+    if budget.max_accuracy_drop is not None and (ceiling is None or ceiling > budget.max_accuracy_drop + 1e-9):
         return False
     margin = kind_margin(score.kinds, budget)
     if margin is not None and margin < -1e-12:
@@ -186,7 +195,7 @@ def key(score: Score, budget: Budget) -> tuple[float, float]:
     """Larger is better: the budgeted metric first (accuracy drop, else the task-level margin), then SQNR."""
     margin = kind_margin(score.kinds, budget)
     if budget.max_accuracy_drop is not None:
-        primary = -(score.accuracy_drop or 0.0)
+        primary = -(score.drop_ceiling(budget) or 0.0)
     elif margin is not None:
         primary = margin
     else:

@@ -24,6 +24,7 @@ calibration that did not read them (``accuracy_search.SecondFold``), and the sco
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -39,7 +40,10 @@ from quantcli.graph.session import make_session
 from quantcli.search.budget import AGREEMENT, Score
 from quantcli.search.memory import SEARCH_BATCH, SearchBatches, activation_bytes, plan_search_batches
 
-__all__ = ["Evaluator"]
+__all__ = ["METRIC_GROUPS", "Evaluator"]
+
+#: runs of consecutive samples a custom metric is measured on for its standard error (``Evaluator._metric_error``)
+METRIC_GROUPS = 10
 
 
 class Evaluator:
@@ -178,19 +182,65 @@ class Evaluator:
         sqnr = sqnrs[worst] if worst is not None else math.inf
         error = _sqnr_error(self.signal_samples[worst], noise[worst]) if worst is not None else 0.0
         accuracy = drop = None
+        drop_error = 0.0
         if self.metric is not None:
             accuracy = 100.0 * evaluate_custom(self.metric, everything, self.names, self.labels, self.reference)
             drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
+            drop_error = self._metric_error(everything)
         elif self.classifier:
             accuracy = self._accuracy(firsts)
             if accuracy is not None and self.fp32_accuracy is not None:
                 drop = self.fp32_accuracy - accuracy
+                drop_error = _mean_error(self._correct([r[0] for r in self.reference]) - self._correct(firsts))
             else:  # no labels: the share of samples whose top-1 changed bounds the accuracy drop
                 ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
                 q_top = np.concatenate([f.argmax(-1) for f in firsts])
-                drop = 100.0 * float(np.mean(ref_top != q_top))
+                changed = (ref_top != q_top).astype(np.float64).reshape(-1)
+                drop = 100.0 * float(np.mean(changed))
+                drop_error = _mean_error(changed)
         kinds = self._kinds(everything) if self.kind_options is not None else ()
-        return Score(accuracy, drop, sqnr, kinds, sqnr_error_db=error)
+        return Score(accuracy, drop, sqnr, kinds, sqnr_error_db=error, accuracy_error=drop_error)
+
+    def _correct(self, scores: list[np.ndarray]) -> np.ndarray:
+        """1 where a scored prediction equals its label, else 0 (the samples ``_accuracy`` averages)."""
+        pred = np.concatenate([s.argmax(-1) for s in scores])
+        labels = np.asarray(self.labels)[: pred.shape[0]]
+        scored = labels >= 0
+        return (pred[scored] == labels[scored]).astype(np.float64)
+
+    def _metric_error(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
+        """The standard error (points) of the custom metric over the scored samples, by batch means: the
+        metric on ``METRIC_GROUPS`` runs of consecutive samples, ``std / sqrt(groups)`` of their values
+        (a metric such as a detector's F1 is not a mean over samples, so it has no per-sample spread; this
+        costs about one more call of it); a run whose value is not finite (none of what the metric counts)
+        is left out. 0 when the samples cannot be split (fewer than 2 runs of 2, an output whose first axis
+        is not the samples', labels that are not one a sample)."""
+        assert self.metric is not None
+        total = sum(self.counts)
+        groups = min(METRIC_GROUPS, total // 2)
+        labels = None if self.labels is None else np.asarray(self.labels)
+        if groups < 2 or (labels is not None and (labels.ndim == 0 or labels.shape[0] != total)):
+            return 0.0
+        for ref, out, count in zip(self.reference, outputs, self.counts, strict=True):
+            if any(a.ndim == 0 or a.shape[0] != count for a in (*ref, *out)):
+                return 0.0
+        rows = [(feed, row) for feed, count in enumerate(self.counts) for row in range(count)]
+        values = []
+        for part in np.array_split(np.arange(total), groups):
+            chosen = [rows[i] for i in part]
+            feeds = sorted({feed for feed, _ in chosen})
+            pick = {f: [row for feed, row in chosen if feed == f] for f in feeds}
+            cand = [[a[pick[f]] for a in outputs[f]] for f in feeds]
+            ref = [[a[pick[f]] for a in self.reference[f]] for f in feeds]
+            part_labels = None if labels is None else labels[part]
+            with warnings.catch_warnings():  # a run may hold none of what the metric counts (numpy says so)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                value = evaluate_custom(self.metric, cand, self.names, part_labels, ref)
+            if math.isfinite(value):  # a run may hold none of what the metric counts
+                values.append(value)
+        if len(values) < 2:
+            return 0.0
+        return 100.0 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
 
 
 def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
@@ -198,6 +248,13 @@ def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
     if any(part is None for part in labels):
         return None
     return labels[0] if len(labels) == 1 else np.concatenate([np.asarray(part) for part in labels])
+
+
+def _mean_error(values: np.ndarray) -> float:
+    """The standard error (points of 100) of the mean of per-sample values (0 for fewer than two)."""
+    if values.size < 2:
+        return 0.0
+    return 100.0 * float(np.std(values, ddof=1)) / math.sqrt(values.size)
 
 
 def _sample_energies(ref: np.ndarray, other: np.ndarray | None, count: int) -> list[float]:

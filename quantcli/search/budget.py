@@ -4,8 +4,8 @@ A ``Budget`` bounds the top-1 drop (points, against labels or FP32's own top-1),
 in the task's own terms, agreement, cosine and IoU on every output of their kind
 (``quantcli.compare.gates.kind_gates``), each task-level value by ``Budget.margin`` standard errors of
 its scored samples (``standard_error``), the SQNR and the accuracy drop by as many of their own
-(``Score.sqnr_error_db``, ``Score.accuracy_error``). ``meets`` says whether a ``Score`` holds every bound given; ``key`` orders scores (larger is better) by
-the budgeted metric, then SQNR.
+(``Score.sqnr_error_db``, ``Score.accuracy_error``). ``meets`` says whether a ``Score`` holds every bound
+given; ``key`` orders scores (larger is better) by the budgeted metric, then SQNR.
 """
 
 from __future__ import annotations

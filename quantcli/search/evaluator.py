@@ -122,7 +122,9 @@ class Evaluator:
             and np.asarray(self.labels).shape[1:] == first.shape[1:-1]
         )
         self.classifier = scores and (first.ndim == 2 or per_position)
-        self.fp32_accuracy = self._accuracy([r[0] for r in self.reference]) if self.classifier else None
+        #: FP32's per-sample top-1 hits (``_correct``), paired with each candidate's for the drop's error
+        self.fp32_correct = self._correct([r[0] for r in self.reference]) if self.classifier else None
+        self.fp32_accuracy = self._accuracy(self.fp32_correct)
         if self.metric is not None:  # the user's metric decides, whatever the outputs look like
             self.classifier = True
             self.fp32_accuracy = 100.0 * evaluate_custom(self.metric, self.reference, self.names, self.labels)
@@ -136,7 +138,9 @@ class Evaluator:
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
 
-    def _accuracy(self, scores: list[np.ndarray]) -> float | None:
+    def _correct(self, scores: list[np.ndarray]) -> np.ndarray | None:
+        """1 where a scored prediction (top-1) equals its label, else 0, over the samples (positions) whose
+        label is not negative; None without labels, or with labels of another shape, or none scored."""
         if self.labels is None:
             return None
         pred = np.concatenate([s.argmax(-1) for s in scores])
@@ -146,7 +150,10 @@ class Evaluator:
         scored = labels >= 0
         if not scored.any():
             return None
-        return 100.0 * float(np.mean(pred[scored] == labels[scored]))
+        return (pred[scored] == labels[scored]).astype(np.float64)
+
+    def _accuracy(self, correct: np.ndarray | None) -> float | None:
+        return None if correct is None else 100.0 * float(np.mean(correct))
 
     def _kinds(self, outputs: Sequence[Sequence[np.ndarray]]) -> tuple[KindMetrics, ...]:
         """The kind metrics of ``outputs`` (one list per feed) against the FP32 outputs."""
@@ -188,10 +195,11 @@ class Evaluator:
             drop = None if self.fp32_accuracy is None else self.fp32_accuracy - accuracy
             drop_error = self._metric_error(everything)
         elif self.classifier:
-            accuracy = self._accuracy(firsts)
-            if accuracy is not None and self.fp32_accuracy is not None:
-                drop = self.fp32_accuracy - accuracy
-                drop_error = _mean_error(self._correct([r[0] for r in self.reference]) - self._correct(firsts))
+            correct = self._correct(firsts)
+            accuracy = self._accuracy(correct)
+            if correct is not None and self.fp32_correct is not None:
+                drop = 100.0 * float(np.mean(self.fp32_correct)) - 100.0 * float(np.mean(correct))
+                drop_error = _mean_error(self.fp32_correct - correct)
             else:  # no labels: the share of samples whose top-1 changed bounds the accuracy drop
                 ref_top = np.concatenate([r[0].argmax(-1) for r in self.reference])
                 q_top = np.concatenate([f.argmax(-1) for f in firsts])
@@ -200,13 +208,6 @@ class Evaluator:
                 drop_error = _mean_error(changed)
         kinds = self._kinds(everything) if self.kind_options is not None else ()
         return Score(accuracy, drop, sqnr, kinds, sqnr_error_db=error, accuracy_error=drop_error)
-
-    def _correct(self, scores: list[np.ndarray]) -> np.ndarray:
-        """1 where a scored prediction equals its label, else 0 (the samples ``_accuracy`` averages)."""
-        pred = np.concatenate([s.argmax(-1) for s in scores])
-        labels = np.asarray(self.labels)[: pred.shape[0]]
-        scored = labels >= 0
-        return (pred[scored] == labels[scored]).astype(np.float64)
 
     def _metric_error(self, outputs: Sequence[Sequence[np.ndarray]]) -> float:
         """The standard error (points) of the custom metric over the scored samples, by batch means: the

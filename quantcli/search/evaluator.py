@@ -225,23 +225,20 @@ class Evaluator:
         for ref, out, count in zip(self.reference, outputs, self.counts, strict=True):
             if any(a.ndim == 0 or a.shape[0] != count for a in (*ref, *out)):
                 return 0.0
-        rows = [(feed, row) for feed, count in enumerate(self.counts) for row in range(count)]
+        stacked = [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+        reference = [np.concatenate(parts) for parts in zip(*self.reference, strict=True)]
         values = []
         for part in np.array_split(np.arange(total), groups):
-            chosen = [rows[i] for i in part]
-            feeds = sorted({feed for feed, _ in chosen})
-            pick = {f: [row for feed, row in chosen if feed == f] for f in feeds}
-            cand = [[a[pick[f]] for a in outputs[f]] for f in feeds]
-            ref = [[a[pick[f]] for a in self.reference[f]] for f in feeds]
-            part_labels = None if labels is None else labels[part]
+            run = slice(int(part[0]), int(part[-1]) + 1)
+            part_labels = None if labels is None else labels[run]
             with warnings.catch_warnings():  # a run may hold none of what the metric counts (numpy says so)
                 warnings.simplefilter("ignore", RuntimeWarning)
-                value = evaluate_custom(self.metric, cand, self.names, part_labels, ref)
-            if math.isfinite(value):  # a run may hold none of what the metric counts
+                value = evaluate_custom(
+                    self.metric, [[a[run] for a in stacked]], self.names, part_labels, [[a[run] for a in reference]]
+                )
+            if math.isfinite(value):
                 values.append(value)
-        if len(values) < 2:
-            return 0.0
-        return 100.0 * float(np.std(values, ddof=1)) / math.sqrt(len(values))
+        return _mean_error(np.asarray(values))
 
 
 def _joined(labels: Sequence[np.ndarray | None]) -> np.ndarray | None:
